@@ -1,0 +1,369 @@
+"""Run configuration: small nested dataclasses, validated when built.
+
+A run is a TOML preset (``fsmoe/configs/<name>.toml``) plus ``--set a.b.c=value`` overrides.
+Every check raises :class:`ConfigError` naming the field, the value and what is allowed, so a
+bad run fails before it allocates anything.
+
+Layout::
+
+    RunConfig
+      model:    ModelConfig
+        moe:    MoEConfig
+          router:  RouterConfig
+          experts: ExpertsConfig
+      parallel: ParallelConfig
+      train:    TrainConfig
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names field, value and allowed values."""
+
+    def __init__(self, field_name: str, value: Any, allowed: str):
+        self.field_name, self.value, self.allowed = field_name, value, allowed
+        super().__init__(f"{field_name}={value!r} is invalid: {allowed}")
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(name, value, allowed)
+
+
+def _one_of(name: str, value: Any, choices) -> None:
+    _check(value in choices, name, value, f"allowed values are {sorted(choices)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    _check(isinstance(value, (int, float)) and value > 0, name, value, "must be > 0")
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts. Router-specific fields are ignored by other routers."""
+
+    name: str = "gshard"  # see fsmoe.routing.ROUTERS
+    top_k: int = 2
+    capacity_factor: float | None = None  # None = dropless (default); else tokens over capacity are dropped
+    aux_loss_coef: float = 0.01  # GShard/Switch load-balancing loss
+    z_loss_coef: float = 0.0  # router z-loss (ST-MoE)
+    noise_std: float = 0.0  # GShard noisy top-k: std of Gaussian noise on logits in training
+    normalize_weights: bool = True  # renormalise the top-k weights to sum to 1
+    # DeepSeek-V3
+    bias_update_rate: float = 0.001  # aux-loss-free balancing step gamma
+    num_groups: int = 1  # group-limited routing: experts split into groups ...
+    topk_groups: int = 1  # ... and each token may use only this many groups
+    seq_aux_coef: float = 0.0  # sequence-wise balance loss alpha
+    routed_scaling: float = 1.0  # scale applied to routed weights
+    # X-MoE
+    xmoe_dim: int = 16  # low-rank routing dimension
+    xmoe_temperature: float = 0.07
+    # SoftMoE
+    slots_per_expert: int = 1
+    # Expert-choice: capacity per expert = capacity_factor_ec * T * top_k / E
+    ec_capacity_factor: float = 1.0
+    # Opt in to non-causal routers (SoftMoE, Expert-Choice) inside a causal decoder.
+    allow_noncausal: bool = False
+
+    def validate(self, num_experts: int, prefix: str = "router") -> None:
+        from fsmoe.routing import ROUTERS  # late import: routers register themselves
+
+        _one_of(f"{prefix}.name", self.name, ROUTERS.keys())
+        _check(isinstance(self.top_k, int) and 1 <= self.top_k <= num_experts,
+               f"{prefix}.top_k", self.top_k, f"must be an integer in [1, num_experts={num_experts}]")
+        if self.capacity_factor is not None:
+            _positive(f"{prefix}.capacity_factor", self.capacity_factor)
+        for name in ("aux_loss_coef", "z_loss_coef", "noise_std", "seq_aux_coef", "bias_update_rate"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v >= 0, f"{prefix}.{name}", v, "must be >= 0")
+        _positive(f"{prefix}.ec_capacity_factor", self.ec_capacity_factor)
+        _positive(f"{prefix}.slots_per_expert", self.slots_per_expert)
+        _positive(f"{prefix}.xmoe_dim", self.xmoe_dim)
+        _positive(f"{prefix}.xmoe_temperature", self.xmoe_temperature)
+        _check(isinstance(self.num_groups, int) and self.num_groups >= 1 and num_experts % self.num_groups == 0,
+               f"{prefix}.num_groups", self.num_groups, f"must be >= 1 and divide num_experts={num_experts}")
+        _check(isinstance(self.topk_groups, int) and 1 <= self.topk_groups <= self.num_groups,
+               f"{prefix}.topk_groups", self.topk_groups, f"must be in [1, num_groups={self.num_groups}]")
+        ROUTERS[self.name].check_config(self, num_experts, prefix)
+
+
+@dataclass
+class ExpertsConfig:
+    d_ff: int = 64  # hidden size of one routed expert
+    activation: str = "swiglu"  # swiglu | gelu
+    num_shared: int = 0  # DeepSeek-style shared experts, always active
+    shared_d_ff: int | None = None  # hidden size of one shared expert (default: d_ff)
+
+    def validate(self, prefix: str = "experts") -> None:
+        _positive(f"{prefix}.d_ff", self.d_ff)
+        _one_of(f"{prefix}.activation", self.activation, {"swiglu", "gelu"})
+        _check(isinstance(self.num_shared, int) and self.num_shared >= 0, f"{prefix}.num_shared",
+               self.num_shared, "must be an integer >= 0")
+        if self.shared_d_ff is not None:
+            _positive(f"{prefix}.shared_d_ff", self.shared_d_ff)
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    dispatcher: str = "auto"  # auto | local | alltoall | hierarchical
+
+    def validate(self, prefix: str = "moe") -> None:
+        _check(isinstance(self.num_experts, int) and self.num_experts >= 1, f"{prefix}.num_experts",
+               self.num_experts, "must be an integer >= 1")
+        _one_of(f"{prefix}.dispatcher", self.dispatcher, {"auto", "local", "alltoall", "hierarchical"})
+        self.router.validate(self.num_experts, f"{prefix}.router")
+        self.experts.validate(f"{prefix}.experts")
+
+
+@dataclass
+class ModelConfig:
+    """A decoder. ``arch='gpt'``: LayerNorm, learned positions, GeLU (GPT2-XL-MoE).
+    ``arch='llama'``: RMSNorm, RoPE, SwiGLU (Mixtral, Qwen3, DeepSeek)."""
+
+    arch: str = "gpt"  # gpt | llama
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
+    head_dim: int | None = None  # None = d_model // n_heads
+    d_ff: int = 256  # hidden size of the dense FFN layers
+    max_seq_len: int = 128
+    moe_every: int = 1  # every N-th layer is MoE (GPT2-XL-MoE uses 2) ...
+    first_dense: int = 0  # ... after this many leading dense layers (DeepSeek-V3 uses 3)
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # Qwen3
+    attention: str = "mha"  # mha | mla (DeepSeek multi-head latent attention)
+    # MLA sizes (DeepSeek-V3)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 512
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def validate(self, prefix: str = "model") -> None:
+        _one_of(f"{prefix}.arch", self.arch, {"gpt", "llama"})
+        _one_of(f"{prefix}.attention", self.attention, {"mha", "mla"})
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "moe_every"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        _check(self.first_dense >= 0, f"{prefix}.first_dense", self.first_dense, "must be >= 0")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, f"{prefix}.n_heads", self.n_heads,
+                   f"must divide d_model={self.d_model} (or set head_dim)")
+        kv = self.n_kv_heads or self.n_heads
+        _check(self.n_heads % kv == 0, f"{prefix}.n_kv_heads", kv, f"must divide n_heads={self.n_heads}")
+        _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        self.moe.validate(f"{prefix}.moe")
+        r = self.moe.router
+        from fsmoe.routing import ROUTERS
+
+        if not ROUTERS[r.name].causal and not r.allow_noncausal:
+            raise ConfigError(f"{prefix}.moe.router.name", r.name,
+                              "this router mixes tokens across the sequence (not causal), so a decoder "
+                              "trained with it leaks future tokens; use a token-choice router "
+                              f"({', '.join(sorted(n for n, c in ROUTERS.items() if c.causal))}) or set "
+                              f"{prefix}.moe.router.allow_noncausal=true to opt in")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i >= self.first_dense and (i - self.first_dense) % self.moe_every == self.moe_every - 1
+
+
+@dataclass
+class ParallelConfig:
+    """``world = dp * mp = ep * esp``. ESP shards each expert along d_ff inside a node."""
+
+    dp: int = 1
+    mp: int = 1
+    ep: int = 1
+    esp: int = 1
+    gpus_per_node: int | None = None  # simulated node size for topology-aware paths; None = real nodes
+    backend: str = "auto"  # auto | gloo | nccl
+    timeout_s: float = 120.0  # collective timeout: a stuck rank fails instead of hanging
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.mp
+
+    def validate(self, num_experts: int, prefix: str = "parallel") -> None:
+        for name in ("dp", "mp", "ep", "esp"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"{prefix}.{name}", v, "must be an integer >= 1")
+        _check(self.dp * self.mp == self.ep * self.esp, f"{prefix}.ep*esp", self.ep * self.esp,
+               f"must equal dp*mp={self.dp * self.mp} (the MoE part runs on the same ranks)")
+        _check(num_experts % self.ep == 0, f"{prefix}.ep", self.ep,
+               f"EP={self.ep} does not divide num_experts={num_experts}")
+        _one_of(f"{prefix}.backend", self.backend, {"auto", "gloo", "nccl"})
+        if self.gpus_per_node is not None:
+            _check(self.gpus_per_node >= 1 and self.world % self.gpus_per_node == 0,
+                   f"{prefix}.gpus_per_node", self.gpus_per_node, f"must divide world size {self.world}")
+        _positive(f"{prefix}.timeout_s", self.timeout_s)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16  # sequences per step (global)
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    seed: int = 0
+    log_every: int = 5
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100  # 0 = only at the end
+    data: str | None = None  # None = the embedded default: this Python's own stdlib .py sources
+    data_limit_mb: float = 8.0  # read at most this much text
+    val_fraction: float = 0.05
+    dtype: str = "float32"  # float32 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self, max_seq_len: int, prefix: str = "train") -> None:
+        for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        _check(self.seq_len <= max_seq_len, f"{prefix}.seq_len", self.seq_len,
+               f"must be <= model.max_seq_len={max_seq_len}")
+        _check(self.ckpt_every >= 0, f"{prefix}.ckpt_every", self.ckpt_every, "must be >= 0")
+        _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _one_of(f"{prefix}.dtype", self.dtype, {"float32", "bfloat16"})
+        _one_of(f"{prefix}.device", self.device, {"auto", "cpu", "cuda"})
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.parallel.validate(self.model.moe.num_experts)
+        self.train.validate(self.model.max_seq_len)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from dicts / TOML
+
+
+def _build(cls, data: dict, prefix: str):
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses; unknown keys fail."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{prefix}{key}", value, f"unknown field{hint}; known fields: {sorted(names)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            _check(isinstance(value, dict), f"{prefix}{key}", value, "must be a table")
+            value = _build(hint, value, f"{prefix}{key}.")
+        else:
+            value = _coerce(value, hint, f"{prefix}{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint, name: str):
+    """Check a leaf value's type (ints are accepted where floats are expected)."""
+    args = typing.get_args(hint)
+    allowed = [a for a in args if a is not type(None)] if args else [hint]
+    if value is None:
+        _check(type(None) in args, name, value, "must not be empty")
+        return None
+    for t in allowed:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str):
+            return value
+    raise ConfigError(name, value, f"must be of type {' or '.join(t.__name__ for t in allowed)}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'model.moe.num_experts=16'`` -> (['model','moe','num_experts'], 16). Values are TOML."""
+    if "=" not in text:
+        raise ConfigError("--set", text, "expected KEY=VALUE, e.g. model.moe.num_experts=16")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: router.name=sigmoid
+    if raw.strip().lower() in ("none", "null"):
+        value = None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            _check(isinstance(node, dict), ".".join(path), value, f"'{part}' is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a preset name or a TOML path, apply ``--set`` overrides, validate."""
+    path = Path(preset_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset_or_path}.toml"
+        _check(path.exists(), "preset", preset_or_path, f"known presets are {list_presets()} (or a .toml path)")
+    _check(path.exists(), "config", str(path), "file does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("config", str(path), f"is not valid TOML: {e}") from None
+    data.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    return _build(RunConfig, data, "")

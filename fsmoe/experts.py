@@ -1,0 +1,77 @@
+"""Routed and shared expert FFNs, computed as grouped matmuls over all local experts.
+
+Shape legend: N rows (assignments) grouped by expert, D model dim, F hidden dim of this shard
+(d_ff / esp), E local experts.
+
+Weights: ``w1_EDF`` (gate/up), ``w3_EDF`` (up, SwiGLU only), ``w2_EFD`` (down). Expert sharding
+(ESP) splits F: each shard computes a partial ``[N, D]`` output that the ESP ReduceScatter (or
+AllReduce) sums; ``f_offset`` says which columns of the full expert this shard holds, so a sharded
+layer can be initialised and checkpointed as slices of the one global tensor.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fsmoe.kernels.grouped_mm import grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
+                 esp: int = 1, esp_rank: int = 0):
+        super().__init__()
+        if d_ff % esp:
+            raise ValueError(f"experts.d_ff={d_ff} must be divisible by esp={esp}")
+        self.num_experts, self.d_model, self.d_ff_full = num_experts, d_model, d_ff
+        self.activation, self.esp, self.esp_rank = activation, esp, esp_rank
+        F_ = d_ff // esp
+        self.f_offset = esp_rank * F_
+        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, F_))
+        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, F_)) if activation == "swiglu" else None
+        self.w2_EFD = nn.Parameter(torch.empty(num_experts, F_, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Init the *full* [E, D, d_ff] tensors from ``generator`` and keep this shard's slice,
+        so every ESP layout starts from the same global weights."""
+        sl = slice(self.f_offset, self.f_offset + self.w1_EDF.shape[2])
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                full_shape = list(p.shape)
+                f_dim = 2 if name != "w2_EFD" else 1
+                full_shape[f_dim] = self.d_ff_full
+                fan_in = self.d_model if name != "w2_EFD" else self.d_ff_full
+                full = torch.randn(full_shape, generator=generator, device=p.device) / math.sqrt(fan_in)
+                p.copy_(full[:, :, sl] if f_dim == 2 else full[:, sl, :])
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int (rows of each expert,
+        summing to <= N). Returns [N, D]; rows past the last expert's end are 0."""
+        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
+        h = grouped_mm(x_ND, self.w1_EDF, offs_E)
+        if self.w3_EDF is not None:
+            h = F.silu(h) * grouped_mm(x_ND, self.w3_EDF, offs_E)
+        else:
+            h = F.gelu(h)
+        y_ND = grouped_mm(h, self.w2_EFD, offs_E)
+        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(1)
+        return torch.where(valid_N1, y_ND, 0)
+
+
+class DenseFFN(nn.Module):
+    """A plain FFN (shared experts, dense layers): SwiGLU or GeLU."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu", bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.w3 = nn.Linear(d_model, d_ff, bias=bias) if activation == "swiglu" else None
+        self.w2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.w1(x)
+        h = F.silu(h) * self.w3(x) if self.w3 is not None else F.gelu(h)
+        return self.w2(h)

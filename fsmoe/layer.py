@@ -1,0 +1,92 @@
+"""MoELayer: the only place that knows the order of FSMoE's six modules.
+
+    x [.., D] --Gate--> RoutingPlan --Order--> x_ND --Dispatch--> x_RD --Expert--> y_RD
+      --Combine--> y_ND --I-Order--> y [.., D]  (+ shared experts)
+
+Each part is chosen at build time (router from the registry, Order from the router's kind,
+dispatcher from the parallel layout, experts from the config) and can be swapped by passing
+another instance. Hooks (FSMoE's six) let users observe or replace the tensor at each boundary,
+e.g. to compress what is dispatched.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from fsmoe.comm.dispatcher import Dispatcher, LocalDispatcher
+from fsmoe.config import MoEConfig
+from fsmoe.experts import DenseFFN, GroupedExperts
+from fsmoe.order import ORDERS, Order
+from fsmoe.routing import build_router
+
+HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
+Hook = Callable[["MoELayer", Tensor], "Tensor | None"]
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Per-forward statistics of one MoE layer (all tensors detached except aux_loss)."""
+
+    aux_loss: Tensor  # scalar: weighted sum of the router's auxiliary losses (has grad)
+    aux_losses: dict[str, Tensor]
+    tokens_per_expert: Tensor  # [E] int64, global expert ids, this rank's tokens
+    dropped: Tensor  # scalar int64
+    num_assignments: int
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, dispatcher: Dispatcher | None = None,
+                 experts: nn.Module | None = None, order: Order | None = None, router: nn.Module | None = None,
+                 esp: int = 1, esp_rank: int = 0):
+        super().__init__()
+        self.cfg, self.d_model = cfg, d_model
+        E = cfg.num_experts
+        self.router = router or build_router(cfg.router, d_model, E)
+        self.order = order or ORDERS[self.router.order]()
+        self.dispatcher = dispatcher or LocalDispatcher(E)
+        self.experts = experts or GroupedExperts(self.dispatcher.num_local_experts, d_model, cfg.experts.d_ff,
+                                                 cfg.experts.activation, esp=esp, esp_rank=esp_rank)
+        ex = cfg.experts
+        self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
+                       if ex.num_shared else None)
+        self._hooks: dict[str, dict[int, Hook]] = defaultdict(dict)
+
+    # ------------------------------------------------------------------ hooks
+    def register_hook(self, point: str, fn: Hook) -> RemovableHandle:
+        """``fn(layer, tensor)`` runs at ``point``; a returned tensor replaces the input."""
+        if point not in HOOK_POINTS:
+            raise ValueError(f"hook point {point!r} is unknown; allowed: {list(HOOK_POINTS)}")
+        handle = RemovableHandle(self._hooks[point])
+        self._hooks[point][handle.id] = fn
+        return handle
+
+    def _hook(self, point: str, t: Tensor) -> Tensor:
+        for fn in self._hooks.get(point, {}).values():
+            out = fn(self, t)
+            t = t if out is None else out
+        return t
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        """x: [B, L, D] (or [T, D], one sequence). Returns (y like x, MoEStats)."""
+        shape = x.shape
+        seq_len = shape[-2] if x.dim() == 3 else shape[0]
+        x_TD = self._hook("layer_start", x.reshape(-1, self.d_model))
+        plan = self.router(x_TD, seq_len)
+        x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
+        x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, plan.tokens_per_expert_E)
+        x_RD = self._hook("after_dispatch", x_RD)
+        y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
+        y_ND = self._hook("after_combine", self.dispatcher.combine(y_RD, handle))
+        y_TD = self.order.unpermute(y_ND, plan)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        y_TD = self._hook("layer_end", y_TD)
+        stats = MoEStats(plan.aux_loss(), {k: v.detach() for k, v in plan.aux_losses.items()},
+                         plan.tokens_per_expert_E.detach(), plan.dropped.detach(), plan.num_assignments)
+        return y_TD.view(shape), stats

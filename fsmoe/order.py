@@ -1,0 +1,70 @@
+"""Order and I-Order: put tokens into expert order and back.
+
+Shape legend: T tokens, D model dim, E experts, N assignments, B sequences, L sequence length,
+X = E*S slots (SoftMoE).
+
+``IndexOrder`` gathers one row per assignment (``[N, D]``, grouped by expert) and, on the way
+back, scales each row by its routing weight and sums the rows of each token (scatter-add).
+``SoftOrder`` mixes tokens into slots (SoftMoE). Both are plain PyTorch; GPU kernels with the
+same signatures live in ``fsmoe.kernels`` and are chosen at build time.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from fsmoe.routing.plan import RoutingPlan
+
+
+class Order(ABC):
+    """Stateless: ``permute(x_TD, plan) -> x_ND``, ``unpermute(y_ND, plan) -> y_TD``."""
+
+    @abstractmethod
+    def permute(self, x_TD: Tensor, plan: RoutingPlan) -> Tensor: ...
+
+    @abstractmethod
+    def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor: ...
+
+
+class IndexOrder(Order):
+    def permute(self, x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+        """x_TD [T, D] -> [N, D], row n = x[token_ids_N[n]] (dropped rows included, at the end)."""
+        return x_TD.index_select(0, plan.token_ids_N)
+
+    def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor:
+        """y_ND [N, D] -> [T, D]: y[t] = sum over t's assignments of weight * row.
+
+        Dropped rows carry weight 0; ``where`` (not a product) keeps garbage there from
+        turning into NaN.
+        """
+        kept_N1 = (plan.expert_ids_N < plan.num_experts).unsqueeze(1)
+        rows = torch.where(kept_N1, y_ND * plan.weights_N.unsqueeze(1).to(y_ND.dtype), 0)
+        out = y_ND.new_zeros(plan.num_tokens, y_ND.shape[1])
+        return out.index_add(0, plan.token_ids_N, rows)
+
+
+class SoftOrder(Order):
+    """SoftMoE: slots = dispatch^T x per sequence; tokens = combine · slots."""
+
+    def permute(self, x_TD: Tensor, plan: RoutingPlan) -> Tensor:
+        soft = plan.soft
+        B, L, X = soft.dispatch_BLX.shape
+        S = soft.slots_per_expert
+        E = X // S
+        slots_BXD = torch.einsum("blx,bld->bxd", soft.dispatch_BLX.to(x_TD.dtype), x_TD.view(B, L, -1))
+        # expert-major: [B, E, S, D] -> [E, B, S, D] -> [E*B*S, D]
+        return slots_BXD.view(B, E, S, -1).transpose(0, 1).reshape(E * B * S, -1)
+
+    def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor:
+        soft = plan.soft
+        B, L, X = soft.combine_BLX.shape
+        S = soft.slots_per_expert
+        E = X // S
+        slots_BXD = y_ND.view(E, B, S, -1).transpose(0, 1).reshape(B, X, -1)
+        y_BLD = torch.einsum("blx,bxd->bld", soft.combine_BLX.to(y_ND.dtype), slots_BXD)
+        return y_BLD.reshape(B * L, -1)
+
+
+ORDERS = {"index": IndexOrder, "soft": SoftOrder}

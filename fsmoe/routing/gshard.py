@@ -1,0 +1,38 @@
+"""GShard noisy top-k softmax router (k=1 is Switch), optional capacity, load-balancing loss."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fsmoe.routing import register_router
+from fsmoe.routing.base import Router, add_common_losses, load_balancing_loss
+from fsmoe.routing.plan import RoutingPlan, expert_capacity
+
+
+@register_router("gshard")
+class GShardRouter(Router):
+    """softmax(x W + noise) -> top-k -> (renormalised) weights.
+
+    Noise ~ N(0, noise_std^2) is added to the logits in training only (GShard's noisy top-k).
+    """
+
+    def __init__(self, cfg, d_model, num_experts):
+        super().__init__(cfg, d_model, num_experts)
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+    def forward(self, x_TD: Tensor, seq_len: int) -> RoutingPlan:
+        cfg, E, K = self.cfg, self.num_experts, self.cfg.top_k
+        logits_TE = self.proj(x_TD).float()
+        if self.training and cfg.noise_std > 0:
+            logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
+        probs_TE = logits_TE.softmax(dim=-1)
+        w_TK, ids_TK = probs_TE.topk(K, dim=-1)
+        if cfg.normalize_weights and K > 1:
+            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
+        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        losses: dict[str, Tensor] = {}
+        if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
+            losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)
+        add_common_losses(cfg, logits_TE, losses)
+        cap = None if cfg.capacity_factor is None else expert_capacity(x_TD.shape[0], K, E, cfg.capacity_factor)
+        return RoutingPlan.from_topk(ids_TK, w_TK.to(x_TD.dtype), E, cap, aux_losses=losses, probs_TE=probs_TE)
