@@ -49,16 +49,14 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int (rows of each expert,
-        summing to <= N). Returns [N, D]; rows past the last expert's end are 0."""
+        summing to <= N). Returns [N, D]; rows past the last expert's end are 0 (and pass no gradient)."""
         offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
         h = grouped_mm(x_ND, self.w1_EDF, offs_E)
         if self.w3_EDF is not None:
             h = F.silu(h) * grouped_mm(x_ND, self.w3_EDF, offs_E)
         else:
             h = F.gelu(h)
-        y_ND = grouped_mm(h, self.w2_EFD, offs_E)
-        valid_N1 = (torch.arange(x_ND.shape[0], device=x_ND.device) < offs_E[-1]).unsqueeze(1)
-        return torch.where(valid_N1, y_ND, 0)
+        return grouped_mm(h, self.w2_EFD, offs_E)
 
 
 class DenseFFN(nn.Module):

@@ -10,7 +10,7 @@ e.g. to compress what is dispatched.
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
@@ -54,7 +54,8 @@ class MoELayer(nn.Module):
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)
-        self._hooks: dict[str, dict[int, Hook]] = defaultdict(dict)
+        # OrderedDict: RemovableHandle keeps a weak reference to the container.
+        self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
 
     # ------------------------------------------------------------------ hooks
     def register_hook(self, point: str, fn: Hook) -> RemovableHandle:
@@ -66,7 +67,7 @@ class MoELayer(nn.Module):
         return handle
 
     def _hook(self, point: str, t: Tensor) -> Tensor:
-        for fn in self._hooks.get(point, {}).values():
+        for fn in self._hooks[point].values():
             out = fn(self, t)
             t = t if out is None else out
         return t

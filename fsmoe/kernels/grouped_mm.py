@@ -36,11 +36,16 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     """y[n] = x[n] @ w[e(n)] where rows [offs[e-1], offs[e]) belong to expert e.
 
     x_NI: [N, I]; w_EIO: [E, I, O]; offs_E: [E] int32 cumulative row ends. Rows past offs[-1]
-    are unspecified (callers mask them).
+    (dropped assignments) give 0 and get a 0 gradient: grouped_mm leaves them uninitialised,
+    in the output and in the input gradient, so both sides are masked.
     """
+    valid_N1 = (torch.arange(x_NI.shape[0], device=x_NI.device) < offs_E[-1]).unsqueeze(1)
+    x_NI = torch.where(valid_N1, x_NI, 0)
     if grouped_mm_supported(x_NI, w_EIO):
-        return _ContiguousGrad.apply(F.grouped_mm(x_NI, w_EIO, offs=offs_E))
-    return padded_grouped_mm(x_NI, w_EIO, offs_E)
+        y = _ContiguousGrad.apply(F.grouped_mm(x_NI, w_EIO, offs=offs_E))
+    else:
+        y = padded_grouped_mm(x_NI, w_EIO, offs_E)
+    return torch.where(valid_N1, y, 0)
 
 
 def padded_grouped_mm(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
