@@ -156,6 +156,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
+    init_std: float = 0.02  # std of the normal init; residual projections use init_std / sqrt(2 * n_layers)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     def validate(self, prefix: str = "model") -> None:
@@ -170,6 +171,9 @@ class ModelConfig:
         kv = self.n_kv_heads or self.n_heads
         _check(self.n_heads % kv == 0, f"{prefix}.n_kv_heads", kv, f"must divide n_heads={self.n_heads}")
         _check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        self._validate_attention(prefix)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
         self.moe.validate(f"{prefix}.moe")
         r = self.moe.router
         from fsmoe.routing import ROUTERS
@@ -180,6 +184,31 @@ class ModelConfig:
                               "trained with it leaks future tokens; use a token-choice router "
                               f"({', '.join(sorted(n for n, c in ROUTERS.items() if c.causal))}) or set "
                               f"{prefix}.moe.router.allow_noncausal=true to opt in")
+
+    def _validate_attention(self, prefix: str) -> None:
+        """Head sizes, GQA and MLA shapes; RoPE rotates pairs, so rotated dims must be even."""
+        if self.n_kv_heads is not None:
+            _check(isinstance(self.n_kv_heads, int) and self.n_kv_heads >= 1, f"{prefix}.n_kv_heads",
+                   self.n_kv_heads, "must be an integer >= 1 (or unset = n_heads)")
+        if self.head_dim is not None:
+            _positive(f"{prefix}.head_dim", self.head_dim)
+        if self.attention == "mla":
+            _check(self.arch == "llama", f"{prefix}.attention", self.attention,
+                   "mla needs arch='llama' (it uses RoPE and RMSNorm)")
+            _check(not self.qk_norm, f"{prefix}.qk_norm", self.qk_norm,
+                   "must be false with attention='mla' (MLA normalises its latents instead)")
+            _check(isinstance(self.q_lora_rank, int) and self.q_lora_rank >= 0, f"{prefix}.q_lora_rank",
+                   self.q_lora_rank, "must be an integer >= 0 (0 = no query compression)")
+            for name in ("kv_lora_rank", "v_head_dim"):
+                _positive(f"{prefix}.{name}", getattr(self, name))
+            _check(isinstance(self.qk_nope_head_dim, int) and self.qk_nope_head_dim >= 0,
+                   f"{prefix}.qk_nope_head_dim", self.qk_nope_head_dim, "must be an integer >= 0")
+            _check(isinstance(self.qk_rope_head_dim, int) and self.qk_rope_head_dim > 0
+                   and self.qk_rope_head_dim % 2 == 0, f"{prefix}.qk_rope_head_dim", self.qk_rope_head_dim,
+                   "must be a positive even integer")
+        elif self.arch == "llama":
+            _check(self.head_size % 2 == 0, f"{prefix}.head_dim", self.head_size,
+                   "must be even: RoPE rotates pairs of dimensions")
 
     @property
     def kv_heads(self) -> int:
