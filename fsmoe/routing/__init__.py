@@ -26,6 +26,11 @@ def register_router(name: str):
 # The registry: one entry per router module.
 _ROUTER_MODULES = [
     "gshard",
+    "sigmoid",
+    "xmoe",
+    "softmoe",
+    "expert_choice",
+    "deepseek",
 ]
 
 for _m in _ROUTER_MODULES:

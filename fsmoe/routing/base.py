@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from fsmoe.config import RouterConfig
+from fsmoe.config import ConfigError, RouterConfig
 from fsmoe.routing.plan import RoutingPlan
 
 
@@ -61,3 +61,12 @@ def add_common_losses(cfg: RouterConfig, logits_TE: Tensor, losses: dict[str, Te
     if cfg.z_loss_coef > 0 and torch.is_grad_enabled():
         losses["z_loss"] = cfg.z_loss_coef * z_loss(logits_TE)
     return losses
+
+
+def require_unset(cfg: RouterConfig, prefix: str, router: str, names: tuple[str, ...]) -> None:
+    """Raise ConfigError for each option in ``names`` that is set (not 0/None) but that
+    ``router`` does not implement, so it is never silently ignored."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value != 0:
+            raise ConfigError(f"{prefix}.{name}", value, f"must be 0/None: the {router!r} router does not use it")

@@ -1,4 +1,7 @@
-"""GShard noisy top-k softmax router (k=1 is Switch), optional capacity, load-balancing loss."""
+"""GShard noisy top-k softmax router (k=1 is Switch), optional capacity, load-balancing loss.
+
+Shape legend: T tokens, D model dim, E experts, K experts per token.
+"""
 from __future__ import annotations
 
 import torch
@@ -23,9 +26,10 @@ class GShardRouter(Router):
     def forward(self, x_TD: Tensor, seq_len: int) -> RoutingPlan:
         cfg, E, K = self.cfg, self.num_experts, self.cfg.top_k
         logits_TE = self.proj(x_TD).float()
+        noisy_TE = logits_TE
         if self.training and cfg.noise_std > 0:
-            logits_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
-        probs_TE = logits_TE.softmax(dim=-1)
+            noisy_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
+        probs_TE = noisy_TE.softmax(dim=-1)
         w_TK, ids_TK = probs_TE.topk(K, dim=-1)
         if cfg.normalize_weights and K > 1:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
@@ -33,6 +37,6 @@ class GShardRouter(Router):
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
             losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)
-        add_common_losses(cfg, logits_TE, losses)
+        add_common_losses(cfg, logits_TE, losses)  # z-loss on the learned logits, not the noise
         cap = None if cfg.capacity_factor is None else expert_capacity(x_TD.shape[0], K, E, cfg.capacity_factor)
         return RoutingPlan.from_topk(ids_TK, w_TK.to(x_TD.dtype), E, cap, aux_losses=losses, probs_TE=probs_TE)

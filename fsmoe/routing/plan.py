@@ -10,6 +10,7 @@ router's shapes, never by the data, so nothing needs a host synchronisation.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -92,5 +93,9 @@ class RoutingPlan:
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
-    """GShard capacity: ceil(factor * T * K / E), at least 1."""
-    return max(1, int(-(-capacity_factor * num_tokens * top_k // num_experts)))
+    """GShard capacity: ceil(factor * T * K / E), at least 1.
+
+    The tiny slack stops float error from adding a slot (1.1 * 10 = 11.000000000000002 -> 11).
+    """
+    exact = capacity_factor * num_tokens * top_k / num_experts
+    return max(1, math.ceil(exact - 1e-9 * max(1.0, exact)))
