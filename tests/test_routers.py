@@ -657,3 +657,15 @@ def test_new_router_is_one_file_plus_registry_entry(tmp_path, monkeypatch):
     finally:
         fsmoe.routing.ROUTERS.pop("first_expert_test", None)
         sys.modules.pop("fsmoe.routing.first_expert_test", None)
+
+
+def test_soft_order_takes_non_contiguous_rows():
+    # Hooks may hand the Order a strided view; IndexOrder copes, so must SoftOrder.
+    r = make("softmoe", E=2, D=4, slots_per_expert=2)
+    x = torch.randn(6, 4)
+    plan = r(x, 3)
+    x_strided = x.t().contiguous().t()
+    assert not x_strided.is_contiguous()
+    torch.testing.assert_close(SoftOrder().permute(x_strided, plan), SoftOrder().permute(x, plan))
+    y = torch.randn(4, 8)  # N = E*B*S = 8 rows of width 4, stored transposed
+    torch.testing.assert_close(SoftOrder().unpermute(y.t(), plan), SoftOrder().unpermute(y.t().contiguous(), plan))
