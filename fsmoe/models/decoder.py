@@ -1,0 +1,111 @@
+"""MoEDecoder: a causal decoder whose FFNs are dense or MoE, for both model families.
+
+Shape legend: B batch, L sequence length, D model dim, V vocabulary.
+
+    idx_BL --tok_emb (+ pos_emb for gpt)--> x_BLD --n_layers x Block--> norm --lm_head--> logits_BLV
+
+``arch='gpt'`` (GPT2-XL-MoE): learned absolute positions; ``arch='llama'`` (Mixtral, Qwen3,
+DeepSeek-V3): RoPE tables computed once here and handed to every block. Which layers are MoE is
+``ModelConfig.is_moe_layer``: ``first_dense`` leading dense layers, then every ``moe_every``-th.
+
+Build on the meta device for parameter counts without allocating:
+``with torch.device("meta"): build_model(cfg)``; ``model.to_empty(device=...)`` then
+``model.reset_parameters()`` materialises it with the weights a direct build would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fsmoe.config import ModelConfig
+from fsmoe.layer import MoEStats
+from fsmoe.models.block import MoELayerFactory, build_block, build_norm, default_moe_layer
+from fsmoe.models.init import init_weights, module_seed, seeded
+from fsmoe.models.rope import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    logits: Tensor  # [B, L, V]
+    aux_loss: Tensor  # scalar: sum of every MoE layer's weighted auxiliary losses (has grad)
+    moe_stats: list[MoEStats]  # one per MoE layer, in layer order
+
+
+class MoEDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_layer_factory: MoELayerFactory | None = None,
+                 seed: int | None = None):
+        super().__init__()
+        cfg.validate()  # a ModelConfig built by hand has not been validated yet
+        self.cfg = cfg
+        # Drawn before anything else consumes the global RNG: torch.manual_seed(s) fixes the model.
+        self.seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else seed
+        factory = moe_layer_factory or default_moe_layer
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
+        rot_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size
+        self.rope = RotaryEmbedding(rot_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList()
+        for i in range(cfg.n_layers):
+            with seeded(module_seed(self.seed, f"layers.{i}")):  # constructors' draws: per layer
+                self.layers.append(build_block(cfg, i, factory))
+        self.norm = build_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """(Re)initialise all weights from ``seed`` (default: the seed the model was built with),
+        e.g. after ``to_empty`` materialised a meta-built model. No-op on the meta device."""
+        init_weights(self, self.seed if seed is None else seed, self.cfg.init_std, self.cfg.n_layers)
+
+    def forward(self, idx_BL: Tensor) -> ModelOutput:
+        """idx_BL: [B, L] int64 token ids, L <= max_seq_len. Returns logits [B, L, V] and MoE stats."""
+        L = idx_BL.shape[1]
+        if L > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BLD = self.tok_emb(idx_BL)
+        if self.pos_emb is not None:
+            x_BLD = x_BLD + self.pos_emb(torch.arange(L, device=idx_BL.device))
+        rope = self.rope(L) if self.rope is not None else None
+        x_BLD = self.drop(x_BLD)
+        stats: list[MoEStats] = []
+        for block in self.layers:
+            x_BLD, s = block(x_BLD, rope)
+            if s is not None:
+                stats.append(s)
+        logits_BLV = self.lm_head(self.norm(x_BLD))
+        aux = torch.stack([s.aux_loss for s in stats]).sum() if stats else logits_BLV.new_zeros(())
+        return ModelOutput(logits_BLV, aux, stats)
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoE layers, in layer order (the same order as ``ModelOutput.moe_stats``)."""
+        return [block.ffn for block in self.layers if block.is_moe]
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """Parameters of this module (tied weights once). ``active_only``: those one token uses,
+        i.e. everything except the routed experts, plus ``top_k`` routed experts per MoE layer.
+        On a sharded model both count this rank's shard."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active_only:
+            return total
+        for layer in self.moe_layers():
+            routed = sum(p.numel() for p in layer.experts.parameters())
+            per_expert = routed // layer.experts.num_experts
+            total -= routed - layer.cfg.router.top_k * per_expert
+        return total
+
+
+def build_model(cfg: ModelConfig, moe_layer_factory: MoELayerFactory | None = None,
+                seed: int | None = None) -> MoEDecoder:
+    """Build the decoder described by ``cfg``.
+
+    moe_layer_factory: ``(layer_idx, moe_cfg, d_model) -> module`` with MoELayer's interface
+    (``forward(x) -> (y, MoEStats)``, attributes ``cfg`` and ``experts``); the distributed code
+    uses it to inject dispatchers and sharded experts. Default: ``MoELayer(moe_cfg, d_model)``.
+    seed: init seed; None draws it from torch's global RNG (see ``MoEDecoder.reset_parameters``).
+    """
+    return MoEDecoder(cfg, moe_layer_factory, seed)

@@ -1,0 +1,50 @@
+"""Rotary position embedding (RoPE), half-split convention.
+
+Shape legend: B batch, L sequence length, H heads, R rotated dims (even), P = R/2 rotation pairs.
+
+Dimension i of the first half is paired with dimension i + R/2 (the convention of the Hugging Face
+Llama/Mixtral/Qwen3 checkpoints; DeepSeek's reference code pairs neighbours instead, which is the
+same rotation on permuted weights, so a checkpoint converter permutes ``wq``/``wkv_a`` rows).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+RopeTables = tuple[Tensor, Tensor]  # (cos_LP, sin_LP), float32
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin tables ``[max_seq_len, P]`` as non-persistent buffers (they are derived
+    from the config, so checkpoints need not carry them)."""
+
+    def __init__(self, rot_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.rot_dim, self.max_seq_len, self.theta = rot_dim, max_seq_len, theta
+        self.register_buffer("cos_LP", torch.empty(max_seq_len, rot_dim // 2), persistent=False)
+        self.register_buffer("sin_LP", torch.empty(max_seq_len, rot_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the tables, e.g. after ``to_empty`` moved a meta-built model to a device."""
+        if self.cos_LP.is_meta:
+            return
+        dev = self.cos_LP.device
+        inv_freq_P = self.theta ** (-torch.arange(0, self.rot_dim, 2, device=dev, dtype=torch.float64)
+                                    / self.rot_dim)
+        angle_LP = torch.arange(self.max_seq_len, device=dev, dtype=torch.float64)[:, None] * inv_freq_P
+        self.cos_LP.copy_(angle_LP.cos())
+        self.sin_LP.copy_(angle_LP.sin())
+
+    def forward(self, seq_len: int) -> RopeTables:
+        """Returns (cos_LP, sin_LP) for positions 0..seq_len-1, float32."""
+        return self.cos_LP[:seq_len].float(), self.sin_LP[:seq_len].float()
+
+
+def apply_rope(x_BLHR: Tensor, cos_LP: Tensor, sin_LP: Tensor) -> Tensor:
+    """Rotate each pair (x[i], x[i + R/2]) by angle pos * theta^(-2i/R). Computed in float32
+    (bf16 angles lose the low-frequency pairs), returned in x's dtype."""
+    x1, x2 = x_BLHR.float().chunk(2, dim=-1)
+    cos, sin = cos_LP[:, None, :], sin_LP[:, None, :]  # [L, 1, P]: broadcast over B and H
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x_BLHR.dtype)
