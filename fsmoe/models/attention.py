@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.models.norms import RMSNorm
 from fsmoe.models.rope import RopeTables, apply_rope
 
 
@@ -30,8 +31,8 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.wo = nn.Linear(n_heads * head_dim, d_model, bias=bias)
-        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
-        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
 
     def forward(self, x_BLD: Tensor, rope: RopeTables | None) -> Tensor:
         """x_BLD: [B, L, D]; rope: (cos_LP, sin_LP) or None. Returns [B, L, D]."""

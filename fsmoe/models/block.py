@@ -19,6 +19,7 @@ from fsmoe.experts import DenseFFN
 from fsmoe.layer import MoELayer, MoEStats
 from fsmoe.models.attention import Attention
 from fsmoe.models.mla import MultiHeadLatentAttention
+from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RopeTables
 
 # (layer_idx, moe_cfg, d_model) -> a module with MoELayer's interface: forward(x) -> (y, MoEStats).
@@ -28,12 +29,6 @@ MoELayerFactory = Callable[[int, MoEConfig, int], nn.Module]
 def default_moe_layer(layer_idx: int, moe_cfg: MoEConfig, d_model: int) -> nn.Module:
     """One process, every expert local."""
     return MoELayer(moe_cfg, d_model)
-
-
-def build_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    if cfg.arch == "gpt":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    return nn.RMSNorm(dim, eps=cfg.norm_eps)
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

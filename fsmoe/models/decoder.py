@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from fsmoe.config import ModelConfig
 from fsmoe.layer import MoEStats
-from fsmoe.models.block import MoELayerFactory, build_block, build_norm, default_moe_layer
+from fsmoe.models.block import MoELayerFactory, build_block, default_moe_layer
 from fsmoe.models.init import init_weights, module_seed, seeded
+from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RotaryEmbedding
 
 
@@ -104,7 +105,8 @@ def build_model(cfg: ModelConfig, moe_layer_factory: MoELayerFactory | None = No
     """Build the decoder described by ``cfg``.
 
     moe_layer_factory: ``(layer_idx, moe_cfg, d_model) -> module`` with MoELayer's interface
-    (``forward(x) -> (y, MoEStats)``, attributes ``cfg`` and ``experts``); the distributed code
+    (``forward(x) -> (y, MoEStats)``, attributes ``cfg``, ``router`` and ``experts`` with
+    ``experts.num_experts`` = experts held locally, used by ``num_parameters``); the distributed code
     uses it to inject dispatchers and sharded experts. Default: ``MoELayer(moe_cfg, d_model)``.
     seed: init seed; None draws it from torch's global RNG (see ``MoEDecoder.reset_parameters``).
     """

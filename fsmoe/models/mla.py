@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.models.norms import RMSNorm
 from fsmoe.models.rope import RopeTables, apply_rope
 
 
@@ -36,12 +37,12 @@ class MultiHeadLatentAttention(nn.Module):
         qk_dim = qk_nope_head_dim + qk_rope_head_dim
         if q_lora_rank > 0:
             self.wq_a = nn.Linear(d_model, q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(q_lora_rank, eps=norm_eps)
+            self.q_norm = RMSNorm(q_lora_rank, eps=norm_eps)
             self.wq_b = nn.Linear(q_lora_rank, n_heads * qk_dim, bias=False)
         else:  # DeepSeek-V2-Lite style: no query compression
             self.wq = nn.Linear(d_model, n_heads * qk_dim, bias=False)
         self.wkv_a = nn.Linear(d_model, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(kv_lora_rank, eps=norm_eps)
+        self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps)
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
         self.scale = qk_dim ** -0.5
