@@ -45,8 +45,15 @@ class SoftMoERouter(Router):
     def __init__(self, cfg, d_model, num_experts):
         super().__init__(cfg, d_model, num_experts)
         X = num_experts * cfg.slots_per_expert
-        self.phi_DX = nn.Parameter(torch.randn(d_model, X) / math.sqrt(d_model))
-        self.scale = nn.Parameter(torch.ones(()))
+        self.phi_DX = nn.Parameter(torch.empty(d_model, X))
+        self.scale = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Also called by the model's initialiser (on a seeded stream) after a meta-device build."""
+        with torch.no_grad():
+            self.phi_DX.normal_(0.0, 1.0 / math.sqrt(self.d_model))
+            self.scale.fill_(1.0)
 
     @classmethod
     def check_config(cls, cfg, num_experts, prefix):

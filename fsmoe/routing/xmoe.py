@@ -37,8 +37,16 @@ class XMoERouter(Router):
         self.proj = nn.Linear(d_model, cfg.xmoe_dim, bias=False)
         # Orthogonal init spreads the experts evenly on the sphere (gain is irrelevant to the
         # cosine; 0.32 follows the authors' code and only sets the gradient scale).
-        self.expert_emb_ER = nn.Parameter(nn.init.orthogonal_(torch.empty(num_experts, cfg.xmoe_dim), gain=0.32))
-        self.log_inv_temp = nn.Parameter(torch.tensor(math.log(1.0 / cfg.xmoe_temperature)))
+        self.expert_emb_ER = nn.Parameter(torch.empty(num_experts, cfg.xmoe_dim))
+        self.log_inv_temp = nn.Parameter(torch.empty(()))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Own parameters only (``proj`` is a Linear the model initialiser handles); also called
+        by the model's initialiser on a seeded stream after a meta-device build."""
+        with torch.no_grad():
+            nn.init.orthogonal_(self.expert_emb_ER, gain=0.32)
+            self.log_inv_temp.fill_(math.log(1.0 / self.cfg.xmoe_temperature))
 
     @classmethod
     def check_config(cls, cfg, num_experts, prefix):
