@@ -277,7 +277,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
-        for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches"):
+        for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
+                     "data_limit_mb"):
             _positive(f"{prefix}.{name}", getattr(self, name))
         _check(self.seq_len <= max_seq_len, f"{prefix}.seq_len", self.seq_len,
                f"must be <= model.max_seq_len={max_seq_len}")
