@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The tiny preset on the stdlib sources; outputs (metrics, plots, checkpoints) in runs/demo/.
+# A rerun replaces the previous demo run.
 demo: $(STAMP)
-	$(BIN)/fsmoe train --steps 150 --run-dir runs/demo
+	rm -rf runs/demo
+	$(BIN)/fsmoe train --config tiny --run-dir runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=600 tests

@@ -1,0 +1,417 @@
+"""``fsmoe train``: the training loop — data, optimizer, schedule, metrics, plots, checkpoints.
+
+Shape legend: B sequences per batch (this rank's share), L sequence length, V vocabulary (256 bytes).
+
+One step: draw a batch -> forward (bf16 autocast on GPU if asked) -> loss = CE + aux_loss ->
+backward -> ``sync_grads`` -> ``clip_grads`` -> AdamW step -> LR schedule step -> routers'
+``after_step`` (e.g. DeepSeek bias update). Every ``log_every`` steps a record goes to
+``metrics.jsonl`` and TensorBoard; every ``eval_every`` steps and at the end the val split is
+scored; every ``ckpt_every`` steps and at the end a DCP checkpoint is written; at the end the
+plots are drawn and the final val loss is printed next to the unigram byte entropy.
+
+Run directory::
+
+    config.json    the resolved RunConfig (the base config of ``--resume``)
+    metrics.jsonl  one record per logged step (see fsmoe.metrics)
+    tb/            TensorBoard events
+    ckpt/step_N/   the last two DCP checkpoints
+    loss.png, expert_load.png
+
+Distributed seams (filled in by fsmoe.parallel, not here): the Trainer takes an optional
+``groups`` (ParallelGroups, with a ``dp`` process group) and then draws only its DP rank's rows of
+each batch; ``sync_grads`` and ``clip_grads`` are methods to override; only rank 0 writes
+metrics, config and plots; DCP checkpoints work with and without a process group.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from fsmoe import checkpoint, plots
+from fsmoe.config import ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, load_config
+from fsmoe.data import BatchSampler, Corpus, eval_batches, load_corpus, nats_to_bits
+from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
+from fsmoe.models import ModelOutput, build_model
+
+CONFIG_FILE = "config.json"
+
+
+# ---------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (linear, expert weights), none on embeddings,
+    norms and biases (every parameter with fewer than 2 dims, and every nn.Embedding weight)."""
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # each tied parameter once
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or id(p) in embedding_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_multiplier(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of ``cfg.lr`` for optimizer step ``s`` (0-based): linear warmup over
+    ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+
+    def f(s: int) -> float:
+        if s < cfg.warmup_steps:
+            return (s + 1) / cfg.warmup_steps
+        progress = min(1.0, (s - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    """``train.device`` -> torch.device; bf16 autocast is only offered on CUDA."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", cfg.device, "no CUDA device is visible; use cpu or auto")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if cfg.dtype == "bfloat16" and device.type != "cuda":
+        raise ConfigError("train.dtype", cfg.dtype, "bfloat16 autocast needs a CUDA device; use float32 on CPU")
+    return device
+
+
+# ---------------------------------------------------------------- run directory and config
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """A new run must not overwrite an earlier one; a resumed run needs one to continue."""
+    holds_run = (run_dir / "metrics.jsonl").exists() or bool(checkpoint.list_checkpoints(run_dir))
+    if holds_run and not resume:
+        raise ConfigError("--run-dir", str(run_dir), "already holds a run (metrics.jsonl / ckpt/); pass --resume "
+                          "to continue it, or choose another --run-dir")
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """The resolved config a run in ``run_dir`` was started with (None if there is none)."""
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise checkpoint.CheckpointError("--resume", str(path), f"is not valid JSON ({e})") from None
+
+
+def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] | None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            diff = _first_difference(old.get(key), new.get(key), f"{prefix}.{key}")
+            if diff:
+                return diff
+        return None
+    return None if old == new else (prefix, old, new)
+
+
+def check_resume_config(saved: dict, cfg: RunConfig) -> None:
+    """The model of a resumed run must be exactly the checkpointed one (its shape and routing)."""
+    diff = _first_difference(saved.get("model"), cfg.to_dict()["model"], "model")
+    if diff:
+        name, old, new = diff
+        raise ConfigError(name, new, f"differs from the checkpointed run ({name}={old!r}); a resumed run keeps "
+                          "its model, so drop that override or start a new --run-dir")
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured (floats already on the host)."""
+
+    loss: float  # cross-entropy, nats per token
+    aux_loss: float
+    grad_norm: float  # before clipping
+    lr: float  # learning rate this step used
+    tokens_per_expert: list[Tensor]  # one [E] int64 per MoE layer
+    dropped: int
+
+
+class Trainer:
+    """Trains ``build_model(cfg.model)`` on ``cfg.train``'s data, writing into ``run_dir``.
+
+    Everything that can fail on bad input (run dir, config, data, checkpoint) is checked in the
+    constructor before anything is written, so a failed start leaves an earlier run untouched.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path | str, *, resume: bool = False, groups: Any = None,
+                 console: Console | None = None):
+        self.cfg, self.tcfg, self.run_dir, self.groups = cfg, cfg.train, Path(run_dir), groups
+        self.console = console or Console(soft_wrap=True)
+        self.is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        check_run_dir(self.run_dir, resume)
+        ckpt = self._find_checkpoint() if resume else None
+        self.device = resolve_device(self.tcfg)
+        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+                         if self.tcfg.dtype == "bfloat16" else contextlib.nullcontext)
+        torch.manual_seed(self.tcfg.seed)
+        self.corpus = load_corpus(self.tcfg.data, self.tcfg.data_limit_mb, self.tcfg.val_fraction, self.tcfg.seq_len + 1)
+        self.model = build_model(cfg.model, seed=self.tcfg.seed).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg.weight_decay), lr=self.tcfg.lr,
+                                           betas=(self.tcfg.beta1, self.tcfg.beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.tcfg))
+        dp_rank, dp_size = self._dp_shard()
+        self.sampler = BatchSampler(self.corpus.train_N, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed,
+                                    dp_rank, dp_size)
+        self.val_batches = eval_batches(self.corpus.val_N, self.tcfg.batch_size, self.tcfg.seq_len,
+                                        self.tcfg.eval_batches)
+        self.step = 0
+        if ckpt is not None:
+            checkpoint_state = self.state_dict()
+            checkpoint.load(ckpt, checkpoint_state)
+            self.load_state_dict(checkpoint_state)
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
+        self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
+
+    def _find_checkpoint(self) -> Path:
+        _, path = checkpoint.latest_checkpoint(self.run_dir)
+        saved = saved_config(self.run_dir)
+        if saved is None:
+            raise checkpoint.CheckpointError("--resume", str(self.run_dir / CONFIG_FILE),
+                                             "is missing, so the checkpoint's model config is unknown")
+        check_resume_config(saved, self.cfg)
+        return path
+
+    def _dp_shard(self) -> tuple[int, int]:
+        """(rank, size) of this process in the data-parallel group; (0, 1) without groups."""
+        if self.groups is None:
+            return 0, 1
+        return dist.get_rank(self.groups.dp), dist.get_world_size(self.groups.dp)
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit for bit."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": model_sd, "optim": optim_sd, "sched": self.scheduler.state_dict(), "step": self.step,
+                "data": self.sampler.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["sched"])
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save_checkpoint(self) -> Path:
+        return checkpoint.save(self.run_dir, self.step, self.state_dict())
+
+    # ------------------------------------------------------------ one step
+
+    def loss(self, out: ModelOutput, y_BL: Tensor) -> Tensor:
+        """Mean cross-entropy over all tokens, in fp32."""
+        return F.cross_entropy(out.logits.float().flatten(0, 1), y_BL.flatten())
+
+    def train_step(self) -> StepResult:
+        """One optimizer step on the next batch; advances ``self.step``."""
+        x_BL, y_BL = (t.to(self.device, non_blocking=True) for t in self.sampler.next())
+        self.model.train()
+        with self.autocast():
+            out = self.model(x_BL)
+            ce = self.loss(out, y_BL)
+        self.optimizer.zero_grad(set_to_none=True)
+        (ce + out.aux_loss.float()).backward()
+        self.sync_grads()
+        grad_norm = self.clip_grads()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        for layer in self.model.moe_layers():
+            layer.router.after_step()
+        self.step += 1
+        return StepResult(ce.item(), out.aux_loss.item(), float(grad_norm), lr,
+                          [s.tokens_per_expert.cpu() for s in out.moe_stats],
+                          int(sum(int(s.dropped) for s in out.moe_stats)))
+
+    def sync_grads(self) -> None:
+        """Average gradients over data-parallel ranks. In one process there is nothing to
+        average; fsmoe.parallel's trainer overrides this for DP/EP/ESP."""
+
+    def clip_grads(self) -> Tensor:
+        """Total gradient L2 norm before clipping; scales gradients to ``train.grad_clip`` if
+        set. Override for group-aware norms (expert-parallel shards) under fsmoe.parallel."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.tcfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.tcfg.grad_clip, norm)
+        return norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the fixed validation batches (no RNG is consumed)."""
+        self.model.eval()
+        losses = []
+        for x_BL, y_BL in self.val_batches:
+            with self.autocast():
+                out = self.model(x_BL.to(self.device))
+                losses.append(self.loss(out, y_BL.to(self.device)).item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; returns the summary printed at the end."""
+        t = self.tcfg
+        self._print_header()
+        with self._progress() as progress:
+            task = progress.add_task("train", total=t.steps, completed=self.step, stats="")
+            clock, tokens = time.perf_counter(), 0
+            while self.step < t.steps:
+                result = self.train_step()
+                tokens += t.batch_size * t.seq_len
+                tokens_per_s = tokens / max(time.perf_counter() - clock, 1e-9)
+                load = expert_load(result.tokens_per_expert)
+                last = self.step == t.steps
+                evaluate = self.step % t.eval_every == 0 or last
+                if self.step % t.log_every == 0 or evaluate:
+                    record = self._record(result, tokens_per_s, load)
+                    if evaluate:
+                        record["val_loss"] = self.evaluate()
+                    if evaluate or not self.console.is_terminal:  # no live bar in logs: one line per record
+                        progress.console.print(self._log_line(record))
+                    self.metrics.write(record)
+                    clock, tokens = time.perf_counter(), 0
+                progress.update(task, completed=self.step, stats=(
+                    f"loss {result.loss:.3f}  {tokens_per_s:,.0f} tok/s  imbalance {imbalance(load):.2f}  "
+                    f"dropped {result.dropped}"))
+                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
+                    self.save_checkpoint()
+        self.metrics.close()
+        return self._finish()
+
+    def _record(self, r: StepResult, tokens_per_s: float, load: list[list[float]]) -> dict[str, Any]:
+        return {"step": self.step, "loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s, "grad_norm": r.grad_norm,
+                "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load, "imbalance": imbalance(load)}
+
+    def _log_line(self, rec: dict[str, Any]) -> str:
+        val = f"  val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
+        return (f"step {rec['step']:>5}  loss {rec['loss']:.4f}{val}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s"
+                f"  imbalance {rec['imbalance']:.2f}  dropped {rec['dropped']}")
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("[bold blue]step"), MofNCompleteColumn(), BarColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                        console=self.console, disable=not (self.is_writer and self.console.is_terminal))
+
+    def _print_header(self) -> None:
+        if not self.is_writer:
+            return
+        m, c, h = self.model, self.corpus, self.corpus.unigram_entropy_nats()
+        self.console.print(
+            f"[bold]fsmoe train[/] {self.cfg.name}: {m.num_parameters() / 1e6:.2f}M parameters "
+            f"({m.num_parameters(active_only=True) / 1e6:.2f}M active), {len(m.moe_layers())} MoE layers x "
+            f"{self.cfg.model.moe.num_experts} experts (top-{self.cfg.model.moe.router.top_k}, "
+            f"{self.cfg.model.moe.router.name}) on {self.device}")
+        self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
+                           f"val bytes; unigram byte entropy {h:.3f} nats ({nats_to_bits(h):.3f} bits)")
+        if self.step:
+            self.console.print(f"resumed from step {self.step} in {self.run_dir}")
+
+    def _finish(self) -> dict[str, Any]:
+        """Plots, and the final val loss next to the unigram entropy (rank 0 prints)."""
+        entropy = self.corpus.unigram_entropy_nats()
+        records = read_metrics(self.run_dir) if self.is_writer else []
+        val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
+        summary = {"step": self.step, "val_loss": val[-1] if val else None, "unigram_entropy_nats": entropy,
+                   "run_dir": str(self.run_dir)}
+        if not self.is_writer:
+            return summary
+        plots.plot_loss(records, entropy, self.run_dir / "loss.png")
+        plots.plot_expert_load(records, self.run_dir / "expert_load.png")
+        if summary["val_loss"] is not None:
+            gap = entropy - summary["val_loss"]
+            self.console.print(
+                f"[bold green]final val loss {summary['val_loss']:.3f} nats[/] vs unigram byte entropy "
+                f"{entropy:.3f} nats ({nats_to_bits(entropy):.2f} bits): "
+                f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} what byte frequencies alone give")
+        self.console.print(f"outputs in {self.run_dir}/: metrics.jsonl, tb/, ckpt/, loss.png, expert_load.png")
+        return summary
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PRESET|FILE.toml",
+                        help="preset name or TOML file (default: tiny; with --resume: the run's saved config)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                        help="override a config field, e.g. --set model.moe.num_experts=16 train.lr=1e-3")
+    parser.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    parser.add_argument("--seed", type=int, help="random seed (train.seed)")
+    parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<config name>)")
+    parser.add_argument("--data", nargs="+", metavar="PATH",
+                        help="text files or directories (recursive) instead of the stdlib default")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``fsmoe train`` (see fsmoe.cli)."""
+    parser = subparsers.add_parser("train", help="train an MoE model (default: tiny preset on the stdlib sources)",
+                                   description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """Config and run dir from the command line: preset or file (or, on --resume without
+    --config, the run's saved config) + ``--set`` + the shortcut flags, which win."""
+    overrides = list(args.overrides)
+    for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
+    if args.data:
+        paths = os.pathsep.join(str(Path(p).expanduser().resolve()) for p in args.data)
+        overrides.append(f"train.data={json.dumps(paths)}")
+    saved = saved_config(args.run_dir) if args.resume and args.run_dir and not args.config else None
+    if saved is not None:
+        cfg = config_from_dict(apply_overrides(saved, overrides))
+    else:
+        cfg = load_config(args.config or "tiny", overrides)
+    return cfg, args.run_dir or Path("runs") / cfg.name
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, run_dir = resolve_config(args)
+    Trainer(cfg, run_dir, resume=args.resume).fit()
+    return 0
+
+
+if __name__ == "__main__":  # python -m fsmoe.train ... == fsmoe train ...
+    from fsmoe.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
