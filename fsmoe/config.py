@@ -119,11 +119,15 @@ class MoEConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     dispatcher: str = "auto"  # auto | local | alltoall | hierarchical
+    # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
+    # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.
+    kernels: str = "auto"  # auto | torch | triton
 
     def validate(self, prefix: str = "moe") -> None:
         _check(isinstance(self.num_experts, int) and self.num_experts >= 1, f"{prefix}.num_experts",
                self.num_experts, "must be an integer >= 1")
         _one_of(f"{prefix}.dispatcher", self.dispatcher, {"auto", "local", "alltoall", "hierarchical"})
+        _one_of(f"{prefix}.kernels", self.kernels, {"auto", "torch", "triton"})
         self.router.validate(self.num_experts, f"{prefix}.router")
         self.experts.validate(f"{prefix}.experts")
 

@@ -20,8 +20,10 @@ from torch.utils.hooks import RemovableHandle
 
 from fsmoe.comm.dispatcher import Dispatcher, LocalDispatcher
 from fsmoe.config import MoEConfig
-from fsmoe.experts import DenseFFN, GroupedExperts
-from fsmoe.order import ORDERS, Order
+from fsmoe.experts import DenseFFN
+from fsmoe.kernels import resolve_kernels
+from fsmoe.kernels.select import build_order, experts_class
+from fsmoe.order import Order
 from fsmoe.routing import build_router
 
 HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
@@ -46,11 +48,17 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
         E = cfg.num_experts
-        self.router = router or build_router(cfg.router, d_model, E)
-        self.order = order or ORDERS[self.router.order]()
+        # Kernels (plain PyTorch or fused Triton) are chosen here, once: see fsmoe.kernels.select.
+        self.kernels = resolve_kernels(cfg.kernels)
+        if router is None:
+            router = build_router(cfg.router, d_model, E)
+            router.use_kernels(self.kernels)
+        self.router = router
+        self.order = order or build_order(self.router.order, self.kernels)
         self.dispatcher = dispatcher or LocalDispatcher(E)
-        self.experts = experts or GroupedExperts(self.dispatcher.num_local_experts, d_model, cfg.experts.d_ff,
-                                                 cfg.experts.activation, esp=esp, esp_rank=esp_rank)
+        self.experts = experts or experts_class(self.kernels)(
+            self.dispatcher.num_local_experts, d_model, cfg.experts.d_ff, cfg.experts.activation,
+            esp=esp, esp_rank=esp_rank)
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)

@@ -9,11 +9,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# torch >= 2.10 exposes F.grouped_mm; older builds (e.g. the GPU machine's 2.11 may) have the same op
+# as torch._grouped_mm.
+_GMM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     """torch's grouped_mm needs fp32/bf16/fp16 and 16-byte aligned rows."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES or w.dtype != x.dtype:
+    if _GMM is None or x.dtype not in _GROUPED_MM_DTYPES or w.dtype != x.dtype:
         return False
     align = 16 // x.element_size()
     return x.shape[1] % align == 0 and w.shape[2] % align == 0
@@ -42,10 +45,18 @@ def grouped_mm(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
     valid_N1 = (torch.arange(x_NI.shape[0], device=x_NI.device) < offs_E[-1]).unsqueeze(1)
     x_NI = torch.where(valid_N1, x_NI, 0)
     if grouped_mm_supported(x_NI, w_EIO):
-        y = _ContiguousGrad.apply(F.grouped_mm(x_NI, w_EIO, offs=offs_E))
+        y = _ContiguousGrad.apply(_GMM(x_NI, w_EIO, offs=offs_E))
     else:
         y = padded_grouped_mm(x_NI, w_EIO, offs_E)
     return torch.where(valid_N1, y, 0)
+
+
+def grouped_mm_unmasked(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:
+    """torch's grouped_mm as is: rows past offs[-1] of the output and of the input gradient are
+    left unspecified (uninitialised on CUDA). For callers that mask the tail themselves
+    (``fsmoe.kernels.experts``), which saves two full passes over the rows per matmul.
+    Needs ``grouped_mm_supported(x_NI, w_EIO)``."""
+    return _GMM(x_NI, w_EIO, offs=offs_E)
 
 
 def padded_grouped_mm(x_NI: Tensor, w_EIO: Tensor, offs_E: Tensor) -> Tensor:

@@ -39,6 +39,10 @@ class Router(nn.Module):
     def after_step(self) -> None:
         """Called by the trainer after each optimizer step (e.g. aux-loss-free bias update)."""
 
+    def use_kernels(self, impl: str) -> None:
+        """Build-time choice of kernels, ``'torch'`` or ``'triton'`` (see fsmoe.kernels.select);
+        routers with a fused path override this. Called once by MoELayer after construction."""
+
 
 def z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""

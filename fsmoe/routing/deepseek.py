@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from fsmoe.config import ConfigError
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, require_unset
-from fsmoe.routing.plan import RoutingPlan, expert_capacity
+from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
 
 
 def limit_to_groups(biased_TE: Tensor, num_groups: int, topk_groups: int) -> Tensor:
@@ -109,7 +109,7 @@ class DeepSeekRouter(Router):
         if cfg.normalize_weights and K > 1:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         w_TK = w_TK * cfg.routed_scaling
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        counts_E = count_experts(ids_TK, E)
         if self.training:
             self.accumulate_load(counts_E)
         losses: dict[str, Tensor] = {}

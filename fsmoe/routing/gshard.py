@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fsmoe.kernels.select import softmax_topk_fn
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, add_common_losses, load_balancing_loss
-from fsmoe.routing.plan import RoutingPlan, expert_capacity
+from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
 
 
 @register_router("gshard")
@@ -22,6 +23,10 @@ class GShardRouter(Router):
     def __init__(self, cfg, d_model, num_experts):
         super().__init__(cfg, d_model, num_experts)
         self.proj = nn.Linear(d_model, num_experts, bias=False)
+        self.softmax_topk = softmax_topk_fn("torch")  # (logits, k, normalize) -> probs, weights, ids
+
+    def use_kernels(self, impl: str) -> None:
+        self.softmax_topk = softmax_topk_fn(impl)
 
     def forward(self, x_TD: Tensor, seq_len: int) -> RoutingPlan:
         cfg, E, K = self.cfg, self.num_experts, self.cfg.top_k
@@ -29,11 +34,8 @@ class GShardRouter(Router):
         noisy_TE = logits_TE
         if self.training and cfg.noise_std > 0:
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * cfg.noise_std
-        probs_TE = noisy_TE.softmax(dim=-1)
-        w_TK, ids_TK = probs_TE.topk(K, dim=-1)
-        if cfg.normalize_weights and K > 1:
-            w_TK = w_TK / w_TK.sum(-1, keepdim=True)
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        probs_TE, w_TK, ids_TK = self.softmax_topk(noisy_TE, K, cfg.normalize_weights and K > 1)
+        counts_E = count_experts(ids_TK, E)
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
             losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)

@@ -42,6 +42,9 @@ class RoutingPlan:
     dropped: Tensor | None = None  # scalar int64: assignments dropped by capacity
     probs_TE: Tensor | None = None  # [T, E] router probabilities (for statistics)
     soft: SoftPlan | None = None  # only for SoftMoE
+    # [T, K] int64: row (position in N) of each token's k-th choice; set by ``from_topk``. Lets
+    # I-Order gather-and-sum a token's rows instead of scattering (no atomics; fsmoe.kernels).
+    token_slots_TK: Tensor | None = None
 
     @property
     def num_assignments(self) -> int:
@@ -66,30 +69,68 @@ class RoutingPlan:
         # k-major flattening: all first choices before all second choices -> first-choice priority.
         ids_N = ids_TK.t().reshape(-1)
         w_N = weights_TK.t().reshape(-1)
-        tok_N = torch.arange(T, device=ids_TK.device).repeat(K)
-        return RoutingPlan.from_assignments(tok_N, ids_N, w_N, T, num_experts, capacity, **extra)
+        perm, exp, kept, dropped = _sort_assignments(ids_N, num_experts, capacity)
+        # Input assignment i = k*T + t landed at row slots[i]: invert the permutation (no sort).
+        slots_N = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+        return RoutingPlan(perm % T, exp, _take(w_N, perm, exp, num_experts, capacity), kept, T, num_experts,
+                           dropped=dropped, token_slots_TK=slots_N.view(K, T).t().contiguous(), **extra)
 
     @staticmethod
     def from_assignments(token_ids_N: Tensor, expert_ids_N: Tensor, weights_N: Tensor, num_tokens: int,
                          num_experts: int, capacity: int | None = None, **extra) -> "RoutingPlan":
         """Plan from an unsorted list of (token, expert, weight); earlier entries win capacity."""
-        E = num_experts
-        order = torch.argsort(expert_ids_N, stable=True)
-        tok, exp, w = token_ids_N[order], expert_ids_N[order], weights_N[order]
-        counts = torch.bincount(exp, minlength=E)
-        if capacity is None:
-            return RoutingPlan(tok, exp, w, counts, num_tokens, E, dropped=counts.new_zeros(()), **extra)
-        # Rank of each assignment inside its expert group: position - start of the group.
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(exp.numel(), device=exp.device) - starts[exp]
-        keep = rank < capacity
-        exp = torch.where(keep, exp, torch.full_like(exp, E))
-        w = torch.where(keep, w, torch.zeros_like(w))
-        # Move dropped assignments to the end (stable: kept ones stay grouped by expert).
-        order = torch.argsort(exp, stable=True)
-        tok, exp, w = tok[order], exp[order], w[order]
-        kept = torch.clamp(counts, max=capacity)
-        return RoutingPlan(tok, exp, w, kept, num_tokens, E, dropped=(counts - kept).sum(), **extra)
+        perm, exp, kept, dropped = _sort_assignments(expert_ids_N, num_experts, capacity)
+        w = _take(weights_N, perm, exp, num_experts, capacity)
+        return RoutingPlan(token_ids_N.index_select(0, perm), exp, w, kept, num_tokens, num_experts,
+                           dropped=dropped, **extra)
+
+
+def count_experts(ids: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert, [E] int64, without the host synchronisation of ``bincount``
+    (which reads the max id back on CUDA). Ids outside [0, E) are not allowed."""
+    ids = ids.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=ids.device).scatter_add_(
+        0, ids, torch.ones_like(ids, dtype=torch.int64))
+
+
+def _sort_keys(expert_ids_N: Tensor, num_experts: int) -> Tensor:
+    """The narrowest integer type that holds 0..E (a radix sort then makes fewer passes)."""
+    if num_experts < 255:
+        return expert_ids_N.to(torch.uint8)
+    if num_experts < 32767:
+        return expert_ids_N.to(torch.int16)
+    return expert_ids_N.to(torch.int32)
+
+
+def _sort_assignments(expert_ids_N: Tensor, num_experts: int, capacity: int | None):
+    """Stable sort by expert, capacity drops moved to the end with id E. No host sync.
+
+    Returns (perm_N: input index of each output row, expert_ids_N sorted (int64, E = dropped),
+    kept per expert [E], dropped scalar).
+    """
+    E = num_experts
+    keys, perm = torch.sort(_sort_keys(expert_ids_N, E), stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(E + 1, device=keys.device, dtype=keys.dtype))
+    counts = (bounds[1:] - bounds[:-1]).to(torch.int64)  # keys are sorted: counts from boundaries
+    exp = keys.to(torch.int64)
+    if capacity is None:
+        return perm, exp, counts, counts.new_zeros(())
+    # Rank of each assignment inside its expert group: position - start of the group.
+    rank = torch.arange(exp.numel(), device=exp.device) - bounds[:-1].to(torch.int64)[exp]
+    exp = torch.where(rank < capacity, exp, torch.full_like(exp, E))
+    # Move dropped assignments to the end (stable: kept ones stay grouped by expert).
+    keys2, order2 = torch.sort(_sort_keys(exp, E), stable=True)
+    kept = torch.clamp(counts, max=capacity)
+    return perm[order2], keys2.to(torch.int64), kept, (counts - kept).sum()
+
+
+def _take(weights_N: Tensor, perm_N: Tensor, exp_N: Tensor, num_experts: int, capacity: int | None) -> Tensor:
+    """Weights in row order (index_select: perm is a permutation, so its backward is a plain
+    scatter); with a capacity, 0 for dropped rows."""
+    w = weights_N.index_select(0, perm_N)
+    if capacity is None:
+        return w
+    return torch.where(exp_N < num_experts, w, torch.zeros_like(w))
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, load_balancing_loss, require_unset
-from fsmoe.routing.plan import RoutingPlan, expert_capacity
+from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
 
 
 @register_router("sigmoid")
@@ -39,7 +39,7 @@ class SigmoidRouter(Router):
         if cfg.normalize_weights and K > 1:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        counts_E = count_experts(ids_TK, E)
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
             losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fsmoe.config import ConfigError
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, add_common_losses, load_balancing_loss, require_unset
-from fsmoe.routing.plan import RoutingPlan, expert_capacity
+from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
 
 MAX_INV_TEMPERATURE = 100.0
 
@@ -75,7 +75,7 @@ class XMoERouter(Router):
         w_TK, ids_TK = probs_TE.topk(K, dim=-1)
         if cfg.normalize_weights and K > 1:
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
-        counts_E = torch.bincount(ids_TK.reshape(-1), minlength=E)
+        counts_E = count_experts(ids_TK, E)
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
             losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)
