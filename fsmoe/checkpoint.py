@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from fsmoe.config import ConfigError
 
@@ -117,9 +118,10 @@ def load(path: Path, state: dict[str, Any]) -> None:
     """Fill ``state`` in place from the checkpoint at ``path`` (tensors are copied into the given
     tensors, other values replaced). A missing or damaged checkpoint raises CheckpointError."""
     try:
+        dcp.FileSystemReader(path).read_metadata()  # a damaged .metadata fails here, before DCP logs fallbacks
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
-    except Exception as e:  # DCP raises many types (CheckpointException, pickle, IO); all mean "unusable"
+    except (Exception, CheckpointException) as e:  # DCP raises many types (pickle, IO, ...): all mean "unusable"
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         older = [p.name for _, p in list_checkpoints(Path(path).parent.parent) if p != Path(path)]
         fallback = (f"move it away to resume from {older[-1]}" if older

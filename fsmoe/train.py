@@ -124,8 +124,10 @@ def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] |
 
 
 def check_resume_config(saved: dict, cfg: RunConfig) -> None:
-    """The model of a resumed run must be exactly the checkpointed one (its shape and routing)."""
-    diff = _first_difference(saved.get("model"), cfg.to_dict()["model"], "model")
+    """The model of a resumed run must be exactly the checkpointed one (its shape and routing).
+    The saved config is rebuilt first, so fields added to fsmoe since then take their defaults."""
+    old_model = config_from_dict(saved).to_dict()["model"]
+    diff = _first_difference(old_model, cfg.to_dict()["model"], "model")
     if diff:
         name, old, new = diff
         raise ConfigError(name, new, f"differs from the checkpointed run ({name}={old!r}); a resumed run keeps "
@@ -339,7 +341,9 @@ class Trainer:
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
                            f"val bytes; unigram byte entropy {h:.3f} nats ({nats_to_bits(h):.3f} bits)")
         if self.step:
-            self.console.print(f"resumed from step {self.step} in {self.run_dir}")
+            done = f"; already at train.steps={self.tcfg.steps}, pass a larger --steps to go on" \
+                if self.step >= self.tcfg.steps else ""
+            self.console.print(f"resumed from step {self.step} in {self.run_dir}{done}")
 
     def _finish(self) -> dict[str, Any]:
         """Plots, and the final val loss next to the unigram entropy (rank 0 prints)."""

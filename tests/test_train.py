@@ -1,0 +1,212 @@
+"""fsmoe.train: exact resume, run-dir safety, checkpoints, and `fsmoe train` end to end."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from fsmoe import checkpoint
+from fsmoe.config import ConfigError, load_config
+from fsmoe.metrics import read_metrics
+from fsmoe.models import build_model
+from fsmoe.train import Trainer, lr_multiplier, param_groups
+
+# A model and data small enough for a few seconds per run on 2 shared cores.
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
+         "model.moe.num_experts=4", "model.moe.experts.d_ff=32", "train.batch_size=4", "train.seq_len=32",
+         "train.data_limit_mb=0.2", "train.eval_batches=2", "train.log_every=1", "train.eval_every=4",
+         "train.ckpt_every=5", "train.warmup_steps=3"]
+
+
+def small_cfg(*extra: str):
+    return load_config("tiny", SMALL + list(extra))
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file under run_dir -> its bytes (to check that a failed start changed nothing)."""
+    return {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A completed 10-step run with checkpoints step_5 and step_10 (copy it before changing it)."""
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    Trainer(small_cfg("train.steps=10"), run_dir, console=quiet()).fit()
+    return run_dir
+
+
+def copy_run(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
+    cfg = small_cfg("train.steps=12", "train.ckpt_every=5")
+    Trainer(cfg, tmp_path / "full", console=quiet()).fit()
+    full = read_metrics(tmp_path / "full")
+
+    crashing = Trainer(cfg, tmp_path / "cut", console=quiet())
+    real_step = crashing.train_step
+
+    def step_then_crash():
+        if crashing.step == 8:  # killed while training step 9; the last checkpoint is step 5
+            raise Crash
+        return real_step()
+
+    monkeypatch.setattr(crashing, "train_step", step_then_crash)
+    with pytest.raises(Crash):
+        crashing.fit()
+    crashing.metrics.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")][-1] == 8
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path / "cut")] == [5]
+
+    resumed = Trainer(cfg, tmp_path / "cut", resume=True, console=quiet())
+    assert resumed.step == 5
+    resumed.fit()
+    cut = read_metrics(tmp_path / "cut")
+    keys = ("step", "loss", "val_loss", "lr", "grad_norm", "aux_loss", "expert_load", "dropped")
+    assert [[r.get(k) for k in keys] for r in cut] == [[r.get(k) for k in keys] for r in full]
+    a, b = (checkpoint.list_checkpoints(tmp_path / d)[-1][1] for d in ("full", "cut"))
+    assert (a / "__0_0.distcp").read_bytes() == (b / "__0_0.distcp").read_bytes()
+
+
+def test_resume_with_more_steps_continues_from_the_last_checkpoint(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    Trainer(small_cfg("train.steps=12"), run_dir, resume=True, console=quiet()).fit()
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [10, 12]
+
+
+# ---------------------------------------------------------------- bad starts change nothing
+
+
+def test_new_run_refuses_a_run_dir_that_holds_a_run(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(small_cfg("train.steps=10"), run_dir, console=quiet())
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_a_different_model_names_the_field(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    before = snapshot(run_dir)
+    with pytest.raises(ConfigError) as e:
+        Trainer(small_cfg("train.steps=10", "model.moe.experts.d_ff=48"), run_dir, resume=True, console=quiet())
+    assert e.value.field_name == "model.moe.experts.d_ff" and "32" in str(e.value)
+    assert snapshot(run_dir) == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "r").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint") as e:
+        Trainer(small_cfg(), tmp_path / "r", resume=True, console=quiet())
+    assert str(tmp_path / "r" / "ckpt") in str(e.value)
+    assert list((tmp_path / "r").iterdir()) == []
+
+
+@pytest.mark.parametrize("damage", ["metadata", "shard"])
+def test_resume_from_a_corrupt_checkpoint_fails_cleanly_and_keeps_files(finished_run, tmp_path, damage):
+    run_dir = copy_run(finished_run, tmp_path)
+    latest = run_dir / "ckpt" / "step_10"
+    if damage == "metadata":
+        (latest / ".metadata").write_bytes(b"not a pickle")
+    else:
+        shard = latest / "__0_0.distcp"
+        shard.write_bytes(shard.read_bytes()[:100])
+    before = snapshot(run_dir)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        Trainer(small_cfg("train.steps=10"), run_dir, resume=True, console=quiet())
+    assert str(latest) in str(e.value) and "step_5" in str(e.value)
+    assert snapshot(run_dir) == before
+
+
+def test_checkpoints_keep_last_two_and_ignore_unfinished(tmp_path):
+    state = {"w": torch.arange(4.0), "step": 0}
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, {**state, "step": step})
+    (tmp_path / "ckpt" / "step_9.tmp").mkdir()  # a crash mid-write leaves this behind
+    assert [s for s, _ in checkpoint.list_checkpoints(tmp_path)] == [2, 3]
+    step, path = checkpoint.latest_checkpoint(tmp_path)
+    loaded = {"w": torch.zeros(4), "step": -1}
+    checkpoint.load(path, loaded)
+    assert step == 3 and loaded["step"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
+
+
+# ---------------------------------------------------------------- optimizer pieces
+
+
+def test_no_weight_decay_on_embeddings_norms_and_biases():
+    model = build_model(small_cfg().model, seed=0)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"tok_emb.weight", "pos_emb.weight"} <= no_decay_names
+    assert all(p.ndim >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert not any(names[id(p)].endswith(("emb.weight", "bias")) for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_lr_warmup_then_cosine_to_min():
+    cfg = small_cfg("train.steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1").train
+    f = lr_multiplier(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------- the command, end to end
+
+
+def _fsmoe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fsmoe.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_fsmoe_train_30_steps_loss_falls_and_writes_outputs(tmp_path):
+    proc = _fsmoe("train", "--steps", "30", "--run-dir", "D", "--set", *SMALL, "train.lr=1e-2",
+                  "train.eval_every=10", "train.ckpt_every=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "D"
+    records = read_metrics(run_dir)
+    losses = [r["loss"] for r in records]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "dropped", "expert_load",
+                "imbalance"} <= r.keys()
+        assert len(r["expert_load"]) == 2 and sum(r["expert_load"][0]) == pytest.approx(1.0)
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30]
+    for name in ("loss.png", "expert_load.png", "config.json"):
+        assert (run_dir / name).stat().st_size > 0
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [30]
+    assert json.loads((run_dir / "config.json").read_text())["model"]["d_model"] == 32
+    assert "final val loss" in proc.stdout and "unigram byte entropy" in proc.stdout
+
+
+def test_python_m_fsmoe_train_runs_the_real_tiny_default(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fsmoe.train", "--steps", "2", "--run-dir", "D"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    records = read_metrics(tmp_path / "D")
+    assert records[-1]["step"] == 2 and "val_loss" in records[-1]
+    assert len(records[-1]["expert_load"]) == 4 and len(records[-1]["expert_load"][0]) == 8
+    assert (tmp_path / "D" / "loss.png").exists() and (tmp_path / "D" / "expert_load.png").exists()
+    assert "final val loss" in proc.stdout and "nats" in proc.stdout
