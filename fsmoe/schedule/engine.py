@@ -1,0 +1,279 @@
+"""Engines: run a straight-line schedule program on lanes, really or in simulation.
+
+A schedule program (``fsmoe.schedule.executor``) is written once against three verbs:
+
+    h = eng.launch(lane, op, fn, *args)   run fn(*args) on ``lane`` after the handles in args
+    h = eng.compute(op, fn, *args)        run fn(*args) on the compute lane (the calling thread)
+    v = eng.wait(h)                       the value of h, once it is done
+
+A lane is an in-order queue, exactly like a CUDA stream: an op starts when the lane is free and
+its inputs are done, and blocks the lane until then. Three engines implement the verbs:
+
+    ThreadEngine  CPU: one worker thread per lane; collectives (gloo) block that thread only,
+                  so comm on the inter/intra lanes overlaps compute on the calling thread.
+    StreamEngine  CUDA: one stream per lane, dependencies as events; NCCL work issued on a lane
+                  stream is ordered with it. Host never blocks in launch/compute/wait.
+    SimEngine     no data: advances virtual clocks by the Profile's predicted op times. It runs
+                  the *same* program, so the predicted timeline is the executed schedule's.
+
+The engine is chosen when the executor is built (``make_engine``), never inside forward.
+Every engine appends one :class:`~fsmoe.schedule.timeline.OpRecord` per op to its recorder.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from fsmoe.schedule.timeline import Op, OpRecord
+
+COMPUTE = "compute"
+
+
+class Recorder:
+    """Collects OpRecords of one rank. ``enabled=False`` makes ``add`` a no-op."""
+
+    def __init__(self, rank: int = 0, enabled: bool = True, max_records: int = 1_000_000):
+        self.rank, self.enabled, self.max_records = rank, enabled, max_records
+        self.epoch = time.perf_counter()
+        self.records: list[OpRecord] = []
+        self._pending: list[tuple[Op, str, Any, Any]] = []  # CUDA events, resolved by flush()
+        self._base_event = None
+        self._lock = threading.Lock()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.epoch
+
+    def add(self, op: Op, lane: str, t0: float, t1: float) -> None:
+        if self.enabled and len(self.records) < self.max_records:
+            with self._lock:
+                self.records.append(OpRecord(op, lane, self.rank, t0, t1))
+
+    def add_events(self, op: Op, lane: str, e0, e1) -> None:
+        if self.enabled:
+            if self._base_event is None:
+                self._base_event = torch.cuda.Event(enable_timing=True)
+                self._base_event.record()
+                self._base_time = self.now()
+            self._pending.append((op, lane, e0, e1))
+
+    def flush(self) -> None:
+        """Resolve CUDA events into records (synchronises the device)."""
+        if self._pending:
+            torch.cuda.synchronize()
+            base = self._base_event
+            for op, lane, e0, e1 in self._pending:
+                self.add(op, lane, self._base_time + base.elapsed_time(e0) / 1e3,
+                         self._base_time + base.elapsed_time(e1) / 1e3)
+            self._pending.clear()
+
+    def take(self) -> list[OpRecord]:
+        """Return and clear the records."""
+        self.flush()
+        with self._lock:
+            out, self.records = self.records, []
+        return out
+
+
+class Engine(ABC):
+    recorder: Recorder
+
+    @abstractmethod
+    def launch(self, lane: str, op: Op, fn: Callable | None, *args) -> Any: ...
+
+    @abstractmethod
+    def compute(self, op: Op, fn: Callable | None, *args) -> Any: ...
+
+    @abstractmethod
+    def wait(self, h: Any) -> Any: ...
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- CPU threads
+
+
+class _Done:
+    """An already-finished handle (the result of ``compute`` on the calling thread)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _resolve(a):
+    if isinstance(a, Future):
+        return a.result()
+    if isinstance(a, _Done):
+        return a.value
+    return a
+
+
+class ThreadEngine(Engine):
+    """CPU lanes: one single-thread executor per lane name, created on first use."""
+
+    def __init__(self, recorder: Recorder | None = None):
+        self.recorder = recorder or Recorder(enabled=False)
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+
+    def _lane(self, name: str) -> ThreadPoolExecutor:
+        if name not in self._lanes:
+            self._lanes[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"fsmoe-{name}")
+        return self._lanes[name]
+
+    def launch(self, lane, op, fn, *args):
+        rec = self.recorder
+
+        def task():
+            vals = [_resolve(a) for a in args]
+            t0 = rec.now()
+            out = fn(*vals)
+            rec.add(op, lane, t0, rec.now())
+            return out
+
+        return self._lane(lane).submit(task)
+
+    def compute(self, op, fn, *args):
+        vals = [_resolve(a) for a in args]
+        t0 = self.recorder.now()
+        out = fn(*vals)
+        self.recorder.add(op, COMPUTE, t0, self.recorder.now())
+        return _Done(out)
+
+    def wait(self, h):
+        return _resolve(h)
+
+    def close(self):
+        for ex in self._lanes.values():
+            ex.shutdown(wait=True)
+        self._lanes.clear()
+
+
+# ---------------------------------------------------------------------------- CUDA streams
+
+
+class _StreamHandle:
+    __slots__ = ("value", "event")
+
+    def __init__(self, value, event):
+        self.value, self.event = value, event
+
+
+def _record_stream(v, stream) -> None:
+    if isinstance(v, torch.Tensor):
+        if v.is_cuda:
+            v.record_stream(stream)
+    elif isinstance(v, (tuple, list)):
+        for x in v:
+            _record_stream(x, stream)
+
+
+class StreamEngine(Engine):
+    """CUDA lanes: one stream per lane name; the compute lane is the current stream."""
+
+    def __init__(self, recorder: Recorder | None = None, device=None):
+        self.recorder = recorder or Recorder(enabled=False)
+        self.device = device
+        self._streams: dict[str, torch.cuda.Stream] = {}
+
+    def _stream(self, name: str) -> torch.cuda.Stream:
+        if name not in self._streams:
+            self._streams[name] = torch.cuda.Stream(device=self.device)
+        return self._streams[name]
+
+    def _run(self, stream, lane, op, fn, args):
+        vals = []
+        for a in args:
+            if isinstance(a, _StreamHandle):
+                stream.wait_event(a.event)
+                a = a.value
+            _record_stream(a, stream)
+            vals.append(a)
+        e0 = torch.cuda.Event(enable_timing=True)
+        e1 = torch.cuda.Event(enable_timing=True)
+        e0.record(stream)
+        out = fn(*vals)
+        e1.record(stream)
+        self.recorder.add_events(op, lane, e0, e1)
+        return _StreamHandle(out, e1)
+
+    def launch(self, lane, op, fn, *args):
+        s = self._stream(lane)
+        s.wait_stream(torch.cuda.current_stream())  # inputs produced on the compute lane so far
+        with torch.cuda.stream(s):
+            return self._run(s, lane, op, fn, args)
+
+    def compute(self, op, fn, *args):
+        return self._run(torch.cuda.current_stream(), COMPUTE, op, fn, args)
+
+    def wait(self, h):
+        if isinstance(h, _StreamHandle):
+            cur = torch.cuda.current_stream()
+            cur.wait_event(h.event)
+            _record_stream(h.value, cur)
+            return h.value
+        return h
+
+
+# ---------------------------------------------------------------------------- simulation
+
+
+class _SimHandle:
+    __slots__ = ("end",)
+
+    def __init__(self, end: float):
+        self.end = end
+
+
+class SimEngine(Engine):
+    """Predicts the program's timeline: op time = ``duration(op)`` (the Profile by default)."""
+
+    def __init__(self, duration: Callable[[Op], float], rank: int = 0, recorder: Recorder | None = None):
+        self.duration = duration
+        self.recorder = recorder or Recorder(rank=rank)
+        self.host = 0.0
+        self.free: dict[str, float] = {}
+
+    @staticmethod
+    def from_profile(profile, rank: int = 0) -> "SimEngine":
+        return SimEngine(lambda op: profile.t(op.key, op.n) if op.key else 0.0, rank)
+
+    def _deps(self, args) -> float:
+        return max([a.end for a in args if isinstance(a, _SimHandle)], default=0.0)
+
+    def launch(self, lane, op, fn, *args):
+        t0 = max(self.host, self.free.get(lane, 0.0), self._deps(args))
+        t1 = t0 + self.duration(op)
+        self.free[lane] = t1
+        self.recorder.add(op, lane, t0, t1)
+        return _SimHandle(t1)
+
+    def compute(self, op, fn, *args):
+        t0 = max(self.host, self._deps(args))
+        self.host = t0 + self.duration(op)
+        self.recorder.add(op, COMPUTE, t0, self.host)
+        return _SimHandle(self.host)
+
+    def wait(self, h):
+        if isinstance(h, _SimHandle):
+            self.host = max(self.host, h.end)
+        return None
+
+    def drain(self) -> float:
+        """Wait for every lane; returns the end time."""
+        self.host = max([self.host, *self.free.values()])
+        return self.host
+
+
+def make_engine(device: torch.device | str, recorder: Recorder | None = None) -> Engine:
+    """CUDA streams on a GPU, worker threads on CPU: the same program runs on both."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return StreamEngine(recorder, device)
+    return ThreadEngine(recorder)

@@ -1,0 +1,317 @@
+"""Performance models of one MoE layer: workloads, per-chunk op times, FSMoE's four cases.
+
+Notation (FSMoE §4; ``../shared/notes/fsmoe.md`` §2-3):
+    r        pipeline degree: the routed rows are cut into r chunks
+    t_x(r)   time of op x on one chunk = alpha_x + (n_x / r) * beta_x
+    a2a      EP AlltoAll (dispatch and combine: two per chunk), inter-node when EP spans nodes
+    ag, rs   ESP AllGather / ReduceScatter (intra-node), one each per chunk
+    exp      the expert FFN of one chunk (backward: the expert_bwd fit)
+    gar      gradient AllReduce placed inside this layer (backward only; 0 in forward)
+
+With intra/inter overlap (IIO) the A2As run on the inter lane, AG/RS on the intra lane and
+experts on the compute lane. Each case is the bound set by one resource (plus pipeline fill and
+drain), and its predicate says that resource is the bottleneck:
+
+    case 1  inter-node (A2A + gar):  2 r t_a2a + t_gar
+    case 2  expert compute:          2 t_a2a + t_ag + t_rs + r t_exp
+    case 3  A2A:                     2 r t_a2a + t_ag + t_rs
+    case 4  intra-node AG + RS:      2 t_a2a + r (t_ag + t_rs)
+
+    Q1: t_a2a > t_ag               (A2A dominates the intra lane; case 3 over case 4)
+    Q2: r t_exp > 2 (r-1) t_a2a     (expert over A2A; case 2 over case 3)
+    Q3: r t_exp > (r-1)(t_ag+t_rs)  (expert over AG+RS; case 2 over case 4)
+    Q4-Q7: t_gar exceeds the gap each other case leaves on the inter lane (case 1 over 2, 3, 4)
+
+Without IIO (FSMoE-No-IIO, Tutel, PipeMoE) one comm lane carries a2a+ag+rs+a2a per chunk,
+c = 2 t_a2a + t_ag + t_rs, and the layer is a two-stage pipeline: max(r c + t_gar, c + r t_exp).
+
+Sizes: see ``LayerSpec`` and ``Layout``; ``chunk_counts`` cuts an integer count matrix the way the
+executor does, so predictions for a real iteration use the same rows the executor moves.
+
+Shape legend: S source ranks (world), E experts, r chunks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fsmoe.schedule.profile import Profile
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One MoE transformer block as FSMoE's grid describes it (per data-parallel rank).
+
+    batch B sequences of seq_len L tokens per rank, model dim M = d_model, expert hidden H = d_ff
+    (whole expert, before ESP sharding), top_k k of num_experts E, capacity_factor f (None =
+    dropless), activation 'gelu' (simple FFN, 2 GEMMs) or 'swiglu' (Mixtral FFN, 3 GEMMs);
+    n_layers identical blocks (gradient partitioning spans them); dtype_bytes of activations
+    and gradients.
+    """
+
+    batch: int
+    seq_len: int
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int = 2
+    n_heads: int = 8
+    capacity_factor: float | None = None
+    activation: str = "gelu"
+    n_layers: int = 1
+    dtype_bytes: int = 4
+
+    def __post_init__(self):
+        for name in ("batch", "seq_len", "d_model", "d_ff", "num_experts", "top_k", "n_heads", "n_layers",
+                     "dtype_bytes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"LayerSpec.{name}={v!r} is invalid: must be an integer >= 1")
+        if self.activation not in ("gelu", "swiglu"):
+            raise ValueError(f"LayerSpec.activation={self.activation!r} is invalid: allowed gelu, swiglu")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"LayerSpec.capacity_factor={self.capacity_factor!r} is invalid: must be > 0")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"LayerSpec.n_heads={self.n_heads} must divide d_model={self.d_model}")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def gemms(self) -> int:
+        return 3 if self.activation == "swiglu" else 2
+
+    @property
+    def routed_rows(self) -> int:
+        """Rows one rank sends per layer with balanced routing (capacity caps them)."""
+        frac = 1.0 if self.capacity_factor is None else min(1.0, self.capacity_factor)
+        return int(round(self.top_k * self.tokens * frac))
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters of the block that are data-parallel: attention (QKV, O with biases),
+        the router, two LayerNorms. Their gradients are what the Gradient-AllReduce reduces."""
+        M = self.d_model
+        return 4 * M * M + 4 * M + M * self.num_experts + 4 * M
+
+    @property
+    def dense_macs(self) -> int:
+        """Multiply-adds of the attention block forward: projections + scores + weighted sum."""
+        return 4 * self.tokens * self.d_model ** 2 + 2 * self.batch * self.seq_len ** 2 * self.d_model
+
+    @staticmethod
+    def from_run_config(cfg, batch: int | None = None, seq_len: int | None = None) -> "LayerSpec":
+        """From a ``fsmoe.config.RunConfig``: per-rank batch = global batch / dp."""
+        m, moe, tr = cfg.model, cfg.model.moe, cfg.train
+        b = batch if batch is not None else max(1, tr.batch_size // cfg.parallel.dp)
+        n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+        return LayerSpec(batch=b, seq_len=seq_len or tr.seq_len, d_model=m.d_model, d_ff=moe.experts.d_ff,
+                         num_experts=moe.num_experts, top_k=moe.router.top_k, n_heads=m.n_heads,
+                         capacity_factor=moe.router.capacity_factor, activation=moe.experts.activation,
+                         n_layers=max(1, n_moe), dtype_bytes=2 if tr.dtype == "bfloat16" else 4)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The MoE part's process grid: world = ep * esp = dp (dense part, mp = 1 here).
+
+    Rank w sits at EP index p = w // esp and ESP index q = w % esp: ESP groups are consecutive
+    ranks (one node when esp = gpus_per_node), EP groups stride across nodes.
+    gpus_per_node None means every rank shares one node.
+    """
+
+    ep: int = 1
+    esp: int = 1
+    gpus_per_node: int | None = None
+
+    def __post_init__(self):
+        for name in ("ep", "esp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
+        if self.gpus_per_node is not None and (self.gpus_per_node < 1 or self.world % self.gpus_per_node):
+            raise ValueError(f"Layout.gpus_per_node={self.gpus_per_node} must divide world={self.world}")
+
+    @property
+    def world(self) -> int:
+        return self.ep * self.esp
+
+    @property
+    def dp(self) -> int:
+        return self.world
+
+    def node(self, w: int) -> int:
+        return 0 if self.gpus_per_node is None else w // self.gpus_per_node
+
+    @property
+    def ep_inter(self) -> bool:
+        """Does the EP group of rank 0 span more than one node?"""
+        return len({self.node(p * self.esp) for p in range(self.ep)}) > 1
+
+    @property
+    def a2a_key(self) -> str:
+        return "a2a_inter" if self.ep_inter else "a2a_intra"
+
+    @property
+    def name(self) -> str:
+        gpn = self.gpus_per_node or self.world
+        return f"ep{self.ep}-esp{self.esp}-nodes{self.world // gpn}x{gpn}"
+
+    @staticmethod
+    def from_parallel(pc) -> "Layout":
+        """From ``fsmoe.config.ParallelConfig``."""
+        return Layout(ep=pc.ep, esp=pc.esp, gpus_per_node=pc.gpus_per_node)
+
+
+# ---------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """Per-rank sizes of one MoE layer (whole layer, i.e. r = 1; a chunk is 1/r of each)."""
+
+    a2a_bytes: float  # one direction, bytes this rank sends
+    ag_bytes: float  # gathered output
+    rs_bytes: float  # reduce-scatter input
+    expert_macs: float  # forward multiply-adds of this rank's expert shard
+    gar_bytes: float  # one block's dense gradients
+    dense_macs: float  # one block's attention forward
+
+
+def layer_work(spec: LayerSpec, layout: Layout) -> LayerWork:
+    rows, M, b = spec.routed_rows, spec.d_model, spec.dtype_bytes
+    return LayerWork(
+        a2a_bytes=rows * M * b if layout.ep > 1 else 0.0,
+        ag_bytes=layout.esp * rows * M * b if layout.esp > 1 else 0.0,
+        rs_bytes=layout.esp * rows * M * b if layout.esp > 1 else 0.0,
+        expert_macs=layout.esp * rows * M * (spec.d_ff / layout.esp) * spec.gemms,
+        gar_bytes=spec.dense_params * b if layout.dp > 1 else 0.0,
+        dense_macs=spec.dense_macs)
+
+
+@dataclass(frozen=True)
+class ChunkTimes:
+    """Per-chunk op times (seconds) at pipeline degree r; ``exp`` is forward or backward."""
+
+    r: float
+    a2a: float
+    ag: float
+    rs: float
+    exp: float
+
+
+def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, backward: bool = False) -> ChunkTimes:
+    """t_x(r) = alpha_x + (n_x / r) beta_x for each op of one chunk (continuous r for SLSQP)."""
+    ek = "expert_bwd" if backward else "expert_fwd"
+    return ChunkTimes(r=r, a2a=profile.t(layout.a2a_key, work.a2a_bytes / r),
+                      ag=profile.t("allgather", work.ag_bytes / r), rs=profile.t("reducescatter", work.rs_bytes / r),
+                      exp=profile.t(ek, work.expert_macs / r))
+
+
+CASES = (1, 2, 3, 4)
+
+
+def case_objectives(ct: ChunkTimes, t_gar: float = 0.0, iio: bool = True) -> dict[int, float]:
+    """Each case's layer time (see the module docstring). Without IIO: 1 = comm lane, 2 = expert."""
+    r, a, g, s, x = ct.r, ct.a2a, ct.ag, ct.rs, ct.exp
+    if not iio:
+        c = 2 * a + g + s
+        return {1: r * c + t_gar, 2: c + r * x}
+    return {1: 2 * r * a + t_gar, 2: 2 * a + g + s + r * x, 3: 2 * r * a + g + s, 4: 2 * a + r * (g + s)}
+
+
+def predicates(ct: ChunkTimes, t_gar: float = 0.0) -> dict[str, bool]:
+    """FSMoE's predicates Q1-Q7, evaluated at ct.r (Q4-Q7 written as case-1 dominance)."""
+    r, a, g, s, x = ct.r, ct.a2a, ct.ag, ct.rs, ct.exp
+    obj = case_objectives(ct, t_gar)
+    return {"Q1": a > g, "Q2": r * x > 2 * (r - 1) * a, "Q3": r * x > (r - 1) * (g + s),
+            "Q4": obj[1] > obj[2], "Q5": obj[1] > obj[3], "Q6": obj[1] > obj[4], "Q7": t_gar > 0}
+
+
+def layer_time(ct: ChunkTimes, t_gar: float = 0.0, iio: bool = True) -> tuple[float, int]:
+    """(time, case): the bottleneck case's objective."""
+    obj = case_objectives(ct, t_gar, iio)
+    case = max(obj, key=obj.get)
+    return obj[case], case
+
+
+# ---------------------------------------------------------------------------- integer routes
+
+
+def chunk_bounds(counts: np.ndarray, r: int) -> np.ndarray:
+    """[r + 1, *counts.shape]: chunk i of a group of c rows is rows [(i c) // r, ((i+1) c) // r).
+
+    Powers of two nest: every chunk boundary at r is one at 2r, so a backward degree may differ
+    from the forward one and still address the forward's saved rows exactly.
+    """
+    i = np.arange(r + 1).reshape((-1,) + (1,) * counts.ndim)
+    return (i * counts[None].astype(np.int64)) // r
+
+
+def chunk_counts(counts: np.ndarray, r: int) -> np.ndarray:
+    """[r, *counts.shape] rows per chunk (sum over chunks = counts)."""
+    return np.diff(chunk_bounds(counts, r), axis=0)
+
+
+def balanced_counts(spec: LayerSpec, layout: Layout) -> np.ndarray:
+    """[S, E] counts with perfectly balanced routing: what ``plan`` assumes before training."""
+    rows = spec.routed_rows
+    base, extra = divmod(rows, spec.num_experts)
+    row = np.full(spec.num_experts, base, dtype=np.int64)
+    row[:extra] += 1
+    return np.tile(row, (layout.world, 1))
+
+
+@dataclass(frozen=True)
+class ChunkWork:
+    """Sizes of one chunk's ops on one rank (integers; what the executor really moves)."""
+
+    send_rows: int  # dispatch A2A: rows this rank sends (combine receives as many back)
+    recv_rows: int  # dispatch A2A: rows this rank receives (combine sends as many)
+    gather_rows: int  # rows after the ESP AllGather, padded: esp * max over ESP peers
+    expert_rows: int  # rows the expert computes (unpadded)
+
+
+def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int) -> list[ChunkWork]:
+    """Per-chunk sizes for ``rank`` given every rank's per-expert counts ``counts_SE``."""
+    El = counts_SE.shape[1] // layout.ep
+    cc_rSE = chunk_counts(counts_SE, r)
+    p, q = divmod(rank, layout.esp)
+    to_p_rS = cc_rSE[:, :, p * El:(p + 1) * El].sum(-1)  # rows each source sends to EP rank p's experts
+    recv_rQ = to_p_rS.reshape(r, layout.ep, layout.esp).sum(1)  # rows ESP peer (p, qq) receives
+    send_r = cc_rSE[:, rank].sum(-1)
+    return [ChunkWork(send_rows=int(send_r[i]), recv_rows=int(recv_rQ[i, q]),
+                      gather_rows=layout.esp * int(recv_rQ[i].max()), expert_rows=int(recv_rQ[i].sum()))
+            for i in range(r)]
+
+
+@dataclass(frozen=True)
+class ExpertDims:
+    """What op sizes depend on: model dim, this shard's hidden dim, GEMMs per FFN, bytes/element."""
+
+    d_model: int
+    f_shard: int
+    gemms: int
+    dtype_bytes: int
+
+    @staticmethod
+    def of(spec: LayerSpec, layout: Layout) -> "ExpertDims":
+        return ExpertDims(spec.d_model, spec.d_ff // layout.esp, spec.gemms, spec.dtype_bytes)
+
+
+def op_sizes(cw: ChunkWork, dims: ExpertDims, layout: Layout) -> dict[str, float]:
+    """Fit-model sizes of one chunk's ops (bytes, or forward MACs for the expert), keyed by op kind."""
+    rb = dims.d_model * dims.dtype_bytes
+    return {"a2a_dispatch": cw.send_rows * rb if layout.ep > 1 else 0.0,
+            "a2a_combine": cw.recv_rows * rb if layout.ep > 1 else 0.0,
+            "allgather": cw.gather_rows * rb if layout.esp > 1 else 0.0,
+            "reducescatter": cw.gather_rows * rb if layout.esp > 1 else 0.0,
+            "expert": float(cw.expert_rows * dims.d_model * dims.f_shard * dims.gemms)}
+
+
+def pow2_neighbours(r: float, r_max: int = 8) -> list[int]:
+    """Powers of two around a continuous r (FSMoE snaps to {1, 2, 4, 8})."""
+    lo = 2 ** max(0, math.floor(math.log2(max(r, 1.0))))
+    return sorted({min(lo, r_max), min(2 * lo, r_max), max(1, lo // 2)})

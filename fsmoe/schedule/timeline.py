@@ -1,0 +1,173 @@
+"""Timelines: the start/end of every scheduled op per rank, measured or predicted.
+
+An :class:`OpRecord` is one op on one lane of one rank. The executor's engines append measured
+records; :class:`~fsmoe.schedule.engine.SimEngine` produces predicted ones for the same program.
+This file turns them into a Chrome trace (``chrome://tracing`` / Perfetto: pid = rank,
+tid = lane), a Gantt PNG (measured above predicted), an ASCII Gantt for ``fsmoe plan --explain``,
+and a per-op predicted-vs-measured table.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+LANE_ORDER = ("compute", "intra", "inter")
+COLORS = {"a2a_dispatch": "#4c72b0", "a2a_combine": "#55a8d8", "allgather": "#dd8452", "reducescatter": "#c44e52",
+          "expert": "#55a868", "allreduce": "#8172b3", "dense": "#937860", "counts": "#999999"}
+
+
+@dataclass(frozen=True)
+class Op:
+    """One scheduled op. ``key`` names the Profile fit that predicts it, ``n`` its size there."""
+
+    kind: str  # a2a_dispatch | allgather | expert | reducescatter | a2a_combine | allreduce | dense | counts
+    phase: str = "fwd"  # fwd | bwd
+    layer: int = 0
+    chunk: int = 0
+    key: str = ""
+    n: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"L{self.layer}.{self.phase}.{self.kind}[{self.chunk}]"
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    op: Op
+    lane: str
+    rank: int
+    t0: float  # seconds since the recorder's epoch
+    t1: float
+
+    @property
+    def dur(self) -> float:
+        return self.t1 - self.t0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.op), "lane": self.lane, "rank": self.rank, "t0": self.t0, "t1": self.t1}
+
+    @staticmethod
+    def from_dict(d: dict) -> "OpRecord":
+        op = Op(d["kind"], d["phase"], d["layer"], d["chunk"], d["key"], d["n"])
+        return OpRecord(op, d["lane"], d["rank"], d["t0"], d["t1"])
+
+
+def shift(records: Sequence[OpRecord], t: float) -> list[OpRecord]:
+    return [OpRecord(r.op, r.lane, r.rank, r.t0 - t, r.t1 - t) for r in records]
+
+
+def span(records: Sequence[OpRecord]) -> float:
+    return max(r.t1 for r in records) - min(r.t0 for r in records) if records else 0.0
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def chrome_trace(records: Iterable[OpRecord], path: str | Path, predicted: Iterable[OpRecord] = ()) -> Path:
+    """Chrome trace JSON: one process per rank (measured) and one per rank for the prediction."""
+    events = []
+    for pid_base, recs, tag in ((0, records, "measured"), (1000, predicted, "predicted")):
+        seen = set()
+        for r in recs:
+            pid = pid_base + r.rank
+            if pid not in seen:
+                seen.add(pid)
+                events.append({"name": "process_name", "ph": "M", "pid": pid,
+                               "args": {"name": f"rank {r.rank} ({tag})"}})
+            events.append({"name": r.op.label, "cat": r.op.kind, "ph": "X", "pid": pid, "tid": r.lane,
+                           "ts": r.t0 * 1e6, "dur": max(r.dur, 0.0) * 1e6,
+                           "args": {"key": r.op.key, "n": r.op.n}})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path
+
+
+def gantt_png(records: Sequence[OpRecord], path: str | Path, predicted: Sequence[OpRecord] = (),
+              title: str = "") -> Path:
+    """Gantt chart: one row per (rank, lane); measured rows on top, predicted rows (hatched) below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: list[tuple[str, Sequence[OpRecord], bool]] = []
+    for tag, recs, pred in (("", records, False), ("pred ", predicted, True)):
+        for rank in sorted({r.rank for r in recs}):
+            for lane in LANE_ORDER:
+                sel = [r for r in recs if r.rank == rank and r.lane == lane]
+                if sel:
+                    rows.append((f"{tag}r{rank} {lane}", sel, pred))
+    fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.2))
+    for y, (_, sel, pred) in enumerate(rows):
+        for r in sel:
+            ax.barh(y, r.dur * 1e3, left=r.t0 * 1e3, height=0.8, color=COLORS.get(r.op.kind, "#cccccc"),
+                    edgecolor="black", linewidth=0.3, hatch="//" if pred else None)
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title, fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
+    ax.legend(handles, list(COLORS), fontsize=6, ncol=4, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ascii_gantt(records: Sequence[OpRecord], width: int = 96, rank: int | None = None) -> str:
+    """Text Gantt of one rank's lanes; each op drawn with the first letter of its kind."""
+    recs = [r for r in records if rank is None or r.rank == rank]
+    if not recs:
+        return "(empty)"
+    t0 = min(r.t0 for r in recs)
+    total = max(r.t1 for r in recs) - t0 or 1e-12
+    letter = {"a2a_dispatch": "D", "a2a_combine": "C", "allgather": "G", "reducescatter": "S", "expert": "X",
+              "allreduce": "R", "dense": "d", "counts": "."}
+    lines = []
+    for lane in LANE_ORDER:
+        row = [" "] * width
+        for r in recs:
+            if r.lane != lane:
+                continue
+            a = int((r.t0 - t0) / total * width)
+            b = max(a + 1, int((r.t1 - t0) / total * width))
+            for k in range(a, min(b, width)):
+                row[k] = letter.get(r.op.kind, "?")
+        lines.append(f"  {lane:>7} |{''.join(row)}|")
+    lines.append(f"  {'':>7}  0{'':>{width - 12}}{total * 1e3:9.3f} ms")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- prediction error
+
+
+def op_errors(measured: Sequence[OpRecord], predict) -> list[dict]:
+    """Relative error of every measured op against ``predict(op) -> seconds`` (same size n)."""
+    out = []
+    for r in measured:
+        if r.op.key and r.op.n > 0 and r.dur > 0:
+            p = predict(r.op)
+            out.append({"kind": r.op.kind, "key": r.op.key, "phase": r.op.phase, "n": r.op.n,
+                        "measured": r.dur, "predicted": p, "rel_err": abs(p - r.dur) / r.dur})
+    return out
+
+
+def error_summary(errors: Sequence[dict]) -> dict[str, dict]:
+    """Median / p90 relative error per fit key and overall."""
+    groups: dict[str, list[float]] = {}
+    for e in errors:
+        groups.setdefault(e["key"], []).append(e["rel_err"])
+    groups["all"] = [e["rel_err"] for e in errors]
+    out = {}
+    for k, v in groups.items():
+        if v:
+            v = sorted(v)
+            out[k] = {"n": len(v), "median": statistics.median(v), "p90": v[min(len(v) - 1, int(0.9 * len(v)))]}
+    return out
