@@ -62,6 +62,9 @@ class MoELayer(nn.Module):
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)
+        # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces dispatch -> experts ->
+        # combine when set after construction; its chunks bypass after_dispatch/before_combine.
+        self.executor = None
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
         self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
 
@@ -88,10 +91,13 @@ class MoELayer(nn.Module):
         x_TD = self._hook("layer_start", x.reshape(-1, self.d_model))
         plan = self.router(x_TD, seq_len)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
-        x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, plan.tokens_per_expert_E)
-        x_RD = self._hook("after_dispatch", x_RD)
-        y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
-        y_ND = self._hook("after_combine", self.dispatcher.combine(y_RD, handle))
+        if self.executor is not None:
+            y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))
+        else:
+            x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, plan.tokens_per_expert_E)
+            x_RD = self._hook("after_dispatch", x_RD)
+            y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
+            y_ND = self._hook("after_combine", self.dispatcher.combine(y_RD, handle))
         y_TD = self.order.unpermute(y_ND, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
