@@ -1,0 +1,104 @@
+"""Gradient sync, group-aware grad-norm clipping, and the loss scaling that makes every layout
+equal to one process on the global batch.
+
+Loss scaling convention (what the trainer does on every rank)::
+
+    out = model(idx_local)                       # idx_local: this dp rank's B/dp sequences
+    loss = cross_entropy_mean(out.logits) + out.aux_loss
+    loss.backward()
+    sync_grads(model, groups)                    # sum over each param's reduce group, / dp
+    norm = clip_grad_norm(model, max_norm, groups)
+
+Why this equals one process: the global loss is ``mean_d ce_d + A``. The CE of dp shard d is
+computed identically by the mp ranks of that shard; dense gradients are complete on each of
+them, so summing over ``dp`` and dividing by dp gives ``mean_d grad ce_d``. The MoE part gives
+each rank of the MP group a share of the tokens, so router/shared-expert gradients are partial
+and are summed over the ``world``; routed experts get every token routed to them from the EP
+group and are summed over their replicas (``edp``). The aux losses are token means over this
+rank's share with batch statistics made global by the router (``balance_group``), and
+``ParallelMoELayer`` divides them by mp, so their sum over the world divided by dp is ``A``.
+
+Grad-norm: each shard is counted once (``ParamSharding.is_owner``): TP shards summed over mp,
+experts over ep x esp, replicated parameters once; then one AllReduce over the world. This is
+the bug DeepSpeed #8475 / Megatron #5916 get wrong (averaged or double-counted expert norms).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
+
+
+def _grad(p: nn.Parameter) -> Tensor:
+    """The gradient, created as zeros if this rank produced none (every rank must reduce it)."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
+    """Sum every gradient over its ParamSharding.reduce group, then divide by dp.
+
+    One flat AllReduce per reduce kind (params in ``model.parameters()`` order, the same on every
+    rank of a group). Collective: every rank calls it every step, also with zero tokens.
+    """
+    if not groups.distributed:
+        return
+    for kind in REDUCE_KINDS:
+        grads = [_grad(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
+        if not grads:
+            continue
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if groups.size(kind) > 1:
+            dist.all_reduce(flat, group=groups.group(kind))
+        flat /= groups.dp
+        for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:
+    """Global L2 norm of all gradients, every shard counted once. Collective."""
+    device = next(model.parameters()).device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in model.parameters():
+        if p.grad is not None and get_sharding(p).is_owner(groups):
+            sq = sq + p.grad.detach().float().pow(2).sum()
+    if groups.distributed:
+        dist.all_reduce(sq, group=groups.world_group)
+    return sq.sqrt()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) -> Tensor:
+    """Scale all gradients so the global norm is at most ``max_norm`` (0 = only measure).
+
+    Same formula as ``torch.nn.utils.clip_grad_norm_``: ``coef = min(1, max_norm / (norm + 1e-6))``.
+    Returns the norm before clipping. Collective.
+    """
+    norm = grad_norm(model, groups)
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+def global_mean(value: Tensor, groups: ParallelGroups) -> Tensor:
+    """Mean over dp shards of a per-dp-shard value that the mp ranks share (e.g. the CE loss)."""
+    if not groups.distributed:
+        return value.detach()
+    v = value.detach().float() / groups.world
+    dist.all_reduce(v, group=groups.world_group)
+    return v
+
+
+def global_aux(aux_local: Tensor, groups: ParallelGroups) -> Tensor:
+    """The one-process aux loss from this rank's (mp-scaled) share: sum over the world / dp."""
+    if not groups.distributed:
+        return aux_local.detach()
+    v = aux_local.detach().float() / groups.dp
+    dist.all_reduce(v, group=groups.world_group)
+    return v
