@@ -228,7 +228,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """``world = dp * mp = ep * esp``. ESP shards each expert along d_ff inside a node."""
+    """``world = dp * mp = edp * ep * esp``. ESP shards each expert along d_ff inside a node;
+    edp (expert data parallel) replicates the experts when ep*esp < world (see fsmoe.parallel.groups)."""
 
     dp: int = 1
     mp: int = 1
@@ -246,8 +247,9 @@ class ParallelConfig:
         for name in ("dp", "mp", "ep", "esp"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"{prefix}.{name}", v, "must be an integer >= 1")
-        _check(self.dp * self.mp == self.ep * self.esp, f"{prefix}.ep*esp", self.ep * self.esp,
-               f"must equal dp*mp={self.dp * self.mp} (the MoE part runs on the same ranks)")
+        _check((self.dp * self.mp) % (self.ep * self.esp) == 0, f"{prefix}.ep*esp", self.ep * self.esp,
+               f"must divide dp*mp={self.dp * self.mp} (the MoE part runs on the same ranks; "
+               "dp*mp/(ep*esp) is the expert-data-parallel degree)")
         _check(num_experts % self.ep == 0, f"{prefix}.ep", self.ep,
                f"EP={self.ep} does not divide num_experts={num_experts}")
         _one_of(f"{prefix}.backend", self.backend, {"auto", "gloo", "nccl"})
