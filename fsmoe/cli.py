@@ -19,6 +19,7 @@ from fsmoe.config import ConfigError
 # The registry: one module per subcommand, each with add_parser(subparsers).
 COMMANDS = [
     "fsmoe.train",
+    "fsmoe.bench",
 ]
 
 EXIT_BAD_INPUT = 2

@@ -258,7 +258,8 @@ def test_fused_experts_match_reference(counts, act, tail):
             m.zero_grad()
             x.grad = None
             y = m(x, cnt)
-            y.backward(torch.randn_like(y, generator=torch.Generator("cuda").manual_seed(1)))
+            y.backward(torch.randn(y.shape, device="cuda", dtype=dt,
+                                   generator=torch.Generator("cuda").manual_seed(1)))
             outs.append([y.detach(), x.grad] + [p.grad for p in m.parameters()])
         for got, want in zip(outs[1], outs[0]):
             assert _rel(got, want) < _tol(dt), (dt, got.shape)
