@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from fsmoe.config import ConfigError, RouterConfig
@@ -27,6 +28,9 @@ class Router(nn.Module):
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__()
         self.cfg, self.d_model, self.num_experts = cfg, d_model, num_experts
+        # Process group whose ranks together hold the global batch (set by fsmoe.parallel; None in
+        # one process): batch statistics (load-balancing f_e, DeepSeek loads) are summed over it.
+        self.balance_group = None
 
     @classmethod
     def check_config(cls, cfg: RouterConfig, num_experts: int, prefix: str) -> None:
@@ -49,14 +53,22 @@ def z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
 
 
-def load_balancing_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int) -> Tensor:
+def load_balancing_loss(probs_TE: Tensor, tokens_per_expert_E: Tensor, top_k: int, group=None) -> Tensor:
     """Switch/GShard loss E * sum_e f_e * P_e.
 
     f_e: fraction of the T*K assignments routed to expert e (before capacity drops; no gradient),
     P_e: mean router probability of expert e (carries the gradient). Equals 1 when balanced.
+    group: when the batch is split over ranks, f_e is taken over the whole batch (counts and T
+    summed over ``group``; a collective) while P_e stays this rank's mean, so the mean over ranks
+    of this loss is the one-process loss on the whole batch, value and gradient.
     """
     T, E = probs_TE.shape
-    f_E = tokens_per_expert_E.to(probs_TE.dtype) / (T * top_k)
+    counts_E, total = tokens_per_expert_E.to(probs_TE.dtype), T
+    if group is not None:
+        stats = torch.cat([counts_E, counts_E.new_full((1,), T)])
+        dist.all_reduce(stats, group=group)
+        counts_E, total = stats[:E], stats[E]
+    f_E = counts_E / (total * top_k)
     return E * (f_E * probs_TE.mean(0)).sum()
 
 

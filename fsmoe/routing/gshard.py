@@ -38,7 +38,7 @@ class GShardRouter(Router):
         counts_E = count_experts(ids_TK, E)
         losses: dict[str, Tensor] = {}
         if cfg.aux_loss_coef > 0 and torch.is_grad_enabled():
-            losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K)
+            losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K, self.balance_group)
         add_common_losses(cfg, logits_TE, losses)  # z-loss on the learned logits, not the noise
         cap = None if cfg.capacity_factor is None else expert_capacity(x_TD.shape[0], K, E, cfg.capacity_factor)
         return RoutingPlan.from_topk(ids_TK, w_TK.to(x_TD.dtype), E, cap, aux_losses=losses, probs_TE=probs_TE)
