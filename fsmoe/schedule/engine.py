@@ -128,13 +128,14 @@ class ThreadEngine(Engine):
         return self._lanes[name]
 
     def launch(self, lane, op, fn, *args):
-        rec = self.recorder
+        rec, grad = self.recorder, torch.is_grad_enabled()  # grad mode is per thread: carry it over
 
         def task():
             vals = [_resolve(a) for a in args]
-            t0 = rec.now()
-            out = fn(*vals)
-            rec.add(op, lane, t0, rec.now())
+            with torch.set_grad_enabled(grad):
+                t0 = rec.now()
+                out = fn(*vals)
+                rec.add(op, lane, t0, rec.now())
             return out
 
         return self._lane(lane).submit(task)

@@ -205,7 +205,7 @@ class PipelinedExecutor:
 
         def expert(g_GD, route: ChunkRoute, i: int) -> Tensor:
             y_KD, saved[i] = expert_forward(g_GD.index_select(0, route.gath_idx), route.counts_El, w)
-            return g_GD.new_zeros(g_GD.shape).index_copy_(0, route.gath_idx, y_KD)
+            return torch.empty_like(g_GD).index_copy_(0, route.gath_idx, y_KD)
 
         handles = run_pipeline(eng, self.lanes, ops, st.esp, self._fns(expert), x_ND, routes)
         y_ND = self._scatter_rows(x_ND, routes, [eng.wait(h) for h in handles])
@@ -238,7 +238,7 @@ class PipelinedExecutor:
         def expert(g_GD, route: ChunkRoute, i: int) -> Tensor:
             dy_KD = g_GD.index_select(0, route.gath_idx)
             dx_KD = expert_backward(saved_of(route, i), dy_KD, route.counts_El, route.counts_list, w, wT, grads)
-            return g_GD.new_zeros(g_GD.shape).index_copy_(0, route.gath_idx, dx_KD)
+            return torch.empty_like(g_GD).index_copy_(0, route.gath_idx, dx_KD)
 
         dy_ND = dy_ND.contiguous()
         handles = run_pipeline(eng, self.lanes, ops, st.esp, self._fns(expert), dy_ND, routes, self._window)

@@ -116,22 +116,25 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Layout:
-    """The MoE part's process grid: world = ep * esp = dp (dense part, mp = 1 here).
+    """The cost model's view of the process grid: one moe group of ep * esp ranks, and the
+    data-parallel degree ``dp`` of the dense gradients (default: the moe group).
 
-    Rank w sits at EP index p = w // esp and ESP index q = w % esp: ESP groups are consecutive
-    ranks (one node when esp = gpus_per_node), EP groups stride across nodes.
-    gpus_per_node None means every rank shares one node.
+    Rank w sits at EP index p = w // esp and ESP index q = w % esp (as in
+    ``fsmoe.parallel.groups``): ESP groups are consecutive ranks (one node when esp =
+    gpus_per_node), EP groups stride across nodes. gpus_per_node None: one node.
     """
 
     ep: int = 1
     esp: int = 1
     gpus_per_node: int | None = None
+    dp_size: int | None = None
 
     def __post_init__(self):
         for name in ("ep", "esp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
-        if self.gpus_per_node is not None and (self.gpus_per_node < 1 or self.world % self.gpus_per_node):
+        if self.gpus_per_node is not None and (self.gpus_per_node < 1 or
+                                               max(self.world, self.dp) % self.gpus_per_node):
             raise ValueError(f"Layout.gpus_per_node={self.gpus_per_node} must divide world={self.world}")
 
     @property
@@ -140,7 +143,7 @@ class Layout:
 
     @property
     def dp(self) -> int:
-        return self.world
+        return self.dp_size or self.world
 
     def node(self, w: int) -> int:
         return 0 if self.gpus_per_node is None else w // self.gpus_per_node
@@ -162,7 +165,14 @@ class Layout:
     @staticmethod
     def from_parallel(pc) -> "Layout":
         """From ``fsmoe.config.ParallelConfig``."""
-        return Layout(ep=pc.ep, esp=pc.esp, gpus_per_node=pc.gpus_per_node)
+        return Layout(ep=pc.ep, esp=pc.esp, gpus_per_node=pc.gpus_per_node, dp_size=pc.dp)
+
+    @staticmethod
+    def from_groups(groups) -> "Layout":
+        """From ``fsmoe.parallel.groups.ParallelGroups``."""
+        gpn = groups.topology.ranks_per_node
+        return Layout(ep=groups.ep, esp=groups.esp, gpus_per_node=gpn if gpn < groups.world else None,
+                      dp_size=groups.dp)
 
 
 # ---------------------------------------------------------------------------- workloads

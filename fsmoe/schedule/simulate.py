@@ -1,0 +1,86 @@
+"""Predicted timelines: the executor's own program run on a ``SimEngine``.
+
+``simulate_iteration`` predicts one training iteration of ``spec.n_layers`` identical blocks
+(attention + MoE) on one rank: forward (dense, MoE pipeline at r_fwd) for every block, then the
+backward in reverse (MoE pipeline at r_bwd with the gradient-partition windows, dense backward,
+block ready for the Gradient-AllReduce), then ``GradSync.finish``. Op times come from the
+Profile; row counts from ``counts_SE`` (balanced routing by default) cut exactly as the executor
+cuts them. ``simulate_layer`` is the same for one MoE layer in one direction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fsmoe.schedule.engine import SimEngine
+from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, run_pipeline
+from fsmoe.schedule.grad_sync import GarPlan, GradSync
+from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout, balanced_counts, route_work
+from fsmoe.schedule.profile import Profile
+from fsmoe.schedule.timeline import Op, OpRecord
+
+
+@dataclass(frozen=True)
+class SimResult:
+    records: tuple[OpRecord, ...]
+    fwd_s: float  # end of the forward
+    iter_s: float  # end of the iteration (after the last gradient AllReduce)
+
+    @property
+    def bwd_s(self) -> float:
+        return self.iter_s - self.fwd_s
+
+    def phase_span(self, phase: str, kind_prefix: str = "") -> float:
+        recs = [r for r in self.records if r.op.phase == phase and r.op.kind.startswith(kind_prefix)]
+        return max(r.t1 for r in recs) - min(r.t0 for r in recs) if recs else 0.0
+
+
+def _duration(profile: Profile):
+    return lambda op: profile.t(op.key, op.n) if op.key and profile.has(op.key) else 0.0
+
+
+def simulate_layer(spec: LayerSpec, layout: Layout, profile: Profile, r: int, *, backward: bool = False,
+                   iio: bool = True, counts_SE: np.ndarray | None = None, rank: int = 0,
+                   gar_bytes: float = 0.0) -> float:
+    """Seconds of one MoE layer's pipeline in one direction (with an AllReduce of ``gar_bytes``
+    queued in its window when backward)."""
+    eng = SimEngine(_duration(profile), rank)
+    C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
+    phase = "bwd" if backward else "fwd"
+    ops = chunk_ops(route_work(C, r, layout, rank), ExpertDims.of(spec, layout), layout, phase, 0)
+    lanes = Lanes.of(iio)
+
+    def window(e, slot, rr):
+        if slot == "mid" and gar_bytes > 0 and layout.dp > 1:
+            e.launch(lanes.inter, Op("allreduce", "bwd", 0, 0, "allreduce", gar_bytes), None)
+
+    for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r, window):
+        eng.wait(h)
+    return eng.drain()
+
+
+def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd: int, r_bwd: int, iio: bool,
+                       gar: GarPlan, *, counts_SE: np.ndarray | None = None, rank: int = 0) -> SimResult:
+    eng = SimEngine(_duration(profile), rank)
+    C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
+    dims = ExpertDims.of(spec, layout)
+    lanes = Lanes.of(iio)
+    gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.dtype_bytes, dp=layout.dp)
+    works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
+    dense_key = lambda k: k if profile.has(k) else ""
+    for layer in range(spec.n_layers):
+        eng.compute(Op("dense", "fwd", layer, 0, dense_key("dense_fwd"), spec.dense_macs), None)
+        ops = chunk_ops(works_f, dims, layout, "fwd", layer)
+        for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_fwd):
+            eng.wait(h)
+    fwd_end = eng.host
+    for layer in reversed(range(spec.n_layers)):
+        ops = chunk_ops(works_b, dims, layout, "bwd", layer)
+        window = lambda e, slot, r, layer=layer: gs.window(e, layer, slot, r)
+        for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_bwd, window):
+            eng.wait(h)
+        eng.compute(Op("dense", "bwd", layer, 0, dense_key("dense_bwd"), spec.dense_macs), None)
+        gs.on_block_ready(layer)
+    gs.finish()
+    return SimResult(tuple(eng.recorder.records), fwd_end, eng.drain())
