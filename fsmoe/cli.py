@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fsmoe`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # e.g. re-run under torchrun by `train --nproc`
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

@@ -18,9 +18,9 @@ Run directory::
     loss.png, expert_load.png
 
 Distributed seams (filled in by fsmoe.parallel, not here): the Trainer takes an optional
-``groups`` (ParallelGroups, with a ``dp`` process group) and then draws only its DP rank's rows of
-each batch; ``sync_grads`` and ``clip_grads`` are methods to override; only rank 0 writes
-metrics, config and plots; DCP checkpoints work with and without a process group.
+``groups`` (fsmoe.parallel.ParallelGroups; uses ``dp_rank`` and ``dp``) and then draws only its
+DP rank's rows of each global batch; ``sync_grads`` and ``clip_grads`` are methods to override;
+only rank 0 writes metrics, config and plots; DCP checkpoints work with and without a process group.
 """
 from __future__ import annotations
 
@@ -49,6 +49,8 @@ from fsmoe.config import ConfigError, RunConfig, TrainConfig, apply_overrides, c
 from fsmoe.data import BatchSampler, Corpus, eval_batches, load_corpus, nats_to_bits
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
+from fsmoe.parallel.launch import (add_parallel_arguments, parallel_overrides, spawn_torchrun, strip_flag,
+                                   wants_torchrun, world_size_from_env)
 
 CONFIG_FILE = "config.json"
 
@@ -173,8 +175,9 @@ class Trainer:
         self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                          if self.tcfg.dtype == "bfloat16" else contextlib.nullcontext)
         torch.manual_seed(self.tcfg.seed)
-        self.corpus = load_corpus(self.tcfg.data, self.tcfg.data_limit_mb, self.tcfg.val_fraction, self.tcfg.seq_len + 1)
-        self.model = build_model(cfg.model, seed=self.tcfg.seed).to(self.device)
+        self.corpus = load_corpus(self.tcfg.data, self.tcfg.data_limit_mb, self.tcfg.val_fraction,
+                                  min_tokens=self.tcfg.seq_len + 1)
+        self.model = self.build_model().to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg.weight_decay), lr=self.tcfg.lr,
                                            betas=(self.tcfg.beta1, self.tcfg.beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.tcfg))
@@ -193,6 +196,10 @@ class Trainer:
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
 
+    def build_model(self) -> nn.Module:
+        """The model, initialised from ``train.seed`` (fsmoe.parallel's trainer shards it)."""
+        return build_model(self.cfg.model, seed=self.tcfg.seed)
+
     def _find_checkpoint(self) -> Path:
         _, path = checkpoint.latest_checkpoint(self.run_dir)
         saved = saved_config(self.run_dir)
@@ -206,7 +213,7 @@ class Trainer:
         """(rank, size) of this process in the data-parallel group; (0, 1) without groups."""
         if self.groups is None:
             return 0, 1
-        return dist.get_rank(self.groups.dp), dist.get_world_size(self.groups.dp)
+        return self.groups.dp_rank, self.groups.dp
 
     # ------------------------------------------------------------ state
 
@@ -299,19 +306,16 @@ class Trainer:
                 load = expert_load(result.tokens_per_expert)
                 last = self.step == t.steps
                 evaluate = self.step % t.eval_every == 0 or last
-                if self.step % t.log_every == 0 or evaluate:
-                    record = self._record(result, tokens_per_s, load)
-                    if evaluate:
-                        record["val_loss"] = self.evaluate()
-                    if evaluate or not self.console.is_terminal:  # no live bar in logs: one line per record
-                        progress.console.print(self._log_line(record))
-                    self.metrics.write(record)
-                    clock, tokens = time.perf_counter(), 0
+                logged = self.step % t.log_every == 0 or evaluate
+                if logged:
+                    self._log(self._record(result, tokens_per_s, load), evaluate, progress.console)
                 progress.update(task, completed=self.step, stats=(
                     f"loss {result.loss:.3f}  {tokens_per_s:,.0f} tok/s  imbalance {imbalance(load):.2f}  "
                     f"dropped {result.dropped}"))
                 if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
                     self.save_checkpoint()
+                if logged:  # tokens/s covers training only, not evaluation or checkpointing
+                    clock, tokens = time.perf_counter(), 0
         self.metrics.close()
         return self._finish()
 
@@ -319,9 +323,18 @@ class Trainer:
         return {"step": self.step, "loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s, "grad_norm": r.grad_norm,
                 "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load, "imbalance": imbalance(load)}
 
+    def _log(self, record: dict[str, Any], evaluate: bool, console: Console) -> None:
+        """Add ``val_loss`` if evaluating, write the record, and print it where no live bar shows it."""
+        if evaluate:
+            record["val_loss"] = self.evaluate()
+        if self.is_writer and (evaluate or not console.is_terminal):
+            console.print(self._log_line(record))
+        self.metrics.write(record)
+
     def _log_line(self, rec: dict[str, Any]) -> str:
         val = f"  val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
-        return (f"step {rec['step']:>5}  loss {rec['loss']:.4f}{val}  lr {rec['lr']:.2e}  {rec['tokens_per_s']:,.0f} tok/s"
+        return (f"step {rec['step']:>5}  loss {rec['loss']:.4f}{val}  lr {rec['lr']:.2e}"
+                f"  {rec['tokens_per_s']:,.0f} tok/s"
                 f"  imbalance {rec['imbalance']:.2f}  dropped {rec['dropped']}")
 
     def _progress(self) -> Progress:
@@ -379,8 +392,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, help="output directory (default: runs/<config name>)")
     parser.add_argument("--data", nargs="+", metavar="PATH",
                         help="text files or directories (recursive) instead of the stdlib default")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --run-dir from its latest checkpoint")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    add_parallel_arguments(parser)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -394,7 +409,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Config and run dir from the command line: preset or file (or, on --resume without
     --config, the run's saved config) + ``--set`` + the shortcut flags, which win."""
-    overrides = list(args.overrides)
+    overrides = parallel_overrides(args) + list(args.overrides)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
@@ -410,7 +425,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if wants_torchrun(args):  # --nproc N: start N workers under torchrun, each runs this command
+        return spawn_torchrun(args.nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
     cfg, run_dir = resolve_config(args)
+    if world_size_from_env() > 1:  # a torchrun worker
+        from fsmoe.parallel.trainer import run_parallel
+
+        return run_parallel(cfg, run_dir, resume=args.resume)
     Trainer(cfg, run_dir, resume=args.resume).fit()
     return 0
 

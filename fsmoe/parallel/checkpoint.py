@@ -1,0 +1,97 @@
+"""Layout-independent checkpoints: sharded tensors are saved as *global* tensors.
+
+Before ``torch.distributed.checkpoint`` (DCP) saves or loads a state dict, every tensor of a
+sharded parameter (the parameter itself and its optimizer moments) is wrapped as a DTensor that
+says where this rank's shard sits in the global tensor:
+
+    TP weights      mesh (dp, mp)        [Replicate, Shard(d)]
+    routed experts  mesh (edp, ep, esp)  [Replicate, Shard(0), Shard(f)]
+    everything else plain tensor         (replicated: one copy is written)
+
+DCP writes each shard once with its global offsets and, on load, reads whatever slice the
+loading layout needs, so a checkpoint saved at EP=4 loads at EP=1, 2 or 8, under any MP/ESP, or
+in one process (plain full tensors). The wrapping shares storage with the parameters, so DCP's
+in-place load fills the model directly; :func:`to_local_state` unwraps afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.parallel.sharding import ParamSharding, get_sharding
+
+MESH_DIMS = {"dense": ("dp", "mp"), "moe": ("edp", "ep", "esp")}
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """DeviceMeshes over the same ranks as ParallelGroups (row-major, same numbering)."""
+
+    dense: Any
+    moe: Any
+
+    @staticmethod
+    def build(groups: ParallelGroups) -> "Meshes | None":
+        """Collective (creates process groups); None in one process."""
+        if not groups.distributed:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if groups.backend == "nccl" else "cpu"
+        return Meshes(
+            dense=init_device_mesh(device, (groups.dp, groups.mp), mesh_dim_names=MESH_DIMS["dense"]),
+            moe=init_device_mesh(device, (groups.edp, groups.ep, groups.esp), mesh_dim_names=MESH_DIMS["moe"]))
+
+
+def to_global(t: Tensor, sharding: ParamSharding, groups: ParallelGroups, meshes: Meshes | None):
+    """This rank's shard ``t`` as a DTensor of the global shape (``t`` itself if replicated)."""
+    if not sharding.dims or meshes is None:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    kinds = {kind for _, kind in sharding.dims}
+    which = "dense" if kinds <= set(MESH_DIMS["dense"]) else "moe"
+    split = {kind: dim for dim, kind in sharding.dims}
+    placements = [Shard(split[name]) if name in split else Replicate() for name in MESH_DIMS[which]]
+    shape = sharding.global_shape(t.shape, groups)
+    stride = tuple(_contiguous_strides(shape))
+    return DTensor.from_local(t, getattr(meshes, which), placements, run_check=False, shape=shape, stride=stride)
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return list(reversed(strides))
+
+
+def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGroups,
+                    meshes: Meshes | None) -> dict[str, Any]:
+    """Wrap a trainer state (``{"model": {fqn: t}, "optim": {"state": {fqn: {k: t}}, ...}, ...}``)
+    in place: parameters and their same-shaped optimizer tensors become global DTensors."""
+    params = dict(model.named_parameters())
+    model_sd = state.get("model", {})
+    for name in model_sd:
+        if name in params:
+            model_sd[name] = to_global(model_sd[name], get_sharding(params[name]), groups, meshes)
+    for name, moments in state.get("optim", {}).get("state", {}).items():
+        p = params.get(name)
+        for key, t in moments.items():
+            if p is not None and isinstance(t, Tensor) and t.shape == p.shape:
+                moments[key] = to_global(t, get_sharding(p), groups, meshes)
+    return state
+
+
+def to_local_state(state: Any) -> Any:
+    """Replace every DTensor in a (nested) state by its local shard, in place; returns ``state``."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            state[key] = to_local_state(value)
+        return state
+    if isinstance(state, list):
+        return [to_local_state(v) for v in state]
+    return state.to_local() if hasattr(state, "to_local") and hasattr(state, "placements") else state

@@ -1,0 +1,204 @@
+"""Launching: process-group setup with timeouts, fail-fast on any rank's error, torchrun spawning.
+
+    torchrun --nproc-per-node 4 -m fsmoe.train --ep 4      # what `fsmoe train --nproc 4 --ep 4` runs
+
+``init_distributed`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``/``MASTER_PORT``), picks the backend (NCCL on GPUs, gloo on CPUs; same code above
+it), starts the process group with ``parallel.timeout_s`` as the collective timeout, starts the
+fail-fast watchdog and builds the :class:`ParallelGroups`.
+
+No hangs (user-needs B.5/B.6): when one rank raises, :func:`run_guarded` prints its error once,
+posts it to the rendezvous store and exits non-zero; every other rank's watchdog thread sees the
+post (or loses the store) within ``POLL_S`` and exits non-zero too, even if it is blocked inside a
+collective. A rank that hangs without raising is caught by the collective timeout on its peers,
+which then fail the same way.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fsmoe.config import ParallelConfig
+from fsmoe.parallel.groups import ParallelGroups, build_groups
+
+ABORT_KEY = "fsmoe/abort"  # value: "rank R: <error>" of the first rank that failed
+FIRST_KEY = "fsmoe/failures"  # counter: the rank that takes 1 prints its error
+POLL_S = 0.2  # how often each rank's watchdog looks at the store
+LINGER_S = 1.0  # a failing rank keeps the store up this long so peers can read the post
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_backend(cfg: ParallelConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(cfg: ParallelConfig) -> ParallelGroups:
+    """Start the process group (if torchrun started several processes) and build the groups.
+    In one process without torchrun: no process group, ``ParallelGroups.single()``."""
+    if world_size_from_env() == 1 and not dist.is_initialized():
+        return build_groups(cfg)
+    if not dist.is_initialized():
+        backend = pick_backend(cfg)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
+    Watchdog.start_from_env(dist.get_rank())
+    return build_groups(cfg)
+
+
+class Watchdog:
+    """A daemon thread that exits this process when another rank has posted a failure.
+
+    It talks to the rendezvous store through its own client connection, so it never competes
+    with the main thread's use of the store.
+    """
+
+    current: "Watchdog | None" = None  # the one watchdog of this process (run_guarded reports to it)
+
+    def __init__(self, store, rank: int):
+        self.store, self.rank, self.failing, self.stopped = store, rank, False, False
+        self.thread = threading.Thread(target=self._loop, name="fsmoe-watchdog", daemon=True)
+
+    @staticmethod
+    def start_from_env(rank: int) -> "Watchdog | None":
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if not addr or not port or Watchdog.current is not None:
+            return Watchdog.current
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=30))
+        Watchdog.current = Watchdog(store, rank)
+        Watchdog.current.thread.start()
+        return Watchdog.current
+
+    def _loop(self) -> None:
+        while not self.stopped:
+            time.sleep(POLL_S)
+            try:
+                posted = self.store.check([ABORT_KEY])
+            except Exception:  # the store is gone: its host (a peer or torchrun) has died
+                posted = True
+            if posted and not self.failing and not self.stopped:
+                os._exit(1)
+
+    def post(self, message: str) -> bool:
+        """Record this rank's failure; True if it is the first failure of the job."""
+        self.failing = True
+        try:
+            first = self.store.add(FIRST_KEY, 1) == 1
+            if first:
+                self.store.set(ABORT_KEY, message)
+            return first
+        except Exception:  # store unreachable: say it ourselves
+            return True
+
+
+def shutdown_distributed() -> None:
+    """Clean end of a run: stop the watchdog, wait for every rank, destroy the process group.
+    (Stopping first matters: the store's host may exit before a slower peer is done.)"""
+    if Watchdog.current is not None:
+        Watchdog.current.stopped = True
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def report_failure(exc: BaseException) -> None:
+    """Print this rank's error (only if it is the job's first) and tell every other rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    text = "".join(traceback.format_exception(exc))
+    watchdog = Watchdog.current
+    first = watchdog.post(f"rank {rank}: {type(exc).__name__}: {exc}") if watchdog else True
+    if first:
+        sys.stderr.write(f"[fsmoe rank {rank}] failed; stopping every rank:\n{text}")
+    sys.stderr.flush()
+
+
+def run_guarded(fn, *args) -> int:
+    """Run ``fn(*args)``; if it raises under a process group, report it and exit the process
+    with status 1 right away (never wait for peers that may be blocked in a collective)."""
+    try:
+        return fn(*args)
+    except SystemExit as e:
+        if not dist.is_initialized() or not e.code:
+            raise
+        report_failure(e)
+    except BaseException as e:
+        if not dist.is_initialized():
+            raise
+        report_failure(e)
+    time.sleep(LINGER_S)
+    os._exit(1)
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node N -m fsmoe.cli <argv>``;
+    ``--standalone`` picks a free rendezvous port, so runs on one machine never collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "fsmoe.cli", *argv]
+
+
+def strip_flag(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
+def spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``fsmoe <argv>`` on ``nproc`` local processes under torchrun; returns its exit code."""
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(torchrun_command(nproc, argv), env=env)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_parallel_arguments(parser) -> None:
+    """``--nproc --dp --mp --ep --esp --gpus-per-node`` for ``fsmoe train``."""
+    group = parser.add_argument_group("parallelism (see docs/parallelism.md)")
+    group.add_argument("--nproc", type=int, help="start this many local processes under torchrun")
+    for flag, text in (("dp", "data parallel (default: processes / mp)"), ("mp", "tensor parallel (attention, MLP)"),
+                       ("ep", "expert parallel"), ("esp", "expert sharding along d_ff")):
+        group.add_argument(f"--{flag}", type=int, help=f"{text}: parallel.{flag}")
+    group.add_argument("--gpus-per-node", type=int, help="ranks per (simulated) node: parallel.gpus_per_node")
+
+
+def parallel_overrides(args) -> list[str]:
+    """Config overrides from the parallel flags. The process count (``--nproc`` or torchrun's
+    ``WORLD_SIZE``) sets ``parallel.dp = processes / mp`` unless ``--dp`` is given; it comes
+    first, so an explicit ``--set parallel.dp=..`` still wins."""
+    world = getattr(args, "nproc", None) or world_size_from_env()
+    out = []
+    if getattr(args, "dp", None) is None and world > 1 and world % (args.mp or 1) == 0:
+        out.append(f"parallel.dp={world // (args.mp or 1)}")
+    for flag in ("dp", "mp", "ep", "esp", "gpus_per_node"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"parallel.{flag}={value}")
+    return out
+
+
+def wants_torchrun(args) -> bool:
+    """``--nproc N`` (N > 1) outside torchrun: this process only launches the workers."""
+    return (getattr(args, "nproc", None) or 1) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ

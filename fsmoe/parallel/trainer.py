@@ -1,0 +1,83 @@
+"""ParallelTrainer: ``fsmoe train`` on DP x MP x EP x ESP, equal to one process on the global batch.
+
+It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams filled in:
+
+    build_model   build the full model from the seed, then ``parallelize`` (slices shards)
+    sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp)
+    clip_grads    group-aware global norm (each shard counted once)
+    train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
+    state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
+
+Launch: ``torchrun --nproc-per-node N -m fsmoe.train ...`` or ``fsmoe train --nproc N ...``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from torch import Tensor, nn
+
+from fsmoe.config import RunConfig
+from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
+from fsmoe.parallel.grads import clip_grad_norm, sync_grads
+from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
+from fsmoe.parallel.tensor_parallel import parallelize
+from fsmoe.train import StepResult, Trainer
+
+
+class ParallelTrainer(Trainer):
+    def __init__(self, cfg: RunConfig, run_dir: Path | str, *, groups: ParallelGroups, resume: bool = False,
+                 console=None):
+        self.meshes = Meshes.build(groups)  # before the base class may load a checkpoint
+        if console is None and groups.rank != 0:
+            console = Console(quiet=True)  # rank 0 speaks for the job
+        super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console)
+
+    def build_model(self) -> nn.Module:
+        return parallelize(super().build_model(), self.groups)
+
+    def _dp_shard(self) -> tuple[int, int]:
+        return self.groups.dp_rank, self.groups.dp
+
+    def sync_grads(self) -> None:
+        sync_grads(self.model, self.groups)
+
+    def clip_grads(self) -> Tensor:
+        return clip_grad_norm(self.model, self.tcfg.grad_clip, self.groups)
+
+    def train_step(self) -> StepResult:
+        """One step; the returned metrics are those of the global batch (one AllReduce)."""
+        r = super().train_step()
+        g = self.groups
+        loads = torch.stack(r.tokens_per_expert).double() if r.tokens_per_expert else torch.zeros(0, 0)
+        packed = torch.cat([torch.tensor([r.loss / g.world, r.aux_loss / g.dp, float(r.dropped)], dtype=torch.float64),
+                            loads.flatten()]).to(self.device)
+        dist.all_reduce(packed, group=g.world_group)
+        packed = packed.cpu()
+        loads = packed[3:].view_as(loads).long()
+        return dataclasses.replace(r, loss=float(packed[0]), aux_loss=float(packed[1]), dropped=int(packed[2]),
+                                   tokens_per_expert=list(loads))
+
+    def state_dict(self) -> dict[str, Any]:
+        return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(to_local_state(state))
+
+
+def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+    """Entry point of one torchrun worker: groups, train, clean shutdown; any error on any rank
+    stops every rank (fsmoe.parallel.launch)."""
+
+    def main() -> int:
+        groups = init_distributed(cfg.parallel)
+        ParallelTrainer(cfg, run_dir, groups=groups, resume=resume).fit()
+        shutdown_distributed()
+        return 0
+
+    return run_guarded(main)
