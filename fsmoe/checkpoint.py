@@ -126,5 +126,5 @@ def load(path: Path, state: dict[str, Any]) -> None:
         older = [p.name for _, p in list_checkpoints(Path(path).parent.parent) if p != Path(path)]
         fallback = (f"move it away to resume from {older[-1]}" if older
                     else "no older checkpoint exists; drop --resume to start a new run in another --run-dir")
-        raise CheckpointError("--resume", str(path),
-                              f"is not a readable checkpoint ({type(e).__name__}: {reason[:300]}); {fallback}") from None
+        why = f"{type(e).__name__}: {reason[:300]}"
+        raise CheckpointError("--resume", str(path), f"is not a readable checkpoint ({why}); {fallback}") from None

@@ -1,4 +1,5 @@
 """The `fsmoe` command: help, the subcommand registry, and clean exit-2 errors for bad input."""
+import argparse
 import importlib
 import subprocess
 import sys
@@ -39,12 +40,22 @@ def test_bad_set_exits_2_with_one_line_naming_the_field(tmp_path):
     assert not (tmp_path / "D").exists()
 
 
+def _leaf_parsers(parser, path=()):
+    """(path, parser) of every runnable (sub)command below ``parser``."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from _leaf_parsers(sub, (*path, name))
+
+
 def test_every_registered_command_sets_func():
     parser = cli.build_parser()
-    subparsers = next(a for a in parser._actions if a.dest == "command")
-    assert "train" in subparsers.choices
-    for name, sub in subparsers.choices.items():
-        assert callable(sub.get_default("func")), name
+    leaves = dict(_leaf_parsers(parser))
+    assert ("train",) in leaves
+    for path, sub in leaves.items():
+        assert callable(sub.get_default("func")), " ".join(path)
     for module in cli.COMMANDS:
         assert callable(importlib.import_module(module).add_parser)
 
