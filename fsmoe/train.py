@@ -175,17 +175,9 @@ class Trainer:
         self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
                          if self.tcfg.dtype == "bfloat16" else contextlib.nullcontext)
         torch.manual_seed(self.tcfg.seed)
-        self.corpus = load_corpus(self.tcfg.data, self.tcfg.data_limit_mb, self.tcfg.val_fraction,
-                                  min_tokens=self.tcfg.seq_len + 1)
+        self.corpus, self.sampler, self.val_batches = self._build_data()
         self.model = self.build_model().to(self.device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.tcfg.weight_decay), lr=self.tcfg.lr,
-                                           betas=(self.tcfg.beta1, self.tcfg.beta2))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(self.tcfg))
-        dp_rank, dp_size = self._dp_shard()
-        self.sampler = BatchSampler(self.corpus.train_N, self.tcfg.batch_size, self.tcfg.seq_len, self.tcfg.seed,
-                                    dp_rank, dp_size)
-        self.val_batches = eval_batches(self.corpus.val_N, self.tcfg.batch_size, self.tcfg.seq_len,
-                                        self.tcfg.eval_batches)
+        self.optimizer, self.scheduler = self._build_optimizer()
         self.step = 0
         if ckpt is not None:
             checkpoint_state = self.state_dict()
@@ -195,6 +187,19 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
+
+    def _build_data(self) -> tuple[Corpus, BatchSampler, list[tuple[Tensor, Tensor]]]:
+        """The corpus, this rank's train sampler, and the fixed validation batches."""
+        t = self.tcfg
+        corpus = load_corpus(t.data, t.data_limit_mb, t.val_fraction, min_tokens=t.seq_len + 1)
+        dp_rank, dp_size = self._dp_shard()
+        sampler = BatchSampler(corpus.train_N, t.batch_size, t.seq_len, t.seed, dp_rank, dp_size)
+        return corpus, sampler, eval_batches(corpus.val_N, t.batch_size, t.seq_len, t.eval_batches)
+
+    def _build_optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+        t = self.tcfg
+        optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def build_model(self) -> nn.Module:
         """The model, initialised from ``train.seed`` (fsmoe.parallel's trainer shards it)."""
