@@ -1,0 +1,310 @@
+"""Every parallel layout against one process: outputs, loss, every gradient, clipped norm.
+
+Shape legend: B global batch (sequences), L sequence length, V vocabulary.
+
+Each launch (one per world size, gloo, real processes) runs several layouts in turn. For every
+layout, every rank also trains the one-process reference on the global batch, then compares, for
+3 AdamW steps with clipping: this dp shard's logits, the global loss and aux loss, the gradient of
+every parameter (its shard of the reference gradient, after sync and clipping), the global grad
+norm and the parameters after the step. Replicated shards must hash the same on every rank that
+holds them (router and shared weights included). The world-4 launch also saves an EP=4
+checkpoint that the other launches load at EP=1, 2 and 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch import nn
+
+from dist_utils import run_workers
+from fsmoe.config import ParallelConfig, load_config
+from fsmoe.models import build_model
+from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
+from fsmoe.parallel.grads import clip_grad_norm, global_aux, global_mean, sync_grads
+from fsmoe.parallel.groups import ParallelGroups, build_groups
+from fsmoe.parallel.moe import moe_layer_factory
+from fsmoe.parallel.sharding import get_sharding
+from fsmoe.parallel.tensor_parallel import parallelize
+from fsmoe.routing import ROUTERS, register_router
+from fsmoe.routing.base import Router
+from fsmoe.routing.plan import RoutingPlan
+
+pytestmark = pytest.mark.dist
+ATOL = 1e-5
+B, L = 8, 8
+
+
+if "test_all_to_expert_0" not in ROUTERS:
+
+    @register_router("test_all_to_expert_0")
+    class AllToExpertZero(Router):
+        """Adversarial: every token goes to expert 0 (weight = its softmax probability), so with
+        EP the other ranks' experts get no tokens at all."""
+
+        def __init__(self, cfg, d_model, num_experts):
+            super().__init__(cfg, d_model, num_experts)
+            self.proj = nn.Linear(d_model, num_experts, bias=False)
+
+        def forward(self, x_TD, seq_len):
+            probs_TE = self.proj(x_TD).float().softmax(-1)
+            ids_TK = torch.zeros(x_TD.shape[0], 1, dtype=torch.int64, device=x_TD.device)
+            return RoutingPlan.from_topk(ids_TK, probs_TE[:, :1].to(x_TD.dtype), self.num_experts, None,
+                                         probs_TE=probs_TE)
+
+
+MODELS = {
+    # GPT: LayerNorm, biases, GeLU experts, softmax top-2 with aux and z losses.
+    "gpt": ["model.moe.router.aux_loss_coef=0.05", "model.moe.router.z_loss_coef=0.01"],
+    # llama family: RMSNorm, GQA + qk-norm, SwiGLU, a shared expert, DeepSeek router (bias balancing).
+    "deepseek": ["model.arch='llama'", "model.n_kv_heads=2", "model.qk_norm=true", "model.first_dense=1",
+                 "model.moe.router.name='deepseek'", "model.moe.router.aux_loss_coef=0.0",
+                 "model.moe.router.seq_aux_coef=0.01", "model.moe.router.bias_update_rate=0.01",
+                 "model.moe.experts.activation='swiglu'", "model.moe.experts.num_shared=1"],
+    "forced": ["model.moe.router.name='test_all_to_expert_0'", "model.moe.router.top_k=1"],
+}
+
+
+def model_cfg(kind: str):
+    base = ["model.vocab_size=64", "model.d_model=16", "model.n_layers=2", "model.n_heads=4", "model.d_ff=32",
+            "model.max_seq_len=8", "train.seq_len=8", "model.moe.num_experts=8", "model.moe.experts.d_ff=8"]
+    return load_config("tiny", base + MODELS[kind]).model
+
+
+def batches(steps: int):
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randint(0, 64, (B, L), generator=g), torch.randint(0, 64, (B, L), generator=g))
+            for _ in range(steps)]
+
+
+def optimizer(model: nn.Module):
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def ce(logits, y):
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def train_step(model, opt, x, y, groups, max_norm: float):
+    """The trainer's step: local loss -> backward -> sync -> clip -> AdamW -> router after_step."""
+    out = model(x)
+    loss = ce(out.logits, y)
+    opt.zero_grad(set_to_none=True)
+    (loss + out.aux_loss).backward()
+    sync_grads(model, groups)
+    norm = clip_grad_norm(model, max_norm, groups)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    for layer in model.moe_layers():
+        layer.router.after_step()
+    return out, loss, norm, grads
+
+
+def shard_hashes(model, groups) -> dict[str, str]:
+    """name -> hash of this rank's shard (params and buffers such as the DeepSeek bias)."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {n: hashlib.sha1(t.detach().contiguous().numpy().tobytes()).hexdigest() for n, t in tensors.items()}
+
+
+def check_layout(par: dict, kind: str, steps: int = 3, factory: bool = False, rs_impl: str | None = None,
+                 max_norm: float = 0.05) -> dict:
+    """Train reference and layout side by side; returns the largest error of each quantity."""
+    cfg = model_cfg(kind)
+    groups = build_groups(ParallelConfig(**par))
+    ref = build_model(cfg, seed=3)
+    built = build_model(cfg, moe_layer_factory(groups, rs_impl), seed=3) if factory else build_model(cfg, seed=3)
+    model = parallelize(built, groups, rs_impl)
+    ref_opt, opt = optimizer(ref), optimizer(model)
+    rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
+    err = dict.fromkeys(("logits", "loss", "aux", "grad", "norm", "param"), 0.0)
+    for x, y in batches(steps):
+        r_out, r_loss, r_norm, r_grads = train_step(ref, ref_opt, x, y, ParallelGroups.single(), max_norm)
+        out, loss, norm, grads = train_step(model, opt, x[rows], y[rows], groups, max_norm)
+        err["logits"] = max(err["logits"], (out.logits - r_out.logits[rows]).abs().max().item())
+        err["loss"] = max(err["loss"], abs(global_mean(loss, groups).item() - r_loss.item()))
+        err["aux"] = max(err["aux"], abs(global_aux(out.aux_loss, groups).item() - r_out.aux_loss.item()))
+        err["norm"] = max(err["norm"], abs(norm.item() - r_norm.item()))
+        for name, p in model.named_parameters():
+            expect = get_sharding(p).shard_of(r_grads[name], groups)
+            err["grad"] = max(err["grad"], (grads[name] - expect).abs().max().item())
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        expect = get_sharding(p).shard_of(ref_params[name].detach(), groups)
+        err["param"] = max(err["param"], (p.detach() - expect).abs().max().item())
+    ref_buffers = dict(ref.named_buffers())
+    for name, buf in model.named_buffers():  # e.g. the DeepSeek expert bias (moved by after_step)
+        err["param"] = max(err["param"], (buf.float() - ref_buffers[name].float()).abs().max().item())
+    err["norm_value"] = norm.item()
+    err["clipped"] = norm.item() > max_norm
+    err["hash_mismatch"] = hash_mismatches(model, groups)
+    return err
+
+
+def hash_mismatches(model, groups) -> list[str]:
+    """Names of shards that differ between ranks holding the same shard (should be none)."""
+    mine = shard_hashes(model, groups)
+    everyone = [None] * groups.world
+    dist.all_gather_object(everyone, mine)
+    coords = [groups.layout.coords(r) for r in range(groups.world)]
+    params = dict(model.named_parameters())
+    bad = []
+    for name, h in mine.items():
+        kinds = [k for _, k in get_sharding(params[name]).dims] if name in params else []
+        twins = [r for r in range(groups.world)
+                 if all(getattr(coords[r], k) == getattr(groups.coords, k) for k in kinds)]
+        if any(everyone[r][name] != h for r in twins):
+            bad.append(name)
+    return bad
+
+
+def check_known_norm(par: dict) -> dict:
+    """Every gradient element 1, except the experts of EP rank 1 (as if they got no tokens): the
+    global norm is sqrt(one-process parameter count - those experts' elements), whatever the layout,
+    and clipping scales every shard by the same factor."""
+    cfg = model_cfg("gpt")
+    groups = build_groups(ParallelConfig(**par))
+    model = parallelize(build_model(cfg, seed=3), groups)
+    ref = build_model(cfg, seed=3)
+    El = cfg.moe.num_experts // groups.ep
+    zeroed = sum(p[El:2 * El].numel() for n, p in ref.named_parameters() if ".experts." in n)
+    for name, p in model.named_parameters():
+        p.grad = torch.ones_like(p)
+        if ".experts." in name and groups.ep_rank == 1:
+            p.grad.zero_()
+    expected = (sum(p.numel() for p in ref.parameters()) - zeroed) ** 0.5
+    norm = clip_grad_norm(model, 1.0, groups).item()
+    coef = 1.0 / (expected + 1e-6)
+    scaled = max((p.grad - coef * (p.grad != 0)).abs().max().item() for p in model.parameters())
+    return {"norm": norm, "expected": expected, "scaled_err": scaled}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def probe_logits(model) -> torch.Tensor:
+    """Logits of a fixed full batch (every rank feeds the same batch; eval mode)."""
+    x = torch.randint(0, 64, (B, L), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+def save_checkpoint(par: dict, path: str) -> torch.Tensor:
+    """Train 2 steps at ``par``, save model + AdamW state as global tensors; returns probe logits."""
+    groups = build_groups(ParallelConfig(**par))
+    model = parallelize(build_model(model_cfg("gpt"), seed=3), groups)
+    opt = optimizer(model)
+    rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
+    for x, y in batches(2):
+        train_step(model, opt, x[rows], y[rows], groups, 0.05)
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    dcp.save(to_global_state({"model": msd, "optim": osd}, model, groups, Meshes.build(groups)), checkpoint_id=path)
+    return probe_logits(model)
+
+
+def load_checkpoint(par: dict, path: str) -> torch.Tensor:
+    """A differently seeded model at layout ``par`` loads the checkpoint; returns probe logits."""
+    groups = build_groups(ParallelConfig(**par))
+    model = parallelize(build_model(model_cfg("gpt"), seed=99), groups)
+    opt = optimizer(model)
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    state = to_global_state({"model": msd, "optim": osd}, model, groups, Meshes.build(groups))
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    state = to_local_state(state)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return probe_logits(model)
+
+
+# ---------------------------------------------------------------- launches
+
+
+def _world2(rank, world, ckpt):
+    return {
+        "DP2": check_layout({"dp": 2}, "gpt"),
+        "EP2": check_layout({"dp": 2, "ep": 2}, "gpt"),
+        "ESP2 (alltoall RS)": check_layout({"dp": 2, "esp": 2}, "gpt", rs_impl="alltoall"),
+        "ESP2 (native RS)": check_layout({"dp": 2, "esp": 2}, "deepseek", rs_impl="native"),
+        "MP2": check_layout({"mp": 2}, "deepseek"),
+        "norm MP2": check_known_norm({"mp": 2}),
+        "load EP2": load_checkpoint({"dp": 2, "ep": 2}, ckpt),
+    }
+
+
+def _world4(rank, world, ckpt):
+    return {
+        "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
+        "EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "gpt", factory=True),
+        "DP2xMP2, EP2xESP2": check_layout({"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek"),
+        "DP2xMP2, EP4 (gpt)": check_layout({"dp": 2, "mp": 2, "ep": 4}, "gpt"),
+        "all to expert 0, EP4": check_layout({"dp": 4, "ep": 4}, "forced"),
+        "all to expert 0, EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "forced"),
+        "norm EP4": check_known_norm({"dp": 4, "ep": 4}),
+        "norm EP2xESP2": check_known_norm({"dp": 4, "ep": 2, "esp": 2}),
+        "norm DP2xMP2, EP2xESP2": check_known_norm({"dp": 2, "mp": 2, "ep": 2, "esp": 2}),
+        "save EP4": save_checkpoint({"dp": 4, "ep": 4}, ckpt),
+    }
+
+
+def _world8(rank, world, ckpt):
+    return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
+            "load EP8": load_checkpoint({"dp": 8, "ep": 8}, ckpt)}
+
+
+def _assert_layouts(results: list[dict]) -> None:
+    for rank, res in enumerate(results):
+        for name, err in res.items():
+            if not isinstance(err, dict):
+                continue
+            if name.startswith("norm"):
+                assert abs(err["norm"] - err["expected"]) < 1e-3 and err["scaled_err"] < 1e-7, f"{name} rank {rank}: {err}"
+                continue
+            where = f"{name} rank {rank}: {err}"
+            for key in ("logits", "loss", "aux", "grad", "norm", "param"):
+                assert err[key] < ATOL, f"{key} differs from one process: {where}"
+            assert err["clipped"], f"the test should exercise clipping: {where}"
+            assert not err["hash_mismatch"], f"replicas differ: {where}"
+
+
+@pytest.fixture(scope="module")
+def ep4(tmp_path_factory):
+    """World 4: the EP4/ESP/MP layouts and adversarial routing; saves the EP=4 checkpoint."""
+    ckpt = str(tmp_path_factory.mktemp("ckpt_ep4"))
+    results = run_workers(_world4, 4, ckpt, timeout_s=240)
+    return ckpt, results
+
+
+def test_world4_layouts_and_adversarial_routing(ep4):
+    _, results = ep4
+    _assert_layouts(results)
+    assert all(torch.equal(r["save EP4"], results[0]["save EP4"]) for r in results)
+
+
+def test_world2_layouts_and_checkpoint_at_ep2(ep4):
+    ckpt, saved = ep4
+    results = run_workers(_world2, 2, ckpt, timeout_s=180)
+    _assert_layouts(results)
+    for r in results:
+        assert (r["load EP2"] - saved[0]["save EP4"]).abs().max() < 1e-6
+
+
+def test_world8_ep8_and_checkpoint_at_ep8(ep4):
+    ckpt, saved = ep4
+    results = run_workers(_world8, 8, ckpt, timeout_s=240)
+    _assert_layouts(results)
+    for r in results:
+        assert (r["load EP8"] - saved[0]["save EP4"]).abs().max() < 1e-6
+
+
+def test_checkpoint_ep4_loads_in_one_process(ep4):
+    ckpt, saved = ep4
+    logits = load_checkpoint({}, ckpt)
+    assert (logits - saved[0]["save EP4"]).abs().max() < 1e-6
