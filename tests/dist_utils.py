@@ -44,24 +44,33 @@ def _entry(fn, rank: int, world: int, port: int, out_dir: str, coll_timeout_s: f
     dist.destroy_process_group()
 
 
-def run_workers(fn, world: int, *args, timeout_s: float = 120.0, coll_timeout_s: float = 60.0) -> list:
-    """Spawn ``world`` gloo processes running ``fn(rank, world, *args)``; return their results."""
+def spawn_workers(fn, world: int, *args, timeout_s: float, coll_timeout_s: float, out_dir: str
+                  ) -> tuple[list[int], list[int], float]:
+    """Spawn and join with a deadline; returns (exit codes, ranks killed at the deadline, wall
+    time when the last process ended, as ``time.time()``). Never raises for worker failures."""
     ctx = mp.get_context("spawn")
     port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, coll_timeout_s, args))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    ended = time.time()
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs], hung, ended
+
+
+def run_workers(fn, world: int, *args, timeout_s: float = 120.0, coll_timeout_s: float = 60.0) -> list:
+    """Spawn ``world`` gloo processes running ``fn(rank, world, *args)``; return their results."""
     with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, port, out_dir, coll_timeout_s, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout_s
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        codes = [p.exitcode for p in procs]
+        codes, hung, _ = spawn_workers(fn, world, *args, timeout_s=timeout_s, coll_timeout_s=coll_timeout_s,
+                                       out_dir=out_dir)
         if hung:
             raise TimeoutError(f"ranks {hung} still running after {timeout_s}s (exit codes {codes})")
         if any(codes):
