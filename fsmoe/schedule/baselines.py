@@ -122,7 +122,7 @@ def fsmoe(spec: LayerSpec, layout: Layout, profile: Profile, iio: bool = True) -
         if best is None or sim.iter_s < best[0].iter_s:
             best = (sim, rb, gar, part)
     sim, rb, gar, part = best
-    meta = {"fwd_candidates": list(cf.candidates)}
+    meta = {"fwd_candidates": [list(c) for c in cf.candidates]}
     if part is not None:
         meta.update(greedy_bytes=list(reversed(part.greedy_bytes)), tail_bytes=part.tail_bytes)
     return Schedule("fsmoe" if iio else "fsmoe_no_iio", cf.r, rb, iio, gar, cf.case, case_b, cf.r_cont, rb_cont,

@@ -153,6 +153,17 @@ class Layout:
         """Does the EP group of rank 0 span more than one node?"""
         return len({self.node(p * self.esp) for p in range(self.ep)}) > 1
 
+    def peers(self, kind: str, rank: int) -> tuple[int, ...]:
+        """Ranks (of the moe group) taking part in op ``kind`` with ``rank``."""
+        p, q = divmod(rank, self.esp)
+        if kind in ("a2a_dispatch", "a2a_combine"):
+            return tuple(pp * self.esp + q for pp in range(self.ep))
+        if kind in ("allgather", "reducescatter"):
+            return tuple(p * self.esp + qq for qq in range(self.esp))
+        if kind in ("allreduce", "counts"):
+            return tuple(range(self.world))
+        return (rank,)
+
     @property
     def a2a_key(self) -> str:
         return "a2a_inter" if self.ep_inter else "a2a_intra"

@@ -138,21 +138,33 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
           keep_prior: bool = False) -> Profile:
     """Online profiling: refit from ``(key, n, seconds)`` samples the executor recorded.
 
-    A key is refitted when it has at least ``min_points`` samples over two or more sizes (else
-    its old fit is kept). With ``keep_prior`` the profile's own points join the new samples;
+    Samples of one size are reduced to their median, then the line is fitted through those, or,
+    when it explains them better (sizes too close together to pin a slope, noise), the old line
+    is kept and scaled by the median measured/predicted ratio (the contention of the real
+    overlapped schedule, which an isolated microbenchmark cannot see). A key is refitted when it
+    has at least ``min_points`` samples over two or more sizes (else its old fit is kept). With ``keep_prior`` the profile's own points join the new samples;
     by default the recorded ones replace them, since they include the contention of the real
     overlapped schedule that an isolated microbenchmark cannot see.
     """
-    by_key: dict[str, list[list[float]]] = {}
+    by_size: dict[str, dict[float, list[float]]] = {}
     for key, n, t in samples:
-        if n > 0 and math.isfinite(t):
-            by_key.setdefault(key, []).append([float(n), float(t)])
+        if n > 0 and math.isfinite(t) and t > 0:
+            by_size.setdefault(key, {}).setdefault(float(n), []).append(float(t))
     fits, points = dict(profile.fits), {k: list(v) for k, v in profile.points.items()}
-    for key, pts in by_key.items():
-        if len(pts) < min_points or len({p[0] for p in pts}) < 2:
+    for key, sizes in by_size.items():
+        # the median per size: one preempted run (a busy CPU, a late peer) must not tilt the line
+        pts = [[n, float(np.median(ts))] for n, ts in sorted(sizes.items())]
+        if sum(len(ts) for ts in sizes.values()) < min_points or len(pts) < 2:
             continue
         pts = (points.get(key, []) + pts) if keep_prior else pts
-        fits[key] = fit_linear([p[0] for p in pts], [p[1] for p in pts])
+        line = fit_linear([p[0] for p in pts], [p[1] for p in pts])
+        if key in fits:  # or keep the offline shape, scaled by the median measured/predicted ratio
+            old = fits[key]
+            ratio = float(np.median([p[1] / old(p[0]) for p in pts if old(p[0]) > 0] or [1.0]))
+            scaled = dataclasses.replace(old.scaled(ratio), r2=line.r2, num_points=len(pts))
+            err = lambda f: float(np.median([abs(f(p[0]) - p[1]) / p[1] for p in pts]))
+            line = min((line, scaled), key=err)  # whichever explains the recorded times better
+        fits[key] = line
         points[key] = pts
     meta = dict(profile.meta, refits=profile.meta.get("refits", 0) + 1)
     return Profile(profile.hardware, profile.layout, fits, points, meta)

@@ -148,6 +148,20 @@ def ascii_gantt(records: Sequence[OpRecord], width: int = 96, rank: int | None =
 # ---------------------------------------------------------------------------- prediction error
 
 
+def effective_durations(records: Sequence[OpRecord], peers) -> list[tuple[OpRecord, float]]:
+    """Durations as the cost model means them. ``records``: one iteration, every rank;
+    ``peers(kind, rank)``: the ranks of that op's group. A collective cannot progress before its
+    last participant arrives, so it is timed from the latest start in its group to this rank's
+    end (a rank that came early waited, it did not communicate)."""
+    by_op = {(r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank): r for r in records}
+    out = []
+    for (kind, phase, layer, chunk, rank), r in by_op.items():
+        starts = [by_op[(kind, phase, layer, chunk, p)].t0 for p in peers(kind, rank)
+                  if (kind, phase, layer, chunk, p) in by_op]
+        out.append((r, r.t1 - max(starts + [r.t0])))
+    return out
+
+
 def op_errors(measured: Sequence[OpRecord], predict) -> list[dict]:
     """Relative error of every measured op against ``predict(op) -> seconds`` (same size n)."""
     out = []

@@ -1,0 +1,433 @@
+"""``fsmoe bench schedule``: FSMoE's layer grid, scaled down, under the five schedules.
+
+Per layer config (a stack of ``--layers`` blocks: attention + MoE, FSMoE §6.2's "configured
+layers"), on every rank of the run (e.g. 4 CPU processes as 2 simulated nodes x 2):
+
+  A. calibration (online profiling): a few recorded iterations of Default and FSMoE on every
+     config; the Profile (offline microbenchmark, ``fsmoe profile``) is refitted from them;
+  B. the five schedules (``baselines.py``) planned with the refitted profile, plus the sweep
+     r_fwd x r_bwd in {1,2,4,8}^2 x {no partition, FSMoE's partitions, everything ready} with
+     intra/inter overlap; all measured round-robin, ``--iters`` timed iterations each after
+     ``--warmup``; an iteration's time is the slowest rank's forward + backward + gradient sync.
+
+Reported: per-op prediction error (offline and refitted profile; measured op durations from
+the executor's timeline vs alpha + n beta at the same n), the chosen schedule against the best
+of the sweep, measured speedups of FSMoE over Default and Tutel-Improved, and a Chrome trace +
+Gantt PNG (measured and predicted) of the first config in ``--run-dir``.
+
+Grid (FSMoE: B, heads, L, M, H/M, f, FFN; k = 2, E = 2 ep): B {1,2}, heads {2,4},
+L {128,256}, M {64,128}, H/M {2,4}, f {1.2, dropless}, FFN {simple GeLU, Mixtral SwiGLU};
+``--configs`` of these 128 are drawn with a fixed seed.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fsmoe.schedule.baselines import POLICY_NAMES, Schedule, fsmoe_partitions
+from fsmoe.schedule.engine import Recorder, make_engine
+from fsmoe.schedule.executor import Lanes, PipelinedExecutor
+from fsmoe.schedule.grad_sync import GarPlan, GradSync
+from fsmoe.schedule.optimizer import R_CHOICES
+from fsmoe.schedule.perf_model import LayerSpec, Layout
+from fsmoe.schedule.plan import plan_all
+from fsmoe.schedule.profile import Profile, refit
+from fsmoe.schedule.profiler import ProfileConfig, run_profile
+from fsmoe.schedule.simulate import simulate_iteration
+from fsmoe.schedule.stages import MoEStages
+from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
+
+GRID = {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
+        "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")}
+
+
+def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0) -> list[LayerSpec]:
+    combos = list(itertools.product(*GRID.values()))
+    random.Random(seed).shuffle(combos)
+    out = []
+    for B, h, L, M, hm, f, act in combos[:n]:
+        out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=2 * ep, top_k=2, n_heads=h,
+                             capacity_factor=f, activation=act, n_layers=n_layers))
+    return out
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+@dataclass
+class BenchModel:
+    blocks: nn.ModuleList
+    executors: list[PipelinedExecutor]
+    grad_sync: GradSync
+    x: torch.Tensor
+    g: torch.Tensor
+
+
+def _record_dense(attn: nn.Module, layer: int, macs: float, rec: Recorder) -> None:
+    """Time the attention block forward and backward on the compute lane."""
+    t = {}
+    attn.register_forward_pre_hook(lambda m, a: t.__setitem__("f", rec.now()))
+    attn.register_forward_hook(lambda m, a, o: rec.add(Op("dense", "fwd", layer, 0, "dense_fwd", macs), "compute",
+                                                       t["f"], rec.now()))
+    attn.register_full_backward_pre_hook(lambda m, g: t.__setitem__("b", rec.now()))
+    attn.register_full_backward_hook(lambda m, gi, go: rec.add(Op("dense", "bwd", layer, 0, "dense_bwd", macs),
+                                                               "compute", t["b"], rec.now()))
+
+
+def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0) -> BenchModel:
+    from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
+    from fsmoe.models.attention import Attention
+    from fsmoe.models.block import Block
+    from fsmoe.parallel.moe import ParallelMoELayer
+
+    torch.manual_seed(seed)
+    M = spec.d_model
+    cfg = MoEConfig(num_experts=spec.num_experts,
+                    router=RouterConfig(top_k=spec.top_k, capacity_factor=spec.capacity_factor),
+                    experts=ExpertsConfig(d_ff=spec.d_ff, activation=spec.activation))
+    blocks, executors, dense = nn.ModuleList(), [], []
+    for layer in range(spec.n_layers):
+        attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
+                         dropout=0.0)
+        moe = ParallelMoELayer(cfg, M, groups)
+        moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
+        blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device)
+        moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
+        _record_dense(attn, layer, spec.dense_macs, engine.recorder)
+        blocks.append(blk)
+        executors.append(moe.executor)
+        dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
+    sizes = [sum(p.numel() for p in ps) for ps in dense]
+    if sizes != [spec.dense_params] * spec.n_layers:
+        raise AssertionError(f"dense parameter count {sizes} != LayerSpec.dense_params {spec.dense_params}")
+    gs = GradSync.for_blocks(dense, GarPlan(), engine, group=groups.dp_group if groups.dp > 1 else None)
+    gs.attach(executors)
+    gen = torch.Generator().manual_seed(1000 + groups.rank)  # every rank its own tokens
+    x = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device)
+    g = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device)
+    return BenchModel(blocks, executors, gs, x, g)
+
+
+def set_schedule(bm: BenchModel, s: Schedule) -> None:
+    for ex in bm.executors:
+        ex.schedule = s.layer_schedule()
+    bm.grad_sync.plan, bm.grad_sync.lanes = s.gar, Lanes.of(s.iio)
+
+
+def run_iteration(bm: BenchModel, device) -> float:
+    """One forward + backward + gradient sync; returns this rank's seconds."""
+    for blk in bm.blocks:
+        blk.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    h = bm.x
+    for blk in bm.blocks:
+        h, _ = blk(h, None)
+    (h * bm.g).sum().backward()
+    bm.grad_sync.finish()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def _max_over_ranks(t: float, groups) -> float:
+    if not groups.distributed:
+        return t
+    v = torch.tensor([t], dtype=torch.float64)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX, group=groups.world_group)
+    return float(v)
+
+
+def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: int, warmup: int,
+            recorder: Recorder, keep: set[str] = frozenset()) -> tuple[dict[str, float], dict[str, list]]:
+    """Round-robin over the schedules; median (over iterations) of the slowest rank's time.
+    Returns (seconds per name, this rank's records of the timed iterations of names in ``keep``)."""
+    times = {k: [] for k in scheds}
+    recs: dict[str, list] = {k: [] for k in keep}
+    for it in range(warmup + iters):
+        for name, s in scheds.items():
+            set_schedule(bm, s)
+            if groups.distributed:
+                dist.barrier(group=groups.world_group)
+            recorder.take()
+            t = _max_over_ranks(run_iteration(bm, device), groups)
+            got = recorder.take()
+            if it >= warmup:
+                times[name].append(t)
+                if name in keep:
+                    recs[name].append(got)
+    return {k: statistics.median(v) for k, v in times.items()}, recs
+
+
+def sweep(spec: LayerSpec, layout: Layout, profile: Profile) -> dict[str, Schedule]:
+    """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} x partitions {end, fsmoe, all-ready}, with IIO."""
+    G = spec.dense_params * spec.dtype_bytes
+    out = {}
+    for rf, rb in itertools.product(R_CHOICES, R_CHOICES):
+        parts = {"end": GarPlan("end"),
+                 "all": GarPlan("windows", tuple((spec.n_layers - 1 - l) * G for l in range(spec.n_layers))),
+                 "fsmoe": fsmoe_partitions(spec, layout, profile, rb, True)[0]}
+        for pname, gar in parts.items():
+            out[f"sweep/{rf}/{rb}/{pname}"] = Schedule("sweep", rf, rb, True, gar)
+    return out
+
+
+# ---------------------------------------------------------------------------- main loop
+
+
+def _gather(obj, groups) -> list:
+    if not groups.distributed:
+        return [obj]
+    out = [None] * groups.world
+    dist.all_gather_object(out, obj, group=groups.world_group)
+    return out
+
+
+def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups) -> dict[str, list[list[OpRecord]]]:
+    """Every rank's records of each timed iteration, on every rank: name -> [iteration records]."""
+    parts = _gather(recs, groups)
+    return {name: [[r for part in parts for r in part[name][i]] for i in range(len(recs[name]))] for name in recs}
+
+
+def op_timings(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, list[float]]:
+    """(key, n, kind, phase, layer, chunk, rank) -> effective seconds in each iteration."""
+    out: dict[tuple, list[float]] = {}
+    for recs in iterations:
+        for r, d in effective_durations(recs, layout.peers):
+            if r.op.key and r.op.n > 0 and d > 0:
+                out.setdefault((r.op.key, r.op.n, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append(d)
+    return out
+
+
+def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -> list[tuple]:
+    """(key, n, median measured, every measured, {profile: predicted}) per op of the iteration."""
+    return [(k[0], k[1], statistics.median(v), v, {name: p.t(k[0], k[1]) for name, p in profiles.items()})
+            for k, v in timings.items()]
+
+
+def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
+              run_dir: Path, calib_iters: int = 2, quick_sweep: bool = False, log=print) -> dict:
+    layout = Layout.from_groups(groups)
+    stages = MoEStages.from_groups(groups)
+    recorder = Recorder(rank=groups.rank)
+    epoch = torch.tensor([recorder.epoch], dtype=torch.float64)
+    if groups.distributed:
+        dist.broadcast(epoch, 0, group=groups.world_group)
+    recorder.epoch = float(epoch)  # one clock for every rank (same host)
+    engine = make_engine(device, recorder)
+    t_start = time.perf_counter()
+    if profile is None:
+        profile = run_profile(groups, device, ProfileConfig.cpu() if device.type == "cpu" else ProfileConfig.gpu())
+    specs = grid_specs(n_configs, layout.ep, n_layers)
+    log(f"profile ready ({time.perf_counter() - t_start:.0f}s); {len(specs)} configs; layout {layout.name}")
+
+    # A. calibration: record Default and FSMoE iterations, refit (online profiling)
+    samples = []
+    for spec in specs:
+        bm = build_model(spec, groups, stages, engine, device)
+        p0 = plan_all(spec, layout, profile)
+        calib = {name: p0[name] for name in ("default", "fsmoe")}
+        _, recs = measure(bm, calib, groups, device, calib_iters, 1, recorder, keep=set(calib))
+        for name, its in _merge_iterations(recs, groups).items():
+            samples += [(k[0], k[1], t) for k, ts in op_timings(its, layout).items() for t in ts]
+    refitted = refit(profile, samples)
+    log(f"calibrated on {len(samples)} op timings ({time.perf_counter() - t_start:.0f}s)")
+    log(refitted.summary())
+
+    # B. measure
+    rows, errors = [], []
+    profiles = {"offline": profile, "refitted": refitted}
+    for ci, spec in enumerate(specs):
+        bm = build_model(spec, groups, stages, engine, device)
+        named = plan_all(spec, layout, refitted)
+        sw = sweep(spec, layout, refitted)
+        if quick_sweep:
+            sw = {k: v for k, v in sw.items() if k.split("/")[1] in ("1", "2") and k.split("/")[2] in ("1", "2")}
+        scheds = {**named, **sw}
+        secs, recs = measure(bm, scheds, groups, device, iters, warmup, recorder, keep=set(POLICY_NAMES))
+        merged = _merge_iterations(recs, groups)
+        for name in POLICY_NAMES:
+            errors += op_errors(op_timings(merged[name], layout), profiles)
+        if ci == 0 and groups.rank == 0:
+            _timeline_artifacts(spec, layout, refitted, named, merged, run_dir)
+        fs = named["fsmoe"]
+        best_name = min(sw, key=lambda k: secs[k])
+        row = {"config": _spec_dict(spec), "seconds": {k: secs[k] for k in POLICY_NAMES},
+               "predicted": {k: named[k].predicted_iter_s for k in POLICY_NAMES},
+               "chosen": {"r_fwd": fs.r_fwd, "r_bwd": fs.r_bwd, "gar": list(fs.gar.window_bytes),
+                          "case_fwd": fs.case_fwd, "case_bwd": fs.case_bwd},
+               "best_sweep": {"name": best_name, "seconds": secs[best_name]},
+               "chosen_over_best": secs["fsmoe"] / secs[best_name],
+               "sweep": {k: secs[k] for k in sw}}
+        rows.append(row)
+        log(f"[{ci + 1}/{len(specs)}] {_spec_str(spec)}  default {secs['default'] * 1e3:.1f} ms  tutel "
+            f"{secs['tutel_improved'] * 1e3:.1f}  fsmoe {secs['fsmoe'] * 1e3:.1f} (r {fs.r_fwd}/{fs.r_bwd})  "
+            f"best {best_name} {secs[best_name] * 1e3:.1f}  ({time.perf_counter() - t_start:.0f}s)")
+    return {"layout": layout.name, "world": groups.world, "device": str(device), "profile": profile.to_dict(),
+            "refitted": refitted.to_dict(), "rows": rows, "op_errors": summarize_errors(errors),
+            "summary": summarize(rows), "seconds": time.perf_counter() - t_start}
+
+
+def _spec_dict(s: LayerSpec) -> dict:
+    return {"B": s.batch, "heads": s.n_heads, "L": s.seq_len, "M": s.d_model, "H": s.d_ff, "E": s.num_experts,
+            "f": s.capacity_factor, "ffn": s.activation}
+
+
+def _spec_str(s: LayerSpec) -> str:
+    return (f"B{s.batch} h{s.n_heads} L{s.seq_len} M{s.d_model} H{s.d_ff} f{s.capacity_factor or 'nd'} "
+            f"{s.activation}")
+
+
+def summarize_errors(errors: list[tuple]) -> dict:
+    """Median relative error per fit key, for each profile; ``median`` compares the prediction
+    with the op's median over the timed iterations, ``instance`` with every single run."""
+    spread = [abs(t - med) / t for key, n, med, runs, pred in errors if len(runs) > 1 for t in runs]
+    out = {"noise_floor": statistics.median(spread) if spread else math.nan}  # the op's own median as the prediction
+    for prof in ("offline", "refitted"):
+        by_key: dict[str, list[float]] = {}
+        inst: dict[str, list[float]] = {}
+        for key, n, med, runs, pred in errors:
+            by_key.setdefault(key, []).append(abs(pred[prof] - med) / med)
+            inst.setdefault(key, []).extend(abs(pred[prof] - t) / t for t in runs)
+        out[prof] = {k: {"ops": len(v), "median": statistics.median(v), "instance": statistics.median(inst[k])}
+                     for k, v in sorted(by_key.items())}
+        allv, alli = [x for v in by_key.values() for x in v], [x for v in inst.values() for x in v]
+        out[prof]["all"] = {"ops": len(allv), "median": statistics.median(allv) if allv else math.nan,
+                            "instance": statistics.median(alli) if alli else math.nan}
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
+    cob = [r["chosen_over_best"] for r in rows]
+    sp_def = [r["seconds"]["default"] / r["seconds"]["fsmoe"] for r in rows]
+    sp_tut = [r["seconds"]["tutel_improved"] / r["seconds"]["fsmoe"] for r in rows]
+    sp = {k: gm([r["seconds"]["default"] / r["seconds"][k] for r in rows]) for k in POLICY_NAMES}
+    return {"configs": len(rows), "chosen_within_5pct": sum(c <= 1.05 for c in cob),
+            "chosen_over_best_median": statistics.median(cob) if cob else math.nan,
+            "chosen_over_best_max": max(cob) if cob else math.nan,
+            "speedup_fsmoe_over_default_geomean": gm(sp_def),
+            "speedup_fsmoe_over_tutel_geomean": gm(sp_tut),
+            "speedup_over_default_geomean": sp,
+            "fsmoe_faster_than_default": sum(s > 1 for s in sp_def),
+            "fsmoe_faster_than_tutel": sum(s > 1 for s in sp_tut)}
+
+
+def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> None:
+    """Chrome trace + Gantt of one timed iteration of FSMoE and of Default (all ranks)."""
+    for name in ("fsmoe", "default"):
+        allr = merged[name][-1] if merged[name] else []
+        if not allr:
+            continue
+        t0 = min(r.t0 for r in allr)
+        measured = shift(allr, t0)
+        s = named[name]
+        pred = []
+        for rank in range(layout.world):
+            sim = simulate_iteration(spec, layout, profile, s.r_fwd, s.r_bwd, s.iio, s.gar, rank=rank)
+            pred += sim.records
+        chrome_trace(measured, run_dir / f"trace_{name}.json", pred)
+        gantt_png(measured, run_dir / f"gantt_{name}.png", pred,
+                  title=f"{name}: {_spec_str(spec)} r={s.r_fwd}/{s.r_bwd} (top measured, hatched predicted)")
+
+
+def report_markdown(res: dict, command: str) -> str:
+    s, e = res["summary"], res["op_errors"]
+    lines = [f"Command: `{command}`", "",
+             f"Layout {res['layout']} ({res['world']} processes, {res['device']}), {s['configs']} configs, "
+             f"wall {res['seconds']:.0f} s.", "",
+             "| metric | value |", "|---|---|",
+             f"| per-op prediction error, median over ops (offline profile) | "
+             f"{e['offline']['all']['median'] * 100:.1f}% ({e['offline']['all']['ops']} ops) |",
+             f"| per-op prediction error, median over ops (refitted online) | "
+             f"{e['refitted']['all']['median'] * 100:.1f}% |",
+             f"| same, every single run (offline / refitted) | {e['offline']['all']['instance'] * 100:.1f}% / "
+             f"{e['refitted']['all']['instance'] * 100:.1f}% |",
+             f"| noise floor: single runs vs their own op's median | {e['noise_floor'] * 100:.1f}% |",
+             f"| chosen within 5% of sweep best | {s['chosen_within_5pct']}/{s['configs']} "
+             f"(median ratio {s['chosen_over_best_median']:.3f}, max {s['chosen_over_best_max']:.3f}) |",
+             f"| FSMoE speedup over Default (geomean) | {s['speedup_fsmoe_over_default_geomean']:.3f}x "
+             f"(faster on {s['fsmoe_faster_than_default']}/{s['configs']}) |",
+             f"| FSMoE speedup over Tutel-Improved (geomean) | {s['speedup_fsmoe_over_tutel_geomean']:.3f}x "
+             f"(faster on {s['fsmoe_faster_than_tutel']}/{s['configs']}) |", "",
+             "Per-op median relative error by fit (op = one op of one rank, its median over the timed "
+             "iterations; single runs in brackets):", "",
+             "| op | ops | offline | refitted |", "|---|---|---|---|"]
+    for k in e["offline"]:
+        if k not in ("all", "noise_floor"):
+            o, r = e["offline"][k], e["refitted"][k]
+            lines.append(f"| {k} | {o['ops']} | {o['median'] * 100:.1f}% ({o['instance'] * 100:.0f}%) | "
+                         f"{r['median'] * 100:.1f}% ({r['instance'] * 100:.0f}%) |")
+    lines += ["", "Speedup over Default (geomean): " + ", ".join(
+        f"{k} {v:.3f}x" for k, v in s["speedup_over_default_geomean"].items()), "",
+        "| config | default ms | tutel ms | lina ms | no-IIO ms | fsmoe ms | r fwd/bwd | best sweep | chosen/best |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        c, t = r["config"], r["seconds"]
+        lines.append(f"| B{c['B']} h{c['heads']} L{c['L']} M{c['M']} H{c['H']} f{c['f'] or 'nd'} {c['ffn']} | "
+                     f"{t['default'] * 1e3:.1f} | {t['tutel_improved'] * 1e3:.1f} | {t['pipemoe_lina'] * 1e3:.1f} | "
+                     f"{t['fsmoe_no_iio'] * 1e3:.1f} | {t['fsmoe'] * 1e3:.1f} | {r['chosen']['r_fwd']}/"
+                     f"{r['chosen']['r_bwd']} | {r['best_sweep']['name'][6:]} {r['best_sweep']['seconds'] * 1e3:.1f} | "
+                     f"{r['chosen_over_best']:.3f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = __doc__
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--nproc", type=int, default=4, help="processes (relaunched under torchrun)")
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--esp", type=int, default=2)
+    p.add_argument("--gpus-per-node", type=int, default=2, help="simulated node size")
+    p.add_argument("--configs", type=int, default=24, help="layer configs drawn from the grid")
+    p.add_argument("--layers", type=int, default=2, help="blocks per config (gradient windows need >= 2)")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick-sweep", action="store_true", help="sweep r in {1,2} only (smoke runs)")
+    p.add_argument("--run-dir", default="runs/bench_schedule")
+    p.add_argument("--json", default=None, help="write the results here (default RUN_DIR/results.json)")
+
+
+def run(args) -> int:
+    import sys
+
+    from fsmoe.config import ParallelConfig
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.schedule.launch import init_from_env, relaunch_under_torchrun, under_torchrun
+
+    if args.nproc > 1 and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc)
+    device = init_from_env(args.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    groups = build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node))
+    run_dir = Path(args.run_dir)
+    log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
+    res = run_bench(groups, device, profile=Profile.load(args.profile) if args.profile else None,
+                    n_configs=args.configs, iters=args.iters, warmup=args.warmup, n_layers=args.layers,
+                    run_dir=run_dir, quick_sweep=args.quick_sweep, log=log)
+    if groups.rank == 0:
+        command = "fsmoe " + " ".join(sys.argv[1:])
+        out = Path(args.json or run_dir / "results.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        md = report_markdown(res, command)
+        (run_dir / "report.md").write_text(md)
+        print(md)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0

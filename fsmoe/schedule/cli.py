@@ -1,0 +1,65 @@
+"""``fsmoe plan``: the schedule for a layer config on a layout, from a Profile.
+
+    fsmoe plan --profile runs/profiles/X.json --d-model 2048 --d-ff 8192 --experts 8 --ep 2 --esp 4 \\
+        --gpus-per-node 4 --batch 2 --seq-len 1024 --explain
+    fsmoe plan --profile P.json --config tiny --set model.moe.num_experts=16 --ep 2 --json sched.json
+
+Layer fields default to the run config (``--config``, default ``tiny``); explicit flags win.
+``--explain`` prints the FSMoE case, r, the gradient partitions and the predicted timelines
+beside the four baselines (see docs/scheduler.md).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="choose pipeline degrees and gradient partitions (FSMoE)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", required=True, help="Profile JSON from `fsmoe profile`")
+    p.add_argument("--config", default="tiny", help="preset name or TOML path for the layer defaults")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    for flag, typ in (("--batch", int), ("--seq-len", int), ("--d-model", int), ("--d-ff", int), ("--experts", int),
+                      ("--top-k", int), ("--heads", int), ("--layers", int), ("--capacity", float)):
+        p.add_argument(flag, type=typ, default=None)
+    p.add_argument("--ffn", choices=["gelu", "swiglu"], default=None)
+    p.add_argument("--ep", type=int, default=None)
+    p.add_argument("--esp", type=int, default=None)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--policy", default="fsmoe",
+                   choices=["default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe"])
+    p.add_argument("--explain", action="store_true", help="case, r, partitions, predicted timelines vs baselines")
+    p.add_argument("--json", default=None, help="write the Schedule here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from fsmoe.config import load_config
+    from fsmoe.schedule.perf_model import LayerSpec, Layout
+    from fsmoe.schedule.plan import explain, plan
+    from fsmoe.schedule.profile import Profile
+
+    cfg = load_config(args.config, args.set)
+    spec = LayerSpec.from_run_config(cfg)
+    over = {"batch": args.batch, "seq_len": args.seq_len, "d_model": args.d_model, "d_ff": args.d_ff,
+            "num_experts": args.experts, "top_k": args.top_k, "n_heads": args.heads, "n_layers": args.layers,
+            "capacity_factor": args.capacity, "activation": args.ffn}
+    spec = dataclasses.replace(spec, **{k: v for k, v in over.items() if v is not None})
+    pc = cfg.parallel
+    layout = Layout(ep=args.ep or pc.ep, esp=args.esp or pc.esp,
+                    gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else pc.gpus_per_node)
+    profile = Profile.load(args.profile)
+    sched = plan(spec, layout, profile, args.policy)
+    if args.explain:
+        print(explain(spec, layout, profile))
+    else:
+        print(f"{sched.policy}: r_fwd={sched.r_fwd} r_bwd={sched.r_bwd} iio={sched.iio} "
+              f"gar={sched.gar.mode}{list(sched.gar.window_bytes) if sched.gar.window_bytes else ''} "
+              f"predicted iteration {sched.predicted_iter_s * 1e3:.3f} ms")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(sched.to_dict(), indent=1))
+    return 0

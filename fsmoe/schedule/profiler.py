@@ -1,0 +1,302 @@
+"""``fsmoe profile``: measure the ops the scheduler places, on the real process groups, and fit
+``t = alpha + n beta`` to each (``profile.py``); plus the online refit from executor timings.
+
+What is measured (every rank at once, as in training; per size the median of ``reps`` runs,
+then the mean over ranks):
+
+    a2a_inter / a2a_intra   the EP AlltoAll stage over the EP group (inter-node when it spans
+                            nodes), and over the ESP group for the intra-node fit
+    allgather/reducescatter the ESP stage (same implementation as the executor)
+    allreduce               the DP group (dense gradients)
+    expert_fwd/expert_bwd   the executor's expert forward / backward (expert_ops.py) over row
+                            counts and (d_model, d_ff shard) shapes; n = forward multiply-adds
+    dense_fwd/dense_bwd     the attention block (fsmoe.models.attention) over batch shapes
+
+Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
+from fsmoe.schedule.perf_model import Layout
+from fsmoe.schedule.profile import Profile, profile_from_points, refit
+from fsmoe.schedule.timeline import OpRecord
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    comm_bytes: tuple[int, ...]  # per-rank payload of each collective
+    expert_shapes: tuple[tuple[int, int, int], ...]  # (d_model, f_shard, gemms)
+    expert_rows: tuple[int, ...]
+    local_experts: int = 2
+    dense_shapes: tuple[tuple[int, int, int, int], ...] = ()  # (batch, seq_len, d_model, heads)
+    reps: int = 5
+    warmup: int = 2
+
+    @staticmethod
+    def cpu(quick: bool = False) -> "ProfileConfig":
+        """Sizes of the CPU layer grid (``fsmoe bench schedule``)."""
+        comm = tuple(int(x) for x in np.geomspace(4 << 10, 2 << 20, 6 if quick else 10))
+        rows = tuple(int(x) for x in np.geomspace(64, 4096, 5 if quick else 7))
+        shapes = ((64, 64, 2), (128, 256, 3), (64, 128, 3), (128, 128, 2))
+        dense = ((1, 128, 64, 2), (2, 256, 128, 4), (2, 256, 64, 4), (1, 256, 128, 2))
+        return ProfileConfig(comm, shapes[:2] if quick else shapes, rows, 2, dense[:2] if quick else dense,
+                             reps=3 if quick else 7)
+
+    @staticmethod
+    def gpu(quick: bool = False) -> "ProfileConfig":
+        comm = tuple(int(x) * 4 for x in np.linspace(1 << 18, 24 << 18, 6 if quick else 12))
+        rows = tuple(int(x) for x in np.geomspace(512, 32768, 5 if quick else 7))
+        shapes = ((1024, 2048, 2), (2048, 4096, 2), (2048, 4096, 3), (4096, 4096, 2))
+        dense = ((1, 512, 1024, 8), (2, 1024, 2048, 16), (4, 1024, 2048, 16))
+        return ProfileConfig(comm, shapes[:2] if quick else shapes, rows, 4, dense, reps=5)
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}".replace(" ", "_") + "-nccl"
+    cpu = platform.processor() or platform.machine()
+    return f"cpu-{cpu}-{torch.get_num_threads()}thr-gloo"
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn: Callable[[], None], device, reps: int, warmup: int, group=None) -> float:
+    times = []
+    for k in range(warmup + reps):
+        if group is not None:
+            dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> dict[str, list[list[float]]]:
+    """Every rank runs this; returns points {key: [[n, seconds], ...]} averaged over ranks."""
+    from fsmoe.comm.alltoall import AllToAllStage
+    from fsmoe.comm.esp import EspStage
+    from fsmoe.comm.functional import reduce_scatter_impl_for
+
+    layout = Layout.from_groups(groups)
+    elem = torch.empty(0, dtype=dtype).element_size()
+    D = 64
+    pts: dict[str, list[list[float]]] = {}
+    add = lambda key, n, t: pts.setdefault(key, []).append([float(n), float(t)])
+
+    def a2a_points(group, size, key):
+        stage = AllToAllStage(group)
+        for nbytes in cfg.comm_bytes:
+            rows = max(size, nbytes // (D * elem) // size * size)
+            x = torch.randn(rows, D, device=device, dtype=dtype)
+            splits = (rows // size,) * size
+            t = _median_time(lambda: stage.finish(stage.launch(x, splits, splits)), device, cfg.reps, cfg.warmup,
+                             group)
+            add(key, rows * D * elem, t)
+
+    if groups.ep > 1:
+        a2a_points(groups.ep_group, groups.ep, layout.a2a_key)
+    if groups.esp > 1:
+        if "a2a_intra" not in pts:
+            a2a_points(groups.esp_group, groups.esp, "a2a_intra")
+        esp = EspStage(groups.esp_group, reduce_scatter_impl_for(groups.backend))
+        for nbytes in cfg.comm_bytes:  # n = gathered bytes
+            rows = max(1, nbytes // (D * elem) // groups.esp)
+            x = torch.randn(rows, D, device=device, dtype=dtype)
+            sizes = (rows,) * groups.esp
+            y = torch.randn(rows * groups.esp, D, device=device, dtype=dtype)
+            add("allgather", rows * groups.esp * D * elem,
+                _median_time(lambda: esp.finish_gather(esp.launch_gather(x, sizes)), device, cfg.reps, cfg.warmup,
+                             groups.esp_group))
+            add("reducescatter", rows * groups.esp * D * elem,
+                _median_time(lambda: esp.finish_scatter(esp.launch_scatter(y, sizes)), device, cfg.reps,
+                             cfg.warmup, groups.esp_group))
+    if groups.dp > 1:
+        for nbytes in cfg.comm_bytes:
+            buf = torch.randn(max(1, nbytes // elem), device=device, dtype=dtype)
+            add("allreduce", buf.numel() * elem,
+                _median_time(lambda: dist.all_reduce(buf, group=groups.dp_group), device, cfg.reps, cfg.warmup,
+                             groups.dp_group))
+    for key, n, t in measure_compute(cfg, device, dtype):
+        add(key, n, t)
+    return _mean_over_ranks(pts, groups)
+
+
+def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
+    """Expert forward/backward (expert_ops) and attention forward/backward, on this rank."""
+    from fsmoe.models.attention import Attention
+
+    out = []
+    El = cfg.local_experts
+    for d, f, gemms in cfg.expert_shapes:
+        w = ExpertWeights(torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5,
+                          torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5 if gemms == 3 else None,
+                          torch.randn(El, f, d, device=device, dtype=dtype) / f ** 0.5)
+        wT = tuple(None if t is None else t.transpose(1, 2).contiguous() for t in (w.w1_EDF, w.w3_EDF, w.w2_EFD))
+        for rows in cfg.expert_rows:
+            counts = [rows // El + (1 if e < rows % El else 0) for e in range(El)]
+            c = torch.tensor(counts, device=device)
+            x = torch.randn(rows, d, device=device, dtype=dtype)
+            dy = torch.randn(rows, d, device=device, dtype=dtype)
+            perm = torch.randperm(rows, device=device)  # the executor's gathered <-> expert-major regroup
+            saved = expert_forward(x, c, w)[1]
+            grads = [torch.zeros_like(t) for t in w.tensors()]
+            macs = rows * d * f * gemms
+
+            def fwd():
+                y = expert_forward(x.index_select(0, perm), c, w)[0]
+                torch.empty_like(x).index_copy_(0, perm, y)
+
+            def bwd():
+                dx = expert_backward(saved, dy.index_select(0, perm), c, counts, w, wT, grads)
+                torch.empty_like(dy).index_copy_(0, perm, dx)
+
+            with torch.no_grad():
+                out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup)))
+                out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup)))
+    for B, L, d, heads in cfg.dense_shapes:
+        attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)
+        attn = attn.to(device=device, dtype=dtype)
+        x = torch.randn(B, L, d, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(B, L, d, device=device, dtype=dtype)
+        macs = 4 * B * L * d * d + 2 * B * L * L * d
+        out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup)))
+        ys = []
+
+        def bwd():
+            ys.pop().backward(g)
+
+        times = []
+        for k in range(cfg.warmup + cfg.reps):
+            ys.append(attn(x, None))
+            _sync(device)
+            t0 = time.perf_counter()
+            bwd()
+            _sync(device)
+            if k >= cfg.warmup:
+                times.append(time.perf_counter() - t0)
+        out.append(("dense_bwd", macs, statistics.median(times)))
+    return out
+
+
+def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, list[list[float]]]:
+    if not groups.distributed:
+        return pts
+    keys = sorted(pts)
+    flat = torch.tensor([t for k in keys for _, t in pts[k]], dtype=torch.float64)
+    dist.all_reduce(flat, group=groups.world_group)
+    flat /= groups.world
+    out, i = {}, 0
+    for k in keys:
+        out[k] = [[n, float(flat[i + j])] for j, (n, _) in enumerate(pts[k])]
+        i += len(pts[k])
+    return out
+
+
+def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None) -> Profile:
+    """Measure and fit; the same Profile is returned on every rank."""
+    t0 = time.perf_counter()
+    cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
+    pts = measure(groups, cfg, device)
+    layout = Layout.from_groups(groups)
+    return profile_from_points(hardware_name(device), layout.name, pts,
+                               {"world": groups.world, "reps": cfg.reps, "seconds": time.perf_counter() - t0,
+                                "torch": torch.__version__})
+
+
+# ---------------------------------------------------------------------------- online
+
+
+def samples_from_records(records: list[OpRecord]) -> list[tuple[str, float, float]]:
+    return [(r.op.key, r.op.n, r.dur) for r in records if r.op.key and r.op.n > 0]
+
+
+class OnlineProfiler:
+    """Refits the profile from the executor's recorded op timings every ``every`` steps.
+
+        online = OnlineProfiler(profile, recorder, every=50)
+        ...each step: if (p := online.step()) is not None: schedule = plan(spec, layout, p)
+    """
+
+    def __init__(self, profile: Profile, recorder, every: int = 50, min_points: int = 4):
+        self.profile, self.recorder, self.every, self.min_points = profile, recorder, every, min_points
+        self._steps, self._samples = 0, []
+
+    def step(self) -> Profile | None:
+        self._steps += 1
+        self._samples += samples_from_records(self.recorder.take())
+        if self._steps % self.every:
+            return None
+        self.profile = refit(self.profile, self._samples, min_points=self.min_points)
+        self._samples = []
+        return self.profile
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="measure collectives and expert GEMMs, fit alpha-beta models",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=1, help="processes (relaunched under torchrun)")
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--esp", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="simulated node size")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
+    p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
+                   help="instead of measuring: refit --profile from executor op records (one JSON per line)")
+    p.add_argument("--profile", default=None, help="the profile to refit (with --refit)")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    import json
+
+    from fsmoe.config import ParallelConfig
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.schedule.launch import init_from_env, relaunch_under_torchrun, under_torchrun
+
+    if args.refit:
+        if not args.profile:
+            raise SystemExit("--refit needs --profile PATH")
+        recs = [OpRecord.from_dict(json.loads(line)) for line in Path(args.refit).read_text().splitlines() if line]
+        prof = refit(Profile.load(args.profile), samples_from_records(recs))
+        out = Path(args.out or args.profile)
+        prof.save(out)
+        print(prof.summary())
+        print(f"refitted profile written to {out}")
+        return 0
+    if args.nproc > 1 and not under_torchrun():
+        return relaunch_under_torchrun(args.nproc)
+    device = init_from_env(args.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    groups = build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node))
+    cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
+    prof = run_profile(groups, device, cfg)
+    if groups.rank == 0:
+        out = Path(args.out or f"runs/profiles/{prof.hardware}_{prof.layout}.json")
+        prof.save(out)
+        print(prof.summary())
+        print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
