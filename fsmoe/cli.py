@@ -20,6 +20,8 @@ from fsmoe.config import ConfigError
 COMMANDS = [
     "fsmoe.train",
     "fsmoe.bench",
+    "fsmoe.schedule.profiler",  # fsmoe profile
+    "fsmoe.schedule.cli",  # fsmoe plan
 ]
 
 EXIT_BAD_INPUT = 2

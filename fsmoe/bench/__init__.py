@@ -22,3 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("train", help="tokens/s and MFU of a GPT-MoE training step (vs torchtitan)")
     train.add_arguments(pt)
     pt.set_defaults(func=train.run)
+    from fsmoe.schedule import bench as schedule_bench  # owned by the scheduler (fsmoe/schedule/bench.py)
+
+    ps = sub.add_parser("schedule", help="FSMoE layer grid under the five schedules (multi-process)")
+    schedule_bench.add_arguments(ps)
+    ps.set_defaults(func=schedule_bench.run)
