@@ -62,11 +62,11 @@ def main():
         pl = RoutingPlan.from_topk(ids, torch.rand(T, K, device=dev), E)
         src = torch.randn(T * K, D, device=dev, dtype=torch.bfloat16)
         res = {}
-        for tile in (2048, 4096, 8192):
+        for bd in (256, 512, 1024, 2048):
             for nw in (4, 8):
                 ms = bench_ms(lambda: triton_ops.gather_sum(src, pl.token_slots_TK, pl.expert_ids_N, E, pl.weights_N,
-                                                            tile=tile, num_warps=nw), torch.device(dev), iters=30)
-                res[f"tile{tile}_w{nw}"] = round(ms * 1e3, 1)
+                                                            block_d=bd, num_warps=nw), torch.device(dev), iters=30)
+                res[f"block{bd}_w{nw}"] = round(ms * 1e3, 1)
         gb = (T * K * D + T * D) * 2 / 1e9
         best = min(res, key=res.get)
         out["gather_sum"][name] = {"us": res, "best": best, "best_TBps": round(gb / res[best] * 1e3, 2)}
