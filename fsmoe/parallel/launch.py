@@ -15,6 +15,7 @@ which then fail the same way.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,14 @@ from fsmoe.parallel.groups import ParallelGroups, build_groups
 ABORT_KEY = "fsmoe/abort"  # value: "rank R: <error>" of the first rank that failed
 FIRST_KEY = "fsmoe/failures"  # counter: the rank that takes 1 prints its error
 POLL_S = 0.2  # how often each rank's watchdog looks at the store
-LINGER_S = 1.0  # a failing rank keeps the store up this long so peers can read the post
+# Who exits first matters: without torchrun the store may live in the failing rank (rank 0), so it
+# lingers while the others read the post; under torchrun the agent holds the store, so the failing
+# rank exits at once and the others wait, letting torchrun name it as the root cause.
+LINGER_S = 1.0
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def world_size_from_env() -> int:
@@ -90,15 +98,28 @@ class Watchdog:
             except Exception:  # the store is gone: its host (a peer or torchrun) has died
                 posted = True
             if posted and not self.failing and not self.stopped:
-                os._exit(1)
+                self._stop_because_of_peer()
 
-    def post(self, message: str) -> bool:
+    def _stop_because_of_peer(self) -> None:
+        self.note_peer_failure()
+        time.sleep(LINGER_S if under_torchrun() else 0.0)
+        os._exit(1)
+
+    def note_peer_failure(self) -> None:
+        """For torchrun's summary: this rank stopped because of the first failure."""
+        try:
+            post = json.loads(self.store.get(ABORT_KEY))
+            write_error_file(f"stopped because rank {post['rank']} failed ({post['error']})", post["time"] + 1)
+        except Exception:  # no post readable: nothing better to say
+            pass
+
+    def post(self, error: str, when: int) -> bool:
         """Record this rank's failure; True if it is the first failure of the job."""
         self.failing = True
         try:
             first = self.store.add(FIRST_KEY, 1) == 1
             if first:
-                self.store.set(ABORT_KEY, message)
+                self.store.set(ABORT_KEY, json.dumps({"rank": self.rank, "time": when, "error": error}))
             return first
         except Exception:  # store unreachable: say it ourselves
             return True
@@ -116,13 +137,26 @@ def shutdown_distributed() -> None:
 
 def report_failure(exc: BaseException) -> None:
     """Print this rank's error (only if it is the job's first) and tell every other rank."""
-    rank = int(os.environ.get("RANK", "0"))
-    text = "".join(traceback.format_exception(exc))
+    rank, now = int(os.environ.get("RANK", "0")), int(time.time())
+    error = f"{type(exc).__name__}: {exc}"
     watchdog = Watchdog.current
-    first = watchdog.post(f"rank {rank}: {type(exc).__name__}: {exc}") if watchdog else True
+    first = watchdog.post(error, now) if watchdog else True
     if first:
-        sys.stderr.write(f"[fsmoe rank {rank}] failed; stopping every rank:\n{text}")
+        sys.stderr.write(f"[fsmoe rank {rank}] failed; stopping every rank:\n"
+                         + "".join(traceback.format_exception(exc)))
+        write_error_file(f"{error} (traceback above, printed by rank {rank})", now)
+    elif watchdog:
+        watchdog.note_peer_failure()
     sys.stderr.flush()
+
+
+def write_error_file(message: str, when: int) -> None:
+    """Under torchrun, leave the message for its failure summary; the smallest timestamp is what
+    torchrun names as the root cause, so peers that stop because of it stamp ``when + 1``."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(when)}}}, f)
 
 
 def run_guarded(fn, *args) -> int:
@@ -138,7 +172,7 @@ def run_guarded(fn, *args) -> int:
         if not dist.is_initialized():
             raise
         report_failure(e)
-    time.sleep(LINGER_S)
+    time.sleep(0.0 if under_torchrun() else LINGER_S)
     os._exit(1)
 
 
