@@ -97,11 +97,12 @@ def fsmoe_partitions(spec: LayerSpec, layout: Layout, profile: Profile, r_bwd: i
         return GarPlan("end"), None
     work = layer_work(spec, layout)
     ct = chunk_times(work, profile, layout, float(r_bwd), backward=True)
-    t_layer, _ = layer_time(ct, 0.0, iio)
+    t_layer, _ = layer_time(dataclasses.replace(ct, overlap=1.0), 0.0, iio)
     busy = 2 * r_bwd * ct.a2a if iio else r_bwd * (2 * ct.a2a + ct.ag + ct.rs)
     n, G = spec.n_layers, _gar_bytes(spec)
+    window = ct.overlap * max(0.0, t_layer - busy)  # inter-lane idle time that really is free
     part = partition_gradients(
-        windows_s=[max(0.0, t_layer - busy)] * n, ready_bytes=[k * G for k in range(n)], total_bytes=n * G,
+        windows_s=[window] * n, ready_bytes=[k * G for k in range(n)], total_bytes=n * G,
         t_ar=profile.fits["allreduce"], layer_time_with=lambda k, t: layer_time(ct, t, iio)[0])
     return GarPlan("windows", window_bytes=tuple(reversed(part.window_bytes))), part  # window k is layer n-1-k
 

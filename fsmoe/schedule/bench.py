@@ -48,17 +48,23 @@ from fsmoe.schedule.simulate import simulate_iteration
 from fsmoe.schedule.stages import MoEStages
 from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
 
-GRID = {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
-        "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")}
+GRIDS = {  # FSMoE's axes, scaled to the hardware
+    "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
+            "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")},
+    "gpu": {"batch": (1, 2), "n_heads": (8, 16), "seq_len": (512, 1024), "d_model": (1024, 2048),
+            "h_over_m": (2, 4), "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")},
+}
 
 
-def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0) -> list[LayerSpec]:
-    combos = list(itertools.product(*GRID.values()))
+def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0, grid: str = "cpu",
+               dtype_bytes: int = 4) -> list[LayerSpec]:
+    combos = list(itertools.product(*GRIDS[grid].values()))
     random.Random(seed).shuffle(combos)
+    E = 2 * ep if grid == "cpu" else max(8, 2 * ep)
     out = []
     for B, h, L, M, hm, f, act in combos[:n]:
-        out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=2 * ep, top_k=2, n_heads=h,
-                             capacity_factor=f, activation=act, n_layers=n_layers))
+        out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=E, top_k=2, n_heads=h,
+                             capacity_factor=f, activation=act, n_layers=n_layers, dtype_bytes=dtype_bytes))
     return out
 
 
@@ -74,18 +80,18 @@ class BenchModel:
     g: torch.Tensor
 
 
-def _record_dense(attn: nn.Module, layer: int, macs: float, rec: Recorder) -> None:
+def _record_dense(attn: nn.Module, layer: int, macs: float, rec: Recorder, device) -> None:
     """Time the attention block forward and backward on the compute lane."""
     t = {}
-    attn.register_forward_pre_hook(lambda m, a: t.__setitem__("f", rec.now()))
-    attn.register_forward_hook(lambda m, a, o: rec.add(Op("dense", "fwd", layer, 0, "dense_fwd", macs), "compute",
-                                                       t["f"], rec.now()))
-    attn.register_full_backward_pre_hook(lambda m, g: t.__setitem__("b", rec.now()))
-    attn.register_full_backward_hook(lambda m, gi, go: rec.add(Op("dense", "bwd", layer, 0, "dense_bwd", macs),
-                                                               "compute", t["b"], rec.now()))
+    fwd, bwd = Op("dense", "fwd", layer, 0, "dense_fwd", macs), Op("dense", "bwd", layer, 0, "dense_bwd", macs)
+    attn.register_forward_pre_hook(lambda m, a: t.__setitem__("f", rec.stamp(device)))
+    attn.register_forward_hook(lambda m, a, o: rec.add_span(fwd, "compute", t["f"], rec.stamp(device)))
+    attn.register_full_backward_pre_hook(lambda m, g: t.__setitem__("b", rec.stamp(device)))
+    attn.register_full_backward_hook(lambda m, gi, go: rec.add_span(bwd, "compute", t["b"], rec.stamp(device)))
 
 
-def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0) -> BenchModel:
+def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
+                dtype: torch.dtype = torch.float32) -> BenchModel:
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
     from fsmoe.models.attention import Attention
     from fsmoe.models.block import Block
@@ -102,9 +108,9 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0) 
                          dropout=0.0)
         moe = ParallelMoELayer(cfg, M, groups)
         moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
-        blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device)
+        blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
         moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
-        _record_dense(attn, layer, spec.dense_macs, engine.recorder)
+        _record_dense(attn, layer, spec.dense_macs, engine.recorder, torch.device(device))
         blocks.append(blk)
         executors.append(moe.executor)
         dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
@@ -114,8 +120,8 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0) 
     gs = GradSync.for_blocks(dense, GarPlan(), engine, group=groups.dp_group if groups.dp > 1 else None)
     gs.attach(executors)
     gen = torch.Generator().manual_seed(1000 + groups.rank)  # every rank its own tokens
-    x = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device)
-    g = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device)
+    x = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device, dtype)
+    g = torch.randn(spec.batch, spec.seq_len, M, generator=gen).to(device, dtype)
     return BenchModel(blocks, executors, gs, x, g)
 
 
@@ -216,7 +222,8 @@ def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -
 
 
 def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
-              run_dir: Path, calib_iters: int = 2, quick_sweep: bool = False, log=print) -> dict:
+              run_dir: Path, calib_iters: int = 2, quick_sweep: bool = False, log=print, grid: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> dict:
     layout = Layout.from_groups(groups)
     stages = MoEStages.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
@@ -227,14 +234,15 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     engine = make_engine(device, recorder)
     t_start = time.perf_counter()
     if profile is None:
-        profile = run_profile(groups, device, ProfileConfig.cpu() if device.type == "cpu" else ProfileConfig.gpu())
-    specs = grid_specs(n_configs, layout.ep, n_layers)
+        profile = run_profile(groups, device, ProfileConfig.cpu() if device.type == "cpu" else ProfileConfig.gpu(),
+                              dtype)
+    specs = grid_specs(n_configs, layout.ep, n_layers, grid=grid, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
     log(f"profile ready ({time.perf_counter() - t_start:.0f}s); {len(specs)} configs; layout {layout.name}")
 
     # A. calibration: record Default and FSMoE iterations, refit (online profiling)
     samples = []
     for spec in specs:
-        bm = build_model(spec, groups, stages, engine, device)
+        bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
         p0 = plan_all(spec, layout, profile)
         calib = {name: p0[name] for name in ("default", "fsmoe")}
         _, recs = measure(bm, calib, groups, device, calib_iters, 1, recorder, keep=set(calib))
@@ -248,7 +256,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     rows, errors = [], []
     profiles = {"offline": profile, "refitted": refitted}
     for ci, spec in enumerate(specs):
-        bm = build_model(spec, groups, stages, engine, device)
+        bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
         named = plan_all(spec, layout, refitted)
         sw = sweep(spec, layout, refitted)
         if quick_sweep:
@@ -399,6 +407,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick-sweep", action="store_true", help="sweep r in {1,2} only (smoke runs)")
+    p.add_argument("--grid", default=None, choices=list(GRIDS), help="default: cpu on CPU, gpu on CUDA")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--run-dir", default="runs/bench_schedule")
     p.add_argument("--json", default=None, help="write the results here (default RUN_DIR/results.json)")
 
@@ -417,9 +427,11 @@ def run(args) -> int:
     groups = build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node))
     run_dir = Path(args.run_dir)
     log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     res = run_bench(groups, device, profile=Profile.load(args.profile) if args.profile else None,
                     n_configs=args.configs, iters=args.iters, warmup=args.warmup, n_layers=args.layers,
-                    run_dir=run_dir, quick_sweep=args.quick_sweep, log=log)
+                    run_dir=run_dir, quick_sweep=args.quick_sweep, log=log,
+                    grid=args.grid or ("gpu" if device.type == "cuda" else "cpu"), dtype=dtype)
     if groups.rank == 0:
         command = "fsmoe " + " ".join(sys.argv[1:])
         out = Path(args.json or run_dir / "results.json")
@@ -431,3 +443,9 @@ def run(args) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+if __name__ == "__main__":  # python -m fsmoe.schedule.bench ... (where the console script is not installed)
+    _p = argparse.ArgumentParser(prog="fsmoe bench schedule")
+    add_arguments(_p)
+    raise SystemExit(run(_p.parse_args()))

@@ -53,6 +53,21 @@ class Recorder:
             with self._lock:
                 self.records.append(OpRecord(op, lane, self.rank, t0, t1))
 
+    def stamp(self, device: torch.device):
+        """A point in time on ``device``'s current stream (a CUDA event) or the host clock."""
+        if device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return self.now()
+
+    def add_span(self, op: Op, lane: str, s0, s1) -> None:
+        """Record an op between two :meth:`stamp` results."""
+        if isinstance(s0, float):
+            self.add(op, lane, s0, s1)
+        else:
+            self.add_events(op, lane, s0, s1)
+
     def add_events(self, op: Op, lane: str, e0, e1) -> None:
         if self.enabled:
             if self._base_event is None:
@@ -243,7 +258,8 @@ class SimEngine(Engine):
 
     @staticmethod
     def from_profile(profile, rank: int = 0) -> "SimEngine":
-        return SimEngine(lambda op: profile.t(op.key, op.n) if op.key else 0.0, rank)
+        """Op time from the Profile; ops it has no fit for (unmodelled, e.g. no dense fits) take 0."""
+        return SimEngine(lambda op: profile.t(op.key, op.n) if op.key and profile.has(op.key) else 0.0, rank)
 
     def _deps(self, args) -> float:
         return max([a.end for a in args if isinstance(a, _SimHandle)], default=0.0)

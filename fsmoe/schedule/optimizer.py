@@ -18,6 +18,7 @@ counted as comm, candidates r = 1 and the SLSQP optimum of both regimes rounded 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -90,7 +91,11 @@ def choose_r(work: LayerWork, profile: Profile, layout: Layout, *, backward: boo
 
 
 def pipemoe_r(work: LayerWork, profile: Profile, layout: Layout, r_max: int = 16) -> int:
-    """PipeMoE: T(r) = max(r c, c + r x) with c = 2 a2a + ag + rs per chunk; best integer."""
+    """PipeMoE: T(r) = max(r c, c + r x) with c = 2 a2a + ag + rs per chunk; best integer.
+    PipeMoE's model assumes communication overlaps compute for free, so it ignores
+    ``profile.overlap``."""
+    profile = dataclasses.replace(profile, overlap=1.0)
+
     def T(r: float) -> float:
         ct = chunk_times(work, profile, layout, r)
         return max(case_objectives(ct, iio=False).values())

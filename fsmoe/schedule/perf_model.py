@@ -25,6 +25,11 @@ drain), and its predicate says that resource is the bottleneck:
 Without IIO (FSMoE-No-IIO, Tutel, PipeMoE) one comm lane carries a2a+ag+rs+a2a per chunk,
 c = 2 t_a2a + t_ag + t_rs, and the layer is a two-stage pipeline: max(r c + t_gar, c + r t_exp).
 
+Overlap efficiency eta (``Profile.overlap``, measured by the profiler): each objective is
+eta * objective + (1 - eta) * serial, serial = r (2 t_a2a + t_ag + t_rs + t_exp) + t_gar, the
+time if nothing overlapped. eta = 1 is FSMoE's model; the cases and predicates do not change
+(serial is common to all cases), only how much pipelining can win.
+
 Sizes: see ``LayerSpec`` and ``Layout``; ``chunk_counts`` cuts an integer count matrix the way the
 executor does, so predictions for a real iteration use the same rows the executor moves.
 
@@ -32,7 +37,6 @@ Shape legend: S source ranks (world), E experts, r chunks.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,6 +225,7 @@ class ChunkTimes:
     ag: float
     rs: float
     exp: float
+    overlap: float = 1.0  # eta, from the Profile
 
 
 def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, backward: bool = False) -> ChunkTimes:
@@ -228,7 +233,7 @@ def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, bac
     ek = "expert_bwd" if backward else "expert_fwd"
     return ChunkTimes(r=r, a2a=profile.t(layout.a2a_key, work.a2a_bytes / r),
                       ag=profile.t("allgather", work.ag_bytes / r), rs=profile.t("reducescatter", work.rs_bytes / r),
-                      exp=profile.t(ek, work.expert_macs / r))
+                      exp=profile.t(ek, work.expert_macs / r), overlap=profile.overlap)
 
 
 CASES = (1, 2, 3, 4)
@@ -236,11 +241,16 @@ CASES = (1, 2, 3, 4)
 
 def case_objectives(ct: ChunkTimes, t_gar: float = 0.0, iio: bool = True) -> dict[int, float]:
     """Each case's layer time (see the module docstring). Without IIO: 1 = comm lane, 2 = expert."""
-    r, a, g, s, x = ct.r, ct.a2a, ct.ag, ct.rs, ct.exp
+    r, a, g, s, x, eta = ct.r, ct.a2a, ct.ag, ct.rs, ct.exp, ct.overlap
     if not iio:
         c = 2 * a + g + s
-        return {1: r * c + t_gar, 2: c + r * x}
-    return {1: 2 * r * a + t_gar, 2: 2 * a + g + s + r * x, 3: 2 * r * a + g + s, 4: 2 * a + r * (g + s)}
+        obj = {1: r * c + t_gar, 2: c + r * x}
+    else:
+        obj = {1: 2 * r * a + t_gar, 2: 2 * a + g + s + r * x, 3: 2 * r * a + g + s, 4: 2 * a + r * (g + s)}
+    if eta >= 1.0:
+        return obj
+    serial = r * (2 * a + g + s + x) + t_gar
+    return {c: eta * v + (1.0 - eta) * serial for c, v in obj.items()}
 
 
 def predicates(ct: ChunkTimes, t_gar: float = 0.0) -> dict[str, bool]:
@@ -330,9 +340,3 @@ def op_sizes(cw: ChunkWork, dims: ExpertDims, layout: Layout) -> dict[str, float
             "allgather": cw.gather_rows * rb if layout.esp > 1 else 0.0,
             "reducescatter": cw.gather_rows * rb if layout.esp > 1 else 0.0,
             "expert": float(cw.expert_rows * dims.d_model * dims.f_shard * dims.gemms)}
-
-
-def pow2_neighbours(r: float, r_max: int = 8) -> list[int]:
-    """Powers of two around a continuous r (FSMoE snaps to {1, 2, 4, 8})."""
-    lo = 2 ** max(0, math.floor(math.log2(max(r, 1.0))))
-    return sorted({min(lo, r_max), min(2 * lo, r_max), max(1, lo // 2)})

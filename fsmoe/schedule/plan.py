@@ -42,7 +42,8 @@ def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Sc
     out = [f"layer  B={spec.batch} L={spec.seq_len} M={spec.d_model} H={spec.d_ff} E={spec.num_experts} "
            f"k={spec.top_k} f={spec.capacity_factor or 'dropless'} ffn={spec.activation} x{spec.n_layers} blocks",
            f"layout {layout.name} (EP A2A {'inter' if layout.ep_inter else 'intra'}-node, DP={layout.dp})",
-           f"profile {profile.hardware} / {profile.layout}", ""]
+           f"profile {profile.hardware} / {profile.layout}; comm/compute overlap efficiency "
+           f"{profile.overlap:.2f}{'' if profile.overlap >= 1 else ' (models blend overlapped and serial time)'}", ""]
     for phase, r, rc, case in (("forward", fs.r_fwd, fs.r_fwd_cont, fs.case_fwd),
                                ("backward", fs.r_bwd, fs.r_bwd_cont, fs.case_bwd)):
         ct = chunk_times(work, profile, layout, float(r), backward=phase == "backward")

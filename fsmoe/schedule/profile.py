@@ -14,7 +14,10 @@ Every op the scheduler places is modelled as ``t = alpha + n * beta`` (FSMoE §4
 
 A :class:`Profile` is keyed by ``hardware`` (what it ran on) and ``layout`` (the process-group
 shape), saved as JSON, and carries the raw ``points`` it was fitted on so that :func:`refit` can
-fold in the timings the executor records during training (online profiling).
+fold in the timings the executor records during training (online profiling). ``overlap`` is the
+measured fraction of communication that hides under concurrent compute: about 1 on GPUs (copy
+engines and NICs are not the SMs), near 0 on an oversubscribed CPU where gloo's memcpy competes
+with the GEMMs for the same cores. FSMoE's models assume 1; ours blend (``perf_model``).
 """
 from __future__ import annotations
 
@@ -83,6 +86,7 @@ class Profile:
     fits: dict[str, LinearFit]
     points: dict[str, list[list[float]]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    overlap: float = 1.0  # measured fraction of comm that hides under compute when both run (1: free)
 
     def t(self, key: str, n: float) -> float:
         """Predicted seconds of op ``key`` at size ``n`` (0 for a zero-size op)."""
@@ -98,14 +102,14 @@ class Profile:
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {"hardware": self.hardware, "layout": self.layout,
+        return {"hardware": self.hardware, "layout": self.layout, "overlap": self.overlap,
                 "fits": {k: dataclasses.asdict(v) for k, v in sorted(self.fits.items())},
                 "points": self.points, "meta": self.meta}
 
     @staticmethod
     def from_dict(d: dict) -> "Profile":
         return Profile(d["hardware"], d["layout"], {k: LinearFit(**v) for k, v in d["fits"].items()},
-                       d.get("points", {}), d.get("meta", {}))
+                       d.get("points", {}), d.get("meta", {}), d.get("overlap", 1.0))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -118,7 +122,7 @@ class Profile:
         return Profile.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
-        lines = [f"profile {self.hardware} / {self.layout}",
+        lines = [f"profile {self.hardware} / {self.layout}; comm/compute overlap efficiency {self.overlap:.2f}",
                  f"  {'op':<14} {'alpha (us)':>11} {'1/beta':>14} {'R^2':>8} {'points':>6}"]
         for k, f in sorted(self.fits.items()):
             unit = "MAC/s" if k.startswith(("expert", "dense")) else "B/s"
@@ -128,10 +132,10 @@ class Profile:
 
 
 def profile_from_points(hardware: str, layout: str, points: dict[str, list[list[float]]],
-                        meta: dict | None = None) -> Profile:
+                        meta: dict | None = None, overlap: float = 1.0) -> Profile:
     fits = {k: fit_linear([p[0] for p in v], [p[1] for p in v]) for k, v in points.items() if v}
     return Profile(hardware, layout, fits, {k: [list(map(float, p)) for p in v] for k, v in points.items()},
-                   dict(meta or {}))
+                   dict(meta or {}), overlap)
 
 
 def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_points: int = 4,
@@ -167,4 +171,4 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
         fits[key] = line
         points[key] = pts
     meta = dict(profile.meta, refits=profile.meta.get("refits", 0) + 1)
-    return Profile(profile.hardware, profile.layout, fits, points, meta)
+    return Profile(profile.hardware, profile.layout, fits, points, meta, profile.overlap)

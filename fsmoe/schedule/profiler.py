@@ -11,6 +11,8 @@ then the mean over ranks):
     expert_fwd/expert_bwd   the executor's expert forward / backward (expert_ops.py) over row
                             counts and (d_model, d_ff shard) shapes; n = forward multiply-adds
     dense_fwd/dense_bwd     the attention block (fsmoe.models.attention) over batch shapes
+    overlap (eta)           an AlltoAll on the inter lane beside an expert GEMM on the compute
+                            lane, against each alone: how much communication really hides
 
 Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (``--quick``).
 """
@@ -56,11 +58,12 @@ class ProfileConfig:
 
     @staticmethod
     def gpu(quick: bool = False) -> "ProfileConfig":
+        """FSMoE's sizes (2^18 .. 24 * 2^18 floats) and the GPU layer grid's shapes."""
         comm = tuple(int(x) * 4 for x in np.linspace(1 << 18, 24 << 18, 6 if quick else 12))
-        rows = tuple(int(x) for x in np.geomspace(512, 32768, 5 if quick else 7))
-        shapes = ((1024, 2048, 2), (2048, 4096, 2), (2048, 4096, 3), (4096, 4096, 2))
-        dense = ((1, 512, 1024, 8), (2, 1024, 2048, 16), (4, 1024, 2048, 16))
-        return ProfileConfig(comm, shapes[:2] if quick else shapes, rows, 4, dense, reps=5)
+        rows = tuple(int(x) for x in np.geomspace(128, 8192, 5 if quick else 7))
+        shapes = ((1024, 2048, 2), (2048, 8192, 3), (1024, 4096, 3), (2048, 4096, 2))
+        dense = ((1, 512, 1024, 8), (2, 1024, 2048, 16), (1, 1024, 1024, 8), (2, 512, 2048, 16))
+        return ProfileConfig(comm, shapes[:2] if quick else shapes, rows, 4, dense, reps=10, warmup=3)
 
 
 def hardware_name(device: torch.device) -> str:
@@ -139,6 +142,52 @@ def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float3
     return _mean_over_ranks(pts, groups)
 
 
+def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
+    """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1], mean
+    over ranks: how much of an AlltoAll on the inter lane hides under an expert GEMM on the
+    compute lane (the executor's own engine runs both). 1.0 when there is nothing to measure."""
+    from fsmoe.comm.alltoall import AllToAllStage
+    from fsmoe.schedule.engine import make_engine
+
+    if groups.ep * groups.esp == 1:
+        return 1.0
+    group, size = (groups.ep_group, groups.ep) if groups.ep > 1 else (groups.esp_group, groups.esp)
+    stage, D = AllToAllStage(group), 64
+    elem = torch.empty(0, dtype=dtype).element_size()
+    rows = max(size, cfg.comm_bytes[len(cfg.comm_bytes) // 2] // (D * elem) // size * size)
+    x = torch.randn(rows, D, device=device, dtype=dtype)
+    splits = (rows // size,) * size
+    a2a = lambda: stage.finish(stage.launch(x, splits, splits))
+    d, f, gemms = cfg.expert_shapes[0]
+    w = ExpertWeights(torch.randn(2, d, f, device=device, dtype=dtype), None,
+                      torch.randn(2, f, d, device=device, dtype=dtype))
+    reps, warm = max(cfg.reps, 5), cfg.warmup
+    t_a = _median_time(a2a, device, reps, warm, group)
+    n = cfg.expert_rows[len(cfg.expert_rows) // 2]
+    for _ in range(2):  # size the GEMM to take about as long as the AlltoAll
+        xe = torch.randn(n, d, device=device, dtype=dtype)
+        ce = torch.tensor([n // 2, n - n // 2], device=device)
+        comp = lambda: expert_forward(xe, ce, w)
+        with torch.no_grad():
+            t_c = _median_time(comp, device, reps, warm, group)
+        n = int(min(max(8, n * t_a / max(t_c, 1e-9)), 1 << 16))
+    eng = make_engine(device)
+
+    def both():
+        h = eng.launch("inter", None, lambda: a2a())
+        with torch.no_grad():
+            eng.compute(None, comp)
+        eng.wait(h)
+
+    eng.recorder.enabled = False
+    t_b = _median_time(both, device, reps, warm, group)
+    eng.close()
+    eta = min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
+    v = torch.tensor([eta], dtype=torch.float64)
+    dist.all_reduce(v, group=groups.world_group)
+    return float(v) / groups.world
+
+
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
     """Expert forward/backward (expert_ops) and attention forward/backward, on this rank."""
     from fsmoe.models.attention import Attention
@@ -210,15 +259,17 @@ def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, lis
     return out
 
 
-def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None) -> Profile:
+def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None,
+                dtype: torch.dtype = torch.float32) -> Profile:
     """Measure and fit; the same Profile is returned on every rank."""
     t0 = time.perf_counter()
     cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
-    pts = measure(groups, cfg, device)
+    pts = measure(groups, cfg, device, dtype)
+    eta = measure_overlap(groups, cfg, device, dtype)
     layout = Layout.from_groups(groups)
     return profile_from_points(hardware_name(device), layout.name, pts,
                                {"world": groups.world, "reps": cfg.reps, "seconds": time.perf_counter() - t0,
-                                "torch": torch.__version__})
+                                "torch": torch.__version__}, overlap=eta)
 
 
 # ---------------------------------------------------------------------------- online

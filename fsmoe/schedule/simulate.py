@@ -5,7 +5,9 @@
 backward in reverse (MoE pipeline at r_bwd with the gradient-partition windows, dense backward,
 block ready for the Gradient-AllReduce), then ``GradSync.finish``. Op times come from the
 Profile; row counts from ``counts_SE`` (balanced routing by default) cut exactly as the executor
-cuts them. ``simulate_layer`` is the same for one MoE layer in one direction.
+cuts them. ``simulate_layer`` is the same for one MoE layer in one direction. With a measured
+overlap efficiency eta < 1 (``Profile.overlap``) the times are eta * timeline + (1 - eta) * the
+sum of the op times (the records stay the fully overlapped timeline).
 """
 from __future__ import annotations
 
@@ -36,16 +38,12 @@ class SimResult:
         return max(r.t1 for r in recs) - min(r.t0 for r in recs) if recs else 0.0
 
 
-def _duration(profile: Profile):
-    return lambda op: profile.t(op.key, op.n) if op.key and profile.has(op.key) else 0.0
-
-
 def simulate_layer(spec: LayerSpec, layout: Layout, profile: Profile, r: int, *, backward: bool = False,
                    iio: bool = True, counts_SE: np.ndarray | None = None, rank: int = 0,
                    gar_bytes: float = 0.0) -> float:
     """Seconds of one MoE layer's pipeline in one direction (with an AllReduce of ``gar_bytes``
     queued in its window when backward)."""
-    eng = SimEngine(_duration(profile), rank)
+    eng = SimEngine.from_profile(profile, rank)
     C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
     phase = "bwd" if backward else "fwd"
     ops = chunk_ops(route_work(C, r, layout, rank), ExpertDims.of(spec, layout), layout, phase, 0)
@@ -57,12 +55,12 @@ def simulate_layer(spec: LayerSpec, layout: Layout, profile: Profile, r: int, *,
 
     for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r, window):
         eng.wait(h)
-    return eng.drain()
+    return _blend(profile.overlap, eng.drain(), eng.recorder.records)
 
 
 def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd: int, r_bwd: int, iio: bool,
                        gar: GarPlan, *, counts_SE: np.ndarray | None = None, rank: int = 0) -> SimResult:
-    eng = SimEngine(_duration(profile), rank)
+    eng = SimEngine.from_profile(profile, rank)
     C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
     dims = ExpertDims.of(spec, layout)
     lanes = Lanes.of(iio)
@@ -83,4 +81,14 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
         eng.compute(Op("dense", "bwd", layer, 0, dense_key("dense_bwd"), spec.dense_macs), None)
         gs.on_block_ready(layer)
     gs.finish()
-    return SimResult(tuple(eng.recorder.records), fwd_end, eng.drain())
+    recs = eng.recorder.records
+    eta = profile.overlap
+    return SimResult(tuple(recs), _blend(eta, fwd_end, [r for r in recs if r.op.phase == "fwd"]),
+                     _blend(eta, eng.drain(), recs))
+
+
+def _blend(eta: float, overlapped: float, records) -> float:
+    """eta * (the timeline's end) + (1 - eta) * (every op back to back): see perf_model."""
+    if eta >= 1.0:
+        return overlapped
+    return eta * overlapped + (1.0 - eta) * sum(r.t1 - r.t0 for r in records)

@@ -9,7 +9,6 @@ and a per-op predicted-vs-measured table.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -159,29 +158,4 @@ def effective_durations(records: Sequence[OpRecord], peers) -> list[tuple[OpReco
         starts = [by_op[(kind, phase, layer, chunk, p)].t0 for p in peers(kind, rank)
                   if (kind, phase, layer, chunk, p) in by_op]
         out.append((r, r.t1 - max(starts + [r.t0])))
-    return out
-
-
-def op_errors(measured: Sequence[OpRecord], predict) -> list[dict]:
-    """Relative error of every measured op against ``predict(op) -> seconds`` (same size n)."""
-    out = []
-    for r in measured:
-        if r.op.key and r.op.n > 0 and r.dur > 0:
-            p = predict(r.op)
-            out.append({"kind": r.op.kind, "key": r.op.key, "phase": r.op.phase, "n": r.op.n,
-                        "measured": r.dur, "predicted": p, "rel_err": abs(p - r.dur) / r.dur})
-    return out
-
-
-def error_summary(errors: Sequence[dict]) -> dict[str, dict]:
-    """Median / p90 relative error per fit key and overall."""
-    groups: dict[str, list[float]] = {}
-    for e in errors:
-        groups.setdefault(e["key"], []).append(e["rel_err"])
-    groups["all"] = [e["rel_err"] for e in errors]
-    out = {}
-    for k, v in groups.items():
-        if v:
-            v = sorted(v)
-            out[k] = {"n": len(v), "median": statistics.median(v), "p90": v[min(len(v) - 1, int(0.9 * len(v)))]}
     return out
