@@ -92,6 +92,20 @@ def layer_section(d: dict) -> list[str]:
     return out
 
 
+def rerun_section(first: dict, again: dict) -> list[str]:
+    """Fractions of two runs side by side: their spread is the noise level of the numbers above."""
+    out = ["## Repeatability", "",
+           f"A second run in the same device session (`{again['command']}`); fraction of dense in each:", "",
+           "| config | variant | run 1 | run 2 |", "|---|---|---|---|"]
+    for name, c in again["configs"].items():
+        c1 = first["configs"].get(name, {}).get("variants", {})
+        for v, r in c["variants"].items():
+            if v.startswith("dense") or "fraction" not in r or "fraction" not in c1.get(v, {}):
+                continue
+            out.append(f"| {name} | {LABEL.get(v, v)} | {c1[v]['fraction']:.3f} | {r['fraction']:.3f} |")
+    return out + [""]
+
+
 def train_section(d: dict) -> list[str]:
     out = ["## Training step: GPT-MoE on one GPU", "",
            f"Device: {_meta_line(d)}; MFU against {d.get('peak_tflops')} TFLOP/s (dense bf16 peak by datasheet). "
@@ -125,6 +139,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("inputs", nargs="+", help="JSON files from fsmoe bench layer/train --json")
     ap.add_argument("--notes", help="Markdown appended after the tables")
+    ap.add_argument("--rerun", help="a second `fsmoe bench layer --json` of the same session (repeatability table)")
     ap.add_argument("-o", "--output", default="docs/performance.md")
     a = ap.parse_args()
     docs = [json.loads(Path(p).read_text()) for p in a.inputs]
@@ -135,11 +150,16 @@ def main() -> None:
              "How to reproduce (one GPU; the baselines run in the same process as fsmoe):", "", "```",
              "bash scripts/gpu_check.sh                      # kernel numerics on the device",
              "fsmoe bench layer --iters 30 --profile --json benchmarks/results/layer.json",
-             "fsmoe bench train --profile --json benchmarks/results/train.json",
+             "fsmoe bench train --batch 8 --profile --json benchmarks/results/train.json",
+             "fsmoe bench layer --iters 20 --variants dense,grouped,fsmoe,dense-graph,fsmoe-graph "
+             "--json benchmarks/results/layer_rerun.json",
              "python3 scripts/perf_page.py benchmarks/results/layer.json benchmarks/results/train.json "
-             "--notes benchmarks/results/notes.md", "```", ""]
+             "--rerun benchmarks/results/layer_rerun.json --notes benchmarks/results/notes.md", "```", ""]
     for d in docs:
         lines += layer_section(d) if d.get("kind") == "layer" else train_section(d)
+    first_layer = next((d for d in docs if d.get("kind") == "layer"), None)
+    if a.rerun and first_layer:
+        lines += rerun_section(first_layer, json.loads(Path(a.rerun).read_text()))
     if a.notes and Path(a.notes).exists():
         lines += [Path(a.notes).read_text().rstrip(), ""]
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)

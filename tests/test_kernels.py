@@ -365,7 +365,7 @@ def test_layer_fast_step_captures_as_cuda_graph():
             p.grad = None
         y, st = layer(x)
         torch.autograd.backward([y, st.aux_loss], [dy, torch.ones_like(st.aux_loss)])
-        out["y"] = y
+        out["y"] = y.detach()  # keeping y would keep the eager autograd graph (and its streams) alive
 
     step()
     want = [out["y"].detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]

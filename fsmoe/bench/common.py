@@ -78,11 +78,15 @@ def step_peak_memory_gb(fn: Callable[[], None], device: torch.device) -> float |
     return round((torch.cuda.max_memory_allocated(device) - base) / 2**30, 3)
 
 
+FSMOE_TRITON_KERNELS = {"_gather_rows_kernel", "_gather_sum_kernel", "_combine_bwd_kernel", "_swiglu_fwd_kernel",
+                        "_swiglu_bwd_kernel", "_softmax_topk_kernel", "_zero_tail_kernel"}
+
+
 def kernel_category(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "wgmma", "cublas")):
         return "gemm"
-    if any(s in n for s in ("_gather", "_combine", "_swiglu", "_softmax_topk", "_zero_tail")):
+    if name in FSMOE_TRITON_KERNELS:
         return "fsmoe_triton"
     if any(s in n for s in ("sort", "radix", "scan", "searchsorted", "histogram")):
         return "sort/scan"
