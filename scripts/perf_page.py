@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+CATS = ("gemm", "fsmoe_triton", "elementwise/other", "index/scatter", "sort/scan")
 LAYER_ORDER = ["dense", "loop", "grouped", "torchtitan", "fsmoe-torch", "fsmoe", "dense-graph", "fsmoe-graph"]
 LABEL = {"dense": "dense ceiling", "loop": "HF-style loop", "grouped": "plain grouped_mm recipe",
          "torchtitan": "torchtitan MoE", "fsmoe-torch": "fsmoe (kernels=torch)", "fsmoe": "**fsmoe**",
@@ -73,11 +74,10 @@ def layer_section(d: dict) -> list[str]:
         prof = {k: v[k]["profile"] for k in ("dense", "fsmoe") if v.get(k, {}).get("profile")}
         if prof:
             out += ["", "GPU kernel time by category (torch.profiler, ms per step, % of kernel time):", "",
-                    "| variant | kernel ms | " + " | ".join(["gemm", "fsmoe_triton", "elementwise/other", "index/scatter",
-                                                          "sort/scan"]) + " |", "|---|---|---|---|---|---|---|"]
+                    "| variant | kernel ms | " + " | ".join(CATS) + " |", "|---|---|---|---|---|---|---|"]
             for k, p in prof.items():
                 cells = []
-                for cat in ("gemm", "fsmoe_triton", "elementwise/other", "index/scatter", "sort/scan"):
+                for cat in CATS:
                     x = p["categories"].get(cat)
                     cells.append(f"{x['ms']:.2f} ({x['pct']:.0f}%)" if x else "–")
                 out.append(f"| {k} | {p['total_ms']:.2f} | " + " | ".join(cells) + " |")
@@ -109,8 +109,9 @@ def rerun_section(first: dict, again: dict) -> list[str]:
 def train_section(d: dict) -> list[str]:
     out = ["## Training step: GPT-MoE on one GPU", "",
            f"Device: {_meta_line(d)}; MFU against {d.get('peak_tflops')} TFLOP/s (dense bf16 peak by datasheet). "
-           f"Model `{d['model']}` with {d['layers']} layers, batch {d['batch']} × {d['seq_len']} tokens; bf16 weights, "
-           "gradients and fused-AdamW state; one step = forward, CE + aux loss, backward, optimizer step.", "",
+           f"Model `{d['model']}` with {d['layers']} layers, batch {d['batch']} × {d['seq_len']} tokens; "
+           "bf16 weights, gradients and fused-AdamW state; one step = forward, CE + aux loss, backward, "
+           "optimizer step.", "",
            "Command:", "", "```", d["command"], "```", "",
            "| variant | ms / step | tokens/s | model TFLOP/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|---|"]
     for k, r in d["variants"].items():

@@ -249,7 +249,7 @@ def softmax_topk(logits_TE: Tensor, k: int, normalize: bool) -> tuple[Tensor, Te
     if T:
         BLOCK_E = triton.next_power_of_2(E)
         BLOCK_T = max(1, min(64, 4096 // BLOCK_E))
-        _softmax_topk_kernel[(triton.cdiv(T, BLOCK_T),)](logits_TE, probs, w, ids, T, E, K=k, KP=triton.next_power_of_2(k),
-                                                          NORMALIZE=normalize,
+        _softmax_topk_kernel[(triton.cdiv(T, BLOCK_T),)](logits_TE, probs, w, ids, T, E, K=k,
+                                                          KP=triton.next_power_of_2(k), NORMALIZE=normalize,
                                                           BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
     return probs, w, ids
