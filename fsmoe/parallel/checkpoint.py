@@ -71,27 +71,31 @@ def _contiguous_strides(shape) -> list[int]:
 
 def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGroups,
                     meshes: Meshes | None) -> dict[str, Any]:
-    """Wrap a trainer state (``{"model": {fqn: t}, "optim": {"state": {fqn: {k: t}}, ...}, ...}``)
-    in place: parameters and their same-shaped optimizer tensors become global DTensors."""
+    """A trainer state (``{"model": {fqn: t}, "optim": {"state": {fqn: {k: t}}, ...}, ...}``) with
+    parameters and their same-shaped optimizer tensors as global DTensors. New dicts (the input's
+    may be the optimizer's own); the tensors are shared, so DCP loads into them in place."""
     params = dict(model.named_parameters())
-    model_sd = state.get("model", {})
-    for name in model_sd:
-        if name in params:
-            model_sd[name] = to_global(model_sd[name], get_sharding(params[name]), groups, meshes)
-    for name, moments in state.get("optim", {}).get("state", {}).items():
+
+    def wrap(name: str, t: Any) -> Any:
         p = params.get(name)
-        for key, t in moments.items():
-            if p is not None and isinstance(t, Tensor) and t.shape == p.shape:
-                moments[key] = to_global(t, get_sharding(p), groups, meshes)
-    return state
+        if p is None or not isinstance(t, Tensor) or t.shape != p.shape:
+            return t
+        return to_global(t, get_sharding(p), groups, meshes)
+
+    out = dict(state)
+    if "model" in state:
+        out["model"] = {name: wrap(name, t) for name, t in state["model"].items()}
+    if "optim" in state:
+        out["optim"] = dict(state["optim"])
+        out["optim"]["state"] = {name: {key: wrap(name, t) for key, t in moments.items()}
+                                 for name, moments in state["optim"].get("state", {}).items()}
+    return out
 
 
 def to_local_state(state: Any) -> Any:
-    """Replace every DTensor in a (nested) state by its local shard, in place; returns ``state``."""
+    """A copy of a (nested) state with every DTensor replaced by its local shard."""
     if isinstance(state, dict):
-        for key, value in state.items():
-            state[key] = to_local_state(value)
-        return state
+        return {key: to_local_state(value) for key, value in state.items()}
     if isinstance(state, list):
         return [to_local_state(v) for v in state]
     return state.to_local() if hasattr(state, "to_local") and hasattr(state, "placements") else state

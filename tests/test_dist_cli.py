@@ -1,0 +1,51 @@
+"""The acceptance command at test size: ``fsmoe train --nproc N`` in any layout logs the losses of
+``--nproc 1``; a run checkpointed at EP=2 resumes at DP2xMP2 / EP2xESP2 on 2 simulated nodes
+and still follows the one-process curve."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.moe.experts.d_ff=32",
+         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=3",
+         "train.eval_batches=1", "train.ckpt_every=3", "train.data_limit_mb=0.5", "train.warmup_steps=2",
+         "train.min_lr_ratio=1.0"]  # constant LR after warmup: a run resumed with a larger --steps keeps its schedule
+
+
+def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> None:
+    cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--run-dir", str(run_dir), *flags, *SMALL]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def losses(run_dir: Path) -> dict[int, tuple[float, float | None]]:
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r.get("val_loss")) for r in recs}
+
+
+def assert_same_curve(got: dict, ref: dict) -> None:
+    assert sorted(got) == sorted(ref)
+    for step, (loss, val) in ref.items():
+        assert abs(got[step][0] - loss) < 1e-4, (step, got[step], (loss, val))
+        if val is not None:
+            assert abs(got[step][1] - val) < 1e-4, (step, got[step], (loss, val))
+
+
+def test_nproc4_ep4_and_cross_layout_resume_match_one_process(tmp_path):
+    fsmoe_train(tmp_path / "one", "--nproc", "1", "--steps", "6")
+    ref = losses(tmp_path / "one")
+
+    fsmoe_train(tmp_path / "ep4", "--nproc", "4", "--ep", "4", "--steps", "6")
+    assert_same_curve(losses(tmp_path / "ep4"), ref)
+
+    fsmoe_train(tmp_path / "resumed", "--nproc", "2", "--ep", "2", "--steps", "3")
+    fsmoe_train(tmp_path / "resumed", "--resume", "--nproc", "4", "--mp", "2", "--ep", "2", "--esp", "2",
+                "--gpus-per-node", "2", "--steps", "6")
+    assert_same_curve(losses(tmp_path / "resumed"), ref)
