@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test setup clean gpu-check
+.PHONY: demo demo-dist test setup clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fsmoe train --config tiny --run-dir runs/demo
+
+# The distributed demo: 4 processes as 2 simulated nodes x 2 ranks, FSMoE's layout (dense part
+# DP2 x MP2, MoE part EP2 across the nodes x ESP2 inside each); outputs in runs/demo-dist/.
+demo-dist: $(STAMP)
+	rm -rf runs/demo-dist
+	$(BIN)/fsmoe train --config tiny --nproc 4 --mp 2 --ep 2 --esp 2 --gpus-per-node 2 --steps 150 --run-dir runs/demo-dist
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=600 tests

@@ -27,6 +27,8 @@ from fsmoe.comm.functional import gather_from_group, reduce_scatter_impl_for, sp
 from fsmoe.comm.sharded import ShardedDispatcher
 from fsmoe.config import ConfigError, MoEConfig
 from fsmoe.experts import GroupedExperts
+from fsmoe.kernels import resolve_kernels
+from fsmoe.kernels.experts import FusedGroupedExperts
 from fsmoe.layer import MoELayer, MoEStats
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, set_sharding, tag_module
@@ -39,8 +41,9 @@ EXPERT_SHARDING = {  # weight name -> how it is split (dim 0 experts over ep, f 
 PARTIAL = ParamSharding("world")  # sees this rank's tokens only
 
 
-class ShardedGroupedExperts(GroupedExperts):
-    """Experts ``[ep_rank*El, (ep_rank+1)*El)``, hidden columns ``[esp_rank*F, (esp_rank+1)*F)``.
+class _ExpertShard:
+    """Mixin for an experts class (``GroupedExperts`` or its fused subclass): this rank holds
+    experts ``[ep_rank*El, (ep_rank+1)*El)``, hidden columns ``[esp_rank*F, (esp_rank+1)*F)``.
 
     ``reset_parameters`` draws the *full* ``[E, D, d_ff]`` tensors and keeps this shard, so every
     layout starts from the weights one process would have.
@@ -79,6 +82,19 @@ class ShardedGroupedExperts(GroupedExperts):
                 p.copy_(getattr(full, name)[e0:e0 + El].narrow(f_dim, f0, F_))
 
 
+class ShardedGroupedExperts(_ExpertShard, GroupedExperts):
+    """Plain-PyTorch grouped-GEMM experts, sharded."""
+
+
+class ShardedFusedGroupedExperts(_ExpertShard, FusedGroupedExperts):
+    """Triton-fused experts (GPU), sharded."""
+
+
+def sharded_experts_class(kernels: str):
+    """The sharded counterpart of ``fsmoe.kernels.select.experts_class(kernels)``."""
+    return ShardedFusedGroupedExperts if kernels == "triton" else ShardedGroupedExperts
+
+
 def build_dispatcher(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: str | None = None) -> Dispatcher:
     """The dispatcher for ``cfg.dispatcher`` on this layout (chosen here, never inside forward).
 
@@ -114,9 +130,9 @@ class ParallelMoELayer(MoELayer):
 
     def __init__(self, cfg: MoEConfig, d_model: int, groups: ParallelGroups, *, router=None, order=None,
                  reduce_scatter_impl: str | None = None):
-        experts = ShardedGroupedExperts(cfg.num_experts, d_model, cfg.experts.d_ff, cfg.experts.activation,
-                                        ep=groups.ep, ep_rank=groups.ep_rank, esp=groups.esp,
-                                        esp_rank=groups.esp_rank)
+        experts = sharded_experts_class(resolve_kernels(cfg.kernels))(
+            cfg.num_experts, d_model, cfg.experts.d_ff, cfg.experts.activation, ep=groups.ep, ep_rank=groups.ep_rank,
+            esp=groups.esp, esp_rank=groups.esp_rank)
         super().__init__(cfg, d_model, dispatcher=build_dispatcher(cfg, groups, reduce_scatter_impl),
                          experts=experts, order=order, router=router)
         self.mp, self.mp_group = groups.mp, groups.mp_group
