@@ -1,0 +1,173 @@
+"""Pieces of fsmoe.parallel that need no processes (layout arithmetic, split sizes, regrouping,
+CLI flags), and the differentiable collectives on 3 real processes with uneven, empty splits.
+
+Shape legend: P EP ranks, S ESP ranks, E experts, El local experts, D feature dim.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_workers
+from fsmoe.comm import functional as C
+from fsmoe.comm.layout import DispatchLayout, from_expert_major, to_expert_major
+from fsmoe.config import ConfigError, ParallelConfig, load_config
+from fsmoe.parallel.groups import Layout
+from fsmoe.parallel.launch import add_parallel_arguments, parallel_overrides, strip_flag
+from fsmoe.parallel.sharding import ParamSharding
+from fsmoe.parallel.topology import Topology
+
+# ---------------------------------------------------------------- layout arithmetic
+
+
+def test_groups_of_dp2_mp2_ep2_esp2():
+    lay = Layout(dp=2, mp=2, ep=2, esp=2)
+    assert lay.all_groups("mp") == [[0, 1], [2, 3]] == lay.all_groups("esp")  # ESP = MP, inside a node
+    assert lay.all_groups("dp") == [[0, 2], [1, 3]] == lay.all_groups("ep")
+    assert lay.all_groups("edp") == [[0], [1], [2], [3]] and lay.all_groups("moe") == [[0, 1, 2, 3]]
+    assert lay.coords(3) == lay.coords(3).__class__(dp=1, mp=1, edp=0, ep=1, esp=1)
+
+
+def test_expert_data_parallel_when_ep_esp_smaller_than_world():
+    lay = Layout(dp=4, mp=2, ep=2, esp=2)  # world 8: edp 2
+    assert lay.edp == 2
+    assert lay.all_groups("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert lay.all_groups("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    for kind in ("dp", "mp", "ep", "esp", "edp", "moe"):  # each kind partitions the world
+        assert sorted(r for g in lay.all_groups(kind) for r in g) == list(range(8))
+
+
+@pytest.mark.parametrize("cfg,world,field", [
+    (dict(dp=3, ep=3), 3, "parallel.ep"),  # EP=3 does not divide num_experts=8
+    (dict(dp=2, mp=2), 2, "parallel.dp*mp"),
+    (dict(ep=4), 2, "parallel.ep*esp"),
+])
+def test_bad_layouts_name_the_field(cfg, world, field):
+    with pytest.raises(ConfigError) as e:
+        pc = ParallelConfig(**cfg)
+        pc.validate(num_experts=8)
+        Layout.from_config(pc, world)
+    assert e.value.field_name == field
+
+
+def test_dp_is_filled_from_the_process_count():
+    assert Layout.from_config(ParallelConfig(ep=4), 4) == Layout(dp=4, ep=4)
+    assert Layout.from_config(ParallelConfig(mp=2, ep=2, esp=2), 4) == Layout(dp=2, mp=2, ep=2, esp=2)
+
+
+def test_topology_simulated_nodes():
+    topo = Topology(world=4, ranks_per_node=2)
+    assert topo.num_nodes == 2 and topo.node_of(3) == 1 and topo.ranks_on_node(1) == [2, 3]
+    with pytest.raises(ConfigError):
+        Topology(world=4, ranks_per_node=3)
+
+
+def test_sharding_owner_counts_each_shard_once():
+    class G:  # a stand-in for ParallelGroups: layout + rank
+        def __init__(self, layout, rank):
+            self.layout, self.rank, self.world = layout, rank, layout.world
+            self.coords = layout.coords(rank)
+
+    lay = Layout(dp=2, mp=2, ep=2, esp=2)
+    expert = ParamSharding("edp", ((0, "ep"), (2, "esp")))
+    tp = ParamSharding("dp", ((0, "mp"),))
+    assert [expert.is_owner(G(lay, r)) for r in range(4)] == [True] * 4  # edp = 1: every shard distinct
+    assert [tp.is_owner(G(lay, r)) for r in range(4)] == [True, True, False, False]  # dp_rank 0 of each
+    assert [ParamSharding().is_owner(G(lay, r)) for r in range(4)] == [True, False, False, False]
+
+
+# ---------------------------------------------------------------- split sizes and regrouping
+
+
+def test_dispatch_layout_hand_worked():
+    # P=2 EP ranks x S=2 ESP ranks, E=4 experts (El=2). counts[p][s][e] = rows (p, s) sends to e.
+    counts = [[[1, 0, 2, 3], [0, 4, 0, 1]],
+              [[2, 2, 0, 0], [5, 0, 1, 1]]]
+    lay = DispatchLayout.from_counts(counts, ep_rank=1, esp_rank=0)  # holds experts 2, 3, f-shard 0
+    assert lay.num_sent == 4 and lay.send_splits_P == (4, 0)  # own counts [2, 2, 0, 0]: all to EP rank 0
+    assert lay.recv_splits_P == (5, 0)  # from (0,0): 2+3 rows; from (1,0): 0
+    assert lay.gather_sizes_S == (5, 3)  # ESP peer 1 = (1,1) received 0+1 from (0,1), 1+1 from (1,1)
+    assert lay.blocks_SPEl == (((2, 3), (0, 0)), ((0, 1), (1, 1)))
+    assert lay.tokens_per_local_expert_El == (3, 5)
+
+
+def test_regroup_to_expert_major_and_back():
+    counts = [[[1, 0, 2, 3], [0, 4, 0, 1]], [[2, 2, 0, 0], [5, 0, 1, 1]]]
+    lay = DispatchLayout.from_counts(counts, ep_rank=1, esp_rank=0)
+    # gathered rows labelled by (s, p, e) block: blocks (0,0,e2)x2 (0,0,e3)x3 (1,0,e3)x1 (1,1,e2)x1 (1,1,e3)x1
+    labels = ["s0p0e2"] * 2 + ["s0p0e3"] * 3 + ["s1p0e3"] + ["s1p1e2"] + ["s1p1e3"]
+    x = torch.arange(len(labels), dtype=torch.float32).unsqueeze(1)
+    y = to_expert_major(x, lay)
+    assert [labels[int(v)] for v in y[:, 0]] == ["s0p0e2"] * 2 + ["s1p1e2"] + ["s0p0e3"] * 3 + ["s1p0e3", "s1p1e3"]
+    assert torch.equal(from_expert_major(y, lay), x)
+
+
+# ---------------------------------------------------------------- CLI flags
+
+
+def _args(argv):
+    p = argparse.ArgumentParser()
+    add_parallel_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_parallel_flags_become_overrides(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parallel_overrides(_args(["--nproc", "4", "--ep", "4"])) == ["parallel.dp=4", "parallel.ep=4"]
+    assert parallel_overrides(_args(["--nproc", "4", "--mp", "2", "--gpus-per-node", "2"])) == [
+        "parallel.dp=2", "parallel.mp=2", "parallel.gpus_per_node=2"]
+    assert parallel_overrides(_args([])) == []
+    cfg = load_config("tiny", parallel_overrides(_args(["--nproc", "4", "--ep", "4"])))
+    assert (cfg.parallel.dp, cfg.parallel.ep) == (4, 4)
+
+
+def test_strip_flag():
+    assert strip_flag(["train", "--nproc", "4", "--ep", "4"], "--nproc") == ["train", "--ep", "4"]
+    assert strip_flag(["train", "--nproc=4", "--steps", "2"], "--nproc") == ["train", "--steps", "2"]
+
+
+# ---------------------------------------------------------------- collectives (3 processes)
+
+
+def _collectives(rank, world):
+    """Uneven AlltoAll / AllGather / ReduceScatter (both impls), forward and backward, against
+    references built from all_gather_object."""
+    g = torch.Generator().manual_seed(0)
+    splits = torch.randint(0, 4, (world, world), generator=g)  # splits[src][dst] rows
+    splits[1] = 0  # rank 1 sends nothing
+    splits[:, 2] = 0  # rank 2 receives nothing
+    D = 3
+    x = torch.randn(int(splits[rank].sum()), D, generator=torch.Generator().manual_seed(rank), requires_grad=True)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, x.detach())
+    errs = {}
+    # AlltoAll: y = rows from each source, rank-major; d(sum(y * w))/dx = w routed back.
+    y = C.finish(C.launch_all_to_all(x, splits[:, rank].tolist(), splits[rank].tolist(), None))
+    want = torch.cat([everyone[s].split(splits[s].tolist())[rank] for s in range(world)])
+    (y * (y.detach() + 1)).sum().backward()
+    errs["a2a"] = (y - want).abs().max().item() if want.numel() else float(y.numel())
+    errs["a2a_grad"] = (x.grad - (x.detach() + 1)).abs().max().item() if x.numel() else 0.0
+    sizes = [2, 0, 3]
+    for impl in ("native", "alltoall"):
+        xr = torch.randn(sizes[rank], D, generator=torch.Generator().manual_seed(10 + rank), requires_grad=True)
+        allx = [None] * world
+        dist.all_gather_object(allx, xr.detach())
+        gathered = C.finish(C.launch_all_gather(xr, sizes, None, impl))
+        errs[f"ag_{impl}"] = (gathered - torch.cat(allx)).abs().max().item()
+        gathered.sum().backward()  # each rank's rows are used by all 3 ranks
+        errs[f"ag_grad_{impl}"] = (xr.grad - world).abs().max().item() if xr.numel() else 0.0
+        yg = torch.full((sum(sizes), D), float(rank + 1), requires_grad=True)
+        mine = C.finish(C.launch_reduce_scatter(yg, sizes, None, impl))
+        errs[f"rs_{impl}"] = (mine - sum(range(1, world + 1))).abs().max().item() if mine.numel() else 0.0
+        assert mine.shape == (sizes[rank], D)
+        (mine * 2).sum().backward()
+        errs[f"rs_grad_{impl}"] = (yg.grad - 2).abs().max().item()
+    return errs
+
+
+def test_collectives_uneven_and_empty_on_three_ranks():
+    for rank, errs in enumerate(run_workers(_collectives, 3, timeout_s=120)):
+        assert all(v < 1e-6 for v in errs.values()), (rank, errs)
