@@ -33,3 +33,14 @@ def softmax_topk_fn(impl: str):
     from fsmoe.kernels import router
 
     return router.softmax_topk if impl == "triton" else router.softmax_topk_ref
+
+
+def plan_from_topk_fn(impl: str):
+    """``(ids_TK, weights_TK, E, capacity, **extra) -> RoutingPlan`` for token-choice routers."""
+    if impl == "triton":
+        from fsmoe.kernels.plan import plan_from_topk
+
+        return plan_from_topk
+    from fsmoe.routing.plan import RoutingPlan
+
+    return RoutingPlan.from_topk

@@ -253,3 +253,92 @@ def softmax_topk(logits_TE: Tensor, k: int, normalize: bool) -> tuple[Tensor, Te
                                                           KP=triton.next_power_of_2(k), NORMALIZE=normalize,
                                                           BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, num_warps=4)
     return probs, w, ids
+
+
+# ----------------------------------------------------------------------------- routing plan
+@triton.jit
+def _kmajor_keys_kernel(ids_ptr, keys_ptr, T, K, stride_t, stride_k, BLOCK: tl.constexpr):
+    """keys[k*T + t] = ids[t, k], narrowed to the key dtype (k-major: first choices first)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = i < T * K
+    k = i // T
+    t = i - k * T
+    v = tl.load(ids_ptr + t * stride_t + k * stride_k, mask=m, other=0)
+    tl.store(keys_ptr + i, v.to(keys_ptr.dtype.element_ty), mask=m)
+
+
+def kmajor_keys(ids_TK: Tensor, key_dtype: torch.dtype) -> Tensor:
+    T, K = ids_TK.shape
+    keys = torch.empty(T * K, device=ids_TK.device, dtype=key_dtype)
+    if T * K:
+        BLOCK = 1024
+        _kmajor_keys_kernel[(triton.cdiv(T * K, BLOCK),)](ids_TK, keys, T, K, ids_TK.stride(0), ids_TK.stride(1),
+                                                           BLOCK=BLOCK, num_warps=4)
+    return keys
+
+
+@triton.jit
+def _sorted_counts_kernel(keys_ptr, out_ptr, N, E, ITERS, BLOCK_E: tl.constexpr):
+    """out[e] = #(keys == e) for e < E from sorted keys (two vectorised binary searches);
+    out[E] = 0 (the plan's dropped count: there is no capacity on this path)."""
+    e = tl.arange(0, BLOCK_E)
+    lo_a = tl.zeros([BLOCK_E], dtype=tl.int64)
+    hi_a = tl.zeros([BLOCK_E], dtype=tl.int64) + N
+    lo_b = tl.zeros([BLOCK_E], dtype=tl.int64)
+    hi_b = tl.zeros([BLOCK_E], dtype=tl.int64) + N
+    for _ in range(ITERS):  # lower_bound(e) in [lo_a, hi_a), lower_bound(e + 1) in [lo_b, hi_b)
+        act_a = lo_a < hi_a
+        mid_a = (lo_a + hi_a) // 2
+        va = tl.load(keys_ptr + mid_a, mask=act_a, other=0).to(tl.int32)
+        go_a = act_a & (va < e)
+        lo_a = tl.where(go_a, mid_a + 1, lo_a)
+        hi_a = tl.where(act_a & (va >= e), mid_a, hi_a)
+        act_b = lo_b < hi_b
+        mid_b = (lo_b + hi_b) // 2
+        vb = tl.load(keys_ptr + mid_b, mask=act_b, other=0).to(tl.int32)
+        go_b = act_b & (vb < e + 1)
+        lo_b = tl.where(go_b, mid_b + 1, lo_b)
+        hi_b = tl.where(act_b & (vb >= e + 1), mid_b, hi_b)
+    counts = tl.where(e < E, lo_b - lo_a, 0)
+    tl.store(out_ptr + e, counts, mask=e <= E)
+
+
+def sorted_counts(sorted_keys_N: Tensor, num_experts: int) -> Tensor:
+    """[E + 1] int64: per-expert counts of sorted keys, then a 0 (no drops)."""
+    N = sorted_keys_N.numel()
+    out = torch.empty(num_experts + 1, device=sorted_keys_N.device, dtype=torch.int64)
+    _sorted_counts_kernel[(1,)](sorted_keys_N, out, N, num_experts, max(1, N.bit_length()),
+                                BLOCK_E=triton.next_power_of_2(num_experts + 1), num_warps=4)
+    return out
+
+
+@triton.jit
+def _plan_finish_kernel(perm_ptr, skeys_ptr, w_ptr, tok_ptr, exp_ptr, wout_ptr, slots_ptr, N, T, K,
+                        stride_wt, stride_wk, BLOCK: tl.constexpr):
+    """Row n of the sorted plan came from k-major assignment i = perm[n] = k*T + t:
+    token t, expert skeys[n], weight w[t, k], and token t's k-th slot is n."""
+    n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = n < N
+    i = tl.load(perm_ptr + n, mask=m, other=0).to(tl.int64)
+    k = i // T
+    t = i - k * T
+    tl.store(tok_ptr + n, t, mask=m)
+    tl.store(exp_ptr + n, tl.load(skeys_ptr + n, mask=m, other=0).to(tl.int64), mask=m)
+    tl.store(wout_ptr + n, tl.load(w_ptr + t * stride_wt + k * stride_wk, mask=m, other=0.0), mask=m)
+    tl.store(slots_ptr + t * K + k, n, mask=m)
+
+
+def plan_finish(perm_N: Tensor, sorted_keys_N: Tensor, w_TK: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (token_ids_N, expert_ids_N, weights_N, token_slots_TK)."""
+    T, K = w_TK.shape
+    N = perm_N.numel()
+    dev = perm_N.device
+    tok = torch.empty(N, device=dev, dtype=torch.int64)
+    exp = torch.empty(N, device=dev, dtype=torch.int64)
+    w = torch.empty(N, device=dev, dtype=w_TK.dtype)
+    slots = torch.empty(T, K, device=dev, dtype=torch.int64)
+    if N:
+        BLOCK = 1024
+        _plan_finish_kernel[(triton.cdiv(N, BLOCK),)](perm_N, sorted_keys_N, w_TK, tok, exp, w, slots, N, T, K,
+                                                      w_TK.stride(0), w_TK.stride(1), BLOCK=BLOCK, num_warps=4)
+    return tok, exp, w, slots
