@@ -15,6 +15,7 @@ import torch
 from fsmoe.bench.common import bench_ms
 from fsmoe.bench.layer import LAYER_CONFIGS, Weights, _build_fsmoe
 from fsmoe.kernels import permute, router, triton_ops
+from fsmoe.kernels.plan import plan_from_topk
 from fsmoe.routing.plan import RoutingPlan
 
 
@@ -32,6 +33,7 @@ def host_us(fn, n=300):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--host-only", action="store_true", help="only the host launch costs")
     a = ap.parse_args()
     out = {}
     dev = "cuda"
@@ -50,8 +52,15 @@ def main():
         "softmax_topk_ref": host_us(lambda: router.softmax_topk_ref(lg, 2, True)),
         "RoutingPlan.from_topk": host_us(lambda: RoutingPlan.from_topk(p.expert_ids_N.view(64, 2),
                                                                        lg[:, :2], 8), n=100),
+        "kernels.plan.plan_from_topk": host_us(lambda: plan_from_topk(p.expert_ids_N.view(64, 2), lg[:, :2], 8),
+                                               n=100),
     }
     print("host us/launch:", out["host_us"], flush=True)
+    if a.host_only:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
 
     # 2. gather_sum tile / warps sweep (GPU time)
     out["gather_sum"] = {}
