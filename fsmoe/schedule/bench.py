@@ -23,6 +23,7 @@ L {128,256}, M {64,128}, H/M {2,4}, f {1.2, dropless}, FFN {simple GeLU, Mixtral
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -417,6 +418,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
+    p.add_argument("--assume-overlap", type=float, default=None, metavar="ETA",
+                   help="override the profile's measured overlap efficiency (1.0 = FSMoE's own model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick-sweep", action="store_true", help="sweep r in {1,2} only (smoke runs)")
     p.add_argument("--grid", default=None, choices=list(GRIDS), help="default: cpu on CPU, gpu on CUDA")
@@ -440,7 +443,13 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    res = run_bench(groups, device, profile=Profile.load(args.profile) if args.profile else None,
+    profile = Profile.load(args.profile) if args.profile else None
+    if args.assume_overlap is not None:
+        if profile is None:
+            profile = run_profile(groups, device, ProfileConfig.cpu() if device.type == "cpu" else ProfileConfig.gpu(),
+                                  dtype)
+        profile = dataclasses.replace(profile, overlap=args.assume_overlap)
+    res = run_bench(groups, device, profile=profile,
                     n_configs=args.configs, iters=args.iters, warmup=args.warmup, n_layers=args.layers,
                     run_dir=run_dir, quick_sweep=args.quick_sweep, log=log,
                     grid=args.grid or ("gpu" if device.type == "cuda" else "cpu"), dtype=dtype)
