@@ -19,7 +19,8 @@ SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "mode
 
 
 def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> None:
-    cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--run-dir", str(run_dir), *flags, *SMALL]
+    cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--device", "cpu", "--run-dir", str(run_dir),
+           *flags, *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

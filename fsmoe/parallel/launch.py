@@ -27,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fsmoe.config import ParallelConfig
+from fsmoe.config import ConfigError, ParallelConfig
 from fsmoe.parallel.groups import ParallelGroups, build_groups
 
 ABORT_KEY = "fsmoe/abort"  # value: "rank R: <error>" of the first rank that failed
@@ -47,21 +47,27 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def pick_backend(cfg: ParallelConfig) -> str:
+def pick_backend(cfg: ParallelConfig, device_type: str) -> str:
+    """``parallel.backend``, or for ``auto`` the one that fits the training device."""
     if cfg.backend != "auto":
         return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if device_type == "cuda" else "gloo"
 
 
-def init_distributed(cfg: ParallelConfig) -> ParallelGroups:
+def init_distributed(cfg: ParallelConfig, device_type: str = "cpu") -> ParallelGroups:
     """Start the process group (if torchrun started several processes) and build the groups.
-    In one process without torchrun: no process group, ``ParallelGroups.single()``."""
+    ``device_type``: where this rank computes ("cuda": one GPU per local rank). In one process
+    without torchrun: no process group, ``ParallelGroups.single()``."""
     if world_size_from_env() == 1 and not dist.is_initialized():
         return build_groups(cfg)
     if not dist.is_initialized():
-        backend = pick_backend(cfg)
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = pick_backend(cfg, device_type)
+        if device_type == "cuda":
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= gpus:
+                raise ConfigError("--nproc", os.environ.get("LOCAL_WORLD_SIZE"),
+                                  f"more processes per node than GPUs ({gpus}); use fewer or --device cpu")
+            torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.timeout_s))
     Watchdog.start_from_env(dist.get_rank())
     return build_groups(cfg)

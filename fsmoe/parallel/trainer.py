@@ -27,7 +27,7 @@ from fsmoe.parallel.grads import clip_grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
-from fsmoe.train import StepResult, Trainer
+from fsmoe.train import StepResult, Trainer, resolve_device
 
 
 class ParallelTrainer(Trainer):
@@ -75,7 +75,7 @@ def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
     stops every rank (fsmoe.parallel.launch)."""
 
     def main() -> int:
-        groups = init_distributed(cfg.parallel)
+        groups = init_distributed(cfg.parallel, resolve_device(cfg.train).type)
         ParallelTrainer(cfg, run_dir, groups=groups, resume=resume).fit()
         shutdown_distributed()
         return 0
