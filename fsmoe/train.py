@@ -347,13 +347,18 @@ class Trainer:
                         TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                         console=self.console, disable=not (self.is_writer and self.console.is_terminal))
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all, active per token) parameters of the model; fsmoe.parallel counts global tensors."""
+        return self.model.num_parameters(), self.model.num_parameters(active_only=True)
+
     def _print_header(self) -> None:
         if not self.is_writer:
             return
         m, c, h = self.model, self.corpus, self.corpus.unigram_entropy_nats()
+        total, active = self.parameter_counts()
         self.console.print(
-            f"[bold]fsmoe train[/] {self.cfg.name}: {m.num_parameters() / 1e6:.2f}M parameters "
-            f"({m.num_parameters(active_only=True) / 1e6:.2f}M active), {len(m.moe_layers())} MoE layers x "
+            f"[bold]fsmoe train[/] {self.cfg.name}: {total / 1e6:.2f}M parameters "
+            f"({active / 1e6:.2f}M active), {len(m.moe_layers())} MoE layers x "
             f"{self.cfg.model.moe.num_experts} experts (top-{self.cfg.model.moe.router.top_k}, "
             f"{self.cfg.model.moe.router.name}) on {self.device}")
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "

@@ -13,6 +13,7 @@ Launch: ``torchrun --nproc-per-node N -m fsmoe.train ...`` or ``fsmoe train --np
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from fsmoe.config import RunConfig
 from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
 from fsmoe.parallel.grads import clip_grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.train import StepResult, Trainer, resolve_device
@@ -43,6 +45,25 @@ class ParallelTrainer(Trainer):
 
     def _dp_shard(self) -> tuple[int, int]:
         return self.groups.dp_rank, self.groups.dp
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """Of the global model (shards counted at their global shape), as one process would report."""
+        def numel(p) -> int:
+            return math.prod(get_sharding(p).global_shape(p.shape, self.groups))
+
+        total = sum(numel(p) for p in self.model.parameters())
+        active = total
+        for layer in self.model.moe_layers():
+            routed = sum(numel(p) for p in layer.experts.parameters())
+            active -= routed - layer.cfg.router.top_k * routed // layer.cfg.num_experts
+        return total, active
+
+    def _print_header(self) -> None:
+        super()._print_header()
+        g = self.groups
+        if self.is_writer:
+            self.console.print(f"layout: {g.world} processes ({g.backend}, {g.topology.num_nodes} node(s)); dense "
+                               f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}")
 
     def sync_grads(self) -> None:
         sync_grads(self.model, self.groups)
