@@ -7,7 +7,8 @@ A dispatcher is a stateless object, not an ``nn.Module``. Each direction is spli
 ``launch`` (start communication, return a pending handle) and ``finish`` (wait, post-process),
 so a scheduler can overlap one chunk's communication with another chunk's compute; ``dispatch``
 and ``combine`` are the sequential composition. Backends: ``LocalDispatcher`` (one process,
-identity), ``AllToAllDispatcher`` (EP, uneven AlltoAll) in ``alltoall.py``.
+identity), ``ShardedDispatcher`` in ``sharded.py`` (EP AlltoAll stage ``alltoall.py`` + ESP
+AllGather/ReduceScatter stage ``esp.py``; chosen by ``fsmoe.parallel.moe.build_dispatcher``).
 """
 from __future__ import annotations
 

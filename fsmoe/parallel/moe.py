@@ -143,8 +143,9 @@ class ParallelMoELayer(MoELayer):
     def from_layer(layer: MoELayer, groups: ParallelGroups, reduce_scatter_impl: str | None = None
                    ) -> "ParallelMoELayer":
         """Shard a one-process layer: same router, shared experts and hooks; experts sliced."""
-        new = ParallelMoELayer(layer.cfg, layer.d_model, groups, router=layer.router, order=layer.order,
-                               reduce_scatter_impl=reduce_scatter_impl)
+        with torch.random.fork_rng(devices=[]):  # construction draws are discarded: leave the RNG as it was
+            new = ParallelMoELayer(layer.cfg, layer.d_model, groups, router=layer.router, order=layer.order,
+                                   reduce_scatter_impl=reduce_scatter_impl)
         new.experts.load_full(layer.experts)
         new.shared = layer.shared
         new._hooks = layer._hooks
