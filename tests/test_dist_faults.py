@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_utils import spawn_workers
 from fsmoe.config import ParallelConfig

@@ -12,7 +12,6 @@ checkpoint that the other launches load at EP=1, 2 and 8.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 
 import pytest
