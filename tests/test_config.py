@@ -36,7 +36,7 @@ BAD = [
     (["model.moe.router.name=softmoe"], "model.moe.router.name", "not causal"),
     (["model.moe.router.name=expert_choice"], "model.moe.router.name", "allow_noncausal"),
     (["parallel.dp=3", "parallel.ep=3"], "parallel.ep", "does not divide num_experts=8"),
-    (["parallel.dp=4", "parallel.ep=2"], "parallel.ep*esp", "dp*mp=4"),
+    (["parallel.dp=4", "parallel.ep=8"], "parallel.ep*esp", "must divide dp*mp=4"),  # dp=4, ep=2 is valid: edp=2
     (["parallel.dp=2", "parallel.ep=2", "parallel.gpus_per_node=3"], "parallel.gpus_per_node", "divide"),
     (["parallel.dp=0"], "parallel.dp", ">= 1"),
     (["model.moe.num_expert=16"], "model.moe.num_expert", "did you mean 'num_experts'"),
