@@ -235,6 +235,12 @@ class Trainer:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["sched"])
         self.step = int(state["step"])
+        # The saved lr belongs to the saved schedule; a resume with another train.steps or
+        # train.lr continues on the current one (same expression as LambdaLR: bit-exact otherwise).
+        mult = lr_multiplier(self.tcfg)(self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.tcfg.lr * mult
+        self.scheduler.base_lrs = [self.tcfg.lr] * len(self.optimizer.param_groups)
         self.sampler.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"]:

@@ -89,8 +89,12 @@ def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
 
 def test_resume_with_more_steps_continues_from_the_last_checkpoint(finished_run, tmp_path):
     run_dir = copy_run(finished_run, tmp_path)
-    Trainer(small_cfg("train.steps=12"), run_dir, resume=True, console=quiet()).fit()
-    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))
+    cfg = small_cfg("train.steps=12")
+    Trainer(cfg, run_dir, resume=True, console=quiet()).fit()
+    metrics = read_metrics(run_dir)
+    assert [r["step"] for r in metrics] == list(range(1, 13))
+    # the resumed steps follow the 12-step schedule, not the saved 10-step one
+    assert [r["lr"] for r in metrics[10:]] == [cfg.train.lr * lr_multiplier(cfg.train)(s) for s in (10, 11)]
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [10, 12]
 
 
