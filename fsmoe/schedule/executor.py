@@ -146,7 +146,6 @@ class _State:
     counts_SE: np.ndarray
     routes: list[ChunkRoute]
     saved: list[tuple]
-    num_rows: int
 
 
 class PipelinedExecutor:
@@ -209,7 +208,7 @@ class PipelinedExecutor:
 
         handles = run_pipeline(eng, self.lanes, ops, st.esp, self._fns(expert), x_ND, routes)
         y_ND = self._scatter_rows(x_ND, routes, [eng.wait(h) for h in handles])
-        return y_ND, _State(counts_SE, routes, saved, x_ND.shape[0])
+        return y_ND, _State(counts_SE, routes, saved)
 
     # ------------------------------------------------------------------ backward
     def run_backward(self, state: _State, dy_ND: Tensor, w: ExpertWeights) -> tuple[Tensor, list[Tensor]]:
