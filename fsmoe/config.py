@@ -226,6 +226,10 @@ class ModelConfig:
         return i >= self.first_dense and (i - self.first_dense) % self.moe_every == self.moe_every - 1
 
 
+# parallel.schedule: the policy names of fsmoe/schedule/baselines.py (POLICY_NAMES), "default" first.
+SCHEDULES = ("default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe")
+
+
 @dataclass
 class ParallelConfig:
     """``world = dp * mp = edp * ep * esp``. ESP shards each expert along d_ff inside a node;
@@ -238,6 +242,12 @@ class ParallelConfig:
     gpus_per_node: int | None = None  # simulated node size for topology-aware paths; None = real nodes
     backend: str = "auto"  # auto | gloo | nccl
     timeout_s: float = 120.0  # collective timeout: a stuck rank fails instead of hanging
+    # The MoE schedule `fsmoe train` runs (fsmoe.schedule, docs/scheduler.md): "default" is the plain
+    # dispatcher and one gradient sync; any other name is a policy of fsmoe/schedule/baselines.py,
+    # planned at start-up and run by the pipelined executor + partitioned gradient AllReduce.
+    schedule: str = "default"
+    profile: str | None = None  # Profile JSON (`fsmoe profile`); None: a quick profile at start-up
+    pipeline_degree: int = 0  # 0: the planner's r; k >= 1 forces r_fwd = r_bwd = k
 
     @property
     def world(self) -> int:
@@ -257,6 +267,15 @@ class ParallelConfig:
             _check(self.gpus_per_node >= 1 and self.world % self.gpus_per_node == 0,
                    f"{prefix}.gpus_per_node", self.gpus_per_node, f"must divide world size {self.world}")
         _positive(f"{prefix}.timeout_s", self.timeout_s)
+        _check(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule,
+               f"allowed values are {list(SCHEDULES)}")
+        _check(self.profile is None or (isinstance(self.profile, str) and self.profile != ""),
+               f"{prefix}.profile", self.profile, "must be a path to a Profile JSON (fsmoe profile) or unset")
+        _check(isinstance(self.pipeline_degree, int) and self.pipeline_degree >= 0, f"{prefix}.pipeline_degree",
+               self.pipeline_degree, "must be an integer >= 0 (0 = the planner's r)")
+        if self.schedule == "default":
+            _check(self.pipeline_degree == 0, f"{prefix}.pipeline_degree", self.pipeline_degree,
+                   f"needs a pipelined {prefix}.schedule (one of {list(SCHEDULES[1:])}); 'default' runs r = 1")
 
 
 @dataclass
@@ -281,6 +300,7 @@ class TrainConfig:
     val_fraction: float = 0.05
     dtype: str = "float32"  # float32 | bfloat16
     device: str = "auto"  # auto | cpu | cuda
+    timeline_steps: int = 0  # record this many steps' op timeline (needs a pipelined parallel.schedule)
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -294,6 +314,8 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _one_of(f"{prefix}.dtype", self.dtype, {"float32", "bfloat16"})
         _one_of(f"{prefix}.device", self.device, {"auto", "cpu", "cuda"})
+        _check(isinstance(self.timeline_steps, int) and self.timeline_steps >= 0, f"{prefix}.timeline_steps",
+               self.timeline_steps, "must be an integer >= 0 (0 = off)")
 
 
 @dataclass
@@ -310,6 +332,10 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model.moe.num_experts)
         self.train.validate(self.model.max_seq_len)
+        if self.train.timeline_steps and self.parallel.schedule == "default":
+            raise ConfigError("train.timeline_steps", self.train.timeline_steps,
+                              f"records the pipelined executor's ops; set parallel.schedule to one of "
+                              f"{list(SCHEDULES[1:])}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

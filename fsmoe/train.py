@@ -186,6 +186,8 @@ class Trainer:
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
+        self.moe_schedule = self.build_schedule()  # fsmoe.schedule.training.TrainingSchedule or None
+        self._schedule_metrics: dict[str, Any] = {}
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
 
     def _build_data(self) -> tuple[Corpus, BatchSampler, list[tuple[Tensor, Tensor]]]:
@@ -204,6 +206,15 @@ class Trainer:
     def build_model(self) -> nn.Module:
         """The model, initialised from ``train.seed`` (fsmoe.parallel's trainer shards it)."""
         return build_model(self.cfg.model, seed=self.tcfg.seed)
+
+    def build_schedule(self) -> Any:
+        """The pipelined MoE schedule (``parallel.schedule``); fsmoe.parallel's trainer installs
+        it. One process runs the default schedule only."""
+        if self.cfg.parallel.schedule != "default":
+            raise ConfigError("parallel.schedule", self.cfg.parallel.schedule,
+                              "a pipelined schedule runs under the distributed trainer; launch with "
+                              "`fsmoe train --nproc N` (N >= 2) or use 'default'")
+        return None
 
     def _find_checkpoint(self) -> Path:
         _, path = checkpoint.latest_checkpoint(self.run_dir)
@@ -259,6 +270,8 @@ class Trainer:
         """One optimizer step on the next batch; advances ``self.step``."""
         x_BL, y_BL = (t.to(self.device, non_blocking=True) for t in self.sampler.next())
         self.model.train()
+        if self.moe_schedule is not None:
+            self.moe_schedule.begin_step(self.step)
         with self.autocast():
             out = self.model(x_BL)
             ce = self.loss(out, y_BL)
@@ -266,6 +279,8 @@ class Trainer:
         (ce + out.aux_loss.float()).backward()
         self.sync_grads()
         grad_norm = self.clip_grads()
+        if self.moe_schedule is not None:  # timeline + online refit after its last recorded step
+            self._schedule_metrics.update(self.moe_schedule.end_step(self.step))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -332,7 +347,12 @@ class Trainer:
 
     def _record(self, r: StepResult, tokens_per_s: float, load: list[list[float]]) -> dict[str, Any]:
         return {"step": self.step, "loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s, "grad_norm": r.grad_norm,
-                "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load, "imbalance": imbalance(load)}
+                "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load, "imbalance": imbalance(load),
+                **self._pop_schedule_metrics()}
+
+    def _pop_schedule_metrics(self) -> dict[str, Any]:
+        out, self._schedule_metrics = self._schedule_metrics, {}
+        return out
 
     def _log(self, record: dict[str, Any], evaluate: bool, console: Console) -> None:
         """Add ``val_loss`` if evaluating, write the record, and print it where no live bar shows it."""
@@ -369,6 +389,8 @@ class Trainer:
             f"{self.cfg.model.moe.router.name}) on {self.device}")
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
                            f"val bytes; unigram byte entropy {h:.3f} nats ({nats_to_bits(h):.3f} bits)")
+        if self.moe_schedule is not None:
+            self.console.print(self.moe_schedule.describe())
         if self.step:
             done = f"; already at train.steps={self.tcfg.steps}, pass a larger --steps to go on" \
                 if self.step >= self.tcfg.steps else ""
@@ -411,6 +433,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-dir from its latest checkpoint")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
+    parser.add_argument("--timeline", type=int, nargs="?", const=3, metavar="STEPS",
+                        help="record STEPS (default 3) steps' op timeline: timeline.json + timeline.png in the "
+                             "run dir, refit error in metrics (train.timeline_steps; needs parallel.schedule)")
     add_parallel_arguments(parser)
 
 
@@ -426,7 +451,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Config and run dir from the command line: preset or file (or, on --resume without
     --config, the run's saved config) + ``--set`` + the shortcut flags, which win."""
     overrides = parallel_overrides(args) + list(args.overrides)
-    for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device")):
+    for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("timeline", "train.timeline_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     if args.data:

@@ -65,8 +65,29 @@ class ParallelTrainer(Trainer):
             self.console.print(f"layout: {g.world} processes ({g.backend}, {g.topology.num_nodes} node(s)); dense "
                                f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}")
 
+    def build_schedule(self):
+        """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
+        from fsmoe.schedule.training import TrainingSchedule
+
+        return TrainingSchedule.build(self.cfg, self.model, self.groups, self.device, self.run_dir, self.is_writer,
+                                      start_step=self.step)
+
     def sync_grads(self) -> None:
-        sync_grads(self.model, self.groups)
+        """Plain flat AllReduce per reduce kind; under a pipelined schedule the dense (dp) part
+        is the GradSync's partitions, finished here before the rest, so clipping sees full sums."""
+        ts = self.moe_schedule
+        if ts is None or ts.grad_sync is None:
+            sync_grads(self.model, self.groups)
+            return
+        from fsmoe.schedule.training import sync_other_kinds
+
+        ts.sync_dense(self.model)
+        sync_other_kinds(self.model, self.groups)
+
+    def close(self) -> None:
+        """Stop the schedule's lane threads and hooks."""
+        if self.moe_schedule is not None:
+            self.moe_schedule.close()
 
     def clip_grads(self) -> Tensor:
         return clip_grad_norm(self.model, self.tcfg.grad_clip, self.groups)
@@ -97,7 +118,9 @@ def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
 
     def main() -> int:
         groups = init_distributed(cfg.parallel, resolve_device(cfg.train).type)
-        ParallelTrainer(cfg, run_dir, groups=groups, resume=resume).fit()
+        trainer = ParallelTrainer(cfg, run_dir, groups=groups, resume=resume)
+        trainer.fit()
+        trainer.close()
         shutdown_distributed()
         return 0
 

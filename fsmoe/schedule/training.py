@@ -1,0 +1,290 @@
+"""The scheduler inside ``fsmoe train``: plan once at start-up, install, record a timeline.
+
+Chosen at build time (``parallel.schedule``), never inside forward::
+
+    ts = TrainingSchedule.build(cfg, model, groups, device, run_dir)   # None for "default"
+    ... each step: ts.begin_step(step); forward; backward
+    ts.sync_dense(model)            # finish the partitioned dense AllReduce (GradSync), before
+                                    # the other reduce kinds and before the grad-norm
+    metrics = ts.end_step(step)     # timeline: trace + Gantt + refit error after the last recorded step
+
+What it installs: a ``PipelinedExecutor`` (the plan's r_fwd / r_bwd / IIO) on every MoE layer,
+and a ``GradSync`` over the parameters reduced over the data-parallel group (attention, norms,
+embeddings; ``ParamSharding.reduce == "dp"``), one block per transformer block plus one for
+everything outside the blocks, whose partitions the executor's backward windows launch. Router
+and shared-expert gradients ("world") and expert gradients ("edp") keep the plain flat AllReduce.
+
+Profile: ``parallel.profile`` if set, else a quick profile on the actual groups at start-up
+(``ProfileConfig.cpu/gpu(quick=True)``), written to ``<run_dir>/profile.json``.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fsmoe.config import ConfigError, RunConfig
+from fsmoe.schedule.baselines import Schedule
+from fsmoe.schedule.engine import Engine, Recorder, make_engine
+from fsmoe.schedule.executor import LayerSchedule, Lanes, PipelinedExecutor
+from fsmoe.schedule.grad_sync import GradSync
+from fsmoe.schedule.perf_model import LayerSpec, Layout
+from fsmoe.schedule.plan import plan
+from fsmoe.schedule.profile import Profile, refit
+from fsmoe.schedule.simulate import simulate_iteration
+from fsmoe.schedule.stages import MoEStages
+from fsmoe.schedule.timeline import OpRecord, chrome_trace, effective_durations, gantt_png, shift
+
+TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+def load_or_profile(path: str | None, groups, device: torch.device, run_dir: Path, is_writer: bool) -> Profile:
+    """``parallel.profile`` if given; else profile briefly on ``groups`` (collective) and save it."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError("parallel.profile", path, "no such file; write one with `fsmoe profile --out PATH` "
+                              "or leave it unset to profile at start-up")
+        return Profile.load(path)
+    from fsmoe.schedule.profiler import ProfileConfig, run_profile
+
+    cfg = ProfileConfig.gpu(quick=True) if device.type == "cuda" else ProfileConfig.cpu(quick=True)
+    profile = run_profile(groups, device, cfg)
+    if is_writer:
+        profile.save(Path(run_dir) / "profile.json")
+    return profile
+
+
+def plan_for_run(cfg: RunConfig, layout: Layout, profile: Profile) -> tuple[LayerSpec, Schedule]:
+    """The Schedule of ``parallel.schedule`` for this model and layout; ``pipeline_degree`` forces r."""
+    spec = LayerSpec.from_run_config(cfg)
+    schedule = plan(spec, layout, profile, cfg.parallel.schedule)
+    k = cfg.parallel.pipeline_degree
+    if k:
+        import dataclasses
+
+        schedule = dataclasses.replace(schedule, r_fwd=k, r_bwd=k,
+                                       meta=dict(schedule.meta, forced_r=k)).with_prediction(spec, layout, profile)
+    return spec, schedule
+
+
+def describe(schedule: Schedule) -> str:
+    """One line: policy, FSMoE case, r, lanes, gradient partitions."""
+    g = schedule.gar
+    parts = {"windows": f"windows {list(g.window_bytes)} bytes per MoE layer, rest after backward",
+             "chunks": f"chunks of {g.chunk_bytes} bytes", "ready": "each block as soon as ready",
+             "end": "one AllReduce after backward"}[g.mode]
+    forced = " (forced by parallel.pipeline_degree)" if schedule.meta.get("forced_r") else ""
+    return (f"schedule {schedule.policy}: r_fwd={schedule.r_fwd} r_bwd={schedule.r_bwd}{forced}, "
+            f"case fwd/bwd {schedule.case_fwd}/{schedule.case_bwd}, IIO {'on' if schedule.iio else 'off'}; "
+            f"dense gradient AllReduce: {parts}; predicted iteration {schedule.predicted_iter_s * 1e3:.2f} ms "
+            f"(scheduled ops only)")
+
+
+# ---------------------------------------------------------------------------- gradient blocks
+
+
+def dense_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters reduced over the DP group, forward order: [outside the blocks] + one per block.
+
+    The first entry (embeddings, final norm, head) becomes ready last in backward (the embedding
+    gradient is complete only at the very end), so it is the last piece of the buffer."""
+    from fsmoe.parallel.sharding import get_sharding
+
+    def dp_params(module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad and get_sharding(p).reduce == "dp"]
+
+    in_blocks = {id(p) for blk in model.layers for p in blk.parameters()}
+    outside = [p for p in dp_params(model) if id(p) not in in_blocks]
+    blocks = [outside] + [dp_params(blk) for blk in model.layers]
+    return [ps for ps in blocks if ps]
+
+
+def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
+    """``fsmoe.parallel.grads.sync_grads`` restricted to ``kinds`` (sum over the group, / dp)."""
+    from fsmoe.parallel.sharding import get_sharding
+
+    for kind in kinds:
+        params = [p for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
+        if not params:
+            continue
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        if groups.size(kind) > 1:
+            dist.all_reduce(flat, group=groups.group(kind))
+        flat /= groups.dp
+        for p, part in zip(params, torch.split(flat, [p.numel() for p in params])):
+            p.grad.copy_(part.view_as(p.grad))
+
+
+# ---------------------------------------------------------------------------- timeline
+
+
+def op_errors(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> list[float]:
+    """Per op (key, n, kind, phase, layer, chunk, rank): |predicted - median measured| / measured."""
+    timings: dict[tuple, list[float]] = {}
+    for recs in iterations:
+        for r, d in effective_durations(recs, layout.peers):
+            if r.op.key and r.op.n > 0 and d > 0 and profile.has(r.op.key):
+                timings.setdefault((r.op.key, r.op.n, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank),
+                                   []).append(d)
+    out = []
+    for (key, n, *_), ts in timings.items():
+        m = statistics.median(ts)
+        out.append(abs(profile.t(key, n) - m) / m)
+    return out
+
+
+def samples_of(iterations: list[list[OpRecord]], layout: Layout) -> list[tuple[str, float, float]]:
+    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(recs, layout.peers)
+            if r.op.key and r.op.n > 0 and d > 0]
+
+
+def write_timeline(iterations: list[list[OpRecord]], predicted: list[OpRecord], run_dir: Path, title: str) -> None:
+    """Chrome trace of every recorded step (measured) + the prediction aligned with the last step;
+    Gantt of the last step, measured above predicted."""
+    t0 = min(r.t0 for recs in iterations for r in recs)
+    last = iterations[-1]
+    t_last = min(r.t0 for r in last)
+    chrome_trace(shift([r for recs in iterations for r in recs], t0), run_dir / TIMELINE_JSON,
+                 shift(predicted, t0 - t_last))
+    gantt_png(shift(last, t_last), run_dir / TIMELINE_PNG, predicted, title=title)
+
+
+# ---------------------------------------------------------------------------- the object
+
+
+@dataclass
+class TrainingSchedule:
+    """The installed schedule of one rank (see the module docstring)."""
+
+    schedule: Schedule
+    spec: LayerSpec
+    layout: Layout
+    profile: Profile
+    groups: Any
+    engine: Engine
+    recorder: Recorder
+    executors: list[PipelinedExecutor]
+    grad_sync: GradSync | None
+    run_dir: Path
+    is_writer: bool
+    timeline_steps: int = 0
+    timeline_first: int = 0
+    _iterations: list = field(default_factory=list)
+    _metrics: dict = field(default_factory=dict)
+
+    @staticmethod
+    def build(cfg: RunConfig, model: nn.Module, groups, device: torch.device, run_dir: Path,
+              is_writer: bool, start_step: int = 0) -> "TrainingSchedule | None":
+        """Plan and install ``cfg.parallel.schedule`` on ``model`` (None for "default"). Collective."""
+        if cfg.parallel.schedule == "default":
+            return None
+        layout = Layout.from_groups(groups)
+        profile = load_or_profile(cfg.parallel.profile, groups, device, run_dir, is_writer)
+        spec, schedule = plan_for_run(cfg, layout, profile)
+        recorder = Recorder(rank=groups.rank, enabled=False)
+        _share_epoch(recorder, groups, device)
+        engine = make_engine(device, recorder)
+        stages = MoEStages.from_groups(groups)
+        executors = install_executors(model, stages, engine, schedule.layer_schedule())
+        gs = None
+        if groups.dp > 1:
+            gs = GradSync.for_blocks(dense_blocks(model), schedule.gar, engine, Lanes.of(schedule.iio),
+                                     group=groups.dp_group)
+            gs.attach(executors)
+        n = cfg.train.timeline_steps
+        first = start_step + (1 if cfg.train.steps - start_step > n else 0)  # skip the first (warm-up) step
+        return TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
+                                Path(run_dir), is_writer, n, first)
+
+    def describe(self) -> str:
+        return describe(self.schedule)
+
+    # ------------------------------------------------------------ per step
+    def _recording(self, step: int) -> bool:
+        return self.timeline_first <= step < self.timeline_first + self.timeline_steps
+
+    def begin_step(self, step: int) -> None:
+        """``step``: the 0-based index of the step about to run."""
+        self.recorder.take()
+        self.recorder.enabled = self._recording(step)
+
+    def sync_dense(self, model: nn.Module) -> None:
+        """Wait for every dense-gradient partition and write the DP mean into ``.grad``."""
+        if self.grad_sync is None:
+            return
+        for ps in self.grad_sync.params:  # every rank must reduce every slice, also unused params
+            for p in ps:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        self.grad_sync.finish()
+
+    def end_step(self, step: int) -> dict[str, float]:
+        """After the step's gradient sync. On the last recorded step: gather every rank's records,
+        write the timeline (rank 0), refit the profile; returns metrics to log (else {})."""
+        if not self._recording(step):
+            return self.pop_metrics()
+        self.recorder.enabled = False
+        self._iterations.append(self.recorder.take())
+        if step + 1 == self.timeline_first + self.timeline_steps:
+            self._finish_timeline()
+        return self.pop_metrics()
+
+    def pop_metrics(self) -> dict[str, float]:
+        out, self._metrics = self._metrics, {}
+        return out
+
+    def _finish_timeline(self) -> None:
+        per_rank = [self._iterations]
+        if self.groups.distributed:
+            per_rank = [None] * self.groups.world
+            dist.all_gather_object(per_rank, self._iterations, group=self.groups.world_group)
+        iterations = [[r for part in per_rank for r in part[i]] for i in range(len(self._iterations))]
+        self._iterations = []
+        before = op_errors(iterations, self.layout, self.profile)
+        refitted = refit(self.profile, samples_of(iterations, self.layout))
+        after = op_errors(iterations, self.layout, refitted)
+        self._metrics = {"timeline_ops": len(before),
+                         "op_error_median_offline": statistics.median(before) if before else float("nan"),
+                         "op_error_median_refit": statistics.median(after) if after else float("nan")}
+        if self.is_writer:
+            s = self.schedule
+            pred = [r for rank in range(self.layout.world) for r in simulate_iteration(
+                self.spec, self.layout, self.profile, s.r_fwd, s.r_bwd, s.iio, s.gar, rank=rank).records]
+            write_timeline(iterations, pred, self.run_dir,
+                           f"{s.policy} r={s.r_fwd}/{s.r_bwd}: measured (top), predicted (hatched)")
+            refitted.save(self.run_dir / "profile_refit.json")
+
+    def close(self) -> None:
+        if self.grad_sync is not None:
+            self.grad_sync.remove()
+        self.engine.close()
+
+
+def install_executors(model: nn.Module, stages: MoEStages, engine: Engine,
+                      layer_schedule: LayerSchedule) -> list[PipelinedExecutor]:
+    """A ``PipelinedExecutor`` on every MoE layer (layer id = its index among the MoE layers)."""
+    executors = []
+    for i, layer in enumerate(model.moe_layers()):
+        layer.executor = PipelinedExecutor(layer.experts, stages, engine, layer_schedule, layer=i)
+        executors.append(layer.executor)
+    return executors
+
+
+def _share_epoch(recorder: Recorder, groups, device: torch.device) -> None:
+    """One clock origin for every rank (rank 0's; exact on one host, as the bench assumes)."""
+    if not groups.distributed:
+        return
+    epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device)
+    dist.broadcast(epoch, 0, group=groups.world_group)
+    recorder.epoch = float(epoch.cpu())
