@@ -183,11 +183,11 @@ class Trainer:
             checkpoint_state = self.state_dict()
             checkpoint.load(ckpt, checkpoint_state)
             self.load_state_dict(checkpoint_state)
+        self.moe_schedule = self.build_schedule()  # fsmoe.schedule.training.TrainingSchedule or None
+        self._schedule_metrics: dict[str, Any] = {}
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
-        self.moe_schedule = self.build_schedule()  # fsmoe.schedule.training.TrainingSchedule or None
-        self._schedule_metrics: dict[str, Any] = {}
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
 
     def _build_data(self) -> tuple[Corpus, BatchSampler, list[tuple[Tensor, Tensor]]]:

@@ -1,0 +1,122 @@
+"""The scheduler inside ``fsmoe train``: config validation, and on 4 real gloo processes
+(EP2 x ESP2 on 2 simulated nodes) the FSMoE schedule at a forced r = 2 logs the default
+schedule's losses, while writing a timeline (Chrome trace + Gantt) and the refit error."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsmoe.config import SCHEDULES, ConfigError, load_config
+from fsmoe.schedule.baselines import POLICY_NAMES
+from fsmoe.schedule.profile import profile_from_points
+
+LAYOUT = ["--nproc", "4", "--ep", "2", "--esp", "2", "--gpus-per-node", "2"]
+SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.moe.experts.d_ff=32",
+         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=8", "train.log_every=1", "train.eval_every=4",
+         "train.eval_batches=1", "train.ckpt_every=0", "train.data_limit_mb=0.5", "train.warmup_steps=2"]
+
+
+def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--device", "cpu", "--run-dir", str(run_dir),
+           *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"{' '.join(done.args)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def synthetic_profile(path: Path) -> Path:
+    """alpha-beta lines for every key the planner reads (no measuring: the test is about numerics)."""
+    lines = {"a2a_inter": (50e-6, 1e-9), "a2a_intra": (30e-6, 5e-10), "allgather": (30e-6, 5e-10),
+             "reducescatter": (30e-6, 5e-10), "allreduce": (60e-6, 1e-9), "expert_fwd": (20e-6, 1e-10),
+             "expert_bwd": (40e-6, 2e-10), "dense_fwd": (50e-6, 1e-10), "dense_bwd": (100e-6, 2e-10)}
+    pts = {k: [[n, a + b * n] for n in (1e3, 1e4, 1e5, 1e6)] for k, (a, b) in lines.items()}
+    return profile_from_points("synthetic", "ep2-esp2-nodes2x2", pts, overlap=1.0).save(path)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def test_schedule_names_are_the_planner_policies():
+    assert set(SCHEDULES) == set(POLICY_NAMES) and SCHEDULES[0] == "default"
+
+
+@pytest.mark.parametrize("overrides, field, allowed", [
+    (['parallel.schedule="fsmo"'], "parallel.schedule", "'fsmoe_no_iio'"),
+    (['parallel.schedule="fsmoe"', "parallel.pipeline_degree=-1"], "parallel.pipeline_degree", ">= 0"),
+    (["parallel.pipeline_degree=2"], "parallel.pipeline_degree", "pipelined parallel.schedule"),
+    (['parallel.schedule="fsmoe"', 'parallel.profile=""'], "parallel.profile", "Profile JSON"),
+    (["train.timeline_steps=-1"], "train.timeline_steps", ">= 0"),
+    (["train.timeline_steps=2"], "train.timeline_steps", "parallel.schedule"),
+])
+def test_bad_schedule_fields_name_field_value_and_allowed(overrides, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides)
+    assert e.value.field_name == field
+    assert field in str(e.value) and allowed in str(e.value)
+
+
+def test_schedule_fields_accept_every_policy():
+    for name in SCHEDULES[1:]:
+        cfg = load_config("tiny", [f'parallel.schedule="{name}"', "parallel.pipeline_degree=2",
+                                   "train.timeline_steps=3"])
+        assert (cfg.parallel.schedule, cfg.parallel.pipeline_degree, cfg.train.timeline_steps) == (name, 2, 3)
+    assert load_config("tiny").parallel.schedule == "default"
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def test_bad_schedule_name_is_a_clear_cli_error(tmp_path):
+    done = fsmoe_train(tmp_path / "bad", "--steps", "1", "--set", 'parallel.schedule="fsmo"', timeout=60)
+    assert done.returncode != 0
+    assert "parallel.schedule='fsmo' is invalid" in done.stderr and "'fsmoe'" in done.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_one_process_refuses_a_pipelined_schedule_before_writing(tmp_path):
+    done = fsmoe_train(tmp_path / "one", "--steps", "1", "--set", 'parallel.schedule="fsmoe"',
+                       "train.data_limit_mb=0.1", timeout=60)
+    assert done.returncode != 0 and "--nproc N" in done.stderr
+    assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.dist
+def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path):
+    """EP2 x ESP2 x DP4 on 2 simulated nodes: FSMoE at r = 2 (pipelined chunks, IIO lanes, GradSync
+    partitions) logs the default schedule's losses and gradient norms within 1e-5."""
+    ok(fsmoe_train(tmp_path / "default", *LAYOUT, "--steps", "4", *SMALL))
+    profile = synthetic_profile(tmp_path / "profile.json")
+    out = ok(fsmoe_train(tmp_path / "fsmoe", *LAYOUT, "--steps", "4", "--timeline", "2", *SMALL,
+                         'parallel.schedule="fsmoe"', f'parallel.profile="{profile}"', "parallel.pipeline_degree=2"))
+    assert "schedule fsmoe: r_fwd=2 r_bwd=2 (forced by parallel.pipeline_degree)" in out
+    assert out.count("schedule fsmoe:") == 1  # rank 0 only
+    ref, got = records(tmp_path / "default"), records(tmp_path / "fsmoe")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a["step"], a["grad_norm"], b["grad_norm"])
+    assert abs(ref[-1]["val_loss"] - got[-1]["val_loss"]) < 1e-5
+
+    # timeline: steps 2-3 recorded on every rank; Chrome trace parses, Gantt is a PNG
+    trace = json.loads((tmp_path / "fsmoe" / "timeline.json").read_text())
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    measured = {e["pid"] for e in spans if e["pid"] < 1000}
+    assert measured == {0, 1, 2, 3} and {e["pid"] for e in spans} - measured == {1000, 1001, 1002, 1003}
+    assert {e["cat"] for e in spans} >= {"a2a_dispatch", "allgather", "expert", "reducescatter", "a2a_combine",
+                                         "allreduce"}
+    assert (tmp_path / "fsmoe" / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    refit = [r for r in got if "op_error_median_refit" in r]
+    assert len(refit) == 1 and refit[0]["step"] == 3 and refit[0]["timeline_ops"] > 0
+    assert refit[0]["op_error_median_refit"] >= 0 and (tmp_path / "fsmoe" / "profile_refit.json").exists()
