@@ -92,22 +92,33 @@ def test_one_process_refuses_a_pipelined_schedule_before_writing(tmp_path):
     assert not (tmp_path / "one").exists()
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> list[dict]:
+    """The default schedule's metrics on the test layout (the reference of the tests below)."""
+    run_dir = tmp_path_factory.mktemp("default") / "run"
+    ok(fsmoe_train(run_dir, *LAYOUT, "--steps", "4", *SMALL))
+    return records(run_dir)
+
+
+def assert_same_losses(ref: list[dict], got: list[dict], tol: float = 1e-5) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4]
+    for a, b in zip(ref, got):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) < tol, (a["step"], key, a[key], b[key])
+    assert abs(ref[-1]["val_loss"] - got[-1]["val_loss"]) < tol
+
+
 @pytest.mark.dist
-def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path):
+def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default_run):
     """EP2 x ESP2 x DP4 on 2 simulated nodes: FSMoE at r = 2 (pipelined chunks, IIO lanes, GradSync
-    partitions) logs the default schedule's losses and gradient norms within 1e-5."""
-    ok(fsmoe_train(tmp_path / "default", *LAYOUT, "--steps", "4", *SMALL))
+    partitions in the backward windows) logs the default schedule's losses and gradient norms within 1e-5."""
     profile = synthetic_profile(tmp_path / "profile.json")
     out = ok(fsmoe_train(tmp_path / "fsmoe", *LAYOUT, "--steps", "4", "--timeline", "2", *SMALL,
                          'parallel.schedule="fsmoe"', f'parallel.profile="{profile}"', "parallel.pipeline_degree=2"))
     assert "schedule fsmoe: r_fwd=2 r_bwd=2 (forced by parallel.pipeline_degree)" in out
     assert out.count("schedule fsmoe:") == 1  # rank 0 only
-    ref, got = records(tmp_path / "default"), records(tmp_path / "fsmoe")
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4]
-    for a, b in zip(ref, got):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
-        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-5, (a["step"], a["grad_norm"], b["grad_norm"])
-    assert abs(ref[-1]["val_loss"] - got[-1]["val_loss"]) < 1e-5
+    got = records(tmp_path / "fsmoe")
+    assert_same_losses(default_run, got)
 
     # timeline: steps 2-3 recorded on every rank; Chrome trace parses, Gantt is a PNG
     trace = json.loads((tmp_path / "fsmoe" / "timeline.json").read_text())
@@ -120,3 +131,16 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path):
     refit = [r for r in got if "op_error_median_refit" in r]
     assert len(refit) == 1 and refit[0]["step"] == 3 and refit[0]["timeline_ops"] > 0
     assert refit[0]["op_error_median_refit"] >= 0 and (tmp_path / "fsmoe" / "profile_refit.json").exists()
+
+
+@pytest.mark.dist
+def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_run):
+    """No parallel.profile: a quick profile on the real groups at start-up (saved as profile.json);
+    Tutel-Improved at r = 3 (chunks of unequal size; each block's gradients reduced as soon as ready)."""
+    out = ok(fsmoe_train(tmp_path / "tutel", *LAYOUT, "--steps", "4", *SMALL, 'parallel.schedule="tutel_improved"',
+                         "parallel.pipeline_degree=3"))
+    assert "schedule tutel_improved: r_fwd=3 r_bwd=3" in out and "each block as soon as ready" in out
+    assert_same_losses(default_run, records(tmp_path / "tutel"))
+    profile = json.loads((tmp_path / "tutel" / "profile.json").read_text())
+    assert {"allreduce", "expert_fwd", "expert_bwd"} <= set(profile["fits"])
+    assert not (tmp_path / "tutel" / "timeline.json").exists()
