@@ -126,7 +126,7 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
     measured = {e["pid"] for e in spans if e["pid"] < 1000}
     assert measured == {0, 1, 2, 3} and {e["pid"] for e in spans} - measured == {1000, 1001, 1002, 1003}
     assert {e["cat"] for e in spans} >= {"a2a_dispatch", "allgather", "expert", "reducescatter", "a2a_combine",
-                                         "allreduce"}
+                                         "allreduce", "dense"}
     assert (tmp_path / "fsmoe" / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     refit = [r for r in got if "op_error_median_refit" in r]
     assert len(refit) == 1 and refit[0]["step"] == 3 and refit[0]["timeline_ops"] > 0

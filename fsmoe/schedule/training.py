@@ -13,6 +13,7 @@ and a ``GradSync`` over the parameters reduced over the data-parallel group (att
 embeddings; ``ParamSharding.reduce == "dp"``), one block per transformer block plus one for
 everything outside the blocks, whose partitions the executor's backward windows launch. Router
 and shared-expert gradients ("world") and expert gradients ("edp") keep the plain flat AllReduce.
+With a timeline, hooks on every block's attention also time ``dense_fwd`` / ``dense_bwd``.
 
 Profile: ``parallel.profile`` if set, else a quick profile on the actual groups at start-up
 (``ProfileConfig.cpu/gpu(quick=True)``), written to ``<run_dir>/profile.json``.
@@ -38,7 +39,7 @@ from fsmoe.schedule.plan import plan
 from fsmoe.schedule.profile import Profile, refit
 from fsmoe.schedule.simulate import simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import OpRecord, chrome_trace, effective_durations, gantt_png, shift
+from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
 
@@ -159,6 +160,31 @@ def write_trace(iterations: list[list[OpRecord]], predicted: list[OpRecord], run
     return shift(iterations[-1], t_last)
 
 
+def record_dense_ops(model: nn.Module, macs: float, recorder: Recorder, device: torch.device) -> list:
+    """Time every block's attention forward and backward on the compute lane (``dense_fwd`` /
+    ``dense_bwd`` at ``macs``, the LayerSpec's count); returns the hook handles."""
+    handles = []
+    for i, blk in enumerate(model.layers):
+        t: dict[str, Any] = {}
+        fwd, bwd = Op("dense", "fwd", i, 0, "dense_fwd", macs), Op("dense", "bwd", i, 0, "dense_bwd", macs)
+
+        def pre_f(m, a, t=t):
+            t["f"] = recorder.stamp(device)
+
+        def post_f(m, a, o, t=t, op=fwd):
+            recorder.add_span(op, "compute", t["f"], recorder.stamp(device))
+
+        def pre_b(m, g, t=t):
+            t["b"] = recorder.stamp(device)
+
+        def post_b(m, gi, go, t=t, op=bwd):
+            recorder.add_span(op, "compute", t["b"], recorder.stamp(device))
+
+        handles += [blk.attn.register_forward_pre_hook(pre_f), blk.attn.register_forward_hook(post_f),
+                    blk.attn.register_full_backward_pre_hook(pre_b), blk.attn.register_full_backward_hook(post_b)]
+    return handles
+
+
 # ---------------------------------------------------------------------------- the object
 
 
@@ -180,6 +206,7 @@ class TrainingSchedule:
     timeline_steps: int = 0
     timeline_first: int = 0
     _iterations: list = field(default_factory=list)
+    _dense_hooks: list = field(default_factory=list)
     _metrics: dict = field(default_factory=dict)
     # Drawn in close(), after the lanes stop: drawn mid-run, rank 0 aborted at exit ("terminate called
     # without an active exception") in 2 of 5 CPU runs; drawn at close, 0 of 5 (cause not isolated).
@@ -206,8 +233,11 @@ class TrainingSchedule:
             gs.attach(executors)
         n = cfg.train.timeline_steps
         first = start_step + (1 if cfg.train.steps - start_step > n else 0)  # skip the first (warm-up) step
-        return TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
-                                Path(run_dir), is_writer, n, first)
+        ts = TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
+                              Path(run_dir), is_writer, n, first)
+        if n:  # attention timings for the timeline (hooks only when a timeline is asked for)
+            ts._dense_hooks = record_dense_ops(model, spec.dense_macs, recorder, device)
+        return ts
 
     def describe(self) -> str:
         return describe(self.schedule)
@@ -271,6 +301,8 @@ class TrainingSchedule:
         """Stop the lanes and hooks, then draw the Gantt chart (timeline.png) if one was recorded."""
         if self.grad_sync is not None:
             self.grad_sync.remove()
+        for h in self._dense_hooks:
+            h.remove()
         self.engine.close()
         if self._gantt is not None:
             last, pred, title = self._gantt
