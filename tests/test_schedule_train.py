@@ -144,3 +144,12 @@ def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_r
     profile = json.loads((tmp_path / "tutel" / "profile.json").read_text())
     assert {"allreduce", "expert_fwd", "expert_bwd"} <= set(profile["fits"])
     assert not (tmp_path / "tutel" / "timeline.json").exists()
+
+
+@pytest.mark.dist
+def test_missing_profile_stops_every_rank_before_writing(tmp_path):
+    done = fsmoe_train(tmp_path / "np", *LAYOUT, "--steps", "2", "--set", 'parallel.schedule="fsmoe"',
+                       f'parallel.profile="{tmp_path / "missing.json"}"', "train.data_limit_mb=0.2", timeout=90)
+    assert done.returncode != 0
+    assert "parallel.profile=" in done.stderr + done.stdout and "no such file" in done.stderr + done.stdout
+    assert not (tmp_path / "np").exists()
