@@ -3,7 +3,10 @@
 It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams filled in:
 
     build_model   build the full model from the seed, then ``parallelize`` (slices shards)
-    sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp)
+    build_schedule  ``parallel.schedule`` != "default": plan it, install the pipelined executor
+                  and GradSync (fsmoe.schedule.training; docs/scheduler.md "In training")
+    sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); under
+                  a pipelined schedule the dense part is GradSync's partitions, finished first
     clip_grads    group-aware global norm (each shard counted once)
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
