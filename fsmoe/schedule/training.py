@@ -209,7 +209,7 @@ class TrainingSchedule:
     _dense_hooks: list = field(default_factory=list)
     _metrics: dict = field(default_factory=dict)
     # Drawn in close(), after the lanes stop: drawn mid-run, rank 0 aborted at exit ("terminate called
-    # without an active exception") in 2 of 5 CPU runs; drawn at close, 0 of 5 (cause not isolated).
+    # without an active exception") in 2 of 5 CPU runs; drawn at close, 0 of 13 (cause not isolated).
     _gantt: tuple | None = None
 
     @staticmethod
