@@ -213,3 +213,12 @@ def test_sim_engine_lanes_are_fifo_and_wait_for_inputs():
     spans = {r.op.kind: (r.t0, r.t1) for r in eng.recorder.records}
     assert spans == {"a2a_dispatch": (0, 2), "allgather": (2, 3), "a2a_combine": (2, 3), "expert": (3, 7)}
     del x
+
+
+def test_spec_from_bf16_run_keeps_fp32_gradient_bytes():
+    """bf16 is autocast only: activations move 2 bytes, the dense gradients 4 (fp32 params)."""
+    from fsmoe.config import load_config
+
+    spec = LayerSpec.from_run_config(load_config("tiny", ["train.dtype=bfloat16"]))
+    assert (spec.dtype_bytes, spec.grad_bytes) == (2, 4)
+    assert spec.gar_bytes == 4 * spec.dense_params

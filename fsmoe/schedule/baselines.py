@@ -61,10 +61,6 @@ class Schedule:
         return Schedule(**d)
 
 
-def _gar_bytes(spec: LayerSpec) -> int:
-    return spec.dense_params * spec.dtype_bytes
-
-
 def _reduces(layout: Layout, profile: Profile) -> bool:
     return layout.dp > 1 and profile.has("allreduce")
 
@@ -83,7 +79,7 @@ def tutel_improved(spec: LayerSpec, layout: Layout, profile: Profile) -> Schedul
 
 def pipemoe_lina(spec: LayerSpec, layout: Layout, profile: Profile) -> Schedule:
     r = pipemoe_r(layer_work(spec, layout), profile, layout)
-    chunk = max(spec.dtype_bytes, _gar_bytes(spec) // 4)
+    chunk = max(spec.grad_bytes, spec.gar_bytes // 4)
     return Schedule("pipemoe_lina", r, r, iio=False,
                     gar=GarPlan("chunks", chunk_bytes=chunk)).with_prediction(spec, layout, profile)
 
@@ -99,7 +95,7 @@ def fsmoe_partitions(spec: LayerSpec, layout: Layout, profile: Profile, r_bwd: i
     ct = chunk_times(work, profile, layout, float(r_bwd), backward=True)
     t_layer, _ = layer_time(dataclasses.replace(ct, overlap=1.0), 0.0, iio)
     busy = 2 * r_bwd * ct.a2a if iio else r_bwd * (2 * ct.a2a + ct.ag + ct.rs)
-    n, G = spec.n_layers, _gar_bytes(spec)
+    n, G = spec.n_layers, spec.gar_bytes
     window = ct.overlap * max(0.0, t_layer - busy)  # inter-lane idle time that really is free
     part = partition_gradients(
         windows_s=[window] * n, ready_bytes=[k * G for k in range(n)], total_bytes=n * G,

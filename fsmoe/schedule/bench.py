@@ -66,7 +66,8 @@ def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0, grid: str = "c
     out = []
     for B, h, L, M, hm, f, act in combos[:n]:
         out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=E, top_k=2, n_heads=h,
-                             capacity_factor=f, activation=act, n_layers=n_layers, dtype_bytes=dtype_bytes))
+                             capacity_factor=f, activation=act, n_layers=n_layers, dtype_bytes=dtype_bytes,
+                             grad_bytes=dtype_bytes))  # the bench casts its parameters to dtype
     return out
 
 
@@ -179,7 +180,7 @@ def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: 
 
 def sweep(spec: LayerSpec, layout: Layout, profile: Profile) -> dict[str, Schedule]:
     """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} x partitions {end, fsmoe, all-ready}, with IIO."""
-    G = spec.dense_params * spec.dtype_bytes
+    G = spec.gar_bytes
     out = {}
     for rf, rb in itertools.product(R_CHOICES, R_CHOICES):
         parts = {"end": GarPlan("end"),

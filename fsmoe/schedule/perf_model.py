@@ -51,8 +51,9 @@ class LayerSpec:
     batch B sequences of seq_len L tokens per rank, model dim M = d_model, expert hidden H = d_ff
     (whole expert, before ESP sharding), top_k k of num_experts E, capacity_factor f (None =
     dropless), activation 'gelu' (simple FFN, 2 GEMMs) or 'swiglu' (Mixtral FFN, 3 GEMMs);
-    n_layers identical blocks (gradient partitioning spans them); dtype_bytes of activations
-    and gradients.
+    n_layers identical blocks (gradient partitioning spans them); dtype_bytes of activations,
+    grad_bytes of the dense gradients the Gradient-AllReduce moves (4 when fp32 parameters train
+    under bf16 autocast, as ``fsmoe train`` does).
     """
 
     batch: int
@@ -66,10 +67,11 @@ class LayerSpec:
     activation: str = "gelu"
     n_layers: int = 1
     dtype_bytes: int = 4
+    grad_bytes: int = 4
 
     def __post_init__(self):
         for name in ("batch", "seq_len", "d_model", "d_ff", "num_experts", "top_k", "n_heads", "n_layers",
-                     "dtype_bytes"):
+                     "dtype_bytes", "grad_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"LayerSpec.{name}={v!r} is invalid: must be an integer >= 1")
@@ -95,6 +97,11 @@ class LayerSpec:
         return int(round(self.top_k * self.tokens * frac))
 
     @property
+    def gar_bytes(self) -> int:
+        """Bytes of one block's dense gradients (what the Gradient-AllReduce reduces)."""
+        return self.dense_params * self.grad_bytes
+
+    @property
     def dense_params(self) -> int:
         """Parameters of the block that are data-parallel: attention (QKV, O with biases),
         the router, two LayerNorms. Their gradients are what the Gradient-AllReduce reduces."""
@@ -115,7 +122,8 @@ class LayerSpec:
         return LayerSpec(batch=b, seq_len=seq_len or tr.seq_len, d_model=m.d_model, d_ff=moe.experts.d_ff,
                          num_experts=moe.num_experts, top_k=moe.router.top_k, n_heads=m.n_heads,
                          capacity_factor=moe.router.capacity_factor, activation=moe.experts.activation,
-                         n_layers=max(1, n_moe), dtype_bytes=2 if tr.dtype == "bfloat16" else 4)
+                         n_layers=max(1, n_moe), dtype_bytes=2 if tr.dtype == "bfloat16" else 4,
+                         grad_bytes=4)  # parameters stay fp32 (bf16 is autocast only)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Sc
         out.append("  backward neighbours (simulated iteration ms): "
                    + ", ".join(f"{n}: {t * 1e3:.3f}" for n, t in fs.candidates))
     if fs.gar.mode == "windows":
-        G = spec.dense_params * spec.dtype_bytes
+        G = spec.gar_bytes
         out.append(f"gradient partitions (bytes per MoE layer window; one block = {G}): "
                    f"{list(fs.gar.window_bytes)}; greedy alone {fs.meta.get('greedy_bytes')}; "
                    f"after backward {fs.meta.get('tail_bytes')}")

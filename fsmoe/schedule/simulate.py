@@ -64,7 +64,7 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
     C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
     dims = ExpertDims.of(spec, layout)
     lanes = Lanes.of(iio)
-    gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.dtype_bytes, dp=layout.dp)
+    gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
     works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
     dense_key = lambda k: k if profile.has(k) else ""
     for layer in range(spec.n_layers):
