@@ -62,9 +62,10 @@ class MoELayer(nn.Module):
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)
-        # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces dispatch -> experts ->
-        # combine when set after construction; its chunks bypass after_dispatch/before_combine.
-        self.executor = None
+        # ``executor(x_ND, tokens_per_expert_E) -> y_ND`` runs dispatch -> experts -> combine.
+        # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces it after construction;
+        # its chunks bypass the after_dispatch/before_combine hooks.
+        self.executor = self.dispatch_compute_combine
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
         self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
 
@@ -84,6 +85,13 @@ class MoELayer(nn.Module):
         return t
 
     # ------------------------------------------------------------------ forward
+    def dispatch_compute_combine(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """The sequential schedule: x_ND [N, D] grouped by global expert -> y_ND [N, D]."""
+        x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, tokens_per_expert_E)
+        x_RD = self._hook("after_dispatch", x_RD)
+        y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
+        return self.dispatcher.combine(y_RD, handle)
+
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         """x: [B, L, D] (or [T, D], one sequence). Returns (y like x, MoEStats)."""
         shape = x.shape
@@ -91,13 +99,7 @@ class MoELayer(nn.Module):
         x_TD = self._hook("layer_start", x.reshape(-1, self.d_model))
         plan = self.router(x_TD, seq_len)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
-        if self.executor is not None:
-            y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))
-        else:
-            x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, plan.tokens_per_expert_E)
-            x_RD = self._hook("after_dispatch", x_RD)
-            y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
-            y_ND = self._hook("after_combine", self.dispatcher.combine(y_RD, handle))
+        y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))
         y_TD = self.order.unpermute(y_ND, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
