@@ -52,6 +52,41 @@ def test_refit_uses_medians_and_keeps_unseen_keys(tmp_path):
     assert "allgather" in new.summary()
 
 
+def _synthetic_samples(a: float, b: float, seed: int = 0) -> list[tuple[str, float, float]]:
+    """Training-like samples of ``t = a + b n``: a constant-size op (300 runs of one size, the
+    dispatch AlltoAll) and a varying-size one (one run per size, the combine), 5% noise and 15%
+    of runs preempted (x 10), as on an oversubscribed CPU."""
+    rng = np.random.default_rng(seed)
+    sizes = [5e5] * 300 + list(rng.uniform(3e5, 7e5, 300))
+    out = []
+    for n in sizes:
+        t = (a + b * n) * rng.normal(1.0, 0.05)
+        out.append(("a2a_inter", n, t * (10.0 if rng.random() < 0.15 else 1.0)))
+    return out
+
+
+def test_refit_recovers_line_from_noisy_training_samples():
+    a, b = 2e-4, 1e-9
+    prof = Profile("hw", "lay", {"a2a_inter": LinearFit(5e-4, 0.4e-9)})  # offline fit off in both
+    samples = _synthetic_samples(a, b)
+    new = refit(prof, samples)
+    f = new.fits["a2a_inter"]
+    assert f.alpha == pytest.approx(a, rel=0.3) and f.beta == pytest.approx(b, rel=0.2)
+    err = lambda fit: float(np.median([abs(fit(n) - t) / t for _, n, t in samples]))
+    assert err(f) < err(prof.fits["a2a_inter"])
+    for n in (3e5, 5e5, 7e5):
+        assert f(n) == pytest.approx(a + b * n, rel=0.05)
+
+
+def test_refit_never_worse_on_its_samples_and_no_falling_line():
+    prof = Profile("hw", "lay", {"allgather": LinearFit(1e-4, 1e-9)})
+    samples = [("allgather", n, 1e-4 + 1e-9 * n) for n in (1e5, 2e5, 3e5, 4e5)] * 3
+    kept = refit(prof, samples).fits["allgather"]  # already exact: an equal fit
+    assert kept.alpha == pytest.approx(1e-4) and kept.beta == pytest.approx(1e-9)
+    falling = [("allgather", n, 1e-3 - 1e-9 * n) for n in (1e5, 2e5, 3e5, 4e5)] * 3
+    assert refit(prof, falling).fits["allgather"].beta > 0
+
+
 def test_profile_missing_key_names_it():
     with pytest.raises(KeyError, match="a2a_inter"):
         Profile("hw", "lay", {}).t("a2a_inter", 10)

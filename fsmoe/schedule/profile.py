@@ -138,17 +138,47 @@ def profile_from_points(hardware: str, layout: str, points: dict[str, list[list[
                    dict(meta or {}), overlap)
 
 
+def binned_medians(sizes: dict[float, list[float]], max_bins: int = 8) -> list[list[float]]:
+    """``[median n, median seconds]`` of at most ``max_bins`` bins of neighbouring sizes, each
+    bin holding about the same number of samples (a size is never split between bins).
+
+    In training most sizes occur once (the combine AlltoAll's received rows, the padded
+    AllGather and the expert rows follow the routing of each step), so a "median per size" is
+    one raw timing, and one preempted run on a shared core sets a point; pooling neighbouring
+    sizes gives every point a real median."""
+    order = sorted(sizes)
+    total = sum(len(sizes[n]) for n in order)
+    k = max(1, min(max_bins, len(order)))
+    bins: dict[int, list[tuple[float, float]]] = {}
+    seen = 0
+    for n in order:
+        bins.setdefault(min(k - 1, seen * k // total), []).extend((n, t) for t in sizes[n])
+        seen += len(sizes[n])
+    return [[float(np.median([n for n, _ in b])), float(np.median([t for _, t in b]))]
+            for _, b in sorted(bins.items())]
+
+
+def median_log_error(fit: "LinearFit", samples: list[tuple[float, float]]) -> float:
+    """Median over samples ``(n, seconds)`` of |log(fit(n) / seconds)|: symmetric, unlike
+    |fit - t| / t, which caps an under-prediction at 1 and so, minimised over noisy
+    heavy-tailed timings, prefers fits that predict too little."""
+    return float(np.median([abs(math.log(max(fit(n), 1e-12) / t)) for n, t in samples]))
+
+
 def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_points: int = 4,
-          keep_prior: bool = False) -> Profile:
+          keep_prior: bool = False, max_bins: int = 8) -> Profile:
     """Online profiling: refit from ``(key, n, seconds)`` samples the executor recorded.
 
-    Samples of one size are reduced to their median, then the line is fitted through those, or,
-    when it explains them better (sizes too close together to pin a slope, noise), the old line
-    is kept and scaled by the median measured/predicted ratio (the contention of the real
-    overlapped schedule, which an isolated microbenchmark cannot see). A key is refitted when it
-    has at least ``min_points`` samples over two or more sizes (else its old fit is kept). With ``keep_prior`` the profile's own points join the new samples;
-    by default the recorded ones replace them, since they include the contention of the real
-    overlapped schedule that an isolated microbenchmark cannot see.
+    Per key, three candidates: a line fitted through the medians of up to ``max_bins`` bins of
+    neighbouring sizes (:func:`binned_medians`), the old line scaled by the median
+    measured/predicted ratio (the contention of the real overlapped schedule, which an isolated
+    microbenchmark cannot see), and the old line unchanged. The one with the smallest median
+    error over the *samples* (every recorded op counts once, as in the error metric)
+    is kept (error: :func:`median_log_error`), so a refit never fits the records it was given
+    worse than the fit it replaces.
+    A key needs ``min_points`` samples; a line needs two or more sizes (one size: only the
+    scaled fit is tried; a line with a slope <= 0 is noise and is not). A key the profile lacks is fitted from scratch. With ``keep_prior``
+    the profile's own points join the bin medians of the line fit.
     """
     by_size: dict[str, dict[float, list[float]]] = {}
     for key, n, t in samples:
@@ -156,19 +186,23 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
             by_size.setdefault(key, {}).setdefault(float(n), []).append(float(t))
     fits, points = dict(profile.fits), {k: list(v) for k, v in profile.points.items()}
     for key, sizes in by_size.items():
-        # the median per size: one preempted run (a busy CPU, a late peer) must not tilt the line
-        pts = [[n, float(np.median(ts))] for n, ts in sorted(sizes.items())]
-        if sum(len(ts) for ts in sizes.values()) < min_points or len(pts) < 2:
+        flat = [(n, t) for n, ts in sizes.items() for t in ts]
+        if len(flat) < min_points or (key not in fits and len(sizes) < 2):
             continue
-        pts = (points.get(key, []) + pts) if keep_prior else pts
-        line = fit_linear([p[0] for p in pts], [p[1] for p in pts])
-        if key in fits:  # or keep the offline shape, scaled by the median measured/predicted ratio
+        pts = binned_medians(sizes, max_bins)
+        line_pts = (points.get(key, []) + pts) if keep_prior else pts
+        cands = []
+        line = fit_linear([p[0] for p in line_pts], [p[1] for p in line_pts]) if len(sizes) >= 2 else None
+        if line is not None and line.beta > 0:  # a falling line is noise; it would mislead the planner
+            cands.append(line)
+        if key in fits:
             old = fits[key]
-            ratio = float(np.median([p[1] / old(p[0]) for p in pts if old(p[0]) > 0] or [1.0]))
-            scaled = dataclasses.replace(old.scaled(ratio), r2=line.r2, num_points=len(pts))
-            err = lambda f: float(np.median([abs(f(p[0]) - p[1]) / p[1] for p in pts]))
-            line = min((line, scaled), key=err)  # whichever explains the recorded times better
-        fits[key] = line
-        points[key] = pts
+            ratio = float(np.median([t / old(n) for n, t in flat if old(n) > 0] or [1.0]))
+            cands += [dataclasses.replace(old.scaled(ratio), num_points=len(pts)), old]
+        if not cands:
+            continue
+        best = min(cands, key=lambda f: median_log_error(f, flat))
+        if best is not fits.get(key):
+            fits[key], points[key] = best, pts
     meta = dict(profile.meta, refits=profile.meta.get("refits", 0) + 1)
     return Profile(profile.hardware, profile.layout, fits, points, meta, profile.overlap)

@@ -130,19 +130,40 @@ def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
 # ---------------------------------------------------------------------------- timeline
 
 
-def op_errors(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> list[float]:
-    """Per op (key, n, kind, phase, layer, chunk, rank): |predicted - median measured| / measured."""
-    timings: dict[tuple, list[float]] = {}
+def op_timings(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> dict[tuple, list]:
+    """Op identity (key, kind, phase, layer, chunk, rank) -> [(n, effective seconds)] per recorded
+    iteration. The size is not part of the identity: in training the routing, hence the rows of
+    the combine AlltoAll, the AllGather and the expert, changes every step."""
+    out: dict[tuple, list] = {}
     for recs in iterations:
         for r, d in effective_durations(recs, layout.peers):
             if r.op.key and r.op.n > 0 and d > 0 and profile.has(r.op.key):
-                timings.setdefault((r.op.key, r.op.n, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank),
-                                   []).append(d)
-    out = []
-    for (key, n, *_), ts in timings.items():
-        m = statistics.median(ts)
-        out.append(abs(profile.t(key, n) - m) / m)
+                out.setdefault((r.op.key, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append((r.op.n, d))
     return out
+
+
+def op_errors(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> list[float]:
+    """Per op: |median predicted - median measured| / median measured, medians over the recorded
+    iterations (the prediction of each iteration at that iteration's size)."""
+    out = []
+    for (key, *_), nts in op_timings(iterations, layout, profile).items():
+        m = statistics.median(t for _, t in nts)
+        out.append(abs(statistics.median(profile.t(key, n) for n, _ in nts) - m) / m)
+    return out
+
+
+def single_errors(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> list[float]:
+    """Per op and iteration: |predicted - measured| / measured of that one run (includes the
+    iteration-to-iteration noise of the op)."""
+    return [abs(profile.t(key, n) - t) / t for (key, *_), nts in op_timings(iterations, layout, profile).items()
+            for n, t in nts]
+
+
+def noise_floor(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> float:
+    """Median of |single run - the op's own median| / single run, over ops recorded more than once."""
+    spread = [abs(t - statistics.median(u for _, u in nts)) / t
+              for nts in op_timings(iterations, layout, profile).values() if len(nts) > 1 for _, t in nts]
+    return statistics.median(spread) if spread else float("nan")
 
 
 def samples_of(iterations: list[list[OpRecord]], layout: Layout) -> list[tuple[str, float, float]]:
@@ -286,9 +307,12 @@ class TrainingSchedule:
         before = op_errors(iterations, self.layout, self.profile)
         refitted = refit(self.profile, samples_of(iterations, self.layout))
         after = op_errors(iterations, self.layout, refitted)
+        med = lambda xs: statistics.median(xs) if xs else float("nan")
         self._metrics = {"timeline_ops": len(before),
-                         "op_error_median_offline": statistics.median(before) if before else float("nan"),
-                         "op_error_median_refit": statistics.median(after) if after else float("nan")}
+                         "op_error_median_offline": med(before), "op_error_median_refit": med(after),
+                         "op_error_single_offline": med(single_errors(iterations, self.layout, self.profile)),
+                         "op_error_single_refit": med(single_errors(iterations, self.layout, refitted)),
+                         "op_noise_floor": noise_floor(iterations, self.layout, self.profile)}
         if self.is_writer:
             s = self.schedule
             pred = [r for rank in range(self.layout.world) for r in simulate_iteration(
