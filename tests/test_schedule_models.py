@@ -257,3 +257,20 @@ def test_spec_from_bf16_run_keeps_fp32_gradient_bytes():
     spec = LayerSpec.from_run_config(load_config("tiny", ["train.dtype=bfloat16"]))
     assert (spec.dtype_bytes, spec.grad_bytes) == (2, 4)
     assert spec.gar_bytes == 4 * spec.dense_params
+
+
+def test_training_op_errors_identify_ops_without_their_size():
+    """Routing changes every step: an op whose size differs between iterations is still one op,
+    its error compares the medians over iterations; the single-run error and noise are separate."""
+    from fsmoe.schedule.timeline import OpRecord
+    from fsmoe.schedule.training import noise_floor, op_errors, single_errors
+
+    prof = Profile("hw", "lay", {"expert_fwd": LinearFit(1e-3, 1e-9)})
+    its = [[OpRecord(Op("expert", "fwd", 0, 0, "expert_fwd", n), "compute", 0, 0.0, t)]
+           for n, t in ((1e6, 2e-3), (2e6, 3e-3 * 1.2), (1e6, 2e-3 * 0.8))]
+    errs = op_errors(its, Layout(), prof)
+    assert len(errs) == 1  # one op, not one per size
+    assert errs[0] == pytest.approx(abs(2e-3 - 2e-3) / 2e-3)  # medians: predicted 2 ms, measured 2 ms
+    single = single_errors(its, Layout(), prof)
+    assert sorted(single) == pytest.approx(sorted([0.0, 0.2 / 1.2, 0.25]))
+    assert noise_floor(its, Layout(), prof) > 0
