@@ -86,19 +86,20 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) ->
     return norm
 
 
-def global_mean(value: Tensor, groups: ParallelGroups) -> Tensor:
-    """Mean over dp shards of a per-dp-shard value that the mp ranks share (e.g. the CE loss)."""
+def _world_sum(value: Tensor, groups: ParallelGroups, divisor: int) -> Tensor:
+    """Sum over every rank of ``value / divisor`` (detached); ``value`` itself in one process."""
     if not groups.distributed:
         return value.detach()
-    v = value.detach().float() / groups.world
+    v = value.detach().float() / divisor
     dist.all_reduce(v, group=groups.world_group)
     return v
+
+
+def global_mean(value: Tensor, groups: ParallelGroups) -> Tensor:
+    """Mean over dp shards of a per-dp-shard value that the mp ranks share (e.g. the CE loss)."""
+    return _world_sum(value, groups, groups.world)
 
 
 def global_aux(aux_local: Tensor, groups: ParallelGroups) -> Tensor:
     """The one-process aux loss from this rank's (mp-scaled) share: sum over the world / dp."""
-    if not groups.distributed:
-        return aux_local.detach()
-    v = aux_local.detach().float() / groups.dp
-    dist.all_reduce(v, group=groups.world_group)
-    return v
+    return _world_sum(aux_local, groups, groups.dp)
