@@ -185,7 +185,7 @@ def test_gradient_partitions_average_like_one_allreduce():
 
 def _bench_worker(rank, world, run_dir):
     from fsmoe.parallel.groups import build_groups
-    from fsmoe.schedule.bench import report_markdown, run_bench
+    from fsmoe.schedule.bench import merge_runs, report_markdown, run_bench
     from fsmoe.schedule.profiler import ProfileConfig, run_profile
 
     groups = build_groups(ParallelConfig(dp=world, ep=2, esp=2, gpus_per_node=2))
@@ -194,7 +194,19 @@ def _bench_worker(rank, world, run_dir):
     prof = run_profile(groups, torch.device("cpu"), cfg)
     res = run_bench(groups, torch.device("cpu"), profile=prof, n_configs=1, iters=1, warmup=0, n_layers=2,
                     run_dir=Path(run_dir), calib_iters=1, quick_sweep=True, log=lambda m: None)
-    return report_markdown(res, "test") if rank == 0 else None
+    if rank:
+        return None
+    ops = res.pop("ops")
+    assert ops and {"key", "n", "rank", "runs", "offline", "refitted", "schedule"} <= set(ops[0])
+    assert any("@" in o["key"] for o in ops)  # expert and attention ops carry their shape
+    for part in ("a", "b"):  # two "parts" of a grid, merged as `--merge` does
+        d = Path(run_dir) / part
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(res))
+        (d / "ops.jsonl").write_text("".join(json.dumps(o) + "\n" for o in ops))
+    merged = merge_runs([Path(run_dir) / "a", Path(run_dir) / "b"])
+    assert merged["summary"]["configs"] == 2 and merged["op_errors"]["offline"]["all"]["ops"] == 2 * len(ops)
+    return report_markdown(res, "test")
 
 
 @pytest.mark.dist

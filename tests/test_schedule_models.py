@@ -13,7 +13,8 @@ from fsmoe.schedule.optimizer import choose_r, partition_gradients, pow2_candida
 from fsmoe.schedule.perf_model import (LayerSpec, Layout, balanced_counts, case_objectives, chunk_bounds,
                                        chunk_counts, chunk_times, layer_work, predicates, route_work)
 from fsmoe.schedule.plan import explain, plan, plan_all
-from fsmoe.schedule.profile import LinearFit, Profile, fit_linear, profile_from_points, refit
+from fsmoe.schedule.profile import (LinearFit, Profile, base_key, fit_linear, profile_from_points, qualified,
+                                    refit)
 from fsmoe.schedule.stages import build_routes, seg_arange
 from fsmoe.schedule.timeline import Op
 
@@ -85,6 +86,36 @@ def test_refit_never_worse_on_its_samples_and_no_falling_line():
     assert kept.alpha == pytest.approx(1e-4) and kept.beta == pytest.approx(1e-9)
     falling = [("allgather", n, 1e-3 - 1e-9 * n) for n in (1e5, 2e5, 3e5, 4e5)] * 3
     assert refit(prof, falling).fits["allgather"].beta > 0
+
+
+def test_shape_qualified_fits_fall_back_to_base_and_are_learned_online():
+    prof = Profile("hw", "lay", {"expert_fwd": LinearFit(1e-4, 1e-10), "dense_fwd": LinearFit(0.0, 1e-10)})
+    q = qualified("expert_fwd", "E2m64f128g2B4")
+    assert q == "expert_fwd@E2m64f128g2B4" and base_key(q) == "expert_fwd" and qualified("x", "") == "x"
+    assert prof.has(q) and prof.t(q, 1e6) == prof.t("expert_fwd", 1e6)  # no own fit yet: the base one
+    # this shape runs 2x slower per MAC than the base line; another shape matches it
+    slow = [(q, n, 2e-4 + 2e-10 * n) for n in (1e5, 2e5, 4e5, 8e5)] * 2
+    other = [("expert_fwd@E2m128f256g3B4", n, 1e-4 + 1e-10 * n) for n in (1e5, 4e5)] * 2
+    dense = [("dense_fwd@b1l128m64h2B4", 5e5, 3e-4)] * 4  # one size: the base fit scaled
+    new = refit(prof, slow + other + dense)
+    assert new.t(q, 5e5) == pytest.approx(2e-4 + 2e-10 * 5e5, rel=1e-6)
+    assert new.t("expert_fwd@E2m128f256g3B4", 5e5) == pytest.approx(1e-4 + 1e-10 * 5e5, rel=1e-6)
+    assert new.t("dense_fwd@b1l128m64h2B4", 5e5) == pytest.approx(3e-4, rel=1e-6)
+    assert new.t("dense_fwd@other", 5e5) == pytest.approx(new.t("dense_fwd", 5e5))
+    assert "expert_fwd" in new.fits and "shape-specific" in new.summary()
+    with pytest.raises(KeyError, match="'allgather'"):
+        prof.t("allgather@x", 1.0)
+
+
+def test_ops_carry_their_shape_in_the_fit_key():
+    from fsmoe.schedule.executor import chunk_ops
+    from fsmoe.schedule.perf_model import ExpertDims, layer_work, route_work
+
+    dims = ExpertDims.of(SPEC, LAYOUT)
+    assert dims.tag == f"E{8 // 2}m2048f{8192 // 4}g2B4" and layer_work(SPEC, LAYOUT).expert_tag == dims.tag
+    ops = chunk_ops(route_work(balanced_counts(SPEC, LAYOUT), 2, LAYOUT, 0), dims, LAYOUT, "bwd", 0)
+    assert ops[0].expert.key == f"expert_bwd@{dims.tag}" and ops[0].allgather.key == "allgather"
+    assert SPEC.dense_tag == "b2l1024m2048h16B4"
 
 
 def test_profile_missing_key_names_it():

@@ -44,7 +44,7 @@ from fsmoe.schedule.grad_sync import GarPlan, GradSync
 from fsmoe.schedule.optimizer import R_CHOICES
 from fsmoe.schedule.perf_model import LayerSpec, Layout
 from fsmoe.schedule.plan import plan_all
-from fsmoe.schedule.profile import Profile, refit
+from fsmoe.schedule.profile import Profile, base_key, qualified, refit
 from fsmoe.schedule.profiler import ProfileConfig, run_profile
 from fsmoe.schedule.simulate import simulate_iteration
 from fsmoe.schedule.stages import MoEStages
@@ -59,12 +59,14 @@ GRIDS = {  # FSMoE's axes, scaled to the hardware
 
 
 def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0, grid: str = "cpu",
-               dtype_bytes: int = 4) -> list[LayerSpec]:
+               dtype_bytes: int = 4, first: int = 0) -> list[LayerSpec]:
+    """Configs ``first .. first + n - 1`` of the grid in a fixed shuffled order (so a long run can
+    be split into parts and merged: ``--first-config``, ``--merge``)."""
     combos = list(itertools.product(*GRIDS[grid].values()))
     random.Random(seed).shuffle(combos)
     E = 2 * ep if grid == "cpu" else max(8, 2 * ep)
     out = []
-    for B, h, L, M, hm, f, act in combos[:n]:
+    for B, h, L, M, hm, f, act in combos[first:first + n]:
         out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=E, top_k=2, n_heads=h,
                              capacity_factor=f, activation=act, n_layers=n_layers, dtype_bytes=dtype_bytes,
                              grad_bytes=dtype_bytes))  # the bench casts its parameters to dtype
@@ -83,10 +85,11 @@ class BenchModel:
     g: torch.Tensor
 
 
-def _record_dense(attn: nn.Module, layer: int, macs: float, rec: Recorder, device) -> None:
+def _record_dense(attn: nn.Module, layer: int, spec: LayerSpec, rec: Recorder, device) -> None:
     """Time the attention block forward and backward on the compute lane."""
     t = {}
-    fwd, bwd = Op("dense", "fwd", layer, 0, "dense_fwd", macs), Op("dense", "bwd", layer, 0, "dense_bwd", macs)
+    fwd, bwd = (Op("dense", ph, layer, 0, qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
+                for ph in ("fwd", "bwd"))
     attn.register_forward_pre_hook(lambda m, a: t.__setitem__("f", rec.stamp(device)))
     attn.register_forward_hook(lambda m, a, o: rec.add_span(fwd, "compute", t["f"], rec.stamp(device)))
     attn.register_full_backward_pre_hook(lambda m, g: t.__setitem__("b", rec.stamp(device)))
@@ -106,17 +109,18 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
                     router=RouterConfig(top_k=spec.top_k, capacity_factor=spec.capacity_factor),
                     experts=ExpertsConfig(d_ff=spec.d_ff, activation=spec.activation))
     blocks, executors, dense = nn.ModuleList(), [], []
-    for layer in range(spec.n_layers):
-        attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
-                         dropout=0.0)
-        moe = ParallelMoELayer(cfg, M, groups)
-        moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
-        blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
-        moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
-        _record_dense(attn, layer, spec.dense_macs, engine.recorder, torch.device(device))
-        blocks.append(blk)
-        executors.append(moe.executor)
-        dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
+    with torch.device(device):  # initialise on the device (GPU configs are ~10^8 parameters)
+        for layer in range(spec.n_layers):
+            attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
+                             dropout=0.0)
+            moe = ParallelMoELayer(cfg, M, groups)
+            moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
+            blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
+            moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
+            _record_dense(attn, layer, spec, engine.recorder, torch.device(device))
+            blocks.append(blk)
+            executors.append(moe.executor)
+            dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
     sizes = [sum(p.numel() for p in ps) for ps in dense]
     if sizes != [spec.dense_params] * spec.n_layers:
         raise AssertionError(f"dense parameter count {sizes} != LayerSpec.dense_params {spec.dense_params}")
@@ -179,13 +183,16 @@ def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: 
 
 
 def sweep(spec: LayerSpec, layout: Layout, profile: Profile) -> dict[str, Schedule]:
-    """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} x partitions {end, fsmoe, all-ready}, with IIO."""
+    """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} x partitions {end, fsmoe, all-ready}, with IIO.
+    With one data-parallel rank there is no gradient AllReduce: the partitions are the same
+    program, so only ``end`` is kept."""
     G = spec.gar_bytes
     out = {}
     for rf, rb in itertools.product(R_CHOICES, R_CHOICES):
-        parts = {"end": GarPlan("end"),
-                 "all": GarPlan("windows", tuple((spec.n_layers - 1 - l) * G for l in range(spec.n_layers))),
-                 "fsmoe": fsmoe_partitions(spec, layout, profile, rb, True)[0]}
+        parts = {"end": GarPlan("end")}
+        if layout.dp > 1:
+            parts |= {"all": GarPlan("windows", tuple((spec.n_layers - 1 - l) * G for l in range(spec.n_layers))),
+                      "fsmoe": fsmoe_partitions(spec, layout, profile, rb, True)[0]}
         for pname, gar in parts.items():
             out[f"sweep/{rf}/{rb}/{pname}"] = Schedule("sweep", rf, rb, True, gar)
     return out
@@ -208,6 +215,9 @@ def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups) -> dict[str
     return {name: [[r for part in parts for r in part[name][i]] for i in range(len(recs[name]))] for name in recs}
 
 
+OP_FIELDS = ("key", "n", "kind", "phase", "layer", "chunk", "rank")
+
+
 def op_timings(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, list[float]]:
     """(key, n, kind, phase, layer, chunk, rank) -> effective seconds in each iteration."""
     out: dict[tuple, list[float]] = {}
@@ -226,7 +236,7 @@ def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -
 
 def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
               run_dir: Path, calib_iters: int = 2, quick_sweep: bool = False, log=print, grid: str = "cpu",
-              dtype: torch.dtype = torch.float32) -> dict:
+              dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
     stages = MoEStages.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
@@ -239,27 +249,26 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     if profile is None:
         profile = run_profile(groups, device, ProfileConfig.cpu() if device.type == "cpu" else ProfileConfig.gpu(),
                               dtype)
-    specs = grid_specs(n_configs, layout.ep, n_layers, grid=grid, dtype_bytes=torch.empty(0, dtype=dtype).element_size())
+    specs = grid_specs(n_configs, layout.ep, n_layers, grid=grid, dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
+                       first=first_config)
     log(f"profile ready ({time.perf_counter() - t_start:.0f}s); {len(specs)} configs; layout {layout.name}")
+    log(profile.summary())
 
-    # A. calibration: record Default and FSMoE iterations, refit (online profiling)
-    samples = []
-    for spec in specs:
+    # Per config: A. calibration (online profiling): record Default and FSMoE iterations and
+    # refit the offline profile from every record so far; B. plan with the refitted profile and
+    # measure. The model is built once per config (on the device: large GPU configs would
+    # otherwise spend most of the run initialising on the host).
+    samples, rows, errors, op_rows = [], [], [], []
+    refitted = profile
+    for ci, spec in enumerate(specs):
         bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
-        p0 = plan_all(spec, layout, profile)
+        p0 = plan_all(spec, layout, refitted)
         calib = {name: p0[name] for name in ("default", "fsmoe")}
         _, recs = measure(bm, calib, groups, device, calib_iters, 1, recorder, keep=set(calib))
         for name, its in _merge_iterations(recs, groups).items():
             samples += [(k[0], k[1], t) for k, ts in op_timings(its, layout).items() for t in ts]
-    refitted = refit(profile, samples)
-    log(f"calibrated on {len(samples)} op timings ({time.perf_counter() - t_start:.0f}s)")
-    log(refitted.summary())
-
-    # B. measure
-    rows, errors = [], []
-    profiles = {"offline": profile, "refitted": refitted}
-    for ci, spec in enumerate(specs):
-        bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
+        refitted = refit(profile, samples)
+        profiles = {"offline": profile, "refitted": refitted}
         named = plan_all(spec, layout, refitted)
         sw = sweep(spec, layout, refitted)
         if quick_sweep:
@@ -268,7 +277,10 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
         secs, recs = measure(bm, scheds, groups, device, iters, warmup, recorder, keep=set(POLICY_NAMES))
         merged = _merge_iterations(recs, groups)
         for name in POLICY_NAMES:
-            errors += op_errors(op_timings(merged[name], layout), profiles)
+            timings = op_timings(merged[name], layout)
+            errors += op_errors(timings, profiles)
+            op_rows += [{"config": ci, "schedule": name, **dict(zip(OP_FIELDS, k)), "runs": v,
+                         **{p: pr.t(k[0], k[1]) for p, pr in profiles.items()}} for k, v in timings.items()]
         if ci == 0 and groups.rank == 0:
             _timeline_artifacts(spec, layout, refitted, named, merged, run_dir)
         fs = named["fsmoe"]
@@ -293,7 +305,8 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
             f"best {best_name} {secs[best_name] * 1e3:.1f}  ({time.perf_counter() - t_start:.0f}s)")
     return {"layout": layout.name, "world": groups.world, "device": str(device), "profile": profile.to_dict(),
             "refitted": refitted.to_dict(), "rows": rows, "op_errors": summarize_errors(errors),
-            "summary": summarize(rows), "seconds": time.perf_counter() - t_start}
+            "summary": summarize(rows), "seconds": time.perf_counter() - t_start, "calibration_samples": len(samples),
+            "ops": op_rows}
 
 
 def _spec_dict(s: LayerSpec) -> dict:
@@ -307,16 +320,17 @@ def _spec_str(s: LayerSpec) -> str:
 
 
 def summarize_errors(errors: list[tuple]) -> dict:
-    """Median relative error per fit key, for each profile; ``median`` compares the prediction
-    with the op's median over the timed iterations, ``instance`` with every single run."""
+    """Median relative error per fit key (shape-qualified keys pooled under their base key), for
+    each profile; ``median`` compares the prediction with the op's median over the timed
+    iterations, ``instance`` with every single run."""
     spread = [abs(t - med) / t for key, n, med, runs, pred in errors if len(runs) > 1 for t in runs]
     out = {"noise_floor": statistics.median(spread) if spread else math.nan}  # the op's own median as the prediction
     for prof in ("offline", "refitted"):
         by_key: dict[str, list[float]] = {}
         inst: dict[str, list[float]] = {}
         for key, n, med, runs, pred in errors:
-            by_key.setdefault(key, []).append(abs(pred[prof] - med) / med)
-            inst.setdefault(key, []).extend(abs(pred[prof] - t) / t for t in runs)
+            by_key.setdefault(base_key(key), []).append(abs(pred[prof] - med) / med)
+            inst.setdefault(base_key(key), []).extend(abs(pred[prof] - t) / t for t in runs)
         out[prof] = {k: {"ops": len(v), "median": statistics.median(v), "instance": statistics.median(inst[k])}
                      for k, v in sorted(by_key.items())}
         allv, alli = [x for v in by_key.values() for x in v], [x for v in inst.values() for x in v]
@@ -415,6 +429,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--esp", type=int, default=2)
     p.add_argument("--gpus-per-node", type=int, default=2, help="simulated node size")
     p.add_argument("--configs", type=int, default=24, help="layer configs drawn from the grid")
+    p.add_argument("--first-config", type=int, default=0, help="start at this config of the grid's fixed order")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
+                   help="instead of measuring: merge the results.json + ops.jsonl of these run dirs "
+                        "(parts of one grid) into one report in --run-dir")
     p.add_argument("--layers", type=int, default=2, help="blocks per config (gradient windows need >= 2)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -429,8 +447,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here (default RUN_DIR/results.json)")
 
 
+def merge_runs(dirs: list[Path]) -> dict:
+    """One result from several runs' ``results.json`` + ``ops.jsonl`` (e.g. halves of a grid
+    measured in separate calls): rows concatenated, summaries and per-op errors recomputed."""
+    parts, errors = [], []
+    for d in dirs:
+        for name in ("results.json", "ops.jsonl"):
+            if not (d / name).is_file():
+                raise SystemExit(f"--merge: {d / name} is missing (a run dir of `fsmoe bench schedule`)")
+        parts.append(json.loads((d / "results.json").read_text()))
+        for line in (d / "ops.jsonl").read_text().splitlines():
+            o = json.loads(line)
+            errors.append((o["key"], o["n"], statistics.median(o["runs"]), o["runs"],
+                           {"offline": o["offline"], "refitted": o["refitted"]}))
+    layouts = {p["layout"] for p in parts}
+    if len(layouts) > 1:
+        raise SystemExit(f"--merge: runs of different layouts {sorted(layouts)} cannot be merged")
+    rows = [r for p in parts for r in p["rows"]]
+    return {"layout": parts[0]["layout"], "world": parts[0]["world"], "device": parts[0]["device"],
+            "profile": parts[0]["profile"], "refitted": parts[-1]["refitted"], "rows": rows,
+            "op_errors": summarize_errors(errors), "summary": summarize(rows),
+            "seconds": sum(p["seconds"] for p in parts), "merged_from": [str(d) for d in dirs]}
+
+
 def run(args) -> int:
     import sys
+
+    if args.merge:
+        res = merge_runs([Path(d) for d in args.merge])
+        run_dir = Path(args.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "results.json").write_text(json.dumps(res, indent=1))
+        md = report_markdown(res, "fsmoe " + " ".join(sys.argv[1:]))
+        (run_dir / "report.md").write_text(md)
+        print(md)
+        return 0
 
     from fsmoe.config import ParallelConfig
     from fsmoe.parallel.groups import build_groups
@@ -453,11 +504,14 @@ def run(args) -> int:
     res = run_bench(groups, device, profile=profile,
                     n_configs=args.configs, iters=args.iters, warmup=args.warmup, n_layers=args.layers,
                     run_dir=run_dir, quick_sweep=args.quick_sweep, log=log,
-                    grid=args.grid or ("gpu" if device.type == "cuda" else "cpu"), dtype=dtype)
+                    grid=args.grid or ("gpu" if device.type == "cuda" else "cpu"), dtype=dtype,
+                    first_config=args.first_config)
     if groups.rank == 0:
         command = "fsmoe " + " ".join(sys.argv[1:])
         out = Path(args.json or run_dir / "results.json")
         out.parent.mkdir(parents=True, exist_ok=True)
+        ops = res.pop("ops")
+        (run_dir / "ops.jsonl").write_text("".join(json.dumps(o) + "\n" for o in ops))
         out.write_text(json.dumps(res, indent=1))
         md = report_markdown(res, command)
         (run_dir / "report.md").write_text(md)

@@ -28,6 +28,7 @@ from torch import Tensor
 from fsmoe.schedule.engine import Engine
 from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
 from fsmoe.schedule.perf_model import ChunkWork, ExpertDims, Layout, op_sizes
+from fsmoe.schedule.profile import qualified
 from fsmoe.schedule.stages import ChunkRoute, MoEStages, build_routes
 from fsmoe.schedule.timeline import Op
 
@@ -60,7 +61,7 @@ class ChunkOps:
 
 def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: str, layer: int) -> list[ChunkOps]:
     a2a_key = layout.a2a_key if layout.ep > 1 else ""
-    exp_key = "expert_fwd" if phase == "fwd" else "expert_bwd"
+    exp_key = qualified("expert_fwd" if phase == "fwd" else "expert_bwd", dims.tag)
     out = []
     for i, cw in enumerate(works):
         n = op_sizes(cw, dims, layout)
@@ -172,7 +173,7 @@ class PipelinedExecutor:
     def dims(self, dtype: torch.dtype) -> ExpertDims:
         w = ExpertWeights.of(self.experts)
         return ExpertDims(w.w1_EDF.shape[1], w.w1_EDF.shape[2], 3 if w.w3_EDF is not None else 2,
-                          torch.empty(0, dtype=dtype).element_size())
+                          torch.empty(0, dtype=dtype).element_size(), w.w1_EDF.shape[0])
 
     def __call__(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         w = ExpertWeights.of(self.experts)

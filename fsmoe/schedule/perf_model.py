@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsmoe.schedule.profile import Profile
+from fsmoe.schedule.profile import Profile, qualified
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,11 @@ class LayerSpec:
         the router, two LayerNorms. Their gradients are what the Gradient-AllReduce reduces."""
         M = self.d_model
         return 4 * M * M + 4 * M + M * self.num_experts + 4 * M
+
+    @property
+    def dense_tag(self) -> str:
+        """Shape of the attention block, for its shape-specific fits (``dense_fwd@<tag>``)."""
+        return f"b{self.batch}l{self.seq_len}m{self.d_model}h{self.n_heads}B{self.dtype_bytes}"
 
     @property
     def dense_macs(self) -> int:
@@ -211,6 +216,7 @@ class LayerWork:
     expert_macs: float  # forward multiply-adds of this rank's expert shard
     gar_bytes: float  # one block's dense gradients
     dense_macs: float  # one block's attention forward
+    expert_tag: str = ""  # ExpertDims.tag: the expert fits' shape qualifier
 
 
 def layer_work(spec: LayerSpec, layout: Layout) -> LayerWork:
@@ -221,7 +227,7 @@ def layer_work(spec: LayerSpec, layout: Layout) -> LayerWork:
         rs_bytes=layout.esp * rows * M * b if layout.esp > 1 else 0.0,
         expert_macs=layout.esp * rows * M * (spec.d_ff / layout.esp) * spec.gemms,
         gar_bytes=spec.dense_params * b if layout.dp > 1 else 0.0,
-        dense_macs=spec.dense_macs)
+        dense_macs=spec.dense_macs, expert_tag=ExpertDims.of(spec, layout).tag)
 
 
 @dataclass(frozen=True)
@@ -238,7 +244,7 @@ class ChunkTimes:
 
 def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, backward: bool = False) -> ChunkTimes:
     """t_x(r) = alpha_x + (n_x / r) beta_x for each op of one chunk (continuous r for SLSQP)."""
-    ek = "expert_bwd" if backward else "expert_fwd"
+    ek = qualified("expert_bwd" if backward else "expert_fwd", work.expert_tag)
     return ChunkTimes(r=r, a2a=profile.t(layout.a2a_key, work.a2a_bytes / r),
                       ag=profile.t("allgather", work.ag_bytes / r), rs=profile.t("reducescatter", work.rs_bytes / r),
                       exp=profile.t(ek, work.expert_macs / r), overlap=profile.overlap)
@@ -328,16 +334,26 @@ def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int) -> list
 
 @dataclass(frozen=True)
 class ExpertDims:
-    """What op sizes depend on: model dim, this shard's hidden dim, GEMMs per FFN, bytes/element."""
+    """What op sizes depend on: model dim, this shard's hidden dim, GEMMs per FFN, bytes/element,
+    experts on this rank."""
 
     d_model: int
     f_shard: int
     gemms: int
     dtype_bytes: int
+    local_experts: int = 0  # 0: unknown (no shape-specific fit)
+
+    @property
+    def tag(self) -> str:
+        """The expert shape, for its shape-specific fits (``expert_fwd@<tag>``)."""
+        if not self.local_experts:
+            return ""
+        return f"E{self.local_experts}m{self.d_model}f{self.f_shard}g{self.gemms}B{self.dtype_bytes}"
 
     @staticmethod
     def of(spec: LayerSpec, layout: Layout) -> "ExpertDims":
-        return ExpertDims(spec.d_model, spec.d_ff // layout.esp, spec.gemms, spec.dtype_bytes)
+        return ExpertDims(spec.d_model, spec.d_ff // layout.esp, spec.gemms, spec.dtype_bytes,
+                          spec.num_experts // layout.ep)
 
 
 def op_sizes(cw: ChunkWork, dims: ExpertDims, layout: Layout) -> dict[str, float]:

@@ -12,6 +12,14 @@ Every op the scheduler places is modelled as ``t = alpha + n * beta`` (FSMoE §4
     expert_bwd       multiply-adds of the *forward* FFN           grouped GEMM backward
     dense_fwd/bwd    multiply-adds of the attention block         attention block
 
+**Shape-qualified keys.** A compute op's time per multiply-add depends on its shape (GEMM
+efficiency, kernel launches per op), so one line over every shape fits none of them well. An op
+may carry a qualified key ``base@tag`` (``expert_fwd@E2m128f256g3b4``: see
+``perf_model.ExpertDims.tag`` and ``LayerSpec.dense_tag``): :meth:`Profile.t` uses that key's own
+fit when it has one and the ``base`` fit otherwise; the profiler fits every shape it measures
+under both, and :func:`refit` learns a qualified fit from the executor's records (starting from
+the base fit as its prior) while also refitting the base key from the same samples.
+
 A :class:`Profile` is keyed by ``hardware`` (what it ran on) and ``layout`` (the process-group
 shape), saved as JSON, and carries the raw ``points`` it was fitted on so that :func:`refit` can
 fold in the timings the executor records during training (online profiling). ``overlap`` is the
@@ -29,6 +37,16 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+def qualified(key: str, tag: str) -> str:
+    """``key@tag`` (or ``key`` when the tag is empty): a fit specific to one op shape."""
+    return f"{key}@{tag}" if key and tag else key
+
+
+def base_key(key: str) -> str:
+    """``expert_fwd@tag`` -> ``expert_fwd``."""
+    return key.split("@", 1)[0]
+
 
 FIT_KEYS = ("a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce",
             "expert_fwd", "expert_bwd", "dense_fwd", "dense_bwd")
@@ -89,16 +107,21 @@ class Profile:
     overlap: float = 1.0  # measured fraction of comm that hides under compute when both run (1: free)
 
     def t(self, key: str, n: float) -> float:
-        """Predicted seconds of op ``key`` at size ``n`` (0 for a zero-size op)."""
+        """Predicted seconds of op ``key`` at size ``n`` (0 for a zero-size op). A qualified key
+        ``base@tag`` without a fit of its own uses the ``base`` fit."""
         if n <= 0:
             return 0.0
-        if key not in self.fits:
-            raise KeyError(f"profile {self.hardware}/{self.layout} has no fit for {key!r}; "
-                           f"it has {sorted(self.fits)} (run `fsmoe profile`)")
-        return self.fits[key](n)
+        return self.fit_for(key)(n)
+
+    def fit_for(self, key: str) -> LinearFit:
+        fit = self.fits.get(key) or self.fits.get(base_key(key))
+        if fit is None:
+            raise KeyError(f"profile {self.hardware}/{self.layout} has no fit for {base_key(key)!r}; "
+                           f"it has {sorted(k for k in self.fits if '@' not in k)} (run `fsmoe profile`)")
+        return fit
 
     def has(self, key: str) -> bool:
-        return key in self.fits
+        return key in self.fits or base_key(key) in self.fits
 
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
@@ -122,12 +145,17 @@ class Profile:
         return Profile.from_dict(json.loads(Path(path).read_text()))
 
     def summary(self) -> str:
+        n_shape = sum("@" in k for k in self.fits)
         lines = [f"profile {self.hardware} / {self.layout}; comm/compute overlap efficiency {self.overlap:.2f}",
                  f"  {'op':<14} {'alpha (us)':>11} {'1/beta':>14} {'R^2':>8} {'points':>6}"]
         for k, f in sorted(self.fits.items()):
+            if "@" in k:
+                continue
             unit = "MAC/s" if k.startswith(("expert", "dense")) else "B/s"
             rate = f"{1 / f.beta:.3g} {unit}" if f.beta > 0 else "inf"
             lines.append(f"  {k:<14} {f.alpha * 1e6:>11.1f} {rate:>14} {f.r2:>8.4f} {f.num_points:>6}")
+        if n_shape:
+            lines.append(f"  + {n_shape} shape-specific fits (key@shape)")
         return "\n".join(lines)
 
 
@@ -179,15 +207,21 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
     A key needs ``min_points`` samples; a line needs two or more sizes (one size: only the
     scaled fit is tried; a line with a slope <= 0 is noise and is not). A key the profile lacks is fitted from scratch. With ``keep_prior``
     the profile's own points join the bin medians of the line fit.
+    A qualified sample ``base@tag`` counts for its own key and for ``base``; a qualified key the
+    profile has no fit for starts from the base fit (so one size, e.g. an attention block of a
+    fixed shape, still gets its scaled fit).
     """
     by_size: dict[str, dict[float, list[float]]] = {}
     for key, n, t in samples:
         if n > 0 and math.isfinite(t) and t > 0:
-            by_size.setdefault(key, {}).setdefault(float(n), []).append(float(t))
+            for k in {key, base_key(key)}:
+                by_size.setdefault(k, {}).setdefault(float(n), []).append(float(t))
     fits, points = dict(profile.fits), {k: list(v) for k, v in profile.points.items()}
-    for key, sizes in by_size.items():
+    for key in sorted(by_size, key=lambda k: "@" in k):  # base keys first: they are the priors
+        sizes = by_size[key]
         flat = [(n, t) for n, ts in sizes.items() for t in ts]
-        if len(flat) < min_points or (key not in fits and len(sizes) < 2):
+        prior = fits.get(key) or fits.get(base_key(key))
+        if len(flat) < min_points or (prior is None and len(sizes) < 2):
             continue
         pts = binned_medians(sizes, max_bins)
         line_pts = (points.get(key, []) + pts) if keep_prior else pts
@@ -195,10 +229,9 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
         line = fit_linear([p[0] for p in line_pts], [p[1] for p in line_pts]) if len(sizes) >= 2 else None
         if line is not None and line.beta > 0:  # a falling line is noise; it would mislead the planner
             cands.append(line)
-        if key in fits:
-            old = fits[key]
-            ratio = float(np.median([t / old(n) for n, t in flat if old(n) > 0] or [1.0]))
-            cands += [dataclasses.replace(old.scaled(ratio), num_points=len(pts)), old]
+        if prior is not None:
+            ratio = float(np.median([t / prior(n) for n, t in flat if prior(n) > 0] or [1.0]))
+            cands += [dataclasses.replace(prior.scaled(ratio), num_points=len(pts)), prior]
         if not cands:
             continue
         best = min(cands, key=lambda f: median_log_error(f, flat))

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
-from fsmoe.schedule.perf_model import Layout
-from fsmoe.schedule.profile import Profile, profile_from_points, refit
+from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
+from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
 from fsmoe.schedule.timeline import OpRecord
 
 
@@ -189,12 +189,22 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
 
 
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
-    """Expert forward/backward (expert_ops) and attention forward/backward, on this rank."""
+    """Expert forward/backward (expert_ops) and attention forward/backward, on this rank. Each
+    point is returned under the base key and under its shape-qualified key (``profile.py``)."""
+    out = []
+    for key, n, t, tag in _compute_points(cfg, device, dtype):
+        out += [(key, n, t), (qualified(key, tag), n, t)]
+    return out
+
+
+def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tuple[str, float, float, str]]:
     from fsmoe.models.attention import Attention
 
     out = []
     El = cfg.local_experts
+    elem = torch.empty(0, dtype=dtype).element_size()
     for d, f, gemms in cfg.expert_shapes:
+        tag = ExpertDims(d, f, gemms, elem, El).tag
         w = ExpertWeights(torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5,
                           torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5 if gemms == 3 else None,
                           torch.randn(El, f, d, device=device, dtype=dtype) / f ** 0.5)
@@ -218,15 +228,16 @@ def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float3
                 torch.empty_like(dy).index_copy_(0, perm, dx)
 
             with torch.no_grad():
-                out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup)))
-                out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup)))
+                out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
+                out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
     for B, L, d, heads in cfg.dense_shapes:
+        tag = LayerSpec(batch=B, seq_len=L, d_model=d, d_ff=d, num_experts=1, n_heads=heads, dtype_bytes=elem).dense_tag
         attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)
         attn = attn.to(device=device, dtype=dtype)
         x = torch.randn(B, L, d, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(B, L, d, device=device, dtype=dtype)
         macs = 4 * B * L * d * d + 2 * B * L * L * d
-        out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup)))
+        out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup), tag))
         ys = []
 
         def bwd():
@@ -241,7 +252,7 @@ def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float3
             _sync(device)
             if k >= cfg.warmup:
                 times.append(time.perf_counter() - t0)
-        out.append(("dense_bwd", macs, statistics.median(times)))
+        out.append(("dense_bwd", macs, statistics.median(times), tag))
     return out
 
 

@@ -19,7 +19,7 @@ from fsmoe.schedule.engine import SimEngine
 from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, run_pipeline
 from fsmoe.schedule.grad_sync import GarPlan, GradSync
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout, balanced_counts, route_work
-from fsmoe.schedule.profile import Profile
+from fsmoe.schedule.profile import Profile, qualified
 from fsmoe.schedule.timeline import Op, OpRecord
 
 
@@ -66,7 +66,7 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
     lanes = Lanes.of(iio)
     gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
     works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
-    dense_key = lambda k: k if profile.has(k) else ""
+    dense_key = lambda k: qualified(k, spec.dense_tag) if profile.has(k) else ""
     for layer in range(spec.n_layers):
         eng.compute(Op("dense", "fwd", layer, 0, dense_key("dense_fwd"), spec.dense_macs), None)
         ops = chunk_ops(works_f, dims, layout, "fwd", layer)

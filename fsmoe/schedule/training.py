@@ -181,13 +181,14 @@ def write_trace(iterations: list[list[OpRecord]], predicted: list[OpRecord], run
     return shift(iterations[-1], t_last)
 
 
-def record_dense_ops(model: nn.Module, macs: float, recorder: Recorder, device: torch.device) -> list:
+def record_dense_ops(model: nn.Module, spec: LayerSpec, recorder: Recorder, device: torch.device) -> list:
     """Time every block's attention forward and backward on the compute lane (``dense_fwd`` /
-    ``dense_bwd`` at ``macs``, the LayerSpec's count); returns the hook handles."""
+    ``dense_bwd`` of the LayerSpec's shape, at its multiply-adds); returns the hook handles."""
     handles = []
     for i, blk in enumerate(model.layers):
         t: dict[str, Any] = {}
-        fwd, bwd = Op("dense", "fwd", i, 0, "dense_fwd", macs), Op("dense", "bwd", i, 0, "dense_bwd", macs)
+        fwd, bwd = (Op("dense", ph, i, 0, qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
+                    for ph in ("fwd", "bwd"))
 
         def pre_f(m, a, t=t):
             t["f"] = recorder.stamp(device)
@@ -257,7 +258,7 @@ class TrainingSchedule:
         ts = TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
                               Path(run_dir), is_writer, n, first)
         if n:  # attention timings for the timeline (hooks only when a timeline is asked for)
-            ts._dense_hooks = record_dense_ops(model, spec.dense_macs, recorder, device)
+            ts._dense_hooks = record_dense_ops(model, spec, recorder, device)
         return ts
 
     def describe(self) -> str:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The scheduler's measurements on the device machine (docs/scheduler.md, "Results"):
+#
+#   gpu   tests/test_schedule_gpu.py (CUDA-stream executor = unpipelined layer), then
+#         `fsmoe bench schedule` on the GPU grid (bf16, one GPU), pinned to cores 0-3
+#   cpu   `fsmoe bench schedule` with 4 gloo processes as 2 simulated nodes x 2 (EP2 x ESP2) on
+#         cores 4-15 of the same host: every rank and its lane threads get cores of their own,
+#         unlike a 2-core CI machine where 4 ranks share 2 cores
+#   both  the two at once (each on its own cores)
+#
+# Usage: bash scripts/device_schedule.sh OUT_DIR {gpu|cpu|both} [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
+# Each part writes OUT_DIR/<part>.tgz (results.json, ops.jsonl, report.md, traces, Gantt PNGs)
+# and OUT_DIR/<part>.log; merge CPU parts with `fsmoe bench schedule --merge DIR DIR`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${1:?usage: device_schedule.sh OUT_DIR {gpu|cpu|both} [FIRST] [N] [GPU_N]}
+PART=${2:-both}
+FIRST=${3:-0}
+N=${4:-12}
+GPU_N=${5:-20}
+LIMIT=${LIMIT:-540}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+
+gpu() {
+  local d=/tmp/fsmoe_sched/gpu
+  taskset -c 0-3 timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider tests/test_schedule_gpu.py
+  taskset -c 0-3 timeout "$LIMIT" "$PY" -m fsmoe.cli bench schedule --nproc 1 --ep 1 --esp 1 --gpus-per-node 1 \
+    --configs "$GPU_N" --iters 5 --warmup 2 --device cuda --run-dir "$d"
+  tar -czf "$OUT/gpu.tgz" -C "$d" .
+}
+
+cpu() {
+  local d=/tmp/fsmoe_sched/cpu_$FIRST
+  taskset -c 4-15 timeout "$LIMIT" "$PY" -m fsmoe.cli bench schedule --nproc 4 --ep 2 --esp 2 --gpus-per-node 2 \
+    --configs "$N" --first-config "$FIRST" --iters 5 --warmup 1 --device cpu --run-dir "$d"
+  tar -czf "$OUT/cpu_$FIRST.tgz" -C "$d" .
+}
+
+case "$PART" in
+  gpu) gpu 2>&1 | tee "$OUT/gpu.log" ;;
+  cpu) cpu 2>&1 | tee "$OUT/cpu_$FIRST.log" ;;
+  both)
+    gpu >"$OUT/gpu.log" 2>&1 &
+    cpu >"$OUT/cpu_$FIRST.log" 2>&1 &
+    wait
+    tail -n 40 "$OUT/gpu.log" "$OUT/cpu_$FIRST.log" ;;
+  *) echo "device_schedule.sh: part must be gpu, cpu or both, got '$PART'" >&2; exit 2 ;;
+esac
