@@ -3,8 +3,9 @@
 Per layer config (a stack of ``--layers`` blocks: attention + MoE, FSMoE §6.2's "configured
 layers"), on every rank of the run (e.g. 4 CPU processes as 2 simulated nodes x 2):
 
-  A. calibration (online profiling): a few recorded iterations of Default and FSMoE on every
-     config; the Profile (offline microbenchmark, ``fsmoe profile``) is refitted from them;
+  A. calibration (online profiling): a few recorded iterations of the five schedules (after the
+     same warm-up as the timed pass); the Profile (offline microbenchmark, ``fsmoe profile``)
+     is refitted from the records of this config and every config before it;
   B. the five schedules (``baselines.py``) planned with the refitted profile, plus the sweep
      r_fwd x r_bwd in {1,2,4,8}^2 x {no partition, FSMoE's partitions, everything ready} with
      intra/inter overlap; all measured round-robin, ``--iters`` timed iterations each after
@@ -53,8 +54,12 @@ from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durati
 GRIDS = {  # FSMoE's axes, scaled to the hardware
     "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
             "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")},
-    "gpu": {"batch": (1, 2), "n_heads": (8, 16), "seq_len": (512, 1024), "d_model": (1024, 2048),
+    # one GPU holds all 8 experts: FSMoE's upper values of B, L, M (the ops are then GPU-bound,
+    # not host-bound; "gpu-small" is the earlier, launch-bound scale)
+    "gpu": {"batch": (2, 4), "n_heads": (16, 32), "seq_len": (1024, 2048), "d_model": (2048, 4096),
             "h_over_m": (2, 4), "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")},
+    "gpu-small": {"batch": (1, 2), "n_heads": (8, 16), "seq_len": (512, 1024), "d_model": (1024, 2048),
+                  "h_over_m": (2, 4), "capacity_factor": (1.2, None), "activation": ("gelu", "swiglu")},
 }
 
 
@@ -64,7 +69,7 @@ def grid_specs(n: int, ep: int, n_layers: int = 2, seed: int = 0, grid: str = "c
     be split into parts and merged: ``--first-config``, ``--merge``)."""
     combos = list(itertools.product(*GRIDS[grid].values()))
     random.Random(seed).shuffle(combos)
-    E = 2 * ep if grid == "cpu" else max(8, 2 * ep)
+    E = 2 * ep if grid == "cpu" else max(8, 2 * ep)  # GPU grids: 8 experts (Mixtral's count) or 2 per EP rank
     out = []
     for B, h, L, M, hm, f, act in combos[first:first + n]:
         out.append(LayerSpec(batch=B, seq_len=L, d_model=M, d_ff=hm * M, num_experts=E, top_k=2, n_heads=h,
@@ -235,7 +240,7 @@ def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -
 
 
 def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
-              run_dir: Path, calib_iters: int = 2, quick_sweep: bool = False, log=print, grid: str = "cpu",
+              run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
               dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
     stages = MoEStages.from_groups(groups)
@@ -254,7 +259,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     log(f"profile ready ({time.perf_counter() - t_start:.0f}s); {len(specs)} configs; layout {layout.name}")
     log(profile.summary())
 
-    # Per config: A. calibration (online profiling): record Default and FSMoE iterations and
+    # Per config: A. calibration (online profiling): record iterations of the five schedules and
     # refit the offline profile from every record so far; B. plan with the refitted profile and
     # measure. The model is built once per config (on the device: large GPU configs would
     # otherwise spend most of the run initialising on the host).
@@ -262,9 +267,8 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     refitted = profile
     for ci, spec in enumerate(specs):
         bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
-        p0 = plan_all(spec, layout, refitted)
-        calib = {name: p0[name] for name in ("default", "fsmoe")}
-        _, recs = measure(bm, calib, groups, device, calib_iters, 1, recorder, keep=set(calib))
+        calib = plan_all(spec, layout, refitted)  # the five schedules, under the timed pass's conditions
+        _, recs = measure(bm, calib, groups, device, calib_iters, max(warmup, 1), recorder, keep=set(calib))
         for name, its in _merge_iterations(recs, groups).items():
             samples += [(k[0], k[1], t) for k, ts in op_timings(its, layout).items() for t in ts]
         refitted = refit(profile, samples)

@@ -66,8 +66,11 @@ def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: s
     for i, cw in enumerate(works):
         n = op_sizes(cw, dims, layout)
         mk = lambda kind, key: Op(kind, phase, layer, i, key if n[kind] > 0 else "", n[kind])
-        out.append(ChunkOps(mk("a2a_dispatch", a2a_key), mk("allgather", "allgather"), mk("expert", exp_key),
-                            mk("reducescatter", "reducescatter"), mk("a2a_combine", a2a_key)))
+        # dispatch and combine run different code around the same collective: each refits its
+        # own line (the planner's t_a2a is the base fit over both)
+        out.append(ChunkOps(mk("a2a_dispatch", qualified(a2a_key, "dispatch")), mk("allgather", "allgather"),
+                            mk("expert", exp_key), mk("reducescatter", "reducescatter"),
+                            mk("a2a_combine", qualified(a2a_key, "combine"))))
     return out
 
 

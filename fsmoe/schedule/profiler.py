@@ -60,10 +60,11 @@ class ProfileConfig:
     def gpu(quick: bool = False) -> "ProfileConfig":
         """FSMoE's sizes (2^18 .. 24 * 2^18 floats) and the GPU layer grid's shapes."""
         comm = tuple(int(x) * 4 for x in np.linspace(1 << 18, 24 << 18, 6 if quick else 12))
-        rows = tuple(int(x) for x in np.geomspace(128, 8192, 5 if quick else 7))
-        shapes = ((1024, 2048, 2), (2048, 8192, 3), (1024, 4096, 3), (2048, 4096, 2))
-        dense = ((1, 512, 1024, 8), (2, 1024, 2048, 16), (1, 1024, 1024, 8), (2, 512, 2048, 16))
-        return ProfileConfig(comm, shapes[:2] if quick else shapes, rows, 4, dense, reps=10, warmup=3)
+        rows = tuple(int(x) for x in np.geomspace(256, 16384, 5 if quick else 7))
+        shapes = ((2048, 4096, 2), (4096, 16384, 3), (2048, 8192, 3), (4096, 8192, 2))
+        dense = ((2, 1024, 2048, 16), (4, 2048, 4096, 32), (2, 2048, 2048, 16), (4, 1024, 4096, 32))
+        return ProfileConfig(comm, shapes[:1] if quick else shapes, rows, 8, dense[:1] if quick else dense,
+                             reps=10, warmup=3)
 
 
 def hardware_name(device: torch.device) -> str:
