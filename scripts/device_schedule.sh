@@ -7,14 +7,17 @@
 #         cores 4-15 of the same host: every rank and its lane threads get cores of their own,
 #         unlike a 2-core CI machine where 4 ranks share 2 cores
 #   both  the two at once (each on its own cores)
+#   train `fsmoe train` (tiny preset, 4 gloo processes as 2 nodes x 2, EP2 x ESP2, FSMoE schedule)
+#         recording an 8-step timeline: per-op error in metrics.jsonl (cores 0-3)
+#   cpu+train  the two at once
 #
-# Usage: bash scripts/device_schedule.sh OUT_DIR {gpu|cpu|both} [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
+# Usage: bash scripts/device_schedule.sh OUT_DIR PART [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
 # Each part writes OUT_DIR/<part>.tgz (results.json, ops.jsonl, report.md, traces, Gantt PNGs)
 # and OUT_DIR/<part>.log; merge CPU parts with `fsmoe bench schedule --merge DIR DIR`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-OUT=${1:?usage: device_schedule.sh OUT_DIR {gpu|cpu|both} [FIRST] [N] [GPU_N]}
+OUT=${1:?usage: device_schedule.sh OUT_DIR PART [FIRST] [N] [GPU_N]}
 PART=${2:-both}
 FIRST=${3:-0}
 N=${4:-12}
@@ -38,6 +41,21 @@ cpu() {
   tar -czf "$OUT/cpu_$FIRST.tgz" -C "$d" .
 }
 
+train() {
+  local d=/tmp/fsmoe_sched/train
+  rm -rf "$d"
+  taskset -c 0-3 timeout "$LIMIT" "$PY" -m fsmoe.cli train --nproc 4 --ep 2 --esp 2 --gpus-per-node 2 --steps 14 \
+    --timeline 8 --device cpu --set parallel.schedule=fsmoe --run-dir "$d"
+  "$PY" - "$d/metrics.jsonl" <<'PYEOF'
+import json, sys
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if "op_error_median_offline" in d:
+        print("train timeline:", {k: v for k, v in d.items() if k.startswith("op_") or k == "timeline_ops"})
+PYEOF
+  tar -czf "$OUT/train.tgz" -C "$d" metrics.jsonl profile.json profile_refit.json timeline.png config.json
+}
+
 case "$PART" in
   gpu) gpu 2>&1 | tee "$OUT/gpu.log" ;;
   cpu) cpu 2>&1 | tee "$OUT/cpu_$FIRST.log" ;;
@@ -46,5 +64,11 @@ case "$PART" in
     cpu >"$OUT/cpu_$FIRST.log" 2>&1 &
     wait
     tail -n 40 "$OUT/gpu.log" "$OUT/cpu_$FIRST.log" ;;
-  *) echo "device_schedule.sh: part must be gpu, cpu or both, got '$PART'" >&2; exit 2 ;;
+  train) train 2>&1 | tee "$OUT/train.log" ;;
+  cpu+train)
+    train >"$OUT/train.log" 2>&1 &
+    cpu >"$OUT/cpu_$FIRST.log" 2>&1 &
+    wait
+    tail -n 30 "$OUT/train.log" "$OUT/cpu_$FIRST.log" ;;
+  *) echo "device_schedule.sh: part must be gpu, cpu, both, train or cpu+train, got '$PART'" >&2; exit 2 ;;
 esac

@@ -36,7 +36,7 @@ from fsmoe.schedule.executor import LayerSchedule, Lanes, PipelinedExecutor
 from fsmoe.schedule.grad_sync import GradSync
 from fsmoe.schedule.perf_model import LayerSpec, Layout
 from fsmoe.schedule.plan import plan
-from fsmoe.schedule.profile import Profile, refit
+from fsmoe.schedule.profile import Profile, qualified, refit
 from fsmoe.schedule.simulate import simulate_iteration
 from fsmoe.schedule.stages import MoEStages
 from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
