@@ -205,7 +205,10 @@ def _bench_worker(rank, world, run_dir):
         (d / "results.json").write_text(json.dumps(res))
         (d / "ops.jsonl").write_text("".join(json.dumps(o) + "\n" for o in ops))
     merged = merge_runs([Path(run_dir) / "a", Path(run_dir) / "b"])
-    assert merged["summary"]["configs"] == 2 and merged["op_errors"]["offline"]["all"]["ops"] == 2 * len(ops)
+    scheduled = [o for o in ops if o["kind"] not in ("glue", "counts")]
+    assert {"glue", "counts"} <= {o["kind"] for o in ops} and all(o["refitted"] for o in ops if o["kind"] == "glue")
+    assert merged["summary"]["configs"] == 2 and merged["op_errors"]["offline"]["all"]["ops"] == 2 * len(scheduled)
+    assert 0 < res["summary"]["iteration_predicted_over_measured_median"]["fsmoe"]
     return report_markdown(res, "test")
 
 

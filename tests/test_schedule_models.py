@@ -118,6 +118,32 @@ def test_ops_carry_their_shape_in_the_fit_key():
     assert SPEC.dense_tag == "b2l1024m2048h16B4"
 
 
+def test_glue_is_the_block_time_no_op_covers_and_is_learned_from_scratch():
+    from fsmoe.schedule.simulate import glue_op, simulate_iteration
+    from fsmoe.schedule.timeline import OpRecord, with_glue
+
+    spec = LayerSpec(batch=1, seq_len=128, d_model=64, d_ff=128, num_experts=4, n_heads=2, n_layers=2)
+    block = OpRecord(glue_op(spec, "fwd", 0, "block"), "host", 0, 0.0, 10.0)
+    recs = [block,
+            OpRecord(Op("dense", "fwd", 0, 0, "dense_fwd", 1.0), "compute", 0, 0.0, 2.0),
+            OpRecord(Op("a2a_dispatch", "fwd", 0, 0, "a2a_inter", 1.0), "inter", 0, 3.0, 5.0),
+            OpRecord(Op("expert", "fwd", 0, 0, "expert_fwd", 1.0), "compute", 0, 4.0, 6.0),  # overlaps the A2A
+            OpRecord(Op("allreduce", "bwd", 0, 0, "allreduce", 1.0), "inter", 0, 6.0, 9.0),  # not host work
+            OpRecord(Op("expert", "fwd", 0, 0, "expert_fwd", 1.0), "compute", 1, 0.0, 10.0)]  # another rank
+    out = with_glue(recs)
+    glue = [r for r in out if r.op.kind == "glue"]
+    assert len(glue) == 1 and glue[0].dur == pytest.approx(10.0 - 2.0 - 3.0) and glue[0].op.key == block.op.key
+    assert not any(r.op.kind == "block" for r in out) and len(out) == len(recs)
+    # no glue fit before a refit: the simulator gives it 0; one size and no prior: a line through the origin
+    prof = Profile("hw", "lay", {"dense_fwd": LinearFit(0.0, 1e-9)})
+    learned = refit(prof, [(block.op.key, spec.tokens, 5e-3)] * 4 + [("counts", 128.0, 2e-4)] * 4)
+    assert learned.t(block.op.key, spec.tokens) == pytest.approx(5e-3) and learned.t("counts", 128) == pytest.approx(2e-4)
+    sim = lambda p: simulate_iteration(spec, Layout(ep=2, esp=2, gpus_per_node=2), p, 1, 1, True, GarPlan("end"))
+    before, after = sim(GPU_LIKE), sim(refit(GPU_LIKE, [(block.op.key, spec.tokens, 5e-3)] * 4))
+    assert after.iter_s == pytest.approx(before.iter_s + 2 * 5e-3, rel=1e-6)  # forward glue of 2 blocks
+    assert any(r.op.kind == "glue" for r in after.records) and any(r.op.kind == "counts" for r in after.records)
+
+
 def test_profile_missing_key_names_it():
     with pytest.raises(KeyError, match="a2a_inter"):
         Profile("hw", "lay", {}).t("a2a_inter", 10)

@@ -47,9 +47,10 @@ from fsmoe.schedule.perf_model import LayerSpec, Layout
 from fsmoe.schedule.plan import plan_all
 from fsmoe.schedule.profile import Profile, base_key, qualified, refit
 from fsmoe.schedule.profiler import ProfileConfig, run_profile
-from fsmoe.schedule.simulate import simulate_iteration
+from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
+from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png, shift,
+                                     with_glue)
 
 GRIDS = {  # FSMoE's axes, scaled to the hardware
     "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
@@ -90,17 +91,6 @@ class BenchModel:
     g: torch.Tensor
 
 
-def _record_dense(attn: nn.Module, layer: int, spec: LayerSpec, rec: Recorder, device) -> None:
-    """Time the attention block forward and backward on the compute lane."""
-    t = {}
-    fwd, bwd = (Op("dense", ph, layer, 0, qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
-                for ph in ("fwd", "bwd"))
-    attn.register_forward_pre_hook(lambda m, a: t.__setitem__("f", rec.stamp(device)))
-    attn.register_forward_hook(lambda m, a, o: rec.add_span(fwd, "compute", t["f"], rec.stamp(device)))
-    attn.register_full_backward_pre_hook(lambda m, g: t.__setitem__("b", rec.stamp(device)))
-    attn.register_full_backward_hook(lambda m, gi, go: rec.add_span(bwd, "compute", t["b"], rec.stamp(device)))
-
-
 def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> BenchModel:
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
@@ -122,7 +112,7 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
             moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
             blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
             moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
-            _record_dense(attn, layer, spec, engine.recorder, torch.device(device))
+            record_block_ops(blk, attn, spec, layer, engine.recorder, torch.device(device))
             blocks.append(blk)
             executors.append(moe.executor)
             dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
@@ -227,16 +217,17 @@ def op_timings(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, 
     """(key, n, kind, phase, layer, chunk, rank) -> effective seconds in each iteration."""
     out: dict[tuple, list[float]] = {}
     for recs in iterations:
-        for r, d in effective_durations(recs, layout.peers):
+        for r, d in effective_durations(with_glue(recs), layout.peers):
             if r.op.key and r.op.n > 0 and d > 0:
                 out.setdefault((r.op.key, r.op.n, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append(d)
     return out
 
 
 def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -> list[tuple]:
-    """(key, n, median measured, every measured, {profile: predicted}) per op of the iteration."""
+    """(key, n, median measured, every measured, {profile: predicted}) per scheduled op of the
+    iteration (the glue and the count exchange are modelled too, but are not scheduled ops)."""
     return [(k[0], k[1], statistics.median(v), v, {name: p.t(k[0], k[1]) for name, p in profiles.items()})
-            for k, v in timings.items()]
+            for k, v in timings.items() if k[2] not in NOT_SCHEDULED]
 
 
 def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
@@ -284,7 +275,8 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
             timings = op_timings(merged[name], layout)
             errors += op_errors(timings, profiles)
             op_rows += [{"config": ci, "schedule": name, **dict(zip(OP_FIELDS, k)), "runs": v,
-                         **{p: pr.t(k[0], k[1]) for p, pr in profiles.items()}} for k, v in timings.items()]
+                         **{p: pr.t(k[0], k[1]) if pr.has(k[0]) else None for p, pr in profiles.items()}}
+                        for k, v in timings.items()]
         if ci == 0 and groups.rank == 0:
             _timeline_artifacts(spec, layout, refitted, named, merged, run_dir)
         fs = named["fsmoe"]
@@ -349,7 +341,10 @@ def summarize(rows: list[dict]) -> dict:
     sp_def = [r["seconds"]["default"] / r["seconds"]["fsmoe"] for r in rows]
     sp_tut = [r["seconds"]["tutel_improved"] / r["seconds"]["fsmoe"] for r in rows]
     sp = {k: gm([r["seconds"]["default"] / r["seconds"][k] for r in rows]) for k in POLICY_NAMES}
+    ratio = {k: statistics.median(r["predicted"][k] / r["seconds"][k] for r in rows) for k in POLICY_NAMES} \
+        if rows else {}
     return {"configs": len(rows), "chosen_within_5pct": sum(c <= 1.05 for c in cob),
+            "iteration_predicted_over_measured_median": ratio,
             "chosen_is_sweep_best": sum(r["same_as_best"] for r in rows),
             "sweep_pass_ratio_median": statistics.median(r["chosen_over_best_sweep_pass"] for r in rows),
             "chosen_over_best_median": statistics.median(cob) if cob else math.nan,
@@ -396,6 +391,9 @@ def report_markdown(res: dict, command: str) -> str:
              f"(median ratio {s['chosen_over_best_median']:.3f}, max {s['chosen_over_best_max']:.3f}) |",
              f"| chosen is the sweep's best point | {s['chosen_is_sweep_best']}/{s['configs']} "
              f"(sweep-pass ratio median {s['sweep_pass_ratio_median']:.3f}) |",
+             "| iteration time, predicted / measured (median over configs; default, fsmoe) | " + (
+                 " / ".join(f"{s['iteration_predicted_over_measured_median'][k]:.2f}" for k in ("default", "fsmoe"))
+                 if "iteration_predicted_over_measured_median" in s else "n/a") + " |",
              f"| FSMoE speedup over Default (geomean) | {s['speedup_fsmoe_over_default_geomean']:.3f}x "
              f"(faster on {s['fsmoe_faster_than_default']}/{s['configs']}) |",
              f"| FSMoE speedup over Tutel-Improved (geomean) | {s['speedup_fsmoe_over_tutel_geomean']:.3f}x "
@@ -462,6 +460,8 @@ def merge_runs(dirs: list[Path]) -> dict:
         parts.append(json.loads((d / "results.json").read_text()))
         for line in (d / "ops.jsonl").read_text().splitlines():
             o = json.loads(line)
+            if o["kind"] in NOT_SCHEDULED:
+                continue
             errors.append((o["key"], o["n"], statistics.median(o["runs"]), o["runs"],
                            {"offline": o["offline"], "refitted": o["refitted"]}))
     layouts = {p["layout"] for p in parts}

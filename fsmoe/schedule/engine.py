@@ -68,6 +68,26 @@ class Recorder:
         else:
             self.add_events(op, lane, s0, s1)
 
+    def time_module(self, module: torch.nn.Module, fwd: Op, bwd: Op, lane: str, device: torch.device) -> list:
+        """Record ``module``'s forward as ``fwd`` and its backward as ``bwd`` on ``lane`` (module
+        hooks; CUDA events on a GPU). Returns the hook handles."""
+        t: dict[str, Any] = {}
+
+        def pre_f(m, a):
+            t["f"] = self.stamp(device)
+
+        def post_f(m, a, o):
+            self.add_span(fwd, lane, t["f"], self.stamp(device))
+
+        def pre_b(m, g):
+            t["b"] = self.stamp(device)
+
+        def post_b(m, gi, go):
+            self.add_span(bwd, lane, t["b"], self.stamp(device))
+
+        return [module.register_forward_pre_hook(pre_f), module.register_forward_hook(post_f),
+                module.register_full_backward_pre_hook(pre_b), module.register_full_backward_hook(post_b)]
+
     def add_events(self, op: Op, lane: str, e0, e1) -> None:
         if self.enabled:
             if self._base_event is None:

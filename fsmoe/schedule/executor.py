@@ -59,6 +59,11 @@ class ChunkOps:
     combine: Op
 
 
+def counts_op(layout: Layout, num_experts: int, layer: int) -> Op:
+    """The per-layer exchange of every rank's per-expert counts (int64), before the forward."""
+    return Op("counts", "fwd", layer, 0, "counts", float(layout.world * num_experts * 8))
+
+
 def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: str, layer: int) -> list[ChunkOps]:
     a2a_key = layout.a2a_key if layout.ep > 1 else ""
     exp_key = qualified("expert_fwd" if phase == "fwd" else "expert_bwd", dims.tag)
@@ -199,8 +204,8 @@ class PipelinedExecutor:
     # ------------------------------------------------------------------ forward
     def run_forward(self, x_ND: Tensor, counts_E: Tensor, w: ExpertWeights) -> tuple[Tensor, _State]:
         eng, st, layout = self.engine, self.stages, self.stages.layout
-        counts_SE = eng.wait(eng.launch(self.lanes.inter, Op("counts", "fwd", self.layer), st.exchange_counts,
-                                        counts_E))
+        counts_SE = eng.wait(eng.launch(self.lanes.inter, counts_op(layout, counts_E.numel(), self.layer),
+                                        st.exchange_counts, counts_E))
         r = self.schedule.r_fwd
         routes = build_routes(counts_SE, r, layout, st.rank, x_ND.device)
         ops = chunk_ops([rt.work for rt in routes], self.dims(x_ND.dtype), layout, "fwd", self.layer)

@@ -114,6 +114,11 @@ class LayerSpec:
         return f"b{self.batch}l{self.seq_len}m{self.d_model}h{self.n_heads}B{self.dtype_bytes}"
 
     @property
+    def glue_tag(self) -> str:
+        """Shape of a block's unscheduled host work (router, Order, norms): ``glue_fwd@<tag>``."""
+        return f"b{self.batch}l{self.seq_len}m{self.d_model}e{self.num_experts}k{self.top_k}B{self.dtype_bytes}"
+
+    @property
     def dense_macs(self) -> int:
         """Multiply-adds of the attention block forward: projections + scores + weighted sum."""
         return 4 * self.tokens * self.d_model ** 2 + 2 * self.batch * self.seq_len ** 2 * self.d_model

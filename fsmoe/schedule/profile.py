@@ -205,7 +205,8 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
     is kept (error: :func:`median_log_error`), so a refit never fits the records it was given
     worse than the fit it replaces.
     A key needs ``min_points`` samples; a line needs two or more sizes (one size: only the
-    scaled fit is tried; a line with a slope <= 0 is noise and is not). A key the profile lacks is fitted from scratch. With ``keep_prior``
+    scaled fit is tried; a line with a slope <= 0 is noise and is not). A key the profile lacks
+    is fitted from scratch (one size: through the origin). With ``keep_prior``
     the profile's own points join the bin medians of the line fit.
     A qualified sample ``base@tag`` counts for its own key and for ``base``; a qualified key the
     profile has no fit for starts from the base fit (so one size, e.g. an attention block of a
@@ -221,12 +222,14 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
         sizes = by_size[key]
         flat = [(n, t) for n, ts in sizes.items() for t in ts]
         prior = fits.get(key) or fits.get(base_key(key))
-        if len(flat) < min_points or (prior is None and len(sizes) < 2):
+        if len(flat) < min_points:
             continue
         pts = binned_medians(sizes, max_bins)
         line_pts = (points.get(key, []) + pts) if keep_prior else pts
         cands = []
-        line = fit_linear([p[0] for p in line_pts], [p[1] for p in line_pts]) if len(sizes) >= 2 else None
+        # one size: no slope to learn, unless nothing else is known (then a line through the origin)
+        line = fit_linear([p[0] for p in line_pts], [p[1] for p in line_pts]) if len(sizes) >= 2 or prior is None \
+            else None
         if line is not None and line.beta > 0:  # a falling line is noise; it would mislead the planner
             cands.append(line)
         if prior is not None:

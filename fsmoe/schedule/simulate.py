@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fsmoe.schedule.engine import SimEngine
-from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, run_pipeline
+from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, counts_op, run_pipeline
 from fsmoe.schedule.grad_sync import GarPlan, GradSync
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout, balanced_counts, route_work
 from fsmoe.schedule.profile import Profile, qualified
@@ -36,6 +36,26 @@ class SimResult:
     def phase_span(self, phase: str, kind_prefix: str = "") -> float:
         recs = [r for r in self.records if r.op.phase == phase and r.op.kind.startswith(kind_prefix)]
         return max(r.t1 for r in recs) - min(r.t0 for r in recs) if recs else 0.0
+
+
+def dense_op(spec: LayerSpec, phase: str, layer: int) -> Op:
+    """A block's attention, forward or backward, keyed by its shape, sized in forward MACs."""
+    return Op("dense", phase, layer, 0, qualified(f"dense_{phase}", spec.dense_tag), spec.dense_macs)
+
+
+def glue_op(spec: LayerSpec, phase: str, layer: int, kind: str = "glue") -> Op:
+    """A block's unscheduled host work (``timeline.with_glue``); ``kind="block"`` is the measured
+    span it is derived from."""
+    return Op(kind, phase, layer, 0, qualified(f"glue_{phase}", spec.glue_tag), spec.tokens)
+
+
+def record_block_ops(block, attn, spec: LayerSpec, layer: int, recorder, device) -> list:
+    """Hooks timing a block (host lane, for its glue) and its attention (compute lane)."""
+    from fsmoe.schedule.timeline import HOST
+
+    return (recorder.time_module(attn, dense_op(spec, "fwd", layer), dense_op(spec, "bwd", layer), "compute", device)
+            + recorder.time_module(block, glue_op(spec, "fwd", layer, "block"), glue_op(spec, "bwd", layer, "block"),
+                                   HOST, device))
 
 
 def simulate_layer(spec: LayerSpec, layout: Layout, profile: Profile, r: int, *, backward: bool = False,
@@ -66,9 +86,12 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
     lanes = Lanes.of(iio)
     gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
     works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
-    dense_key = lambda k: qualified(k, spec.dense_tag) if profile.has(k) else ""
-    for layer in range(spec.n_layers):
-        eng.compute(Op("dense", "fwd", layer, 0, dense_key("dense_fwd"), spec.dense_macs), None)
+    dense = lambda ph, layer: dense_op(spec, ph, layer)
+    glue = lambda ph, layer: glue_op(spec, ph, layer)
+    for layer in range(spec.n_layers):  # ops without a fit (no glue before an online refit) take 0
+        eng.compute(dense("fwd", layer), None)
+        eng.compute(glue("fwd", layer), None)
+        eng.wait(eng.launch(lanes.inter, counts_op(layout, spec.num_experts, layer), None))
         ops = chunk_ops(works_f, dims, layout, "fwd", layer)
         for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_fwd):
             eng.wait(h)
@@ -78,7 +101,8 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
         window = lambda e, slot, r, layer=layer: gs.window(e, layer, slot, r)
         for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_bwd, window):
             eng.wait(h)
-        eng.compute(Op("dense", "bwd", layer, 0, dense_key("dense_bwd"), spec.dense_macs), None)
+        eng.compute(glue("bwd", layer), None)
+        eng.compute(dense("bwd", layer), None)
         gs.on_block_ready(layer)
     gs.finish()
     recs = eng.recorder.records

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 LANE_ORDER = ("compute", "intra", "inter")
+COMPUTE_LANE = "compute"
+HOST = "host"  # lane of the block spans (kind "block"): recorded to derive the glue, not drawn in the Gantt
+NOT_SCHEDULED = ("block", "glue", "counts")  # kinds outside the per-op error of the scheduled ops
 COLORS = {"a2a_dispatch": "#4c72b0", "a2a_combine": "#55a8d8", "allgather": "#dd8452", "reducescatter": "#c44e52",
-          "expert": "#55a868", "allreduce": "#8172b3", "dense": "#937860", "counts": "#999999"}
+          "expert": "#55a868", "allreduce": "#8172b3", "dense": "#937860", "counts": "#999999",
+          "glue": "#cccccc"}
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,7 @@ class Op:
     """One scheduled op. ``key`` names the Profile fit that predicts it, ``n`` its size there."""
 
     kind: str  # a2a_dispatch | allgather | expert | reducescatter | a2a_combine | allreduce | dense | counts
+    #            | block (a whole block's span, measured) | glue (its time no other op covers)
     phase: str = "fwd"  # fwd | bwd
     layer: int = 0
     chunk: int = 0
@@ -145,6 +150,27 @@ def ascii_gantt(records: Sequence[OpRecord], width: int = 96, rank: int | None =
 
 
 # ---------------------------------------------------------------------------- prediction error
+
+
+def with_glue(records: Sequence[OpRecord]) -> list[OpRecord]:
+    """Replace every block span (kind ``block``) by a ``glue`` op on the compute lane lasting the
+    part of the span that no recorded op of that rank covers, the gradient AllReduce excepted:
+    the router, Order and I-Order, norms, residuals, route building and Python between the
+    scheduled ops. Its key and size are the block's (``glue_fwd@<LayerSpec.glue_tag>``, tokens).
+    The glue record starts with the block; only its duration is meaningful."""
+    rest = [r for r in records if r.op.kind != "block"]
+    out = list(rest)
+    for b in (r for r in records if r.op.kind == "block"):
+        spans = sorted((max(r.t0, b.t0), min(r.t1, b.t1)) for r in rest
+                       if r.rank == b.rank and r.op.kind != "allreduce" and r.t1 > b.t0 and r.t0 < b.t1)
+        covered, end = 0.0, b.t0
+        for t0, t1 in spans:  # length of the union of the intervals
+            covered += max(0.0, t1 - max(t0, end))
+            end = max(end, t1)
+        glue = max(0.0, b.dur - covered)
+        out.append(OpRecord(Op("glue", b.op.phase, b.op.layer, 0, b.op.key, b.op.n), COMPUTE_LANE, b.rank,
+                            b.t0, b.t0 + glue))
+    return out
 
 
 def effective_durations(records: Sequence[OpRecord], peers) -> list[tuple[OpRecord, float]]:

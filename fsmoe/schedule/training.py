@@ -36,10 +36,11 @@ from fsmoe.schedule.executor import LayerSchedule, Lanes, PipelinedExecutor
 from fsmoe.schedule.grad_sync import GradSync
 from fsmoe.schedule.perf_model import LayerSpec, Layout
 from fsmoe.schedule.plan import plan
-from fsmoe.schedule.profile import Profile, qualified, refit
-from fsmoe.schedule.simulate import simulate_iteration
+from fsmoe.schedule.profile import Profile, refit
+from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import Op, OpRecord, chrome_trace, effective_durations, gantt_png, shift
+from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png, shift,
+                                     with_glue)
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
 
@@ -136,8 +137,8 @@ def op_timings(iterations: list[list[OpRecord]], layout: Layout, profile: Profil
     the combine AlltoAll, the AllGather and the expert, changes every step."""
     out: dict[tuple, list] = {}
     for recs in iterations:
-        for r, d in effective_durations(recs, layout.peers):
-            if r.op.key and r.op.n > 0 and d > 0 and profile.has(r.op.key):
+        for r, d in effective_durations(with_glue(recs), layout.peers):
+            if r.op.key and r.op.n > 0 and d > 0 and profile.has(r.op.key) and r.op.kind not in NOT_SCHEDULED:
                 out.setdefault((r.op.key, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append((r.op.n, d))
     return out
 
@@ -167,7 +168,7 @@ def noise_floor(iterations: list[list[OpRecord]], layout: Layout, profile: Profi
 
 
 def samples_of(iterations: list[list[OpRecord]], layout: Layout) -> list[tuple[str, float, float]]:
-    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(recs, layout.peers)
+    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(with_glue(recs), layout.peers)
             if r.op.key and r.op.n > 0 and d > 0]
 
 
@@ -182,28 +183,12 @@ def write_trace(iterations: list[list[OpRecord]], predicted: list[OpRecord], run
 
 
 def record_dense_ops(model: nn.Module, spec: LayerSpec, recorder: Recorder, device: torch.device) -> list:
-    """Time every block's attention forward and backward on the compute lane (``dense_fwd`` /
-    ``dense_bwd`` of the LayerSpec's shape, at its multiply-adds); returns the hook handles."""
+    """Time every MoE block (host lane: its glue) and its attention (compute lane: ``dense_fwd`` /
+    ``dense_bwd`` of the LayerSpec's shape); layer = the block's index among the MoE blocks, as
+    the executors and the simulator number them. Returns the hook handles."""
     handles = []
-    for i, blk in enumerate(model.layers):
-        t: dict[str, Any] = {}
-        fwd, bwd = (Op("dense", ph, i, 0, qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
-                    for ph in ("fwd", "bwd"))
-
-        def pre_f(m, a, t=t):
-            t["f"] = recorder.stamp(device)
-
-        def post_f(m, a, o, t=t, op=fwd):
-            recorder.add_span(op, "compute", t["f"], recorder.stamp(device))
-
-        def pre_b(m, g, t=t):
-            t["b"] = recorder.stamp(device)
-
-        def post_b(m, gi, go, t=t, op=bwd):
-            recorder.add_span(op, "compute", t["b"], recorder.stamp(device))
-
-        handles += [blk.attn.register_forward_pre_hook(pre_f), blk.attn.register_forward_hook(post_f),
-                    blk.attn.register_full_backward_pre_hook(pre_b), blk.attn.register_full_backward_hook(post_b)]
+    for i, blk in enumerate(b for b in model.layers if b.is_moe):
+        handles += record_block_ops(blk, blk.attn, spec, i, recorder, device)
     return handles
 
 
