@@ -38,6 +38,7 @@ from typing import Iterable
 
 import numpy as np
 
+
 def qualified(key: str, tag: str) -> str:
     """``key@tag`` (or ``key`` when the tag is empty): a fit specific to one op shape."""
     return f"{key}@{tag}" if key and tag else key
@@ -114,6 +115,7 @@ class Profile:
         return self.fit_for(key)(n)
 
     def fit_for(self, key: str) -> LinearFit:
+        """The fit that predicts ``key``: its own, else its base key's (KeyError naming the base)."""
         fit = self.fits.get(key) or self.fits.get(base_key(key))
         if fit is None:
             raise KeyError(f"profile {self.hardware}/{self.layout} has no fit for {base_key(key)!r}; "

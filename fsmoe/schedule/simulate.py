@@ -20,7 +20,7 @@ from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, counts_op, run_p
 from fsmoe.schedule.grad_sync import GarPlan, GradSync
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout, balanced_counts, route_work
 from fsmoe.schedule.profile import Profile, qualified
-from fsmoe.schedule.timeline import Op, OpRecord
+from fsmoe.schedule.timeline import HOST, Op, OpRecord
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,6 @@ def glue_op(spec: LayerSpec, phase: str, layer: int, kind: str = "glue") -> Op:
 
 def record_block_ops(block, attn, spec: LayerSpec, layer: int, recorder, device) -> list:
     """Hooks timing a block (host lane, for its glue) and its attention (compute lane)."""
-    from fsmoe.schedule.timeline import HOST
-
     return (recorder.time_module(attn, dense_op(spec, "fwd", layer), dense_op(spec, "bwd", layer), "compute", device)
             + recorder.time_module(block, glue_op(spec, "fwd", layer, "block"), glue_op(spec, "bwd", layer, "block"),
                                    HOST, device))
@@ -86,11 +84,9 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
     lanes = Lanes.of(iio)
     gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
     works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
-    dense = lambda ph, layer: dense_op(spec, ph, layer)
-    glue = lambda ph, layer: glue_op(spec, ph, layer)
     for layer in range(spec.n_layers):  # ops without a fit (no glue before an online refit) take 0
-        eng.compute(dense("fwd", layer), None)
-        eng.compute(glue("fwd", layer), None)
+        eng.compute(dense_op(spec, "fwd", layer), None)
+        eng.compute(glue_op(spec, "fwd", layer), None)
         eng.wait(eng.launch(lanes.inter, counts_op(layout, spec.num_experts, layer), None))
         ops = chunk_ops(works_f, dims, layout, "fwd", layer)
         for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_fwd):
@@ -101,8 +97,8 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
         window = lambda e, slot, r, layer=layer: gs.window(e, layer, slot, r)
         for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r_bwd, window):
             eng.wait(h)
-        eng.compute(glue("bwd", layer), None)
-        eng.compute(dense("bwd", layer), None)
+        eng.compute(glue_op(spec, "bwd", layer), None)
+        eng.compute(dense_op(spec, "bwd", layer), None)
         gs.on_block_ready(layer)
     gs.finish()
     recs = eng.recorder.records
