@@ -87,7 +87,7 @@ def describe(schedule: Schedule) -> str:
     return (f"schedule {schedule.policy}: r_fwd={schedule.r_fwd} r_bwd={schedule.r_bwd}{forced}, "
             f"case fwd/bwd {schedule.case_fwd}/{schedule.case_bwd}, IIO {'on' if schedule.iio else 'off'}; "
             f"dense gradient AllReduce: {parts}; predicted iteration {schedule.predicted_iter_s * 1e3:.2f} ms "
-            f"(scheduled ops only)")
+            f"(the MoE blocks; their router/norm glue only once a profile has been refitted online)")
 
 
 # ---------------------------------------------------------------------------- gradient blocks
