@@ -144,6 +144,52 @@ def test_glue_is_the_block_time_no_op_covers_and_is_learned_from_scratch():
     assert any(r.op.kind == "glue" for r in after.records) and any(r.op.kind == "counts" for r in after.records)
 
 
+@pytest.mark.parametrize("content, field", [
+    ("not json {", "profile"), ("[1, 2]", "profile"), ('{"layout": "x", "fits": {}}', "hardware"),
+    ('{"hardware": "h", "layout": "x", "fits": {"allgather": {"alpha": -1, "beta": 1e-9}}}', "fits.allgather.alpha"),
+    ('{"hardware": "h", "layout": "x", "fits": {"allgather": {"alpha": 0}}}', "fits.allgather.beta"),
+    ('{"hardware": "h", "layout": "x", "fits": {}, "overlap": 3}', "overlap")])
+def test_bad_profile_files_name_the_field(tmp_path, content, field):
+    from fsmoe.config import ConfigError
+
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        Profile.load(path)
+    with pytest.raises(ConfigError, match="no such file"):
+        Profile.load(tmp_path / "missing.json")
+
+
+def test_plan_names_the_fits_a_layout_needs_and_warns_on_another_layout():
+    from fsmoe.config import ConfigError
+
+    no_ag = Profile("hw", LAYOUT.name, {k: v for k, v in GPU_LIKE.fits.items() if k != "allgather"})
+    with pytest.raises(ConfigError, match=r"allgather.*fsmoe profile --nproc N --ep 2 --esp 4"):
+        plan(SPEC, LAYOUT, no_ag)
+    plan(SPEC, Layout(ep=2, esp=1, gpus_per_node=1), no_ag)  # no ESP: no AllGather needed
+    assert Profile("hw", LAYOUT.name, GPU_LIKE.fits).layout_note(LAYOUT) is None
+    assert "ep2-esp4-nodes2x4" in Profile("hw", "ep4-esp1", GPU_LIKE.fits).layout_note(LAYOUT)
+
+
+def test_profile_refit_cli_from_records_and_bad_records(tmp_path, capsys):
+    from fsmoe.cli import main
+    from fsmoe.schedule.timeline import OpRecord
+
+    prof = tmp_path / "p.json"
+    Profile("hw", "lay", {"allgather": LinearFit(1e-4, 1e-9)}).save(prof)
+    recs = [OpRecord(Op("allgather", "fwd", 0, 0, "allgather", n), "intra", 0, 0.0, 2e-4 + 2e-9 * n)
+            for n in (1e5, 2e5, 4e5, 8e5)]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r.to_dict()) + "\n" for r in recs))
+    out = tmp_path / "q.json"
+    assert main(["profile", "--refit", str(tmp_path / "r.jsonl"), "--profile", str(prof), "--out", str(out)]) == 0
+    assert Profile.load(out).t("allgather", 4e5) == pytest.approx(2e-4 + 2e-9 * 4e5, rel=1e-6)
+    (tmp_path / "bad.jsonl").write_text(json.dumps(recs[0].to_dict()) + "\n{not json\n")
+    assert main(["profile", "--refit", str(tmp_path / "bad.jsonl"), "--profile", str(prof)]) == 2
+    assert "line 2" in capsys.readouterr().err
+    assert main(["profile", "--refit", str(tmp_path / "r.jsonl")]) == 2  # no --profile
+    assert Profile.load(prof).fits["allgather"] == LinearFit(1e-4, 1e-9)  # nothing saved over it
+
+
 def test_profile_missing_key_names_it():
     with pytest.raises(KeyError, match="a2a_inter"):
         Profile("hw", "lay", {}).t("a2a_inter", 10)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 
@@ -52,6 +53,9 @@ def run(args) -> int:
     layout = Layout(ep=args.ep or pc.ep, esp=args.esp or pc.esp,
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else pc.gpus_per_node)
     profile = Profile.load(args.profile)
+    note = profile.layout_note(layout)
+    if note:
+        print(note, file=sys.stderr)
     sched = plan(spec, layout, profile, args.policy)
     if args.explain:
         print(explain(spec, layout, profile))

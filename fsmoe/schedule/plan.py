@@ -23,7 +23,9 @@ def _layout(parallel) -> Layout:
 def plan(spec: LayerSpec, parallel, profile: Profile, policy: str = "fsmoe") -> Schedule:
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is unknown; allowed: {list(POLICY_NAMES)}")
-    return POLICIES[policy](spec, _layout(parallel), profile)
+    layout = _layout(parallel)
+    profile.require(layout)
+    return POLICIES[policy](spec, layout, profile)
 
 
 def plan_all(spec: LayerSpec, parallel, profile: Profile) -> dict[str, Schedule]:

@@ -38,6 +38,8 @@ from typing import Iterable
 
 import numpy as np
 
+from fsmoe.config import ConfigError
+
 
 def qualified(key: str, tag: str) -> str:
     """``key@tag`` (or ``key`` when the tag is empty): a fit specific to one op shape."""
@@ -132,9 +134,46 @@ class Profile:
                 "points": self.points, "meta": self.meta}
 
     @staticmethod
-    def from_dict(d: dict) -> "Profile":
-        return Profile(d["hardware"], d["layout"], {k: LinearFit(**v) for k, v in d["fits"].items()},
-                       d.get("points", {}), d.get("meta", {}), d.get("overlap", 1.0))
+    def from_dict(d: dict, source: str = "profile") -> "Profile":
+        """Checked: a field that is missing or out of range raises a ConfigError naming it."""
+        if not isinstance(d, dict):
+            raise ConfigError(source, type(d).__name__, "a JSON object written by `fsmoe profile`")
+        for name in ("hardware", "layout", "fits"):
+            if name not in d:
+                raise ConfigError(f"{source}.{name}", None, "missing: not a Profile written by `fsmoe profile`")
+        if not isinstance(d["fits"], dict):
+            raise ConfigError(f"{source}.fits", d["fits"], "an object {key: {alpha, beta, r2, num_points}}")
+        fits = {}
+        for key, v in d["fits"].items():
+            for name in ("alpha", "beta"):
+                x = v.get(name) if isinstance(v, dict) else None
+                if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+                    raise ConfigError(f"{source}.fits.{key}.{name}", x, "a finite number >= 0 (seconds, per unit of n)")
+            fits[key] = LinearFit(**{k: v[k] for k in ("alpha", "beta", "r2", "num_points") if k in v})
+        overlap = d.get("overlap", 1.0)
+        if not isinstance(overlap, (int, float)) or not 0.0 <= overlap <= 1.0:
+            raise ConfigError(f"{source}.overlap", overlap, "a number in [0, 1] (the measured overlap efficiency)")
+        return Profile(d["hardware"], d["layout"], fits, d.get("points", {}), d.get("meta", {}), float(overlap))
+
+    def require(self, layout) -> None:
+        """The fits a plan on ``layout`` (a ``perf_model.Layout``) cannot do without; a ConfigError
+        naming the missing ones otherwise (the gradient AllReduce and attention are optional)."""
+        need = ["expert_fwd", "expert_bwd"]
+        need += [layout.a2a_key] if layout.ep > 1 else []
+        need += ["allgather", "reducescatter"] if layout.esp > 1 else []
+        missing = [k for k in need if not self.has(k)]
+        if missing:
+            raise ConfigError("profile", f"{self.hardware}/{self.layout}",
+                              f"has no fit for {missing}, which layout {layout.name} needs; it has "
+                              f"{sorted(k for k in self.fits if '@' not in k)}. Profile that layout: "
+                              f"`fsmoe profile --nproc N --ep {layout.ep} --esp {layout.esp} --out PATH`")
+
+    def layout_note(self, layout) -> str | None:
+        """A warning when the profile was measured on another layout (None if it is the same)."""
+        if self.layout == layout.name:
+            return None
+        return (f"warning: profile measured on layout {self.layout}, planning for {layout.name}: its "
+                f"collective fits may not transfer (profile this layout with `fsmoe profile`)")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -144,7 +183,14 @@ class Profile:
 
     @staticmethod
     def load(path: str | Path) -> "Profile":
-        return Profile.from_dict(json.loads(Path(path).read_text()))
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("profile", str(path), "no such file; write one with `fsmoe profile --out PATH`")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("profile", str(path), f"not a JSON file ({e})") from None
+        return Profile.from_dict(d, source=f"{path}: profile")
 
     def summary(self) -> str:
         n_shape = sum("@" in k for k in self.fits)

@@ -19,6 +19,7 @@ Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fsmoe.config import ConfigError
 from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
 from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
@@ -287,6 +289,23 @@ def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None,
 # ---------------------------------------------------------------------------- online
 
 
+def load_records(path: Path) -> list[OpRecord]:
+    """Executor op records, one JSON object per line (``OpRecord.to_dict``); a ConfigError names
+    the file and line that is not one."""
+    if not path.is_file():
+        raise ConfigError("--refit", str(path), "no such file (op records: one JSON object per line)")
+    out = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(OpRecord.from_dict(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"--refit {path} line {i}", line[:80],
+                              f"an op record {{kind, phase, layer, chunk, key, n, lane, rank, t0, t1}} ({e!r})") from None
+    return out
+
+
 def samples_from_records(records: list[OpRecord]) -> list[tuple[str, float, float]]:
     return [(r.op.key, r.op.n, r.dur) for r in records if r.op.key and r.op.n > 0]
 
@@ -332,17 +351,14 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    import json
-
     from fsmoe.config import ParallelConfig
     from fsmoe.parallel.groups import build_groups
     from fsmoe.schedule.launch import init_from_env, relaunch_under_torchrun, under_torchrun
 
     if args.refit:
         if not args.profile:
-            raise SystemExit("--refit needs --profile PATH")
-        recs = [OpRecord.from_dict(json.loads(line)) for line in Path(args.refit).read_text().splitlines() if line]
-        prof = refit(Profile.load(args.profile), samples_from_records(recs))
+            raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
+        prof = refit(Profile.load(args.profile), samples_from_records(load_records(Path(args.refit))))
         out = Path(args.out or args.profile)
         prof.save(out)
         print(prof.summary())

@@ -247,7 +247,8 @@ class TrainingSchedule:
         return ts
 
     def describe(self) -> str:
-        return describe(self.schedule)
+        note = self.profile.layout_note(self.layout)
+        return describe(self.schedule) + (f"\n{note}" if note else "")
 
     # ------------------------------------------------------------ per step
     def _recording(self, step: int) -> bool:
