@@ -131,6 +131,19 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
     refit = [r for r in got if "op_error_median_refit" in r]
     assert len(refit) == 1 and refit[0]["step"] == 3 and refit[0]["timeline_ops"] > 0
     assert refit[0]["op_error_median_refit"] >= 0 and (tmp_path / "fsmoe" / "profile_refit.json").exists()
+    # the per-op table and the records, which `fsmoe profile --refit` reads (the layout in their header)
+    import csv
+
+    from fsmoe.cli import main
+    from fsmoe.schedule.profile import Profile
+
+    rows = list(csv.DictReader(open(tmp_path / "fsmoe" / "timeline_ops.csv")))
+    assert {r["rank"] for r in rows} == {"0", "1", "2", "3"} and {"glue", "expert", "a2a_combine"} <= {r["kind"] for r in rows}
+    assert all(float(r["measured_ms"]) > 0 and r["predicted_refit_ms"] for r in rows)
+    out_p = tmp_path / "refit_cli.json"
+    assert main(["profile", "--refit", str(tmp_path / "fsmoe" / "timeline_records.jsonl"), "--profile", str(profile),
+                 "--out", str(out_p)]) == 0
+    assert any(k.startswith("glue_fwd@") for k in Profile.load(out_p).fits)
 
 
 @pytest.mark.dist

@@ -35,7 +35,7 @@ from fsmoe.config import ConfigError
 from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
 from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
-from fsmoe.schedule.timeline import OpRecord
+from fsmoe.schedule.timeline import OpRecord, read_records, refit_samples
 
 
 @dataclass(frozen=True)
@@ -289,21 +289,20 @@ def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None,
 # ---------------------------------------------------------------------------- online
 
 
-def load_records(path: Path) -> list[OpRecord]:
-    """Executor op records, one JSON object per line (``OpRecord.to_dict``); a ConfigError names
-    the file and line that is not one."""
+def load_samples(path: Path) -> list[tuple[str, float, float]]:
+    """Refit samples from a records file (``timeline_records.jsonl`` of ``fsmoe train --timeline``:
+    collectives timed from their last participant's arrival, with the layout in its header; a
+    file of bare records: each op's own duration). ConfigError names the file and bad line."""
     if not path.is_file():
-        raise ConfigError("--refit", str(path), "no such file (op records: one JSON object per line)")
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(OpRecord.from_dict(json.loads(line)))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ConfigError(f"--refit {path} line {i}", line[:80],
-                              f"an op record {{kind, phase, layer, chunk, key, n, lane, rank, t0, t1}} ({e!r})") from None
-    return out
+        raise ConfigError("--refit", str(path), "no such file (op records: `timeline_records.jsonl` of "
+                                                "`fsmoe train --timeline`, or one OpRecord JSON per line)")
+    try:
+        header, iterations = read_records(path)
+    except ValueError as e:
+        raise ConfigError("--refit", str(path), str(e)) from None
+    if "layout" in header:
+        return refit_samples(iterations, Layout(**header["layout"]).peers)
+    return samples_from_records([r for recs in iterations for r in recs])
 
 
 def samples_from_records(records: list[OpRecord]) -> list[tuple[str, float, float]]:
@@ -345,7 +344,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
     p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
-                   help="instead of measuring: refit --profile from executor op records (one JSON per line)")
+                   help="instead of measuring: refit --profile from executor op records "
+                        "(timeline_records.jsonl of `fsmoe train --timeline`)")
     p.add_argument("--profile", default=None, help="the profile to refit (with --refit)")
     p.set_defaults(func=_main)
 
@@ -358,7 +358,7 @@ def _main(args) -> int:
     if args.refit:
         if not args.profile:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
-        prof = refit(Profile.load(args.profile), samples_from_records(load_records(Path(args.refit))))
+        prof = refit(Profile.load(args.profile), load_samples(Path(args.refit)))
         out = Path(args.out or args.profile)
         prof.save(out)
         print(prof.summary())

@@ -4,7 +4,9 @@ An :class:`OpRecord` is one op on one lane of one rank. The executor's engines a
 records; :class:`~fsmoe.schedule.engine.SimEngine` produces predicted ones for the same program.
 This file turns them into a Chrome trace (``chrome://tracing`` / Perfetto: pid = rank,
 tid = lane), a Gantt PNG (measured above predicted), an ASCII Gantt for ``fsmoe plan --explain``,
-and a per-op predicted-vs-measured table.
+a per-op predicted-vs-measured table (``fsmoe train --timeline``: ``timeline_ops.csv``), and
+the op records themselves (``timeline_records.jsonl``: a header line, then one record per line
+with its iteration), which ``fsmoe profile --refit`` reads.
 """
 from __future__ import annotations
 
@@ -171,6 +173,42 @@ def with_glue(records: Sequence[OpRecord]) -> list[OpRecord]:
         out.append(OpRecord(Op("glue", b.op.phase, b.op.layer, 0, b.op.key, b.op.n), COMPUTE_LANE, b.rank,
                             b.t0, b.t0 + glue))
     return out
+
+
+def refit_samples(iterations: Sequence[Sequence[OpRecord]], peers) -> list[tuple[str, float, float]]:
+    """``(key, n, effective seconds)`` of every keyed op of every iteration (glue derived from the
+    block spans): what ``profile.refit`` learns from."""
+    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(with_glue(recs), peers)
+            if r.op.key and r.op.n > 0 and d > 0]
+
+
+def write_records(path: str | Path, iterations: Sequence[Sequence[OpRecord]], header: dict) -> Path:
+    """``header`` (e.g. the layout) as the first line, then every record with its iteration."""
+    lines = [json.dumps({"header": header, "iterations": len(iterations)})]
+    lines += [json.dumps({**r.to_dict(), "iter": i}) for i, recs in enumerate(iterations) for r in recs]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_records(path: str | Path) -> tuple[dict, list[list[OpRecord]]]:
+    """(header, iterations) of a :func:`write_records` file; a file without a header line is one
+    iteration. ValueError names the line that is not a record."""
+    header, its = {}, {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if i == 1 and "header" in d:
+                header = d["header"]
+                continue
+            its.setdefault(int(d.get("iter", 0)), []).append(OpRecord.from_dict(d))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"line {i} is not an op record {{kind, phase, layer, chunk, key, n, lane, rank, t0, t1}}"
+                             f" ({e!r}): {line[:80]}") from None
+    return header, [its[k] for k in sorted(its)]
 
 
 def effective_durations(records: Sequence[OpRecord], peers) -> list[tuple[OpRecord, float]]:

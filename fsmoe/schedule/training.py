@@ -20,6 +20,8 @@ Profile: ``parallel.profile`` if set, else a quick profile on the actual groups 
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +41,11 @@ from fsmoe.schedule.plan import plan
 from fsmoe.schedule.profile import Profile, refit
 from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png, shift,
-                                     with_glue)
+from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png,
+                                     refit_samples, shift, with_glue, write_records)
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
+TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
 
 
 # ---------------------------------------------------------------------------- planning
@@ -70,8 +73,6 @@ def plan_for_run(cfg: RunConfig, layout: Layout, profile: Profile) -> tuple[Laye
     schedule = plan(spec, layout, profile, cfg.parallel.schedule)
     k = cfg.parallel.pipeline_degree
     if k:
-        import dataclasses
-
         schedule = dataclasses.replace(schedule, r_fwd=k, r_bwd=k,
                                        meta=dict(schedule.meta, forced_r=k)).with_prediction(spec, layout, profile)
     return spec, schedule
@@ -131,16 +132,46 @@ def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
 # ---------------------------------------------------------------------------- timeline
 
 
-def op_timings(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> dict[tuple, list]:
+def timed_ops(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, list]:
     """Op identity (key, kind, phase, layer, chunk, rank) -> [(n, effective seconds)] per recorded
-    iteration. The size is not part of the identity: in training the routing, hence the rows of
-    the combine AlltoAll, the AllGather and the expert, changes every step."""
+    iteration, every keyed op (the glue and count exchange too). The size is not part of the
+    identity: in training the routing, hence the rows of the combine AlltoAll, the AllGather and
+    the expert, changes every step."""
     out: dict[tuple, list] = {}
     for recs in iterations:
         for r, d in effective_durations(with_glue(recs), layout.peers):
-            if r.op.key and r.op.n > 0 and d > 0 and profile.has(r.op.key) and r.op.kind not in NOT_SCHEDULED:
+            if r.op.key and r.op.n > 0 and d > 0:
                 out.setdefault((r.op.key, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append((r.op.n, d))
     return out
+
+
+def op_timings(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> dict[tuple, list]:
+    """:func:`timed_ops` of the scheduled ops ``profile`` has a fit for (the per-op error's ops)."""
+    return {k: v for k, v in timed_ops(iterations, layout).items() if k[1] not in NOT_SCHEDULED and profile.has(k[0])}
+
+
+def write_op_table(iterations: list[list[OpRecord]], layout: Layout, profiles: dict[str, Profile], path: Path) -> Path:
+    """``timeline_ops.csv``: per op, its median size and measured time over the recorded steps
+    and each profile's prediction (ms) with its relative error; empty where a profile has no fit."""
+    cols = ["rank", "phase", "layer", "kind", "chunk", "key", "runs", "n_median", "measured_ms"]
+    for name in profiles:
+        cols += [f"predicted_{name}_ms", f"error_{name}"]
+    rows = []
+    for (key, kind, phase, layer, chunk, rank), nts in sorted(timed_ops(iterations, layout).items(),
+                                                              key=lambda kv: (kv[0][5], kv[0][2] == "bwd", kv[0][3])):
+        m = statistics.median(t for _, t in nts)
+        row = {"rank": rank, "phase": phase, "layer": layer, "kind": kind, "chunk": chunk, "key": key,
+               "runs": len(nts), "n_median": statistics.median(n for n, _ in nts), "measured_ms": f"{m * 1e3:.4f}"}
+        for name, prof in profiles.items():
+            p = statistics.median(prof.t(key, n) for n, _ in nts) if prof.has(key) else None
+            row[f"predicted_{name}_ms"] = "" if p is None else f"{p * 1e3:.4f}"
+            row[f"error_{name}"] = "" if p is None else f"{abs(p - m) / m:.4f}"
+        rows.append(row)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    return path
 
 
 def op_errors(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> list[float]:
@@ -165,11 +196,6 @@ def noise_floor(iterations: list[list[OpRecord]], layout: Layout, profile: Profi
     spread = [abs(t - statistics.median(u for _, u in nts)) / t
               for nts in op_timings(iterations, layout, profile).values() if len(nts) > 1 for _, t in nts]
     return statistics.median(spread) if spread else float("nan")
-
-
-def samples_of(iterations: list[list[OpRecord]], layout: Layout) -> list[tuple[str, float, float]]:
-    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(with_glue(recs), layout.peers)
-            if r.op.key and r.op.n > 0 and d > 0]
 
 
 def write_trace(iterations: list[list[OpRecord]], predicted: list[OpRecord], run_dir: Path) -> list[OpRecord]:
@@ -292,7 +318,7 @@ class TrainingSchedule:
         iterations = [[r for part in per_rank for r in part[i]] for i in range(len(self._iterations))]
         self._iterations = []
         before = op_errors(iterations, self.layout, self.profile)
-        refitted = refit(self.profile, samples_of(iterations, self.layout))
+        refitted = refit(self.profile, refit_samples(iterations, self.layout.peers))
         after = op_errors(iterations, self.layout, refitted)
         med = lambda xs: statistics.median(xs) if xs else float("nan")
         self._metrics = {"timeline_ops": len(before),
@@ -305,6 +331,10 @@ class TrainingSchedule:
             pred = [r for rank in range(self.layout.world) for r in simulate_iteration(
                 self.spec, self.layout, self.profile, s.r_fwd, s.r_bwd, s.iio, s.gar, rank=rank).records]
             last = write_trace(iterations, pred, self.run_dir)
+            write_records(self.run_dir / TIMELINE_RECORDS, iterations,
+                          {"layout": dataclasses.asdict(self.layout), "profile": "profile used at start-up"})
+            write_op_table(iterations, self.layout, {"offline": self.profile, "refit": refitted},
+                           self.run_dir / TIMELINE_OPS)
             self._gantt = (last, pred, f"{s.policy} r={s.r_fwd}/{s.r_bwd}: measured (top), predicted (hatched)")
             refitted.save(self.run_dir / "profile_refit.json")
 
