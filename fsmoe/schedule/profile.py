@@ -73,7 +73,8 @@ class LinearFit:
 
 def fit_linear(sizes: Iterable[float], times: Iterable[float]) -> LinearFit:
     """Least squares with an intercept. ``alpha`` is clamped at 0 (a negative latency is a fit
-    artefact: the line is then refitted through the origin); R² is of the returned line."""
+    artefact: the line is then refitted through the origin) and so is ``beta`` (a falling line
+    is noise: the mean time, flat); R² is of the returned line."""
     n = np.asarray(list(sizes), dtype=float)
     t = np.asarray(list(times), dtype=float)
     if n.size == 0 or n.size != t.size:
@@ -86,6 +87,8 @@ def fit_linear(sizes: Iterable[float], times: Iterable[float]) -> LinearFit:
         (alpha, beta), *_ = np.linalg.lstsq(A, t, rcond=None)
         if alpha < 0:
             alpha, beta = 0.0, float(n @ t / (n @ n))
+        elif beta < 0:  # a falling line is noise (time cannot shrink with size): flat at the mean
+            alpha, beta = float(t.mean()), 0.0
     pred = alpha + n * beta
     ss_res = float(((t - pred) ** 2).sum())
     ss_tot = float(((t - t.mean()) ** 2).sum())
@@ -148,7 +151,8 @@ class Profile:
             for name in ("alpha", "beta"):
                 x = v.get(name) if isinstance(v, dict) else None
                 if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
-                    raise ConfigError(f"{source}.fits.{key}.{name}", x, "a finite number >= 0 (seconds, per unit of n)")
+                    raise ConfigError(f"{source}.fits.{key}.{name}", x,
+                                      "a finite number >= 0 (seconds, per unit of n); measure again with `fsmoe profile`")
             fits[key] = LinearFit(**{k: v[k] for k in ("alpha", "beta", "r2", "num_points") if k in v})
         overlap = d.get("overlap", 1.0)
         if not isinstance(overlap, (int, float)) or not 0.0 <= overlap <= 1.0:
