@@ -203,7 +203,7 @@ class Profile:
         for k, f in sorted(self.fits.items()):
             if "@" in k:
                 continue
-            unit = "MAC/s" if k.startswith(("expert", "dense")) else "B/s"
+            unit = "MAC/s" if k.startswith(("expert", "dense")) else "tok/s" if k.startswith("glue") else "B/s"
             rate = f"{1 / f.beta:.3g} {unit}" if f.beta > 0 else "inf"
             lines.append(f"  {k:<14} {f.alpha * 1e6:>11.1f} {rate:>14} {f.r2:>8.4f} {f.num_points:>6}")
         if n_shape:
