@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsmoe.parallel.groups import device_for
 from fsmoe.schedule.baselines import POLICY_NAMES, Schedule, fsmoe_partitions
 from fsmoe.schedule.engine import Recorder, make_engine
 from fsmoe.schedule.executor import Lanes, PipelinedExecutor
@@ -151,7 +152,7 @@ def run_iteration(bm: BenchModel, device) -> float:
 def _max_over_ranks(t: float, groups) -> float:
     if not groups.distributed:
         return t
-    v = torch.tensor([t], dtype=torch.float64)
+    v = torch.tensor([t], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
     dist.all_reduce(v, op=dist.ReduceOp.MAX, group=groups.world_group)
     return float(v)
 
@@ -236,7 +237,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     layout = Layout.from_groups(groups)
     stages = MoEStages.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
-    epoch = torch.tensor([recorder.epoch], dtype=torch.float64)
+    epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device_for(groups.backend))
     if groups.distributed:
         dist.broadcast(epoch, 0, group=groups.world_group)
     recorder.epoch = float(epoch)  # one clock for every rank (same host)

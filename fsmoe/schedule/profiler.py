@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.config import ConfigError
+from fsmoe.parallel.groups import device_for
 from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
 from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
 from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
@@ -186,7 +187,7 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
     t_b = _median_time(both, device, reps, warm, group)
     eng.close()
     eta = min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
-    v = torch.tensor([eta], dtype=torch.float64)
+    v = torch.tensor([eta], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
     dist.all_reduce(v, group=groups.world_group)
     return float(v) / groups.world
 
@@ -263,9 +264,9 @@ def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, lis
     if not groups.distributed:
         return pts
     keys = sorted(pts)
-    flat = torch.tensor([t for k in keys for _, t in pts[k]], dtype=torch.float64)
+    flat = torch.tensor([t for k in keys for _, t in pts[k]], dtype=torch.float64, device=device_for(groups.backend))
     dist.all_reduce(flat, group=groups.world_group)
-    flat /= groups.world
+    flat = flat.cpu() / groups.world
     out, i = {}, 0
     for k in keys:
         out[k] = [[n, float(flat[i + j])] for j, (n, _) in enumerate(pts[k])]
