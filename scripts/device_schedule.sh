@@ -10,6 +10,9 @@
 #   train `fsmoe train` (tiny preset, 4 gloo processes as 2 nodes x 2, EP2 x ESP2, FSMoE schedule)
 #         recording an 8-step timeline: per-op error in metrics.jsonl (cores 0-3)
 #   cpu+train  the two at once
+#   multi `fsmoe bench schedule` over NCCL on every GPU of a multi-GPU machine: 4+ GPUs as
+#         2 simulated nodes x 2 (EP2 x ESP2), 2 GPUs as 2 nodes x 1 (EP2); not yet run (no
+#         multi-GPU kind was lent while this was written; issue 6)
 #
 # Usage: bash scripts/device_schedule.sh OUT_DIR PART [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
 # Each part writes OUT_DIR/<part>.tgz (results.json, ops.jsonl, report.md, traces, Gantt PNGs)
@@ -56,6 +59,17 @@ PYEOF
   tar -czf "$OUT/train.tgz" -C "$d" metrics.jsonl profile.json profile_refit.json timeline.png config.json
 }
 
+multi() {
+  local d=/tmp/fsmoe_sched/multi n
+  n=$(nvidia-smi -L | wc -l)
+  if [ "$n" -ge 4 ]; then set -- --nproc 4 --ep 2 --esp 2 --gpus-per-node 2
+  elif [ "$n" -ge 2 ]; then set -- --nproc 2 --ep 2 --esp 1 --gpus-per-node 1
+  else echo "device_schedule.sh multi: needs 2 or more GPUs, found $n" >&2; return 2; fi
+  timeout "$LIMIT" "$PY" -m fsmoe.cli bench schedule "$@" --configs "$GPU_N" --iters 5 --warmup 2 --device cuda \
+    --run-dir "$d"
+  tar -czf "$OUT/multi.tgz" -C "$d" .
+}
+
 case "$PART" in
   gpu) gpu 2>&1 | tee "$OUT/gpu.log" ;;
   cpu) cpu 2>&1 | tee "$OUT/cpu_$FIRST.log" ;;
@@ -65,10 +79,11 @@ case "$PART" in
     wait
     tail -n 40 "$OUT/gpu.log" "$OUT/cpu_$FIRST.log" ;;
   train) train 2>&1 | tee "$OUT/train.log" ;;
+  multi) multi 2>&1 | tee "$OUT/multi.log" ;;
   cpu+train)
     train >"$OUT/train.log" 2>&1 &
     cpu >"$OUT/cpu_$FIRST.log" 2>&1 &
     wait
     tail -n 30 "$OUT/train.log" "$OUT/cpu_$FIRST.log" ;;
-  *) echo "device_schedule.sh: part must be gpu, cpu, both, train or cpu+train, got '$PART'" >&2; exit 2 ;;
+  *) echo "device_schedule.sh: part must be gpu, cpu, both, train, cpu+train or multi, got '$PART'" >&2; exit 2 ;;
 esac
