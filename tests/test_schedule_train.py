@@ -131,6 +131,7 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
     refit = [r for r in got if "op_error_median_refit" in r]
     assert len(refit) == 1 and refit[0]["step"] == 3 and refit[0]["timeline_ops"] > 0
     assert refit[0]["op_error_median_refit"] >= 0 and (tmp_path / "fsmoe" / "profile_refit.json").exists()
+    assert refit[0]["op_error_median_refit_heldout"] >= 0  # refit on step 2, scored on step 3
     # the per-op table and the records, which `fsmoe profile --refit` reads (the layout in their header)
     import csv
 

@@ -326,6 +326,10 @@ class TrainingSchedule:
                          "op_error_single_offline": med(single_errors(iterations, self.layout, self.profile)),
                          "op_error_single_refit": med(single_errors(iterations, self.layout, refitted)),
                          "op_noise_floor": noise_floor(iterations, self.layout, self.profile)}
+        if len(iterations) >= 2:  # out of sample: refit on the first half of the steps, score the rest
+            half = len(iterations) // 2
+            held = refit(self.profile, refit_samples(iterations[:half], self.layout.peers))
+            self._metrics["op_error_median_refit_heldout"] = med(op_errors(iterations[half:], self.layout, held))
         if self.is_writer:
             s = self.schedule
             pred = [r for rank in range(self.layout.world) for r in simulate_iteration(
