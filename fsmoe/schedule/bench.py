@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import random
 import statistics
 import time
@@ -40,13 +39,14 @@ from torch import nn
 
 from fsmoe.parallel.groups import device_for
 from fsmoe.schedule.baselines import POLICY_NAMES, Schedule, fsmoe_partitions
+from fsmoe.schedule.bench_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
 from fsmoe.schedule.engine import Recorder, make_engine
 from fsmoe.schedule.executor import Lanes, PipelinedExecutor
 from fsmoe.schedule.grad_sync import GarPlan, GradSync
 from fsmoe.schedule.optimizer import R_CHOICES
 from fsmoe.schedule.perf_model import LayerSpec, Layout
 from fsmoe.schedule.plan import plan_all
-from fsmoe.schedule.profile import Profile, base_key, qualified, refit
+from fsmoe.schedule.profile import Profile, refit
 from fsmoe.schedule.profiler import ProfileConfig, run_profile
 from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
@@ -178,13 +178,14 @@ def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: 
     return {k: statistics.median(v) for k, v in times.items()}, recs
 
 
-def sweep(spec: LayerSpec, layout: Layout, profile: Profile) -> dict[str, Schedule]:
-    """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} x partitions {end, fsmoe, all-ready}, with IIO.
-    With one data-parallel rank there is no gradient AllReduce: the partitions are the same
-    program, so only ``end`` is kept."""
+def sweep(spec: LayerSpec, layout: Layout, profile: Profile, quick: bool = False) -> dict[str, Schedule]:
+    """FSMoE's space: r_fwd x r_bwd in {1,2,4,8} ({1,2} when ``quick``) x partitions {end,
+    fsmoe, all-ready}, with IIO. With one data-parallel rank there is no gradient AllReduce: the
+    partitions are the same program, so only ``end`` is kept."""
     G = spec.gar_bytes
     out = {}
-    for rf, rb in itertools.product(R_CHOICES, R_CHOICES):
+    rs = [r for r in R_CHOICES if not quick or r <= 2]
+    for rf, rb in itertools.product(rs, rs):
         parts = {"end": GarPlan("end")}
         if layout.dp > 1:
             parts |= {"all": GarPlan("windows", tuple((spec.n_layers - 1 - l) * G for l in range(spec.n_layers))),
@@ -261,100 +262,62 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
         bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
         calib = plan_all(spec, layout, refitted)  # the five schedules, under the timed pass's conditions
         _, recs = measure(bm, calib, groups, device, calib_iters, max(warmup, 1), recorder, keep=set(calib))
-        for name, its in _merge_iterations(recs, groups).items():
+        for its in _merge_iterations(recs, groups).values():
             samples += [(k[0], k[1], t) for k, ts in op_timings(its, layout).items() for t in ts]
         refitted = refit(profile, samples)
-        profiles = {"offline": profile, "refitted": refitted}
         named = plan_all(spec, layout, refitted)
-        sw = sweep(spec, layout, refitted)
-        if quick_sweep:
-            sw = {k: v for k, v in sw.items() if k.split("/")[1] in ("1", "2") and k.split("/")[2] in ("1", "2")}
-        scheds = {**named, **sw}
-        secs, recs = measure(bm, scheds, groups, device, iters, warmup, recorder, keep=set(POLICY_NAMES))
+        sw = sweep(spec, layout, refitted, quick_sweep)
+        secs, recs = measure(bm, {**named, **sw}, groups, device, iters, warmup, recorder, keep=set(POLICY_NAMES))
         merged = _merge_iterations(recs, groups)
-        for name in POLICY_NAMES:
-            timings = op_timings(merged[name], layout)
-            errors += op_errors(timings, profiles)
-            op_rows += [{"config": ci, "schedule": name, **dict(zip(OP_FIELDS, k)), "runs": v,
-                         **{p: pr.t(k[0], k[1]) if pr.has(k[0]) else None for p, pr in profiles.items()}}
-                        for k, v in timings.items()]
+        errs, ops = per_op(ci, merged, layout, {"offline": profile, "refitted": refitted})
+        errors, op_rows = errors + errs, op_rows + ops
         if ci == 0 and groups.rank == 0:
             _timeline_artifacts(spec, layout, refitted, named, merged, run_dir)
-        fs = named["fsmoe"]
         best_name = min(sw, key=lambda k: secs[k])
         # The minimum of ~50 noisy medians is biased low (winner's curse): measure the chosen and
         # the sweep's best again, head to head, with fresh iterations, and compare those.
-        conf, _ = measure(bm, {"fsmoe": fs, "best": sw[best_name]}, groups, device, 2 * iters, 0, recorder)
-        best = sw[best_name]
-        row = {"config": _spec_dict(spec), "seconds": {k: secs[k] for k in POLICY_NAMES},
-               "predicted": {k: named[k].predicted_iter_s for k in POLICY_NAMES},
-               "chosen": {"r_fwd": fs.r_fwd, "r_bwd": fs.r_bwd, "gar": list(fs.gar.window_bytes),
-                          "case_fwd": fs.case_fwd, "case_bwd": fs.case_bwd},
-               "best_sweep": {"name": best_name, "seconds": secs[best_name], "confirmed": conf["best"]},
-               "chosen_confirmed": conf["fsmoe"],
-               "same_as_best": (fs.r_fwd, fs.r_bwd, fs.iio, fs.gar) == (best.r_fwd, best.r_bwd, best.iio, best.gar),
-               "chosen_over_best": conf["fsmoe"] / conf["best"],
-               "chosen_over_best_sweep_pass": secs["fsmoe"] / secs[best_name],
-               "sweep": {k: secs[k] for k in sw}}
-        rows.append(row)
-        log(f"[{ci + 1}/{len(specs)}] {_spec_str(spec)}  default {secs['default'] * 1e3:.1f} ms  tutel "
-            f"{secs['tutel_improved'] * 1e3:.1f}  fsmoe {secs['fsmoe'] * 1e3:.1f} (r {fs.r_fwd}/{fs.r_bwd})  "
-            f"best {best_name} {secs[best_name] * 1e3:.1f}  ({time.perf_counter() - t_start:.0f}s)")
+        conf, _ = measure(bm, {"fsmoe": named["fsmoe"], "best": sw[best_name]}, groups, device, 2 * iters, 0,
+                          recorder)
+        rows.append(config_row(spec, named, sw, secs, best_name, conf))
+        log(f"[{ci + 1}/{len(specs)}] {spec_str(spec)}  default {secs['default'] * 1e3:.1f} ms  tutel "
+            f"{secs['tutel_improved'] * 1e3:.1f}  fsmoe {secs['fsmoe'] * 1e3:.1f} "
+            f"(r {named['fsmoe'].r_fwd}/{named['fsmoe'].r_bwd})  best {best_name} {secs[best_name] * 1e3:.1f}  "
+            f"({time.perf_counter() - t_start:.0f}s)")
     return {"layout": layout.name, "world": groups.world, "device": str(device), "profile": profile.to_dict(),
             "refitted": refitted.to_dict(), "rows": rows, "op_errors": summarize_errors(errors),
             "summary": summarize(rows), "seconds": time.perf_counter() - t_start, "calibration_samples": len(samples),
             "ops": op_rows}
 
 
-def _spec_dict(s: LayerSpec) -> dict:
-    return {"B": s.batch, "heads": s.n_heads, "L": s.seq_len, "M": s.d_model, "H": s.d_ff, "E": s.num_experts,
-            "f": s.capacity_factor, "ffn": s.activation}
+def per_op(ci: int, merged: dict[str, list[list[OpRecord]]], layout: Layout,
+           profiles: dict[str, Profile]) -> tuple[list[tuple], list[dict]]:
+    """The five schedules' ops of one config: (per-op errors of the scheduled ops, ``ops.jsonl``
+    rows of every keyed op with each profile's prediction)."""
+    errors, rows = [], []
+    for name in POLICY_NAMES:
+        timings = op_timings(merged[name], layout)
+        errors += op_errors(timings, profiles)
+        rows += [{"config": ci, "schedule": name, **dict(zip(OP_FIELDS, k)), "runs": v,
+                  **{p: pr.t(k[0], k[1]) if pr.has(k[0]) else None for p, pr in profiles.items()}}
+                 for k, v in timings.items()]
+    return errors, rows
 
 
-def _spec_str(s: LayerSpec) -> str:
-    return (f"B{s.batch} h{s.n_heads} L{s.seq_len} M{s.d_model} H{s.d_ff} f{s.capacity_factor or 'nd'} "
-            f"{s.activation}")
-
-
-def summarize_errors(errors: list[tuple]) -> dict:
-    """Median relative error per fit key (shape-qualified keys pooled under their base key), for
-    each profile; ``median`` compares the prediction with the op's median over the timed
-    iterations, ``instance`` with every single run."""
-    spread = [abs(t - med) / t for key, n, med, runs, pred in errors if len(runs) > 1 for t in runs]
-    out = {"noise_floor": statistics.median(spread) if spread else math.nan}  # the op's own median as the prediction
-    for prof in ("offline", "refitted"):
-        by_key: dict[str, list[float]] = {}
-        inst: dict[str, list[float]] = {}
-        for key, n, med, runs, pred in errors:
-            by_key.setdefault(base_key(key), []).append(abs(pred[prof] - med) / med)
-            inst.setdefault(base_key(key), []).extend(abs(pred[prof] - t) / t for t in runs)
-        out[prof] = {k: {"ops": len(v), "median": statistics.median(v), "instance": statistics.median(inst[k])}
-                     for k, v in sorted(by_key.items())}
-        allv, alli = [x for v in by_key.values() for x in v], [x for v in inst.values() for x in v]
-        out[prof]["all"] = {"ops": len(allv), "median": statistics.median(allv) if allv else math.nan,
-                            "instance": statistics.median(alli) if alli else math.nan}
-    return out
-
-
-def summarize(rows: list[dict]) -> dict:
-    gm = lambda xs: math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else math.nan
-    cob = [r["chosen_over_best"] for r in rows]
-    sp_def = [r["seconds"]["default"] / r["seconds"]["fsmoe"] for r in rows]
-    sp_tut = [r["seconds"]["tutel_improved"] / r["seconds"]["fsmoe"] for r in rows]
-    sp = {k: gm([r["seconds"]["default"] / r["seconds"][k] for r in rows]) for k in POLICY_NAMES}
-    ratio = {k: statistics.median(r["predicted"][k] / r["seconds"][k] for r in rows) for k in POLICY_NAMES} \
-        if rows else {}
-    return {"configs": len(rows), "chosen_within_5pct": sum(c <= 1.05 for c in cob),
-            "iteration_predicted_over_measured_median": ratio,
-            "chosen_is_sweep_best": sum(r["same_as_best"] for r in rows),
-            "sweep_pass_ratio_median": statistics.median(r["chosen_over_best_sweep_pass"] for r in rows),
-            "chosen_over_best_median": statistics.median(cob) if cob else math.nan,
-            "chosen_over_best_max": max(cob) if cob else math.nan,
-            "speedup_fsmoe_over_default_geomean": gm(sp_def),
-            "speedup_fsmoe_over_tutel_geomean": gm(sp_tut),
-            "speedup_over_default_geomean": sp,
-            "fsmoe_faster_than_default": sum(s > 1 for s in sp_def),
-            "fsmoe_faster_than_tutel": sum(s > 1 for s in sp_tut)}
+def config_row(spec: LayerSpec, named: dict[str, Schedule], sw: dict[str, Schedule], secs: dict[str, float],
+               best_name: str, conf: dict[str, float]) -> dict:
+    """One config's line of results.json: the five schedules' times and predictions, FSMoE's
+    choice, the sweep's best (one pass, and re-measured head to head against the choice)."""
+    fs, best = named["fsmoe"], sw[best_name]
+    return {"config": spec_dict(spec), "seconds": {k: secs[k] for k in POLICY_NAMES},
+            "predicted": {k: named[k].predicted_iter_s for k in POLICY_NAMES},
+            "chosen": {"r_fwd": fs.r_fwd, "r_bwd": fs.r_bwd, "gar": list(fs.gar.window_bytes),
+                       "case_fwd": fs.case_fwd, "case_bwd": fs.case_bwd},
+            "best_sweep": {"name": best_name, "seconds": secs[best_name], "confirmed": conf["best"]},
+            "chosen_confirmed": conf["fsmoe"],
+            "same_as_best": (fs.r_fwd, fs.r_bwd, fs.iio, fs.gar) == (best.r_fwd, best.r_bwd, best.iio, best.gar),
+            "chosen_over_best": conf["fsmoe"] / conf["best"],
+            "chosen_over_best_sweep_pass": secs["fsmoe"] / secs[best_name],
+            "sweep": {k: secs[k] for k in sw}}
 
 
 def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> None:
@@ -372,53 +335,7 @@ def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> 
             pred += sim.records
         chrome_trace(measured, run_dir / f"trace_{name}.json", pred)
         gantt_png(measured, run_dir / f"gantt_{name}.png", pred,
-                  title=f"{name}: {_spec_str(spec)} r={s.r_fwd}/{s.r_bwd} (top measured, hatched predicted)")
-
-
-def report_markdown(res: dict, command: str) -> str:
-    s, e = res["summary"], res["op_errors"]
-    lines = [f"Command: `{command}`", "",
-             f"Layout {res['layout']} ({res['world']} processes, {res['device']}), {s['configs']} configs, "
-             f"wall {res['seconds']:.0f} s.", "",
-             "| metric | value |", "|---|---|",
-             f"| per-op prediction error, median over ops (offline profile) | "
-             f"{e['offline']['all']['median'] * 100:.1f}% ({e['offline']['all']['ops']} ops) |",
-             f"| per-op prediction error, median over ops (refitted online) | "
-             f"{e['refitted']['all']['median'] * 100:.1f}% |",
-             f"| same, every single run (offline / refitted) | {e['offline']['all']['instance'] * 100:.1f}% / "
-             f"{e['refitted']['all']['instance'] * 100:.1f}% |",
-             f"| noise floor: single runs vs their own op's median | {e['noise_floor'] * 100:.1f}% |",
-             f"| chosen within 5% of sweep best (head-to-head re-measure) | {s['chosen_within_5pct']}/{s['configs']} "
-             f"(median ratio {s['chosen_over_best_median']:.3f}, max {s['chosen_over_best_max']:.3f}) |",
-             f"| chosen is the sweep's best point | {s['chosen_is_sweep_best']}/{s['configs']} "
-             f"(sweep-pass ratio median {s['sweep_pass_ratio_median']:.3f}) |",
-             "| iteration time, predicted / measured (median over configs; default, fsmoe) | " + (
-                 " / ".join(f"{s['iteration_predicted_over_measured_median'][k]:.2f}" for k in ("default", "fsmoe"))
-                 if "iteration_predicted_over_measured_median" in s else "n/a") + " |",
-             f"| FSMoE speedup over Default (geomean) | {s['speedup_fsmoe_over_default_geomean']:.3f}x "
-             f"(faster on {s['fsmoe_faster_than_default']}/{s['configs']}) |",
-             f"| FSMoE speedup over Tutel-Improved (geomean) | {s['speedup_fsmoe_over_tutel_geomean']:.3f}x "
-             f"(faster on {s['fsmoe_faster_than_tutel']}/{s['configs']}) |", "",
-             "Per-op median relative error by fit (op = one op of one rank, its median over the timed "
-             "iterations; single runs in brackets):", "",
-             "| op | ops | offline | refitted |", "|---|---|---|---|"]
-    for k in e["offline"]:
-        if k not in ("all", "noise_floor"):
-            o, r = e["offline"][k], e["refitted"][k]
-            lines.append(f"| {k} | {o['ops']} | {o['median'] * 100:.1f}% ({o['instance'] * 100:.0f}%) | "
-                         f"{r['median'] * 100:.1f}% ({r['instance'] * 100:.0f}%) |")
-    lines += ["", "Speedup over Default (geomean): " + ", ".join(
-        f"{k} {v:.3f}x" for k, v in s["speedup_over_default_geomean"].items()), "",
-        "| config | default ms | tutel ms | lina ms | no-IIO ms | fsmoe ms | r fwd/bwd | best sweep | chosen/best |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
-        c, t = r["config"], r["seconds"]
-        lines.append(f"| B{c['B']} h{c['heads']} L{c['L']} M{c['M']} H{c['H']} f{c['f'] or 'nd'} {c['ffn']} | "
-                     f"{t['default'] * 1e3:.1f} | {t['tutel_improved'] * 1e3:.1f} | {t['pipemoe_lina'] * 1e3:.1f} | "
-                     f"{t['fsmoe_no_iio'] * 1e3:.1f} | {t['fsmoe'] * 1e3:.1f} | {r['chosen']['r_fwd']}/"
-                     f"{r['chosen']['r_bwd']} | {r['best_sweep']['name'][6:]} {r['best_sweep']['seconds'] * 1e3:.1f} | "
-                     f"{r['chosen_over_best']:.3f} |")
-    return "\n".join(lines)
+                  title=f"{name}: {spec_str(spec)} r={s.r_fwd}/{s.r_bwd} (top measured, hatched predicted)")
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -448,31 +365,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--run-dir", default="runs/bench_schedule")
     p.add_argument("--json", default=None, help="write the results here (default RUN_DIR/results.json)")
-
-
-def merge_runs(dirs: list[Path]) -> dict:
-    """One result from several runs' ``results.json`` + ``ops.jsonl`` (e.g. halves of a grid
-    measured in separate calls): rows concatenated, summaries and per-op errors recomputed."""
-    parts, errors = [], []
-    for d in dirs:
-        for name in ("results.json", "ops.jsonl"):
-            if not (d / name).is_file():
-                raise SystemExit(f"--merge: {d / name} is missing (a run dir of `fsmoe bench schedule`)")
-        parts.append(json.loads((d / "results.json").read_text()))
-        for line in (d / "ops.jsonl").read_text().splitlines():
-            o = json.loads(line)
-            if o["kind"] in NOT_SCHEDULED:
-                continue
-            errors.append((o["key"], o["n"], statistics.median(o["runs"]), o["runs"],
-                           {"offline": o["offline"], "refitted": o["refitted"]}))
-    layouts = {p["layout"] for p in parts}
-    if len(layouts) > 1:
-        raise SystemExit(f"--merge: runs of different layouts {sorted(layouts)} cannot be merged")
-    rows = [r for p in parts for r in p["rows"]]
-    return {"layout": parts[0]["layout"], "world": parts[0]["world"], "device": parts[0]["device"],
-            "profile": parts[0]["profile"], "refitted": parts[-1]["refitted"], "rows": rows,
-            "op_errors": summarize_errors(errors), "summary": summarize(rows),
-            "seconds": sum(p["seconds"] for p in parts), "merged_from": [str(d) for d in dirs]}
 
 
 def run(args) -> int:
