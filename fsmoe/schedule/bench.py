@@ -10,6 +10,8 @@ layers"), on every rank of the run (e.g. 4 CPU processes as 2 simulated nodes x 
      r_fwd x r_bwd in {1,2,4,8}^2 x {no partition, FSMoE's partitions, everything ready} with
      intra/inter overlap; all measured round-robin, ``--iters`` timed iterations each after
      ``--warmup``; an iteration's time is the slowest rank's forward + backward + gradient sync.
+     The chosen schedule and the sweep's best are then re-measured head to head (2 x iters),
+     unless the sweep's best is the chosen schedule itself (ratio 1).
 
 Reported: per-op prediction error (offline and refitted profile; measured op durations from
 the executor's timeline vs alpha + n beta at the same n), the chosen schedule against the best
@@ -275,9 +277,13 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
             _timeline_artifacts(spec, layout, refitted, named, merged, run_dir)
         best_name = min(sw, key=lambda k: secs[k])
         # The minimum of ~50 noisy medians is biased low (winner's curse): measure the chosen and
-        # the sweep's best again, head to head, with fresh iterations, and compare those.
-        conf, _ = measure(bm, {"fsmoe": named["fsmoe"], "best": sw[best_name]}, groups, device, 2 * iters, 0,
-                          recorder)
+        # the sweep's best again, head to head, with fresh iterations, and compare those; unless
+        # the sweep's best is the chosen schedule itself (a schedule against itself measures noise).
+        if same_schedule(named["fsmoe"], sw[best_name]):
+            conf = {"fsmoe": secs["fsmoe"], "best": secs["fsmoe"]}
+        else:
+            conf, _ = measure(bm, {"fsmoe": named["fsmoe"], "best": sw[best_name]}, groups, device, 2 * iters, 0,
+                              recorder)
         rows.append(config_row(spec, named, sw, secs, best_name, conf))
         log(f"[{ci + 1}/{len(specs)}] {spec_str(spec)}  default {secs['default'] * 1e3:.1f} ms  tutel "
             f"{secs['tutel_improved'] * 1e3:.1f}  fsmoe {secs['fsmoe'] * 1e3:.1f} "
@@ -303,6 +309,11 @@ def per_op(ci: int, merged: dict[str, list[list[OpRecord]]], layout: Layout,
     return errors, rows
 
 
+def same_schedule(a: Schedule, b: Schedule) -> bool:
+    """The same program: degrees, lanes and gradient partitions (the policy name aside)."""
+    return (a.r_fwd, a.r_bwd, a.iio, a.gar) == (b.r_fwd, b.r_bwd, b.iio, b.gar)
+
+
 def config_row(spec: LayerSpec, named: dict[str, Schedule], sw: dict[str, Schedule], secs: dict[str, float],
                best_name: str, conf: dict[str, float]) -> dict:
     """One config's line of results.json: the five schedules' times and predictions, FSMoE's
@@ -314,7 +325,7 @@ def config_row(spec: LayerSpec, named: dict[str, Schedule], sw: dict[str, Schedu
                        "case_fwd": fs.case_fwd, "case_bwd": fs.case_bwd},
             "best_sweep": {"name": best_name, "seconds": secs[best_name], "confirmed": conf["best"]},
             "chosen_confirmed": conf["fsmoe"],
-            "same_as_best": (fs.r_fwd, fs.r_bwd, fs.iio, fs.gar) == (best.r_fwd, best.r_bwd, best.iio, best.gar),
+            "same_as_best": same_schedule(fs, best),
             "chosen_over_best": conf["fsmoe"] / conf["best"],
             "chosen_over_best_sweep_pass": secs["fsmoe"] / secs[best_name],
             "sweep": {k: secs[k] for k in sw}}
