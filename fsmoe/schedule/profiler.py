@@ -147,18 +147,28 @@ def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float3
 
 
 def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
-    """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1], mean
-    over ranks: how much of an AlltoAll on the inter lane hides under an expert GEMM on the
-    compute lane (the executor's own engine runs both). 1.0 when there is nothing to measure."""
+    """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1]: how much
+    of an AlltoAll on the inter lane hides under an expert GEMM (sized to take as long) on the
+    compute lane, the executor's own engine running both. The three timings are interleaved
+    (one of each per round, so a slow spell of the machine hits all three), at three AlltoAll
+    sizes; the median over sizes, mean over ranks. 1.0 when there is nothing to measure."""
+    if groups.ep * groups.esp == 1:
+        return 1.0
+    n = len(cfg.comm_bytes)
+    etas = sorted(_overlap_at(groups, cfg, device, dtype, cfg.comm_bytes[i]) for i in (n // 4, n // 2, 3 * n // 4))
+    v = torch.tensor([etas[1]], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
+    dist.all_reduce(v, group=groups.world_group)
+    return float(v) / groups.world
+
+
+def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
     from fsmoe.comm.alltoall import AllToAllStage
     from fsmoe.schedule.engine import make_engine
 
-    if groups.ep * groups.esp == 1:
-        return 1.0
     group, size = (groups.ep_group, groups.ep) if groups.ep > 1 else (groups.esp_group, groups.esp)
     stage, D = AllToAllStage(group), 64
     elem = torch.empty(0, dtype=dtype).element_size()
-    rows = max(size, cfg.comm_bytes[len(cfg.comm_bytes) // 2] // (D * elem) // size * size)
+    rows = max(size, nbytes // (D * elem) // size * size)
     x = torch.randn(rows, D, device=device, dtype=dtype)
     splits = (rows // size,) * size
     a2a = lambda: stage.finish(stage.launch(x, splits, splits))
@@ -171,25 +181,37 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
     for _ in range(2):  # size the GEMM to take about as long as the AlltoAll
         xe = torch.randn(n, d, device=device, dtype=dtype)
         ce = torch.tensor([n // 2, n - n // 2], device=device)
-        comp = lambda: expert_forward(xe, ce, w)
+        comp = lambda xe=xe, ce=ce: expert_forward(xe, ce, w)
         with torch.no_grad():
             t_c = _median_time(comp, device, reps, warm, group)
         n = int(min(max(8, n * t_a / max(t_c, 1e-9)), 1 << 16))
     eng = make_engine(device)
+    eng.recorder.enabled = False
 
     def both():
         h = eng.launch("inter", None, lambda: a2a())
-        with torch.no_grad():
-            eng.compute(None, comp)
+        eng.compute(None, comp)
         eng.wait(h)
 
-    eng.recorder.enabled = False
-    t_b = _median_time(both, device, reps, warm, group)
+    with torch.no_grad():
+        t_a, t_c, t_b = _interleaved_medians((a2a, comp, both), device, reps, warm, group)
     eng.close()
-    eta = min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
-    v = torch.tensor([eta], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
-    dist.all_reduce(v, group=groups.world_group)
-    return float(v) / groups.world
+    return min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
+
+
+def _interleaved_medians(fns, device, reps: int, warmup: int, group) -> list[float]:
+    """Median seconds of each of ``fns``, run round-robin (every rank in step: a barrier first)."""
+    times = [[] for _ in fns]
+    for k in range(warmup + reps):
+        for i, fn in enumerate(fns):
+            dist.barrier(group=group)
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if k >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
