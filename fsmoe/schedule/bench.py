@@ -52,8 +52,8 @@ from fsmoe.schedule.profile import Profile, refit
 from fsmoe.schedule.profiler import ProfileConfig, run_profile
 from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png, shift,
-                                     with_glue)
+from fsmoe.schedule.timeline import (NOT_SCHEDULED, OP_IDENTITY, OpRecord, chrome_trace, gantt_png, refit_samples,
+                                     shift, timed_ops)
 
 GRIDS = {  # FSMoE's axes, scaled to the hardware
     "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
@@ -214,24 +214,17 @@ def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups) -> dict[str
     return {name: [[r for part in parts for r in part[name][i]] for i in range(len(recs[name]))] for name in recs}
 
 
-OP_FIELDS = ("key", "n", "kind", "phase", "layer", "chunk", "rank")
-
-
-def op_timings(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, list[float]]:
-    """(key, n, kind, phase, layer, chunk, rank) -> effective seconds in each iteration."""
-    out: dict[tuple, list[float]] = {}
-    for recs in iterations:
-        for r, d in effective_durations(with_glue(recs), layout.peers):
-            if r.op.key and r.op.n > 0 and d > 0:
-                out.setdefault((r.op.key, r.op.n, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append(d)
+def op_errors(timings: dict[tuple, list[tuple[float, float]]], profiles: dict[str, Profile]) -> list[tuple]:
+    """(key, n, median measured, every measured, {profile: predicted}) per scheduled op
+    (``timeline.timed_ops``; in the bench an op keeps its size across iterations). The glue and
+    the count exchange are modelled too, but are not scheduled ops."""
+    out = []
+    for k, nts in timings.items():
+        if k[1] in NOT_SCHEDULED:
+            continue
+        n, runs = nts[0][0], [d for _, d in nts]
+        out.append((k[0], n, statistics.median(runs), runs, {name: p.t(k[0], n) for name, p in profiles.items()}))
     return out
-
-
-def op_errors(timings: dict[tuple, list[float]], profiles: dict[str, Profile]) -> list[tuple]:
-    """(key, n, median measured, every measured, {profile: predicted}) per scheduled op of the
-    iteration (the glue and the count exchange are modelled too, but are not scheduled ops)."""
-    return [(k[0], k[1], statistics.median(v), v, {name: p.t(k[0], k[1]) for name, p in profiles.items()})
-            for k, v in timings.items() if k[2] not in NOT_SCHEDULED]
 
 
 def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
@@ -265,7 +258,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
         calib = plan_all(spec, layout, refitted)  # the five schedules, under the timed pass's conditions
         _, recs = measure(bm, calib, groups, device, calib_iters, max(warmup, 1), recorder, keep=set(calib))
         for its in _merge_iterations(recs, groups).values():
-            samples += [(k[0], k[1], t) for k, ts in op_timings(its, layout).items() for t in ts]
+            samples += refit_samples(its, layout.peers)
         refitted = refit(profile, samples)
         named = plan_all(spec, layout, refitted)
         sw = sweep(spec, layout, refitted, quick_sweep)
@@ -301,11 +294,12 @@ def per_op(ci: int, merged: dict[str, list[list[OpRecord]]], layout: Layout,
     rows of every keyed op with each profile's prediction)."""
     errors, rows = [], []
     for name in POLICY_NAMES:
-        timings = op_timings(merged[name], layout)
+        timings = timed_ops(merged[name], layout.peers)
         errors += op_errors(timings, profiles)
-        rows += [{"config": ci, "schedule": name, **dict(zip(OP_FIELDS, k)), "runs": v,
-                  **{p: pr.t(k[0], k[1]) if pr.has(k[0]) else None for p, pr in profiles.items()}}
-                 for k, v in timings.items()]
+        rows += [{"config": ci, "schedule": name, **dict(zip(OP_IDENTITY, k)), "n": nts[0][0],
+                  "runs": [d for _, d in nts], **{p: pr.t(k[0], nts[0][0]) if pr.has(k[0]) else None
+                                                  for p, pr in profiles.items()}}
+                 for k, nts in timings.items()]
     return errors, rows
 
 

@@ -175,11 +175,26 @@ def with_glue(records: Sequence[OpRecord]) -> list[OpRecord]:
     return out
 
 
+OP_IDENTITY = ("key", "kind", "phase", "layer", "chunk", "rank")
+
+
+def timed_ops(iterations: Sequence[Sequence[OpRecord]], peers) -> dict[tuple, list[tuple[float, float]]]:
+    """Op identity (:data:`OP_IDENTITY`) -> [(n, effective seconds)], one per iteration it ran in,
+    for every keyed op (glue derived from the block spans). The size is not part of the identity:
+    in training the routing, hence the rows of the combine AlltoAll, the AllGather and the
+    expert, changes every step."""
+    out: dict[tuple, list[tuple[float, float]]] = {}
+    for recs in iterations:
+        for r, d in effective_durations(with_glue(recs), peers):
+            if r.op.key and r.op.n > 0 and d > 0:
+                out.setdefault((r.op.key, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append((r.op.n, d))
+    return out
+
+
 def refit_samples(iterations: Sequence[Sequence[OpRecord]], peers) -> list[tuple[str, float, float]]:
-    """``(key, n, effective seconds)`` of every keyed op of every iteration (glue derived from the
-    block spans): what ``profile.refit`` learns from."""
-    return [(r.op.key, r.op.n, d) for recs in iterations for r, d in effective_durations(with_glue(recs), peers)
-            if r.op.key and r.op.n > 0 and d > 0]
+    """``(key, n, effective seconds)`` of every run of every keyed op: what ``profile.refit``
+    learns from."""
+    return [(k[0], n, d) for k, nts in timed_ops(iterations, peers).items() for n, d in nts]
 
 
 def write_records(path: str | Path, iterations: Sequence[Sequence[OpRecord]], header: dict) -> Path:

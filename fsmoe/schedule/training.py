@@ -41,8 +41,8 @@ from fsmoe.schedule.plan import plan
 from fsmoe.schedule.profile import Profile, refit
 from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, effective_durations, gantt_png,
-                                     refit_samples, shift, with_glue, write_records)
+from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, gantt_png, refit_samples, shift,
+                                     timed_ops, write_records)
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
 TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
@@ -132,22 +132,10 @@ def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
 # ---------------------------------------------------------------------------- timeline
 
 
-def timed_ops(iterations: list[list[OpRecord]], layout: Layout) -> dict[tuple, list]:
-    """Op identity (key, kind, phase, layer, chunk, rank) -> [(n, effective seconds)] per recorded
-    iteration, every keyed op (the glue and count exchange too). The size is not part of the
-    identity: in training the routing, hence the rows of the combine AlltoAll, the AllGather and
-    the expert, changes every step."""
-    out: dict[tuple, list] = {}
-    for recs in iterations:
-        for r, d in effective_durations(with_glue(recs), layout.peers):
-            if r.op.key and r.op.n > 0 and d > 0:
-                out.setdefault((r.op.key, r.op.kind, r.op.phase, r.op.layer, r.op.chunk, r.rank), []).append((r.op.n, d))
-    return out
-
-
 def op_timings(iterations: list[list[OpRecord]], layout: Layout, profile: Profile) -> dict[tuple, list]:
-    """:func:`timed_ops` of the scheduled ops ``profile`` has a fit for (the per-op error's ops)."""
-    return {k: v for k, v in timed_ops(iterations, layout).items() if k[1] not in NOT_SCHEDULED and profile.has(k[0])}
+    """``timeline.timed_ops`` of the scheduled ops ``profile`` has a fit for (the per-op error's ops)."""
+    return {k: v for k, v in timed_ops(iterations, layout.peers).items()
+            if k[1] not in NOT_SCHEDULED and profile.has(k[0])}
 
 
 def write_op_table(iterations: list[list[OpRecord]], layout: Layout, profiles: dict[str, Profile], path: Path) -> Path:
@@ -157,7 +145,7 @@ def write_op_table(iterations: list[list[OpRecord]], layout: Layout, profiles: d
     for name in profiles:
         cols += [f"predicted_{name}_ms", f"error_{name}"]
     rows = []
-    for (key, kind, phase, layer, chunk, rank), nts in sorted(timed_ops(iterations, layout).items(),
+    for (key, kind, phase, layer, chunk, rank), nts in sorted(timed_ops(iterations, layout.peers).items(),
                                                               key=lambda kv: (kv[0][5], kv[0][2] == "bwd", kv[0][3])):
         m = statistics.median(t for _, t in nts)
         row = {"rank": rank, "phase": phase, "layer": layer, "kind": kind, "chunk": chunk, "key": key,
