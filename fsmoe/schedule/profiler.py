@@ -83,17 +83,24 @@ def _sync(device):
 
 
 def _median_time(fn: Callable[[], None], device, reps: int, warmup: int, group=None) -> float:
-    times = []
+    return _interleaved_medians((fn,), device, reps, warmup, group)[0]
+
+
+def _interleaved_medians(fns, device, reps: int, warmup: int, group=None) -> list[float]:
+    """Median seconds of each of ``fns``, run round-robin (with ``group``: every rank in step,
+    a barrier before each run)."""
+    times = [[] for _ in fns]
     for k in range(warmup + reps):
-        if group is not None:
-            dist.barrier(group=group)
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, fn in enumerate(fns):
+            if group is not None:
+                dist.barrier(group=group)
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if k >= warmup:
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> dict[str, list[list[float]]]:
@@ -197,21 +204,6 @@ def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes:
         t_a, t_c, t_b = _interleaved_medians((a2a, comp, both), device, reps, warm, group)
     eng.close()
     return min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
-
-
-def _interleaved_medians(fns, device, reps: int, warmup: int, group) -> list[float]:
-    """Median seconds of each of ``fns``, run round-robin (every rank in step: a barrier first)."""
-    times = [[] for _ in fns]
-    for k in range(warmup + reps):
-        for i, fn in enumerate(fns):
-            dist.barrier(group=group)
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if k >= warmup:
-                times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
