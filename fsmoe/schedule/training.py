@@ -196,7 +196,7 @@ def write_trace(iterations: list[list[OpRecord]], predicted: list[OpRecord], run
     return shift(iterations[-1], t_last)
 
 
-def record_dense_ops(model: nn.Module, spec: LayerSpec, recorder: Recorder, device: torch.device) -> list:
+def record_moe_blocks(model: nn.Module, spec: LayerSpec, recorder: Recorder, device: torch.device) -> list:
     """Time every MoE block (host lane: its glue) and its attention (compute lane: ``dense_fwd`` /
     ``dense_bwd`` of the LayerSpec's shape); layer = the block's index among the MoE blocks, as
     the executors and the simulator number them. Returns the hook handles."""
@@ -257,7 +257,7 @@ class TrainingSchedule:
         ts = TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
                               Path(run_dir), is_writer, n, first)
         if n:  # attention timings for the timeline (hooks only when a timeline is asked for)
-            ts._dense_hooks = record_dense_ops(model, spec, recorder, device)
+            ts._dense_hooks = record_moe_blocks(model, spec, recorder, device)
         return ts
 
     def describe(self) -> str:
