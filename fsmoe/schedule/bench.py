@@ -385,15 +385,11 @@ def run(args) -> int:
         print(md)
         return 0
 
-    from fsmoe.config import ParallelConfig
-    from fsmoe.parallel.groups import build_groups
-    from fsmoe.schedule.launch import init_from_env, relaunch_under_torchrun, under_torchrun
+    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
 
     if args.nproc > 1 and not under_torchrun():
         return relaunch_under_torchrun(args.nproc)
-    device = init_from_env(args.device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    groups = build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node))
+    groups, device = groups_from_args(args)
     run_dir = Path(args.run_dir)
     log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -61,3 +61,15 @@ def init_from_env(device: str = "auto", timeout_s: float = 120.0) -> torch.devic
     if under_torchrun() and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+
+def groups_from_args(args):
+    """``(ParallelGroups, device)`` of a scheduler command run by torchrun (or as one process):
+    the process group from the environment, EP/ESP from ``--ep --esp --gpus-per-node``, every
+    process data-parallel for the dense gradients."""
+    from fsmoe.config import ParallelConfig
+    from fsmoe.parallel.groups import build_groups
+
+    device = init_from_env(args.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node)), device

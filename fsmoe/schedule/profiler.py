@@ -366,9 +366,7 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from fsmoe.config import ParallelConfig
-    from fsmoe.parallel.groups import build_groups
-    from fsmoe.schedule.launch import init_from_env, relaunch_under_torchrun, under_torchrun
+    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
 
     if args.refit:
         if not args.profile:
@@ -381,9 +379,7 @@ def _main(args) -> int:
         return 0
     if args.nproc > 1 and not under_torchrun():
         return relaunch_under_torchrun(args.nproc)
-    device = init_from_env(args.device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    groups = build_groups(ParallelConfig(dp=world, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node))
+    groups, device = groups_from_args(args)
     cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
     prof = run_profile(groups, device, cfg)
     if groups.rank == 0:
