@@ -298,9 +298,12 @@ class TrainConfig:
     data: str | None = None  # None = the embedded default: this Python's own stdlib .py sources
     data_limit_mb: float = 8.0  # read at most this much text
     val_fraction: float = 0.05
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "float32"  # float32 | bfloat16 (CUDA: bf16 compute, fp32 weights and optimizer state)
     device: str = "auto"  # auto | cpu | cuda
     timeline_steps: int = 0  # record this many steps' op timeline (needs a pipelined parallel.schedule)
+    activation_checkpointing: str = "none"  # none | moe (recompute the experts' MLP) | full (every block)
+    compile: bool = False  # torch.compile the dense parts of each block (attention, norms, dense FFN); CUDA only
+    on_nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (error) | skip (the step, counted)
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -314,6 +317,9 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _one_of(f"{prefix}.dtype", self.dtype, {"float32", "bfloat16"})
         _one_of(f"{prefix}.device", self.device, {"auto", "cpu", "cuda"})
+        _one_of(f"{prefix}.activation_checkpointing", self.activation_checkpointing, {"none", "moe", "full"})
+        _check(isinstance(self.compile, bool), f"{prefix}.compile", self.compile, "must be true or false")
+        _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
         _check(isinstance(self.timeline_steps, int) and self.timeline_steps >= 0, f"{prefix}.timeline_steps",
                self.timeline_steps, "must be an integer >= 0 (0 = off)")
 
@@ -332,6 +338,10 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model.moe.num_experts)
         self.train.validate(self.model.max_seq_len)
+        if self.train.activation_checkpointing != "none" and self.parallel.schedule != "default":
+            raise ConfigError("train.activation_checkpointing", self.train.activation_checkpointing,
+                              "runs with parallel.schedule='default' only (the pipelined executor times "
+                              "and overlaps each op once per step); use 'none' or the default schedule")
         if self.train.timeline_steps and self.parallel.schedule == "default":
             raise ConfigError("train.timeline_steps", self.train.timeline_steps,
                               f"records the pipelined executor's ops; set parallel.schedule to one of "

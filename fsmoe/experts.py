@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.kernels.grouped_mm import grouped_mm
+from fsmoe.precision import cast_weights, to_compute
 
 
 class GroupedExperts(nn.Module):
@@ -49,14 +50,22 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int (rows of each expert,
-        summing to <= N). Returns [N, D]; rows past the last expert's end are 0 (and pass no gradient)."""
+        summing to <= N). Returns [N, D]; rows past the last expert's end are 0 (and pass no gradient).
+        Under autocast the GEMMs run in its dtype (see fsmoe.precision)."""
+        x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)
         offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        h = grouped_mm(x_ND, self.w1_EDF, offs_E)
-        if self.w3_EDF is not None:
-            h = F.silu(h) * grouped_mm(x_ND, self.w3_EDF, offs_E)
+        h = grouped_mm(x_ND, w1_EDF, offs_E)
+        if w3_EDF is not None:
+            h = F.silu(h) * grouped_mm(x_ND, w3_EDF, offs_E)
         else:
             h = F.gelu(h)
-        return grouped_mm(h, self.w2_EFD, offs_E)
+        return grouped_mm(h, w2_EFD, offs_E)
+
+    def compute_operands(self, x_ND: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
+        """x_ND and (w1, w3, w2) in the compute dtype: autocast's when active (grouped_mm is not
+        on its list, so the fp32 master weights are cast here), else x's own."""
+        x_ND = to_compute(x_ND)
+        return x_ND, cast_weights(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD)
 
 
 class DenseFFN(nn.Module):

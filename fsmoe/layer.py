@@ -24,6 +24,8 @@ from fsmoe.experts import DenseFFN
 from fsmoe.kernels import resolve_kernels
 from fsmoe.kernels.select import build_order, experts_class
 from fsmoe.order import Order
+from fsmoe.precision import to_compute
+from fsmoe.recompute import checkpointed
 from fsmoe.routing import build_router
 
 HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
@@ -66,6 +68,8 @@ class MoELayer(nn.Module):
         # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces it after construction;
         # its chunks bypass the after_dispatch/before_combine hooks.
         self.executor = self.dispatch_compute_combine
+        # train.activation_checkpointing="moe": the experts' hidden activations are recomputed in backward.
+        self.recompute_experts = False
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
         self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
 
@@ -89,14 +93,16 @@ class MoELayer(nn.Module):
         """The sequential schedule: x_ND [N, D] grouped by global expert -> y_ND [N, D]."""
         x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, tokens_per_expert_E)
         x_RD = self._hook("after_dispatch", x_RD)
-        y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
+        y_RD = checkpointed(self.experts, x_RD, counts_El) if self.recompute_experts else self.experts(x_RD, counts_El)
+        y_RD = self._hook("before_combine", y_RD)
         return self.dispatcher.combine(y_RD, handle)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         """x: [B, L, D] (or [T, D], one sequence). Returns (y like x, MoEStats)."""
         shape = x.shape
         seq_len = shape[-2] if x.dim() == 3 else shape[0]
-        x_TD = self._hook("layer_start", x.reshape(-1, self.d_model))
+        # Under autocast the tokens go bf16 here: permute and AlltoAll move half the bytes.
+        x_TD = self._hook("layer_start", to_compute(x.reshape(-1, self.d_model)))
         plan = self.router(x_TD, seq_len)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
         y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))

@@ -7,7 +7,9 @@ Shape legend: E experts of one MoE layer, M MoE layers.
     step, loss (cross-entropy, nats), val_loss (only where evaluated), lr, tokens_per_s,
     grad_norm, aux_loss, dropped (assignments dropped by capacity, all layers),
     expert_load ([M][E] fraction of the step's assignments each expert received),
-    imbalance (max/mean tokens per expert, averaged over layers; 1.0 = perfectly balanced)
+    imbalance (max/mean tokens per expert, averaged over layers; 1.0 = perfectly balanced),
+    mfu (CUDA only: model FLOPs utilisation of the job's GPUs, fsmoe.models.flops),
+    skipped_steps (train.on_nonfinite=skip only: non-finite steps not applied so far)
 
 On resume, records after the checkpoint's step are removed (they are recomputed identically) and
 TensorBoard purges its events after that step, so both logs read like one uninterrupted run.
@@ -24,7 +26,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "grad_norm", "aux_loss", "dropped", "imbalance")
+TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "aux_loss", "dropped", "imbalance",
+              "skipped_steps")
 
 
 def expert_load(tokens_per_expert: Sequence[Tensor]) -> list[list[float]]:

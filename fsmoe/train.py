@@ -2,9 +2,12 @@
 
 Shape legend: B sequences per batch (this rank's share), L sequence length, V vocabulary (256 bytes).
 
-One step: draw a batch -> forward (bf16 autocast on GPU if asked) -> loss = CE + aux_loss ->
-backward -> ``sync_grads`` -> ``clip_grads`` -> AdamW step -> LR schedule step -> routers'
-``after_step`` (e.g. DeepSeek bias update). Every ``log_every`` steps a record goes to
+One step: draw a batch -> forward (bf16 autocast on GPU if asked; fsmoe.precision) -> loss = CE +
+aux_loss -> backward -> ``sync_grads`` -> ``clip_grads`` -> AdamW step (fused on CUDA; skipped if the
+loss or grad norm is not finite, fsmoe.guard) -> LR schedule step -> routers' ``after_step`` (e.g.
+DeepSeek bias update). On CUDA the step never waits for the GPU: its results stay on the device
+(``StepResult``) and are read once per logged or checkpoint step, so the host queues the next
+steps while the GPU works. Every ``log_every`` steps a record goes to
 ``metrics.jsonl`` and TensorBoard; every ``eval_every`` steps and at the end the val split is
 scored; every ``ckpt_every`` steps and at the end a DCP checkpoint is written; at the end the
 plots are drawn and the final val loss is printed next to the unigram byte entropy.
@@ -47,8 +50,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from fsmoe import checkpoint, plots
 from fsmoe.config import ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, load_config
 from fsmoe.data import BatchSampler, Corpus, eval_batches, load_corpus, nats_to_bits
+from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
+from fsmoe.models.flops import flops_per_token, peak_tflops
+from fsmoe.recompute import configure_recompute
 from fsmoe.parallel.launch import (add_parallel_arguments, parallel_overrides, spawn_torchrun, strip_flag,
                                    wants_torchrun, world_size_from_env)
 
@@ -90,7 +96,18 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
                           else "cpu")
     if cfg.dtype == "bfloat16" and device.type != "cuda":
         raise ConfigError("train.dtype", cfg.dtype, "bfloat16 autocast needs a CUDA device; use float32 on CPU")
+    if cfg.compile and device.type != "cuda":
+        raise ConfigError("train.compile", cfg.compile, "compiles for the GPU; set it to false on CPU")
     return device
+
+
+def compile_dense_parts(model: nn.Module) -> None:
+    """``train.compile``: torch.compile each block's attention, norms and dense FFN in place
+    (parameter names unchanged, so checkpoints are too). The MoE layers stay eager: their token
+    counts change every step, which would make the compiler retrace."""
+    for block in model.layers:
+        for part in (block.attn_norm, block.attn, block.ffn_norm) + (() if block.is_moe else (block.ffn,)):
+            part.compile()
 
 
 # ---------------------------------------------------------------- run directory and config
@@ -146,8 +163,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 @dataclass(frozen=True)
-class StepResult:
-    """What one optimizer step measured (floats already on the host)."""
+class StepMetrics:
+    """What one optimizer step measured, on the host."""
 
     loss: float  # cross-entropy, nats per token
     aux_loss: float
@@ -155,6 +172,31 @@ class StepResult:
     lr: float  # learning rate this step used
     tokens_per_expert: list[Tensor]  # one [E] int64 per MoE layer
     dropped: int
+    nonfinite_steps: int  # steps so far (since this process started) whose update was skipped
+    first_nonfinite: int  # the first of them (1-based step number), -1 if none
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured, still on the device. ``read()`` copies it to the host in
+    one transfer, which waits for the step to finish: the loop reads only the steps it logs."""
+
+    loss: Tensor  # scalar (fp32; fp64 once reduced over ranks)
+    aux_loss: Tensor  # scalar
+    grad_norm: Tensor  # scalar
+    lr: float
+    tokens_per_expert_ME: Tensor  # [M, E] int64, M MoE layers
+    dropped: Tensor  # scalar int64
+    nonfinite: Tensor  # [2] int64: (count, first step) from the NonFiniteGuard
+
+    def read(self) -> StepMetrics:
+        M_E = self.tokens_per_expert_ME
+        packed = torch.cat([torch.stack([self.loss.double(), self.aux_loss.double(), self.grad_norm.double()]),
+                            self.dropped.double().view(1), self.nonfinite.double(),
+                            M_E.double().flatten()]).cpu()
+        loads = packed[6:].view(M_E.shape).long()
+        return StepMetrics(float(packed[0]), float(packed[1]), float(packed[2]), self.lr, list(loads),
+                           int(packed[3]), int(packed[4]), int(packed[5]))
 
 
 class Trainer:
@@ -177,7 +219,11 @@ class Trainer:
         torch.manual_seed(self.tcfg.seed)
         self.corpus, self.sampler, self.val_batches = self._build_data()
         self.model = self.build_model().to(self.device)
+        configure_recompute(self.model, self.tcfg.activation_checkpointing)
+        if self.tcfg.compile:
+            compile_dense_parts(self.model)
         self.optimizer, self.scheduler = self._build_optimizer()
+        self.guard = NonFiniteGuard(self.tcfg.on_nonfinite, self.device)
         self.step = 0
         if ckpt is not None:
             checkpoint_state = self.state_dict()
@@ -200,7 +246,10 @@ class Trainer:
 
     def _build_optimizer(self) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         t = self.tcfg
-        optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
+        # Fused on CUDA: one kernel over all parameters instead of a dozen foreach passes. CPU keeps
+        # the foreach path its tests were written on.
+        optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                      fused=self.device.type == "cuda")
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def build_model(self) -> nn.Module:
@@ -258,6 +307,7 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
     def save_checkpoint(self) -> Path:
+        self.guard.check_parameters(self.model, self.step)
         return checkpoint.save(self.run_dir, self.step, self.state_dict())
 
     # ------------------------------------------------------------ one step
@@ -266,9 +316,18 @@ class Trainer:
         """Mean cross-entropy over all tokens, in fp32."""
         return F.cross_entropy(out.logits.float().flatten(0, 1), y_BL.flatten())
 
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next (x_bL, y_bL) on the device. On CUDA from pinned host memory, copied without
+        blocking: the copy queues behind the previous step's kernels and the host does not wait."""
+        x_BL, y_BL = self.sampler.next()
+        if self.device.type == "cuda":
+            x_BL, y_BL = x_BL.pin_memory(), y_BL.pin_memory()
+        return x_BL.to(self.device, non_blocking=True), y_BL.to(self.device, non_blocking=True)
+
     def train_step(self) -> StepResult:
-        """One optimizer step on the next batch; advances ``self.step``."""
-        x_BL, y_BL = (t.to(self.device, non_blocking=True) for t in self.sampler.next())
+        """One optimizer step on the next batch; advances ``self.step``. Nothing here reads a
+        device value on the host (except the pipelined schedule's timeline, when recorded)."""
+        x_BL, y_BL = self.next_batch()
         self.model.train()
         if self.moe_schedule is not None:
             self.moe_schedule.begin_step(self.step)
@@ -276,20 +335,29 @@ class Trainer:
             out = self.model(x_BL)
             ce = self.loss(out, y_BL)
         self.optimizer.zero_grad(set_to_none=True)
-        (ce + out.aux_loss.float()).backward()
+        aux = out.aux_loss.float()
+        (ce + aux).backward()
         self.sync_grads()
         grad_norm = self.clip_grads()
         if self.moe_schedule is not None:  # timeline + online refit after its last recorded step
             self._schedule_metrics.update(self.moe_schedule.end_step(self.step))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
+        self.guard.apply(self.optimizer, finite, self.step + 1)
         self.scheduler.step()
         for layer in self.model.moe_layers():
             layer.router.after_step()
         self.step += 1
-        return StepResult(ce.item(), out.aux_loss.item(), float(grad_norm), lr,
-                          [s.tokens_per_expert.cpu() for s in out.moe_stats],
-                          int(sum(int(s.dropped) for s in out.moe_stats)))
+        loads = [s.tokens_per_expert for s in out.moe_stats]
+        return StepResult(ce.detach(), aux.detach(), grad_norm.detach().float(), lr,
+                          torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long, device=self.device),
+                          sum((s.dropped for s in out.moe_stats), torch.zeros((), dtype=torch.long, device=self.device)),
+                          torch.stack([self.guard.count, self.guard.first]))
+
+    def all_finite(self, finite: Tensor) -> Tensor:
+        """Whether every rank's step was finite (one process: its own flag). Every rank must take
+        the same decision, or the replicas would drift apart."""
+        return finite
 
     def sync_grads(self) -> None:
         """Average gradients over data-parallel ranks. In one process there is nothing to
@@ -328,27 +396,59 @@ class Trainer:
             while self.step < t.steps:
                 result = self.train_step()
                 tokens += t.batch_size * t.seq_len
-                tokens_per_s = tokens / max(time.perf_counter() - clock, 1e-9)
-                load = expert_load(result.tokens_per_expert)
                 last = self.step == t.steps
                 evaluate = self.step % t.eval_every == 0 or last
                 logged = self.step % t.log_every == 0 or evaluate
+                save = bool(t.ckpt_every and self.step % t.ckpt_every == 0) or last
+                progress.update(task, completed=self.step)
+                if not (logged or save):
+                    continue  # nothing read: the host goes on queueing the next step
+                metrics = result.read()  # waits for this step: the window's time is now complete
+                tokens_per_s = tokens / max(time.perf_counter() - clock, 1e-9)
+                self.guard.check(metrics.nonfinite_steps, metrics.first_nonfinite)
                 if logged:
-                    self._log(self._record(result, tokens_per_s, load), evaluate, progress.console)
-                progress.update(task, completed=self.step, stats=(
-                    f"loss {result.loss:.3f}  {tokens_per_s:,.0f} tok/s  imbalance {imbalance(load):.2f}  "
-                    f"dropped {result.dropped}"))
-                if (t.ckpt_every and self.step % t.ckpt_every == 0) or last:
+                    record = self._record(metrics, tokens_per_s)
+                    self._log(record, evaluate, progress.console)
+                    progress.update(task, stats=(
+                        f"loss {metrics.loss:.3f}  {tokens_per_s:,.0f} tok/s{self._mfu_text(record)}  "
+                        f"imbalance {record['imbalance']:.2f}  dropped {metrics.dropped}"))
+                if save:
                     self.save_checkpoint()
-                if logged:  # tokens/s covers training only, not evaluation or checkpointing
-                    clock, tokens = time.perf_counter(), 0
+                # tokens/s covers training only, not evaluation or checkpointing
+                clock, tokens = time.perf_counter(), 0
         self.metrics.close()
         return self._finish()
 
-    def _record(self, r: StepResult, tokens_per_s: float, load: list[list[float]]) -> dict[str, Any]:
-        return {"step": self.step, "loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s, "grad_norm": r.grad_norm,
-                "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load, "imbalance": imbalance(load),
-                **self._pop_schedule_metrics()}
+    def mfu(self, tokens_per_s: float) -> float | None:
+        """Model FLOPs utilisation of the job's GPUs at ``tokens_per_s`` (fsmoe.models.flops); None on CPU
+        or an unknown card."""
+        if self.device.type != "cuda":
+            return None
+        peak = peak_tflops(torch.cuda.get_device_name(self.device))
+        if peak is None:
+            return None
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return tokens_per_s * self.flops_per_token / (peak * 1e12 * world)
+
+    @functools.cached_property
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.cfg.model, self.parameter_counts()[1], self.tcfg.seq_len)
+
+    @staticmethod
+    def _mfu_text(record: dict[str, Any]) -> str:
+        return f"  {100 * record['mfu']:.1f}% MFU" if record.get("mfu") is not None else ""
+
+    def _record(self, r: StepMetrics, tokens_per_s: float) -> dict[str, Any]:
+        load = expert_load(r.tokens_per_expert)
+        record = {"step": self.step, "loss": r.loss, "lr": r.lr, "tokens_per_s": tokens_per_s,
+                  "grad_norm": r.grad_norm, "aux_loss": r.aux_loss, "dropped": r.dropped, "expert_load": load,
+                  "imbalance": imbalance(load), **self._pop_schedule_metrics()}
+        mfu = self.mfu(tokens_per_s)
+        if mfu is not None:
+            record["mfu"] = mfu
+        if self.tcfg.on_nonfinite == "skip":
+            record["skipped_steps"] = r.nonfinite_steps
+        return record
 
     def _pop_schedule_metrics(self) -> dict[str, Any]:
         out, self._schedule_metrics = self._schedule_metrics, {}
@@ -365,7 +465,7 @@ class Trainer:
     def _log_line(self, rec: dict[str, Any]) -> str:
         val = f"  val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
         return (f"step {rec['step']:>5}  loss {rec['loss']:.4f}{val}  lr {rec['lr']:.2e}"
-                f"  {rec['tokens_per_s']:,.0f} tok/s"
+                f"  {rec['tokens_per_s']:,.0f} tok/s{self._mfu_text(rec)}"
                 f"  imbalance {rec['imbalance']:.2f}  dropped {rec['dropped']}")
 
     def _progress(self) -> Progress:
@@ -387,6 +487,11 @@ class Trainer:
             f"({active / 1e6:.2f}M active), {len(m.moe_layers())} MoE layers x "
             f"{self.cfg.model.moe.num_experts} experts (top-{self.cfg.model.moe.router.top_k}, "
             f"{self.cfg.model.moe.router.name}) on {self.device}")
+        t = self.tcfg
+        precision = ("bf16 compute, fp32 weights and optimizer state" if t.dtype == "bfloat16" else "fp32")
+        self.console.print(f"precision: {precision}; AdamW {'fused' if self.device.type == 'cuda' else 'foreach'}; "
+                           f"activation checkpointing: {t.activation_checkpointing}"
+                           f"{'; torch.compile on dense parts' if t.compile else ''}")
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
                            f"val bytes; unigram byte entropy {h:.3f} nats ({nats_to_bits(h):.3f} bits)")
         if self.moe_schedule is not None:

@@ -14,10 +14,7 @@ from typing import Callable
 
 import torch
 
-# Dense bf16 tensor-core peak by the vendor's datasheet (no sparsity), for MFU. Keyed by a
-# substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "B200": 2250.0}
-
+from fsmoe.models import flops as models_flops
 
 def device_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
@@ -37,10 +34,8 @@ def device_info(device: torch.device) -> dict:
 
 
 def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    """The card's dense bf16 peak (TFLOP/s) for MFU; None on CPU or an unknown card."""
+    return models_flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def bench_ms(fn: Callable[[], None], device: torch.device, iters: int = 20, warmup: int = 5) -> float:

@@ -75,8 +75,9 @@ class FusedGroupedExperts(GroupedExperts):
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int. Returns [N, D];
         rows past the last expert's end are 0 (and pass no gradient)."""
-        if not (x_ND.is_cuda and grouped_mm_supported(x_ND, self.w1_EDF)
-                and grouped_mm_supported(x_ND.new_empty(0, self.w2_EFD.shape[1]), self.w2_EFD)):
+        x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)  # bf16 under autocast
+        if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
+                and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
             return super().forward(x_ND, tokens_per_expert_E)
         offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        return expert_mlp(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, offs_E)
+        return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)

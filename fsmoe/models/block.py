@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from fsmoe.config import ModelConfig, MoEConfig
@@ -21,6 +22,7 @@ from fsmoe.models.attention import Attention
 from fsmoe.models.mla import MultiHeadLatentAttention
 from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RopeTables
+from fsmoe.recompute import checkpointed
 
 # (layer_idx, moe_cfg, d_model) -> a module with MoELayer's interface: forward(x) -> (y, MoEStats).
 MoELayerFactory = Callable[[int, MoEConfig, int], nn.Module]
@@ -55,9 +57,15 @@ class Block(nn.Module):
         self.attn_norm, self.attn, self.ffn_norm, self.ffn = attn_norm, attn, ffn_norm, ffn
         self.is_moe = is_moe  # fixed at build time: the ffn returns (y, MoEStats) instead of y
         self.drop = nn.Dropout(dropout)
+        self.recompute = False  # train.activation_checkpointing="full": keep only x, recompute in backward
 
     def forward(self, x_BLD: Tensor, rope: RopeTables | None) -> tuple[Tensor, MoEStats | None]:
         """x_BLD: [B, L, D] -> ([B, L, D], this layer's MoEStats or None for a dense layer)."""
+        if self.recompute and torch.is_grad_enabled():
+            return checkpointed(self._forward, x_BLD, rope)
+        return self._forward(x_BLD, rope)
+
+    def _forward(self, x_BLD: Tensor, rope: RopeTables | None) -> tuple[Tensor, MoEStats | None]:
         h_BLD = x_BLD + self.drop(self.attn(self.attn_norm(x_BLD), rope))
         if self.is_moe:
             y_BLD, stats = self.ffn(self.ffn_norm(h_BLD))

@@ -95,18 +95,24 @@ class ParallelTrainer(Trainer):
     def clip_grads(self) -> Tensor:
         return clip_grad_norm(self.model, self.tcfg.grad_clip, self.groups)
 
+    def all_finite(self, finite: Tensor) -> Tensor:
+        """Every rank skips or applies the same steps: the flags' minimum over the world (on the
+        device under NCCL, so no host wait)."""
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.groups.world_group)
+        return flag.bool()
+
     def train_step(self) -> StepResult:
-        """One step; the returned metrics are those of the global batch (one AllReduce)."""
+        """One step; the returned metrics are those of the global batch (one AllReduce, left on
+        the device like the one-process result)."""
         r = super().train_step()
         g = self.groups
-        loads = torch.stack(r.tokens_per_expert).double() if r.tokens_per_expert else torch.zeros(0, 0)
-        packed = torch.cat([torch.tensor([r.loss / g.world, r.aux_loss / g.dp, float(r.dropped)], dtype=torch.float64),
-                            loads.flatten()]).to(self.device)
+        loads = r.tokens_per_expert_ME.to(torch.float64)
+        packed = torch.cat([torch.stack([r.loss.double() / g.world, r.aux_loss.double() / g.dp,
+                                         r.dropped.double()]), loads.flatten()])
         dist.all_reduce(packed, group=g.world_group)
-        packed = packed.cpu()
-        loads = packed[3:].view_as(loads).long()
-        return dataclasses.replace(r, loss=float(packed[0]), aux_loss=float(packed[1]), dropped=int(packed[2]),
-                                   tokens_per_expert=list(loads))
+        return dataclasses.replace(r, loss=packed[0], aux_loss=packed[1], dropped=packed[2].long(),
+                                   tokens_per_expert_ME=packed[3:].view_as(loads).long())
 
     def state_dict(self) -> dict[str, Any]:
         return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fsmoe.config import ConfigError
+from fsmoe.recompute import recomputing
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, require_unset
 from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
@@ -110,7 +111,7 @@ class DeepSeekRouter(Router):
             w_TK = w_TK / w_TK.sum(-1, keepdim=True)
         w_TK = w_TK * cfg.routed_scaling
         counts_E = count_experts(ids_TK, E)
-        if self.training:
+        if self.training and not recomputing():  # once per step, also under activation checkpointing
             self.accumulate_load(counts_E)
         losses: dict[str, Tensor] = {}
         if cfg.seq_aux_coef > 0 and torch.is_grad_enabled():
