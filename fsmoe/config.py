@@ -378,6 +378,8 @@ def _coerce(value: Any, hint, name: str):
     """Check a leaf value's type (ints are accepted where floats are expected)."""
     args = typing.get_args(hint)
     allowed = [a for a in args if a is not type(None)] if args else [hint]
+    if value is None and hint is str:  # a bare `none` in --set is the word, for fields like activation_checkpointing
+        return "none"
     if value is None:
         _check(type(None) in args, name, value, "must not be empty")
         return None

@@ -107,11 +107,13 @@ def rerun_section(first: dict, again: dict) -> list[str]:
 
 
 def train_section(d: dict) -> list[str]:
-    out = ["## Training step: GPT-MoE on one GPU", "",
+    extra = f"; overrides {' '.join(d['overrides'])}" if d.get("overrides") else ""
+    out = [f"## `fsmoe train`'s step on one GPU: {d['model']}", "",
            f"Device: {_meta_line(d)}; MFU against {d.get('peak_tflops')} TFLOP/s (dense bf16 peak by datasheet). "
-           f"Model `{d['model']}` with {d['layers']} layers, batch {d['batch']} × {d['seq_len']} tokens; "
-           "bf16 weights, gradients and fused-AdamW state; one step = forward, CE + aux loss, backward, "
-           "optimizer step.", "",
+           f"Preset `{d.get('preset', d['model'])}` cut to {d['layers']} layers, batch {d['batch']} × {d['seq_len']} "
+           f"tokens{extra}. What is timed is `Trainer.train_step`, the step `fsmoe train` runs: fp32 master weights "
+           "and fused-AdamW state, bf16 compute under autocast, clipping, the non-finite guard, batches of the "
+           "stdlib corpus.", "",
            "Command:", "", "```", d["command"], "```", "",
            "| variant | ms / step | tokens/s | model TFLOP/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|---|"]
     for k, r in d["variants"].items():
@@ -120,7 +122,7 @@ def train_section(d: dict) -> list[str]:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "–"
         out.append(f"| {'**fsmoe**' if k == 'fsmoe' else k} | {r['ms']:.1f} | {r['tokens_per_s']:,} | "
-                   f"{r['model_tflops']:.1f} | {mfu} | {r.get('max_mem_gb', '–')} |")
+                   f"{r['model_tflops']:.1f} | {mfu} | {r.get('peak_mem_gb', '–')} |")
     if d.get("speedup_vs_torchtitan"):
         out += ["", f"fsmoe / torchtitan tokens/s: **{d['speedup_vs_torchtitan']:.3f}×** (same decoder, same "
                 "optimizer; only the MoE layers differ)."]
@@ -151,7 +153,7 @@ def main() -> None:
              "How to reproduce (one GPU; the baselines run in the same process as fsmoe):", "", "```",
              "bash scripts/gpu_check.sh                      # kernel numerics on the device",
              "fsmoe bench layer --iters 30 --profile --json benchmarks/results/layer.json",
-             "fsmoe bench train --batch 8 --profile --json benchmarks/results/train.json",
+             "fsmoe bench train --model mixtral-2l --profile --json benchmarks/results/train.json",
              "fsmoe bench layer --iters 20 --variants dense,grouped,fsmoe,dense-graph,fsmoe-graph "
              "--json benchmarks/results/layer_rerun.json",
              "python3 scripts/perf_page.py benchmarks/results/layer.json benchmarks/results/train.json "

@@ -1,69 +1,62 @@
-"""``fsmoe bench train``: tokens/s and MFU of full training steps of a GPT-MoE model on one GPU.
+"""``fsmoe bench train``: tokens/s, MFU and peak memory of ``fsmoe train``'s own step on one device.
 
-Shape legend: B sequences, L sequence length, V vocabulary, D model dim.
-
-One step = forward of the whole decoder (``fsmoe.models.build_model``), cross-entropy + aux loss,
-backward, fused AdamW step. Weights, gradients and optimizer state are bf16 on CUDA (no fp32
-master copy), the same for every variant:
+What is timed is ``Trainer.train_step``, the code ``fsmoe train`` runs, on the batches it draws
+(the stdlib corpus): fp32 master weights and AdamW state (fused on CUDA), bf16 compute under
+autocast, gradient clipping, the non-finite guard, the LR schedule and the routers' step hooks.
+Variants, each a fresh Trainer in the same process on the same card:
 
   fsmoe        MoE layers with the fused kernels (``moe.kernels=auto``)
   fsmoe-torch  MoE layers on the plain-PyTorch reference path (``moe.kernels=torch``)
-  torchtitan   the same decoder with torchtitan's MoE layer in every MoE slot (when its wheel
-               imports): attention, norms, embeddings and optimizer are identical, so the
+  torchtitan   the same Trainer and decoder with torchtitan's MoE in every MoE slot (when its wheel
+               imports): attention, norms, embeddings, optimizer and data are identical, so the
                difference is the MoE implementation alone
 
-MFU = model FLOPs per token * tokens/s / the card's dense bf16 peak, with the PaLM count:
-6 * (active parameters except the embedding lookup) + 12 * layers * (heads * head_dim) * L
-(attention scores counted in full, as is customary, though the causal kernel skips half).
+Models are the shipped presets cut to fit one card (``TRAIN_MODELS``); ``--set`` adds any config
+override (e.g. ``train.activation_checkpointing=moe``, ``train.compile=true``).
+
+MFU = model FLOPs per token (fsmoe.models.flops, PaLM's count) * tokens/s / the card's dense bf16 peak.
 """
 from __future__ import annotations
 
 import gc
 import json
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
-from fsmoe.bench.common import bench_ms, device_info, peak_tflops, profile_kernels, step_peak_memory_gb
+from fsmoe.bench.common import bench_ms, device_info, peak_tflops, profile_kernels
+from fsmoe.config import ConfigError, RunConfig, load_config
 
-# A Mixtral-8x7B layer stack cut to a few layers so that weights + grads + AdamW state + activations
-# fit one 80 GB card in bf16.
+
+@dataclass(frozen=True)
+class BenchModel:
+    preset: str
+    overrides: tuple[str, ...]
+    batch: int  # sequences per step
+    seq_len: int
+
+
 TRAIN_MODELS = {
-    "mixtral-2l": dict(arch="llama", vocab_size=32000, d_model=4096, n_layers=2, n_heads=32, n_kv_heads=8,
-                       d_ff=14336, max_seq_len=4096, rope_theta=1e6,
-                       moe=dict(num_experts=8, router=dict(name="gshard", top_k=2, aux_loss_coef=0.02),
-                                experts=dict(d_ff=14336, activation="swiglu"))),
-    "tiny": dict(arch="llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=128, max_seq_len=64,
-                 moe=dict(num_experts=4, router=dict(top_k=2), experts=dict(d_ff=96))),
+    # Mixtral 8x7B's layers (d 4096, 8 experts of 14336, top-2, GQA 32/8) cut to 2.
+    "mixtral-2l": BenchModel("mixtral-8x7b", ("model.n_layers=2",), 8, 4096),
+    # GPT2-XL-MoE (d 1600, 8 GeLU experts of 6400, top-2, every 2nd layer MoE) cut to 8 layers.
+    "gpt2-xl-moe-8l": BenchModel("gpt2-xl-moe", ("model.n_layers=8",), 8, 1024),
+    # Qwen3-30B-A3B's layers (d 2048, 128 experts of 768, top-8): fine-grained experts, cut to 4.
+    "qwen3-moe-4l": BenchModel("qwen3-30b-a3b", ("model.n_layers=4",), 4, 4096),
+    # CPU smoke test.
+    "tiny": BenchModel("tiny", ("model.n_layers=2",), 4, 64),
 }
 VARIANTS = ["fsmoe", "fsmoe-torch", "torchtitan"]
 
 
-def model_config(name: str, n_layers: int | None, kernels: str):
-    from fsmoe.config import config_from_dict
-
-    data = json.loads(json.dumps(TRAIN_MODELS[name]))
-    if n_layers:
-        data["n_layers"] = n_layers
-    data["moe"]["kernels"] = kernels
-    return config_from_dict({"name": f"bench-{name}", "model": data,
-                             "train": {"seq_len": min(128, data["max_seq_len"])}}).model
-
-
-def flops_per_token(model, cfg, seq_len: int) -> float:
-    active = model.num_parameters(active_only=True) - model.tok_emb.weight.numel()
-    if model.pos_emb is not None:
-        active -= model.pos_emb.weight.numel()
-    if cfg.tie_embeddings:  # the tied matrix is used as lm_head: count it once, as a matmul
-        active += model.tok_emb.weight.numel()
-    return 6.0 * active + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_size * seq_len
-
-
 class TorchtitanMoE(nn.Module):
-    """torchtitan's MoE behind MoELayer's interface (``forward(x) -> (y, MoEStats)``)."""
+    """torchtitan's MoE behind MoELayer's interface (``forward(x) -> (y, MoEStats)``, ``cfg``,
+    ``experts.num_experts``, ``router.after_step()``)."""
 
     def __init__(self, moe_cfg, d_model: int, init_std: float = 0.02):
         super().__init__()
@@ -81,122 +74,148 @@ class TorchtitanMoE(nn.Module):
                                                 top_k=K, score_func="softmax", route_norm=True))
         self.cfg = moe_cfg
         self.moe = cfg.build()
-        self.router = self.moe.router
-        self.experts = self.moe.routed_experts.inner_experts
         with torch.no_grad():
             for p in self.moe.parameters():
                 p.normal_(0.0, init_std)
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.moe.routed_experts.inner_experts
+
+    @property
+    def router(self) -> "TorchtitanMoE":
+        return self  # the trainer's after_step() hook lands here: torchtitan's router has none
+
+    def after_step(self) -> None:
+        pass
 
     def forward(self, x):
         from fsmoe.layer import MoEStats
 
         y = self.moe(x if x.dim() == 3 else x.unsqueeze(0)).view_as(x)
-        z = x.new_zeros((), dtype=torch.float32)
         E = self.cfg.num_experts
-        return y, MoEStats(z, {}, torch.zeros(E, dtype=torch.long, device=x.device),
+        return y, MoEStats(x.new_zeros((), dtype=torch.float32), {}, torch.zeros(E, dtype=torch.long, device=x.device),
                            torch.zeros((), dtype=torch.long, device=x.device), x.numel() // x.shape[-1])
 
 
-def build(variant: str, name: str, n_layers: int | None, device, dtype):
+def bench_config(name: str, variant: str, args, device: torch.device) -> RunConfig:
+    """The preset of ``name`` with the bench's batch, an endless schedule (no logging, evaluation
+    or checkpoint inside the timed steps) and the device's precision."""
+    m = TRAIN_MODELS[name]
+    overrides = [*m.overrides, f"train.batch_size={args.batch or m.batch}", f"train.seq_len={args.seq_len or m.seq_len}",
+                 "train.steps=1000000", "train.warmup_steps=10", "train.log_every=1000000",
+                 "train.eval_every=1000000", "train.ckpt_every=0", f"train.device=\"{device.type}\"",
+                 f"train.dtype=\"{'bfloat16' if device.type == 'cuda' else 'float32'}\""]
+    if args.layers:
+        overrides.append(f"model.n_layers={args.layers}")
+    if variant == "fsmoe-torch":
+        overrides.append("model.moe.kernels=\"torch\"")
+    return load_config(m.preset, overrides + list(args.overrides))
+
+
+def build_trainer(variant: str, cfg: RunConfig, run_dir: Path):
+    """A Trainer for ``cfg`` (torchtitan: its MoE in every MoE slot), printing nothing."""
     from fsmoe.models import build_model
+    from fsmoe.train import Trainer
 
-    cfg = model_config(name, n_layers, "torch" if variant == "fsmoe-torch" else "auto")
-    factory = None
-    if variant == "torchtitan":
-        def factory(i, moe_cfg, d_model):
-            return TorchtitanMoE(moe_cfg, d_model)
-    with torch.device(device):
-        model = build_model(cfg, moe_layer_factory=factory, seed=0)
-    return cfg, model.to(dtype)
+    class TorchtitanTrainer(Trainer):
+        def build_model(self) -> nn.Module:
+            return build_model(self.cfg.model, seed=self.tcfg.seed,
+                               moe_layer_factory=lambda i, moe_cfg, d: TorchtitanMoE(moe_cfg, d))
+
+    cls = TorchtitanTrainer if variant == "torchtitan" else Trainer
+    return cls(cfg, run_dir, console=Console(quiet=True))
 
 
-def run_variant(variant: str, args, device) -> dict:
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg, model = build(variant, args.model, args.layers, device, dtype)
-    B, L, V = args.batch, args.seq_len, cfg.vocab_size
-    g = torch.Generator(device=device).manual_seed(0)
-    idx = torch.randint(0, V, (B, L + 1), device=device, generator=g)
-    x_BL, y_BL = idx[:, :-1], idx[:, 1:]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1, fused=device.type == "cuda")
-    losses = []
-
-    def step():
-        out = model(x_BL)
-        loss = F.cross_entropy(out.logits.float().view(-1, V), y_BL.reshape(-1)) + out.aux_loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-
-    ms = bench_ms(step, device, iters=args.iters, warmup=args.warmup)
-    tokens = B * L
-    fpt = flops_per_token(model, cfg, L)
-    row = {"ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1e3), "flops_per_token": fpt,
-           "model_tflops": round(fpt * tokens / ms / 1e9, 1),
-           "params": model.num_parameters(), "active_params": model.num_parameters(active_only=True),
-           "loss_first": round(float(losses[0]), 4), "loss_last": round(float(losses[-1]), 4)}
-    peak = peak_tflops(device)
-    if peak:
-        row["mfu"] = round(row["model_tflops"] / peak, 4)
-    row["peak_mem_gb"] = step_peak_memory_gb(step, device)
+def run_variant(name: str, variant: str, args, device) -> dict:
+    cfg = bench_config(name, variant, args, device)
     if device.type == "cuda":
-        row["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if args.profile:
-        row["profile"] = profile_kernels(step, device, iters=2, top=15)
-    del model, opt, step
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory(prefix="fsmoe-bench-train-") as tmp:
+        trainer = build_trainer(variant, cfg, Path(tmp) / "run")
+        results = []
+
+        def step():
+            results.append(trainer.train_step())
+
+        ms = bench_ms(step, device, iters=args.iters, warmup=args.warmup)
+        first, last = results[0].read(), results[-1].read()
+        tokens = cfg.train.batch_size * cfg.train.seq_len
+        total, active = trainer.parameter_counts()
+        row = {"ms": round(ms, 2), "tokens_per_s": round(tokens / ms * 1e3), "flops_per_token": trainer.flops_per_token,
+               "model_tflops": round(trainer.flops_per_token * tokens / ms / 1e9, 1), "params": total,
+               "active_params": active, "loss_first": round(first.loss, 4), "loss_last": round(last.loss, 4),
+               "config": {k: getattr(cfg.train, k) for k in ("batch_size", "seq_len", "dtype", "activation_checkpointing",
+                                                              "compile")}}
+        mfu = trainer.mfu(row["tokens_per_s"])
+        if mfu is not None:
+            row["mfu"] = round(mfu, 4)
+        if device.type == "cuda":
+            row["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if args.profile:
+            row["profile"] = profile_kernels(step, device, iters=2, top=15)
+        trainer.metrics.close()
+        del trainer, step, results
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
+def _print_row(variant: str, row: dict) -> None:
+    if "error" in row:
+        print(f"{variant:12s} error: {row['error'][:200]}")
+        return
+    mfu = f"{100 * row['mfu']:5.1f}% MFU" if "mfu" in row else ""
+    print(f"{variant:12s} {row['ms']:9.2f} ms/step {row['tokens_per_s']:9d} tok/s "
+          f"{row['model_tflops']:7.1f} TFLOP/s {mfu}  peak {row.get('peak_mem_gb', '-')} GiB")
+
+
 def run(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = args.variants.split(",") if args.variants else VARIANTS
-    from fsmoe.config import ConfigError
-
     if args.model not in TRAIN_MODELS:
         raise ConfigError("--model", args.model, f"known models are {list(TRAIN_MODELS)}")
     for v in variants:
         if v not in VARIANTS:
             raise ConfigError("--variants", v, f"known variants are {VARIANTS}")
+    bench_config(args.model, variants[0], args, device)  # a bad --set fails here, before any model is built
+    m = TRAIN_MODELS[args.model]
     out = {"kind": "train", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
-           "model": args.model, "layers": args.layers or TRAIN_MODELS[args.model]["n_layers"],
-           "batch": args.batch, "seq_len": args.seq_len, "peak_tflops": peak_tflops(device), "variants": {}}
-    print(f"# {out['meta'].get('name')}  torch {out['meta']['torch']}  model {args.model} "
-          f"layers={out['layers']} batch={args.batch}x{args.seq_len}")
+           "model": args.model, "preset": m.preset, "layers": args.layers or int(m.overrides[0].split("=")[1]),
+           "batch": args.batch or m.batch, "seq_len": args.seq_len or m.seq_len, "overrides": list(args.overrides),
+           "peak_tflops": peak_tflops(device), "variants": {}}
+    print(f"# {out['meta'].get('name')}  torch {out['meta']['torch']}  model {args.model} ({m.preset}) "
+          f"layers={out['layers']} batch={out['batch']}x{out['seq_len']}  timing Trainer.train_step")
     for v in variants:
         try:
-            row = run_variant(v, args, device)
+            row = run_variant(args.model, v, args, device)
+        except ConfigError:
+            raise
         except Exception as e:  # a peer that does not install or run is reported, not fatal
             row = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         out["variants"][v] = row
-        if "error" in row:
-            print(f"{v:12s} error: {row['error'][:200]}")
-        else:
-            mfu = f"{100 * row['mfu']:5.1f}% MFU" if "mfu" in row else ""
-            print(f"{v:12s} {row['ms']:9.2f} ms/step {row['tokens_per_s']:9d} tok/s "
-                  f"{row['model_tflops']:7.1f} TFLOP/s {mfu}  peak {row.get('max_mem_gb')} GB")
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=1))
+        _print_row(v, row)
     base = out["variants"].get("torchtitan", {}).get("tokens_per_s")
     if base and "tokens_per_s" in out["variants"].get("fsmoe", {}):
         out["speedup_vs_torchtitan"] = round(out["variants"]["fsmoe"]["tokens_per_s"] / base, 3)
         print(f"fsmoe / torchtitan tokens/s: {out['speedup_vs_torchtitan']}")
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="mixtral-2l", help=f"one of {list(TRAIN_MODELS)}")
     p.add_argument("--layers", type=int, help="override the number of layers")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--batch", type=int, help="sequences per step (default: the model's, see TRAIN_MODELS)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                   help="config overrides, e.g. train.activation_checkpointing=moe train.compile=true")
     p.add_argument("--variants", help=f"comma-separated, from {VARIANTS} (default: all)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

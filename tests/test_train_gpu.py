@@ -1,0 +1,114 @@
+"""The trainer's step on a GPU (run by scripts/gpu_check.sh on the device; skipped without CUDA):
+bf16 tensor-core GEMMs only, no host synchronisation inside the step, bf16 losses that track fp32."""
+import io
+
+import pytest
+import torch
+from rich.console import Console
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fsmoe.config import load_config
+from fsmoe.train import Trainer
+
+CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+# Small, but with the shapes' alignment of the real presets (llama family: GQA, RoPE, SwiGLU experts).
+MODEL = ["model.arch=\"llama\"", "model.d_model=256", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.d_ff=512", "model.max_seq_len=256", "model.moe.num_experts=8", "model.moe.experts.d_ff=256",
+         "model.moe.router.top_k=2"]
+TRAIN = ["train.batch_size=8", "train.seq_len=256", "train.data_limit_mb=1", "train.log_every=1000",
+         "train.eval_every=1000", "train.ckpt_every=0", "train.warmup_steps=5", "train.lr=1e-3",
+         "train.device=\"cuda\""]
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "matmul", "linear"}
+ATTENTION = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward",
+             "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+             "_scaled_dot_product_cudnn_attention_backward"}
+
+
+def trainer(tmp_path, dtype: str, *extra: str) -> Trainer:
+    cfg = load_config("tiny", MODEL + TRAIN + [f"train.dtype=\"{dtype}\"", "train.steps=100", *extra])
+    return Trainer(cfg, tmp_path / dtype, console=Console(file=io.StringIO()))
+
+
+class OperandDtypes(TorchDispatchMode):
+    """Records (op name, floating input dtypes) of every matmul and attention op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, set]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in MATMULS or name in ATTENTION:
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("recompute", ["none", "moe"])
+def test_step_runs_every_matmul_and_attention_in_bf16(tmp_path, recompute):
+    t = trainer(tmp_path, "bfloat16", f"train.activation_checkpointing=\"{recompute}\"")
+    t.train_step()
+    with OperandDtypes() as mode:
+        t.train_step()
+    names = {n for n, _ in mode.seen}
+    assert "_grouped_mm" in names and names & ATTENTION, names
+    fp32 = [(n, d) for n, d in mode.seen if d != {torch.bfloat16}]
+    assert not fp32, f"ops with non-bf16 operands: {fp32[:10]}"
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())  # fp32 master weights
+    assert all(s["exp_avg"].dtype == torch.float32 for s in t.optimizer.state.values())
+
+
+def test_step_launches_no_fp32_gemm_kernels(tmp_path):
+    from torch.profiler import ProfilerActivity, profile
+
+    t = trainer(tmp_path, "bfloat16")
+    t.train_step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t.train_step()
+        torch.cuda.synchronize()
+    kernels = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    fp32_gemms = [k for k in kernels if any(s in k.lower() for s in ("sgemm", "f32f32", "_simt_", "gemm_f32"))]
+    assert not fp32_gemms, fp32_gemms
+
+
+def test_step_has_no_host_sync(tmp_path):
+    t = trainer(tmp_path, "bfloat16")
+    for _ in range(2):  # first steps: lazy optimizer state, allocator growth
+        t.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [t.train_step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.read().nonfinite_steps == 0 for r in results)
+
+
+def test_bf16_losses_track_fp32(tmp_path):
+    """20 steps from the same weights and batches: bf16 compute stays within 0.05 nats of fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        t = trainer(tmp_path, dtype)
+        losses[dtype] = [t.train_step().read().loss for _ in range(20)]
+    diffs = [abs(a - b) for a, b in zip(losses["float32"], losses["bfloat16"])]
+    assert losses["float32"][-1] < losses["float32"][0] - 0.5  # it learns
+    assert max(diffs) < 0.05, (max(diffs), losses)
+
+
+def test_nonfinite_step_is_skipped_on_the_device(tmp_path):
+    """A NaN loss under fused AdamW: the weights and the optimizer's step count stay as they were."""
+    t = trainer(tmp_path, "bfloat16", "train.on_nonfinite=\"skip\"")
+    t.train_step()
+    before = [p.detach().clone() for p in t.model.parameters()]
+    real_loss = t.loss
+    t.loss = lambda out, y: real_loss(out, y) * float("nan")
+    r = t.train_step().read()
+    assert r.nonfinite_steps == 1 and r.first_nonfinite == 2
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    assert all(int(s["step"]) == 1 for s in t.optimizer.state.values())
