@@ -9,6 +9,7 @@ Shape legend: E experts of one MoE layer, M MoE layers.
     expert_load ([M][E] fraction of the step's assignments each expert received),
     imbalance (max/mean tokens per expert, averaged over layers; 1.0 = perfectly balanced),
     mfu (CUDA only: model FLOPs utilisation of the job's GPUs, fsmoe.models.flops),
+    peak_mem_gb (CUDA only: this rank's peak allocated GPU memory so far, GiB),
     skipped_steps (train.on_nonfinite=skip only: non-finite steps not applied so far)
 
 On resume, records after the checkpoint's step are removed (they are recomputed identically) and
@@ -26,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "grad_norm", "aux_loss", "dropped", "imbalance",
+TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_gb", "grad_norm", "aux_loss", "dropped", "imbalance",
               "skipped_steps")
 
 

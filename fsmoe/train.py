@@ -446,6 +446,8 @@ class Trainer:
         mfu = self.mfu(tokens_per_s)
         if mfu is not None:
             record["mfu"] = mfu
+        if self.device.type == "cuda":  # peak since the start: weights, optimizer state and activations
+            record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         if self.tcfg.on_nonfinite == "skip":
             record["skipped_steps"] = r.nonfinite_steps
         return record
