@@ -25,6 +25,7 @@ from fsmoe.models.block import MoELayerFactory, build_block, default_moe_layer
 from fsmoe.models.init import init_weights, module_seed, seeded
 from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RotaryEmbedding
+from fsmoe.precision import to_compute
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class MoEDecoder(nn.Module):
         x_BLD = self.tok_emb(idx_BL)
         if self.pos_emb is not None:
             x_BLD = x_BLD + self.pos_emb(torch.arange(L, device=idx_BL.device))
+        x_BLD = to_compute(x_BLD)  # under autocast the residual stream is bf16 (fsmoe.precision)
         rope = self.rope(L) if self.rope is not None else None
         x_BLD = self.drop(x_BLD)
         stats: list[MoEStats] = []
