@@ -38,26 +38,37 @@ def peak_tflops(device: torch.device) -> float | None:
     return models_flops.peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
-def bench_ms(fn: Callable[[], None], device: torch.device, iters: int = 20, warmup: int = 5) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` timed calls after ``warmup`` untimed ones."""
+def bench_ms(fn: Callable[[], None], device: torch.device, iters: int = 20, warmup: int = 5,
+             windows: int | None = None) -> float:
+    """Median milliseconds of ``fn()`` after ``warmup`` untimed calls.
+
+    ``windows=None``: each of ``iters`` calls timed on its own (the device waits for the host
+    between calls). ``windows=W``: the calls run back to back in W windows of iters // W calls,
+    as a training loop runs them (the host queues the next call while the device works), and the
+    median window's time per call is returned.
+    """
     for _ in range(warmup):
         fn()
+    per_window = 1 if windows is None else max(1, iters // windows)
+    n = iters if windows is None else windows
     if device.type != "cuda":
         ts = []
-        for _ in range(iters):
+        for _ in range(n):
             t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(per_window):
+                fn()
+            ts.append((time.perf_counter() - t0) * 1e3 / per_window)
         return statistics.median(ts)
     torch.cuda.synchronize(device)
     ts = []
-    for _ in range(iters):
+    for _ in range(n):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
-        fn()
+        for _ in range(per_window):
+            fn()
         e.record()
         torch.cuda.synchronize(device)
-        ts.append(s.elapsed_time(e))
+        ts.append(s.elapsed_time(e) / per_window)
     return statistics.median(ts)
 
 

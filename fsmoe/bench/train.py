@@ -14,6 +14,8 @@ Variants, each a fresh Trainer in the same process on the same card:
 Models are the shipped presets cut to fit one card (``TRAIN_MODELS``); ``--set`` adds any config
 override (e.g. ``train.activation_checkpointing=moe``, ``train.compile=true``).
 
+Timing: after warm-up, ``--iters`` steps run back to back in ``--windows`` windows between CUDA
+events (the host queues steps ahead, as in ``fsmoe train``); the median window's time per step.
 MFU = model FLOPs per token (fsmoe.models.flops, PaLM's count) * tokens/s / the card's dense bf16 peak.
 """
 from __future__ import annotations
@@ -64,6 +66,9 @@ class TorchtitanMoE(nn.Module):
         from torchtitan.models.common.moe import GroupedExperts, MoE, RoutedExperts, TokenChoiceTopKRouter
         from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
 
+        if moe_cfg.experts.activation != "swiglu" or moe_cfg.experts.num_shared:
+            raise NotImplementedError("not comparable: torchtitan's MoE has SwiGLU routed experts only; this model "
+                                      f"has {moe_cfg.experts.activation} experts, {moe_cfg.experts.num_shared} shared")
         E, K, Fh = moe_cfg.num_experts, moe_cfg.router.top_k, moe_cfg.experts.d_ff
         cfg = MoE.Config(
             num_experts=E, load_balance_coeff=None,
@@ -138,7 +143,7 @@ def run_variant(name: str, variant: str, args, device) -> dict:
         def step():
             results.append(trainer.train_step())
 
-        ms = bench_ms(step, device, iters=args.iters, warmup=args.warmup)
+        ms = bench_ms(step, device, iters=args.iters, warmup=args.warmup, windows=args.windows)
         first, last = results[0].read(), results[-1].read()
         tokens = cfg.train.batch_size * cfg.train.seq_len
         total, active = trainer.parameter_counts()
@@ -180,6 +185,7 @@ def run(args) -> int:
         if v not in VARIANTS:
             raise ConfigError("--variants", v, f"known variants are {VARIANTS}")
     bench_config(args.model, variants[0], args, device)  # a bad --set fails here, before any model is built
+    args.windows = args.windows or None
     m = TRAIN_MODELS[args.model]
     out = {"kind": "train", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
            "model": args.model, "preset": m.preset, "layers": args.layers or int(m.overrides[0].split("=")[1]),
@@ -217,7 +223,10 @@ def add_arguments(p) -> None:
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                    help="config overrides, e.g. train.activation_checkpointing=moe train.compile=true")
     p.add_argument("--variants", help=f"comma-separated, from {VARIANTS} (default: all)")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=12, help="timed steps")
+    p.add_argument("--windows", type=int, default=3,
+                   help="the timed steps run back to back in this many windows, as in `fsmoe train` (median "
+                        "window reported); 0 = time each step alone, the device idling between steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler kernel breakdown")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
