@@ -62,10 +62,10 @@ def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
 def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:
     """Global L2 norm of all gradients, every shard counted once. Collective."""
     device = next(model.parameters()).device
+    owned = [p.grad.detach() for p in model.parameters() if p.grad is not None and get_sharding(p).is_owner(groups)]
     sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in model.parameters():
-        if p.grad is not None and get_sharding(p).is_owner(groups):
-            sq = sq + p.grad.detach().float().pow(2).sum()
+    if owned:  # one foreach pass (no per-parameter kernels), squares summed in fp32
+        sq = torch.stack(torch._foreach_norm(owned, dtype=torch.float32)).square().sum()
     if groups.distributed:
         dist.all_reduce(sq, group=groups.world_group)
     return sq.sqrt()
@@ -80,9 +80,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) ->
     norm = grad_norm(model, groups)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.detach().mul_(coef.to(p.grad.dtype))
+        grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm
 
 
