@@ -39,15 +39,15 @@ def _grad(p: nn.Parameter) -> Tensor:
     return p.grad
 
 
-def sync_grads(model: nn.Module, groups: ParallelGroups) -> None:
+def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] = REDUCE_KINDS) -> None:
     """Sum every gradient over its ParamSharding.reduce group, then divide by dp.
 
-    One flat AllReduce per reduce kind (params in ``model.parameters()`` order, the same on every
-    rank of a group). Collective: every rank calls it every step, also with zero tokens.
+    One flat AllReduce per reduce kind in ``kinds`` (params in ``model.parameters()`` order, the
+    same on every rank of a group). Collective: every rank calls it every step, also with zero tokens.
     """
     if not groups.distributed:
         return
-    for kind in REDUCE_KINDS:
+    for kind in kinds:
         grads = [_grad(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
         if not grads:
             continue

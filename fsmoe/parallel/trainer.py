@@ -5,8 +5,9 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     build_model   build the full model from the seed, then ``parallelize`` (slices shards)
     build_schedule  ``parallel.schedule`` != "default": plan it, install the pipelined executor
                   and GradSync (fsmoe.schedule.training; docs/scheduler.md "In training")
-    sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); under
-                  a pipelined schedule the dense part is GradSync's partitions, finished first
+    sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); the
+                  dense (dp) part is AllReduced in buckets during backward (grad_buckets), or under
+                  a pipelined schedule by GradSync's partitions, finished first
     clip_grads    group-aware global norm (each shard counted once)
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
@@ -27,9 +28,10 @@ from torch import Tensor, nn
 
 from fsmoe.config import RunConfig
 from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
+from fsmoe.parallel.grad_buckets import BucketedGradSync
 from fsmoe.parallel.grads import clip_grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
-from fsmoe.parallel.sharding import get_sharding
+from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.train import StepResult, Trainer, resolve_device
@@ -42,6 +44,9 @@ class ParallelTrainer(Trainer):
         if console is None and groups.rank != 0:
             console = Console(quiet=True)  # rank 0 speaks for the job
         super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console)
+        # The default schedule's dense gradients: AllReduce in buckets while backward runs.
+        self.dp_sync = (BucketedGradSync(self.model, groups) if groups.dp > 1 and self.moe_schedule is None
+                        else None)
 
     def build_model(self) -> nn.Module:
         return parallelize(super().build_model(), self.groups)
@@ -79,6 +84,10 @@ class ParallelTrainer(Trainer):
         """Plain flat AllReduce per reduce kind; under a pipelined schedule the dense (dp) part
         is the GradSync's partitions, finished here before the rest, so clipping sees full sums."""
         ts = self.moe_schedule
+        if self.dp_sync is not None:
+            self.dp_sync.finish()
+            sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"))
+            return
         if ts is None or ts.grad_sync is None:
             sync_grads(self.model, self.groups)
             return
