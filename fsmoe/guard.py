@@ -39,15 +39,27 @@ class NonFiniteGuard:
         self.count = torch.zeros((), dtype=torch.int64, device=device)  # non-finite steps so far
         self.first = torch.full((), -1, dtype=torch.int64, device=device)  # first such step (1-based), -1: none
 
-    def apply(self, optimizer: torch.optim.Optimizer, finite: Tensor, step: int) -> None:
-        """``optimizer.step()`` if ``finite`` (a scalar bool tensor); ``step``: the 1-based step number."""
+    def apply(self, optimizer: torch.optim.Optimizer, finite: Tensor, step: int,
+              grad_coef: Tensor | None = None) -> None:
+        """``optimizer.step()`` if ``finite`` (a scalar bool tensor), on gradients scaled by
+        ``grad_coef`` (gradient clipping; None = as they are); ``step``: the 1-based step number.
+
+        A fused optimizer takes both inside its one kernel (``found_inf``; ``grad_scale``, by which
+        it divides the gradients), which saves a read and write of every gradient; otherwise the
+        gradients are scaled in place first."""
         bad = ~finite
         self.first = torch.where(bad & (self.first < 0), step, self.first)
         self.count += bad
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()  # fused AdamW leaves params, moments and its step count
+            optimizer.grad_scale = None if grad_coef is None else 1.0 / grad_coef
             optimizer.step()
-        elif bool(finite):
+            return
+        if grad_coef is not None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, grad_coef.to(grads[0].device))
+        if bool(finite):
             optimizer.step()
 
     def check(self, count: int, first: int) -> None:

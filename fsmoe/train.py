@@ -3,7 +3,7 @@
 Shape legend: B sequences per batch (this rank's share), L sequence length, V vocabulary (256 bytes).
 
 One step: draw a batch -> forward (bf16 autocast on GPU if asked; fsmoe.precision) -> loss = CE +
-aux_loss -> backward -> ``sync_grads`` -> ``clip_grads`` -> AdamW step (fused on CUDA; skipped if the
+aux_loss -> backward -> ``sync_grads`` -> ``grad_norm`` -> clipped AdamW step (fused on CUDA; skipped if the
 loss or grad norm is not finite, fsmoe.guard) -> LR schedule step -> routers' ``after_step`` (e.g.
 DeepSeek bias update). On CUDA the step never waits for the GPU: its results stay on the device
 (``StepResult``) and are read once per logged or checkpoint step, so the host queues the next
@@ -22,7 +22,7 @@ Run directory::
 
 Distributed seams (filled in by fsmoe.parallel, not here): the Trainer takes an optional
 ``groups`` (fsmoe.parallel.ParallelGroups; uses ``dp_rank`` and ``dp``) and then draws only its
-DP rank's rows of each global batch; ``sync_grads`` and ``clip_grads`` are methods to override;
+DP rank's rows of each global batch; ``sync_grads`` and ``grad_norm`` are methods to override;
 only rank 0 writes metrics, config and plots; DCP checkpoints work with and without a process group.
 """
 from __future__ import annotations
@@ -99,6 +99,12 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.compile and device.type != "cuda":
         raise ConfigError("train.compile", cfg.compile, "compiles for the GPU; set it to false on CPU")
     return device
+
+
+def clip_coefficient(grad_norm: Tensor, max_norm: float) -> Tensor | None:
+    """The factor that scales gradients to norm ``max_norm`` (``train.grad_clip``; None = off):
+    ``min(1, max_norm / (norm + 1e-6))``, torch.nn.utils.clip_grad_norm_'s formula."""
+    return torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0) if max_norm > 0 else None
 
 
 def compile_dense_parts(model: nn.Module) -> None:
@@ -338,12 +344,13 @@ class Trainer:
         aux = out.aux_loss.float()
         (ce + aux).backward()
         self.sync_grads()
-        grad_norm = self.clip_grads()
+        grad_norm = self.grad_norm()
         if self.moe_schedule is not None:  # timeline + online refit after its last recorded step
             self._schedule_metrics.update(self.moe_schedule.end_step(self.step))
         lr = self.optimizer.param_groups[0]["lr"]
         finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
-        self.guard.apply(self.optimizer, finite, self.step + 1)
+        clip = clip_coefficient(grad_norm, self.tcfg.grad_clip)
+        self.guard.apply(self.optimizer, finite, self.step + 1, grad_coef=clip)
         self.scheduler.step()
         for layer in self.model.moe_layers():
             layer.router.after_step()
@@ -363,14 +370,10 @@ class Trainer:
         """Average gradients over data-parallel ranks. In one process there is nothing to
         average; fsmoe.parallel's trainer overrides this for DP/EP/ESP."""
 
-    def clip_grads(self) -> Tensor:
-        """Total gradient L2 norm before clipping; scales gradients to ``train.grad_clip`` if
-        set. Override for group-aware norms (expert-parallel shards) under fsmoe.parallel."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
-        if self.tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.tcfg.grad_clip, norm)
-        return norm
+    def grad_norm(self) -> Tensor:
+        """Total gradient L2 norm (before clipping). Override for group-aware norms
+        (expert-parallel shards) under fsmoe.parallel."""
+        return torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -162,3 +162,19 @@ def test_activation_checkpointing_none_is_a_word_and_pipelines_refuse_recompute(
     assert load_config("tiny", ["train.activation_checkpointing=none"]).train.activation_checkpointing == "none"
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         load_config("tiny", ["train.activation_checkpointing=moe", "parallel.schedule=fsmoe"])
+
+
+def test_clipping_inside_the_fused_optimizer_equals_clipping_in_place():
+    """CUDA passes the clip factor to fused AdamW (grad_scale); CPU scales the gradients first."""
+    torch.manual_seed(0)
+    w0, g = torch.randn(6), torch.randn(6) * 10
+    coef = torch.clamp(1.0 / (g.norm() + 1e-6), max=1.0)
+    out = []
+    for fused in (True, False):
+        p = torch.nn.Parameter(w0.clone())
+        opt = torch.optim.AdamW([p], lr=0.1, eps=1.0, fused=fused)  # eps ~ |grad|: the update sees the scale
+        p.grad = g.clone()
+        NonFiniteGuard("stop", torch.device("cpu")).apply(opt, torch.tensor(True), 1, grad_coef=coef)
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(out[0], w0)

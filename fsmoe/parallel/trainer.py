@@ -8,7 +8,7 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); the
                   dense (dp) part is AllReduced in buckets during backward (grad_buckets), or under
                   a pipelined schedule by GradSync's partitions, finished first
-    clip_grads    group-aware global norm (each shard counted once)
+    grad_norm     group-aware global norm (each shard counted once)
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from fsmoe.config import RunConfig
 from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
 from fsmoe.parallel.grad_buckets import BucketedGradSync
-from fsmoe.parallel.grads import clip_grad_norm, sync_grads
+from fsmoe.parallel.grads import grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
@@ -101,8 +101,8 @@ class ParallelTrainer(Trainer):
         if self.moe_schedule is not None:
             self.moe_schedule.close()
 
-    def clip_grads(self) -> Tensor:
-        return clip_grad_norm(self.model, self.tcfg.grad_clip, self.groups)
+    def grad_norm(self) -> Tensor:
+        return grad_norm(self.model, self.groups)
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Every rank skips or applies the same steps: the flags' minimum over the world (on the
