@@ -7,7 +7,7 @@
 it), starts the process group with ``parallel.timeout_s`` as the collective timeout, starts the
 fail-fast watchdog and builds the :class:`ParallelGroups`.
 
-No hangs (user-needs B.5/B.6): when one rank raises, :func:`run_guarded` prints its error once,
+No hangs: when one rank raises, :func:`run_guarded` prints its error once,
 posts it to the rendezvous store and exits non-zero; every other rank's watchdog thread sees the
 post (or loses the store) within ``POLL_S`` and exits non-zero too, even if it is blocked inside a
 collective. A rank that hangs without raising is caught by the collective timeout on its peers,

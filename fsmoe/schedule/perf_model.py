@@ -1,6 +1,6 @@
 """Performance models of one MoE layer: workloads, per-chunk op times, FSMoE's four cases.
 
-Notation (FSMoE §4; ``../shared/notes/fsmoe.md`` §2-3):
+Notation (FSMoE §4):
     r        pipeline degree: the routed rows are cut into r chunks
     t_x(r)   time of op x on one chunk = alpha_x + (n_x / r) * beta_x
     a2a      EP AlltoAll (dispatch and combine: two per chunk), inter-node when EP spans nodes
