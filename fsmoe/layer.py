@@ -21,10 +21,9 @@ from torch.utils.hooks import RemovableHandle
 from fsmoe.comm.dispatcher import Dispatcher, LocalDispatcher
 from fsmoe.config import MoEConfig
 from fsmoe.experts import DenseFFN
-from fsmoe.kernels import resolve_kernels
-from fsmoe.kernels.select import build_order, experts_class
 from fsmoe.order import Order
 from fsmoe.routing import build_router
+from fsmoe.select import build_order, experts_class, resolve_kernels
 
 HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
 Hook = Callable[["MoELayer", Tensor], "Tensor | None"]
@@ -48,7 +47,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
         E = cfg.num_experts
-        # Kernels (plain PyTorch or fused Triton) are chosen here, once: see fsmoe.kernels.select.
+        # Kernels (plain PyTorch or fused Triton) are chosen here, once: see fsmoe.select.
         self.kernels = resolve_kernels(cfg.kernels)
         if router is None:
             router = build_router(cfg.router, d_model, E)

@@ -18,11 +18,12 @@ from torch import nn
 
 from fsmoe.config import ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
 from fsmoe.layer import MoELayer
-from fsmoe.schedule.engine import Recorder, ThreadEngine
-from fsmoe.schedule.executor import LayerSchedule, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import chrome_trace, gantt_png, shift
+from fsmoe.schedule.model.timeline import chrome_trace, gantt_png, shift
+from fsmoe.schedule.run.engine import Recorder, ThreadEngine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.run.stages import MoEStages
+from fsmoe.schedule.types import GarPlan, LayerSchedule
 
 R_PAIRS = [(1, 1), (2, 2), (4, 4), (8, 8), (1, 8), (8, 1), (2, 4), (4, 2), (3, 1), (1, 3)]
 
@@ -185,8 +186,9 @@ def test_gradient_partitions_average_like_one_allreduce():
 
 def _bench_worker(rank, world, run_dir):
     from fsmoe.parallel.groups import build_groups
-    from fsmoe.schedule.bench import merge_runs, report_markdown, run_bench
-    from fsmoe.schedule.profiler import ProfileConfig, run_profile
+    from fsmoe.bench.schedule import run_bench
+    from fsmoe.bench.schedule_report import merge_runs, report_markdown
+    from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
     groups = build_groups(ParallelConfig(dp=world, ep=2, esp=2, gpus_per_node=2))
     cfg = ProfileConfig((8 << 10, 64 << 10), ((64, 64, 2),), (64, 256), 2, ((1, 128, 64, 2), (1, 256, 64, 2)),

@@ -11,9 +11,10 @@ import torch
 
 from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
 from fsmoe.layer import MoELayer
-from fsmoe.schedule.engine import Recorder, StreamEngine
-from fsmoe.schedule.executor import LayerSchedule, PipelinedExecutor
-from fsmoe.schedule.stages import MoEStages
+from fsmoe.schedule.run.engine import Recorder, StreamEngine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.stages import MoEStages
+from fsmoe.schedule.types import LayerSchedule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

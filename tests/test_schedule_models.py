@@ -6,17 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from fsmoe.schedule.baselines import POLICY_NAMES, Schedule
-from fsmoe.schedule.engine import SimEngine
-from fsmoe.schedule.grad_sync import GarPlan
-from fsmoe.schedule.optimizer import choose_r, partition_gradients, pow2_candidates, slsqp_r
-from fsmoe.schedule.perf_model import (LayerSpec, Layout, balanced_counts, case_objectives, chunk_bounds,
-                                       chunk_counts, chunk_times, layer_work, predicates, route_work)
-from fsmoe.schedule.plan import explain, plan, plan_all
-from fsmoe.schedule.profile import (LinearFit, Profile, base_key, fit_linear, profile_from_points, qualified,
-                                    refit)
-from fsmoe.schedule.stages import build_routes, seg_arange
-from fsmoe.schedule.timeline import Op
+from fsmoe.schedule.model.baselines import POLICY_NAMES
+from fsmoe.schedule.model.engine import SimEngine
+from fsmoe.schedule.model.optimizer import choose_r, partition_gradients, pow2_candidates, slsqp_r
+from fsmoe.schedule.model.perf_model import (balanced_counts, case_objectives, chunk_bounds, chunk_counts, chunk_times,
+                                             layer_work, predicates, route_work)
+from fsmoe.schedule.model.plan import explain, plan, plan_all
+from fsmoe.schedule.model.profile import LinearFit, Profile, base_key, fit_linear, profile_from_points, qualified, refit
+from fsmoe.schedule.run.stages import build_routes, seg_arange
+from fsmoe.schedule.types import GarPlan, LayerSpec, Layout, Op, Schedule
 
 GPU_LIKE = Profile("synthetic", "ep2-esp4", {
     "a2a_inter": LinearFit(30e-6, 1 / 10e9), "a2a_intra": LinearFit(10e-6, 1 / 100e9),
@@ -108,8 +106,8 @@ def test_shape_qualified_fits_fall_back_to_base_and_are_learned_online():
 
 
 def test_ops_carry_their_shape_in_the_fit_key():
-    from fsmoe.schedule.executor import chunk_ops
-    from fsmoe.schedule.perf_model import ExpertDims, layer_work, route_work
+    from fsmoe.schedule.model.program import chunk_ops
+    from fsmoe.schedule.model.perf_model import ExpertDims, layer_work, route_work
 
     dims = ExpertDims.of(SPEC, LAYOUT)
     assert dims.tag == f"E{8 // 2}m2048f{8192 // 4}g2B4" and layer_work(SPEC, LAYOUT).expert_tag == dims.tag
@@ -119,8 +117,9 @@ def test_ops_carry_their_shape_in_the_fit_key():
 
 
 def test_glue_is_the_block_time_no_op_covers_and_is_learned_from_scratch():
-    from fsmoe.schedule.simulate import glue_op, simulate_iteration
-    from fsmoe.schedule.timeline import OpRecord, with_glue
+    from fsmoe.schedule.model.simulate import glue_op, simulate_iteration
+    from fsmoe.schedule.model.timeline import with_glue
+    from fsmoe.schedule.types import OpRecord
 
     spec = LayerSpec(batch=1, seq_len=128, d_model=64, d_ff=128, num_experts=4, n_heads=2, n_layers=2)
     block = OpRecord(glue_op(spec, "fwd", 0, "block"), "host", 0, 0.0, 10.0)
@@ -173,7 +172,7 @@ def test_plan_names_the_fits_a_layout_needs_and_warns_on_another_layout():
 
 def test_profile_refit_cli_from_records_and_bad_records(tmp_path, capsys):
     from fsmoe.cli import main
-    from fsmoe.schedule.timeline import OpRecord
+    from fsmoe.schedule.types import OpRecord
 
     prof = tmp_path / "p.json"
     Profile("hw", "lay", {"allgather": LinearFit(1e-4, 1e-9)}).save(prof)
@@ -365,8 +364,8 @@ def test_spec_from_bf16_run_keeps_fp32_gradient_bytes():
 def test_training_op_errors_identify_ops_without_their_size():
     """Routing changes every step: an op whose size differs between iterations is still one op,
     its error compares the medians over iterations; the single-run error and noise are separate."""
-    from fsmoe.schedule.timeline import OpRecord
-    from fsmoe.schedule.training import noise_floor, op_errors, single_errors
+    from fsmoe.schedule.types import OpRecord
+    from fsmoe.schedule.run.training import noise_floor, op_errors, single_errors
 
     prof = Profile("hw", "lay", {"expert_fwd": LinearFit(1e-3, 1e-9)})
     its = [[OpRecord(Op("expert", "fwd", 0, 0, "expert_fwd", n), "compute", 0, 0.0, t)]

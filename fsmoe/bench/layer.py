@@ -350,7 +350,7 @@ def run(args) -> int:
     out = {"kind": "layer", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
            "iters": args.iters, "configs": {}}
     try:
-        from fsmoe.kernels import resolve_kernels
+        from fsmoe.select import resolve_kernels
 
         out["meta"]["fsmoe_kernels"] = resolve_kernels("auto")
     except Exception:  # pragma: no cover

@@ -27,11 +27,11 @@ from fsmoe.comm.functional import gather_from_group, reduce_scatter_impl_for, sp
 from fsmoe.comm.sharded import ShardedDispatcher
 from fsmoe.config import ConfigError, MoEConfig
 from fsmoe.experts import GroupedExperts
-from fsmoe.kernels import resolve_kernels
 from fsmoe.kernels.experts import FusedGroupedExperts
 from fsmoe.layer import MoELayer, MoEStats
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, set_sharding, tag_module
+from fsmoe.select import resolve_kernels
 
 EXPERT_SHARDING = {  # weight name -> how it is split (dim 0 experts over ep, f over esp)
     "w1_EDF": ParamSharding("edp", ((0, "ep"), (2, "esp"))),
@@ -91,7 +91,7 @@ class ShardedFusedGroupedExperts(_ExpertShard, FusedGroupedExperts):
 
 
 def sharded_experts_class(kernels: str):
-    """The sharded counterpart of ``fsmoe.kernels.select.experts_class(kernels)``."""
+    """The sharded counterpart of ``fsmoe.select.experts_class(kernels)``."""
     return ShardedFusedGroupedExperts if kernels == "triton" else ShardedGroupedExperts
 
 

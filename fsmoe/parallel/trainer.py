@@ -4,7 +4,7 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
 
     build_model   build the full model from the seed, then ``parallelize`` (slices shards)
     build_schedule  ``parallel.schedule`` != "default": plan it, install the pipelined executor
-                  and GradSync (fsmoe.schedule.training; docs/scheduler.md "In training")
+                  and GradSync (fsmoe.schedule.run.training; docs/scheduler.md "In training")
     sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); under
                   a pipelined schedule the dense part is GradSync's partitions, finished first
     clip_grads    group-aware global norm (each shard counted once)
@@ -29,8 +29,8 @@ from fsmoe.config import RunConfig
 from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
 from fsmoe.parallel.grads import clip_grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
-from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
+from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.train import StepResult, Trainer, resolve_device
 
@@ -70,7 +70,7 @@ class ParallelTrainer(Trainer):
 
     def build_schedule(self):
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
-        from fsmoe.schedule.training import TrainingSchedule
+        from fsmoe.schedule.run.training import TrainingSchedule
 
         return TrainingSchedule.build(self.cfg, self.model, self.groups, self.device, self.run_dir, self.is_writer,
                                       start_step=self.step)
@@ -82,7 +82,7 @@ class ParallelTrainer(Trainer):
         if ts is None or ts.grad_sync is None:
             sync_grads(self.model, self.groups)
             return
-        from fsmoe.schedule.training import sync_other_kinds
+        from fsmoe.schedule.run.training import sync_other_kinds
 
         ts.sync_dense(self.model)
         sync_other_kinds(self.model, self.groups)

@@ -19,133 +19,17 @@ the backward find them at any degree. Gradient partitions join the inter lane th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fsmoe.schedule.engine import Engine
-from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
-from fsmoe.schedule.perf_model import ChunkWork, ExpertDims, Layout, op_sizes
-from fsmoe.schedule.profile import qualified
-from fsmoe.schedule.stages import ChunkRoute, MoEStages, build_routes
-from fsmoe.schedule.timeline import Op
-
-# window(eng, layer, slot, r): slot "mid" after the dispatch side is queued, then i after combine i.
-WindowHook = Callable[[Engine, int, Any, int], None]
-
-
-@dataclass(frozen=True)
-class Lanes:
-    """Lane names. Without intra/inter overlap (IIO) AG/RS share the inter lane with the A2As."""
-
-    inter: str = "inter"
-    intra: str = "intra"
-
-    @staticmethod
-    def of(iio: bool) -> "Lanes":
-        return Lanes("inter", "intra" if iio else "inter")
-
-
-@dataclass(frozen=True)
-class ChunkOps:
-    """The five ops of one chunk, sized for the Profile's fits."""
-
-    dispatch: Op
-    allgather: Op
-    expert: Op
-    reducescatter: Op
-    combine: Op
-
-
-def counts_op(layout: Layout, num_experts: int, layer: int) -> Op:
-    """The per-layer exchange of every rank's per-expert counts (int64), before the forward."""
-    return Op("counts", "fwd", layer, 0, "counts", float(layout.world * num_experts * 8))
-
-
-def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: str, layer: int) -> list[ChunkOps]:
-    a2a_key = layout.a2a_key if layout.ep > 1 else ""
-    exp_key = qualified("expert_fwd" if phase == "fwd" else "expert_bwd", dims.tag)
-    out = []
-    for i, cw in enumerate(works):
-        n = op_sizes(cw, dims, layout)
-        mk = lambda kind, key: Op(kind, phase, layer, i, key if n[kind] > 0 else "", n[kind])
-        # dispatch and combine run different code around the same collective: each refits its
-        # own line (the planner's t_a2a is the base fit over both)
-        out.append(ChunkOps(mk("a2a_dispatch", qualified(a2a_key, "dispatch")), mk("allgather", "allgather"),
-                            mk("expert", exp_key), mk("reducescatter", "reducescatter"),
-                            mk("a2a_combine", qualified(a2a_key, "combine"))))
-    return out
-
-
-@dataclass(frozen=True)
-class StageFns:
-    """What each op does on data (all None in simulation)."""
-
-    dispatch: Callable | None = None  # (src_ND, route) -> rows R
-    allgather: Callable | None = None  # (rows R, route) -> gathered
-    expert: Callable | None = None  # (gathered, route, i) -> gathered-layout output
-    reducescatter: Callable | None = None  # (gathered, route) -> rows R
-    combine: Callable | None = None  # (rows R, route) -> source rows of the chunk
-
-
-def _no_window(eng, slot, r):
-    pass
-
-
-def run_pipeline(eng: Engine, lanes: Lanes, ops: list[ChunkOps], esp: int, fns: StageFns, src: Any,
-                 routes: list, window: Callable = _no_window) -> list:
-    """One direction of one MoE layer at degree r = len(ops). Returns the combine handles.
-
-    Drawn for r = 4 with intra/inter overlap, expert-bound (FSMoE case 2). D dispatch A2A,
-    G AllGather, X expert, S ReduceScatter, C combine A2A, R gradient AllReduce partition
-    (backward only, queued by ``window``)::
-
-        inter   |D0|D1|D2|D3|R.........|C0|    |C1|    |C2|    |C3|
-        intra      |G0|G1|G2|G3|    |S0|    |S1|    |S2|    |S3|
-        compute       |X0     |X1     |X2     |X3     |
-
-    Without IIO (``lanes.intra == lanes.inter``) the same code queues one comm lane::
-
-        comm    |D0|D1|D2|D3|G0|G1|G2|G3|R....|S0|C0|S1|C1|S2|C2|S3|C3|
-        compute             |X0 ...
-
-    1. Queue every chunk's dispatch A2A (inter), then every chunk's AllGather (intra; each waits
-       for its own A2A). Lanes are in-order queues, so nothing here blocks the caller.
-    2. ``window(slot="mid")``: the gradient partition planned for this layer joins the inter
-       lane behind the dispatch side, where the lane would otherwise idle while experts run.
-    3. Per chunk, in order: run the expert as soon as its AllGather is done (compute lane),
-       then queue its ReduceScatter (intra) and combine A2A (inter); ``window(slot=i)`` after
-       each combine (fixed-size Lina chunks use these).
-    """
-    r = len(ops)
-    D = [eng.launch(lanes.inter, ops[i].dispatch, fns.dispatch, src, routes[i]) for i in range(r)]
-    G = [eng.launch(lanes.intra, ops[i].allgather, fns.allgather, D[i], routes[i]) if esp > 1 else D[i]
-         for i in range(r)]
-    window(eng, "mid", r)
-    C = []
-    for i in range(r):
-        X = eng.compute(ops[i].expert, fns.expert, G[i], routes[i], i)
-        S = eng.launch(lanes.intra, ops[i].reducescatter, fns.reducescatter, X, routes[i]) if esp > 1 else X
-        C.append(eng.launch(lanes.inter, ops[i].combine, fns.combine, S, routes[i]))
-        window(eng, i, r)
-    return C
-
-
-@dataclass(frozen=True)
-class LayerSchedule:
-    """What the executor needs from a Schedule: degrees and whether AG/RS get their own lane."""
-
-    r_fwd: int = 1
-    r_bwd: int = 1
-    iio: bool = True
-
-    def __post_init__(self):
-        for name in ("r_fwd", "r_bwd"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"LayerSchedule.{name}={v!r} is invalid: must be an integer >= 1")
+from fsmoe.schedule.model.engine import Engine
+from fsmoe.schedule.model.perf_model import ExpertDims
+from fsmoe.schedule.model.program import StageFns, WindowHook, chunk_ops, counts_op, run_pipeline
+from fsmoe.schedule.run.expert_ops import ExpertWeights, expert_backward, expert_forward
+from fsmoe.schedule.run.stages import ChunkRoute, MoEStages, build_routes
+from fsmoe.schedule.types import Lanes, LayerSchedule
 
 
 @dataclass

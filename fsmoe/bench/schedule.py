@@ -39,21 +39,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fsmoe.bench.schedule_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
 from fsmoe.parallel.groups import device_for
-from fsmoe.schedule.baselines import POLICY_NAMES, Schedule, fsmoe_partitions
-from fsmoe.schedule.bench_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
-from fsmoe.schedule.engine import Recorder, make_engine
-from fsmoe.schedule.executor import Lanes, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.optimizer import R_CHOICES
-from fsmoe.schedule.perf_model import LayerSpec, Layout
-from fsmoe.schedule.plan import plan_all
-from fsmoe.schedule.profile import Profile, refit
-from fsmoe.schedule.profiler import ProfileConfig, run_profile
-from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OP_IDENTITY, OpRecord, chrome_trace, gantt_png, refit_samples,
-                                     shift, timed_ops)
+from fsmoe.schedule.model.baselines import POLICY_NAMES, fsmoe_partitions
+from fsmoe.schedule.model.optimizer import R_CHOICES
+from fsmoe.schedule.model.plan import plan_all
+from fsmoe.schedule.model.profile import Profile, refit
+from fsmoe.schedule.model.simulate import record_block_ops, simulate_iteration
+from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, OP_IDENTITY, chrome_trace, gantt_png, refit_samples, shift,
+                                           timed_ops)
+from fsmoe.schedule.run.engine import Recorder, make_engine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
+from fsmoe.schedule.run.stages import MoEStages
+from fsmoe.schedule.types import GarPlan, Lanes, LayerSpec, Layout, OpRecord, Schedule
 
 GRIDS = {  # FSMoE's axes, scaled to the hardware
     "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
@@ -419,7 +419,7 @@ def run(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m fsmoe.schedule.bench ... (where the console script is not installed)
+if __name__ == "__main__":  # python -m fsmoe.bench.schedule ... (where the console script is not installed)
     _p = argparse.ArgumentParser(prog="fsmoe bench schedule")
     add_arguments(_p)
     raise SystemExit(run(_p.parse_args()))

@@ -33,7 +33,8 @@ from fsmoe.comm.alltoall import AllToAllStage
 from fsmoe.comm.esp import EspStage
 from fsmoe.comm.functional import reduce_scatter_impl_for
 from fsmoe.comm.layout import exchange_counts
-from fsmoe.schedule.perf_model import ChunkWork, Layout, chunk_bounds, route_work
+from fsmoe.schedule.model.perf_model import ChunkWork, chunk_bounds, route_work
+from fsmoe.schedule.types import Layout
 
 
 def seg_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

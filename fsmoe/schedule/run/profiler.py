@@ -19,7 +19,6 @@ Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -33,10 +32,11 @@ import torch.distributed as dist
 
 from fsmoe.config import ConfigError
 from fsmoe.parallel.groups import device_for
-from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
-from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
-from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
-from fsmoe.schedule.timeline import OpRecord, read_records, refit_samples
+from fsmoe.schedule.model.perf_model import ExpertDims
+from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
+from fsmoe.schedule.model.timeline import read_records, refit_samples
+from fsmoe.schedule.run.expert_ops import ExpertWeights, expert_backward, expert_forward
+from fsmoe.schedule.types import LayerSpec, Layout, OpRecord
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
 
 def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
     from fsmoe.comm.alltoall import AllToAllStage
-    from fsmoe.schedule.engine import make_engine
+    from fsmoe.schedule.run.engine import make_engine
 
     group, size = (groups.ep_group, groups.ep) if groups.ep > 1 else (groups.esp_group, groups.esp)
     stage, D = AllToAllStage(group), 64

@@ -32,17 +32,18 @@ import torch.distributed as dist
 from torch import nn
 
 from fsmoe.config import ConfigError, RunConfig
-from fsmoe.schedule.baselines import Schedule
-from fsmoe.schedule.engine import Engine, Recorder, make_engine
-from fsmoe.schedule.executor import LayerSchedule, Lanes, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GradSync
-from fsmoe.schedule.perf_model import LayerSpec, Layout
-from fsmoe.schedule.plan import plan
-from fsmoe.schedule.profile import Profile, refit
-from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, gantt_png, refit_samples, shift,
-                                     timed_ops, write_records)
+from fsmoe.schedule.model.baselines import with_prediction
+from fsmoe.schedule.model.engine import Engine
+from fsmoe.schedule.model.plan import plan
+from fsmoe.schedule.model.profile import Profile, refit
+from fsmoe.schedule.model.simulate import record_block_ops, simulate_iteration
+from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, chrome_trace, gantt_png, refit_samples, shift, timed_ops,
+                                           write_records)
+from fsmoe.schedule.run.engine import Recorder, make_engine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.run.stages import MoEStages
+from fsmoe.schedule.types import Lanes, LayerSchedule, LayerSpec, Layout, OpRecord, Schedule
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
 TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
@@ -58,7 +59,7 @@ def load_or_profile(path: str | None, groups, device: torch.device, run_dir: Pat
             raise ConfigError("parallel.profile", path, "no such file; write one with `fsmoe profile --out PATH` "
                               "or leave it unset to profile at start-up")
         return Profile.load(path)
-    from fsmoe.schedule.profiler import ProfileConfig, run_profile
+    from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
     cfg = ProfileConfig.gpu(quick=True) if device.type == "cuda" else ProfileConfig.cpu(quick=True)
     profile = run_profile(groups, device, cfg)
@@ -73,8 +74,8 @@ def plan_for_run(cfg: RunConfig, layout: Layout, profile: Profile) -> tuple[Laye
     schedule = plan(spec, layout, profile, cfg.parallel.schedule)
     k = cfg.parallel.pipeline_degree
     if k:
-        schedule = dataclasses.replace(schedule, r_fwd=k, r_bwd=k,
-                                       meta=dict(schedule.meta, forced_r=k)).with_prediction(spec, layout, profile)
+        forced = dataclasses.replace(schedule, r_fwd=k, r_bwd=k, meta=dict(schedule.meta, forced_r=k))
+        schedule = with_prediction(forced, spec, layout, profile)
     return spec, schedule
 
 
