@@ -31,6 +31,7 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fsmoe.bench.schedule_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
-from fsmoe.parallel.groups import device_for
+from fsmoe.parallel.groups import ParallelGroups, device_for
+from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.schedule.model.baselines import POLICY_NAMES, fsmoe_partitions
 from fsmoe.schedule.model.optimizer import R_CHOICES
 from fsmoe.schedule.model.plan import plan_all
@@ -349,10 +351,7 @@ def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--nproc", type=int, default=4, help="processes (relaunched under torchrun)")
-    p.add_argument("--ep", type=int, default=2)
-    p.add_argument("--esp", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=2, help="simulated node size")
+    add_command_arguments(p, nproc=4, ep=2, esp=2, gpus_per_node=2)
     p.add_argument("--configs", type=int, default=24, help="layer configs drawn from the grid")
     p.add_argument("--first-config", type=int, default=0, help="start at this config of the grid's fixed order")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
@@ -364,7 +363,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
     p.add_argument("--assume-overlap", type=float, default=None, metavar="ETA",
                    help="override the profile's measured overlap efficiency (1.0 = FSMoE's own model)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick-sweep", action="store_true", help="sweep r in {1,2} only (smoke runs)")
     p.add_argument("--grid", default=None, choices=list(GRIDS), help="default: cpu on CPU, gpu on CUDA")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 GPU")
@@ -373,8 +371,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     if args.merge:
         res = merge_runs([Path(d) for d in args.merge])
         run_dir = Path(args.run_dir)
@@ -385,11 +381,10 @@ def run(args) -> int:
         print(md)
         return 0
 
-    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
+    return run_command(args, lambda groups, device: _bench_main(args, groups, device))
 
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc)
-    groups, device = groups_from_args(args)
+
+def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
     run_dir = Path(args.run_dir)
     log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -414,12 +409,10 @@ def run(args) -> int:
         md = report_markdown(res, command)
         (run_dir / "report.md").write_text(md)
         print(md)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":  # python -m fsmoe.bench.schedule ... (where the console script is not installed)
-    _p = argparse.ArgumentParser(prog="fsmoe bench schedule")
-    add_arguments(_p)
-    raise SystemExit(run(_p.parse_args()))
+    from fsmoe.cli import main
+
+    raise SystemExit(main(["bench", "schedule", *sys.argv[1:]]))

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.config import ConfigError
-from fsmoe.parallel.groups import device_for
+from fsmoe.parallel.groups import ParallelGroups, device_for
+from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.schedule.model.perf_model import ExpertDims
 from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
 from fsmoe.schedule.model.timeline import read_records, refit_samples
@@ -351,11 +352,7 @@ class OnlineProfiler:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure collectives and expert GEMMs, fit alpha-beta models",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=1, help="processes (relaunched under torchrun)")
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--esp", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None, help="simulated node size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_command_arguments(p)
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
     p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
@@ -366,8 +363,6 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
-
     if args.refit:
         if not args.profile:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
@@ -377,9 +372,10 @@ def _main(args) -> int:
         print(prof.summary())
         print(f"refitted profile written to {out}")
         return 0
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc)
-    groups, device = groups_from_args(args)
+    return run_command(args, lambda groups, device: _profile_main(args, groups, device))
+
+
+def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
     cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
     prof = run_profile(groups, device, cfg)
     if groups.rank == 0:
@@ -387,6 +383,4 @@ def _main(args) -> int:
         prof.save(out)
         print(prof.summary())
         print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
