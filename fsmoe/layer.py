@@ -7,6 +7,13 @@ Each part is chosen at build time (router from the registry, Order from the rout
 dispatcher from the parallel layout, experts from the config) and can be swapped by passing
 another instance. Hooks (FSMoE's six) let users observe or replace the tensor at each boundary,
 e.g. to compress what is dispatched.
+
+The middle (Dispatch -> Expert -> Combine) is run by an *executor*, chosen at build time:
+``executor(layer, x_ND, plan) -> y_ND``. The default, :func:`sequential`, dispatches the whole
+layer at once; the pipelined one (``fsmoe.schedule.run.executor.PipelinedExecutor``) cuts it into
+chunks that overlap. Both call the same dispatcher and :meth:`MoELayer.expert_step` (the
+experts between the ``after_dispatch`` and ``before_combine`` hooks), so every hook fires under
+every executor and there is one expert math.
 """
 from __future__ import annotations
 
@@ -14,7 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -23,8 +29,10 @@ from fsmoe.config import MoEConfig
 from fsmoe.experts import DenseFFN
 from fsmoe.order import Order
 from fsmoe.routing import build_router
+from fsmoe.routing.plan import RoutingPlan
 from fsmoe.select import build_order, experts_class, resolve_kernels
 
+Executor = Callable[["MoELayer", Tensor, RoutingPlan], Tensor]
 HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
 Hook = Callable[["MoELayer", Tensor], "Tensor | None"]
 
@@ -43,7 +51,7 @@ class MoEStats:
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, *, dispatcher: Dispatcher | None = None,
                  experts: nn.Module | None = None, order: Order | None = None, router: nn.Module | None = None,
-                 esp: int = 1, esp_rank: int = 0):
+                 esp: int = 1, esp_rank: int = 0, executor: "Executor | None" = None):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
         E = cfg.num_experts
@@ -61,10 +69,7 @@ class MoELayer(nn.Module):
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)
-        # ``executor(x_ND, tokens_per_expert_E) -> y_ND`` runs dispatch -> experts -> combine.
-        # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces it after construction;
-        # its chunks bypass the after_dispatch/before_combine hooks.
-        self.executor = self.dispatch_compute_combine
+        self.executor: Executor = executor or sequential
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
         self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
 
@@ -84,12 +89,11 @@ class MoELayer(nn.Module):
         return t
 
     # ------------------------------------------------------------------ forward
-    def dispatch_compute_combine(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """The sequential schedule: x_ND [N, D] grouped by global expert -> y_ND [N, D]."""
-        x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, tokens_per_expert_E)
+    def expert_step(self, x_RD: Tensor, counts_El: Tensor) -> Tensor:
+        """x_RD [R, D] dispatched rows grouped by local expert -> expert outputs [R, D], between
+        the ``after_dispatch`` and ``before_combine`` hooks (every executor calls this)."""
         x_RD = self._hook("after_dispatch", x_RD)
-        y_RD = self._hook("before_combine", self.experts(x_RD, counts_El))
-        return self.dispatcher.combine(y_RD, handle)
+        return self._hook("before_combine", self.experts(x_RD, counts_El))
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         """x: [B, L, D] (or [T, D], one sequence). Returns (y like x, MoEStats)."""
@@ -98,7 +102,7 @@ class MoELayer(nn.Module):
         x_TD = self._hook("layer_start", x.reshape(-1, self.d_model))
         plan = self.router(x_TD, seq_len)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
-        y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))
+        y_ND = self._hook("after_combine", self.executor(self, x_ND, plan))
         y_TD = self.order.unpermute(y_ND, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -106,3 +110,10 @@ class MoELayer(nn.Module):
         stats = MoEStats(plan.aux_loss(), {k: v.detach() for k, v in plan.aux_losses.items()},
                          plan.tokens_per_expert_E.detach(), plan.dropped.detach(), plan.num_assignments)
         return y_TD.view(shape), stats
+
+
+def sequential(layer: MoELayer, x_ND: Tensor, plan: RoutingPlan) -> Tensor:
+    """The sequential executor: x_ND [N, D] grouped by global expert -> y_ND [N, D], the whole
+    layer in one dispatch, one expert step and one combine."""
+    x_RD, counts_El, handle = layer.dispatcher.dispatch(x_ND, plan)
+    return layer.dispatcher.combine(layer.expert_step(x_RD, counts_El), handle)

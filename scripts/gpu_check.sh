@@ -5,7 +5,8 @@
 # norm < 2e-2 against float32), odd shapes, experts with zero tokens, capacity drops (garbage in
 # dropped rows must not leak), the whole MoE layer with kernels=triton vs kernels=torch (output,
 # input and every parameter gradient), and no host synchronisation in forward/backward
-# (torch.cuda.set_sync_debug_mode("error")).
+# (torch.cuda.set_sync_debug_mode("error")); and the pipelined executor on CUDA streams, with
+# the Triton experts, against the sequential layer (tests/test_schedule_gpu.py).
 #
 # Usage: bash scripts/gpu_check.sh [extra pytest args]     (make gpu-check)
 set -uo pipefail
@@ -17,4 +18,4 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available(
   exit 1
 fi
 "$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_schedule_gpu.py "$@"

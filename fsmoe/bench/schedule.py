@@ -54,7 +54,6 @@ from fsmoe.schedule.run.engine import Recorder, make_engine
 from fsmoe.schedule.run.executor import PipelinedExecutor
 from fsmoe.schedule.run.grad_sync import GradSync
 from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
-from fsmoe.schedule.run.stages import MoEStages
 from fsmoe.schedule.types import GarPlan, Lanes, LayerSpec, Layout, OpRecord, Schedule
 
 GRIDS = {  # FSMoE's axes, scaled to the hardware
@@ -96,7 +95,7 @@ class BenchModel:
     g: torch.Tensor
 
 
-def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
+def build_model(spec: LayerSpec, groups, engine, device, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> BenchModel:
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
     from fsmoe.models.attention import Attention
@@ -113,13 +112,13 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
         for layer in range(spec.n_layers):
             attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
                              dropout=0.0)
-            moe = ParallelMoELayer(cfg, M, groups)
+            executor = PipelinedExecutor(engine, layout=Layout.from_groups(groups), layer=layer)
+            moe = ParallelMoELayer(cfg, M, groups, executor=executor)
             moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
             blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
-            moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
             record_block_ops(blk, attn, spec, layer, engine.recorder, torch.device(device))
             blocks.append(blk)
-            executors.append(moe.executor)
+            executors.append(executor)
             dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
     sizes = [sum(p.numel() for p in ps) for ps in dense]
     if sizes != [spec.dense_params] * spec.n_layers:
@@ -233,7 +232,6 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
               run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
               dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
-    stages = MoEStages.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
     epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device_for(groups.backend))
     if groups.distributed:
@@ -256,7 +254,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     samples, rows, errors, op_rows = [], [], [], []
     refitted = profile
     for ci, spec in enumerate(specs):
-        bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
+        bm = build_model(spec, groups, engine, device, dtype=dtype)
         calib = plan_all(spec, layout, refitted)  # the five schedules, under the timed pass's conditions
         _, recs = measure(bm, calib, groups, device, calib_iters, max(warmup, 1), recorder, keep=set(calib))
         for its in _merge_iterations(recs, groups).values():

@@ -52,11 +52,11 @@ def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: s
 class StageFns:
     """What each op does on data (all None in simulation)."""
 
-    dispatch: Callable | None = None  # (src_ND, route) -> rows R
-    allgather: Callable | None = None  # (rows R, route) -> gathered
-    expert: Callable | None = None  # (gathered, route, i) -> gathered-layout output
-    reducescatter: Callable | None = None  # (gathered, route) -> rows R
-    combine: Callable | None = None  # (rows R, route) -> source rows of the chunk
+    dispatch: Callable | None = None  # (src_ND, chunk) -> the chunk in flight to its experts
+    allgather: Callable | None = None  # (in flight, chunk) -> the experts' input (esp > 1)
+    expert: Callable | None = None  # (input, chunk, i) -> the experts' output
+    reducescatter: Callable | None = None  # (output, chunk) -> partial sums reduced (esp > 1)
+    combine: Callable | None = None  # (reduced, chunk) -> the chunk's rows back at their source
 
 
 def _no_window(eng, slot, r):
@@ -64,8 +64,9 @@ def _no_window(eng, slot, r):
 
 
 def run_pipeline(eng: Engine, lanes: Lanes, ops: list[ChunkOps], esp: int, fns: StageFns, src: Any,
-                 routes: list, window: Callable = _no_window) -> list:
+                 chunks: list, window: Callable = _no_window) -> list:
     """One direction of one MoE layer at degree r = len(ops). Returns the combine handles.
+    ``chunks[i]`` is passed to chunk i's stage functions (its ``DispatchLayout``; None in simulation).
 
     Drawn for r = 4 with intra/inter overlap, expert-bound (FSMoE case 2). D dispatch A2A,
     G AllGather, X expert, S ReduceScatter, C combine A2A, R gradient AllReduce partition
@@ -89,14 +90,14 @@ def run_pipeline(eng: Engine, lanes: Lanes, ops: list[ChunkOps], esp: int, fns: 
        each combine (fixed-size Lina chunks use these).
     """
     r = len(ops)
-    D = [eng.launch(lanes.inter, ops[i].dispatch, fns.dispatch, src, routes[i]) for i in range(r)]
-    G = [eng.launch(lanes.intra, ops[i].allgather, fns.allgather, D[i], routes[i]) if esp > 1 else D[i]
+    D = [eng.launch(lanes.inter, ops[i].dispatch, fns.dispatch, src, chunks[i]) for i in range(r)]
+    G = [eng.launch(lanes.intra, ops[i].allgather, fns.allgather, D[i], chunks[i]) if esp > 1 else D[i]
          for i in range(r)]
     window(eng, "mid", r)
     C = []
     for i in range(r):
-        X = eng.compute(ops[i].expert, fns.expert, G[i], routes[i], i)
-        S = eng.launch(lanes.intra, ops[i].reducescatter, fns.reducescatter, X, routes[i]) if esp > 1 else X
-        C.append(eng.launch(lanes.inter, ops[i].combine, fns.combine, S, routes[i]))
+        X = eng.compute(ops[i].expert, fns.expert, G[i], chunks[i], i)
+        S = eng.launch(lanes.intra, ops[i].reducescatter, fns.reducescatter, X, chunks[i]) if esp > 1 else X
+        C.append(eng.launch(lanes.inter, ops[i].combine, fns.combine, S, chunks[i]))
         window(eng, i, r)
     return C

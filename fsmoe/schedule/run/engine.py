@@ -13,6 +13,7 @@ The engine is chosen when the executor is built (``make_engine``), never inside 
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -156,12 +157,17 @@ class _StreamHandle:
 
 
 def _record_stream(v, stream) -> None:
+    """Mark every CUDA tensor in ``v`` (tensors, tuples, lists, dataclasses such as a dispatcher's
+    Pending) as used on ``stream``, so the allocator does not reuse it while that stream reads it."""
     if isinstance(v, torch.Tensor):
         if v.is_cuda:
             v.record_stream(stream)
     elif isinstance(v, (tuple, list)):
         for x in v:
             _record_stream(x, stream)
+    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+        for f in dataclasses.fields(v):
+            _record_stream(getattr(v, f.name), stream)
 
 
 class StreamEngine(Engine):

@@ -8,7 +8,7 @@ then the mean over ranks):
                             nodes), and over the ESP group for the intra-node fit
     allgather/reducescatter the ESP stage (same implementation as the executor)
     allreduce               the DP group (dense gradients)
-    expert_fwd/expert_bwd   the executor's expert forward / backward (expert_ops.py) over row
+    expert_fwd/expert_bwd   the executor's expert forward / backward (its expert step) over row
                             counts and (d_model, d_ff shard) shapes; n = forward multiply-adds
     dense_fwd/dense_bwd     the attention block (fsmoe.models.attention) over batch shapes
     overlap (eta)           an AlltoAll on the inter lane beside an expert GEMM on the compute
@@ -36,7 +36,8 @@ from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.schedule.model.perf_model import ExpertDims
 from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
 from fsmoe.schedule.model.timeline import read_records, refit_samples
-from fsmoe.schedule.run.expert_ops import ExpertWeights, expert_backward, expert_forward
+from fsmoe.schedule.run.executor import expert_backward, expert_forward
+from fsmoe.select import experts_class, resolve_kernels
 from fsmoe.schedule.types import LayerSpec, Layout, OpRecord
 
 
@@ -181,15 +182,14 @@ def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes:
     splits = (rows // size,) * size
     a2a = lambda: stage.finish(stage.launch(x, splits, splits))
     d, f, gemms = cfg.expert_shapes[0]
-    w = ExpertWeights(torch.randn(2, d, f, device=device, dtype=dtype), None,
-                      torch.randn(2, f, d, device=device, dtype=dtype))
+    experts = experts_class(resolve_kernels("auto"))(2, d, f, "gelu").to(device=device, dtype=dtype)
     reps, warm = max(cfg.reps, 5), cfg.warmup
     t_a = _median_time(a2a, device, reps, warm, group)
     n = cfg.expert_rows[len(cfg.expert_rows) // 2]
     for _ in range(2):  # size the GEMM to take about as long as the AlltoAll
         xe = torch.randn(n, d, device=device, dtype=dtype)
         ce = torch.tensor([n // 2, n - n // 2], device=device)
-        comp = lambda xe=xe, ce=ce: expert_forward(xe, ce, w)
+        comp = lambda xe=xe, ce=ce: expert_forward(experts, xe, ce, keep_graph=False)
         with torch.no_grad():
             t_c = _median_time(comp, device, reps, warm, group)
         n = int(min(max(8, n * t_a / max(t_c, 1e-9)), 1 << 16))
@@ -208,7 +208,7 @@ def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes:
 
 
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
-    """Expert forward/backward (expert_ops) and attention forward/backward, on this rank. Each
+    """Expert forward/backward (the executor's expert step) and attention forward/backward, on this rank. Each
     point is returned under the base key and under its shape-qualified key (``profile.py``)."""
     out = []
     for key, n, t, tag in _compute_points(cfg, device, dtype):
@@ -224,31 +224,21 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
     elem = torch.empty(0, dtype=dtype).element_size()
     for d, f, gemms in cfg.expert_shapes:
         tag = ExpertDims(d, f, gemms, elem, El).tag
-        w = ExpertWeights(torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5,
-                          torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5 if gemms == 3 else None,
-                          torch.randn(El, f, d, device=device, dtype=dtype) / f ** 0.5)
-        wT = tuple(None if t is None else t.transpose(1, 2).contiguous() for t in (w.w1_EDF, w.w3_EDF, w.w2_EFD))
+        # the executor's expert op: the experts module the layer builds on this device
+        experts = experts_class(resolve_kernels("auto"))(El, d, f, "swiglu" if gemms == 3 else "gelu")
+        experts = experts.to(device=device, dtype=dtype)
+        params = tuple(experts.parameters())
         for rows in cfg.expert_rows:
             counts = [rows // El + (1 if e < rows % El else 0) for e in range(El)]
             c = torch.tensor(counts, device=device)
             x = torch.randn(rows, d, device=device, dtype=dtype)
             dy = torch.randn(rows, d, device=device, dtype=dtype)
-            perm = torch.randperm(rows, device=device)  # the executor's gathered <-> expert-major regroup
-            saved = expert_forward(x, c, w)[1]
-            grads = [torch.zeros_like(t) for t in w.tensors()]
+            graph = expert_forward(experts, x, c, keep_graph=True)[1]
             macs = rows * d * f * gemms
-
-            def fwd():
-                y = expert_forward(x.index_select(0, perm), c, w)[0]
-                torch.empty_like(x).index_copy_(0, perm, y)
-
-            def bwd():
-                dx = expert_backward(saved, dy.index_select(0, perm), c, counts, w, wT, grads)
-                torch.empty_like(dy).index_copy_(0, perm, dx)
-
-            with torch.no_grad():
-                out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
-                out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
+            fwd = lambda: expert_forward(experts, x, c, keep_graph=True)
+            bwd = lambda: expert_backward(experts, graph, c, dy, params, retain_graph=True)
+            out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
+            out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
     for B, L, d, heads in cfg.dense_shapes:
         tag = LayerSpec(batch=B, seq_len=L, d_model=d, d_ff=d, num_experts=1, n_heads=heads, dtype_bytes=elem).dense_tag
         attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)

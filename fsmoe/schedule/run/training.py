@@ -42,7 +42,6 @@ from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, chrome_trace, gantt_pn
 from fsmoe.schedule.run.engine import Recorder, make_engine
 from fsmoe.schedule.run.executor import PipelinedExecutor
 from fsmoe.schedule.run.grad_sync import GradSync
-from fsmoe.schedule.run.stages import MoEStages
 from fsmoe.schedule.types import Lanes, LayerSchedule, LayerSpec, Layout, OpRecord, Schedule
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
@@ -246,8 +245,7 @@ class TrainingSchedule:
         recorder = Recorder(rank=groups.rank, enabled=False)
         _share_epoch(recorder, groups, device)
         engine = make_engine(device, recorder)
-        stages = MoEStages.from_groups(groups)
-        executors = install_executors(model, stages, engine, schedule.layer_schedule())
+        executors = install_executors(model, engine, schedule.layer_schedule(), layout)
         gs = None
         if groups.dp > 1:
             gs = GradSync.for_blocks(dense_blocks(model), schedule.gar, engine, Lanes.of(schedule.iio),
@@ -344,12 +342,13 @@ class TrainingSchedule:
             self._gantt = None
 
 
-def install_executors(model: nn.Module, stages: MoEStages, engine: Engine,
-                      layer_schedule: LayerSchedule) -> list[PipelinedExecutor]:
-    """A ``PipelinedExecutor`` on every MoE layer (layer id = its index among the MoE layers)."""
+def install_executors(model: nn.Module, engine: Engine, layer_schedule: LayerSchedule,
+                      layout: Layout) -> list[PipelinedExecutor]:
+    """A ``PipelinedExecutor`` on every MoE layer of a model the trainer has built (layer id = its
+    index among the MoE layers); the layers keep their dispatcher and experts."""
     executors = []
     for i, layer in enumerate(model.moe_layers()):
-        layer.executor = PipelinedExecutor(layer.experts, stages, engine, layer_schedule, layer=i)
+        layer.executor = PipelinedExecutor(engine, layer_schedule, layout, layer=i)
         executors.append(layer.executor)
     return executors
 
