@@ -42,6 +42,22 @@ def test_dispatch_layout_follows_the_placement():
     assert to_expert_major(recv, lay).shape == recv.shape
 
 
+def test_performance_model_reads_the_placement():
+    import numpy as np
+
+    from fsmoe.schedule.model.perf_model import route_work
+    from fsmoe.schedule.types import Layout
+
+    counts_SE = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    swapped = Placement.contiguous(4, 2).swap(1, 2)
+    lay = DispatchLayout.from_counts(counts_SE.reshape(2, 1, 4).tolist(), 0, 0, swapped.physical_order)
+    for rank in (0, 1):
+        work = route_work(counts_SE, 1, Layout(ep=2), rank, swapped)[0]
+        if rank == 0:
+            assert (work.send_rows, work.recv_rows) == (lay.num_sent, sum(lay.recv_splits_P))
+        assert work.recv_rows == sum(counts_SE[:, list(swapped.experts_on(rank))].ravel())
+
+
 # ---------------------------------------------------------------------------- moving experts mid-run
 
 

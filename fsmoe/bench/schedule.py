@@ -95,7 +95,7 @@ class BenchModel:
     g: torch.Tensor
 
 
-def build_model(spec: LayerSpec, groups, engine, device, seed: int = 0,
+def build_model(spec: LayerSpec, groups: ParallelGroups, engine, device, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> BenchModel:
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
     from fsmoe.models.attention import Attention
@@ -152,7 +152,7 @@ def run_iteration(bm: BenchModel, device) -> float:
     return time.perf_counter() - t0
 
 
-def _max_over_ranks(t: float, groups) -> float:
+def _max_over_ranks(t: float, groups: ParallelGroups) -> float:
     if not groups.distributed:
         return t
     v = torch.tensor([t], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
@@ -160,7 +160,7 @@ def _max_over_ranks(t: float, groups) -> float:
     return float(v)
 
 
-def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: int, warmup: int,
+def measure(bm: BenchModel, scheds: dict[str, Schedule], groups: ParallelGroups, device, iters: int, warmup: int,
             recorder: Recorder, keep: set[str] = frozenset()) -> tuple[dict[str, float], dict[str, list]]:
     """Round-robin over the schedules; median (over iterations) of the slowest rank's time.
     Returns (seconds per name, this rank's records of the timed iterations of names in ``keep``)."""
@@ -201,7 +201,7 @@ def sweep(spec: LayerSpec, layout: Layout, profile: Profile, quick: bool = False
 # ---------------------------------------------------------------------------- main loop
 
 
-def _gather(obj, groups) -> list:
+def _gather(obj, groups: ParallelGroups) -> list:
     if not groups.distributed:
         return [obj]
     out = [None] * groups.world
@@ -209,7 +209,7 @@ def _gather(obj, groups) -> list:
     return out
 
 
-def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups) -> dict[str, list[list[OpRecord]]]:
+def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups: ParallelGroups) -> dict[str, list[list[OpRecord]]]:
     """Every rank's records of each timed iteration, on every rank: name -> [iteration records]."""
     parts = _gather(recs, groups)
     return {name: [[r for part in parts for r in part[name][i]] for i in range(len(recs[name]))] for name in recs}
@@ -228,8 +228,8 @@ def op_errors(timings: dict[tuple, list[tuple[float, float]]], profiles: dict[st
     return out
 
 
-def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
-              run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
+def run_bench(groups: ParallelGroups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int,
+              n_layers: int, run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
               dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
     recorder = Recorder(rank=groups.rank)

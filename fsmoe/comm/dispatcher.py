@@ -16,10 +16,10 @@ A dispatcher is a stateless object, not an ``nn.Module``. One dispatch is:
 can overlap one chunk's communication with another chunk's compute. Lanes: inter-node
 collectives are issued only by ``launch_dispatch`` and ``finish_combine``, intra-node ones only by
 ``finish_dispatch`` and ``launch_combine``; a scheduler calls each pair from one thread or stream
-(its inter and intra lanes), so every group sees its collectives in the same order on all ranks. A layout may be a chunk of
-a layer's layout (``DispatchLayout.chunks``): the same calls move one chunk. ``dispatch`` and
-``combine`` are the sequential composition for a whole layer. Backends: ``LocalDispatcher``
-(one process, identity), ``ShardedDispatcher`` in ``sharded.py`` (EP AlltoAll stage ``alltoall.py``
+(its inter and intra lanes), so every group sees its collectives in the same order on all ranks.
+A layout may be a chunk of a layer's layout (``DispatchLayout.chunks``): the same calls move one
+chunk. ``dispatch`` and ``combine`` are the sequential composition for a whole layer. Backends:
+``LocalDispatcher`` (one process, identity), ``ShardedDispatcher`` in ``sharded.py`` (EP AlltoAll stage ``alltoall.py``
 + ESP AllGather/ReduceScatter stage ``esp.py``; chosen by ``fsmoe.parallel.moe.build_dispatcher``).
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import all_gather_base
 
@@ -179,7 +180,7 @@ def range_index(ranges: tuple[Range, ...], device) -> Tensor:
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)).to(device)
 
 
-def exchange_counts(tokens_per_expert_E: Tensor, group, ep: int, esp: int) -> list:
+def exchange_counts(tokens_per_expert_E: Tensor, group: ProcessGroup | None, ep: int, esp: int) -> list:
     """All-gather ``tokens_per_expert_E`` [E] over the moe group (ep*esp ranks, rank-major
     ``ep_rank*esp + esp_rank``); returns counts as nested lists [P][S][E] of ints."""
     E = tokens_per_expert_E.numel()

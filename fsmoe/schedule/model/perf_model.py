@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fsmoe.placement.placement import Placement
 from fsmoe.schedule.model.profile import Profile, qualified
 from fsmoe.schedule.types import LayerSpec, Layout
 
@@ -161,8 +162,12 @@ class ChunkWork:
     expert_rows: int  # rows the expert computes (unpadded)
 
 
-def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int) -> list[ChunkWork]:
-    """Per-chunk sizes for ``rank`` given every rank's per-expert counts ``counts_SE``."""
+def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int,
+               placement: Placement | None = None) -> list[ChunkWork]:
+    """Per-chunk sizes for ``rank`` given every rank's per-expert counts ``counts_SE`` (by logical
+    expert); ``placement`` says which EP rank holds which expert (default: contiguous ranges)."""
+    if placement is not None:
+        counts_SE = counts_SE[:, list(placement.physical_order)]  # columns in physical (rank-major) order
     El = counts_SE.shape[1] // layout.ep
     cc_rSE = chunk_counts(counts_SE, r)
     p, q = divmod(rank, layout.esp)

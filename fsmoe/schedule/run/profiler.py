@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from fsmoe.config import ConfigError
 from fsmoe.parallel.groups import ParallelGroups, device_for
@@ -84,11 +85,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], device, reps: int, warmup: int, group=None) -> float:
+def _median_time(fn: Callable[[], None], device: torch.device, reps: int, warmup: int,
+                 group: ProcessGroup | None = None) -> float:
     return _interleaved_medians((fn,), device, reps, warmup, group)[0]
 
 
-def _interleaved_medians(fns, device, reps: int, warmup: int, group=None) -> list[float]:
+def _interleaved_medians(fns: list[Callable[[], None]], device: torch.device, reps: int, warmup: int,
+                         group: ProcessGroup | None = None) -> list[float]:
     """Median seconds of each of ``fns``, run round-robin (with ``group``: every rank in step,
     a barrier before each run)."""
     times = [[] for _ in fns]
@@ -105,7 +108,8 @@ def _interleaved_medians(fns, device, reps: int, warmup: int, group=None) -> lis
     return [statistics.median(t) for t in times]
 
 
-def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> dict[str, list[list[float]]]:
+def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
+            dtype=torch.float32) -> dict[str, list[list[float]]]:
     """Every rank runs this; returns points {key: [[n, seconds], ...]} averaged over ranks."""
     from fsmoe.comm.alltoall import AllToAllStage
     from fsmoe.comm.esp import EspStage
@@ -155,7 +159,7 @@ def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float3
     return _mean_over_ranks(pts, groups)
 
 
-def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
+def measure_overlap(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
     """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1]: how much
     of an AlltoAll on the inter lane hides under an expert GEMM (sized to take as long) on the
     compute lane, the executor's own engine running both. The three timings are interleaved
@@ -170,7 +174,7 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
     return float(v) / groups.world
 
 
-def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
+def _overlap_at(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
     from fsmoe.comm.alltoall import AllToAllStage
     from fsmoe.schedule.run.engine import make_engine
 
@@ -265,7 +269,7 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
     return out
 
 
-def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, list[list[float]]]:
+def _mean_over_ranks(pts: dict[str, list[list[float]]], groups: ParallelGroups) -> dict[str, list[list[float]]]:
     if not groups.distributed:
         return pts
     keys = sorted(pts)
@@ -279,7 +283,7 @@ def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, lis
     return out
 
 
-def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None,
+def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig | None = None,
                 dtype: torch.dtype = torch.float32) -> Profile:
     """Measure and fit; the same Profile is returned on every rank."""
     t0 = time.perf_counter()

@@ -25,13 +25,13 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fsmoe.config import ConfigError, RunConfig
+from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.schedule.model.baselines import with_prediction
 from fsmoe.schedule.model.engine import Engine
 from fsmoe.schedule.model.plan import plan
@@ -51,7 +51,8 @@ TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
 # ---------------------------------------------------------------------------- planning
 
 
-def load_or_profile(path: str | None, groups, device: torch.device, run_dir: Path, is_writer: bool) -> Profile:
+def load_or_profile(path: str | None, groups: ParallelGroups, device: torch.device, run_dir: Path,
+                    is_writer: bool) -> Profile:
     """``parallel.profile`` if given; else profile briefly on ``groups`` (collective) and save it."""
     if path is not None:
         if not Path(path).is_file():
@@ -110,7 +111,7 @@ def dense_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [ps for ps in blocks if ps]
 
 
-def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
+def sync_other_kinds(model: nn.Module, groups: ParallelGroups, kinds=("world", "edp")) -> None:
     """``fsmoe.parallel.grads.sync_grads`` restricted to ``kinds`` (sum over the group, / dp)."""
     from fsmoe.parallel.sharding import get_sharding
 
@@ -217,7 +218,7 @@ class TrainingSchedule:
     spec: LayerSpec
     layout: Layout
     profile: Profile
-    groups: Any
+    groups: ParallelGroups
     engine: Engine
     recorder: Recorder
     executors: list[PipelinedExecutor]
@@ -234,7 +235,7 @@ class TrainingSchedule:
     _gantt: tuple | None = None
 
     @staticmethod
-    def build(cfg: RunConfig, model: nn.Module, groups, device: torch.device, run_dir: Path,
+    def build(cfg: RunConfig, model: nn.Module, groups: ParallelGroups, device: torch.device, run_dir: Path,
               is_writer: bool, start_step: int = 0) -> "TrainingSchedule | None":
         """Plan and install ``cfg.parallel.schedule`` on ``model`` (None for "default"). Collective."""
         if cfg.parallel.schedule == "default":
@@ -353,7 +354,7 @@ def install_executors(model: nn.Module, engine: Engine, layer_schedule: LayerSch
     return executors
 
 
-def _share_epoch(recorder: Recorder, groups, device: torch.device) -> None:
+def _share_epoch(recorder: Recorder, groups: ParallelGroups, device: torch.device) -> None:
     """One clock origin for every rank (rank 0's; exact on one host, as the bench assumes)."""
     if not groups.distributed:
         return
