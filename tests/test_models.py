@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, ModelConfig, RouterConfig, load_config
+from fsmoe.config import ConfigError, ModelConfig, MoEConfig, RouterConfig, ExpertsConfig, load_config
 from fsmoe.experts import DenseFFN
 from fsmoe.layer import MoELayer
 from fsmoe.models import MultiHeadLatentAttention, build_model

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fsmoe.routing
-from fsmoe.config import ConfigError, MoEConfig, ModelConfig, RouterConfig
+from fsmoe.config import ConfigError, ModelConfig, MoEConfig, RouterConfig
 from fsmoe.layer import MoELayer
 from fsmoe.order import SoftOrder
 from fsmoe.routing import ROUTERS, build_router
@@ -609,10 +609,10 @@ TINY_ROUTER = '''
 import torch
 from torch import nn
 
-from fsmoe.config import ConfigError
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router
 from fsmoe.routing.plan import RoutingPlan
+from fsmoe.config import ConfigError
 
 
 @register_router("first_expert_test")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fsmoe.config import ConfigError, SCHEDULES, load_config
+from fsmoe.config import SCHEDULES, ConfigError, load_config
 from fsmoe.schedule.model.baselines import POLICY_NAMES
 from fsmoe.schedule.model.profile import profile_from_points
 

@@ -29,8 +29,8 @@ from fsmoe.config import RunConfig
 from fsmoe.parallel.checkpoint import Meshes, to_global_state, to_local_state
 from fsmoe.parallel.grads import clip_grad_norm, sync_grads
 from fsmoe.parallel.groups import ParallelGroups
-from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.sharding import get_sharding
+from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.train import StepResult, Trainer, resolve_device
 
