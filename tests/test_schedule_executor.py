@@ -261,3 +261,20 @@ def test_bench_schedule_smoke(tmp_path):
     assert "chosen within 5%" in md and "FSMoE speedup over Default" in md
     for f in ("trace_fsmoe.json", "gantt_fsmoe.png", "trace_default.json"):
         assert (tmp_path / f).exists()
+
+
+def test_pipelined_forward_without_grad_equals_sequential():
+    torch.manual_seed(3)
+    ref = MoELayer(_cfg("swiglu", None), 8).double()
+    x = torch.randn(2, 7, 8, dtype=torch.double)
+    eng = ThreadEngine()
+    try:
+        lay = copy.deepcopy(ref)
+        lay.executor = PipelinedExecutor(eng, LayerSchedule(3, 1))
+        with torch.no_grad():
+            y, _ = lay(x)
+            y_ref, _ = ref(x)
+    finally:
+        eng.close()
+    assert not y.requires_grad
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)

@@ -143,6 +143,8 @@ class PipelinedExecutor:
     def __call__(self, moe: "MoELayer", x_ND: Tensor, plan: RoutingPlan) -> Tensor:
         expert_dims(moe.experts, x_ND.dtype)  # fail early for experts the program cannot size
         params = tuple(p for p in moe.experts.parameters() if p.requires_grad)
+        if not torch.is_grad_enabled() or not (x_ND.requires_grad or params):  # e.g. evaluation: no graphs
+            return self.run_forward(moe, x_ND, plan, keep_graphs=False)[0]
         return _PipelinedExperts.apply(x_ND, self, moe, plan, *params)
 
     def _window(self, eng: Engine, slot, r: int) -> None:
@@ -154,13 +156,16 @@ class PipelinedExecutor:
                          self.layer)
 
     # ------------------------------------------------------------------ forward
-    def run_forward(self, moe: "MoELayer", x_ND: Tensor, plan: RoutingPlan) -> tuple[Tensor, _State]:
+    def run_forward(self, moe: "MoELayer", x_ND: Tensor, plan: RoutingPlan, keep_graphs: bool = True
+                    ) -> tuple[Tensor, _State]:
+        """y_ND [N, D]; the chunks' expert graphs are kept for the backward when ``keep_graphs``
+        and the backward runs at the same degree (else their inputs, to recompute)."""
         eng, disp = self.engine, moe.dispatcher
         num_experts = plan.tokens_per_expert_E.numel()
         layout = eng.wait(eng.launch(self.lanes.inter, counts_op(self.layout, num_experts, self.layer),
                                      disp.layout, plan))
         chunks = layout.chunks(self.schedule.r_fwd)
-        keep = self.schedule.r_bwd == self.schedule.r_fwd
+        keep = keep_graphs and self.schedule.r_bwd == self.schedule.r_fwd
         graphs: list[ChunkGraph | None] = [None] * len(chunks)
 
         def expert(x_RD: Tensor, counts_El: Tensor, handle, i: int):
