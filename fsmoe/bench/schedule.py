@@ -229,8 +229,8 @@ def op_errors(timings: dict[tuple, list[tuple[float, float]]], profiles: dict[st
 
 
 def run_bench(groups: ParallelGroups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int,
-              n_layers: int, run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
-              dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
+              n_layers: int, run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print,
+              grid: str = "cpu", dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
     epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device_for(groups.backend))
