@@ -20,7 +20,7 @@ from fsmoe.config import ConfigError
 COMMANDS = [
     "fsmoe.train",
     "fsmoe.bench",
-    "fsmoe.schedule.profiler",  # fsmoe profile
+    "fsmoe.schedule.run.profiler",  # fsmoe profile
     "fsmoe.schedule.cli",  # fsmoe plan
 ]
 

@@ -7,6 +7,13 @@ Each part is chosen at build time (router from the registry, Order from the rout
 dispatcher from the parallel layout, experts from the config) and can be swapped by passing
 another instance. Hooks (FSMoE's six) let users observe or replace the tensor at each boundary,
 e.g. to compress what is dispatched.
+
+The middle (Dispatch -> Expert -> Combine) is run by an *executor*, chosen at build time:
+``executor(layer, x_ND, plan) -> y_ND``. The default, :func:`sequential`, dispatches the whole
+layer at once; the pipelined one (``fsmoe.schedule.run.executor.PipelinedExecutor``) cuts it into
+chunks that overlap. Both call the same dispatcher and :meth:`MoELayer.expert_step` (the
+experts between the ``after_dispatch`` and ``before_combine`` hooks), so every hook fires under
+every executor and there is one expert math.
 """
 from __future__ import annotations
 
@@ -14,20 +21,20 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from fsmoe.comm.dispatcher import Dispatcher, LocalDispatcher
 from fsmoe.config import MoEConfig
 from fsmoe.experts import DenseFFN
-from fsmoe.kernels import resolve_kernels
-from fsmoe.kernels.select import build_order, experts_class
 from fsmoe.order import Order
 from fsmoe.precision import to_compute
 from fsmoe.recompute import checkpointed
 from fsmoe.routing import build_router
+from fsmoe.routing.plan import RoutingPlan
+from fsmoe.select import build_order, experts_class, resolve_kernels
 
+Executor = Callable[["MoELayer", Tensor, RoutingPlan], Tensor]
 HOOK_POINTS = ("layer_start", "before_dispatch", "after_dispatch", "before_combine", "after_combine", "layer_end")
 Hook = Callable[["MoELayer", Tensor], "Tensor | None"]
 
@@ -46,11 +53,11 @@ class MoEStats:
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, d_model: int, *, dispatcher: Dispatcher | None = None,
                  experts: nn.Module | None = None, order: Order | None = None, router: nn.Module | None = None,
-                 esp: int = 1, esp_rank: int = 0):
+                 esp: int = 1, esp_rank: int = 0, executor: "Executor | None" = None):
         super().__init__()
         self.cfg, self.d_model = cfg, d_model
         E = cfg.num_experts
-        # Kernels (plain PyTorch or fused Triton) are chosen here, once: see fsmoe.kernels.select.
+        # Kernels (plain PyTorch or fused Triton) are chosen here, once: see fsmoe.select.
         self.kernels = resolve_kernels(cfg.kernels)
         if router is None:
             router = build_router(cfg.router, d_model, E)
@@ -64,10 +71,7 @@ class MoELayer(nn.Module):
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)
-        # ``executor(x_ND, tokens_per_expert_E) -> y_ND`` runs dispatch -> experts -> combine.
-        # The pipelined schedule (fsmoe.schedule.PipelinedExecutor) replaces it after construction;
-        # its chunks bypass the after_dispatch/before_combine hooks.
-        self.executor = self.dispatch_compute_combine
+        self.executor: Executor = executor or sequential
         # train.activation_checkpointing="moe": the experts' hidden activations are recomputed in backward.
         self.recompute_experts = False
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
@@ -89,13 +93,12 @@ class MoELayer(nn.Module):
         return t
 
     # ------------------------------------------------------------------ forward
-    def dispatch_compute_combine(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """The sequential schedule: x_ND [N, D] grouped by global expert -> y_ND [N, D]."""
-        x_RD, counts_El, handle = self.dispatcher.dispatch(x_ND, tokens_per_expert_E)
+    def expert_step(self, x_RD: Tensor, counts_El: Tensor) -> Tensor:
+        """x_RD [R, D] dispatched rows grouped by local expert -> expert outputs [R, D], between
+        the ``after_dispatch`` and ``before_combine`` hooks (every executor calls this)."""
         x_RD = self._hook("after_dispatch", x_RD)
         y_RD = checkpointed(self.experts, x_RD, counts_El) if self.recompute_experts else self.experts(x_RD, counts_El)
-        y_RD = self._hook("before_combine", y_RD)
-        return self.dispatcher.combine(y_RD, handle)
+        return self._hook("before_combine", y_RD)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         """x: [B, L, D] (or [T, D], one sequence). Returns (y like x, MoEStats)."""
@@ -105,7 +108,7 @@ class MoELayer(nn.Module):
         x_TD = self._hook("layer_start", to_compute(x.reshape(-1, self.d_model)))
         plan = self.router(x_TD, seq_len)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
-        y_ND = self._hook("after_combine", self.executor(x_ND, plan.tokens_per_expert_E))
+        y_ND = self._hook("after_combine", self.executor(self, x_ND, plan))
         y_TD = self.order.unpermute(y_ND, plan)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
@@ -113,3 +116,10 @@ class MoELayer(nn.Module):
         stats = MoEStats(plan.aux_loss(), {k: v.detach() for k, v in plan.aux_losses.items()},
                          plan.tokens_per_expert_E.detach(), plan.dropped.detach(), plan.num_assignments)
         return y_TD.view(shape), stats
+
+
+def sequential(layer: MoELayer, x_ND: Tensor, plan: RoutingPlan) -> Tensor:
+    """The sequential executor: x_ND [N, D] grouped by global expert -> y_ND [N, D], the whole
+    layer in one dispatch, one expert step and one combine."""
+    x_RD, counts_El, handle = layer.dispatcher.dispatch(x_ND, plan)
+    return layer.dispatcher.combine(layer.expert_step(x_RD, counts_El), handle)

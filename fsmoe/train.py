@@ -235,7 +235,7 @@ class Trainer:
             checkpoint_state = self.state_dict()
             checkpoint.load(ckpt, checkpoint_state)
             self.load_state_dict(checkpoint_state)
-        self.moe_schedule = self.build_schedule()  # fsmoe.schedule.training.TrainingSchedule or None
+        self.moe_schedule = self.build_schedule()  # fsmoe.schedule.run.training.TrainingSchedule or None
         self._schedule_metrics: dict[str, Any] = {}
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)

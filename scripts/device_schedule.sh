@@ -11,8 +11,7 @@
 #         recording an 8-step timeline: per-op error in metrics.jsonl (cores 0-3)
 #   cpu+train  the two at once
 #   multi `fsmoe bench schedule` over NCCL on every GPU of a multi-GPU machine: 4+ GPUs as
-#         2 simulated nodes x 2 (EP2 x ESP2), 2 GPUs as 2 nodes x 1 (EP2); not yet run (no
-#         multi-GPU kind was lent while this was written; issue 6)
+#         2 simulated nodes x 2 (EP2 x ESP2), 2 GPUs as 2 nodes x 1 (EP2); not yet run
 #
 # Usage: bash scripts/device_schedule.sh OUT_DIR PART [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
 # Each part writes OUT_DIR/<part>.tgz (results.json, ops.jsonl, report.md, traces, Gantt PNGs)

@@ -5,9 +5,11 @@
 # norm < 2e-2 against float32), odd shapes, experts with zero tokens, capacity drops (garbage in
 # dropped rows must not leak), the whole MoE layer with kernels=triton vs kernels=torch (output,
 # input and every parameter gradient), and no host synchronisation in forward/backward
-# (torch.cuda.set_sync_debug_mode("error")); and the trainer's step (tests/test_train_gpu.py): every matmul and
-# attention op on bf16 operands with fp32 master weights, no fp32 GEMM kernel, no host sync, bf16 losses
-# within 0.05 nats of fp32 over 20 steps, a NaN step skipped by fused AdamW on the device.
+# (torch.cuda.set_sync_debug_mode("error")); the pipelined executor on CUDA streams, with the
+# Triton experts, against the sequential layer (tests/test_schedule_gpu.py); and the trainer's step
+# (tests/test_train_gpu.py): every matmul and attention op on bf16 operands with fp32 master
+# weights, no fp32 GEMM kernel, no host sync, bf16 losses within 5% of fp32 over 20 steps, a NaN
+# step skipped by fused AdamW on the device.
 #
 # Usage: bash scripts/gpu_check.sh [extra pytest args]     (make gpu-check)
 set -uo pipefail
@@ -19,4 +21,4 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available(
   exit 1
 fi
 "$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_train_gpu.py "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_schedule_gpu.py tests/test_train_gpu.py "$@"

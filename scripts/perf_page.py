@@ -21,6 +21,11 @@ LABEL = {"dense": "dense ceiling", "loop": "HF-style loop", "grouped": "plain gr
          "dense-graph": "dense ceiling, CUDA graph", "fsmoe-graph": "**fsmoe, CUDA graph**"}
 
 
+def _command(d: dict) -> str:
+    """The run's command, with output paths reduced to their file names (the machine's are not ours)."""
+    return " ".join(w.rsplit("/", 1)[-1] if w.endswith(".json") else w for w in d["command"].split())
+
+
 def _meta_line(d: dict) -> str:
     m = d["meta"]
     parts = [f"{m.get('name')}", f"torch {m.get('torch')}"]
@@ -37,7 +42,7 @@ def layer_section(d: dict) -> list[str]:
     out = ["## MoE layer: forward + backward, bf16", "",
            f"Device: {_meta_line(d)}. Median of {d.get('iters')} timed steps (CUDA events) after warm-up; "
            "every variant in the same process, same weights and inputs.", "",
-           "Command:", "", "```", d["command"], "```", ""]
+           "Command:", "", "```", _command(d), "```", ""]
     summary = ["| config (T, d, f, E, k) | target | grouped_mm recipe | torchtitan | fsmoe | fsmoe, CUDA graph |",
                "|---|---|---|---|---|---|"]
     for name, c in d["configs"].items():
@@ -95,7 +100,7 @@ def layer_section(d: dict) -> list[str]:
 def rerun_section(first: dict, again: dict) -> list[str]:
     """Fractions of two runs side by side: their spread is the noise level of the numbers above."""
     out = ["## Repeatability", "",
-           f"A second run in the same device session (`{again['command']}`); fraction of dense in each:", "",
+           f"A second run on the same machine (`{_command(again)}`); fraction of dense in each:", "",
            "| config | variant | run 1 | run 2 |", "|---|---|---|---|"]
     for name, c in again["configs"].items():
         c1 = first["configs"].get(name, {}).get("variants", {})
@@ -114,7 +119,7 @@ def train_section(d: dict) -> list[str]:
            f"tokens{extra}. What is timed is `Trainer.train_step`, the step `fsmoe train` runs: fp32 master weights "
            "and fused-AdamW state, bf16 compute under autocast, clipping, the non-finite guard, batches of the "
            "stdlib corpus.", "",
-           "Command:", "", "```", d["command"], "```", "",
+           "Command:", "", "```", _command(d), "```", "",
            "| variant | ms / step | tokens/s | model TFLOP/s | MFU | peak memory (GiB) |", "|---|---|---|---|---|---|"]
     for k, r in d["variants"].items():
         if "error" in r:

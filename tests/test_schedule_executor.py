@@ -1,7 +1,7 @@
 """The pipelined executor equals the unpipelined layer, for every r, forward and backward; the
 gradient partitions average exactly; timelines and the layer-grid benchmark run end to end.
 
-Single-process tests use LocalDispatcher-equivalent stages; the multi-process ones run real gloo
+Single-process tests use the LocalDispatcher; the multi-process ones run real gloo
 processes (EP x ESP layouts with simulated nodes) against the one-process MoELayer.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ from torch import nn
 
 from fsmoe.config import ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
 from fsmoe.layer import MoELayer
-from fsmoe.schedule.engine import Recorder, ThreadEngine
-from fsmoe.schedule.executor import LayerSchedule, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import chrome_trace, gantt_png, shift
+from fsmoe.schedule.model.timeline import chrome_trace, gantt_png, shift
+from fsmoe.schedule.run.engine import Recorder, ThreadEngine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.types import GarPlan, LayerSchedule
 
 R_PAIRS = [(1, 1), (2, 2), (4, 4), (8, 8), (1, 8), (8, 1), (2, 4), (4, 2), (3, 1), (1, 3)]
 
@@ -50,7 +50,7 @@ def test_pipelined_equals_unpipelined_every_r(act, cap):
             for iio in (True, False):
                 lay = copy.deepcopy(ref)
                 lay.zero_grad()
-                lay.executor = PipelinedExecutor(lay.experts, MoEStages.local(), eng, LayerSchedule(rf, rb, iio))
+                lay.executor = PipelinedExecutor(eng, LayerSchedule(rf, rb, iio))
                 x2 = x.detach().clone().requires_grad_()
                 y2, _ = lay(x2)
                 _loss(y2).backward()
@@ -70,7 +70,7 @@ def test_fp32_and_records_every_chunk(tmp_path):
     rec = Recorder()
     eng = ThreadEngine(rec)
     lay = copy.deepcopy(ref)
-    lay.executor = PipelinedExecutor(lay.experts, MoEStages.local(), eng, LayerSchedule(4, 2))
+    lay.executor = PipelinedExecutor(eng, LayerSchedule(4, 2))
     y2, _ = lay(x)
     _loss(y2).backward()
     eng.close()
@@ -88,10 +88,50 @@ def test_fp32_and_records_every_chunk(tmp_path):
 
 
 def test_executor_rejects_modules_without_grouped_weights():
+    lay = MoELayer(_cfg("gelu", None), 8, executor=PipelinedExecutor(ThreadEngine()))
+    lay.experts = nn.Linear(2, 2)
     with pytest.raises(TypeError, match="GroupedExperts"):
-        PipelinedExecutor(nn.Linear(2, 2), MoEStages.local(), ThreadEngine())
+        lay(torch.randn(4, 8))
     with pytest.raises(ValueError, match="r_fwd"):
         LayerSchedule(0, 1)
+
+
+@pytest.mark.parametrize("rf,rb", [(1, 1), (3, 3), (2, 4)])
+def test_hooks_fire_under_the_pipelined_executor(rf, rb):
+    """Every hook fires (the middle two once per chunk) and a replacing hook changes the result,
+    forward and backward, exactly as under the sequential executor."""
+    from fsmoe.layer import HOOK_POINTS
+
+    torch.manual_seed(2)
+    cfg = _cfg("swiglu", None)
+    x = torch.randn(2, 9, 8, dtype=torch.double)
+    ref = MoELayer(cfg, 8).double()
+    double = lambda _layer, t: 2 * t  # a replacing hook inside the expert section
+    ref.register_hook("after_dispatch", double)
+    xr = x.clone().requires_grad_()
+    y_ref, _ = ref(xr)
+    _loss(y_ref).backward()
+    eng = ThreadEngine()
+    try:
+        lay = MoELayer(cfg, 8, executor=PipelinedExecutor(eng, LayerSchedule(rf, rb))).double()
+        lay.load_state_dict(ref.state_dict())
+        seen = []
+        for point in HOOK_POINTS:
+            lay.register_hook(point, lambda _layer, t, p=point: seen.append(p))
+        lay.register_hook("after_dispatch", double)
+        x2 = x.clone().requires_grad_()
+        y, _ = lay(x2)
+        _loss(y).backward()
+    finally:
+        eng.close()
+    forward = seen[:2 + 2 * rf + 2]
+    assert forward[:2] == ["layer_start", "before_dispatch"] and forward[-2:] == ["after_combine", "layer_end"]
+    assert forward[2:-2] == ["after_dispatch", "before_combine"] * rf
+    assert seen[len(forward):] == ([] if rf == rb else ["after_dispatch", "before_combine"] * rb)  # recomputed
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x2.grad, xr.grad, rtol=0, atol=1e-12)
+    for n, p in lay.named_parameters():
+        torch.testing.assert_close(p.grad, dict(ref.named_parameters())[n].grad, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- real processes
@@ -102,7 +142,9 @@ def _layer_worker(rank, world, ep, esp, act, cap):
     from fsmoe.parallel.moe import ParallelMoELayer
 
     groups = build_groups(ParallelConfig(dp=world, ep=ep, esp=esp, gpus_per_node=esp))
-    stages = MoEStages.from_groups(groups)
+    from fsmoe.schedule.types import Layout
+
+    layout = Layout.from_groups(groups)
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=2 * ep, router=RouterConfig(top_k=2, capacity_factor=cap),
                     experts=ExpertsConfig(d_ff=8 * esp, activation=act))
@@ -123,7 +165,7 @@ def _layer_worker(rank, world, ep, esp, act, cap):
     for rf, rb in [(1, 1), (2, 4), (4, 2), (8, 8), (3, 1)]:
         lay = ParallelMoELayer.from_layer(copy.deepcopy(ref), groups).double()
         lay.router.balance_group = None
-        lay.executor = PipelinedExecutor(lay.experts, stages, eng, LayerSchedule(rf, rb, iio=rf % 2 == 0))
+        lay.executor = PipelinedExecutor(eng, LayerSchedule(rf, rb, iio=rf % 2 == 0), layout)
         x = xs[rank].clone().requires_grad_()
         y, _ = lay(x)
         _loss(y).backward()
@@ -185,8 +227,9 @@ def test_gradient_partitions_average_like_one_allreduce():
 
 def _bench_worker(rank, world, run_dir):
     from fsmoe.parallel.groups import build_groups
-    from fsmoe.schedule.bench import merge_runs, report_markdown, run_bench
-    from fsmoe.schedule.profiler import ProfileConfig, run_profile
+    from fsmoe.bench.schedule import run_bench
+    from fsmoe.bench.schedule_report import merge_runs, report_markdown
+    from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
     groups = build_groups(ParallelConfig(dp=world, ep=2, esp=2, gpus_per_node=2))
     cfg = ProfileConfig((8 << 10, 64 << 10), ((64, 64, 2),), (64, 256), 2, ((1, 128, 64, 2), (1, 256, 64, 2)),
@@ -218,3 +261,20 @@ def test_bench_schedule_smoke(tmp_path):
     assert "chosen within 5%" in md and "FSMoE speedup over Default" in md
     for f in ("trace_fsmoe.json", "gantt_fsmoe.png", "trace_default.json"):
         assert (tmp_path / f).exists()
+
+
+def test_pipelined_forward_without_grad_equals_sequential():
+    torch.manual_seed(3)
+    ref = MoELayer(_cfg("swiglu", None), 8).double()
+    x = torch.randn(2, 7, 8, dtype=torch.double)
+    eng = ThreadEngine()
+    try:
+        lay = copy.deepcopy(ref)
+        lay.executor = PipelinedExecutor(eng, LayerSchedule(3, 1))
+        with torch.no_grad():
+            y, _ = lay(x)
+            y_ref, _ = ref(x)
+    finally:
+        eng.close()
+    assert not y.requires_grad
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)

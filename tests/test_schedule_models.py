@@ -6,17 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from fsmoe.schedule.baselines import POLICY_NAMES, Schedule
-from fsmoe.schedule.engine import SimEngine
-from fsmoe.schedule.grad_sync import GarPlan
-from fsmoe.schedule.optimizer import choose_r, partition_gradients, pow2_candidates, slsqp_r
-from fsmoe.schedule.perf_model import (LayerSpec, Layout, balanced_counts, case_objectives, chunk_bounds,
-                                       chunk_counts, chunk_times, layer_work, predicates, route_work)
-from fsmoe.schedule.plan import explain, plan, plan_all
-from fsmoe.schedule.profile import (LinearFit, Profile, base_key, fit_linear, profile_from_points, qualified,
-                                    refit)
-from fsmoe.schedule.stages import build_routes, seg_arange
-from fsmoe.schedule.timeline import Op
+from fsmoe.comm.layout import DispatchLayout, assemble_rows, range_index, to_expert_major
+from fsmoe.schedule.model.baselines import POLICY_NAMES
+from fsmoe.schedule.model.engine import SimEngine
+from fsmoe.schedule.model.optimizer import choose_r, partition_gradients, pow2_candidates, slsqp_r
+from fsmoe.schedule.model.perf_model import (balanced_counts, case_objectives, chunk_bounds, chunk_counts, chunk_times,
+                                             layer_work, predicates, route_work)
+from fsmoe.schedule.model.plan import explain, plan, plan_all
+from fsmoe.schedule.model.profile import LinearFit, Profile, base_key, fit_linear, profile_from_points, qualified, refit
+from fsmoe.schedule.types import GarPlan, LayerSpec, Layout, Op, Schedule
 
 GPU_LIKE = Profile("synthetic", "ep2-esp4", {
     "a2a_inter": LinearFit(30e-6, 1 / 10e9), "a2a_intra": LinearFit(10e-6, 1 / 100e9),
@@ -108,8 +106,8 @@ def test_shape_qualified_fits_fall_back_to_base_and_are_learned_online():
 
 
 def test_ops_carry_their_shape_in_the_fit_key():
-    from fsmoe.schedule.executor import chunk_ops
-    from fsmoe.schedule.perf_model import ExpertDims, layer_work, route_work
+    from fsmoe.schedule.model.program import chunk_ops
+    from fsmoe.schedule.model.perf_model import ExpertDims, layer_work, route_work
 
     dims = ExpertDims.of(SPEC, LAYOUT)
     assert dims.tag == f"E{8 // 2}m2048f{8192 // 4}g2B4" and layer_work(SPEC, LAYOUT).expert_tag == dims.tag
@@ -119,8 +117,9 @@ def test_ops_carry_their_shape_in_the_fit_key():
 
 
 def test_glue_is_the_block_time_no_op_covers_and_is_learned_from_scratch():
-    from fsmoe.schedule.simulate import glue_op, simulate_iteration
-    from fsmoe.schedule.timeline import OpRecord, with_glue
+    from fsmoe.schedule.model.simulate import glue_op, simulate_iteration
+    from fsmoe.schedule.model.timeline import with_glue
+    from fsmoe.schedule.types import OpRecord
 
     spec = LayerSpec(batch=1, seq_len=128, d_model=64, d_ff=128, num_experts=4, n_heads=2, n_layers=2)
     block = OpRecord(glue_op(spec, "fwd", 0, "block"), "host", 0, 0.0, 10.0)
@@ -173,7 +172,7 @@ def test_plan_names_the_fits_a_layout_needs_and_warns_on_another_layout():
 
 def test_profile_refit_cli_from_records_and_bad_records(tmp_path, capsys):
     from fsmoe.cli import main
-    from fsmoe.schedule.timeline import OpRecord
+    from fsmoe.schedule.types import OpRecord
 
     prof = tmp_path / "p.json"
     Profile("hw", "lay", {"allgather": LinearFit(1e-4, 1e-9)}).save(prof)
@@ -206,50 +205,56 @@ def test_chunk_bounds_nest_for_powers_of_two():
     assert np.array_equal(chunk_counts(counts, 3).sum(0), counts)
 
 
-def test_seg_arange():
-    assert seg_arange(np.array([5, 0, 10]), np.array([2, 0, 3])).tolist() == [5, 6, 10, 11, 12]
+def test_range_index():
+    assert range_index(((5, 7), (0, 0), (10, 13)), "cpu").tolist() == [5, 6, 10, 11, 12]
 
 
 @pytest.mark.parametrize("ep,esp,r", [(2, 2, 1), (2, 2, 3), (4, 1, 4), (1, 2, 2), (2, 2, 8)])
-def test_routes_move_every_row_to_its_expert(ep, esp, r):
+def test_chunks_move_every_row_to_its_expert(ep, esp, r):
     """Emulate the collectives in one process with row ids as data: the expert side of every
-    rank must see exactly the rows of its experts, in canonical order, addressed by full_idx."""
+    rank must see exactly the rows of its experts, addressed in the whole layer by full_ranges,
+    and the chunks' rows must come back to their places."""
+    import torch
+
     rng = np.random.default_rng(ep * 10 + esp + r)
     layout, E = Layout(ep, esp), 2 * ep
     S, El = layout.world, 2
     C = rng.integers(0, 9, size=(S, E))
-    routes = {w: build_routes(C, r, layout, w, "cpu") for w in range(S)}
-    starts = np.cumsum(C, 1) - C  # row (s, e, j) has source index starts[s, e] + j
+    C_PSE = C.reshape(ep, esp, E).tolist()
+    rows = {s: [(s, e, j) for e in range(E) for j in range(C[s, e])] for s in range(S)}  # x_ND of rank s
+    chunks = {s: DispatchLayout.from_counts(C_PSE, *divmod(s, esp)).chunks(r) for s in range(S)}
     for w in range(S):
         p, q = divmod(w, esp)
-        full = []  # canonical whole-layer order: (local expert, source, row)
+        full = []  # the whole layer's expert-major order: (local expert, ESP source, EP source, row)
         for e in range(p * El, (p + 1) * El):
-            for s in range(S):
-                full += [(s, e, j) for j in range(C[s, e])]
-        for i in range(r):
-            # dispatch: each EP source sends its rows for my experts, in its src_idx order
-            recv_per_q = []
             for qq in range(esp):
-                rows = []
                 for pp in range(ep):
-                    s = pp * esp + qq
-                    rt = routes[s][i]
-                    sent = [(s, e, j) for e in range(E) for j in range(C[s, e]) if starts[s, e] + j in
-                            set(rt.src_idx.tolist())]
-                    sent.sort(key=lambda t: rt.src_idx.tolist().index(starts[t[0], t[1]] + t[2]))
-                    off = sum(rt.send_splits[:p])
-                    rows += sent[off:off + rt.send_splits[p]]
-                recv_per_q.append(rows)
-            gathered = [x for rows in recv_per_q for x in rows]
-            rt = routes[w][i]
-            assert rt.esp_rows == [len(x) for x in recv_per_q]
-            canon = [gathered[k] for k in rt.gath_idx.tolist()]
-            assert [full[k] for k in rt.full_idx.tolist()] == canon
-            assert rt.counts_list == [sum(1 for t in canon if t[1] == e) for e in range(p * El, (p + 1) * El)]
-        all_full = sorted(k for i in range(r) for k in routes[w][i].full_idx.tolist())
-        assert all_full == list(range(len(full)))
+                    full += [(pp * esp + qq, e, j) for j in range(C[pp * esp + qq, e])]
+        seen = []
+        for i in range(r):
+            recv = []  # dispatch: EP AlltoAll inside each ESP column, then the ESP AllGather
+            for qq in range(esp):
+                for pp in range(ep):
+                    ch = chunks[pp * esp + qq][i]
+                    sent = [rows[pp * esp + qq][k] for a, b in ch.src_ranges for k in range(a, b)]
+                    off = sum(ch.send_splits_P[:p])
+                    recv += sent[off:off + ch.send_splits_P[p]]
+            ch = chunks[w][i]
+            assert list(ch.gather_sizes_S) == [sum(chunks[pp * esp + qq][i].send_splits_P[p] for pp in range(ep))
+                                               for qq in range(esp)]
+            ids = torch.arange(len(recv)).unsqueeze(1)
+            canon = [recv[k] for k in to_expert_major(ids, ch)[:, 0].tolist()]
+            assert [full[k] for k in range_index(ch.full_ranges, "cpu").tolist()] == canon
+            assert list(ch.tokens_per_local_expert_El) == [sum(t[1] == e for t in canon)
+                                                           for e in range(p * El, (p + 1) * El)]
+            seen += range_index(ch.full_ranges, "cpu").tolist()
+        assert sorted(seen) == list(range(len(full)))
         works = route_work(C, r, layout, w)
-        assert [wk.expert_rows for wk in works] == [len(rt.gath_idx) for rt in routes[w]]
+        assert [wk.expert_rows for wk in works] == [sum(c.tokens_per_local_expert_El) for c in chunks[w]]
+        # combine: each chunk's rows, in send order, land back on their x_ND rows
+        x = torch.arange(len(rows[w]) + 3, dtype=torch.float32).unsqueeze(1)  # 3 dropped rows at the end
+        back = assemble_rows(chunks[w], [c.take_rows(x) for c in chunks[w]], x.shape[0])
+        assert torch.equal(back[:len(rows[w])], x[:len(rows[w])]) and not back[len(rows[w]):].any()
 
 
 # ---------------------------------------------------------------------------- cases and optimiser
@@ -365,8 +370,8 @@ def test_spec_from_bf16_run_keeps_fp32_gradient_bytes():
 def test_training_op_errors_identify_ops_without_their_size():
     """Routing changes every step: an op whose size differs between iterations is still one op,
     its error compares the medians over iterations; the single-run error and noise are separate."""
-    from fsmoe.schedule.timeline import OpRecord
-    from fsmoe.schedule.training import noise_floor, op_errors, single_errors
+    from fsmoe.schedule.types import OpRecord
+    from fsmoe.schedule.run.training import noise_floor, op_errors, single_errors
 
     prof = Profile("hw", "lay", {"expert_fwd": LinearFit(1e-3, 1e-9)})
     its = [[OpRecord(Op("expert", "fwd", 0, 0, "expert_fwd", n), "compute", 0, 0.0, t)]

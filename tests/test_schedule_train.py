@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fsmoe.config import SCHEDULES, ConfigError, load_config
-from fsmoe.schedule.baselines import POLICY_NAMES
-from fsmoe.schedule.profile import profile_from_points
+from fsmoe.schedule.model.baselines import POLICY_NAMES
+from fsmoe.schedule.model.profile import profile_from_points
 
 LAYOUT = ["--nproc", "4", "--ep", "2", "--esp", "2", "--gpus-per-node", "2"]
 SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "model.moe.experts.d_ff=32",
@@ -136,7 +136,7 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
     import csv
 
     from fsmoe.cli import main
-    from fsmoe.schedule.profile import Profile
+    from fsmoe.schedule.model.profile import Profile
 
     rows = list(csv.DictReader(open(tmp_path / "fsmoe" / "timeline_ops.csv")))
     assert {r["rank"] for r in rows} == {"0", "1", "2", "3"} and {"glue", "expert", "a2a_combine"} <= {r["kind"] for r in rows}

@@ -22,7 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     pt = sub.add_parser("train", help="tokens/s and MFU of a GPT-MoE training step (vs torchtitan)")
     train.add_arguments(pt)
     pt.set_defaults(func=train.run)
-    from fsmoe.schedule import bench as schedule_bench  # owned by the scheduler (fsmoe/schedule/bench.py)
+    from fsmoe.bench import schedule as schedule_bench
 
     ps = sub.add_parser("schedule", help="FSMoE layer grid under the five schedules (multi-process)")
     schedule_bench.add_arguments(ps)

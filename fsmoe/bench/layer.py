@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fsmoe.bench.common import bench_ms, device_info, profile_kernels, step_peak_memory_gb
 
-# name -> shape; the four of issue 4 (reference numbers: ../shared/bench/moe_layer_anchor.py, H100).
+# name -> shape; the four layer targets of docs/performance.md (H100).
 LAYER_CONFIGS = {
     "mixtral-like": dict(T=8192, D=4096, F=14336, E=8, K=2),
     "gpt2xl-moe16": dict(T=16384, D=1600, F=6400, E=16, K=2),
@@ -350,7 +350,7 @@ def run(args) -> int:
     out = {"kind": "layer", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
            "iters": args.iters, "configs": {}}
     try:
-        from fsmoe.kernels import resolve_kernels
+        from fsmoe.select import resolve_kernels
 
         out["meta"]["fsmoe_kernels"] = resolve_kernels("auto")
     except Exception:  # pragma: no cover
@@ -365,7 +365,7 @@ def run(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--configs", help=f"comma-separated, from {list(LAYER_CONFIGS)} (default: the four of issue 4)")
+    p.add_argument("--configs", help=f"comma-separated, from {list(LAYER_CONFIGS)} (default: the four layer targets)")
     p.add_argument("--preset", help="also/instead bench the MoE layer of this run preset (e.g. mixtral-8x7b)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per step for --preset (default 16384)")
     p.add_argument("--variants", help=f"comma-separated, from {VARIANTS} (default: all)")

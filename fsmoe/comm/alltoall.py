@@ -16,6 +16,7 @@ AlltoAll is the AlltoAll with the splits swapped.
 from __future__ import annotations
 
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import Launched, finish, launch_all_to_all
 
@@ -23,7 +24,7 @@ from fsmoe.comm.functional import Launched, finish, launch_all_to_all
 class AllToAllStage:
     """Stateless; one instance may serve every layer. ``group``: the EP process group."""
 
-    def __init__(self, group):
+    def __init__(self, group: ProcessGroup | None):
         self.group = group
 
     def launch(self, x_ND: Tensor, send_splits: tuple[int, ...], recv_splits: tuple[int, ...]) -> Launched:

@@ -22,6 +22,7 @@ elsewhere.
 from __future__ import annotations
 
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import (REDUCE_SCATTER_IMPLS, Launched, finish, launch_all_gather,
                                    launch_reduce_scatter)
@@ -30,7 +31,7 @@ from fsmoe.comm.functional import (REDUCE_SCATTER_IMPLS, Launched, finish, launc
 class EspStage:
     """Stateless; ``group``: the ESP process group; ``impl``: ReduceScatter implementation."""
 
-    def __init__(self, group, impl: str):
+    def __init__(self, group: ProcessGroup | None, impl: str):
         if impl not in REDUCE_SCATTER_IMPLS:
             raise ValueError(f"reduce-scatter impl {impl!r} is unknown; allowed: {list(REDUCE_SCATTER_IMPLS)}")
         self.group, self.impl = group, impl

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 # torch >= 2.12 renamed the *_into_tensor / *_tensor collectives; use whichever exists.
 all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -66,7 +67,7 @@ class _Box:
 # ---------------------------------------------------------------------------- raw collectives
 
 
-def _raw_reduce_scatter(out_RD: Tensor, in_PRD: Tensor, group, impl: str) -> None:
+def _raw_reduce_scatter(out_RD: Tensor, in_PRD: Tensor, group: ProcessGroup | None, impl: str) -> None:
     """Synchronous equal-size ReduceScatter: out = sum over ranks of their chunk for me."""
     if impl == "native":
         reduce_scatter_base(out_RD, in_PRD.contiguous(), group=group)
@@ -219,7 +220,8 @@ class _ReduceFromGroup(torch.autograd.Function):
 # ---------------------------------------------------------------------------- public API
 
 
-def launch_all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int], group) -> Launched:
+def launch_all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int],
+                      group: ProcessGroup | None) -> Launched:
     """Start an uneven AlltoAll: rows ``[sum(in_splits[:p]), +in_splits[p])`` of x_ND go to
     rank p; ``out_splits[p]`` rows arrive from rank p, rank-major. Returns R = sum(out_splits) rows."""
     box = _Box()
@@ -227,7 +229,7 @@ def launch_all_to_all(x_ND: Tensor, out_splits: list[int], in_splits: list[int],
     return Launched(box.work, y_RD, ("none",))
 
 
-def launch_all_gather(x_RD: Tensor, sizes_P: list[int], group, impl: str) -> Launched:
+def launch_all_gather(x_RD: Tensor, sizes_P: list[int], group: ProcessGroup | None, impl: str) -> Launched:
     """Start an uneven AllGather: rank p holds ``sizes_P[p]`` rows (this rank: x_RD); every rank
     gets all of them rank-major, ``sum(sizes_P)`` rows. Rows are padded to Rmax on the wire."""
     Rmax = max(sizes_P)
@@ -239,7 +241,7 @@ def launch_all_gather(x_RD: Tensor, sizes_P: list[int], group, impl: str) -> Lau
     return Launched(box.work, out, ("unpad", list(sizes_P), Rmax))
 
 
-def launch_reduce_scatter(y_GD: Tensor, sizes_P: list[int], group, impl: str) -> Launched:
+def launch_reduce_scatter(y_GD: Tensor, sizes_P: list[int], group: ProcessGroup | None, impl: str) -> Launched:
     """Start an uneven ReduceScatter: y_GD holds ``sizes_P[p]`` rows for each rank p (rank-major,
     G = sum(sizes_P)); rank p receives the sum over all ranks of their rows for p."""
     P, r = len(sizes_P), dist.get_rank(group)
@@ -272,21 +274,21 @@ def finish(launched: Launched) -> Tensor:
     return out.index_select(0, keep)
 
 
-def split_to_group(x: Tensor, group) -> Tensor:
+def split_to_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
     """Replicated x [P*B, ...] -> this rank's chunk [B, ...] (backward: AllGather)."""
     return _Split.apply(x, group)
 
 
-def gather_from_group(x: Tensor, group) -> Tensor:
+def gather_from_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
     """Per-rank chunks [B, ...] -> replicated [P*B, ...] (backward: keep own chunk)."""
     return _Gather.apply(x, group)
 
 
-def copy_to_group(x: Tensor, group) -> Tensor:
+def copy_to_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
     """Identity forward, AllReduce backward: the input of column-parallel compute."""
     return _CopyToGroup.apply(x, group)
 
 
-def reduce_from_group(x: Tensor, group) -> Tensor:
+def reduce_from_group(x: Tensor, group: ProcessGroup | None) -> Tensor:
     """AllReduce forward, identity backward: the output of row-parallel compute."""
     return _ReduceFromGroup.apply(x, group)

@@ -1,7 +1,8 @@
 """DispatchLayout: every split size a sharded dispatch needs, from one exchange of counts.
 
 Shape legend: P ranks of the EP group, S ranks of the ESP group, E global experts, El = E/P
-local experts (expert ids ``[p*El, (p+1)*El)`` live on EP rank p), D model dim.
+local experts (slots ``[p*El, (p+1)*El)`` of the placement's physical order live on EP rank p;
+with the default placement those are expert ids ``[p*El, (p+1)*El)``), D model dim.
 
 Counts are exchanged first: each rank of the ``moe`` group (the P*S ranks that trade tokens)
 all-gathers every rank's ``tokens_per_expert_E``, giving ``counts[p, s, e]`` = rows that the
@@ -16,48 +17,85 @@ further communication:
 
 The counts become Python ints (one host sync per layer and direction-pair), as any uneven
 AlltoAll needs. A hierarchical backend would add node-level sums of the same matrix.
+
+A layout is chunkable (:meth:`DispatchLayout.chunks`): chunk i of r takes the i-th r-th of every
+(source rank, expert) group, and is itself a ``DispatchLayout`` (of the chunk's counts, plus the
+rows of x_ND it sends), so the pipelined executor runs the very dispatch the sequential path
+runs, once per chunk; r = 1 is the sequential path.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import all_gather_base
+
+
+Range = tuple[int, int]  # rows [start, stop)
 
 
 @dataclass(frozen=True)
 class DispatchLayout:
     """Split sizes for one dispatch on one rank; all plain ints (no tensors, no device).
 
+    counts_PSE: the count matrix this layout was derived from, by logical expert (a chunk's own
+        counts for a chunk).
+    ep_rank, esp_rank: this rank's coordinates.
+    order_E: the logical expert in each physical slot, rank-major (``Placement.physical_order``):
+        EP rank p holds slots ``[p*El, (p+1)*El)``. Every field below is in physical order.
     num_sent: rows of x_ND this rank sends (its kept assignments; dropped rows are not sent).
     send_splits_P / recv_splits_P: EP AlltoAll row counts to / from each EP peer.
     gather_sizes_S: rows each ESP peer holds after the AlltoAll (the uneven AllGather sizes).
     blocks_SPEl: rows in the gathered buffer, block (s, p, e) in that (rank-major) order.
     tokens_per_local_expert_El: rows of each local expert after regrouping, summed over s, p.
+    src_ranges: the rows of x_ND this layout sends, in send order (``((0, num_sent),)`` for a
+        whole layer; one range per global expert for a chunk).
+    full_ranges: where this layout's expert-major rows sit in the whole layer's expert-major
+        rows (``((0, rows),)`` for a whole layer), so a pass at another degree finds them.
     """
 
+    counts_PSE: tuple[tuple[tuple[int, ...], ...], ...]
+    ep_rank: int
+    esp_rank: int
+    order_E: tuple[int, ...]
     num_sent: int
     send_splits_P: tuple[int, ...]
     recv_splits_P: tuple[int, ...]
     gather_sizes_S: tuple[int, ...]
     blocks_SPEl: tuple[tuple[tuple[int, ...], ...], ...]
     tokens_per_local_expert_El: tuple[int, ...]
+    src_ranges: tuple[Range, ...]
+    full_ranges: tuple[Range, ...]
 
     @staticmethod
-    def from_counts(counts_PSE: list, ep_rank: int, esp_rank: int) -> "DispatchLayout":
-        """counts_PSE: nested lists [P][S][E] of ints (see module docstring)."""
-        P, S, E = len(counts_PSE), len(counts_PSE[0]), len(counts_PSE[0][0])
+    def from_counts(counts_PSE: list, ep_rank: int, esp_rank: int, order_E: tuple[int, ...] | None = None,
+                    src_ranges: tuple[Range, ...] | None = None,
+                    full_ranges: tuple[Range, ...] | None = None) -> "DispatchLayout":
+        """counts_PSE: nested lists [P][S][E] of ints by logical expert (see module docstring);
+        order_E: the placement's physical order (default: expert p*El + j in slot j of rank p);
+        the ranges default to those of a whole layer."""
+        counts = tuple(tuple(tuple(int(c) for c in row) for row in ps) for ps in counts_PSE)
+        P, S, E = len(counts), len(counts[0]), len(counts[0][0])
+        order = tuple(range(E)) if order_E is None else tuple(order_E)
         El = E // P
+        phys = [[[row[e] for e in order] for row in ps] for ps in counts]  # [P][S][physical slot]
         mine = range(ep_rank * El, (ep_rank + 1) * El)
-        own = counts_PSE[ep_rank][esp_rank]
+        own = phys[ep_rank][esp_rank]
         send = tuple(sum(own[q * El:(q + 1) * El]) for q in range(P))
-        recv = tuple(sum(counts_PSE[p][esp_rank][e] for e in mine) for p in range(P))
-        blocks = tuple(tuple(tuple(counts_PSE[p][s][e] for e in mine) for p in range(P)) for s in range(S))
+        recv = tuple(sum(phys[p][esp_rank][k] for k in mine) for p in range(P))
+        blocks = tuple(tuple(tuple(phys[p][s][k] for k in mine) for p in range(P)) for s in range(S))
         gather = tuple(sum(map(sum, blocks[s])) for s in range(S))
         per_expert = tuple(sum(blocks[s][p][j] for s in range(S) for p in range(P)) for j in range(El))
-        return DispatchLayout(sum(own), send, recv, gather, blocks, per_expert)
+        if src_ranges is None:
+            logical = counts[ep_rank][esp_rank]
+            start = [sum(logical[:e]) for e in range(E)]
+            src_ranges = _merged(tuple((start[e], start[e] + logical[e]) for e in order))
+        return DispatchLayout(counts, ep_rank, esp_rank, order, sum(own), send, recv, gather, blocks, per_expert,
+                              src_ranges, full_ranges if full_ranges is not None else ((0, sum(per_expert)),))
 
     @property
     def block_sizes_rank_major(self) -> list[int]:
@@ -70,8 +108,79 @@ class DispatchLayout:
         S, P, El = len(self.blocks_SPEl), len(self.blocks_SPEl[0]), len(self.tokens_per_local_expert_El)
         return [(s * P + p) * El + e for e in range(El) for s in range(S) for p in range(P)]
 
+    # ------------------------------------------------------------------ chunks
+    def chunks(self, r: int) -> list["DispatchLayout"]:
+        """This (whole-layer) layout cut into r chunks. Chunk i holds rows ``[(i c)//r, ((i+1) c)//r)``
+        of every (source rank, expert) group of c rows, so every rank cuts every group the same
+        way with no communication; r = 1 returns ``[self]``."""
+        if r == 1:
+            return [self]
+        C, order = self.counts_PSE, self.order_E
+        P, S, E = len(C), len(C[0]), len(C[0][0])
+        El = E // P
+        mine = [order[k] for k in range(self.ep_rank * El, (self.ep_rank + 1) * El)]  # logical, slot order
+        cut = lambda c, i: (i * c) // r
+        own = C[self.ep_rank][self.esp_rank]
+        src_start = [sum(own[:e]) for e in range(E)]
+        # whole-layer expert-major order: blocks (slot, s, p)
+        full_start, off = {}, 0
+        for e in mine:
+            for s in range(S):
+                for p in range(P):
+                    full_start[e, s, p] = off
+                    off += C[p][s][e]
+        out = []
+        for i in range(r):
+            counts = [[[cut(c, i + 1) - cut(c, i) for c in row] for row in ps] for ps in C]
+            src = tuple((src_start[e] + cut(own[e], i), src_start[e] + cut(own[e], i + 1)) for e in order)
+            full = tuple((full_start[e, s, p] + cut(C[p][s][e], i), full_start[e, s, p] + cut(C[p][s][e], i + 1))
+                         for e in mine for s in range(S) for p in range(P))
+            out.append(DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, order, src, full))
+        return out
 
-def exchange_counts(tokens_per_expert_E: Tensor, group, ep: int, esp: int) -> list:
+    def take_rows(self, x_ND: Tensor) -> Tensor:
+        """The rows this layout sends, in send order (a view of x_ND for a whole layer)."""
+        if len(self.src_ranges) == 1:
+            a, b = self.src_ranges[0]
+            return x_ND[a:b]
+        return torch.cat([x_ND[a:b] for a, b in self.src_ranges])
+
+    def place_rows(self, y_sent: Tensor, num_rows: int) -> Tensor:
+        """Inverse of :meth:`take_rows` for a whole layer: [num_sent, D] -> [num_rows, D], the rows
+        never sent (dropped assignments, at the end) are 0."""
+        return assemble_rows([self], [y_sent], num_rows)
+
+
+def assemble_rows(layouts: list[DispatchLayout], ys: list[Tensor], num_rows: int) -> Tensor:
+    """Rows of layouts that together send each row of x_ND once (a layer's chunks), each in its
+    ``src_ranges`` order -> [num_rows, D] in x_ND order; rows never sent (at the end) are 0."""
+    if len(layouts) == 1 and len(layouts[0].src_ranges) == 1:
+        y = ys[0]
+    else:
+        pieces = [(a, piece) for c, y in zip(layouts, ys)
+                  for (a, b), piece in zip(c.src_ranges, torch.split(y, [b - a for a, b in c.src_ranges]))]
+        y = torch.cat([piece for _, piece in sorted(pieces, key=lambda t: t[0])])
+    return F.pad(y, (0, 0, 0, num_rows - y.shape[0]))
+
+
+def _merged(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
+    """Adjacent ranges joined (a contiguous placement sends one range: a view, no copy)."""
+    out: list[list[int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out) or ((0, 0),)
+
+
+def range_index(ranges: tuple[Range, ...], device) -> Tensor:
+    """[sum of lengths] int64: the concatenated aranges of ``ranges``."""
+    parts = [torch.arange(a, b, dtype=torch.int64) for a, b in ranges]
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)).to(device)
+
+
+def exchange_counts(tokens_per_expert_E: Tensor, group: ProcessGroup | None, ep: int, esp: int) -> list:
     """All-gather ``tokens_per_expert_E`` [E] over the moe group (ep*esp ranks, rank-major
     ``ep_rank*esp + esp_rank``); returns counts as nested lists [P][S][E] of ints."""
     E = tokens_per_expert_E.numel()

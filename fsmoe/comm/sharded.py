@@ -8,38 +8,33 @@ model dim.
 
 Dispatch (numbered as the scheduler sees it)::
 
-    1. exchange counts      all-gather tokens_per_expert over the moe group -> DispatchLayout
-    2. EP AlltoAll          x_ND[:num_sent] -> x_RD                (launch_dispatch / ep stage)
+    1. exchange counts      all-gather tokens_per_expert over the moe group -> DispatchLayout (layout)
+    2. EP AlltoAll          layout.take_rows(x_ND) -> x_RD         (launch_dispatch / ep stage)
     3. ESP AllGather        x_RD -> x_GD                           (finish_dispatch / esp stage)
     4. regroup (local)      blocks (s, p, e) -> (e, s, p)          -> experts(x_GD, counts_El)
 
-Combine is the mirror: regroup back, ESP ReduceScatter of the partial outputs, EP AlltoAll
-back, zero rows appended for the dropped assignments. Either stage is None when its group has
-one rank. A scheduler that pipelines chunks calls ``exchange`` once and then the stages
-(``self.ep``, ``self.esp``) and the regroup functions in ``fsmoe.comm.layout`` per chunk.
+Combine is the mirror: regroup back and ESP ReduceScatter of the partial outputs
+(launch_combine), EP AlltoAll back (finish_combine; ``combine`` appends zero rows for the dropped
+assignments). The EP collectives are issued only in launch_dispatch / finish_combine and the ESP
+ones only in finish_dispatch / launch_combine, so a scheduler that calls each pair from one lane
+issues every group's collectives in the same order on every rank. Either stage is None when its
+group has one rank. A scheduler that pipelines chunks calls ``layout`` once and the same
+launch/finish verbs on each of ``layout.chunks(r)``.
 
 Another backend (e.g. hierarchical inter-node then intra-node AlltoAll with token dedup) is a
 new stage with the same launch/finish shape plus its own fields derived from the same counts.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.alltoall import AllToAllStage
-from fsmoe.comm.dispatcher import DispatchHandle, Dispatcher, Pending
+from fsmoe.comm.dispatcher import DispatchHandle, Dispatcher, Pending, counts_tensor
 from fsmoe.comm.esp import EspStage
 from fsmoe.comm.layout import DispatchLayout, exchange_counts, from_expert_major, to_expert_major
-
-
-@dataclass(frozen=True)
-class ShardedHandle(DispatchHandle):
-    """num_rows: N; layout: the split sizes of this dispatch (combine reuses them)."""
-
-    layout: DispatchLayout
+from fsmoe.placement.placement import Placement
+from fsmoe.routing.plan import RoutingPlan
 
 
 class ShardedDispatcher(Dispatcher):
@@ -47,49 +42,57 @@ class ShardedDispatcher(Dispatcher):
 
     num_experts: E (global); ep, esp: group sizes; ep_rank, esp_rank: this rank's coordinates;
     counts_group: the ``moe`` group (ep*esp ranks) over which counts are exchanged;
-    ep_stage / esp_stage: the stages (None for a group of one).
+    ep_stage / esp_stage: the stages (None for a group of one); placement: which EP rank and slot
+    hold each expert (default: contiguous ranges).
     """
 
-    def __init__(self, num_experts: int, *, ep: int, esp: int, ep_rank: int, esp_rank: int, counts_group,
-                 ep_stage: AllToAllStage | None, esp_stage: EspStage | None):
-        if num_experts % ep:
-            raise ValueError(f"EP={ep} does not divide num_experts={num_experts}")
-        self.num_experts, self.num_local_experts = num_experts, num_experts // ep
+    def __init__(self, num_experts: int, *, ep: int, esp: int, ep_rank: int, esp_rank: int,
+                 counts_group: ProcessGroup | None, ep_stage: AllToAllStage | None, esp_stage: EspStage | None,
+                 placement: Placement | None = None):
+        placement = placement or Placement.contiguous(num_experts, ep)
+        if placement.num_experts != num_experts or placement.ranks != ep:
+            raise ValueError(f"placement of {placement.num_experts} experts on {placement.ranks} ranks does not "
+                             f"fit num_experts={num_experts}, EP={ep}")
+        if placement.has_replicas:
+            raise ValueError("ShardedDispatcher sends each expert's rows to one slot: replicas are not supported")
+        self.num_experts, self.num_local_experts = num_experts, placement.slots_per_rank
         self.ep_size, self.esp_size, self.ep_rank, self.esp_rank = ep, esp, ep_rank, esp_rank
-        self.counts_group, self.ep, self.esp = counts_group, ep_stage, esp_stage
+        self.counts_group, self.ep, self.esp, self.placement = counts_group, ep_stage, esp_stage, placement
 
-    def exchange(self, tokens_per_expert_E: Tensor) -> DispatchLayout:
+    def with_placement(self, placement: Placement) -> "ShardedDispatcher":
+        """The same dispatcher sending by another placement."""
+        return ShardedDispatcher(self.num_experts, ep=self.ep_size, esp=self.esp_size, ep_rank=self.ep_rank,
+                                 esp_rank=self.esp_rank, counts_group=self.counts_group, ep_stage=self.ep,
+                                 esp_stage=self.esp, placement=placement)
+
+    def layout(self, plan: RoutingPlan) -> DispatchLayout:
         """Step 1 (collective, host sync): every rank's counts -> this rank's split sizes."""
-        counts = exchange_counts(tokens_per_expert_E, self.counts_group, self.ep_size, self.esp_size)
-        return DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank)
+        counts = exchange_counts(plan.tokens_per_expert_E, self.counts_group, self.ep_size, self.esp_size)
+        return DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, self.placement.physical_order)
 
-    def launch_dispatch(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Pending:
-        layout = self.exchange(tokens_per_expert_E)
-        x_sent = x_ND[: layout.num_sent]
+    def launch_dispatch(self, x_ND: Tensor, layout: DispatchLayout) -> Pending:
+        x_sent = layout.take_rows(x_ND)
         if self.ep is None:
             return Pending(None, (layout, x_sent, x_ND.shape[0]))
         launched = self.ep.launch(x_sent, layout.send_splits_P, layout.recv_splits_P)
         return Pending(launched.work, (layout, launched, x_ND.shape[0]))
 
-    def finish_dispatch(self, pending: Pending) -> tuple[Tensor, Tensor, ShardedHandle]:
+    def finish_dispatch(self, pending: Pending) -> tuple[Tensor, Tensor, DispatchHandle]:
         layout, in_flight, num_rows = pending.state
         x_RD = in_flight if self.ep is None else self.ep.finish(in_flight)
         x_GD = x_RD if self.esp is None else self.esp.finish_gather(
             self.esp.launch_gather(x_RD, layout.gather_sizes_S))
-        counts_El = torch.tensor(layout.tokens_per_local_expert_El, dtype=torch.int64, device=x_GD.device)
-        return to_expert_major(x_GD, layout), counts_El, ShardedHandle(num_rows, layout)
+        return to_expert_major(x_GD, layout), counts_tensor(layout, x_GD), DispatchHandle(num_rows, layout)
 
-    def launch_combine(self, y_GD: Tensor, handle: ShardedHandle) -> Pending:
+    def launch_combine(self, y_GD: Tensor, handle: DispatchHandle) -> Pending:
         layout = handle.layout
         y_GD = from_expert_major(y_GD, layout)
         y_RD = y_GD if self.esp is None else self.esp.finish_scatter(
             self.esp.launch_scatter(y_GD, layout.gather_sizes_S))
-        if self.ep is None:
-            return Pending(None, (y_RD, handle))
-        launched = self.ep.launch(y_RD, layout.recv_splits_P, layout.send_splits_P)
-        return Pending(launched.work, (launched, handle))
+        return Pending(None, (y_RD, layout))
 
     def finish_combine(self, pending: Pending) -> Tensor:
-        in_flight, handle = pending.state
-        y_sent = in_flight if self.ep is None else self.ep.finish(in_flight)
-        return F.pad(y_sent, (0, 0, 0, handle.num_rows - y_sent.shape[0]))
+        y_RD, layout = pending.state
+        if self.ep is None:
+            return y_RD
+        return self.ep.finish(self.ep.launch(y_RD, layout.recv_splits_P, layout.send_splits_P))

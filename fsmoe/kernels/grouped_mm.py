@@ -24,7 +24,7 @@ def grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
 
 class _ContiguousGrad(torch.autograd.Function):
     """Identity whose backward makes the incoming gradient contiguous: grouped_mm rejects the
-    stride-0 gradients that e.g. ``y.sum().backward()`` produces (see notes/toolchain.md)."""
+    stride-0 gradients that e.g. ``y.sum().backward()`` produces."""
 
     @staticmethod
     def forward(ctx, x):

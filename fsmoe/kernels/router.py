@@ -54,3 +54,8 @@ def softmax_topk(logits_TE: Tensor, k: int, normalize: bool) -> tuple[Tensor, Te
     if not logits_TE.is_cuda:
         return softmax_topk_ref(logits_TE, k, normalize)
     return _SoftmaxTopK.apply(logits_TE, k, normalize)
+
+
+def softmax_topk_fn(impl: str):
+    """``(logits_TE, k, normalize) -> (probs_TE, weights_TK, ids_TK)`` for ``impl`` 'torch' | 'triton'."""
+    return softmax_topk if impl == "triton" else softmax_topk_ref

@@ -70,7 +70,7 @@ def _gather_sum_kernel(src_ptr, slots_ptr, eid_ptr, w_ptr, out_ptr, D, E, stride
         tl.store(out_ptr + t * stride_o + c, acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-# Block width along D of the gather-sum. Measured on an H100 (benchmarks/launch_probe.py, bf16,
+# Block width along D of the gather-sum. Measured on an H100 (fsmoe/bench/launch_probe.py, bf16,
 # T=16384): D=2048, K=8: 259 us at 1024 columns vs 390 at 512 and 1270 at 256; D=4096, K=2: 112 us
 # at 1024 vs 124 at 4096; 8 warps was slower everywhere.
 GATHER_SUM_BLOCK_D = 1024

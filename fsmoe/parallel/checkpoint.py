@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, get_sharding
+from fsmoe.placement.placement import Placement
 
 MESH_DIMS = {"dense": ("dp", "mp"), "moe": ("edp", "ep", "esp")}
 
@@ -75,6 +76,11 @@ def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGro
     parameters and their same-shaped optimizer tensors as global DTensors. New dicts (the input's
     may be the optimizer's own); the tensors are shared, so DCP loads into them in place."""
     params = dict(model.named_parameters())
+    moved = [name for name, m in model.named_modules()
+             if isinstance(getattr(m, "placement", None), Placement) and not m.placement.is_contiguous]
+    if moved:
+        raise ValueError(f"{moved[0]}: checkpoints hold experts in logical order, by contiguous EP shards; "
+                         f"migrate back to Placement.contiguous before saving")
 
     def wrap(name: str, t: Any) -> Any:
         p = params.get(name)

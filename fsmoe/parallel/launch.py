@@ -7,7 +7,7 @@
 it), starts the process group with ``parallel.timeout_s`` as the collective timeout, starts the
 fail-fast watchdog and builds the :class:`ParallelGroups`.
 
-No hangs (user-needs B.5/B.6): when one rank raises, :func:`run_guarded` prints its error once,
+No hangs: when one rank raises, :func:`run_guarded` prints its error once,
 posts it to the rendezvous store and exits non-zero; every other rank's watchdog thread sees the
 post (or loses the store) within ``POLL_S`` and exits non-zero too, even if it is blocked inside a
 collective. A rank that hangs without raising is caught by the collective timeout on its peers,
@@ -242,3 +242,48 @@ def parallel_overrides(args) -> list[str]:
 def wants_torchrun(args) -> bool:
     """``--nproc N`` (N > 1) outside torchrun: this process only launches the workers."""
     return (getattr(args, "nproc", None) or 1) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+# ---------------------------------------------------------------- other multi-process commands
+
+
+def add_command_arguments(parser, *, nproc: int = 1, ep: int = 1, esp: int = 1, gpus_per_node: int | None = None
+                          ) -> None:
+    """``--nproc --ep --esp --gpus-per-node --device --timeout`` of a command that runs on the
+    MoE groups only (``fsmoe profile``, ``fsmoe bench schedule``); every process is data-parallel."""
+    parser.add_argument("--nproc", type=int, default=nproc, help="processes (started under torchrun)")
+    parser.add_argument("--ep", type=int, default=ep)
+    parser.add_argument("--esp", type=int, default=esp)
+    parser.add_argument("--gpus-per-node", type=int, default=gpus_per_node, help="simulated node size")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--timeout", type=float, default=ParallelConfig.timeout_s, metavar="S",
+                        help="collective timeout: a rank stuck this long fails, and every rank stops")
+
+
+def run_command(args, main) -> int:
+    """The launcher of every multi-process command besides ``fsmoe train``.
+
+    1. ``--nproc N`` outside torchrun: this process only spawns N workers running the same
+       command line under torchrun, and returns their exit code.
+    2. In a worker (or in one process): start the process group with ``--timeout`` as the
+       collective timeout, the fail-fast watchdog and the groups (``--ep --esp
+       --gpus-per-node``, every process data-parallel).
+    3. Run ``main(groups, device) -> exit code`` under :func:`run_guarded`: a rank that raises
+       stops every rank; a rank that hangs is caught by its peers' collective timeout.
+    """
+    if wants_torchrun(args):
+        return spawn_torchrun(args.nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if not use_cuda:
+        torch.set_num_threads(1)  # the lanes' threads and the peers share the cores
+    cfg = ParallelConfig(dp=world_size_from_env(), ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node,
+                         timeout_s=args.timeout)
+
+    def guarded() -> int:
+        groups = init_distributed(cfg, "cuda" if use_cuda else "cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        code = main(groups, device)
+        shutdown_distributed()
+        return code
+
+    return run_guarded(guarded)

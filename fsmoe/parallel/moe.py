@@ -27,11 +27,12 @@ from fsmoe.comm.functional import gather_from_group, reduce_scatter_impl_for, sp
 from fsmoe.comm.sharded import ShardedDispatcher
 from fsmoe.config import ConfigError, MoEConfig
 from fsmoe.experts import GroupedExperts
-from fsmoe.kernels import resolve_kernels
 from fsmoe.kernels.experts import FusedGroupedExperts
-from fsmoe.layer import MoELayer, MoEStats
+from fsmoe.layer import Executor, MoELayer, MoEStats
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, set_sharding, tag_module
+from fsmoe.placement.placement import Placement
+from fsmoe.select import resolve_kernels
 
 EXPERT_SHARDING = {  # weight name -> how it is split (dim 0 experts over ep, f over esp)
     "w1_EDF": ParamSharding("edp", ((0, "ep"), (2, "esp"))),
@@ -42,8 +43,9 @@ PARTIAL = ParamSharding("world")  # sees this rank's tokens only
 
 
 class _ExpertShard:
-    """Mixin for an experts class (``GroupedExperts`` or its fused subclass): this rank holds
-    experts ``[ep_rank*El, (ep_rank+1)*El)``, hidden columns ``[esp_rank*F, (esp_rank+1)*F)``.
+    """Mixin for an experts class (``GroupedExperts`` or its fused subclass): this rank holds the
+    experts its ``placement`` puts on ``ep_rank`` (slot order; default ``[ep_rank*El,
+    (ep_rank+1)*El)``), hidden columns ``[esp_rank*F, (esp_rank+1)*F)``.
 
     ``reset_parameters`` draws the *full* ``[E, D, d_ff]`` tensors and keeps this shard, so every
     layout starts from the weights one process would have.
@@ -55,14 +57,24 @@ class _ExpertShard:
             raise ConfigError("parallel.ep", ep, f"EP={ep} does not divide num_experts={num_experts}")
         if d_ff % esp:
             raise ConfigError("parallel.esp", esp, f"ESP={esp} does not divide experts.d_ff={d_ff}")
-        self.num_experts_total = num_experts
-        self.expert_offset = ep_rank * (num_experts // ep)
+        self.num_experts_total, self.ep_rank = num_experts, ep_rank
+        self.placement = Placement.contiguous(num_experts, ep)
         super().__init__(num_experts // ep, d_model, d_ff, activation, esp=esp, esp_rank=esp_rank)
         for name, p in self.named_parameters():
             set_sharding(p, EXPERT_SHARDING[name])
 
+    @property
+    def expert_ids(self) -> list[int]:
+        """The logical expert in each of this rank's slots."""
+        return list(self.placement.experts_on(self.ep_rank))
+
+    @property
+    def expert_offset(self) -> int:
+        """The first expert of this rank (its experts are contiguous under the default placement)."""
+        return self.expert_ids[0]
+
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        E, El, e0 = self.num_experts_total, self.num_experts, self.expert_offset
+        E, ids = self.num_experts_total, self.expert_ids
         F_, f0 = self.w1_EDF.shape[2], self.f_offset
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -71,15 +83,15 @@ class _ExpertShard:
                 shape[f_dim] = self.d_ff_full
                 fan_in = self.d_ff_full if name == "w2_EFD" else self.d_model
                 full = torch.randn(shape, generator=generator, device=p.device) / math.sqrt(fan_in)
-                p.copy_(full[e0:e0 + El].narrow(f_dim, f0, F_))
+                p.copy_(full[ids].narrow(f_dim, f0, F_))
 
     def load_full(self, full: GroupedExperts) -> None:
         """Copy this shard out of a one-process ``GroupedExperts`` holding every expert."""
-        El, e0, F_, f0 = self.num_experts, self.expert_offset, self.w1_EDF.shape[2], self.f_offset
+        ids, F_, f0 = self.expert_ids, self.w1_EDF.shape[2], self.f_offset
         with torch.no_grad():
             for name, p in self.named_parameters():
                 f_dim = 1 if name == "w2_EFD" else 2
-                p.copy_(getattr(full, name)[e0:e0 + El].narrow(f_dim, f0, F_))
+                p.copy_(getattr(full, name)[ids].narrow(f_dim, f0, F_))
 
 
 class ShardedGroupedExperts(_ExpertShard, GroupedExperts):
@@ -91,7 +103,7 @@ class ShardedFusedGroupedExperts(_ExpertShard, FusedGroupedExperts):
 
 
 def sharded_experts_class(kernels: str):
-    """The sharded counterpart of ``fsmoe.kernels.select.experts_class(kernels)``."""
+    """The sharded counterpart of ``fsmoe.select.experts_class(kernels)``."""
     return ShardedFusedGroupedExperts if kernels == "triton" else ShardedGroupedExperts
 
 
@@ -129,12 +141,12 @@ class ParallelMoELayer(MoELayer):
     """
 
     def __init__(self, cfg: MoEConfig, d_model: int, groups: ParallelGroups, *, router=None, order=None,
-                 reduce_scatter_impl: str | None = None):
+                 reduce_scatter_impl: str | None = None, executor: Executor | None = None):
         experts = sharded_experts_class(resolve_kernels(cfg.kernels))(
             cfg.num_experts, d_model, cfg.experts.d_ff, cfg.experts.activation, ep=groups.ep, ep_rank=groups.ep_rank,
             esp=groups.esp, esp_rank=groups.esp_rank)
         super().__init__(cfg, d_model, dispatcher=build_dispatcher(cfg, groups, reduce_scatter_impl),
-                         experts=experts, order=order, router=router)
+                         experts=experts, order=order, router=router, executor=executor)
         self.mp, self.mp_group = groups.mp, groups.mp_group
         self.router.balance_group = groups.world_group  # loads / balance statistics over all tokens
         tag_module(self, PARTIAL)
@@ -145,7 +157,7 @@ class ParallelMoELayer(MoELayer):
         """Shard a one-process layer: same router, shared experts and hooks; experts sliced."""
         with torch.random.fork_rng(devices=[]):  # construction draws are discarded: leave the RNG as it was
             new = ParallelMoELayer(layer.cfg, layer.d_model, groups, router=layer.router, order=layer.order,
-                                   reduce_scatter_impl=reduce_scatter_impl)
+                                   reduce_scatter_impl=reduce_scatter_impl, executor=layer.executor)
         new.experts.load_full(layer.experts)
         new.shared = layer.shared
         new._hooks = layer._hooks

@@ -97,8 +97,3 @@ def tag_module(module: nn.Module, sharding: ParamSharding) -> None:
     for p in module.parameters():
         if not hasattr(p, _ATTR):
             set_sharding(p, sharding)
-
-
-def param_shardings(model: nn.Module) -> dict[str, ParamSharding]:
-    """name -> ParamSharding for every parameter (tied parameters once)."""
-    return {name: get_sharding(p) for name, p in model.named_parameters()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import copy_to_group, reduce_from_group
 from fsmoe.config import ConfigError
@@ -32,7 +33,7 @@ from fsmoe.parallel.sharding import REPLICATED, ParamSharding, set_sharding, tag
 class ColumnParallelLinear(nn.Module):
     """y_local = x W_local^T + b_local; W_local: rows ``[rank*O/mp, (rank+1)*O/mp)`` of W."""
 
-    def __init__(self, linear: nn.Linear, group, size: int, rank: int):
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None, size: int, rank: int):
         super().__init__()
         rows = linear.out_features // size
         self.group, self.in_features, self.out_features = group, linear.in_features, rows
@@ -50,7 +51,7 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = AllReduce(x_local W_local^T) + b; W_local: columns ``[rank*I/mp, (rank+1)*I/mp)``."""
 
-    def __init__(self, linear: nn.Linear, group, size: int, rank: int):
+    def __init__(self, linear: nn.Linear, group: ProcessGroup | None, size: int, rank: int):
         super().__init__()
         cols = linear.in_features // size
         self.group, self.in_features, self.out_features = group, cols, linear.out_features

@@ -4,7 +4,7 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
 
     build_model   build the full model from the seed, then ``parallelize`` (slices shards)
     build_schedule  ``parallel.schedule`` != "default": plan it, install the pipelined executor
-                  and GradSync (fsmoe.schedule.training; docs/scheduler.md "In training")
+                  and GradSync (fsmoe.schedule.run.training; docs/scheduler.md "In training")
     sync_grads    fsmoe.parallel.grads.sync_grads (each parameter over its own group, / dp); the
                   dense (dp) part is AllReduced in buckets during backward (grad_buckets), or under
                   a pipelined schedule by GradSync's partitions, finished first
@@ -77,7 +77,7 @@ class ParallelTrainer(Trainer):
 
     def build_schedule(self):
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
-        from fsmoe.schedule.training import TrainingSchedule
+        from fsmoe.schedule.run.training import TrainingSchedule
 
         return TrainingSchedule.build(self.cfg, self.model, self.groups, self.device, self.run_dir, self.is_writer,
                                       start_step=self.step)
@@ -93,7 +93,7 @@ class ParallelTrainer(Trainer):
         if ts is None or ts.grad_sync is None:
             sync_grads(self.model, self.groups)
             return
-        from fsmoe.schedule.training import sync_other_kinds
+        from fsmoe.schedule.run.training import sync_other_kinds
 
         ts.sync_dense(self.model)
         sync_other_kinds(self.model, self.groups)

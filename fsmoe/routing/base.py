@@ -44,7 +44,7 @@ class Router(nn.Module):
         """Called by the trainer after each optimizer step (e.g. aux-loss-free bias update)."""
 
     def use_kernels(self, impl: str) -> None:
-        """Build-time choice of kernels, ``'torch'`` or ``'triton'`` (see fsmoe.kernels.select);
+        """Build-time choice of kernels, ``'torch'`` or ``'triton'`` (see fsmoe.select);
         routers with a fused path override this. Called once by MoELayer after construction."""
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fsmoe.kernels.select import plan_from_topk_fn, softmax_topk_fn
+from fsmoe.kernels.router import softmax_topk_fn
 from fsmoe.routing import register_router
 from fsmoe.routing.base import Router, add_common_losses, load_balancing_loss
 from fsmoe.routing.plan import RoutingPlan, count_experts, expert_capacity
@@ -24,11 +24,9 @@ class GShardRouter(Router):
         super().__init__(cfg, d_model, num_experts)
         self.proj = nn.Linear(d_model, num_experts, bias=False)
         self.softmax_topk = softmax_topk_fn("torch")  # (logits, k, normalize) -> probs, weights, ids
-        self.plan_from_topk = plan_from_topk_fn("torch")  # RoutingPlan.from_topk or a fused equivalent
 
     def use_kernels(self, impl: str) -> None:
         self.softmax_topk = softmax_topk_fn(impl)
-        self.plan_from_topk = plan_from_topk_fn(impl)
 
     def forward(self, x_TD: Tensor, seq_len: int) -> RoutingPlan:
         cfg, E, K = self.cfg, self.num_experts, self.cfg.top_k
@@ -43,4 +41,4 @@ class GShardRouter(Router):
             losses["load_balance"] = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, K, self.balance_group)
         add_common_losses(cfg, logits_TE, losses)  # z-loss on the learned logits, not the noise
         cap = None if cfg.capacity_factor is None else expert_capacity(x_TD.shape[0], K, E, cfg.capacity_factor)
-        return self.plan_from_topk(ids_TK, w_TK.to(x_TD.dtype), E, cap, aux_losses=losses, probs_TE=probs_TE)
+        return RoutingPlan.from_topk(ids_TK, w_TK.to(x_TD.dtype), E, cap, aux_losses=losses, probs_TE=probs_TE)

@@ -1,20 +1,15 @@
-"""The FSMoE scheduler: profiling, performance models, r and gradient partitions, the pipelined
-executor and its timelines (docs/scheduler.md).
+"""The FSMoE scheduler (docs/scheduler.md), in three parts that depend one way:
 
-    profile = Profile.load("runs/profiles/x.json")            # fsmoe profile
-    schedule = plan(LayerSpec(...), parallel_cfg, profile)     # pure: -> Schedule
-    layer.executor = PipelinedExecutor(layer.experts, MoEStages.from_groups(groups),
-                                       make_engine(device), schedule.layer_schedule())
+    types.py   the contracts: LayerSpec, Layout, GarPlan, LayerSchedule, Schedule, Lanes, Op
+    model/     pure (no torch.distributed): Profile fits, performance models, the optimizer,
+               the five policies, ``plan``, the schedule program and its simulation
+    run/       the runtime: thread/stream engines, the pipelined executor, gradient sync,
+               the profiler, and what ``fsmoe train`` installs
+
+    profile = Profile.load("runs/profiles/x.json")              # fsmoe profile
+    schedule = plan(LayerSpec(...), Layout(...), profile)        # pure: -> Schedule
+    executor = PipelinedExecutor(dispatcher, engine, schedule.layer_schedule())
+    layer = MoELayer(cfg, d_model, dispatcher=dispatcher, executor=executor)
+
+The package imports nothing eagerly: import from the module that defines a name.
 """
-from fsmoe.schedule.baselines import POLICY_NAMES, Schedule
-from fsmoe.schedule.engine import Recorder, make_engine
-from fsmoe.schedule.executor import LayerSchedule, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.perf_model import LayerSpec, Layout
-from fsmoe.schedule.plan import explain, plan, plan_all
-from fsmoe.schedule.profile import LinearFit, Profile, refit
-from fsmoe.schedule.stages import MoEStages
-
-__all__ = ["POLICY_NAMES", "GarPlan", "GradSync", "LayerSchedule", "LayerSpec", "Layout", "LinearFit", "MoEStages",
-           "PipelinedExecutor", "Profile", "Recorder", "Schedule", "explain", "make_engine", "plan", "plan_all",
-           "refit"]

@@ -39,9 +39,9 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from fsmoe.config import load_config
-    from fsmoe.schedule.perf_model import LayerSpec, Layout
-    from fsmoe.schedule.plan import explain, plan
-    from fsmoe.schedule.profile import Profile
+    from fsmoe.schedule.types import LayerSpec, Layout
+    from fsmoe.schedule.model.plan import explain, plan
+    from fsmoe.schedule.model.profile import Profile
 
     cfg = load_config(args.config, args.set)
     spec = LayerSpec.from_run_config(cfg)

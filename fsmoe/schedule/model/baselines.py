@@ -13,52 +13,20 @@ overlap). Lina's chunk size is fixed at a quarter of one block's dense gradients
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 
-from fsmoe.schedule.executor import LayerSchedule
-from fsmoe.schedule.grad_sync import GarPlan
-from fsmoe.schedule.optimizer import choose_r, partition_gradients, pipemoe_r, pow2_candidates, slsqp_r
-from fsmoe.schedule.perf_model import LayerSpec, Layout, chunk_times, layer_time, layer_work
-from fsmoe.schedule.profile import Profile
-from fsmoe.schedule.simulate import simulate_iteration, simulate_layer
+from fsmoe.schedule.model.optimizer import choose_r, partition_gradients, pipemoe_r, pow2_candidates, slsqp_r
+from fsmoe.schedule.model.perf_model import chunk_times, layer_time, layer_work
+from fsmoe.schedule.model.profile import Profile
+from fsmoe.schedule.model.simulate import simulate_iteration, simulate_layer
+from fsmoe.schedule.types import GarPlan, LayerSpec, Layout, Schedule
 
 POLICY_NAMES = ("default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe")
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """What the executor runs, and what the models predicted for it."""
-
-    policy: str
-    r_fwd: int
-    r_bwd: int
-    iio: bool
-    gar: GarPlan = GarPlan()
-    case_fwd: int = 0  # FSMoE case (1-4) that bounds the forward / backward (0: not modelled)
-    case_bwd: int = 0
-    r_fwd_cont: float = 0.0  # SLSQP's continuous optimum before rounding
-    r_bwd_cont: float = 0.0
-    predicted_fwd_s: float = 0.0  # simulated forward of the block stack
-    predicted_iter_s: float = 0.0  # simulated iteration (forward + backward + last AllReduce)
-    candidates: tuple = ()  # (name, seconds) of what the optimiser compared
-    meta: dict = field(default_factory=dict)
-
-    def layer_schedule(self) -> LayerSchedule:
-        return LayerSchedule(self.r_fwd, self.r_bwd, self.iio)
-
-    def with_prediction(self, spec: LayerSpec, layout: Layout, profile: Profile) -> "Schedule":
-        sim = simulate_iteration(spec, layout, profile, self.r_fwd, self.r_bwd, self.iio, self.gar)
-        return dataclasses.replace(self, predicted_fwd_s=sim.fwd_s, predicted_iter_s=sim.iter_s)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "Schedule":
-        d = dict(d)
-        d["gar"] = GarPlan(d["gar"]["mode"], tuple(d["gar"]["window_bytes"]), d["gar"]["chunk_bytes"])
-        d["candidates"] = tuple(tuple(c) for c in d.get("candidates", ()))
-        return Schedule(**d)
+def with_prediction(schedule: Schedule, spec: LayerSpec, layout: Layout, profile: Profile) -> Schedule:
+    """``schedule`` with its simulated forward and iteration times filled in."""
+    sim = simulate_iteration(spec, layout, profile, schedule.r_fwd, schedule.r_bwd, schedule.iio, schedule.gar)
+    return dataclasses.replace(schedule, predicted_fwd_s=sim.fwd_s, predicted_iter_s=sim.iter_s)
 
 
 def _reduces(layout: Layout, profile: Profile) -> bool:
@@ -69,19 +37,19 @@ def _reduces(layout: Layout, profile: Profile) -> bool:
 
 
 def default(spec: LayerSpec, layout: Layout, profile: Profile) -> Schedule:
-    return Schedule("default", 1, 1, iio=False, gar=GarPlan("end")).with_prediction(spec, layout, profile)
+    return with_prediction(Schedule("default", 1, 1, iio=False, gar=GarPlan("end")), spec, layout, profile)
 
 
 def tutel_improved(spec: LayerSpec, layout: Layout, profile: Profile) -> Schedule:
     r = pipemoe_r(layer_work(spec, layout), profile, layout)
-    return Schedule("tutel_improved", r, r, iio=False, gar=GarPlan("ready")).with_prediction(spec, layout, profile)
+    return with_prediction(Schedule("tutel_improved", r, r, iio=False, gar=GarPlan("ready")), spec, layout, profile)
 
 
 def pipemoe_lina(spec: LayerSpec, layout: Layout, profile: Profile) -> Schedule:
     r = pipemoe_r(layer_work(spec, layout), profile, layout)
     chunk = max(spec.grad_bytes, spec.gar_bytes // 4)
-    return Schedule("pipemoe_lina", r, r, iio=False,
-                    gar=GarPlan("chunks", chunk_bytes=chunk)).with_prediction(spec, layout, profile)
+    schedule = Schedule("pipemoe_lina", r, r, iio=False, gar=GarPlan("chunks", chunk_bytes=chunk))
+    return with_prediction(schedule, spec, layout, profile)
 
 
 # ---------------------------------------------------------------------------- FSMoE

@@ -1,6 +1,6 @@
 """Performance models of one MoE layer: workloads, per-chunk op times, FSMoE's four cases.
 
-Notation (FSMoE §4; ``../shared/notes/fsmoe.md`` §2-3):
+Notation (FSMoE §4):
     r        pipeline degree: the routed rows are cut into r chunks
     t_x(r)   time of op x on one chunk = alpha_x + (n_x / r) * beta_x
     a2a      EP AlltoAll (dispatch and combine: two per chunk), inter-node when EP spans nodes
@@ -41,171 +41,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsmoe.schedule.profile import Profile, qualified
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One MoE transformer block as FSMoE's grid describes it (per data-parallel rank).
-
-    batch B sequences of seq_len L tokens per rank, model dim M = d_model, expert hidden H = d_ff
-    (whole expert, before ESP sharding), top_k k of num_experts E, capacity_factor f (None =
-    dropless), activation 'gelu' (simple FFN, 2 GEMMs) or 'swiglu' (Mixtral FFN, 3 GEMMs);
-    n_layers identical blocks (gradient partitioning spans them); dtype_bytes of activations,
-    grad_bytes of the dense gradients the Gradient-AllReduce moves (4 when fp32 parameters train
-    under bf16 autocast, as ``fsmoe train`` does).
-    """
-
-    batch: int
-    seq_len: int
-    d_model: int
-    d_ff: int
-    num_experts: int
-    top_k: int = 2
-    n_heads: int = 8
-    capacity_factor: float | None = None
-    activation: str = "gelu"
-    n_layers: int = 1
-    dtype_bytes: int = 4
-    grad_bytes: int = 4
-
-    def __post_init__(self):
-        for name in ("batch", "seq_len", "d_model", "d_ff", "num_experts", "top_k", "n_heads", "n_layers",
-                     "dtype_bytes", "grad_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"LayerSpec.{name}={v!r} is invalid: must be an integer >= 1")
-        if self.activation not in ("gelu", "swiglu"):
-            raise ValueError(f"LayerSpec.activation={self.activation!r} is invalid: allowed gelu, swiglu")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError(f"LayerSpec.capacity_factor={self.capacity_factor!r} is invalid: must be > 0")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"LayerSpec.n_heads={self.n_heads} must divide d_model={self.d_model}")
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq_len
-
-    @property
-    def gemms(self) -> int:
-        return 3 if self.activation == "swiglu" else 2
-
-    @property
-    def routed_rows(self) -> int:
-        """Rows one rank sends per layer with balanced routing (capacity caps them)."""
-        frac = 1.0 if self.capacity_factor is None else min(1.0, self.capacity_factor)
-        return int(round(self.top_k * self.tokens * frac))
-
-    @property
-    def gar_bytes(self) -> int:
-        """Bytes of one block's dense gradients (what the Gradient-AllReduce reduces)."""
-        return self.dense_params * self.grad_bytes
-
-    @property
-    def dense_params(self) -> int:
-        """Parameters of the block that are data-parallel: attention (QKV, O with biases),
-        the router, two LayerNorms. Their gradients are what the Gradient-AllReduce reduces."""
-        M = self.d_model
-        return 4 * M * M + 4 * M + M * self.num_experts + 4 * M
-
-    @property
-    def dense_tag(self) -> str:
-        """Shape of the attention block, for its shape-specific fits (``dense_fwd@<tag>``)."""
-        return f"b{self.batch}l{self.seq_len}m{self.d_model}h{self.n_heads}B{self.dtype_bytes}"
-
-    @property
-    def glue_tag(self) -> str:
-        """Shape of a block's unscheduled host work (router, Order, norms): ``glue_fwd@<tag>``."""
-        return f"b{self.batch}l{self.seq_len}m{self.d_model}e{self.num_experts}k{self.top_k}B{self.dtype_bytes}"
-
-    @property
-    def dense_macs(self) -> int:
-        """Multiply-adds of the attention block forward: projections + scores + weighted sum."""
-        return 4 * self.tokens * self.d_model ** 2 + 2 * self.batch * self.seq_len ** 2 * self.d_model
-
-    @staticmethod
-    def from_run_config(cfg, batch: int | None = None, seq_len: int | None = None) -> "LayerSpec":
-        """From a ``fsmoe.config.RunConfig``: per-rank batch = global batch / dp."""
-        m, moe, tr = cfg.model, cfg.model.moe, cfg.train
-        b = batch if batch is not None else max(1, tr.batch_size // cfg.parallel.dp)
-        n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
-        return LayerSpec(batch=b, seq_len=seq_len or tr.seq_len, d_model=m.d_model, d_ff=moe.experts.d_ff,
-                         num_experts=moe.num_experts, top_k=moe.router.top_k, n_heads=m.n_heads,
-                         capacity_factor=moe.router.capacity_factor, activation=moe.experts.activation,
-                         n_layers=max(1, n_moe), dtype_bytes=2 if tr.dtype == "bfloat16" else 4,
-                         grad_bytes=4)  # parameters stay fp32 (bf16 is autocast only)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The cost model's view of the process grid: one moe group of ep * esp ranks, and the
-    data-parallel degree ``dp`` of the dense gradients (default: the moe group).
-
-    Rank w sits at EP index p = w // esp and ESP index q = w % esp (as in
-    ``fsmoe.parallel.groups``): ESP groups are consecutive ranks (one node when esp =
-    gpus_per_node), EP groups stride across nodes. gpus_per_node None: one node.
-    """
-
-    ep: int = 1
-    esp: int = 1
-    gpus_per_node: int | None = None
-    dp_size: int | None = None
-
-    def __post_init__(self):
-        for name in ("ep", "esp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
-        if self.gpus_per_node is not None and (self.gpus_per_node < 1 or
-                                               max(self.world, self.dp) % self.gpus_per_node):
-            raise ValueError(f"Layout.gpus_per_node={self.gpus_per_node} must divide world={self.world}")
-
-    @property
-    def world(self) -> int:
-        return self.ep * self.esp
-
-    @property
-    def dp(self) -> int:
-        return self.dp_size or self.world
-
-    def node(self, w: int) -> int:
-        return 0 if self.gpus_per_node is None else w // self.gpus_per_node
-
-    @property
-    def ep_inter(self) -> bool:
-        """Does the EP group of rank 0 span more than one node?"""
-        return len({self.node(p * self.esp) for p in range(self.ep)}) > 1
-
-    def peers(self, kind: str, rank: int) -> tuple[int, ...]:
-        """Ranks (of the moe group) taking part in op ``kind`` with ``rank``."""
-        p, q = divmod(rank, self.esp)
-        if kind in ("a2a_dispatch", "a2a_combine"):
-            return tuple(pp * self.esp + q for pp in range(self.ep))
-        if kind in ("allgather", "reducescatter"):
-            return tuple(p * self.esp + qq for qq in range(self.esp))
-        if kind in ("allreduce", "counts"):
-            return tuple(range(self.world))
-        return (rank,)
-
-    @property
-    def a2a_key(self) -> str:
-        return "a2a_inter" if self.ep_inter else "a2a_intra"
-
-    @property
-    def name(self) -> str:
-        gpn = self.gpus_per_node or self.world
-        return f"ep{self.ep}-esp{self.esp}-nodes{self.world // gpn}x{gpn}"
-
-    @staticmethod
-    def from_parallel(pc) -> "Layout":
-        """From ``fsmoe.config.ParallelConfig``."""
-        return Layout(ep=pc.ep, esp=pc.esp, gpus_per_node=pc.gpus_per_node, dp_size=pc.dp)
-
-    @staticmethod
-    def from_groups(groups) -> "Layout":
-        """From ``fsmoe.parallel.groups.ParallelGroups``."""
-        gpn = groups.topology.ranks_per_node
-        return Layout(ep=groups.ep, esp=groups.esp, gpus_per_node=gpn if gpn < groups.world else None,
-                      dp_size=groups.dp)
+from fsmoe.placement.placement import Placement
+from fsmoe.schedule.model.profile import Profile, qualified
+from fsmoe.schedule.types import LayerSpec, Layout
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -324,8 +162,12 @@ class ChunkWork:
     expert_rows: int  # rows the expert computes (unpadded)
 
 
-def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int) -> list[ChunkWork]:
-    """Per-chunk sizes for ``rank`` given every rank's per-expert counts ``counts_SE``."""
+def route_work(counts_SE: np.ndarray, r: int, layout: Layout, rank: int,
+               placement: Placement | None = None) -> list[ChunkWork]:
+    """Per-chunk sizes for ``rank`` given every rank's per-expert counts ``counts_SE`` (by logical
+    expert); ``placement`` says which EP rank holds which expert (default: contiguous ranges)."""
+    if placement is not None:
+        counts_SE = counts_SE[:, list(placement.physical_order)]  # columns in physical (rank-major) order
     El = counts_SE.shape[1] // layout.ep
     cc_rSE = chunk_counts(counts_SE, r)
     p, q = divmod(rank, layout.esp)

@@ -7,7 +7,7 @@ For one config of ``fsmoe bench layer``, for the fsmoe and dense variants:
   gaps       the largest GPU idle gaps, the kernel after each, and what the host was doing
   syncs      host synchronisations reported by torch.cuda.set_sync_debug_mode("warn")
 
-Usage: PYTHONPATH=. python3 benchmarks/gap_probe.py [config] [--json OUT]
+Usage: python -m fsmoe.bench.gap_probe [config] [--json OUT]
 """
 from __future__ import annotations
 

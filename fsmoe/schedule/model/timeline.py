@@ -1,7 +1,7 @@
 """Timelines: the start/end of every scheduled op per rank, measured or predicted.
 
 An :class:`OpRecord` is one op on one lane of one rank. The executor's engines append measured
-records; :class:`~fsmoe.schedule.engine.SimEngine` produces predicted ones for the same program.
+records; :class:`~fsmoe.schedule.model.engine.SimEngine` produces predicted ones for the same program.
 This file turns them into a Chrome trace (``chrome://tracing`` / Perfetto: pid = rank,
 tid = lane), a Gantt PNG (measured above predicted), an ASCII Gantt for ``fsmoe plan --explain``,
 a per-op predicted-vs-measured table (``fsmoe train --timeline``: ``timeline_ops.csv``), and
@@ -11,55 +11,16 @@ with its iteration), which ``fsmoe profile --refit`` reads.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from fsmoe.schedule.types import COMPUTE_LANE, Op, OpRecord
+
 LANE_ORDER = ("compute", "intra", "inter")
-COMPUTE_LANE = "compute"
-HOST = "host"  # lane of the block spans (kind "block"): recorded to derive the glue, not drawn in the Gantt
 NOT_SCHEDULED = ("block", "glue", "counts")  # kinds outside the per-op error of the scheduled ops
 COLORS = {"a2a_dispatch": "#4c72b0", "a2a_combine": "#55a8d8", "allgather": "#dd8452", "reducescatter": "#c44e52",
           "expert": "#55a868", "allreduce": "#8172b3", "dense": "#937860", "counts": "#999999",
           "glue": "#cccccc"}
-
-
-@dataclass(frozen=True)
-class Op:
-    """One scheduled op. ``key`` names the Profile fit that predicts it, ``n`` its size there."""
-
-    kind: str  # a2a_dispatch | allgather | expert | reducescatter | a2a_combine | allreduce | dense | counts
-    #            | block (a whole block's span, measured) | glue (its time no other op covers)
-    phase: str = "fwd"  # fwd | bwd
-    layer: int = 0
-    chunk: int = 0
-    key: str = ""
-    n: float = 0.0
-
-    @property
-    def label(self) -> str:
-        return f"L{self.layer}.{self.phase}.{self.kind}[{self.chunk}]"
-
-
-@dataclass(frozen=True)
-class OpRecord:
-    op: Op
-    lane: str
-    rank: int
-    t0: float  # seconds since the recorder's epoch
-    t1: float
-
-    @property
-    def dur(self) -> float:
-        return self.t1 - self.t0
-
-    def to_dict(self) -> dict:
-        return {**asdict(self.op), "lane": self.lane, "rank": self.rank, "t0": self.t0, "t1": self.t1}
-
-    @staticmethod
-    def from_dict(d: dict) -> "OpRecord":
-        op = Op(d["kind"], d["phase"], d["layer"], d["chunk"], d["key"], d["n"])
-        return OpRecord(op, d["lane"], d["rank"], d["t0"], d["t1"])
 
 
 def shift(records: Sequence[OpRecord], t: float) -> list[OpRecord]:

@@ -9,11 +9,12 @@
 """
 from __future__ import annotations
 
-from fsmoe.schedule.baselines import POLICIES, POLICY_NAMES, Schedule
-from fsmoe.schedule.perf_model import LayerSpec, Layout, case_objectives, chunk_times, layer_work, predicates
-from fsmoe.schedule.profile import Profile
-from fsmoe.schedule.simulate import simulate_iteration
-from fsmoe.schedule.timeline import ascii_gantt
+from fsmoe.schedule.model.baselines import POLICIES, POLICY_NAMES
+from fsmoe.schedule.model.perf_model import case_objectives, chunk_times, layer_work, predicates
+from fsmoe.schedule.model.profile import Profile
+from fsmoe.schedule.model.simulate import simulate_iteration
+from fsmoe.schedule.model.timeline import ascii_gantt
+from fsmoe.schedule.types import LayerSpec, Layout, Schedule
 
 
 def _layout(parallel) -> Layout:

@@ -3,7 +3,7 @@
 ``simulate_iteration`` predicts one training iteration of ``spec.n_layers`` identical blocks
 (attention + MoE) on one rank: forward (dense, MoE pipeline at r_fwd) for every block, then the
 backward in reverse (MoE pipeline at r_bwd with the gradient-partition windows, dense backward,
-block ready for the Gradient-AllReduce), then ``GradSync.finish``. Op times come from the
+block ready for the Gradient-AllReduce), then ``GarSchedule.finish``. Op times come from the
 Profile; row counts from ``counts_SE`` (balanced routing by default) cut exactly as the executor
 cuts them. ``simulate_layer`` is the same for one MoE layer in one direction. With a measured
 overlap efficiency eta < 1 (``Profile.overlap``) the times are eta * timeline + (1 - eta) * the
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fsmoe.schedule.engine import SimEngine
-from fsmoe.schedule.executor import Lanes, StageFns, chunk_ops, counts_op, run_pipeline
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout, balanced_counts, route_work
-from fsmoe.schedule.profile import Profile, qualified
-from fsmoe.schedule.timeline import HOST, Op, OpRecord
+from fsmoe.schedule.model.engine import SimEngine
+from fsmoe.schedule.model.gar import GarSchedule
+from fsmoe.schedule.model.perf_model import ExpertDims, balanced_counts, route_work
+from fsmoe.schedule.model.profile import Profile, qualified
+from fsmoe.schedule.model.program import StageFns, chunk_ops, counts_op, run_pipeline
+from fsmoe.schedule.types import GarPlan, HOST, Lanes, LayerSpec, Layout, Op, OpRecord
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
     C = balanced_counts(spec, layout) if counts_SE is None else counts_SE
     dims = ExpertDims.of(spec, layout)
     lanes = Lanes.of(iio)
-    gs = GradSync([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
+    gs = GarSchedule([spec.dense_params] * spec.n_layers, gar, eng, lanes, elem_bytes=spec.grad_bytes, dp=layout.dp)
     works_f, works_b = route_work(C, r_fwd, layout, rank), route_work(C, r_bwd, layout, rank)
     for layer in range(spec.n_layers):  # ops without a fit (no glue before an online refit) take 0
         eng.compute(dense_op(spec, "fwd", layer), None)

@@ -26,8 +26,9 @@ from typing import Callable
 import numpy as np
 from scipy.optimize import LinearConstraint, differential_evolution, minimize
 
-from fsmoe.schedule.perf_model import CASES, LayerWork, Layout, case_objectives, chunk_times, layer_time
-from fsmoe.schedule.profile import LinearFit, Profile
+from fsmoe.schedule.model.perf_model import CASES, LayerWork, case_objectives, chunk_times, layer_time
+from fsmoe.schedule.model.profile import LinearFit, Profile
+from fsmoe.schedule.types import Layout
 
 R_CHOICES = (1, 2, 4, 8)
 

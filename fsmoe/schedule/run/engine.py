@@ -1,57 +1,35 @@
-"""Engines: run a straight-line schedule program on lanes, really or in simulation.
+"""The runtime engines: a schedule program's lanes as CPU threads or CUDA streams.
 
-A schedule program (``fsmoe.schedule.executor``) is written once against three verbs:
-
-    h = eng.launch(lane, op, fn, *args)   run fn(*args) on ``lane`` after the handles in args
-    h = eng.compute(op, fn, *args)        run fn(*args) on the compute lane (the calling thread)
-    v = eng.wait(h)                       the value of h, once it is done
-
-A lane is an in-order queue, exactly like a CUDA stream: an op starts when the lane is free and
-its inputs are done, and blocks the lane until then. Three engines implement the verbs:
+The verbs (``launch``, ``compute``, ``wait``) and ``SimEngine`` are in
+``fsmoe.schedule.model.engine``; here:
 
     ThreadEngine  CPU: one worker thread per lane; collectives (gloo) block that thread only,
                   so comm on the inter/intra lanes overlaps compute on the calling thread.
     StreamEngine  CUDA: one stream per lane, dependencies as events; NCCL work issued on a lane
                   stream is ordered with it. Host never blocks in launch/compute/wait.
-    SimEngine     no data: advances virtual clocks by the Profile's predicted op times. It runs
-                  the *same* program, so the predicted timeline is the executed schedule's.
+    Recorder      the op records, with CUDA-event timing on a GPU.
 
 The engine is chosen when the executor is built (``make_engine``), never inside forward.
-Every engine appends one :class:`~fsmoe.schedule.timeline.OpRecord` per op to its recorder.
 """
 from __future__ import annotations
 
-import threading
-import time
-from abc import ABC, abstractmethod
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from fsmoe.schedule.timeline import Op, OpRecord
+from fsmoe.schedule.model.engine import Engine, Records
+from fsmoe.schedule.types import COMPUTE_LANE as COMPUTE, Op
 
-COMPUTE = "compute"
 
-
-class Recorder:
-    """Collects OpRecords of one rank. ``enabled=False`` makes ``add`` a no-op."""
+class Recorder(Records):
+    """Records with CUDA-event spans (resolved by :meth:`flush`) and module timing hooks."""
 
     def __init__(self, rank: int = 0, enabled: bool = True, max_records: int = 1_000_000):
-        self.rank, self.enabled, self.max_records = rank, enabled, max_records
-        self.epoch = time.perf_counter()
-        self.records: list[OpRecord] = []
+        super().__init__(rank, enabled, max_records)
         self._pending: list[tuple[Op, str, Any, Any]] = []  # CUDA events, resolved by flush()
         self._base_event = None
-        self._lock = threading.Lock()
-
-    def now(self) -> float:
-        return time.perf_counter() - self.epoch
-
-    def add(self, op: Op, lane: str, t0: float, t1: float) -> None:
-        if self.enabled and len(self.records) < self.max_records:
-            with self._lock:
-                self.records.append(OpRecord(op, lane, self.rank, t0, t1))
 
     def stamp(self, device: torch.device):
         """A point in time on ``device``'s current stream (a CUDA event) or the host clock."""
@@ -105,29 +83,6 @@ class Recorder:
                 self.add(op, lane, self._base_time + base.elapsed_time(e0) / 1e3,
                          self._base_time + base.elapsed_time(e1) / 1e3)
             self._pending.clear()
-
-    def take(self) -> list[OpRecord]:
-        """Return and clear the records."""
-        self.flush()
-        with self._lock:
-            out, self.records = self.records, []
-        return out
-
-
-class Engine(ABC):
-    recorder: Recorder
-
-    @abstractmethod
-    def launch(self, lane: str, op: Op, fn: Callable | None, *args) -> Any: ...
-
-    @abstractmethod
-    def compute(self, op: Op, fn: Callable | None, *args) -> Any: ...
-
-    @abstractmethod
-    def wait(self, h: Any) -> Any: ...
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------------------- CPU threads
@@ -202,12 +157,17 @@ class _StreamHandle:
 
 
 def _record_stream(v, stream) -> None:
+    """Mark every CUDA tensor in ``v`` (tensors, tuples, lists, dataclasses such as a dispatcher's
+    Pending) as used on ``stream``, so the allocator does not reuse it while that stream reads it."""
     if isinstance(v, torch.Tensor):
         if v.is_cuda:
             v.record_stream(stream)
     elif isinstance(v, (tuple, list)):
         for x in v:
             _record_stream(x, stream)
+    elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+        for f in dataclasses.fields(v):
+            _record_stream(getattr(v, f.name), stream)
 
 
 class StreamEngine(Engine):
@@ -255,57 +215,6 @@ class StreamEngine(Engine):
             _record_stream(h.value, cur)
             return h.value
         return h
-
-
-# ---------------------------------------------------------------------------- simulation
-
-
-class _SimHandle:
-    __slots__ = ("end",)
-
-    def __init__(self, end: float):
-        self.end = end
-
-
-class SimEngine(Engine):
-    """Predicts the program's timeline: op time = ``duration(op)`` (the Profile by default)."""
-
-    def __init__(self, duration: Callable[[Op], float], rank: int = 0, recorder: Recorder | None = None):
-        self.duration = duration
-        self.recorder = recorder or Recorder(rank=rank)
-        self.host = 0.0
-        self.free: dict[str, float] = {}
-
-    @staticmethod
-    def from_profile(profile, rank: int = 0) -> "SimEngine":
-        """Op time from the Profile; ops it has no fit for (unmodelled, e.g. no dense fits) take 0."""
-        return SimEngine(lambda op: profile.t(op.key, op.n) if op.key and profile.has(op.key) else 0.0, rank)
-
-    def _deps(self, args) -> float:
-        return max([a.end for a in args if isinstance(a, _SimHandle)], default=0.0)
-
-    def launch(self, lane, op, fn, *args):
-        t0 = max(self.host, self.free.get(lane, 0.0), self._deps(args))
-        t1 = t0 + self.duration(op)
-        self.free[lane] = t1
-        self.recorder.add(op, lane, t0, t1)
-        return _SimHandle(t1)
-
-    def compute(self, op, fn, *args):
-        t0 = max(self.host, self._deps(args))
-        self.host = t0 + self.duration(op)
-        self.recorder.add(op, COMPUTE, t0, self.host)
-        return _SimHandle(self.host)
-
-    def wait(self, h):
-        if isinstance(h, _SimHandle):
-            self.host = max(self.host, h.end)
-        return None
-
-    def drain(self) -> float:
-        """Wait for every lane; returns the end time."""
-        self.host = max([self.host, *self.free.values()])
-        return self.host
 
 
 def make_engine(device: torch.device | str, recorder: Recorder | None = None) -> Engine:

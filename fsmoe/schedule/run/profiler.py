@@ -8,7 +8,7 @@ then the mean over ranks):
                             nodes), and over the ESP group for the intra-node fit
     allgather/reducescatter the ESP stage (same implementation as the executor)
     allreduce               the DP group (dense gradients)
-    expert_fwd/expert_bwd   the executor's expert forward / backward (expert_ops.py) over row
+    expert_fwd/expert_bwd   the executor's expert forward / backward (its expert step) over row
                             counts and (d_model, d_ff shard) shapes; n = forward multiply-adds
     dense_fwd/dense_bwd     the attention block (fsmoe.models.attention) over batch shapes
     overlap (eta)           an AlltoAll on the inter lane beside an expert GEMM on the compute
@@ -19,7 +19,6 @@ Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -30,13 +29,17 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 from fsmoe.config import ConfigError
-from fsmoe.parallel.groups import device_for
-from fsmoe.schedule.expert_ops import ExpertWeights, expert_backward, expert_forward
-from fsmoe.schedule.perf_model import ExpertDims, LayerSpec, Layout
-from fsmoe.schedule.profile import Profile, profile_from_points, qualified, refit
-from fsmoe.schedule.timeline import OpRecord, read_records, refit_samples
+from fsmoe.parallel.groups import ParallelGroups, device_for
+from fsmoe.parallel.launch import add_command_arguments, run_command
+from fsmoe.schedule.model.perf_model import ExpertDims
+from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
+from fsmoe.schedule.model.timeline import read_records, refit_samples
+from fsmoe.schedule.run.executor import expert_backward, expert_forward
+from fsmoe.select import experts_class, resolve_kernels
+from fsmoe.schedule.types import LayerSpec, Layout, OpRecord
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn: Callable[[], None], device, reps: int, warmup: int, group=None) -> float:
+def _median_time(fn: Callable[[], None], device: torch.device, reps: int, warmup: int,
+                 group: ProcessGroup | None = None) -> float:
     return _interleaved_medians((fn,), device, reps, warmup, group)[0]
 
 
-def _interleaved_medians(fns, device, reps: int, warmup: int, group=None) -> list[float]:
+def _interleaved_medians(fns: list[Callable[[], None]], device: torch.device, reps: int, warmup: int,
+                         group: ProcessGroup | None = None) -> list[float]:
     """Median seconds of each of ``fns``, run round-robin (with ``group``: every rank in step,
     a barrier before each run)."""
     times = [[] for _ in fns]
@@ -103,7 +108,8 @@ def _interleaved_medians(fns, device, reps: int, warmup: int, group=None) -> lis
     return [statistics.median(t) for t in times]
 
 
-def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> dict[str, list[list[float]]]:
+def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
+            dtype=torch.float32) -> dict[str, list[list[float]]]:
     """Every rank runs this; returns points {key: [[n, seconds], ...]} averaged over ranks."""
     from fsmoe.comm.alltoall import AllToAllStage
     from fsmoe.comm.esp import EspStage
@@ -153,7 +159,7 @@ def measure(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float3
     return _mean_over_ranks(pts, groups)
 
 
-def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
+def measure_overlap(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
     """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1]: how much
     of an AlltoAll on the inter lane hides under an expert GEMM (sized to take as long) on the
     compute lane, the executor's own engine running both. The three timings are interleaved
@@ -168,9 +174,9 @@ def measure_overlap(groups, cfg: ProfileConfig, device: torch.device, dtype=torc
     return float(v) / groups.world
 
 
-def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
+def _overlap_at(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
     from fsmoe.comm.alltoall import AllToAllStage
-    from fsmoe.schedule.engine import make_engine
+    from fsmoe.schedule.run.engine import make_engine
 
     group, size = (groups.ep_group, groups.ep) if groups.ep > 1 else (groups.esp_group, groups.esp)
     stage, D = AllToAllStage(group), 64
@@ -180,15 +186,14 @@ def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes:
     splits = (rows // size,) * size
     a2a = lambda: stage.finish(stage.launch(x, splits, splits))
     d, f, gemms = cfg.expert_shapes[0]
-    w = ExpertWeights(torch.randn(2, d, f, device=device, dtype=dtype), None,
-                      torch.randn(2, f, d, device=device, dtype=dtype))
+    experts = experts_class(resolve_kernels("auto"))(2, d, f, "gelu").to(device=device, dtype=dtype)
     reps, warm = max(cfg.reps, 5), cfg.warmup
     t_a = _median_time(a2a, device, reps, warm, group)
     n = cfg.expert_rows[len(cfg.expert_rows) // 2]
     for _ in range(2):  # size the GEMM to take about as long as the AlltoAll
         xe = torch.randn(n, d, device=device, dtype=dtype)
         ce = torch.tensor([n // 2, n - n // 2], device=device)
-        comp = lambda xe=xe, ce=ce: expert_forward(xe, ce, w)
+        comp = lambda xe=xe, ce=ce: expert_forward(experts, xe, ce, keep_graph=False)
         with torch.no_grad():
             t_c = _median_time(comp, device, reps, warm, group)
         n = int(min(max(8, n * t_a / max(t_c, 1e-9)), 1 << 16))
@@ -207,7 +212,7 @@ def _overlap_at(groups, cfg: ProfileConfig, device: torch.device, dtype, nbytes:
 
 
 def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
-    """Expert forward/backward (expert_ops) and attention forward/backward, on this rank. Each
+    """Expert forward/backward (the executor's expert step) and attention forward/backward, on this rank. Each
     point is returned under the base key and under its shape-qualified key (``profile.py``)."""
     out = []
     for key, n, t, tag in _compute_points(cfg, device, dtype):
@@ -223,31 +228,21 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
     elem = torch.empty(0, dtype=dtype).element_size()
     for d, f, gemms in cfg.expert_shapes:
         tag = ExpertDims(d, f, gemms, elem, El).tag
-        w = ExpertWeights(torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5,
-                          torch.randn(El, d, f, device=device, dtype=dtype) / d ** 0.5 if gemms == 3 else None,
-                          torch.randn(El, f, d, device=device, dtype=dtype) / f ** 0.5)
-        wT = tuple(None if t is None else t.transpose(1, 2).contiguous() for t in (w.w1_EDF, w.w3_EDF, w.w2_EFD))
+        # the executor's expert op: the experts module the layer builds on this device
+        experts = experts_class(resolve_kernels("auto"))(El, d, f, "swiglu" if gemms == 3 else "gelu")
+        experts = experts.to(device=device, dtype=dtype)
+        params = tuple(experts.parameters())
         for rows in cfg.expert_rows:
             counts = [rows // El + (1 if e < rows % El else 0) for e in range(El)]
             c = torch.tensor(counts, device=device)
             x = torch.randn(rows, d, device=device, dtype=dtype)
             dy = torch.randn(rows, d, device=device, dtype=dtype)
-            perm = torch.randperm(rows, device=device)  # the executor's gathered <-> expert-major regroup
-            saved = expert_forward(x, c, w)[1]
-            grads = [torch.zeros_like(t) for t in w.tensors()]
+            graph = expert_forward(experts, x, c, keep_graph=True)[1]
             macs = rows * d * f * gemms
-
-            def fwd():
-                y = expert_forward(x.index_select(0, perm), c, w)[0]
-                torch.empty_like(x).index_copy_(0, perm, y)
-
-            def bwd():
-                dx = expert_backward(saved, dy.index_select(0, perm), c, counts, w, wT, grads)
-                torch.empty_like(dy).index_copy_(0, perm, dx)
-
-            with torch.no_grad():
-                out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
-                out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
+            fwd = lambda: expert_forward(experts, x, c, keep_graph=True)
+            bwd = lambda: expert_backward(experts, graph, c, dy, params, retain_graph=True)
+            out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
+            out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
     for B, L, d, heads in cfg.dense_shapes:
         tag = LayerSpec(batch=B, seq_len=L, d_model=d, d_ff=d, num_experts=1, n_heads=heads, dtype_bytes=elem).dense_tag
         attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)
@@ -274,7 +269,7 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
     return out
 
 
-def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, list[list[float]]]:
+def _mean_over_ranks(pts: dict[str, list[list[float]]], groups: ParallelGroups) -> dict[str, list[list[float]]]:
     if not groups.distributed:
         return pts
     keys = sorted(pts)
@@ -288,7 +283,7 @@ def _mean_over_ranks(pts: dict[str, list[list[float]]], groups) -> dict[str, lis
     return out
 
 
-def run_profile(groups, device: torch.device, cfg: ProfileConfig | None = None,
+def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig | None = None,
                 dtype: torch.dtype = torch.float32) -> Profile:
     """Measure and fit; the same Profile is returned on every rank."""
     t0 = time.perf_counter()
@@ -351,11 +346,7 @@ class OnlineProfiler:
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure collectives and expert GEMMs, fit alpha-beta models",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, default=1, help="processes (relaunched under torchrun)")
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--esp", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None, help="simulated node size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_command_arguments(p)
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
     p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
@@ -366,8 +357,6 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
-
     if args.refit:
         if not args.profile:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
@@ -377,9 +366,10 @@ def _main(args) -> int:
         print(prof.summary())
         print(f"refitted profile written to {out}")
         return 0
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc)
-    groups, device = groups_from_args(args)
+    return run_command(args, lambda groups, device: _profile_main(args, groups, device))
+
+
+def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
     cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
     prof = run_profile(groups, device, cfg)
     if groups.rank == 0:
@@ -387,6 +377,4 @@ def _main(args) -> int:
         prof.save(out)
         print(prof.summary())
         print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0

@@ -31,6 +31,7 @@ import itertools
 import json
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +40,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsmoe.parallel.groups import device_for
-from fsmoe.schedule.baselines import POLICY_NAMES, Schedule, fsmoe_partitions
-from fsmoe.schedule.bench_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
-from fsmoe.schedule.engine import Recorder, make_engine
-from fsmoe.schedule.executor import Lanes, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GarPlan, GradSync
-from fsmoe.schedule.optimizer import R_CHOICES
-from fsmoe.schedule.perf_model import LayerSpec, Layout
-from fsmoe.schedule.plan import plan_all
-from fsmoe.schedule.profile import Profile, refit
-from fsmoe.schedule.profiler import ProfileConfig, run_profile
-from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OP_IDENTITY, OpRecord, chrome_trace, gantt_png, refit_samples,
-                                     shift, timed_ops)
+from fsmoe.bench.schedule_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
+from fsmoe.parallel.groups import ParallelGroups, device_for
+from fsmoe.parallel.launch import add_command_arguments, run_command
+from fsmoe.schedule.model.baselines import POLICY_NAMES, fsmoe_partitions
+from fsmoe.schedule.model.optimizer import R_CHOICES
+from fsmoe.schedule.model.plan import plan_all
+from fsmoe.schedule.model.profile import Profile, refit
+from fsmoe.schedule.model.simulate import record_block_ops, simulate_iteration
+from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, OP_IDENTITY, chrome_trace, gantt_png, refit_samples, shift,
+                                           timed_ops)
+from fsmoe.schedule.run.engine import Recorder, make_engine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
+from fsmoe.schedule.types import GarPlan, Lanes, LayerSpec, Layout, OpRecord, Schedule
 
 GRIDS = {  # FSMoE's axes, scaled to the hardware
     "cpu": {"batch": (1, 2), "n_heads": (2, 4), "seq_len": (128, 256), "d_model": (64, 128), "h_over_m": (2, 4),
@@ -94,7 +95,7 @@ class BenchModel:
     g: torch.Tensor
 
 
-def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
+def build_model(spec: LayerSpec, groups: ParallelGroups, engine, device, seed: int = 0,
                 dtype: torch.dtype = torch.float32) -> BenchModel:
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
     from fsmoe.models.attention import Attention
@@ -111,13 +112,13 @@ def build_model(spec: LayerSpec, groups, stages, engine, device, seed: int = 0,
         for layer in range(spec.n_layers):
             attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
                              dropout=0.0)
-            moe = ParallelMoELayer(cfg, M, groups)
+            executor = PipelinedExecutor(engine, layout=Layout.from_groups(groups), layer=layer)
+            moe = ParallelMoELayer(cfg, M, groups, executor=executor)
             moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
             blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
-            moe.executor = PipelinedExecutor(moe.experts, stages, engine, layer=layer)
             record_block_ops(blk, attn, spec, layer, engine.recorder, torch.device(device))
             blocks.append(blk)
-            executors.append(moe.executor)
+            executors.append(executor)
             dense.append([p for n, p in blk.named_parameters() if ".experts." not in f".{n}"])
     sizes = [sum(p.numel() for p in ps) for ps in dense]
     if sizes != [spec.dense_params] * spec.n_layers:
@@ -151,7 +152,7 @@ def run_iteration(bm: BenchModel, device) -> float:
     return time.perf_counter() - t0
 
 
-def _max_over_ranks(t: float, groups) -> float:
+def _max_over_ranks(t: float, groups: ParallelGroups) -> float:
     if not groups.distributed:
         return t
     v = torch.tensor([t], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
@@ -159,7 +160,7 @@ def _max_over_ranks(t: float, groups) -> float:
     return float(v)
 
 
-def measure(bm: BenchModel, scheds: dict[str, Schedule], groups, device, iters: int, warmup: int,
+def measure(bm: BenchModel, scheds: dict[str, Schedule], groups: ParallelGroups, device, iters: int, warmup: int,
             recorder: Recorder, keep: set[str] = frozenset()) -> tuple[dict[str, float], dict[str, list]]:
     """Round-robin over the schedules; median (over iterations) of the slowest rank's time.
     Returns (seconds per name, this rank's records of the timed iterations of names in ``keep``)."""
@@ -200,7 +201,7 @@ def sweep(spec: LayerSpec, layout: Layout, profile: Profile, quick: bool = False
 # ---------------------------------------------------------------------------- main loop
 
 
-def _gather(obj, groups) -> list:
+def _gather(obj, groups: ParallelGroups) -> list:
     if not groups.distributed:
         return [obj]
     out = [None] * groups.world
@@ -208,7 +209,7 @@ def _gather(obj, groups) -> list:
     return out
 
 
-def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups) -> dict[str, list[list[OpRecord]]]:
+def _merge_iterations(recs: dict[str, list[list[OpRecord]]], groups: ParallelGroups) -> dict[str, list[list[OpRecord]]]:
     """Every rank's records of each timed iteration, on every rank: name -> [iteration records]."""
     parts = _gather(recs, groups)
     return {name: [[r for part in parts for r in part[name][i]] for i in range(len(recs[name]))] for name in recs}
@@ -227,11 +228,10 @@ def op_errors(timings: dict[tuple, list[tuple[float, float]]], profiles: dict[st
     return out
 
 
-def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int, n_layers: int,
-              run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print, grid: str = "cpu",
-              dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
+def run_bench(groups: ParallelGroups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int,
+              n_layers: int, run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print,
+              grid: str = "cpu", dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
     layout = Layout.from_groups(groups)
-    stages = MoEStages.from_groups(groups)
     recorder = Recorder(rank=groups.rank)
     epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device_for(groups.backend))
     if groups.distributed:
@@ -254,7 +254,7 @@ def run_bench(groups, device, *, profile: Profile | None, n_configs: int, iters:
     samples, rows, errors, op_rows = [], [], [], []
     refitted = profile
     for ci, spec in enumerate(specs):
-        bm = build_model(spec, groups, stages, engine, device, dtype=dtype)
+        bm = build_model(spec, groups, engine, device, dtype=dtype)
         calib = plan_all(spec, layout, refitted)  # the five schedules, under the timed pass's conditions
         _, recs = measure(bm, calib, groups, device, calib_iters, max(warmup, 1), recorder, keep=set(calib))
         for its in _merge_iterations(recs, groups).values():
@@ -349,10 +349,7 @@ def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--nproc", type=int, default=4, help="processes (relaunched under torchrun)")
-    p.add_argument("--ep", type=int, default=2)
-    p.add_argument("--esp", type=int, default=2)
-    p.add_argument("--gpus-per-node", type=int, default=2, help="simulated node size")
+    add_command_arguments(p, nproc=4, ep=2, esp=2, gpus_per_node=2)
     p.add_argument("--configs", type=int, default=24, help="layer configs drawn from the grid")
     p.add_argument("--first-config", type=int, default=0, help="start at this config of the grid's fixed order")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
@@ -364,7 +361,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
     p.add_argument("--assume-overlap", type=float, default=None, metavar="ETA",
                    help="override the profile's measured overlap efficiency (1.0 = FSMoE's own model)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quick-sweep", action="store_true", help="sweep r in {1,2} only (smoke runs)")
     p.add_argument("--grid", default=None, choices=list(GRIDS), help="default: cpu on CPU, gpu on CUDA")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 GPU")
@@ -373,8 +369,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    import sys
-
     if args.merge:
         res = merge_runs([Path(d) for d in args.merge])
         run_dir = Path(args.run_dir)
@@ -385,11 +379,10 @@ def run(args) -> int:
         print(md)
         return 0
 
-    from fsmoe.schedule.launch import groups_from_args, relaunch_under_torchrun, under_torchrun
+    return run_command(args, lambda groups, device: _bench_main(args, groups, device))
 
-    if args.nproc > 1 and not under_torchrun():
-        return relaunch_under_torchrun(args.nproc)
-    groups, device = groups_from_args(args)
+
+def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
     run_dir = Path(args.run_dir)
     log = (lambda m: print(m, flush=True)) if groups.rank == 0 else (lambda m: None)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -414,12 +407,10 @@ def run(args) -> int:
         md = report_markdown(res, command)
         (run_dir / "report.md").write_text(md)
         print(md)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
-if __name__ == "__main__":  # python -m fsmoe.schedule.bench ... (where the console script is not installed)
-    _p = argparse.ArgumentParser(prog="fsmoe bench schedule")
-    add_arguments(_p)
-    raise SystemExit(run(_p.parse_args()))
+if __name__ == "__main__":  # python -m fsmoe.bench.schedule ... (where the console script is not installed)
+    from fsmoe.cli import main
+
+    raise SystemExit(main(["bench", "schedule", *sys.argv[1:]]))

@@ -7,10 +7,10 @@ import math
 import statistics
 from pathlib import Path
 
-from fsmoe.schedule.baselines import POLICY_NAMES
-from fsmoe.schedule.perf_model import LayerSpec
-from fsmoe.schedule.profile import base_key
-from fsmoe.schedule.timeline import NOT_SCHEDULED
+from fsmoe.schedule.model.baselines import POLICY_NAMES
+from fsmoe.schedule.model.profile import base_key
+from fsmoe.schedule.model.timeline import NOT_SCHEDULED
+from fsmoe.schedule.types import LayerSpec
 
 
 def spec_dict(s: LayerSpec) -> dict:

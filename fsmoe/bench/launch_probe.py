@@ -1,13 +1,12 @@
 """Host launch cost of the fast ops, gather_sum tile sweep, fused vs torch router in the layer.
 
-Usage: PYTHONPATH=. python3 benchmarks/launch_probe.py [--json OUT]
+Usage: python -m fsmoe.bench.launch_probe [--json OUT]
 Prints one line per measurement; numbers feed docs/performance.md (profile evidence).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
@@ -15,7 +14,6 @@ import torch
 from fsmoe.bench.common import bench_ms
 from fsmoe.bench.layer import LAYER_CONFIGS, Weights, _build_fsmoe
 from fsmoe.kernels import permute, router, triton_ops
-from fsmoe.kernels.plan import plan_from_topk
 from fsmoe.routing.plan import RoutingPlan
 
 
@@ -52,8 +50,6 @@ def main():
         "softmax_topk_ref": host_us(lambda: router.softmax_topk_ref(lg, 2, True)),
         "RoutingPlan.from_topk": host_us(lambda: RoutingPlan.from_topk(p.expert_ids_N.view(64, 2),
                                                                        lg[:, :2], 8), n=100),
-        "kernels.plan.plan_from_topk": host_us(lambda: plan_from_topk(p.expert_ids_N.view(64, 2), lg[:, :2], 8),
-                                               n=100),
     }
     print("host us/launch:", out["host_us"], flush=True)
     if a.host_only:

@@ -25,24 +25,24 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fsmoe.config import ConfigError, RunConfig
-from fsmoe.schedule.baselines import Schedule
-from fsmoe.schedule.engine import Engine, Recorder, make_engine
-from fsmoe.schedule.executor import LayerSchedule, Lanes, PipelinedExecutor
-from fsmoe.schedule.grad_sync import GradSync
-from fsmoe.schedule.perf_model import LayerSpec, Layout
-from fsmoe.schedule.plan import plan
-from fsmoe.schedule.profile import Profile, refit
-from fsmoe.schedule.simulate import record_block_ops, simulate_iteration
-from fsmoe.schedule.stages import MoEStages
-from fsmoe.schedule.timeline import (NOT_SCHEDULED, OpRecord, chrome_trace, gantt_png, refit_samples, shift,
-                                     timed_ops, write_records)
+from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.schedule.model.baselines import with_prediction
+from fsmoe.schedule.model.engine import Engine
+from fsmoe.schedule.model.plan import plan
+from fsmoe.schedule.model.profile import Profile, refit
+from fsmoe.schedule.model.simulate import record_block_ops, simulate_iteration
+from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, chrome_trace, gantt_png, refit_samples, shift, timed_ops,
+                                           write_records)
+from fsmoe.schedule.run.engine import Recorder, make_engine
+from fsmoe.schedule.run.executor import PipelinedExecutor
+from fsmoe.schedule.run.grad_sync import GradSync
+from fsmoe.schedule.types import Lanes, LayerSchedule, LayerSpec, Layout, OpRecord, Schedule
 
 TIMELINE_JSON, TIMELINE_PNG = "timeline.json", "timeline.png"
 TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
@@ -51,14 +51,15 @@ TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
 # ---------------------------------------------------------------------------- planning
 
 
-def load_or_profile(path: str | None, groups, device: torch.device, run_dir: Path, is_writer: bool) -> Profile:
+def load_or_profile(path: str | None, groups: ParallelGroups, device: torch.device, run_dir: Path,
+                    is_writer: bool) -> Profile:
     """``parallel.profile`` if given; else profile briefly on ``groups`` (collective) and save it."""
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError("parallel.profile", path, "no such file; write one with `fsmoe profile --out PATH` "
                               "or leave it unset to profile at start-up")
         return Profile.load(path)
-    from fsmoe.schedule.profiler import ProfileConfig, run_profile
+    from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
     cfg = ProfileConfig.gpu(quick=True) if device.type == "cuda" else ProfileConfig.cpu(quick=True)
     profile = run_profile(groups, device, cfg)
@@ -73,8 +74,8 @@ def plan_for_run(cfg: RunConfig, layout: Layout, profile: Profile) -> tuple[Laye
     schedule = plan(spec, layout, profile, cfg.parallel.schedule)
     k = cfg.parallel.pipeline_degree
     if k:
-        schedule = dataclasses.replace(schedule, r_fwd=k, r_bwd=k,
-                                       meta=dict(schedule.meta, forced_r=k)).with_prediction(spec, layout, profile)
+        forced = dataclasses.replace(schedule, r_fwd=k, r_bwd=k, meta=dict(schedule.meta, forced_r=k))
+        schedule = with_prediction(forced, spec, layout, profile)
     return spec, schedule
 
 
@@ -110,7 +111,7 @@ def dense_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [ps for ps in blocks if ps]
 
 
-def sync_other_kinds(model: nn.Module, groups, kinds=("world", "edp")) -> None:
+def sync_other_kinds(model: nn.Module, groups: ParallelGroups, kinds=("world", "edp")) -> None:
     """``fsmoe.parallel.grads.sync_grads`` restricted to ``kinds`` (sum over the group, / dp)."""
     from fsmoe.parallel.sharding import get_sharding
 
@@ -217,7 +218,7 @@ class TrainingSchedule:
     spec: LayerSpec
     layout: Layout
     profile: Profile
-    groups: Any
+    groups: ParallelGroups
     engine: Engine
     recorder: Recorder
     executors: list[PipelinedExecutor]
@@ -234,7 +235,7 @@ class TrainingSchedule:
     _gantt: tuple | None = None
 
     @staticmethod
-    def build(cfg: RunConfig, model: nn.Module, groups, device: torch.device, run_dir: Path,
+    def build(cfg: RunConfig, model: nn.Module, groups: ParallelGroups, device: torch.device, run_dir: Path,
               is_writer: bool, start_step: int = 0) -> "TrainingSchedule | None":
         """Plan and install ``cfg.parallel.schedule`` on ``model`` (None for "default"). Collective."""
         if cfg.parallel.schedule == "default":
@@ -245,8 +246,7 @@ class TrainingSchedule:
         recorder = Recorder(rank=groups.rank, enabled=False)
         _share_epoch(recorder, groups, device)
         engine = make_engine(device, recorder)
-        stages = MoEStages.from_groups(groups)
-        executors = install_executors(model, stages, engine, schedule.layer_schedule())
+        executors = install_executors(model, engine, schedule.layer_schedule(), layout)
         gs = None
         if groups.dp > 1:
             gs = GradSync.for_blocks(dense_blocks(model), schedule.gar, engine, Lanes.of(schedule.iio),
@@ -343,17 +343,18 @@ class TrainingSchedule:
             self._gantt = None
 
 
-def install_executors(model: nn.Module, stages: MoEStages, engine: Engine,
-                      layer_schedule: LayerSchedule) -> list[PipelinedExecutor]:
-    """A ``PipelinedExecutor`` on every MoE layer (layer id = its index among the MoE layers)."""
+def install_executors(model: nn.Module, engine: Engine, layer_schedule: LayerSchedule,
+                      layout: Layout) -> list[PipelinedExecutor]:
+    """A ``PipelinedExecutor`` on every MoE layer of a model the trainer has built (layer id = its
+    index among the MoE layers); the layers keep their dispatcher and experts."""
     executors = []
     for i, layer in enumerate(model.moe_layers()):
-        layer.executor = PipelinedExecutor(layer.experts, stages, engine, layer_schedule, layer=i)
+        layer.executor = PipelinedExecutor(engine, layer_schedule, layout, layer=i)
         executors.append(layer.executor)
     return executors
 
 
-def _share_epoch(recorder: Recorder, groups, device: torch.device) -> None:
+def _share_epoch(recorder: Recorder, groups: ParallelGroups, device: torch.device) -> None:
     """One clock origin for every rank (rank 0's; exact on one host, as the bench assumes)."""
     if not groups.distributed:
         return
