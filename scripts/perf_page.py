@@ -146,7 +146,7 @@ def train_section(d: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("inputs", nargs="+", help="JSON files from fsmoe bench layer/train --json")
-    ap.add_argument("--notes", help="Markdown appended after the tables")
+    ap.add_argument("--notes", nargs="+", default=[], help="Markdown files appended after the tables")
     ap.add_argument("--rerun", help="a second `fsmoe bench layer --json` of the same session (repeatability table)")
     ap.add_argument("-o", "--output", default="docs/performance.md")
     a = ap.parse_args()
@@ -158,18 +158,27 @@ def main() -> None:
              "How to reproduce (one GPU; the baselines run in the same process as fsmoe):", "", "```",
              "bash scripts/gpu_check.sh                      # kernel numerics on the device",
              "fsmoe bench layer --iters 30 --profile --json benchmarks/results/layer.json",
-             "fsmoe bench train --model mixtral-2l --profile --json benchmarks/results/train.json",
              "fsmoe bench layer --iters 20 --variants dense,grouped,fsmoe,dense-graph,fsmoe-graph "
              "--json benchmarks/results/layer_rerun.json",
-             "python3 scripts/perf_page.py benchmarks/results/layer.json benchmarks/results/train.json "
-             "--rerun benchmarks/results/layer_rerun.json --notes benchmarks/results/notes.md", "```", ""]
+             "# the training step (Trainer.train_step, what `fsmoe train` runs); the H200 runs used",
+             "# scripts/device_train.sh, which also runs `fsmoe train` itself on 1 and 2 GPUs",
+             "fsmoe bench train --model mixtral-2l --json benchmarks/results/train/bench_mixtral-2l.json",
+             "fsmoe bench train --model mixtral-2l --set train.compile=true "
+             "--json benchmarks/results/train/bench_mixtral-2l_compile.json",
+             "fsmoe bench train --model qwen3-moe-4l --json benchmarks/results/train/bench_qwen3-moe-4l.json",
+             "fsmoe bench train --model gpt2-xl-moe-8l --variants fsmoe "
+             "--json benchmarks/results/train/bench_gpt2-xl-moe-8l.json",
+             "python3 scripts/perf_page.py benchmarks/results/layer.json benchmarks/results/train/bench_*.json "
+             "--rerun benchmarks/results/layer_rerun.json "
+             "--notes benchmarks/results/train/notes.md benchmarks/results/notes.md", "```", ""]
     for d in docs:
         lines += layer_section(d) if d.get("kind") == "layer" else train_section(d)
     first_layer = next((d for d in docs if d.get("kind") == "layer"), None)
     if a.rerun and first_layer:
         lines += rerun_section(first_layer, json.loads(Path(a.rerun).read_text()))
-    if a.notes and Path(a.notes).exists():
-        lines += [Path(a.notes).read_text().rstrip(), ""]
+    for notes in a.notes:
+        if Path(notes).exists():
+            lines += [Path(notes).read_text().rstrip(), ""]
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)
     Path(a.output).write_text("\n".join(lines))
     print(f"wrote {a.output}")
