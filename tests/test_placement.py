@@ -52,7 +52,7 @@ def test_performance_model_reads_the_placement():
     swapped = Placement.contiguous(4, 2).swap(1, 2)
     lay = DispatchLayout.from_counts(counts_SE.reshape(2, 1, 4).tolist(), 0, 0, swapped.physical_order)
     for rank in (0, 1):
-        work = route_work(counts_SE, 1, Layout(ep=2), rank, swapped)[0]
+        work = route_work(counts_SE, 1, Layout(dp=2, ep=2), rank, swapped)[0]
         if rank == 0:
             assert (work.send_rows, work.recv_rows) == (lay.num_sent, sum(lay.recv_splits_P))
         assert work.recv_rows == sum(counts_SE[:, list(swapped.experts_on(rank))].ravel())

@@ -142,9 +142,7 @@ def _layer_worker(rank, world, ep, esp, act, cap):
     from fsmoe.parallel.moe import ParallelMoELayer
 
     groups = build_groups(ParallelConfig(dp=world, ep=ep, esp=esp, gpus_per_node=esp))
-    from fsmoe.schedule.types import Layout
-
-    layout = Layout.from_groups(groups)
+    layout = groups.layout
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=2 * ep, router=RouterConfig(top_k=2, capacity_factor=cap),
                     experts=ExpertsConfig(d_ff=8 * esp, activation=act))

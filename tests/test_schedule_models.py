@@ -23,7 +23,7 @@ GPU_LIKE = Profile("synthetic", "ep2-esp4", {
     "expert_bwd": LinearFit(20e-6, 2 / 50e12), "dense_fwd": LinearFit(10e-6, 1 / 60e12),
     "dense_bwd": LinearFit(20e-6, 2 / 60e12)})
 SPEC = LayerSpec(batch=2, seq_len=1024, d_model=2048, d_ff=8192, num_experts=8, n_heads=16, n_layers=3)
-LAYOUT = Layout(ep=2, esp=4, gpus_per_node=4)
+LAYOUT = Layout(dp=8, ep=2, esp=4, gpus_per_node=4)
 
 
 # ---------------------------------------------------------------------------- fits
@@ -137,7 +137,7 @@ def test_glue_is_the_block_time_no_op_covers_and_is_learned_from_scratch():
     prof = Profile("hw", "lay", {"dense_fwd": LinearFit(0.0, 1e-9)})
     learned = refit(prof, [(block.op.key, spec.tokens, 5e-3)] * 4 + [("counts", 128.0, 2e-4)] * 4)
     assert learned.t(block.op.key, spec.tokens) == pytest.approx(5e-3) and learned.t("counts", 128) == pytest.approx(2e-4)
-    sim = lambda p: simulate_iteration(spec, Layout(ep=2, esp=2, gpus_per_node=2), p, 1, 1, True, GarPlan("end"))
+    sim = lambda p: simulate_iteration(spec, Layout(dp=4, ep=2, esp=2, gpus_per_node=2), p, 1, 1, True, GarPlan("end"))
     before, after = sim(GPU_LIKE), sim(refit(GPU_LIKE, [(block.op.key, spec.tokens, 5e-3)] * 4))
     assert after.iter_s == pytest.approx(before.iter_s + 2 * 5e-3, rel=1e-6)  # forward glue of 2 blocks
     assert any(r.op.kind == "glue" for r in after.records) and any(r.op.kind == "counts" for r in after.records)
@@ -165,7 +165,7 @@ def test_plan_names_the_fits_a_layout_needs_and_warns_on_another_layout():
     no_ag = Profile("hw", LAYOUT.name, {k: v for k, v in GPU_LIKE.fits.items() if k != "allgather"})
     with pytest.raises(ConfigError, match=r"allgather.*fsmoe profile --nproc N --ep 2 --esp 4"):
         plan(SPEC, LAYOUT, no_ag)
-    plan(SPEC, Layout(ep=2, esp=1, gpus_per_node=1), no_ag)  # no ESP: no AllGather needed
+    plan(SPEC, Layout(dp=2, ep=2, esp=1, gpus_per_node=1), no_ag)  # no ESP: no AllGather needed
     assert Profile("hw", LAYOUT.name, GPU_LIKE.fits).layout_note(LAYOUT) is None
     assert "ep2-esp4-nodes2x4" in Profile("hw", "ep4-esp1", GPU_LIKE.fits).layout_note(LAYOUT)
 
@@ -217,7 +217,7 @@ def test_chunks_move_every_row_to_its_expert(ep, esp, r):
     import torch
 
     rng = np.random.default_rng(ep * 10 + esp + r)
-    layout, E = Layout(ep, esp), 2 * ep
+    layout, E = Layout(dp=ep * esp, ep=ep, esp=esp), 2 * ep
     S, El = layout.world, 2
     C = rng.integers(0, 9, size=(S, E))
     C_PSE = C.reshape(ep, esp, E).tolist()
@@ -327,8 +327,23 @@ def test_balanced_counts_and_layout_keys():
     C = balanced_counts(SPEC, LAYOUT)
     assert C.shape == (8, 8) and C.sum(1).tolist() == [SPEC.routed_rows] * 8
     assert LAYOUT.ep_inter and LAYOUT.a2a_key == "a2a_inter"
-    assert not Layout(ep=2, esp=1).ep_inter
+    assert not Layout(dp=2, ep=2, esp=1).ep_inter
     assert LAYOUT.peers("allgather", 5) == (4, 5, 6, 7) and LAYOUT.peers("a2a_combine", 5) == (1, 5)
+
+
+def test_layout_of_a_run_with_expert_data_parallelism_and_of_older_records():
+    """The cost model reads the first moe group; dp is the dense AllReduce's degree. Records files
+    written before the layout had dp and mp (keys ep, esp, gpus_per_node, dp_size) still load."""
+    import dataclasses
+
+    from fsmoe.config import ParallelConfig
+
+    lay = Layout.from_config(ParallelConfig(mp=2, ep=2, esp=2), 8, gpus_per_node=4)  # dp 4, edp 2
+    assert (lay.world, lay.moe, lay.edp, lay.dp, lay.name) == (8, 4, 2, 4, "ep2-esp2-nodes1x4")
+    assert lay.peers("counts", 3) == (0, 1, 2, 3) and balanced_counts(SPEC, lay).shape == (4, 8)
+    assert Layout.from_dict({"ep": 2, "esp": 4, "gpus_per_node": 4, "dp_size": None}) == LAYOUT
+    old = Layout.from_dict({"ep": 2, "esp": 2, "gpus_per_node": None, "dp_size": 2})
+    assert (old.dp, old.moe) == (2, 4) and Layout.from_dict(dataclasses.asdict(lay)) == lay
 
 
 def test_bad_specs_name_the_field():

@@ -112,7 +112,7 @@ def build_model(spec: LayerSpec, groups: ParallelGroups, engine, device, seed: i
         for layer in range(spec.n_layers):
             attn = Attention(M, spec.n_heads, spec.n_heads, M // spec.n_heads, bias=True, qk_norm=False, norm_eps=1e-5,
                              dropout=0.0)
-            executor = PipelinedExecutor(engine, layout=Layout.from_groups(groups), layer=layer)
+            executor = PipelinedExecutor(engine, layout=groups.layout, layer=layer)
             moe = ParallelMoELayer(cfg, M, groups, executor=executor)
             moe.router.balance_group = None  # no world-wide load statistics: an unscheduled collective
             blk = Block(attn, moe, nn.LayerNorm(M), nn.LayerNorm(M), is_moe=True, dropout=0.0).to(device, dtype)
@@ -231,7 +231,7 @@ def op_errors(timings: dict[tuple, list[tuple[float, float]]], profiles: dict[st
 def run_bench(groups: ParallelGroups, device, *, profile: Profile | None, n_configs: int, iters: int, warmup: int,
               n_layers: int, run_dir: Path, calib_iters: int = 3, quick_sweep: bool = False, log=print,
               grid: str = "cpu", dtype: torch.dtype = torch.float32, first_config: int = 0) -> dict:
-    layout = Layout.from_groups(groups)
+    layout = groups.layout
     recorder = Recorder(rank=groups.rank)
     epoch = torch.tensor([recorder.epoch], dtype=torch.float64, device=device_for(groups.backend))
     if groups.distributed:
@@ -335,7 +335,7 @@ def _timeline_artifacts(spec, layout, profile, named, merged, run_dir: Path) -> 
         measured = shift(allr, t0)
         s = named[name]
         pred = []
-        for rank in range(layout.world):
+        for rank in range(layout.moe):
             sim = simulate_iteration(spec, layout, profile, s.r_fwd, s.r_bwd, s.iio, s.gar, rank=rank)
             pred += sim.records
         chrome_trace(measured, run_dir / f"trace_{name}.json", pred)

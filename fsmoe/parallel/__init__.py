@@ -4,7 +4,8 @@ One file per concern (imported directly; this package imports nothing, so ``fsmo
 the launch helpers without a cycle)::
 
     topology.py         Topology: rank -> node (real or simulated with parallel.gpus_per_node)
-    groups.py           Layout (degrees, rank arithmetic) and ParallelGroups (process groups)
+    layout.py           Layout: degrees and rank arithmetic (pure; the scheduler reads it too)
+    groups.py           ParallelGroups (process groups of a Layout) and build_groups
     sharding.py         ParamSharding: per-parameter placement / grad reduction / norm ownership
     moe.py              ParallelMoELayer, sharded experts, build_dispatcher, moe_layer_factory
     tensor_parallel.py  Column/RowParallelLinear and parallelize(model, groups)

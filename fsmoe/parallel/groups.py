@@ -1,14 +1,13 @@
-"""Parallel layout and process groups.
+"""Process groups of a layout.
 
 The dense part (attention, dense MLPs, embeddings) runs ``DP x MP`` (MP = Megatron tensor
 parallelism); the MoE part runs the same ranks as ``EDP x EP x ESP``: EP splits the experts,
 ESP splits each expert's hidden dim f, and EDP (expert data parallel) replicates the
 experts when ``EP x ESP`` is smaller than the world (e.g. plain DP or MP with EP=1).
+:class:`Layout` (``fsmoe.parallel.layout``, re-exported here) holds the degrees and the rank
+numbering (row-major, innermost fastest, so the innermost group sits inside a node)::
 
     world = dp * mp = edp * ep * esp
-
-Rank numbering (row-major, innermost fastest, so the innermost group sits inside a node)::
-
     dense: rank = dp_rank * mp + mp_rank
     moe:   rank = edp_rank * (ep * esp) + ep_rank * esp + esp_rank
 
@@ -26,84 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fsmoe.config import ConfigError, ParallelConfig
+from fsmoe.config import ParallelConfig
+from fsmoe.parallel.layout import GROUP_KINDS, Coords, Layout
 from fsmoe.parallel.topology import Topology
-
-GROUP_KINDS = ("dp", "mp", "ep", "esp", "edp", "moe")
-
-
-@dataclass(frozen=True)
-class Coords:
-    """One rank's index inside each group kind."""
-
-    dp: int
-    mp: int
-    edp: int
-    ep: int
-    esp: int
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The degrees of a run. Pure arithmetic: no processes needed (unit-testable)."""
-
-    dp: int = 1
-    mp: int = 1
-    ep: int = 1
-    esp: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("dp", "mp", "ep", "esp"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"parallel.{name}", v, "must be an integer >= 1")
-        if self.world % (self.ep * self.esp):
-            raise ConfigError("parallel.ep*esp", self.ep * self.esp,
-                              f"must divide the world size dp*mp={self.world}")
-
-    @property
-    def world(self) -> int:
-        return self.dp * self.mp
-
-    @property
-    def edp(self) -> int:
-        return self.world // (self.ep * self.esp)
-
-    def coords(self, rank: int) -> Coords:
-        moe = self.ep * self.esp
-        return Coords(dp=rank // self.mp, mp=rank % self.mp, edp=rank // moe,
-                      ep=(rank % moe) // self.esp, esp=rank % self.esp)
-
-    def all_groups(self, kind: str) -> list[list[int]]:
-        """Every group of ``kind`` as a list of ranks (what ``new_subgroups_by_enumeration`` takes)."""
-        mp, ep, esp, edp, moe = self.mp, self.ep, self.esp, self.edp, self.ep * self.esp
-        if kind == "mp":
-            return [[d * mp + j for j in range(mp)] for d in range(self.dp)]
-        if kind == "dp":
-            return [[d * mp + j for d in range(self.dp)] for j in range(mp)]
-        if kind == "esp":
-            return [[x * moe + p * esp + s for s in range(esp)] for x in range(edp) for p in range(ep)]
-        if kind == "ep":
-            return [[x * moe + p * esp + s for p in range(ep)] for x in range(edp) for s in range(esp)]
-        if kind == "edp":
-            return [[x * moe + k for x in range(edp)] for k in range(moe)]
-        if kind == "moe":
-            return [[x * moe + k for k in range(moe)] for x in range(edp)]
-        raise ValueError(f"group kind {kind!r} is unknown; allowed: {list(GROUP_KINDS)}")
-
-    def group_of(self, kind: str, rank: int) -> list[int]:
-        return next(g for g in self.all_groups(kind) if rank in g)
-
-    @staticmethod
-    def from_config(cfg: ParallelConfig, world: int) -> "Layout":
-        """The layout of ``cfg`` on ``world`` processes; ``dp`` left at 1 is filled in as
-        ``world // mp`` (so ``--nproc 4 --ep 4`` means DP4 x EP4)."""
-        dp = cfg.dp
-        if dp == 1 and cfg.mp != world and world % cfg.mp == 0:
-            dp = world // cfg.mp
-        if dp * cfg.mp != world:
-            raise ConfigError("parallel.dp*mp", dp * cfg.mp, f"must equal the number of processes {world}")
-        return Layout(dp=dp, mp=cfg.mp, ep=cfg.ep, esp=cfg.esp)
 
 
 @dataclass(frozen=True)
@@ -112,6 +36,7 @@ class ParallelGroups:
 
     A group whose size is 1 is still a valid group (collectives on it are skipped by callers
     that check the size). On one process without ``torch.distributed`` every group is None.
+    ``layout.gpus_per_node`` is the topology's node size (None: one node).
     """
 
     layout: Layout
@@ -129,7 +54,7 @@ class ParallelGroups:
     def size(self, kind: str) -> int:
         """Number of ranks in a group of ``kind`` (``world`` or one of GROUP_KINDS)."""
         sizes = {"world": self.world, "dp": self.layout.dp, "mp": self.layout.mp, "ep": self.layout.ep,
-                 "esp": self.layout.esp, "edp": self.layout.edp, "moe": self.layout.ep * self.layout.esp}
+                 "esp": self.layout.esp, "edp": self.layout.edp, "moe": self.layout.moe}
         return sizes[kind]
 
     def group(self, kind: str):
@@ -206,8 +131,8 @@ def build_groups(cfg: ParallelConfig, *, world: int | None = None, rank: int | N
         return ParallelGroups.single()
     world = dist.get_world_size() if world is None else world
     rank = dist.get_rank() if rank is None else rank
-    layout = Layout.from_config(cfg, world)
     topology = Topology.detect(world, cfg.gpus_per_node)
+    layout = Layout.from_config(cfg, world, topology.ranks_per_node)
     mine = {kind: _my_group(layout.all_groups(kind)) for kind in GROUP_KINDS}
     return ParallelGroups(layout, rank, topology, dist.get_backend(), world_group=dist.group.WORLD,
                           **{f"{k}_group": g for k, g in mine.items()})

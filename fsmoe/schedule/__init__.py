@@ -1,6 +1,7 @@
 """The FSMoE scheduler (docs/scheduler.md), in three parts that depend one way:
 
-    types.py   the contracts: LayerSpec, Layout, GarPlan, LayerSchedule, Schedule, Lanes, Op
+    types.py   the contracts: LayerSpec, Layout (from fsmoe.parallel.layout), GarPlan, LayerSchedule,
+               Schedule, Lanes, Op
     model/     pure (no torch.distributed): Profile fits, performance models, the optimizer,
                the five policies, ``plan``, the schedule program and its simulation
     run/       the runtime: thread/stream engines, the pipelined executor, gradient sync,

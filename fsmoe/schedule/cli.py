@@ -50,7 +50,8 @@ def run(args) -> int:
             "capacity_factor": args.capacity, "activation": args.ffn}
     spec = dataclasses.replace(spec, **{k: v for k, v in over.items() if v is not None})
     pc = cfg.parallel
-    layout = Layout(ep=args.ep or pc.ep, esp=args.esp or pc.esp,
+    ep, esp = args.ep or pc.ep, args.esp or pc.esp  # one moe group; dense data parallel over its ranks
+    layout = Layout(dp=ep * esp, ep=ep, esp=esp,
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else pc.gpus_per_node)
     profile = Profile.load(args.profile)
     note = profile.layout_note(layout)

@@ -1,20 +1,24 @@
 """The scheduler's contracts: what the planner plans for, what it decides, what the engines record.
 
     LayerSpec      one MoE transformer block (shapes, k, E, activation, dtypes)
-    Layout         the process grid as the cost model sees it (ep x esp moe group, node size, dp)
+    Layout         the process grid (fsmoe.parallel.layout, re-exported): the cost model reads its
+                   first ep x esp moe group, node size and the dense data-parallel degree dp
     GarPlan        where the dense gradients' AllReduce partitions go
     LayerSchedule  what one layer's executor runs: r forward / backward, intra/inter overlap
     Schedule       a whole plan: the above plus its predictions (``plan`` returns it)
     Lanes          lane names the program queues ops on
     Op, OpRecord   one scheduled op, and its start/end on one lane of one rank
 
-Everything here is a frozen dataclass with no dependencies beyond the standard library, so the
-pure models (``schedule.model``) and the runtime (``schedule.run``) meet here and nowhere else.
+Everything here is a frozen dataclass with no dependencies beyond the standard library and the
+pure ``fsmoe.parallel.layout``, so the pure models (``schedule.model``) and the runtime
+(``schedule.run``) meet here and nowhere else.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
+
+from fsmoe.parallel.layout import Layout  # noqa: F401  (re-exported)
 
 COMPUTE_LANE = "compute"
 HOST = "host"  # lane of the block spans (kind "block"): recorded to derive the glue, not drawn in the Gantt
@@ -110,78 +114,6 @@ class LayerSpec:
                          capacity_factor=moe.router.capacity_factor, activation=moe.experts.activation,
                          n_layers=max(1, n_moe), dtype_bytes=2 if tr.dtype == "bfloat16" else 4,
                          grad_bytes=4)  # parameters stay fp32 (bf16 is autocast only)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The cost model's view of the process grid: one moe group of ep * esp ranks, and the
-    data-parallel degree ``dp`` of the dense gradients (default: the moe group).
-
-    Rank w sits at EP index p = w // esp and ESP index q = w % esp (as in
-    ``fsmoe.parallel.groups``): ESP groups are consecutive ranks (one node when esp =
-    gpus_per_node), EP groups stride across nodes. gpus_per_node None: one node.
-    """
-
-    ep: int = 1
-    esp: int = 1
-    gpus_per_node: int | None = None
-    dp_size: int | None = None
-
-    def __post_init__(self):
-        for name in ("ep", "esp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Layout.{name}={getattr(self, name)} must be >= 1")
-        if self.gpus_per_node is not None and (self.gpus_per_node < 1 or
-                                               max(self.world, self.dp) % self.gpus_per_node):
-            raise ValueError(f"Layout.gpus_per_node={self.gpus_per_node} must divide world={self.world}")
-
-    @property
-    def world(self) -> int:
-        return self.ep * self.esp
-
-    @property
-    def dp(self) -> int:
-        return self.dp_size or self.world
-
-    def node(self, w: int) -> int:
-        return 0 if self.gpus_per_node is None else w // self.gpus_per_node
-
-    @property
-    def ep_inter(self) -> bool:
-        """Does the EP group of rank 0 span more than one node?"""
-        return len({self.node(p * self.esp) for p in range(self.ep)}) > 1
-
-    def peers(self, kind: str, rank: int) -> tuple[int, ...]:
-        """Ranks (of the moe group) taking part in op ``kind`` with ``rank``."""
-        p, q = divmod(rank, self.esp)
-        if kind in ("a2a_dispatch", "a2a_combine"):
-            return tuple(pp * self.esp + q for pp in range(self.ep))
-        if kind in ("allgather", "reducescatter"):
-            return tuple(p * self.esp + qq for qq in range(self.esp))
-        if kind in ("allreduce", "counts"):
-            return tuple(range(self.world))
-        return (rank,)
-
-    @property
-    def a2a_key(self) -> str:
-        return "a2a_inter" if self.ep_inter else "a2a_intra"
-
-    @property
-    def name(self) -> str:
-        gpn = self.gpus_per_node or self.world
-        return f"ep{self.ep}-esp{self.esp}-nodes{self.world // gpn}x{gpn}"
-
-    @staticmethod
-    def from_parallel(pc) -> "Layout":
-        """From ``fsmoe.config.ParallelConfig``."""
-        return Layout(ep=pc.ep, esp=pc.esp, gpus_per_node=pc.gpus_per_node, dp_size=pc.dp)
-
-    @staticmethod
-    def from_groups(groups) -> "Layout":
-        """From ``fsmoe.parallel.groups.ParallelGroups``."""
-        gpn = groups.topology.ranks_per_node
-        return Layout(ep=groups.ep, esp=groups.esp, gpus_per_node=gpn if gpn < groups.world else None,
-                      dp_size=groups.dp)
 
 
 GAR_MODES = ("end", "ready", "chunks", "windows")

@@ -33,7 +33,7 @@ time if nothing overlapped. eta = 1 is FSMoE's model; the cases and predicates d
 Sizes: see ``LayerSpec`` and ``Layout``; ``chunk_counts`` cuts an integer count matrix the way the
 executor does, so predictions for a real iteration use the same rows the executor moves.
 
-Shape legend: S source ranks (world), E experts, r chunks.
+Shape legend: S source ranks (the ep*esp ranks of one moe group), E experts, r chunks.
 """
 from __future__ import annotations
 
@@ -144,12 +144,13 @@ def chunk_counts(counts: np.ndarray, r: int) -> np.ndarray:
 
 
 def balanced_counts(spec: LayerSpec, layout: Layout) -> np.ndarray:
-    """[S, E] counts with perfectly balanced routing: what ``plan`` assumes before training."""
+    """[S, E] counts of the S = ep*esp ranks of a moe group with perfectly balanced routing: what
+    ``plan`` assumes before training."""
     rows = spec.routed_rows
     base, extra = divmod(rows, spec.num_experts)
     row = np.full(spec.num_experts, base, dtype=np.int64)
     row[:extra] += 1
-    return np.tile(row, (layout.world, 1))
+    return np.tile(row, (layout.moe, 1))
 
 
 @dataclass(frozen=True)

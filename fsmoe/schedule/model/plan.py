@@ -18,7 +18,9 @@ from fsmoe.schedule.types import LayerSpec, Layout, Schedule
 
 
 def _layout(parallel) -> Layout:
-    return parallel if isinstance(parallel, Layout) else Layout.from_parallel(parallel)
+    if isinstance(parallel, Layout):
+        return parallel
+    return Layout.from_config(parallel, parallel.world, parallel.gpus_per_node)
 
 
 def plan(spec: LayerSpec, parallel, profile: Profile, policy: str = "fsmoe") -> Schedule:

@@ -160,7 +160,7 @@ class Profile:
         return Profile(d["hardware"], d["layout"], fits, d.get("points", {}), d.get("meta", {}), float(overlap))
 
     def require(self, layout) -> None:
-        """The fits a plan on ``layout`` (a ``perf_model.Layout``) cannot do without; a ConfigError
+        """The fits a plan on ``layout`` (a ``Layout``) cannot do without; a ConfigError
         naming the missing ones otherwise (the gradient AllReduce and attention are optional)."""
         need = ["expert_fwd", "expert_bwd"]
         need += [layout.a2a_key] if layout.ep > 1 else []

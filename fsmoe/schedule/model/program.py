@@ -29,8 +29,8 @@ class ChunkOps:
 
 
 def counts_op(layout: Layout, num_experts: int, layer: int) -> Op:
-    """The per-layer exchange of every rank's per-expert counts (int64), before the forward."""
-    return Op("counts", "fwd", layer, 0, "counts", float(layout.world * num_experts * 8))
+    """The per-layer exchange of every moe-group rank's per-expert counts (int64), before the forward."""
+    return Op("counts", "fwd", layer, 0, "counts", float(layout.moe * num_experts * 8))
 
 
 def chunk_ops(works: list[ChunkWork], dims: ExpertDims, layout: Layout, phase: str, layer: int) -> list[ChunkOps]:

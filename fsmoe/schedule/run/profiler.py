@@ -115,7 +115,7 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
     from fsmoe.comm.esp import EspStage
     from fsmoe.comm.functional import reduce_scatter_impl_for
 
-    layout = Layout.from_groups(groups)
+    layout = groups.layout
     elem = torch.empty(0, dtype=dtype).element_size()
     D = 64
     pts: dict[str, list[list[float]]] = {}
@@ -290,7 +290,7 @@ def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig
     cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
     pts = measure(groups, cfg, device, dtype)
     eta = measure_overlap(groups, cfg, device, dtype)
-    layout = Layout.from_groups(groups)
+    layout = groups.layout
     return profile_from_points(hardware_name(device), layout.name, pts,
                                {"world": groups.world, "reps": cfg.reps, "seconds": time.perf_counter() - t0,
                                 "torch": torch.__version__}, overlap=eta)
@@ -311,7 +311,7 @@ def load_samples(path: Path) -> list[tuple[str, float, float]]:
     except ValueError as e:
         raise ConfigError("--refit", str(path), str(e)) from None
     if "layout" in header:
-        return refit_samples(iterations, Layout(**header["layout"]).peers)
+        return refit_samples(iterations, Layout.from_dict(header["layout"]).peers)
     return samples_from_records([r for recs in iterations for r in recs])
 
 

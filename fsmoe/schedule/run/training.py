@@ -240,7 +240,7 @@ class TrainingSchedule:
         """Plan and install ``cfg.parallel.schedule`` on ``model`` (None for "default"). Collective."""
         if cfg.parallel.schedule == "default":
             return None
-        layout = Layout.from_groups(groups)
+        layout = groups.layout
         profile = load_or_profile(cfg.parallel.profile, groups, device, run_dir, is_writer)
         spec, schedule = plan_for_run(cfg, layout, profile)
         recorder = Recorder(rank=groups.rank, enabled=False)
@@ -320,7 +320,7 @@ class TrainingSchedule:
             self._metrics["op_error_median_refit_heldout"] = med(op_errors(iterations[half:], self.layout, held))
         if self.is_writer:
             s = self.schedule
-            pred = [r for rank in range(self.layout.world) for r in simulate_iteration(
+            pred = [r for rank in range(self.layout.moe) for r in simulate_iteration(
                 self.spec, self.layout, self.profile, s.r_fwd, s.r_bwd, s.iio, s.gar, rank=rank).records]
             last = write_trace(iterations, pred, self.run_dir)
             write_records(self.run_dir / TIMELINE_RECORDS, iterations,
