@@ -128,13 +128,15 @@ def saved_config(run_dir: Path) -> dict | None:
     return saved
 
 
-def require_saved_config(run_dir: Path) -> dict:
-    """The saved config of the run to resume; CheckpointError if it is missing."""
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """``run_dir`` holds a run to resume with ``cfg``: a checkpoint (intact or not: that is
+    checked when one is picked) and a saved config whose model ``cfg`` keeps."""
+    checkpoint.latest_checkpoint(run_dir)
     saved = saved_config(run_dir)
     if saved is None:
         raise checkpoint.CheckpointError("--resume", str(run_dir / CONFIG_FILE),
                                          "is missing, so the checkpoint's model config is unknown")
-    return saved
+    check_resume_config(saved, cfg)
 
 
 def load_checked_corpus(cfg: RunConfig) -> Corpus:
@@ -258,7 +260,7 @@ class Trainer:
     def _find_checkpoint(self) -> Path:
         """The newest intact checkpoint (damaged newer ones are skipped with a warning), after
         checking that the run's saved model config matches this one."""
-        check_resume_config(require_saved_config(self.run_dir), self.cfg)
+        check_resumable(self.run_dir, self.cfg)
         _, path, notes = checkpoint.find_intact(self.run_dir)
         for note in notes:
             if self.is_writer:
@@ -507,7 +509,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     if args.data:  # set directly, not as TOML text: any character may appear in a path
         train = data.setdefault("train", {})
         if isinstance(train, dict):
-            train["data"] = [str(Path(p).expanduser().resolve()) for p in args.data]
+            train["data"] = [str(Path(p).expanduser().absolute()) for p in args.data]
     cfg = config_from_dict(data)
     return cfg, args.run_dir or Path("runs") / cfg.name
 
@@ -518,8 +520,7 @@ def preflight(cfg: RunConfig, run_dir: Path, resume: bool, nproc: int) -> None:
     device. (The config and layout were checked when ``cfg`` was built.)"""
     check_run_dir(run_dir, resume)
     if resume:
-        check_resume_config(require_saved_config(run_dir), cfg)
-        checkpoint.latest_checkpoint(run_dir)
+        check_resumable(run_dir, cfg)
     load_checked_corpus(cfg)
     device = resolve_device(cfg.train)
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
