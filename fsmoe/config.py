@@ -495,3 +495,9 @@ def raw_config(preset_or_path: str = "tiny", overrides: list[str] | None = None)
 
 def config_from_dict(data: dict) -> RunConfig:
     return _build(RunConfig, data, "")
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """The ``model`` section alone (not validated against a layout or training config)."""
+    _check(isinstance(data, dict), "model", data, "must be a table")
+    return _build(ModelConfig, data, "model.")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -45,7 +46,8 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fsmoe import checkpoint, plots
-from fsmoe.config import ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, raw_config
+from fsmoe.config import (ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, model_config_from_dict,
+                          raw_config)
 from fsmoe.data import BatchSampler, Corpus, check_vocab, eval_batches, load_corpus, nats_to_bits
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
@@ -128,17 +130,6 @@ def saved_config(run_dir: Path) -> dict | None:
     return saved
 
 
-def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
-    """``run_dir`` holds a run to resume with ``cfg``: a checkpoint (intact or not: that is
-    checked when one is picked) and a saved config whose model ``cfg`` keeps."""
-    checkpoint.latest_checkpoint(run_dir)
-    saved = saved_config(run_dir)
-    if saved is None:
-        raise checkpoint.CheckpointError("--resume", str(run_dir / CONFIG_FILE),
-                                         "is missing, so the checkpoint's model config is unknown")
-    check_resume_config(saved, cfg)
-
-
 def load_checked_corpus(cfg: RunConfig) -> Corpus:
     """``train.data`` loaded, with every check that needs the data (its size, and a vocabulary
     that holds all its tokens)."""
@@ -168,13 +159,25 @@ def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] |
 
 def check_resume_config(saved: dict, cfg: RunConfig) -> None:
     """The model of a resumed run must be exactly the checkpointed one (its shape and routing).
-    The saved config is rebuilt first, so fields added to fsmoe since then take their defaults."""
-    old_model = config_from_dict(saved).to_dict()["model"]
+    The saved model config is rebuilt first, so fields added to fsmoe since then take their
+    defaults (the rest of the saved config, e.g. its layout, does not matter here)."""
+    old_model = dataclasses.asdict(model_config_from_dict(saved.get("model", {})))
     diff = _first_difference(old_model, cfg.to_dict()["model"], "model")
     if diff:
         name, old, new = diff
         raise ConfigError(name, new, f"differs from the checkpointed run ({name}={old!r}); a resumed run keeps "
                           "its model, so drop that override or start a new --run-dir")
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """``run_dir`` holds a run to resume with ``cfg``: a checkpoint (intact or not: that is
+    checked when one is picked) and a saved config whose model ``cfg`` keeps."""
+    checkpoint.latest_checkpoint(run_dir)
+    saved = saved_config(run_dir)
+    if saved is None:
+        raise checkpoint.CheckpointError("--resume", str(run_dir / CONFIG_FILE),
+                                         "is missing, so the checkpoint's model config is unknown")
+    check_resume_config(saved, cfg)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
