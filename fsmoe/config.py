@@ -379,7 +379,7 @@ class RunConfig:
         if m.attention == "mha":
             _check(m.n_heads % p.mp == 0 and m.kv_heads % p.mp == 0, "parallel.mp", p.mp,
                    f"must divide model.n_heads={m.n_heads} and n_kv_heads={m.kv_heads}")
-        if any(not m.is_moe_layer(i) for i in range(m.n_layers)):
+        if m.first_dense > 0 or m.moe_every > 1:  # some layer is dense (see is_moe_layer)
             _check(m.d_ff % p.mp == 0, "parallel.mp", p.mp, f"must divide model.d_ff={m.d_ff}")
         _check(m.moe.dispatcher != "hierarchical" or p.world == 1, "model.moe.dispatcher", m.moe.dispatcher,
                "the hierarchical backend is not implemented yet; use 'auto' or 'alltoall'")
