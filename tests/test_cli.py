@@ -177,3 +177,28 @@ def test_resume_takes_the_layout_of_this_launch_and_an_old_data_string(tmp_path,
     assert (resumed["parallel"]["dp"], resumed["parallel"]["ep"]) == (1, 1)
     assert resumed["train"]["data"] == [str(a), str(b)]
     assert [r["step"] for r in read_metrics(tmp_path / "D")] == [1, 2, 3]
+
+
+def test_a_workers_error_is_left_for_the_launcher_which_prints_the_first_once(tmp_path, monkeypatch, capsys):
+    """Under `--nproc` the failing rank writes its error to FSMOE_ERROR_DIR instead of stderr:
+    bad input as the one-line message, anything else with its traceback."""
+    from fsmoe.config import ConfigError
+    from fsmoe.parallel import launch
+
+    monkeypatch.setenv(launch.ERROR_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(launch.Watchdog, "current", None)
+    monkeypatch.setenv("RANK", "1")
+    launch.report_failure(ConfigError("train.data", "x", "path does not exist"))
+    monkeypatch.setenv("RANK", "3")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as e:
+        launch.report_failure(e)
+    assert capsys.readouterr().err == ""
+    first = launch.first_worker_error(str(tmp_path))  # same second: the lower rank
+    assert first["bad_input"] and first["rank"] == 1 and first["text"] == "error: train.data='x' is invalid: " \
+        "path does not exist"
+    other = json.loads((tmp_path / "rank3.json").read_text())
+    assert not other["bad_input"] and "Traceback" in other["text"] and "RuntimeError: boom" in other["text"]
+    launch._print_worker_error(first)
+    assert capsys.readouterr().err.strip() == first["text"]

@@ -18,12 +18,13 @@ SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "mode
          "train.min_lr_ratio=1.0"]  # constant LR after warmup: a run resumed with a larger --steps keeps its schedule
 
 
-def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> None:
+def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--device", "cpu", "--run-dir", str(run_dir),
            *flags, *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float | None]]:
@@ -50,3 +51,18 @@ def test_nproc4_ep4_and_cross_layout_resume_match_one_process(tmp_path):
     fsmoe_train(tmp_path / "resumed", "--resume", "--nproc", "4", "--mp", "2", "--ep", "2", "--esp", "2",
                 "--gpus-per-node", "2", "--steps", "6")
     assert_same_curve(losses(tmp_path / "resumed"), ref)
+
+
+def test_nproc_resume_skips_a_damaged_shard_of_another_rank(tmp_path):
+    """4 KiB overwritten in rank 1's shard of the newest checkpoint: rank 0 verifies the checksums,
+    every rank resumes from the older intact checkpoint, and the steps retrained equal the first run's."""
+    run = tmp_path / "ep2"
+    fsmoe_train(run, "--nproc", "2", "--ep", "2", "--steps", "6")
+    first = losses(run)
+    shard = run / "ckpt" / "step_6" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)[:len(data) - len(data) // 2]
+    shard.write_bytes(bytes(data))
+    done = fsmoe_train(run, "--resume", "--nproc", "2", "--ep", "2", "--steps", "6")
+    assert "warning:" in done.stdout and str(shard) in done.stdout and "resumed from step 3" in done.stdout
+    assert losses(run) == first
