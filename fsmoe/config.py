@@ -361,8 +361,10 @@ class RunConfig:
         self.model.validate()
         self.parallel.validate(self.model.moe.num_experts)
         self.train.validate(self.model.max_seq_len)
-        _check(self.train.batch_size % self.parallel.dp == 0, "train.batch_size", self.train.batch_size,
-               f"must be divisible by the data-parallel size parallel.dp={self.parallel.dp}")
+        _check(self.train.batch_size % (self.parallel.dp * self.parallel.mp) == 0, "train.batch_size",
+               self.train.batch_size, f"must be divisible by parallel.dp={self.parallel.dp} (each data-parallel rank "
+               f"takes an equal share) times parallel.mp={self.parallel.mp} (the MoE layers split that share over "
+               "the tensor-parallel ranks)")
         self._validate_layout()
         if self.train.timeline_steps and self.parallel.schedule == "default":
             raise ConfigError("train.timeline_steps", self.train.timeline_steps,
