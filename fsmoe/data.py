@@ -149,7 +149,7 @@ def load_corpus(paths: list[str] | None, limit_mb: float, val_fraction: float, m
     if not files:
         raise DataError("train.data", source, "no .py files found; pass --data PATH with text files")
     raw = read_bytes(files, int(limit_mb * 2**20))
-    tokens_N = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    tokens_N = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
     n_val = int(len(tokens_N) * val_fraction)
     train_N, val_N = tokens_N[: len(tokens_N) - n_val], tokens_N[len(tokens_N) - n_val:]
     if min(len(train_N), len(val_N)) < min_tokens:

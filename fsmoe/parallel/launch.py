@@ -262,8 +262,9 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
             return 0
         except ChildFailedError as e:
             failure = e.get_first_failure()[1]
-            codes = f"worker exit code {failure.exitcode}" if failure.exitcode is not None else "a worker failed"
-            error = first_worker_error(folder) or {"bad_input": False, "text": f"error: {codes}"}
+            error = first_worker_error(folder) or {"bad_input": False, "text": (
+                f"error: worker rank {failure.rank} exited with code {failure.exitcode} without reporting an error "
+                "(its output, if any, is above)")}
     _print_worker_error(error)
     return 2 if error["bad_input"] else 1
 
