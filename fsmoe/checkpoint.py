@@ -5,13 +5,15 @@ Layout inside a run directory::
     ckpt/step_100/      .metadata + __<rank>_0.distcp shards + checksums.json (one complete checkpoint)
     ckpt/step_150/
     ckpt/step_200.tmp/  being written; renamed to step_200/ only once complete
+    ckpt/step_250.damaged/  failed its checksums when a run resumed; set aside, kept for inspection
 
 A checkpoint is written into ``step_N.tmp``; once DCP has finished, rank 0 writes
 ``checksums.json`` (the size and SHA-256 of every file DCP wrote) and renames the directory, so
 a crash mid-write never touches the last good checkpoint; the newest ``keep`` complete ones are
 kept. Loading verifies every file against the manifest first and refuses a damaged checkpoint
 with an error naming the file; :func:`find_intact` picks the newest checkpoint that verifies
-(what ``--resume`` loads). A checkpoint without a manifest (written by an older fsmoe) loads
+(what ``--resume`` loads), setting damaged newer ones aside as ``step_N.damaged`` so that they
+are neither loaded nor counted among the ``keep`` newest. A checkpoint without a manifest (written by an older fsmoe) loads
 with a warning. DCP works in a single process and under a process group (each rank writes its
 shards, rank 0 writes the manifest and renames; rank 0 verifies and tells every rank the
 verdict), and reshards on load, so a checkpoint does not fix the parallel layout.
@@ -36,6 +38,7 @@ from fsmoe.config import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_SUFFIX = ".tmp"
+_DAMAGED_SUFFIX = ".damaged"
 MANIFEST = "checksums.json"
 _HASH = "sha256"
 _CHUNK = 1 << 20
@@ -93,7 +96,8 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path
     """Write ``state`` (nested dicts of tensors and small picklable values) as ``ckpt/step_<step>``.
 
     1. every rank writes its shards into ``step_<step>.tmp`` (rank 0 first clears a stale one);
-    2. after a barrier, rank 0 writes the checksum manifest and renames it to ``step_<step>`` (replacing an older copy of the same step);
+    2. after a barrier, rank 0 writes the checksum manifest and renames the directory to
+       ``step_<step>`` (replacing an older copy of the same step);
     3. rank 0 deletes all but the newest ``keep`` checkpoints.
     """
     root = ckpt_root(run_dir)
@@ -206,29 +210,39 @@ def verify(ckpt_dir: Path) -> list[str]:
 
 
 def _newest_intact(run_dir: Path) -> tuple[int, str, list[str]]:
-    """(step, path, warnings) of the newest checkpoint that verifies (this process)."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        latest_checkpoint(run_dir)  # raises the "holds no checkpoint" error
-    skipped: list[str] = []
-    for step, path in reversed(found):
+    """(step, path, warnings) of the newest checkpoint that verifies (this process); damaged
+    newer ones are set aside once an intact one is found."""
+    latest_checkpoint(run_dir)  # raises the "holds no checkpoint" error
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(list_checkpoints(run_dir)):
         try:
             notes = _check_manifest(path)
         except CheckpointError as e:
-            skipped.append(str(e))
+            skipped.append((path, str(e)))
             continue
+        for bad, why in skipped:
+            aside = _set_aside(bad)
+            notes.insert(0, f"{why}; skipped it and moved {bad.name} to {aside.name}")
         if skipped:
-            notes = [f"{msg}; skipped it" for msg in skipped] + [f"resuming from the newest intact checkpoint, "
-                                                                 f"{path}", *notes]
+            notes.append(f"resuming from the newest intact checkpoint, {path}")
         return step, str(path), notes
     raise CheckpointError("--resume", str(ckpt_root(run_dir)), "holds no intact checkpoint ("
-                          + "; ".join(skipped) + "); start a new run in another --run-dir")
+                          + "; ".join(why for _, why in skipped) + "); start a new run in another --run-dir")
+
+
+def _set_aside(ckpt_dir: Path) -> Path:
+    """Rename a damaged checkpoint to ``step_N.damaged`` (replacing an older one of that name)."""
+    aside = ckpt_dir.with_name(ckpt_dir.name + _DAMAGED_SUFFIX)
+    shutil.rmtree(aside, ignore_errors=True)
+    ckpt_dir.rename(aside)
+    return aside
 
 
 def find_intact(run_dir: Path) -> tuple[int, Path, list[str]]:
     """(step, path, warnings) of the newest checkpoint of ``run_dir`` whose files match their
-    checksums, skipping damaged newer ones (each named in the warnings). CheckpointError if
-    there is no checkpoint or none is intact. Rank 0 decides for every rank."""
+    checksums; damaged newer ones are named in the warnings and renamed ``step_N.damaged``.
+    CheckpointError if there is no checkpoint or none is intact (then nothing is renamed).
+    Rank 0 decides for every rank."""
     step, path, notes = _rank0_decides(_newest_intact, Path(run_dir))
     return step, Path(path), notes
 

@@ -168,6 +168,15 @@ def test_resume_skips_a_damaged_checkpoint_with_a_warning_and_trains_on_exactly(
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5, 10]
     for _, path in checkpoint.list_checkpoints(run_dir):
         assert checkpoint.verify(path) == []
+    assert (run_dir / "ckpt" / "step_10.damaged").is_dir()  # set aside, not counted among the kept
+
+
+def test_a_damaged_checkpoint_set_aside_does_not_rotate_out_a_good_one(finished_run, tmp_path):
+    """Resumed from step 5 past a damaged step 10 and stopped at step 8: the kept two are 5 and 8."""
+    run_dir = copy_run(finished_run, tmp_path)
+    damage(run_dir / "ckpt" / "step_10", "overwrite_4k")
+    Trainer(small_cfg("train.steps=8"), run_dir, resume=True, console=quiet()).fit()
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5, 8]
 
 
 def test_resume_with_every_checkpoint_damaged_fails_cleanly_and_keeps_files(finished_run, tmp_path):
