@@ -202,3 +202,9 @@ def test_a_workers_error_is_left_for_the_launcher_which_prints_the_first_once(tm
     assert not other["bad_input"] and "Traceback" in other["text"] and "RuntimeError: boom" in other["text"]
     launch._print_worker_error(first)
     assert capsys.readouterr().err.strip() == first["text"]
+
+
+def test_a_worker_killed_without_a_report_is_named_by_rank_and_signal():
+    from fsmoe.parallel import launch
+
+    assert launch._exit_status(-6) == "was killed by SIGABRT" and launch._exit_status(3) == "exited with code 3"

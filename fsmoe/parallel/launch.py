@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -261,12 +262,22 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
             run(parse_args(torchrun_args(nproc, argv)))
             return 0
         except ChildFailedError as e:
-            failure = e.get_first_failure()[1]
+            rank, failure = e.get_first_failure()
             error = first_worker_error(folder) or {"bad_input": False, "text": (
-                f"error: worker rank {failure.rank} exited with code {failure.exitcode} without reporting an error "
-                "(its output, if any, is above)")}
+                f"error: worker rank {rank} {_exit_status(failure.exitcode)} without reporting an error (its output, "
+                "if any, is above)")}
     _print_worker_error(error)
     return 2 if error["bad_input"] else 1
+
+
+def _exit_status(code: int) -> str:
+    """``exited with code N`` or ``was killed by SIGNAME`` (negative codes are signals)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 def _print_worker_error(error: dict) -> None:
