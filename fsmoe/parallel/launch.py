@@ -130,6 +130,14 @@ class Watchdog:
         except Exception:  # no post readable: nothing better to say
             pass
 
+    def stop(self) -> None:
+        """End the thread and close its store connection while the interpreter is fully alive
+        (a client still open at exit can abort the process during teardown)."""
+        self.stopped = True
+        self.thread.join(timeout=POLL_S + 1.0)
+        if not self.thread.is_alive():
+            self.store = None
+
     def post(self, error: str, when: int) -> bool:
         """Record this rank's failure; True if it is the first failure of the job."""
         self.failing = True
@@ -146,7 +154,7 @@ def shutdown_distributed() -> None:
     """Clean end of a run: stop the watchdog, wait for every rank, destroy the process group.
     (Stopping first matters: the store's host may exit before a slower peer is done.)"""
     if Watchdog.current is not None:
-        Watchdog.current.stopped = True
+        Watchdog.current.stop()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
