@@ -278,7 +278,7 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
     return 2 if error["bad_input"] else 1
 
 
-def _exit_status(code: int) -> str:
+def _exit_status(code: int | None) -> str:
     """``exited with code N`` or ``was killed by SIGNAME`` (negative codes are signals)."""
     if code is not None and code < 0:
         try:
@@ -289,9 +289,10 @@ def _exit_status(code: int) -> str:
 
 
 def _print_worker_error(error: dict) -> None:
+    """A one-line error in red, as ``fsmoe`` prints bad input; a traceback as it is."""
     from rich.console import Console
 
-    style = "bold red" if error["bad_input"] or error["text"].startswith("error:") else None
+    style = "bold red" if error["text"].startswith("error:") else None
     Console(stderr=True).print(error["text"].rstrip("\n"), style=style, markup=False, highlight=False,
                                soft_wrap=True)
 
