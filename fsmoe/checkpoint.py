@@ -2,18 +2,28 @@
 
 Layout inside a run directory::
 
-    ckpt/step_100/      .metadata + __<rank>_0.distcp shards (one complete checkpoint)
+    ckpt/step_100/      .metadata + __<rank>_0.distcp shards + checksums.json (one complete checkpoint)
     ckpt/step_150/
     ckpt/step_200.tmp/  being written; renamed to step_200/ only once complete
+    ckpt/step_250.damaged/  failed its checksums when a run resumed; set aside, kept for inspection
 
-A checkpoint is written into ``step_N.tmp`` and renamed when DCP has finished, so a crash
-mid-write never touches the last good checkpoint; the newest ``keep`` complete ones are kept.
-DCP works in a single process and under a process group (each rank writes its shards, rank 0
-renames), and reshards on load, so a checkpoint does not fix the parallel layout.
+A checkpoint is written into ``step_N.tmp``; once DCP has finished, rank 0 writes
+``checksums.json`` (the size and SHA-256 of every file DCP wrote) and renames the directory, so
+a crash mid-write never touches the last good checkpoint; the newest ``keep`` complete ones are
+kept. Loading verifies every file against the manifest first and refuses a damaged checkpoint
+with an error naming the file; :func:`find_intact` picks the newest checkpoint that verifies
+(what ``--resume`` loads), setting damaged newer ones aside as ``step_N.damaged`` so that they
+are neither loaded nor counted among the ``keep`` newest. A checkpoint without a manifest (written by an older fsmoe) loads
+with a warning. DCP works in a single process and under a process group (each rank writes its
+shards, rank 0 writes the manifest and renames; rank 0 verifies and tells every rank the
+verdict), and reshards on load, so a checkpoint does not fix the parallel layout.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
 import re
 import shutil
 import warnings
@@ -28,6 +38,10 @@ from fsmoe.config import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_SUFFIX = ".tmp"
+_DAMAGED_SUFFIX = ".damaged"
+MANIFEST = "checksums.json"
+_HASH = "sha256"
+_CHUNK = 1 << 20
 
 
 class CheckpointError(ConfigError):
@@ -82,7 +96,8 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path
     """Write ``state`` (nested dicts of tensors and small picklable values) as ``ckpt/step_<step>``.
 
     1. every rank writes its shards into ``step_<step>.tmp`` (rank 0 first clears a stale one);
-    2. rank 0 renames it to ``step_<step>`` (replacing an older copy of the same step);
+    2. after a barrier, rank 0 writes the checksum manifest and renames the directory to
+       ``step_<step>`` (replacing an older copy of the same step);
     3. rank 0 deletes all but the newest ``keep`` checkpoints.
     """
     root = ckpt_root(run_dir)
@@ -95,6 +110,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path
         dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
     _barrier()
     if _is_rank0():
+        write_manifest(tmp)
         _replace_dir(tmp, final)
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old)
@@ -114,9 +130,129 @@ def _replace_dir(src: Path, dst: Path) -> None:
         src.rename(dst)
 
 
-def load(path: Path, state: dict[str, Any]) -> None:
+# ---------------------------------------------------------------- checksums
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.new(_HASH)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """Write ``checksums.json``: size and digest of every file in ``ckpt_dir`` (fsynced, last)."""
+    files = {p.name: {"size": p.stat().st_size, _HASH: _digest(p)}
+             for p in sorted(Path(ckpt_dir).iterdir()) if p.is_file() and p.name != MANIFEST}
+    path = Path(ckpt_dir) / MANIFEST
+    with path.open("w") as f:
+        json.dump({"algorithm": _HASH, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError("checkpoint", str(path), f"is damaged ({what}); the checkpoint it belongs to cannot be "
+                           "used")
+
+
+def _check_manifest(ckpt_dir: Path) -> list[str]:
+    """Verify ``ckpt_dir`` against its manifest (this process). Returns warnings (no manifest);
+    raises CheckpointError naming the first missing or damaged file."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = ckpt_dir / MANIFEST
+    if not ckpt_dir.is_dir():
+        raise CheckpointError("checkpoint", str(ckpt_dir), "does not exist")
+    if not manifest.exists():
+        return [f"{ckpt_dir} has no {MANIFEST} (written by an older fsmoe), so it is loaded unverified"]
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+        expected = {name: (int(e["size"]), str(e[_HASH])) for name, e in entries.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(manifest, f"unreadable manifest: {type(e).__name__}") from None
+    if not expected:
+        raise _damaged(manifest, "the manifest lists no files")
+    for name, (size, digest) in sorted(expected.items()):
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise _damaged(path, "missing")
+        if path.stat().st_size != size:
+            raise _damaged(path, f"{path.stat().st_size} bytes, {size} were written")
+        if _digest(path) != digest:
+            raise _damaged(path, f"its {_HASH} does not match the one written with it")
+    return []
+
+
+def _rank0_decides(fn, *args) -> Any:
+    """``fn(*args)`` run on rank 0 only; every rank returns its result or raises its CheckpointError."""
+    verdict = None
+    if _is_rank0():
+        try:
+            verdict = ("ok", fn(*args))
+        except CheckpointError as e:
+            verdict = ("error", (e.field_name, e.value, e.allowed))
+    if _distributed():
+        box = [verdict]
+        dist.broadcast_object_list(box, src=0)
+        verdict = box[0]
+    kind, payload = verdict
+    if kind == "error":
+        raise CheckpointError(*payload)
+    return payload
+
+
+def verify(ckpt_dir: Path) -> list[str]:
+    """Check every file of a checkpoint against its manifest (rank 0 reads, every rank gets the
+    verdict). Returns warnings to show (e.g. no manifest); a damaged checkpoint raises
+    CheckpointError naming the file."""
+    return _rank0_decides(_check_manifest, Path(ckpt_dir))
+
+
+def _newest_intact(run_dir: Path) -> tuple[int, str, list[str]]:
+    """(step, path, warnings) of the newest checkpoint that verifies (this process); damaged
+    newer ones are set aside once an intact one is found."""
+    latest_checkpoint(run_dir)  # raises the "holds no checkpoint" error
+    skipped: list[tuple[Path, str]] = []
+    for step, path in reversed(list_checkpoints(run_dir)):
+        try:
+            notes = _check_manifest(path)
+        except CheckpointError as e:
+            skipped.append((path, str(e)))
+            continue
+        for bad, why in skipped:
+            aside = _set_aside(bad)
+            notes.insert(0, f"{why}; skipped it and moved {bad.name} to {aside.name}")
+        if skipped:
+            notes.append(f"resuming from the newest intact checkpoint, {path}")
+        return step, str(path), notes
+    raise CheckpointError("--resume", str(ckpt_root(run_dir)), "holds no intact checkpoint ("
+                          + "; ".join(why for _, why in skipped) + "); start a new run in another --run-dir")
+
+
+def _set_aside(ckpt_dir: Path) -> Path:
+    """Rename a damaged checkpoint to ``step_N.damaged`` (replacing an older one of that name)."""
+    aside = ckpt_dir.with_name(ckpt_dir.name + _DAMAGED_SUFFIX)
+    shutil.rmtree(aside, ignore_errors=True)
+    ckpt_dir.rename(aside)
+    return aside
+
+
+def find_intact(run_dir: Path) -> tuple[int, Path, list[str]]:
+    """(step, path, warnings) of the newest checkpoint of ``run_dir`` whose files match their
+    checksums; damaged newer ones are named in the warnings and renamed ``step_N.damaged``.
+    CheckpointError if there is no checkpoint or none is intact (then nothing is renamed).
+    Rank 0 decides for every rank."""
+    step, path, notes = _rank0_decides(_newest_intact, Path(run_dir))
+    return step, Path(path), notes
+
+
+def load(path: Path, state: dict[str, Any], *, verified: bool = False) -> list[str]:
     """Fill ``state`` in place from the checkpoint at ``path`` (tensors are copied into the given
-    tensors, other values replaced). A missing or damaged checkpoint raises CheckpointError."""
+    tensors, other values replaced); returns warnings to show. The files are verified against
+    their checksums first unless ``verified`` (by :func:`find_intact`). A missing or damaged
+    checkpoint raises CheckpointError naming it."""
+    notes = [] if verified else verify(path)
     try:
         dcp.FileSystemReader(path).read_metadata()  # a damaged .metadata fails here, before DCP logs fallbacks
         with _single_process_quiet():
@@ -128,3 +264,4 @@ def load(path: Path, state: dict[str, Any]) -> None:
                     else "no older checkpoint exists; drop --resume to start a new run in another --run-dir")
         why = f"{type(e).__name__}: {reason[:300]}"
         raise CheckpointError("--resume", str(path), f"is not a readable checkpoint ({why}); {fallback}") from None
+    return notes

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +48,18 @@ def _one_of(name: str, value: Any, choices) -> None:
 
 def _positive(name: str, value: Any) -> None:
     _check(isinstance(value, (int, float)) and value > 0, name, value, "must be > 0")
+
+
+def _at_least(name: str, value: Any, low: int) -> None:
+    """An integer (not a bool) >= ``low``."""
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value,
+           f"must be an integer >= {low}")
+
+
+def _in_range(name: str, value: Any, low: float, high: float, *, high_open: bool = False) -> None:
+    """A number in [low, high] (or [low, high) with ``high_open``)."""
+    ok = isinstance(value, (int, float)) and low <= value and (value < high if high_open else value <= high)
+    _check(ok, name, value, f"must be in [{low}, {high}{')' if high_open else ']'}")
 
 
 @dataclass
@@ -226,6 +240,7 @@ class ModelConfig:
         return i >= self.first_dense and (i - self.first_dense) % self.moe_every == self.moe_every - 1
 
 
+MAX_TIMEOUT_S = 7 * 86400.0  # a week: larger values overflow the collectives' timedelta
 # parallel.schedule: the policy names of fsmoe/schedule/baselines.py (POLICY_NAMES), "default" first.
 SCHEDULES = ("default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe")
 
@@ -266,7 +281,8 @@ class ParallelConfig:
         if self.gpus_per_node is not None:
             _check(self.gpus_per_node >= 1 and self.world % self.gpus_per_node == 0,
                    f"{prefix}.gpus_per_node", self.gpus_per_node, f"must divide world size {self.world}")
-        _positive(f"{prefix}.timeout_s", self.timeout_s)
+        _check(0 < self.timeout_s <= MAX_TIMEOUT_S, f"{prefix}.timeout_s", self.timeout_s,
+               f"must be in (0, {MAX_TIMEOUT_S:g}] seconds")
         _check(self.schedule in SCHEDULES, f"{prefix}.schedule", self.schedule,
                f"allowed values are {list(SCHEDULES)}")
         _check(self.profile is None or (isinstance(self.profile, str) and self.profile != ""),
@@ -295,7 +311,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 4
     ckpt_every: int = 100  # 0 = only at the end
-    data: str | None = None  # None = the embedded default: this Python's own stdlib .py sources
+    data: list[str] | None = None  # text files / directories; None = this Python's own stdlib .py sources
     data_limit_mb: float = 8.0  # read at most this much text
     val_fraction: float = 0.05
     dtype: str = "float32"  # float32 | bfloat16 (CUDA: bf16 compute, fp32 weights and optimizer state)
@@ -311,10 +327,17 @@ class TrainConfig:
             _positive(f"{prefix}.{name}", getattr(self, name))
         _check(self.seq_len <= max_seq_len, f"{prefix}.seq_len", self.seq_len,
                f"must be <= model.max_seq_len={max_seq_len}")
-        _check(self.ckpt_every >= 0, f"{prefix}.ckpt_every", self.ckpt_every, "must be >= 0")
+        _at_least(f"{prefix}.ckpt_every", self.ckpt_every, 0)
+        _at_least(f"{prefix}.warmup_steps", self.warmup_steps, 0)
+        _check(0 <= self.seed < 2**63, f"{prefix}.seed", self.seed, "must be an integer in [0, 2**63)")
         _check(self.grad_clip >= 0, f"{prefix}.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):  # AdamW's moment decay rates
+            _in_range(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
         _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
-        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _in_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _check(self.data is None or (len(self.data) > 0 and all(p.strip() for p in self.data)), f"{prefix}.data",
+               self.data, "must be a non-empty list of paths (or unset for the stdlib default)")
         _one_of(f"{prefix}.dtype", self.dtype, {"float32", "bfloat16"})
         _one_of(f"{prefix}.device", self.device, {"auto", "cpu", "cuda"})
         _one_of(f"{prefix}.activation_checkpointing", self.activation_checkpointing, {"none", "moe", "full"})
@@ -322,6 +345,9 @@ class TrainConfig:
         _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
         _check(isinstance(self.timeline_steps, int) and self.timeline_steps >= 0, f"{prefix}.timeline_steps",
                self.timeline_steps, "must be an integer >= 0 (0 = off)")
+
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -335,6 +361,9 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> None:
+        _check(isinstance(self.name, str) and _NAME.fullmatch(self.name) is not None and self.name not in (".", ".."),
+               "name", self.name, "must be a non-empty name of letters, digits, '.', '_' or '-' (it names "
+               "runs/<name>)")
         self.model.validate()
         self.parallel.validate(self.model.moe.num_experts)
         self.train.validate(self.model.max_seq_len)
@@ -342,10 +371,32 @@ class RunConfig:
             raise ConfigError("train.activation_checkpointing", self.train.activation_checkpointing,
                               "runs with parallel.schedule='default' only (the pipelined executor times "
                               "and overlaps each op once per step); use 'none' or the default schedule")
+        _check(self.train.batch_size % (self.parallel.dp * self.parallel.mp) == 0, "train.batch_size",
+               self.train.batch_size, f"must be divisible by parallel.dp={self.parallel.dp} (each data-parallel rank "
+               f"takes an equal share) times parallel.mp={self.parallel.mp} (the MoE layers split that share over "
+               "the tensor-parallel ranks)")
+        self._validate_layout()
         if self.train.timeline_steps and self.parallel.schedule == "default":
             raise ConfigError("train.timeline_steps", self.train.timeline_steps,
                               f"records the pipelined executor's ops; set parallel.schedule to one of "
                               f"{list(SCHEDULES[1:])}")
+
+    def _validate_layout(self) -> None:
+        """What fsmoe.parallel would refuse when it shards the model, checked up front: ESP splits
+        d_ff, MP splits attention heads (MLA stays replicated) and the dense MLPs, and the
+        dispatcher must fit the layout."""
+        m, p = self.model, self.parallel
+        _check(m.moe.experts.d_ff % p.esp == 0, "parallel.esp", p.esp,
+               f"ESP={p.esp} does not divide model.moe.experts.d_ff={m.moe.experts.d_ff}")
+        if m.attention == "mha":
+            _check(m.n_heads % p.mp == 0 and m.kv_heads % p.mp == 0, "parallel.mp", p.mp,
+                   f"must divide model.n_heads={m.n_heads} and n_kv_heads={m.kv_heads}")
+        if m.first_dense > 0 or m.moe_every > 1:  # some layer is dense (see is_moe_layer)
+            _check(m.d_ff % p.mp == 0, "parallel.mp", p.mp, f"must divide model.d_ff={m.d_ff}")
+        _check(m.moe.dispatcher != "hierarchical" or p.world == 1, "model.moe.dispatcher", m.moe.dispatcher,
+               "the hierarchical backend is not implemented yet; use 'auto' or 'alltoall'")
+        _check(m.moe.dispatcher != "local" or p.ep * p.esp == 1, "model.moe.dispatcher", m.moe.dispatcher,
+               f"needs ep*esp == 1 (got ep={p.ep}, esp={p.esp}); use 'auto' or 'alltoall'")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -375,16 +426,22 @@ def _build(cls, data: dict, prefix: str):
 
 
 def _coerce(value: Any, hint, name: str):
-    """Check a leaf value's type (ints are accepted where floats are expected)."""
+    """Check a leaf value's type (ints are accepted where floats are expected, floats must be
+    finite; ``list[str]`` fields take a list)."""
     args = typing.get_args(hint)
-    allowed = [a for a in args if a is not type(None)] if args else [hint]
+    allowed = [a for a in args if a is not type(None)] if typing.get_origin(hint) is not list else [hint]
+    allowed = allowed or [hint]
     if value is None and hint is str:  # a bare `none` in --set is the word, for fields like activation_checkpointing
         return "none"
     if value is None:
         _check(type(None) in args, name, value, "must not be empty")
         return None
     for t in allowed:
+        if typing.get_origin(t) is list and isinstance(value, (list, str)):
+            (item,) = typing.get_args(t)  # a lone string is a one-item list (one path)
+            return [_coerce(v, item, name) for v in ([value] if isinstance(value, str) else value)]
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            _check(math.isfinite(value), name, value, "must be a finite number")
             return float(value)
         if t is bool and isinstance(value, bool):
             return value
@@ -392,7 +449,11 @@ def _coerce(value: Any, hint, name: str):
             return value
         if t is str and isinstance(value, str):
             return value
-    raise ConfigError(name, value, f"must be of type {' or '.join(t.__name__ for t in allowed)}")
+    raise ConfigError(name, value, f"must be of type {' or '.join(_type_name(t) for t in allowed)}")
+
+
+def _type_name(t) -> str:
+    return f"list of {typing.get_args(t)[0].__name__}" if typing.get_origin(t) is list else t.__name__
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -426,6 +487,11 @@ def list_presets() -> list[str]:
 
 def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> RunConfig:
     """Load a preset name or a TOML path, apply ``--set`` overrides, validate."""
+    return config_from_dict(raw_config(preset_or_path, overrides))
+
+
+def raw_config(preset_or_path: str = "tiny", overrides: list[str] | None = None) -> dict:
+    """The dict of a preset name or a TOML path with ``--set`` overrides applied (not yet validated)."""
     path = Path(preset_or_path)
     if not path.suffix:
         path = PRESET_DIR / f"{preset_or_path}.toml"
@@ -433,11 +499,19 @@ def load_config(preset_or_path: str = "tiny", overrides: list[str] | None = None
     _check(path.exists(), "config", str(path), "file does not exist")
     try:
         data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError("config", str(path), f"is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError("config", str(path), f"cannot be read ({e.strerror})") from None
     data.setdefault("name", path.stem)
-    return config_from_dict(apply_overrides(data, overrides or []))
+    return apply_overrides(data, overrides or [])
 
 
 def config_from_dict(data: dict) -> RunConfig:
     return _build(RunConfig, data, "")
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    """The ``model`` section alone (not validated against a layout or training config)."""
+    _check(isinstance(data, dict), "model", data, "must be a table")
+    return _build(ModelConfig, data, "model.")

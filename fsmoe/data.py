@@ -10,7 +10,6 @@ split depends only on the files and the two config values. Tokens are raw bytes 
 from __future__ import annotations
 
 import math
-import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,15 @@ class Corpus:
     source: str
     num_files: int
 
-    def unigram_entropy_nats(self) -> float:
-        """Entropy of the train split's byte histogram in nats (a model that ignores context
-        cannot beat it; compare with the cross-entropy loss, which is also in nats)."""
-        return unigram_entropy_nats(self.train_N)
+    def unigram_val_loss_nats(self) -> float:
+        """The val loss of byte frequencies alone: the train split's byte frequencies (add-one
+        smoothed) scored on the val split, in nats. A model that ignores context does no better;
+        compare it with the val loss, which is also in nats on the same split."""
+        return unigram_cross_entropy_nats(self.train_N, self.val_N)
+
+    def max_token(self) -> int:
+        """The largest token id in either split (the vocabulary must exceed it)."""
+        return int(max(self.train_N.max(), self.val_N.max()))
 
 
 def unigram_entropy_nats(tokens_N: Tensor, vocab_size: int = 256) -> float:
@@ -51,6 +55,13 @@ def unigram_entropy_nats(tokens_N: Tensor, vocab_size: int = 256) -> float:
     counts_V = torch.bincount(tokens_N.long(), minlength=vocab_size).double()
     p_V = counts_V[counts_V > 0] / counts_V.sum()
     return float(-(p_V * p_V.log()).sum())
+
+
+def unigram_cross_entropy_nats(fit_N: Tensor, score_N: Tensor, vocab_size: int = 256) -> float:
+    """Mean -ln p(token) over ``score_N`` under the add-one smoothed token frequencies of ``fit_N``."""
+    counts_V = torch.bincount(fit_N.long(), minlength=vocab_size).double() + 1.0
+    logp_V = (counts_V / counts_V.sum()).log()
+    return float(-logp_V[score_N.long()].mean())
 
 
 def nats_to_bits(nats: float) -> float:
@@ -73,9 +84,18 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(_BINARY_SNIFF_BYTES)
 
 
+def _readable_text(path: Path, raw: str) -> bool:
+    """``_is_text`` of a file named by the user; unreadable is a DataError naming it."""
+    try:
+        return _is_text(path)
+    except OSError as e:
+        raise DataError("train.data", raw, f"cannot be read ({e.strerror})") from None
+
+
 def text_files(paths: list[str]) -> list[Path]:
     """Expand ``--data`` paths: files as given, directories recursively (sorted, hidden entries
-    and binary files skipped). Raises DataError naming the first path that is missing or empty."""
+    and binary files skipped). Raises DataError naming the first path that is missing, empty,
+    unreadable, or a file named explicitly that is binary."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
@@ -83,6 +103,11 @@ def text_files(paths: list[str]) -> list[Path]:
             raise DataError("train.data", raw, "path does not exist; give text files or directories of them")
         if path.is_file():
             found = [path] if path.stat().st_size > 0 else []
+            if found and not _readable_text(path, raw):
+                raise DataError("train.data", raw, "is a binary file (it has a NUL byte in its first "
+                                f"{_BINARY_SNIFF_BYTES // 1024} KiB); give text files or directories of them")
+        elif not path.is_dir():
+            raise DataError("train.data", raw, "is neither a file nor a directory")
         else:
             found = sorted(p for p in path.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts)
@@ -92,11 +117,6 @@ def text_files(paths: list[str]) -> list[Path]:
             raise DataError("train.data", raw, f"{what}; give text files or directories of them")
         files.extend(found)
     return files
-
-
-def split_data_paths(data: str | None) -> list[str] | None:
-    """``train.data`` holds one path or several joined by ``os.pathsep`` (like PATH)."""
-    return None if data is None else [p for p in data.split(os.pathsep) if p]
 
 
 # ---------------------------------------------------------------- reading
@@ -118,19 +138,18 @@ def read_bytes(files: list[Path], limit_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def load_corpus(data: str | None, limit_mb: float, val_fraction: float, min_tokens: int) -> Corpus:
-    """Load the corpus named by ``train.data`` (None = the embedded stdlib default).
+def load_corpus(paths: list[str] | None, limit_mb: float, val_fraction: float, min_tokens: int) -> Corpus:
+    """Load the corpus named by ``train.data`` (a list of paths; None = the embedded stdlib default).
 
     ``min_tokens``: each split must hold at least this many bytes (one sequence plus its target),
     otherwise a DataError says how much data there is and what would help.
     """
-    paths = split_data_paths(data)
     files = stdlib_files() if paths is None else text_files(paths)
     source = f"python stdlib .py sources ({sysconfig.get_paths()['stdlib']})" if paths is None else ", ".join(paths)
     if not files:
         raise DataError("train.data", source, "no .py files found; pass --data PATH with text files")
     raw = read_bytes(files, int(limit_mb * 2**20))
-    tokens_N = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    tokens_N = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
     n_val = int(len(tokens_N) * val_fraction)
     train_N, val_N = tokens_N[: len(tokens_N) - n_val], tokens_N[len(tokens_N) - n_val:]
     if min(len(train_N), len(val_N)) < min_tokens:
@@ -138,6 +157,14 @@ def load_corpus(data: str | None, limit_mb: float, val_fraction: float, min_toke
                         f"holds {len(tokens_N)} bytes; with val_fraction={val_fraction} each split needs at "
                         f"least seq_len+1={min_tokens} bytes (add text or raise train.data_limit_mb)")
     return Corpus(train_N.clone(), val_N.clone(), source, len(files))
+
+
+def check_vocab(corpus: Corpus, vocab_size: int) -> None:
+    """The model's vocabulary must hold every token of the data (bytes: 0..255)."""
+    top = corpus.max_token()
+    if vocab_size <= top:
+        raise ConfigError("model.vocab_size", vocab_size, f"must be >= {top + 1}: the data ({corpus.source}) "
+                          f"holds token {top} (tokens are bytes, so 256 always fits)")
 
 
 # ---------------------------------------------------------------- batches

@@ -2,8 +2,8 @@
 
 Shape legend: E experts of one MoE layer, S logged steps.
 
-- ``loss.png``: train and validation loss against step, with the unigram byte entropy of the
-  train data as a horizontal line (a model that ignores context cannot go below it).
+- ``loss.png``: train and validation loss against step, with the val loss of byte frequencies
+  alone (unigram) as a horizontal line (a model that ignores context cannot go below it).
 - ``expert_load.png``: one heatmap per MoE layer, experts x steps, colour = share of the
   step's assignments that went to the expert.
 """
@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 
-def plot_loss(records: list[dict[str, Any]], entropy_nats: float, path: Path) -> Path:
+def plot_loss(records: list[dict[str, Any]], unigram_nats: float, path: Path) -> Path:
     """Train loss of every record and val_loss where present, vs step; returns ``path``."""
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -26,8 +26,8 @@ def plot_loss(records: list[dict[str, Any]], entropy_nats: float, path: Path) ->
         ax.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
     if val:
         ax.plot(*zip(*val), "o-", label="val loss", color="tab:orange")
-    ax.axhline(entropy_nats, color="gray", linestyle="--",
-               label=f"unigram byte entropy {entropy_nats:.2f} nats ({entropy_nats / math.log(2):.2f} bits)")
+    ax.axhline(unigram_nats, color="gray", linestyle="--",
+               label=f"byte frequencies alone {unigram_nats:.2f} nats ({unigram_nats / math.log(2):.2f} bits)")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats per byte)")
     ax.set_title("fsmoe training loss")

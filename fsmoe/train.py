@@ -10,7 +10,7 @@ DeepSeek bias update). On CUDA the step never waits for the GPU: its results sta
 steps while the GPU works. Every ``log_every`` steps a record goes to
 ``metrics.jsonl`` and TensorBoard; every ``eval_every`` steps and at the end the val split is
 scored; every ``ckpt_every`` steps and at the end a DCP checkpoint is written; at the end the
-plots are drawn and the final val loss is printed next to the unigram byte entropy.
+plots are drawn and the final val loss is printed next to the val loss of byte frequencies alone.
 
 Run directory::
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -48,15 +49,16 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fsmoe import checkpoint, plots
-from fsmoe.config import ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, load_config
-from fsmoe.data import BatchSampler, Corpus, eval_batches, load_corpus, nats_to_bits
+from fsmoe.config import (ConfigError, RunConfig, TrainConfig, apply_overrides, config_from_dict, model_config_from_dict,
+                          raw_config)
+from fsmoe.data import BatchSampler, Corpus, check_vocab, eval_batches, load_corpus, nats_to_bits
 from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
+from fsmoe.parallel.launch import (add_parallel_arguments, check_world, parallel_overrides, processes, run_guarded,
+                                   spawn_torchrun, strip_flag, wants_torchrun, world_size_from_env)
 from fsmoe.recompute import configure_recompute
-from fsmoe.parallel.launch import (add_parallel_arguments, parallel_overrides, spawn_torchrun, strip_flag,
-                                   wants_torchrun, world_size_from_env)
 
 CONFIG_FILE = "config.json"
 
@@ -120,7 +122,12 @@ def compile_dense_parts(model: nn.Module) -> None:
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """A new run must not overwrite an earlier one; a resumed run needs one to continue."""
+    """A new run must not overwrite an earlier one; a resumed run needs one to continue; the
+    directory (or the nearest existing folder above it) must be a writable directory."""
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a directory" if not existing.is_dir() else "is not writable"
+        raise ConfigError("--run-dir", str(run_dir), f"{existing} {what}; choose another --run-dir")
     holds_run = (run_dir / "metrics.jsonl").exists() or bool(checkpoint.list_checkpoints(run_dir))
     if holds_run and not resume:
         raise ConfigError("--run-dir", str(run_dir), "already holds a run (metrics.jsonl / ckpt/); pass --resume "
@@ -128,14 +135,39 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def saved_config(run_dir: Path) -> dict | None:
-    """The resolved config a run in ``run_dir`` was started with (None if there is none)."""
+    """The resolved config a run in ``run_dir`` was started with (None if there is none). An
+    older fsmoe saved ``train.data`` as one string of paths joined by ``os.pathsep``: that
+    becomes the list it stood for."""
     path = run_dir / CONFIG_FILE
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise checkpoint.CheckpointError("--resume", str(path), f"is not valid JSON ({e})") from None
+    if not isinstance(saved, dict):
+        raise checkpoint.CheckpointError("--resume", str(path), "does not hold a config (a JSON object)")
+    train = saved.get("train")
+    if isinstance(train, dict) and isinstance(train.get("data"), str):
+        train["data"] = [p for p in train["data"].split(os.pathsep) if p]
+    return saved
+
+
+def load_checked_corpus(cfg: RunConfig) -> Corpus:
+    """``train.data`` loaded, with every check that needs the data (its size, and a vocabulary
+    that holds all its tokens)."""
+    t = cfg.train
+    corpus = load_corpus(t.data, t.data_limit_mb, t.val_fraction, min_tokens=t.seq_len + 1)
+    check_vocab(corpus, cfg.model.vocab_size)
+    return corpus
+
+
+def unigram_comparison(val_loss: float, unigram: float) -> str:
+    """``vs X nats (Y bits) for byte frequencies alone: Z nats below|ABOVE`` (both on the val split)."""
+    gap = unigram - val_loss
+    return (f"vs {unigram:.3f} nats ({nats_to_bits(unigram):.2f} bits) for byte frequencies alone (the train "
+            f"split's, scored on the val split): {abs(gap):.2f} nats {'below' if gap > 0 else 'ABOVE'}, so the "
+            f"model {'uses' if gap > 0 else 'does not yet use'} context")
 
 
 def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] | None:
@@ -150,13 +182,25 @@ def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] |
 
 def check_resume_config(saved: dict, cfg: RunConfig) -> None:
     """The model of a resumed run must be exactly the checkpointed one (its shape and routing).
-    The saved config is rebuilt first, so fields added to fsmoe since then take their defaults."""
-    old_model = config_from_dict(saved).to_dict()["model"]
+    The saved model config is rebuilt first, so fields added to fsmoe since then take their
+    defaults (the rest of the saved config, e.g. its layout, does not matter here)."""
+    old_model = dataclasses.asdict(model_config_from_dict(saved.get("model", {})))
     diff = _first_difference(old_model, cfg.to_dict()["model"], "model")
     if diff:
         name, old, new = diff
         raise ConfigError(name, new, f"differs from the checkpointed run ({name}={old!r}); a resumed run keeps "
                           "its model, so drop that override or start a new --run-dir")
+
+
+def check_resumable(run_dir: Path, cfg: RunConfig) -> None:
+    """``run_dir`` holds a run to resume with ``cfg``: a checkpoint (intact or not: that is
+    checked when one is picked) and a saved config whose model ``cfg`` keeps."""
+    checkpoint.latest_checkpoint(run_dir)
+    saved = saved_config(run_dir)
+    if saved is None:
+        raise checkpoint.CheckpointError("--resume", str(run_dir / CONFIG_FILE),
+                                         "is missing, so the checkpoint's model config is unknown")
+    check_resume_config(saved, cfg)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -233,7 +277,7 @@ class Trainer:
         self.step = 0
         if ckpt is not None:
             checkpoint_state = self.state_dict()
-            checkpoint.load(ckpt, checkpoint_state)
+            checkpoint.load(ckpt, checkpoint_state, verified=True)
             self.load_state_dict(checkpoint_state)
         self.moe_schedule = self.build_schedule()  # fsmoe.schedule.run.training.TrainingSchedule or None
         self._schedule_metrics: dict[str, Any] = {}
@@ -245,7 +289,7 @@ class Trainer:
     def _build_data(self) -> tuple[Corpus, BatchSampler, list[tuple[Tensor, Tensor]]]:
         """The corpus, this rank's train sampler, and the fixed validation batches."""
         t = self.tcfg
-        corpus = load_corpus(t.data, t.data_limit_mb, t.val_fraction, min_tokens=t.seq_len + 1)
+        corpus = load_checked_corpus(self.cfg)
         dp_rank, dp_size = self._dp_shard()
         sampler = BatchSampler(corpus.train_N, t.batch_size, t.seq_len, t.seed, dp_rank, dp_size)
         return corpus, sampler, eval_batches(corpus.val_N, t.batch_size, t.seq_len, t.eval_batches)
@@ -272,12 +316,13 @@ class Trainer:
         return None
 
     def _find_checkpoint(self) -> Path:
-        _, path = checkpoint.latest_checkpoint(self.run_dir)
-        saved = saved_config(self.run_dir)
-        if saved is None:
-            raise checkpoint.CheckpointError("--resume", str(self.run_dir / CONFIG_FILE),
-                                             "is missing, so the checkpoint's model config is unknown")
-        check_resume_config(saved, self.cfg)
+        """The newest intact checkpoint (damaged newer ones are skipped with a warning), after
+        checking that the run's saved model config matches this one."""
+        check_resumable(self.run_dir, self.cfg)
+        _, path, notes = checkpoint.find_intact(self.run_dir)
+        for note in notes:
+            if self.is_writer:
+                self.console.print(f"warning: {note}", style="yellow", markup=False, highlight=False)
         return path
 
     def _dp_shard(self) -> tuple[int, int]:
@@ -485,7 +530,7 @@ class Trainer:
     def _print_header(self) -> None:
         if not self.is_writer:
             return
-        m, c, h = self.model, self.corpus, self.corpus.unigram_entropy_nats()
+        m, c, h = self.model, self.corpus, self.corpus.unigram_val_loss_nats()
         total, active = self.parameter_counts()
         self.console.print(
             f"[bold]fsmoe train[/] {self.cfg.name}: {total / 1e6:.2f}M parameters "
@@ -498,7 +543,8 @@ class Trainer:
                            f"activation checkpointing: {t.activation_checkpointing}"
                            f"{'; torch.compile on dense parts' if t.compile else ''}")
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
-                           f"val bytes; unigram byte entropy {h:.3f} nats ({nats_to_bits(h):.3f} bits)")
+                           f"val bytes; byte frequencies alone score {h:.3f} nats ({nats_to_bits(h):.3f} bits) "
+                           "on the val split")
         if self.moe_schedule is not None:
             self.console.print(self.moe_schedule.describe())
         if self.step:
@@ -507,22 +553,19 @@ class Trainer:
             self.console.print(f"resumed from step {self.step} in {self.run_dir}{done}")
 
     def _finish(self) -> dict[str, Any]:
-        """Plots, and the final val loss next to the unigram entropy (rank 0 prints)."""
-        entropy = self.corpus.unigram_entropy_nats()
+        """Plots, and the final val loss next to the val loss of byte frequencies alone (rank 0 prints)."""
+        unigram = self.corpus.unigram_val_loss_nats()
         records = read_metrics(self.run_dir) if self.is_writer else []
         val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-        summary = {"step": self.step, "val_loss": val[-1] if val else None, "unigram_entropy_nats": entropy,
+        summary = {"step": self.step, "val_loss": val[-1] if val else None, "unigram_val_loss_nats": unigram,
                    "run_dir": str(self.run_dir)}
         if not self.is_writer:
             return summary
-        plots.plot_loss(records, entropy, self.run_dir / "loss.png")
+        plots.plot_loss(records, unigram, self.run_dir / "loss.png")
         plots.plot_expert_load(records, self.run_dir / "expert_load.png")
         if summary["val_loss"] is not None:
-            gap = entropy - summary["val_loss"]
-            self.console.print(
-                f"[bold green]final val loss {summary['val_loss']:.3f} nats[/] vs unigram byte entropy "
-                f"{entropy:.3f} nats ({nats_to_bits(entropy):.2f} bits): "
-                f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} what byte frequencies alone give")
+            self.console.print(f"[bold green]final val loss {summary['val_loss']:.3f} nats[/] "
+                               + unigram_comparison(summary["val_loss"], unigram))
         self.console.print(f"outputs in {self.run_dir}/: metrics.jsonl, tb/, ckpt/, loss.png, expert_load.png")
         return summary
 
@@ -557,35 +600,66 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+LAYOUT_FIELDS = ("dp", "mp", "ep", "esp", "gpus_per_node")  # set by each launch, not kept by --resume
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     """Config and run dir from the command line: preset or file (or, on --resume without
-    --config, the run's saved config) + ``--set`` + the shortcut flags, which win."""
+    --config, the run's saved config, less its parallel layout, which this launch's flags set)
+    + ``--set`` + the shortcut flags, which win."""
     overrides = parallel_overrides(args) + list(args.overrides)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
                       ("timeline", "train.timeline_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
-    if args.data:
-        paths = os.pathsep.join(str(Path(p).expanduser().resolve()) for p in args.data)
-        overrides.append(f"train.data={json.dumps(paths)}")
     saved = saved_config(args.run_dir) if args.resume and args.run_dir and not args.config else None
     if saved is not None:
-        cfg = config_from_dict(apply_overrides(saved, overrides))
+        if isinstance(saved.get("parallel"), dict):
+            saved["parallel"] = {k: v for k, v in saved["parallel"].items() if k not in LAYOUT_FIELDS}
+        data = apply_overrides(saved, overrides)
     else:
-        cfg = load_config(args.config or "tiny", overrides)
+        data = raw_config(args.config or "tiny", overrides)
+    if args.data:  # set directly, not as TOML text: any character may appear in a path
+        train = data.setdefault("train", {})
+        if isinstance(train, dict):
+            train["data"] = [str(Path(p).expanduser().absolute()) for p in args.data]
+    cfg = config_from_dict(data)
     return cfg, args.run_dir or Path("runs") / cfg.name
 
 
-def run(args: argparse.Namespace) -> int:
-    if wants_torchrun(args):  # --nproc N: start N workers under torchrun, each runs this command
-        return spawn_torchrun(args.nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
-    cfg, run_dir = resolve_config(args)
-    if world_size_from_env() > 1:  # a torchrun worker
-        from fsmoe.parallel.trainer import run_parallel
+def preflight(cfg: RunConfig, run_dir: Path, resume: bool, nproc: int) -> None:
+    """What the workers of ``--nproc N`` would refuse, checked before any starts: the run dir, the
+    run to resume (its config and a checkpoint; rank 0 verifies the checksums), the data, the
+    device. (The config and layout were checked when ``cfg`` was built.)"""
+    check_run_dir(run_dir, resume)
+    if resume:
+        check_resumable(run_dir, cfg)
+    load_checked_corpus(cfg)
+    device = resolve_device(cfg.train)
+    if device.type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ConfigError("--nproc", nproc, f"more processes than GPUs ({torch.cuda.device_count()}); use fewer "
+                          "or --device cpu")
 
-        return run_parallel(cfg, run_dir, resume=args.resume)
+
+def run(args: argparse.Namespace) -> int:
+    if world_size_from_env() > 1:  # a torchrun worker: any error is reported once for the whole job
+        return run_guarded(_run_worker, args)
+    cfg, run_dir = resolve_config(args)
+    nproc = processes(args)
+    check_world(cfg.parallel, nproc)
+    if wants_torchrun(args):  # --nproc N: check, then start N workers under torchrun, each runs this command
+        preflight(cfg, run_dir, args.resume, nproc)
+        return spawn_torchrun(nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
     Trainer(cfg, run_dir, resume=args.resume).fit()
     return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from fsmoe.parallel.trainer import run_parallel
+
+    cfg, run_dir = resolve_config(args)
+    check_world(cfg.parallel, world_size_from_env())
+    return run_parallel(cfg, run_dir, resume=args.resume)
 
 
 if __name__ == "__main__":  # python -m fsmoe.train ... == fsmoe train ...

@@ -1,5 +1,7 @@
 """The `fsmoe` command: help, the subcommand registry, and clean exit-2 errors for bad input."""
 import argparse
+import json
+import os
 import importlib
 import subprocess
 import sys
@@ -94,3 +96,115 @@ def test_resume_uses_the_saved_config_and_refuses_a_new_model(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*run, "--resume", "--set", "model.moe.num_experts=8"]) == 2
     assert "model.moe.num_experts" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "train.beta1=1.5"], "train.beta1"),
+    (["--set", "train.beta2=1.0"], "train.beta2"),
+    (["--set", "train.weight_decay=-1"], "train.weight_decay"),
+    (["--set", "train.warmup_steps=-5"], "train.warmup_steps"),
+    (["--set", "train.lr=inf"], "train.lr"),
+    (["--set", "train.lr=nan"], "train.lr"),
+    (["--set", "train.seed=-1"], "train.seed"),
+    (["--set", "parallel.timeout_s=1e300"], "parallel.timeout_s"),
+    (["--set", "name=../elsewhere"], "name"),
+    (["--set", "train.data=[]"], "train.data"),
+    (["--set", "parallel.dp=2"], "parallel.dp*mp"),  # a layout for 2 processes in one
+    (["--nproc", "0"], "--nproc"),
+    (["--nproc", "-2"], "--nproc"),
+    (["--nproc", "3", "--ep", "2"], "parallel.ep*esp"),
+    (["--nproc", "3", "--set", "train.batch_size=8"], "train.batch_size"),
+    (["--nproc", "2", "--mp", "3"], "parallel.mp"),
+    (["--nproc", "2", "--data", "/nonexistent"], "train.data"),
+    (["--nproc", "2", "--resume"], "--resume"),
+    (["--nproc", "2", "--esp", "2", "--set", "model.moe.experts.d_ff=15"], "parallel.esp"),
+])
+def test_out_of_range_values_and_layouts_exit_2_before_anything_starts(tmp_path, capsys, args, field):
+    """Checked in the launching process: with --nproc no worker is started."""
+    code = cli.main(["train", "--run-dir", str(tmp_path / "D"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{field}=" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "D").exists()
+
+
+def test_nproc_bad_layout_is_one_line_without_traceback(tmp_path):
+    proc = fsmoe("train", "--nproc", "3", "--ep", "2", "--run-dir", "D", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "parallel.ep*esp" in proc.stderr
+
+
+def test_vocab_smaller_than_the_data_fails_first_and_leaves_no_run_dir(tmp_path, capsys):
+    text = tmp_path / "utf8.txt"
+    text.write_text("naïve café, Grüße — ünïcödé text\n" * 100, encoding="utf-8")
+    run = ["train", "--data", str(text), "--steps", "1", "--run-dir", str(tmp_path / "D"), *TINY_RUN]
+    assert cli.main([*run, "model.vocab_size=128"]) == 2
+    assert "model.vocab_size=128" in capsys.readouterr().err and not (tmp_path / "D").exists()
+    assert cli.main(run) == 0  # the same run dir is free for the corrected run
+
+
+def test_data_takes_paths_with_any_character_and_refuses_a_named_binary(tmp_path, capsys):
+    odd, plain, binary = tmp_path / "notes:v2.txt", tmp_path / "b=1,c.txt", tmp_path / "blob.dat"
+    odd.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    plain.write_text("pack my box with five dozen liquor jugs\n" * 40)
+    binary.write_bytes(b"header" + b"\0" * 64 + b"text" * 100)
+    run = ["train", "--steps", "1", *TINY_RUN]
+    assert cli.main([*run, "--run-dir", str(tmp_path / "D"), "--data", str(odd), str(plain)]) == 0
+    assert "2 files" in capsys.readouterr().out
+    assert json.loads((tmp_path / "D" / "config.json").read_text())["train"]["data"] == [str(odd), str(plain)]
+    assert cli.main([*run, "--run-dir", str(tmp_path / "E"), "--data", str(plain), str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert "binary" in err and str(binary) in err and not (tmp_path / "E").exists()
+
+
+def test_resume_takes_the_layout_of_this_launch_and_an_old_data_string(tmp_path, capsys):
+    """A run saved under EP4 resumed in one process records dp = ep = 1; an older config.json
+    with train.data as one os.pathsep-joined string still resumes."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    b.write_text("pack my box with five dozen liquor jugs\n" * 40)
+    run = ["train", "--run-dir", str(tmp_path / "D")]
+    assert cli.main([*run, "--steps", "2", "--data", str(a), str(b), *TINY_RUN]) == 0
+    config = tmp_path / "D" / "config.json"
+    saved = json.loads(config.read_text())
+    saved["parallel"].update(dp=4, ep=4)  # as `--nproc 4 --ep 4` saves it
+    saved["train"]["data"] = os.pathsep.join(saved["train"]["data"])  # as an older fsmoe saved it
+    config.write_text(json.dumps(saved))
+    assert cli.main([*run, "--resume", "--nproc", "1", "--steps", "3"]) == 0, capsys.readouterr().err
+    resumed = json.loads(config.read_text())
+    assert (resumed["parallel"]["dp"], resumed["parallel"]["ep"]) == (1, 1)
+    assert resumed["train"]["data"] == [str(a), str(b)]
+    assert [r["step"] for r in read_metrics(tmp_path / "D")] == [1, 2, 3]
+
+
+def test_a_workers_error_is_left_for_the_launcher_which_prints_the_first_once(tmp_path, monkeypatch, capsys):
+    """Under `--nproc` the failing rank writes its error to FSMOE_ERROR_DIR instead of stderr:
+    bad input as the one-line message, anything else with its traceback."""
+    from fsmoe.config import ConfigError
+    from fsmoe.parallel import launch
+
+    monkeypatch.setenv(launch.ERROR_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(launch.Watchdog, "current", None)
+    monkeypatch.setenv("RANK", "1")
+    launch.report_failure(ConfigError("train.data", "x", "path does not exist"))
+    monkeypatch.setenv("RANK", "3")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError as e:
+        launch.report_failure(e)
+    assert capsys.readouterr().err == ""
+    first = launch.first_worker_error(str(tmp_path))  # same second: the lower rank
+    assert first["bad_input"] and first["rank"] == 1 and first["text"] == "error: train.data='x' is invalid: " \
+        "path does not exist"
+    other = json.loads((tmp_path / "rank3.json").read_text())
+    assert not other["bad_input"] and "Traceback" in other["text"] and "RuntimeError: boom" in other["text"]
+    launch._print_worker_error(first)
+    assert capsys.readouterr().err.strip() == first["text"]
+
+
+def test_a_worker_killed_without_a_report_is_named_by_rank_and_signal():
+    from fsmoe.parallel import launch
+
+    assert launch._exit_status(-6) == "was killed by SIGABRT" and launch._exit_status(3) == "exited with code 3"

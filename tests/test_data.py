@@ -1,12 +1,14 @@
 """fsmoe.data: the stdlib default corpus, --data paths and their errors, batch sampling."""
 import math
+import os
 import sysconfig
 
 import pytest
 import torch
 
-from fsmoe.data import (BatchSampler, DataError, eval_batches, load_corpus, nats_to_bits, stdlib_files, text_files,
-                        unigram_entropy_nats)
+from fsmoe.config import ConfigError
+from fsmoe.data import (BatchSampler, Corpus, DataError, check_vocab, eval_batches, load_corpus, nats_to_bits,
+                        stdlib_files, text_files, unigram_entropy_nats)
 
 
 def test_stdlib_files_sorted_and_stdlib_only():
@@ -25,7 +27,7 @@ def test_default_corpus_is_deterministic_and_split_by_tail():
     assert len(a.train_N) + len(a.val_N) == total and len(a.val_N) == int(total * 0.1)
     head = stdlib_files()[0].read_bytes()[:100]
     assert bytes(a.train_N[: len(head)].tolist()) == head
-    assert 2.0 < a.unigram_entropy_nats() < math.log(256)
+    assert 2.0 < a.unigram_val_loss_nats() < math.log(256)
 
 
 def test_data_paths_recurse_sorted_and_skip_hidden_and_binary(tmp_path):
@@ -52,22 +54,51 @@ def _bad_path(tmp_path, kind):
     elif kind == "binary_dir":
         path.mkdir()
         (path / "x").write_bytes(b"\0" * 10)
+    elif kind == "binary_file":  # named explicitly: an error, not silently trained on
+        path.write_bytes(b"text" * 100 + b"\0" + b"more" * 100)
     return path
 
 
 @pytest.mark.parametrize("kind, expect", [("missing", "does not exist"), ("empty_dir", "no non-empty text files"),
-                                          ("empty_file", "file is empty"), ("binary_dir", "no non-empty text")])
+                                          ("empty_file", "file is empty"), ("binary_dir", "no non-empty text"),
+                                          ("binary_file", "is a binary file")])
 def test_bad_data_paths_name_the_path(tmp_path, kind, expect):
     path = _bad_path(tmp_path, kind)
     with pytest.raises(DataError) as e:
-        load_corpus(str(path), limit_mb=1, val_fraction=0.1, min_tokens=33)
+        load_corpus([str(path)], limit_mb=1, val_fraction=0.1, min_tokens=33)
     assert e.value.field_name == "train.data" and str(path) in str(e.value) and expect in str(e.value)
 
 
 def test_too_little_data_says_how_much_is_needed(tmp_path):
     (tmp_path / "t.txt").write_text("x" * 100)
     with pytest.raises(DataError, match="needs at least seq_len"):
-        load_corpus(str(tmp_path), limit_mb=1, val_fraction=0.1, min_tokens=33)
+        load_corpus([str(tmp_path)], limit_mb=1, val_fraction=0.1, min_tokens=33)
+
+
+def test_paths_are_a_list_so_any_character_works(tmp_path):
+    odd = tmp_path / f"notes{os.pathsep}v2 [x]=1,'\".txt"
+    odd.write_text("hello world\n" * 20)
+    corpus = load_corpus([str(odd)], limit_mb=1, val_fraction=0.1, min_tokens=9)
+    assert corpus.num_files == 1 and str(odd) in corpus.source
+
+
+def test_unigram_baseline_is_train_frequencies_scored_on_the_val_split():
+    """What "byte frequencies alone" give on the val split, which the val loss is compared with:
+    not the train split's own entropy (lower when the splits differ)."""
+    train_N = torch.tensor([0] * 90 + [1] * 10, dtype=torch.uint8)
+    val_N = torch.tensor([0] * 50 + [1] * 50, dtype=torch.uint8)
+    corpus = Corpus(train_N, val_N, "t", 1)
+    p0, p1 = 91 / 356, 11 / 356  # add-one smoothed over 256 byte values
+    assert corpus.unigram_val_loss_nats() == pytest.approx(-(math.log(p0) + math.log(p1)) / 2)
+    assert corpus.unigram_val_loss_nats() > unigram_entropy_nats(train_N) + 1.0
+
+
+def test_vocab_must_hold_every_byte_of_the_data():
+    corpus = Corpus(torch.tensor([65, 200], dtype=torch.uint8), torch.tensor([66], dtype=torch.uint8), "utf8", 1)
+    check_vocab(corpus, 201)
+    with pytest.raises(ConfigError) as e:
+        check_vocab(corpus, 128)
+    assert e.value.field_name == "model.vocab_size" and ">= 201" in str(e.value)
 
 
 def test_unigram_entropy_in_nats():

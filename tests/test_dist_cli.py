@@ -1,6 +1,6 @@
 """The acceptance command at test size: ``fsmoe train --nproc N`` in any layout logs the losses of
 ``--nproc 1``; a run checkpointed at EP=2 resumes at DP2xMP2 / EP2xESP2 on 2 simulated nodes
-and still follows the one-process curve."""
+and still follows the one-process curve, also when its newest checkpoint has a damaged shard."""
 from __future__ import annotations
 
 import json
@@ -18,12 +18,13 @@ SMALL = ["--set", "model.d_model=32", "model.n_layers=2", "model.d_ff=64", "mode
          "train.min_lr_ratio=1.0"]  # constant LR after warmup: a run resumed with a larger --steps keeps its schedule
 
 
-def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> None:
+def fsmoe_train(run_dir: Path, *flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--device", "cpu", "--run-dir", str(run_dir),
            *flags, *SMALL]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float | None]]:
@@ -47,6 +48,18 @@ def test_nproc4_ep4_and_cross_layout_resume_match_one_process(tmp_path):
     assert_same_curve(losses(tmp_path / "ep4"), ref)
 
     fsmoe_train(tmp_path / "resumed", "--nproc", "2", "--ep", "2", "--steps", "3")
-    fsmoe_train(tmp_path / "resumed", "--resume", "--nproc", "4", "--mp", "2", "--ep", "2", "--esp", "2",
-                "--gpus-per-node", "2", "--steps", "6")
+    layout = ["--nproc", "4", "--mp", "2", "--ep", "2", "--esp", "2", "--gpus-per-node", "2"]
+    fsmoe_train(tmp_path / "resumed", "--resume", *layout, "--steps", "6")
     assert_same_curve(losses(tmp_path / "resumed"), ref)
+
+    # 4 KiB overwritten in rank 1's shard of the newest checkpoint: rank 0 verifies the checksums,
+    # every rank resumes from the older intact checkpoint and retrains the same steps
+    shard = tmp_path / "resumed" / "ckpt" / "step_6" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = bytes(len(data[mid:mid + 4096]))
+    shard.write_bytes(bytes(data))
+    done = fsmoe_train(tmp_path / "resumed", "--resume", *layout, "--steps", "6")
+    assert "warning:" in done.stdout and str(shard) in done.stdout and "resumed from step 3" in done.stdout
+    assert_same_curve(losses(tmp_path / "resumed"), ref)
+

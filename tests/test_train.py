@@ -14,7 +14,7 @@ from fsmoe import checkpoint
 from fsmoe.config import ConfigError, load_config
 from fsmoe.metrics import read_metrics
 from fsmoe.models import build_model
-from fsmoe.train import Trainer, lr_multiplier, param_groups
+from fsmoe.train import Trainer, lr_multiplier, param_groups, unigram_comparison
 
 # A model and data small enough for a few seconds per run on 2 shared cores.
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.d_ff=64", "model.max_seq_len=32",
@@ -126,15 +126,95 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     assert list((tmp_path / "r").iterdir()) == []
 
 
-@pytest.mark.parametrize("damage", ["metadata", "shard"])
-def test_resume_from_a_corrupt_checkpoint_fails_cleanly_and_keeps_files(finished_run, tmp_path, damage):
+def damage(ckpt_dir: Path, how: str) -> Path:
+    """Damage one file of a checkpoint as a disk or a copy might; returns that file."""
+    shard = ckpt_dir / "__0_0.distcp"
+    if how == "overwrite_4k":  # 4 KiB of garbage in the middle of a shard: same size, DCP loads it
+        data = bytearray(shard.read_bytes())
+        n = min(4096, len(data))
+        mid = (len(data) - n) // 2
+        data[mid:mid + n] = (bytes(range(256)) * 16)[:n]
+        shard.write_bytes(bytes(data))
+        return shard
+    if how == "truncate":
+        shard.write_bytes(shard.read_bytes()[:100])
+        return shard
+    if how == "metadata":
+        (ckpt_dir / ".metadata").write_bytes(b"not a pickle")
+        return ckpt_dir / ".metadata"
+    if how == "missing":
+        shard.unlink()
+        return shard
+    assert how == "manifest"
+    (ckpt_dir / checkpoint.MANIFEST).write_text("{not json")
+    return ckpt_dir / checkpoint.MANIFEST
+
+
+@pytest.mark.parametrize("how", ["overwrite_4k", "truncate", "metadata", "missing", "manifest"])
+def test_resume_skips_a_damaged_checkpoint_with_a_warning_and_trains_on_exactly(finished_run, tmp_path, how):
+    """A damaged newest checkpoint is named and skipped; the run resumes from the newest intact
+    one, retrains the same steps bit for bit, and no good checkpoint is rotated out."""
+    run_dir = copy_run(finished_run, tmp_path)
+    bad = damage(run_dir / "ckpt" / "step_10", how)
+    out = io.StringIO()
+    resumed = Trainer(small_cfg("train.steps=10"), run_dir, resume=True, console=Console(file=out, width=400))
+    assert resumed.step == 5
+    warning = out.getvalue()
+    assert "warning:" in warning and str(bad) in warning and "step_5" in warning
+    resumed.fit()
+    keys = ("step", "loss", "val_loss", "grad_norm")
+    assert [[r.get(k) for k in keys] for r in read_metrics(run_dir)] == \
+        [[r.get(k) for k in keys] for r in read_metrics(finished_run)]
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5, 10]
+    for _, path in checkpoint.list_checkpoints(run_dir):
+        assert checkpoint.verify(path) == []
+    assert (run_dir / "ckpt" / "step_10.damaged").is_dir()  # set aside, not counted among the kept
+
+
+def test_a_damaged_checkpoint_set_aside_does_not_rotate_out_a_good_one(finished_run, tmp_path):
+    """Resumed from step 5 past a damaged step 10 and stopped at step 8: the kept two are 5 and 8."""
+    run_dir = copy_run(finished_run, tmp_path)
+    damage(run_dir / "ckpt" / "step_10", "overwrite_4k")
+    Trainer(small_cfg("train.steps=8"), run_dir, resume=True, console=quiet()).fit()
+    assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [5, 8]
+
+
+def test_resume_with_every_checkpoint_damaged_fails_cleanly_and_keeps_files(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path)
+    bad = [damage(run_dir / "ckpt" / "step_10", "overwrite_4k"), damage(run_dir / "ckpt" / "step_5", "truncate")]
+    before = snapshot(run_dir)
+    with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as e:
+        Trainer(small_cfg("train.steps=10"), run_dir, resume=True, console=quiet())
+    assert all(str(path) in str(e.value) for path in bad)
+    assert snapshot(run_dir) == before
+
+
+def test_load_refuses_a_damaged_checkpoint_naming_the_file(tmp_path):
+    state = {"w": torch.arange(4096.0), "step": 3}
+    path = checkpoint.save(tmp_path, 3, state)
+    assert (path / checkpoint.MANIFEST).exists()
+    shard = damage(path, "overwrite_4k")
+    with pytest.raises(checkpoint.CheckpointError, match="does not match") as e:
+        checkpoint.load(path, {"w": torch.zeros(4096), "step": -1})
+    assert e.value.value == str(shard)
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path):
+    """Written by an older fsmoe (no checksums.json): loaded, unverified, with a warning."""
+    path = checkpoint.save(tmp_path, 1, {"w": torch.arange(4.0), "step": 1})
+    (path / checkpoint.MANIFEST).unlink()
+    loaded = {"w": torch.zeros(4), "step": -1}
+    notes = checkpoint.load(path, loaded)
+    assert loaded["step"] == 1 and len(notes) == 1 and "unverified" in notes[0]
+    assert checkpoint.find_intact(tmp_path)[2] == notes
+
+
+def test_resume_of_a_damaged_checkpoint_without_manifest_fails_cleanly(finished_run, tmp_path):
+    """No checksums to catch it: DCP's own failure is still one clear error, files untouched."""
     run_dir = copy_run(finished_run, tmp_path)
     latest = run_dir / "ckpt" / "step_10"
-    if damage == "metadata":
-        (latest / ".metadata").write_bytes(b"not a pickle")
-    else:
-        shard = latest / "__0_0.distcp"
-        shard.write_bytes(shard.read_bytes()[:100])
+    (latest / checkpoint.MANIFEST).unlink()
+    damage(latest, "metadata")
     before = snapshot(run_dir)
     with pytest.raises(checkpoint.CheckpointError) as e:
         Trainer(small_cfg("train.steps=10"), run_dir, resume=True, console=quiet())
@@ -202,7 +282,7 @@ def test_fsmoe_train_30_steps_loss_falls_and_writes_outputs(tmp_path):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert [s for s, _ in checkpoint.list_checkpoints(run_dir)] == [30]
     assert json.loads((run_dir / "config.json").read_text())["model"]["d_model"] == 32
-    assert "final val loss" in proc.stdout and "unigram byte entropy" in proc.stdout
+    assert "final val loss" in proc.stdout and "for byte frequencies alone" in proc.stdout
 
 
 def test_python_m_fsmoe_train_runs_the_real_tiny_default(tmp_path):
@@ -214,3 +294,11 @@ def test_python_m_fsmoe_train_runs_the_real_tiny_default(tmp_path):
     assert len(records[-1]["expert_load"]) == 4 and len(records[-1]["expert_load"][0]) == 8
     assert (tmp_path / "D" / "loss.png").exists() and (tmp_path / "D" / "expert_load.png").exists()
     assert "final val loss" in proc.stdout and "nats" in proc.stdout
+
+
+def test_final_line_compares_with_byte_frequencies_on_the_val_split():
+    """A val loss below the train split's own entropy but above what its byte frequencies score
+    on the val split is reported as ABOVE (the model does not use context yet)."""
+    assert "0.01 nats below, so the model uses context" in unigram_comparison(3.150, 3.160)
+    line = unigram_comparison(3.200, 3.160)
+    assert "0.04 nats ABOVE" in line and "does not yet use context" in line and "scored on the val split" in line

@@ -7,22 +7,32 @@
 it), starts the process group with ``parallel.timeout_s`` as the collective timeout, starts the
 fail-fast watchdog and builds the :class:`ParallelGroups`.
 
-No hangs: when one rank raises, :func:`run_guarded` prints its error once,
-posts it to the rendezvous store and exits non-zero; every other rank's watchdog thread sees the
-post (or loses the store) within ``POLL_S`` and exits non-zero too, even if it is blocked inside a
-collective. A rank that hangs without raising is caught by the collective timeout on its peers,
-which then fail the same way.
+No hangs: when one rank raises, :func:`run_guarded` prints its error once, posts it to the
+rendezvous store and exits non-zero; every other rank's watchdog thread sees the post (or loses
+the store) within ``POLL_S`` and exits non-zero too, even if it is blocked inside a collective. A
+rank that hangs without raising is caught by the collective timeout on its peers, which then fail
+the same way.
+
+One clear error: ``fsmoe train --nproc N`` checks everything it can before it starts workers
+(fsmoe.train.preflight). The workers it starts (:func:`spawn_torchrun`) do not print their error:
+the first failing rank writes it into the directory named by ``FSMOE_ERROR_DIR``, and the
+launching process prints it once, as one line for bad input (exit code 2) or with the failing
+rank's traceback otherwise (exit code 1), with no torchrun failure summary.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import subprocess
+import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,6 +40,7 @@ import torch.distributed as dist
 from fsmoe.config import ConfigError, ParallelConfig
 from fsmoe.parallel.groups import ParallelGroups, build_groups
 
+ERROR_DIR_ENV = "FSMOE_ERROR_DIR"  # set by spawn_torchrun: where a failing worker leaves its error
 ABORT_KEY = "fsmoe/abort"  # value: "rank R: <error>" of the first rank that failed
 FIRST_KEY = "fsmoe/failures"  # counter: the rank that takes 1 prints its error
 POLL_S = 0.2  # how often each rank's watchdog looks at the store
@@ -119,6 +130,14 @@ class Watchdog:
         except Exception:  # no post readable: nothing better to say
             pass
 
+    def stop(self) -> None:
+        """End the thread and close its store connection while the interpreter is fully alive
+        (a client still open at exit can abort the process during teardown)."""
+        self.stopped = True
+        self.thread.join(timeout=POLL_S + 1.0)
+        if not self.thread.is_alive():
+            self.store = None
+
     def post(self, error: str, when: int) -> bool:
         """Record this rank's failure; True if it is the first failure of the job."""
         self.failing = True
@@ -135,25 +154,55 @@ def shutdown_distributed() -> None:
     """Clean end of a run: stop the watchdog, wait for every rank, destroy the process group.
     (Stopping first matters: the store's host may exit before a slower peer is done.)"""
     if Watchdog.current is not None:
-        Watchdog.current.stopped = True
+        Watchdog.current.stop()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 def report_failure(exc: BaseException) -> None:
-    """Print this rank's error (only if it is the job's first) and tell every other rank."""
+    """Report this rank's error (only if it is the job's first) and tell every other rank. Bad
+    input (ConfigError) is one line, anything else comes with its traceback; under
+    :func:`spawn_torchrun` the launching process prints it, else this rank does."""
     rank, now = int(os.environ.get("RANK", "0")), int(time.time())
-    error = f"{type(exc).__name__}: {exc}"
+    bad_input = isinstance(exc, ConfigError)
+    error = str(exc) if bad_input else f"{type(exc).__name__}: {exc}"
     watchdog = Watchdog.current
     first = watchdog.post(error, now) if watchdog else True
     if first:
-        sys.stderr.write(f"[fsmoe rank {rank}] failed; stopping every rank:\n"
-                         + "".join(traceback.format_exception(exc)))
-        write_error_file(f"{error} (traceback above, printed by rank {rank})", now)
+        text = (f"error: {exc}" if bad_input else
+                f"[fsmoe rank {rank}] failed; stopping every rank:\n" + "".join(traceback.format_exception(exc)))
+        if not _leave_for_launcher(rank, now, bad_input, text):
+            sys.stderr.write(text if not bad_input else f"[fsmoe rank {rank}] {text}\n")
+        write_error_file(error if bad_input else f"{error} (traceback above, printed by rank {rank})", now)
     elif watchdog:
         watchdog.note_peer_failure()
     sys.stderr.flush()
+
+
+def _leave_for_launcher(rank: int, when: int, bad_input: bool, text: str) -> bool:
+    """Write the error for the launching process (``FSMOE_ERROR_DIR``); False if there is none."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if not folder or not os.path.isdir(folder):
+        return False
+    tmp = os.path.join(folder, f".rank{rank}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"rank": rank, "time": when, "bad_input": bad_input, "text": text}, f)
+    os.replace(tmp, os.path.join(folder, f"rank{rank}.json"))
+    return True
+
+
+def first_worker_error(folder: str) -> dict | None:
+    """The earliest error a worker left in ``folder`` (ties: the lowest rank), or None."""
+    errors = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank") and name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    errors.append(json.load(f))
+            except (OSError, ValueError):
+                continue
+    return min(errors, key=lambda e: (e["time"], e["rank"]), default=None)
 
 
 def write_error_file(message: str, when: int) -> None:
@@ -166,30 +215,34 @@ def write_error_file(message: str, when: int) -> None:
 
 
 def run_guarded(fn, *args) -> int:
-    """Run ``fn(*args)``; if it raises under a process group, report it and exit the process
-    with status 1 right away (never wait for peers that may be blocked in a collective)."""
+    """Run ``fn(*args)``; if it raises under a process group (or in a torchrun worker before the
+    group exists), report it and exit the process with status 1 right away (never wait for peers
+    that may be blocked in a collective)."""
     try:
         return fn(*args)
     except SystemExit as e:
-        if not dist.is_initialized() or not e.code:
+        if not _guarded() or not e.code:
             raise
         report_failure(e)
     except BaseException as e:
-        if not dist.is_initialized():
+        if not _guarded():
             raise
         report_failure(e)
     time.sleep(0.0 if under_torchrun() else LINGER_S)
     os._exit(1)
 
 
+def _guarded() -> bool:
+    return dist.is_initialized() or under_torchrun()
+
+
 # ---------------------------------------------------------------- torchrun
 
 
-def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node N -m fsmoe.cli <argv>``;
+def torchrun_args(nproc: int, argv: list[str]) -> list[str]:
+    """torchrun's arguments for ``--standalone --nproc-per-node N -m fsmoe.cli <argv>``;
     ``--standalone`` picks a free rendezvous port, so runs on one machine never collide."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "fsmoe.cli", *argv]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "fsmoe.cli", *argv]
 
 
 def strip_flag(argv: list[str], flag: str) -> list[str]:
@@ -206,9 +259,69 @@ def strip_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def spawn_torchrun(nproc: int, argv: list[str]) -> int:
-    """Run ``fsmoe <argv>`` on ``nproc`` local processes under torchrun; returns its exit code."""
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(torchrun_command(nproc, argv), env=env)
+    """Run ``fsmoe <argv>`` on ``nproc`` local processes under torchrun's agent (in this process,
+    its own logging silenced); returns the exit code. A worker's error is printed here, once:
+    bad input as one red line (exit code 2), anything else with the failing rank's traceback (1)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    with tempfile.TemporaryDirectory(prefix="fsmoe-errors-") as folder, _worker_env(folder), _agent_quiet():
+        try:
+            run(parse_args(torchrun_args(nproc, argv)))
+            return 0
+        except ChildFailedError as e:
+            rank, failure = e.get_first_failure()
+            error = first_worker_error(folder) or {"bad_input": False, "text": (
+                f"error: worker rank {rank} {_exit_status(failure.exitcode)} without reporting an error (its output, "
+                "if any, is above)")}
+    _print_worker_error(error)
+    return 2 if error["bad_input"] else 1
+
+
+def _exit_status(code: int | None) -> str:
+    """``exited with code N`` or ``was killed by SIGNAME`` (negative codes are signals)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
+
+
+def _print_worker_error(error: dict) -> None:
+    """A one-line error in red, as ``fsmoe`` prints bad input; a traceback as it is."""
+    from rich.console import Console
+
+    style = "bold red" if error["text"].startswith("error:") else None
+    Console(stderr=True).print(error["text"].rstrip("\n"), style=style, markup=False, highlight=False,
+                               soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _worker_env(folder: str) -> Iterator[None]:
+    """Environment the workers inherit: ``FSMOE_ERROR_DIR`` and one OpenMP thread unless set."""
+    values = {ERROR_DIR_ENV: folder, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _agent_quiet() -> Iterator[None]:
+    """Silence torchrun's agent logging (rendezvous notices, its failure report) in this process."""
+    level = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(level)
 
 
 # ---------------------------------------------------------------- command line
@@ -224,11 +337,28 @@ def add_parallel_arguments(parser) -> None:
     group.add_argument("--gpus-per-node", type=int, help="ranks per (simulated) node: parallel.gpus_per_node")
 
 
+def processes(args) -> int:
+    """How many processes train: ``--nproc`` (an integer >= 1) or torchrun's ``WORLD_SIZE``."""
+    nproc = getattr(args, "nproc", None)
+    if nproc is None:
+        return world_size_from_env()
+    if nproc < 1:
+        raise ConfigError("--nproc", nproc, "must be an integer >= 1 (the number of processes)")
+    return nproc
+
+
+def check_world(cfg: ParallelConfig, world: int) -> None:
+    """The layout must use exactly the processes there are."""
+    if cfg.world != world:
+        raise ConfigError("parallel.dp*mp", cfg.world, f"must equal the number of processes, {world} (set "
+                          f"--nproc {cfg.world}, or --dp/--mp so that dp*mp = {world})")
+
+
 def parallel_overrides(args) -> list[str]:
     """Config overrides from the parallel flags. The process count (``--nproc`` or torchrun's
     ``WORLD_SIZE``) sets ``parallel.dp = processes / mp`` unless ``--dp`` is given; it comes
     first, so an explicit ``--set parallel.dp=..`` still wins."""
-    world = getattr(args, "nproc", None) or world_size_from_env()
+    world = processes(args)
     out = []
     if getattr(args, "dp", None) is None and world > 1 and world % (args.mp or 1) == 0:
         out.append(f"parallel.dp={world // (args.mp or 1)}")
