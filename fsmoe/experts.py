@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fsmoe.kernels.grouped_mm import grouped_mm
+from fsmoe.kernels.experts import expert_mlp
+from fsmoe.kernels.grouped_mm import grouped_mm, grouped_mm_supported
 from fsmoe.precision import cast_weights, to_compute
 
 
@@ -66,6 +67,22 @@ class GroupedExperts(nn.Module):
         on its list, so the fp32 master weights are cast here), else x's own."""
         x_ND = to_compute(x_ND)
         return x_ND, cast_weights(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD)
+
+
+class FusedGroupedExperts(GroupedExperts):
+    """The same experts on the GPU fast path (fsmoe.kernels.experts): one CUTLASS grouped GEMM per
+    projection, the fused SwiGLU, and only the tail rows past the last expert masked. CPU tensors,
+    and dtypes or shapes grouped_mm does not take, use the reference forward."""
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int. Returns [N, D];
+        rows past the last expert's end are 0 (and pass no gradient)."""
+        x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)  # bf16 under autocast
+        if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
+                and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
+            return super().forward(x_ND, tokens_per_expert_E)
+        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+        return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
 
 
 class DenseFFN(nn.Module):

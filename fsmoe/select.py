@@ -39,7 +39,7 @@ def build_order(kind: str, impl: str):
 def experts_class(impl: str):
     """GroupedExperts or its fast subclass (same parameters and contract)."""
     if impl == "triton":
-        from fsmoe.kernels.experts import FusedGroupedExperts
+        from fsmoe.experts import FusedGroupedExperts
 
         return FusedGroupedExperts
     from fsmoe.experts import GroupedExperts

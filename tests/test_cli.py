@@ -29,8 +29,9 @@ def test_help_lists_train_and_its_options():
         assert flag in train.stdout
 
 
-def test_python_m_fsmoe_train_has_the_same_arguments():
-    proc = subprocess.run([sys.executable, "-m", "fsmoe.train", "--help"], capture_output=True, text=True, timeout=120)
+def test_python_m_fsmoe_cli_has_the_same_arguments():
+    proc = subprocess.run([sys.executable, "-m", "fsmoe.cli", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and "--resume" in proc.stdout and "--run-dir" in proc.stdout
 
 

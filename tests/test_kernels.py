@@ -234,7 +234,7 @@ def test_zero_tail_rows(dev, counts):
 # ----------------------------------------------------------------------------- GPU: experts and layer
 def _experts_pair(E, D, Fh, act, dt):
     from fsmoe.experts import GroupedExperts
-    from fsmoe.kernels.experts import FusedGroupedExperts
+    from fsmoe.experts import FusedGroupedExperts
 
     torch.manual_seed(0)
     ref = GroupedExperts(E, D, Fh, act).cuda().to(dt)

@@ -52,7 +52,7 @@ def test_stream_pipeline_equals_unpipelined(dtype, tol, act):
 def test_triton_experts_under_the_pipelined_executor(act):
     """kernels=triton: the pipelined executor runs the layer's fused experts module (the one
     expert math), and equals the sequential layer with the same kernels, forward and backward."""
-    from fsmoe.kernels.experts import FusedGroupedExperts
+    from fsmoe.experts import FusedGroupedExperts
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=8, kernels="triton", router=RouterConfig(top_k=2),

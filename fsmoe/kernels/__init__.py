@@ -6,7 +6,7 @@ Layout:
     permute.py     gather rows into expert order / weighted gather-sum back (Order, I-Order)
     swiglu.py      fused SwiGLU activation
     router.py      fused softmax -> top-k -> renormalised weights
-    experts.py     FusedGroupedExperts: grouped GEMMs + fused SwiGLU, masks only the tail rows
+    experts.py     expert_mlp: grouped GEMMs + fused SwiGLU, masks only the tail rows (FusedGroupedExperts in fsmoe.experts)
     triton_ops.py  the Triton kernels (imported only where Triton and CUDA exist)
 
 Every fast op dispatches on the tensor's device only: CUDA tensors run the Triton kernel, CPU

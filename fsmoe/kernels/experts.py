@@ -1,4 +1,4 @@
-"""FusedGroupedExperts: the routed experts on the GPU fast path.
+"""The routed experts' MLP on the GPU fast path (``expert_mlp``; ``fsmoe.experts.FusedGroupedExperts`` calls it).
 
 Shape legend: N rows grouped by expert, D model dim, F hidden dim of this shard, E local experts.
 
@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fsmoe.experts import GroupedExperts
-from fsmoe.kernels.grouped_mm import grouped_mm_supported, grouped_mm_unmasked
+from fsmoe.kernels.grouped_mm import grouped_mm_unmasked
 from fsmoe.kernels.swiglu import swiglu
 
 
@@ -69,15 +68,3 @@ def expert_mlp(x_ND: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tens
     h = grouped_mm_unmasked(x, w1_EDF, offs_E)
     h = swiglu(h, grouped_mm_unmasked(x, w3_EDF, offs_E)) if w3_EDF is not None else F.gelu(h)
     return _ZeroTailRows.apply(grouped_mm_unmasked(h, w2_EFD, offs_E), offs_E)
-
-
-class FusedGroupedExperts(GroupedExperts):
-    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
-        """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int. Returns [N, D];
-        rows past the last expert's end are 0 (and pass no gradient)."""
-        x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)  # bf16 under autocast
-        if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
-                and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
-            return super().forward(x_ND, tokens_per_expert_E)
-        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
-        return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)

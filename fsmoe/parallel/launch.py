@@ -1,6 +1,6 @@
 """Launching: process-group setup with timeouts, fail-fast on any rank's error, torchrun spawning.
 
-    torchrun --nproc-per-node 4 -m fsmoe.train --ep 4      # what `fsmoe train --nproc 4 --ep 4` runs
+    torchrun --nproc-per-node 4 -m fsmoe.cli train --ep 4      # what `fsmoe train --nproc 4 --ep 4` runs
 
 ``init_distributed`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``/``MASTER_PORT``), picks the backend (NCCL on GPUs, gloo on CPUs; same code above
@@ -14,7 +14,7 @@ rank that hangs without raising is caught by the collective timeout on its peers
 the same way.
 
 One clear error: ``fsmoe train --nproc N`` checks everything it can before it starts workers
-(fsmoe.train.preflight). The workers it starts (:func:`spawn_torchrun`) do not print their error:
+(fsmoe.cli.train.preflight). The workers it starts (:func:`spawn_torchrun`) do not print their error:
 the first failing rank writes it into the directory named by ``FSMOE_ERROR_DIR``, and the
 launching process prints it once, as one line for bad input (exit code 2) or with the failing
 rank's traceback otherwise (exit code 1), with no torchrun failure summary.

@@ -27,7 +27,7 @@ from fsmoe.comm.functional import gather_from_group, reduce_scatter_impl_for, sp
 from fsmoe.comm.sharded import ShardedDispatcher
 from fsmoe.config import ConfigError, MoEConfig
 from fsmoe.experts import GroupedExperts
-from fsmoe.kernels.experts import FusedGroupedExperts
+from fsmoe.experts import FusedGroupedExperts
 from fsmoe.layer import Executor, MoELayer, MoEStats
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, set_sharding, tag_module

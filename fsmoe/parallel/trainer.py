@@ -12,7 +12,7 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
 
-Launch: ``torchrun --nproc-per-node N -m fsmoe.train ...`` or ``fsmoe train --nproc N ...``.
+Launch: ``torchrun --nproc-per-node N -m fsmoe.cli train ...`` or ``fsmoe train --nproc N ...``.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ParallelTrainer(Trainer):
         super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console)
         # The default schedule's dense gradients: AllReduce in buckets while backward runs, on GPUs
         # (NCCL). gloo keeps the one flat AllReduce after backward: a CPU has no separate engine to
-        # overlap it with, and gloo's async collectives beside the MoE AlltoAlls aborted a run.
+        # overlap it with.
         self.dp_sync = (BucketedGradSync(self.model, groups)
                         if groups.dp > 1 and self.moe_schedule is None and groups.backend == "nccl" else None)
 

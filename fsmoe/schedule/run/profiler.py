@@ -1,4 +1,4 @@
-"""``fsmoe profile``: measure the ops the scheduler places, on the real process groups, and fit
+"""The profiler behind ``fsmoe profile`` (fsmoe.cli.profile): measure the ops the scheduler places, on the real process groups, and fit
 ``t = alpha + n beta`` to each (``profile.py``); plus the online refit from executor timings.
 
 What is measured (every rank at once, as in training; per size the median of ``reps`` runs,
@@ -18,7 +18,6 @@ Comm sizes follow FSMoE (2^18 .. 24 * 2^18 floats on GPUs), scaled down on CPU (
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -33,7 +32,6 @@ from torch.distributed import ProcessGroup
 
 from fsmoe.config import ConfigError
 from fsmoe.parallel.groups import ParallelGroups, device_for
-from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.schedule.model.perf_model import ExpertDims
 from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
 from fsmoe.schedule.model.timeline import read_records, refit_samples
@@ -341,40 +339,3 @@ class OnlineProfiler:
 
 
 # ---------------------------------------------------------------------------- CLI
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("profile", help="measure collectives and expert GEMMs, fit alpha-beta models",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_command_arguments(p)
-    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
-    p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
-                   help="instead of measuring: refit --profile from executor op records "
-                        "(timeline_records.jsonl of `fsmoe train --timeline`)")
-    p.add_argument("--profile", default=None, help="the profile to refit (with --refit)")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    if args.refit:
-        if not args.profile:
-            raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
-        prof = refit(Profile.load(args.profile), load_samples(Path(args.refit)))
-        out = Path(args.out or args.profile)
-        prof.save(out)
-        print(prof.summary())
-        print(f"refitted profile written to {out}")
-        return 0
-    return run_command(args, lambda groups, device: _profile_main(args, groups, device))
-
-
-def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
-    cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
-    prof = run_profile(groups, device, cfg)
-    if groups.rank == 0:
-        out = Path(args.out or f"runs/profiles/{prof.hardware}_{prof.layout}.json")
-        prof.save(out)
-        print(prof.summary())
-        print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
-    return 0

@@ -1,7 +1,10 @@
 """The ``fsmoe`` command: a small registry of subcommands.
 
-Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``: it adds its
-parser and sets ``func`` (``args -> exit code``). Adding a command is one line in COMMANDS.
+Each subcommand lives in its own module of this package (``fsmoe/cli/<command>.py``), which
+exposes ``add_parser(subparsers)``: it adds its parser and sets ``func`` (``args -> exit code``).
+Adding a command is one module and one line in COMMANDS. The commands sit above everything they
+run (``fsmoe.train``, ``fsmoe.parallel``, ``fsmoe.bench``, ``fsmoe.schedule``), so nothing below
+imports them.
 
 Bad input (ConfigError and its subclasses: config, data path, checkpoint) is printed as one red
 line naming the field, the value and what is allowed, and the exit code is 2.
@@ -17,12 +20,7 @@ from rich.console import Console
 from fsmoe.config import ConfigError
 
 # The registry: one module per subcommand, each with add_parser(subparsers).
-COMMANDS = [
-    "fsmoe.train",
-    "fsmoe.bench",
-    "fsmoe.schedule.run.profiler",  # fsmoe profile
-    "fsmoe.schedule.cli",  # fsmoe plan
-]
+COMMANDS = ["fsmoe.cli.train", "fsmoe.cli.bench", "fsmoe.cli.profile", "fsmoe.cli.plan"]
 
 EXIT_BAD_INPUT = 2
 
