@@ -305,6 +305,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    eps: float = 1e-8  # AdamW's denominator term
     grad_clip: float = 1.0  # 0 = off
     seed: int = 0
     log_every: int = 5
@@ -334,6 +335,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         for name in ("beta1", "beta2"):  # AdamW's moment decay rates
             _in_range(f"{prefix}.{name}", getattr(self, name), 0.0, 1.0, high_open=True)
+        _in_range(f"{prefix}.eps", self.eps, 1e-30, 1.0)
         _check(0 < self.val_fraction < 1, f"{prefix}.val_fraction", self.val_fraction, "must be in (0, 1)")
         _in_range(f"{prefix}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _check(self.data is None or (len(self.data) > 0 and all(p.strip() for p in self.data)), f"{prefix}.data",

@@ -36,7 +36,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,11 @@ from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
+from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.recompute import configure_recompute
+
+if TYPE_CHECKING:  # the pipelined schedule is built by fsmoe.parallel's trainer, never here
+    from fsmoe.schedule.run.training import TrainingSchedule
 
 CONFIG_FILE = "config.json"
 
@@ -251,7 +255,8 @@ class Trainer:
     constructor before anything is written, so a failed start leaves an earlier run untouched.
     """
 
-    def __init__(self, cfg: RunConfig, run_dir: Path | str, *, resume: bool = False, groups: Any = None,
+    def __init__(self, cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
+                 groups: ParallelGroups | None = None,
                  console: Console | None = None):
         self.cfg, self.tcfg, self.run_dir, self.groups = cfg, cfg.train, Path(run_dir), groups
         self.console = console or Console(soft_wrap=True)
@@ -294,14 +299,14 @@ class Trainer:
         # Fused on CUDA: one kernel over all parameters instead of a dozen foreach passes. CPU keeps
         # the foreach path its tests were written on.
         optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                      fused=self.device.type == "cuda")
+                                      eps=t.eps, fused=self.device.type == "cuda")
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def build_model(self) -> nn.Module:
         """The model, initialised from ``train.seed`` (fsmoe.parallel's trainer shards it)."""
         return build_model(self.cfg.model, seed=self.tcfg.seed)
 
-    def build_schedule(self) -> Any:
+    def build_schedule(self) -> TrainingSchedule | None:
         """The pipelined MoE schedule (``parallel.schedule``); fsmoe.parallel's trainer installs
         it. One process runs the default schedule only."""
         if self.cfg.parallel.schedule != "default":

@@ -105,6 +105,7 @@ def test_resume_uses_the_saved_config_and_refuses_a_new_model(tmp_path, capsys):
 @pytest.mark.parametrize("args, field", [
     (["--set", "train.beta1=1.5"], "train.beta1"),
     (["--set", "train.beta2=1.0"], "train.beta2"),
+    (["--set", "train.eps=0"], "train.eps"),
     (["--set", "train.weight_decay=-1"], "train.weight_decay"),
     (["--set", "train.warmup_steps=-5"], "train.warmup_steps"),
     (["--set", "train.lr=inf"], "train.lr"),

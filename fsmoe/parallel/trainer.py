@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,9 @@ from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distri
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.train import StepResult, Trainer, resolve_device
 
+
+if TYPE_CHECKING:
+    from fsmoe.schedule.run.training import TrainingSchedule
 
 class ParallelTrainer(Trainer):
     def __init__(self, cfg: RunConfig, run_dir: Path | str, *, groups: ParallelGroups, resume: bool = False,
@@ -75,7 +78,7 @@ class ParallelTrainer(Trainer):
             self.console.print(f"layout: {g.world} processes ({g.backend}, {g.topology.num_nodes} node(s)); dense "
                                f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}")
 
-    def build_schedule(self):
+    def build_schedule(self) -> TrainingSchedule | None:
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
         from fsmoe.schedule.run.training import TrainingSchedule
 
