@@ -68,7 +68,7 @@ def _command_and_fail(rank, world, command: str, mode: str, out_dir: str):
     import torch.distributed as dist
 
     from fsmoe.bench import schedule as bench
-    from fsmoe.schedule.run import profiler
+    from fsmoe.cli import profile as profile_cli
 
     def work(groups, *a, **k):
         if groups.rank == FAIL_RANK:
@@ -80,8 +80,8 @@ def _command_and_fail(rank, world, command: str, mode: str, out_dir: str):
 
     sub = argparse.ArgumentParser().add_subparsers()
     if command == "profile":
-        profiler.run_profile = work
-        profiler.add_parser(sub)
+        profile_cli.run_profile = work
+        profile_cli.add_parser(sub)
         args = sub.choices["profile"].parse_args(["--device", "cpu", "--ep", str(world), "--timeout", "4"])
         return args.func(args)
     bench.run_bench = work
