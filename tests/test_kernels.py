@@ -19,7 +19,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, RouterConfig
 from fsmoe.kernels import permute, router, swiglu
