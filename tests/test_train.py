@@ -285,8 +285,8 @@ def test_fsmoe_train_30_steps_loss_falls_and_writes_outputs(tmp_path):
     assert "final val loss" in proc.stdout and "for byte frequencies alone" in proc.stdout
 
 
-def test_python_m_fsmoe_train_runs_the_real_tiny_default(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fsmoe.train", "--steps", "2", "--run-dir", "D"], cwd=tmp_path,
+def test_python_m_fsmoe_cli_train_runs_the_real_tiny_default(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fsmoe.cli", "train", "--steps", "2", "--run-dir", "D"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = read_metrics(tmp_path / "D")
