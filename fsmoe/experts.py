@@ -21,6 +21,14 @@ from fsmoe.kernels.grouped_mm import grouped_mm, grouped_mm_supported
 from fsmoe.precision import cast_weights, to_compute
 
 
+def reference_mlp(x_ND: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor, offs_E: Tensor) -> Tensor:
+    """The expert MLP in plain PyTorch: SwiGLU (``w3`` given) or GeLU over rows grouped by expert;
+    ``offs_E`` [E] int32 cumulative row ends. Rows past ``offs[-1]`` give 0 and pass no gradient."""
+    h = grouped_mm(x_ND, w1_EDF, offs_E)
+    h = F.silu(h) * grouped_mm(x_ND, w3_EDF, offs_E) if w3_EDF is not None else F.gelu(h)
+    return grouped_mm(h, w2_EFD, offs_E)
+
+
 class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "swiglu",
                  esp: int = 1, esp_rank: int = 0):
@@ -53,14 +61,8 @@ class GroupedExperts(nn.Module):
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int (rows of each expert,
         summing to <= N). Returns [N, D]; rows past the last expert's end are 0 (and pass no gradient).
         Under autocast the GEMMs run in its dtype (see fsmoe.precision)."""
-        x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)
-        offs_E = torch.cumsum(tokens_per_expert_E, 0).to(torch.int32)
-        h = grouped_mm(x_ND, w1_EDF, offs_E)
-        if w3_EDF is not None:
-            h = F.silu(h) * grouped_mm(x_ND, w3_EDF, offs_E)
-        else:
-            h = F.gelu(h)
-        return grouped_mm(h, w2_EFD, offs_E)
+        x_ND, weights = self.compute_operands(x_ND)
+        return reference_mlp(x_ND, *weights, torch.cumsum(tokens_per_expert_E, 0).to(torch.int32))
 
     def compute_operands(self, x_ND: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor | None, Tensor]]:
         """x_ND and (w1, w3, w2) in the compute dtype: autocast's when active (grouped_mm is not
@@ -78,10 +80,10 @@ class FusedGroupedExperts(GroupedExperts):
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int. Returns [N, D];
         rows past the last expert's end are 0 (and pass no gradient)."""
         x_ND, (w1_EDF, w3_EDF, w2_EFD) = self.compute_operands(x_ND)  # bf16 under autocast
+        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
         if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
                 and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
-            return super().forward(x_ND, tokens_per_expert_E)
-        offs_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
+            return reference_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
         return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
 
 

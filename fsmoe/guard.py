@@ -19,9 +19,6 @@ from torch import Tensor, nn
 
 from fsmoe.config import ConfigError
 
-POLICIES = ("stop", "skip")
-
-
 class NonFiniteError(ConfigError):
     """Training produced NaN/Inf; the message says at which step and what to change."""
 

@@ -27,8 +27,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
-TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_gb", "grad_norm", "aux_loss", "dropped", "imbalance",
-              "skipped_steps")
+TB_SCALARS = ("loss", "val_loss", "lr", "tokens_per_s", "mfu", "peak_mem_gb", "grad_norm", "aux_loss", "dropped",
+              "imbalance", "skipped_steps")
 
 
 def expert_load(tokens_per_expert: Sequence[Tensor]) -> list[list[float]]:

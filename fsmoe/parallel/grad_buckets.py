@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fsmoe.parallel.grads import grad_or_zeros, write_mean
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
 
@@ -61,8 +62,7 @@ class BucketedGradSync:
             self._launch(b)
 
     def _launch(self, b: _Bucket) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat_n = torch.cat([g.reshape(-1) for g in grads])
+        b.flat_n = torch.cat([grad_or_zeros(p).reshape(-1) for p in b.params])
         b.work = dist.all_reduce(b.flat_n, group=self.group, async_op=True)
 
     def finish(self) -> None:
@@ -72,12 +72,7 @@ class BucketedGradSync:
                 self._launch(b)
         for b in self.buckets:
             b.work.wait()
-            b.flat_n /= self.groups.dp
-            for p, part in zip(b.params, torch.split(b.flat_n, [p.numel() for p in b.params])):
-                if p.grad is None:
-                    p.grad = part.view_as(p).clone()
-                else:
-                    p.grad.copy_(part.view_as(p))
+            write_mean(b.flat_n, [p.grad for p in b.params], self.groups.dp)
             b.arrived, b.flat_n, b.work = 0, None, None
 
     def remove(self) -> None:

@@ -32,7 +32,7 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 
 
-def _grad(p: nn.Parameter) -> Tensor:
+def grad_or_zeros(p: nn.Parameter) -> Tensor:
     """The gradient, created as zeros if this rank produced none (every rank must reduce it)."""
     if p.grad is None:
         p.grad = torch.zeros_like(p)
@@ -48,15 +48,20 @@ def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] 
     if not groups.distributed:
         return
     for kind in kinds:
-        grads = [_grad(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
+        grads = [grad_or_zeros(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
         if not grads:
             continue
         flat = torch.cat([g.reshape(-1) for g in grads])
         if groups.size(kind) > 1:
             dist.all_reduce(flat, group=groups.group(kind))
-        flat /= groups.dp
-        for g, part in zip(grads, torch.split(flat, [g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
+        write_mean(flat, grads, groups.dp)
+
+
+def write_mean(flat_n: Tensor, grads: list[Tensor], dp: int) -> None:
+    """``grads`` := their reduced sums ``flat_n`` (the grads concatenated, [n]) divided by ``dp``."""
+    flat_n /= dp
+    for g, part in zip(grads, torch.split(flat_n, [g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:

@@ -86,20 +86,18 @@ class ParallelTrainer(Trainer):
                                       start_step=self.step)
 
     def sync_grads(self) -> None:
-        """Plain flat AllReduce per reduce kind; under a pipelined schedule the dense (dp) part
-        is the GradSync's partitions, finished here before the rest, so clipping sees full sums."""
+        """Each gradient summed over its group, / dp. The dense (dp) part is finished first where
+        it was reduced during backward (the buckets, or a pipelined schedule's GradSync
+        partitions), so clipping sees full sums; otherwise one flat AllReduce per reduce kind."""
         ts = self.moe_schedule
         if self.dp_sync is not None:
             self.dp_sync.finish()
-            sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"))
-            return
-        if ts is None or ts.grad_sync is None:
+        elif ts is not None and ts.grad_sync is not None:
+            ts.sync_dense(self.model)
+        else:
             sync_grads(self.model, self.groups)
             return
-        from fsmoe.schedule.run.training import sync_other_kinds
-
-        ts.sync_dense(self.model)
-        sync_other_kinds(self.model, self.groups)
+        sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"))
 
     def close(self) -> None:
         """Stop the schedule's lane threads and hooks."""

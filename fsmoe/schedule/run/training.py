@@ -111,25 +111,6 @@ def dense_blocks(model: nn.Module) -> list[list[nn.Parameter]]:
     return [ps for ps in blocks if ps]
 
 
-def sync_other_kinds(model: nn.Module, groups: ParallelGroups, kinds=("world", "edp")) -> None:
-    """``fsmoe.parallel.grads.sync_grads`` restricted to ``kinds`` (sum over the group, / dp)."""
-    from fsmoe.parallel.sharding import get_sharding
-
-    for kind in kinds:
-        params = [p for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
-        if not params:
-            continue
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        if groups.size(kind) > 1:
-            dist.all_reduce(flat, group=groups.group(kind))
-        flat /= groups.dp
-        for p, part in zip(params, torch.split(flat, [p.numel() for p in params])):
-            p.grad.copy_(part.view_as(p.grad))
-
-
 # ---------------------------------------------------------------------------- timeline
 
 
