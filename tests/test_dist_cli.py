@@ -63,3 +63,22 @@ def test_nproc4_ep4_and_cross_layout_resume_match_one_process(tmp_path):
     assert "warning:" in done.stdout and str(shard) in done.stdout and "resumed from step 3" in done.stdout
     assert_same_curve(losses(tmp_path / "resumed"), ref)
 
+
+
+def test_ctrl_c_under_nproc_stops_every_worker_with_one_line(tmp_path):
+    """SIGINT to ``fsmoe train --nproc 2``: one line (no agent traceback), exit 130, no worker left."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "fsmoe.cli", "train", "--seed", "0", "--device", "cpu", "--run-dir",
+           str(tmp_path / "run"), "--nproc", "2", "--ep", "2", "--steps", "100000", *SMALL]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "run" / "metrics.jsonl").exists():  # the workers are training
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=30)
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out[-2000:], err[-2000:])
+    assert "interrupted (SIGINT)" in err and "Traceback" not in err, err[-3000:]

@@ -157,7 +157,22 @@ def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_r
     assert_same_losses(default_run, records(tmp_path / "tutel"))
     profile = json.loads((tmp_path / "tutel" / "profile.json").read_text())
     assert {"allreduce", "expert_fwd", "expert_bwd"} <= set(profile["fits"])
+    # measured at the run's own shapes: d_model 32, d_ff 32 / ESP2, 2 GELU GEMMs, 4 experts per EP rank
+    # (the tiny preset's 8 / EP2), fp32 on CPU; the attention at this rank's batch (8 / DP4), 4 heads
+    assert {"expert_fwd@E4m32f16g2B4", "expert_bwd@E4m32f16g2B4", "dense_fwd@b2l32m32h4B4"} <= set(profile["fits"])
     assert not (tmp_path / "tutel" / "timeline.json").exists()
+
+
+def test_r1_plan_runs_the_default_data_path_under_nccl_only():
+    """At r = 1 both ways under NCCL the schedule installs no executors (the default path and its
+    gradient buckets); gloo, a pipelined r, or a recorded timeline keep the executors."""
+    from fsmoe.schedule.run.training import runs_default_path
+    from fsmoe.schedule.types import Schedule
+
+    r1, r2 = Schedule("fsmoe", 1, 1, True), Schedule("fsmoe", 2, 1, True)
+    assert runs_default_path(r1, "nccl")
+    assert not runs_default_path(r1, "gloo") and not runs_default_path(r2, "nccl")
+    assert not runs_default_path(r1, "nccl", timeline_steps=3)
 
 
 @pytest.mark.dist

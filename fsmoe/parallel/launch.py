@@ -262,6 +262,7 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``fsmoe <argv>`` on ``nproc`` local processes under torchrun's agent (in this process,
     its own logging silenced); returns the exit code. A worker's error is printed here, once:
     bad input as one red line (exit code 2), anything else with the failing rank's traceback (1)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -269,6 +270,8 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
         try:
             run(parse_args(torchrun_args(nproc, argv)))
             return 0
+        except SignalException as e:  # the agent turns SIGINT/SIGTERM into this, after stopping the workers
+            return _stopped_by(e.sigval)
         except ChildFailedError as e:
             rank, failure = e.get_first_failure()
             error = first_worker_error(folder) or {"bad_input": False, "text": (
@@ -276,6 +279,15 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
                 "if any, is above)")}
     _print_worker_error(error)
     return 2 if error["bad_input"] else 1
+
+
+def _stopped_by(sig: signal.Signals) -> int:
+    """One line instead of the agent's traceback when the job is interrupted; 128 + signal number."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"interrupted ({signal.Signals(sig).name}): every worker was stopped; the run "
+                               "directory keeps its last checkpoint", style="yellow", highlight=False)
+    return 128 + int(sig)
 
 
 def _exit_status(code: int | None) -> str:

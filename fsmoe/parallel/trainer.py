@@ -47,11 +47,13 @@ class ParallelTrainer(Trainer):
         if console is None and groups.rank != 0:
             console = Console(quiet=True)  # rank 0 speaks for the job
         super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console)
-        # The default schedule's dense gradients: AllReduce in buckets while backward runs, on GPUs
-        # (NCCL). gloo keeps the one flat AllReduce after backward: a CPU has no separate engine to
-        # overlap it with.
+        # The default data path's dense gradients: AllReduce in buckets while backward runs, on GPUs
+        # (NCCL); also under a pipelined schedule whose plan runs that path (r = 1, no GradSync).
+        # gloo keeps the one flat AllReduce after backward: a CPU has no separate engine to overlap
+        # it with.
+        default_path = self.moe_schedule is None or self.moe_schedule.grad_sync is None
         self.dp_sync = (BucketedGradSync(self.model, groups)
-                        if groups.dp > 1 and self.moe_schedule is None and groups.backend == "nccl" else None)
+                        if groups.dp > 1 and default_path and groups.backend == "nccl" else None)
 
     def build_model(self) -> nn.Module:
         return parallelize(super().build_model(), self.groups)

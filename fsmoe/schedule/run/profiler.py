@@ -71,6 +71,24 @@ class ProfileConfig:
                              reps=10, warmup=3)
 
 
+    @staticmethod
+    def for_run(spec: LayerSpec, layout: Layout, device: torch.device) -> "ProfileConfig":
+        """The sizes one run's ops have: its expert shape and local experts, its attention shape,
+        rows and messages from an eighth of a layer's (a chunk at r = 8) to 1.5x (routing skew),
+        the AllReduce up to a block's dense gradients. ``fsmoe train`` profiles these at start-up,
+        so every fit it plans with is measured at the shapes it runs, not extrapolated from a grid."""
+        rows = spec.routed_rows
+        msg = rows * spec.d_model * spec.dtype_bytes
+        comm = np.geomspace(max(4096, msg // 8), max(msg * 3 // 2, spec.gar_bytes, 8192), 6)
+        expert = ((spec.d_model, spec.d_ff // layout.esp, spec.gemms),)
+        dense = ((spec.batch, spec.seq_len, spec.d_model, spec.n_heads),)
+        gpu = device.type == "cuda"
+        return ProfileConfig(tuple(int(x) for x in comm), expert,
+                             tuple(int(x) for x in np.geomspace(max(8, rows // 8), max(16, rows * 3 // 2), 5)),
+                             max(1, spec.num_experts // layout.ep), dense, reps=10 if gpu else 3,
+                             warmup=3 if gpu else 1)
+
+
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}".replace(" ", "_") + "-nccl"
