@@ -40,9 +40,14 @@ case "$PART" in
     [ "$n" -gt 1 ] && nproc=(--nproc "$n")
     run_dir=/tmp/fsmoe_train/$name
     rm -rf "$run_dir"
+    start=$EPOCHREALTIME
+    (while [ ! -s "$run_dir/metrics.jsonl" ]; do sleep 0.2; done
+     echo "train $name: first record (step $(grep -o '"step": [0-9]*' "$run_dir/metrics.jsonl" | head -1 | cut -d' ' -f2)) $(awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.0f", b - a }') s after the start") &
+    watcher=$!
     (cd "$ROOT" && CUDA_VISIBLE_DEVICES=$gpus timeout -s INT -k 30 "$secs" "$PY" -m fsmoe.cli train "${nproc[@]}" \
       --run-dir "$run_dir" "$@" >"$OUT/train_$name.log" 2>&1)
     echo "train $name: exit $? (124/130 = stopped after ${secs}s, as planned)"
+    kill "$watcher" 2>/dev/null
     grep -v "^\s*$" "$OUT/train_$name.log" | head -4
     cp "$run_dir/metrics.jsonl" "$OUT/train_$name.jsonl" 2>/dev/null
     "$PY" - "$run_dir/metrics.jsonl" "$name" <<'PYEOF'

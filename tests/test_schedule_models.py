@@ -321,6 +321,8 @@ def test_explain_names_case_r_partitions_and_baselines():
     text = explain(SPEC, LAYOUT, GPU_LIKE)
     for needle in ("case", "SLSQP", "gradient partitions", "predicted timeline", *POLICY_NAMES):
         assert needle in text
+    # the measured links, e.g. the inter-node AlltoAll of two GPUs run as two nodes: 1/beta, alpha
+    assert "a2a_inter 10.0 GB/s, 30 us" in text and "allreduce 5.0 GB/s, 40 us" in text
 
 
 def test_balanced_counts_and_layout_keys():

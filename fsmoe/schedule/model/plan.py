@@ -39,6 +39,21 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:8.3f}"
 
 
+COMM_KEYS = ("a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce")
+
+
+def links(profile: Profile) -> str:
+    """The measured links: per collective, bandwidth 1/beta (GB/s), latency alpha (us) and the
+    fit's R^2; e.g. two GPUs of one host run as two nodes show the inter-node AlltoAll's rate."""
+    parts = []
+    for key in COMM_KEYS:
+        if profile.has(key):
+            f = profile.fit_for(key)
+            rate = f"{1e-9 / f.beta:.1f} GB/s" if f.beta > 0 else "no slope"
+            parts.append(f"{key} {rate}, {f.alpha * 1e6:.0f} us (R^2 {f.r2:.2f})")
+    return "links: " + ("; ".join(parts) if parts else "none measured (one rank)")
+
+
 def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Schedule] | None = None) -> str:
     layout = _layout(parallel)
     schedules = schedules or plan_all(spec, layout, profile)
@@ -48,7 +63,8 @@ def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Sc
            f"k={spec.top_k} f={spec.capacity_factor or 'dropless'} ffn={spec.activation} x{spec.n_layers} blocks",
            f"layout {layout.name} (EP A2A {'inter' if layout.ep_inter else 'intra'}-node, DP={layout.dp})",
            f"profile {profile.hardware} / {profile.layout}; comm/compute overlap efficiency "
-           f"{profile.overlap:.2f}{'' if profile.overlap >= 1 else ' (models blend overlapped and serial time)'}", ""]
+           f"{profile.overlap:.2f}{'' if profile.overlap >= 1 else ' (models blend overlapped and serial time)'}",
+           links(profile), ""]
     for phase, r, rc, case in (("forward", fs.r_fwd, fs.r_fwd_cont, fs.case_fwd),
                                ("backward", fs.r_bwd, fs.r_bwd_cont, fs.case_bwd)):
         ct = chunk_times(work, profile, layout, float(r), backward=phase == "backward")
