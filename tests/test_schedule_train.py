@@ -164,15 +164,18 @@ def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_r
 
 
 def test_r1_plan_runs_the_default_data_path_under_nccl_only():
-    """At r = 1 both ways under NCCL the schedule installs no executors (the default path and its
-    gradient buckets); gloo, a pipelined r, or a recorded timeline keep the executors."""
-    from fsmoe.schedule.run.training import runs_default_path
+    """At r = 1 both ways under NCCL the schedule installs no executors, and under NCCL the dense
+    gradients go in the default path's buckets at any r; gloo or a recorded timeline keep the
+    executors and the plan's partitions."""
+    from fsmoe.schedule.run.training import buckets_dense_gradients, runs_default_path
     from fsmoe.schedule.types import Schedule
 
     r1, r2 = Schedule("fsmoe", 1, 1, True), Schedule("fsmoe", 2, 1, True)
     assert runs_default_path(r1, "nccl")
     assert not runs_default_path(r1, "gloo") and not runs_default_path(r2, "nccl")
     assert not runs_default_path(r1, "nccl", timeline_steps=3)
+    assert buckets_dense_gradients("nccl") and not buckets_dense_gradients("gloo")
+    assert not buckets_dense_gradients("nccl", timeline_steps=3)
 
 
 @pytest.mark.dist

@@ -238,7 +238,7 @@ class TrainingSchedule:
         plain = runs_default_path(schedule, groups.backend, n)
         executors = [] if plain else install_executors(model, engine, schedule.layer_schedule(), layout)
         gs = None
-        if groups.dp > 1 and not plain:
+        if groups.dp > 1 and not buckets_dense_gradients(groups.backend, n):
             gs = GradSync.for_blocks(dense_blocks(model), schedule.gar, engine, Lanes.of(schedule.iio),
                                      group=groups.dp_group)
             gs.attach(executors)
@@ -249,16 +249,15 @@ class TrainingSchedule:
             ts._dense_hooks = record_moe_blocks(model, spec, recorder, device)
         return ts
 
-    @property
-    def default_path(self) -> bool:
-        """True when the plan runs the default data path (see :func:`runs_default_path`)."""
-        return not self.executors
-
     def describe(self) -> str:
         note = self.profile.layout_note(self.layout)
-        plain = ("\nr = 1 both ways: the MoE layers run the default data path (no lanes), and the dense gradients "
-                 "are AllReduced in buckets during backward, as parallel.schedule='default' does") if self.default_path else ""
-        return describe(self.schedule) + plain + (f"\n{note}" if note else "")
+        lines = [describe(self.schedule)]
+        if not self.executors:
+            lines.append("r = 1 both ways: the MoE layers run the default data path (no lanes)")
+        if self.grad_sync is None and self.groups.dp > 1:
+            lines.append("dense gradients: AllReduced in buckets during backward on NCCL's own stream, as "
+                         "parallel.schedule='default' does (the partitions above are what the model predicts with)")
+        return "\n".join(lines + ([note] if note else []))
 
     # ------------------------------------------------------------ per step
     def _recording(self, step: int) -> bool:
@@ -340,16 +339,24 @@ class TrainingSchedule:
 
 
 def runs_default_path(schedule: Schedule, backend: str, timeline_steps: int = 0) -> bool:
-    """Whether a plan of r = 1 both ways runs the default data path instead of its executors.
+    """Whether a plan of r = 1 both ways runs the default data path instead of its executors:
+    under NCCL, where the executor at r = 1 adds lanes and events and overlaps nothing. A timeline
+    records the executors' ops, so it keeps them."""
+    return schedule.r_fwd == 1 and schedule.r_bwd == 1 and buckets_dense_gradients(backend, timeline_steps)
 
-    Under NCCL the default path is never slower at r = 1: nothing is pipelined, and its dense
-    gradient buckets go out during backward on NCCL's own stream, beside the AlltoAlls. The plan's
-    gradient windows sit on the executors' inter lane, in order with the AlltoAlls, and whatever
-    does not fit a window waits for the end of backward: on two H200s as two nodes that alone made
-    the schedule 0.85x the default (98k vs 116k tokens/s, gpt2-xl-moe 8 layers, EP2). Under gloo
-    the default reduces after backward, so the windows are kept there; and a timeline records the
-    executors' ops, so it keeps them too."""
-    return (schedule.r_fwd == 1 and schedule.r_bwd == 1 and backend == "nccl" and timeline_steps == 0)
+
+def buckets_dense_gradients(backend: str, timeline_steps: int = 0) -> bool:
+    """Whether the dense gradients go out in the default path's buckets rather than the plan's
+    partitions (GradSync).
+
+    Under NCCL the buckets are AllReduced as backward produces them, on NCCL's own stream beside the
+    AlltoAlls. The plan's partitions sit on the executors' inter lane, in order with the AlltoAlls,
+    and whatever does not fit a window waits for the end of backward: on two H200 as two nodes
+    (gpt2-xl-moe, 8 layers, EP2) that made the schedule 0.85-0.89x the default at r = 1 and r = 2
+    (98-104k vs 116k tokens/s), about the time of the exposed AllReduce. Under gloo the default
+    reduces after backward, so the partitions win there and are kept; a timeline keeps them too,
+    to time them against the model."""
+    return backend == "nccl" and timeline_steps == 0
 
 
 def install_executors(model: nn.Module, engine: Engine, layer_schedule: LayerSchedule,
