@@ -1,0 +1,126 @@
+"""The hierarchical dispatcher against the flat AlltoAll on real processes (gloo).
+
+One launch of 8 ranks as 2 nodes x 2 sockets x 2 GPUs runs every case: for each routing
+(top-2 softmax, DeepSeek-style top-6 group-limited, all tokens to the experts of one socket so
+that most experts get none, and a capacity that drops assignments) and each dispatcher (dedup
+at d = 1, 2, 3 and the cost model's choice, the 2DH baseline without dedup), one MoE layer's
+outputs and every gradient (input, router, experts) must equal the flat AlltoAll's to 1e-6
+(fp32, relative to each tensor's largest entry when that exceeds 1). The ESP layout (EP 4 x ESP 2 on the same ranks) is checked too, as are the bytes per
+level the dispatcher reports (the flat count is the dispatcher's own, with dedup < flat).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dist_utils import run_workers
+from fsmoe.config import ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
+from fsmoe.layer import MoELayer
+from fsmoe.parallel.groups import build_groups
+from fsmoe.parallel.moe import ParallelMoELayer
+from fsmoe.routing import ROUTERS, register_router
+from fsmoe.routing.base import Router
+from fsmoe.routing.plan import RoutingPlan
+
+pytestmark = pytest.mark.dist
+TOL = 1e-6
+T, D = 12, 8
+
+if "test_one_socket" not in ROUTERS:
+
+    @register_router("test_one_socket")
+    class OneSocket(Router):
+        """Every token picks its top-k among the experts of EP ranks 0 and 1 only (one socket):
+        the other six ranks' experts get no tokens, and every token's experts sit in one group."""
+
+        def __init__(self, cfg, d_model, num_experts):
+            super().__init__(cfg, d_model, num_experts)
+            self.proj = torch.nn.Linear(d_model, num_experts, bias=False)
+
+        def forward(self, x_TD, seq_len):
+            logits = self.proj(x_TD).float()
+            allowed = torch.arange(self.num_experts, device=x_TD.device) < self.num_experts // 4
+            probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+            w, ids = probs.topk(self.cfg.top_k, dim=-1)
+            return RoutingPlan.from_topk(ids, w.to(x_TD.dtype), self.num_experts, None, probs_TE=probs)
+
+
+ROUTINGS = {
+    "top2": RouterConfig(top_k=2),
+    "deepseek": RouterConfig(name="deepseek", top_k=6, num_groups=4, topk_groups=2, aux_loss_coef=0.0),
+    "one_socket": RouterConfig(name="test_one_socket", top_k=3),
+    "capacity": RouterConfig(top_k=4, capacity_factor=0.5),
+}
+VARIANTS = [("hierarchical", 1), ("hierarchical", 2), ("hierarchical", 3), ("hierarchical", 0), ("2dh", 0)]
+
+
+def run_layer(layer, x):
+    """Forward + backward of a fixed linear loss; returns (y, {name: grad})."""
+    x = x.clone().requires_grad_(True)
+    y, stats = layer(x)
+    g = torch.linspace(-1, 1, y.numel()).view_as(y)
+    ((y * g).sum() + stats.aux_loss).backward()
+    grads = {"x": x.grad}
+    grads |= {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+    return y.detach(), grads
+
+
+def rel(a, b) -> float:
+    """|a - b| over the scale of b (at least 1): fp32 sums of up to 96 rows in another order."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+def build(cfg: MoEConfig, groups, full: MoELayer) -> ParallelMoELayer:
+    layer = ParallelMoELayer(cfg, D, groups)
+    layer.router.load_state_dict(full.router.state_dict())
+    layer.router.balance_group = None
+    layer.experts.load_full(full.experts)
+    return layer
+
+
+def max_errors(ep: int, esp: int) -> dict:
+    """{routing/variant: largest |difference| to the flat dispatch over outputs and gradients}."""
+    groups = build_groups(ParallelConfig(dp=8, ep=ep, esp=esp, topology=[2, 2, 2]))
+    out, depths = {}, {}
+    for name, router in ROUTINGS.items():
+        base = MoEConfig(num_experts=16, router=router, experts=ExpertsConfig(d_ff=8, activation="gelu"),
+                         dispatcher="alltoall")
+        torch.manual_seed(0)
+        full = MoELayer(base, D)
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 + groups.rank))
+        y_ref, g_ref = run_layer(build(base, groups, full), x)
+        for kind, depth in VARIANTS:
+            if depth > 1 and esp > 1 and depth > 2:
+                continue  # EP 4 = 2 nodes x 2 sockets: two levels
+            layer = build(dataclasses.replace(base, dispatcher=kind, dedup_depth=depth), groups, full)
+            y, g = run_layer(layer, x)
+            err = max([rel(y, y_ref)] + [rel(g[k], g_ref[k]) for k in g_ref])
+            out[f"{name}/{kind}{depth}"] = err
+            st = layer.dispatcher.last_stats
+            depths[f"{name}/{kind}{depth}"] = (st.depth, st.rows_per_level, st.flat_rows_per_level)
+    return {"err": out, "stats": depths}
+
+
+def worker(rank: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    return {"ep8": max_errors(8, 1), "ep4esp2": max_errors(4, 2)}
+
+
+def test_hierarchical_equals_flat_on_8_ranks():
+    results = run_workers(worker, 8, timeout_s=240)
+    for layout in ("ep8", "ep4esp2"):
+        errs = {k: max(r[layout]["err"][k] for r in results) for k in results[0][layout]["err"]}
+        bad = {k: v for k, v in errs.items() if not v <= TOL}
+        assert not bad, f"{layout}: hierarchical != flat: {bad}"
+        stats = results[0][layout]["stats"]
+        assert all(r[layout]["stats"] == stats for r in results), "ranks disagree on d or the bytes"
+        for key, (depth, rows, flat_rows) in stats.items():
+            kind = key.split("/")[1]
+            if kind.startswith("hierarchical") and kind != "hierarchical0":
+                assert depth == int(kind[-1])
+            assert rows[0] <= flat_rows[0], (key, rows, flat_rows)  # dedup never sends more across nodes
+        # one socket: every token's experts sit on EP ranks 0, 1: node-level rows = tokens of node 1
+        d3 = stats["one_socket/hierarchical3"] if layout == "ep8" else stats["one_socket/hierarchical2"]
+        assert d3[1][0] == 4 * T and d3[2][0] == 4 * T * 3, d3
