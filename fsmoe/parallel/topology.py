@@ -111,6 +111,8 @@ def _gpu_numa_column(text: str) -> list[str]:
     out = []
     for ln in lines:
         cells = ln.split()
+        if ln is header:
+            continue
         if cells and cells[0].startswith("GPU") and cells[0][3:].isdigit() and len(cells) > at + 1:
             out.append(cells[at + 1])  # +1: the row label has no header cell
     return out
