@@ -441,9 +441,9 @@ class RunConfig:
                    f"needs a router that assigns tokens to experts (not {m.moe.router.name!r}, which mixes "
                    "tokens into slots)")
         if p.expert_swap_every:
-            _check(m.moe.dispatcher in ("auto", "alltoall", "hierarchical"), "parallel.expert_swap_every",
-                   p.expert_swap_every, f"swaps experts under the alltoall or hierarchical dispatcher, not "
-                   f"{m.moe.dispatcher!r}")
+            _check(m.moe.dispatcher == "hierarchical", "parallel.expert_swap_every", p.expert_swap_every,
+                   f"swaps experts under model.moe.dispatcher='hierarchical' (it scores the routing that "
+                   f"dispatcher records), not {m.moe.dispatcher!r}")
         _check(m.moe.dispatcher != "local" or p.ep * p.esp == 1, "model.moe.dispatcher", m.moe.dispatcher,
                f"needs ep*esp == 1 (got ep={p.ep}, esp={p.esp}); use 'auto' or 'alltoall'")
 

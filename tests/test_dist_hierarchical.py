@@ -103,13 +103,47 @@ def max_errors(ep: int, esp: int) -> dict:
     return {"err": out, "stats": depths}
 
 
-def worker(rank: int, world: int) -> dict:
+def train_losses(run_dir: str, extra: list[str]) -> tuple[list[float], list[dict]]:
+    """4 steps of the trainer (EP 8 on 2 x 2 x 2); returns the losses and rank 0's records."""
+    import json
+    from pathlib import Path
+
+    from fsmoe.config import load_config
+    from fsmoe.parallel.trainer import ParallelTrainer
+
+    cfg = load_config("tiny", ["model.d_model=16", "model.n_layers=2", "model.n_heads=2", "model.d_ff=16",
+                               "model.moe.num_experts=16", "model.moe.experts.d_ff=8", "model.moe.router.top_k=4",
+                               "model.max_seq_len=8", "train.seq_len=8", "train.batch_size=8", "train.steps=4",
+                               "train.log_every=1", "train.eval_every=100", "train.ckpt_every=0",
+                               "train.data_limit_mb=0.05", "train.device='cpu'", "parallel.dp=8", "parallel.ep=8",
+                               "parallel.topology=[2, 2, 2]", *extra])
+    groups = build_groups(cfg.parallel)
+    trainer = ParallelTrainer(cfg, run_dir, groups=groups)
+    losses = [trainer.train_step().read().loss for _ in range(4)]
+    trainer.save_checkpoint()  # after swaps: saved in logical order, placement kept
+    placement = trainer.model.moe_layers()[0].experts.placement
+    trainer.metrics.write(dict(trainer._record(trainer.train_step().read(), 1.0), placement=placement.physical_order))
+    trainer.metrics.close()
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()] if rank0() else []
+    return losses, recs
+
+
+def rank0() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
+def worker(rank: int, world: int, tmp: str) -> dict:
     torch.set_num_threads(1)
-    return {"ep8": max_errors(8, 1), "ep4esp2": max_errors(4, 2)}
+    out = {"ep8": max_errors(8, 1), "ep4esp2": max_errors(4, 2)}
+    out["flat"] = train_losses(f"{tmp}/flat", ["model.moe.dispatcher='alltoall'"])
+    out["hier"] = train_losses(f"{tmp}/hier", ["model.moe.dispatcher='hierarchical'", "parallel.expert_swap_every=2"])
+    return out
 
 
-def test_hierarchical_equals_flat_on_8_ranks():
-    results = run_workers(worker, 8, timeout_s=240)
+def test_hierarchical_equals_flat_on_8_ranks(tmp_path):
+    results = run_workers(worker, 8, str(tmp_path), timeout_s=240)
     for layout in ("ep8", "ep4esp2"):
         errs = {k: max(r[layout]["err"][k] for r in results) for k in results[0][layout]["err"]}
         bad = {k: v for k, v in errs.items() if not v <= TOL}
@@ -124,3 +158,10 @@ def test_hierarchical_equals_flat_on_8_ranks():
         # one socket: every token's experts sit on EP ranks 0, 1: node-level rows = tokens of node 1
         d3 = stats["one_socket/hierarchical3"] if layout == "ep8" else stats["one_socket/hierarchical2"]
         assert d3[1][0] == 4 * T and d3[2][0] == 4 * T * 3, d3
+    # training: same losses as the flat AlltoAll, with two HierD-ES swaps on the way
+    flat, hier = results[0]["flat"][0], results[0]["hier"][0]
+    assert max(abs(a - b) for a, b in zip(flat, hier)) < 1e-5, (flat, hier)
+    last = results[0]["hier"][1][-1]
+    assert last["dispatch_depth"] and len(last["dispatch_bytes_per_level"][0]) == 3
+    assert any(p for r in results[0]["hier"][1] for p in r.get("swap_pairs", [])), results[0]["hier"][1]
+    assert tuple(last["placement"]) != tuple(range(16))  # the swaps stayed in place after the checkpoint
