@@ -75,8 +75,10 @@ def test_depth_choice_is_the_brute_force_minimum():
         for d in (1, 2, 3):
             st = stages_for_depth(lv, d)
             send, recv = simulate(dest, src, lv, st)
-            stage_s = [costs.alpha[x.first] + max(costs.beta[l] * row_bytes * max(send[i][r][l], recv[i][r][l])
-                                                  for r in range(8) for l in range(3))
+            # a level-l link carries the rows of every rank below it: node 4 ranks, socket 2, gpu 1
+            link = lambda i, rows, l, first: sum(rows[i][r][l] for r in range(first, first + (4, 2, 1)[l]))
+            stage_s = [costs.alpha[x.first] + max(costs.beta[l] * row_bytes * max(link(i, send, l, f), link(i, recv, l, f))
+                                                  for l in range(3) for f in range(0, 8, (4, 2, 1)[l]))
                        for i, x in enumerate(st)]
             times.append(2 * sum(stage_s))
         assert choice.depth == min((1, 2, 3), key=lambda d: (times[d - 1], d))

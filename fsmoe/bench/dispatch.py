@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=None, help="Profile JSON with per-level fits (fsmoe profile --topology)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="only the cost-model sweep over G and K (no processes)")
-    p.add_argument("--swaps", type=int, default=4, help="greedy expert swaps per point of the sweep")
+    p.add_argument("--swaps", type=int, default=2, help="greedy expert swaps per point of the sweep")
 
 
 def run(args) -> int:
@@ -242,7 +242,7 @@ class SweepPoint:
     depth: int  # HierD's best d
 
 
-def sweep_point(G: int, K: int, E: int = 128, T: int = 1024, d_model: int = 2048, swaps: int = 4,
+def sweep_point(G: int, K: int, E: int = 128, T: int = 256, d_model: int = 2048, swaps: int = 2,
                 routing: str = "skewed", seed: int = 0) -> SweepPoint:
     """Predicted dispatch + combine of each policy on one (G, K) (bf16 rows of d_model)."""
     from fsmoe.placement.placement import Placement
@@ -274,7 +274,11 @@ def sweep_point(G: int, K: int, E: int = 128, T: int = 1024, d_model: int = 2048
 
 
 def _print_sweep(args) -> int:
-    points = [sweep_point(G, K, swaps=args.swaps) for G in SWEEP_G for K in SWEEP_K]
+    points = []
+    for G in SWEEP_G:
+        for K in SWEEP_K:
+            points.append(sweep_point(G, K, swaps=args.swaps))
+            print(f"  G={G} K={K}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in points[-1].ms.items()), flush=True)
     lines = [f"  {'G':>3} {'K':>3} {'d':>2} " + " ".join(f"{p:>13}" for p in points[0].ms)
              + f" {'hierd/flat':>11} {'es/flat':>8} {'es/hd2+sm':>10}"]
     for p in points:

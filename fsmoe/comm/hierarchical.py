@@ -224,7 +224,7 @@ class HierarchicalDispatcher(Dispatcher):
         if self.counts_group is not None and dist.get_world_size(self.counts_group) > 1:
             dist.all_reduce(packed, group=self.counts_group)
         n = mine.send.numel()
-        total = Traffic(stages, packed[:n].view_as(mine.send), packed[n:2 * n].view_as(mine.recv))
+        total = Traffic(stages, packed[:n].view_as(mine.send), packed[n:2 * n].view_as(mine.recv), lv)
         flat_rows = packed[2 * n:].view_as(flat.send).sum(dim=(0, 1))
         choice = choose_depth(total, lv, self.costs, self.row_bytes)
         depth = self.policy.depth(choice)

@@ -135,9 +135,10 @@ class LevelCosts:
 
     @staticmethod
     def defaults(levels: Levels) -> "LevelCosts":
-        """Typical links when nothing was measured: node 25 GB/s (200 Gb/s NIC), socket 12 GB/s
-        (QPI/UPI through host memory), switch 24 GB/s (PCIe), gpu 112 GB/s (NVLink)."""
-        table = {"node": (10e-6, 25e9), "socket": (5e-6, 12e9), "switch": (5e-6, 24e9), "gpu": (3e-6, 112e9)}
+        """Typical links when nothing was measured: node 25 GB/s (one 200 Gb/s NIC per node),
+        socket 40 GB/s (two UPI/QPI links), switch 24 GB/s (PCIe 4.0 x16), gpu 112 GB/s (an
+        NVLink pair). A link serves every rank below it (``fsmoe.comm.traffic``)."""
+        table = {"node": (10e-6, 25e9), "socket": (5e-6, 40e9), "switch": (5e-6, 24e9), "gpu": (3e-6, 112e9)}
         pairs = [table.get(levels.name(i), (5e-6, 50e9)) for i in range(levels.depth)]
         return LevelCosts(tuple(a for a, _ in pairs), tuple(1.0 / bw for _, bw in pairs))
 

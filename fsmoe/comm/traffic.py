@@ -14,9 +14,12 @@ stages made, on rank ``prefix(dest, first) . suffix(src)``, and lands on ``prefi
 rank r sends / receives over level l at stage s. Counts are additive over source ranks, so each
 rank counts its own tokens and one AllReduce gives the group's.
 
-Time of one stage: ``alpha[first] + max over (r, l) of beta[l] * row_bytes * max(send, recv)``
-(links of different levels run at once; a rank's NIC is as busy as its busier direction);
-combine moves the same rows back, so dispatch + combine is twice the sum over stages. With
+Time of one stage: ``alpha[first] + max over links of beta[l] * row_bytes * max(send, recv)``,
+where a level-l link is shared by the ranks below it (a node's NIC carries the level-0 rows of
+all its GPUs, a socket's link the level-1 rows of its GPUs; the innermost level is per GPU), so
+its rows are summed over those ranks; links of different levels run at once, and a link is as
+busy as its busier direction. Combine moves the same rows back, so dispatch + combine is twice
+the sum over stages. With
 ``gamma`` the max is HierMoE's smooth max (a soft maximum of the loads normalised by their
 largest), which the swap policy uses so that relieving the second-busiest rank also counts.
 """
@@ -33,18 +36,19 @@ from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
 
 @dataclass(frozen=True)
 class Traffic:
-    """Rows per stage, rank and level: send/recv ``[S, P, L]`` int64 for ``stages``."""
+    """Rows per stage, rank and level: send/recv ``[S, P, L]`` int64 for ``stages`` of ``levels``."""
 
     stages: tuple[Stage, ...]
     send: Tensor
     recv: Tensor
+    levels: Levels
 
     def rows_per_level(self) -> list[int]:
         """[L] rows crossing each level, summed over stages and ranks."""
         return self.send.sum(dim=(0, 1)).tolist()
 
     def plus(self, other: "Traffic") -> "Traffic":
-        return Traffic(self.stages, self.send + other.send, self.recv + other.recv)
+        return Traffic(self.stages, self.send + other.send, self.recv + other.recv, self.levels)
 
 
 def stage_rows(dest_TK: Tensor, src_T: Tensor, levels: Levels, stage: Stage, dedup: bool
@@ -92,7 +96,7 @@ def count_traffic(dest_TK: Tensor, src_T: Tensor, levels: Levels, stages: tuple[
         ones = torch.ones(int(moved.sum()), dtype=torch.int64, device=dest_TK.device)
         send[s].index_put_((a[moved], lvl[moved]), ones, accumulate=True)
         recv[s].index_put_((b[moved], lvl[moved]), ones, accumulate=True)
-    return Traffic(tuple(stages), send, recv)
+    return Traffic(tuple(stages), send, recv, levels)
 
 
 def soft_max(v: Tensor, gamma: float | None, dim: int = -1) -> Tensor:
@@ -106,12 +110,23 @@ def soft_max(v: Tensor, gamma: float | None, dim: int = -1) -> Tensor:
     return torch.where(m > 0, soft, m)
 
 
-def stage_times(send: Tensor, recv: Tensor, stages: tuple[Stage, ...], costs: LevelCosts, row_bytes: int,
-                gamma: float | None = None) -> Tensor:
+def link_seconds(send: Tensor, recv: Tensor, levels: Levels, costs: LevelCosts, row_bytes: int) -> Tensor:
+    """[..., S, X] seconds each link is busy (X links of every level, outermost first); send/recv
+    ``[..., S, P, L]``. Level l's link serves ``stride(l)`` consecutive ranks."""
+    out = []
+    for level in range(levels.depth):
+        block = levels.stride(level)
+        shape = (*send.shape[:-2], levels.ranks // block, block)
+        s = send[..., level].reshape(shape).sum(-1)
+        r = recv[..., level].reshape(shape).sum(-1)
+        out.append(torch.maximum(s, r).to(torch.float64) * (row_bytes * costs.beta[level]))
+    return torch.cat(out, dim=-1)
+
+
+def stage_times(send: Tensor, recv: Tensor, stages: tuple[Stage, ...], levels: Levels, costs: LevelCosts,
+                row_bytes: int, gamma: float | None = None) -> Tensor:
     """[..., S] seconds of each stage; send/recv ``[..., S, P, L]`` (leading batch dims allowed)."""
-    beta = torch.tensor(costs.beta, dtype=torch.float64, device=send.device)
-    load = torch.maximum(send, recv).to(torch.float64) * row_bytes * beta  # [..., S, P, L]
-    busiest = soft_max(load.flatten(-2), gamma)
+    busiest = soft_max(link_seconds(send, recv, levels, costs, row_bytes), gamma)
     alpha = torch.tensor([costs.alpha[st.first] if costs.alpha else 0.0 for st in stages], dtype=torch.float64,
                          device=send.device)
     return alpha + busiest
@@ -119,7 +134,8 @@ def stage_times(send: Tensor, recv: Tensor, stages: tuple[Stage, ...], costs: Le
 
 def predict(traffic: Traffic, costs: LevelCosts, row_bytes: int, gamma: float | None = None) -> float:
     """Seconds of dispatch + combine (each stage twice)."""
-    return 2.0 * float(stage_times(traffic.send, traffic.recv, traffic.stages, costs, row_bytes, gamma).sum())
+    return 2.0 * float(stage_times(traffic.send, traffic.recv, traffic.stages, traffic.levels, costs, row_bytes,
+                                   gamma).sum())
 
 
 def candidate_stages(levels: Levels) -> tuple[Stage, ...]:
@@ -133,7 +149,7 @@ def candidate_stages(levels: Levels) -> tuple[Stage, ...]:
 def select(traffic: Traffic, stages: tuple[Stage, ...]) -> Traffic:
     """The part of ``traffic`` (counted for a superset of stages) that ``stages`` use."""
     idx = [traffic.stages.index(st) for st in stages]
-    return Traffic(tuple(stages), traffic.send[idx], traffic.recv[idx])
+    return Traffic(tuple(stages), traffic.send[idx], traffic.recv[idx], traffic.levels)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ def _dest(ids_TK: Tensor, ranks_E: Tensor) -> Tensor:
 
 def predicted(ids_TK, src_T, ranks_E, levels, stages, costs, row_bytes, gamma, dedup=True) -> float:
     tr = count_traffic(_dest(ids_TK, ranks_E), src_T, levels, stages, dedup)
-    return 2.0 * float(stage_times(tr.send, tr.recv, stages, costs, row_bytes, gamma).sum())
+    return 2.0 * float(stage_times(tr.send, tr.recv, stages, levels, costs, row_bytes, gamma).sum())
 
 
 def _row_entries(levels: Levels, si: int, stage: Stage, g: Tensor, src: Tensor, L: int) -> tuple[Tensor, Tensor]:
@@ -150,12 +150,12 @@ def hierd_scores(ids_TK: Tensor, src_T: Tensor, placement: Placement, levels: Le
         flat.index_put_((((h_key[sel] // E - r0) * E + h_key[sel] % E) * C + h_idx[sel],), -h_val[sel],
                         accumulate=True)
         tr = tr.view(r1 - r0, E, 2, S, P, L)
-        q = 2.0 * stage_times(tr[:, :, 0], tr[:, :, 1], stages, costs, row_bytes, gamma).sum(-1)
+        q = 2.0 * stage_times(tr[:, :, 0], tr[:, :, 1], stages, levels, costs, row_bytes, gamma).sum(-1)
         upper = rr.view(-1, 1) < torch.arange(E).view(1, -1)
         moved = ranks[rr].view(-1, 1) != ranks.view(1, -1)
         scores[r0:r1] = torch.where(upper & moved, q, torch.inf)
     scores = torch.minimum(scores, scores.t())
-    before = 2.0 * float(stage_times(base_tr.send, base_tr.recv, stages, costs, row_bytes, gamma).sum())
+    before = 2.0 * float(stage_times(base_tr.send, base_tr.recv, stages, levels, costs, row_bytes, gamma).sum())
     return _best(scores, before)
 
 
