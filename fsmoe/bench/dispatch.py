@@ -64,6 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="only the cost-model sweep over G and K (no processes)")
     p.add_argument("--swaps", type=int, default=2, help="greedy expert swaps per point of the sweep")
+    p.add_argument("--png", default=None, help="plot here: bytes per level (measured) or speedups (--sweep)")
 
 
 def run(args) -> int:
@@ -174,7 +175,33 @@ def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
+        if args.png:
+            plot_bytes(report, args.png)
     return 0
+
+
+def plot_bytes(report: dict, png: str) -> None:
+    """Bytes per level of each backend (dispatch, summed over ranks), grouped by level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, results = report["level_names"], report["results"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names) * len(results) / 3, 3.4))
+    width = 0.8 / len(results)
+    for i, r in enumerate(results):
+        ax.bar([j + i * width for j in range(len(names))], [b / 2**20 for b in r["bytes_per_level"]], width,
+               label=f"{r['name']} ({r['fwd_ms']:.1f} ms)")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [f"{n} level" for n in names])
+    ax.set_ylabel("MiB moved (dispatch)")
+    ax.set_title(f"{report['world']} ranks {report['levels']}, top-{report['top_k']}, {report['routing']} routing",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _bytes(disp, plan, levels: Levels, D: int, x) -> dict:
@@ -291,4 +318,31 @@ def _print_sweep(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([dataclasses.asdict(p) for p in points], indent=1))
+    if args.png:
+        plot_sweep([dataclasses.asdict(p) for p in points], args.png)
     return 0
+
+
+def plot_sweep(points: list[dict], png: str) -> None:
+    """Speedup of HierD and HierD + ES over flat against K, one line per G (HierMoE Fig. 8's axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, policy, title in ((axes[0], "hierd", "HierD-AlltoAll (best d) / flat"),
+                              (axes[1], "hierd+es", "HierD + ES / flat")):
+        for G in sorted({p["G"] for p in points}):
+            row = [p for p in points if p["G"] == G]
+            ax.plot([p["K"] for p in row], [p["ms"]["flat"] / p["ms"][policy] for p in row], marker="o",
+                    label=f"G = {G}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("top-K")
+    axes[0].set_ylabel("predicted speedup of dispatch + combine")
+    axes[0].legend()
+    fig.tight_layout()
+    Path(png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
