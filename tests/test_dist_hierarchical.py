@@ -1,12 +1,15 @@
 """The hierarchical dispatcher against the flat AlltoAll on real processes (gloo).
 
-One launch of 8 ranks as 2 nodes x 2 sockets x 2 GPUs runs every case: for each routing
-(top-2 softmax, DeepSeek-style top-6 group-limited, all tokens to the experts of one socket so
-that most experts get none, and a capacity that drops assignments) and each dispatcher (dedup
-at d = 1, 2, 3 and the cost model's choice, the 2DH baseline without dedup), one MoE layer's
-outputs and every gradient (input, router, experts) must equal the flat AlltoAll's to 1e-6
-(fp32, relative to each tensor's largest entry when that exceeds 1). The ESP layout (EP 4 x ESP 2 on the same ranks) is checked too, as are the bytes per
-level the dispatcher reports (the flat count is the dispatcher's own, with dedup < flat).
+One launch of 8 ranks as 2 nodes x 2 sockets x 2 GPUs runs every case. Routings: top-2
+softmax, DeepSeek-style top-6 limited to 2 of 4 groups, all tokens to the experts of one socket
+(six ranks' experts get no tokens, every token's experts sit in one group), and a capacity that
+drops assignments. Every dispatcher (dedup at d = 1, 2, 3 and the cost model's choice, the 2DH
+baseline without dedup) runs on top-2 and on the one-socket routing, a sample on the others;
+one MoE layer's outputs and every gradient (input, router, experts) must equal the flat
+AlltoAll's to 1e-6 (fp32, relative to each tensor's largest entry when that exceeds 1). The ESP
+layout (EP 4 x ESP 2 on the same ranks) is checked too, as are the bytes per level the
+dispatcher reports. Then the trainer runs 4 steps with the flat and with the hierarchical
+dispatcher (HierD-ES swaps every 2 steps, a checkpoint after them): the same losses.
 """
 from __future__ import annotations
 
@@ -53,7 +56,11 @@ ROUTINGS = {
     "one_socket": RouterConfig(name="test_one_socket", top_k=3),
     "capacity": RouterConfig(top_k=4, capacity_factor=0.5),
 }
-VARIANTS = [("hierarchical", 1), ("hierarchical", 2), ("hierarchical", 3), ("hierarchical", 0), ("2dh", 0)]
+ALL = [("hierarchical", 1), ("hierarchical", 2), ("hierarchical", 3), ("hierarchical", 0), ("2dh", 0)]
+VARIANTS = {  # every d on the adversarial routing, a sample of the rest (8 processes share 2 cores in CI)
+    "top2": ALL, "one_socket": ALL, "deepseek": [("hierarchical", 3), ("hierarchical", 0)],
+    "capacity": [("hierarchical", 2)],
+}
 
 
 def run_layer(layer, x):
@@ -80,19 +87,20 @@ def build(cfg: MoEConfig, groups, full: MoELayer) -> ParallelMoELayer:
     return layer
 
 
-def max_errors(ep: int, esp: int) -> dict:
+def max_errors(ep: int, esp: int, routings: tuple[str, ...]) -> dict:
     """{routing/variant: largest |difference| to the flat dispatch over outputs and gradients}."""
     groups = build_groups(ParallelConfig(dp=8, ep=ep, esp=esp, topology=[2, 2, 2]))
     out, depths = {}, {}
-    for name, router in ROUTINGS.items():
+    for name in routings:
+        router = ROUTINGS[name]
         base = MoEConfig(num_experts=16, router=router, experts=ExpertsConfig(d_ff=8, activation="gelu"),
                          dispatcher="alltoall")
         torch.manual_seed(0)
         full = MoELayer(base, D)
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(100 + groups.rank))
         y_ref, g_ref = run_layer(build(base, groups, full), x)
-        for kind, depth in VARIANTS:
-            if depth > 1 and esp > 1 and depth > 2:
+        for kind, depth in VARIANTS[name]:
+            if esp > 1 and depth > 2:
                 continue  # EP 4 = 2 nodes x 2 sockets: two levels
             layer = build(dataclasses.replace(base, dispatcher=kind, dedup_depth=depth), groups, full)
             y, g = run_layer(layer, x)
@@ -136,7 +144,7 @@ def rank0() -> bool:
 
 def worker(rank: int, world: int, tmp: str) -> dict:
     torch.set_num_threads(1)
-    out = {"ep8": max_errors(8, 1), "ep4esp2": max_errors(4, 2)}
+    out = {"ep8": max_errors(8, 1, tuple(ROUTINGS)), "ep4esp2": max_errors(4, 2, ("one_socket", "deepseek"))}
     out["flat"] = train_losses(f"{tmp}/flat", ["model.moe.dispatcher='alltoall'"])
     out["hier"] = train_losses(f"{tmp}/hier", ["model.moe.dispatcher='hierarchical'", "parallel.expert_swap_every=2"])
     return out
