@@ -87,9 +87,9 @@ def build(cfg: MoEConfig, groups, full: MoELayer) -> ParallelMoELayer:
     return layer
 
 
-def max_errors(ep: int, esp: int, routings: tuple[str, ...]) -> dict:
+def max_errors(groups, routings: tuple[str, ...]) -> dict:
     """{routing/variant: largest |difference| to the flat dispatch over outputs and gradients}."""
-    groups = build_groups(ParallelConfig(dp=8, ep=ep, esp=esp, topology=[2, 2, 2]))
+    esp = groups.esp
     out, depths = {}, {}
     for name in routings:
         router = ROUTINGS[name]
@@ -111,11 +111,17 @@ def max_errors(ep: int, esp: int, routings: tuple[str, ...]) -> dict:
     return {"err": out, "stats": depths}
 
 
-def train_losses(run_dir: str, extra: list[str]) -> tuple[list[float], list[dict]]:
+def train_losses(run_dir: str, extra: list[str], groups) -> tuple[list[float], list[dict]]:
     """4 steps of the trainer (EP 8 on 2 x 2 x 2); returns the losses and rank 0's records."""
     import json
     from pathlib import Path
 
+    text = Path(run_dir).parent / "corpus.txt"  # a tiny corpus: reading the stdlib would cost seconds per rank
+    if rank0() and not text.exists():
+        text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)))
+    import torch.distributed as dist
+
+    dist.barrier()
     from fsmoe.config import load_config
     from fsmoe.parallel.trainer import ParallelTrainer
 
@@ -123,10 +129,9 @@ def train_losses(run_dir: str, extra: list[str]) -> tuple[list[float], list[dict
                                "model.moe.num_experts=16", "model.moe.experts.d_ff=8", "model.moe.router.top_k=4",
                                "model.max_seq_len=8", "train.seq_len=8", "train.batch_size=8", "train.steps=4",
                                "train.log_every=1", "train.eval_every=100", "train.ckpt_every=0",
-                               "train.data_limit_mb=0.05", "train.device='cpu'", "parallel.dp=8", "parallel.ep=8",
+                               f"train.data=['{text}']", "train.device='cpu'", "parallel.dp=8", "parallel.ep=8",
                                "parallel.topology=[2, 2, 2]", *extra])
-    groups = build_groups(cfg.parallel)
-    trainer = ParallelTrainer(cfg, run_dir, groups=groups)
+    trainer = ParallelTrainer(cfg, run_dir, groups=groups)  # groups of the same layout, made once
     losses = [trainer.train_step().read().loss for _ in range(4)]
     trainer.save_checkpoint()  # after swaps: saved in logical order, placement kept
     placement = trainer.model.moe_layers()[0].experts.placement
@@ -144,9 +149,13 @@ def rank0() -> bool:
 
 def worker(rank: int, world: int, tmp: str) -> dict:
     torch.set_num_threads(1)
-    out = {"ep8": max_errors(8, 1, tuple(ROUTINGS)), "ep4esp2": max_errors(4, 2, ("one_socket", "deepseek"))}
-    out["flat"] = train_losses(f"{tmp}/flat", ["model.moe.dispatcher='alltoall'"])
-    out["hier"] = train_losses(f"{tmp}/hier", ["model.moe.dispatcher='hierarchical'", "parallel.expert_swap_every=2"])
+    ep8 = build_groups(ParallelConfig(dp=8, ep=8, topology=[2, 2, 2]))
+    out = {"ep8": max_errors(ep8, tuple(ROUTINGS)),
+           "ep4esp2": max_errors(build_groups(ParallelConfig(dp=8, ep=4, esp=2, topology=[2, 2, 2])),
+                                 ("one_socket", "deepseek"))}
+    out["flat"] = train_losses(f"{tmp}/flat", ["model.moe.dispatcher='alltoall'"], ep8)
+    out["hier"] = train_losses(f"{tmp}/hier", ["model.moe.dispatcher='hierarchical'", "parallel.expert_swap_every=2"],
+                               ep8)
     return out
 
 
