@@ -86,7 +86,8 @@ class HierLayout:
     ``weights_N`` of each slot (-1: none); moves: one per stage; expand_item_R / expand_slot_R:
     [R] item (after the last stage) and slot of each expert row, grouped by local expert;
     counts_El: rows per local expert here; esp_counts_SEl: every ESP peer's counts_El;
-    traffic: the group's traffic per candidate stage (for the swap policy and reports)."""
+    stats: the group's numbers for metrics; ids_IK: [I, K] experts of each item before the first
+    stage (-1: none), what the swap policy scores."""
 
     num_rows: int
     item_rows_I: Tensor
@@ -98,7 +99,7 @@ class HierLayout:
     counts_El: tuple[int, ...]
     esp_counts_SEl: tuple[tuple[int, ...], ...]
     stats: DispatchStats
-    ids_TK: Tensor = field(repr=False, default=None)  # this rank's tokens' experts (-1: none)
+    ids_IK: Tensor = field(repr=False, default=None)
 
 
 @dataclass(frozen=True)
