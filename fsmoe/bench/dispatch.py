@@ -14,7 +14,8 @@ a few experts), ``grouped`` (DeepSeek-V3: experts in ``--groups`` groups, each t
 ``--topk-groups`` of them), or a recorded ``.pt`` file holding expert ids ``[world, T, K]``.
 
 Measured (``--iters`` runs after ``--warmup``; each run's time is the slowest rank's): the
-forward (dispatch then combine) and forward + backward. Bytes per level are the rows the
+forward (Order, dispatch, combine, I-Order: tokens in, weighted sums out; the experts are the
+identity) and forward + backward. Bytes per level are the rows the
 dispatcher moved over each level of the topology (summed over ranks, dispatch; combine moves as
 many back) times the bytes of a row; the dedup factor of a level is flat's bytes over the
 backend's.
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
 from fsmoe.comm.traffic import count_traffic, predict
 from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, RouterConfig
-from fsmoe.order import IndexOrder
+from fsmoe.order import IndexOrder, SummedIndexOrder
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.routing.deepseek import limit_to_groups
@@ -154,13 +155,14 @@ def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
         disp = build_dispatcher(cfg, groups, d_model=D)
         if isinstance(disp, HierarchicalDispatcher):
             disp.costs = LevelCosts.from_profile(profile, levels)
-        order = IndexOrder()
+        # the Order and I-Order are timed too: flat weights the rows in the I-Order, the
+        # hierarchical dispatcher at the destination (then its I-Order only adds rows)
+        order = SummedIndexOrder() if disp.applies_weights else IndexOrder()
 
         def forward(grad: bool):
             xx = x.detach().requires_grad_(grad)
-            x_ND = order.permute(xx, plan)
-            rows, _, handle = disp.dispatch(x_ND, plan)
-            y = disp.combine(rows, handle)
+            rows, _, handle = disp.dispatch(order.permute(xx, plan), plan)
+            y = order.unpermute(disp.combine(rows, handle), plan)
             if grad:
                 y.sum().backward()
 
