@@ -183,3 +183,22 @@ def test_topology_detection_and_errors():
             load_config("tiny", bad)
         assert e.value.field_name == field, (bad, e.value)
     assert load_config("tiny", ["parallel.topology=[2, 2, 2]", "model.moe.dispatcher='hierarchical'"])
+
+
+def test_layout_errors_name_the_field():
+    """EP cutting a level, and a depth deeper than the EP group's levels, fail at build time."""
+    from fsmoe.config import MoEConfig
+    from fsmoe.parallel.groups import ParallelGroups
+    from fsmoe.parallel.layout import Layout
+    from fsmoe.parallel.levels import levels_of
+    from fsmoe.parallel.moe import build_dispatcher
+
+    cut = ParallelGroups(Layout(dp=12, ep=6), 0, Topology(12, 4, (3, 4)), "gloo")
+    with pytest.raises(ConfigError) as e:
+        levels_of(cut)
+    assert e.value.field_name == "parallel.topology"
+    two = ParallelGroups(Layout(dp=8, ep=8), 0, Topology(8, 4, (2, 4)), "gloo")
+    assert levels_of(two).sizes == (2, 4)
+    with pytest.raises(ConfigError) as e:
+        build_dispatcher(MoEConfig(num_experts=16, dispatcher="hierarchical", dedup_depth=3), two)
+    assert e.value.field_name == "model.moe.dedup_depth"
