@@ -111,6 +111,10 @@ class RouterConfig:
         ROUTERS[self.name].check_config(self, num_experts, prefix)
 
 
+DISPATCHERS = ("auto", "local", "alltoall", "hierarchical", "2dh")
+SWAP_POLICIES = ("hierd", "tokens")
+
+
 @dataclass
 class ExpertsConfig:
     d_ff: int = 64  # hidden size of one routed expert
@@ -132,7 +136,11 @@ class MoEConfig:
     num_experts: int = 8
     router: RouterConfig = field(default_factory=RouterConfig)
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    dispatcher: str = "auto"  # auto | local | alltoall | hierarchical
+    # auto | local | alltoall | hierarchical (d-level dedup, fsmoe.comm.hierarchical) | 2dh (two
+    # levels without dedup: the Tutel-2DH baseline)
+    dispatcher: str = "auto"
+    dedup_depth: int = 0  # hierarchical dispatcher: d (1 = flat); 0 = chosen per layer by the cost model
+    dedup_every: int = 1  # ... re-chosen every this many steps
     # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
     # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.
     kernels: str = "auto"  # auto | torch | triton
@@ -140,7 +148,11 @@ class MoEConfig:
     def validate(self, prefix: str = "moe") -> None:
         _check(isinstance(self.num_experts, int) and self.num_experts >= 1, f"{prefix}.num_experts",
                self.num_experts, "must be an integer >= 1")
-        _one_of(f"{prefix}.dispatcher", self.dispatcher, {"auto", "local", "alltoall", "hierarchical"})
+        _one_of(f"{prefix}.dispatcher", self.dispatcher, set(DISPATCHERS))
+        _check(isinstance(self.dedup_depth, int) and not isinstance(self.dedup_depth, bool)
+               and 0 <= self.dedup_depth <= 4, f"{prefix}.dedup_depth", self.dedup_depth,
+               "must be an integer in [0, 4] (0 = chosen by the cost model, 1 = flat)")
+        _at_least(f"{prefix}.dedup_every", self.dedup_every, 1)
         _one_of(f"{prefix}.kernels", self.kernels, {"auto", "torch", "triton"})
         self.router.validate(self.num_experts, f"{prefix}.router")
         self.experts.validate(f"{prefix}.experts")
@@ -263,6 +275,12 @@ class ParallelConfig:
     schedule: str = "default"
     profile: str | None = None  # Profile JSON (`fsmoe profile`); None: a quick profile at start-up
     pipeline_degree: int = 0  # 0: the planner's r; k >= 1 forces r_fwd = r_bwd = k
+    # Levels of the machine, outermost first, e.g. [nodes, sockets_per_node, gpus_per_socket]; the
+    # product is the world size. None: nodes of gpus_per_node (or torchrun's local size) ranks.
+    topology: list[int] | None = None
+    expert_swap_every: int = 0  # swap one pair of experts every this many steps (0 = never)
+    swap_policy: str = "hierd"  # hierd: by the predicted dispatch time | tokens: by raw token counts
+    swap_gamma: float = 10.0  # smooth-max sharpness of the swap objective
 
     @property
     def world(self) -> int:
@@ -289,9 +307,27 @@ class ParallelConfig:
                f"{prefix}.profile", self.profile, "must be a path to a Profile JSON (fsmoe profile) or unset")
         _check(isinstance(self.pipeline_degree, int) and self.pipeline_degree >= 0, f"{prefix}.pipeline_degree",
                self.pipeline_degree, "must be an integer >= 0 (0 = the planner's r)")
+        self._validate_hierarchy(prefix)
         if self.schedule == "default":
             _check(self.pipeline_degree == 0, f"{prefix}.pipeline_degree", self.pipeline_degree,
                    f"needs a pipelined {prefix}.schedule (one of {list(SCHEDULES[1:])}); 'default' runs r = 1")
+
+
+    def _validate_hierarchy(self, prefix: str) -> None:
+        """Topology, dedup depth and expert swaps (fsmoe.comm.hierarchical, fsmoe.placement.swap)."""
+        if self.topology is not None:
+            _check(isinstance(self.topology, list) and 1 <= len(self.topology) <= 4
+                   and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in self.topology),
+                   f"{prefix}.topology", self.topology,
+                   "must be a list of 1 to 4 integers >= 1, outermost first, e.g. [nodes, sockets_per_node, "
+                   "gpus_per_socket]")
+            if self.gpus_per_node is not None:
+                inner = math.prod(self.topology[1:])
+                _check(self.gpus_per_node == inner, f"{prefix}.gpus_per_node", self.gpus_per_node,
+                       f"must equal the product of {prefix}.topology's inner levels ({inner}) or be unset")
+        _at_least(f"{prefix}.expert_swap_every", self.expert_swap_every, 0)
+        _one_of(f"{prefix}.swap_policy", self.swap_policy, set(SWAP_POLICIES))
+        _positive(f"{prefix}.swap_gamma", self.swap_gamma)
 
 
 @dataclass
@@ -395,8 +431,19 @@ class RunConfig:
                    f"must divide model.n_heads={m.n_heads} and n_kv_heads={m.kv_heads}")
         if m.first_dense > 0 or m.moe_every > 1:  # some layer is dense (see is_moe_layer)
             _check(m.d_ff % p.mp == 0, "parallel.mp", p.mp, f"must divide model.d_ff={m.d_ff}")
-        _check(m.moe.dispatcher != "hierarchical" or p.world == 1, "model.moe.dispatcher", m.moe.dispatcher,
-               "the hierarchical backend is not implemented yet; use 'auto' or 'alltoall'")
+        if m.moe.dispatcher in ("hierarchical", "2dh"):
+            _check(p.schedule == "default", "model.moe.dispatcher", m.moe.dispatcher,
+                   "runs with parallel.schedule='default' (the pipelined executor cuts flat layouts into "
+                   "chunks); use 'alltoall' for a pipelined schedule")
+            from fsmoe.routing import ROUTERS
+
+            _check(ROUTERS[m.moe.router.name].order == "index", "model.moe.dispatcher", m.moe.dispatcher,
+                   f"needs a router that assigns tokens to experts (not {m.moe.router.name!r}, which mixes "
+                   "tokens into slots)")
+        if p.expert_swap_every:
+            _check(m.moe.dispatcher == "hierarchical", "parallel.expert_swap_every", p.expert_swap_every,
+                   f"swaps experts under model.moe.dispatcher='hierarchical' (it scores the routing that "
+                   f"dispatcher records), not {m.moe.dispatcher!r}")
         _check(m.moe.dispatcher != "local" or p.ep * p.esp == 1, "model.moe.dispatcher", m.moe.dispatcher,
                f"needs ep*esp == 1 (got ep={p.ep}, esp={p.esp}); use 'auto' or 'alltoall'")
 

@@ -89,3 +89,13 @@ class FusedIndexOrder(IndexOrder):
             return super().unpermute(y_ND, plan)
         return combine_rows(y_ND, plan.weights_N, plan.token_ids_N, plan.token_slots_TK, plan.expert_ids_N,
                             plan.num_experts, plan.num_tokens)
+
+
+class SummedIndexOrder(IndexOrder):
+    """The index Order for a dispatcher that applies the routing weights itself and returns each
+    token's weighted sum in one of its rows (``Dispatcher.applies_weights``: the hierarchical
+    dispatcher). Permute is the index Order's; unpermute sums a token's rows, unweighted."""
+
+    def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor:
+        """y_ND [N, D] -> [T, D]: y[t] = sum of t's rows (every other row is 0)."""
+        return y_ND.new_zeros(plan.num_tokens, y_ND.shape[1]).index_add(0, plan.token_ids_N, y_ND)

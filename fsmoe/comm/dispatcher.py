@@ -61,6 +61,9 @@ class Dispatcher(ABC):
 
     num_local_experts: int
     esp_size: int = 1
+    # True: combine returns each token's weighted sum in one of its rows, so the layer's I-Order
+    # must not weight again (fsmoe.order.SummedIndexOrder); the hierarchical backend does this.
+    applies_weights: bool = False
 
     @abstractmethod
     def layout(self, plan: RoutingPlan) -> DispatchLayout:

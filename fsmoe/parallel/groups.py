@@ -20,7 +20,7 @@ needs a group; it is never global and never stored in a config.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,9 @@ class ParallelGroups:
     esp_group: object | None = None
     edp_group: object | None = None
     moe_group: object | None = None
+    # groups made on first use by every rank together (the hierarchical dispatcher's stage
+    # groups: fsmoe.parallel.levels), kept here so that every layer shares them
+    lazy: dict = field(default_factory=dict, compare=False, repr=False)
 
     def size(self, kind: str) -> int:
         """Number of ranks in a group of ``kind`` (``world`` or one of GROUP_KINDS)."""
@@ -131,7 +134,7 @@ def build_groups(cfg: ParallelConfig, *, world: int | None = None, rank: int | N
         return ParallelGroups.single()
     world = dist.get_world_size() if world is None else world
     rank = dist.get_rank() if rank is None else rank
-    topology = Topology.detect(world, cfg.gpus_per_node)
+    topology = Topology.detect(world, cfg.gpus_per_node, cfg.topology)
     layout = Layout.from_config(cfg, world, topology.ranks_per_node)
     mine = {kind: _my_group(layout.all_groups(kind)) for kind in GROUP_KINDS}
     return ParallelGroups(layout, rank, topology, dist.get_backend(), world_group=dist.group.WORLD,

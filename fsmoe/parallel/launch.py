@@ -21,6 +21,7 @@ rank's traceback otherwise (exit code 1), with no torchrun failure summary.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -397,9 +398,19 @@ def add_command_arguments(parser, *, nproc: int = 1, ep: int = 1, esp: int = 1, 
     parser.add_argument("--ep", type=int, default=ep)
     parser.add_argument("--esp", type=int, default=esp)
     parser.add_argument("--gpus-per-node", type=int, default=gpus_per_node, help="simulated node size")
+    parser.add_argument("--topology", type=_int_list, default=None, metavar="N,N,..",
+                        help="levels of the machine, outermost first, e.g. 2,2,2 = 2 nodes x 2 sockets x 2 "
+                             "(parallel.topology; product = --nproc)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--timeout", type=float, default=ParallelConfig.timeout_s, metavar="S",
                         help="collective timeout: a rank stuck this long fails, and every rank stops")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {text!r}") from None
 
 
 def run_command(args, main) -> int:
@@ -419,7 +430,7 @@ def run_command(args, main) -> int:
     if not use_cuda:
         torch.set_num_threads(1)  # the lanes' threads and the peers share the cores
     cfg = ParallelConfig(dp=world_size_from_env(), ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node,
-                         timeout_s=args.timeout)
+                         timeout_s=args.timeout, topology=getattr(args, "topology", None))
 
     def guarded() -> int:
         groups = init_distributed(cfg, "cuda" if use_cuda else "cpu")

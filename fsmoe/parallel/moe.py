@@ -29,6 +29,7 @@ from fsmoe.config import ConfigError, MoEConfig
 from fsmoe.experts import GroupedExperts
 from fsmoe.experts import FusedGroupedExperts
 from fsmoe.layer import Executor, MoELayer, MoEStats
+from fsmoe.order import SummedIndexOrder
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, set_sharding, tag_module
 from fsmoe.placement.placement import Placement
@@ -107,16 +108,18 @@ def sharded_experts_class(kernels: str):
     return ShardedFusedGroupedExperts if kernels == "triton" else ShardedGroupedExperts
 
 
-def build_dispatcher(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: str | None = None) -> Dispatcher:
+def build_dispatcher(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: str | None = None,
+                     d_model: int = 1024) -> Dispatcher:
     """The dispatcher for ``cfg.dispatcher`` on this layout (chosen here, never inside forward).
 
-    ``auto``: local when ep*esp == 1, else AlltoAll (+ ESP stage). ``reduce_scatter_impl``
-    overrides the backend's default ReduceScatter (tests run both on gloo).
+    ``auto``: local when ep*esp == 1, else AlltoAll (+ ESP stage). ``hierarchical`` / ``2dh``:
+    the d-level dispatcher (with / without dedup) over the EP group's levels (AlltoAll when EP
+    is 1). ``reduce_scatter_impl`` overrides the backend's default ReduceScatter (tests run both
+    on gloo); ``d_model`` sizes a row for the hierarchical cost model.
     """
     kind = cfg.dispatcher
-    if kind == "hierarchical":
-        raise ConfigError("model.moe.dispatcher", kind, "the hierarchical backend is not implemented yet; "
-                          "use 'auto' or 'alltoall'")
+    if kind in ("hierarchical", "2dh") and groups.ep > 1:
+        return _hierarchical(cfg, groups, reduce_scatter_impl, d_model)
     if groups.ep * groups.esp == 1:
         return LocalDispatcher(cfg.num_experts)
     if kind == "local":
@@ -128,6 +131,25 @@ def build_dispatcher(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl
         counts_group=groups.moe_group,
         ep_stage=AllToAllStage(groups.ep_group) if groups.ep > 1 else None,
         esp_stage=EspStage(groups.esp_group, impl) if groups.esp > 1 else None)
+
+
+def _hierarchical(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: str | None, d_model: int):
+    from fsmoe.comm.hierarchical import DepthPolicy, HierarchicalDispatcher
+    from fsmoe.parallel.levels import levels_of, stage_groups
+
+    levels = levels_of(groups)
+    if cfg.dedup_depth > levels.depth:
+        raise ConfigError("model.moe.dedup_depth", cfg.dedup_depth,
+                          f"the EP group has {levels.depth} level(s) {list(levels.sizes)}: allowed 0..{levels.depth}")
+    impl = reduce_scatter_impl or reduce_scatter_impl_for(groups.backend)
+    dedup = cfg.dispatcher == "hierarchical"
+    fixed = cfg.dedup_depth if dedup else min(2, levels.depth)
+    K = cfg.router.top_k
+    return HierarchicalDispatcher(
+        cfg.num_experts, levels=levels, ep_rank=groups.ep_rank, esp=groups.esp,
+        stage_groups=stage_groups(groups, levels), counts_group=groups.moe_group,
+        esp_stage=EspStage(groups.esp_group, impl) if groups.esp > 1 else None, esp_group=groups.esp_group,
+        dedup=dedup, policy=DepthPolicy(fixed, cfg.dedup_every), row_bytes=(d_model + K) * 4)
 
 
 class ParallelMoELayer(MoELayer):
@@ -145,8 +167,11 @@ class ParallelMoELayer(MoELayer):
         experts = sharded_experts_class(resolve_kernels(cfg.kernels))(
             cfg.num_experts, d_model, cfg.experts.d_ff, cfg.experts.activation, ep=groups.ep, ep_rank=groups.ep_rank,
             esp=groups.esp, esp_rank=groups.esp_rank)
-        super().__init__(cfg, d_model, dispatcher=build_dispatcher(cfg, groups, reduce_scatter_impl),
-                         experts=experts, order=order, router=router, executor=executor)
+        dispatcher = build_dispatcher(cfg, groups, reduce_scatter_impl, d_model)
+        super().__init__(cfg, d_model, dispatcher=dispatcher, experts=experts, order=order, router=router,
+                         executor=executor)
+        if dispatcher.applies_weights:  # combine returns weighted sums: the I-Order only adds rows
+            self.order = SummedIndexOrder()
         self.mp, self.mp_group = groups.mp, groups.mp_group
         self.router.balance_group = groups.world_group  # loads / balance statistics over all tokens
         tag_module(self, PARTIAL)

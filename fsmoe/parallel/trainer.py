@@ -56,7 +56,17 @@ class ParallelTrainer(Trainer):
                         if groups.dp > 1 and default_path and groups.backend == "nccl" else None)
 
     def build_model(self) -> nn.Module:
-        return parallelize(super().build_model(), self.groups)
+        model = parallelize(super().build_model(), self.groups)
+        if self.cfg.parallel.profile:  # the hierarchical dispatcher's per-level alpha-beta fits
+            from fsmoe.comm.hierarchical import HierarchicalDispatcher
+            from fsmoe.comm.topology import LevelCosts
+            from fsmoe.schedule.model.profile import Profile
+
+            profile = Profile.load(self.cfg.parallel.profile)
+            for layer in model.moe_layers():
+                if isinstance(layer.dispatcher, HierarchicalDispatcher):
+                    layer.dispatcher.costs = LevelCosts.from_profile(profile, layer.dispatcher.levels)
+        return model
 
     def _dp_shard(self) -> tuple[int, int]:
         return self.groups.dp_rank, self.groups.dp
@@ -120,6 +130,7 @@ class ParallelTrainer(Trainer):
         """One step; the returned metrics are those of the global batch (one AllReduce, left on
         the device like the one-process result)."""
         r = super().train_step()
+        self._hierarchical_step()
         g = self.groups
         loads = r.tokens_per_expert_ME.to(torch.float64)
         packed = torch.cat([torch.stack([r.loss.double() / g.world, r.aux_loss.double() / g.dp,
@@ -127,6 +138,39 @@ class ParallelTrainer(Trainer):
         dist.all_reduce(packed, group=g.world_group)
         return dataclasses.replace(r, loss=packed[0], aux_loss=packed[1], dropped=packed[2].long(),
                                    tokens_per_expert_ME=packed[3:].view_as(loads).long())
+
+    def _hierarchical_step(self) -> None:
+        """The hierarchical dispatch's numbers into the next metrics record, and every
+        ``parallel.expert_swap_every`` steps one expert swap per MoE layer (its cost measured)."""
+        from fsmoe.parallel.expert_swap import dispatch_metrics, swap_experts
+
+        self._schedule_metrics.update(dispatch_metrics(self.model))
+        p = self.cfg.parallel
+        if p.expert_swap_every and self.step % p.expert_swap_every == 0:
+            swaps = [swap_experts(layer, self.groups, self.optimizer, p.swap_policy, p.swap_gamma)
+                     for layer in self.model.moe_layers()]
+            self._schedule_metrics.update(swap_pairs=[s["pair"] for s in swaps],
+                                          swap_predicted_ms=[[round(s["before"] * 1e3, 4), round(s["after"] * 1e3, 4)]
+                                                             for s in swaps],
+                                          swap_s=sum(s["seconds"] for s in swaps))
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoints hold experts in logical order: swapped experts are moved back to the
+        contiguous placement for the save, then to where they were (both moves exact)."""
+        from fsmoe.placement.migrate import migrate
+        from fsmoe.placement.placement import Placement
+
+        moved = [(layer, layer.experts.placement) for layer in self.model.moe_layers()
+                 if isinstance(getattr(layer.experts, "placement", None), Placement)
+                 and not layer.experts.placement.is_contiguous]
+        for layer, placement in moved:
+            migrate(layer, Placement.contiguous(placement.num_experts, placement.ranks), self.groups.ep_group,
+                    self.optimizer)
+        try:
+            return super().save_checkpoint()
+        finally:
+            for layer, placement in moved:
+                migrate(layer, placement, self.groups.ep_group, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)

@@ -5,6 +5,8 @@ Every op the scheduler places is modelled as ``t = alpha + n * beta`` (FSMoE §4
     key              n (the size the op is fitted over)          measured on
     a2a_inter        bytes sent by one rank (EP AlltoAll)         EP group spanning nodes
     a2a_intra        bytes sent by one rank                       a group inside one node
+    a2a_level{i}     bytes sent by one rank                       ranks differing only at level i
+                                                                  of the topology (hierarchical dispatch)
     allgather        bytes of the gathered output                 ESP group (intra-node)
     reducescatter    bytes of the (summed) input                  ESP group (intra-node)
     allreduce        bytes reduced                                DP group (gradients)

@@ -6,6 +6,9 @@ then the mean over ranks):
 
     a2a_inter / a2a_intra   the EP AlltoAll stage over the EP group (inter-node when it spans
                             nodes), and over the ESP group for the intra-node fit
+    a2a_level{i}            with a topology of 2+ levels in the EP group (``--topology``): the
+                            AlltoAll among the ranks that differ only at level i (one line per
+                            level, read by the hierarchical dispatcher's cost model)
     allgather/reducescatter the ESP stage (same implementation as the executor)
     allreduce               the DP group (dense gradients)
     expert_fwd/expert_bwd   the executor's expert forward / backward (its expert step) over row
@@ -149,6 +152,8 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
 
     if groups.ep > 1:
         a2a_points(groups.ep_group, groups.ep, layout.a2a_key)
+        for group, size, key in level_groups(groups):
+            a2a_points(group, size, key)
     if groups.esp > 1:
         if "a2a_intra" not in pts:
             a2a_points(groups.esp_group, groups.esp, "a2a_intra")
@@ -173,6 +178,23 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
     for key, n, t in measure_compute(cfg, device, dtype):
         add(key, n, t)
     return _mean_over_ranks(pts, groups)
+
+
+def level_groups(groups: ParallelGroups) -> list[tuple[ProcessGroup, int, str]]:
+    """(group, size, key ``a2a_level{i}``) of each level of the EP group's topology when it has
+    two or more (the hierarchical dispatcher's per-level alpha-beta lines); [] otherwise, or
+    when EP/ESP cut through a level."""
+    from fsmoe.comm.topology import Stage
+    from fsmoe.parallel.levels import levels_of, stage_groups
+
+    try:
+        levels = levels_of(groups)
+    except ConfigError:
+        return []
+    if levels.depth < 2:
+        return []
+    made = stage_groups(groups, levels)
+    return [(made[Stage(i, i)], levels.sizes[i], f"a2a_level{i}") for i in range(levels.depth)]
 
 
 def measure_overlap(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:

@@ -1,0 +1,175 @@
+"""The traffic of a hierarchical dispatch, counted from routing alone, and its predicted time.
+Pure (no processes): the dispatcher chooses its depth with it, the swap policy scores expert
+swaps with it, ``fsmoe bench dispatch`` sweeps clusters with it.
+
+Shape legend: T tokens, K experts per token, P ranks of the EP group, D levels, S stages,
+L = D levels a row may cross.
+
+A token of source rank ``src`` routed to destination ranks ``dest_TK`` (-1: no expert) crosses
+stage ``(first, last)`` as one row per distinct group ``prefix(dest, last + 1)`` of its
+destinations (with dedup; without, one row per expert). That row leaves the copy that earlier
+stages made, on rank ``prefix(dest, first) . suffix(src)``, and lands on ``prefix(dest, last+1)
+. suffix(src)`` (``Levels.stage_peer``); it crosses the outermost level where the two differ
+(none when they are the same rank). ``Traffic.send[s, r, l]`` / ``recv[s, r, l]`` count the rows
+rank r sends / receives over level l at stage s. Counts are additive over source ranks, so each
+rank counts its own tokens and one AllReduce gives the group's.
+
+Time of one stage: ``alpha[first] + max over links of beta[l] * row_bytes * max(send, recv)``,
+where a level-l link is shared by the ranks below it (a node's NIC carries the level-0 rows of
+all its GPUs, a socket's link the level-1 rows of its GPUs; the innermost level is per GPU), so
+its rows are summed over those ranks; links of different levels run at once, and a link is as
+busy as its busier direction. Combine moves the same rows back, so dispatch + combine is twice
+the sum over stages. With
+``gamma`` the max is HierMoE's smooth max (a soft maximum of the loads normalised by their
+largest), which the swap policy uses so that relieving the second-busiest rank also counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Rows per stage, rank and level: send/recv ``[S, P, L]`` int64 for ``stages`` of ``levels``."""
+
+    stages: tuple[Stage, ...]
+    send: Tensor
+    recv: Tensor
+    levels: Levels
+
+    def rows_per_level(self) -> list[int]:
+        """[L] rows crossing each level, summed over stages and ranks."""
+        return self.send.sum(dim=(0, 1)).tolist()
+
+    def plus(self, other: "Traffic") -> "Traffic":
+        return Traffic(self.stages, self.send + other.send, self.recv + other.recv, self.levels)
+
+
+def stage_rows(dest_TK: Tensor, src_T: Tensor, levels: Levels, stage: Stage, dedup: bool
+               ) -> tuple[Tensor, Tensor]:
+    """The rows of one stage: (sender [M], receiver [M]) EP ranks, one entry per row.
+
+    dest_TK: [T, K] int64 destination ranks (-1 none); src_T: [T] int64 source ranks."""
+    T, K = dest_TK.shape
+    valid = dest_TK >= 0
+    s_last = levels.stride(stage.last)
+    group_TK = torch.where(valid, dest_TK // s_last, -1)  # prefix(dest, last + 1)
+    t_TK = torch.arange(T, device=dest_TK.device).unsqueeze(1).expand(T, K)
+    groups = levels.ranks // s_last
+    if dedup:
+        keys = torch.unique((t_TK * groups + group_TK)[valid])
+        t, g = keys // groups, keys % groups
+    else:
+        t, g = t_TK[valid], group_TK[valid]
+    src = src_T[t]
+    s_first = levels.stride(stage.first - 1)
+    width = levels.stage_size(stage)
+    sender = (g // width) * s_first + src % s_first
+    receiver = g * s_last + src % s_last
+    return sender, receiver
+
+
+def crossed_level(levels: Levels, a: Tensor, b: Tensor) -> Tensor:
+    """[M] the outermost level at which ranks a and b differ, -1 where a == b."""
+    out = torch.full_like(a, -1)
+    for level in reversed(range(levels.depth)):
+        out = torch.where(levels.coord(a, level) != levels.coord(b, level), level, out)
+    return out
+
+
+def count_traffic(dest_TK: Tensor, src_T: Tensor, levels: Levels, stages: tuple[Stage, ...],
+                  dedup: bool = True) -> Traffic:
+    """Rows each rank sends / receives over each level at each stage (see module docstring)."""
+    P, L = levels.ranks, max(levels.depth, 1)
+    send = torch.zeros(len(stages), P, L, dtype=torch.int64, device=dest_TK.device)
+    recv = torch.zeros_like(send)
+    for s, stage in enumerate(stages):
+        a, b = stage_rows(dest_TK, src_T, levels, stage, dedup)
+        lvl = crossed_level(levels, a, b)
+        moved = lvl >= 0
+        ones = torch.ones(int(moved.sum()), dtype=torch.int64, device=dest_TK.device)
+        send[s].index_put_((a[moved], lvl[moved]), ones, accumulate=True)
+        recv[s].index_put_((b[moved], lvl[moved]), ones, accumulate=True)
+    return Traffic(tuple(stages), send, recv, levels)
+
+
+def soft_max(v: Tensor, gamma: float | None, dim: int = -1) -> Tensor:
+    """max over ``dim``; with gamma, ``M * (1 + log(sum exp(gamma * (v / M - 1))) / gamma)``,
+    M the max (0 where M is 0). It exceeds the max by at most ``M log(n) / gamma``."""
+    m = v.amax(dim=dim)
+    if gamma is None:
+        return m
+    safe = torch.where(m > 0, m, torch.ones_like(m)).unsqueeze(dim)
+    soft = m * (1 + torch.logsumexp(gamma * (v / safe - 1), dim=dim) / gamma)
+    return torch.where(m > 0, soft, m)
+
+
+def link_seconds(send: Tensor, recv: Tensor, levels: Levels, costs: LevelCosts, row_bytes: int) -> Tensor:
+    """[..., S, X] seconds each link is busy (X links of every level, outermost first); send/recv
+    ``[..., S, P, L]``. Level l's link serves ``stride(l)`` consecutive ranks."""
+    out = []
+    for level in range(levels.depth):
+        block = levels.stride(level)
+        shape = (*send.shape[:-2], levels.ranks // block, block)
+        s = send[..., level].reshape(shape).sum(-1)
+        r = recv[..., level].reshape(shape).sum(-1)
+        out.append(torch.maximum(s, r).to(torch.float64) * (row_bytes * costs.beta[level]))
+    return torch.cat(out, dim=-1)
+
+
+def stage_times(send: Tensor, recv: Tensor, stages: tuple[Stage, ...], levels: Levels, costs: LevelCosts,
+                row_bytes: int, gamma: float | None = None) -> Tensor:
+    """[..., S] seconds of each stage; send/recv ``[..., S, P, L]`` (leading batch dims allowed)."""
+    busiest = soft_max(link_seconds(send, recv, levels, costs, row_bytes), gamma)
+    alpha = torch.tensor([costs.alpha[st.first] if costs.alpha else 0.0 for st in stages], dtype=torch.float64,
+                         device=send.device)
+    return alpha + busiest
+
+
+def predict(traffic: Traffic, costs: LevelCosts, row_bytes: int, gamma: float | None = None) -> float:
+    """Seconds of dispatch + combine (each stage twice)."""
+    return 2.0 * float(stage_times(traffic.send, traffic.recv, traffic.stages, traffic.levels, costs, row_bytes,
+                                   gamma).sum())
+
+
+def candidate_stages(levels: Levels) -> tuple[Stage, ...]:
+    """Every stage some depth d = 1..D uses (2D - 1 of them), in a fixed order."""
+    seen: dict[Stage, None] = {}
+    for d in range(1, max(levels.depth, 1) + 1):
+        seen.update(dict.fromkeys(stages_for_depth(levels, d)))
+    return tuple(seen)
+
+
+def select(traffic: Traffic, stages: tuple[Stage, ...]) -> Traffic:
+    """The part of ``traffic`` (counted for a superset of stages) that ``stages`` use."""
+    idx = [traffic.stages.index(st) for st in stages]
+    return Traffic(tuple(stages), traffic.send[idx], traffic.recv[idx], traffic.levels)
+
+
+@dataclass(frozen=True)
+class DepthChoice:
+    """The chosen depth and the prediction behind it: seconds of dispatch + combine per depth."""
+
+    depth: int
+    predicted_s: tuple[float, ...]  # index d - 1
+
+
+def choose_depth(traffic: Traffic, levels: Levels, costs: LevelCosts, row_bytes: int) -> DepthChoice:
+    """argmin over d = 1..D of the predicted time; ``traffic`` counted for ``candidate_stages``.
+    Ties go to the smaller d (fewer collectives). O(D * (P * L)) once the counts exist; counting
+    them is O(D * T * K)."""
+    times = tuple(predict(select(traffic, stages_for_depth(levels, d)), costs, row_bytes)
+                  for d in range(1, max(levels.depth, 1) + 1))
+    best = min(range(len(times)), key=lambda i: (times[i], i))
+    return DepthChoice(best + 1, times)
+
+
+def dedup_factors(flat: Traffic, hier: Traffic) -> list[float]:
+    """[L] rows crossing each level without dedup (flat) over rows with (inf where none cross)."""
+    return [a / b if b else (math.inf if a else 1.0) for a, b in zip(flat.rows_per_level(), hier.rows_per_level())]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The hierarchical dispatcher on the device machine (docs/hierarchical.md, "Results").
+#
+#   gpu    2 GPUs as 2 nodes (NCCL_P2P_DISABLE=1: no NVLink/P2P between them, traffic goes through
+#          the host as it would through a NIC): `fsmoe profile` (per-level fits), then
+#          `fsmoe bench dispatch` (bf16, 4096 tokens/GPU, d_model 4096) for the uniform, skewed and
+#          DeepSeek group-limited routings at top-8 and top-2 -> OUT/gpu_<routing>_k<K>.json
+#   train  `fsmoe train --nproc 2 --ep 2` (tiny preset, NCCL, 2 nodes) with the flat and the
+#          hierarchical dispatcher (expert swaps every 5 steps): the two loss curves must agree
+#   cpu    `fsmoe bench dispatch` with 8 gloo processes as 2 nodes x 2 sockets x 2 on cores 0-15
+#          (every rank a core of its own, unlike a 2-core CI machine)
+#   all    gpu, train, cpu one after the other
+#
+# Usage: bash scripts/device_dispatch.sh OUT_DIR [PART]   (PYTHON=python3 by default)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${1:?usage: device_dispatch.sh OUT_DIR [gpu|train|cpu|all]}
+PART=${2:-all}
+LIMIT=${LIMIT:-540}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+
+gpu() {
+  export NCCL_P2P_DISABLE=1 CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
+  timeout "$LIMIT" "$PY" -m fsmoe.cli profile --nproc 2 --ep 2 --topology 2 --device cuda --quick \
+    --out "$OUT/profile_2nodes.json"
+  for routing in grouped uniform skewed; do
+    for k in 8 2; do
+      timeout "$LIMIT" "$PY" -m fsmoe.cli bench dispatch --nproc 2 --ep 2 --topology 2 --device cuda \
+        --dtype bfloat16 --tokens 4096 --d-model 4096 --experts 64 --top-k "$k" --routing "$routing" \
+        --groups 8 --topk-groups 4 --iters 20 --warmup 5 --profile "$OUT/profile_2nodes.json" \
+        --json "$OUT/gpu_${routing}_k${k}.json"
+    done
+  done
+}
+
+train() {
+  export NCCL_P2P_DISABLE=1 CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
+  local d
+  for disp in alltoall hierarchical; do
+    d=/tmp/fsmoe_dispatch/train_$disp
+    rm -rf "$d"
+    local extra=()
+    [ "$disp" = hierarchical ] && extra=(parallel.expert_swap_every=5)
+    timeout "$LIMIT" "$PY" -m fsmoe.cli train --nproc 2 --ep 2 --device cuda --steps 20 --run-dir "$d" \
+      --set parallel.topology=[2] model.moe.dispatcher="'$disp'" train.log_every=5 train.ckpt_every=0 "${extra[@]}"
+    cp "$d/metrics.jsonl" "$OUT/train_$disp.jsonl"
+  done
+  "$PY" - "$OUT/train_alltoall.jsonl" "$OUT/train_hierarchical.jsonl" <<'PYEOF'
+import json, sys
+flat, hier = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+for a, b in zip(flat, hier):
+    print(f"step {a['step']:>3}: loss flat {a['loss']:.6f} hierarchical {b['loss']:.6f} "
+          f"diff {abs(a['loss'] - b['loss']):.2e}; tok/s {a['tokens_per_s']:,.0f} vs {b['tokens_per_s']:,.0f}; "
+          f"d {b.get('dispatch_depth')} swaps {b.get('swap_pairs')} swap_s {b.get('swap_s')}")
+PYEOF
+}
+
+cpu() {
+  taskset -c 0-15 timeout "$LIMIT" "$PY" -m fsmoe.cli bench dispatch --nproc 8 --topology 2,2,2 --device cpu \
+    --tokens 512 --d-model 1024 --experts 64 --top-k 8 --routing grouped --iters 10 --warmup 3 \
+    --json "$OUT/cpu8_grouped_k8.json"
+}
+
+case "$PART" in
+  gpu) gpu 2>&1 | tee "$OUT/gpu.log" ;;
+  train) train 2>&1 | tee "$OUT/train.log" ;;
+  cpu) cpu 2>&1 | tee "$OUT/cpu.log" ;;
+  all)
+    gpu 2>&1 | tee "$OUT/gpu.log"
+    train 2>&1 | tee "$OUT/train.log"
+    cpu 2>&1 | tee "$OUT/cpu.log" ;;
+  *) echo "device_dispatch.sh: part must be gpu, train, cpu or all, got '$PART'" >&2; exit 2 ;;
+esac

@@ -1,0 +1,204 @@
+"""The hierarchical dispatch's pure parts: levels, the traffic count (against a simulation that
+moves every copy of every token), the choice of d (against trying every d), HierD-ES swap
+scores (against recounting every swapped placement), topology detection and config errors."""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from fsmoe.comm.topology import LevelCosts, Levels, Stage, ep_levels, stages_for_depth
+from fsmoe.comm.traffic import candidate_stages, choose_depth, count_traffic, predict, select
+from fsmoe.config import ConfigError, load_config
+from fsmoe.parallel.topology import Topology, sockets_per_node
+from fsmoe.placement.placement import Placement
+from fsmoe.placement.swap import brute_force_scores, hierd_scores, rank_of, token_scores
+
+
+def simulate(dest_TK, src_T, levels: Levels, stages, dedup=True):
+    """Oracle: move every copy literally. Returns send/recv [S, P, L] as nested lists."""
+    P, L = levels.ranks, levels.depth
+    send = [[[0] * L for _ in range(P)] for _ in stages]
+    recv = [[[0] * L for _ in range(P)] for _ in stages]
+    for dests, src in zip(dest_TK.tolist(), src_T.tolist()):
+        dests = [d for d in dests if d >= 0]
+        copies = [(src, tuple(dests))] if dedup else [(src, (d,)) for d in dests]
+        for s, stage in enumerate(stages):
+            nxt = []
+            for at, serves in copies:
+                by_peer = {}
+                for d in serves:
+                    by_peer.setdefault(levels.stage_peer(stage, at, d), []).append(d)
+                for peer, part in by_peer.items():
+                    lvl = levels.crossed(at, peer)
+                    if lvl >= 0:
+                        send[s][at][lvl] += 1
+                        recv[s][peer][lvl] += 1
+                    nxt.append((peer, tuple(part)))
+            copies = nxt
+        assert all(at in serves and len(set(serves)) == 1 for at, serves in copies) or not dests
+    return send, recv
+
+
+def routing(T, K, P, seed, skew=0.0):
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(P, generator=g) ** (1 + 4 * skew)
+    dest = torch.multinomial(weights.repeat(T, 1), K, replacement=True, generator=g)
+    dest[torch.rand(T, K, generator=g) < 0.1] = -1  # dropped / absent assignments
+    return dest, torch.randint(0, P, (T,), generator=g)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2, 2), (3, 2), (2, 2, 2, 2), (4,)])
+def test_traffic_matches_simulation(sizes):
+    lv = Levels(sizes)
+    for seed, dedup, d in itertools.product(range(2), (True, False), range(1, lv.depth + 1)):
+        dest, src = routing(40, 4, lv.ranks, seed)
+        stages = stages_for_depth(lv, d)
+        tr = count_traffic(dest, src, lv, stages, dedup)
+        send, recv = simulate(dest, src, lv, stages, dedup)
+        assert tr.send.tolist() == send and tr.recv.tolist() == recv
+        # counted for every candidate stage at once, each depth's part is the same
+        assert torch.equal(select(count_traffic(dest, src, lv, candidate_stages(lv), dedup), stages).send, tr.send)
+
+
+def test_depth_choice_is_the_brute_force_minimum():
+    lv = Levels((2, 2, 2))
+    rng = random.Random(0)
+    for trial in range(12):
+        costs = LevelCosts(tuple(rng.uniform(0, 1e-4) for _ in range(3)), tuple(rng.uniform(1e-11, 1e-9) for _ in range(3)))
+        dest, src = routing(60, rng.choice((1, 2, 4, 8)), 8, trial, skew=rng.random())
+        row_bytes = rng.choice((64, 4096, 65536))
+        choice = choose_depth(count_traffic(dest, src, lv, candidate_stages(lv)), lv, costs, row_bytes)
+        times = []
+        for d in (1, 2, 3):
+            st = stages_for_depth(lv, d)
+            send, recv = simulate(dest, src, lv, st)
+            # a level-l link carries the rows of every rank below it: node 4 ranks, socket 2, gpu 1
+            link = lambda i, rows, l, first: sum(rows[i][r][l] for r in range(first, first + (4, 2, 1)[l]))
+            stage_s = [costs.alpha[x.first] + max(costs.beta[l] * row_bytes * max(link(i, send, l, f), link(i, recv, l, f))
+                                                  for l in range(3) for f in range(0, 8, (4, 2, 1)[l]))
+                       for i, x in enumerate(st)]
+            times.append(2 * sum(stage_s))
+        assert choice.depth == min((1, 2, 3), key=lambda d: (times[d - 1], d))
+        assert choice.predicted_s == pytest.approx(times, rel=1e-12)
+
+
+def test_dedup_halves_inter_node_rows_for_group_limited_top8():
+    """DeepSeek-V3-like: 256 experts in 8 groups (one per node), each token in 4 groups, top-8."""
+    lv = Levels((8, 4), ("node", "gpu"))
+    T, g = 2048, torch.Generator().manual_seed(0)
+    scores = torch.rand(T, 8, 32, generator=g)
+    top_groups = scores.topk(2, -1).values.sum(-1).topk(4, -1).indices
+    masked = torch.full_like(scores, -1.0).scatter(1, top_groups.unsqueeze(-1).expand(T, 4, 32),
+                                                    scores.gather(1, top_groups.unsqueeze(-1).expand(T, 4, 32)))
+    experts = masked.view(T, 256).topk(8, -1).indices
+    dest, src = experts // 8, torch.randint(0, 32, (T,), generator=g)
+    flat = count_traffic(dest, src, lv, (Stage(0, 1),), dedup=False)
+    hier = count_traffic(dest, src, lv, stages_for_depth(lv, 2))
+    assert flat.rows_per_level()[0] >= 2 * hier.rows_per_level()[0]
+
+
+def test_swap_scores_match_brute_force():
+    lv = Levels((2, 2))
+    costs = LevelCosts((1e-5, 2e-6), (1e-9, 1e-10))
+    for seed, dedup, d in ((0, True, 2), (1, True, 1), (2, False, 2)):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 8, (30, 3), generator=g)
+        ids[torch.rand(30, 3, generator=g) < 0.1] = -1
+        ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], -1, ids[:, 1])
+        ids[:, 2] = torch.where((ids[:, 2] == ids[:, 0]) | (ids[:, 2] == ids[:, 1]), -1, ids[:, 2])
+        src = torch.randint(0, 4, (30,), generator=g)
+        placement = Placement.contiguous(8, 4).swap(0, 5)
+        stages = stages_for_depth(lv, d)
+        fast = hierd_scores(ids, src, placement, lv, stages, costs, 4096, gamma=10.0, dedup=dedup, chunk_entries=500)
+        slow = brute_force_scores(ids, src, placement, lv, stages, costs, 4096, gamma=10.0, dedup=dedup)
+        finite = torch.isfinite(slow.scores_EE)
+        assert torch.equal(finite, torch.isfinite(fast.scores_EE))
+        assert torch.allclose(fast.scores_EE[finite], slow.scores_EE[finite], rtol=1e-12)
+        assert fast.pair == slow.pair and fast.before_s == pytest.approx(slow.before_s)
+
+
+def test_token_swap_balances_raw_counts():
+    ids = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 0]])  # experts 0, 1 on rank 0 carry everything
+    choice = token_scores(ids, Placement.contiguous(4, 2), gamma=None)
+    assert choice.pair in ((0, 2), (0, 3), (1, 2), (1, 3)) and choice.after_s < choice.before_s
+    assert rank_of(Placement.contiguous(4, 2)).tolist() == [0, 0, 1, 1]
+
+
+def test_predict_and_select():
+    lv = Levels((2, 2))
+    dest, src = routing(10, 2, 4, 0)
+    tr = count_traffic(dest, src, lv, candidate_stages(lv))
+    costs = LevelCosts.defaults(lv)
+    d1 = predict(select(tr, stages_for_depth(lv, 1)), costs, 1024)
+    assert d1 == pytest.approx(choose_depth(tr, lv, costs, 1024).predicted_s[0])
+
+
+def test_ep_levels_and_stage_groups():
+    assert ep_levels((2, 2, 2), 8, 1).sizes == (2, 2, 2)
+    assert ep_levels((2, 2, 2), 4, 2).sizes == (2, 2)
+    assert ep_levels((2, 2, 2), 4, 2).names == ("node", "socket")
+    assert ep_levels((2, 2, 2), 2, 1).sizes == (2,)  # EDP 4 replicas of an EP group inside a socket
+    assert ep_levels((2, 4), 4, 2).sizes == (2, 2)
+    with pytest.raises(ValueError, match="parallel.topology"):
+        ep_levels((3, 2), 4, 1)
+    lv = Levels((2, 2, 2))
+    assert lv.stage_groups(Stage(0, 0)) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert lv.stage_groups(Stage(1, 2)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert lv.stage_groups(Stage(1, 1)) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    with pytest.raises(ValueError, match="dedup depth d=4"):
+        stages_for_depth(lv, 4)
+
+
+NVIDIA_TOPO = """\tGPU0\tGPU1\tGPU2\tGPU3\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID
+GPU0\t X \tNV18\tSYS\tSYS\t0-47\t0\t\tN/A
+GPU1\tNV18\t X \tSYS\tSYS\t0-47\t0\t\tN/A
+GPU2\tSYS\tSYS\t X \tNV18\t48-95\t1\t\tN/A
+GPU3\tSYS\tSYS\tNV18\t X \t48-95\t1\t\tN/A
+"""
+
+
+def test_topology_detection_and_errors():
+    assert sockets_per_node(4, NVIDIA_TOPO) == 2
+    assert sockets_per_node(2, NVIDIA_TOPO) == 1
+    assert sockets_per_node(4, "no table") == 1
+    assert Topology.detect(8, None, [2, 2, 2]).ranks_per_node == 4
+    with pytest.raises(ConfigError, match="parallel.topology"):
+        Topology.detect(8, None, [2, 2])
+    for bad, field in ((["parallel.topology=[0, 2]"], "parallel.topology"),
+                       (["parallel.topology=[1,1,1,1,1]"], "parallel.topology"),
+                       (["parallel.topology=[2, 4]", "parallel.gpus_per_node=2"], "parallel.gpus_per_node"),
+                       (["model.moe.dedup_depth=5"], "model.moe.dedup_depth"),
+                       (["model.moe.dedup_every=0"], "model.moe.dedup_every"),
+                       (["parallel.swap_policy='random'"], "parallel.swap_policy"),
+                       (["parallel.expert_swap_every=-1"], "parallel.expert_swap_every"),
+                       (["model.moe.dispatcher='hierarchical'", "parallel.schedule='fsmoe'"], "model.moe.dispatcher"),
+                       (["model.moe.dispatcher='2dh'", "model.moe.router.name='softmoe'",
+                         "model.moe.router.allow_noncausal=true"], "model.moe.dispatcher"),
+                       (["model.moe.dispatcher='2dh'", "parallel.expert_swap_every=2"], "parallel.expert_swap_every"),
+                       (["model.moe.dispatcher='mesh'"], "model.moe.dispatcher")):
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny", bad)
+        assert e.value.field_name == field, (bad, e.value)
+    assert load_config("tiny", ["parallel.topology=[2, 2, 2]", "model.moe.dispatcher='hierarchical'"])
+
+
+def test_layout_errors_name_the_field():
+    """EP cutting a level, and a depth deeper than the EP group's levels, fail at build time."""
+    from fsmoe.config import MoEConfig
+    from fsmoe.parallel.groups import ParallelGroups
+    from fsmoe.parallel.layout import Layout
+    from fsmoe.parallel.levels import levels_of
+    from fsmoe.parallel.moe import build_dispatcher
+
+    cut = ParallelGroups(Layout(dp=12, ep=6), 0, Topology(12, 4, (3, 4)), "gloo")
+    with pytest.raises(ConfigError) as e:
+        levels_of(cut)
+    assert e.value.field_name == "parallel.topology"
+    two = ParallelGroups(Layout(dp=8, ep=8), 0, Topology(8, 4, (2, 4)), "gloo")
+    assert levels_of(two).sizes == (2, 4)
+    with pytest.raises(ConfigError) as e:
+        build_dispatcher(MoEConfig(num_experts=16, dispatcher="hierarchical", dedup_depth=3), two)
+    assert e.value.field_name == "model.moe.dedup_depth"
