@@ -171,6 +171,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
+    latent_norm_eps: float | None = None  # eps of MLA's q/kv latent norms; None = norm_eps (HF DeepSeek-V3: 1e-6)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -192,6 +193,8 @@ class ModelConfig:
         self._validate_attention(prefix)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _positive(f"{prefix}.{name}", getattr(self, name))
+        if self.latent_norm_eps is not None:
+            _positive(f"{prefix}.latent_norm_eps", self.latent_norm_eps)
         self.moe.validate(f"{prefix}.moe")
         r = self.moe.router
         from fsmoe.routing import ROUTERS

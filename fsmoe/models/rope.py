@@ -40,11 +40,18 @@ class RotaryEmbedding(nn.Module):
         """Returns (cos_LP, sin_LP) for positions 0..seq_len-1, float32."""
         return self.cos_LP[:seq_len].float(), self.sin_LP[:seq_len].float()
 
+    def at(self, pos_BL: Tensor) -> RopeTables:
+        """(cos_BLP, sin_BLP) for each row's own positions ``pos_BL`` [B, L] (generation), float32."""
+        if int(pos_BL.max()) >= self.max_seq_len:
+            raise ValueError(f"position {int(pos_BL.max())} exceeds model.max_seq_len={self.max_seq_len}")
+        return self.cos_LP[pos_BL].float(), self.sin_LP[pos_BL].float()
+
 
 def apply_rope(x_BLHR: Tensor, cos_LP: Tensor, sin_LP: Tensor) -> Tensor:
     """Rotate each pair (x[i], x[i + R/2]) by angle pos * theta^(-2i/R). Computed in float32
-    (bf16 angles lose the low-frequency pairs), returned in x's dtype."""
+    (bf16 angles lose the low-frequency pairs), returned in x's dtype. The tables are [L, P]
+    (every row at positions 0..L-1) or [B, L, P] (each row its own positions)."""
     x1, x2 = x_BLHR.float().chunk(2, dim=-1)
-    cos, sin = cos_LP[:, None, :], sin_LP[:, None, :]  # [L, 1, P]: broadcast over B and H
+    cos, sin = cos_LP.unsqueeze(-2), sin_LP.unsqueeze(-2)  # [(B,) L, 1, P]: broadcast over H
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x_BLHR.dtype)

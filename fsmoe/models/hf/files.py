@@ -1,0 +1,141 @@
+"""Reading and writing Hugging Face checkpoint directories: ``config.json`` plus safetensors shards
+(``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` listed in
+``model.safetensors.index.json``).
+
+Reading is lazy: :class:`HFCheckpoint` parses only the shards' JSON headers (names, shapes, dtypes)
+when it opens a directory, so every check runs before a byte of weights is read; :meth:`read`
+then maps the few tensors asked for and closes the shard again, so the process never keeps more
+than the tensors it is converting.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fsmoe.models.hf.family import ConversionError
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Files a converted run keeps beside its weights so that `fsmoe generate` and `--to-hf` find them.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str  # shard file name, relative to the directory
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name: F32, BF16, ...
+
+    @property
+    def nbytes(self) -> int:
+        n = _DTYPE_BYTES.get(self.dtype, 4)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(str(path), "missing", "a Hugging Face model directory needs this file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(str(path), "unreadable", f"is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(str(path), type(data).__name__, "must hold a JSON object")
+    return data
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """The safetensors header of ``path``: {name: {"dtype", "shape", "data_offsets"}}."""
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError) as e:
+        raise ConversionError(str(path), "unreadable", f"is not a safetensors file ({type(e).__name__})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+class HFCheckpoint:
+    """A Hugging Face directory: its config and the name, shard, shape and dtype of every tensor."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConversionError(str(self.root), "missing", "must be a directory holding config.json and "
+                                  "safetensors shards")
+        self.config = read_json(self.root / CONFIG)
+        self.tensors = self._index()
+        self.largest_shard_bytes = max((self.root / f).stat().st_size for f in {t.file for t in self.tensors.values()})
+
+    def _index(self) -> dict[str, TensorInfo]:
+        if (self.root / INDEX).is_file():
+            weight_map = read_json(self.root / INDEX).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConversionError(str(self.root / INDEX), weight_map, "must have a non-empty 'weight_map'")
+        elif (self.root / SINGLE).is_file():
+            weight_map = {name: SINGLE for name in read_header(self.root / SINGLE)}
+        else:
+            raise ConversionError(str(self.root), "no weights", f"holds neither {SINGLE} nor {INDEX} (only "
+                                  "safetensors checkpoints are read, not pytorch_model.bin)")
+        by_file: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        out: dict[str, TensorInfo] = {}
+        for file, names in sorted(by_file.items()):
+            path = self.root / file
+            if not path.is_file():
+                raise ConversionError(str(path), "missing", f"is listed in {INDEX} for tensor {names[0]} "
+                                      f"({len(names)} tensors in all); the shard must be in the directory")
+            header = read_header(path)
+            for name in names:
+                if name not in header:
+                    raise ConversionError(f"{path}: {name}", "missing", f"{INDEX} places this tensor in {file}, "
+                                          "whose header does not list it")
+                out[name] = TensorInfo(file, tuple(header[name]["shape"]), header[name]["dtype"])
+        return out
+
+    def where(self, name: str) -> str:
+        """``path: tensor`` for error messages."""
+        info = self.tensors.get(name)
+        return f"{self.root / info.file}: {name}" if info else f"{self.root}: {name}"
+
+    def read(self, names: list[str]) -> list[Tensor]:
+        """The tensors ``names``, in that order (each shard opened once, closed afterwards)."""
+        out: dict[str, Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        for file, group in by_file.items():
+            with safe_open(self.root / file, framework="pt") as f:
+                for name in group:
+                    out[name] = f.get_tensor(name)
+        return [out[n] for n in names]
+
+
+def shard_names(n: int) -> list[str]:
+    """The file names transformers gives ``n`` shards."""
+    if n == 1:
+        return [SINGLE]
+    return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+
+
+def write_shard(path: Path, tensors: dict[str, Tensor]) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_index(root: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    (root / INDEX).write_text(json.dumps(index, indent=2) + "\n")
