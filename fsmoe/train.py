@@ -257,8 +257,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
                  groups: ParallelGroups | None = None,
-                 console: Console | None = None):
+                 console: Console | None = None, init_from: Path | None = None):
         self.cfg, self.tcfg, self.run_dir, self.groups = cfg, cfg.train, Path(run_dir), groups
+        self.init_from = init_from  # weights to start from (fsmoe run or HF directory); a new optimizer
         self.console = console or Console(soft_wrap=True)
         self.is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         check_run_dir(self.run_dir, resume)
@@ -303,8 +304,16 @@ class Trainer:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def build_model(self) -> nn.Module:
-        """The model, initialised from ``train.seed`` (fsmoe.parallel's trainer shards it)."""
-        return build_model(self.cfg.model, seed=self.tcfg.seed)
+        """The model, initialised from ``train.seed`` or loaded from ``init_from`` (the full
+        one-process model: fsmoe.parallel's trainer shards it afterwards)."""
+        model = build_model(self.cfg.model, seed=self.tcfg.seed)
+        if self.init_from is not None:
+            from fsmoe.models.hf.convert import load_weights
+
+            loaded = load_weights(model, self.init_from)
+            if self.is_writer:
+                self.console.print(f"weights from {loaded} (new optimizer)")
+        return model
 
     def build_schedule(self) -> TrainingSchedule | None:
         """The pipelined MoE schedule (``parallel.schedule``); fsmoe.parallel's trainer installs

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from safetensors import safe_open
@@ -77,10 +78,15 @@ class HFCheckpoint:
             raise ConversionError(str(self.root), "missing", "must be a directory holding config.json and "
                                   "safetensors shards")
         self.config = read_json(self.root / CONFIG)
-        self.tensors = self._index()
-        self.largest_shard_bytes = max((self.root / f).stat().st_size for f in {t.file for t in self.tensors.values()})
 
-    def _index(self) -> dict[str, TensorInfo]:
+    @cached_property
+    def largest_shard_bytes(self) -> int:
+        return max((self.root / f).stat().st_size for f in {t.file for t in self.tensors.values()})
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's shard, shape and dtype, from the index and the shards' headers (read on
+        first use, so a config that is refused never gets that far)."""
         if (self.root / INDEX).is_file():
             weight_map = read_json(self.root / INDEX).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
