@@ -25,8 +25,8 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Mo
         raise
     with torch.device("meta"):
         model = build_model(cfg, seed=0)
+    model.to(dtype)  # still on meta: the device memory is allocated once, in the weights' dtype
     model.to_empty(device=device)
-    model.to(dtype)
     for mod in model.modules():
         if isinstance(mod, RotaryEmbedding):  # the angle tables stay float32 whatever the weights' dtype
             mod.to(torch.float32)

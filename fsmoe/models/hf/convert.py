@@ -366,7 +366,11 @@ def load_weights(model: nn.Module, path: Path) -> str:
             for e in plan.entries:
                 own[e.ours].copy_(to_ours(e, ckpt.read(list(e.hf)), plan.layout))
         return f"{path} ({plan.family.architecture})"
-    _, ckpt_dir, _ = checkpoint.find_intact(path)
+    try:
+        _, ckpt_dir, _ = checkpoint.find_intact(path)
+    except checkpoint.CheckpointError as e:
+        raise ConversionError(str(path), "no checkpoint", f"is an fsmoe run without an intact checkpoint ({e.allowed})"
+                              ) from None
     md = dcp.FileSystemReader(ckpt_dir).read_metadata()
     for name, t in own.items():
         _stored(md, f"model.{name}", ckpt_dir, tuple(t.shape))
