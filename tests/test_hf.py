@@ -82,6 +82,26 @@ def test_logits_equal_transformers(hf_dirs, fam):
         assert diff <= ATOL, f"{fam} from {path.name}: max abs diff {diff}"
 
 
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.0}
+
+
+@pytest.mark.parametrize("fam", ["deepseek_v3", "qwen3_moe"])
+def test_yarn_rope_scaling_equals_transformers_and_exports(fam, tmp_path):
+    """YaRN (DeepSeek-V3's long context; MLA's softmax scale too), past the original context."""
+    src = save(fam, tmp_path, seed=5, rope_parameters=YARN)
+    hf_to_run(src, tmp_path / "run")
+    model, cfg, _ = load_model(tmp_path / "run", CPU, torch.float32)
+    assert cfg.rope_scaling.kind == "yarn" and cfg.rope_scaling.factor == 4.0
+    x = ids(2, 40)
+    with torch.no_grad():
+        diff = (model(x).logits - hf_model(src)(x).logits).abs().max().item()
+    assert diff <= ATOL, f"{fam} with YaRN: max abs diff {diff}"
+    run_to_hf(tmp_path / "run", tmp_path / "back")
+    params = json.loads((tmp_path / "back" / "config.json").read_text())["rope_parameters"]
+    assert {k: params[k] for k in YARN} == YARN
+
+
 @pytest.mark.parametrize("fam", FAMS)
 def test_hf_to_fsmoe_to_hf_is_byte_identical(hf_dirs, fam, tmp_path):
     src, run = hf_dirs[fam]

@@ -51,7 +51,8 @@ class MoEDecoder(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
         rot_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size
-        self.rope = RotaryEmbedding(rot_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.rope = (RotaryEmbedding(rot_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+                     if cfg.arch == "llama" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList()
         for i in range(cfg.n_layers):

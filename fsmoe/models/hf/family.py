@@ -46,15 +46,34 @@ def require(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise ConversionError(f"config.json: {key}", value, allowed)
 
 
-def rope_theta(hf: dict) -> float:
-    """RoPE base from ``rope_parameters`` (transformers >= 5) or ``rope_theta``; only plain RoPE
-    (no long-context scaling) is computed the same way by fsmoe."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    require(kind == "default", "rope_parameters.rope_type", kind,
-            "allowed values are ['default']: fsmoe computes plain RoPE only")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+def rope(hf: dict) -> tuple[float, dict]:
+    """(RoPE base, fsmoe's ``rope_scaling`` table) from ``rope_parameters`` (transformers >= 5) or
+    ``rope_theta`` + ``rope_scaling`` (older configs). Plain RoPE and YaRN are computed as HF does;
+    other scalings are refused."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    require(kind in ("default", "yarn"), "rope_parameters.rope_type", kind, "allowed values are ['default', 'yarn']")
+    if kind == "default":
+        return theta, {"kind": "none"}
+    require(params.get("attention_factor") is None, "rope_parameters.attention_factor", params.get("attention_factor"),
+            "must be unset (fsmoe derives it from factor, mscale and mscale_all_dim)")
+    original = field(params, "original_max_position_embeddings")
+    factor = params.get("factor") or field(hf, "max_position_embeddings") / original
+    return theta, {"kind": "yarn", "factor": float(factor), "original_max_seq_len": int(original),
+                   "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
+                   "mscale": float(params.get("mscale") or 0), "mscale_all_dim": float(params.get("mscale_all_dim") or 0),
+                   "truncate": bool(params.get("truncate", True))}
+
+
+def hf_rope(cfg: ModelConfig) -> dict:
+    """``rope_parameters`` of config.json for fsmoe's RoPE settings."""
+    s = cfg.rope_scaling
+    if s.kind == "none":
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": s.factor,
+            "original_max_position_embeddings": s.original_max_seq_len, "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow, "mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim, "truncate": s.truncate}
 
 
 def llama_common(hf: dict) -> dict:
@@ -65,13 +84,14 @@ def llama_common(hf: dict) -> dict:
             "must be false: fsmoe's llama attention has no biases")
     d_model, n_heads = field(hf, "hidden_size"), field(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
+    theta, scaling = rope(hf)
     return {
         "arch": "llama", "vocab_size": field(hf, "vocab_size"), "d_model": d_model,
         "n_layers": field(hf, "num_hidden_layers"), "n_heads": n_heads,
         "n_kv_heads": field(hf, "num_key_value_heads", n_heads),
         "head_dim": None if head_dim in (None, d_model // n_heads) else head_dim,
         "d_ff": field(hf, "intermediate_size"), "max_seq_len": field(hf, "max_position_embeddings"),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "rope_theta": rope_theta(hf),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "rope_theta": theta, "rope_scaling": scaling,
         "norm_eps": float(field(hf, "rms_norm_eps", 1e-6)), "dropout": 0.0,
     }
 
@@ -83,7 +103,7 @@ def hf_common(cfg: ModelConfig, family: Family) -> dict:
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.kv_heads, "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_theta": cfg.rope_theta, "rope_parameters": hf_rope(cfg),
         "attention_dropout": 0.0, "attention_bias": False, "use_cache": True,
     }
 
