@@ -312,7 +312,7 @@ class Trainer:
 
             loaded = load_weights(model, self.init_from)
             if self.is_writer:
-                self.console.print(f"weights from {loaded} (new optimizer)")
+                self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
         return model
 
     def build_schedule(self) -> TrainingSchedule | None:

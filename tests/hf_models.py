@@ -42,7 +42,8 @@ def build(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if t.is_floating_point() and "inv_freq" not in name:
-                t.copy_(torch.randn(t.shape, generator=g) * (0.2 if t.dim() > 1 else 0.1) + (1.0 if "norm" in name else 0))
+                std, mean = (0.2 if t.dim() > 1 else 0.1), (1.0 if "norm" in name else 0.0)
+                t.copy_(torch.randn(t.shape, generator=g) * std + mean)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     return model
 

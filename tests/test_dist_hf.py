@@ -20,7 +20,8 @@ from fsmoe.parallel.tensor_parallel import parallelize
 from hf_models import save
 
 pytestmark = pytest.mark.dist
-LAYOUTS = {"qwen3_moe": [{"dp": 2, "ep": 2}, {"mp": 2, "ep": 2}], "deepseek_v3": [{"dp": 2, "ep": 2}, {"dp": 2, "esp": 2}]}
+LAYOUTS = {"qwen3_moe": [{"dp": 2, "ep": 2}, {"mp": 2, "ep": 2}],
+           "deepseek_v3": [{"dp": 2, "ep": 2}, {"dp": 2, "esp": 2}]}
 
 
 def probe() -> torch.Tensor:
@@ -53,7 +54,8 @@ def test_converted_at_ep1_loads_at_ep2_mp2_esp2_with_transformers_logits(tmp_pat
         hf_to_run(src, tmp_path / fam)
         runs[fam] = str(tmp_path / fam)
         with torch.no_grad():
-            ref[fam] = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()(probe()).logits
+            hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+            ref[fam] = hf(probe()).logits
     results = run_workers(_world2, 2, runs, timeout_s=240)
     for rank, res in enumerate(results):
         for (fam, par), logits in res.items():

@@ -159,8 +159,8 @@ def test_gpt_byte_model_cached_equals_uncached_and_padding_is_invisible():
     cached = generate(model, prompts, Sampling(max_new_tokens=9)).new_tokens
     assert cached == generate(model, prompts, Sampling(max_new_tokens=9, use_cache=False)).new_tokens
     assert cached == [generate(model, [p], Sampling(max_new_tokens=9)).new_tokens[0] for p in prompts]
-    sampled = generate(model, prompts, Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3)).new_tokens
-    assert sampled == generate(model, prompts, Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3)).new_tokens
+    sampling = Sampling(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=3)
+    assert generate(model, prompts, sampling).new_tokens == generate(model, prompts, sampling).new_tokens
 
 
 def test_mla_cache_is_the_compressed_latent(hf_dirs):
@@ -309,3 +309,15 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path, capsys):
     (run / "config.json").write_text(json.dumps(cfg.to_dict()))
     assert run_cli("convert", run, tmp_path / "hf", "--to-hf") == 2
     assert "model.arch" in _error(capsys) and not (tmp_path / "hf").exists()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_greedy_takes_the_best():
+    from fsmoe.infer.generate import choose
+
+    logits = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).log()  # probabilities 0.5, 0.3, 0.2, 0
+    g = torch.Generator().manual_seed(0)
+    picks = {int(choose(logits, Sampling(temperature=1.0, top_p=0.6), g)) for _ in range(200)}
+    assert picks == {0, 1}  # 0.5 < 0.6, so the second token is needed; the third is not
+    picks = {int(choose(logits, Sampling(temperature=1.0, top_p=0.4), g)) for _ in range(50)}
+    assert picks == {0}
+    assert int(choose(logits, Sampling(), None)) == 0

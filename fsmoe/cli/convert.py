@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True, highlight=False)
     console.print(f"converted {rep.family} {args.src} -> {args.out}: {rep.tensors} tensors, {rep.bytes / gb:.3f} GB "
                   f"in {rep.seconds:.1f} s")
-    console.print(f"peak host memory {rep.peak_rss_bytes / gb:.3f} GB ({rep.peak_rss_bytes / rep.largest_shard_bytes:.2f}x "
+    ratio = rep.peak_rss_bytes / rep.largest_shard_bytes
+    console.print(f"peak host memory {rep.peak_rss_bytes / gb:.3f} GB ({ratio:.2f}x "
                   f"the largest shard, {rep.largest_shard_bytes / gb:.3f} GB); "
                   f"{(rep.peak_rss_bytes - rep.start_rss_bytes) / gb:.3f} GB above the process's "
                   f"{rep.start_rss_bytes / gb:.3f} GB before converting")

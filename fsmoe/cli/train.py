@@ -69,7 +69,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         data["model"] = source_model(args.init_from)  # the weights fix the model; --set may still tune it
         if not args.config:
             data["name"] = run_name(args.init_from)
-            data.setdefault("train", {})["seq_len"] = min(data["train"].get("seq_len", 128), data["model"]["max_seq_len"])
+            train_data = data.setdefault("train", {})
+            train_data["seq_len"] = min(train_data.get("seq_len", 128), data["model"]["max_seq_len"])
         data = apply_overrides(data, overrides)
     elif saved is not None:
         if isinstance(saved.get("parallel"), dict):

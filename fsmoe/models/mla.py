@@ -24,7 +24,6 @@ row-parallel under tensor parallelism; ``forward`` reads the head count from the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.models.attention import attention

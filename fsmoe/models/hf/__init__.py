@@ -20,7 +20,8 @@ def family_of(hf: dict, where: str = "config.json") -> Family:
             return fam
     found = archs[0] if archs else hf.get("model_type")
     raise ConversionError(f"{where}: architectures", found, "allowed values are "
-                          f"{sorted(f.architecture for f in FAMILIES.values())}")
+                          f"{sorted(f.architecture for f in FAMILIES.values())} (an fsmoe run directory converts "
+                          "with --to-hf)")
 
 
 __all__ = ["FAMILIES", "ConversionError", "Family", "family_of"]

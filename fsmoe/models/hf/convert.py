@@ -10,8 +10,8 @@ HF -> fsmoe (:func:`hf_to_run`):
    tokenizer files, and a DCP checkpoint ``ckpt/step_0`` holding ``{"model": state}`` as full
    (global) tensors, so it loads at any EP/ESP/MP layout. DCP asks for each tensor when it writes
    it (:class:`_LazyPlanner`): it is read from its shard(s), converted, written and dropped, so
-   host memory holds one tensor at a time (plus DCP's per-file bookkeeping), whatever the size of
-   the model.
+   host memory holds one tensor at a time, whatever the size of the model. Each tensor gets its own
+   ``.distcp`` file: DCP's writer keeps every tensor of a file alive until that file is finished.
 3. write the checksum manifest and rename ``OUT.partial`` to ``OUT``.
 
 fsmoe -> HF (:func:`run_to_hf`) goes the other way from the run's newest intact checkpoint, one
@@ -226,7 +226,8 @@ def hf_to_run(hf_dir: Path, out: Path) -> ConvertReport:
     step_dir.mkdir(parents=True)
     ctx = _quiet()
     try:
-        dcp.save(state, checkpoint_id=step_dir, planner=_LazyPlanner(make), no_dist=True)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(step_dir, single_file_per_rank=False),
+                 planner=_LazyPlanner(make), no_dist=True)
     finally:
         ctx.__exit__(None, None, None)
     checkpoint.write_manifest(step_dir)
@@ -242,6 +243,9 @@ def hf_to_run(hf_dir: Path, out: Path) -> ConvertReport:
 def run_model_config(run_dir: Path) -> ModelConfig:
     """The model config saved in an fsmoe run directory."""
     saved = read_json(Path(run_dir) / "config.json")
+    if not isinstance(saved.get("model"), dict):
+        raise ConversionError(str(Path(run_dir) / "config.json"), sorted(saved)[:4], "is not an fsmoe run's config "
+                              "(it has no 'model' section); a Hugging Face directory converts without --to-hf")
     try:
         cfg = model_config_from_dict(saved.get("model", {}))
         cfg.validate()
@@ -314,12 +318,12 @@ def run_to_hf(run_dir: Path, out: Path, *, family: str | None = None, dtype: tor
             state = {"model": {e.ours: torch.empty(shapes[e.ours], dtype=stored[e.ours]) for e in group}}
             dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
             tensors = {}
-            for e in group:
-                for name, t in zip(e.hf, to_hf(e, state["model"][e.ours], layout)):
+            for e in group:  # each fsmoe tensor is dropped as soon as its HF tensors exist: one shard held
+                for name, t in zip(e.hf, to_hf(e, state["model"].pop(e.ours), layout)):
                     tensors[name] = t.to(out_dtype[e.ours]).contiguous()
                     weight_map[name] = file
-            del state
             write_shard(tmp / file, tensors)
+            del tensors
     finally:
         ctx.__exit__(None, None, None)
     if len(files) > 1:

@@ -5,7 +5,8 @@ top-k, ``routed_scaling_factor`` and ``n_shared_experts`` shared experts (one wi
 from __future__ import annotations
 
 from fsmoe.config import ModelConfig
-from fsmoe.models.hf.family import Family, check_llama_moe, check_top_k, exportable, field, hf_common, llama_common, require
+from fsmoe.models.hf.family import (Family, check_llama_moe, check_top_k, exportable, field, hf_common, llama_common,
+                                    require)
 from fsmoe.models.hf.mapping import Rule
 
 # HF's q_a_layernorm / kv_a_layernorm use this eps whatever rms_norm_eps says.

@@ -62,7 +62,8 @@ def rope(hf: dict) -> tuple[float, dict]:
     factor = params.get("factor") or field(hf, "max_position_embeddings") / original
     return theta, {"kind": "yarn", "factor": float(factor), "original_max_seq_len": int(original),
                    "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
-                   "mscale": float(params.get("mscale") or 0), "mscale_all_dim": float(params.get("mscale_all_dim") or 0),
+                   "mscale": float(params.get("mscale") or 0),
+                   "mscale_all_dim": float(params.get("mscale_all_dim") or 0),
                    "truncate": bool(params.get("truncate", True))}
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from fsmoe.models.hf.family import ConversionError
@@ -27,6 +27,8 @@ INDEX = "model.safetensors.index.json"
 # Files a converted run keeps beside its weights so that `fsmoe generate` and `--to-hf` find them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
+_SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -139,7 +141,25 @@ def shard_names(n: int) -> list[str]:
 
 
 def write_shard(path: Path, tensors: dict[str, Tensor]) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    """Write ``tensors`` as one safetensors file, tensor by tensor, emptying the dict as it goes
+    (safetensors' own ``save_file`` first copies every tensor into one more buffer, which would
+    double the memory a shard takes)."""
+    names = sorted(tensors)
+    header: dict[str, dict] = {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with Path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors.pop(name).contiguous().cpu()
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
 
 
 def write_index(root: Path, weight_map: dict[str, str], total_bytes: int) -> None:
