@@ -14,9 +14,9 @@ HF -> fsmoe (:func:`hf_to_run`):
    ``.distcp`` file: DCP's writer keeps every tensor of a file alive until that file is finished.
 3. write the checksum manifest and rename ``OUT.partial`` to ``OUT``.
 
-fsmoe -> HF (:func:`run_to_hf`) goes the other way from the run's newest intact checkpoint, one
-output shard at a time (at most ``max_shard_bytes`` of tensors held), into ``OUT.partial`` and
-then ``OUT``. Tensors keep the dtype they are stored in (``dtype`` casts them), so HF -> fsmoe ->
+fsmoe -> HF (:func:`run_to_hf`) goes the other way from the run's newest intact checkpoint into
+``OUT.partial`` and then ``OUT``: each shard's header is written first (every name and shape is
+known from the config), then each fsmoe tensor is loaded alone, converted, appended and dropped. Tensors keep the dtype they are stored in (``dtype`` casts them), so HF -> fsmoe ->
 HF is byte for byte the same.
 """
 from __future__ import annotations
@@ -41,15 +41,14 @@ from fsmoe.config import ConfigError, ModelConfig, config_from_dict, model_confi
 from fsmoe.models.decoder import build_model
 from fsmoe.models.hf import FAMILIES, Family, family_of
 from fsmoe.models.hf.family import ConversionError
-from fsmoe.models.hf.files import (CONFIG, TOKENIZER_FILES, HFCheckpoint, read_json, shard_names, write_index,
-                                   write_shard)
+from fsmoe.models.hf.files import (CONFIG, TOKENIZER_FILES, TORCH_DTYPES, HFCheckpoint, ShardWriter, read_json,
+                                   shard_names, write_index)
 from fsmoe.models.hf.mapping import Entry, Layout, expand, hf_shape, to_hf, to_ours
 
 HF_CONFIG = "hf_config.json"  # the source's config.json, kept in a converted run for --to-hf
 CKPT_STEP = 0
 _STRAY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved; derived, not weights
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -126,13 +125,13 @@ def plan_import(ckpt: HFCheckpoint) -> ImportPlan:
                                       f"needs this tensor (for fsmoe's {e.ours}); no shard holds it")
             if info.shape != want:
                 raise ConversionError(ckpt.where(name), list(info.shape), f"config.json implies shape {list(want)}")
-            if info.dtype not in _DTYPES:
-                raise ConversionError(ckpt.where(name), info.dtype, f"allowed dtypes are {sorted(_DTYPES)} "
+            if info.dtype not in TORCH_DTYPES:
+                raise ConversionError(ckpt.where(name), info.dtype, f"allowed dtypes are {sorted(TORCH_DTYPES)} "
                                       "(quantized checkpoints must be dequantized first)")
         kinds = {ckpt.tensors[n].dtype for n in e.hf}
         if len(kinds) > 1:
             raise ConversionError(ckpt.where(e.hf[0]), sorted(kinds), "the experts of one layer must share a dtype")
-        dtypes[e.ours] = _DTYPES[kinds.pop()]
+        dtypes[e.ours] = TORCH_DTYPES[kinds.pop()]
     used = {n for e in entries for n in e.hf}
     skipped = []
     for name in sorted(set(ckpt.tensors) - used):
@@ -315,15 +314,15 @@ def run_to_hf(run_dir: Path, out: Path, *, family: str | None = None, dtype: tor
     try:
         for file, members in zip(files, shards):
             group = [entries[k] for k in members]
-            state = {"model": {e.ours: torch.empty(shapes[e.ours], dtype=stored[e.ours]) for e in group}}
-            dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
-            tensors = {}
-            for e in group:  # each fsmoe tensor is dropped as soon as its HF tensors exist: one shard held
+            writer = ShardWriter(tmp / file, [(name, out_dtype[e.ours], hf_shape(e, shapes[e.ours]))
+                                              for e in group for name in e.hf])
+            for e in group:  # one fsmoe tensor in memory at a time (and its HF pieces)
+                state = {"model": {e.ours: torch.empty(shapes[e.ours], dtype=stored[e.ours])}}
+                dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
                 for name, t in zip(e.hf, to_hf(e, state["model"].pop(e.ours), layout)):
-                    tensors[name] = t.to(out_dtype[e.ours]).contiguous()
+                    writer.write(name, t.to(out_dtype[e.ours]))
                     weight_map[name] = file
-            write_shard(tmp / file, tensors)
-            del tensors
+            writer.close()
     finally:
         ctx.__exit__(None, None, None)
     if len(files) > 1:

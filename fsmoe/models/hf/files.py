@@ -2,10 +2,10 @@
 (``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` listed in
 ``model.safetensors.index.json``).
 
-Reading is lazy: :class:`HFCheckpoint` parses only the shards' JSON headers (names, shapes, dtypes)
-when it opens a directory, so every check runs before a byte of weights is read; :meth:`read`
-then maps the few tensors asked for and closes the shard again, so the process never keeps more
-than the tensors it is converting.
+Reading is lazy: :class:`HFCheckpoint` parses only the shards' JSON headers (names, shapes, dtypes,
+byte ranges) when it opens a directory, so every check runs before a byte of weights is read;
+:meth:`read` then reads exactly the bytes of the tensors asked for (no memory map, whose touched
+pages would stay resident), so the process never keeps more than the tensors it is converting.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from fsmoe.models.hf.family import ConversionError
@@ -27,6 +26,7 @@ INDEX = "model.safetensors.index.json"
 # Files a converted run keeps beside its weights so that `fsmoe generate` and `--to-hf` find them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt")
+TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
                       torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -38,6 +38,7 @@ class TensorInfo:
     file: str  # shard file name, relative to the directory
     shape: tuple[int, ...]
     dtype: str  # safetensors dtype name: F32, BF16, ...
+    start: int = 0  # byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -60,14 +61,17 @@ def read_json(path: Path) -> dict:
 
 
 def read_header(path: Path) -> dict[str, dict]:
-    """The safetensors header of ``path``: {name: {"dtype", "shape", "data_offsets"}}."""
+    """The safetensors header of ``path``: {name: {"dtype", "shape", "data_offsets", "start"}},
+    ``start`` being the absolute file offset of the tensor's bytes."""
     try:
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
+        header.pop("__metadata__", None)
+        for entry in header.values():
+            entry["start"] = 8 + n + int(entry["data_offsets"][0])
+    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConversionError(str(path), "unreadable", f"is not a safetensors file ({type(e).__name__})") from None
-    header.pop("__metadata__", None)
     return header
 
 
@@ -112,7 +116,8 @@ class HFCheckpoint:
                 if name not in header:
                     raise ConversionError(f"{path}: {name}", "missing", f"{INDEX} places this tensor in {file}, "
                                           "whose header does not list it")
-                out[name] = TensorInfo(file, tuple(header[name]["shape"]), header[name]["dtype"])
+                h = header[name]
+                out[name] = TensorInfo(file, tuple(h["shape"]), h["dtype"], h["start"])
         return out
 
     def where(self, name: str) -> str:
@@ -121,15 +126,22 @@ class HFCheckpoint:
         return f"{self.root / info.file}: {name}" if info else f"{self.root}: {name}"
 
     def read(self, names: list[str]) -> list[Tensor]:
-        """The tensors ``names``, in that order (each shard opened once, closed afterwards)."""
+        """The tensors ``names``, in that order: each read straight into its own buffer."""
         out: dict[str, Tensor] = {}
         by_file: dict[str, list[str]] = {}
         for name in names:
             by_file.setdefault(self.tensors[name].file, []).append(name)
         for file, group in by_file.items():
-            with safe_open(self.root / file, framework="pt") as f:
+            with (self.root / file).open("rb") as f:
                 for name in group:
-                    out[name] = f.get_tensor(name)
+                    info = self.tensors[name]
+                    buf = bytearray(info.nbytes)
+                    f.seek(info.start)
+                    if f.readinto(buf) != info.nbytes:
+                        raise ConversionError(self.where(name), "truncated", "the shard ends before this tensor's bytes")
+                    dtype = TORCH_DTYPES[info.dtype]
+                    out[name] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+                                 ).reshape(info.shape)
         return [out[n] for n in names]
 
 
@@ -140,26 +152,44 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
 
 
+class ShardWriter:
+    """One safetensors file written tensor by tensor: the header (names, dtypes, shapes, byte ranges)
+    is known up front, so each tensor can be written as soon as it exists and dropped right after.
+    (safetensors' own ``save_file`` takes every tensor at once and copies them all into one more
+    buffer.) Tensors must come in the order of ``specs``."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]):
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in specs:
+            n = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.specs, self.next = specs, 0
+        self.file = Path(path).open("wb")
+        self.file.write(struct.pack("<Q", len(raw)))
+        self.file.write(raw)
+
+    def write(self, name: str, t: Tensor) -> None:
+        want, dtype, shape = self.specs[self.next]
+        assert (name, t.dtype, tuple(t.shape)) == (want, dtype, tuple(shape)), f"{name} out of order or reshaped"
+        self.file.write(memoryview(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        self.next += 1
+
+    def close(self) -> None:
+        assert self.next == len(self.specs), f"{len(self.specs) - self.next} tensors were not written"
+        self.file.close()
+
+
 def write_shard(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Write ``tensors`` as one safetensors file, tensor by tensor, emptying the dict as it goes
-    (safetensors' own ``save_file`` first copies every tensor into one more buffer, which would
-    double the memory a shard takes)."""
+    """Write ``tensors`` as one safetensors file (sorted by name), emptying the dict as it goes."""
     names = sorted(tensors)
-    header: dict[str, dict] = {}
-    offset = 0
+    writer = ShardWriter(path, [(n, tensors[n].dtype, tuple(tensors[n].shape)) for n in names])
     for name in names:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with Path(path).open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            t = tensors.pop(name).contiguous().cpu()
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        writer.write(name, tensors.pop(name))
+    writer.close()
 
 
 def write_index(root: Path, weight_map: dict[str, str], total_bytes: int) -> None:
