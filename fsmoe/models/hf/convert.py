@@ -217,7 +217,7 @@ def hf_to_run(hf_dir: Path, out: Path) -> ConvertReport:
 
     def make(fqn: str) -> Tensor:
         e = by_fqn[fqn]
-        return to_ours(e, ckpt.read(list(e.hf)), plan.layout).contiguous()
+        return to_ours(e, (ckpt.read([name])[0] for name in e.hf), plan.layout).contiguous()
 
     state = {"model": {e.ours: torch.empty(plan.shapes[e.ours], dtype=plan.dtypes[e.ours], device="meta")
                        for e in plan.entries}}
@@ -367,7 +367,7 @@ def load_weights(model: nn.Module, path: Path) -> str:
         _check_shapes(own, plan.shapes, str(path))
         with torch.no_grad():
             for e in plan.entries:
-                own[e.ours].copy_(to_ours(e, ckpt.read(list(e.hf)), plan.layout))
+                own[e.ours].copy_(to_ours(e, (ckpt.read([name])[0] for name in e.hf), plan.layout))
         return f"{path} ({plan.family.architecture})"
     try:
         _, ckpt_dir, _ = checkpoint.find_intact(path)

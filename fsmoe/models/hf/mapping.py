@@ -19,7 +19,7 @@ the same bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -99,10 +99,16 @@ def _row_perm(kind: str, rows: int, layout: Layout) -> Tensor | None:
     return perm
 
 
-def to_ours(entry: Entry, sources: list[Tensor], layout: Layout) -> Tensor:
-    """The fsmoe tensor of ``entry`` from its HF tensors (in ``entry.hf`` order)."""
+def to_ours(entry: Entry, sources: Iterable[Tensor], layout: Layout) -> Tensor:
+    """The fsmoe tensor of ``entry`` from its HF tensors (in ``entry.hf`` order). ``sources`` may be
+    a generator: experts are copied into the stack one by one, so only one is held besides it."""
     if entry.kind == "experts":
-        return torch.stack([w.t() for w in sources]).contiguous()
+        out_EXY = None
+        for k, w in enumerate(sources):
+            if out_EXY is None:
+                out_EXY = w.new_empty((len(entry.hf), w.shape[1], w.shape[0]))
+            out_EXY[k] = w.t()
+        return out_EXY
     (t,) = sources
     perm = _row_perm(entry.kind, t.shape[0], layout) if entry.kind in ("rope_q", "rope_kv") else None
     return t if perm is None else t[perm].contiguous()
