@@ -321,3 +321,23 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_greedy_takes_the_best():
     picks = {int(choose(logits, Sampling(temperature=1.0, top_p=0.4), g)) for _ in range(50)}
     assert picks == {0}
     assert int(choose(logits, Sampling(), None)) == 0
+
+
+def test_generate_uses_the_tokenizer_json_a_conversion_carries(hf_dirs, tmp_path, capsys):
+    """tokenizer.json beside the weights travels into the run; text prompts go through it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in hf_dirs["mixtral"][0].iterdir():
+        (src / f.name).write_bytes(f.read_bytes())
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    assert run_cli("convert", src, tmp_path / "run") == 0 and (tmp_path / "run" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert run_cli("generate", tmp_path / "run", "--prompt", "w7 w8 w9", "--prompt-ids", "7 8 9",
+                   "--max-new-tokens", "5") == 0
+    lines = capsys.readouterr().out.splitlines()
+    new_ids = [int(i) for i in lines[1].split("->")[1].split()]
+    assert lines[0] == "w7 w8 w9" + tok.decode(new_ids) and "tokenizer.json tokenizer" in lines[2]
