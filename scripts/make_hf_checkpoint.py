@@ -58,14 +58,14 @@ def main() -> None:
             weight_map[name] = file
             total += out[name].numel() * 2
         write_shard(args.out / file, out)
-        print(f"wrote {file}: {len(out)} tensors, {sum(t.numel() for t in out.values()) * 2 / 2**30:.2f} GB",
+        print(f"wrote {file}: {len(out)} tensors, {sum(t.numel() for t in out.values()) * 2 / 2**30:.2f} GiB",
               flush=True)
     if len(files) > 1:
         write_index(args.out, weight_map, total)
     hf_cfg = fam.hf_config(cfg)
     hf_cfg["dtype"] = hf_cfg["torch_dtype"] = "bfloat16"
     (args.out / CONFIG).write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    print(f"{fam.architecture} with {cfg.n_layers} layers: {total / 2**30:.2f} GB in {len(files)} shard(s), "
+    print(f"{fam.architecture} with {cfg.n_layers} layers: {total / 2**30:.2f} GiB in {len(files)} shard(s), "
           f"{time.perf_counter() - t0:.0f} s")
 
 

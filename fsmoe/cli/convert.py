@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="--to-hf: the Hugging Face architecture (default: the source's, else the one the model fits)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                    help="--to-hf: dtype of the written tensors (default: as stored)")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="--to-hf: largest output shard (default 5 GB)")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="--to-hf: largest output shard (default 5 GiB)")
     p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the conversion report as JSON")
     p.set_defaults(func=run)
 
@@ -47,13 +47,13 @@ def run(args: argparse.Namespace) -> int:
         rep = hf_to_run(args.src, args.out)
     gb = 2**30
     console = Console(soft_wrap=True, highlight=False)
-    console.print(f"converted {rep.family} {args.src} -> {args.out}: {rep.tensors} tensors, {rep.bytes / gb:.3f} GB "
+    console.print(f"converted {rep.family} {args.src} -> {args.out}: {rep.tensors} tensors, {rep.bytes / gb:.3f} GiB "
                   f"in {rep.seconds:.1f} s")
     ratio = rep.peak_rss_bytes / rep.largest_shard_bytes
-    console.print(f"peak host memory {rep.peak_rss_bytes / gb:.3f} GB ({ratio:.2f}x "
-                  f"the largest shard, {rep.largest_shard_bytes / gb:.3f} GB); "
-                  f"{(rep.peak_rss_bytes - rep.start_rss_bytes) / gb:.3f} GB above the process's "
-                  f"{rep.start_rss_bytes / gb:.3f} GB before converting")
+    console.print(f"peak host memory {rep.peak_rss_bytes / gb:.3f} GiB ({ratio:.2f}x "
+                  f"the largest shard, {rep.largest_shard_bytes / gb:.3f} GiB); "
+                  f"{(rep.peak_rss_bytes - rep.start_rss_bytes) / gb:.3f} GiB above the process's "
+                  f"{rep.start_rss_bytes / gb:.3f} GiB before converting")
     if rep.skipped:
         console.print(f"skipped {len(rep.skipped)} tensors outside the model's layers, e.g. {rep.skipped[0]}",
                       style="yellow")
