@@ -53,6 +53,7 @@ from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
+from fsmoe.models.hf.convert import load_weights
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.recompute import configure_recompute
 
@@ -308,8 +309,6 @@ class Trainer:
         one-process model: fsmoe.parallel's trainer shards it afterwards)."""
         model = build_model(self.cfg.model, seed=self.tcfg.seed)
         if self.init_from is not None:
-            from fsmoe.models.hf.convert import load_weights
-
             loaded = load_weights(model, self.init_from)
             if self.is_writer:
                 self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)

@@ -79,6 +79,8 @@ class MoEDecoder(nn.Module):
         L = idx_BL.shape[1]
         if start + L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if cache is None and start:
+            raise ValueError(f"start={start} needs a KV cache holding the earlier slots")
         generating = cache is not None or pad_B is not None
         if generating and pad_B is None:
             pad_B = torch.zeros(idx_BL.shape[0], dtype=torch.long, device=idx_BL.device)
