@@ -14,10 +14,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The tiny preset on the stdlib sources; outputs (metrics, plots, checkpoints) in runs/demo/.
-# A rerun replaces the previous demo run.
+# A rerun replaces the previous demo run. It ends with a sample of what the model learned.
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fsmoe train --config tiny --run-dir runs/demo
+	$(BIN)/fsmoe generate runs/demo --prompt 'def ' --max-new-tokens 120 --temperature 0.7 --top-p 0.95
 
 # The distributed demo: 4 processes as 2 simulated nodes x 2 ranks, FSMoE's layout (dense part
 # DP2 x MP2, MoE part EP2 across the nodes x ESP2 inside each); outputs in runs/demo-dist/.

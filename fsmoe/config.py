@@ -159,6 +159,32 @@ class MoEConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Long-context RoPE scaling. ``kind='yarn'`` (YaRN, Peng et al. 2023; DeepSeek-V3 and
+    Qwen3 long-context checkpoints): frequencies between ``beta_slow`` and ``beta_fast`` rotations
+    over ``original_max_seq_len`` are blended from interpolated (/ ``factor``) to original; cos/sin
+    are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim), and MLA's softmax scale
+    by mscale(factor, mscale_all_dim)^2, with mscale(s, m) = 0.1 m ln s + 1 (as Hugging Face does)."""
+
+    kind: str = "none"  # none | yarn
+    factor: float = 1.0
+    original_max_seq_len: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # round the blended range of dims outward to whole dims
+
+    def validate(self, prefix: str = "rope_scaling") -> None:
+        _one_of(f"{prefix}.kind", self.kind, {"none", "yarn"})
+        for name in ("factor", "original_max_seq_len", "beta_fast", "beta_slow"):
+            _positive(f"{prefix}.{name}", getattr(self, name))
+        for name in ("mscale", "mscale_all_dim"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and v >= 0, f"{prefix}.{name}", v, "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     """A decoder. ``arch='gpt'``: LayerNorm, learned positions, GeLU (GPT2-XL-MoE).
     ``arch='llama'``: RMSNorm, RoPE, SwiGLU (Mixtral, Qwen3, DeepSeek)."""
@@ -183,7 +209,9 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     qk_nope_head_dim: int = 128
     v_head_dim: int = 128
+    latent_norm_eps: float | None = None  # eps of MLA's q/kv latent norms; None = norm_eps (HF DeepSeek-V3: 1e-6)
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
     dropout: float = 0.0
     init_std: float = 0.02  # std of the normal init; residual projections use init_std / sqrt(2 * n_layers)
@@ -204,6 +232,9 @@ class ModelConfig:
         self._validate_attention(prefix)
         for name in ("rope_theta", "norm_eps", "init_std"):
             _positive(f"{prefix}.{name}", getattr(self, name))
+        if self.latent_norm_eps is not None:
+            _positive(f"{prefix}.latent_norm_eps", self.latent_norm_eps)
+        self.rope_scaling.validate(f"{prefix}.rope_scaling")
         self.moe.validate(f"{prefix}.moe")
         r = self.moe.router
         from fsmoe.routing import ROUTERS

@@ -53,6 +53,7 @@ from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
+from fsmoe.models.hf.convert import load_weights
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.recompute import configure_recompute
 
@@ -257,8 +258,9 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, run_dir: Path | str, *, resume: bool = False,
                  groups: ParallelGroups | None = None,
-                 console: Console | None = None):
+                 console: Console | None = None, init_from: Path | None = None):
         self.cfg, self.tcfg, self.run_dir, self.groups = cfg, cfg.train, Path(run_dir), groups
+        self.init_from = init_from  # weights to start from (fsmoe run or HF directory); a new optimizer
         self.console = console or Console(soft_wrap=True)
         self.is_writer = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
         check_run_dir(self.run_dir, resume)
@@ -303,12 +305,17 @@ class Trainer:
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def build_model(self) -> nn.Module:
-        """The model, initialised from ``train.seed`` on the training device (fsmoe.parallel's
-        trainer shards it). Drawn on a GPU, gpt2-xl-moe cut to 8 layers (900M parameters) takes
-        well under a second; drawn on the CPU first it took most of a minute per rank before the
-        first step."""
+        """The model, initialised from ``train.seed`` on the training device, or loaded from
+        ``init_from`` (the full one-process model: fsmoe.parallel's trainer shards it afterwards).
+        Drawn on a GPU, gpt2-xl-moe cut to 8 layers (900M parameters) takes well under a second;
+        drawn on the CPU first it took most of a minute per rank before the first step."""
         with torch.device(self.device):
-            return build_model(self.cfg.model, seed=self.tcfg.seed)
+            model = build_model(self.cfg.model, seed=self.tcfg.seed)
+        if self.init_from is not None:
+            loaded = load_weights(model, self.init_from)
+            if self.is_writer:
+                self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
+        return model
 
     def build_schedule(self) -> TrainingSchedule | None:
         """The pipelined MoE schedule (``parallel.schedule``); fsmoe.parallel's trainer installs

@@ -20,7 +20,8 @@ from rich.console import Console
 from fsmoe.config import ConfigError
 
 # The registry: one module per subcommand, each with add_parser(subparsers).
-COMMANDS = ["fsmoe.cli.train", "fsmoe.cli.bench", "fsmoe.cli.profile", "fsmoe.cli.plan"]
+COMMANDS = ["fsmoe.cli.train", "fsmoe.cli.bench", "fsmoe.cli.profile", "fsmoe.cli.plan", "fsmoe.cli.convert",
+            "fsmoe.cli.generate"]
 
 EXIT_BAD_INPUT = 2
 

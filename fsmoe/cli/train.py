@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="text files or directories (recursive) instead of the stdlib default")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --run-dir from its latest checkpoint")
+    parser.add_argument("--init-from", type=Path, metavar="RUN_OR_HF_DIR",
+                        help="start from these weights (an fsmoe run's newest checkpoint, or a Hugging Face "
+                             "directory) with a new optimizer; the model config is theirs")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device")
     parser.add_argument("--timeline", type=int, nargs="?", const=3, metavar="STEPS",
                         help="record STEPS (default 3) steps' op timeline: timeline.json + timeline.png in the "
@@ -57,7 +60,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     saved = saved_config(args.run_dir) if args.resume and args.run_dir and not args.config else None
-    if saved is not None:
+    if args.init_from is not None:
+        if args.resume:
+            raise ConfigError("--init-from", str(args.init_from), "starts a new run; --resume continues one (drop one)")
+        from fsmoe.models.hf.convert import run_name, source_model
+
+        data = raw_config(args.config or "tiny")
+        data["model"] = source_model(args.init_from)  # the weights fix the model; --set may still tune it
+        if not args.config:
+            data["name"] = run_name(args.init_from)
+            train_data = data.setdefault("train", {})
+            train_data["seq_len"] = min(train_data.get("seq_len", 128), data["model"]["max_seq_len"])
+        data = apply_overrides(data, overrides)
+    elif saved is not None:
         if isinstance(saved.get("parallel"), dict):
             saved["parallel"] = {k: v for k, v in saved["parallel"].items() if k not in LAYOUT_FIELDS}
         data = apply_overrides(saved, overrides)
@@ -94,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     if wants_torchrun(args):  # --nproc N: check, then start N workers under torchrun, each runs this command
         preflight(cfg, run_dir, args.resume, nproc)
         return spawn_torchrun(nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
-    Trainer(cfg, run_dir, resume=args.resume).fit()
+    Trainer(cfg, run_dir, resume=args.resume, init_from=args.init_from).fit()
     return 0
 
 
@@ -103,4 +118,4 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     cfg, run_dir = resolve_config(args)
     check_world(cfg.parallel, world_size_from_env())
-    return run_parallel(cfg, run_dir, resume=args.resume)
+    return run_parallel(cfg, run_dir, resume=args.resume, init_from=args.init_from)

@@ -12,8 +12,20 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.models.kv_cache import Attend
 from fsmoe.models.norms import RMSNorm
 from fsmoe.models.rope import RopeTables, apply_rope
+
+
+def attention(q_BHLX: Tensor, k_BGSX: Tensor, v_BGSV: Tensor, attend: Attend | None, *, dropout: float,
+              scale: float | None = None) -> Tensor:
+    """Scaled dot-product attention of L queries over S keys ([B, heads, len, dim] each; G key
+    heads may be fewer than H query heads). ``attend`` None: causal, S == L (training); else its
+    mask. Returns [B, H, L, V]."""
+    mask = None if attend is None else attend.mask_B1LS
+    return F.scaled_dot_product_attention(q_BHLX, k_BGSX, v_BGSV, attn_mask=mask, is_causal=attend is None,
+                                          dropout_p=dropout, scale=scale,
+                                          enable_gqa=q_BHLX.shape[1] != k_BGSX.shape[1])
 
 
 class Attention(nn.Module):
@@ -34,8 +46,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=norm_eps) if qk_norm else None
 
-    def forward(self, x_BLD: Tensor, rope: RopeTables | None) -> Tensor:
-        """x_BLD: [B, L, D]; rope: (cos_LP, sin_LP) or None. Returns [B, L, D]."""
+    def forward(self, x_BLD: Tensor, rope: RopeTables | None, attend: Attend | None = None) -> Tensor:
+        """x_BLD: [B, L, D]; rope: (cos, sin) [L, P] or [B, L, P], or None; attend: generation's
+        mask and KV cache (fsmoe.models.kv_cache), None in training. Returns [B, L, D]."""
         B, L, _ = x_BLD.shape
         q_BLHK = self.wq(x_BLD).view(B, L, -1, self.head_dim)
         k_BLGK = self.wk(x_BLD).view(B, L, -1, self.head_dim)
@@ -44,7 +57,8 @@ class Attention(nn.Module):
             q_BLHK, k_BLGK = self.q_norm(q_BLHK), self.k_norm(k_BLGK)
         if rope is not None:
             q_BLHK, k_BLGK = apply_rope(q_BLHK, *rope), apply_rope(k_BLGK, *rope)
-        o_BHLK = F.scaled_dot_product_attention(
-            q_BLHK.transpose(1, 2), k_BLGK.transpose(1, 2), v_BLGK.transpose(1, 2), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=q_BLHK.shape[2] != k_BLGK.shape[2])
+        if attend is not None and attend.cache is not None:  # keys/values of every slot so far: [B, S, G, K]
+            k_BLGK, v_BLGK = attend.cache.write(attend.start, k_BLGK, v_BLGK)
+        o_BHLK = attention(q_BLHK.transpose(1, 2), k_BLGK.transpose(1, 2), v_BLGK.transpose(1, 2), attend,
+                           dropout=self.dropout if self.training else 0.0)
         return self.wo(o_BHLK.transpose(1, 2).reshape(B, L, -1))

@@ -19,9 +19,10 @@ from fsmoe.config import ModelConfig, MoEConfig
 from fsmoe.experts import DenseFFN
 from fsmoe.layer import MoELayer, MoEStats
 from fsmoe.models.attention import Attention
+from fsmoe.models.kv_cache import Attend
 from fsmoe.models.mla import MultiHeadLatentAttention
 from fsmoe.models.norms import build_norm
-from fsmoe.models.rope import RopeTables
+from fsmoe.models.rope import RopeTables, yarn_mscale
 from fsmoe.recompute import checkpointed
 
 # (layer_idx, moe_cfg, d_model) -> a module with MoELayer's interface: forward(x) -> (y, MoEStats).
@@ -35,10 +36,14 @@ def default_moe_layer(layer_idx: int, moe_cfg: MoEConfig, d_model: int) -> nn.Mo
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
     if cfg.attention == "mla":
+        rs = cfg.rope_scaling  # YaRN also sharpens MLA's softmax (DeepSeek-V3), by mscale_all_dim
+        m = yarn_mscale(rs.factor, rs.mscale_all_dim) if rs.kind == "yarn" and rs.mscale_all_dim else 1.0
+        scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5 * m * m
         return MultiHeadLatentAttention(
             cfg.d_model, cfg.n_heads, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
             qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
-            v_head_dim=cfg.v_head_dim, norm_eps=cfg.norm_eps, dropout=cfg.dropout)
+            v_head_dim=cfg.v_head_dim, dropout=cfg.dropout, scale=scale,
+            norm_eps=cfg.norm_eps if cfg.latent_norm_eps is None else cfg.latent_norm_eps)
     return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, bias=cfg.arch == "gpt",
                      qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, dropout=cfg.dropout)
 
@@ -59,14 +64,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.recompute = False  # train.activation_checkpointing="full": keep only x, recompute in backward
 
-    def forward(self, x_BLD: Tensor, rope: RopeTables | None) -> tuple[Tensor, MoEStats | None]:
-        """x_BLD: [B, L, D] -> ([B, L, D], this layer's MoEStats or None for a dense layer)."""
+    def forward(self, x_BLD: Tensor, rope: RopeTables | None,
+                attend: Attend | None = None) -> tuple[Tensor, MoEStats | None]:
+        """x_BLD: [B, L, D] -> ([B, L, D], this layer's MoEStats or None for a dense layer).
+        ``attend``: generation's mask and this layer's KV cache (None in training)."""
         if self.recompute and torch.is_grad_enabled():
-            return checkpointed(self._forward, x_BLD, rope)
-        return self._forward(x_BLD, rope)
+            return checkpointed(self._forward, x_BLD, rope, attend)
+        return self._forward(x_BLD, rope, attend)
 
-    def _forward(self, x_BLD: Tensor, rope: RopeTables | None) -> tuple[Tensor, MoEStats | None]:
-        h_BLD = x_BLD + self.drop(self.attn(self.attn_norm(x_BLD), rope))
+    def _forward(self, x_BLD: Tensor, rope: RopeTables | None,
+                 attend: Attend | None = None) -> tuple[Tensor, MoEStats | None]:
+        h_BLD = x_BLD + self.drop(self.attn(self.attn_norm(x_BLD), rope, attend))
         if self.is_moe:
             y_BLD, stats = self.ffn(self.ffn_norm(h_BLD))
         else:

@@ -8,6 +8,9 @@ Shape legend: B batch, L sequence length, D model dim, V vocabulary.
 DeepSeek-V3): RoPE tables computed once here and handed to every block. Which layers are MoE is
 ``ModelConfig.is_moe_layer``: ``first_dense`` leading dense layers, then every ``moe_every``-th.
 
+Generation (fsmoe.infer) passes a KV cache, the slot of the first new token and each row's
+left padding: ``model(idx_BL, cache=..., start=..., pad_B=...)`` (fsmoe.models.kv_cache).
+
 Build on the meta device for parameter counts without allocating:
 ``with torch.device("meta"): build_model(cfg)``; ``model.to_empty(device=...)`` then
 ``model.reset_parameters()`` materialises it with the weights a direct build would have.
@@ -23,6 +26,7 @@ from fsmoe.config import ModelConfig
 from fsmoe.layer import MoEStats
 from fsmoe.models.block import MoELayerFactory, build_block, default_moe_layer
 from fsmoe.models.init import init_weights, module_seed, seeded
+from fsmoe.models.kv_cache import Attend, KVCache, attend_mask, positions
 from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RotaryEmbedding
 from fsmoe.precision import to_compute
@@ -47,7 +51,8 @@ class MoEDecoder(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
         rot_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size
-        self.rope = RotaryEmbedding(rot_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.arch == "llama" else None
+        self.rope = (RotaryEmbedding(rot_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+                     if cfg.arch == "llama" else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList()
         for i in range(cfg.n_layers):
@@ -64,20 +69,35 @@ class MoEDecoder(nn.Module):
         e.g. after ``to_empty`` materialised a meta-built model. No-op on the meta device."""
         init_weights(self, self.seed if seed is None else seed, self.cfg.init_std, self.cfg.n_layers)
 
-    def forward(self, idx_BL: Tensor) -> ModelOutput:
-        """idx_BL: [B, L] int64 token ids, L <= max_seq_len. Returns logits [B, L, V] and MoE stats."""
+    def forward(self, idx_BL: Tensor, *, cache: KVCache | None = None, start: int = 0,
+                pad_B: Tensor | None = None) -> ModelOutput:
+        """idx_BL: [B, L] int64 token ids, L <= max_seq_len. Returns logits [B, L, V] and MoE stats.
+
+        Generation only (all None/0 in training): ``cache`` receives the new tokens at slots
+        ``[start, start + L)``, attention reads every slot so far; ``pad_B`` [B] int64 is each
+        row's left padding (default none). Without a cache ``start`` must be 0."""
         L = idx_BL.shape[1]
-        if L > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if start + L > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {start + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if cache is None and start:
+            raise ValueError(f"start={start} needs a KV cache holding the earlier slots")
+        generating = cache is not None or pad_B is not None
+        if generating and pad_B is None:
+            pad_B = torch.zeros(idx_BL.shape[0], dtype=torch.long, device=idx_BL.device)
         x_BLD = self.tok_emb(idx_BL)
         if self.pos_emb is not None:
-            x_BLD = x_BLD + self.pos_emb(torch.arange(L, device=idx_BL.device))
+            pos = positions(pad_B, start, L) if generating else torch.arange(L, device=idx_BL.device)
+            x_BLD = x_BLD + self.pos_emb(pos)
         x_BLD = to_compute(x_BLD)  # under autocast the residual stream is bf16 (fsmoe.precision)
-        rope = self.rope(L) if self.rope is not None else None
+        rope = None
+        if self.rope is not None:
+            rope = self.rope.at(positions(pad_B, start, L)) if generating else self.rope(L)
+        mask = attend_mask(pad_B, start, L) if generating else None
         x_BLD = self.drop(x_BLD)
         stats: list[MoEStats] = []
-        for block in self.layers:
-            x_BLD, s = block(x_BLD, rope)
+        for i, block in enumerate(self.layers):
+            attend = Attend(start, mask, cache.layers[i] if cache is not None else None) if generating else None
+            x_BLD, s = block(x_BLD, rope, attend) if attend is not None else block(x_BLD, rope)
             if s is not None:
                 stats.append(s)
         logits_BLV = self.lm_head(self.norm(x_BLD))

@@ -13,7 +13,10 @@ are compressed the same way when ``q_lora_rank > 0``. The score of head h is
 
 This is the training form (latents expanded before attention). The "absorbed" inference form
 folds ``wkv_b`` into the query and output projections instead; it computes the same numbers.
-DeepSeek-V3's YaRN long-context scaling is not applied (plain RoPE, ``rope_theta``).
+In generation the KV cache holds only ``kv_norm(c)`` and the rotated ``k_rope`` of every slot
+(fsmoe.models.kv_cache), and keys and values are re-expanded from them at each step.
+``latent_norm_eps`` is the eps of ``q_norm``/``kv_norm`` (Hugging Face's DeepSeek-V3 fixes it at
+1e-6 whatever its ``rms_norm_eps``); ``scale`` overrides the softmax scale (YaRN's mscale).
 
 The up-projections (``wq_b``/``wq``, ``wkv_b``) are column-parallel by head and ``wo`` is
 row-parallel under tensor parallelism; ``forward`` reads the head count from their output size.
@@ -21,16 +24,18 @@ row-parallel under tensor parallelism; ``forward`` reads the head count from the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.models.attention import attention
+from fsmoe.models.kv_cache import Attend
 from fsmoe.models.norms import RMSNorm
 from fsmoe.models.rope import RopeTables, apply_rope
 
 
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, *, q_lora_rank: int, kv_lora_rank: int, qk_nope_head_dim: int,
-                 qk_rope_head_dim: int, v_head_dim: int, norm_eps: float, dropout: float):
+                 qk_rope_head_dim: int, v_head_dim: int, norm_eps: float, dropout: float,
+                 scale: float | None = None):
         super().__init__()
         self.nope_dim, self.rope_dim, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.q_lora_rank, self.kv_lora_rank, self.dropout = q_lora_rank, kv_lora_rank, dropout
@@ -45,7 +50,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(kv_lora_rank, eps=norm_eps)
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
-        self.scale = qk_dim ** -0.5
+        self.scale = qk_dim ** -0.5 if scale is None else scale
 
     def _query(self, x_BLD: Tensor) -> Tensor:
         """[B, L, D] -> [B, L, H*(N+R)], through the query latent when there is one."""
@@ -53,8 +58,9 @@ class MultiHeadLatentAttention(nn.Module):
             return self.wq_b(self.q_norm(self.wq_a(x_BLD)))
         return self.wq(x_BLD)
 
-    def forward(self, x_BLD: Tensor, rope: RopeTables) -> Tensor:
-        """x_BLD: [B, L, D]; rope: (cos_LP, sin_LP) over the R rotary dims. Returns [B, L, D]."""
+    def forward(self, x_BLD: Tensor, rope: RopeTables, attend: Attend | None = None) -> Tensor:
+        """x_BLD: [B, L, D]; rope: (cos, sin) [L, P] or [B, L, P] over the R rotary dims; attend:
+        generation's mask and compressed KV cache, None in training. Returns [B, L, D]."""
         B, L, _ = x_BLD.shape
         N, R, V = self.nope_dim, self.rope_dim, self.v_dim
         q_BLHX = self._query(x_BLD).view(B, L, -1, N + R)
@@ -62,12 +68,15 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope_BLHN, q_rope_BLHR = q_BLHX.split([N, R], dim=-1)
         # One latent and one rotary key per token, shared by every head.
         c_BLC, k_rope_BLR = self.wkv_a(x_BLD).split([self.kv_lora_rank, R], dim=-1)
-        kv_BLHY = self.wkv_b(self.kv_norm(c_BLC)).view(B, L, H, N + V)
-        k_nope_BLHN, v_BLHV = kv_BLHY.split([N, V], dim=-1)
-        k_rope_BL1R = apply_rope(k_rope_BLR.unsqueeze(2), *rope)
+        c_BLC = self.kv_norm(c_BLC)
+        k_rope_BLR = apply_rope(k_rope_BLR.unsqueeze(2), *rope).squeeze(2)
+        if attend is not None and attend.cache is not None:  # every slot so far: [B, S, C], [B, S, R]
+            c_BLC, k_rope_BLR = attend.cache.write(attend.start, c_BLC, k_rope_BLR)
+        S = c_BLC.shape[1]
+        kv_BSHY = self.wkv_b(c_BLC).view(B, S, H, N + V)
+        k_nope_BSHN, v_BSHV = kv_BSHY.split([N, V], dim=-1)
         q_BLHX = torch.cat((q_nope_BLHN, apply_rope(q_rope_BLHR, *rope)), dim=-1)
-        k_BLHX = torch.cat((k_nope_BLHN, k_rope_BL1R.expand(B, L, H, R)), dim=-1)
-        o_BHLV = F.scaled_dot_product_attention(
-            q_BLHX.transpose(1, 2), k_BLHX.transpose(1, 2), v_BLHV.transpose(1, 2), is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        k_BSHX = torch.cat((k_nope_BSHN, k_rope_BLR.unsqueeze(2).expand(B, S, H, R)), dim=-1)
+        o_BHLV = attention(q_BLHX.transpose(1, 2), k_BSHX.transpose(1, 2), v_BSHV.transpose(1, 2), attend,
+                           dropout=self.dropout if self.training else 0.0, scale=self.scale)
         return self.wo(o_BHLV.transpose(1, 2).reshape(B, L, -1))

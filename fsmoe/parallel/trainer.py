@@ -42,13 +42,13 @@ if TYPE_CHECKING:
 
 class ParallelTrainer(Trainer):
     def __init__(self, cfg: RunConfig, run_dir: Path | str, *, groups: ParallelGroups, resume: bool = False,
-                 console=None):
+                 console=None, init_from: Path | None = None):
         self.meshes = Meshes.build(groups)  # before the base class may load a checkpoint
         if console is None and groups.rank != 0:
             console = Console(quiet=True)  # rank 0 speaks for the job
-        super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console)
+        super().__init__(cfg, run_dir, resume=resume, groups=groups, console=console, init_from=init_from)
         # The default data path's dense gradients: AllReduce in buckets while backward runs, on GPUs
-        # (NCCL); also under a pipelined schedule whose plan runs that path (r = 1, no GradSync).
+        # (NCCL); also under a pipelined schedule, which leaves them to the buckets on NCCL (no GradSync).
         # gloo keeps the one flat AllReduce after backward: a CPU has no separate engine to overlap
         # it with.
         default_path = self.moe_schedule is None or self.moe_schedule.grad_sync is None
@@ -179,13 +179,13 @@ class ParallelTrainer(Trainer):
         super().load_state_dict(to_local_state(state))
 
 
-def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool) -> int:
+def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool, init_from: Path | None = None) -> int:
     """Entry point of one torchrun worker: groups, train, clean shutdown; any error on any rank
     stops every rank (fsmoe.parallel.launch)."""
 
     def main() -> int:
         groups = init_distributed(cfg.parallel, resolve_device(cfg.train).type)
-        trainer = ParallelTrainer(cfg, run_dir, groups=groups, resume=resume)
+        trainer = ParallelTrainer(cfg, run_dir, groups=groups, resume=resume, init_from=init_from)
         trainer.fit()
         trainer.close()
         shutdown_distributed()

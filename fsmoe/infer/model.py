@@ -1,0 +1,39 @@
+"""A model ready for generation from what is stored at a path: an fsmoe run directory (its newest
+intact checkpoint) or a Hugging Face directory (converted in memory, tensor by tensor)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fsmoe.config import ConfigError, ModelConfig, model_config_from_dict
+from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
+from fsmoe.models.hf.convert import is_hf_dir, load_weights, source_model
+
+
+def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[MoEDecoder, ModelConfig, bool]:
+    """(model in eval mode on ``device`` with weights in ``dtype``, its config, whether ``path``
+    holds a converted model (so it needs its own tokenizer)). Built on the meta device first, so
+    the host never holds a freshly initialised copy next to the loaded weights."""
+    path = Path(path)
+    try:
+        cfg = model_config_from_dict(source_model(path))
+        cfg.validate()
+    except ConfigError as e:
+        if e.field_name.startswith("model"):
+            raise ConfigError(f"{path / 'config.json'} -> {e.field_name}", e.value, e.allowed) from None
+        raise
+    with torch.device("meta"):
+        model = build_model(cfg, seed=0)
+    model.to(dtype)  # still on meta: the device memory is allocated once, in the weights' dtype
+    model.to_empty(device=device)
+    for mod in model.modules():
+        if isinstance(mod, RotaryEmbedding):  # the angle tables stay float32 whatever the weights' dtype
+            mod.to(torch.float32)
+            mod.reset_parameters()
+    for layer in model.moe_layers():
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+    load_weights(model, path)
+    converted = is_hf_dir(path) or (path / "hf_config.json").is_file()
+    return model.eval(), cfg, converted
