@@ -79,6 +79,11 @@ class Placement:
     def num_slots(self) -> int:
         return self.ranks * self.slots_per_rank
 
+    @property
+    def num_copies(self) -> int:
+        """Slots that hold an expert (experts plus their extra copies)."""
+        return sum(len(slots) for slots in self.slots_E)
+
     def copies(self, e: int) -> int:
         return len(self.slots_E[e])
 

@@ -43,3 +43,29 @@ def add_spare_slots(layer, spare: int) -> None:
     placement = Placement.initial(old.num_experts, old.ranks, spare)
     experts.placement = placement
     layer.dispatcher = layer.dispatcher.with_placement(placement)
+
+
+def pad_spare_rows(state: dict, model: nn.Module) -> dict:
+    """A trainer state read from a checkpoint (``{"model": {fqn: t}, "optim": {"state": {fqn: {k: t}}}}``,
+    local tensors) with every expert tensor of a layer with spare slots grown from its logical
+    ``[E/P, ...]`` rows to the slot count (the spare rows zero, as :func:`add_spare_slots` leaves
+    them), so ``set_state_dict`` finds the shapes of the model."""
+    slots = {}  # fqn -> (logical rows, slot rows)
+    for name, m in model.named_modules():
+        pl = getattr(m, "placement", None)
+        if isinstance(pl, Placement) and pl.num_slots > pl.num_experts:
+            for pname, _ in m.named_parameters(prefix=name):
+                slots[pname] = (pl.num_experts // pl.ranks, pl.slots_per_rank)
+
+    def grow(fqn: str, t):
+        if fqn not in slots or not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != slots[fqn][0]:
+            return t
+        return torch.cat([t, t.new_zeros((slots[fqn][1] - t.shape[0], *t.shape[1:]))])
+
+    out = dict(state)
+    out["model"] = {k: grow(k, v) for k, v in state.get("model", {}).items()}
+    if "optim" in state:
+        out["optim"] = dict(state["optim"])
+        out["optim"]["state"] = {k: {n: grow(k, v) for n, v in moments.items()}
+                                 for k, moments in state["optim"].get("state", {}).items()}
+    return out
