@@ -36,8 +36,8 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
-from fsmoe.placement.policy import PlacementCost, balance_ratio
-from fsmoe.placement.rebalance import Rebalancer, RebalanceSettings
+from fsmoe.placement.policy import balance_ratio
+from fsmoe.placement.rebalance import build_rebalancer
 from fsmoe.placement.slots import add_spare_slots, pad_spare_rows, spare_slots_for
 from fsmoe.train import StepResult, Trainer, resolve_device
 
@@ -57,7 +57,7 @@ class ParallelTrainer(Trainer):
         # overlap it with.
         self.dp_sync = (BucketedGradSync(self.model, groups)
                         if groups.dp > 1 and self.moe_schedule is None and groups.backend == "nccl" else None)
-        self.rebalancer = build_rebalancer(cfg, self.model, groups, self.device)
+        self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
     def build_model(self) -> nn.Module:
         model = parallelize(super().build_model(), self.groups)
@@ -173,25 +173,6 @@ class ParallelTrainer(Trainer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(pad_spare_rows(to_local_state(state), self.model))
-
-
-def build_rebalancer(cfg: RunConfig, model: nn.Module, groups: ParallelGroups, device) -> Rebalancer | None:
-    """``parallel.placement`` != static: the rebalancer of the model's MoE layers, with the cost
-    model estimated from the expert shape and rough rates of the backend (docs/placement.md)."""
-    p = cfg.parallel
-    if p.placement == "static":
-        return None
-    layers = model.moe_layers()
-    ex = layers[0].experts
-    _, D, F = ex.w1_EDF.shape
-    gemms = 3 if ex.w3_EDF is not None else 2
-    flops, bandwidth = (4e14, 1e11) if groups.backend == "nccl" else (2e10, 1e9)  # per rank
-    cost = PlacementCost.estimate(gemms * D * F, D, F, gemms, 4, flops, bandwidth, p.placement_interval)
-    nodes = groups.topology.num_nodes
-    nodes = nodes if nodes > 1 and p.ep % nodes == 0 and cfg.model.moe.num_experts % nodes == 0 else 1
-    settings = RebalanceSettings(p.placement, p.placement_interval, p.placement_threshold, p.placement_max_moved,
-                                 nodes)
-    return Rebalancer(settings, layers, groups.ep_group, groups.world_group, cost, device, edp=groups.edp)
 
 
 def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool) -> int:

@@ -129,3 +129,24 @@ class Rebalancer:
             for ly, pl in zip(self.layers, saved):
                 if ly.experts.placement is not pl:
                     migrate(ly, pl, self.ep_group, optimizer)
+
+
+def build_rebalancer(p, layers: list, groups, device: torch.device) -> Rebalancer | None:
+    """The rebalancer of ``parallel.placement`` (``p``: a ParallelConfig) over ``layers`` (the
+    model's ``ParallelMoELayer`` s, spare slots added); None for static. The cost model is
+    estimated from the expert shape and rough per-rank rates of the backend (GPU: 400 TFLOP/s,
+    100 GB/s; CPU: 20 GFLOP/s, 1 GB/s): only their ratios steer the policy (docs/placement.md)."""
+    if p.placement == "static":
+        return None
+    ex = layers[0].experts
+    _, D, F = ex.w1_EDF.shape
+    gemms = 3 if ex.w3_EDF is not None else 2
+    flops, bandwidth = (4e14, 1e11) if groups.backend == "nccl" else (2e10, 1e9)
+    cost = PlacementCost.estimate(gemms * D * F, D, F, gemms, ex.w1_EDF.element_size(), flops, bandwidth,
+                                  p.placement_interval)
+    nodes = groups.topology.num_nodes
+    E = ex.placement.num_experts
+    nodes = nodes if nodes > 1 and p.ep % nodes == 0 and E % nodes == 0 else 1
+    settings = RebalanceSettings(p.placement, p.placement_interval, p.placement_threshold, p.placement_max_moved,
+                                 nodes)
+    return Rebalancer(settings, layers, groups.ep_group, groups.world_group, cost, device, edp=groups.edp)
