@@ -1,14 +1,17 @@
 """``ParallelTrainer`` (what ``fsmoe train --nproc 2 --ep 2`` runs) with ``parallel.placement =
 flexmoe | eplb``: rebalances every two steps move experts (weights and AdamW state) and the
 losses stay those of the static placement; the routing trace is written; a run checkpointed
-mid-way (under the logical expert layout) resumes on the same curve. One launch of two gloo
+while its experts sat in moved placements (saved under the logical expert layout) resumes, under
+the EPLB-style policy, on the same curve. One launch of two gloo
 processes runs every trainer in turn."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_utils import run_workers
 from fsmoe.placement.traffic import read_trace
@@ -38,10 +41,14 @@ def _trainers(rank, world, root: str):
                                   console=Console(quiet=True))
         trainer.fit()
 
-    train("static", 8, [])
-    train("flex", 8, ["parallel.placement='flexmoe'", "train.trace=true"] + FLEX)
-    train("eplb", 4, ["parallel.placement='eplb'"] + FLEX)
-    train("eplb", 8, ["parallel.placement='eplb'"] + FLEX, resume=True)
+    train("static", 6, [])
+    # checkpoints at steps 3 and 6 are written while experts sit in moved placements
+    train("flex", 6, ["parallel.placement='flexmoe'", "train.trace=true", "train.ckpt_every=3"] + FLEX)
+    if rank == 0:  # resume from step 3, and under the other policy
+        shutil.copytree(Path(root) / "flex", Path(root) / "resumed")
+        shutil.rmtree(Path(root) / "resumed" / "ckpt" / "step_6")
+    torch.distributed.barrier()
+    train("resumed", 6, ["parallel.placement='eplb'"] + FLEX, resume=True)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -66,6 +73,8 @@ def test_flexmoe_and_eplb_train_like_static_and_resume(tmp_path):
     assert all(r["placement_balance_after"] <= r["placement_balance_before"] + 1e-9 for r in moves)
     assert all(r["placement_moved_fraction"] <= 0.25 and "rank_balance" in r for r in moves)
     trace = read_trace(tmp_path / "flex" / "routing_trace.jsonl.gz")
-    assert trace.steps.tolist() == list(range(1, 9)) and trace.counts_NMRE.shape == (8, 2, 2, 8)
-    assert trace.counts_NMRE.sum() == 8 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
-    same_curve(records(tmp_path / "eplb"), ref)
+    assert trace.steps.tolist() == list(range(1, 7)) and trace.counts_NMRE.shape == (6, 2, 2, 8)
+    assert trace.counts_NMRE.sum() == 6 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
+    resumed = records(tmp_path / "resumed")
+    same_curve(resumed, ref)
+    assert any("placement_balance_before" in r for r in resumed if r["step"] > 3)
