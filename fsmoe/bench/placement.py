@@ -240,6 +240,7 @@ def replay(trace_path: str, interval: int, extra_slots: float, threshold: float,
                     placements[m] = new
                 next_bal.append(balance_ratio(nxt[m].tolist(), placements[m]))
                 same_bal.append(balance_ratio(seen[m].tolist(), placements[m]))
+        out.setdefault("per_window", {})[policy] = [float(np.mean(next_bal[i:i + M])) for i in range(0, len(next_bal), M)]
         out[policy] = {"next_window_balance_mean": float(np.mean(next_bal)) if next_bal else None,
                        "next_window_balance_max": float(np.max(next_bal)) if next_bal else None,
                        "same_window_balance_mean": float(np.mean(same_bal)) if same_bal else None,
@@ -260,6 +261,25 @@ def replay_table(r: dict) -> str:
                     f"{p['same_window_balance_mean']:.3f} | "
                     f"{100 * p['moved_fraction_mean']:.1f}% / {100 * p['moved_fraction_max']:.1f}% |")
     return "\n".join(rows)
+
+
+def replay_png(r: dict, path: str) -> None:
+    """Balance ratio (next window, mean over layers) of each policy against the rebalance."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for policy, ratios in r["per_window"].items():
+        steps = [(w + 2) * r["interval"] for w in range(len(ratios))]
+        ax.plot(steps, ratios, "o-", label=policy, markersize=3)
+    ax.axhline(1.05, color="gray", linestyle="--", label="1.05")
+    ax.set_xlabel("step (end of the window scored)")
+    ax.set_ylabel("max / mean expert rows per EP rank")
+    ax.set_title(f"{r['experts']} experts on EP={r['ep']}, {100 * r['extra_slot_fraction']:.1f}% extra slots, "
+                 f"rebalance every {r['interval']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=110)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -289,12 +309,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-moved", type=float, default=0.1)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--trace", help="replay the policies on this routing trace (routing_trace.jsonl.gz) instead")
+    p.add_argument("--plot", help="with --trace: draw the balance per window to this PNG")
 
 
 def run(args) -> int:
     if args.trace:
         r = replay(args.trace, args.interval, args.extra_slots, args.threshold, args.max_moved, args.ep or None)
         print(replay_table(r))
+        if args.plot:
+            replay_png(r, args.plot)
         if args.json:
             Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
         return 0

@@ -90,7 +90,7 @@ class DispatchLayout:
         order_E: the placement's physical order (default: expert p*El + j in slot j of rank p);
         the ranges default to those of a whole layer."""
         counts = tuple(tuple(tuple(int(c) for c in row) for row in ps) for ps in counts_PSE)
-        P, S, E = len(counts), len(counts[0]), len(counts[0][0])
+        E = len(counts[0][0])
         order = tuple(range(E)) if order_E is None else tuple(order_E)
         pieces = replica_shares(counts, order)  # [P][S][K] (start within the expert's rows, rows)
         phys = tuple(tuple(tuple(n for _, n in row) for row in ps) for ps in pieces)
