@@ -159,7 +159,8 @@ class PolicyRun:
                 "expert_imbalance": statistics.median(self.expert_imbalance),
                 "slots_per_rank": placements[0].slots_per_rank, "experts_per_rank": self.args.experts // self.groups.ep,
                 "replicas": sum(p.num_copies - p.num_experts for p in placements),
-                "pause_s": sum(x["placement_pause_s"] for x in r), "moved_bytes": sum(x["placement_moved_bytes"] for x in r),
+                "pause_s": sum(x["placement_pause_s"] for x in r),
+                "moved_bytes": sum(x["placement_moved_bytes"] for x in r),
                 "moved_fraction_per_rebalance": [x["placement_moved_fraction"] for x in r],
                 "balance_before_after": [(x["placement_balance_before"], x["placement_balance_after"]) for x in r]}
 
@@ -240,7 +241,8 @@ def replay(trace_path: str, interval: int, extra_slots: float, threshold: float,
                     placements[m] = new
                 next_bal.append(balance_ratio(nxt[m].tolist(), placements[m]))
                 same_bal.append(balance_ratio(seen[m].tolist(), placements[m]))
-        out.setdefault("per_window", {})[policy] = [float(np.mean(next_bal[i:i + M])) for i in range(0, len(next_bal), M)]
+        per_window = [float(np.mean(next_bal[i:i + M])) for i in range(0, len(next_bal), M)]
+        out.setdefault("per_window", {})[policy] = per_window
         out[policy] = {"next_window_balance_mean": float(np.mean(next_bal)) if next_bal else None,
                        "next_window_balance_max": float(np.max(next_bal)) if next_bal else None,
                        "same_window_balance_mean": float(np.mean(same_bal)) if same_bal else None,

@@ -12,8 +12,8 @@ DCP writes each shard once with its global offsets and, on load, reads whatever 
 loading layout needs, so a checkpoint saved at EP=4 loads at EP=1, 2 or 8, under any MP/ESP, or
 in one process (plain full tensors). Spare expert slots (FlexMoE replicas,
 ``fsmoe.placement.slots``) are left out: with the experts in ``Placement.initial`` the leading
-E/P rows of each shard are the logical experts, and only they are wrapped. The wrapping shares storage with the parameters, so DCP's
-in-place load fills the model directly; :func:`to_local_state` unwraps afterwards.
+E/P rows of each shard are the logical experts, and only they are wrapped. The wrapping shares
+storage with the parameters, so DCP's in-place load fills the model directly; :func:`to_local_state` unwraps afterwards.
 """
 from __future__ import annotations
 

@@ -66,7 +66,8 @@ class RebalanceReport:
 
     def metrics(self) -> dict:
         return {"placement_step": self.step, "placement_balance_before": round(self.balance_before, 4),
-                "placement_balance_after": round(self.balance_after, 4), "placement_layers_changed": self.layers_changed,
+                "placement_balance_after": round(self.balance_after, 4),
+                "placement_layers_changed": self.layers_changed,
                 "placement_moved_fraction": round(self.moved_fraction, 4), "placement_moved_bytes": self.moved_bytes,
                 "placement_pause_s": round(self.pause_s, 4), "placement_replicas": self.replicas}
 
