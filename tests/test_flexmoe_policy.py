@@ -82,6 +82,20 @@ def test_flexmoe_trigger_budget_and_stability():
         eplb_policy(load, pl, nodes=3)
 
 
+def test_traffic_window_keeps_the_last_steps():
+    import torch
+
+    from fsmoe.placement.traffic import TrafficWindow, gather_traffic
+
+    w = TrafficWindow(num_layers=2, num_experts=3, window=2, device=torch.device("cpu"))
+    for step in range(3):
+        w.record(torch.full((2, 3), step + 1))
+    assert w.sum_ME().tolist() == [[5, 5, 5]] * 2  # steps 2 and 3
+    assert gather_traffic(w.sum_ME()).shape == (2, 1, 3)  # one process: one source
+    with pytest.raises(ValueError, match="window"):
+        TrafficWindow(1, 1, 0, torch.device("cpu"))
+
+
 def test_routing_trace_round_trip(tmp_path):
     path = tmp_path / "routing_trace.jsonl.gz"
     w = TraceWriter(path, {"num_layers": 2, "num_experts": 3, "sources": 2, "source_ep_rank": [0, 1], "ep": 2,
