@@ -34,7 +34,7 @@ cpu() {
   local n
   for n in $NPROCS; do
     OMP_NUM_THREADS=1 taskset -c "$CORES" timeout "$LIMIT" "$PY" -m fsmoe.cli bench placement --nproc "$n" \
-      --device cpu --experts $((8 * n)) --layers 2 --d-model 128 --d-ff 1024 --batch 2 --seq-len 128 --skew 0.3 \
+      --device cpu --experts $((8 * n)) --layers 2 --d-model 128 --d-ff 512 --batch 8 --seq-len 128 --skew 0.3 \
       --interval 4 --rebalances 3 --iters 8 --json "$OUT/cpu$n.json"
   done
 }

@@ -20,8 +20,10 @@ tokens):
        load hits all alike); a step's time is the slowest rank's; the median is reported, with
        the rank balance (max/mean expert rows per EP rank) and the expert imbalance.
 
-Reported: median step time, speedup over static, balance ratios, the rebalances' pause and
-bytes moved. Replay (``--trace FILE``, one process, no GPU): for every window of ``--interval``
+Reported: median step time (wall clock of the slowest rank), speedup over static, the slowest
+rank's CPU time per step (``time.process_time``: what the step costs that rank's core, which on a
+machine whose cores are shared with other processes is steadier than the wall clock; host time
+only on GPUs), balance ratios, the rebalances' pause and bytes moved. Replay (``--trace FILE``, one process, no GPU): for every window of ``--interval``
 steps, the policy's placement from that window is scored on the *next* window (the traffic it
 would really meet; also on the window it saw), with the extra slots and the share of expert
 bytes it moved.
@@ -112,7 +114,7 @@ class PolicyRun:
         gen = torch.Generator().manual_seed(1000 + groups.rank)
         self.x = torch.randn(args.batch, args.seq_len, args.d_model, generator=gen).to(device)
         self.steps, self.reports = 0, []
-        self.times, self.rank_balance, self.expert_imbalance = [], [], []
+        self.times, self.cpu_times, self.rank_balance, self.expert_imbalance = [], [], [], []
 
     def step(self, timed: bool) -> None:
         """Forward, backward, gradient sync (replicas included), AdamW; then, while warming up,
@@ -125,7 +127,7 @@ class PolicyRun:
                 ly.router.shift(self.steps // args.shift_every)
         if groups.distributed:
             dist.barrier(group=groups.world_group)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         h, counts = self.x, []
         for ly in self.moe:
             y, stats = ly(h)
@@ -137,11 +139,12 @@ class PolicyRun:
         self.opt.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t = _max_over_ranks(time.perf_counter() - t0, groups)
+        t, cpu = _max_over_ranks([time.perf_counter() - t0, time.process_time() - c0], groups)
         self.steps += 1
         counts_ME = torch.stack(counts)
         if timed:
             self.times.append(t)
+            self.cpu_times.append(cpu)
             total = _sum_over_ranks(counts_ME, groups).cpu()
             self.rank_balance.append(float(np.mean([balance_ratio(c.tolist(), ly.experts.placement)
                                                     for c, ly in zip(total, self.moe)])))
@@ -155,6 +158,7 @@ class PolicyRun:
         placements = [ly.experts.placement for ly in self.moe]
         r = self.reports
         return {"policy": self.policy, "step_ms": 1e3 * statistics.median(self.times),
+                "cpu_ms": 1e3 * statistics.median(self.cpu_times),
                 "rank_balance": statistics.median(self.rank_balance),
                 "expert_imbalance": statistics.median(self.expert_imbalance),
                 "slots_per_rank": placements[0].slots_per_rank, "experts_per_rank": self.args.experts // self.groups.ep,
@@ -165,12 +169,12 @@ class PolicyRun:
                 "balance_before_after": [(x["placement_balance_before"], x["placement_balance_after"]) for x in r]}
 
 
-def _max_over_ranks(t: float, groups: ParallelGroups) -> float:
+def _max_over_ranks(ts: list[float], groups: ParallelGroups) -> list[float]:
     if not groups.distributed:
-        return t
-    v = torch.tensor([t], dtype=torch.float64, device=device_for(groups.backend))
+        return ts
+    v = torch.tensor(ts, dtype=torch.float64, device=device_for(groups.backend))
     dist.all_reduce(v, op=dist.ReduceOp.MAX, group=groups.world_group)
-    return float(v)
+    return v.tolist()
 
 
 def _sum_over_ranks(counts_ME: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
@@ -190,8 +194,10 @@ def live_main(args, groups: ParallelGroups, device) -> int:
             run.step(timed=True)
     results = [run.result() for run in runs]
     base = next((r["step_ms"] for r in results if r["policy"] == "static"), None)
+    base_cpu = next((r["cpu_ms"] for r in results if r["policy"] == "static"), None)
     for r in results:
         r["speedup_vs_static"] = round(base / r["step_ms"], 3) if base else None
+        r["cpu_speedup_vs_static"] = round(base_cpu / r["cpu_ms"], 3) if base_cpu else None
     if groups.rank == 0:
         setup = {k: getattr(args, k) for k in ("experts", "top_k", "layers", "d_model", "d_ff", "batch", "seq_len",
                                                "skew", "shift_every", "hot", "interval", "rebalances", "iters",
@@ -205,10 +211,12 @@ def live_main(args, groups: ParallelGroups, device) -> int:
 
 
 def live_table(results: list[dict]) -> str:
-    rows = ["| policy | step ms | speedup vs static | rank balance (max/mean) | expert imbalance | slots/rank "
-            "| extra copies | pause s | moved MB |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| policy | step ms | speedup vs static | slowest rank CPU ms | CPU speedup | rank balance (max/mean) "
+            "| expert imbalance | slots/rank | extra copies | pause s | moved MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        rows.append(f"| {r['policy']} | {r['step_ms']:.1f} | {r['speedup_vs_static']} | {r['rank_balance']:.3f} | "
+        rows.append(f"| {r['policy']} | {r['step_ms']:.1f} | {r['speedup_vs_static']} | {r['cpu_ms']:.1f} | "
+                    f"{r['cpu_speedup_vs_static']} | {r['rank_balance']:.3f} | "
                     f"{r['expert_imbalance']:.2f} | {r['slots_per_rank']} ({r['experts_per_rank']} experts) | "
                     f"{r['replicas']} | {r['pause_s']:.3f} | {r['moved_bytes'] / 2**20:.1f} |")
     return "\n".join(rows)
@@ -295,7 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--d-ff", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    p.add_argument("--batch", type=int, default=8, help="sequences per rank")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the synthetic logit bias")
     p.add_argument("--hot", choices=["clustered", "spread"], default="clustered",
