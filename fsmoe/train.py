@@ -16,7 +16,7 @@ Run directory::
 
     config.json    the resolved RunConfig (the base config of ``--resume``)
     metrics.jsonl  one record per logged step (see fsmoe.metrics)
-    routing_trace.jsonl.gz  with train.trace: every step's source-rank x expert counts (fsmoe.placement.traffic)
+    routing_trace.jsonl.gz  train.trace: each step's source-rank x expert counts (fsmoe.placement.traffic)
     tb/            TensorBoard events
     ckpt/step_N/   the last two DCP checkpoints
     loss.png, expert_load.png

@@ -23,10 +23,10 @@ tokens):
 Reported: median step time (wall clock of the slowest rank), speedup over static, the slowest
 rank's CPU time per step (``time.process_time``: what the step costs that rank's core, which on a
 machine whose cores are shared with other processes is steadier than the wall clock; host time
-only on GPUs), balance ratios, the rebalances' pause and bytes moved. Replay (``--trace FILE``, one process, no GPU): for every window of ``--interval``
-steps, the policy's placement from that window is scored on the *next* window (the traffic it
-would really meet; also on the window it saw), with the extra slots and the share of expert
-bytes it moved.
+only on GPUs), balance ratios, the rebalances' pause and bytes moved. Replay (``--trace FILE``,
+one process, no GPU): for every window of ``--interval`` steps, the policy's placement from
+that window is scored on the *next* window (the traffic it would really meet; also on the window
+it saw), with the extra slots and the share of expert bytes it moved.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ and are summed over the ``world``; routed experts get every token routed to them
 group and are summed over their replicas (``edp``); the copies of an expert that FlexMoE placed
 on several EP ranks are then summed over their copies (``fsmoe.placement.replicas``). The aux
 losses are token means over this rank's share with batch statistics made global by the router
-(``balance_group``), and ``ParallelMoELayer`` divides them by mp, so their sum over the world divided by dp is ``A``.
+(``balance_group``), and ``ParallelMoELayer`` divides them by mp, so their sum over the world
+divided by dp is ``A``.
 
 Grad-norm: each shard is counted once (``ParamSharding.is_owner``): TP shards summed over mp,
 experts over ep x esp, replicated parameters once; then one AllReduce over the world. This is

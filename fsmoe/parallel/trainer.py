@@ -105,7 +105,8 @@ class ParallelTrainer(Trainer):
         total = sum(numel(p) for p in self.model.parameters())
         for layer in self.model.moe_layers():  # spare expert slots are no parameters of the model
             pl = layer.experts.placement
-            total -= sum(numel(p) for p in layer.experts.parameters()) * (pl.num_slots - pl.num_experts) // pl.num_slots
+            spare = pl.num_slots - pl.num_experts
+            total -= sum(numel(p) for p in layer.experts.parameters()) * spare // pl.num_slots
         active = total
         for layer in self.model.moe_layers():
             pl = layer.experts.placement
