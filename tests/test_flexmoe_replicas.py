@@ -179,3 +179,43 @@ def test_training_with_copies_and_moves_equals_static_and_never_hangs():
         (s_loss, _, _), (f_loss, moved, _) = results[0][case]
         assert len(f_loss) == (50, 6)[case] and max(abs(a - b) for a, b in zip(s_loss, f_loss)) < 1e-5, (s_loss, f_loss)
         assert moved > 0 and all(r[case][1][2] for r in results)
+
+
+def _esp_worker(rank, world):
+    """EP2 x ESP2 (4 ranks): static, then random placements with copies every 3 steps; returns
+    the largest difference of the global loss and the clipped grad norm."""
+    from fsmoe.config import ParallelConfig
+    from fsmoe.models import build_model
+    from fsmoe.parallel.grads import global_mean
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.parallel.tensor_parallel import parallelize
+    from fsmoe.placement.migrate import migrate
+    from fsmoe.placement.slots import add_spare_slots
+    from test_dist_layouts import B, batches, model_cfg, optimizer, train_step
+
+    runs = []
+    for spare in (0, 2):
+        groups = build_groups(ParallelConfig(dp=4, ep=2, esp=2))
+        model = parallelize(build_model(model_cfg("gpt"), seed=3), groups)
+        for layer in model.moe_layers():
+            add_spare_slots(layer, spare)
+        opt = optimizer(model)
+        rows = slice(groups.dp_rank * B // 4, (groups.dp_rank + 1) * B // 4)
+        rng, out = random.Random(7), []
+        for step, (x, y) in enumerate(batches(6)):
+            if spare and step % 3 == 0:
+                for layer in model.moe_layers():
+                    old = layer.experts.placement
+                    new = random_placement(rng, old.num_experts, old.ranks, spare, old.version + 1)
+                    migrate(layer, new, groups.ep_group, opt)
+            _, loss, norm, _ = train_step(model, opt, x[rows], y[rows], groups, 0.05)
+            out.append((global_mean(loss, groups).item(), norm.item()))
+        runs.append(out)
+    return max(max(abs(a[0] - b[0]), abs(a[1] - b[1])) for a, b in zip(*runs))
+
+
+@pytest.mark.dist
+def test_copies_with_expert_sharding():
+    """EP2 x ESP2: each ESP rank moves and syncs its d_ff shard of every copy; losses and the
+    grad norm (each expert counted once) equal the static run's."""
+    assert max(run_workers(_esp_worker, 4, timeout_s=180)) < 1e-5
