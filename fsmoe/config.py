@@ -312,6 +312,14 @@ class ParallelConfig:
     expert_swap_every: int = 0  # swap one pair of experts every this many steps (0 = never)
     swap_policy: str = "hierd"  # hierd: by the predicted dispatch time | tokens: by raw token counts
     swap_gamma: float = 10.0  # smooth-max sharpness of the swap objective
+    # Expert placement (fsmoe.placement, docs/placement.md): "static" keeps expert p*E/ep + j on EP
+    # rank p; "flexmoe" / "eplb" replicate, shrink and move experts every placement_interval steps
+    # by the measured routing traffic, into placement_extra_slots * E/ep spare slots per rank.
+    placement: str = "static"
+    placement_interval: int = 50  # steps between rebalances (and the traffic window)
+    placement_threshold: float = 1.05  # flexmoe: rebalance when max/mean rank load exceeds this
+    placement_extra_slots: float = 0.125  # spare slots per rank, as a fraction of E/ep (rounded up)
+    placement_max_moved: float = 0.1  # flexmoe: at most this fraction of the experts moves per rebalance
 
     @property
     def world(self) -> int:
@@ -339,10 +347,10 @@ class ParallelConfig:
         _check(isinstance(self.pipeline_degree, int) and self.pipeline_degree >= 0, f"{prefix}.pipeline_degree",
                self.pipeline_degree, "must be an integer >= 0 (0 = the planner's r)")
         self._validate_hierarchy(prefix)
+        self._validate_placement(num_experts, prefix)
         if self.schedule == "default":
             _check(self.pipeline_degree == 0, f"{prefix}.pipeline_degree", self.pipeline_degree,
                    f"needs a pipelined {prefix}.schedule (one of {list(SCHEDULES[1:])}); 'default' runs r = 1")
-
 
     def _validate_hierarchy(self, prefix: str) -> None:
         """Topology, dedup depth and expert swaps (fsmoe.comm.hierarchical, fsmoe.placement.swap)."""
@@ -359,6 +367,25 @@ class ParallelConfig:
         _at_least(f"{prefix}.expert_swap_every", self.expert_swap_every, 0)
         _one_of(f"{prefix}.swap_policy", self.swap_policy, set(SWAP_POLICIES))
         _positive(f"{prefix}.swap_gamma", self.swap_gamma)
+
+    def _validate_placement(self, num_experts: int, prefix: str) -> None:
+        _one_of(f"{prefix}.placement", self.placement, PLACEMENTS)
+        _at_least(f"{prefix}.placement_interval", self.placement_interval, 1)
+        _in_range(f"{prefix}.placement_threshold", self.placement_threshold, 1.0, 100.0)
+        _check(isinstance(self.placement_extra_slots, (int, float)) and 0 < self.placement_extra_slots <= 1,
+               f"{prefix}.placement_extra_slots", self.placement_extra_slots,
+               "must be in (0, 1] (spare slots per rank as a fraction of num_experts / ep)")
+        _check(isinstance(self.placement_max_moved, (int, float)) and 0 < self.placement_max_moved <= 1,
+               f"{prefix}.placement_max_moved", self.placement_max_moved, "must be in (0, 1]")
+        if self.placement != "static":
+            _check(self.ep >= 2, f"{prefix}.placement", self.placement,
+                   f"moves experts between EP ranks, so it needs {prefix}.ep >= 2 (got ep={self.ep}); use 'static'")
+            _check(self.schedule == "default", f"{prefix}.placement", self.placement,
+                   f"runs with {prefix}.schedule='default' only (the pipelined schedule plans for fixed "
+                   "expert shards); use 'static' or the default schedule")
+
+
+PLACEMENTS = ("static", "flexmoe", "eplb")
 
 
 @dataclass
@@ -388,6 +415,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | moe (recompute the experts' MLP) | full (every block)
     compile: bool = False  # torch.compile the dense parts of each block (attention, norms, dense FFN); CUDA only
     on_nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (error) | skip (the step, counted)
+    trace: bool = False  # write every step's source-rank x expert routing counts (routing_trace.jsonl.gz)
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -412,6 +440,7 @@ class TrainConfig:
         _one_of(f"{prefix}.activation_checkpointing", self.activation_checkpointing, {"none", "moe", "full"})
         _check(isinstance(self.compile, bool), f"{prefix}.compile", self.compile, "must be true or false")
         _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
+        _check(isinstance(self.trace, bool), f"{prefix}.trace", self.trace, "must be true or false")
         _check(isinstance(self.timeline_steps, int) and self.timeline_steps >= 0, f"{prefix}.timeline_steps",
                self.timeline_steps, "must be an integer >= 0 (0 = off)")
 
@@ -475,6 +504,10 @@ class RunConfig:
             _check(m.moe.dispatcher == "hierarchical", "parallel.expert_swap_every", p.expert_swap_every,
                    f"swaps experts under model.moe.dispatcher='hierarchical' (it scores the routing that "
                    f"dispatcher records), not {m.moe.dispatcher!r}")
+        if p.placement != "static":  # replicas and spare slots live in the flat dispatch layout
+            _check(m.moe.dispatcher in ("auto", "alltoall"), "parallel.placement", p.placement,
+                   f"moves and replicates experts under model.moe.dispatcher='alltoall' or 'auto', not "
+                   f"{m.moe.dispatcher!r}; use parallel.placement='static' there")
         _check(m.moe.dispatcher != "local" or p.ep * p.esp == 1, "model.moe.dispatcher", m.moe.dispatcher,
                f"needs ep*esp == 1 (got ep={p.ep}, esp={p.esp}); use 'auto' or 'alltoall'")
 

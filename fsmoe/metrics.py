@@ -11,6 +11,9 @@ Shape legend: E experts of one MoE layer, M MoE layers.
     mfu (CUDA only: model FLOPs utilisation of the job's GPUs, fsmoe.models.flops),
     peak_mem_gb (CUDA only: this rank's peak allocated GPU memory so far, GiB),
     skipped_steps (train.on_nonfinite=skip only: non-finite steps not applied so far)
+    rank_balance (EP runs: max/mean expert rows per EP rank under the expert placement)
+    placement_* (parallel.placement != static, after a rebalance: balance before/after, bytes
+    moved, pause; see docs/placement.md)
 
 On resume, records after the checkpoint's step are removed (they are recomputed identically) and
 TensorBoard purges its events after that step, so both logs read like one uninterrupted run.

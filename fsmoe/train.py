@@ -16,6 +16,7 @@ Run directory::
 
     config.json    the resolved RunConfig (the base config of ``--resume``)
     metrics.jsonl  one record per logged step (see fsmoe.metrics)
+    routing_trace.jsonl.gz  train.trace: each step's source-rank x expert counts (fsmoe.placement.traffic)
     tb/            TensorBoard events
     ckpt/step_N/   the last two DCP checkpoints
     loss.png, expert_load.png
@@ -55,6 +56,7 @@ from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
 from fsmoe.models.hf.convert import load_weights
 from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.placement.traffic import TRACE_FILE, TraceWriter, gather_traffic
 from fsmoe.recompute import configure_recompute
 
 if TYPE_CHECKING:  # the pipelined schedule is built by fsmoe.parallel's trainer, never here
@@ -287,6 +289,17 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
+        self.tracer = self._trace_writer() if self.tcfg.trace and self.is_writer else None
+
+    def _trace_writer(self) -> TraceWriter:
+        """``train.trace``: the routing trace of this run (fsmoe.placement.traffic; rank 0 writes)."""
+        m = self.cfg.model.moe
+        world = self.groups.world if self.groups is not None else 1
+        ep_of = [self.groups.layout.coords(r).ep for r in range(world)] if self.groups is not None else [0]
+        return TraceWriter(self.run_dir / TRACE_FILE, {
+            "num_layers": len(self.model.moe_layers()), "num_experts": m.num_experts, "sources": world,
+            "source_ep_rank": ep_of, "ep": self.cfg.parallel.ep, "top_k": m.router.top_k,
+            "tokens_per_step": self.tcfg.batch_size * self.tcfg.seq_len, "run": self.cfg.name})
 
     def _build_data(self) -> tuple[Corpus, BatchSampler, list[tuple[Tensor, Tensor]]]:
         """The corpus, this rank's train sampler, and the fixed validation batches."""
@@ -412,10 +425,21 @@ class Trainer:
             layer.router.after_step()
         self.step += 1
         loads = [s.tokens_per_expert for s in out.moe_stats]
+        if loads:
+            self.observe_routing(torch.stack(loads))
         return StepResult(ce.detach(), aux.detach(), grad_norm.detach().float(), lr,
                           torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long, device=self.device),
                           sum((s.dropped for s in out.moe_stats), torch.zeros((), dtype=torch.long, device=self.device)),
                           torch.stack([self.guard.count, self.guard.first]))
+
+    def observe_routing(self, counts_ME: Tensor) -> None:
+        """This rank's routing counts of the step just taken (``[M, E]``): every rank's go to the
+        routing trace (``train.trace``; then a collective and a host sync per step).
+        fsmoe.parallel's trainer also feeds them to the expert placement policy."""
+        if self.tcfg.trace:
+            counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
+            if self.tracer is not None:
+                self.tracer.write(self.step, counts_MRE)
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Whether every rank's step was finite (one process: its own flag). Every rank must take
@@ -476,6 +500,8 @@ class Trainer:
                 # tokens/s covers training only, not evaluation or checkpointing
                 clock, tokens = time.perf_counter(), 0
         self.metrics.close()
+        if self.tracer is not None:
+            self.tracer.close()
         return self._finish()
 
     def mfu(self, tokens_per_s: float) -> float | None:

@@ -168,3 +168,12 @@ def test_preset_override():
     assert cfg.model.n_layers == 2 and cfg.parallel.ep == 8
     with pytest.raises(ConfigError, match="parallel.ep"):
         load_config("mixtral-8x7b", ["parallel.dp=16", "parallel.ep=16"])  # 16 does not divide 8 experts
+
+
+def test_placement_policies_refuse_the_hierarchical_dispatchers():
+    """Replicas and spare slots live in the flat dispatch layout: a moving placement under the
+    hierarchical or 2DH dispatcher is refused, naming the field and what it needs."""
+    for dispatcher in ("hierarchical", "2dh"):
+        with pytest.raises(ConfigError, match=r"parallel\.placement.*alltoall"):
+            load_config("tiny", ["parallel.dp=4", "parallel.ep=4", "parallel.placement=flexmoe",
+                                 f"model.moe.dispatcher={dispatcher}"])

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeline", type=int, nargs="?", const=3, metavar="STEPS",
                         help="record STEPS (default 3) steps' op timeline: timeline.json + timeline.png in the "
                              "run dir, refit error in metrics (train.timeline_steps; needs parallel.schedule)")
+    parser.add_argument("--trace", action="store_true", default=None,
+                        help="write every step's source-rank x expert routing counts to routing_trace.jsonl.gz in "
+                             "the run dir (train.trace; docs/placement.md)")
     add_parallel_arguments(parser)
 
 
@@ -56,7 +59,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     + ``--set`` + the shortcut flags, which win."""
     overrides = parallel_overrides(args) + list(args.overrides)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
-                      ("timeline", "train.timeline_steps")):
+                      ("timeline", "train.timeline_steps"), ("trace", "train.trace")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     saved = saved_config(args.run_dir) if args.resume and args.run_dir and not args.config else None

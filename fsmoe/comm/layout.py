@@ -1,8 +1,9 @@
 """DispatchLayout: every split size a sharded dispatch needs, from one exchange of counts.
 
 Shape legend: P ranks of the EP group, S ranks of the ESP group, E global experts, El = E/P
-local experts (slots ``[p*El, (p+1)*El)`` of the placement's physical order live on EP rank p;
-with the default placement those are expert ids ``[p*El, (p+1)*El)``), D model dim.
+local slots (slots ``[p*El, (p+1)*El)`` of the placement's physical order live on EP rank p;
+with the default placement those hold expert ids ``[p*El, (p+1)*El)``), K = P*El physical
+slots, D model dim.
 
 Counts are exchanged first: each rank of the ``moe`` group (the P*S ranks that trade tokens)
 all-gathers every rank's ``tokens_per_expert_E``, giving ``counts[p, s, e]`` = rows that the
@@ -15,11 +16,16 @@ further communication:
     Expert input                   regrouped [e][s][p]; tokens of local expert e =
                                    sum_{p, s} counts[p, s, e]
 
+Replicas: an expert with n copies (slots of the placement) has every source's rows for it cut
+into n even pieces, one per copy (:func:`replica_shares`), so the matrix above is first turned
+into rows per *physical slot*, ``phys[p, s, k]``, and every sum runs over slots; without replicas
+``phys`` is ``counts`` with its columns in physical order. Free slots receive no rows.
+
 The counts become Python ints (one host sync per layer and direction-pair), as any uneven
 AlltoAll needs. A hierarchical backend would add node-level sums of the same matrix.
 
 A layout is chunkable (:meth:`DispatchLayout.chunks`): chunk i of r takes the i-th r-th of every
-(source rank, expert) group, and is itself a ``DispatchLayout`` (of the chunk's counts, plus the
+(source rank, physical slot) group, and is itself a ``DispatchLayout`` (of the chunk's counts, plus the
 rows of x_ND it sends), so the pipelined executor runs the very dispatch the sequential path
 runs, once per chunk; r = 1 is the sequential path.
 """
@@ -33,6 +39,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from fsmoe.comm.functional import all_gather_base
+from fsmoe.placement.placement import FREE
 
 
 Range = tuple[int, int]  # rows [start, stop)
@@ -45,15 +52,18 @@ class DispatchLayout:
     counts_PSE: the count matrix this layout was derived from, by logical expert (a chunk's own
         counts for a chunk).
     ep_rank, esp_rank: this rank's coordinates.
-    order_E: the logical expert in each physical slot, rank-major (``Placement.physical_order``):
-        EP rank p holds slots ``[p*El, (p+1)*El)``. Every field below is in physical order.
+    order_E: the logical expert in each physical slot, rank-major (``Placement.physical_order``;
+        ``FREE`` = -1 for a free slot): EP rank p holds slots ``[p*El, (p+1)*El)``. Every field
+        below is in physical order.
+    phys_PSK: rows that source (p, s) sends to each physical slot (an expert's rows split among
+        its copies, see :func:`replica_shares`).
     num_sent: rows of x_ND this rank sends (its kept assignments; dropped rows are not sent).
     send_splits_P / recv_splits_P: EP AlltoAll row counts to / from each EP peer.
     gather_sizes_S: rows each ESP peer holds after the AlltoAll (the uneven AllGather sizes).
     blocks_SPEl: rows in the gathered buffer, block (s, p, e) in that (rank-major) order.
-    tokens_per_local_expert_El: rows of each local expert after regrouping, summed over s, p.
-    src_ranges: the rows of x_ND this layout sends, in send order (``((0, num_sent),)`` for a
-        whole layer; one range per global expert for a chunk).
+    tokens_per_local_expert_El: rows of each local slot after regrouping, summed over s, p.
+    src_ranges: the rows of x_ND this layout sends, in send order (one range per physical slot,
+        adjacent ones merged; ``((0, num_sent),)`` for a whole layer without replicas).
     full_ranges: where this layout's expert-major rows sit in the whole layer's expert-major
         rows (``((0, rows),)`` for a whole layer), so a pass at another degree finds them.
     """
@@ -70,6 +80,7 @@ class DispatchLayout:
     tokens_per_local_expert_El: tuple[int, ...]
     src_ranges: tuple[Range, ...]
     full_ranges: tuple[Range, ...]
+    phys_PSK: tuple[tuple[tuple[int, ...], ...], ...] = ()
 
     @staticmethod
     def from_counts(counts_PSE: list, ep_rank: int, esp_rank: int, order_E: tuple[int, ...] | None = None,
@@ -79,10 +90,24 @@ class DispatchLayout:
         order_E: the placement's physical order (default: expert p*El + j in slot j of rank p);
         the ranges default to those of a whole layer."""
         counts = tuple(tuple(tuple(int(c) for c in row) for row in ps) for ps in counts_PSE)
-        P, S, E = len(counts), len(counts[0]), len(counts[0][0])
+        E = len(counts[0][0])
         order = tuple(range(E)) if order_E is None else tuple(order_E)
-        El = E // P
-        phys = [[[row[e] for e in order] for row in ps] for ps in counts]  # [P][S][physical slot]
+        pieces = replica_shares(counts, order)  # [P][S][K] (start within the expert's rows, rows)
+        phys = tuple(tuple(tuple(n for _, n in row) for row in ps) for ps in pieces)
+        if src_ranges is None:
+            logical = counts[ep_rank][esp_rank]
+            start = [sum(logical[:e]) for e in range(E)]
+            src_ranges = _merged(tuple((start[e] + a, start[e] + a + n)
+                                       for e, (a, n) in zip(order, pieces[ep_rank][esp_rank]) if n))
+        return DispatchLayout.from_physical(counts, phys, ep_rank, esp_rank, order, src_ranges, full_ranges)
+
+    @staticmethod
+    def from_physical(counts, phys, ep_rank: int, esp_rank: int, order: tuple[int, ...],
+                      src_ranges: tuple[Range, ...], full_ranges: tuple[Range, ...] | None) -> "DispatchLayout":
+        """The split sizes from the rows every source sends to every physical slot (``phys``
+        [P][S][K], nested tuples of ints)."""
+        P, S, K = len(phys), len(phys[0]), len(order)
+        El = K // P
         mine = range(ep_rank * El, (ep_rank + 1) * El)
         own = phys[ep_rank][esp_rank]
         send = tuple(sum(own[q * El:(q + 1) * El]) for q in range(P))
@@ -90,12 +115,8 @@ class DispatchLayout:
         blocks = tuple(tuple(tuple(phys[p][s][k] for k in mine) for p in range(P)) for s in range(S))
         gather = tuple(sum(map(sum, blocks[s])) for s in range(S))
         per_expert = tuple(sum(blocks[s][p][j] for s in range(S) for p in range(P)) for j in range(El))
-        if src_ranges is None:
-            logical = counts[ep_rank][esp_rank]
-            start = [sum(logical[:e]) for e in range(E)]
-            src_ranges = _merged(tuple((start[e], start[e] + logical[e]) for e in order))
         return DispatchLayout(counts, ep_rank, esp_rank, order, sum(own), send, recv, gather, blocks, per_expert,
-                              src_ranges, full_ranges if full_ranges is not None else ((0, sum(per_expert)),))
+                              src_ranges, full_ranges if full_ranges is not None else ((0, sum(per_expert)),), phys)
 
     @property
     def block_sizes_rank_major(self) -> list[int]:
@@ -111,31 +132,35 @@ class DispatchLayout:
     # ------------------------------------------------------------------ chunks
     def chunks(self, r: int) -> list["DispatchLayout"]:
         """This (whole-layer) layout cut into r chunks. Chunk i holds rows ``[(i c)//r, ((i+1) c)//r)``
-        of every (source rank, expert) group of c rows, so every rank cuts every group the same
-        way with no communication; r = 1 returns ``[self]``."""
+        of every (source rank, physical slot) group of c rows, so every rank cuts every group the
+        same way with no communication; r = 1 returns ``[self]``."""
         if r == 1:
             return [self]
-        C, order = self.counts_PSE, self.order_E
-        P, S, E = len(C), len(C[0]), len(C[0][0])
-        El = E // P
-        mine = [order[k] for k in range(self.ep_rank * El, (self.ep_rank + 1) * El)]  # logical, slot order
+        C, order, phys = self.counts_PSE, self.order_E, self.phys_PSK
+        P, S, K = len(phys), len(phys[0]), len(order)
+        El = K // P
+        mine = range(self.ep_rank * El, (self.ep_rank + 1) * El)
         cut = lambda c, i: (i * c) // r
-        own = C[self.ep_rank][self.esp_rank]
-        src_start = [sum(own[:e]) for e in range(E)]
+        own = phys[self.ep_rank][self.esp_rank]
+        logical = C[self.ep_rank][self.esp_rank]
+        src_start = [sum(logical[:e]) + a if e != FREE else 0
+                     for e, (a, _) in zip(order, replica_shares(C, order)[self.ep_rank][self.esp_rank])]
         # whole-layer expert-major order: blocks (slot, s, p)
         full_start, off = {}, 0
-        for e in mine:
+        for k in mine:
             for s in range(S):
                 for p in range(P):
-                    full_start[e, s, p] = off
-                    off += C[p][s][e]
+                    full_start[k, s, p] = off
+                    off += phys[p][s][k]
         out = []
         for i in range(r):
             counts = [[[cut(c, i + 1) - cut(c, i) for c in row] for row in ps] for ps in C]
-            src = tuple((src_start[e] + cut(own[e], i), src_start[e] + cut(own[e], i + 1)) for e in order)
-            full = tuple((full_start[e, s, p] + cut(C[p][s][e], i), full_start[e, s, p] + cut(C[p][s][e], i + 1))
-                         for e in mine for s in range(S) for p in range(P))
-            out.append(DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, order, src, full))
+            ph = tuple(tuple(tuple(cut(c, i + 1) - cut(c, i) for c in row) for row in ps) for ps in phys)
+            src = tuple((src_start[k] + cut(own[k], i), src_start[k] + cut(own[k], i + 1)) for k in range(K))
+            full = tuple((full_start[k, s, p] + cut(phys[p][s][k], i), full_start[k, s, p] + cut(phys[p][s][k], i + 1))
+                         for k in mine for s in range(S) for p in range(P))
+            counts_t = tuple(tuple(tuple(row) for row in ps) for ps in counts)
+            out.append(DispatchLayout.from_physical(counts_t, ph, self.ep_rank, self.esp_rank, order, src, full))
         return out
 
     def take_rows(self, x_ND: Tensor) -> Tensor:
@@ -172,6 +197,38 @@ def _merged(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
         else:
             out.append([a, b])
     return tuple((a, b) for a, b in out) or ((0, 0),)
+
+
+def replica_shares(counts_PSE, order: tuple[int, ...]) -> list[list[list[tuple[int, int]]]]:
+    """How each source's rows for an expert are split among the expert's copies.
+
+    counts_PSE: [P][S][E] rows by logical expert; order: the logical expert of each physical slot
+    (``FREE`` = -1 for none). Returns [P][S][K]: (first row within the source's rows of that
+    expert, rows) for every physical slot. An expert with n copies (its slots in physical order)
+    gives copy i the ``(i + q) % n``-th of n even pieces of source q's rows (q = p*S + s): the
+    rotation spreads the pieces' rounding over the copies, so every copy gets ``I_e / n`` rows up
+    to one per source. Deterministic: every rank derives the same split from the same counts."""
+    copy_of, n_of = [], {}
+    for e in order:
+        copy_of.append(n_of.get(e, 0))
+        n_of[e] = n_of.get(e, 0) + 1
+    S = len(counts_PSE[0])
+    out = []
+    for p, ps in enumerate(counts_PSE):
+        rows_S = []
+        for s, row in enumerate(ps):
+            q, slots = p * S + s, []
+            for e, i in zip(order, copy_of):
+                if e == FREE:
+                    slots.append((0, 0))
+                    continue
+                n, c = n_of[e], row[e]
+                piece = (i + q) % n
+                a, b = (piece * c) // n, ((piece + 1) * c) // n
+                slots.append((a, b - a))
+            rows_S.append(slots)
+        out.append(rows_S)
+    return out
 
 
 def range_index(ranges: tuple[Range, ...], device) -> Tensor:

@@ -53,8 +53,6 @@ class ShardedDispatcher(Dispatcher):
         if placement.num_experts != num_experts or placement.ranks != ep:
             raise ValueError(f"placement of {placement.num_experts} experts on {placement.ranks} ranks does not "
                              f"fit num_experts={num_experts}, EP={ep}")
-        if placement.has_replicas:
-            raise ValueError("ShardedDispatcher sends each expert's rows to one slot: replicas are not supported")
         self.num_experts, self.num_local_experts = num_experts, placement.slots_per_rank
         self.ep_size, self.esp_size, self.ep_rank, self.esp_rank = ep, esp, ep_rank, esp_rank
         self.counts_group, self.ep, self.esp, self.placement = counts_group, ep_stage, esp_stage, placement

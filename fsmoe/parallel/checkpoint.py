@@ -10,8 +10,10 @@ says where this rank's shard sits in the global tensor:
 
 DCP writes each shard once with its global offsets and, on load, reads whatever slice the
 loading layout needs, so a checkpoint saved at EP=4 loads at EP=1, 2 or 8, under any MP/ESP, or
-in one process (plain full tensors). The wrapping shares storage with the parameters, so DCP's
-in-place load fills the model directly; :func:`to_local_state` unwraps afterwards.
+in one process (plain full tensors). Spare expert slots (FlexMoE replicas,
+``fsmoe.placement.slots``) are left out: with the experts in ``Placement.initial`` the leading
+E/P rows of each shard are the logical experts, and only they are wrapped. The wrapping shares
+storage with the parameters, so DCP's in-place load fills the model directly; :func:`to_local_state` unwraps afterwards.
 """
 from __future__ import annotations
 
@@ -76,16 +78,23 @@ def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGro
     parameters and their same-shaped optimizer tensors as global DTensors. New dicts (the input's
     may be the optimizer's own); the tensors are shared, so DCP loads into them in place."""
     params = dict(model.named_parameters())
-    moved = [name for name, m in model.named_modules()
-             if isinstance(getattr(m, "placement", None), Placement) and not m.placement.is_contiguous]
-    if moved:
-        raise ValueError(f"{moved[0]}: checkpoints hold experts in logical order, by contiguous EP shards; "
-                         f"migrate back to Placement.contiguous before saving")
+    logical_rows = {}  # expert parameter name -> E/P: its leading rows are the logical experts
+    for name, m in model.named_modules():
+        placement = getattr(m, "placement", None)
+        if not isinstance(placement, Placement) or placement.is_contiguous:
+            continue
+        if not placement.holds_logical_prefix:
+            raise ValueError(f"{name}: checkpoints hold experts in logical order, by contiguous EP shards; "
+                             f"migrate back to Placement.initial before saving")
+        for pname, _ in m.named_parameters(prefix=name):
+            logical_rows[pname] = placement.num_experts // placement.ranks
 
     def wrap(name: str, t: Any) -> Any:
         p = params.get(name)
         if p is None or not isinstance(t, Tensor) or t.shape != p.shape:
             return t
+        if name in logical_rows:  # spare slots (replicas) are not saved: a view of the logical rows
+            t = t[:logical_rows[name]]
         return to_global(t, get_sharding(p), groups, meshes)
 
     out = dict(state)

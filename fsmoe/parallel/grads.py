@@ -14,9 +14,11 @@ computed identically by the mp ranks of that shard; dense gradients are complete
 them, so summing over ``dp`` and dividing by dp gives ``mean_d grad ce_d``. The MoE part gives
 each rank of the MP group a share of the tokens, so router/shared-expert gradients are partial
 and are summed over the ``world``; routed experts get every token routed to them from the EP
-group and are summed over their replicas (``edp``). The aux losses are token means over this
-rank's share with batch statistics made global by the router (``balance_group``), and
-``ParallelMoELayer`` divides them by mp, so their sum over the world divided by dp is ``A``.
+group and are summed over their replicas (``edp``); the copies of an expert that FlexMoE placed
+on several EP ranks are then summed over their copies (``fsmoe.placement.replicas``). The aux
+losses are token means over this rank's share with batch statistics made global by the router
+(``balance_group``), and ``ParallelMoELayer`` divides them by mp, so their sum over the world
+divided by dp is ``A``.
 
 Grad-norm: each shard is counted once (``ParamSharding.is_owner``): TP shards summed over mp,
 experts over ep x esp, replicated parameters once; then one AllReduce over the world. This is
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
+from fsmoe.placement.replicas import norm_rows, sync_replica_grads
 
 
 def grad_or_zeros(p: nn.Parameter) -> Tensor:
@@ -55,6 +58,8 @@ def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] 
         if groups.size(kind) > 1:
             dist.all_reduce(flat, group=groups.group(kind))
         write_mean(flat, grads, groups.dp)
+    if "edp" in kinds:  # expert copies (FlexMoE replicas) are one expert: sum their gradients
+        sync_replica_grads(model, groups.ep_group)
 
 
 def write_mean(flat_n: Tensor, grads: list[Tensor], dp: int) -> None:
@@ -67,7 +72,9 @@ def write_mean(flat_n: Tensor, grads: list[Tensor], dp: int) -> None:
 def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:
     """Global L2 norm of all gradients, every shard counted once. Collective."""
     device = next(model.parameters()).device
-    owned = [p.grad.detach() for p in model.parameters() if p.grad is not None and get_sharding(p).is_owner(groups)]
+    rows = norm_rows(model)  # replicated experts: their primary copy only
+    owned = [p.grad.detach() if id(p) not in rows else p.grad.detach().index_select(0, rows[id(p)].to(p.device))
+             for p in model.parameters() if p.grad is not None and get_sharding(p).is_owner(groups)]
     sq = torch.zeros((), dtype=torch.float32, device=device)
     if owned:  # one foreach pass (no per-parameter kernels), squares summed in fp32
         sq = torch.stack(torch._foreach_norm(owned, dtype=torch.float32)).square().sum()

@@ -11,6 +11,8 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     grad_norm     group-aware global norm (each shard counted once)
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
+    placement     ``parallel.placement`` != static: spare expert slots, and a Rebalancer that
+                  moves experts by the measured traffic (fsmoe.placement; docs/placement.md)
 
 Launch: ``torchrun --nproc-per-node N -m fsmoe.cli train ...`` or ``fsmoe train --nproc N ...``.
 """
@@ -34,6 +36,9 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.parallel.launch import init_distributed, run_guarded, shutdown_distributed
 from fsmoe.parallel.tensor_parallel import parallelize
+from fsmoe.placement.policy import balance_ratio
+from fsmoe.placement.rebalance import build_rebalancer
+from fsmoe.placement.slots import add_spare_slots, pad_spare_rows, spare_slots_for
 from fsmoe.train import StepResult, Trainer, resolve_device
 
 
@@ -54,19 +59,51 @@ class ParallelTrainer(Trainer):
         default_path = self.moe_schedule is None or self.moe_schedule.grad_sync is None
         self.dp_sync = (BucketedGradSync(self.model, groups)
                         if groups.dp > 1 and default_path and groups.backend == "nccl" else None)
+        self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
     def build_model(self) -> nn.Module:
         model = parallelize(super().build_model(), self.groups)
-        if self.cfg.parallel.profile:  # the hierarchical dispatcher's per-level alpha-beta fits
+        p = self.cfg.parallel
+        if p.profile:  # the hierarchical dispatcher's per-level alpha-beta fits
             from fsmoe.comm.hierarchical import HierarchicalDispatcher
             from fsmoe.comm.topology import LevelCosts
             from fsmoe.schedule.model.profile import Profile
 
-            profile = Profile.load(self.cfg.parallel.profile)
+            profile = Profile.load(p.profile)
             for layer in model.moe_layers():
                 if isinstance(layer.dispatcher, HierarchicalDispatcher):
                     layer.dispatcher.costs = LevelCosts.from_profile(profile, layer.dispatcher.levels)
+        if p.placement != "static":  # room for copies, before the optimizer exists
+            spare = spare_slots_for(self.cfg.model.moe.num_experts, p.ep, p.placement_extra_slots)
+            for layer in model.moe_layers():
+                add_spare_slots(layer, spare)
         return model
+
+    def observe_routing(self, counts_ME: Tensor) -> None:
+        """The trace, then the placement policy (``parallel.placement``): every
+        ``placement_interval`` steps it may move experts; its report joins the next record."""
+        super().observe_routing(counts_ME)
+        if self.rebalancer is not None:
+            report = self.rebalancer.after_step(self.step, counts_ME, self.optimizer)
+            if report is not None:
+                self._schedule_metrics.update(report.metrics())
+
+    def save_checkpoint(self) -> Path:
+        """Under the logical expert layout (fsmoe.placement.rebalance), whatever the placement."""
+        if self.rebalancer is None:
+            return super().save_checkpoint()
+        with self.rebalancer.logical_layout(self.optimizer):
+            return super().save_checkpoint()
+
+    def _record(self, r, tokens_per_s: float) -> dict[str, Any]:
+        """Plus ``rank_balance``: max/mean expert rows per EP rank under the current placement
+        (averaged over layers; what expert parallelism waits for)."""
+        record = super()._record(r, tokens_per_s)
+        if self.groups.ep > 1:
+            layers = self.model.moe_layers()
+            record["rank_balance"] = round(sum(balance_ratio(load.tolist(), ly.experts.placement)
+                                               for load, ly in zip(r.tokens_per_expert, layers)) / len(layers), 4)
+        return record
 
     def _dp_shard(self) -> tuple[int, int]:
         return self.groups.dp_rank, self.groups.dp
@@ -77,9 +114,14 @@ class ParallelTrainer(Trainer):
             return math.prod(get_sharding(p).global_shape(p.shape, self.groups))
 
         total = sum(numel(p) for p in self.model.parameters())
+        for layer in self.model.moe_layers():  # spare expert slots are no parameters of the model
+            pl = layer.experts.placement
+            spare = pl.num_slots - pl.num_experts
+            total -= sum(numel(p) for p in layer.experts.parameters()) * spare // pl.num_slots
         active = total
         for layer in self.model.moe_layers():
-            routed = sum(numel(p) for p in layer.experts.parameters())
+            pl = layer.experts.placement
+            routed = sum(numel(p) for p in layer.experts.parameters()) * pl.num_experts // pl.num_slots
             active -= routed - layer.cfg.router.top_k * routed // layer.cfg.num_experts
         return total, active
 
@@ -176,7 +218,7 @@ class ParallelTrainer(Trainer):
         return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(to_local_state(state))
+        super().load_state_dict(pad_spare_rows(to_local_state(state), self.model))
 
 
 def run_parallel(cfg: RunConfig, run_dir: Path, resume: bool, init_from: Path | None = None) -> int:

@@ -1,63 +1,169 @@
 """Moving experts between EP ranks when the placement changes: weights and optimizer state, exact.
 
-Shape legend: P EP ranks, El slots per rank, D model dim, F this rank's d_ff shard.
+Shape legend: P EP ranks, El slots per rank, n transfers, R numbers per slot row (one row of every
+expert weight, its gradient and its optimizer tensors, flattened and concatenated).
 
-``migrate(layer, new, ep_group, optimizer)`` on every rank of the layer's EP group (between
-steps, after ``optimizer.step``):
+Expand (a new copy in a free slot), Shrink (a copy's slot becomes free) and Migrate (a copy
+moves to a free slot) are all placement changes ``old -> new``; :class:`MigrationPlan` says which
+slot's row each slot of ``new`` copies, and ``migrate(layer, new, ep_group, optimizer)`` runs it
+on every rank of the layer's EP group (between steps, after ``optimizer.step``):
 
-    1. Each expert tensor ``[El, ...]`` of this rank (weights, gradients if any, and every
-       optimizer tensor of the same shape, e.g. AdamW's exp_avg and exp_avg_sq) is all-gathered
-       over the EP group: ``[P*El, ...]``, every expert of this ESP shard in the old physical order.
-    2. Each slot keeps the row of the logical expert the new placement puts there, copied into the
-       same tensor (parameters keep their identity, so the optimizer still finds its state).
-    3. The layer's dispatcher and expert shard switch to the new placement.
+    1. Plan (pure, the same on every rank): every slot of ``new`` that holds an expert its old
+       contents were not gets a copy of a slot that held that expert in ``old``: one on the
+       same rank if there is one (a local copy), else the holder that sends least so far.
+       A slot that keeps its expert, or becomes free, is left alone.
+    2. Pack: each slot row this rank sends, or copies locally, is read *before* anything is
+       written (a row may be both read and overwritten): weights, gradients (if any) and every
+       optimizer tensor of the parameter's shape (AdamW's exp_avg, exp_avg_sq), ``[n, R]``.
+    3. One uneven AlltoAll over the EP group moves the remote rows (skipped by every rank when
+       no row crosses ranks); each received or local row is written into its slot of the same
+       tensors (parameters keep their identity, so the optimizer still finds its state).
+    4. The layer's dispatcher and expert shard switch to the new placement.
 
 Nothing is recomputed, so the moved values are bit-identical; scalar optimizer state (AdamW's
-step) is the same on every rank and stays.
+step) is the same on every rank and stays. The bytes that cross ranks and the time taken come
+back as :class:`MigrationStats`.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from fsmoe.comm.functional import all_gather_base
-from fsmoe.placement.placement import Placement
+from fsmoe.placement.placement import FREE, Placement, Slot
 
 
-def _gathered(t: Tensor, group: ProcessGroup | None, ranks: int) -> Tensor:
-    """[El, ...] on each of the group's ranks -> [P*El, ...] rank-major."""
-    if ranks == 1:
-        return t.clone()
-    out = t.new_empty((ranks * t.shape[0], *t.shape[1:]))
-    all_gather_base(out, t.contiguous(), group=group)
+@dataclass(frozen=True)
+class Transfer:
+    """Slot ``dst`` receives a copy of slot ``src``'s row (both (EP rank, slot)); ``expert``: whose."""
+
+    src: Slot
+    dst: Slot
+    expert: int
+
+    @property
+    def remote(self) -> bool:
+        return self.src[0] != self.dst[0]
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """The transfers from ``old`` to ``new``, sorted by (source rank, destination rank, slot):
+    the order in which a sender packs and a receiver unpacks its rows."""
+
+    old: Placement
+    new: Placement
+    transfers: tuple[Transfer, ...]
+
+    @staticmethod
+    def between(old: Placement, new: Placement) -> "MigrationPlan":
+        if (new.num_experts, new.ranks, new.slots_per_rank) != (old.num_experts, old.ranks, old.slots_per_rank):
+            raise ValueError(f"placement {new.num_experts}x{new.ranks}x{new.slots_per_rank} does not match the "
+                             f"layer's {old.num_experts}x{old.ranks}x{old.slots_per_rank}")
+        old_on = [old.experts_on(p) for p in range(old.ranks)]
+        sends = [0] * old.ranks
+        out = []
+        for q in range(new.ranks):
+            for j, e in enumerate(new.experts_on(q)):
+                if e == FREE or old_on[q][j] == e:
+                    continue
+                holders = old.slots_E[e]
+                local = [s for s in holders if s[0] == q]
+                src = local[0] if local else min(holders, key=lambda s: (sends[s[0]], s[0]))
+                if not local:
+                    sends[src[0]] += 1
+                out.append(Transfer(src, (q, j), e))
+        return MigrationPlan(old, new, tuple(sorted(out, key=lambda t: (t.src[0], t.dst[0], t.dst[1]))))
+
+    @property
+    def remote_rows(self) -> int:
+        """Slot rows that cross ranks (each one expert's weights and optimizer state)."""
+        return sum(t.remote for t in self.transfers)
+
+    def moved_fraction(self) -> float:
+        """Remote rows / logical experts: the share of the layer's expert bytes that moves."""
+        return self.remote_rows / self.old.num_experts
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """What one ``migrate`` call did on this rank: rows that crossed ranks (whole EP group),
+    bytes this rank sent, bytes of all remote rows (whole EP group), seconds it took."""
+
+    remote_rows: int
+    sent_bytes: int
+    moved_bytes: int
+    seconds: float
+
+
+def slot_tensors(experts, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
+    """Every tensor whose dim 0 is the slot: each expert weight, its gradient if any, and its
+    optimizer tensors of the same shape (sorted by name), in ``experts.parameters()`` order."""
+    state = optimizer.state if optimizer is not None else {}
+    out = []
+    for p in experts.parameters():
+        out.append(p.data)
+        if p.grad is not None:
+            out.append(p.grad)
+        moments = state.get(p, {})
+        out += [moments[k] for k in sorted(moments) if isinstance(moments[k], Tensor) and moments[k].shape == p.shape]
     return out
 
 
-def moved_rows(old: Placement, new: Placement, rank: int) -> list[int]:
-    """For each slot of ``rank`` under ``new``: the row of its expert in ``old``'s physical order."""
-    where = {e: k for k, e in enumerate(old.physical_order)}
-    return [where[e] for e in new.experts_on(rank)]
+def _rows(tensors: list[Tensor], slots: list[int]) -> Tensor:
+    """[len(slots), R]: the given rows of every tensor, flattened and concatenated."""
+    if len({t.dtype for t in tensors}) > 1:  # one packed buffer: a cast would not be exact
+        raise TypeError(f"migrate packs expert tensors of one dtype, got {sorted({str(t.dtype) for t in tensors})}")
+    idx = torch.tensor(slots, dtype=torch.int64, device=tensors[0].device)
+    return torch.cat([t.index_select(0, idx).reshape(len(slots), -1) for t in tensors], 1)
+
+
+def _write(tensors: list[Tensor], slots: list[int], rows_nR: Tensor) -> None:
+    widths = [t[0].numel() for t in tensors]
+    for t, part in zip(tensors, torch.split(rows_nR, widths, dim=1)):
+        idx = torch.tensor(slots, dtype=torch.int64, device=t.device)
+        t.index_copy_(0, idx, part.reshape(len(slots), *t.shape[1:]))
+
+
+def apply_plan(tensors: list[Tensor], plan: MigrationPlan, rank: int, ep_group: ProcessGroup | None) -> int:
+    """Run ``plan`` on this rank's slot tensors (steps 2-3 of the module docstring); returns the
+    bytes this rank sent. Collective over the EP group when some row crosses ranks."""
+    P = plan.new.ranks
+    mine_out = [t for t in plan.transfers if t.src[0] == rank and t.remote]
+    local = [t for t in plan.transfers if t.src[0] == rank and not t.remote]
+    send = _rows(tensors, [t.src[1] for t in mine_out]) if mine_out else None
+    local_rows = _rows(tensors, [t.src[1] for t in local]) if local else None
+    if plan.remote_rows:
+        if P > 1 and not dist.is_initialized():
+            raise ValueError("moving experts between ranks needs the EP process group")
+        width = sum(t[0].numel() for t in tensors)
+        incoming = [t for t in plan.transfers if t.dst[0] == rank and t.remote]
+        recv = tensors[0].new_empty((len(incoming), width))
+        out_splits = [sum(1 for t in mine_out if t.dst[0] == q) for q in range(P)]
+        in_splits = [sum(1 for t in incoming if t.src[0] == q) for q in range(P)]
+        buf = send if send is not None else tensors[0].new_empty((0, width))
+        dist.all_to_all_single(recv, buf.contiguous(), in_splits, out_splits, group=ep_group)
+        if incoming:
+            _write(tensors, [t.dst[1] for t in incoming], recv)
+    if local:
+        _write(tensors, [t.dst[1] for t in local], local_rows)
+    return 0 if send is None else send.numel() * send.element_size()
 
 
 def migrate(layer, new: Placement, ep_group: ProcessGroup | None,
-            optimizer: torch.optim.Optimizer | None = None) -> None:
+            optimizer: torch.optim.Optimizer | None = None) -> MigrationStats:
     """Move ``layer``'s experts (a ``ParallelMoELayer``) to placement ``new`` (see module docstring)."""
+    t0 = time.perf_counter()
     experts = layer.experts
-    old = experts.placement
-    if (new.num_experts, new.ranks, new.slots_per_rank) != (old.num_experts, old.ranks, old.slots_per_rank):
-        raise ValueError(f"placement {new.num_experts}x{new.ranks}x{new.slots_per_rank} does not match the "
-                         f"layer's {old.num_experts}x{old.ranks}x{old.slots_per_rank}")
-    if new.ranks > 1 and not dist.is_initialized():
-        raise ValueError("moving experts between ranks needs the EP process group")
-    rows = torch.tensor(moved_rows(old, new, experts.ep_rank))
-    state = optimizer.state if optimizer is not None else {}
+    plan = MigrationPlan.between(experts.placement, new)
+    tensors = slot_tensors(experts, optimizer)
     with torch.no_grad():
-        for p in experts.parameters():
-            tensors = [p.data] + ([p.grad] if p.grad is not None else [])
-            tensors += [t for t in state.get(p, {}).values() if isinstance(t, Tensor) and t.shape == p.shape]
-            for t in tensors:
-                t.copy_(_gathered(t, ep_group, new.ranks).index_select(0, rows.to(t.device)))
+        sent = apply_plan(tensors, plan, experts.ep_rank, ep_group)
     experts.placement = new
     layer.dispatcher = layer.dispatcher.with_placement(new)
+    row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
+    return MigrationStats(plan.remote_rows, sent, plan.remote_rows * row_bytes, time.perf_counter() - t0)

@@ -1,0 +1,130 @@
+"""Routing traffic: the source-rank x expert token matrix per step and MoE layer, windowed, and
+the routing trace file that stores it.
+
+Shape legend: M MoE layers, R source ranks (the world: every rank routes its own tokens), E
+logical experts, W steps in the window, N steps in a trace.
+
+:class:`TrafficWindow` keeps this rank's last W steps of ``[M, E]`` counts on its device (no
+host sync, no communication per step). When a policy needs them, :func:`gather_traffic`
+all-gathers the window's sum over the world: ``[M, R, E]`` (one collective per rebalance).
+
+Routing trace (``fsmoe train --trace``; ``routing_trace.jsonl.gz`` in the run directory): gzip
+of JSON lines. Line 1 is the header::
+
+    {"format": "fsmoe-routing-trace", "version": 1, "num_layers": M, "num_experts": E,
+     "sources": R, "source_ep_rank": [EP rank of each source], "ep": P, "top_k": k,
+     "tokens_per_step": global tokens per step, "run": name}
+
+then one line per step: ``{"step": s, "counts": [M][R][E]}`` — rows that source rank r routed
+to expert e in MoE layer m at step s (assignments, k per token; dropped ones excluded).
+:func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE``.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fsmoe.comm.functional import all_gather_base
+
+TRACE_FILE = "routing_trace.jsonl.gz"
+TRACE_FORMAT = "fsmoe-routing-trace"
+
+
+class TrafficWindow:
+    """This rank's per-step ``[M, E]`` counts over the last ``window`` steps (a ring on the device)."""
+
+    def __init__(self, num_layers: int, num_experts: int, window: int, device: torch.device):
+        if window < 1:
+            raise ValueError(f"traffic window must be >= 1 step, got {window}")
+        self.ring_WME = torch.zeros(window, num_layers, num_experts, dtype=torch.int64, device=device)
+        self.steps = 0
+
+    def record(self, counts_ME: Tensor) -> None:
+        """Add one step's counts of this rank (``[M, E]`` int, on any device)."""
+        self.ring_WME[self.steps % self.ring_WME.shape[0]] = counts_ME.to(self.ring_WME)
+        self.steps += 1
+
+    def sum_ME(self) -> Tensor:
+        """[M, E]: this rank's counts summed over the window."""
+        return self.ring_WME.sum(0)
+
+
+def gather_traffic(counts_ME: Tensor, group=None) -> np.ndarray:
+    """All-gather every rank's ``[M, E]`` counts over ``group`` (the world) -> ``[M, R, E]`` int64
+    on the host. Collective; one process returns its own counts as R = 1."""
+    c = counts_ME.to(torch.int64).contiguous()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        R = dist.get_world_size(group)
+        out = c.new_empty((R * c.shape[0], *c.shape[1:]))  # concatenated along dim 0 (gloo wants that)
+        all_gather_base(out, c, group=group)
+        c = out.view(R, *c.shape)
+    else:
+        c = c.unsqueeze(0)
+    return c.cpu().numpy().transpose(1, 0, 2).copy()
+
+
+# ---------------------------------------------------------------------------- trace file
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """header: the trace's first line (see module docstring); steps [N]; counts_NMRE [N, M, R, E]."""
+
+    header: dict
+    steps: np.ndarray
+    counts_NMRE: np.ndarray
+
+    def load_ME(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """[M, E] rows per expert summed over sources and the steps ``[start, stop)`` (indices)."""
+        return self.counts_NMRE[start:stop].sum(axis=(0, 2))
+
+
+class TraceWriter:
+    """Appends one line per step to ``path`` (gzip); writes the header when it creates the file."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path = Path(path)
+        new = not self.path.exists()
+        self.file = gzip.open(self.path, "at", encoding="utf-8")
+        if new:
+            self.file.write(json.dumps({"format": TRACE_FORMAT, "version": 1, **header}) + "\n")
+
+    def write(self, step: int, counts_MRE: np.ndarray) -> None:
+        self.file.write(json.dumps({"step": int(step), "counts": np.asarray(counts_MRE).tolist()}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_trace(path: Path | str) -> RoutingTrace:
+    """A routing trace (see module docstring); a torn last line (a crash mid-write) is skipped."""
+    lines = []
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                lines.append(line)
+    except EOFError:  # the last gzip member was cut short
+        pass
+    if not lines:
+        raise ValueError(f"{path}: empty routing trace")
+    header = json.loads(lines[0])
+    if header.get("format") != TRACE_FORMAT:
+        raise ValueError(f"{path}: not a routing trace (format={header.get('format')!r}, expected {TRACE_FORMAT!r})")
+    steps, counts = [], []
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        steps.append(rec["step"])
+        counts.append(rec["counts"])
+    shape = (0, header["num_layers"], header["sources"], header["num_experts"])
+    arr = np.asarray(counts, dtype=np.int64) if counts else np.zeros(shape, dtype=np.int64)
+    return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr)
