@@ -88,13 +88,6 @@ class ParallelTrainer(Trainer):
             if report is not None:
                 self._schedule_metrics.update(report.metrics())
 
-    def save_checkpoint(self) -> Path:
-        """Under the logical expert layout (fsmoe.placement.rebalance), whatever the placement."""
-        if self.rebalancer is None:
-            return super().save_checkpoint()
-        with self.rebalancer.logical_layout(self.optimizer):
-            return super().save_checkpoint()
-
     def _record(self, r, tokens_per_s: float) -> dict[str, Any]:
         """Plus ``rank_balance``: max/mean expert rows per EP rank under the current placement
         (averaged over layers; what expert parallelism waits for)."""
@@ -197,8 +190,12 @@ class ParallelTrainer(Trainer):
                                           swap_s=sum(s["seconds"] for s in swaps))
 
     def save_checkpoint(self) -> Path:
-        """Checkpoints hold experts in logical order: swapped experts are moved back to the
-        contiguous placement for the save, then to where they were (both moves exact)."""
+        """Checkpoints hold experts in logical order: moved or replicated experts (``parallel.placement``,
+        fsmoe.placement.rebalance) and swapped ones (``parallel.expert_swap_every``) are moved back
+        to the contiguous placement for the save, then to where they were (both moves exact)."""
+        if self.rebalancer is not None:
+            with self.rebalancer.logical_layout(self.optimizer):
+                return super().save_checkpoint()
         from fsmoe.placement.migrate import migrate
         from fsmoe.placement.placement import Placement
 
