@@ -285,6 +285,10 @@ class Trainer:
             self.load_state_dict(checkpoint_state)
         self.moe_schedule = self.build_schedule()  # fsmoe.schedule.run.training.TrainingSchedule or None
         self._schedule_metrics: dict[str, Any] = {}
+        if self.groups is not None and self.groups.distributed:
+            # every rank has checked the run directory before rank 0 writes into it; without this a
+            # slower rank could find rank 0's fresh metrics.jsonl and refuse the run as an old one
+            dist.barrier(group=self.groups.world_group)
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
