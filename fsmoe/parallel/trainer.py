@@ -64,15 +64,16 @@ class ParallelTrainer(Trainer):
     def build_model(self) -> nn.Module:
         model = parallelize(super().build_model(), self.groups)
         p = self.cfg.parallel
-        if p.profile:  # the hierarchical dispatcher's per-level alpha-beta fits
-            from fsmoe.comm.hierarchical import HierarchicalDispatcher
+        from fsmoe.comm.hierarchical import HierarchicalDispatcher
+
+        hierarchical = [layer for layer in model.moe_layers() if isinstance(layer.dispatcher, HierarchicalDispatcher)]
+        if p.profile and hierarchical:  # the hierarchical dispatcher's per-level alpha-beta fits
             from fsmoe.comm.topology import LevelCosts
             from fsmoe.schedule.model.profile import Profile
 
-            profile = Profile.load(p.profile)
-            for layer in model.moe_layers():
-                if isinstance(layer.dispatcher, HierarchicalDispatcher):
-                    layer.dispatcher.costs = LevelCosts.from_profile(profile, layer.dispatcher.levels)
+            profile = Profile.load(p.profile, field="parallel.profile")
+            for layer in hierarchical:
+                layer.dispatcher.costs = LevelCosts.from_profile(profile, layer.dispatcher.levels)
         if p.placement != "static":  # room for copies, before the optimizer exists
             spare = spare_slots_for(self.cfg.model.moe.num_experts, p.ep, p.placement_extra_slots)
             for layer in model.moe_layers():

@@ -188,14 +188,15 @@ class Profile:
         return path
 
     @staticmethod
-    def load(path: str | Path) -> "Profile":
+    def load(path: str | Path, field: str = "profile") -> "Profile":
+        """``field``: the name bad input is reported under (e.g. ``parallel.profile``)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError("profile", str(path), "no such file; write one with `fsmoe profile --out PATH`")
+            raise ConfigError(field, str(path), "no such file; write one with `fsmoe profile --out PATH`")
         try:
             d = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError("profile", str(path), f"not a JSON file ({e})") from None
+            raise ConfigError(field, str(path), f"not a JSON file ({e})") from None
         return Profile.from_dict(d, source=f"{path}: profile")
 
     def summary(self) -> str:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsmoe.config import ConfigError, RunConfig
+from fsmoe.config import RunConfig
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.schedule.model.baselines import with_prediction
 from fsmoe.schedule.model.engine import Engine
@@ -56,10 +56,7 @@ def load_or_profile(path: str | None, groups: ParallelGroups, device: torch.devi
     """``parallel.profile`` if given; else profile on ``groups`` (collective) and save it: at the
     run's own shapes and compute dtype when ``spec`` is given, else briefly on the default grid."""
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError("parallel.profile", path, "no such file; write one with `fsmoe profile --out PATH` "
-                              "or leave it unset to profile at start-up")
-        return Profile.load(path)
+        return Profile.load(path, field="parallel.profile")
     from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
     if spec is not None:
