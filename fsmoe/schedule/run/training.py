@@ -15,8 +15,8 @@ everything outside the blocks, whose partitions the executor's backward windows 
 and shared-expert gradients ("world") and expert gradients ("edp") keep the plain flat AllReduce.
 With a timeline, hooks on every block's attention also time ``dense_fwd`` / ``dense_bwd``.
 
-Profile: ``parallel.profile`` if set, else a quick profile on the actual groups at start-up
-(``ProfileConfig.cpu/gpu(quick=True)``), written to ``<run_dir>/profile.json``.
+Profile: ``parallel.profile`` if set, else a profile of the run's own ops on the actual groups at
+start-up (``ProfileConfig.for_run``), written to ``<run_dir>/profile.json``.
 """
 from __future__ import annotations
 
@@ -52,20 +52,15 @@ TIMELINE_RECORDS, TIMELINE_OPS = "timeline_records.jsonl", "timeline_ops.csv"
 
 
 def load_or_profile(path: str | None, groups: ParallelGroups, device: torch.device, run_dir: Path,
-                    is_writer: bool, spec: LayerSpec | None = None) -> Profile:
-    """``parallel.profile`` if given; else profile on ``groups`` (collective) and save it: at the
-    run's own shapes and compute dtype when ``spec`` is given, else briefly on the default grid."""
+                    is_writer: bool, spec: LayerSpec) -> Profile:
+    """``parallel.profile`` if given; else profile the run's own shapes (``spec``) in its compute
+    dtype on ``groups`` (collective) and save it."""
     if path is not None:
         return Profile.load(path, field="parallel.profile")
     from fsmoe.schedule.run.profiler import ProfileConfig, run_profile
 
-    if spec is not None:
-        cfg = ProfileConfig.for_run(spec, groups.layout, device)
-        dtype = torch.bfloat16 if spec.dtype_bytes == 2 and device.type == "cuda" else torch.float32  # as precision.py
-    else:
-        cfg = ProfileConfig.gpu(quick=True) if device.type == "cuda" else ProfileConfig.cpu(quick=True)
-        dtype = torch.float32
-    profile = run_profile(groups, device, cfg, dtype)
+    dtype = torch.bfloat16 if spec.dtype_bytes == 2 and device.type == "cuda" else torch.float32  # as precision.py
+    profile = run_profile(groups, device, ProfileConfig.for_run(spec, groups.layout, device), dtype)
     if is_writer:
         profile.save(Path(run_dir) / "profile.json")
     return profile
