@@ -416,6 +416,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the dense parts of each block (attention, norms, dense FFN); CUDA only
     on_nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (error) | skip (the step, counted)
     trace: bool = False  # write every step's source-rank x expert routing counts (routing_trace.jsonl.gz)
+    torch_profile_steps: int = 0  # profile this many steps with torch.profiler (fsmoe.profiling); 0 = off
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -441,8 +442,17 @@ class TrainConfig:
         _check(isinstance(self.compile, bool), f"{prefix}.compile", self.compile, "must be true or false")
         _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
         _check(isinstance(self.trace, bool), f"{prefix}.trace", self.trace, "must be true or false")
-        _check(isinstance(self.timeline_steps, int) and self.timeline_steps >= 0, f"{prefix}.timeline_steps",
-               self.timeline_steps, "must be an integer >= 0 (0 = off)")
+        if self.torch_profile_steps:
+            from fsmoe.profiling import WAIT_STEPS, WARMUP_STEPS
+
+            least = WAIT_STEPS + WARMUP_STEPS + self.torch_profile_steps
+            _check(self.steps >= least, f"{prefix}.torch_profile_steps", self.torch_profile_steps,
+                   f"records after {WAIT_STEPS + WARMUP_STEPS} warm-up steps, so it needs {prefix}.steps >= {least} "
+                   f"(got {self.steps})")
+        for name in ("timeline_steps", "torch_profile_steps"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, f"{prefix}.{name}", value,
+                   "must be an integer >= 0 (0 = off)")
 
 
 _NAME = re.compile(r"[A-Za-z0-9._-]+")

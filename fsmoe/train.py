@@ -57,6 +57,7 @@ from fsmoe.models.flops import flops_per_token, peak_tflops
 from fsmoe.models.hf.convert import load_weights
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.placement.traffic import TRACE_FILE, TraceWriter, gather_traffic
+from fsmoe.profiling import StepProfiler
 from fsmoe.recompute import configure_recompute
 
 if TYPE_CHECKING:  # the pipelined schedule is built by fsmoe.parallel's trainer, never here
@@ -480,8 +481,11 @@ class Trainer:
         with self._progress() as progress:
             task = progress.add_task("train", total=t.steps, completed=self.step, stats="")
             clock, tokens = time.perf_counter(), 0
+            profiler = self._step_profiler(progress.console)
             while self.step < t.steps:
                 result = self.train_step()
+                if profiler is not None:
+                    profiler.step()
                 tokens += t.batch_size * t.seq_len
                 last = self.step == t.steps
                 evaluate = self.step % t.eval_every == 0 or last
@@ -503,10 +507,21 @@ class Trainer:
                     self.save_checkpoint()
                 # tokens/s covers training only, not evaluation or checkpointing
                 clock, tokens = time.perf_counter(), 0
+            if profiler is not None:
+                profiler.close()
         self.metrics.close()
         if self.tracer is not None:
             self.tracer.close()
         return self._finish()
+
+    def _step_profiler(self, console: Console) -> StepProfiler | None:
+        """``train.torch_profile_steps``: every rank traces; rank 0 prints its summary."""
+        if not self.tcfg.torch_profile_steps:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return StepProfiler(self.run_dir, self.tcfg.torch_profile_steps, rank,
+                            console.print if self.is_writer else None)
 
     def mfu(self, tokens_per_s: float) -> float | None:
         """Model FLOPs utilisation of the job's GPUs at ``tokens_per_s`` (fsmoe.models.flops); None on CPU

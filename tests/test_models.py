@@ -352,3 +352,23 @@ def test_noncausal_router_refused(router):
 def test_noncausal_routers_exist():
     """The refusal test above is not vacuous: the registry has non-causal routers."""
     assert {"softmoe", "expert_choice"} <= {n for n, c in ROUTERS.items() if not c.causal}
+
+
+def test_aligned_head_equals_plain_linear_with_gradients():
+    """The head's V padded to a multiple of 64 (what CUDA runs) gives the same logits and grads."""
+    import torch.nn.functional as F
+
+    from fsmoe.models.decoder import aligned_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(257, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 257, generator=g, dtype=torch.float64)
+    y = aligned_linear(x, w, 64)
+    assert y.shape == (2, 3, 257)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    y0 = F.linear(x, w)
+    gx0, gw0 = torch.autograd.grad(y0, (x, w), dy)
+    torch.testing.assert_close(y, y0, rtol=0, atol=1e-12)
+    torch.testing.assert_close((gx, gw), (gx0, gw0), rtol=0, atol=1e-12)
+    assert aligned_linear(x, w[:256], 64).is_contiguous()  # already aligned: the plain GEMM

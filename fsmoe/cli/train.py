@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeline", type=int, nargs="?", const=3, metavar="STEPS",
                         help="record STEPS (default 3) steps' op timeline: timeline.json + timeline.png in the "
                              "run dir, refit error in metrics (train.timeline_steps; needs parallel.schedule)")
+    parser.add_argument("--torch-profile", type=int, nargs="?", const=3, metavar="STEPS",
+                        help="profile STEPS (default 3) steps with torch.profiler after 8 warm-up steps: "
+                             "torch_trace_rank<R>.json.gz (Perfetto) and a printed summary of compute, "
+                             "communication, their overlap and idle time (train.torch_profile_steps)")
     parser.add_argument("--trace", action="store_true", default=None,
                         help="write every step's source-rank x expert routing counts to routing_trace.jsonl.gz in "
                              "the run dir (train.trace; docs/placement.md)")
@@ -59,7 +63,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:
     + ``--set`` + the shortcut flags, which win."""
     overrides = parallel_overrides(args) + list(args.overrides)
     for flag, key in (("steps", "train.steps"), ("seed", "train.seed"), ("device", "train.device"),
-                      ("timeline", "train.timeline_steps"), ("trace", "train.trace")):
+                      ("timeline", "train.timeline_steps"), ("trace", "train.trace"),
+                      ("torch_profile", "train.torch_profile_steps")):
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
     saved = saved_config(args.run_dir) if args.resume and args.run_dir and not args.config else None
