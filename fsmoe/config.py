@@ -306,6 +306,9 @@ class ParallelConfig:
     schedule: str = "default"
     profile: str | None = None  # Profile JSON (`fsmoe profile`); None: a quick profile at start-up
     pipeline_degree: int = 0  # 0: the planner's r; k >= 1 forces r_fwd = r_bwd = k
+    # Steps of each path in the check that times the plan's executors against the default path on
+    # alternate steps and keeps the faster (GPUs, planned r > 1); 0 = trust the plan.
+    schedule_check_steps: int = 4
     # Levels of the machine, outermost first, e.g. [nodes, sockets_per_node, gpus_per_socket]; the
     # product is the world size. None: nodes of gpus_per_node (or torchrun's local size) ranks.
     topology: list[int] | None = None
@@ -346,6 +349,9 @@ class ParallelConfig:
                f"{prefix}.profile", self.profile, "must be a path to a Profile JSON (fsmoe profile) or unset")
         _check(isinstance(self.pipeline_degree, int) and self.pipeline_degree >= 0, f"{prefix}.pipeline_degree",
                self.pipeline_degree, "must be an integer >= 0 (0 = the planner's r)")
+        _check(isinstance(self.schedule_check_steps, int) and not isinstance(self.schedule_check_steps, bool)
+               and self.schedule_check_steps >= 0, f"{prefix}.schedule_check_steps", self.schedule_check_steps,
+               "must be an integer >= 0 (0 = no check: run the plan as planned)")
         self._validate_hierarchy(prefix)
         self._validate_placement(num_experts, prefix)
         if self.schedule == "default":

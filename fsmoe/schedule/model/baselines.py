@@ -74,15 +74,21 @@ def fsmoe_partitions(spec: LayerSpec, layout: Layout, profile: Profile, r_bwd: i
 def fsmoe(spec: LayerSpec, layout: Layout, profile: Profile, iio: bool = True) -> Schedule:
     """1. r_fwd: SLSQP over the cases, neighbours compared by simulating the layer forward.
     2. r_bwd: SLSQP with the AllReduce of one block's gradients inside the layer; for each
-       power-of-two neighbour, partitions (greedy + DE), then the whole iteration simulated."""
+       power-of-two neighbour and r_fwd, partitions (greedy + DE), then the whole iteration
+       simulated, plus the experts' forward recomputed in backward where r_bwd != r_fwd (the
+       executor keeps each forward chunk's graph only when the backward cuts the same chunks)."""
     work = layer_work(spec, layout)
     cf = choose_r(work, profile, layout, iio=iio, evaluate=lambda r: simulate_layer(spec, layout, profile, r, iio=iio))
     t_gar = profile.t("allreduce", work.gar_bytes) if _reduces(layout, profile) else 0.0
     rb_cont, case_b, _ = slsqp_r(work, profile, layout, backward=True, t_gar=t_gar, iio=iio)
+    # r_bwd = r_fwd is always a candidate: any other r_bwd recomputes the experts' forward in backward
+    recompute = spec.n_layers * chunk_times(work, profile, layout, 1.0).exp
     best, cands = None, []
-    for rb in pow2_candidates(rb_cont):
+    for rb in sorted(set(pow2_candidates(rb_cont)) | {cf.r}):
         gar, part = fsmoe_partitions(spec, layout, profile, rb, iio)
         sim = simulate_iteration(spec, layout, profile, cf.r, rb, iio, gar)
+        if rb != cf.r:
+            sim = dataclasses.replace(sim, iter_s=sim.iter_s + recompute)
         cands.append((f"r_bwd={rb}", sim.iter_s))
         if best is None or sim.iter_s < best[0].iter_s:
             best = (sim, rb, gar, part)

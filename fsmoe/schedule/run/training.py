@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsmoe.config import RunConfig
+from fsmoe.layer import sequential
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.schedule.model.baselines import with_prediction
 from fsmoe.schedule.model.engine import Engine
@@ -39,6 +40,7 @@ from fsmoe.schedule.model.profile import Profile, refit
 from fsmoe.schedule.model.simulate import record_block_ops, simulate_iteration
 from fsmoe.schedule.model.timeline import (NOT_SCHEDULED, chrome_trace, gantt_png, refit_samples, shift, timed_ops,
                                            write_records)
+from fsmoe.schedule.run.check import ScheduleCheck
 from fsmoe.schedule.run.engine import Recorder, make_engine
 from fsmoe.schedule.run.executor import PipelinedExecutor
 from fsmoe.schedule.run.grad_sync import GradSync
@@ -206,6 +208,10 @@ class TrainingSchedule:
     is_writer: bool
     timeline_steps: int = 0
     timeline_first: int = 0
+    check: ScheduleCheck | None = None  # the plan's executors timed against the default path
+    device: torch.device = torch.device("cpu")
+    notices: list[str] = field(default_factory=list)  # lines for the trainer to print (rank 0)
+    _layers: list = field(default_factory=list)  # (MoE layer, its executor): to switch paths
     _iterations: list = field(default_factory=list)
     _dense_hooks: list = field(default_factory=list)
     _metrics: dict = field(default_factory=dict)
@@ -236,7 +242,9 @@ class TrainingSchedule:
             gs.attach(executors)
         first = start_step + (1 if cfg.train.steps - start_step > n else 0)  # skip the first (warm-up) step
         ts = TrainingSchedule(schedule, spec, layout, profile, groups, engine, recorder, executors, gs,
-                              Path(run_dir), is_writer, n, first)
+                              Path(run_dir), is_writer, n, first, device=device)
+        ts.check = plan_check(cfg, schedule, executors, gs, device, start_step)
+        ts._layers = list(zip(model.moe_layers(), executors))
         if n:  # attention timings for the timeline (hooks only when a timeline is asked for)
             ts._dense_hooks = record_moe_blocks(model, spec, recorder, device)
         return ts
@@ -246,6 +254,9 @@ class TrainingSchedule:
         lines = [describe(self.schedule)]
         if not self.executors:
             lines.append("r = 1 both ways: the MoE layers run the default data path (no lanes)")
+        if self.check is not None:
+            lines.append(f"schedule check: steps {self.check.first + 1}-{self.check.end} alternate the plan and the "
+                         f"default path ({self.check.steps} timed steps each); the faster is kept")
         if self.grad_sync is None and self.groups.dp > 1:
             lines.append("dense gradients: AllReduced in buckets during backward on NCCL's own stream, as "
                          "parallel.schedule='default' does (the partitions above are what the model predicts with)")
@@ -259,6 +270,9 @@ class TrainingSchedule:
         """``step``: the 0-based index of the step about to run."""
         self.recorder.take()
         self.recorder.enabled = self._recording(step)
+        if self.check is not None and self.check.path(step) is not None:
+            self._use_executors(self.check.path(step) == "plan")
+            self.check.begin(step, self.device)
 
     def sync_dense(self, model: nn.Module) -> None:
         """Wait for every dense-gradient partition and write the DP mean into ``.grad``."""
@@ -273,6 +287,8 @@ class TrainingSchedule:
     def end_step(self, step: int) -> dict[str, float]:
         """After the step's gradient sync. On the last recorded step: gather every rank's records,
         write the timeline (rank 0), refit the profile; returns metrics to log (else {})."""
+        if self.check is not None and self.check.path(step) is not None:
+            self._check_step(step)
         if not self._recording(step):
             return self.pop_metrics()
         self.recorder.enabled = False
@@ -280,6 +296,24 @@ class TrainingSchedule:
         if step + 1 == self.timeline_first + self.timeline_steps:
             self._finish_timeline()
         return self.pop_metrics()
+
+    def _use_executors(self, on: bool) -> None:
+        for layer, ex in self._layers:
+            layer.executor = ex if on else sequential
+
+    def _check_step(self, step: int) -> None:
+        c = self.check
+        c.finish(step, self.device)
+        if step + 1 < c.end:
+            return
+        kept = c.decide(self.device, self.groups.world_group if self.groups.distributed else None)
+        self._use_executors(kept == "plan")
+        if kept == "default":
+            self.executors = []
+        self._metrics.update(c.metrics())
+        s = self.schedule
+        self.notices.append(c.describe(f"r_fwd={s.r_fwd} r_bwd={s.r_bwd}"))
+        self.check = None
 
     def pop_metrics(self) -> dict[str, float]:
         out, self._metrics = self._metrics, {}
@@ -349,6 +383,19 @@ def buckets_dense_gradients(backend: str, timeline_steps: int = 0) -> bool:
     reduces after backward, so the partitions win there and are kept; a timeline keeps them too,
     to time them against the model."""
     return backend == "nccl" and timeline_steps == 0
+
+
+def plan_check(cfg: RunConfig, schedule: Schedule, executors: list[PipelinedExecutor], grad_sync: GradSync | None,
+               device: torch.device, start_step: int) -> ScheduleCheck | None:
+    """The check of a plan that runs executors (see ``check.py``), where it can run: on a GPU, with
+    the dense gradients in buckets (a GradSync rides the executors' windows, so it cannot switch),
+    r not forced by ``parallel.pipeline_degree``, no timeline, and steps enough left for it."""
+    k = cfg.parallel.schedule_check_steps
+    if not (k and executors and grad_sync is None and device.type == "cuda" and not schedule.meta.get("forced_r")
+            and not cfg.train.timeline_steps):
+        return None
+    check = ScheduleCheck(first=start_step + 1, steps=k)  # after the first step (allocator, autotuning)
+    return check if check.end < cfg.train.steps else None
 
 
 def install_executors(model: nn.Module, engine: Engine, layer_schedule: LayerSchedule,

@@ -1,0 +1,49 @@
+"""The plan checked against the default path on alternate steps (fsmoe.schedule.run.check)."""
+import torch
+
+from fsmoe.config import load_config
+from fsmoe.schedule.run.check import ScheduleCheck
+from fsmoe.schedule.run.training import plan_check
+from fsmoe.schedule.types import Schedule
+
+CPU = torch.device("cpu")
+
+
+def test_paths_alternate_after_one_warm_up_step_each():
+    c = ScheduleCheck(first=3, steps=2)
+    assert c.end == 9
+    assert [c.path(s) for s in range(2, 10)] == [None, "plan", "default", "plan", "default", "plan", "default", None]
+    assert [s for s in range(12) if c.timed(s)] == [5, 6, 7, 8]
+
+
+def test_decision_by_median():
+    c = ScheduleCheck(first=0, steps=3)
+    c.times = {"plan": [0.30, 0.10, 0.12], "default": [0.11, 0.13, 0.50]}
+    assert c.decide(CPU) == "plan"
+    assert c.metrics()["schedule_check_plan_ms"] == 120.0
+    c.times = {"plan": [0.2, 0.2, 0.2], "default": [0.2, 0.2, 0.2]}
+    assert c.decide(CPU) == "default"  # a tie keeps the default path
+    assert "keeping the default data path" in c.describe("r_fwd=2 r_bwd=2")
+
+
+def test_timing_records_each_timed_step():
+    c = ScheduleCheck(first=0, steps=1)
+    for step in range(c.end):
+        c.begin(step, CPU)
+        c.finish(step, CPU)
+    assert len(c.times["plan"]) == 1 and len(c.times["default"]) == 1
+
+
+def test_check_runs_only_where_it_can():
+    cfg = load_config("tiny", ["parallel.schedule=\"fsmoe\"", "train.steps=100"])
+    planned = Schedule(policy="fsmoe", r_fwd=2, r_bwd=2, iio=True)
+    cuda, executors = torch.device("cuda"), [object()]
+    assert plan_check(cfg, planned, executors, None, cuda, 0).first == 1
+    assert plan_check(cfg, planned, executors, None, CPU, 0) is None  # CPU: gloo keeps the partitions
+    assert plan_check(cfg, planned, [], None, cuda, 0) is None  # r = 1: already the default path
+    assert plan_check(cfg, planned, executors, object(), cuda, 0) is None  # a GradSync rides the executors
+    forced = Schedule(policy="fsmoe", r_fwd=2, r_bwd=2, iio=True, meta={"forced_r": 2})
+    assert plan_check(cfg, forced, executors, None, cuda, 0) is None
+    assert plan_check(cfg, planned, executors, None, cuda, 95) is None  # too few steps left
+    off = load_config("tiny", ["parallel.schedule=\"fsmoe\"", "parallel.schedule_check_steps=0"])
+    assert plan_check(off, planned, executors, None, cuda, 0) is None
