@@ -52,27 +52,28 @@ class Traffic:
 
 
 def stage_rows(dest_TK: Tensor, src_T: Tensor, levels: Levels, stage: Stage, dedup: bool
-               ) -> tuple[Tensor, Tensor]:
-    """The rows of one stage: (sender [M], receiver [M]) EP ranks, one entry per row.
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of one stage, one entry per (token, slot): (sender [T, K], receiver [T, K]) EP
+    ranks and ``row_TK`` [T, K] 1 where the slot makes a row (valid, and with dedup the first
+    of the token's slots towards its destination group), else 0. No host sync: the rows are a
+    mask over the slots, not a list.
 
     dest_TK: [T, K] int64 destination ranks (-1 none); src_T: [T] int64 source ranks."""
-    T, K = dest_TK.shape
     valid = dest_TK >= 0
     s_last = levels.stride(stage.last)
-    group_TK = torch.where(valid, dest_TK // s_last, -1)  # prefix(dest, last + 1)
-    t_TK = torch.arange(T, device=dest_TK.device).unsqueeze(1).expand(T, K)
-    groups = levels.ranks // s_last
-    if dedup:
-        keys = torch.unique((t_TK * groups + group_TK)[valid])
-        t, g = keys // groups, keys % groups
-    else:
-        t, g = t_TK[valid], group_TK[valid]
-    src = src_T[t]
+    g = torch.where(valid, dest_TK // s_last, -1)  # prefix(dest, last + 1)
+    row = valid
+    if dedup:  # an earlier slot of the token towards the same group already makes the row
+        K = g.shape[1]
+        same = (g.unsqueeze(2) == g.unsqueeze(1)) & torch.ones(K, K, dtype=torch.bool, device=g.device).tril(-1)
+        row = valid & ~same.any(2)
+    src = src_T.unsqueeze(1)
     s_first = levels.stride(stage.first - 1)
     width = levels.stage_size(stage)
-    sender = (g // width) * s_first + src % s_first
-    receiver = g * s_last + src % s_last
-    return sender, receiver
+    gc = g.clamp(min=0)
+    sender = (gc // width) * s_first + src % s_first
+    receiver = gc * s_last + src % s_last
+    return sender, receiver, row.to(torch.int64)
 
 
 def crossed_level(levels: Levels, a: Tensor, b: Tensor) -> Tensor:
@@ -90,12 +91,12 @@ def count_traffic(dest_TK: Tensor, src_T: Tensor, levels: Levels, stages: tuple[
     send = torch.zeros(len(stages), P, L, dtype=torch.int64, device=dest_TK.device)
     recv = torch.zeros_like(send)
     for s, stage in enumerate(stages):
-        a, b = stage_rows(dest_TK, src_T, levels, stage, dedup)
+        a, b, row = stage_rows(dest_TK, src_T, levels, stage, dedup)
         lvl = crossed_level(levels, a, b)
-        moved = lvl >= 0
-        ones = torch.ones(int(moved.sum()), dtype=torch.int64, device=dest_TK.device)
-        send[s].index_put_((a[moved], lvl[moved]), ones, accumulate=True)
-        recv[s].index_put_((b[moved], lvl[moved]), ones, accumulate=True)
+        n = row * (lvl >= 0)  # rows that cross some level
+        lvl = lvl.clamp(min=0).flatten()
+        send[s].index_put_((a.flatten(), lvl), n.flatten(), accumulate=True)
+        recv[s].index_put_((b.flatten(), lvl), n.flatten(), accumulate=True)
     return Traffic(tuple(stages), send, recv, levels)
 
 
