@@ -22,6 +22,11 @@ busy as its busier direction. Combine moves the same rows back, so dispatch + co
 the sum over stages. With
 ``gamma`` the max is HierMoE's smooth max (a soft maximum of the loads normalised by their
 largest), which the swap policy uses so that relieving the second-busiest rank also counts.
+
+The dispatcher's choice of d prices bytes, not rows (``Wire``, ``hier_seconds``): a row's
+features and count byte, a weight and an id per (row, expert) pair, the features back in
+combine, the layout's collective rounds and a measured fixed cost per d; the flat AlltoAll
+(``flat_seconds``) competes as d = 0.
 """
 from __future__ import annotations
 
