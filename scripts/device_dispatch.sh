@@ -5,6 +5,10 @@
 #          the host as it would through a NIC): `fsmoe profile` (per-level fits), then
 #          `fsmoe bench dispatch` (bf16, 4096 tokens/GPU, d_model 4096) for the uniform, skewed and
 #          DeepSeek group-limited routings at top-8 and top-2 -> OUT/gpu_<routing>_k<K>.json
+#   fixed  2 GPUs as 2 nodes: `fsmoe profile` (per-level fits and the hierarchical dispatcher's
+#          fixed cost per d), then `fsmoe bench dispatch` flat vs hier-d1 vs auto with that profile
+#          and with the default fixed cost, for top-2 uniform and top-8 group-limited routing
+#          -> OUT/fixed_<routing>_k<K>[_default].json
 #   train  `fsmoe train --nproc 2 --ep 2` (tiny preset, NCCL, 2 nodes) with the flat and the
 #          hierarchical dispatcher (expert swaps every 5 steps): the two loss curves must agree
 #   cpu    `fsmoe bench dispatch` with 8 gloo processes as 2 nodes x 2 sockets x 2 on cores 0-15
@@ -15,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
-OUT=${1:?usage: device_dispatch.sh OUT_DIR [gpu|train|cpu|all]}
+OUT=${1:?usage: device_dispatch.sh OUT_DIR [gpu|fixed|train|cpu|all]}
 PART=${2:-all}
 LIMIT=${LIMIT:-540}
 PY=${PYTHON:-python3}
@@ -31,6 +35,22 @@ gpu() {
         --dtype bfloat16 --tokens 4096 --d-model 4096 --experts 64 --top-k "$k" --routing "$routing" \
         --groups 8 --topk-groups 4 --iters 20 --warmup 5 --profile "$OUT/profile_2nodes.json" \
         --json "$OUT/gpu_${routing}_k${k}.json"
+    done
+  done
+}
+
+fixed() {
+  export NCCL_P2P_DISABLE=1 CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
+  timeout "$LIMIT" "$PY" -m fsmoe.cli profile --nproc 2 --ep 2 --topology 2 --device cuda --quick \
+    --out "$OUT/profile_2nodes.json"
+  for rk in "uniform 2" "grouped 8"; do
+    set -- $rk
+    for prof in measured default; do
+      local extra=(--profile "$OUT/profile_2nodes.json") tag=""
+      [ "$prof" = default ] && extra=() tag=_default
+      timeout "$LIMIT" "$PY" -m fsmoe.cli bench dispatch --nproc 2 --ep 2 --topology 2 --device cuda \
+        --dtype bfloat16 --tokens 4096 --d-model 4096 --experts 64 --top-k "$2" --routing "$1" \
+        --groups 8 --topk-groups 4 --iters 20 --warmup 5 "${extra[@]}" --json "$OUT/fixed_${1}_k${2}${tag}.json"
     done
   done
 }
@@ -65,11 +85,12 @@ cpu() {
 
 case "$PART" in
   gpu) gpu 2>&1 | tee "$OUT/gpu.log" ;;
+  fixed) fixed 2>&1 | tee "$OUT/fixed.log" ;;
   train) train 2>&1 | tee "$OUT/train.log" ;;
   cpu) cpu 2>&1 | tee "$OUT/cpu.log" ;;
   all)
     gpu 2>&1 | tee "$OUT/gpu.log"
     train 2>&1 | tee "$OUT/train.log"
     cpu 2>&1 | tee "$OUT/cpu.log" ;;
-  *) echo "device_dispatch.sh: part must be gpu, train, cpu or all, got '$PART'" >&2; exit 2 ;;
+  *) echo "device_dispatch.sh: part must be gpu, fixed, train, cpu or all, got '$PART'" >&2; exit 2 ;;
 esac

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fsmoe.comm.topology import LevelCosts, Levels, Stage, ep_levels, stages_for_depth
-from fsmoe.comm.traffic import candidate_stages, choose_depth, count_traffic, predict, select
+from fsmoe.comm.traffic import Wire, candidate_stages, choose_depth, count_traffic, predict, select
 from fsmoe.config import ConfigError, load_config
 from fsmoe.parallel.topology import Topology, sockets_per_node
 from fsmoe.placement.placement import Placement
@@ -64,25 +64,78 @@ def test_traffic_matches_simulation(sizes):
 
 
 def test_depth_choice_is_the_brute_force_minimum():
+    """Every d and the flat AlltoAll priced from the simulated copies: dispatch stages carry the
+    features plus a count byte per row and a weight plus a local id per (row, expert) pair,
+    combine the features back; the layout's collective rounds and the fixed cost per d on top."""
     lv = Levels((2, 2, 2))
     rng = random.Random(0)
+    below = (4, 2, 1)  # ranks under a rank of each level: a node 4, a socket 2, a gpu 1
     for trial in range(12):
-        costs = LevelCosts(tuple(rng.uniform(0, 1e-4) for _ in range(3)), tuple(rng.uniform(1e-11, 1e-9) for _ in range(3)))
+        costs = LevelCosts(tuple(rng.uniform(0, 1e-4) for _ in range(3)), tuple(rng.uniform(1e-11, 1e-9) for _ in range(3)),
+                           tuple(rng.uniform(0, 3e-4) for _ in range(3)))
         dest, src = routing(60, rng.choice((1, 2, 4, 8)), 8, trial, skew=rng.random())
-        row_bytes = rng.choice((64, 4096, 65536))
-        choice = choose_depth(count_traffic(dest, src, lv, candidate_stages(lv)), lv, costs, row_bytes)
+        wire = Wire(rng.choice((64, 4096, 65536)), rng.choice((2, 4)), rng.choice((1, 8, 100)))
+        stages = candidate_stages(lv)
+        choice = choose_depth(count_traffic(dest, src, lv, stages), count_traffic(dest, src, lv, stages, dedup=False),
+                              lv, costs, wire)
+
+        def link(rows, l, first):  # a level-l link carries the rows of every rank below it
+            return sum(rows[r][l] for r in range(first, first + below[l]))
+
+        def stage_s(send, recv, first):
+            return costs.alpha[first] + max(costs.beta[l] * max(link(send, l, f), link(recv, l, f))
+                                            for l in range(3) for f in range(0, 8, below[l]))
+
+        def scaled(a, b, x, y):  # per rank and level: a * x + b * y
+            return [[a[r][l] * x + (b[r][l] * y if b else 0) for l in range(3)] for r in range(8)]
+
         times = []
         for d in (1, 2, 3):
             st = stages_for_depth(lv, d)
-            send, recv = simulate(dest, src, lv, st)
-            # a level-l link carries the rows of every rank below it: node 4 ranks, socket 2, gpu 1
-            link = lambda i, rows, l, first: sum(rows[i][r][l] for r in range(first, first + (4, 2, 1)[l]))
-            stage_s = [costs.alpha[x.first] + max(costs.beta[l] * row_bytes * max(link(i, send, l, f), link(i, recv, l, f))
-                                                  for l in range(3) for f in range(0, 8, (4, 2, 1)[l]))
-                       for i, x in enumerate(st)]
-            times.append(2 * sum(stage_s))
-        assert choice.depth == min((1, 2, 3), key=lambda d: (times[d - 1], d))
+            rs, rr = simulate(dest, src, lv, st)
+            ps, pr = simulate(dest, src, lv, st, dedup=False)
+            t = costs.alpha[0] + sum(costs.alpha[x.first] for x in st[1:]) + costs.overhead[d - 1]
+            for i, x in enumerate(st):
+                ids = 1 if below[x.last] * wire.experts_per_rank <= 256 else 2
+                t += stage_s(scaled(rs[i], ps[i], wire.feature + 1, wire.weight + ids),
+                             scaled(rr[i], pr[i], wire.feature + 1, wire.weight + ids), x.first)
+                t += stage_s(scaled(rs[i], None, wire.feature, 0), scaled(rr[i], None, wire.feature, 0), x.first)
+            times.append(t)
+        fs, fr = simulate(dest, src, lv, (Stage(0, 2),), dedup=False)
+        flat = costs.alpha[0] + 2 * stage_s(scaled(fs[0], None, wire.feature, 0), scaled(fr[0], None, wire.feature, 0), 0)
+        best = min((1, 2, 3), key=lambda d: (times[d - 1], d))
+        assert choice.depth == (0 if flat <= times[best - 1] else best)
         assert choice.predicted_s == pytest.approx(times, rel=1e-12)
+        assert choice.flat_s == pytest.approx(flat, rel=1e-12)
+
+
+def test_fixed_cost_keeps_top2_flat_and_grouped_top8_hierarchical():
+    """With a profile whose fixed cost per d is large (10 ms per stage), 2 nodes x 4 GPUs, 64
+    experts, bf16 rows of 4096, 4096 tokens per GPU: top-2 uniform routing has too little to
+    dedup to pay for it (flat), top-8 limited to 4 of 8 groups moves hundreds of MB less
+    across the nodes (hierarchical); without the fixed cost both go hierarchical."""
+    from fsmoe.bench.dispatch import make_ids
+    from fsmoe.schedule.model.profile import LinearFit, Profile
+
+    lv = Levels((2, 4), ("node", "gpu"))
+    fits = {"a2a_level0": LinearFit(30e-6, 1 / 25e9), "a2a_level1": LinearFit(10e-6, 1 / 200e9),
+            "hier_overhead_d1": LinearFit(10e-3, 0.0), "hier_overhead_d2": LinearFit(20e-3, 0.0)}
+    costs = LevelCosts.from_profile(Profile("test", "2x4", fits), lv)
+    assert costs.overhead == (10e-3, 20e-3)
+    wire = Wire(4096 * 2, 2, 8)
+    stages = candidate_stages(lv)
+    for kind, K, expect in (("uniform", 2, 0), ("grouped", 8, None)):
+        ids = torch.cat([make_ids(kind, 4096, 64, K, r) for r in range(8)])
+        dest, src = ids // 8, torch.arange(8).repeat_interleave(4096)
+        rows, pairs = count_traffic(dest, src, lv, stages), count_traffic(dest, src, lv, stages, dedup=False)
+        choice = choose_depth(rows, pairs, lv, costs, wire)
+        if expect == 0:
+            assert choice.depth == 0, choice
+        else:
+            assert choice.depth >= 1 and min(choice.predicted_s) + 10e-3 < choice.flat_s, choice
+        free = LevelCosts(costs.alpha, costs.beta, (0.0, 0.0))
+        assert choose_depth(rows, pairs, lv, free, wire).depth >= 1
+        assert choose_depth(rows, pairs, lv, costs, wire, allow_flat=False).depth >= 1
 
 
 def test_dedup_halves_inter_node_rows_for_group_limited_top8():
@@ -133,7 +186,9 @@ def test_predict_and_select():
     tr = count_traffic(dest, src, lv, candidate_stages(lv))
     costs = LevelCosts.defaults(lv)
     d1 = predict(select(tr, stages_for_depth(lv, 1)), costs, 1024)
-    assert d1 == pytest.approx(choose_depth(tr, lv, costs, 1024).predicted_s[0])
+    busy = torch.maximum(tr.send[0], tr.recv[0])  # [P, L] of the flat stage; a node link serves 2 ranks
+    assert d1 == pytest.approx(2 * (costs.alpha[0] + 1024 * max(costs.beta[0] * busy[:, 0].view(2, 2).sum(1).max(),
+                                                                   costs.beta[1] * busy[:, 1].max()).item()))
 
 
 def test_ep_levels_and_stage_groups():

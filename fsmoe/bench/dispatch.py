@@ -182,6 +182,64 @@ def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
     return 0
 
 
+def measure_overhead(groups: ParallelGroups, device: torch.device, costs: LevelCosts, tokens: int = 64,
+                     d_model: int = 64, iters: int = 10, warmup: int = 3) -> dict:
+    """The hierarchical dispatcher's fixed cost per d, measured (``fsmoe profile --topology``).
+
+    On small messages (``tokens`` per rank of ``d_model`` floats, top-2 uniform routing over 2
+    experts per rank), dispatch + combine of the flat dispatcher and of the hierarchical one at
+    every d (median of ``iters`` runs, each the slowest rank's). A d's fixed cost is what it
+    took beyond the flat one's time less the cost model's difference between the two
+    (``costs``' alpha-beta lines; no fixed cost): the layout's index building, host syncs and
+    launches that no alpha-beta line counts. Also the layout alone (its one AllReduce and the
+    host-side work). Returns {"overhead_s": (d = 1..D), "flat_ms", "hier_ms", "layout_ms",
+    "model_ms", "flat_model_ms"}."""
+    from fsmoe.comm.hierarchical import HierarchicalDispatcher
+    from fsmoe.parallel.levels import levels_of
+    from fsmoe.parallel.moe import build_dispatcher
+
+    levels = levels_of(groups)
+    E, K = 2 * groups.ep, 2
+    ids = make_ids("uniform", tokens, E, K, 2000 + groups.rank).to(device)
+    w = torch.softmax(torch.randn(ids.shape, generator=torch.Generator().manual_seed(groups.rank)), -1).to(device)
+    plan = RoutingPlan.from_topk(ids, w, E)
+    x = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(groups.rank)).to(device)
+    x_ND = IndexOrder().permute(x, plan)
+    free = LevelCosts(costs.alpha, costs.beta)  # no fixed cost: the model's part alone
+
+    def build(kind: str, depth: int):
+        cfg = MoEConfig(num_experts=E, router=RouterConfig(top_k=K), experts=ExpertsConfig(d_ff=8), dispatcher=kind,
+                        dedup_depth=depth)
+        disp = build_dispatcher(cfg, groups, d_model=d_model)
+        if isinstance(disp, HierarchicalDispatcher):
+            disp.costs = free
+        return disp
+
+    def run(disp):
+        rows, _, handle = disp.dispatch(x_ND, plan)
+        disp.combine(rows, handle)
+
+    def timed(fn):
+        with torch.no_grad():
+            return _timed(fn, device, iters, warmup, groups.world_group)
+
+    flat_disp = build("alltoall", 0)
+    flat = timed(lambda: run(flat_disp))
+    auto = build("hierarchical", 0)  # one dispatch for the model's times of every d and of flat
+    run(auto)
+    st = auto.last_stats
+    out = {"flat_ms": flat * 1e3, "flat_model_ms": st.flat_s * 1e3, "hier_ms": [], "layout_ms": [], "model_ms": [],
+           "overhead_s": []}
+    for d in range(1, levels.depth + 1):
+        disp = build("hierarchical", d)
+        t = timed(lambda: run(disp))
+        out["layout_ms"].append(timed(lambda: disp.layout(plan)) * 1e3)
+        out["hier_ms"].append(t * 1e3)
+        out["model_ms"].append(st.predicted_s[d - 1] * 1e3)
+        out["overhead_s"].append(max(0.0, (t - flat) - (st.predicted_s[d - 1] - st.flat_s)))
+    return out
+
+
 def plot_bytes(report: dict, png: str) -> None:
     """Bytes per level of each backend (dispatch, summed over ranks), grouped by level."""
     import matplotlib
@@ -207,24 +265,31 @@ def plot_bytes(report: dict, png: str) -> None:
 
 
 def _bytes(disp, plan, levels: Levels, D: int, x) -> dict:
-    """Bytes per level of the backend's last dispatch (summed over ranks) and flat's; a
-    hierarchical row carries the token's K weights too."""
+    """Bytes per level of the backend's last dispatch (summed over ranks) and flat's. A
+    hierarchical dispatch reports what its AlltoAlls put on the wire: each rank adds up the
+    elements it sent to peers across each level (features, weights, metadata bytes and their
+    padding); flat: one row of features per (token, expert). Rows per level too."""
     from fsmoe.comm.hierarchical import HierarchicalDispatcher
 
     elem = x.element_size()
     if isinstance(disp, HierarchicalDispatcher):
         st = disp.last_stats
-        row = (D + plan.token_slots_TK.shape[1]) * elem
-        out = dict(depth=st.depth, bytes_per_level=[r * row for r in st.rows_per_level],
-                   flat_bytes_per_level=[r * D * elem for r in st.flat_rows_per_level],
-                   predicted_ms=[t * 1e3 for t in st.predicted_s])
+        sent = torch.tensor(disp.last_sent_bytes if st.depth else [0] * levels.depth, dtype=torch.int64,
+                            device=x.device)
+        dist.all_reduce(sent, group=disp.counts_group)
+        flat_bytes = [r * D * elem for r in st.flat_rows_per_level]
+        out = dict(depth=st.depth, bytes_per_level=sent.tolist() if st.depth else flat_bytes,
+                   flat_bytes_per_level=flat_bytes, rows_per_level=list(st.rows_per_level),
+                   flat_rows_per_level=list(st.flat_rows_per_level), predicted_ms=[t * 1e3 for t in st.predicted_s],
+                   flat_predicted_ms=None if st.flat_s is None else st.flat_s * 1e3)
     else:
         E = plan.num_experts
         ranks = torch.tensor([disp.placement.rank_of(e) for e in range(E)] + [-1], device=x.device)
         flat = _flat_rows(ranks[plan.expert_ids_N[plan.token_slots_TK]], levels, disp)
-        out = dict(depth=1, bytes_per_level=[r * D * elem for r in flat],
-                   flat_bytes_per_level=[r * D * elem for r in flat])
+        out = dict(depth=1, bytes_per_level=[r * D * elem for r in flat], flat_bytes_per_level=[r * D * elem for r in flat],
+                   rows_per_level=flat, flat_rows_per_level=flat)
     out["dedup_factor"] = [f / b if b else None for f, b in zip(out["flat_bytes_per_level"], out["bytes_per_level"])]
+    out["row_dedup_factor"] = [f / b if b else None for f, b in zip(out["flat_rows_per_level"], out["rows_per_level"])]
     return out
 
 

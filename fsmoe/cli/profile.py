@@ -44,9 +44,38 @@ def run(args) -> int:
 def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
     cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
     prof = run_profile(groups, device, cfg)
+    overhead = _hier_overhead(groups, device, prof)
     if groups.rank == 0:
+        if overhead:
+            print("hierarchical dispatch, fixed cost per d beyond the alpha-beta lines (small messages): "
+                  + ", ".join(f"d={d} {s * 1e3:.3f} ms (dispatch+combine {h:.3f} ms, layout {l:.3f} ms; flat "
+                              f"{overhead['flat_ms']:.3f} ms)"
+                              for d, (s, h, l) in enumerate(zip(overhead["overhead_s"], overhead["hier_ms"],
+                                                                overhead["layout_ms"]), 1)))
         out = Path(args.out or f"runs/profiles/{prof.hardware}_{prof.layout}.json")
         prof.save(out)
         print(prof.summary())
         print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
     return 0
+
+
+def _hier_overhead(groups: ParallelGroups, device: torch.device, prof: Profile) -> dict | None:
+    """With EP over 2+ ranks and a topology the EP group fits (``--topology``): the hierarchical
+    dispatcher's fixed cost per d (``fsmoe.bench.dispatch.measure_overhead``), stored in the
+    profile as ``hier_overhead_d{d}`` (alpha, seconds; read by ``LevelCosts.from_profile``)."""
+    from fsmoe.bench.dispatch import measure_overhead
+    from fsmoe.comm.topology import LevelCosts
+    from fsmoe.parallel.levels import levels_of
+    from fsmoe.schedule.model.profile import LinearFit
+
+    if groups.ep < 2:
+        return None
+    try:
+        levels = levels_of(groups)
+    except ConfigError:
+        return None
+    out = measure_overhead(groups, device, LevelCosts.from_profile(prof, levels))
+    for d, s in enumerate(out["overhead_s"], 1):
+        prof.fits[f"hier_overhead_d{d}"] = LinearFit(s, 0.0, 1.0, 1)
+    prof.meta["hier_overhead"] = out
+    return out

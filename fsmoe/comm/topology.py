@@ -119,34 +119,57 @@ def stages_for_depth(levels: Levels, d: int) -> tuple[Stage, ...]:
     return tuple(Stage(i, i) for i in range(d - 1)) + (Stage(d - 1, D - 1),)
 
 
+# Seconds a dispatch + combine of the hierarchical dispatcher costs beyond its AlltoAlls' alpha-beta
+# time when nothing was measured (``fsmoe profile --topology`` measures it per d): 2 H200 as 2 nodes
+# (NCCL, no P2P), top-2 uniform routing, 4096 tokens of 4096 bf16 per GPU: the d = 1 forward took
+# 14.30 ms against the flat AlltoAll's 4.15 ms for 0.76x its bytes, so ~11 ms did not depend on
+# the bytes. Deeper d: the same per stage (not measured).
+DEFAULT_OVERHEAD_S = 11e-3
+
+
 @dataclass(frozen=True)
 class LevelCosts:
-    """alpha_L [s] and beta_L [s/byte] of an AlltoAll whose bytes cross level L's links.
+    """alpha_L [s] and beta_L [s/byte] of an AlltoAll whose bytes cross level L's links;
+    overhead [s] per d = 1..D: the hierarchical dispatcher's fixed cost per dispatch + combine
+    beyond its collectives' alpha-beta time (host-side index building and syncs, launches;
+    ``fsmoe profile --topology`` measures it against the flat AlltoAll).
 
     A stage's time is ``alpha[first] + max over levels L, ranks r of beta[L] * bytes of r over L``
     (sent or received; the links of different levels work at once)."""
 
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
+    overhead: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.alpha) != len(self.beta) or any(x < 0 for x in self.alpha + self.beta):
-            raise ValueError(f"LevelCosts: alpha {self.alpha} and beta {self.beta} must be as long, >= 0")
+        if len(self.alpha) != len(self.beta) or any(x < 0 for x in self.alpha + self.beta + self.overhead):
+            raise ValueError(f"LevelCosts: alpha {self.alpha} and beta {self.beta} must be as long, and they and "
+                             f"overhead {self.overhead} >= 0")
+
+    def overhead_s(self, d: int) -> float:
+        """The fixed cost of depth d (the deepest measured one's, scaled by d, past the measured)."""
+        if not self.overhead:
+            return 0.0
+        n = len(self.overhead)
+        return self.overhead[d - 1] if d <= n else self.overhead[-1] * d / n
 
     @staticmethod
     def defaults(levels: Levels) -> "LevelCosts":
         """Typical links when nothing was measured: node 25 GB/s (one 200 Gb/s NIC per node),
         socket 40 GB/s (two UPI/QPI links), switch 24 GB/s (PCIe 4.0 x16), gpu 112 GB/s (an
-        NVLink pair). A link serves every rank below it (``fsmoe.comm.traffic``)."""
+        NVLink pair). A link serves every rank below it (``fsmoe.comm.traffic``). Overhead:
+        ``DEFAULT_OVERHEAD_S`` per stage."""
         table = {"node": (10e-6, 25e9), "socket": (5e-6, 40e9), "switch": (5e-6, 24e9), "gpu": (3e-6, 112e9)}
         pairs = [table.get(levels.name(i), (5e-6, 50e9)) for i in range(levels.depth)]
-        return LevelCosts(tuple(a for a, _ in pairs), tuple(1.0 / bw for _, bw in pairs))
+        overhead = tuple(DEFAULT_OVERHEAD_S * d for d in range(1, max(levels.depth, 1) + 1))
+        return LevelCosts(tuple(a for a, _ in pairs), tuple(1.0 / bw for _, bw in pairs), overhead)
 
     @staticmethod
     def from_profile(profile, levels: Levels) -> "LevelCosts":
         """From a Profile's ``a2a_level{i}`` fits (``fsmoe profile`` with a topology), else its
         ``a2a_inter`` (level 0) / ``a2a_intra`` (inner levels) fits, else the defaults. A fit's
-        n is the bytes one rank sends."""
+        n is the bytes one rank sends. Overhead: the ``hier_overhead_d{d}`` entries (alpha, s)
+        when the profile has them all, else the default."""
         base = LevelCosts.defaults(levels)
         alpha, beta = list(base.alpha), list(base.beta)
         for i in range(levels.depth):
@@ -154,7 +177,11 @@ class LevelCosts:
                 if profile is not None and key in profile.fits:
                     alpha[i], beta[i] = profile.fits[key].alpha, profile.fits[key].beta
                     break
-        return LevelCosts(tuple(alpha), tuple(beta))
+        keys = [f"hier_overhead_d{d}" for d in range(1, max(levels.depth, 1) + 1)]
+        overhead = base.overhead
+        if profile is not None and all(k in profile.fits for k in keys):
+            overhead = tuple(profile.fits[k].alpha for k in keys)
+        return LevelCosts(tuple(alpha), tuple(beta), overhead)
 
 
 def ep_levels(topology: tuple[int, ...], ep: int, esp: int) -> Levels:

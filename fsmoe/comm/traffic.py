@@ -22,6 +22,11 @@ busy as its busier direction. Combine moves the same rows back, so dispatch + co
 the sum over stages. With
 ``gamma`` the max is HierMoE's smooth max (a soft maximum of the loads normalised by their
 largest), which the swap policy uses so that relieving the second-busiest rank also counts.
+
+The dispatcher's choice of d prices bytes, not rows (``Wire``, ``hier_seconds``): a row's
+features and count byte, a weight and an id per (row, expert) pair, the features back in
+combine, the layout's collective rounds and a measured fixed cost per d; the flat AlltoAll
+(``flat_seconds``) competes as d = 0.
 """
 from __future__ import annotations
 
@@ -52,27 +57,28 @@ class Traffic:
 
 
 def stage_rows(dest_TK: Tensor, src_T: Tensor, levels: Levels, stage: Stage, dedup: bool
-               ) -> tuple[Tensor, Tensor]:
-    """The rows of one stage: (sender [M], receiver [M]) EP ranks, one entry per row.
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows of one stage, one entry per (token, slot): (sender [T, K], receiver [T, K]) EP
+    ranks and ``row_TK`` [T, K] 1 where the slot makes a row (valid, and with dedup the first
+    of the token's slots towards its destination group), else 0. No host sync: the rows are a
+    mask over the slots, not a list.
 
     dest_TK: [T, K] int64 destination ranks (-1 none); src_T: [T] int64 source ranks."""
-    T, K = dest_TK.shape
     valid = dest_TK >= 0
     s_last = levels.stride(stage.last)
-    group_TK = torch.where(valid, dest_TK // s_last, -1)  # prefix(dest, last + 1)
-    t_TK = torch.arange(T, device=dest_TK.device).unsqueeze(1).expand(T, K)
-    groups = levels.ranks // s_last
-    if dedup:
-        keys = torch.unique((t_TK * groups + group_TK)[valid])
-        t, g = keys // groups, keys % groups
-    else:
-        t, g = t_TK[valid], group_TK[valid]
-    src = src_T[t]
+    g = torch.where(valid, dest_TK // s_last, -1)  # prefix(dest, last + 1)
+    row = valid
+    if dedup:  # an earlier slot of the token towards the same group already makes the row
+        K = g.shape[1]
+        same = (g.unsqueeze(2) == g.unsqueeze(1)) & torch.ones(K, K, dtype=torch.bool, device=g.device).tril(-1)
+        row = valid & ~same.any(2)
+    src = src_T.unsqueeze(1)
     s_first = levels.stride(stage.first - 1)
     width = levels.stage_size(stage)
-    sender = (g // width) * s_first + src % s_first
-    receiver = g * s_last + src % s_last
-    return sender, receiver
+    gc = g.clamp(min=0)
+    sender = (gc // width) * s_first + src % s_first
+    receiver = gc * s_last + src % s_last
+    return sender, receiver, row.to(torch.int64)
 
 
 def crossed_level(levels: Levels, a: Tensor, b: Tensor) -> Tensor:
@@ -90,12 +96,12 @@ def count_traffic(dest_TK: Tensor, src_T: Tensor, levels: Levels, stages: tuple[
     send = torch.zeros(len(stages), P, L, dtype=torch.int64, device=dest_TK.device)
     recv = torch.zeros_like(send)
     for s, stage in enumerate(stages):
-        a, b = stage_rows(dest_TK, src_T, levels, stage, dedup)
+        a, b, row = stage_rows(dest_TK, src_T, levels, stage, dedup)
         lvl = crossed_level(levels, a, b)
-        moved = lvl >= 0
-        ones = torch.ones(int(moved.sum()), dtype=torch.int64, device=dest_TK.device)
-        send[s].index_put_((a[moved], lvl[moved]), ones, accumulate=True)
-        recv[s].index_put_((b[moved], lvl[moved]), ones, accumulate=True)
+        n = row * (lvl >= 0)  # rows that cross some level
+        lvl = lvl.clamp(min=0).flatten()
+        send[s].index_put_((a.flatten(), lvl), n.flatten(), accumulate=True)
+        recv[s].index_put_((b.flatten(), lvl), n.flatten(), accumulate=True)
     return Traffic(tuple(stages), send, recv, levels)
 
 
@@ -152,22 +158,92 @@ def select(traffic: Traffic, stages: tuple[Stage, ...]) -> Traffic:
     return Traffic(tuple(stages), traffic.send[idx], traffic.recv[idx], traffic.levels)
 
 
+def id_bytes_for(n: int) -> int:
+    """Bytes of an id among n experts on the wire (uint8, int16 or int32)."""
+    return 1 if n <= 256 else 2 if n <= 32768 else 4
+
+
+@dataclass(frozen=True)
+class Wire:
+    """What a hierarchical dispatch puts on the wire (``fsmoe.comm.hierarchical``): per token
+    copy (row) its ``feature`` bytes and a 1-byte count of the experts it serves there; per
+    (copy, expert) pair the expert's combine weight (``weight`` bytes) and its id among the
+    experts of the ranks below the receiver (``id_bytes_for`` of that many: 1 byte up to 256).
+    Combine sends the features back only. The flat AlltoAll sends ``feature`` bytes per
+    (token, expert) pair each way, and no weights (they are applied at the source)."""
+
+    feature: int
+    weight: int = 4
+    experts_per_rank: int = 1
+
+    def id_bytes(self, levels: Levels, stage: Stage) -> int:
+        return id_bytes_for(levels.stride(stage.last) * self.experts_per_rank)
+
+    def dispatch_bytes(self, rows: Tensor, pairs: Tensor, levels: Levels, stage: Stage) -> Tensor:
+        return rows * (self.feature + 1) + pairs * (self.weight + self.id_bytes(levels, stage))
+
+    def bytes_per_level(self, rows: Traffic, pairs: Traffic) -> list[int]:
+        """[L] bytes a dispatch moves over each level (summed over stages and ranks)."""
+        out = sum(self.dispatch_bytes(r, p, rows.levels, st) for st, r, p in zip(rows.stages, rows.send, pairs.send))
+        return out.sum(0).tolist()
+
+
 @dataclass(frozen=True)
 class DepthChoice:
-    """The chosen depth and the prediction behind it: seconds of dispatch + combine per depth."""
+    """The chosen depth (0: the flat AlltoAll) and the prediction behind it: seconds of dispatch +
+    combine per depth (``predicted_s[d - 1]``) and of the flat AlltoAll (``flat_s``; None when it
+    is no candidate)."""
 
     depth: int
-    predicted_s: tuple[float, ...]  # index d - 1
+    predicted_s: tuple[float, ...]
+    flat_s: float | None = None
 
 
-def choose_depth(traffic: Traffic, levels: Levels, costs: LevelCosts, row_bytes: int) -> DepthChoice:
-    """argmin over d = 1..D of the predicted time; ``traffic`` counted for ``candidate_stages``.
-    Ties go to the smaller d (fewer collectives). O(D * (P * L)) once the counts exist; counting
-    them is O(D * T * K)."""
-    times = tuple(predict(select(traffic, stages_for_depth(levels, d)), costs, row_bytes)
-                  for d in range(1, max(levels.depth, 1) + 1))
-    best = min(range(len(times)), key=lambda i: (times[i], i))
-    return DepthChoice(best + 1, times)
+def _time(send: Tensor, recv: Tensor, stage: Stage, levels: Levels, costs: LevelCosts) -> float:
+    """Seconds of one stage moving send/recv ``[P, L]`` bytes."""
+    return float(stage_times(send[None], recv[None], (stage,), levels, costs, 1).sum())
+
+
+def hier_seconds(rows: Traffic, pairs: Traffic, costs: LevelCosts, wire: Wire, d: int) -> float:
+    """Dispatch + combine of depth d: each stage's AlltoAll both ways (dispatch: rows and pairs
+    by ``wire``; combine: the features back), the layout's collective rounds (one AllReduce of
+    the counts and first splits; a split exchange before every later stage) and the measured
+    fixed cost ``costs.overhead_s(d)``. ``rows`` / ``pairs`` counted (with / without dedup) for
+    a superset of d's stages."""
+    lv = rows.levels
+    stages = stages_for_depth(lv, d)
+    r, p = select(rows, stages), select(pairs, stages)
+    total = costs.alpha[0] + sum(costs.alpha[st.first] for st in stages[1:]) + costs.overhead_s(d)
+    for s, st in enumerate(stages):
+        total += _time(wire.dispatch_bytes(r.send[s], p.send[s], lv, st),
+                       wire.dispatch_bytes(r.recv[s], p.recv[s], lv, st), st, lv, costs)
+        total += _time(r.recv[s] * wire.feature, r.send[s] * wire.feature, st, lv, costs)
+    return total
+
+
+def flat_seconds(pairs: Traffic, costs: LevelCosts, wire: Wire) -> float:
+    """Dispatch + combine of the flat AlltoAll: its count exchange, then one row of features per
+    (token, expert) each way. ``pairs`` counted without dedup, for a set of stages holding the
+    flat one."""
+    lv = pairs.levels
+    st = Stage(0, lv.depth - 1)
+    p = select(pairs, (st,))
+    return costs.alpha[0] + 2 * _time(p.send[0] * wire.feature, p.recv[0] * wire.feature, st, lv, costs)
+
+
+def choose_depth(rows: Traffic, pairs: Traffic, levels: Levels, costs: LevelCosts, wire: Wire,
+                 allow_flat: bool = True) -> DepthChoice:
+    """argmin of the predicted dispatch + combine over d = 1..D (``hier_seconds``) and, with
+    ``allow_flat``, the flat AlltoAll (d = 0, ``flat_seconds``). ``rows`` / ``pairs``: the
+    traffic with / without dedup, counted for ``candidate_stages``. Ties go to the smaller d
+    (fewer collectives; flat first). O(D * (P * L)) once the counts exist; counting them is
+    O(D * T * K)."""
+    times = tuple(hier_seconds(rows, pairs, costs, wire, d) for d in range(1, max(levels.depth, 1) + 1))
+    flat = flat_seconds(pairs, costs, wire) if allow_flat else None
+    best = min(range(len(times)), key=lambda i: (times[i], i)) + 1
+    if flat is not None and flat <= times[best - 1]:
+        best = 0
+    return DepthChoice(best, times, flat)
 
 
 def dedup_factors(flat: Traffic, hier: Traffic) -> list[float]:

@@ -46,7 +46,7 @@ def gathered_routing(ids_IK: torch.Tensor, groups: ParallelGroups) -> tuple[torc
 def choose_swap(dispatcher: HierarchicalDispatcher, ids, src, policy: str, gamma: float) -> SwapChoice:
     if policy == "tokens":
         return token_scores(ids, dispatcher.placement, gamma)
-    depth = dispatcher.last_stats.depth if dispatcher.last_stats else 1
+    depth = max(dispatcher.last_stats.depth, 1) if dispatcher.last_stats else 1  # 0: flat; score d = 1
     return hierd_scores(ids, src, dispatcher.placement, dispatcher.levels, stages_for_depth(dispatcher.levels, depth),
                         dispatcher.costs, dispatcher.row_bytes, gamma)
 
@@ -72,6 +72,7 @@ def dispatch_metrics(model) -> dict:
         return {}
     return {"dispatch_depth": [s.depth for s in stats],
             "dispatch_levels": list(stats[0].level_names),
-            "dispatch_bytes_per_level": [[r * s.row_bytes for r in s.rows_per_level] for s in stats],
-            "flat_bytes_per_level": [[r * s.row_bytes for r in s.flat_rows_per_level] for s in stats],
-            "dispatch_predicted_ms": [[round(t * 1e3, 4) for t in s.predicted_s] for s in stats]}
+            "dispatch_bytes_per_level": [list(s.bytes_per_level) for s in stats],
+            "flat_bytes_per_level": [list(s.flat_bytes_per_level) for s in stats],
+            "dispatch_predicted_ms": [[round(t * 1e3, 4) for t in s.predicted_s] for s in stats],
+            "flat_predicted_ms": [None if s.flat_s is None else round(s.flat_s * 1e3, 4) for s in stats]}

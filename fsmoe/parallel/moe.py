@@ -144,12 +144,16 @@ def _hierarchical(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: s
     impl = reduce_scatter_impl or reduce_scatter_impl_for(groups.backend)
     dedup = cfg.dispatcher == "hierarchical"
     fixed = cfg.dedup_depth if dedup else min(2, levels.depth)
-    K = cfg.router.top_k
+    stages = stage_groups(groups, levels)
+    esp_stage = EspStage(groups.esp_group, impl) if groups.esp > 1 else None
+    # the flat AlltoAll the cost model may choose instead (d = 0) when d is not fixed
+    flat = ShardedDispatcher(cfg.num_experts, ep=groups.ep, esp=groups.esp, ep_rank=groups.ep_rank,
+                             esp_rank=groups.esp_rank, counts_group=groups.moe_group,
+                             ep_stage=AllToAllStage(groups.ep_group), esp_stage=esp_stage)
     return HierarchicalDispatcher(
-        cfg.num_experts, levels=levels, ep_rank=groups.ep_rank, esp=groups.esp,
-        stage_groups=stage_groups(groups, levels), counts_group=groups.moe_group,
-        esp_stage=EspStage(groups.esp_group, impl) if groups.esp > 1 else None, esp_group=groups.esp_group,
-        dedup=dedup, policy=DepthPolicy(fixed, cfg.dedup_every), row_bytes=(d_model + K) * 4)
+        cfg.num_experts, levels=levels, ep_rank=groups.ep_rank, esp=groups.esp, stage_groups=stages,
+        counts_group=groups.moe_group, esp_stage=esp_stage, esp_group=groups.esp_group, dedup=dedup,
+        policy=DepthPolicy(fixed, cfg.dedup_every), row_bytes=d_model * 4, flat=flat if dedup and not fixed else None)
 
 
 class ParallelMoELayer(MoELayer):
