@@ -162,6 +162,8 @@ def test_routing_trace_round_trip(tmp_path):
     ("parallel.placement_extra_slots=0", "parallel.placement_extra_slots"),
     ("parallel.placement_extra_slots=1.5", "parallel.placement_extra_slots"),
     ("parallel.placement_max_moved=0", "parallel.placement_max_moved"),
+    ("parallel.placement_ema=0", "parallel.placement_ema"),
+    ("parallel.placement_overlap=1", "parallel.placement_overlap"),
     ("train.trace=1", "train.trace"),
 ])
 def test_placement_config_errors_name_the_field(override, field):
