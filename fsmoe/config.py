@@ -323,6 +323,8 @@ class ParallelConfig:
     placement_threshold: float = 1.05  # flexmoe: rebalance when max/mean rank load exceeds this
     placement_extra_slots: float = 0.125  # spare slots per rank, as a fraction of E/ep (rounded up)
     placement_max_moved: float = 0.1  # flexmoe: at most this fraction of the experts moves per rebalance
+    placement_ema: float = 1.0  # weight of the newest window in the predicted load (1: that window alone)
+    placement_overlap: bool = True  # move experts behind the next step's compute (False: the step waits)
 
     @property
     def world(self) -> int:
@@ -383,6 +385,10 @@ class ParallelConfig:
                "must be in (0, 1] (spare slots per rank as a fraction of num_experts / ep)")
         _check(isinstance(self.placement_max_moved, (int, float)) and 0 < self.placement_max_moved <= 1,
                f"{prefix}.placement_max_moved", self.placement_max_moved, "must be in (0, 1]")
+        _check(isinstance(self.placement_ema, (int, float)) and 0 < self.placement_ema <= 1,
+               f"{prefix}.placement_ema", self.placement_ema, "must be in (0, 1]")
+        _check(isinstance(self.placement_overlap, bool), f"{prefix}.placement_overlap", self.placement_overlap,
+               "must be true or false")
         if self.placement != "static":
             _check(self.ep >= 2, f"{prefix}.placement", self.placement,
                    f"moves experts between EP ranks, so it needs {prefix}.ep >= 2 (got ep={self.ep}); use 'static'")

@@ -2,13 +2,16 @@
 # Expert placement measurements on the device machine (docs/placement.md, "Results"):
 #
 #   gpu    `fsmoe bench placement` over NCCL on 2 GPUs: static vs FlexMoE vs EPLB-style, side by
-#          side in one run, skewed synthetic routing (hot experts on one GPU), fp32
+#          side in one run, skewed synthetic routing (hot experts on one GPU), fp32; at the skew
+#          of the earlier figures (0.3) and at a stronger one (0.6)
 #   cpu    the same over gloo with 4 and with 8 CPU processes, pinned to cores 2-15 (each rank a
 #          core of its own, unlike a 2-core CI machine where the ranks share two cores)
 #   trace  `fsmoe train` of gpt2-xl-moe cut to 8 layers (16 experts, early training) on 2 GPUs,
 #          static with --trace, then with parallel.placement=flexmoe (tokens/s, rank balance,
 #          pause side by side), then the policies replayed on the static run's trace
-#          (`fsmoe bench placement --trace`: balance on the next window, bytes moved)
+#          (`fsmoe bench placement --trace`: balance on the next window, bytes moved), last window
+#          and EMA 0.5; the FlexMoE run moves experts behind compute (placement_wait_s /
+#          placement_hidden_s in its metrics)
 #
 # Usage: bash scripts/device_placement.sh OUT_DIR [gpu|cpu|trace|all]   (PYTHON=python3 by default;
 # CORES=2-15 and NPROCS="4 8" set the cpu part's cores and process counts)
@@ -25,9 +28,12 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 
 gpu() {
-  timeout "$LIMIT" "$PY" -m fsmoe.cli bench placement --nproc 2 --device cuda --experts 16 --layers 2 \
-    --d-model 2048 --d-ff 4096 --batch 8 --seq-len 1024 --skew 0.3 --interval 4 --rebalances 3 --iters 10 \
-    --json "$OUT/gpu.json"
+  local skew
+  for skew in 0.3 0.6; do
+    timeout "$LIMIT" "$PY" -m fsmoe.cli bench placement --nproc 2 --device cuda --experts 16 --layers 2 \
+      --d-model 2048 --d-ff 4096 --batch 8 --seq-len 1024 --skew "$skew" --interval 4 --rebalances 3 --iters 10 \
+      --json "$OUT/gpu_skew$skew.json"
+  done
 }
 
 cpu() {
@@ -59,10 +65,14 @@ for path in sys.argv[1:]:
         print(path, "missing"); continue
     print(path, "median tokens/s", round(statistics.median(r["tokens_per_s"] for r in recs)),
           "rank_balance", [r.get("rank_balance") for r in recs], "imbalance", [round(r["imbalance"], 2) for r in recs],
-          "pause_s", [r.get("placement_pause_s") for r in recs if "placement_pause_s" in r])
+          "pause_s", [r.get("placement_pause_s") for r in recs if "placement_pause_s" in r],
+          "wait_s", [r.get("placement_wait_s") for r in recs if "placement_wait_s" in r],
+          "hidden_s", [r.get("placement_hidden_s") for r in recs if "placement_hidden_s" in r])
 PYEOF
   "$PY" -m fsmoe.cli bench placement --trace "$OUT/routing_trace.jsonl.gz" --interval 8 --extra-slots 0.125 \
     --json "$OUT/replay.json" --plot "$OUT/replay.png"
+  "$PY" -m fsmoe.cli bench placement --trace "$OUT/routing_trace.jsonl.gz" --interval 8 --extra-slots 0.125 \
+    --ema 0.5 --json "$OUT/replay_ema.json"
 }
 
 case "$PART" in

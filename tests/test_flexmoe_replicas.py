@@ -61,6 +61,34 @@ def test_rows_of_an_expert_are_split_evenly_among_its_copies():
     assert rank0.tokens_per_local_expert_El[2] == 0  # the free slot
 
 
+def test_rows_are_split_by_planned_shares():
+    """Expert 0's copies on ranks 0 and 1 with shares 3:1: every source's rows for it are cut
+    3:1 (up to one row), each row sent once; all-equal shares are the even split; swap keeps them."""
+    pl = Placement.initial(4, 2, 1).expand(0, (1, 2)).with_shares([(3, 1), (1,), (1,), (1,)])
+    assert pl.shares_E == ((3, 1), (1,), (1,), (1,)) and pl.fractions(0) == {0: 0.75, 1: 0.25}
+    assert pl.physical_weights == (3, 1, 0, 1, 1, 1)
+    assert pl.with_shares([(2, 2), (1,), (1,), (1,)]).shares_E == ()  # all equal: the even split
+    assert pl.swap(0, 1).shares_E[1] == (3, 1) and pl.shrink(0, (1, 2)).shares_E == ()
+    with pytest.raises(ValueError, match="shares_E"):
+        pl.with_shares([(3, 0), (1,), (1,), (1,)])
+    order, weights = pl.physical_order, pl.physical_weights
+    counts = [[[8, 1, 2, 0]], [[7, 0, 4, 2]]]  # [P][S][E]
+    shares = replica_shares(counts, order, weights)
+    assert [n for _, n in shares[0][0]] == [6, 1, 0, 2, 0, 2] and [n for _, n in shares[1][0]] == [6, 0, 0, 4, 2, 1]
+    assert replica_shares(counts, order, (1,) * 6) == replica_shares(counts, order)
+    for rank in (0, 1):
+        lay = DispatchLayout.from_counts(counts, rank, 0, order, weights_K=weights)
+        n = sum(counts[rank][0])
+        x = torch.arange(float(n)).unsqueeze(1)
+        sent = lay.take_rows(x)
+        assert sorted(sent[:, 0].tolist()) == list(range(n)) and torch.equal(lay.place_rows(sent, n), x)
+        for r in (2, 3):
+            chunks = lay.chunks(r)
+            assert sorted(k for c in chunks for a, b in c.src_ranges for k in range(a, b)) == list(range(n))
+            assert [sum(c.tokens_per_local_expert_El[j] for c in chunks) for j in range(3)] == \
+                list(lay.tokens_per_local_expert_El)
+
+
 def test_migration_plan_copies_locally_and_balances_senders():
     old = Placement.initial(4, 2, 1).expand(0, (1, 2))
     new = old.shrink(0, (1, 2)).expand(1, (1, 2)).move(2, (1, 0), (0, 2))
@@ -89,23 +117,27 @@ def random_placement(rng: random.Random, E: int, P: int, spare: int, version: in
 # ---------------------------------------------------------------------------- distributed
 
 
-def _static_and_flex(rank, world, spare: int, every: int, steps: int, kind: str, hand: list | None):
+def _static_and_flex(rank, world, spare: int, every: int, steps: int, kind: str, hand: list | None,
+                     overlap: bool = False):
     """Both runs in one launch: (static, with copies and moves)."""
     return (_train_worker(rank, world, 0, every, steps, kind, None),
-            _train_worker(rank, world, spare, every, steps, kind, hand))
+            _train_worker(rank, world, spare, every, steps, kind, hand, overlap))
 
 
-def _train_worker(rank, world, spare: int, every: int, steps: int, kind: str, hand: list | None):
+def _train_worker(rank, world, spare: int, every: int, steps: int, kind: str, hand: list | None,
+                  overlap: bool = False):
     """Train ``steps`` steps at dp=world, EP2 x ESP(world/2); with ``spare`` > 0 the experts move
     to a new random placement (copies, moves, free slots) every ``every`` steps. Returns global losses, the rows
     moved, and whether every migration was checksum-exact (each slot then holds its expert's
-    weights, gradients and AdamW moments bit for bit) with the copies bitwise equal at the end."""
+    weights, gradients and AdamW moments bit for bit) with the copies bitwise equal at the end.
+    ``overlap``: launched asynchronously (weights and moments; gradients stay) and committed after
+    other work, random shares on the copies."""
     from fsmoe.config import ParallelConfig
     from fsmoe.models import build_model
     from fsmoe.parallel.grads import global_mean
     from fsmoe.parallel.groups import build_groups
     from fsmoe.parallel.tensor_parallel import parallelize
-    from fsmoe.placement.migrate import migrate
+    from fsmoe.placement.migrate import launch_migration, migrate
     from fsmoe.placement.slots import add_spare_slots
     from test_dist_layouts import B, batches, model_cfg, optimizer, train_step
 
@@ -119,19 +151,28 @@ def _train_worker(rank, world, spare: int, every: int, steps: int, kind: str, ha
     losses, moved, exact = [], 0, True
     for step, (x, y) in enumerate(batches(steps)):
         if spare and step and step % every == 0:
-            before = _checksums(model, opt)
+            before = _checksums(model, opt, grads=not overlap)
+            pending = []
             for layer in model.moe_layers():
                 old = layer.experts.placement
                 new = (Placement(hand[(step // every) % len(hand)], old.ranks, old.slots_per_rank, old.version + 1)
                        if hand else random_placement(rng, old.num_experts, old.ranks, spare, old.version + 1))
-                moved += migrate(layer, new, groups.ep_group, opt).remote_rows
-            exact &= _checksums(model, opt) == before  # every slot now holds its expert's exact bytes
+                if overlap:
+                    new = new.with_shares([tuple(rng.randint(1, 9) for _ in s) for s in new.slots_E])
+                    pending.append(launch_migration(layer, new, groups.ep_group, opt))
+                    moved += pending[-1].plan.remote_rows
+                else:
+                    moved += migrate(layer, new, groups.ep_group, opt).remote_rows
+            torch.randn(64, 64) @ torch.randn(64, 64)  # other work while the rows are in flight
+            for p in pending:
+                p.commit()
+            exact &= _checksums(model, opt, grads=not overlap) == before  # every slot holds its expert's bytes
         _, loss, _, _ = train_step(model, opt, x[rows], y[rows], groups, 0.05)
         losses.append(global_mean(loss, groups).item())
     return losses, moved, exact and all(len(v) == 1 for v in _checksums(model, opt).values())
 
 
-def _checksums(model, opt) -> dict:
+def _checksums(model, opt, grads: bool = True) -> dict:
     """(layer, expert, ESP shard) -> the set of checksums of its copies' weights, gradients and
     AdamW moments, over all ranks (one element when the copies are bitwise equal)."""
     import torch.distributed as dist
@@ -141,7 +182,7 @@ def _checksums(model, opt) -> dict:
     mine = {}
     for m, layer in enumerate(model.moe_layers()):
         ex = layer.experts
-        tensors = slot_tensors(ex, opt)
+        tensors = slot_tensors(ex, opt, grads)
         for j, e in enumerate(ex.placement.experts_on(ex.ep_rank)):
             if e != FREE:
                 mine.setdefault((m, e, ex.esp_rank), []).append(
@@ -161,7 +202,8 @@ IDLE = tuple(((0, e), (1, 5)) if e == 1 else ((0, e),) for e in range(8))  # ran
 
 def _both_cases(rank, world):
     return (_static_and_flex(rank, world, 2, 5, 50, "gpt", None),
-            _static_and_flex(rank, world, 4, 2, 6, "forced", [ONLY_COPIES, IDLE]))
+            _static_and_flex(rank, world, 4, 2, 6, "forced", [ONLY_COPIES, IDLE]),
+            _static_and_flex(rank, world, 2, 5, 50, "gpt", None, overlap=True))
 
 
 @pytest.mark.dist
@@ -173,10 +215,12 @@ def test_training_with_copies_and_moves_equals_static_and_never_hangs():
       equal the static run's to 1e-5, and every copy of an expert stays bitwise equal to the others;
     - every token to expert 0 (8 experts, 4 spare slots per rank): rank 1 holds only copies
       (of experts 0-3) while rank 0 holds all eight, then nothing but free slots and one copy
-      that gets no rows; no hang, and the losses still equal the static run's."""
-    results = run_workers(_both_cases, 4, timeout_s=300)
-    for case in (0, 1):
+      that gets no rows; no hang, and the losses still equal the static run's;
+    - the first case again with every move overlapped (launched asynchronously, committed after
+      other work) and random planned shares on the copies: losses equal to 1e-5, exact moves."""
+    results = run_workers(_both_cases, 4, timeout_s=420)
+    for case in (0, 1, 2):
         (s_loss, _, _), (f_loss, moved, _) = results[0][case]
-        assert len(f_loss) == (50, 6)[case] and max(abs(a - b) for a, b in zip(s_loss, f_loss)) < 1e-5, (s_loss, f_loss)
+        assert len(f_loss) == (50, 6, 50)[case] and max(abs(a - b) for a, b in zip(s_loss, f_loss)) < 1e-5, (s_loss, f_loss)
         assert moved > 0 and all(r[case][1][2] for r in results)
 

@@ -2,7 +2,8 @@
 flexmoe | eplb``: rebalances every two steps move experts (weights and AdamW state) and the
 losses stay those of the static placement; the routing trace is written; a run checkpointed
 while its experts sat in moved placements (saved under the logical expert layout) resumes, under
-the EPLB-style policy, on the same curve. One launch of two gloo
+the EPLB-style policy, on the same curve. The FlexMoE run moves experts behind the next step's
+compute (the default), the resumed one with the step waiting. One launch of two gloo
 processes runs every trainer in turn."""
 from __future__ import annotations
 
@@ -41,14 +42,14 @@ def _trainers(rank, world, root: str):
                                   console=Console(quiet=True))
         trainer.fit()
 
-    train("static", 6, [])
-    # checkpoints at steps 3 and 6 are written while experts sit in moved placements
-    train("flex", 6, ["parallel.placement='flexmoe'", "train.trace=true", "train.ckpt_every=3"] + FLEX)
-    if rank == 0:  # resume from step 3, and under the other policy
+    train("static", 8, [])
+    # checkpoints at steps 4 and 8 are written while experts sit in moved placements
+    train("flex", 8, ["parallel.placement='flexmoe'", "train.trace=true", "train.ckpt_every=4"] + FLEX)
+    if rank == 0:  # resume from step 4, and under the other policy
         shutil.copytree(Path(root) / "flex", Path(root) / "resumed")
-        shutil.rmtree(Path(root) / "resumed" / "ckpt" / "step_6")
+        shutil.rmtree(Path(root) / "resumed" / "ckpt" / "step_8")
     torch.distributed.barrier()
-    train("resumed", 6, ["parallel.placement='eplb'"] + FLEX, resume=True)
+    train("resumed", 8, ["parallel.placement='eplb'", "parallel.placement_overlap=false"] + FLEX, resume=True)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -72,9 +73,11 @@ def test_flexmoe_and_eplb_train_like_static_and_resume(tmp_path):
     assert moves and any(r["placement_moved_bytes"] > 0 for r in moves)
     assert all(r["placement_balance_after"] <= r["placement_balance_before"] + 1e-9 for r in moves)
     assert all(r["placement_moved_fraction"] <= 0.25 and "rank_balance" in r for r in moves)
+    landed = [r for r in flex if "placement_hidden_s" in r]  # overlapped moves, committed in a later forward
+    assert landed and all(r["placement_wait_s"] >= 0 and r["placement_hidden_s"] >= 0 for r in landed)
     trace = read_trace(tmp_path / "flex" / "routing_trace.jsonl.gz")
-    assert trace.steps.tolist() == list(range(1, 7)) and trace.counts_NMRE.shape == (6, 2, 2, 8)
-    assert trace.counts_NMRE.sum() == 6 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
+    assert trace.steps.tolist() == list(range(1, 9)) and trace.counts_NMRE.shape == (8, 2, 2, 8)
+    assert trace.counts_NMRE.sum() == 8 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
     resumed = records(tmp_path / "resumed")
     same_curve(resumed, ref)
-    assert any("placement_balance_before" in r for r in resumed if r["step"] > 3)
+    assert any("placement_balance_before" in r for r in resumed if r["step"] > 4)

@@ -49,7 +49,7 @@ from fsmoe.placement.placement import Placement
 from fsmoe.placement.policy import PlacementCost, balance_ratio
 from fsmoe.placement.rebalance import RebalanceSettings, build_rebalancer, propose
 from fsmoe.placement.slots import add_spare_slots, spare_slots_for
-from fsmoe.placement.traffic import read_trace
+from fsmoe.placement.traffic import LoadPredictor, read_trace
 from fsmoe.routing.gshard import GShardRouter
 from fsmoe.routing.plan import RoutingPlan
 
@@ -106,14 +106,16 @@ class PolicyRun:
     def __init__(self, args, groups: ParallelGroups, device, policy: str):
         self.args, self.groups, self.device, self.policy = args, groups, device, policy
         self.layers, self.moe = build_stack(args, groups, device, policy)
-        self.opt = torch.optim.AdamW(self.layers.parameters(), lr=1e-4)
+        # as fsmoe train builds it: fused on CUDA (one kernel over all parameters), foreach on CPUs
+        self.opt = torch.optim.AdamW(self.layers.parameters(), lr=1e-4, fused=device.type == "cuda")
         pcfg = ParallelConfig(dp=groups.world, ep=groups.ep, placement=policy, placement_interval=args.interval,
                               placement_threshold=args.threshold, placement_extra_slots=args.extra_slots,
-                              placement_max_moved=args.max_moved) if policy != "static" else None
+                              placement_max_moved=args.max_moved, placement_ema=args.ema,
+                              placement_overlap=not args.no_overlap) if policy != "static" else None
         self.rebalancer = build_rebalancer(pcfg, self.moe, groups, device) if pcfg else None
         gen = torch.Generator().manual_seed(1000 + groups.rank)
         self.x = torch.randn(args.batch, args.seq_len, args.d_model, generator=gen).to(device)
-        self.steps, self.reports = 0, []
+        self.steps, self.reports, self.commits = 0, [], {}
         self.times, self.cpu_times, self.rank_balance, self.expert_imbalance = [], [], [], []
 
     def step(self, timed: bool) -> None:
@@ -150,6 +152,7 @@ class PolicyRun:
                                                     for c, ly in zip(total, self.moe)])))
             self.expert_imbalance.append(float(np.mean([float(c.max() / c.mean()) for c in total])))
         elif self.rebalancer is not None:
+            self.commits.update({k: self.commits.get(k, 0.0) + v for k, v in self.rebalancer.pop_commit_metrics().items()})
             report = self.rebalancer.after_step(self.steps, counts_ME, self.opt)
             if report is not None:
                 self.reports.append(report.metrics())
@@ -163,7 +166,8 @@ class PolicyRun:
                 "expert_imbalance": statistics.median(self.expert_imbalance),
                 "slots_per_rank": placements[0].slots_per_rank, "experts_per_rank": self.args.experts // self.groups.ep,
                 "replicas": sum(p.num_copies - p.num_experts for p in placements),
-                "pause_s": sum(x["placement_pause_s"] for x in r),
+                "pause_s": sum(x["placement_pause_s"] for x in r) + self.commits.get("placement_wait_s", 0.0),
+                "hidden_s": self.commits.get("placement_hidden_s", 0.0),
                 "moved_bytes": sum(x["placement_moved_bytes"] for x in r),
                 "moved_fraction_per_rebalance": [x["placement_moved_fraction"] for x in r],
                 "balance_before_after": [(x["placement_balance_before"], x["placement_balance_after"]) for x in r]}
@@ -201,7 +205,7 @@ def live_main(args, groups: ParallelGroups, device) -> int:
     if groups.rank == 0:
         setup = {k: getattr(args, k) for k in ("experts", "top_k", "layers", "d_model", "d_ff", "batch", "seq_len",
                                                "skew", "shift_every", "hot", "interval", "rebalances", "iters",
-                                               "extra_slots", "threshold", "max_moved")}
+                                               "extra_slots", "threshold", "max_moved", "ema", "no_overlap")}
         setup.update(world=groups.world, ep=groups.ep, backend=groups.backend, device=str(device),
                      routing="synthetic skew: SkewedRouter (GShard + fixed Zipf logit bias)")
         print(live_table(results))
@@ -212,13 +216,14 @@ def live_main(args, groups: ParallelGroups, device) -> int:
 
 def live_table(results: list[dict]) -> str:
     rows = ["| policy | step ms | speedup vs static | slowest rank CPU ms | CPU speedup | rank balance (max/mean) "
-            "| expert imbalance | slots/rank | extra copies | pause s | moved MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| expert imbalance | slots/rank | extra copies | pause s | hidden s | moved MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         rows.append(f"| {r['policy']} | {r['step_ms']:.1f} | {r['speedup_vs_static']} | {r['cpu_ms']:.1f} | "
                     f"{r['cpu_speedup_vs_static']} | {r['rank_balance']:.3f} | "
                     f"{r['expert_imbalance']:.2f} | {r['slots_per_rank']} ({r['experts_per_rank']} experts) | "
-                    f"{r['replicas']} | {r['pause_s']:.3f} | {r['moved_bytes'] / 2**20:.1f} |")
+                    f"{r['replicas']} | {r['pause_s']:.3f} | {r.get('hidden_s', 0.0):.3f} | "
+                    f"{r['moved_bytes'] / 2**20:.1f} |")
     return "\n".join(rows)
 
 
@@ -226,34 +231,42 @@ def live_table(results: list[dict]) -> str:
 
 
 def replay(trace_path: str, interval: int, extra_slots: float, threshold: float, max_moved: float,
-           ep: int | None = None) -> dict:
-    """The policies on a recorded trace (module docstring). Pure: no process group."""
+           ep: int | None = None, ema: float = 1.0) -> dict:
+    """The policies on a recorded trace (module docstring). Pure: no process group. ``ema``: the
+    policies plan from the EMA of the windows so far (``LoadPredictor``), scored also on it."""
     tr = read_trace(trace_path)
     E, M = tr.header["num_experts"], tr.header["num_layers"]
     P = ep or tr.header["ep"]
     spare = spare_slots_for(E, P, extra_slots)
     cost = PlacementCost(1.0, 0.0, 0.0, interval)
     out = {"trace": str(trace_path), "steps": int(len(tr.steps)), "layers": M, "experts": E, "ep": P,
-           "slots_per_rank": E // P + spare, "extra_slot_fraction": spare / (E // P), "interval": interval}
+           "slots_per_rank": E // P + spare, "extra_slot_fraction": spare / (E // P), "interval": interval,
+           "ema": ema}
     for policy in POLICIES:
         settings = RebalanceSettings(policy, interval, threshold, max_moved) if policy != "static" else None
         placements = [Placement.initial(E, P, spare if settings else 0) for _ in range(M)]
-        next_bal, same_bal, moved = [], [], []
+        predictor = LoadPredictor(ema)
+        next_bal, same_bal, plan_bal, moved = [], [], [], []
         for w in range(len(tr.steps) // interval - 1):
             seen = tr.load_ME(w * interval, (w + 1) * interval)
             nxt = tr.load_ME((w + 1) * interval, (w + 2) * interval)
+            planned = predictor.update(seen)
             for m in range(M):
                 if settings:
-                    new = propose(settings, seen[m].tolist(), placements[m], cost)
+                    new = propose(settings, planned[m].tolist(), placements[m], cost)
                     moved.append(MigrationPlan.between(placements[m], new).moved_fraction())
                     placements[m] = new
                 next_bal.append(balance_ratio(nxt[m].tolist(), placements[m]))
                 same_bal.append(balance_ratio(seen[m].tolist(), placements[m]))
+                plan_bal.append(balance_ratio(planned[m].tolist(), placements[m]))
         per_window = [float(np.mean(next_bal[i:i + M])) for i in range(0, len(next_bal), M)]
         out.setdefault("per_window", {})[policy] = per_window
         out[policy] = {"next_window_balance_mean": float(np.mean(next_bal)) if next_bal else None,
                        "next_window_balance_max": float(np.max(next_bal)) if next_bal else None,
                        "same_window_balance_mean": float(np.mean(same_bal)) if same_bal else None,
+                       "same_window_balance_max": float(np.max(same_bal)) if same_bal else None,
+                       "planned_balance_mean": float(np.mean(plan_bal)) if plan_bal else None,
+                       "planned_balance_max": float(np.max(plan_bal)) if plan_bal else None,
                        "moved_fraction_mean": float(np.mean(moved)) if moved else 0.0,
                        "moved_fraction_max": float(np.max(moved)) if moved else 0.0}
     return out
@@ -262,13 +275,16 @@ def replay(trace_path: str, interval: int, extra_slots: float, threshold: float,
 def replay_table(r: dict) -> str:
     rows = [f"trace {r['trace']}: {r['steps']} steps, {r['layers']} MoE layers x {r['experts']} experts on EP="
             f"{r['ep']}, {r['slots_per_rank']} slots per rank ({100 * r['extra_slot_fraction']:.1f}% extra), "
-            f"rebalance every {r['interval']} steps, scored on the next window",
-            "| policy | balance mean | balance max | on the window it saw | moved per rebalance (mean / max) |",
-            "|---|---|---|---|---|"]
+            f"rebalance every {r['interval']} steps, planned from the EMA of the windows (newest weighs "
+            f"{r['ema']}), scored on the next window",
+            "| policy | next window mean | (max) | on the window it saw (mean / max) | on the load it planned from "
+            "(mean / max) | moved per rebalance (mean / max) |",
+            "|---|---|---|---|---|---|"]
     for policy in POLICIES:
         p = r[policy]
         rows.append(f"| {policy} | {p['next_window_balance_mean']:.3f} | {p['next_window_balance_max']:.3f} | "
-                    f"{p['same_window_balance_mean']:.3f} | "
+                    f"{p['same_window_balance_mean']:.3f} / {p['same_window_balance_max']:.3f} | "
+                    f"{p['planned_balance_mean']:.3f} / {p['planned_balance_max']:.3f} | "
                     f"{100 * p['moved_fraction_mean']:.1f}% / {100 * p['moved_fraction_max']:.1f}% |")
     return "\n".join(rows)
 
@@ -317,6 +333,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra-slots", type=float, default=0.125, help="spare slots per rank / experts per rank")
     p.add_argument("--threshold", type=float, default=1.05)
     p.add_argument("--max-moved", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=1.0,
+                   help="plan from an EMA over windows, the newest weighing this (1: the last window alone)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="move experts with the step waiting (default: behind the next step's compute)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--trace", help="replay the policies on this routing trace (routing_trace.jsonl.gz) instead")
     p.add_argument("--plot", help="with --trace: draw the balance per window to this PNG")
@@ -324,7 +344,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     if args.trace:
-        r = replay(args.trace, args.interval, args.extra_slots, args.threshold, args.max_moved, args.ep or None)
+        r = replay(args.trace, args.interval, args.extra_slots, args.threshold, args.max_moved, args.ep or None,
+                   args.ema)
         print(replay_table(r))
         if args.plot:
             replay_png(r, args.plot)

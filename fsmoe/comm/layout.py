@@ -17,7 +17,7 @@ further communication:
                                    sum_{p, s} counts[p, s, e]
 
 Replicas: an expert with n copies (slots of the placement) has every source's rows for it cut
-into n even pieces, one per copy (:func:`replica_shares`), so the matrix above is first turned
+into n pieces, one per copy, even or by the placement's planned shares (:func:`replica_shares`), so the matrix above is first turned
 into rows per *physical slot*, ``phys[p, s, k]``, and every sum runs over slots; without replicas
 ``phys`` is ``counts`` with its columns in physical order. Free slots receive no rows.
 
@@ -66,6 +66,8 @@ class DispatchLayout:
         adjacent ones merged; ``((0, num_sent),)`` for a whole layer without replicas).
     full_ranges: where this layout's expert-major rows sit in the whole layer's expert-major
         rows (``((0, rows),)`` for a whole layer), so a pass at another degree finds them.
+    weights_K: the share weight of every physical slot (``Placement.physical_weights``; ``()``:
+        an even split among copies).
     """
 
     counts_PSE: tuple[tuple[tuple[int, ...], ...], ...]
@@ -81,29 +83,34 @@ class DispatchLayout:
     src_ranges: tuple[Range, ...]
     full_ranges: tuple[Range, ...]
     phys_PSK: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    weights_K: tuple[int, ...] = ()
 
     @staticmethod
     def from_counts(counts_PSE: list, ep_rank: int, esp_rank: int, order_E: tuple[int, ...] | None = None,
                     src_ranges: tuple[Range, ...] | None = None,
-                    full_ranges: tuple[Range, ...] | None = None) -> "DispatchLayout":
+                    full_ranges: tuple[Range, ...] | None = None,
+                    weights_K: tuple[int, ...] = ()) -> "DispatchLayout":
         """counts_PSE: nested lists [P][S][E] of ints by logical expert (see module docstring);
         order_E: the placement's physical order (default: expert p*El + j in slot j of rank p);
-        the ranges default to those of a whole layer."""
+        weights_K: its share weights (``Placement.physical_weights``; ``()`` even); the ranges
+        default to those of a whole layer."""
         counts = tuple(tuple(tuple(int(c) for c in row) for row in ps) for ps in counts_PSE)
         E = len(counts[0][0])
         order = tuple(range(E)) if order_E is None else tuple(order_E)
-        pieces = replica_shares(counts, order)  # [P][S][K] (start within the expert's rows, rows)
+        weights = tuple(weights_K) if weights_K and any(w != 1 for w, e in zip(weights_K, order) if e != FREE) else ()
+        pieces = replica_shares(counts, order, weights)  # [P][S][K] (start within the expert's rows, rows)
         phys = tuple(tuple(tuple(n for _, n in row) for row in ps) for ps in pieces)
         if src_ranges is None:
             logical = counts[ep_rank][esp_rank]
             start = [sum(logical[:e]) for e in range(E)]
             src_ranges = _merged(tuple((start[e] + a, start[e] + a + n)
                                        for e, (a, n) in zip(order, pieces[ep_rank][esp_rank]) if n))
-        return DispatchLayout.from_physical(counts, phys, ep_rank, esp_rank, order, src_ranges, full_ranges)
+        return DispatchLayout.from_physical(counts, phys, ep_rank, esp_rank, order, src_ranges, full_ranges, weights)
 
     @staticmethod
     def from_physical(counts, phys, ep_rank: int, esp_rank: int, order: tuple[int, ...],
-                      src_ranges: tuple[Range, ...], full_ranges: tuple[Range, ...] | None) -> "DispatchLayout":
+                      src_ranges: tuple[Range, ...], full_ranges: tuple[Range, ...] | None,
+                      weights: tuple[int, ...] = ()) -> "DispatchLayout":
         """The split sizes from the rows every source sends to every physical slot (``phys``
         [P][S][K], nested tuples of ints)."""
         P, S, K = len(phys), len(phys[0]), len(order)
@@ -116,7 +123,8 @@ class DispatchLayout:
         gather = tuple(sum(map(sum, blocks[s])) for s in range(S))
         per_expert = tuple(sum(blocks[s][p][j] for s in range(S) for p in range(P)) for j in range(El))
         return DispatchLayout(counts, ep_rank, esp_rank, order, sum(own), send, recv, gather, blocks, per_expert,
-                              src_ranges, full_ranges if full_ranges is not None else ((0, sum(per_expert)),), phys)
+                              src_ranges, full_ranges if full_ranges is not None else ((0, sum(per_expert)),), phys,
+                              weights)
 
     @property
     def block_sizes_rank_major(self) -> list[int]:
@@ -144,7 +152,7 @@ class DispatchLayout:
         own = phys[self.ep_rank][self.esp_rank]
         logical = C[self.ep_rank][self.esp_rank]
         src_start = [sum(logical[:e]) + a if e != FREE else 0
-                     for e, (a, _) in zip(order, replica_shares(C, order)[self.ep_rank][self.esp_rank])]
+                     for e, (a, _) in zip(order, replica_shares(C, order, self.weights_K)[self.ep_rank][self.esp_rank])]
         # whole-layer expert-major order: blocks (slot, s, p)
         full_start, off = {}, 0
         for k in mine:
@@ -160,7 +168,8 @@ class DispatchLayout:
             full = tuple((full_start[k, s, p] + cut(phys[p][s][k], i), full_start[k, s, p] + cut(phys[p][s][k], i + 1))
                          for k in mine for s in range(S) for p in range(P))
             counts_t = tuple(tuple(tuple(row) for row in ps) for ps in counts)
-            out.append(DispatchLayout.from_physical(counts_t, ph, self.ep_rank, self.esp_rank, order, src, full))
+            out.append(DispatchLayout.from_physical(counts_t, ph, self.ep_rank, self.esp_rank, order, src, full,
+                                                    self.weights_K))
         return out
 
     def take_rows(self, x_ND: Tensor) -> Tensor:
@@ -199,19 +208,24 @@ def _merged(ranges: tuple[Range, ...]) -> tuple[Range, ...]:
     return tuple((a, b) for a, b in out) or ((0, 0),)
 
 
-def replica_shares(counts_PSE, order: tuple[int, ...]) -> list[list[list[tuple[int, int]]]]:
+def replica_shares(counts_PSE, order: tuple[int, ...], weights: tuple[int, ...] = ()
+                   ) -> list[list[list[tuple[int, int]]]]:
     """How each source's rows for an expert are split among the expert's copies.
 
     counts_PSE: [P][S][E] rows by logical expert; order: the logical expert of each physical slot
-    (``FREE`` = -1 for none). Returns [P][S][K]: (first row within the source's rows of that
-    expert, rows) for every physical slot. An expert with n copies (its slots in physical order)
-    gives copy i the ``(i + q) % n``-th of n even pieces of source q's rows (q = p*S + s): the
-    rotation spreads the pieces' rounding over the copies, so every copy gets ``I_e / n`` rows up
-    to one per source. Deterministic: every rank derives the same split from the same counts."""
-    copy_of, n_of = [], {}
-    for e in order:
+    (``FREE`` = -1 for none); weights: the share weight of each physical slot (``()``: all 1).
+    Returns [P][S][K]: (first row within the source's rows of that expert, rows) for every
+    physical slot. An expert with n copies (its slots in physical order) cuts source q's c rows
+    (q = p*S + s) into n pieces laid out in the order copy ``(k - q) % n`` at position k; the piece
+    at position k starts at row ``c * W_k // W`` (W_k: the weights before it, W: all of e's), so
+    copy i gets ``c * w_i / W`` rows up to one (even weights: the ``(i + q) % n``-th of n even
+    pieces). The rotation spreads the rounding over the copies. Integer arithmetic only:
+    every rank derives the same split from the same counts."""
+    copy_of, n_of, w_of = [], {}, {}
+    for k, e in enumerate(order):
         copy_of.append(n_of.get(e, 0))
         n_of[e] = n_of.get(e, 0) + 1
+        w_of.setdefault(e, []).append(weights[k] if weights else 1)
     S = len(counts_PSE[0])
     out = []
     for p, ps in enumerate(counts_PSE):
@@ -222,9 +236,13 @@ def replica_shares(counts_PSE, order: tuple[int, ...]) -> list[list[list[tuple[i
                 if e == FREE:
                     slots.append((0, 0))
                     continue
-                n, c = n_of[e], row[e]
+                n, c, w = n_of[e], row[e], w_of[e]
                 piece = (i + q) % n
-                a, b = (piece * c) // n, ((piece + 1) * c) // n
+                if weights:
+                    before = sum(w[(k - q) % n] for k in range(piece))
+                    a, b = (before * c) // sum(w), ((before + w[i]) * c) // sum(w)
+                else:
+                    a, b = (piece * c) // n, ((piece + 1) * c) // n
                 slots.append((a, b - a))
             rows_S.append(slots)
         out.append(rows_S)

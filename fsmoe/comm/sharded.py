@@ -66,7 +66,8 @@ class ShardedDispatcher(Dispatcher):
     def layout(self, plan: RoutingPlan) -> DispatchLayout:
         """Step 1 (collective, host sync): every rank's counts -> this rank's split sizes."""
         counts = exchange_counts(plan.tokens_per_expert_E, self.counts_group, self.ep_size, self.esp_size)
-        return DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, self.placement.physical_order)
+        return DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, self.placement.physical_order,
+                                          weights_K=self.placement.physical_weights if self.placement.shares_E else ())
 
     def launch_dispatch(self, x_ND: Tensor, layout: DispatchLayout) -> Pending:
         x_sent = layout.take_rows(x_ND)

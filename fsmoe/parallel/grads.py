@@ -54,9 +54,12 @@ def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] 
         grads = [grad_or_zeros(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
         if not grads:
             continue
+        if groups.size(kind) == 1:  # nothing to sum (e.g. experts when edp = 1): divide in place, no flat copy
+            if groups.dp > 1:
+                torch._foreach_div_(grads, groups.dp)
+            continue
         flat = torch.cat([g.reshape(-1) for g in grads])
-        if groups.size(kind) > 1:
-            dist.all_reduce(flat, group=groups.group(kind))
+        dist.all_reduce(flat, group=groups.group(kind))
         write_mean(flat, grads, groups.dp)
     if "edp" in kinds:  # expert copies (FlexMoE replicas) are one expert: sum their gradients
         sync_replica_grads(model, groups.ep_group)

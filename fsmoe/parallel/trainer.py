@@ -85,6 +85,7 @@ class ParallelTrainer(Trainer):
         ``placement_interval`` steps it may move experts; its report joins the next record."""
         super().observe_routing(counts_ME)
         if self.rebalancer is not None:
+            self._schedule_metrics.update(self.rebalancer.pop_commit_metrics())  # moves landed this step
             report = self.rebalancer.after_step(self.step, counts_ME, self.optimizer)
             if report is not None:
                 self._schedule_metrics.update(report.metrics())

@@ -23,6 +23,14 @@ on every rank of the layer's EP group (between steps, after ``optimizer.step``):
 Nothing is recomputed, so the moved values are bit-identical; scalar optimizer state (AdamW's
 step) is the same on every rank and stays. The bytes that cross ranks and the time taken come
 back as :class:`MigrationStats`.
+
+Overlapped with compute (:func:`launch_migration`, what training uses): steps 1-2 run right
+after the optimizer step and the AlltoAll of step 3 is launched asynchronously (``async_op``:
+gloo's worker threads on CPUs, NCCL's stream on GPUs); :meth:`PendingMigration.commit` — called
+just before the layer's next forward — waits for it, writes the rows and switches the placement
+(step 4). Nothing reads or writes the expert tensors in between (the next step's earlier layers
+run), so the result is the same bytes as :func:`migrate`. Gradients are not moved: after the
+optimizer step they are dead (the next step sets them to None before its backward).
 """
 from __future__ import annotations
 
@@ -100,14 +108,15 @@ class MigrationStats:
     seconds: float
 
 
-def slot_tensors(experts, optimizer: torch.optim.Optimizer | None) -> list[Tensor]:
-    """Every tensor whose dim 0 is the slot: each expert weight, its gradient if any, and its
-    optimizer tensors of the same shape (sorted by name), in ``experts.parameters()`` order."""
+def slot_tensors(experts, optimizer: torch.optim.Optimizer | None, grads: bool = True) -> list[Tensor]:
+    """Every tensor whose dim 0 is the slot: each expert weight, its gradient if any (and
+    ``grads``), and its optimizer tensors of the same shape (sorted by name), in
+    ``experts.parameters()`` order."""
     state = optimizer.state if optimizer is not None else {}
     out = []
     for p in experts.parameters():
         out.append(p.data)
-        if p.grad is not None:
+        if grads and p.grad is not None:
             out.append(p.grad)
         moments = state.get(p, {})
         out += [moments[k] for k in sorted(moments) if isinstance(moments[k], Tensor) and moments[k].shape == p.shape]
@@ -154,6 +163,75 @@ def apply_plan(tensors: list[Tensor], plan: MigrationPlan, rank: int, ep_group: 
     return 0 if send is None else send.numel() * send.element_size()
 
 
+class PendingMigration:
+    """A migration in flight (:func:`launch_migration`); :meth:`commit` finishes it."""
+
+    def __init__(self, layer, plan: MigrationPlan, tensors: list[Tensor], rank: int, ep_group, t0: float):
+        self.layer, self.plan, self.tensors, self.rank = layer, plan, tensors, rank
+        self.row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
+        mine_out = [t for t in plan.transfers if t.src[0] == rank and t.remote]
+        self.local = [t for t in plan.transfers if t.src[0] == rank and not t.remote]
+        self.incoming = [t for t in plan.transfers if t.dst[0] == rank and t.remote]
+        with torch.no_grad():
+            self.local_rows = _rows(tensors, [t.src[1] for t in self.local]) if self.local else None
+            send = _rows(tensors, [t.src[1] for t in mine_out]) if mine_out else None
+        self.sent_bytes = 0 if send is None else send.numel() * send.element_size()
+        self.work, self.recv, self.done_at = None, None, None
+        if plan.remote_rows:
+            P = plan.new.ranks
+            if P > 1 and not dist.is_initialized():
+                raise ValueError("moving experts between ranks needs the EP process group")
+            width = sum(t[0].numel() for t in tensors)
+            self.recv = tensors[0].new_empty((len(self.incoming), width))
+            out_splits = [sum(1 for t in mine_out if t.dst[0] == q) for q in range(P)]
+            in_splits = [sum(1 for t in self.incoming if t.src[0] == q) for q in range(P)]
+            buf = send if send is not None else tensors[0].new_empty((0, width))
+            self.work = dist.all_to_all_single(self.recv, buf.contiguous(), in_splits, out_splits, group=ep_group,
+                                               async_op=True)
+            if tensors[0].device.type == "cpu":  # gloo completes the future on its worker thread
+                self.work.get_future().then(self._finished)
+        self.launched_at = time.perf_counter()
+        self.launch_s = self.launched_at - t0
+
+    def _finished(self, fut):
+        self.done_at = time.perf_counter()
+        return None
+
+    def commit(self) -> tuple[float, float]:
+        """Wait for the AlltoAll, write the rows, switch the layer to the new placement. Returns
+        (seconds this call took: the exposed wait and writes, seconds the transfer ran hidden
+        behind compute: launch to completion, or to this call where completion is not seen on
+        the host)."""
+        t0 = time.perf_counter()
+        if self.work is not None and self.done_at is None and self.work.is_completed():
+            self.done_at = t0
+        hidden = ((self.done_at if self.done_at is not None else t0) - self.launched_at) if self.work else 0.0
+        with torch.no_grad():
+            if self.work is not None:
+                self.work.wait()
+                if self.incoming:
+                    _write(self.tensors, [t.dst[1] for t in self.incoming], self.recv)
+            if self.local:
+                _write(self.tensors, [t.dst[1] for t in self.local], self.local_rows)
+        _switch(self.layer, self.plan.new)
+        return time.perf_counter() - t0, max(0.0, hidden)
+
+
+def launch_migration(layer, new: Placement, ep_group: ProcessGroup | None,
+                     optimizer: torch.optim.Optimizer | None = None) -> PendingMigration:
+    """Start moving ``layer``'s experts to ``new`` (weights and optimizer state; module
+    docstring, "Overlapped"); the caller commits it before the layer's next forward."""
+    t0 = time.perf_counter()
+    experts = layer.experts
+    plan = MigrationPlan.between(experts.placement, new)
+    return PendingMigration(layer, plan, slot_tensors(experts, optimizer, grads=False), experts.ep_rank, ep_group, t0)
+
+
+def _switch(layer, new: Placement) -> None:
+    layer.experts.placement = new
+    layer.dispatcher = layer.dispatcher.with_placement(new)
+
+
 def migrate(layer, new: Placement, ep_group: ProcessGroup | None,
             optimizer: torch.optim.Optimizer | None = None) -> MigrationStats:
     """Move ``layer``'s experts (a ``ParallelMoELayer``) to placement ``new`` (see module docstring)."""
@@ -163,7 +241,6 @@ def migrate(layer, new: Placement, ep_group: ProcessGroup | None,
     tensors = slot_tensors(experts, optimizer)
     with torch.no_grad():
         sent = apply_plan(tensors, plan, experts.ep_rank, ep_group)
-    experts.placement = new
-    layer.dispatcher = layer.dispatcher.with_placement(new)
+    _switch(layer, new)
     row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
     return MigrationStats(plan.remote_rows, sent, plan.remote_rows * row_bytes, time.perf_counter() - t0)

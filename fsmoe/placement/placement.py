@@ -10,8 +10,10 @@ in slot j of rank p.
 
 Replicas and spare slots (FlexMoE): an expert may hold several slots (its *copies*, identical
 weights and optimizer state); the dispatcher splits every source rank's rows for that expert
-evenly among them (``fsmoe.comm.layout``), and the copies' gradients are summed before the
-optimizer step (``fsmoe.placement.replicas``), so training does not depend on the copies. A slot
+among them (``fsmoe.comm.layout``) — evenly, or by the integer *shares* a policy planned
+(``shares_E``: copy i of expert e gets ``shares_E[e][i] / sum(shares_E[e])`` of every source's
+rows, up to rounding) — and the copies' gradients are summed before the optimizer step
+(``fsmoe.placement.replicas``), so training does not depend on the copies or the shares. A slot
 that holds no expert is *free* (``FREE`` in :meth:`experts_on`): it receives no rows.
 :meth:`Placement.initial` is the contiguous placement plus ``spare`` free slots per rank.
 
@@ -19,7 +21,8 @@ Everything that needs to know where an expert is reads a Placement: the dispatch
 to which rank, in which slot order), the expert shards (which rows of the full tensors they hold),
 the performance model (which counts each rank receives) and ``migrate`` (what moves on a change).
 Planners never edit one: they make a new one (:meth:`swap`, :meth:`expand`, :meth:`shrink`,
-:meth:`move`), with ``version`` one higher.
+:meth:`move`, :meth:`with_shares`), with ``version`` one higher; expand, shrink and move go back
+to the even split (a policy sets shares last).
 """
 from __future__ import annotations
 
@@ -33,12 +36,15 @@ FREE = -1  # experts_on / physical_order entry of a slot that holds no expert
 class Placement:
     """slots_E[e]: the physical slots of logical expert e (one per copy; the first is its
     *primary*); ranks: P; slots_per_rank: El (spare slots included); version: bumped by every
-    change. Slots held by no expert are free."""
+    change; shares_E: per expert, a positive integer weight per copy (order of ``slots_E[e]``)
+    saying what part of the expert's rows each copy computes; ``()``: even split. Slots held by
+    no expert are free."""
 
     slots_E: tuple[tuple[Slot, ...], ...]
     ranks: int
     slots_per_rank: int
     version: int = 0
+    shares_E: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         seen = [s for slots in self.slots_E for s in slots]
@@ -51,6 +57,10 @@ class Placement:
         if any(len({p for p, _ in slots}) != len(slots) for slots in self.slots_E):
             # two copies on one rank would only split one GPU's work in two
             raise ValueError("Placement: two copies of one expert on the same rank")
+        if self.shares_E and (len(self.shares_E) != len(self.slots_E) or any(
+                len(w) != len(slots) or any(not isinstance(x, int) or x < 1 for x in w)
+                for w, slots in zip(self.shares_E, self.slots_E))):
+            raise ValueError("Placement: shares_E needs one positive integer per copy of every expert")
 
     @staticmethod
     def contiguous(num_experts: int, ranks: int) -> "Placement":
@@ -86,6 +96,32 @@ class Placement:
 
     def copies(self, e: int) -> int:
         return len(self.slots_E[e])
+
+    def weights(self, e: int) -> tuple[int, ...]:
+        """Expert e's integer share of each copy (order of ``slots_E[e]``; all 1 for an even split)."""
+        return self.shares_E[e] if self.shares_E else (1,) * len(self.slots_E[e])
+
+    def fractions(self, e: int) -> dict[int, float]:
+        """EP rank -> the part of expert e's rows the copy on that rank computes."""
+        w = self.weights(e)
+        return {p: x / sum(w) for (p, _), x in zip(self.slots_E[e], w)}
+
+    @property
+    def physical_weights(self) -> tuple[int, ...]:
+        """The share weight of every physical slot, rank-major as :attr:`physical_order` (0 for
+        a free slot)."""
+        by_slot = {s: x for e, slots in enumerate(self.slots_E) for s, x in zip(slots, self.weights(e))}
+        return tuple(by_slot.get((p, j), 0) for p in range(self.ranks) for j in range(self.slots_per_rank))
+
+    def with_shares(self, shares_E) -> "Placement":
+        """The same slots with other shares (``()`` or all-equal rows: the even split). Moves no
+        bytes: only the dispatcher's split changes."""
+        shares = tuple(tuple(int(x) for x in w) for w in shares_E)
+        if all(len(set(w)) <= 1 for w in shares):
+            shares = ()
+        if shares == self.shares_E:
+            return self
+        return Placement(self.slots_E, self.ranks, self.slots_per_rank, self.version + 1, shares)
 
     def rank_of(self, e: int) -> int:
         """The EP rank of expert e's primary copy."""
@@ -134,7 +170,10 @@ class Placement:
         """A new placement with logical experts a and b in each other's slots."""
         slots = list(self.slots_E)
         slots[a], slots[b] = slots[b], slots[a]
-        return self._with(slots)
+        shares = list(self.shares_E)
+        if shares:
+            shares[a], shares[b] = shares[b], shares[a]
+        return Placement(tuple(slots), self.ranks, self.slots_per_rank, self.version + 1, tuple(shares))
 
     def expand(self, e: int, slot: Slot) -> "Placement":
         """Expert e gets one more copy, in the free ``slot``."""

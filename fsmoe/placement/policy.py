@@ -3,10 +3,17 @@
 Shape legend: E logical experts, P EP ranks, S slots per rank (spares included).
 
 The load is what the traffic monitor measured over a window (``load_E``: rows routed to each
-expert, summed over source ranks; ``fsmoe.placement.traffic``). A copy of an expert with n copies
-gets ``load_e / n`` of it (the dispatcher's even split), so rank q's load is
-``L_q = sum over the experts e it holds of load_e / n_e`` and the *balance ratio* is
+expert, summed over source ranks; ``fsmoe.placement.traffic``), or a prediction of the next
+window from several (:class:`fsmoe.placement.traffic.LoadPredictor`). A copy of expert e computes
+its share ``x_eq`` of e's rows (even, ``1 / n_e``, unless the placement plans shares), so rank q's
+load is ``L_q = sum over the experts e it holds of x_eq * load_e`` and the *balance ratio* is
 ``max_q L_q / mean_q L_q``.
+
+With planned shares the best a set of holders can do is known exactly (a fractional assignment,
+Hall's condition): ``T*(H) = max over rank sets Q of (load of the experts held only inside Q) /
+|Q|`` (:func:`best_max_load`), and the shares reaching it are the load vector of least
+``sum L_q^2`` (:func:`plan_shares`, which also minimizes the maximum: water-filling one
+replicated expert at a time).
 
 The cost model (:class:`PlacementCost`) predicts one step's time under a placement ``new``
 reached from ``old``::
@@ -21,10 +28,11 @@ Policies:
 - :func:`flexmoe_policy` (FlexMoE): do nothing while the balance ratio is at most ``threshold``;
   otherwise, starting from the current placement, repeatedly apply the single primitive — Expand
   (a copy in a free slot), Shrink (drop a copy), Migrate (a copy to another rank), Exchange (two
-  copies trade ranks), Replace (Shrink a cold copy where Expand needs its slot) — touching the
-  most loaded rank that the cost model says shortens the step most, until none does or the move
-  budget (``max_moved_fraction`` of the experts) is spent. Starting from the current placement
-  and paying for every move keeps a rebalance small.
+  copies trade ranks), Replace (Shrink a cold copy where Expand needs its slot) — that moves an
+  expert out of the tightest rank set of ``T*`` and that the cost model (with ``T*`` as the
+  slowest rank's load) says shortens the step most, until none does or the move budget
+  (``max_moved_fraction`` of the experts) is spent; then plan the shares. Starting from the
+  current placement and paying for every move keeps a rebalance small; the shares cost no bytes.
 - :func:`eplb_policy` (DeepSeek EPLB-style baseline): from scratch, give every spare slot to the
   expert with the highest load per copy, then pack the copies onto ranks heaviest first (each on
   the least loaded rank with room that holds no copy of it yet); with ``nodes`` > 1, expert
@@ -32,15 +40,21 @@ Policies:
   stay on their rank keep their slot, but nothing else limits how much moves.
 
 Both return a :class:`Placement`; the slot of every copy that stays on its rank is kept
-(:func:`to_placement`), so only copies that change rank move bytes.
+(:func:`to_placement`), so only copies that change rank move bytes. The EPLB-style baseline keeps
+the even split (as DeepSeek's EPLB spreads tokens evenly over replicas).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from fsmoe.placement.placement import Placement
 
 Holders = list[set[int]]  # per expert: the EP ranks holding a copy
+Shares = list[dict[int, float]]  # per expert: EP rank -> the part of its rows that rank's copy computes
+SHARE_UNITS = 4096  # a planned share is an integer number of 1/4096ths of an expert's rows
+HALL_MAX_RANKS = 12  # T* enumerates the 2^P rank sets; above this the even split is scored
 
 
 @dataclass(frozen=True)
@@ -72,20 +86,89 @@ def holders_of(placement: Placement) -> Holders:
     return [set(placement.ranks_of(e)) for e in range(placement.num_experts)]
 
 
-def rank_loads(load_E, holders: Holders, ranks: int) -> list[float]:
-    """[P] the rows each rank computes: every copy of e gets load_e / n_e."""
+def shares_of(placement: Placement) -> Shares:
+    return [placement.fractions(e) for e in range(placement.num_experts)]
+
+
+def rank_loads(load_E, holders: Holders, ranks: int, shares: Shares | None = None) -> list[float]:
+    """[P] the rows each rank computes: the copy of e on q gets ``shares[e][q] * load_e`` (even
+    ``load_e / n_e`` without shares)."""
     out = [0.0] * ranks
     for e, hs in enumerate(holders):
         for q in hs:
-            out[q] += load_E[e] / len(hs)
+            out[q] += load_E[e] * (shares[e][q] if shares is not None else 1.0 / len(hs))
     return out
 
 
 def balance_ratio(load_E, placement: Placement) -> float:
-    """max / mean rank load (1.0 = balanced; 1.0 when nothing was routed)."""
-    loads = rank_loads(load_E, holders_of(placement), placement.ranks)
+    """max / mean rank load under the placement's shares (1.0 = balanced; 1.0 when nothing was routed)."""
+    loads = rank_loads(load_E, holders_of(placement), placement.ranks, shares_of(placement))
     mean = sum(loads) / len(loads)
     return max(loads) / mean if mean > 0 else 1.0
+
+
+def _subset_loads(load_E, holders: Holders, ranks: int) -> np.ndarray:
+    """[2^P]: for every rank set Q (a bit mask), the load of the experts held only inside Q."""
+    masks = np.fromiter((sum(1 << q for q in hs) for hs in holders), dtype=np.int64, count=len(holders))
+    f = np.bincount(masks, weights=np.asarray(load_E, dtype=np.float64), minlength=1 << ranks)
+    for q in range(ranks):  # sum over subsets, one rank at a time
+        v = f.reshape(-1, 2, 1 << q)
+        v[:, 1, :] += v[:, 0, :]
+    return f
+
+
+_SIZES: dict[int, np.ndarray] = {}
+
+
+def _set_sizes(ranks: int) -> np.ndarray:
+    if ranks not in _SIZES:
+        sizes = np.array([bin(m).count("1") for m in range(1 << ranks)], dtype=np.float64)
+        sizes[0] = np.inf  # the empty set holds nothing
+        _SIZES[ranks] = sizes
+    return _SIZES[ranks]
+
+
+def best_max_load(load_E, holders: Holders, ranks: int) -> float:
+    """T*(H): the least max rank load any shares give these holders (module docstring); above
+    ``HALL_MAX_RANKS`` ranks, the even split's max."""
+    if ranks > HALL_MAX_RANKS:
+        return max(rank_loads(load_E, holders, ranks))
+    return float((_subset_loads(load_E, holders, ranks) / _set_sizes(ranks)).max())
+
+
+def plan_shares(load_E, holders: Holders, ranks: int, sweeps: int = 200) -> Shares:
+    """Shares of every copy that minimize ``sum_q L_q^2`` (and so the max rank load): start even,
+    then water-fill one replicated expert at a time over its holders (exact block coordinate
+    descent of a convex function) until a sweep changes no load by more than 1e-9 of the total."""
+    shares: Shares = [{q: 1.0 / len(hs) for q in hs} for hs in holders]
+    loads = rank_loads(load_E, holders, ranks)
+    replicated = [e for e, hs in enumerate(holders) if len(hs) > 1 and load_E[e] > 0]
+    tol = 1e-9 * max(1e-30, float(sum(load_E)))
+    for _ in range(sweeps):
+        change = 0.0
+        for e in replicated:
+            le, hs = float(load_E[e]), sorted(holders[e])
+            other = {q: loads[q] - le * shares[e][q] for q in hs}
+            level = _water_level(sorted(other.values()), le)
+            for q in hs:
+                x = max(0.0, level - other[q]) / le
+                change = max(change, abs(x - shares[e][q]) * le)
+                shares[e][q] = x
+                loads[q] = other[q] + le * x
+        if change <= tol:
+            break
+    return shares
+
+
+def _water_level(others: list[float], amount: float) -> float:
+    """The level L with sum_i max(0, L - others_i) = amount (``others`` ascending)."""
+    acc = 0.0
+    for j, o in enumerate(others):
+        acc += o
+        level = (amount + acc) / (j + 1)
+        if j + 1 == len(others) or level <= others[j + 1]:
+            return level
+    return others[-1]
 
 
 def moved_copies(old: Holders, new: Holders) -> int:
@@ -93,86 +176,97 @@ def moved_copies(old: Holders, new: Holders) -> int:
     return sum(len(n - o) for o, n in zip(old, new))
 
 
-def step_cost(load_E, holders: Holders, old: Holders, ranks: int, cost: PlacementCost) -> float:
-    """T(new) of the module docstring."""
+def step_cost(load_E, holders: Holders, old: Holders, ranks: int, cost: PlacementCost,
+              max_load: float | None = None) -> float:
+    """T(new) of the module docstring; ``max_load``: the slowest rank's load (default: the even
+    split's)."""
     replicated = sum(len(h) > 1 for h in holders)
-    return (max(rank_loads(load_E, holders, ranks)) * cost.seconds_per_row + replicated * cost.sync_seconds
+    if max_load is None:
+        max_load = max(rank_loads(load_E, holders, ranks))
+    return (max_load * cost.seconds_per_row + replicated * cost.sync_seconds
             + moved_copies(old, holders) * cost.move_seconds / max(1, cost.interval))
 
 
 # ---------------------------------------------------------------------------- FlexMoE
 
 
-def _neighbours(load_E, holders: Holders, ranks: int, slots: int):
-    """Every single primitive that touches the most loaded rank (plus Shrink anywhere)."""
-    loads = rank_loads(load_E, holders, ranks)
-    hot = max(range(ranks), key=lambda q: (loads[q], -q))
+def _tight_set(load_E, holders: Holders, ranks: int) -> set[int]:
+    """The rank set Q that attains T* (the largest such, so every rank waiting on it is in it);
+    the most loaded rank of the even split above ``HALL_MAX_RANKS``."""
+    if ranks > HALL_MAX_RANKS:
+        loads = rank_loads(load_E, holders, ranks)
+        return {max(range(ranks), key=lambda q: (loads[q], -q))}
+    ratio = _subset_loads(load_E, holders, ranks) / _set_sizes(ranks)
+    top = ratio.max()
+    best = max((m for m in np.flatnonzero(ratio >= top * (1 - 1e-12))), key=lambda m: bin(int(m)).count("1"))
+    return {q for q in range(ranks) if int(best) >> q & 1}
+
+
+def _neighbours(load_E, holders: Holders, ranks: int, slots: int, width: int = 12):
+    """Every single primitive that takes load out of the tightest rank set (its ``width``
+    heaviest experts), plus Shrink anywhere."""
+    tight = _tight_set(load_E, holders, ranks)
     used = [0] * ranks
     for hs in holders:
         for q in hs:
             used[q] += 1
-    on_hot = sorted((e for e, hs in enumerate(holders) if hot in hs), key=lambda e: -load_E[e] / len(holders[e]))
-    for e in on_hot:
-        for q in range(ranks):
-            if q in holders[e]:
-                continue
+    inside = sorted((e for e, hs in enumerate(holders) if hs <= tight), key=lambda e: (-load_E[e], e))[:width]
+    outside = [q for q in range(ranks) if q not in tight]
+    for e in inside:
+        for q in outside:
             if used[q] < slots:
                 yield ("expand", e, q)
-                yield ("migrate", e, hot, q)
+                for p in sorted(holders[e]):
+                    yield ("migrate", e, p, q)
             for f, hs in enumerate(holders):
-                if q in hs and hot not in hs and f != e:
-                    yield ("exchange", e, hot, f, q)
-                    if len(hs) > 1:
-                        yield ("replace", e, q, f)
-                    if used[hot] < slots:  # Expand e onto q and bring f to the hot rank
-                        yield ("expand_back", e, q, f, hot)
+                if q not in hs or f == e:
+                    continue
+                if len(hs) > 1:
+                    yield ("replace", e, q, f)
+                for p in sorted(holders[e] - hs):
+                    yield ("exchange", e, p, f, q)
+                    if used[p] < slots:  # Expand e onto q and bring f to p
+                        yield ("expand_back", e, q, f, p)
                         if used[q] < slots:
-                            yield ("expand_pair", e, q, f, hot)
-        if len(holders[e]) > 1:
-            yield ("shrink", e, hot)
+                            yield ("expand_pair", e, q, f, p)
     for e, hs in enumerate(holders):
         if len(hs) > 1:
-            for q in hs:
-                if q != hot:
-                    yield ("shrink", e, q)
+            for q in sorted(hs):
+                yield ("shrink", e, q)
 
 
 def _apply(holders: Holders, op) -> Holders:
-    new = [set(h) for h in holders]
-    kind = op[0]
+    new = list(holders)
+    kind, e = op[0], op[1]
     if kind == "expand":
-        new[op[1]].add(op[2])
+        new[e] = holders[e] | {op[2]}
     elif kind == "shrink":
-        new[op[1]].discard(op[2])
+        new[e] = holders[e] - {op[2]}
     elif kind == "migrate":
         _, e, p, q = op
-        new[e].discard(p)
-        new[e].add(q)
+        new[e] = (holders[e] - {p}) | {q}
     elif kind == "exchange":
         _, e, p, f, q = op
-        new[e].discard(p)
-        new[e].add(q)
-        new[f].discard(q)
-        new[f].add(p)
+        new[e] = (holders[e] - {p}) | {q}
+        new[f] = (holders[f] - {q}) | {p}
     elif kind == "expand_back":
         _, e, q, f, p = op
-        new[e].add(q)
-        new[f].discard(q)
-        new[f].add(p)
+        new[e] = holders[e] | {q}
+        new[f] = (holders[f] - {q}) | {p}
     elif kind == "expand_pair":
         _, e, q, f, p = op
-        new[e].add(q)
-        new[f].add(p)
+        new[e] = holders[e] | {q}
+        new[f] = holders[f] | {p}
     elif kind == "replace":
         _, e, q, f = op
-        new[f].discard(q)
-        new[e].add(q)
+        new[f] = holders[f] - {q}
+        new[e] = holders[e] | {q}
     return new
 
 
 def flexmoe_policy(load_E, placement: Placement, cost: PlacementCost, threshold: float = 1.05,
                    max_moved_fraction: float = 0.1, max_ops: int = 64) -> Placement:
-    """FlexMoE's policy (module docstring). ``load_E``: rows per expert over the window."""
+    """FlexMoE's policy (module docstring). ``load_E``: rows per expert over the window (or predicted)."""
     if balance_ratio(load_E, placement) <= threshold:
         return placement
     P, S = placement.ranks, placement.slots_per_rank
@@ -191,13 +285,37 @@ def flexmoe_policy(load_E, placement: Placement, cost: PlacementCost, threshold:
         if best is None:
             break
         best_key, current = best
-    return to_placement(current, placement)
+    return with_planned_shares(load_E, to_placement(current, placement))
+
+
+def with_planned_shares(load_E, placement: Placement) -> Placement:
+    """The placement with the shares of :func:`plan_shares` (in 1/SHARE_UNITS); a copy whose
+    share rounds to nothing is dropped (a Shrink: no bytes move)."""
+    holders = holders_of(placement)
+    shares = plan_shares(load_E, holders, placement.ranks)
+    idle = [(e, q) for e, hs in enumerate(holders) for q in hs if len(hs) > 1 and shares[e][q] * SHARE_UNITS < 0.5]
+    if idle:
+        for e, q in idle:
+            if len(holders[e]) > 1:
+                holders[e] = holders[e] - {q}
+        placement = to_placement(holders, placement)
+        shares = plan_shares(load_E, holders, placement.ranks)
+    units = [tuple(max(1, round(shares[e][p] * SHARE_UNITS)) for p in placement.ranks_of(e))
+             for e in range(placement.num_experts)]
+    return placement.with_shares(units)
 
 
 def _key(load_E, holders: Holders, old: Holders, ranks: int, cost: PlacementCost) -> tuple[float, float]:
-    """(predicted step time, sum of squared rank loads): the second breaks ties where several
-    ranks share the maximum, so the search can lower one of them on the way to lowering all."""
-    return step_cost(load_E, holders, old, ranks, cost), sum(x * x for x in rank_loads(load_E, holders, ranks))
+    """(predicted step time with the best shares, how far the rank sets stand above the mean):
+    the second breaks ties where several sets share the maximum, so the search can loosen one of
+    them on the way to loosening all."""
+    if ranks > HALL_MAX_RANKS:
+        loads = rank_loads(load_E, holders, ranks)
+        return step_cost(load_E, holders, old, ranks, cost, max(loads)), sum(x * x for x in loads)
+    ratio = _subset_loads(load_E, holders, ranks) / _set_sizes(ranks)
+    mean = float(sum(load_E)) / ranks
+    return (step_cost(load_E, holders, old, ranks, cost, float(ratio.max())),
+            float(np.square(np.maximum(ratio - mean, 0.0)).sum()))
 
 
 def _better(a: tuple[float, float], b: tuple[float, float]) -> bool:

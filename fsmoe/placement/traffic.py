@@ -56,6 +56,21 @@ class TrafficWindow:
         return self.ring_WME.sum(0)
 
 
+class LoadPredictor:
+    """The load a rebalance plans from: an exponential moving average over windows,
+    ``pred = alpha * window + (1 - alpha) * pred`` (``alpha`` = 1: the last window alone)."""
+
+    def __init__(self, alpha: float = 1.0):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"LoadPredictor: alpha must be in (0, 1], got {alpha}")
+        self.alpha, self.pred = alpha, None
+
+    def update(self, load: np.ndarray) -> np.ndarray:
+        load = np.asarray(load, dtype=np.float64)
+        self.pred = load if self.pred is None else self.alpha * load + (1 - self.alpha) * self.pred
+        return self.pred
+
+
 def gather_traffic(counts_ME: Tensor, group=None) -> np.ndarray:
     """All-gather every rank's ``[M, E]`` counts over ``group`` (the world) -> ``[M, R, E]`` int64
     on the host. Collective; one process returns its own counts as R = 1."""
