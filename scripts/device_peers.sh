@@ -15,14 +15,14 @@
 # drop_tokens=False). NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends).
 #
 # Usage: bash scripts/device_peers.sh OUT_DIR [SECONDS_DS SECONDS_DEFAULT SECONDS_FSMOE]
-#   (defaults 60 55 70: startup is ~30 s before the first record, FSMoE's adds its start-up profile)
+#   (defaults 55 50 65: startup is ~30 s before the first record, FSMoE's adds its start-up profile)
 #   RUNS="nvl_ds nvl_default ..." picks runs; PYTHON=python3 by default.
 # OUT_DIR receives train_NAME.jsonl per run, summary.txt (median tokens/s and MFU without the first
 # record, and the ratio to our default path in the same setting) and logs.tar.gz (every run's log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: device_peers.sh OUT_DIR [SECONDS_DS SECONDS_DEFAULT SECONDS_FSMOE]}
-S_DS=${2:-60} S_DEF=${3:-55} S_FS=${4:-70}
+S_DS=${2:-55} S_DEF=${3:-50} S_FS=${4:-65}
 RUNS=${RUNS:-nvl_ds nvl_default nvl_fsmoe two_ds two_default two_fsmoe}
 CAPACITY=${CAPACITY:-1.25}
 PY=${PYTHON:-python3}
