@@ -112,6 +112,7 @@ class RouterConfig:
 
 
 DISPATCHERS = ("auto", "local", "alltoall", "hierarchical", "2dh")
+MOE_IMPLS = ("fsmoe", "deepspeed")
 SWAP_POLICIES = ("hierd", "tokens")
 
 
@@ -144,6 +145,10 @@ class MoEConfig:
     # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
     # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.
     kernels: str = "auto"  # auto | torch | triton
+    # Which MoE layer implementation runs: "fsmoe" (ours) or "deepspeed" (DeepSpeed-MoE's
+    # deepspeed.moe.layer.MoE around our expert MLP, a peer to measure against; needs the deepspeed
+    # package and the distributed trainer: fsmoe/models/peers/deepspeed_moe.py, docs/performance.md)
+    impl: str = "fsmoe"
 
     def validate(self, prefix: str = "moe") -> None:
         _check(isinstance(self.num_experts, int) and self.num_experts >= 1, f"{prefix}.num_experts",
@@ -154,6 +159,7 @@ class MoEConfig:
                "must be an integer in [0, 4] (0 = chosen by the cost model, 1 = flat)")
         _at_least(f"{prefix}.dedup_every", self.dedup_every, 1)
         _one_of(f"{prefix}.kernels", self.kernels, {"auto", "torch", "triton"})
+        _one_of(f"{prefix}.impl", self.impl, set(MOE_IMPLS))
         self.router.validate(self.num_experts, f"{prefix}.router")
         self.experts.validate(f"{prefix}.experts")
 
@@ -496,6 +502,8 @@ class RunConfig:
                f"takes an equal share) times parallel.mp={self.parallel.mp} (the MoE layers split that share over "
                "the tensor-parallel ranks)")
         self._validate_layout()
+        if self.model.moe.impl != "fsmoe":
+            self._validate_peer()
         if self.train.timeline_steps and self.parallel.schedule == "default":
             raise ConfigError("train.timeline_steps", self.train.timeline_steps,
                               f"records the pipelined executor's ops; set parallel.schedule to one of "
@@ -532,6 +540,35 @@ class RunConfig:
                    f"{m.moe.dispatcher!r}; use parallel.placement='static' there")
         _check(m.moe.dispatcher != "local" or p.ep * p.esp == 1, "model.moe.dispatcher", m.moe.dispatcher,
                f"needs ep*esp == 1 (got ep={p.ep}, esp={p.esp}); use 'auto' or 'alltoall'")
+
+    def _validate_peer(self) -> None:
+        """``model.moe.impl='deepspeed'``: what DeepSpeed-MoE's layer can stand in for, checked up
+        front (fsmoe.models.peers.deepspeed_moe): the package is importable, plain EP (x EDP) with
+        the default schedule and static placement, and a GShard softmax top-k router without the
+        extras DeepSpeed's gate does not have."""
+        import importlib.util
+
+        m, p, name = self.model.moe, self.parallel, "model.moe.impl"
+        _check(importlib.util.find_spec("deepspeed") is not None, name, m.impl,
+               "needs the deepspeed package, which is not installed here (pure Python is enough: "
+               "`DS_BUILD_OPS=0 pip install deepspeed`); use 'fsmoe'")
+        for field_name, value, ok in (
+                ("parallel.mp", p.mp, p.mp == 1), ("parallel.esp", p.esp, p.esp == 1),
+                ("parallel.schedule", p.schedule, p.schedule == "default"),
+                ("parallel.placement", p.placement, p.placement == "static"),
+                ("parallel.expert_swap_every", p.expert_swap_every, p.expert_swap_every == 0),
+                ("model.moe.dispatcher", m.dispatcher, m.dispatcher in ("auto", "alltoall")),
+                ("model.moe.router.name", m.router.name, m.router.name == "gshard"),
+                ("model.moe.router.z_loss_coef", m.router.z_loss_coef, m.router.z_loss_coef == 0),
+                ("model.moe.router.noise_std", m.router.noise_std, m.router.noise_std == 0),
+                ("model.moe.router.normalize_weights", m.router.normalize_weights, m.router.normalize_weights),
+                ("model.moe.experts.num_shared", m.experts.num_shared, m.experts.num_shared == 0),
+                ("train.activation_checkpointing", self.train.activation_checkpointing,
+                 self.train.activation_checkpointing != "moe")):
+            _check(ok, field_name, value, f"is not supported with {name}='{m.impl}' (DeepSpeed-MoE's layer: "
+                   "EP x EDP only, default schedule, static placement, GShard softmax top-k gate with "
+                   "renormalised weights, no z-loss/noise/shared experts/expert-only recompute); use "
+                   f"{name}='fsmoe' or the default value")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

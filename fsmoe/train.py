@@ -327,6 +327,9 @@ class Trainer:
         ``init_from`` (the full one-process model: fsmoe.parallel's trainer shards it afterwards).
         Drawn on a GPU, gpt2-xl-moe cut to 8 layers (900M parameters) takes well under a second;
         drawn on the CPU first it took most of a minute per rank before the first step."""
+        if self.cfg.model.moe.impl != "fsmoe" and self.groups is None:
+            raise ConfigError("model.moe.impl", self.cfg.model.moe.impl, "a peer's MoE layer runs under the "
+                              "distributed trainer; launch with `fsmoe train --nproc N` (N >= 2) or use 'fsmoe'")
         with torch.device(self.device):
             model = build_model(self.cfg.model, seed=self.tcfg.seed)
         if self.init_from is not None:

@@ -62,7 +62,12 @@ class ParallelTrainer(Trainer):
         self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
     def build_model(self) -> nn.Module:
-        model = parallelize(super().build_model(), self.groups)
+        model = super().build_model()
+        if self.cfg.model.moe.impl == "deepspeed":  # the peer (fsmoe.models.peers.deepspeed_moe)
+            from fsmoe.models.peers.deepspeed_moe import replace_moe_layers
+
+            replace_moe_layers(model, self.groups)
+        model = parallelize(model, self.groups)
         p = self.cfg.parallel
         from fsmoe.comm.hierarchical import HierarchicalDispatcher
 
@@ -125,7 +130,9 @@ class ParallelTrainer(Trainer):
         g = self.groups
         if self.is_writer:
             self.console.print(f"layout: {g.world} processes ({g.backend}, {g.topology.num_nodes} node(s)); dense "
-                               f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}")
+                               f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}"
+                               + (f"; MoE layers: {self.cfg.model.moe.impl} (model.moe.impl)"
+                                  if self.cfg.model.moe.impl != "fsmoe" else ""))
 
     def build_schedule(self) -> TrainingSchedule | None:
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
