@@ -313,7 +313,7 @@ class ParallelConfig:
     profile: str | None = None  # Profile JSON (`fsmoe profile`); None: a quick profile at start-up
     pipeline_degree: int = 0  # 0: the planner's r; k >= 1 forces r_fwd = r_bwd = k
     # Steps of each path in the check that times the plan's executors against the default path on
-    # alternate steps and keeps the faster (GPUs, planned r > 1); 0 = trust the plan.
+    # alternate steps and keeps the faster (GPUs, FSMoE's policies, planned r > 1); 0 = trust the plan.
     schedule_check_steps: int = 4
     # Levels of the machine, outermost first, e.g. [nodes, sockets_per_node, gpus_per_socket]; the
     # product is the world size. None: nodes of gpus_per_node (or torchrun's local size) ranks.

@@ -45,5 +45,7 @@ def test_check_runs_only_where_it_can():
     forced = Schedule(policy="fsmoe", r_fwd=2, r_bwd=2, iio=True, meta={"forced_r": 2})
     assert plan_check(cfg, forced, executors, None, cuda, 0) is None
     assert plan_check(cfg, planned, executors, None, cuda, 95) is None  # too few steps left
+    baseline = Schedule(policy="tutel_improved", r_fwd=2, r_bwd=2, iio=False)
+    assert plan_check(cfg, baseline, executors, None, cuda, 0) is None  # baselines run as described
     off = load_config("tiny", ["parallel.schedule=\"fsmoe\"", "parallel.schedule_check_steps=0"])
     assert plan_check(off, planned, executors, None, cuda, 0) is None

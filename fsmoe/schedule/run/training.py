@@ -389,10 +389,11 @@ def plan_check(cfg: RunConfig, schedule: Schedule, executors: list[PipelinedExec
                device: torch.device, start_step: int) -> ScheduleCheck | None:
     """The check of a plan that runs executors (see ``check.py``), where it can run: on a GPU, with
     the dense gradients in buckets (a GradSync rides the executors' windows, so it cannot switch),
-    r not forced by ``parallel.pipeline_degree``, no timeline, and steps enough left for it."""
+    r not forced by ``parallel.pipeline_degree``, no timeline, and steps enough left for it. FSMoE's
+    policies only: a baseline runs as its paper describes it, even where it loses."""
     k = cfg.parallel.schedule_check_steps
     if not (k and executors and grad_sync is None and device.type == "cuda" and not schedule.meta.get("forced_r")
-            and not cfg.train.timeline_steps):
+            and not cfg.train.timeline_steps and schedule.policy in ("fsmoe", "fsmoe_no_iio")):
         return None
     check = ScheduleCheck(first=start_step + 1, steps=k)  # after the first step (allocator, autotuning)
     return check if check.end < cfg.train.steps else None
