@@ -49,3 +49,29 @@ def test_check_runs_only_where_it_can():
     assert plan_check(cfg, baseline, executors, None, cuda, 0) is None  # baselines run as described
     off = load_config("tiny", ["parallel.schedule=\"fsmoe\"", "parallel.schedule_check_steps=0"])
     assert plan_check(off, planned, executors, None, cuda, 0) is None
+
+
+def test_replan_moves_the_executors_to_the_new_degree(tmp_path):
+    """The timeline's refit changes the plan's r: the executors run the new r from then on."""
+    import dataclasses
+
+    from fsmoe.schedule.run.training import TrainingSchedule
+    from fsmoe.schedule.types import LayerSchedule
+
+    class Executor:
+        schedule = LayerSchedule(2, 2, True)
+
+    start = Schedule(policy="fsmoe", r_fwd=2, r_bwd=2, iio=True)
+    ex = Executor()
+    ts = TrainingSchedule(start, None, None, None, None, None, None, [ex], None, tmp_path, True)
+    ts.planner = lambda prof: dataclasses.replace(start, r_fwd=4, r_bwd=1)
+    ts._replan(profile=None)
+    assert (ex.schedule.r_fwd, ex.schedule.r_bwd, ex.schedule.iio) == (4, 1, True)
+    assert (ts.schedule.r_fwd, ts.schedule.r_bwd) == (4, 1)
+    assert ts.pop_metrics() == {"replanned_r_fwd": 4, "replanned_r_bwd": 1}
+    assert "r_fwd 2 -> 4" in ts.notices[0]
+    forced = dataclasses.replace(start, meta={"forced_r": 2})
+    ts2 = TrainingSchedule(forced, None, None, None, None, None, None, [Executor()], None, tmp_path, True)
+    ts2.planner = ts.planner
+    ts2._replan(profile=None)
+    assert ts2.schedule.r_fwd == 2 and not ts2.notices

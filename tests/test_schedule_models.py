@@ -86,6 +86,20 @@ def test_refit_never_worse_on_its_samples_and_no_falling_line():
     assert refit(prof, falling).fits["allgather"].beta > 0
 
 
+def test_refit_with_holdout_never_predicts_the_held_out_steps_worse():
+    """Early steps ran slow (warm-up); a fit to them would mislead the rest of the run. Scored on
+    the held-out later steps, the offline fit is kept."""
+    prof = Profile("hw", "lay", {"allgather": LinearFit(1e-4, 1e-9)})
+    sizes = (1e5, 2e5, 3e5, 4e5)
+    early = [("allgather", n, 3 * (1e-4 + 1e-9 * n)) for n in sizes] * 2
+    later = [("allgather", n, 1e-4 + 1e-9 * n) for n in sizes] * 2
+    assert refit(prof, early).t("allgather", 2e5) == pytest.approx(3 * prof.t("allgather", 2e5))
+    guarded = refit(prof, early, holdout=later)
+    assert guarded.fits["allgather"] == prof.fits["allgather"]
+    # where the later steps agree with the early ones, the refit is taken
+    assert refit(prof, early, holdout=early).t("allgather", 2e5) == pytest.approx(3 * prof.t("allgather", 2e5))
+
+
 def test_shape_qualified_fits_fall_back_to_base_and_are_learned_online():
     prof = Profile("hw", "lay", {"expert_fwd": LinearFit(1e-4, 1e-10), "dense_fwd": LinearFit(0.0, 1e-10)})
     q = qualified("expert_fwd", "E2m64f128g2B4")

@@ -248,8 +248,19 @@ def median_log_error(fit: "LinearFit", samples: list[tuple[float, float]]) -> fl
     return float(np.median([abs(math.log(max(fit(n), 1e-12) / t)) for n, t in samples]))
 
 
+def _by_key_and_size(samples: Iterable[tuple[str, float, float]]) -> dict[str, dict[float, list[float]]]:
+    """key -> size -> seconds; a qualified key ``base@tag`` counts for ``base`` too."""
+    by_size: dict[str, dict[float, list[float]]] = {}
+    for key, n, t in samples:
+        if n > 0 and math.isfinite(t) and t > 0:
+            for k in {key, base_key(key)}:
+                by_size.setdefault(k, {}).setdefault(float(n), []).append(float(t))
+    return by_size
+
+
 def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_points: int = 4,
-          keep_prior: bool = False, max_bins: int = 8) -> Profile:
+          keep_prior: bool = False, max_bins: int = 8,
+          holdout: Iterable[tuple[str, float, float]] | None = None) -> Profile:
     """Online profiling: refit from ``(key, n, seconds)`` samples the executor recorded.
 
     Per key, three candidates: a line fitted through the medians of up to ``max_bins`` bins of
@@ -262,16 +273,15 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
     A key needs ``min_points`` samples; a line needs two or more sizes (one size: only the
     scaled fit is tried; a line with a slope <= 0 is noise and is not). A key the profile lacks
     is fitted from scratch (one size: through the origin). With ``keep_prior``
-    the profile's own points join the bin medians of the line fit.
+    the profile's own points join the bin medians of the line fit. With ``holdout`` samples (of
+    later steps than ``samples``) each key's candidates are scored on its held-out samples where it
+    has any: the fit kept then never predicts the held-out steps worse than the one it replaces.
     A qualified sample ``base@tag`` counts for its own key and for ``base``; a qualified key the
     profile has no fit for starts from the base fit (so one size, e.g. an attention block of a
     fixed shape, still gets its scaled fit).
     """
-    by_size: dict[str, dict[float, list[float]]] = {}
-    for key, n, t in samples:
-        if n > 0 and math.isfinite(t) and t > 0:
-            for k in {key, base_key(key)}:
-                by_size.setdefault(k, {}).setdefault(float(n), []).append(float(t))
+    by_size = _by_key_and_size(samples)
+    held = {k: [(n, t) for n, ts in sizes.items() for t in ts] for k, sizes in _by_key_and_size(holdout or ()).items()}
     fits, points = dict(profile.fits), {k: list(v) for k, v in profile.points.items()}
     for key in sorted(by_size, key=lambda k: "@" in k):  # base keys first: they are the priors
         sizes = by_size[key]
@@ -292,7 +302,7 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
             cands += [dataclasses.replace(prior.scaled(ratio), num_points=len(pts)), prior]
         if not cands:
             continue
-        best = min(cands, key=lambda f: median_log_error(f, flat))
+        best = min(cands, key=lambda f: median_log_error(f, held.get(key) or flat))
         if best is not fits.get(key):
             fits[key], points[key] = best, pts
     meta = dict(profile.meta, refits=profile.meta.get("refits", 0) + 1)

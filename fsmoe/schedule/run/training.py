@@ -25,6 +25,7 @@ import dataclasses
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -212,6 +213,7 @@ class TrainingSchedule:
     device: torch.device = torch.device("cpu")
     notices: list[str] = field(default_factory=list)  # lines for the trainer to print (rank 0)
     _layers: list = field(default_factory=list)  # (MoE layer, its executor): to switch paths
+    planner: Callable[[Profile], Schedule] | None = None  # re-plans with a refitted profile
     _iterations: list = field(default_factory=list)
     _dense_hooks: list = field(default_factory=list)
     _metrics: dict = field(default_factory=dict)
@@ -245,6 +247,7 @@ class TrainingSchedule:
                               Path(run_dir), is_writer, n, first, device=device)
         ts.check = plan_check(cfg, schedule, executors, gs, device, start_step)
         ts._layers = list(zip(model.moe_layers(), executors))
+        ts.planner = lambda prof: plan_for_run(cfg, layout, prof)[1]
         if n:  # attention timings for the timeline (hooks only when a timeline is asked for)
             ts._dense_hooks = record_moe_blocks(model, spec, recorder, device)
         return ts
@@ -315,6 +318,23 @@ class TrainingSchedule:
         self.notices.append(c.describe(f"r_fwd={s.r_fwd} r_bwd={s.r_bwd}"))
         self.check = None
 
+    def _replan(self, profile: Profile) -> None:
+        """Plan again with the refitted ``profile``; a new r goes to the executors for the rest of the
+        run (the gradient partitions stay as planned at start-up: GradSync's buffers are built)."""
+        if self.planner is None or not self.executors or self.schedule.meta.get("forced_r"):
+            return
+        new = self.planner(profile)
+        old = self.schedule
+        self._metrics.update(replanned_r_fwd=new.r_fwd, replanned_r_bwd=new.r_bwd)
+        if (new.r_fwd, new.r_bwd) == (old.r_fwd, old.r_bwd):
+            return
+        for ex in self.executors:
+            ex.schedule = dataclasses.replace(ex.schedule, r_fwd=new.r_fwd, r_bwd=new.r_bwd)
+        self.schedule = dataclasses.replace(old, r_fwd=new.r_fwd, r_bwd=new.r_bwd,
+                                            meta=dict(old.meta, replanned_from=[old.r_fwd, old.r_bwd]))
+        self.notices.append(f"re-planned with the profile refitted on the timeline: r_fwd {old.r_fwd} -> {new.r_fwd}, "
+                            f"r_bwd {old.r_bwd} -> {new.r_bwd}")
+
     def pop_metrics(self) -> dict[str, float]:
         out, self._metrics = self._metrics, {}
         return out
@@ -337,8 +357,12 @@ class TrainingSchedule:
                          "op_noise_floor": noise_floor(iterations, self.layout, self.profile)}
         if len(iterations) >= 2:  # out of sample: refit on the first half of the steps, score the rest
             half = len(iterations) // 2
-            held = refit(self.profile, refit_samples(iterations[:half], self.layout.peers))
+            held = refit(self.profile, refit_samples(iterations[:half], self.layout.peers),
+                         holdout=refit_samples(iterations[half:], self.layout.peers))
             self._metrics["op_error_median_refit_heldout"] = med(op_errors(iterations[half:], self.layout, held))
+            self._metrics["op_error_median_offline_heldout"] = med(op_errors(iterations[half:], self.layout,
+                                                                             self.profile))
+            self._replan(held)
         if self.is_writer:
             s = self.schedule
             pred = [r for rank in range(self.layout.moe) for r in simulate_iteration(
