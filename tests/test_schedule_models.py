@@ -413,3 +413,40 @@ def test_training_op_errors_identify_ops_without_their_size():
     single = single_errors(its, Layout(), prof)
     assert sorted(single) == pytest.approx(sorted([0.0, 0.2 / 1.2, 0.25]))
     assert noise_floor(its, Layout(), prof) > 0
+
+
+def test_piecewise_fit_where_one_line_does_not(tmp_path):
+    """A collective whose protocol switches at 1 MB: latency-bound below, bandwidth-bound above.
+    One line misfits both ends; two lines split at the switch fit each regime."""
+    from fsmoe.schedule.model.profile import fit_piecewise
+
+    small = [(n, 20e-6 + n / 2e9) for n in (1e4, 3e4, 1e5, 3e5, 6e5)]
+    large = [(n, 400e-6 + n / 40e9) for n in (1e6, 4e6, 1.6e7, 6.4e7, 2.56e8)]
+    pts = small + large
+    one = fit_linear(*zip(*pts))
+    pw = fit_piecewise(*zip(*pts))
+    assert pw.below and pw.split == 1e6 and pw.r2 >= one.r2
+    for n, t in pts:
+        assert pw(n) == pytest.approx(t, rel=1e-6)
+    assert abs(one(1e4) - small[0][1]) / small[0][1] > 0.5  # the one line is far off at small sizes
+    assert 1 / pw.beta == pytest.approx(40e9, rel=1e-6)  # the planner's bandwidth: the large regime
+    line = [(n, 1e-5 + n / 1e9) for n in (1e4, 1e5, 1e6, 1e7)]
+    assert not fit_piecewise(*zip(*line)).below  # one line fits: no knot
+    prof = profile_from_points("hw", "lay", {"a2a_inter": [list(p) for p in pts], "expert_fwd": [[1, 1], [2, 2]]})
+    assert prof.fits["a2a_inter"].below and not prof.fits["expert_fwd"].below
+    assert prof.fits["a2a_inter"].scaled(2.0)(1e4) == pytest.approx(2 * small[0][1], rel=1e-6)
+    assert Profile.load(prof.save(tmp_path / "p.json")) == prof
+    assert "piecewise" in prof.summary()
+
+
+def test_piecewise_segments_are_checked_on_load(tmp_path):
+    import json
+
+    from fsmoe.config import ConfigError
+
+    bad = {"hardware": "hw", "layout": "lay", "fits": {"a2a_inter": {"alpha": 1e-4, "beta": 1e-10,
+                                                                    "below": [[0, -1, 2]], "split": 1e6}}}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="a2a_inter.below"):
+        Profile.load(path)

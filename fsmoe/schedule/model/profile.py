@@ -59,18 +59,36 @@ FIT_KEYS = ("a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce",
 
 @dataclass(frozen=True)
 class LinearFit:
-    """``t(n) = alpha + n * beta`` seconds; ``r2`` of the least-squares fit over ``num_points``."""
+    """``t(n) = alpha + n * beta`` seconds; ``r2`` of the least-squares fit over ``num_points``.
+
+    Piecewise where one line does not fit (NCCL switches protocol and algorithm with the message
+    size): ``below`` holds the segments for smaller sizes, ``(n_from, alpha, beta)`` in increasing
+    ``n_from``, each used from its ``n_from`` up to the next one's; ``alpha`` / ``beta`` are the
+    segment of the largest sizes, from ``n_from`` = the last ``below`` segment's end. The
+    planner's continuous model reads ``alpha`` / ``beta`` (the bandwidth regime); every time
+    prediction goes through ``__call__``."""
 
     alpha: float
     beta: float
     r2: float = 1.0
     num_points: int = 0
+    below: tuple = ()  # ((n_from, alpha, beta), ...) of the sizes below ``split``, increasing n_from
+    split: float = 0.0  # the size from which alpha / beta hold (0: everywhere)
 
-    def __call__(self, n: float) -> float:
-        return self.alpha + n * self.beta
+    def __call__(self, n):
+        """Seconds at size ``n`` (a number or an array of sizes)."""
+        t = self.alpha + n * self.beta
+        if not self.below:
+            return t
+        ends = [s[0] for s in self.below[1:]] + [self.split]
+        for (n_from, a, b), n_to in zip(self.below, ends):
+            inside = (n >= n_from) & (n < n_to) if n_from > 0 else (n < n_to)
+            t = np.where(inside, a + n * b, t)
+        return t if isinstance(n, np.ndarray) else float(t)
 
     def scaled(self, factor: float) -> "LinearFit":
-        return dataclasses.replace(self, alpha=self.alpha * factor, beta=self.beta * factor)
+        return dataclasses.replace(self, alpha=self.alpha * factor, beta=self.beta * factor,
+                                   below=tuple((n0, a * factor, b * factor) for n0, a, b in self.below))
 
 
 def fit_linear(sizes: Iterable[float], times: Iterable[float]) -> LinearFit:
@@ -155,7 +173,8 @@ class Profile:
                 if not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
                     raise ConfigError(f"{source}.fits.{key}.{name}", x,
                                       "a finite number >= 0 (seconds, per unit of n); measure again with `fsmoe profile`")
-            fits[key] = LinearFit(**{k: v[k] for k in ("alpha", "beta", "r2", "num_points") if k in v})
+            fits[key] = LinearFit(**{k: v[k] for k in ("alpha", "beta", "r2", "num_points", "split") if k in v},
+                                  below=_segments(v.get("below", ()), f"{source}.fits.{key}.below"))
         overlap = d.get("overlap", 1.0)
         if not isinstance(overlap, (int, float)) or not 0.0 <= overlap <= 1.0:
             raise ConfigError(f"{source}.overlap", overlap, "a number in [0, 1] (the measured overlap efficiency)")
@@ -208,15 +227,62 @@ class Profile:
                 continue
             unit = "MAC/s" if k.startswith(("expert", "dense")) else "tok/s" if k.startswith("glue") else "B/s"
             rate = f"{1 / f.beta:.3g} {unit}" if f.beta > 0 else "inf"
-            lines.append(f"  {k:<14} {f.alpha * 1e6:>11.1f} {rate:>14} {f.r2:>8.4f} {f.num_points:>6}")
+            knot = f"  (piecewise: another line below n={f.split:.3g})" if f.below else ""
+            lines.append(f"  {k:<14} {f.alpha * 1e6:>11.1f} {rate:>14} {f.r2:>8.4f} {f.num_points:>6}{knot}")
         if n_shape:
             lines.append(f"  + {n_shape} shape-specific fits (key@shape)")
         return "\n".join(lines)
 
 
+COMM_KEYS = ("a2a", "allgather", "reducescatter", "allreduce", "hier")  # fits that may need a knot
+
+
+def fit_piecewise(sizes: Iterable[float], times: Iterable[float], max_rel_error: float = 0.2,
+                  min_per_segment: int = 2) -> LinearFit:
+    """One line (``fit_linear``) if it predicts every point within ``max_rel_error``; else the
+    best two lines split at one size (every split between distinct sizes with ``min_per_segment``
+    sizes on each side; the least worst relative error), kept only if that error is smaller.
+    For collectives whose protocol switches with size (NCCL: LL -> LL128 -> Simple; ring vs tree):
+    there a single least-squares line follows the large messages (R² near 1) and misses the
+    small ones by 50% or more."""
+    n = np.asarray(list(sizes), dtype=float)
+    t = np.asarray(list(times), dtype=float)
+    one = fit_linear(n, t)
+    worst = lambda pred: float(np.max(np.abs(pred - t) / np.maximum(t, 1e-30)))
+    distinct = np.unique(n)
+    if worst(one(n)) <= max_rel_error or distinct.size < 2 * min_per_segment:
+        return one
+    best = None
+    for cut in distinct[min_per_segment:distinct.size - min_per_segment + 1]:
+        lo = n < cut
+        f_lo, f_hi = fit_linear(n[lo], t[lo]), fit_linear(n[~lo], t[~lo])
+        pred = np.where(lo, f_lo(n), f_hi(n))
+        if best is None or worst(pred) < best[0]:
+            best = (worst(pred), float(cut), f_lo, f_hi, pred)
+    err, cut, f_lo, f_hi, pred = best
+    if err >= worst(one(n)):
+        return one
+    ss_tot = float(((t - t.mean()) ** 2).sum())
+    r2 = 1.0 - float(((t - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
+    return LinearFit(f_hi.alpha, f_hi.beta, r2, int(n.size), below=((0.0, f_lo.alpha, f_lo.beta),), split=cut)
+
+
+def _segments(raw, field_name: str) -> tuple:
+    """A piecewise fit's ``below`` segments from JSON, checked."""
+    try:
+        segs = tuple((float(a), float(b), float(c)) for a, b, c in raw)
+    except (TypeError, ValueError):
+        raise ConfigError(field_name, raw, "a list of [n_from, alpha, beta] triples") from None
+    if any(not all(map(math.isfinite, s)) or min(s) < 0 for s in segs):
+        raise ConfigError(field_name, raw, "finite numbers >= 0 ([n_from, alpha, beta] per segment)")
+    return segs
+
+
 def profile_from_points(hardware: str, layout: str, points: dict[str, list[list[float]]],
                         meta: dict | None = None, overlap: float = 1.0) -> Profile:
-    fits = {k: fit_linear([p[0] for p in v], [p[1] for p in v]) for k, v in points.items() if v}
+    """Fits of measured points: comm keys piecewise where one line does not fit (``fit_piecewise``)."""
+    fit = lambda k: fit_piecewise if k.startswith(COMM_KEYS) else fit_linear
+    fits = {k: fit(k)([p[0] for p in v], [p[1] for p in v]) for k, v in points.items() if v}
     return Profile(hardware, layout, fits, {k: [list(map(float, p)) for p in v] for k, v in points.items()},
                    dict(meta or {}), overlap)
 
