@@ -4,6 +4,7 @@ scores (against recounting every swapped placement), topology detection and conf
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -64,9 +65,9 @@ def test_traffic_matches_simulation(sizes):
 
 
 def test_depth_choice_is_the_brute_force_minimum():
-    """Every d and the flat AlltoAll priced from the simulated copies: dispatch stages carry the
-    features plus a count byte per row and a weight plus a local id per (row, expert) pair,
-    combine the features back; the layout's collective rounds and the fixed cost per d on top."""
+    """Every d and the flat AlltoAll priced from the simulated copies: dispatch stages carry one
+    row per copy (its features, K weights and K local ids, padded to 16 bytes), combine the
+    features back; the layout's collective rounds and the fixed cost per d on top."""
     lv = Levels((2, 2, 2))
     rng = random.Random(0)
     below = (4, 2, 1)  # ranks under a rank of each level: a node 4, a socket 2, a gpu 1
@@ -74,7 +75,7 @@ def test_depth_choice_is_the_brute_force_minimum():
         costs = LevelCosts(tuple(rng.uniform(0, 1e-4) for _ in range(3)), tuple(rng.uniform(1e-11, 1e-9) for _ in range(3)),
                            tuple(rng.uniform(0, 3e-4) for _ in range(3)))
         dest, src = routing(60, rng.choice((1, 2, 4, 8)), 8, trial, skew=rng.random())
-        wire = Wire(rng.choice((64, 4096, 65536)), rng.choice((2, 4)), rng.choice((1, 8, 100)))
+        wire = Wire(rng.choice((64, 4096, 65536)), rng.choice((2, 4)), rng.choice((1, 8, 100)), rng.choice((1, 2, 8)))
         stages = candidate_stages(lv)
         choice = choose_depth(count_traffic(dest, src, lv, stages), count_traffic(dest, src, lv, stages, dedup=False),
                               lv, costs, wire)
@@ -96,9 +97,10 @@ def test_depth_choice_is_the_brute_force_minimum():
             ps, pr = simulate(dest, src, lv, st, dedup=False)
             t = costs.alpha[0] + sum(costs.alpha[x.first] for x in st[1:]) + costs.overhead[d - 1]
             for i, x in enumerate(st):
-                ids = 1 if below[x.last] * wire.experts_per_rank <= 256 else 2
-                t += stage_s(scaled(rs[i], ps[i], wire.feature + 1, wire.weight + ids),
-                             scaled(rr[i], pr[i], wire.feature + 1, wire.weight + ids), x.first)
+                ids = 1 if below[x.last] * wire.experts_per_rank < 256 else 2
+                row = wire.feature + wire.slots * wire.weight + math.ceil(wire.slots * ids / wire.weight) * wire.weight
+                row = row + (-row) % 16  # padded to 16 bytes (features and weights are whole elements)
+                t += stage_s(scaled(rs[i], None, row, 0), scaled(rr[i], None, row, 0), x.first)
                 t += stage_s(scaled(rs[i], None, wire.feature, 0), scaled(rr[i], None, wire.feature, 0), x.first)
             times.append(t)
         fs, fr = simulate(dest, src, lv, (Stage(0, 2),), dedup=False)

@@ -10,24 +10,23 @@ the ESP AllGather, El local experts, D model dim, P EP ranks.
 An *item* is a copy of a token that serves some of its experts; each of those experts is a
 *pair* (item, expert) carrying the expert's combine weight. Dispatch, numbered as the code runs it:
 
-    1. layout (``layout``; metadata only, one collective):
-       a. this rank's items: one per token (its kept assignments are its pairs), or with no
-          dedup one per assignment;
-       b. count the traffic of every candidate depth (rows with dedup, pairs without), and this
-          rank's items and pairs per peer of every candidate first stage; one AllReduce over the
-          moe group sums the counts and fills every rank's row of the first-stage split matrix;
-       c. the cost model picks d (the same on every rank), or 0: the flat AlltoAll
-          (``flat``; a fixed or kept d skips the choice but not the AllReduce).
+    1. layout (``layout``; metadata only, one collective, one host read):
+       a. this rank's tokens and their kept assignments' destination ranks (no host sync);
+       b. count the traffic of every candidate depth (rows with dedup, pairs without) and the
+          items per peer of every candidate first stage; one AllGather over the moe group of
+          these (and of the tokens per expert when flat is a candidate), read once;
+       c. the cost model picks d (the same on every rank), or 0: the flat AlltoAll, whose
+          layout comes from the same gathered counts (``flat``). A kept choice of flat
+          (``dedup_every``) runs the flat dispatcher's layout alone.
     2. data, per stage of depth d (``launch_dispatch``; autograd):
        a. route: each item goes once to every stage peer that holds any of its experts (the
-          routing mask OR-reduced per destination group) with the pairs of those experts;
-       b. split sizes (items, pairs per peer): from the AllReduce for the first stage, one small
-          AlltoAll for each later one;
-       c. one AlltoAll of a flat buffer holding, per peer: the items' features [S_q, D], their
-          pairs' weights [Q_q], then the metadata as raw bytes (per item its pair count, uint8;
-          per pair the expert's id among the experts below the receiver, uint8 up to 256 of
-          them, else int16/int32; padded to the element size), so no metadata needs a
-          collective of its own. The receiver unpacks it into its items for the next stage.
+          routing mask OR-reduced per destination group);
+       b. items per peer: from the AllGather for the first stage, one small AlltoAll for each
+          later one;
+       c. one AlltoAll of rows [S, D + K + M]: the item's features, its K weights (0 for a slot
+          whose expert is not below the receiver) and, as raw bytes, its K expert ids among the
+          experts below the receiver (uint8 up to 255 of them, else int16/int32; the count is
+          the empty slot), padded to 16 bytes per row so every peer's block stays aligned.
     3. after the last stage every pair is on the rank of its expert (``finish_dispatch``): one
        row per pair, grouped by local expert; with ESP the counts are all-gathered, then the
        ESP AllGather.
@@ -46,7 +45,6 @@ through the same stages: Tutel's 2DH AlltoAll (with d = 2), the no-dedup baselin
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,7 +57,7 @@ from fsmoe.comm.esp import EspStage
 from fsmoe.comm.functional import all_gather_base, finish, launch_all_to_all
 from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
 from fsmoe.comm.traffic import (DepthChoice, Traffic, Wire, candidate_stages, choose_depth, count_traffic,
-                                id_bytes_for, select)
+                                id_bytes_for, meta_columns, select)
 from fsmoe.placement.placement import Placement
 from fsmoe.routing.plan import RoutingPlan
 
@@ -67,30 +65,18 @@ ID_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 @dataclass(frozen=True)
-class Items:
-    """A rank's items before a stage: ``pair_item_P`` [Pn] the item of each pair (ascending),
-    ``pair_rank_P`` / ``pair_slot_P`` [Pn] the EP rank and slot of the pair's expert."""
-
-    num_items: int
-    pair_item_P: Tensor
-    pair_rank_P: Tensor
-    pair_slot_P: Tensor
-
-
-@dataclass(frozen=True)
 class Route:
-    """One stage's sends from this rank (device tensors; sizes per peer still on the device).
+    """One stage's sends from this rank (device tensors).
 
-    send_item_S: items sent, peer-major (items ascending within a peer); send_pair_Q: pairs sent,
-    in the order of their items; count_S: pairs per sent item; local_Q: each sent pair's expert
-    id among the experts below the receiver; per_peer_W2: [width, 2] items and pairs per peer."""
+    send_item_S: [S] items sent, peer-major (items ascending within a peer); local_SK: [S, K]
+    each sent slot's expert id among the experts below the receiver (that count, the
+    sentinel, where the slot's expert is not below it or there is none); per_peer_W: [width]
+    items per peer."""
 
     stage: Stage
     send_item_S: Tensor
-    send_pair_Q: Tensor
-    count_S: Tensor
-    local_Q: Tensor
-    per_peer_W2: Tensor
+    local_SK: Tensor
+    per_peer_W: Tensor
 
 
 @dataclass(frozen=True)
@@ -130,21 +116,25 @@ class DispatchStats:
 class HierLayout:
     """One dispatch's plan on this rank, made before any data moves (see the module docstring).
 
-    item_rows_I: [I] row of x_ND carrying each source item's token; pair_rows_P: [Pn] row of
-    ``weights_N`` of each source pair; items: the source items; first: the first stage's route
-    with its split sizes (items, pairs per peer) sent and received; stats: the group's numbers
-    for metrics; ids_IK: [I, K] experts of each item before the first stage (-1: none), what
-    the swap policy scores. ``flat`` (depth 0): the flat dispatcher's layout instead."""
+    item_rows_I: [I] row of x_ND carrying each source item's token; slot_rows_IK: [I, K] row of
+    ``weights_N`` of each slot (-1: none); rank_IK / slot_IK: [I, K] EP rank and slot of each
+    slot's expert (-1: none); first: the first stage's route with its items per peer sent and
+    received; stats: the group's numbers for metrics; ids_IK: [I, K] experts of each item before
+    the first stage (-1: none), what the swap policy scores (None with depth 0: see
+    ``HierarchicalDispatcher.item_ids``); plan: the routing. ``flat`` (depth 0): the flat
+    dispatcher's layout instead."""
 
     num_rows: int
     depth: int
-    item_rows_I: Tensor | None
-    pair_rows_P: Tensor | None
     weights_N: Tensor
-    items: Items | None
-    first: tuple[Route, tuple[tuple[int, int], ...], tuple[tuple[int, int], ...]] | None
-    stats: DispatchStats | None
-    ids_IK: Tensor = field(repr=False, default=None)
+    item_rows_I: Tensor | None = None
+    slot_rows_IK: Tensor | None = None
+    rank_IK: Tensor | None = None
+    slot_IK: Tensor | None = None
+    first: tuple[Route, tuple[int, ...], tuple[int, ...]] | None = None
+    stats: DispatchStats | None = None
+    ids_IK: Tensor | None = field(repr=False, default=None)
+    plan: RoutingPlan | None = field(repr=False, default=None)
     flat: object = None
 
 
@@ -233,6 +223,8 @@ class HierarchicalDispatcher(Dispatcher):
         self.peers = {st: next(g for g in levels.stage_groups(st) if ep_rank in g) for st in candidate_stages(levels)}
         self.peer_level = {st: [levels.crossed(ep_rank, q) for q in g] for st, g in self.peers.items()}
         self._rank_slot = [placement.slots_E[e][0] for e in range(num_experts)]
+        self._tables: dict = {}
+        self.slots = 1  # K slots per item, from the latest layout (the wire's row size)
 
     def with_placement(self, placement: Placement) -> "HierarchicalDispatcher":
         """The same dispatcher (same policy) sending by another placement."""
@@ -245,98 +237,122 @@ class HierarchicalDispatcher(Dispatcher):
 
     @property
     def wire(self) -> Wire:
-        return Wire(self.row_bytes, self.weight_bytes, self.num_local_experts)
+        return Wire(self.row_bytes, self.weight_bytes, self.num_local_experts, self.slots)
 
     # ------------------------------------------------------------------ layout
     def rank_of_E(self, device) -> Tensor:
         """[E + 1] EP rank of each logical expert; -1 for the dropped id E."""
-        return torch.tensor([r for r, _ in self._rank_slot] + [-1], dtype=torch.int64, device=device)
+        return self._table(0, device)
 
     def slot_of_E(self, device) -> Tensor:
         """[E + 1] slot of each logical expert on its rank; -1 for the dropped id E."""
-        return torch.tensor([s for _, s in self._rank_slot] + [-1], dtype=torch.int64, device=device)
+        return self._table(1, device)
 
-    def items(self, plan: RoutingPlan) -> tuple[Tensor, Tensor]:
-        """(item_rows_I, slot_rows_IK): this rank's items before the first stage; slot_rows_IK
-        [I, K] are rows of x_ND / weights_N (-1: none). One item per token (its kept
-        assignments), or with no dedup (or no per-token slots) one per kept assignment."""
+    def _table(self, which: int, device) -> Tensor:
+        key = (which, str(device))
+        if key not in self._tables:  # built once per device, not copied to it every dispatch
+            self._tables[key] = torch.tensor([rs[which] for rs in self._rank_slot] + [-1], dtype=torch.int64,
+                                             device=device)
+        return self._tables[key]
+
+    def token_slots(self, plan: RoutingPlan) -> Tensor:
+        """slot_rows_TK [T, K]: rows of x_ND / weights_N of each token's kept assignments (-1:
+        none; a token may have none). One row per token, or with no dedup (or no per-token
+        slots) one per assignment. No host sync."""
         E, N = plan.num_experts, plan.num_assignments
-        dev = plan.expert_ids_N.device
         if self.dedup and plan.token_slots_TK is not None:
             slots = plan.token_slots_TK
         else:
-            slots = torch.arange(N, device=dev).unsqueeze(1)
+            slots = torch.arange(N, device=plan.expert_ids_N.device).unsqueeze(1)
         kept = plan.expert_ids_N.index_select(0, slots.flatten()).view_as(slots) < E
-        slots = torch.where(kept, slots, -1)
-        any_kept = kept.any(1)
-        slots = slots[any_kept]
-        first = torch.where(slots >= 0, slots, N).amin(1)  # the token's first kept row carries it
+        return torch.where(kept, slots, -1)
+
+    def items(self, plan: RoutingPlan) -> tuple[Tensor, Tensor]:
+        """(item_rows_I, slot_rows_IK): this rank's items before the first stage, the tokens of
+        ``token_slots`` with some kept assignment (one host sync)."""
+        slots = self.token_slots(plan)
+        slots = slots[(slots >= 0).any(1)]
+        first = torch.where(slots >= 0, slots, plan.num_assignments).amin(1)  # the first kept row carries it
         return first, slots
 
+    def item_ids(self, layout: HierLayout) -> Tensor:
+        """[I, K] experts of each item before the first stage (-1: none), for the swap policy."""
+        if layout.ids_IK is not None:
+            return layout.ids_IK
+        _, slots = self.items(layout.plan)
+        return torch.where(slots >= 0, layout.plan.expert_ids_N[slots.clamp(min=0)], -1)
+
     def layout(self, plan: RoutingPlan) -> HierLayout:
-        """Step 1 (one collective on metadata, one host sync): the dispatch's depth, source items
-        and first-stage split sizes."""
+        """Step 1: the dispatch's depth and first-stage split sizes from one collective (an
+        AllGather of this rank's counts) and one host read; with d >= 1 then this rank's items
+        and first route (a host sync for their sizes). A kept choice of flat runs the flat
+        dispatcher's layout alone."""
         if plan.soft is not None:
             raise ValueError("the hierarchical dispatcher needs a token-choice or expert-choice plan, not SoftMoE's")
-        dev = plan.expert_ids_N.device
-        item_rows, slots_IK = self.items(plan)
-        ids_IK = torch.where(slots_IK >= 0, plan.expert_ids_N[slots_IK.clamp(min=0)], -1)
         if self.flat is not None and self.policy.keeps_flat():
-            return HierLayout(plan.num_assignments, 0, None, None, plan.weights_N, None, None, self.last_stats,
-                              ids_IK, flat=self.flat.layout(plan))
-        rank_of, slot_of = self.rank_of_E(dev), self.slot_of_E(dev)
-        dest_IK = torch.where(ids_IK >= 0, rank_of[ids_IK.clamp(min=0)], -1)
-        i, k = (slots_IK >= 0).nonzero(as_tuple=True)  # pairs, grouped by item
-        pair_ids = ids_IK[i, k]
-        items = Items(int(slots_IK.shape[0]), i, rank_of[pair_ids], slot_of[pair_ids])
-        first_stages = tuple(dict.fromkeys(stages_for_depth(self.levels, d)[0] for d in self._depths()))
-        routes = {st: self._route(st, items) for st in first_stages}
-        depth, stats, splits = self._choose(dest_IK, routes)
-        if depth == 0:
-            return HierLayout(plan.num_assignments, 0, None, None, plan.weights_N, None, None, stats, ids_IK,
+            return HierLayout(plan.num_assignments, 0, plan.weights_N, stats=self.last_stats, plan=plan,
                               flat=self.flat.layout(plan))
+        dev = plan.expert_ids_N.device
+        slots_TK = self.token_slots(plan)
+        ids_TK = torch.where(slots_TK >= 0, plan.expert_ids_N[slots_TK.clamp(min=0)], -1)
+        dest_TK = torch.where(ids_TK >= 0, self.rank_of_E(dev)[ids_TK.clamp(min=0)], -1)
+        first_stages = tuple(dict.fromkeys(stages_for_depth(self.levels, d)[0] for d in self._depths()))
+        masks = {st: self._peer_mask(st, dest_TK) for st in first_stages}
+        self.slots = slots_TK.shape[1]
+        depth, stats, splits, counts = self._choose(plan, dest_TK, {st: m.sum(0) for st, m in masks.items()})
+        if depth == 0:
+            return HierLayout(plan.num_assignments, 0, plan.weights_N, stats=stats, plan=plan,
+                              flat=self.flat.layout_from_counts(counts))
+        idx = (slots_TK >= 0).any(1).nonzero().squeeze(1)  # the tokens with a kept assignment: the items
+        slots_IK, ids_IK, rank_IK = slots_TK[idx], ids_TK[idx], dest_TK[idx]
+        item_rows = torch.where(slots_IK >= 0, slots_IK, plan.num_assignments).amin(1)
+        slot_IK = torch.where(ids_IK >= 0, self.slot_of_E(dev)[ids_IK.clamp(min=0)], -1)
         st = stages_for_depth(self.levels, depth)[0]
-        return HierLayout(plan.num_assignments, depth, item_rows, slots_IK[i, k], plan.weights_N, items,
-                          (routes[st], *splits[st]), stats, ids_IK)
+        route = self._route(st, rank_IK, slot_IK, masks[st][idx])
+        return HierLayout(plan.num_assignments, depth, plan.weights_N, item_rows, slots_IK, rank_IK, slot_IK,
+                          (route, *splits[st]), stats, ids_IK, plan)
 
     def _depths(self) -> range:
         return range(1, max(self.levels.depth, 1) + 1) if not self.policy.fixed else range(self.policy.fixed,
                                                                                             self.policy.fixed + 1)
 
-    def _choose(self, dest_IK: Tensor, routes: dict) -> tuple[int, DispatchStats, dict]:
-        """1b-c: one AllReduce of the traffic of every candidate stage (rows and pairs) and of the
-        first stages' split matrices [P, width, 2]; then d. Returns d, the stats and, per first
-        stage, this rank's (items, pairs) sent to and received from each peer."""
+    def _choose(self, plan: RoutingPlan, dest_TK: Tensor, per_peer: dict) -> tuple[int, DispatchStats, dict, list]:
+        """1b-c: one AllGather over the moe group of this rank's traffic for every candidate stage
+        (rows and pairs), its items per peer of every first stage and, when flat is a candidate,
+        its tokens per expert (the flat layout's counts); one host read; then d. Returns d, the
+        stats, per first stage this rank's items sent to and received from each peer, and the
+        counts [P][S][E] (None when flat is no candidate)."""
         lv, P, me = self.levels, self.levels.ranks, self.ep_rank
-        src = torch.full((dest_IK.shape[0],), me, dtype=torch.int64, device=dest_IK.device)
+        src = torch.full((dest_TK.shape[0],), me, dtype=torch.int64, device=dest_TK.device)
         stages = candidate_stages(lv)
-        rows = count_traffic(dest_IK, src, lv, stages, self.dedup)
-        pairs = count_traffic(dest_IK, src, lv, stages, dedup=False)
-        # rows of the split matrices: moe-group ranks (EP rank * ESP + ESP rank), the ranks the
-        # AllReduce runs over; a stage peer is the EP rank q with this rank's ESP rank
+        rows = count_traffic(dest_TK, src, lv, stages, self.dedup)
+        pairs = count_traffic(dest_TK, src, lv, stages, dedup=False)
+        parts = [rows.send, rows.recv, pairs.send, pairs.recv, *per_peer.values()]
+        if self.flat is not None:
+            parts.append(plan.tokens_per_expert_E.to(torch.int64))
+        mine = torch.cat([t.flatten() for t in parts])
+        W = dist.get_world_size(self.counts_group) if self.counts_group is not None else 1
+        if W > 1:
+            out = mine.new_empty(W * mine.numel())
+            all_gather_base(out, mine, group=self.counts_group)
+            mine = out
+        every = mine.view(W, -1).cpu()  # the one host sync of the choice
+        # rows of ``every``: moe-group ranks (EP rank * ESP + ESP rank); a stage peer is the EP
+        # rank q with this rank's ESP rank
         esp, esp_rank = self.esp_size, (dist.get_rank(self.esp_group) if self.esp is not None else 0)
         row = lambda q: q * esp + esp_rank
-        mats = []
-        for st, route in routes.items():
-            m = torch.zeros(P * esp, route.per_peer_W2.shape[0], 2, dtype=torch.int64, device=dest_IK.device)
-            m[row(me)] = route.per_peer_W2
-            mats.append(m)
-        parts = [rows.send, rows.recv, pairs.send, pairs.recv, *mats]
-        packed = torch.cat([t.flatten() for t in parts])
-        if self.counts_group is not None and dist.get_world_size(self.counts_group) > 1:
-            dist.all_reduce(packed, group=self.counts_group)
-        packed = packed.cpu()  # the one host sync of the layout
         out, off = [], 0
         for t in parts:
-            out.append(packed[off:off + t.numel()].view(t.shape))
+            out.append(every[:, off:off + t.numel()])
             off += t.numel()
-        total = Traffic(stages, out[0], out[1], lv)
-        total_pairs = Traffic(stages, out[2], out[3], lv)
+        total = Traffic(stages, out[0].sum(0).view(rows.send.shape), out[1].sum(0).view(rows.send.shape), lv)
+        total_pairs = Traffic(stages, out[2].sum(0).view(rows.send.shape), out[3].sum(0).view(rows.send.shape), lv)
         splits = {}
-        for (st, _), m in zip(routes.items(), out[4:]):
+        for st, m in zip(per_peer, out[4:4 + len(per_peer)]):
             peers = self.peers[st]
-            mine = peers.index(me)
-            splits[st] = (tuple(map(tuple, m[row(me)].tolist())), tuple(tuple(m[row(q), mine].tolist()) for q in peers))
+            mine_at = peers.index(me)
+            splits[st] = (tuple(m[row(me)].tolist()), tuple(int(m[row(q), mine_at]) for q in peers))
+        counts = out[-1].reshape(P, esp, -1).tolist() if self.flat is not None else None
         choice = choose_depth(total, total_pairs, lv, self.costs, self.wire, allow_flat=self.flat is not None)
         depth = self.policy.depth(choice)
         flat_stage = (Stage(0, lv.depth - 1),)
@@ -351,73 +367,61 @@ class HierarchicalDispatcher(Dispatcher):
                               tuple(lv.name(i) for i in range(lv.depth)), self.row_bytes, tuple(used_bytes),
                               tuple((flat_rows * self.row_bytes).tolist()), choice.flat_s)
         self.last_stats = stats
-        return depth, stats, splits
+        return depth, stats, splits, counts
 
-    def _route(self, stage: Stage, items: Items) -> Route:
-        """2a: one stage's sends (no host sync)."""
+    def _peer_mask(self, stage: Stage, rank_IK: Tensor) -> Tensor:
+        """[I, width] which stage peers hold some expert of each item (no host sync)."""
+        width = self.levels.stage_size(stage)
+        peer = torch.where(rank_IK >= 0, self.levels.stage_index(stage, rank_IK.clamp(min=0)), width)
+        mask = torch.zeros(rank_IK.shape[0], width + 1, dtype=torch.bool, device=rank_IK.device)
+        return mask.scatter_(1, peer, True)[:, :width]
+
+    def _route(self, stage: Stage, rank_IK: Tensor, slot_IK: Tensor, mask_IW: Tensor | None = None) -> Route:
+        """2a: one stage's sends (one host sync, for the number of items sent)."""
         lv, El = self.levels, self.num_local_experts
-        width, I = lv.stage_size(stage), max(items.num_items, 1)
-        peer_P = lv.stage_index(stage, items.pair_rank_P)
-        key_P = peer_P * I + items.pair_item_P
-        key_Q, send_pair_Q = torch.sort(key_P, stable=True)
-        uniq_S, item_of_Q = torch.unique_consecutive(key_Q, return_inverse=True)
-        below = lv.stride(stage.last)
-        local_Q = (items.pair_rank_P[send_pair_Q] % below) * El + items.pair_slot_P[send_pair_Q]
-        per_peer = torch.stack([torch.bincount(uniq_S // I, minlength=width), torch.bincount(peer_P, minlength=width)], 1)
-        return Route(stage, uniq_S % I, send_pair_Q, torch.bincount(item_of_Q, minlength=uniq_S.numel()), local_Q,
-                     per_peer)
+        mask = self._peer_mask(stage, rank_IK) if mask_IW is None else mask_IW
+        q, i = mask.t().nonzero(as_tuple=True)  # peer-major, items in order
+        width, below = lv.stage_size(stage), lv.stride(stage.last)
+        rank_SK = rank_IK[i]
+        peer_SK = torch.where(rank_SK >= 0, lv.stage_index(stage, rank_SK.clamp(min=0)), width)
+        local = torch.where(peer_SK == q.unsqueeze(1), (rank_SK % below) * El + slot_IK[i], below * El)
+        return Route(stage, i, local, mask.sum(0))
 
     # ------------------------------------------------------------------ data
-    def _send(self, x_I: Tensor, w_P: Tensor, route: Route, sent: tuple, recv: tuple) -> tuple[object, list[int]]:
-        """2c: pack this stage's buffer and start its AlltoAll. Returns (launched, recv elements per peer)."""
-        stage, D, elem, dt = route.stage, x_I.shape[1], x_I.element_size(), x_I.dtype
+    def _send(self, row_I: Tensor, route: Route, sent: tuple, recv: tuple, D: int):
+        """2c: this stage's rows (features, K weights, K ids as raw bytes, padding) and its
+        AlltoAll. Returns the launched AlltoAll."""
+        stage, K, elem, dt = route.stage, route.local_SK.shape[1], row_I.element_size(), row_I.dtype
         idb = id_bytes_for(self.levels.stride(stage.last) * self.num_local_experts)
-        xs = x_I.index_select(0, route.send_item_S).split([n for n, _ in sent])
-        ws = w_P.index_select(0, route.send_pair_Q).split([p for _, p in sent])
-        counts = route.count_S.to(torch.uint8).split([n for n, _ in sent])
-        ids = route.local_Q.to(ID_DTYPES[idb]).view(torch.uint8).split([p * idb for _, p in sent])
-        pieces, send_elems, level_bytes = [], [], self.last_sent_bytes
-        for q, (n, p) in enumerate(sent):
-            meta = n + p * idb
-            pad = math.ceil(meta / elem) * elem - meta
-            raw = torch.cat([counts[q], ids[q], counts[q].new_zeros(pad)]).view(dt)
-            pieces += [xs[q].reshape(-1), ws[q], raw]
-            send_elems.append(n * D + p + raw.numel())
+        cols = meta_columns(D * elem, elem, K, idb)
+        meta = torch.zeros(route.local_SK.shape[0], cols * elem, dtype=torch.uint8, device=row_I.device)
+        meta[:, :K * idb] = route.local_SK.to(ID_DTYPES[idb]).view(torch.uint8)
+        buf = torch.cat([row_I.index_select(0, route.send_item_S), meta.view(dt)], dim=1)
+        for q, n in enumerate(sent):
             lvl = self.peer_level[stage][q]
             if lvl >= 0:
-                level_bytes[lvl] += send_elems[-1] * elem
-        recv_elems = [n * D + p + math.ceil((n + p * idb) / elem) for n, p in recv]
-        buf = torch.cat(pieces)
-        return launch_all_to_all(buf, recv_elems, send_elems, self.stage_groups[stage]), recv_elems
+                self.last_sent_bytes[lvl] += n * buf.shape[1] * elem
+        return launch_all_to_all(buf, list(recv), list(sent), self.stage_groups[stage])
 
-    def _receive(self, buf: Tensor, stage: Stage, recv: tuple, recv_elems: list[int], D: int
-                 ) -> tuple[Tensor, Tensor, Items]:
-        """2c, receiving: the items (features x_F, weights w_P) and their pairs from the buffer."""
-        idb = id_bytes_for(self.levels.stride(stage.last) * self.num_local_experts)
-        xs, ws, counts, ids = [], [], [], []
-        for (n, p), chunk in zip(recv, buf.split(recv_elems)):
-            xs.append(chunk[:n * D].view(n, D))
-            ws.append(chunk[n * D:n * D + p])
-            raw = chunk[n * D + p:].detach().view(torch.uint8)
-            counts.append(raw[:n])
-            ids.append(raw[n:n + p * idb])
-        x_F, w_P = torch.cat(xs), torch.cat(ws)
-        num_pairs = sum(p for _, p in recv)
-        count_F = torch.cat(counts).to(torch.int64)
-        local = torch.cat(ids).view(ID_DTYPES[idb]).to(torch.int64)
+    def _receive(self, buf: Tensor, stage: Stage, D: int, K: int) -> tuple[Tensor, Tensor, Tensor]:
+        """2c, receiving: the items' rows [F, D + K] (features, weights) and their experts'
+        EP ranks and slots [F, K] (-1: none)."""
         El, below = self.num_local_experts, self.levels.stride(stage.last)
-        pair_item = torch.repeat_interleave(torch.arange(x_F.shape[0], device=buf.device), count_F,
-                                            output_size=num_pairs)
+        idb = id_bytes_for(below * El)
+        raw = buf[:, D + K:].detach().contiguous().view(torch.uint8)[:, :K * idb].contiguous()
+        local = raw.view(ID_DTYPES[idb]).to(torch.int64)
+        valid = local < below * El
         base = (self.ep_rank // below) * below
-        return x_F, w_P, Items(x_F.shape[0], pair_item, base + local // El, local % El)
+        return (buf[:, :D + K], torch.where(valid, base + local // El, -1), torch.where(valid, local % El, -1))
 
     def _splits(self, route: Route) -> tuple[tuple, tuple]:
-        """2b for a later stage: one AlltoAll of (items, pairs) per peer."""
-        recv = torch.empty_like(route.per_peer_W2)
-        dist.all_to_all_single(recv, route.per_peer_W2.contiguous(), group=self.stage_groups[route.stage])
-        both = torch.cat([route.per_peer_W2, recv]).tolist()
-        w = route.per_peer_W2.shape[0]
-        return tuple(map(tuple, both[:w])), tuple(map(tuple, both[w:]))
+        """2b for a later stage: one AlltoAll of the items per peer."""
+        send = route.per_peer_W.contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.stage_groups[route.stage])
+        both = torch.cat([send, recv]).tolist()
+        w = send.shape[0]
+        return tuple(both[:w]), tuple(both[w:])
 
     def launch_dispatch(self, x_ND: Tensor, layout: HierLayout) -> Pending:
         """2: the stages; all but the last are waited on here (each needs the previous one's
@@ -426,40 +430,45 @@ class HierarchicalDispatcher(Dispatcher):
             return Pending(None, ("flat", self.flat.launch_dispatch(x_ND, layout.flat), layout))
         self.row_bytes, self.weight_bytes = x_ND.shape[1] * x_ND.element_size(), x_ND.element_size()
         self.last_sent_bytes = [0] * max(self.levels.depth, 1)
-        D = x_ND.shape[1]
-        x_I = x_ND.index_select(0, layout.item_rows_I)
-        w_P = layout.weights_N.index_select(0, layout.pair_rows_P).to(x_ND.dtype)
-        items, moves = layout.items, []
+        D, K = x_ND.shape[1], layout.slot_rows_IK.shape[1]
+        slots = layout.slot_rows_IK
+        w = layout.weights_N.index_select(0, slots.clamp(min=0).flatten()).view(-1, K)
+        w = torch.where(slots >= 0, w, 0).to(x_ND.dtype)
+        row = torch.cat([x_ND.index_select(0, layout.item_rows_I), w], dim=1)  # [I, D + K]
+        rank, slot, moves = layout.rank_IK, layout.slot_IK, []
         route, sent, recv = layout.first
         stages = stages_for_depth(self.levels, layout.depth)
         for s, stage in enumerate(stages):
             if s > 0:
-                route = self._route(stage, items)
+                route = self._route(stage, rank, slot)
                 sent, recv = self._splits(route)
-            launched, recv_elems = self._send(x_I, w_P, route, sent, recv)
-            moves.append(StageMoves(stage, route.send_item_S, tuple(n for n, _ in sent), tuple(n for n, _ in recv)))
+            launched = self._send(row, route, sent, recv, D)
+            moves.append(StageMoves(stage, route.send_item_S, tuple(sent), tuple(recv)))
             if s == len(stages) - 1:
                 break
-            x_I, w_P, items = self._receive(finish(launched), stage, recv, recv_elems, D)
-        return Pending(launched.work, ("hier", layout, launched, (stage, recv, recv_elems, D), tuple(moves)))
+            row, rank, slot = self._receive(finish(launched), stage, D, K)
+        return Pending(launched.work, ("hier", layout, launched, (stage, D, K), tuple(moves)))
 
     def finish_dispatch(self, pending: Pending) -> tuple[Tensor, Tensor, DispatchHandle]:
         if pending.state[0] == "flat":
             _, inner, layout = pending.state
             x, counts, handle = self.flat.finish_dispatch(inner)
             return x, counts, HierHandle(layout.num_rows, None, layout, flat=handle)
-        _, layout, launched, (stage, recv, recv_elems, D), moves = pending.state
-        x_F, w_P, items = self._receive(finish(launched), stage, recv, recv_elems, D)
+        _, layout, launched, (stage, D, K), moves = pending.state
+        row_F, _, slot_FK = self._receive(finish(launched), stage, D, K)
         # 3: one row per pair, grouped by local expert (every pair's rank is this one now)
-        order = torch.sort(items.pair_slot_P, stable=True).indices
-        expand = items.pair_item_P[order]
-        counts_t = torch.bincount(items.pair_slot_P, minlength=self.num_local_experts)
-        x_R, w_R = x_F.index_select(0, expand), w_P.index_select(0, order)
+        f, k = (slot_FK >= 0).nonzero(as_tuple=True)
+        slot_P = slot_FK[f, k]
+        order = torch.sort(slot_P, stable=True).indices
+        expand, k = f[order], k[order]
+        counts_t = torch.zeros(self.num_local_experts, dtype=torch.int64, device=slot_P.device).index_add_(
+            0, slot_P, torch.ones_like(slot_P))
+        x_R, w_R = row_F[:, :D].index_select(0, expand), row_F[:, D:][expand, k]
         if self.esp is None:
-            handle = HierHandle(layout.num_rows, None, layout, moves, expand, x_F.shape[0], w_R)
+            handle = HierHandle(layout.num_rows, None, layout, moves, expand, row_F.shape[0], w_R)
             return x_R, counts_t, handle
         esp_counts = self._esp_counts(tuple(counts_t.tolist()), x_R.device)
-        handle = HierHandle(layout.num_rows, None, layout, moves, expand, x_F.shape[0], w_R, esp_counts)
+        handle = HierHandle(layout.num_rows, None, layout, moves, expand, row_F.shape[0], w_R, esp_counts)
         sizes = [sum(c) for c in esp_counts]
         x_G = self.esp.finish_gather(self.esp.launch_gather(x_R, sizes))
         perm = _expert_major(esp_counts, x_R.device)

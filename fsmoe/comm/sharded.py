@@ -66,6 +66,11 @@ class ShardedDispatcher(Dispatcher):
     def layout(self, plan: RoutingPlan) -> DispatchLayout:
         """Step 1 (collective, host sync): every rank's counts -> this rank's split sizes."""
         counts = exchange_counts(plan.tokens_per_expert_E, self.counts_group, self.ep_size, self.esp_size)
+        return self.layout_from_counts(counts)
+
+    def layout_from_counts(self, counts: list) -> DispatchLayout:
+        """The layout from every rank's counts [P][S][E] (nested lists of ints), as exchanged by
+        ``layout`` (a caller that gathers them along with its own numbers)."""
         return DispatchLayout.from_counts(counts, self.ep_rank, self.esp_rank, self.placement.physical_order,
                                           weights_K=self.placement.physical_weights if self.placement.shares_E else ())
 

@@ -24,8 +24,7 @@ the sum over stages. With
 largest), which the swap policy uses so that relieving the second-busiest rank also counts.
 
 The dispatcher's choice of d prices bytes, not rows (``Wire``, ``hier_seconds``): a row's
-features and count byte, a weight and an id per (row, expert) pair, the features back in
-combine, the layout's collective rounds and a measured fixed cost per d; the flat AlltoAll
+features with its K weights and ids (padded to 16 bytes), the features back in combine, the layout's collective rounds and a measured fixed cost per d; the flat AlltoAll
 (``flat_seconds``) competes as d = 0.
 """
 from __future__ import annotations
@@ -93,16 +92,17 @@ def count_traffic(dest_TK: Tensor, src_T: Tensor, levels: Levels, stages: tuple[
                   dedup: bool = True) -> Traffic:
     """Rows each rank sends / receives over each level at each stage (see module docstring)."""
     P, L = levels.ranks, max(levels.depth, 1)
-    send = torch.zeros(len(stages), P, L, dtype=torch.int64, device=dest_TK.device)
+    send = torch.zeros(len(stages), P * L, dtype=torch.int64, device=dest_TK.device)
     recv = torch.zeros_like(send)
     for s, stage in enumerate(stages):
         a, b, row = stage_rows(dest_TK, src_T, levels, stage, dedup)
         lvl = crossed_level(levels, a, b)
-        n = row * (lvl >= 0)  # rows that cross some level
-        lvl = lvl.clamp(min=0).flatten()
-        send[s].index_put_((a.flatten(), lvl), n.flatten(), accumulate=True)
-        recv[s].index_put_((b.flatten(), lvl), n.flatten(), accumulate=True)
-    return Traffic(tuple(stages), send, recv, levels)
+        n = (row * (lvl >= 0)).flatten()  # rows that cross some level
+        lvl = lvl.clamp(min=0)
+        # index_add_ (no host sync, atomics); index_put_(accumulate=True) sorts its indices on CUDA
+        send[s].index_add_(0, (a * L + lvl).flatten(), n)
+        recv[s].index_add_(0, (b * L + lvl).flatten(), n)
+    return Traffic(tuple(stages), send.view(-1, P, L), recv.view(-1, P, L), levels)
 
 
 def soft_max(v: Tensor, gamma: float | None, dim: int = -1) -> Tensor:
@@ -159,28 +159,48 @@ def select(traffic: Traffic, stages: tuple[Stage, ...]) -> Traffic:
 
 
 def id_bytes_for(n: int) -> int:
-    """Bytes of an id among n experts on the wire (uint8, int16 or int32)."""
-    return 1 if n <= 256 else 2 if n <= 32768 else 4
+    """Bytes of an id among n experts on the wire, with one more value marking an empty slot
+    (uint8 up to 255 experts, else int16 or int32)."""
+    return 1 if n < 256 else 2 if n < 32768 else 4
+
+
+def meta_columns(feature: int, weight: int, slots: int, id_bytes: int) -> int:
+    """Columns (of ``weight`` bytes, the features' element size) after a row's features and
+    ``slots`` weights that hold its ``slots`` ids of ``id_bytes`` each, the row padded to a
+    multiple of 16 bytes (so every peer's block of the AlltoAll buffer stays aligned)."""
+    cols = -(-slots * id_bytes // weight)
+    while (feature + (slots + cols) * weight) % 16 and cols < 16:
+        cols += 1
+    return cols
 
 
 @dataclass(frozen=True)
 class Wire:
-    """What a hierarchical dispatch puts on the wire (``fsmoe.comm.hierarchical``): per token
-    copy (row) its ``feature`` bytes and a 1-byte count of the experts it serves there; per
-    (copy, expert) pair the expert's combine weight (``weight`` bytes) and its id among the
-    experts of the ranks below the receiver (``id_bytes_for`` of that many: 1 byte up to 256).
-    Combine sends the features back only. The flat AlltoAll sends ``feature`` bytes per
-    (token, expert) pair each way, and no weights (they are applied at the source)."""
+    """What a hierarchical dispatch puts on the wire (``fsmoe.comm.hierarchical``): one row per
+    token copy, its ``feature`` bytes, then ``slots`` (K) combine weights (``weight`` bytes each,
+    0 for a slot whose expert is not below the receiver) and K ids, each the expert's id among
+    the experts of the ranks below the receiver (``id_bytes_for`` of that many: 1 byte up to
+    255), the row padded to 16 bytes. Combine sends the features back only. The flat AlltoAll
+    sends ``feature`` bytes per (token, expert) pair each way, and no weights (they are applied
+    at the source)."""
 
     feature: int
     weight: int = 4
     experts_per_rank: int = 1
+    slots: int = 1
 
     def id_bytes(self, levels: Levels, stage: Stage) -> int:
         return id_bytes_for(levels.stride(stage.last) * self.experts_per_rank)
 
+    def row_bytes(self, levels: Levels, stage: Stage) -> int:
+        """Bytes of one dispatched row at ``stage``."""
+        cols = meta_columns(self.feature, self.weight, self.slots, self.id_bytes(levels, stage))
+        return self.feature + (self.slots + cols) * self.weight
+
     def dispatch_bytes(self, rows: Tensor, pairs: Tensor, levels: Levels, stage: Stage) -> Tensor:
-        return rows * (self.feature + 1) + pairs * (self.weight + self.id_bytes(levels, stage))
+        """Bytes of ``rows`` dispatched rows (``pairs``, their (row, expert) pairs, ride in the
+        rows' fixed K slots)."""
+        return rows * self.row_bytes(levels, stage)
 
     def bytes_per_level(self, rows: Traffic, pairs: Traffic) -> list[int]:
         """[L] bytes a dispatch moves over each level (summed over stages and ranks)."""

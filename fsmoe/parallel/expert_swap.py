@@ -55,7 +55,7 @@ def swap_experts(layer, groups: ParallelGroups, optimizer, policy: str, gamma: f
     """Steps 1-3 for one layer; returns {pair, before, after, seconds} (pair None: no swap)."""
     t0 = time.perf_counter()
     disp = layer.dispatcher
-    ids, src = gathered_routing(disp.last_layout.ids_IK, groups)
+    ids, src = gathered_routing(disp.item_ids(disp.last_layout), groups)
     choice = choose_swap(disp, ids, src, policy, gamma)
     if choice.pair is not None:
         migrate(layer, disp.placement.swap(*choice.pair), groups.ep_group, optimizer)
