@@ -140,7 +140,7 @@ class MoEConfig:
     # auto | local | alltoall | hierarchical (d-level dedup, fsmoe.comm.hierarchical) | 2dh (two
     # levels without dedup: the Tutel-2DH baseline)
     dispatcher: str = "auto"
-    dedup_depth: int = 0  # hierarchical dispatcher: d (1 = flat); 0 = chosen per layer by the cost model
+    dedup_depth: int = 0  # hierarchical dispatcher: levels that dedup (1: across nodes); 0 = per layer by the cost model (flat included)
     dedup_every: int = 1  # ... re-chosen every this many steps
     # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
     # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.

@@ -121,10 +121,10 @@ def stages_for_depth(levels: Levels, d: int) -> tuple[Stage, ...]:
 
 # Seconds a dispatch + combine of the hierarchical dispatcher costs beyond its AlltoAlls' alpha-beta
 # time when nothing was measured (``fsmoe profile --topology`` measures it per d): 2 H200 as 2 nodes
-# (NCCL, no P2P), top-2 uniform routing, 4096 tokens of 4096 bf16 per GPU: the d = 1 forward took
-# 14.30 ms against the flat AlltoAll's 4.15 ms for 0.76x its bytes, so ~11 ms did not depend on
-# the bytes. Deeper d: the same per stage (not measured).
-DEFAULT_OVERHEAD_S = 11e-3
+# (NCCL, no P2P), the current row format: dispatch + combine of small messages took 7.3 ms at
+# d = 1 against the flat AlltoAll's 0.64 ms (3.7 ms of it the layout). Deeper d: the same per
+# stage (not measured).
+DEFAULT_OVERHEAD_S = 6.7e-3
 
 
 @dataclass(frozen=True)
