@@ -142,6 +142,9 @@ class MoEConfig:
     dispatcher: str = "auto"
     dedup_depth: int = 0  # hierarchical dispatcher: levels that dedup (1: across nodes); 0 = per layer by the cost model (flat included)
     dedup_every: int = 1  # ... re-chosen every this many steps
+    # ... after timing this many dispatches of each path (flat, the model's best d) per layer, the
+    # model's predictions scaled by what they measured (fsmoe.comm.calibration); 0 = trust the model
+    dedup_calibrate: int = 2
     # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
     # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.
     kernels: str = "auto"  # auto | torch | triton
@@ -156,8 +159,10 @@ class MoEConfig:
         _one_of(f"{prefix}.dispatcher", self.dispatcher, set(DISPATCHERS))
         _check(isinstance(self.dedup_depth, int) and not isinstance(self.dedup_depth, bool)
                and 0 <= self.dedup_depth <= 4, f"{prefix}.dedup_depth", self.dedup_depth,
-               "must be an integer in [0, 4] (0 = chosen by the cost model, 1 = flat)")
+               "must be an integer in [0, 4] (0 = chosen per layer by the cost model, flat included; "
+               "d >= 1: dedup across the outermost d levels)")
         _at_least(f"{prefix}.dedup_every", self.dedup_every, 1)
+        _at_least(f"{prefix}.dedup_calibrate", self.dedup_calibrate, 0)
         _one_of(f"{prefix}.kernels", self.kernels, {"auto", "torch", "triton"})
         _one_of(f"{prefix}.impl", self.impl, set(MOE_IMPLS))
         self.router.validate(self.num_experts, f"{prefix}.router")

@@ -115,8 +115,8 @@ def worker(rank: int, world: int, every: int) -> dict:
     torch.manual_seed(0)
     flat = ParallelMoELayer(base, 8, groups)
     torch.manual_seed(0)
-    hier = ParallelMoELayer(MoEConfig(**{**base.__dict__, "dispatcher": "hierarchical", "dedup_every": every}), 8,
-                            groups)
+    hier = ParallelMoELayer(MoEConfig(**{**base.__dict__, "dispatcher": "hierarchical", "dedup_every": every,
+                                         "dedup_calibrate": 0}), 8, groups)  # the model's choice alone
     disp = hier.dispatcher
     disp.costs = LevelCosts(disp.costs.alpha, disp.costs.beta, (1.0,) * len(disp.costs.alpha))  # flat always wins
     out = {"flat": counts(flat, x), "auto": counts(hier, x), "kept": counts(hier, x)}
@@ -137,3 +137,31 @@ def test_auto_choosing_flat_costs_at_most_one_sync_more_than_flat(every):
             assert dev(d) <= dev(fd) + 1, (case, d, fd)
         if every > 1:  # the kept choice runs the flat dispatcher alone
             assert r["kept"][:2] == r["flat"][:2], (r["kept"], r["flat"])
+
+
+def calibration_worker(rank: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    groups = build_groups(ParallelConfig(dp=2, ep=2, topology=[2]))
+    cfg = MoEConfig(num_experts=8, router=RouterConfig(top_k=2), experts=ExpertsConfig(d_ff=8, activation="gelu"),
+                    dispatcher="hierarchical", dedup_calibrate=2)
+    torch.manual_seed(0)
+    layer = ParallelMoELayer(cfg, 8, groups)
+    disp = layer.dispatcher
+    depths = []
+    for step in range(6):
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(10 * step + rank), requires_grad=True)
+        y, stats = layer(x)
+        (y.sum() + stats.aux_loss).backward()
+        depths.append(disp.last_stats.depth)
+    cal = disp.policy.calibration
+    return {"depths": depths, "scale": cal.scale, "trials": [(t.path, t.seconds() > 0) for t in cal.done]}
+
+
+def test_calibration_alternates_paths_then_every_rank_scales_the_same():
+    """Four timed dispatches (flat, d = 1, flat, d = 1), then one AllReduce of the ratios: both ranks
+    hold the same scale and keep choosing the same d."""
+    res = run_workers(calibration_worker, 2, timeout_s=120)
+    assert res[0]["depths"][:4] == [0, 1, 0, 1]
+    assert res[0]["trials"] == [("flat", True), ("hier", True)] * 2
+    assert res[0]["scale"] == res[1]["scale"] and set(res[0]["scale"]) == {"flat", "hier"}
+    assert res[0]["depths"] == res[1]["depths"]

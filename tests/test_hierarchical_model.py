@@ -259,3 +259,23 @@ def test_layout_errors_name_the_field():
     with pytest.raises(ConfigError) as e:
         build_dispatcher(MoEConfig(num_experts=16, dispatcher="hierarchical", dedup_depth=3), two)
     assert e.value.field_name == "model.moe.dedup_depth"
+
+
+def test_calibrated_choice_scales_the_model_by_what_each_path_measured():
+    from fsmoe.comm.calibration import Trial
+    from fsmoe.comm.hierarchical import DepthPolicy
+    from fsmoe.comm.traffic import DepthChoice
+
+    policy = DepthPolicy(calibrate=1)
+    # the model says flat (5.9 ms) beats d = 1 (8.3 ms); d = 2 is worse still
+    choice = DepthChoice(0, (8.3e-3, 9.0e-3), 5.9e-3)
+    assert policy.depth(choice) == 0 and policy.calibrating()
+    policy.calibration.done.append(Trial("flat", 5.9e-3, 0.0, 15.3e-3))  # measured 2.6x the prediction
+    assert policy.depth(choice) == 1  # the model's best d, timed next
+    policy.calibration.done.append(Trial("hier", 8.3e-3, 0.0, 12.6e-3))  # 1.5x
+    assert policy.calibration.complete()
+    assert policy.calibration.finish(torch.device("cpu")) == pytest.approx({"flat": 15.3 / 5.9, "hier": 12.6 / 8.3})
+    assert not policy.calibrating() and policy.depth(choice) == 1  # scaled: 15.3 ms flat vs 12.6 ms
+    small = DepthChoice(0, (8.0e-3, 9.0e-3), 3.1e-3)  # top-2 uniform: flat stays
+    assert policy.depth(small) == 0
+    assert DepthPolicy(fixed=1, calibrate=2).calibration is None  # a fixed d is never calibrated

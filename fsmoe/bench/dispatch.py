@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk-groups", type=int, default=4, help="groups per token (grouped routing)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", default=None, help="Profile JSON with per-level fits (fsmoe profile --topology)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="only the cost-model sweep over G and K (no processes)")

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from fsmoe.comm.calibration import Calibration, Trial, stamp
 from fsmoe.comm.dispatcher import DispatchHandle, Dispatcher, Pending
 from fsmoe.comm.esp import EspStage
 from fsmoe.comm.functional import all_gather_base, finish, launch_all_to_all
@@ -156,17 +157,24 @@ class HierHandle(DispatchHandle):
 class DepthPolicy:
     """Which d each dispatch uses: ``fixed`` (1..D), or 0 for the cost model's choice (0 = flat
     among them), made again every ``every`` dispatches of the layer (in between, the last choice
-    is kept; this counter is the only state a dispatcher keeps, one policy per layer)."""
+    is kept; the counter and the calibration are the only state a dispatcher keeps, one policy
+    per layer). With ``calibrate`` > 0 (and the flat AlltoAll a candidate) the first
+    2 * ``calibrate`` dispatches alternate flat and the model's best d and are timed; later
+    choices scale the model's predictions by what they measured (``calibration.py``)."""
 
-    def __init__(self, fixed: int = 0, every: int = 1):
-        if fixed < 0 or every < 1:
-            raise ValueError(f"DepthPolicy: fixed={fixed} must be >= 0 and every={every} >= 1")
+    def __init__(self, fixed: int = 0, every: int = 1, calibrate: int = 0):
+        if fixed < 0 or every < 1 or calibrate < 0:
+            raise ValueError(f"DepthPolicy: fixed={fixed} must be >= 0, every={every} >= 1, calibrate={calibrate} >= 0")
         self.fixed, self.every, self.calls, self.last = fixed, every, 0, -1
+        self.calibration = Calibration(calibrate) if calibrate and not fixed else None
+
+    def calibrating(self) -> bool:
+        return self.calibration is not None and self.calibration.active
 
     def keeps_flat(self) -> bool:
         """True when this dispatch keeps an earlier choice of the flat AlltoAll (then it needs
         no layout of its own; the call is counted)."""
-        if self.fixed or self.last != 0 or self.calls % self.every == 0:
+        if self.fixed or self.calibrating() or self.last != 0 or self.calls % self.every == 0:
             return False
         self.calls += 1
         return True
@@ -175,10 +183,19 @@ class DepthPolicy:
         """The d of this dispatch, given the cost model's ``choice`` for it."""
         if self.fixed:
             return self.fixed
-        if self.calls % self.every == 0:
-            self.last = choice.depth
+        if self.calls % self.every == 0 or self.calibrating():
+            self.last = self._pick(choice)
         self.calls += 1
         return self.last
+
+    def _pick(self, choice: DepthChoice) -> int:
+        c = self.calibration
+        if c is None or choice.flat_s is None:
+            return choice.depth
+        best = min(range(len(choice.predicted_s)), key=lambda i: (choice.predicted_s[i], i)) + 1
+        if c.active:
+            return 0 if c.next_path() == "flat" else best
+        return 0 if c.scale["flat"] * choice.flat_s <= c.scale["hier"] * choice.predicted_s[best - 1] else best
 
 
 class HierarchicalDispatcher(Dispatcher):
@@ -225,6 +242,7 @@ class HierarchicalDispatcher(Dispatcher):
         self._rank_slot = [placement.slots_E[e][0] for e in range(num_experts)]
         self._tables: dict = {}
         self.slots = 1  # K slots per item, from the latest layout (the wire's row size)
+        self._trial: Trial | None = None  # the timed dispatch in flight (calibration), ended by combine
 
     def with_placement(self, placement: Placement) -> "HierarchicalDispatcher":
         """The same dispatcher (same policy) sending by another placement."""
@@ -354,6 +372,9 @@ class HierarchicalDispatcher(Dispatcher):
             splits[st] = (tuple(m[row(me)].tolist()), tuple(int(m[row(q), mine_at]) for q in peers))
         counts = out[-1].reshape(P, esp, -1).tolist() if self.flat is not None else None
         choice = choose_depth(total, total_pairs, lv, self.costs, self.wire, allow_flat=self.flat is not None)
+        cal = self.policy.calibration
+        if cal is not None and cal.complete():  # every rank at the same dispatch: one small AllReduce
+            cal.finish(dest_TK.device, self.counts_group)
         depth = self.policy.depth(choice)
         flat_stage = (Stage(0, lv.depth - 1),)
         flat_rows = select(total_pairs, flat_stage).send.sum(dim=(0, 1))
@@ -512,15 +533,26 @@ class HierarchicalDispatcher(Dispatcher):
         """y_ND [N, D]: each token's weighted sum over its experts in its first kept row, 0 in
         every other row (the I-Order sums rows without weights)."""
         y = self.finish_combine(self.launch_combine(y_RD, handle))
+        if self._trial is not None:
+            self._trial.end = stamp(y.device)
+            self.policy.calibration.done.append(self._trial)
+            self._trial = None
         if handle.flat is not None:
             y_ND = handle.flat.layout.place_rows(y, handle.num_rows)
             return y_ND * handle.hier.weights_N.unsqueeze(1).to(y_ND.dtype)
         return y.new_zeros(handle.num_rows, y.shape[1]).index_add(0, handle.hier.item_rows_I, y)
 
     def dispatch(self, x_ND: Tensor, plan: RoutingPlan):
+        start = stamp(x_ND.device) if self.policy.calibrating() else None
         layout = self.layout(plan)
         self.last_layout = layout
-        return self.finish_dispatch(self.launch_dispatch(x_ND, layout))
+        out = self.finish_dispatch(self.launch_dispatch(x_ND, layout))
+        st = layout.stats
+        if start is not None and self.policy.calibrating() and st is not None and st.flat_s is not None:
+            # a timed dispatch, ended by its combine (not the one whose layout finished the calibration)
+            self._trial = Trial("flat", st.flat_s, start) if layout.depth == 0 else \
+                Trial("hier", st.predicted_s[layout.depth - 1], start)
+        return out
 
 
 def _expert_major(counts_SEl: tuple[tuple[int, ...], ...], device) -> Tensor:

@@ -153,7 +153,8 @@ def _hierarchical(cfg: MoEConfig, groups: ParallelGroups, reduce_scatter_impl: s
     return HierarchicalDispatcher(
         cfg.num_experts, levels=levels, ep_rank=groups.ep_rank, esp=groups.esp, stage_groups=stages,
         counts_group=groups.moe_group, esp_stage=esp_stage, esp_group=groups.esp_group, dedup=dedup,
-        policy=DepthPolicy(fixed, cfg.dedup_every), row_bytes=d_model * 4, flat=flat if dedup and not fixed else None)
+        policy=DepthPolicy(fixed, cfg.dedup_every, cfg.dedup_calibrate if dedup else 0), row_bytes=d_model * 4,
+        flat=flat if dedup and not fixed else None)
 
 
 class ParallelMoELayer(MoELayer):
