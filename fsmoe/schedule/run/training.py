@@ -362,7 +362,6 @@ class TrainingSchedule:
             self._metrics["op_error_median_refit_heldout"] = med(op_errors(iterations[half:], self.layout, held))
             self._metrics["op_error_median_offline_heldout"] = med(op_errors(iterations[half:], self.layout,
                                                                              self.profile))
-            self._replan(held)
         if self.is_writer:
             s = self.schedule
             pred = [r for rank in range(self.layout.moe) for r in simulate_iteration(
@@ -374,6 +373,8 @@ class TrainingSchedule:
                            self.run_dir / TIMELINE_OPS)
             self._gantt = (last, pred, f"{s.policy} r={s.r_fwd}/{s.r_bwd}: measured (top), predicted (hatched)")
             refitted.save(self.run_dir / "profile_refit.json")
+        if len(iterations) >= 2:  # after the trace, which predicts the schedule that was recorded
+            self._replan(held)
 
     def close(self) -> None:
         """Stop the lanes and hooks, then draw the Gantt chart (timeline.png) if one was recorded."""
