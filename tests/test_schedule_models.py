@@ -450,3 +450,34 @@ def test_piecewise_segments_are_checked_on_load(tmp_path):
     path.write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="a2a_inter.below"):
         Profile.load(path)
+
+
+def test_overlap_per_message_size_feeds_the_model(tmp_path):
+    """eta measured at three AlltoAll sizes: interpolated in log(bytes), clamped outside, kept
+    through JSON and refits, used by the per-chunk model; PipeMoE's baseline still ignores it."""
+    import dataclasses
+    import json
+
+    from fsmoe.config import ConfigError
+    from fsmoe.schedule.model.perf_model import chunk_times, layer_work
+
+    prof = Profile("hw", "lay", {"a2a_inter": LinearFit(1e-4, 1e-10), "expert_fwd": LinearFit(1e-4, 1e-12),
+                                 "expert_bwd": LinearFit(1e-4, 2e-12)},
+                   overlap=0.3, overlap_points=((1e6, 0.1), (4e6, 0.3), (1.6e7, 0.5)))
+    assert prof.overlap_at(1e6) == pytest.approx(0.1) and prof.overlap_at(1e5) == pytest.approx(0.1)
+    assert prof.overlap_at(2e6) == pytest.approx(0.2) and prof.overlap_at(1e9) == pytest.approx(0.5)
+    assert Profile("hw", "lay", {}, overlap=0.7).overlap_at(1e6) == 0.7  # no per-size points
+    loaded = Profile.load(prof.save(tmp_path / "p.json"))
+    assert loaded == prof and "per AlltoAll size" not in prof.summary() and "MiB" in prof.summary()
+    assert refit(prof, [("a2a_inter", 1e6, 2e-4)] * 4).overlap_points == prof.overlap_points
+    spec = LayerSpec(batch=8, seq_len=512, d_model=1024, d_ff=4096, num_experts=8, top_k=2)
+    layout = Layout(dp=2, ep=2, esp=1, gpus_per_node=1)
+    work = layer_work(spec, layout)
+    assert chunk_times(work, prof, layout, 1.0).overlap == pytest.approx(prof.overlap_at(work.a2a_bytes))
+    assert chunk_times(work, prof, layout, 4.0).overlap == pytest.approx(prof.overlap_at(work.a2a_bytes / 4))
+    bad = json.loads((tmp_path / "p.json").read_text())
+    bad["overlap_points"] = [[1e6, 1.5]]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="overlap_points"):
+        Profile.load(tmp_path / "bad.json")
+    assert dataclasses.replace(prof, overlap=1.0, overlap_points=()).overlap_at(1e6) == 1.0

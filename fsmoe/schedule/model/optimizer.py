@@ -95,7 +95,7 @@ def pipemoe_r(work: LayerWork, profile: Profile, layout: Layout, r_max: int = 16
     """PipeMoE: T(r) = max(r c, c + r x) with c = 2 a2a + ag + rs per chunk; best integer.
     PipeMoE's model assumes communication overlaps compute for free, so it ignores
     ``profile.overlap``."""
-    profile = dataclasses.replace(profile, overlap=1.0)
+    profile = dataclasses.replace(profile, overlap=1.0, overlap_points=())
 
     def T(r: float) -> float:
         ct = chunk_times(work, profile, layout, r)

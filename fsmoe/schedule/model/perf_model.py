@@ -90,7 +90,7 @@ def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, bac
     ek = qualified("expert_bwd" if backward else "expert_fwd", work.expert_tag)
     return ChunkTimes(r=r, a2a=profile.t(layout.a2a_key, work.a2a_bytes / r),
                       ag=profile.t("allgather", work.ag_bytes / r), rs=profile.t("reducescatter", work.rs_bytes / r),
-                      exp=profile.t(ek, work.expert_macs / r), overlap=profile.overlap)
+                      exp=profile.t(ek, work.expert_macs / r), overlap=profile.overlap_at(work.a2a_bytes / r))
 
 
 CASES = (1, 2, 3, 4)

@@ -63,7 +63,9 @@ def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Sc
            f"k={spec.top_k} f={spec.capacity_factor or 'dropless'} ffn={spec.activation} x{spec.n_layers} blocks",
            f"layout {layout.name} (EP A2A {'inter' if layout.ep_inter else 'intra'}-node, DP={layout.dp})",
            f"profile {profile.hardware} / {profile.layout}; comm/compute overlap efficiency "
-           f"{profile.overlap:.2f}{'' if profile.overlap >= 1 else ' (models blend overlapped and serial time)'}",
+           f"{profile.overlap:.2f}{'' if profile.overlap >= 1 else ' (models blend overlapped and serial time)'}"
+           + ("; per AlltoAll size " + ", ".join(f"{n / 2**20:.3g} MiB {e:.2f}" for n, e in profile.overlap_points)
+              if profile.overlap_points else ""),
            links(profile), ""]
     for phase, r, rc, case in (("forward", fs.r_fwd, fs.r_fwd_cont, fs.case_fwd),
                                ("backward", fs.r_bwd, fs.r_bwd_cont, fs.case_bwd)):

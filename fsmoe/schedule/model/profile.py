@@ -131,6 +131,9 @@ class Profile:
     points: dict[str, list[list[float]]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     overlap: float = 1.0  # measured fraction of comm that hides under compute when both run (1: free)
+    # ((AlltoAll bytes, eta), ...) in increasing bytes where the profiler measured eta per size;
+    # ``overlap_at`` interpolates them (empty: ``overlap`` at every size)
+    overlap_points: tuple = ()
 
     def t(self, key: str, n: float) -> float:
         """Predicted seconds of op ``key`` at size ``n`` (0 for a zero-size op). A qualified key
@@ -150,11 +153,29 @@ class Profile:
     def has(self, key: str) -> bool:
         return key in self.fits or base_key(key) in self.fits
 
+    def overlap_at(self, nbytes: float) -> float:
+        """eta for an AlltoAll of ``nbytes`` beside compute: linear in log(bytes) between the
+        measured sizes, the nearest measurement outside them; ``overlap`` where none was measured
+        per size. (NCCL's overlap changes with the message: its kernels' SM share and protocol.)"""
+        pts = self.overlap_points
+        if not pts or nbytes <= 0:
+            return self.overlap
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
+            if nbytes <= n1:
+                w = (math.log(nbytes) - math.log(n0)) / (math.log(n1) - math.log(n0))
+                return e0 + w * (e1 - e0)
+        return pts[-1][1]
+
     # ------------------------------------------------------------------ JSON
     def to_dict(self) -> dict:
-        return {"hardware": self.hardware, "layout": self.layout, "overlap": self.overlap,
-                "fits": {k: dataclasses.asdict(v) for k, v in sorted(self.fits.items())},
-                "points": self.points, "meta": self.meta}
+        out = {"hardware": self.hardware, "layout": self.layout, "overlap": self.overlap,
+               "fits": {k: dataclasses.asdict(v) for k, v in sorted(self.fits.items())},
+               "points": self.points, "meta": self.meta}
+        if self.overlap_points:
+            out["overlap_points"] = [list(p) for p in self.overlap_points]
+        return out
 
     @staticmethod
     def from_dict(d: dict, source: str = "profile") -> "Profile":
@@ -178,7 +199,8 @@ class Profile:
         overlap = d.get("overlap", 1.0)
         if not isinstance(overlap, (int, float)) or not 0.0 <= overlap <= 1.0:
             raise ConfigError(f"{source}.overlap", overlap, "a number in [0, 1] (the measured overlap efficiency)")
-        return Profile(d["hardware"], d["layout"], fits, d.get("points", {}), d.get("meta", {}), float(overlap))
+        return Profile(d["hardware"], d["layout"], fits, d.get("points", {}), d.get("meta", {}), float(overlap),
+                       _overlap_points(d.get("overlap_points", []), f"{source}.overlap_points"))
 
     def require(self, layout) -> None:
         """The fits a plan on ``layout`` (a ``Layout``) cannot do without; a ConfigError
@@ -220,7 +242,9 @@ class Profile:
 
     def summary(self) -> str:
         n_shape = sum("@" in k for k in self.fits)
-        lines = [f"profile {self.hardware} / {self.layout}; comm/compute overlap efficiency {self.overlap:.2f}",
+        per_size = ("; by AlltoAll size: " + ", ".join(f"{n / 2**20:.3g} MiB {e:.2f}" for n, e in self.overlap_points)
+                    if self.overlap_points else "")
+        lines = [f"profile {self.hardware} / {self.layout}; comm/compute overlap efficiency {self.overlap:.2f}{per_size}",
                  f"  {'op':<14} {'alpha (us)':>11} {'1/beta':>14} {'R^2':>8} {'points':>6}"]
         for k, f in sorted(self.fits.items()):
             if "@" in k:
@@ -267,6 +291,17 @@ def fit_piecewise(sizes: Iterable[float], times: Iterable[float], max_rel_error:
     return LinearFit(f_hi.alpha, f_hi.beta, r2, int(n.size), below=((0.0, f_lo.alpha, f_lo.beta),), split=cut)
 
 
+def _overlap_points(raw, field_name: str) -> tuple:
+    """Per-size overlap efficiencies from JSON, checked: [[bytes > 0, eta in [0, 1]], ...]."""
+    try:
+        pts = tuple(sorted((float(n), float(e)) for n, e in raw))
+    except (TypeError, ValueError):
+        raise ConfigError(field_name, raw, "a list of [bytes, eta] pairs") from None
+    if any(not (math.isfinite(n) and n > 0 and 0.0 <= e <= 1.0) for n, e in pts):
+        raise ConfigError(field_name, raw, "pairs of bytes > 0 and eta in [0, 1]")
+    return pts
+
+
 def _segments(raw, field_name: str) -> tuple:
     """A piecewise fit's ``below`` segments from JSON, checked."""
     try:
@@ -279,12 +314,12 @@ def _segments(raw, field_name: str) -> tuple:
 
 
 def profile_from_points(hardware: str, layout: str, points: dict[str, list[list[float]]],
-                        meta: dict | None = None, overlap: float = 1.0) -> Profile:
+                        meta: dict | None = None, overlap: float = 1.0, overlap_points: tuple = ()) -> Profile:
     """Fits of measured points: comm keys piecewise where one line does not fit (``fit_piecewise``)."""
     fit = lambda k: fit_piecewise if k.startswith(COMM_KEYS) else fit_linear
     fits = {k: fit(k)([p[0] for p in v], [p[1] for p in v]) for k, v in points.items() if v}
     return Profile(hardware, layout, fits, {k: [list(map(float, p)) for p in v] for k, v in points.items()},
-                   dict(meta or {}), overlap)
+                   dict(meta or {}), overlap, tuple(sorted(overlap_points)))
 
 
 def binned_medians(sizes: dict[float, list[float]], max_bins: int = 8) -> list[list[float]]:
@@ -372,4 +407,4 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
         if best is not fits.get(key):
             fits[key], points[key] = best, pts
     meta = dict(profile.meta, refits=profile.meta.get("refits", 0) + 1)
-    return Profile(profile.hardware, profile.layout, fits, points, meta, profile.overlap)
+    return Profile(profile.hardware, profile.layout, fits, points, meta, profile.overlap, profile.overlap_points)

@@ -6,7 +6,7 @@ backward in reverse (MoE pipeline at r_bwd with the gradient-partition windows, 
 block ready for the Gradient-AllReduce), then ``GarSchedule.finish``. Op times come from the
 Profile; row counts from ``counts_SE`` (balanced routing by default) cut exactly as the executor
 cuts them. ``simulate_layer`` is the same for one MoE layer in one direction. With a measured
-overlap efficiency eta < 1 (``Profile.overlap``) the times are eta * timeline + (1 - eta) * the
+overlap efficiency eta < 1 (``Profile.overlap_at`` the chunk's AlltoAll size) the times are eta * timeline + (1 - eta) * the
 sum of the op times (the records stay the fully overlapped timeline).
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def simulate_layer(spec: LayerSpec, layout: Layout, profile: Profile, r: int, *,
 
     for h in run_pipeline(eng, lanes, ops, layout.esp, StageFns(), None, [None] * r, window):
         eng.wait(h)
-    return _blend(profile.overlap, eng.drain(), eng.recorder.records)
+    return _blend(profile.overlap_at(ops[0].dispatch.n), eng.drain(), eng.recorder.records)
 
 
 def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd: int, r_bwd: int, iio: bool,
@@ -102,9 +102,11 @@ def simulate_iteration(spec: LayerSpec, layout: Layout, profile: Profile, r_fwd:
         gs.on_block_ready(layer)
     gs.finish()
     recs = eng.recorder.records
-    eta = profile.overlap
-    return SimResult(tuple(recs), _blend(eta, fwd_end, [r for r in recs if r.op.phase == "fwd"]),
-                     _blend(eta, eng.drain(), recs))
+    # eta at each direction's chunk size; the iteration's blend takes their mean
+    eta_f, eta_b = (profile.overlap_at(chunk_ops(w, dims, layout, "fwd", 0)[0].dispatch.n)
+                    for w in (works_f, works_b))
+    return SimResult(tuple(recs), _blend(eta_f, fwd_end, [r for r in recs if r.op.phase == "fwd"]),
+                     _blend((eta_f + eta_b) / 2, eng.drain(), recs))
 
 
 def _blend(eta: float, overlapped: float, records) -> float:

@@ -197,19 +197,23 @@ def level_groups(groups: ParallelGroups) -> list[tuple[ProcessGroup, int, str]]:
     return [(made[Stage(i, i)], levels.sizes[i], f"a2a_level{i}") for i in range(levels.depth)]
 
 
-def measure_overlap(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> float:
+def measure_overlap(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
+                    dtype=torch.float32) -> tuple[float, tuple[tuple[float, float], ...]]:
     """eta = (t_comm + t_compute - t_both) / min(t_comm, t_compute), clamped to [0, 1]: how much
     of an AlltoAll on the inter lane hides under an expert GEMM (sized to take as long) on the
     compute lane, the executor's own engine running both. The three timings are interleaved
     (one of each per round, so a slow spell of the machine hits all three), at three AlltoAll
-    sizes; the median over sizes, mean over ranks. 1.0 when there is nothing to measure."""
+    sizes, each the mean over ranks. Returns (the median over sizes, ((bytes, eta), ...) per
+    size: ``Profile.overlap_at`` interpolates them). 1.0 and none when there is nothing to measure."""
     if groups.ep * groups.esp == 1:
-        return 1.0
+        return 1.0, ()
     n = len(cfg.comm_bytes)
-    etas = sorted(_overlap_at(groups, cfg, device, dtype, cfg.comm_bytes[i]) for i in (n // 4, n // 2, 3 * n // 4))
-    v = torch.tensor([etas[1]], dtype=torch.float64, device=device_for(groups.backend))  # NCCL: a GPU tensor
+    sizes = sorted({cfg.comm_bytes[i] for i in (n // 4, n // 2, 3 * n // 4)})
+    v = torch.tensor([_overlap_at(groups, cfg, device, dtype, b) for b in sizes], dtype=torch.float64,
+                     device=device_for(groups.backend))  # NCCL: a GPU tensor
     dist.all_reduce(v, group=groups.world_group)
-    return float(v) / groups.world
+    etas = (v / groups.world).tolist()
+    return sorted(etas)[len(etas) // 2], tuple(zip(map(float, sizes), etas))
 
 
 def _overlap_at(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device, dtype, nbytes: int) -> float:
@@ -327,11 +331,11 @@ def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig
     t0 = time.perf_counter()
     cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
     pts = measure(groups, cfg, device, dtype)
-    eta = measure_overlap(groups, cfg, device, dtype)
+    eta, per_size = measure_overlap(groups, cfg, device, dtype)
     layout = groups.layout
     return profile_from_points(hardware_name(device), layout.name, pts,
                                {"world": groups.world, "reps": cfg.reps, "seconds": time.perf_counter() - t0,
-                                "torch": torch.__version__}, overlap=eta)
+                                "torch": torch.__version__}, overlap=eta, overlap_points=per_size)
 
 
 # ---------------------------------------------------------------------------- online
