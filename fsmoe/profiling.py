@@ -46,7 +46,7 @@ class TraceSummary:
     def describe(self) -> str:
         s = self
         hidden = 100 * s.overlap_ms / s.comm_ms if s.comm_ms else 0.0
-        lines = [f"device time per step over {s.steps} steps on {s.streams} streams: {s.step_ms:.1f} ms = compute "
+        lines = [f"GPU time per step over {s.steps} steps on {s.streams} streams: {s.step_ms:.1f} ms = compute "
                  f"{s.compute_ms:.1f} + exposed communication {s.exposed_comm_ms:.1f} + idle {s.idle_ms:.1f}; "
                  f"communication {s.comm_ms:.1f} ms, {hidden:.0f}% of it under compute"]
         lines += [f"  {ms:8.2f} ms {n:5d}x  {name[:110]}" for name, ms, n in s.top_kernels]
