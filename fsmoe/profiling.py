@@ -137,13 +137,10 @@ class StepProfiler:
             self._prof.stop()
 
     def _ready(self, prof) -> None:
-        path = self.run_dir / f"torch_trace_rank{self.rank}.json"
-        prof.export_chrome_trace(str(path))
-        with open(path) as f:
+        path = self.run_dir / f"torch_trace_rank{self.rank}.json.gz"
+        prof.export_chrome_trace(str(path))  # torch gzips a path ending in .gz
+        with gzip.open(path, "rt") as f:
             events = json.load(f).get("traceEvents", [])
-        with open(path, "rb") as f, gzip.open(str(path) + ".gz", "wb") as g:
-            g.write(f.read())
-        path.unlink()
         self.summary = summarize(events, self.steps)
         out = self.run_dir / f"torch_profile_rank{self.rank}.json"
         out.write_text(json.dumps(asdict(self.summary), indent=1))
@@ -154,4 +151,4 @@ class StepProfiler:
         else:  # a CPU run: no kernels, so the host ops by their own time
             text = "no GPU kernels (a CPU run); ops by self time:\n" + prof.key_averages().table(
                 sort_by="self_cpu_time_total", row_limit=12)
-        self.print_fn(f"torch profile (rank {self.rank}, {path.name}.gz):\n{text}")
+        self.print_fn(f"torch profile (rank {self.rank}, {path.name}):\n{text}")

@@ -274,17 +274,19 @@ def fit_piecewise(sizes: Iterable[float], times: Iterable[float], max_rel_error:
     one = fit_linear(n, t)
     worst = lambda pred: float(np.max(np.abs(pred - t) / np.maximum(t, 1e-30)))
     distinct = np.unique(n)
-    if worst(one(n)) <= max_rel_error or distinct.size < 2 * min_per_segment:
+    one_err = worst(one(n))
+    if one_err <= max_rel_error or distinct.size < 2 * min_per_segment:
         return one
     best = None
     for cut in distinct[min_per_segment:distinct.size - min_per_segment + 1]:
         lo = n < cut
         f_lo, f_hi = fit_linear(n[lo], t[lo]), fit_linear(n[~lo], t[~lo])
         pred = np.where(lo, f_lo(n), f_hi(n))
-        if best is None or worst(pred) < best[0]:
-            best = (worst(pred), float(cut), f_lo, f_hi, pred)
+        err = worst(pred)
+        if best is None or err < best[0]:
+            best = (err, float(cut), f_lo, f_hi, pred)
     err, cut, f_lo, f_hi, pred = best
-    if err >= worst(one(n)):
+    if err >= one_err:
         return one
     ss_tot = float(((t - t.mean()) ** 2).sum())
     r2 = 1.0 - float(((t - pred) ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0

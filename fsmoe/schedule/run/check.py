@@ -31,6 +31,7 @@ class ScheduleCheck:
     steps: int  # timed steps per path
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PATHS})
     kept: str | None = None  # the decision, once made
+    medians: dict[str, float] = field(default_factory=dict)  # seconds per step per path, the slowest rank's
     _t0: float = 0.0
 
     @property
