@@ -201,24 +201,18 @@ class ParallelTrainer(Trainer):
     def save_checkpoint(self) -> Path:
         """Checkpoints hold experts in logical order: moved or replicated experts (``parallel.placement``,
         fsmoe.placement.rebalance) and swapped ones (``parallel.expert_swap_every``) are moved back
-        to the contiguous placement for the save, then to where they were (both moves exact)."""
+        to their initial slots for the save (``migrate.logical_layout``), then to where they were."""
         if self.rebalancer is not None:
-            with self.rebalancer.logical_layout(self.optimizer):
-                return super().save_checkpoint()
-        from fsmoe.placement.migrate import migrate
-        from fsmoe.placement.placement import Placement
+            layout = self.rebalancer.logical_layout(self.optimizer)
+        else:
+            from fsmoe.placement.migrate import logical_layout
+            from fsmoe.placement.placement import Placement
 
-        moved = [(layer, layer.experts.placement) for layer in self.model.moe_layers()
-                 if isinstance(getattr(layer.experts, "placement", None), Placement)
-                 and not layer.experts.placement.is_contiguous]
-        for layer, placement in moved:
-            migrate(layer, Placement.contiguous(placement.num_experts, placement.ranks), self.groups.ep_group,
-                    self.optimizer)
-        try:
+            placed = [layer for layer in self.model.moe_layers()
+                      if isinstance(getattr(layer.experts, "placement", None), Placement)]
+            layout = logical_layout(placed, self.groups.ep_group, self.optimizer)
+        with layout:
             return super().save_checkpoint()
-        finally:
-            for layer, placement in moved:
-                migrate(layer, placement, self.groups.ep_group, self.optimizer)
 
     def state_dict(self) -> dict[str, Any]:
         return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)

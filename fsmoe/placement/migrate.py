@@ -34,6 +34,7 @@ optimizer step they are dead (the next step sets them to None before its backwar
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -244,3 +245,21 @@ def migrate(layer, new: Placement, ep_group: ProcessGroup | None,
     _switch(layer, new)
     row_bytes = sum(t[0].numel() * t.element_size() for t in tensors)
     return MigrationStats(plan.remote_rows, sent, plan.remote_rows * row_bytes, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def logical_layout(layers: list, ep_group: ProcessGroup | None, optimizer: torch.optim.Optimizer | None = None):
+    """Inside the block every layer's experts sit in ``Placement.initial`` (expert p*E/P + j in
+    slot j of rank p; spare slots kept), as a checkpoint stores them; after it, back where they
+    were. Both moves are exact (``migrate``)."""
+    saved = [ly.experts.placement for ly in layers]
+    for ly, pl in zip(layers, saved):
+        if not pl.holds_logical_prefix:
+            migrate(ly, Placement.initial(pl.num_experts, pl.ranks, pl.slots_per_rank - pl.num_experts // pl.ranks),
+                    ep_group, optimizer)
+    try:
+        yield
+    finally:
+        for ly, pl in zip(layers, saved):
+            if ly.experts.placement is not pl:
+                migrate(ly, pl, ep_group, optimizer)

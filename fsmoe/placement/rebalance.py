@@ -24,7 +24,6 @@ afterwards; both moves are exact copies, so the run goes on unchanged.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fsmoe.placement.migrate import launch_migration, migrate
+from fsmoe.placement.migrate import launch_migration, logical_layout, migrate
 from fsmoe.placement.placement import Placement
 from fsmoe.placement.policy import PlacementCost, balance_ratio, eplb_policy, flexmoe_policy
 from fsmoe.placement.traffic import LoadPredictor, TrafficWindow, gather_traffic
@@ -164,21 +163,11 @@ class Rebalancer:
         return RebalanceReport(step, float(np.mean(before)), float(np.mean(after)), changed, float(np.mean(moved)),
                                nbytes, time.perf_counter() - t0, replicas)
 
-    @contextlib.contextmanager
     def logical_layout(self, optimizer):
-        """Every layer in ``Placement.initial`` inside the block, back to its placement after."""
+        """Every layer in ``Placement.initial`` inside the block (migrations in flight finished
+        first), back to its placement after (``migrate.logical_layout``)."""
         self.commit_all()
-        saved = [ly.experts.placement for ly in self.layers]
-        for ly, pl in zip(self.layers, saved):
-            if not pl.holds_logical_prefix:
-                migrate(ly, Placement.initial(pl.num_experts, pl.ranks, pl.slots_per_rank - pl.num_experts // pl.ranks),
-                        self.ep_group, optimizer)
-        try:
-            yield
-        finally:
-            for ly, pl in zip(self.layers, saved):
-                if ly.experts.placement is not pl:
-                    migrate(ly, pl, self.ep_group, optimizer)
+        return logical_layout(self.layers, self.ep_group, optimizer)
 
 
 def build_rebalancer(p, layers: list, groups, device: torch.device) -> Rebalancer | None:
