@@ -29,7 +29,6 @@ features with its K weights and ids (padded to 16 bytes), the features back in c
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -264,8 +263,3 @@ def choose_depth(rows: Traffic, pairs: Traffic, levels: Levels, costs: LevelCost
     if flat is not None and flat <= times[best - 1]:
         best = 0
     return DepthChoice(best, times, flat)
-
-
-def dedup_factors(flat: Traffic, hier: Traffic) -> list[float]:
-    """[L] rows crossing each level without dedup (flat) over rows with (inf where none cross)."""
-    return [a / b if b else (math.inf if a else 1.0) for a, b in zip(flat.rows_per_level(), hier.rows_per_level())]
