@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The hierarchical dispatcher on the device machine (docs/hierarchical.md, "Results").
+# The hierarchical dispatcher on a GPU host (docs/hierarchical.md, "Results").
 #
 #   gpu    2 GPUs as 2 nodes (NCCL_P2P_DISABLE=1: no NVLink/P2P between them, traffic goes through
 #          the host as it would through a NIC): `fsmoe profile` (per-level fits), then

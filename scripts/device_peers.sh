@@ -2,9 +2,11 @@
 # DeepSpeed-MoE as a peer in `fsmoe train` on 2 GPUs (model.moe.impl=deepspeed, docs/performance.md):
 # the same decoder, data, optimizer step and metrics as our runs; only the MoE layers differ.
 #
-# Installs the carried wheels (.whl-peers/: deepspeed built with DS_BUILD_OPS=0, hjson, pydantic and
-# its deps) into /tmp/peers-site, on PYTHONPATH only: the image's torch and packages stay as they
-# are. Then, with scripts/device_train.sh's `train` part, gpt2-xl-moe cut to 8 layers, EP2, global
+# Installs the wheels in .whl-peers/ (deepspeed built with DS_BUILD_OPS=0, hjson, pydantic and its
+# deps; on a machine with pip access: `DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation
+# deepspeed==0.19.8 -w .whl-peers` and `pip download --no-deps -d .whl-peers hjson pydantic
+# pydantic-core annotated-types typing-inspection typing-extensions`) into /tmp/peers-site, on
+# PYTHONPATH only: the machine's torch and packages stay as they are. Then, with scripts/device_train.sh's `train` part, gpt2-xl-moe cut to 8 layers, EP2, global
 # batch 16 x 1024, bf16, each run stopped after a fixed number of seconds:
 #
 #   nvl_ds, nvl_default, nvl_fsmoe     over NVLink: the DeepSpeed peer, our default path, our FSMoE schedule
@@ -32,7 +34,7 @@ LOGS=/tmp/fsmoe_peers_logs
 rm -rf "$LOGS" && mkdir -p "$LOGS"
 
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers-site \
-  .whl-peers/*.whl || { echo "wheel install failed (carry .whl-peers)"; exit 1; }
+  .whl-peers/*.whl || { echo "wheel install failed: build .whl-peers/ first (see the header)"; exit 1; }
 export PYTHONPATH=/tmp/peers-site
 "$PY" - <<'PYEOF' || exit 1
 import time, torch

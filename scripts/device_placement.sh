@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Expert placement measurements on the device machine (docs/placement.md, "Results"):
+# Expert placement measurements on a GPU host (docs/placement.md, "Results"):
 #
 #   gpu    `fsmoe bench placement` over NCCL on 2 GPUs: static vs FlexMoE vs EPLB-style, side by
 #          side in one run, skewed synthetic routing (hot experts on one GPU), fp32; at the skew

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The scheduler's measurements on the device machine (docs/scheduler.md, "Results"):
+# The scheduler's measurements on a GPU host (docs/scheduler.md, "Results"):
 #
 #   gpu   tests/test_schedule_gpu.py (CUDA-stream executor = unpipelined layer), then
 #         `fsmoe bench schedule` on the GPU grid (bf16, one GPU), pinned to cores 0-3
