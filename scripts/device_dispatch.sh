@@ -9,13 +9,15 @@
 #          fixed cost per d), then `fsmoe bench dispatch` flat vs hier-d1 vs auto with that profile
 #          and with the default fixed cost, for top-2 uniform and top-8 group-limited routing
 #          -> OUT/fixed_<routing>_k<K>[_default].json
-#   train  `fsmoe train --nproc 2 --ep 2` (tiny preset, NCCL, 2 nodes) with the flat and the
-#          hierarchical dispatcher (expert swaps every 5 steps): the two loss curves must agree
+#   train  `fsmoe train --nproc 2 --ep 2` (tiny preset, NCCL, 2 nodes) with the flat dispatcher and
+#          the hierarchical one at d = 1 and with d chosen per layer (expert swaps every 5 steps):
+#          the loss curves must agree
 #   cpu    `fsmoe bench dispatch` with 8 gloo processes as 2 nodes x 2 sockets x 2 on cores 0-15
 #          (every rank a core of its own, unlike a 2-core CI machine)
 #   all    gpu, train, cpu one after the other
 #
-# Usage: bash scripts/device_dispatch.sh OUT_DIR [PART]   (PYTHON=python3 by default)
+# Usage: bash scripts/device_dispatch.sh OUT_DIR [PART]   (PYTHON=python3 by default; the train
+# part's runs: RUNS="alltoall:0 hierarchical:1 hierarchical:0", dispatcher:dedup_depth)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -57,23 +59,27 @@ fixed() {
 
 train() {
   export NCCL_P2P_DISABLE=1 CUDA_VISIBLE_DEVICES=${GPUS:-0,1}
-  local d
-  for disp in alltoall hierarchical; do
-    d=/tmp/fsmoe_dispatch/train_$disp
+  local d run disp depth
+  # flat; d = 1 forced (the dedup path itself, expert swaps every 5 steps); d chosen per layer
+  for run in ${RUNS:-alltoall:0 hierarchical:1 hierarchical:0}; do
+    disp=${run%:*} depth=${run#*:}
+    d=/tmp/fsmoe_dispatch/train_${disp}_d$depth
     rm -rf "$d"
     local extra=()
-    [ "$disp" = hierarchical ] && extra=(parallel.expert_swap_every=5)
+    [ "$disp" = hierarchical ] && extra=(parallel.expert_swap_every=5 model.moe.dedup_depth=$depth)
     timeout "$LIMIT" "$PY" -m fsmoe.cli train --nproc 2 --ep 2 --device cuda --steps 20 --run-dir "$d" \
       --set parallel.topology=[2] model.moe.dispatcher="'$disp'" train.log_every=5 train.ckpt_every=0 "${extra[@]}"
-    cp "$d/metrics.jsonl" "$OUT/train_$disp.jsonl"
+    cp "$d/metrics.jsonl" "$OUT/train_${disp}_d$depth.jsonl"
   done
-  "$PY" - "$OUT/train_alltoall.jsonl" "$OUT/train_hierarchical.jsonl" <<'PYEOF'
-import json, sys
-flat, hier = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
-for a, b in zip(flat, hier):
-    print(f"step {a['step']:>3}: loss flat {a['loss']:.6f} hierarchical {b['loss']:.6f} "
-          f"diff {abs(a['loss'] - b['loss']):.2e}; tok/s {a['tokens_per_s']:,.0f} vs {b['tokens_per_s']:,.0f}; "
-          f"d {b.get('dispatch_depth')} swaps {b.get('swap_pairs')} swap_s {b.get('swap_s')}")
+  "$PY" - "$OUT/train_alltoall_d0.jsonl" "$OUT/train_hierarchical_d1.jsonl" "$OUT/train_hierarchical_d0.jsonl" <<'PYEOF'
+import json, os, sys
+flat, *hiers = ([json.loads(l) for l in open(p)] if os.path.exists(p) else [] for p in sys.argv[1:])
+for name, hier in zip(("d=1", "auto"), hiers):
+    for a, b in zip(flat, hier):
+        print(f"{name} step {a['step']:>3}: loss flat {a['loss']:.6f} hierarchical {b['loss']:.6f} "
+              f"diff {abs(a['loss'] - b['loss']):.2e}; tok/s {a['tokens_per_s']:,.0f} vs {b['tokens_per_s']:,.0f}; "
+              f"d {b.get('dispatch_depth')} calibration_ms {b.get('dispatch_calibration_ms')} swaps {b.get('swap_pairs')} "
+              f"swap_s {b.get('swap_s')}")
 PYEOF
 }
 

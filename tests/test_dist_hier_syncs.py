@@ -154,14 +154,14 @@ def calibration_worker(rank: int, world: int) -> dict:
         (y.sum() + stats.aux_loss).backward()
         depths.append(disp.last_stats.depth)
     cal = disp.policy.calibration
-    return {"depths": depths, "scale": cal.scale, "trials": [(t.path, t.seconds() > 0) for t in cal.done]}
+    return {"depths": depths, "offset_s": cal.offset_s, "trials": [(t.path, t.seconds() > 0) for t in cal.done]}
 
 
-def test_calibration_alternates_paths_then_every_rank_scales_the_same():
-    """Four timed dispatches (flat, d = 1, flat, d = 1), then one AllReduce of the ratios: both ranks
-    hold the same scale and keep choosing the same d."""
+def test_calibration_alternates_paths_then_every_rank_offsets_the_same():
+    """Four timed dispatches (flat, d = 1, flat, d = 1), then one AllReduce of the offsets: both
+    ranks hold the same offsets and keep choosing the same d."""
     res = run_workers(calibration_worker, 2, timeout_s=120)
     assert res[0]["depths"][:4] == [0, 1, 0, 1]
     assert res[0]["trials"] == [("flat", True), ("hier", True)] * 2
-    assert res[0]["scale"] == res[1]["scale"] and set(res[0]["scale"]) == {"flat", "hier"}
+    assert res[0]["offset_s"] == res[1]["offset_s"] and set(res[0]["offset_s"]) == {"flat", "hier"}
     assert res[0]["depths"] == res[1]["depths"]

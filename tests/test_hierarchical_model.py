@@ -261,21 +261,33 @@ def test_layout_errors_name_the_field():
     assert e.value.field_name == "model.moe.dedup_depth"
 
 
-def test_calibrated_choice_scales_the_model_by_what_each_path_measured():
+def test_calibrated_choice_adds_what_each_path_measured_beyond_the_model():
     from fsmoe.comm.calibration import Trial
     from fsmoe.comm.hierarchical import DepthPolicy
     from fsmoe.comm.traffic import DepthChoice
 
-    policy = DepthPolicy(calibrate=1)
+    policy = DepthPolicy(calibrate=2)
     # the model says flat (5.9 ms) beats d = 1 (8.3 ms); d = 2 is worse still
     choice = DepthChoice(0, (8.3e-3, 9.0e-3), 5.9e-3)
-    assert policy.depth(choice) == 0 and policy.calibrating()
-    policy.calibration.done.append(Trial("flat", 5.9e-3, 0.0, 15.3e-3))  # measured 2.6x the prediction
-    assert policy.depth(choice) == 1  # the model's best d, timed next
-    policy.calibration.done.append(Trial("hier", 8.3e-3, 0.0, 12.6e-3))  # 1.5x
+    for flat_ms, hier_ms in ((40.0, 30.0), (15.3, 12.6)):  # the first of each path is cold
+        assert policy.depth(choice) == 0 and policy.calibrating()
+        policy.calibration.done.append(Trial("flat", 5.9e-3, 0.0, flat_ms * 1e-3))
+        assert policy.depth(choice) == 1  # the model's best d, timed next
+        policy.calibration.done.append(Trial("hier", 8.3e-3, 0.0, hier_ms * 1e-3))
     assert policy.calibration.complete()
-    assert policy.calibration.finish(torch.device("cpu")) == pytest.approx({"flat": 15.3 / 5.9, "hier": 12.6 / 8.3})
-    assert not policy.calibrating() and policy.depth(choice) == 1  # scaled: 15.3 ms flat vs 12.6 ms
-    small = DepthChoice(0, (8.0e-3, 9.0e-3), 3.1e-3)  # top-2 uniform: flat stays
+    assert policy.calibration.finish(torch.device("cpu")) == pytest.approx({"flat": 9.4e-3, "hier": 4.3e-3})
+    assert not policy.calibrating() and policy.depth(choice) == 1  # 15.3 ms flat vs 12.6 ms
+    small = DepthChoice(0, (8.0e-3, 9.0e-3), 1.0e-3)  # top-2 uniform: flat stays (10.4 ms vs 12.3 ms)
     assert policy.depth(small) == 0
+    # a small layer: the model prices flat at microseconds, d = 1 at its fixed cost; the trials
+    # also time the experts between dispatch and combine (1 ms on both paths). A ratio would
+    # scale flat's 20 us by ~75 and pick d = 1; the offsets keep flat.
+    tiny = DepthPolicy(calibrate=1)
+    tiny_choice = DepthChoice(0, (4.7e-3,), 2e-5)
+    tiny.depth(tiny_choice)
+    tiny.calibration.done.append(Trial("flat", 2e-5, 0.0, 1.5e-3))
+    tiny.depth(tiny_choice)
+    tiny.calibration.done.append(Trial("hier", 4.7e-3, 0.0, 6.0e-3))
+    tiny.calibration.finish(torch.device("cpu"))
+    assert tiny.depth(tiny_choice) == 0
     assert DepthPolicy(fixed=1, calibrate=2).calibration is None  # a fixed d is never calibrated

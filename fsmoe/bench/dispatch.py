@@ -168,7 +168,11 @@ def _bench_main(args, groups: ParallelGroups, device: torch.device) -> int:
 
         fwd = _timed(lambda: forward(False), device, args.iters, args.warmup, groups.world_group)
         both = _timed(lambda: forward(True), device, args.iters, args.warmup, groups.world_group)
-        results.append(dict(name=name, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3, **_bytes(disp, plan, levels, D, x)))
+        cal = disp.policy.calibration if isinstance(disp, HierarchicalDispatcher) else None
+        calibrated = {} if cal is None or cal.offset_s is None else \
+            {"calibration_ms": {p: s * 1e3 for p, s in cal.offset_s.items()}}
+        results.append(dict(name=name, fwd_ms=fwd * 1e3, fwd_bwd_ms=both * 1e3, **calibrated,
+                            **_bytes(disp, plan, levels, D, x)))
     if groups.rank == 0:
         report = {"world": groups.world, "levels": list(levels.sizes), "level_names": list(levels.names),
                   "tokens_per_rank": args.tokens, "d_model": D, "experts": E, "top_k": K, "routing": args.routing,

@@ -160,7 +160,7 @@ class DepthPolicy:
     is kept; the counter and the calibration are the only state a dispatcher keeps, one policy
     per layer). With ``calibrate`` > 0 (and the flat AlltoAll a candidate) the first
     2 * ``calibrate`` dispatches alternate flat and the model's best d and are timed; later
-    choices scale the model's predictions by what they measured (``calibration.py``)."""
+    choices add to the model's predictions what each path measured beyond them (``calibration.py``)."""
 
     def __init__(self, fixed: int = 0, every: int = 1, calibrate: int = 0):
         if fixed < 0 or every < 1 or calibrate < 0:
@@ -195,7 +195,7 @@ class DepthPolicy:
         best = min(range(len(choice.predicted_s)), key=lambda i: (choice.predicted_s[i], i)) + 1
         if c.active:
             return 0 if c.next_path() == "flat" else best
-        return 0 if c.scale["flat"] * choice.flat_s <= c.scale["hier"] * choice.predicted_s[best - 1] else best
+        return 0 if choice.flat_s + c.offset_s["flat"] <= choice.predicted_s[best - 1] + c.offset_s["hier"] else best
 
 
 class HierarchicalDispatcher(Dispatcher):
@@ -532,6 +532,8 @@ class HierarchicalDispatcher(Dispatcher):
     def combine(self, y_RD: Tensor, handle: HierHandle) -> Tensor:
         """y_ND [N, D]: each token's weighted sum over its experts in its first kept row, 0 in
         every other row (the I-Order sums rows without weights)."""
+        if self._trial is not None:
+            self._trial.combining = stamp(y_RD.device)
         y = self.finish_combine(self.launch_combine(y_RD, handle))
         if self._trial is not None:
             self._trial.end = stamp(y.device)
@@ -552,6 +554,7 @@ class HierarchicalDispatcher(Dispatcher):
             # a timed dispatch, ended by its combine (not the one whose layout finished the calibration)
             self._trial = Trial("flat", st.flat_s, start) if layout.depth == 0 else \
                 Trial("hier", st.predicted_s[layout.depth - 1], start)
+            self._trial.dispatched = stamp(x_ND.device)
         return out
 
 

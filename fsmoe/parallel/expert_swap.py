@@ -66,14 +66,15 @@ def swap_experts(layer, groups: ParallelGroups, optimizer, policy: str, gamma: f
 def dispatch_metrics(model) -> dict:
     """Per MoE layer with a hierarchical dispatcher: d, bytes per level of its last dispatch, the
     flat AlltoAll's bytes per level on the same routing, the predicted ms per d, and once
-    calibrated the measured / predicted scale of each path."""
+    calibrated the milliseconds each path measured beyond the model (``dispatch_calibration_ms``)."""
     disps = [layer.dispatcher for layer in model.moe_layers()
              if isinstance(layer.dispatcher, HierarchicalDispatcher) and layer.dispatcher.last_stats is not None]
     stats = [d.last_stats for d in disps]
     if not stats:
         return {}
-    scales = [d.policy.calibration.scale if d.policy.calibration is not None else None for d in disps]
-    calibrated = {"dispatch_calibration": scales} if any(s is not None for s in scales) else {}
+    offsets = [d.policy.calibration.offset_s if d.policy.calibration is not None else None for d in disps]
+    calibrated = {"dispatch_calibration_ms": [None if o is None else {p: round(s * 1e3, 4) for p, s in o.items()}
+                                              for o in offsets]} if any(o is not None for o in offsets) else {}
     return {**calibrated, "dispatch_depth": [s.depth for s in stats],
             "dispatch_levels": list(stats[0].level_names),
             "dispatch_bytes_per_level": [list(s.bytes_per_level) for s in stats],
