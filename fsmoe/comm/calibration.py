@@ -5,8 +5,8 @@ per d. Lines fitted on other message sizes can be far off: on 2 H200 as two node
 profile's line put the flat dispatch + combine of 255 MB at 5.9 ms where it took about 15 ms,
 so the model kept the flat AlltoAll although d = 1 was 1.5x faster. So a layer's first
 dispatches alternate the flat AlltoAll and the model's best d (``trials`` of each), each timed
-over the dispatch and over the combine (CUDA events on a GPU, the host clock on CPU; not the
-experts in between); then every later choice adds to the model's prediction of each path (flat,
+over the dispatch and over the combine (the host clock, the device synced; not the experts in
+between; a flat trial from the moment d is chosen, since a kept choice of flat skips choosing); then every later choice adds to the model's prediction of each path (flat,
 hierarchical) what that path measured beyond it (its smallest measured - predicted: a run's
 first dispatches are cold). An offset rather than a ratio: what the model misses is mostly a
 cost it has no line for (host syncs, index building), which does not grow with the prediction;
@@ -28,31 +28,28 @@ PATHS = ("flat", "hier")
 @dataclass
 class Trial:
     """One timed dispatch + combine: its path, the model's prediction for it (seconds), and the
-    points (CUDA events, or host seconds) where the dispatch starts and ends and where the combine
-    starts and ends. Without the two in the middle, start to end."""
+    host seconds (``stamp``) where the dispatch starts and ends and where the combine starts and
+    ends. Without the two in the middle, start to end."""
 
     path: str
     predicted_s: float
-    start: object
-    end: object = None
-    dispatched: object = None
-    combining: object = None
+    start: float
+    end: float | None = None
+    dispatched: float | None = None
+    combining: float | None = None
 
     def seconds(self) -> float:
-        spans = [(self.start, self.end)] if self.dispatched is None else \
-            [(self.start, self.dispatched), (self.combining, self.end)]
-        if isinstance(self.start, float):
-            return sum(b - a for a, b in spans)
-        self.end.synchronize()
-        return sum(a.elapsed_time(b) for a, b in spans) / 1e3
+        if self.dispatched is None:
+            return self.end - self.start
+        return (self.dispatched - self.start) + (self.end - self.combining)
 
 
-def stamp(device: torch.device):
-    """A point in time on ``device``'s current stream (a CUDA event), or the host clock."""
+def stamp(device: torch.device) -> float:
+    """The host clock once ``device`` has finished its queued work. Only the few calibration
+    dispatches pay the sync: CUDA events would time the GPU's stream alone, and so miss the host
+    work and syncs of the layout, which is most of what the model leaves out."""
     if device.type == "cuda":
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        torch.cuda.synchronize(device)
     return time.perf_counter()
 
 

@@ -243,6 +243,7 @@ class HierarchicalDispatcher(Dispatcher):
         self._tables: dict = {}
         self.slots = 1  # K slots per item, from the latest layout (the wire's row size)
         self._trial: Trial | None = None  # the timed dispatch in flight (calibration), ended by combine
+        self._chosen_at = 0.0  # when the last calibrating layout chose flat (host seconds)
 
     def with_placement(self, placement: Placement) -> "HierarchicalDispatcher":
         """The same dispatcher (same policy) sending by another placement."""
@@ -318,6 +319,8 @@ class HierarchicalDispatcher(Dispatcher):
         masks = {st: self._peer_mask(st, dest_TK) for st in first_stages}
         self.slots = slots_TK.shape[1]
         depth, stats, splits, counts = self._choose(plan, dest_TK, {st: m.sum(0) for st, m in masks.items()})
+        if depth == 0 and self.policy.calibrating():
+            self._chosen_at = stamp(dev)  # a flat trial's start: kept, flat runs without the choosing
         if depth == 0:
             return HierLayout(plan.num_assignments, 0, plan.weights_N, stats=stats, plan=plan,
                               flat=self.flat.layout_from_counts(counts))
@@ -552,7 +555,7 @@ class HierarchicalDispatcher(Dispatcher):
         st = layout.stats
         if start is not None and self.policy.calibrating() and st is not None and st.flat_s is not None:
             # a timed dispatch, ended by its combine (not the one whose layout finished the calibration)
-            self._trial = Trial("flat", st.flat_s, start) if layout.depth == 0 else \
+            self._trial = Trial("flat", st.flat_s, self._chosen_at) if layout.depth == 0 else \
                 Trial("hier", st.predicted_s[layout.depth - 1], start)
             self._trial.dispatched = stamp(x_ND.device)
         return out
