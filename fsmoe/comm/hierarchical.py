@@ -548,6 +548,9 @@ class HierarchicalDispatcher(Dispatcher):
         return y.new_zeros(handle.num_rows, y.shape[1]).index_add(0, handle.hier.item_rows_I, y)
 
     def dispatch(self, x_ND: Tensor, plan: RoutingPlan):
+        # the wire's row sizes before the layout prices the paths (the dispatcher is built
+        # assuming fp32; a bf16 run's first choice, and first calibration trial, would be off 2x)
+        self.row_bytes, self.weight_bytes = x_ND.shape[1] * x_ND.element_size(), x_ND.element_size()
         start = stamp(x_ND.device) if self.policy.calibrating() else None
         layout = self.layout(plan)
         self.last_layout = layout
