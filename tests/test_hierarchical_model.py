@@ -275,19 +275,20 @@ def test_calibrated_choice_adds_what_each_path_measured_beyond_the_model():
         assert policy.depth(choice) == 1  # the model's best d, timed next
         policy.calibration.done.append(Trial("hier", 8.3e-3, 0.0, hier_ms * 1e-3))
     assert policy.calibration.complete()
-    assert policy.calibration.finish(torch.device("cpu")) == pytest.approx({"flat": 9.4e-3, "hier": 4.3e-3})
+    policy.calibrated(torch.device("cpu"))
+    assert policy.calibration.offset_s == pytest.approx({"flat": 9.4e-3, "hier": 4.3e-3})
     assert not policy.calibrating() and policy.depth(choice) == 1  # 15.3 ms flat vs 12.6 ms
     small = DepthChoice(0, (8.0e-3, 9.0e-3), 1.0e-3)  # top-2 uniform: flat stays (10.4 ms vs 12.3 ms)
     assert policy.depth(small) == 0
     # a small layer: the model prices flat at microseconds, d = 1 at its fixed cost; the trials
     # also time the experts between dispatch and combine (1 ms on both paths). A ratio would
     # scale flat's 20 us by ~75 and pick d = 1; the offsets keep flat.
-    tiny = DepthPolicy(calibrate=1)
+    tiny = DepthPolicy(every=10, calibrate=1)
     tiny_choice = DepthChoice(0, (4.7e-3,), 2e-5)
     tiny.depth(tiny_choice)
     tiny.calibration.done.append(Trial("flat", 2e-5, 0.0, 1.5e-3))
-    tiny.depth(tiny_choice)
+    assert tiny.depth(tiny_choice) == 1  # the last trial's path ...
     tiny.calibration.done.append(Trial("hier", 4.7e-3, 0.0, 6.0e-3))
-    tiny.calibration.finish(torch.device("cpu"))
-    assert tiny.depth(tiny_choice) == 0
+    tiny.calibrated(torch.device("cpu"))
+    assert tiny.depth(tiny_choice) == 0  # ... is not kept for `every` dispatches: chosen at once
     assert DepthPolicy(fixed=1, calibrate=2).calibration is None  # a fixed d is never calibrated

@@ -171,6 +171,12 @@ class DepthPolicy:
     def calibrating(self) -> bool:
         return self.calibration is not None and self.calibration.active
 
+    def calibrated(self, device, group=None) -> None:
+        """End the calibration (collective over ``group``); the count restarts, so this dispatch
+        makes the first calibrated choice instead of keeping the last trial's path."""
+        self.calibration.finish(device, group)
+        self.calls = 0
+
     def keeps_flat(self) -> bool:
         """True when this dispatch keeps an earlier choice of the flat AlltoAll (then it needs
         no layout of its own; the call is counted)."""
@@ -377,7 +383,7 @@ class HierarchicalDispatcher(Dispatcher):
         choice = choose_depth(total, total_pairs, lv, self.costs, self.wire, allow_flat=self.flat is not None)
         cal = self.policy.calibration
         if cal is not None and cal.complete():  # every rank at the same dispatch: one small AllReduce
-            cal.finish(dest_TK.device, self.counts_group)
+            self.policy.calibrated(dest_TK.device, self.counts_group)
         depth = self.policy.depth(choice)
         flat_stage = (Stage(0, lv.depth - 1),)
         flat_rows = select(total_pairs, flat_stage).send.sum(dim=(0, 1))
