@@ -165,3 +165,22 @@ def test_calibration_alternates_paths_then_every_rank_offsets_the_same():
     assert res[0]["trials"] == [("flat", True), ("hier", True)] * 2
     assert res[0]["offset_s"] == res[1]["offset_s"] and set(res[0]["offset_s"]) == {"flat", "hier"}
     assert res[0]["depths"] == res[1]["depths"]
+
+
+def row_size_worker(rank: int, world: int) -> dict:
+    torch.set_num_threads(1)
+    groups = build_groups(ParallelConfig(dp=2, ep=2, topology=[2]))
+    cfg = MoEConfig(num_experts=8, router=RouterConfig(top_k=2), experts=ExpertsConfig(d_ff=8, activation="gelu"),
+                    dispatcher="hierarchical", dedup_calibrate=0)
+    torch.manual_seed(0)
+    layer = ParallelMoELayer(cfg, 8, groups).to(torch.float64)  # built assuming 4-byte rows
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    layer(x)
+    return {"row_bytes": layer.dispatcher.last_stats.row_bytes}
+
+
+def test_the_first_dispatch_is_priced_for_the_rows_it_sends():
+    """The cost model prices the paths with x's row size from the first dispatch on (a bf16 run's
+    first choice and first calibration trial were priced for fp32 rows)."""
+    res = run_workers(row_size_worker, 2, timeout_s=120)
+    assert [r["row_bytes"] for r in res] == [8 * 8, 8 * 8]

@@ -252,13 +252,16 @@ class HierarchicalDispatcher(Dispatcher):
         self._chosen_at = 0.0  # when the last calibrating layout chose flat (host seconds)
 
     def with_placement(self, placement: Placement) -> "HierarchicalDispatcher":
-        """The same dispatcher (same policy) sending by another placement."""
-        return HierarchicalDispatcher(
+        """The same dispatcher (same policy, same last choice's stats: a kept choice of flat
+        computes none) sending by another placement."""
+        moved = HierarchicalDispatcher(
             self.num_experts, levels=self.levels, ep_rank=self.ep_rank, esp=self.esp_size,
             stage_groups=self.stage_groups, counts_group=self.counts_group, esp_stage=self.esp,
             esp_group=self.esp_group, costs=self.costs, placement=placement, dedup=self.dedup, policy=self.policy,
             row_bytes=self.row_bytes, flat=self.flat.with_placement(placement) if self.flat else None,
             weight_bytes=self.weight_bytes)
+        moved.last_stats = self.last_stats
+        return moved
 
     @property
     def wire(self) -> Wire:
