@@ -175,12 +175,19 @@ def row_size_worker(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     layer = ParallelMoELayer(cfg, 8, groups).to(torch.float64)  # built assuming 4-byte rows
     x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
-    layer(x)
-    return {"row_bytes": layer.dispatcher.last_stats.row_bytes}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x)
+    names = sorted({e.name for e in prof.events() if e.name.startswith("hier_")})
+    return {"row_bytes": layer.dispatcher.last_stats.row_bytes, "ranges": names,
+            "depth": layer.dispatcher.last_stats.depth}
 
 
-def test_the_first_dispatch_is_priced_for_the_rows_it_sends():
+def test_the_first_dispatch_is_priced_for_the_rows_it_sends_and_shows_in_a_profile():
     """The cost model prices the paths with x's row size from the first dispatch on (a bf16 run's
-    first choice and first calibration trial were priced for fp32 rows)."""
+    first choice and first calibration trial were priced for fp32 rows); a torch profile shows
+    the dispatch and the combine with their d and MB per level."""
     res = run_workers(row_size_worker, 2, timeout_s=120)
     assert [r["row_bytes"] for r in res] == [8 * 8, 8 * 8]
+    d = res[0]["depth"]
+    assert [n.split(" MB ")[0] for n in res[0]["ranges"]] == [f"hier_combine d={d}", f"hier_dispatch d={d}"]
+    assert all(" MB node=" in n for n in res[0]["ranges"])
