@@ -1,0 +1,117 @@
+"""``fsmoe simulate fabric``: how long a collective's traffic takes on a datacenter fabric, by
+flow-level simulation (max-min fair sharing, ``fsmoe.sim``), for one or several fabrics side by
+side.
+
+    fsmoe simulate fabric --gpus 1024 --ep 64 --mb 4 --oversub 1,3
+    fsmoe simulate fabric --gpus 64 --gpus-per-leaf 16 --pattern incast --senders 15 --mb 64 --ecmp spray
+
+Patterns: ``alltoall`` (``--gpus`` / ``--ep`` concurrent AlltoAlls of ``--ep`` GPUs, each GPU
+sending ``--mb`` MB to every other member of its group; ``--ep-across-servers`` takes one GPU
+per server into a group, as EP beside TP or ESP inside servers) or ``incast`` (``--senders``
+GPUs each sending ``--mb`` MB to GPU 0). Fabrics: leaf-spine with one NIC per GPU and
+NVSwitch inside a server; ``--oversub`` takes a comma list (1 = fat-tree, 3 = 3:1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="simulate what we cannot run: traffic on datacenter fabrics",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="simulate_command", metavar="WHAT", required=True)
+    f = sub.add_parser("fabric", help="a collective's traffic on leaf-spine fabrics (flow-level, max-min fair)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("--gpus", type=int, default=64)
+    f.add_argument("--gpus-per-server", type=int, default=8)
+    f.add_argument("--gpus-per-leaf", type=int, default=32, help="NIC ports of a leaf switch facing GPUs")
+    f.add_argument("--nic-gbps", type=float, default=400.0, help="one NIC per GPU, Gb/s")
+    f.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVSwitch bandwidth per GPU and direction, Gb/s")
+    f.add_argument("--oversub", default="1", help="comma list of leaf oversubscription ratios (1 = fat-tree)")
+    f.add_argument("--ecmp", choices=["hash", "spray"], default="hash",
+                   help="hash: each flow on one spine by a hash of its ends; spray: split evenly over all spines")
+    f.add_argument("--pattern", choices=["alltoall", "incast"], default="alltoall")
+    f.add_argument("--ep", type=int, default=None, help="alltoall group size (default: all GPUs)")
+    f.add_argument("--ep-across-servers", action="store_true", help="one GPU per server in each group")
+    f.add_argument("--senders", type=int, default=None, help="incast: senders (default: all other GPUs)")
+    f.add_argument("--mb", type=float, default=4.0, help="MB per (sender, receiver) pair")
+    f.add_argument("--batch", type=float, default=0.01,
+                   help="finish flows within this fraction of the elapsed time together (0: exact)")
+    f.add_argument("--share-tol", type=float, default=0.01,
+                   help="links within this fraction of the smallest fair share freeze together (1e-9: exact)")
+    f.add_argument("--json", default=None, help="write the results here")
+    f.set_defaults(func=run_fabric)
+
+
+def flows_for(args):
+    from fsmoe.config import ConfigError
+    from fsmoe.sim.patterns import alltoall, incast
+
+    size = args.mb * 1e6
+    if args.mb <= 0:
+        raise ConfigError("--mb", args.mb, "must be > 0")
+    if args.pattern == "incast":
+        senders = args.senders if args.senders is not None else args.gpus - 1
+        if not 1 <= senders <= args.gpus - 1:
+            raise ConfigError("--senders", senders, f"must be in [1, {args.gpus - 1}] (GPU 0 receives)")
+        return incast(senders, size)
+    ep = args.ep or args.gpus
+    if ep < 2 or args.gpus % ep:
+        raise ConfigError("--ep", ep, f"must be >= 2 and divide --gpus={args.gpus}")
+    stride = args.gpus_per_server if args.ep_across_servers else 1
+    if args.ep_across_servers and (args.gpus // ep) % stride:
+        raise ConfigError("--ep-across-servers", True, f"needs --gpus / --ep = {args.gpus // ep} groups to be a "
+                                                       f"multiple of --gpus-per-server={stride}")
+    return alltoall(ep, size, groups=args.gpus // ep, stride=stride)
+
+
+def simulate_fabric(args) -> dict:
+    """Simulate ``args``' pattern on each fabric; a JSON-ready report."""
+    from fsmoe.config import ConfigError
+    from fsmoe.sim.fabrics import LeafSpine
+    from fsmoe.sim.flows import simulate
+
+    try:
+        ratios = [float(x) for x in str(args.oversub).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError("--oversub", args.oversub, "must be a comma list of numbers >= 1, e.g. 1,3") from None
+    flows = flows_for(args)
+    rows = []
+    for ratio in ratios:
+        fab = LeafSpine(args.gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps, args.nvlink_gbps,
+                        ratio, ecmp=args.ecmp)
+        t0 = time.perf_counter()
+        A, size = fab.incidence(flows)
+        res = simulate(A, fab.capacity(), size, batch=args.batch, share_tol=args.share_tol)
+        sent = float(flows.size_bytes.sum())
+        senders = len(set(flows.src.tolist()))
+        rows.append({"fabric": fab.name, "oversub": ratio, "spines": fab.num_spines, "makespan_ms": res.makespan_s * 1e3,
+                     "per_sender_GBps": sent / senders / res.makespan_s / 1e9 if res.makespan_s else None,
+                     "flows": int(A.shape[0]), "recomputations": res.events,
+                     "simulated_in_s": time.perf_counter() - t0})
+    return {"pattern": args.pattern, "gpus": args.gpus, "ep": args.ep or args.gpus, "mb_per_pair": args.mb,
+            "ecmp": args.ecmp, "nic_gbps": args.nic_gbps, "batch": args.batch, "share_tol": args.share_tol,
+            "results": rows}
+
+
+def run_fabric(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    report = simulate_fabric(args)
+    t = Table(title=f"{report['pattern']} of {args.mb:g} MB per pair, {args.gpus} GPUs"
+                    + (f" in groups of {report['ep']}" if args.pattern == "alltoall" else "")
+                    + f", {args.nic_gbps:g}G NICs, ECMP {args.ecmp}")
+    for col in ("fabric", "time ms", "GB/s per sender", "flows", "recomputations", "simulated in s"):
+        t.add_column(col, justify="left" if col == "fabric" else "right")
+    for r in report["results"]:
+        t.add_row(r["fabric"], f"{r['makespan_ms']:.3f}", f"{r['per_sender_GBps']:.1f}", f"{r['flows']:,}",
+                  str(r["recomputations"]), f"{r['simulated_in_s']:.2f}")
+    Console().print(t)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
