@@ -139,13 +139,18 @@ def test_auto_choosing_flat_costs_at_most_one_sync_more_than_flat(every):
             assert r["kept"][:2] == r["flat"][:2], (r["kept"], r["flat"])
 
 
-def calibration_worker(rank: int, world: int) -> dict:
+def two_node_layer(calibrate: int) -> ParallelMoELayer:
+    """A hierarchical MoE layer on 2 gloo ranks as 2 nodes (d_model 8, 8 experts, top-2)."""
     torch.set_num_threads(1)
     groups = build_groups(ParallelConfig(dp=2, ep=2, topology=[2]))
     cfg = MoEConfig(num_experts=8, router=RouterConfig(top_k=2), experts=ExpertsConfig(d_ff=8, activation="gelu"),
-                    dispatcher="hierarchical", dedup_calibrate=2)
+                    dispatcher="hierarchical", dedup_calibrate=calibrate)
     torch.manual_seed(0)
-    layer = ParallelMoELayer(cfg, 8, groups)
+    return ParallelMoELayer(cfg, 8, groups)
+
+
+def calibration_worker(rank: int, world: int) -> dict:
+    layer = two_node_layer(calibrate=2)
     disp = layer.dispatcher
     depths = []
     for step in range(6):
@@ -168,12 +173,7 @@ def test_calibration_alternates_paths_then_every_rank_offsets_the_same():
 
 
 def row_size_worker(rank: int, world: int) -> dict:
-    torch.set_num_threads(1)
-    groups = build_groups(ParallelConfig(dp=2, ep=2, topology=[2]))
-    cfg = MoEConfig(num_experts=8, router=RouterConfig(top_k=2), experts=ExpertsConfig(d_ff=8, activation="gelu"),
-                    dispatcher="hierarchical", dedup_calibrate=0)
-    torch.manual_seed(0)
-    layer = ParallelMoELayer(cfg, 8, groups).to(torch.float64)  # built assuming 4-byte rows
+    layer = two_node_layer(calibrate=0).to(torch.float64)  # built assuming 4-byte rows
     x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         layer(x)
