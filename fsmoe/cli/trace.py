@@ -1,0 +1,65 @@
+"""``fsmoe trace summary``: what a routing trace (``fsmoe train --trace``) says about the network
+traffic of expert parallelism: how fast it changes, how sparse it is, how local it is.
+
+    fsmoe trace summary runs/tiny/routing_trace.jsonl.gz --ep 8 --gpus-per-node 4 --plot trace.png
+
+See docs/simulation.md ("Routing traces").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("trace", help="summarise routing traces recorded by `fsmoe train --trace`",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="trace_command", metavar="WHAT", required=True)
+    s = sub.add_parser("summary", help="change over time, sparsity and locality of the EP traffic",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("path", help="routing_trace.jsonl.gz")
+    s.add_argument("--ep", type=int, default=None, help="EP ranks to read it for (default: the run's EP)")
+    s.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node, for the in-node share")
+    s.add_argument("--plot", default=None, help="draw the three series to this PNG")
+    s.add_argument("--json", default=None, help="write the series and their means here")
+    s.set_defaults(func=run_summary)
+
+
+def run_summary(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.config import ConfigError
+    from fsmoe.placement.traffic import read_trace
+    from fsmoe.sim.traces import plot_summary, summarize
+
+    if not Path(args.path).is_file():
+        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
+    try:
+        trace = read_trace(args.path)
+    except (ValueError, OSError) as e:
+        raise ConfigError("path", args.path, f"is not a readable routing trace ({e})") from None
+    h = trace.header
+    ranks = args.ep or max(int(h.get("ep", 1)), 1)
+    if ranks < 2:
+        raise ConfigError("--ep", ranks, "must be >= 2 (the run had no expert parallelism: say how many ranks to read it for)")
+    summary = summarize(trace.counts_NMRE, trace.steps, ranks, args.gpus_per_node, h.get("source_ep_rank"))
+    m = summary.means()
+    n = len(summary.steps)
+    con = Console()
+    con.print(f"{args.path}: {n} steps, {summary.layers} MoE layers x {h['num_experts']} experts, read for EP={ranks}"
+              + (f", {args.gpus_per_node} ranks per node" if args.gpus_per_node > 1 else ""))
+    tenth = max(n // 10, 1)
+    early, late = summary.change[:tenth], summary.change[-tenth:]
+    con.print(f"  change   : {m['change']:.3f} mean total-variation distance between consecutive steps "
+              f"(first tenth {sum(early) / max(len(early), 1):.3f}, last tenth {sum(late) / max(len(late), 1):.3f})")
+    con.print(f"  sparsity : {m['sparsity']:.3f} of the off-rank pairs carry 80% of the off-rank rows")
+    con.print(f"  locality : {m['on_rank']:.3f} of the rows stay on their rank"
+              + (f", {m['in_node']:.3f} in their node" if args.gpus_per_node > 1 else ""))
+    if args.plot:
+        plot_summary(summary, args.plot, f"{Path(args.path).name}, EP={ranks}")
+        con.print(f"  plot: {args.plot}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary.to_json()))
+    return 0

@@ -1,0 +1,65 @@
+"""Trace summaries (change, sparsity, locality) against hand-computed cases, and the command."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from fsmoe.config import ConfigError
+from fsmoe.sim.traces import summarize
+
+
+def two_rank_trace() -> np.ndarray:
+    """[N=2, M=1, R=2, E=2]: step 0 every row stays on its rank, step 1 every row crosses."""
+    c = np.zeros((2, 1, 2, 2), dtype=np.int64)
+    c[0, 0, 0, 0] = c[0, 0, 1, 1] = 10
+    c[1, 0, 0, 1] = c[1, 0, 1, 0] = 10
+    return c
+
+
+def test_change_sparsity_and_locality_by_hand():
+    s = summarize(two_rank_trace(), [0, 1], ranks=2, source_ep_rank=[0, 1])
+    assert s.change == pytest.approx([1.0])  # disjoint patterns
+    assert s.on_rank == pytest.approx([1.0, 0.0])
+    assert s.sparsity == pytest.approx([0.0, 1.0])  # step 1: both off-rank pairs are needed for 80%
+
+
+def test_one_hot_pair_is_sparse_and_nodes_count_their_ranks():
+    c = np.zeros((1, 1, 4, 4), dtype=np.int64)
+    c[0, 0, 0, 3] = 90  # rank 0 -> rank 3 carries almost everything
+    c[0, 0, 1, 0] = 10
+    s = summarize(c, [0], ranks=4, gpus_per_node=2, source_ep_rank=[0, 1, 2, 3])
+    assert s.sparsity == pytest.approx([1 / 12])  # one pair of twelve carries 90%
+    assert s.in_node == pytest.approx([0.1])  # rank 1 -> rank 0 stays in node 0
+    with pytest.raises(ConfigError) as e:
+        summarize(c, [0], ranks=4, gpus_per_node=3)
+    assert e.value.field_name == "--gpus-per-node"
+
+
+def test_a_one_process_trace_spreads_its_tokens_over_the_ranks():
+    c = np.full((1, 1, 1, 8), 5, dtype=np.int64)
+    s = summarize(c, [0], ranks=4)
+    assert s.on_rank == pytest.approx([0.25])
+
+
+def test_trace_summary_command(tmp_path, capsys):
+    from fsmoe.cli import main
+
+    path = tmp_path / "routing_trace.jsonl.gz"
+    c = two_rank_trace()
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 1, "num_experts": 2,
+                            "sources": 2, "source_ep_rank": [0, 1], "ep": 2, "top_k": 1}) + "\n")
+        for step in range(2):
+            f.write(json.dumps({"step": step, "counts": c[step].tolist()}) + "\n")
+    out = tmp_path / "summary.json"
+    assert main(["trace", "summary", str(path), "--json", str(out), "--plot", str(tmp_path / "s.png")]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["means"]["change"] == pytest.approx(1.0) and (tmp_path / "s.png").exists()
+    bad = tmp_path / "not_a_trace.jsonl.gz"
+    with gzip.open(bad, "wt") as f:
+        f.write('{"format": "something-else"}\n')
+    assert main(["trace", "summary", str(bad)]) == 2
+    assert "path" in capsys.readouterr().err
