@@ -127,3 +127,21 @@ def test_cli_compares_fabrics_and_names_bad_options(tmp_path, capsys):
     assert over["makespan_ms"] == pytest.approx(64e6 / (8 * 400 * GBIT / 3) * 1e3, rel=0.02)
     assert main(["simulate", "fabric", "--gpus", "32", "--ep", "5"]) == 2
     assert "--ep" in capsys.readouterr().err
+
+
+def test_rail_optimised_fabric_keeps_a_rail_on_its_leaf_and_relays_across_rails():
+    # 2 servers x 4 GPUs; a rail leaf takes both servers' GPU of its rail: 4 leaves
+    fab = LeafSpine(gpus=8, gpus_per_server=4, gpus_per_leaf=2, nic_gbps=8.0, nvlink_gbps=80.0, rails=True)
+    assert fab.leaf_of(np.arange(8)).tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    A, _ = fab.incidence(Flows(np.array([0, 0]), np.array([4, 5]), np.array([1.0, 1.0])))
+    b = fab._base()
+    assert sorted(A[0].indices) == [b["nic_up"] + 0, b["nic_down"] + 4]  # same rail: one leaf, no spine
+    # rail 0 -> rail 1: NVSwitch to GPU 1 (server 0, rail 1), then rail 1's leaf
+    assert sorted(A[1].indices) == [b["nvl_out"] + 0, b["nvl_in"] + 1, b["nic_up"] + 1, b["nic_down"] + 5]
+    # the same on a leaf-spine fabric takes a spine
+    plain = LeafSpine(gpus=8, gpus_per_server=4, gpus_per_leaf=4, nic_gbps=8.0, nvlink_gbps=80.0)
+    A2, _ = plain.incidence(Flows(np.array([0]), np.array([5]), np.array([1.0])))
+    assert len(A2[0].indices) == 4 and b["nvl_out"] not in A2[0].indices
+    with pytest.raises(ConfigError) as e:
+        LeafSpine(gpus=8, gpus_per_server=4, gpus_per_leaf=4, rails=True)  # 2 servers, 4 per rail leaf
+    assert e.value.field_name == "--gpus-per-leaf"

@@ -2,14 +2,16 @@
 flow-level simulation (max-min fair sharing, ``fsmoe.sim``), for one or several fabrics side by
 side.
 
-    fsmoe simulate fabric --gpus 1024 --ep 64 --mb 4 --oversub 1,3
+    fsmoe simulate fabric --gpus 1024 --ep 64 --ep-across-servers --mb 4 --fabrics leaf-spine,rail --oversub 1,3
     fsmoe simulate fabric --gpus 64 --gpus-per-leaf 16 --pattern incast --senders 15 --mb 64 --ecmp spray
 
 Patterns: ``alltoall`` (``--gpus`` / ``--ep`` concurrent AlltoAlls of ``--ep`` GPUs, each GPU
 sending ``--mb`` MB to every other member of its group; ``--ep-across-servers`` takes one GPU
 per server into a group, as EP beside TP or ESP inside servers) or ``incast`` (``--senders``
-GPUs each sending ``--mb`` MB to GPU 0). Fabrics: leaf-spine with one NIC per GPU and
-NVSwitch inside a server; ``--oversub`` takes a comma list (1 = fat-tree, 3 = 3:1).
+GPUs each sending ``--mb`` MB to GPU 0). Fabrics (``--fabrics``, a comma list): leaf-spine with
+one NIC per GPU and NVSwitch inside a server, and rail-optimised (GPU i of every server on rail
+i's leaves; traffic to another rail crosses NVSwitch first); ``--oversub`` takes a comma list too
+(1 = fat-tree, 3 = 3:1), and every fabric is simulated at every ratio.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ def add_parser(subparsers) -> None:
     f.add_argument("--gpus-per-leaf", type=int, default=32, help="NIC ports of a leaf switch facing GPUs")
     f.add_argument("--nic-gbps", type=float, default=400.0, help="one NIC per GPU, Gb/s")
     f.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVSwitch bandwidth per GPU and direction, Gb/s")
+    f.add_argument("--fabrics", default="leaf-spine",
+                   help="comma list of leaf-spine (GPUs of a server on one leaf) and rail (rail-optimised: GPU i of "
+                        "every server on rail i's leaves)")
     f.add_argument("--oversub", default="1", help="comma list of leaf oversubscription ratios (1 = fat-tree)")
     f.add_argument("--ecmp", choices=["hash", "spray"], default="hash",
                    help="hash: each flow on one spine by a hash of its ends; spray: split evenly over all spines")
@@ -78,17 +83,20 @@ def simulate_fabric(args) -> dict:
         ratios = [float(x) for x in str(args.oversub).split(",") if x.strip()]
     except ValueError:
         raise ConfigError("--oversub", args.oversub, "must be a comma list of numbers >= 1, e.g. 1,3") from None
+    kinds = [k.strip() for k in str(args.fabrics).split(",") if k.strip()]
+    if not kinds or set(kinds) - {"leaf-spine", "rail"}:
+        raise ConfigError("--fabrics", args.fabrics, "must be a comma list of leaf-spine and rail")
     flows = flows_for(args)
     rows = []
-    for ratio in ratios:
+    for kind, ratio in ((k, r) for k in kinds for r in ratios):
         fab = LeafSpine(args.gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps, args.nvlink_gbps,
-                        ratio, ecmp=args.ecmp)
+                        ratio, ecmp=args.ecmp, rails=kind == "rail")
         t0 = time.perf_counter()
         A, size = fab.incidence(flows)
         res = simulate(A, fab.capacity(), size, batch=args.batch, share_tol=args.share_tol)
         sent = float(flows.size_bytes.sum())
         senders = len(set(flows.src.tolist()))
-        rows.append({"fabric": fab.name, "oversub": ratio, "spines": fab.num_spines, "makespan_ms": res.makespan_s * 1e3,
+        rows.append({"fabric": fab.name, "kind": kind, "oversub": ratio, "leaves": fab.leaves, "spines": fab.num_spines, "makespan_ms": res.makespan_s * 1e3,
                      "per_sender_GBps": sent / senders / res.makespan_s / 1e9 if res.makespan_s else None,
                      "flows": int(A.shape[0]), "recomputations": res.events,
                      "simulated_in_s": time.perf_counter() - t0})
@@ -105,12 +113,15 @@ def run_fabric(args) -> int:
     t = Table(title=f"{report['pattern']} of {args.mb:g} MB per pair, {args.gpus} GPUs"
                     + (f" in groups of {report['ep']}" if args.pattern == "alltoall" else "")
                     + f", {args.nic_gbps:g}G NICs, ECMP {args.ecmp}")
-    for col in ("fabric", "time ms", "GB/s per sender", "flows", "recomputations", "simulated in s"):
-        t.add_column(col, justify="left" if col == "fabric" else "right")
+    t.add_column("fabric", no_wrap=True)
+    for col in ("leaves x spines", "ms", "GB/s per GPU", "flows", "rate updates", "took s"):
+        t.add_column(col, justify="right")
     for r in report["results"]:
-        t.add_row(r["fabric"], f"{r['makespan_ms']:.3f}", f"{r['per_sender_GBps']:.1f}", f"{r['flows']:,}",
-                  str(r["recomputations"]), f"{r['simulated_in_s']:.2f}")
-    Console().print(t)
+        t.add_row(r["fabric"], f"{r['leaves']} x {r['spines']}", f"{r['makespan_ms']:.3f}", f"{r['per_sender_GBps']:.1f}",
+                  f"{r['flows']:,}", str(r["recomputations"]), f"{r['simulated_in_s']:.2f}")
+    con = Console()
+    con.print(t)
+    con.print("ms: until the last flow ends; GB/s per GPU: the bytes each sender sends over that time")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))

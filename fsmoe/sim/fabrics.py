@@ -8,6 +8,11 @@ full bisection, a fat-tree; 3 = the common 3:1). Traffic between GPUs of one ser
 NVSwitch, of one leaf the leaf, otherwise leaf -> spine -> leaf, the spine picked by ECMP (a hash
 of the pair, as switches do per flow; ``ecmp="spray"`` splits every flow evenly over the spines
 instead, as packet spraying would). Links are directed: a full-duplex cable is two links.
+
+``rails=True`` makes it rail-optimised, as large GPU clusters are built: GPU i of every server
+connects to the leaves of rail i (``gpus_per_leaf`` servers per leaf), so traffic between GPUs of
+one rank in their servers never leaves the rail's leaf, and traffic to another rail first crosses
+NVSwitch to the source server's GPU on the destination's rail (PXN), then that rail.
 """
 from __future__ import annotations
 
@@ -44,12 +49,13 @@ class LeafSpine:
     oversub: float = 1.0
     spines: int | None = None  # default: one port-speed uplink per spine, gpus_per_leaf / oversub
     ecmp: str = "hash"
+    rails: bool = False  # rail-optimised: GPU i of every server on rail i's leaves (see module docstring)
 
     def __post_init__(self):
         for name in ("gpus", "gpus_per_server", "gpus_per_leaf"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}", getattr(self, name), "must be >= 1")
-        if self.gpus_per_leaf % self.gpus_per_server or self.gpus % self.gpus_per_leaf:
+        if not self.rails and (self.gpus_per_leaf % self.gpus_per_server or self.gpus % self.gpus_per_leaf):
             raise ConfigError("--gpus-per-leaf", self.gpus_per_leaf,
                               f"must be a multiple of --gpus-per-server={self.gpus_per_server} and divide "
                               f"--gpus={self.gpus}")
@@ -57,6 +63,10 @@ class LeafSpine:
             raise ConfigError("--oversub", self.oversub, "must be >= 1 (with positive link speeds)")
         if self.ecmp not in ("hash", "spray"):
             raise ConfigError("--ecmp", self.ecmp, "must be 'hash' or 'spray'")
+        if self.rails and (self.gpus % self.gpus_per_server or (self.gpus // self.gpus_per_server) % self.gpus_per_leaf):
+            raise ConfigError("--gpus-per-leaf", self.gpus_per_leaf,
+                              f"must divide the {self.gpus // self.gpus_per_server} servers on a rail-optimised fabric "
+                              f"(a rail leaf takes that many servers' GPU of its rail)")
 
     @property
     def leaves(self) -> int:
@@ -68,7 +78,14 @@ class LeafSpine:
 
     @property
     def name(self) -> str:
-        return f"leaf-spine {self.oversub:g}:1, {self.leaves} leaves x {self.num_spines} spines"
+        return f"{'rail' if self.rails else 'leaf-spine'} {self.oversub:g}:1"
+
+    def leaf_of(self, gpu: np.ndarray) -> np.ndarray:
+        """The leaf switch of each GPU's NIC."""
+        if not self.rails:
+            return gpu // self.gpus_per_leaf
+        per_rail = self.gpus // self.gpus_per_server // self.gpus_per_leaf
+        return (gpu % self.gpus_per_server) * per_rail + (gpu // self.gpus_per_server) // self.gpus_per_leaf
 
     # link ids: NVSwitch out [G], in [G], NIC up [G], NIC down [G], leaf->spine [leaves, S],
     # spine->leaf [S, leaves]
@@ -99,27 +116,31 @@ class LeafSpine:
         src, dst, size = flows.src.astype(np.int64), flows.dst.astype(np.int64), flows.size_bytes.astype(np.float64)
         if len(src) and (min(src.min(), dst.min()) < 0 or max(src.max(), dst.max()) >= self.gpus):
             raise ValueError(f"flows name GPUs outside 0..{self.gpus - 1}")
-        b, S, Lf = self._base(), self.num_spines, self.leaves
+        b, S, Lf, per = self._base(), self.num_spines, self.leaves, self.gpus_per_server
+        # a flow between servers enters the network at `entry`: its source, or on a rail-optimised
+        # fabric the GPU of the source's server on the destination's rail (NVSwitch first, as PXN)
+        entry = (src // per) * per + dst % per if self.rails else src
         if self.ecmp == "spray":
-            cross = (src // self.gpus_per_leaf) != (dst // self.gpus_per_leaf)
+            cross = self.leaf_of(entry) != self.leaf_of(dst)
             reps = np.where(cross, S, 1)
-            src, dst = np.repeat(src, reps), np.repeat(dst, reps)
+            src, dst, entry = np.repeat(src, reps), np.repeat(dst, reps), np.repeat(entry, reps)
             size = np.repeat(size / reps, reps)
             spine = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0, np.int64)
         else:
             spine = (_mix(src.astype(np.uint64) << np.uint64(32) | dst.astype(np.uint64)) % np.uint64(S)).astype(np.int64)
-        same_server = (src // self.gpus_per_server) == (dst // self.gpus_per_server)
-        leaf_s, leaf_d = src // self.gpus_per_leaf, dst // self.gpus_per_leaf
-        self_flow = src == dst
-        n = np.where(self_flow, 0, np.where(same_server, 2, np.where(leaf_s == leaf_d, 2, 4)))
-        cols = np.full((len(src), 4), -1, dtype=np.int64)
-        nv = same_server & ~self_flow
+        same_server = (src // per) == (dst // per)
+        leaf_s, leaf_d = self.leaf_of(entry), self.leaf_of(dst)
+        cols = np.full((len(src), 6), -1, dtype=np.int64)
+        nv = same_server & (src != dst)
         cols[nv, 0], cols[nv, 1] = b["nvl_out"] + src[nv], b["nvl_in"] + dst[nv]
         net = ~same_server
-        cols[net, 0], cols[net, 1] = b["nic_up"] + src[net], b["nic_down"] + dst[net]
+        relay = net & (entry != src)
+        cols[relay, 0], cols[relay, 1] = b["nvl_out"] + src[relay], b["nvl_in"] + entry[relay]
+        cols[net, 2], cols[net, 3] = b["nic_up"] + entry[net], b["nic_down"] + dst[net]
         far = net & (leaf_s != leaf_d)
-        cols[far, 2] = b["leaf_up"] + leaf_s[far] * S + spine[far]
-        cols[far, 3] = b["spine_down"] + spine[far] * Lf + leaf_d[far]
+        cols[far, 4] = b["leaf_up"] + leaf_s[far] * S + spine[far]
+        cols[far, 5] = b["spine_down"] + spine[far] * Lf + leaf_d[far]
+        n = (cols >= 0).sum(1)
         keep = cols >= 0
         indptr = np.concatenate([[0], np.cumsum(n)])
         A = sp.csr_matrix((np.ones(int(n.sum())), cols[keep], indptr), shape=(len(src), b["end"]))
