@@ -142,8 +142,8 @@ class MoEConfig:
     dispatcher: str = "auto"
     dedup_depth: int = 0  # hierarchical dispatcher: levels that dedup (1: across nodes); 0 = per layer by the cost model (flat included)
     dedup_every: int = 10  # ... re-chosen every this many steps (a kept flat choice skips the layout's counting)
-    # ... after timing this many dispatches of each path (flat, the model's best d) per layer, the
-    # model's predictions scaled by what they measured (fsmoe.comm.calibration); 0 = trust the model
+    # ... after timing this many dispatches of each path (flat, the model's best d) per layer, each
+    # path's predictions get what it measured beyond them added (fsmoe.comm.calibration); 0 = trust the model
     dedup_calibrate: int = 3
     # Kernels chosen when the layer is built: torch = plain PyTorch everywhere; triton = fused
     # Triton kernels (needs Triton + CUDA); auto = triton where it can run, else torch.

@@ -1,6 +1,8 @@
 """The flow-level fabric simulator against cases computed by hand."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -115,10 +117,8 @@ def test_cli_compares_fabrics_and_names_bad_options(tmp_path, capsys):
     from fsmoe.cli import main
 
     out = tmp_path / "fabric.json"
-    assert main(["simulate", "fabric", "--gpus", "32", "--gpus-per-server", "1", "--gpus-per-leaf", "8", "--ep", "16", "--mb", "1",
-                 "--oversub", "1,3", "--ecmp", "spray", "--json", str(out)]) == 0
-    import json
-
+    assert main(["simulate", "fabric", "--gpus", "32", "--gpus-per-server", "1", "--gpus-per-leaf", "8", "--ep", "16",
+                 "--mb", "1", "--oversub", "1,3", "--ecmp", "spray", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     full, over = rep["results"]
     # 16 GPUs per group over 2 leaves: each NIC sends 15 MB (50 GB/s at 1:1 -> 0.3 ms); at 3:1 a

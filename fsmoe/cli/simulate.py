@@ -96,7 +96,8 @@ def simulate_fabric(args) -> dict:
         res = simulate(A, fab.capacity(), size, batch=args.batch, share_tol=args.share_tol)
         sent = float(flows.size_bytes.sum())
         senders = len(set(flows.src.tolist()))
-        rows.append({"fabric": fab.name, "kind": kind, "oversub": ratio, "leaves": fab.leaves, "spines": fab.num_spines, "makespan_ms": res.makespan_s * 1e3,
+        rows.append({"fabric": fab.name, "kind": kind, "oversub": ratio, "leaves": fab.leaves, "spines": fab.num_spines,
+                     "makespan_ms": res.makespan_s * 1e3,
                      "per_sender_GBps": sent / senders / res.makespan_s / 1e9 if res.makespan_s else None,
                      "flows": int(A.shape[0]), "recomputations": res.events,
                      "simulated_in_s": time.perf_counter() - t0})
@@ -117,7 +118,8 @@ def run_fabric(args) -> int:
     for col in ("leaves x spines", "ms", "GB/s per GPU", "flows", "rate updates", "took s"):
         t.add_column(col, justify="right")
     for r in report["results"]:
-        t.add_row(r["fabric"], f"{r['leaves']} x {r['spines']}", f"{r['makespan_ms']:.3f}", f"{r['per_sender_GBps']:.1f}",
+        t.add_row(r["fabric"], f"{r['leaves']} x {r['spines']}", f"{r['makespan_ms']:.3f}",
+                  f"{r['per_sender_GBps']:.1f}",
                   f"{r['flows']:,}", str(r["recomputations"]), f"{r['simulated_in_s']:.2f}")
     con = Console()
     con.print(t)

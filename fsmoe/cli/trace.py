@@ -42,7 +42,8 @@ def run_summary(args) -> int:
     h = trace.header
     ranks = args.ep or max(int(h.get("ep", 1)), 1)
     if ranks < 2:
-        raise ConfigError("--ep", ranks, "must be >= 2 (the run had no expert parallelism: say how many ranks to read it for)")
+        raise ConfigError("--ep", ranks,
+                          "must be >= 2 (the run had no expert parallelism: say how many ranks to read it for)")
     summary = summarize(trace.counts_NMRE, trace.steps, ranks, args.gpus_per_node, h.get("source_ep_rank"))
     m = summary.means()
     n = len(summary.steps)

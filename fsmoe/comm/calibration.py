@@ -5,14 +5,15 @@ per d. Lines fitted on other message sizes can be far off: on 2 H200 as two node
 profile's line put the flat dispatch + combine of 255 MB at 5.9 ms where it took about 15 ms,
 so the model kept the flat AlltoAll although d = 1 was 1.5x faster. So a layer's first
 dispatches alternate the flat AlltoAll and the model's best d (``trials`` of each), each timed
-over the dispatch and over the combine (the host clock, the device synced; not the experts in
-between; a flat trial from the moment d is chosen, since a kept choice of flat skips choosing); then every later choice adds to the model's prediction of each path (flat,
-hierarchical) what that path measured beyond it (its smallest measured - predicted: a run's
-first dispatches are cold). An offset rather than a ratio: what the model misses is mostly a
-cost it has no line for (host syncs, index building), which does not grow with the prediction;
-a ratio over a prediction of microseconds (a small layer's flat AlltoAll) blew up to thousands. The offsets are the slowest rank's
-(one small AllReduce), so every rank makes the same choice; the model still follows the routing
-of every step.
+over the dispatch and over the combine: the host clock with the device synced, not the experts
+in between, and a flat trial from the moment d is chosen (a kept choice of flat skips choosing).
+Every later choice then adds to the model's prediction of each path (flat, hierarchical) what
+that path measured beyond it: its smallest measured - predicted, since a run's first dispatches
+are cold. An offset rather than a ratio: what the model misses is mostly a cost it has no line
+for (host syncs, index building), which does not grow with the prediction; a ratio over a
+prediction of microseconds (a small layer's flat AlltoAll) came out in the thousands. The
+offsets are the slowest rank's (one small AllReduce), so every rank makes the same choice; the
+model still follows the routing of every step.
 """
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ class LeafSpine:
             raise ConfigError("--oversub", self.oversub, "must be >= 1 (with positive link speeds)")
         if self.ecmp not in ("hash", "spray"):
             raise ConfigError("--ecmp", self.ecmp, "must be 'hash' or 'spray'")
-        if self.rails and (self.gpus % self.gpus_per_server or (self.gpus // self.gpus_per_server) % self.gpus_per_leaf):
+        servers = self.gpus // self.gpus_per_server
+        if self.rails and (self.gpus % self.gpus_per_server or servers % self.gpus_per_leaf):
             raise ConfigError("--gpus-per-leaf", self.gpus_per_leaf,
                               f"must divide the {self.gpus // self.gpus_per_server} servers on a rail-optimised fabric "
                               f"(a rail leaf takes that many servers' GPU of its rail)")
@@ -127,7 +128,8 @@ class LeafSpine:
             size = np.repeat(size / reps, reps)
             spine = np.concatenate([np.arange(r) for r in reps]) if len(reps) else np.zeros(0, np.int64)
         else:
-            spine = (_mix(src.astype(np.uint64) << np.uint64(32) | dst.astype(np.uint64)) % np.uint64(S)).astype(np.int64)
+            pair = src.astype(np.uint64) << np.uint64(32) | dst.astype(np.uint64)
+            spine = (_mix(pair) % np.uint64(S)).astype(np.int64)
         same_server = (src // per) == (dst // per)
         leaf_s, leaf_d = self.leaf_of(entry), self.leaf_of(dst)
         cols = np.full((len(src), 6), -1, dtype=np.int64)
