@@ -395,7 +395,7 @@ class HierarchicalDispatcher(Dispatcher):
         else:
             used = stages_for_depth(lv, depth)
             used_rows = select(total, used).rows_per_level()
-            used_bytes = self.wire.bytes_per_level(select(total, used), select(total_pairs, used))
+            used_bytes = self.wire.bytes_per_level(select(total, used))
         stats = DispatchStats(depth, choice.predicted_s, tuple(used_rows), tuple(flat_rows.tolist()),
                               tuple(lv.name(i) for i in range(lv.depth)), self.row_bytes, tuple(used_bytes),
                               tuple((flat_rows * self.row_bytes).tolist()), choice.flat_s)

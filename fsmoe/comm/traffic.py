@@ -24,8 +24,9 @@ the sum over stages. With
 largest), which the swap policy uses so that relieving the second-busiest rank also counts.
 
 The dispatcher's choice of d prices bytes, not rows (``Wire``, ``hier_seconds``): a row's
-features with its K weights and ids (padded to 16 bytes), the features back in combine, the layout's collective rounds and a measured fixed cost per d; the flat AlltoAll
-(``flat_seconds``) competes as d = 0.
+features with its K weights and ids (padded to 16 bytes), the features back in combine, the
+layout's collective rounds and a measured fixed cost per d; the flat AlltoAll (``flat_seconds``)
+competes as d = 0.
 """
 from __future__ import annotations
 
@@ -196,14 +197,14 @@ class Wire:
         cols = meta_columns(self.feature, self.weight, self.slots, self.id_bytes(levels, stage))
         return self.feature + (self.slots + cols) * self.weight
 
-    def dispatch_bytes(self, rows: Tensor, pairs: Tensor, levels: Levels, stage: Stage) -> Tensor:
-        """Bytes of ``rows`` dispatched rows (``pairs``, their (row, expert) pairs, ride in the
-        rows' fixed K slots)."""
+    def dispatch_bytes(self, rows: Tensor, levels: Levels, stage: Stage) -> Tensor:
+        """Bytes of ``rows`` dispatched rows (their (row, expert) pairs ride in the rows' fixed K
+        slots, so the pairs add nothing)."""
         return rows * self.row_bytes(levels, stage)
 
-    def bytes_per_level(self, rows: Traffic, pairs: Traffic) -> list[int]:
+    def bytes_per_level(self, rows: Traffic) -> list[int]:
         """[L] bytes a dispatch moves over each level (summed over stages and ranks)."""
-        out = sum(self.dispatch_bytes(r, p, rows.levels, st) for st, r, p in zip(rows.stages, rows.send, pairs.send))
+        out = sum(self.dispatch_bytes(r, rows.levels, st) for st, r in zip(rows.stages, rows.send))
         return out.sum(0).tolist()
 
 
@@ -223,19 +224,18 @@ def _time(send: Tensor, recv: Tensor, stage: Stage, levels: Levels, costs: Level
     return float(stage_times(send[None], recv[None], (stage,), levels, costs, 1).sum())
 
 
-def hier_seconds(rows: Traffic, pairs: Traffic, costs: LevelCosts, wire: Wire, d: int) -> float:
-    """Dispatch + combine of depth d: each stage's AlltoAll both ways (dispatch: rows and pairs
-    by ``wire``; combine: the features back), the layout's collective rounds (one AllReduce of
-    the counts and first splits; a split exchange before every later stage) and the measured
-    fixed cost ``costs.overhead_s(d)``. ``rows`` / ``pairs`` counted (with / without dedup) for
-    a superset of d's stages."""
+def hier_seconds(rows: Traffic, costs: LevelCosts, wire: Wire, d: int) -> float:
+    """Dispatch + combine of depth d: each stage's AlltoAll both ways (dispatch: the rows as
+    ``wire`` sends them; combine: the features back), the layout's collective rounds (one
+    AllGather of the counts and first splits; a split exchange before every later stage) and the
+    measured fixed cost ``costs.overhead_s(d)``. ``rows`` counted with dedup for a superset of
+    d's stages."""
     lv = rows.levels
     stages = stages_for_depth(lv, d)
-    r, p = select(rows, stages), select(pairs, stages)
+    r = select(rows, stages)
     total = costs.alpha[0] + sum(costs.alpha[st.first] for st in stages[1:]) + costs.overhead_s(d)
     for s, st in enumerate(stages):
-        total += _time(wire.dispatch_bytes(r.send[s], p.send[s], lv, st),
-                       wire.dispatch_bytes(r.recv[s], p.recv[s], lv, st), st, lv, costs)
+        total += _time(wire.dispatch_bytes(r.send[s], lv, st), wire.dispatch_bytes(r.recv[s], lv, st), st, lv, costs)
         total += _time(r.recv[s] * wire.feature, r.send[s] * wire.feature, st, lv, costs)
     return total
 
@@ -257,7 +257,7 @@ def choose_depth(rows: Traffic, pairs: Traffic, levels: Levels, costs: LevelCost
     traffic with / without dedup, counted for ``candidate_stages``. Ties go to the smaller d
     (fewer collectives; flat first). O(D * (P * L)) once the counts exist; counting them is
     O(D * T * K)."""
-    times = tuple(hier_seconds(rows, pairs, costs, wire, d) for d in range(1, max(levels.depth, 1) + 1))
+    times = tuple(hier_seconds(rows, costs, wire, d) for d in range(1, max(levels.depth, 1) + 1))
     flat = flat_seconds(pairs, costs, wire) if allow_flat else None
     best = min(range(len(times)), key=lambda i: (times[i], i)) + 1
     if flat is not None and flat <= times[best - 1]:
