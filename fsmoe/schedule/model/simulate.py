@@ -6,8 +6,9 @@ backward in reverse (MoE pipeline at r_bwd with the gradient-partition windows, 
 block ready for the Gradient-AllReduce), then ``GarSchedule.finish``. Op times come from the
 Profile; row counts from ``counts_SE`` (balanced routing by default) cut exactly as the executor
 cuts them. ``simulate_layer`` is the same for one MoE layer in one direction. With a measured
-overlap efficiency eta < 1 (``Profile.overlap_at`` the chunk's AlltoAll size) the times are eta * timeline + (1 - eta) * the
-sum of the op times (the records stay the fully overlapped timeline).
+overlap efficiency eta < 1 (``Profile.overlap_at`` the chunk's AlltoAll size) the times are
+eta * timeline + (1 - eta) * the sum of the op times (the records stay the fully overlapped
+timeline).
 """
 from __future__ import annotations
 
