@@ -1,6 +1,7 @@
 """Scheduler models without processes: fits, routes, cases, optimiser, plan, simulation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -329,6 +330,20 @@ def test_plan_is_pure_and_covers_the_policies():
     assert Schedule.from_dict(json.loads(json.dumps(a.to_dict()))) == a
     with pytest.raises(ValueError, match="policy"):
         plan(SPEC, LAYOUT, GPU_LIKE, "nope")
+
+
+def test_fsmoe_plan_never_predicts_slower_than_not_pipelining():
+    # r = 1/1 is always simulated over the whole iteration, whatever the forward's own optimum
+    # (whose power-of-two neighbours need not include 1), and the plan is the fastest candidate;
+    # a large per-chunk cost (an expert GEMM's alpha) keeps it at 1/1
+    heavy = dataclasses.replace(GPU_LIKE, fits={**GPU_LIKE.fits, "expert_fwd": LinearFit(2e-2, 1 / 50e12),
+                                                "expert_bwd": LinearFit(4e-2, 2 / 50e12)})
+    for prof in (GPU_LIKE, heavy):
+        s = plan(SPEC, LAYOUT, prof)
+        names = dict(s.candidates)
+        assert "r=1/1" in names and s.predicted_iter_s == pytest.approx(min(names.values()))
+        assert s.predicted_iter_s <= names["r=1/1"]
+    assert (plan(SPEC, LAYOUT, heavy).r_fwd, plan(SPEC, LAYOUT, heavy).r_bwd) == (1, 1)
 
 
 def test_explain_names_case_r_partitions_and_baselines():

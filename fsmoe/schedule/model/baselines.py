@@ -73,30 +73,33 @@ def fsmoe_partitions(spec: LayerSpec, layout: Layout, profile: Profile, r_bwd: i
 
 def fsmoe(spec: LayerSpec, layout: Layout, profile: Profile, iio: bool = True) -> Schedule:
     """1. r_fwd: SLSQP over the cases, neighbours compared by simulating the layer forward.
-    2. r_bwd: SLSQP with the AllReduce of one block's gradients inside the layer; for each
-       power-of-two neighbour and r_fwd, partitions (greedy + DE), then the whole iteration
-       simulated, plus the experts' forward recomputed in backward where r_bwd != r_fwd (the
-       executor keeps each forward chunk's graph only when the backward cuts the same chunks)."""
+    2. r_bwd: SLSQP with the AllReduce of one block's gradients inside the layer.
+    3. The whole iteration is simulated for r_fwd with each power-of-two neighbour of r_bwd, with
+       r_bwd = r_fwd, and for r = 1/1 (not pipelining is always a candidate: the forward's own
+       optimum can still lose over the iteration); each with its partitions (greedy + DE) and
+       the experts' forward recomputed in backward where r_bwd != r_fwd (the executor keeps each
+       forward chunk's graph only when the backward cuts the same chunks). The fastest wins,
+       the smaller degrees on a tie."""
     work = layer_work(spec, layout)
     cf = choose_r(work, profile, layout, iio=iio, evaluate=lambda r: simulate_layer(spec, layout, profile, r, iio=iio))
     t_gar = profile.t("allreduce", work.gar_bytes) if _reduces(layout, profile) else 0.0
     rb_cont, case_b, _ = slsqp_r(work, profile, layout, backward=True, t_gar=t_gar, iio=iio)
-    # r_bwd = r_fwd is always a candidate: any other r_bwd recomputes the experts' forward in backward
     recompute = spec.n_layers * chunk_times(work, profile, layout, 1.0).exp
+    pairs = {(cf.r, rb) for rb in set(pow2_candidates(rb_cont)) | {cf.r}} | {(1, 1)}
     best, cands = None, []
-    for rb in sorted(set(pow2_candidates(rb_cont)) | {cf.r}):
+    for rf, rb in sorted(pairs, key=lambda p: (p[0] + p[1], p)):
         gar, part = fsmoe_partitions(spec, layout, profile, rb, iio)
-        sim = simulate_iteration(spec, layout, profile, cf.r, rb, iio, gar)
-        if rb != cf.r:
+        sim = simulate_iteration(spec, layout, profile, rf, rb, iio, gar)
+        if rb != rf:
             sim = dataclasses.replace(sim, iter_s=sim.iter_s + recompute)
-        cands.append((f"r_bwd={rb}", sim.iter_s))
-        if best is None or sim.iter_s < best[0].iter_s:
-            best = (sim, rb, gar, part)
-    sim, rb, gar, part = best
+        cands.append((f"r={rf}/{rb}", sim.iter_s))
+        if best is None or sim.iter_s < best[0].iter_s:  # strict: a tie keeps the smaller degrees
+            best = (sim, rf, rb, gar, part)
+    sim, rf, rb, gar, part = best
     meta = {"fwd_candidates": [list(c) for c in cf.candidates]}
     if part is not None:
         meta.update(greedy_bytes=list(reversed(part.greedy_bytes)), tail_bytes=part.tail_bytes)
-    return Schedule("fsmoe" if iio else "fsmoe_no_iio", cf.r, rb, iio, gar, cf.case, case_b, cf.r_cont, rb_cont,
+    return Schedule("fsmoe" if iio else "fsmoe_no_iio", rf, rb, iio, gar, cf.case, case_b, cf.r_cont, rb_cont,
                     sim.fwd_s, sim.iter_s, tuple(cands), meta)
 
 

@@ -81,7 +81,7 @@ def explain(spec: LayerSpec, parallel, profile: Profile, schedules: dict[str, Sc
         out.append("  forward neighbours (simulated layer ms): "
                    + ", ".join(f"r={r}: {t * 1e3:.3f}" for r, t in fwd_c))
     if fs.candidates:
-        out.append("  backward neighbours (simulated iteration ms): "
+        out.append("  candidates r_fwd/r_bwd (simulated iteration ms): "
                    + ", ".join(f"{n}: {t * 1e3:.3f}" for n, t in fs.candidates))
     if fs.gar.mode == "windows":
         G = spec.gar_bytes
