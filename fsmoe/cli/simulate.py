@@ -9,9 +9,21 @@ Patterns: ``alltoall`` (``--gpus`` / ``--ep`` concurrent AlltoAlls of ``--ep`` G
 sending ``--mb`` MB to every other member of its group; ``--ep-across-servers`` takes one GPU
 per server into a group, as EP beside TP or ESP inside servers) or ``incast`` (``--senders``
 GPUs each sending ``--mb`` MB to GPU 0). Fabrics (``--fabrics``, a comma list): leaf-spine with
-one NIC per GPU and NVSwitch inside a server, and rail-optimised (GPU i of every server on rail
-i's leaves; traffic to another rail crosses NVSwitch first); ``--oversub`` takes a comma list too
-(1 = fat-tree, 3 = 3:1), and every fabric is simulated at every ratio.
+one NIC per GPU and NVSwitch inside a server, rail-optimised (GPU i of every server on rail i's
+leaves; traffic to another rail crosses NVSwitch first), mfabric (per server ``--ocs-ports``
+NICs into its region's optical circuit switch, circuits planned for the traffic by mFabric's
+greedy controller and set up in ``--reconfig-ms``, of which ``--hide-ms`` of compute before the
+AlltoAll hides what it can; ``--eps-ports`` NICs into an electrical fat-tree for the rest) and
+static-optical (the same circuits, fixed: a patch panel instead of an OCS); ``--oversub`` takes a
+comma list too (1 = fat-tree, 3 = 3:1), and the electrical fabrics are simulated at every ratio.
+
+Every fabric is priced by its used ports (``fsmoe.sim.cost``: the mFabric authors' component
+prices at ``--nic-gbps``). With ``--compute-ms`` the table adds an iteration of that much compute
+plus ``--a2a-per-iter`` of the AlltoAlls (and on mfabric their exposed reconfigurations), and
+performance per dollar against the first fabric listed.
+
+    fsmoe simulate fabric --gpus 1024 --ep 64 --mb 8 --fabrics leaf-spine,rail,mfabric,static-optical \
+        --compute-ms 200 --a2a-per-iter 128 --hide-ms 25
 """
 from __future__ import annotations
 
@@ -33,8 +45,18 @@ def add_parser(subparsers) -> None:
     f.add_argument("--nic-gbps", type=float, default=400.0, help="one NIC per GPU, Gb/s")
     f.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVSwitch bandwidth per GPU and direction, Gb/s")
     f.add_argument("--fabrics", default="leaf-spine",
-                   help="comma list of leaf-spine (GPUs of a server on one leaf) and rail (rail-optimised: GPU i of "
-                        "every server on rail i's leaves)")
+                   help="comma list of leaf-spine (GPUs of a server on one leaf), rail (rail-optimised: GPU i of "
+                        "every server on rail i's leaves), mfabric (regional optical circuits + electrical fat-tree) "
+                        "and static-optical (fixed circuits + electrical fat-tree)")
+    f.add_argument("--region-servers", type=int, default=8, help="mfabric: servers per OCS region")
+    f.add_argument("--ocs-ports", type=int, default=6, help="mfabric: NICs per server into the OCS")
+    f.add_argument("--eps-ports", type=int, default=2, help="mfabric: NICs per server into the electrical fat-tree")
+    f.add_argument("--reconfig-ms", type=float, default=25.0, help="mfabric: OCS reconfiguration time")
+    f.add_argument("--hide-ms", type=float, default=0.0,
+                   help="mfabric: compute before each AlltoAll that hides a predicted reconfiguration")
+    f.add_argument("--compute-ms", type=float, default=None,
+                   help="add an iteration: this much compute + --a2a-per-iter AlltoAlls, and perf per dollar")
+    f.add_argument("--a2a-per-iter", type=int, default=1, help="AlltoAlls of this pattern per iteration")
     f.add_argument("--oversub", default="1", help="comma list of leaf oversubscription ratios (1 = fat-tree)")
     f.add_argument("--ecmp", choices=["hash", "spray"], default="hash",
                    help="hash: each flow on one spine by a hash of its ends; spray: split evenly over all spines")
@@ -76,34 +98,66 @@ def flows_for(args):
 def simulate_fabric(args) -> dict:
     """Simulate ``args``' pattern on each fabric; a JSON-ready report."""
     from fsmoe.config import ConfigError
-    from fsmoe.sim.fabrics import LeafSpine
-    from fsmoe.sim.flows import simulate
 
     try:
         ratios = [float(x) for x in str(args.oversub).split(",") if x.strip()]
     except ValueError:
         raise ConfigError("--oversub", args.oversub, "must be a comma list of numbers >= 1, e.g. 1,3") from None
     kinds = [k.strip() for k in str(args.fabrics).split(",") if k.strip()]
-    if not kinds or set(kinds) - {"leaf-spine", "rail"}:
-        raise ConfigError("--fabrics", args.fabrics, "must be a comma list of leaf-spine and rail")
+    if not kinds or set(kinds) - set(FABRICS):
+        raise ConfigError("--fabrics", args.fabrics, f"must be a comma list of {', '.join(FABRICS)}")
+    if args.compute_ms is not None and (args.compute_ms < 0 or args.a2a_per_iter < 1):
+        raise ConfigError("--compute-ms", args.compute_ms, "must be >= 0 (with --a2a-per-iter >= 1)")
     flows = flows_for(args)
     rows = []
-    for kind, ratio in ((k, r) for k in kinds for r in ratios):
-        fab = LeafSpine(args.gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps, args.nvlink_gbps,
-                        ratio, ecmp=args.ecmp, rails=kind == "rail")
-        t0 = time.perf_counter()
-        A, size = fab.incidence(flows)
-        res = simulate(A, fab.capacity(), size, batch=args.batch, share_tol=args.share_tol)
-        sent = float(flows.size_bytes.sum())
-        senders = len(set(flows.src.tolist()))
-        rows.append({"fabric": fab.name, "kind": kind, "oversub": ratio, "leaves": fab.leaves, "spines": fab.num_spines,
-                     "makespan_ms": res.makespan_s * 1e3,
-                     "per_sender_GBps": sent / senders / res.makespan_s / 1e9 if res.makespan_s else None,
-                     "flows": int(A.shape[0]), "recomputations": res.events,
-                     "simulated_in_s": time.perf_counter() - t0})
+    for kind in kinds:
+        for ratio in (ratios if kind in ("leaf-spine", "rail") else [1.0]):
+            rows.append(_simulate_one(args, kind, ratio, flows))
+    if args.compute_ms is not None:
+        base = rows[0]
+        for r in rows:
+            r["iteration_ms"] = args.compute_ms + args.a2a_per_iter * (r["makespan_ms"] + r["reconfig_ms"])
+            r["perf_per_usd_vs_first"] = (base["iteration_ms"] * base["usd"]) / (r["iteration_ms"] * r["usd"]) \
+                if "iteration_ms" in base else 1.0
     return {"pattern": args.pattern, "gpus": args.gpus, "ep": args.ep or args.gpus, "mb_per_pair": args.mb,
             "ecmp": args.ecmp, "nic_gbps": args.nic_gbps, "batch": args.batch, "share_tol": args.share_tol,
-            "results": rows}
+            "compute_ms": args.compute_ms, "a2a_per_iter": args.a2a_per_iter, "results": rows}
+
+
+FABRICS = ("leaf-spine", "rail", "mfabric", "static-optical")
+
+
+def _simulate_one(args, kind: str, ratio: float, flows) -> dict:
+    """One fabric: the pattern's makespan, its exposed reconfiguration and its price."""
+    from fsmoe.sim.cost import Prices, fat_tree_bill, optical_bill
+    from fsmoe.sim.fabrics import LeafSpine
+    from fsmoe.sim.flows import simulate
+    from fsmoe.sim.optical import RegionalOCS
+
+    prices = Prices.at(args.nic_gbps)
+    t0 = time.perf_counter()
+    if kind in ("leaf-spine", "rail"):
+        fab = LeafSpine(args.gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps, args.nvlink_gbps,
+                        ratio, ecmp=args.ecmp, rails=kind == "rail")
+        A, size = fab.incidence(flows)
+        cap, reconfig, shape = fab.capacity(), 0.0, f"{fab.leaves} x {fab.num_spines}"
+        bill = fat_tree_bill(args.gpus, prices, ratio)
+    else:
+        fab = RegionalOCS(args.gpus, args.gpus_per_server, args.region_servers, args.ocs_ports, args.eps_ports,
+                          args.nic_gbps, args.nvlink_gbps, args.reconfig_ms, static=kind == "static-optical")
+        circuits = fab.plan(fab.server_demand(flows))
+        A, cap, size = fab.incidence(flows, circuits)
+        reconfig = fab.reconfigure(None, circuits, args.hide_ms)
+        shape = f"{fab.servers // fab.region_servers} regions x {fab.region_servers}"
+        bill = optical_bill(fab.servers * fab.ocs_ports, fab.servers * fab.eps_ports, prices, fab.static)
+    res = simulate(A, cap, size, batch=args.batch, share_tol=args.share_tol)
+    sent = float(flows.size_bytes.sum())
+    senders = len(set(flows.src.tolist()))
+    return {"fabric": fab.name, "kind": kind, "oversub": ratio, "shape": shape,
+            "makespan_ms": res.makespan_s * 1e3, "reconfig_ms": reconfig,
+            "per_sender_GBps": sent / senders / res.makespan_s / 1e9 if res.makespan_s else None,
+            "usd": bill.usd, "usd_per_gpu": bill.per_gpu(args.gpus),
+            "flows": int(A.shape[0]), "recomputations": res.events, "simulated_in_s": time.perf_counter() - t0}
 
 
 def run_fabric(args) -> int:
@@ -115,15 +169,23 @@ def run_fabric(args) -> int:
                     + (f" in groups of {report['ep']}" if args.pattern == "alltoall" else "")
                     + f", {args.nic_gbps:g}G NICs, ECMP {args.ecmp}")
     t.add_column("fabric", no_wrap=True)
-    for col in ("leaves x spines", "ms", "GB/s per GPU", "flows", "rate updates", "took s"):
+    cols = ["shape", "ms", "reconfig ms", "GB/s per GPU", "$ per GPU"]
+    if args.compute_ms is not None:
+        cols += ["iteration ms", "perf/$"]
+    for col in cols + ["flows", "took s"]:
         t.add_column(col, justify="right")
     for r in report["results"]:
-        t.add_row(r["fabric"], f"{r['leaves']} x {r['spines']}", f"{r['makespan_ms']:.3f}",
-                  f"{r['per_sender_GBps']:.1f}",
-                  f"{r['flows']:,}", str(r["recomputations"]), f"{r['simulated_in_s']:.2f}")
+        cells = [r["fabric"], r["shape"], f"{r['makespan_ms']:.3f}", f"{r['reconfig_ms']:.1f}",
+                 f"{r['per_sender_GBps']:.1f}", f"{r['usd_per_gpu']:,.0f}"]
+        if args.compute_ms is not None:
+            cells += [f"{r['iteration_ms']:.1f}", f"{r['perf_per_usd_vs_first']:.2f}x"]
+        t.add_row(*cells, f"{r['flows']:,}", f"{r['simulated_in_s']:.2f}")
     con = Console()
     con.print(t)
-    con.print("ms: until the last flow ends; GB/s per GPU: the bytes each sender sends over that time")
+    con.print("ms: until the last flow ends; reconfig ms: optical circuit set-up the AlltoAll waits for; GB/s per "
+              "GPU: the bytes each sender sends over the ms; $ per GPU: the fabric's used ports at the mFabric "
+              "authors' prices" + ("; perf/$: (1 / iteration) / $ against the first row" if args.compute_ms is not None
+                                   else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
