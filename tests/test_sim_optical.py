@@ -119,3 +119,49 @@ def test_cli_prices_fabrics_and_compares_perf_per_dollar(tmp_path, capsys):
     assert "perf/$" in capsys.readouterr().out
     assert main(["simulate", "fabric", "--gpus", "64", "--fabrics", "fat"]) == 2
     assert "--fabrics" in capsys.readouterr().err
+
+
+def test_replay_predicts_circuits_from_the_previous_step():
+    from fsmoe.sim.fabrics import LeafSpine
+    from fsmoe.sim.replay import replay
+
+    # 4 ranks, one per server, one region; step 0 pairs 0->1 and 2->3, step 1 pairs 0->2 and 1->3
+    T = np.zeros((2, 1, 4, 4))
+    T[0, 0, 0, 1] = T[0, 0, 2, 3] = 1.0
+    T[1, 0, 0, 2] = T[1, 0, 1, 3] = 1.0
+    ocs = RegionalOCS(gpus=4, gpus_per_server=1, region_servers=4, ocs_ports=2, eps_ports=1, reconfig_ms=5.0)
+    tree = LeafSpine(gpus=4, gpus_per_server=1, gpus_per_leaf=4)
+    r = replay(T, [10, 20], ocs, tree, mb_per_rank=1.0, hide_ms=2.0, batch=0.0, share_tol=1e-9)
+    one = 1e6 / (400 * GBIT) * 1e3  # 1 MB over one 400G port, ms
+    approx = lambda x: pytest.approx(x, rel=1e-6)
+    assert r.a2a_ms["electrical"] == [approx(2 * one)] * 2  # dispatch + combine, one NIC each
+    # predicted: step 0's own set, not known ahead (the full 5 ms); step 1 keeps step 0's circuits,
+    # which miss the new pairs: their traffic takes the one EPS port
+    assert r.a2a_ms["predicted"] == [approx(one), approx(2 * one)] and r.reconfig_ms["predicted"] == [5.0, 0.0]
+    # oracle: two circuits for each step's pairs, each new set waiting 5 - 2 ms
+    assert r.a2a_ms["oracle"] == [approx(one)] * 2 and r.reconfig_ms["oracle"] == [3.0, 3.0]
+    # static: one circuit for each of the four pairs, never reconfigured
+    assert r.a2a_ms["static"] == [approx(2 * one)] * 2 and r.reconfig_ms["static"] == [0.0, 0.0]
+    assert r.means()["oracle"] == pytest.approx(one + 3.0)
+
+
+def test_trace_command_replays_a_recorded_trace(tmp_path, capsys):
+    import gzip
+
+    from fsmoe.cli import main
+
+    path = tmp_path / "routing_trace.jsonl.gz"
+    rng = np.random.default_rng(0)
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 2, "num_experts": 8,
+                            "sources": 1, "source_ep_rank": [0], "ep": 1, "top_k": 2}) + "\n")
+        for step in range(3):
+            f.write(json.dumps({"step": step, "counts": rng.integers(1, 50, (2, 1, 8)).tolist()}) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["simulate", "trace", str(path), "--ep", "8", "--gpus-per-server", "2", "--gpus-per-leaf", "4",
+                 "--region-servers", "4", "--ocs-ports", "2", "--eps-ports", "1", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["steps"] == [0, 1, 2] and set(rep["means_ms"]) == {"electrical", "predicted", "oracle", "static"}
+    assert "mFabric" in capsys.readouterr().out
+    assert main(["simulate", "trace", str(path)]) == 2  # the run had no EP: --ep must be given
+    assert "--ep" in capsys.readouterr().err

@@ -32,6 +32,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="simulate what we cannot run: traffic on datacenter fabrics",
@@ -71,6 +73,84 @@ def add_parser(subparsers) -> None:
                    help="links within this fraction of the smallest fair share freeze together (1e-9: exact)")
     f.add_argument("--json", default=None, help="write the results here")
     f.set_defaults(func=run_fabric)
+    add_trace_parser(sub)
+
+
+def add_trace_parser(sub) -> None:
+    t = sub.add_parser("trace", help="replay a routing trace's AlltoAlls on a fat-tree, mFabric and a static "
+                                     "optical topology", description=REPLAY_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("path", help="routing_trace.jsonl.gz (fsmoe train --trace)")
+    t.add_argument("--ep", type=int, default=None, help="EP ranks to read it for (default: the run's EP)")
+    t.add_argument("--groups", type=int, default=1, help="EP groups side by side (GPUs = ep x groups)")
+    t.add_argument("--every", type=int, default=1, help="replay every n-th recorded step")
+    t.add_argument("--mb-per-rank", type=float, default=64.0, help="MB each rank dispatches per MoE layer")
+    t.add_argument("--gpus-per-server", type=int, default=8)
+    t.add_argument("--gpus-per-leaf", type=int, default=32)
+    t.add_argument("--nic-gbps", type=float, default=400.0)
+    t.add_argument("--region-servers", type=int, default=8)
+    t.add_argument("--ocs-ports", type=int, default=6)
+    t.add_argument("--eps-ports", type=int, default=2)
+    t.add_argument("--reconfig-ms", type=float, default=25.0)
+    t.add_argument("--hide-ms", type=float, default=25.0, help="compute before each AlltoAll that hides a predicted "
+                                                               "reconfiguration")
+    t.add_argument("--json", default=None, help="write the per-step series and their means here")
+    t.set_defaults(func=run_trace)
+
+
+REPLAY_DOC = """``fsmoe simulate trace``: a routing trace's AlltoAlls (dispatch and combine of every MoE layer,
+each rank dispatching ``--mb-per-rank`` MB) replayed on an electrical leaf-spine fabric, on
+mFabric with circuits predicted from the previous replayed step (and with the AlltoAll's own
+traffic: a perfect predictor), and on a static optical topology planned from the whole trace.
+
+    fsmoe simulate trace runs/r/routing_trace.jsonl.gz --ep 32 --groups 8 --every 50 --region-servers 4
+"""
+
+
+def run_trace(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.config import ConfigError
+    from fsmoe.placement.traffic import read_trace
+    from fsmoe.sim.fabrics import LeafSpine
+    from fsmoe.sim.optical import RegionalOCS
+    from fsmoe.sim.replay import replay
+    from fsmoe.sim.traces import rank_matrices
+
+    if not Path(args.path).is_file():
+        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
+    try:
+        trace = read_trace(args.path)
+    except (ValueError, OSError) as e:
+        raise ConfigError("path", args.path, f"is not a readable routing trace ({e})") from None
+    ranks = args.ep or max(int(trace.header.get("ep", 1)), 1)
+    if ranks < 2:
+        raise ConfigError("--ep", ranks, "must be >= 2 (the run had no expert parallelism: say how many ranks)")
+    if args.every < 1 or args.groups < 1 or args.mb_per_rank <= 0:
+        raise ConfigError("--every", (args.every, args.groups, args.mb_per_rank),
+                          "--every and --groups must be >= 1 and --mb-per-rank > 0")
+    sel = np.arange(0, len(trace.steps), args.every)
+    mats = rank_matrices(trace.counts_NMRE[sel], trace.header.get("source_ep_rank"), ranks)
+    gpus = ranks * args.groups
+    ocs = RegionalOCS(gpus, args.gpus_per_server, args.region_servers, args.ocs_ports, args.eps_ports,
+                      args.nic_gbps, reconfig_ms=args.reconfig_ms)
+    tree = LeafSpine(gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps)
+    res = replay(mats, trace.steps[sel], ocs, tree, groups=args.groups, mb_per_rank=args.mb_per_rank,
+                 hide_ms=args.hide_ms)
+    con = Console()
+    con.print(f"{args.path}: {len(sel)} steps replayed, {mats.shape[1]} MoE layers, EP {ranks} x {args.groups} groups "
+              f"= {gpus} GPUs, {args.mb_per_rank:g} MB per rank per AlltoAll, {args.nic_gbps:g}G")
+    labels = {"electrical": "leaf-spine 1:1", "predicted": "mFabric, circuits from the previous step",
+              "oracle": "mFabric, circuits from the step itself", "static": "static optical (whole trace)"}
+    means = res.means()
+    for pol, label in labels.items():
+        a2a, wait = np.mean(res.a2a_ms[pol]), np.mean(res.reconfig_ms[pol])
+        con.print(f"  {label:<42} {means[pol]:9.2f} ms per step (AlltoAlls {a2a:.2f} + waiting for circuits "
+                  f"{wait:.2f})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res.to_json()))
+    return 0
 
 
 def flows_for(args):
