@@ -496,3 +496,20 @@ def test_overlap_per_message_size_feeds_the_model(tmp_path):
     with pytest.raises(ConfigError, match="overlap_points"):
         Profile.load(tmp_path / "bad.json")
     assert dataclasses.replace(prof, overlap=1.0, overlap_points=()).overlap_at(1e6) == 1.0
+
+
+def test_first_block_attention_forward_has_its_own_fit_falling_back_to_the_shape():
+    from fsmoe.schedule.model.simulate import dense_op
+
+    first, second = dense_op(SPEC, "fwd", 0), dense_op(SPEC, "fwd", 1)
+    assert first.key == second.key + "@first" and dense_op(SPEC, "bwd", 0).key == dense_op(SPEC, "bwd", 1).key
+    shape = LinearFit(0.0, 1e-12)
+    prof = dataclasses.replace(GPU_LIKE, fits={**GPU_LIKE.fits, second.key: shape})
+    assert prof.fit_for(first.key) == shape and prof.has(first.key)  # the shape's fit until it has its own
+    assert Profile("x", "y", {"dense_bwd": shape}).has(first.key) is False
+    # the online refit learns the first block apart: 20% slower here, the others as the shape's fit
+    n = float(SPEC.dense_macs)
+    samples = [(first.key, n, 1.2 * shape(n))] * 6 + [(second.key, n, shape(n))] * 6
+    fitted = refit(prof, samples)
+    assert fitted.t(first.key, n) == pytest.approx(1.2 * shape(n), rel=1e-6)
+    assert fitted.t(second.key, n) == pytest.approx(shape(n), rel=1e-6)

@@ -53,6 +53,12 @@ def base_key(key: str) -> str:
     return key.split("@", 1)[0]
 
 
+def _fallbacks(key: str) -> list[str]:
+    """``a@b@c`` -> [``a@b@c``, ``a@b``, ``a``]."""
+    parts = key.split("@")
+    return ["@".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 FIT_KEYS = ("a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce",
             "expert_fwd", "expert_bwd", "dense_fwd", "dense_bwd")
 
@@ -137,21 +143,23 @@ class Profile:
 
     def t(self, key: str, n: float) -> float:
         """Predicted seconds of op ``key`` at size ``n`` (0 for a zero-size op). A qualified key
-        ``base@tag`` without a fit of its own uses the ``base`` fit."""
+        ``base@tag`` without a fit of its own uses the ``base`` fit (see ``fit_for``)."""
         if n <= 0:
             return 0.0
         return self.fit_for(key)(n)
 
     def fit_for(self, key: str) -> LinearFit:
-        """The fit that predicts ``key``: its own, else its base key's (KeyError naming the base)."""
-        fit = self.fits.get(key) or self.fits.get(base_key(key))
+        """The fit that predicts ``key``: its own, else that of the key less its last ``@tag``, and
+        so on down to the base key (``dense_fwd@shape@first`` -> ``dense_fwd@shape`` ->
+        ``dense_fwd``); KeyError naming the base."""
+        fit = next((self.fits[k] for k in _fallbacks(key) if k in self.fits), None)
         if fit is None:
             raise KeyError(f"profile {self.hardware}/{self.layout} has no fit for {base_key(key)!r}; "
                            f"it has {sorted(k for k in self.fits if '@' not in k)} (run `fsmoe profile`)")
         return fit
 
     def has(self, key: str) -> bool:
-        return key in self.fits or base_key(key) in self.fits
+        return any(k in self.fits for k in _fallbacks(key))
 
     def overlap_at(self, nbytes: float) -> float:
         """eta for an AlltoAll of ``nbytes`` beside compute: linear in log(bytes) between the
@@ -380,16 +388,16 @@ def refit(profile: Profile, samples: Iterable[tuple[str, float, float]], *, min_
     later steps than ``samples``) each key's candidates are scored on its held-out samples where it
     has any: the fit kept then never predicts the held-out steps worse than the one it replaces.
     A qualified sample ``base@tag`` counts for its own key and for ``base``; a qualified key the
-    profile has no fit for starts from the base fit (so one size, e.g. an attention block of a
+    profile has no fit for starts from its nearest fallback's fit (``fit_for``) (so one size, e.g. an attention block of a
     fixed shape, still gets its scaled fit).
     """
     by_size = _by_key_and_size(samples)
     held = {k: [(n, t) for n, ts in sizes.items() for t in ts] for k, sizes in _by_key_and_size(holdout or ()).items()}
     fits, points = dict(profile.fits), {k: list(v) for k, v in profile.points.items()}
-    for key in sorted(by_size, key=lambda k: "@" in k):  # base keys first: they are the priors
+    for key in sorted(by_size, key=lambda k: k.count("@")):  # less qualified keys first: they are the priors
         sizes = by_size[key]
         flat = [(n, t) for n, ts in sizes.items() for t in ts]
-        prior = fits.get(key) or fits.get(base_key(key))
+        prior = next((fits[k] for k in _fallbacks(key) if k in fits), None)
         if len(flat) < min_points:
             continue
         pts = binned_medians(sizes, max_bins)
