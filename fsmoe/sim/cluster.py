@@ -1,0 +1,156 @@
+"""Step time of a model and layout on a cluster we cannot run: the scheduler's own models
+(``fsmoe.schedule.model``: plan, simulated iteration) fed with compute fits from a measured
+``Profile`` and communication fits from the fabric simulator.
+
+    prof = cluster_profile(measured, layout, fabric)   # compute from `fsmoe profile`, comm from the fabric
+    sched = plan(spec, layout, prof, "fsmoe")          # predicted_iter_s: the step's time
+
+Communication fits (``t = alpha + n beta``, n in the scheduler's units: an AlltoAll's n is the
+bytes one rank's buffer holds, an AllReduce's the bytes it reduces):
+
+* the EP AlltoAll: every EP group of the layout at once (ranks placed as the runtime places them,
+  ``gpus_per_node`` per server), each member sending 1/ep of its buffer to every other member;
+* the dense gradients' AllReduce: a ring over each data-parallel group, all rings at once, each
+  member sending 2 (d - 1) / d of the buffer to its successor (a ring AllReduce's traffic);
+* the ESP AllGather / ReduceScatter: a ring over each ESP group, (s - 1) / s of the buffer.
+
+beta is the simulated makespan per byte (flow-level: time is linear in bytes); alpha, which a
+flow-level simulation has none of, is the measured profile's for that collective where it has
+one, else ``default_alpha_s``. Compute fits (experts, attention, glue) are the measured ones
+with their slopes divided by ``gemm_scale`` (the target GPU's dense throughput over the profiled
+one's, e.g. from published bf16 TFLOP/s). The overlap efficiency eta stays the measured one.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.profile import LinearFit, Profile, base_key
+from fsmoe.sim.fabrics import Flows, LeafSpine
+from fsmoe.sim.flows import simulate
+from fsmoe.sim.optical import RegionalOCS
+
+PROBE_BYTES = 64 * 2**20  # flow-level time is linear in bytes: one size gives the slope
+
+
+def _groups(layout: Layout, kind: str) -> list[list[int]]:
+    return layout.all_groups(kind)
+
+
+def alltoall_flows(groups: list[list[int]], nbytes: float) -> Flows:
+    """Each member of each group sends nbytes / len(group) to every other member."""
+    src, dst = [], []
+    for g in groups:
+        a = np.asarray(g)
+        s, d = np.meshgrid(a, a, indexing="ij")
+        off = s != d
+        src.append(s[off])
+        dst.append(d[off])
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    per = nbytes / max(len(groups[0]), 1)
+    return Flows(src, dst, np.full(len(src), float(per)))
+
+
+def ring_flows(groups: list[list[int]], bytes_each: float) -> Flows:
+    """Each member of each group sends ``bytes_each`` to the next member (in group order)."""
+    src = np.concatenate([np.asarray(g) for g in groups if len(g) > 1] or [np.zeros(0, np.int64)])
+    dst = np.concatenate([np.roll(np.asarray(g), -1) for g in groups if len(g) > 1] or [np.zeros(0, np.int64)])
+    return Flows(src, dst, np.full(len(src), float(bytes_each)))
+
+
+def makespan_s(fabric, flows: Flows, batch: float = 0.01, share_tol: float = 0.01) -> float:
+    """Seconds until the last flow ends on ``fabric`` (a ``LeafSpine``, or a ``RegionalOCS``
+    with circuits planned for this traffic: a collective that repeats every step is predicted)."""
+    if len(flows.src) == 0:
+        return 0.0
+    if isinstance(fabric, RegionalOCS):
+        A, cap, size = fabric.incidence(flows, fabric.plan(fabric.server_demand(flows)))
+    else:
+        A, size = fabric.incidence(flows)
+        cap = fabric.capacity()
+    return simulate(A, cap, size, batch=batch, share_tol=share_tol).makespan_s
+
+
+def _fit(measured: Profile, key: str, seconds_per_byte: float, default_alpha_s: float) -> LinearFit:
+    alpha = measured.fits[key].alpha if key in measured.fits else default_alpha_s
+    return LinearFit(alpha, seconds_per_byte, 1.0, 1)
+
+
+def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile,
+              default_alpha_s: float = 20e-6) -> dict[str, LinearFit]:
+    """The layout's collectives on ``fabric`` as fits (see the module docstring)."""
+    n = float(PROBE_BYTES)
+    fits = {}
+    if layout.ep > 1:
+        t = makespan_s(fabric, alltoall_flows(_groups(layout, "ep"), n))
+        fits[layout.a2a_key] = _fit(measured, layout.a2a_key, t / n, default_alpha_s)
+    if layout.dp > 1:
+        d = layout.dp
+        t = makespan_s(fabric, ring_flows(_groups(layout, "dp"), 2 * (d - 1) / d * n))
+        fits["allreduce"] = _fit(measured, "allreduce", t / n, default_alpha_s)
+    if layout.esp > 1:
+        s = layout.esp
+        t = makespan_s(fabric, ring_flows(_groups(layout, "esp"), (s - 1) / s * n))
+        for key in ("allgather", "reducescatter"):
+            fits[key] = _fit(measured, key, t / n, default_alpha_s)
+    return fits
+
+
+def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | RegionalOCS, *,
+                    gemm_scale: float = 1.0, default_alpha_s: float = 20e-6) -> Profile:
+    """``measured``'s compute fits (slopes / ``gemm_scale``) with the fabric's communication."""
+    if gemm_scale <= 0:
+        raise ValueError("gemm_scale must be > 0")
+    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce"}
+    fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense"))
+                else f)
+            for k, f in measured.fits.items() if base_key(k) not in comm and not base_key(k).startswith("a2a_level")}
+    fits.update(comm_fits(layout, fabric, measured, default_alpha_s))
+    return dataclasses.replace(measured, hardware=f"{measured.hardware}-on-{fabric.name.replace(' ', '_')}",
+                               layout=layout.name, fits=fits, points={})
+
+
+def layout_of(name: str, world: int) -> Layout:
+    """The Layout a profile or bench result names (``ep2-esp1-nodes2x1``) on ``world`` ranks."""
+    import re
+
+    m = re.fullmatch(r"ep(\d+)-esp(\d+)-nodes(\d+)x(\d+)", name)
+    if not m:
+        raise ValueError(f"layout name {name!r} is not of the form ep<E>-esp<S>-nodes<N>x<G>")
+    ep, esp, nodes, gpn = map(int, m.groups())
+    return Layout(dp=world, ep=ep, esp=esp, gpus_per_node=gpn if nodes > 1 else None)
+
+
+def calibrate(results: dict, fabric: LeafSpine | RegionalOCS, *, n_layers: int = 2, dtype_bytes: int = 2,
+              policies=("default", "fsmoe", "tutel_improved")) -> dict:
+    """Predict every config of a ``fsmoe bench schedule`` results.json with the fabric's
+    communication (compute from the run's own refitted profile) and compare with the measured
+    iterations: per policy the median predicted / measured and the median and largest |error|."""
+    from fsmoe.schedule.model.plan import plan
+    from fsmoe.schedule.types import LayerSpec
+
+    layout = layout_of(results["layout"], int(results["world"]))
+    prof = cluster_profile(Profile.from_dict(results["refitted"]), layout, fabric)
+    ratios = {p: [] for p in policies}
+    for row in results["rows"]:
+        c = row["config"]
+        spec = LayerSpec(batch=c["B"], seq_len=c["L"], d_model=c["M"], d_ff=c["H"], num_experts=c["E"], top_k=2,
+                         n_heads=c["heads"], capacity_factor=c["f"], activation=c["ffn"], n_layers=n_layers,
+                         dtype_bytes=dtype_bytes, grad_bytes=dtype_bytes)
+        for p in policies:
+            ratios[p].append(plan(spec, layout, prof, p).predicted_iter_s / row["seconds"][p])
+    out = {}
+    for p, r in ratios.items():
+        err = np.abs(np.asarray(r) - 1.0)
+        out[p] = {"median_ratio": float(np.median(r)), "median_abs_error": float(np.median(err)),
+                  "max_abs_error": float(err.max()), "within_10pct": int((err <= 0.10).sum()), "configs": len(r),
+                  "ratios": [float(x) for x in r]}
+    return {"layout": layout.name, "fabric": fabric.name, "links": _links(prof), "policies": out}
+
+
+def _links(prof: Profile) -> str:
+    from fsmoe.schedule.model.plan import links
+
+    return links(prof)

@@ -1,0 +1,112 @@
+"""The cluster step simulator: collectives on a fabric as fits, computed by hand, and the command."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.profile import LinearFit, Profile
+from fsmoe.sim.cluster import alltoall_flows, cluster_profile, comm_fits, ring_flows
+from fsmoe.sim.fabrics import GBIT, LeafSpine
+
+MEASURED = Profile("gpu", "ep2-esp1-nodes2x1", {
+    "a2a_inter": LinearFit(100e-6, 1 / 40e9), "allreduce": LinearFit(60e-6, 1 / 20e9),
+    "expert_fwd": LinearFit(10e-6, 1 / 400e12), "expert_bwd": LinearFit(20e-6, 2 / 400e12),
+    "dense_fwd": LinearFit(10e-6, 1 / 300e12), "dense_bwd": LinearFit(20e-6, 2 / 300e12)}, overlap=0.4)
+
+
+def test_patterns():
+    a = alltoall_flows([[0, 1, 2], [3, 4, 5]], 300.0)
+    assert len(a.src) == 12 and set(a.size_bytes) == {100.0}
+    r = ring_flows([[0, 2, 4], [1, 3, 5]], 7.0)
+    assert sorted(zip(r.src.tolist(), r.dst.tolist())) == [(0, 2), (1, 3), (2, 4), (3, 5), (4, 0), (5, 1)]
+
+
+def test_two_servers_one_nic_each_by_hand():
+    layout = Layout(dp=2, ep=2, gpus_per_node=1)
+    fab = LeafSpine(2, gpus_per_server=1, gpus_per_leaf=2, nic_gbps=400.0)
+    fits = comm_fits(layout, fab, MEASURED)
+    link = 400 * GBIT
+    # AlltoAll: half of a rank's buffer crosses its NIC; ring AllReduce of 2: the whole buffer
+    assert fits["a2a_inter"].beta == pytest.approx(0.5 / link, rel=1e-6)
+    assert fits["allreduce"].beta == pytest.approx(1.0 / link, rel=1e-6)
+    assert fits["a2a_inter"].alpha == 100e-6 and fits["allreduce"].alpha == 60e-6  # the measured latencies
+
+
+def test_an_ep_group_inside_a_server_uses_nvswitch_and_esp_rings_are_priced():
+    layout = Layout(dp=16, ep=4, esp=2, gpus_per_node=8)
+    fab = LeafSpine(16, gpus_per_server=8, gpus_per_leaf=16, nic_gbps=400.0, nvlink_gbps=3600.0)
+    fits = comm_fits(layout, fab, MEASURED, default_alpha_s=5e-6)
+    assert not layout.ep_inter and "a2a_intra" in fits and fits["a2a_intra"].alpha == 5e-6
+    # 3/4 of a buffer leaves each GPU over its NVSwitch link
+    assert fits["a2a_intra"].beta == pytest.approx(0.75 / (3600 * GBIT), rel=1e-6)
+    assert fits["allgather"].beta == pytest.approx(0.5 / (3600 * GBIT), rel=1e-6)  # ESP ring of 2
+    # the DP ring over 16 GPUs in two servers crosses a NIC twice: 2 * 15/16 of a buffer at 400G
+    assert fits["allreduce"].beta == pytest.approx(2 * 15 / 16 / (400 * GBIT), rel=1e-6)
+
+
+def test_cluster_profile_scales_compute_and_replaces_communication():
+    layout = Layout(dp=2, ep=2, gpus_per_node=1)
+    fab = LeafSpine(2, gpus_per_server=1, gpus_per_leaf=2, nic_gbps=100.0)
+    prof = cluster_profile(MEASURED, layout, fab, gemm_scale=2.0)
+    assert prof.fits["expert_fwd"].beta == pytest.approx(MEASURED.fits["expert_fwd"].beta / 2)
+    assert prof.fits["expert_fwd"].alpha == MEASURED.fits["expert_fwd"].alpha
+    assert prof.fits["a2a_inter"].beta == pytest.approx(0.5 / (100 * GBIT), rel=1e-6)
+    assert prof.overlap == 0.4 and prof.layout == layout.name
+    with pytest.raises(ValueError):
+        cluster_profile(MEASURED, layout, fab, gemm_scale=0)
+
+
+def test_cluster_command(tmp_path, capsys):
+    from fsmoe.cli import main
+
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    out = tmp_path / "c.json"
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "4",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default,fsmoe"]
+    assert main(args + ["--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    d, f = rep["results"]
+    assert (d["policy"], f["policy"]) == ("default", "fsmoe") and d["vs_first"] == 1.0
+    assert f["iteration_ms"] > 0 and f["r_fwd"] in (1, 2, 4, 8)
+    assert np.isfinite(d["tokens_per_s"]) and "allreduce" in rep["links"]
+    assert "tokens/s" in capsys.readouterr().out
+    assert main(args[:-2] + ["--policies", "nope"]) == 2
+    assert "--policies" in capsys.readouterr().err
+    assert main(args[:-2] + ["--ep", "3"]) == 2
+    assert "--ep" in capsys.readouterr().err
+
+
+def test_calibration_against_bench_results(tmp_path, capsys):
+    from fsmoe.cli import main
+    from fsmoe.schedule.model.plan import plan
+    from fsmoe.schedule.types import LayerSpec
+    from fsmoe.sim.cluster import calibrate, layout_of
+
+    layout = layout_of("ep2-esp1-nodes2x1", 2)
+    assert layout == Layout(dp=2, ep=2, gpus_per_node=1)
+    with pytest.raises(ValueError):
+        layout_of("two nodes", 2)
+    fab = LeafSpine(2, gpus_per_server=1, gpus_per_leaf=2, nic_gbps=200.0)
+    prof = cluster_profile(MEASURED, layout, fab)
+    cfg = {"B": 2, "heads": 4, "L": 256, "M": 512, "H": 1024, "E": 4, "f": 1.2, "ffn": "gelu"}
+    spec = LayerSpec(batch=2, seq_len=256, d_model=512, d_ff=1024, num_experts=4, top_k=2, n_heads=4,
+                     capacity_factor=1.2, activation="gelu", n_layers=2, dtype_bytes=2, grad_bytes=2)
+    seconds = {p: plan(spec, layout, prof, p).predicted_iter_s for p in ("default", "fsmoe", "tutel_improved")}
+    results = {"layout": layout.name, "world": 2, "refitted": MEASURED.to_dict(),
+               "rows": [{"config": cfg, "seconds": seconds}]}
+    rep = calibrate(results, fab)
+    assert rep["policies"]["default"]["median_ratio"] == pytest.approx(1.0)
+    assert rep["policies"]["fsmoe"]["within_10pct"] == 1
+    faster = calibrate(results, LeafSpine(2, gpus_per_server=1, gpus_per_leaf=2, nic_gbps=800.0))
+    assert faster["policies"]["default"]["median_ratio"] < 1.0
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    assert main(["simulate", "calibrate", str(path), "--nic-gbps", "200"]) == 0
+    assert "within 10% on 1/1" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["simulate", "calibrate", str(tmp_path / "bad.json"), "--nic-gbps", "200"]) == 2
+    assert "results" in capsys.readouterr().err
