@@ -43,8 +43,21 @@ def test_an_ep_group_inside_a_server_uses_nvswitch_and_esp_rings_are_priced():
     # 3/4 of a buffer leaves each GPU over its NVSwitch link
     assert fits["a2a_intra"].beta == pytest.approx(0.75 / (3600 * GBIT), rel=1e-6)
     assert fits["allgather"].beta == pytest.approx(0.5 / (3600 * GBIT), rel=1e-6)  # ESP ring of 2
-    # the DP ring over 16 GPUs in two servers crosses a NIC twice: 2 * 15/16 of a buffer at 400G
-    assert fits["allreduce"].beta == pytest.approx(2 * 15 / 16 / (400 * GBIT), rel=1e-6)
+    # the DP AllReduce over 16 GPUs in two servers: a ring of 8 inside each (2 * 7/8 of a buffer
+    # over NVSwitch), then 8 rings of 2 servers on an eighth each (2 * 1/2 * 1/8 at 400G)
+    assert fits["allreduce"].beta == pytest.approx(1.75 / (3600 * GBIT) + 0.125 / (400 * GBIT), rel=1e-6)
+
+
+def test_allreduce_on_an_optical_fabric_takes_the_electrical_ports():
+    from fsmoe.sim.optical import RegionalOCS
+
+    layout = Layout(dp=4, ep=2, gpus_per_node=1)
+    ocs = RegionalOCS(4, gpus_per_server=1, region_servers=4, ocs_ports=3, eps_ports=1, nic_gbps=400.0)
+    fits = comm_fits(layout, ocs, MEASURED)
+    # ring of 4 servers, one GPU each: 2 * 3/4 of a buffer over one EPS port
+    assert fits["allreduce"].beta == pytest.approx(1.5 / (400 * GBIT), rel=1e-6)
+    # EP pairs (0,1) and (2,3) get all three circuits each: half a buffer at 3 x 400G
+    assert fits["a2a_inter"].beta == pytest.approx(0.5 / (3 * 400 * GBIT), rel=1e-6)
 
 
 def test_cluster_profile_scales_compute_and_replaces_communication():
@@ -72,7 +85,7 @@ def test_cluster_command(tmp_path, capsys):
     d, f = rep["results"]
     assert (d["policy"], f["policy"]) == ("default", "fsmoe") and d["vs_first"] == 1.0
     assert f["iteration_ms"] > 0 and f["r_fwd"] in (1, 2, 4, 8)
-    assert np.isfinite(d["tokens_per_s"]) and "allreduce" in rep["links"]
+    assert np.isfinite(d["tokens_per_s"]) and "allreduce" in rep["links"] and rep["network_usd_per_gpu"] > 0
     assert "tokens/s" in capsys.readouterr().out
     assert main(args[:-2] + ["--policies", "nope"]) == 2
     assert "--policies" in capsys.readouterr().err

@@ -204,8 +204,19 @@ def simulate_cluster(args) -> dict:
     for r in rows:
         r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
     return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "fabric": fabric.name,
-            "nic_gbps": args.nic_gbps, "batch_per_gpu": batch, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
+            "nic_gbps": args.nic_gbps, "network_usd_per_gpu": _fabric_bill(fabric, args).per_gpu(args.gpus),
+            "batch_per_gpu": batch, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
             "links": links(prof), "results": rows}
+
+
+def _fabric_bill(fabric, args):
+    from fsmoe.sim.cost import Prices, fat_tree_bill, optical_bill
+    from fsmoe.sim.optical import RegionalOCS
+
+    prices = Prices.at(args.nic_gbps)
+    if isinstance(fabric, RegionalOCS):
+        return optical_bill(fabric.servers * fabric.ocs_ports, fabric.servers * fabric.eps_ports, prices, fabric.static)
+    return fat_tree_bill(args.gpus, prices, args.oversub)
 
 
 def run_cluster(args) -> int:
@@ -215,7 +226,8 @@ def run_cluster(args) -> int:
     rep = simulate_cluster(args)
     con = Console()
     con.print(f"{rep['config']} on {rep['gpus']} GPUs ({rep['layout']}), {rep['fabric']} at {rep['nic_gbps']:g}G: "
-              f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU")
+              f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU; "
+              f"network ${rep['network_usd_per_gpu']:,.0f} per GPU")
     con.print("  " + rep["links"])
     t = Table()
     for col in ("schedule", "r fwd/bwd", "iteration ms", "tokens/s", "vs " + rep["results"][0]["policy"]):

@@ -10,8 +10,12 @@ bytes one rank's buffer holds, an AllReduce's the bytes it reduces):
 
 * the EP AlltoAll: every EP group of the layout at once (ranks placed as the runtime places them,
   ``gpus_per_node`` per server), each member sending 1/ep of its buffer to every other member;
-* the dense gradients' AllReduce: a ring over each data-parallel group, all rings at once, each
-  member sending 2 (d - 1) / d of the buffer to its successor (a ring AllReduce's traffic);
+* the dense gradients' AllReduce, hierarchical as NCCL runs it on multi-GPU servers: a ring
+  inside each server over its g members of the group (2 (g - 1) / g of the buffer each, NVSwitch),
+  then g rings across the S servers, one per local GPU index over that GPU's own NIC, each on
+  1/g of the buffer (2 (S - 1) / S of it per member); the two phases one after the other, every
+  data-parallel group at once. On an optical fabric this traffic takes the electrical ports only
+  (mFabric keeps its circuits for EP);
 * the ESP AllGather / ReduceScatter: a ring over each ESP group, (s - 1) / s of the buffer.
 
 beta is the simulated makespan per byte (flow-level: time is linear in bytes); alpha, which a
@@ -60,13 +64,34 @@ def ring_flows(groups: list[list[int]], bytes_each: float) -> Flows:
     return Flows(src, dst, np.full(len(src), float(bytes_each)))
 
 
-def makespan_s(fabric, flows: Flows, batch: float = 0.01, share_tol: float = 0.01) -> float:
+def allreduce_phases(groups: list[list[int]], nbytes: float, gpus_per_server: int) -> list[Flows]:
+    """The two phases of a hierarchical ring AllReduce of ``nbytes`` over each group (see the
+    module docstring): [inside servers, across servers]."""
+    intra, inter = [], []
+    g, S = 1, 1
+    for grp in groups:
+        by_server: dict[int, list[int]] = {}
+        for r in grp:
+            by_server.setdefault(r // gpus_per_server, []).append(r)
+        members = list(by_server.values())
+        g, S = len(members[0]), len(members)
+        if any(len(m) != g for m in members):
+            raise ValueError("a data-parallel group must take as many GPUs from every server")
+        intra += members
+        inter += [[m[c] for m in members] for c in range(g)]
+    return [ring_flows(intra, 2 * (g - 1) / g * nbytes), ring_flows(inter, 2 * (S - 1) / S * nbytes / g)]
+
+
+def makespan_s(fabric, flows: Flows, batch: float = 0.01, share_tol: float = 0.01, circuits: bool = True) -> float:
     """Seconds until the last flow ends on ``fabric`` (a ``LeafSpine``, or a ``RegionalOCS``
-    with circuits planned for this traffic: a collective that repeats every step is predicted)."""
+    with circuits planned for this traffic, a collective that repeats every step being
+    predicted, or with ``circuits=False`` on its electrical ports alone)."""
     if len(flows.src) == 0:
         return 0.0
     if isinstance(fabric, RegionalOCS):
-        A, cap, size = fabric.incidence(flows, fabric.plan(fabric.server_demand(flows)))
+        S = fabric.servers
+        plan = fabric.plan(fabric.server_demand(flows)) if circuits else np.zeros((S, S), dtype=np.int64)
+        A, cap, size = fabric.incidence(flows, plan)
     else:
         A, size = fabric.incidence(flows)
         cap = fabric.capacity()
@@ -87,8 +112,8 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
         t = makespan_s(fabric, alltoall_flows(_groups(layout, "ep"), n))
         fits[layout.a2a_key] = _fit(measured, layout.a2a_key, t / n, default_alpha_s)
     if layout.dp > 1:
-        d = layout.dp
-        t = makespan_s(fabric, ring_flows(_groups(layout, "dp"), 2 * (d - 1) / d * n))
+        gps = fabric.gpus_per_server
+        t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(_groups(layout, "dp"), n, gps))
         fits["allreduce"] = _fit(measured, "allreduce", t / n, default_alpha_s)
     if layout.esp > 1:
         s = layout.esp
