@@ -123,3 +123,23 @@ def test_calibration_against_bench_results(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["simulate", "calibrate", str(tmp_path / "bad.json"), "--nic-gbps", "200"]) == 2
     assert "results" in capsys.readouterr().err
+
+
+def test_fsmoe_layer_grid_on_its_testbeds(tmp_path, capsys):
+    from fsmoe.cli import main
+    from fsmoe.sim.grid import TESTBEDS, grid, run_grid
+
+    a = TESTBEDS["a"]
+    specs = grid(a)
+    assert len(specs) == 1458 == len({(s.batch, s.n_heads, s.seq_len, s.d_model, s.d_ff, s.capacity_factor,
+                                       s.activation) for s in specs})
+    assert {s.seq_len for s in specs} == {512, 1024, 2048} and {s.num_experts for s in specs} == {6}
+    assert (a.gpus, a.layout.ep, a.layout.esp, a.layout.ep_inter) == (48, 6, 8, True)
+    rep = run_grid(MEASURED, TESTBEDS["b"], every=1000)
+    assert rep["configs"] == 2 and rep["summary"]["fsmoe_over_default"] > 0
+    assert set(rep["rows"][0]) == {"spec", "default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe"}
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    assert main(["simulate", "grid", "--profile", str(path), "--every", "0"]) == 2
+    assert "--every" in capsys.readouterr().err
+

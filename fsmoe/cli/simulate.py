@@ -75,6 +75,18 @@ def add_parser(subparsers) -> None:
     f.set_defaults(func=run_fabric)
     add_trace_parser(sub)
     add_cluster_parser(sub)
+    from fsmoe.sim import grid as grid_mod
+
+    g = sub.add_parser("grid", help="FSMoE's 1458-layer grid on its testbeds under every schedule, simulated",
+                       description=grid_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--testbed", choices=sorted(grid_mod.TESTBEDS), default="a")
+    g.add_argument("--profile", required=True, help="a measured Profile (compute fits, eta)")
+    g.add_argument("--profile-tflops", type=float, default=grid_mod.H200_TFLOPS,
+                   help="published dense throughput of the profiled GPU (default: H200 bf16)")
+    g.add_argument("--every", type=int, default=1, help="every n-th config of the grid")
+    g.add_argument("--workers", type=int, default=1, help="processes")
+    g.add_argument("--json", default=None)
+    g.set_defaults(func=run_grid)
     k = sub.add_parser("calibrate", help="the cluster simulator against measured `fsmoe bench schedule` iterations",
                        description=CALIBRATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     k.add_argument("results", help="results.json of a fsmoe bench schedule run")
@@ -435,4 +447,28 @@ def run_fabric(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def run_grid(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.config import ConfigError
+    from fsmoe.schedule.model.profile import Profile
+    from fsmoe.sim.grid import TESTBEDS, run_grid as simulate_grid
+
+    if args.every < 1 or args.workers < 1:
+        raise ConfigError("--every", (args.every, args.workers), "--every and --workers must be >= 1")
+    rep = simulate_grid(Profile.load(args.profile), TESTBEDS[args.testbed], ref_tflops=args.profile_tflops,
+                        every=args.every, workers=args.workers)
+    con = Console()
+    tb = rep["testbed"]
+    con.print(f"testbed {args.testbed}: {tb['nodes']} nodes x {tb['gpus_per_node']} GPUs, {rep['configs']} configs")
+    con.print("  " + rep["links"])
+    sm = rep["summary"]
+    for k, v in sm.items():
+        con.print(f"  {k:<28} {v:.3f}x" if isinstance(v, float) else f"  {k:<28} {v} of {rep['configs']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep))
     return 0
