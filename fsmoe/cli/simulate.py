@@ -288,22 +288,14 @@ traffic: a perfect predictor), and on a static optical topology planned from the
 def run_trace(args) -> int:
     from rich.console import Console
 
+    from fsmoe.cli.trace import load_for_ep
     from fsmoe.config import ConfigError
-    from fsmoe.placement.traffic import read_trace
     from fsmoe.sim.fabrics import LeafSpine
     from fsmoe.sim.optical import RegionalOCS
     from fsmoe.sim.replay import replay
     from fsmoe.sim.traces import rank_matrices
 
-    if not Path(args.path).is_file():
-        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
-    try:
-        trace = read_trace(args.path)
-    except (ValueError, OSError) as e:
-        raise ConfigError("path", args.path, f"is not a readable routing trace ({e})") from None
-    ranks = args.ep or max(int(trace.header.get("ep", 1)), 1)
-    if ranks < 2:
-        raise ConfigError("--ep", ranks, "must be >= 2 (the run had no expert parallelism: say how many ranks)")
+    trace, ranks = load_for_ep(args.path, args.ep)
     if args.every < 1 or args.groups < 1 or args.mb_per_rank <= 0:
         raise ConfigError("--every", (args.every, args.groups, args.mb_per_rank),
                           "--every and --groups must be >= 1 and --mb-per-rank > 0")

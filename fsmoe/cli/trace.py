@@ -26,24 +26,32 @@ def add_parser(subparsers) -> None:
     s.set_defaults(func=run_summary)
 
 
-def run_summary(args) -> int:
-    from rich.console import Console
-
+def load_for_ep(path: str, ep: int | None):
+    """(the routing trace at ``path``, the EP ranks to read it for: ``ep`` or the run's own);
+    ConfigError naming the path or ``--ep`` when either is unusable."""
     from fsmoe.config import ConfigError
     from fsmoe.placement.traffic import read_trace
-    from fsmoe.sim.traces import plot_summary, summarize
 
-    if not Path(args.path).is_file():
-        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
+    if not Path(path).is_file():
+        raise ConfigError("path", path, "must be a routing trace file (routing_trace.jsonl.gz)")
     try:
-        trace = read_trace(args.path)
+        trace = read_trace(path)
     except (ValueError, OSError) as e:
-        raise ConfigError("path", args.path, f"is not a readable routing trace ({e})") from None
-    h = trace.header
-    ranks = args.ep or max(int(h.get("ep", 1)), 1)
+        raise ConfigError("path", path, f"is not a readable routing trace ({e})") from None
+    ranks = ep or max(int(trace.header.get("ep", 1)), 1)
     if ranks < 2:
         raise ConfigError("--ep", ranks,
                           "must be >= 2 (the run had no expert parallelism: say how many ranks to read it for)")
+    return trace, ranks
+
+
+def run_summary(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.sim.traces import plot_summary, summarize
+
+    trace, ranks = load_for_ep(args.path, args.ep)
+    h = trace.header
     summary = summarize(trace.counts_NMRE, trace.steps, ranks, args.gpus_per_node, h.get("source_ep_rank"))
     m = summary.means()
     n = len(summary.steps)
