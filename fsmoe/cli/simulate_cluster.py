@@ -1,0 +1,214 @@
+"""``fsmoe simulate cluster`` / ``calibrate`` / ``grid``: training steps on clusters we cannot run,
+from a measured profile, the fabric simulator and the scheduler's models (``fsmoe.sim.cluster``,
+``fsmoe.sim.grid``)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    add_cluster_parser(sub)
+    from fsmoe.sim import grid as grid_mod
+
+    g = sub.add_parser("grid", help="FSMoE's 1458-layer grid on its testbeds under every schedule, simulated",
+                       description=grid_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--testbed", choices=sorted(grid_mod.TESTBEDS), default="a")
+    g.add_argument("--profile", required=True, help="a measured Profile (compute fits, eta)")
+    g.add_argument("--profile-tflops", type=float, default=grid_mod.H200_TFLOPS,
+                   help="published dense throughput of the profiled GPU (default: H200 bf16)")
+    g.add_argument("--every", type=int, default=1, help="every n-th config of the grid")
+    g.add_argument("--workers", type=int, default=1, help="processes")
+    g.add_argument("--json", default=None)
+    g.set_defaults(func=run_grid)
+    k = sub.add_parser("calibrate", help="the cluster simulator against measured `fsmoe bench schedule` iterations",
+                       description=CALIBRATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("results", help="results.json of a fsmoe bench schedule run")
+    k.add_argument("--nic-gbps", type=float, required=True, help="the link the run had, per GPU and direction")
+    k.add_argument("--nvlink-gbps", type=float, default=3600.0)
+    k.add_argument("--layers", type=int, default=2, help="blocks per config (the bench's --layers)")
+    k.add_argument("--dtype-bytes", type=int, default=2, help="2 for a bf16 bench (GPU), 4 for fp32 (CPU)")
+    k.add_argument("--json", default=None)
+    k.set_defaults(func=run_calibrate)
+
+
+CALIBRATE_DOC = """``fsmoe simulate calibrate``: predict every config of a ``fsmoe bench schedule`` run with the
+cluster simulator (communication from a fabric of the run's shape at ``--nic-gbps``, compute from
+the run's own refitted profile) and report predicted / measured iteration time per schedule.
+
+    fsmoe simulate calibrate benchmarks/results/schedule/gpu2/run4/bench_two_after_results.json --nic-gbps 183
+"""
+
+
+def run_calibrate(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.config import ConfigError
+    from fsmoe.sim.cluster import calibrate, layout_of
+    from fsmoe.sim.fabrics import LeafSpine
+
+    try:
+        res = json.loads(Path(args.results).read_text())
+        layout = layout_of(res["layout"], int(res["world"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError("results", args.results, f"must be a fsmoe bench schedule results.json ({e})") from None
+    gpn = layout.gpus_per_node or layout.world
+    fab = LeafSpine(layout.world, gpn, layout.world, args.nic_gbps, args.nvlink_gbps)
+    rep = calibrate(res, fab, n_layers=args.layers, dtype_bytes=args.dtype_bytes)
+    con = Console()
+    con.print(f"{args.results}: {res['layout']}, {len(res['rows'])} configs, {args.nic_gbps:g} Gb/s links")
+    con.print("  " + rep["links"])
+    for p, r in rep["policies"].items():
+        con.print(f"  {p:<15} predicted / measured: median {r['median_ratio']:.3f}, |error| median "
+                  f"{100 * r['median_abs_error']:.1f}%, max {100 * r['max_abs_error']:.1f}%, within 10% on "
+                  f"{r['within_10pct']}/{r['configs']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
+def add_cluster_parser(sub) -> None:
+    from fsmoe.cli.simulate import FABRICS
+    from fsmoe.sim import cluster
+
+    c = sub.add_parser("cluster", help="step time of a model and layout on a simulated cluster and fabric",
+                       description=cluster.__doc__ + CLUSTER_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--config", default="tiny", help="preset or TOML of the model (its MoE layers are the blocks)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    c.add_argument("--profile", required=True, help="a measured Profile (fsmoe profile): the compute fits and eta")
+    c.add_argument("--gemm-scale", type=float, default=1.0,
+                   help="target GPU's dense throughput over the profiled GPU's (compute slopes are divided by it)")
+    c.add_argument("--gpus", type=int, default=64)
+    c.add_argument("--ep", type=int, default=8)
+    c.add_argument("--esp", type=int, default=1)
+    c.add_argument("--batch", type=int, default=None,
+                   help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
+    c.add_argument("--gpus-per-server", type=int, default=8)
+    c.add_argument("--gpus-per-leaf", type=int, default=32)
+    c.add_argument("--fabric", choices=FABRICS, default="leaf-spine")
+    c.add_argument("--oversub", type=float, default=1.0)
+    c.add_argument("--nic-gbps", type=float, default=400.0)
+    c.add_argument("--nvlink-gbps", type=float, default=3600.0)
+    c.add_argument("--region-servers", type=int, default=8)
+    c.add_argument("--ocs-ports", type=int, default=6)
+    c.add_argument("--eps-ports", type=int, default=2)
+    c.add_argument("--policies", default="default,tutel_improved,pipemoe_lina,fsmoe_no_iio,fsmoe",
+                   help="comma list of schedules to plan and time")
+    c.add_argument("--json", default=None, help="write the schedules' predicted times here")
+    c.set_defaults(func=run_cluster)
+
+
+CLUSTER_USAGE = """
+    fsmoe simulate cluster --config mixtral-8x7b --profile h200.json --gpus 256 --ep 8 --fabric rail
+    fsmoe simulate cluster --config gpt2-xl-moe --profile h200.json --gpus 1024 --ep 64 --fabric mfabric --nic-gbps 100
+"""
+
+
+def cluster_fabric(args):
+    """The --fabric of a cluster command (circuits, if optical, planned per collective)."""
+    from fsmoe.sim.fabrics import LeafSpine
+    from fsmoe.sim.optical import RegionalOCS
+
+    if args.fabric in ("leaf-spine", "rail"):
+        return LeafSpine(args.gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps, args.nvlink_gbps,
+                         args.oversub, rails=args.fabric == "rail")
+    return RegionalOCS(args.gpus, args.gpus_per_server, args.region_servers, args.ocs_ports, args.eps_ports,
+                       args.nic_gbps, args.nvlink_gbps, static=args.fabric == "static-optical")
+
+
+def simulate_cluster(args) -> dict:
+    import dataclasses
+
+    from fsmoe.config import ConfigError, load_config
+    from fsmoe.schedule.model.baselines import POLICY_NAMES
+    from fsmoe.schedule.model.plan import links, plan
+    from fsmoe.schedule.model.profile import Profile
+    from fsmoe.schedule.types import LayerSpec, Layout
+    from fsmoe.sim.cluster import cluster_profile
+
+    cfg = load_config(args.config, args.set)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies or set(policies) - set(POLICY_NAMES):
+        raise ConfigError("--policies", args.policies, f"must be a comma list of {', '.join(POLICY_NAMES)}")
+    if args.gpus % (args.ep * args.esp):
+        raise ConfigError("--ep", args.ep, f"times --esp={args.esp} must divide --gpus={args.gpus}")
+    if args.gpus % args.gpus_per_server:
+        raise ConfigError("--gpus-per-server", args.gpus_per_server, f"must divide --gpus={args.gpus}")
+    layout = Layout(dp=args.gpus, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_server
+                    if args.gpus_per_server < args.gpus else None)
+    batch = args.batch or max(1, cfg.train.batch_size // args.gpus)
+    spec = dataclasses.replace(LayerSpec.from_run_config(cfg, batch=batch))
+    measured = Profile.load(args.profile)
+    fabric = cluster_fabric(args)
+    prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale)
+    tokens = spec.batch * spec.seq_len * args.gpus
+    rows = []
+    for name in policies:
+        s = plan(spec, layout, prof, name)
+        rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "iteration_ms": s.predicted_iter_s * 1e3,
+                     "tokens_per_s": tokens / s.predicted_iter_s})
+    base = next((r for r in rows if r["policy"] == "default"), rows[0])
+    for r in rows:
+        r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
+    return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "fabric": fabric.name,
+            "nic_gbps": args.nic_gbps, "network_usd_per_gpu": _fabric_bill(fabric, args).per_gpu(args.gpus),
+            "batch_per_gpu": batch, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
+            "links": links(prof), "results": rows}
+
+
+def _fabric_bill(fabric, args):
+    from fsmoe.sim.cost import Prices, fat_tree_bill, optical_bill
+    from fsmoe.sim.optical import RegionalOCS
+
+    prices = Prices.at(args.nic_gbps)
+    if isinstance(fabric, RegionalOCS):
+        return optical_bill(fabric.servers * fabric.ocs_ports, fabric.servers * fabric.eps_ports, prices, fabric.static)
+    return fat_tree_bill(args.gpus, prices, args.oversub)
+
+
+def run_cluster(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    rep = simulate_cluster(args)
+    con = Console()
+    con.print(f"{rep['config']} on {rep['gpus']} GPUs ({rep['layout']}), {rep['fabric']} at {rep['nic_gbps']:g}G: "
+              f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU; "
+              f"network ${rep['network_usd_per_gpu']:,.0f} per GPU")
+    con.print("  " + rep["links"])
+    t = Table()
+    for col in ("schedule", "r fwd/bwd", "iteration ms", "tokens/s", "vs " + rep["results"][0]["policy"]):
+        t.add_column(col, justify="left" if col == "schedule" else "right")
+    for r in rep["results"]:
+        t.add_row(r["policy"], f"{r['r_fwd']}/{r['r_bwd']}", f"{r['iteration_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
+                  f"{r['vs_first']:.3f}x")
+    con.print(t)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return 0
+
+
+def run_grid(args) -> int:
+    from rich.console import Console
+
+    from fsmoe.config import ConfigError
+    from fsmoe.schedule.model.profile import Profile
+    from fsmoe.sim.grid import TESTBEDS, run_grid as simulate_grid
+
+    if args.every < 1 or args.workers < 1:
+        raise ConfigError("--every", (args.every, args.workers), "--every and --workers must be >= 1")
+    rep = simulate_grid(Profile.load(args.profile), TESTBEDS[args.testbed], ref_tflops=args.profile_tflops,
+                        every=args.every, workers=args.workers)
+    con = Console()
+    tb = rep["testbed"]
+    con.print(f"testbed {args.testbed}: {tb['nodes']} nodes x {tb['gpus_per_node']} GPUs, {rep['configs']} configs")
+    con.print("  " + rep["links"])
+    sm = rep["summary"]
+    for k, v in sm.items():
+        con.print(f"  {k:<28} {v:.3f}x" if isinstance(v, float) else f"  {k:<28} {v} of {rep['configs']}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep))
+    return 0
