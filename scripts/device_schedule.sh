@@ -11,7 +11,9 @@
 #         recording an 8-step timeline: per-op error in metrics.jsonl (cores 0-3)
 #   cpu+train  the two at once
 #   multi `fsmoe bench schedule` over NCCL on every GPU of a multi-GPU machine: 4+ GPUs as
-#         2 simulated nodes x 2 (EP2 x ESP2), 2 GPUs as 2 nodes x 1 (EP2); not yet run
+#         2 simulated nodes x 2 (EP2 x ESP2), 2 GPUs as one NVLink node (EP2), or with TWO_NODES=1
+#         as 2 nodes x 1 (NCCL_P2P_DISABLE=1); QUICK=1 for --quick-sweep, PROFILE=P.json to skip
+#         the start-up profile (docs/scheduler.md, "over NCCL")
 #
 # Usage: bash scripts/device_schedule.sh OUT_DIR PART [FIRST_CONFIG] [N_CONFIGS] [GPU_CONFIGS]
 # Each part writes OUT_DIR/<part>.tgz (results.json, ops.jsonl, report.md, traces, Gantt PNGs)
@@ -62,10 +64,13 @@ multi() {
   local d=/tmp/fsmoe_sched/multi n
   n=$(nvidia-smi -L | wc -l)
   if [ "$n" -ge 4 ]; then set -- --nproc 4 --ep 2 --esp 2 --gpus-per-node 2
-  elif [ "$n" -ge 2 ]; then set -- --nproc 2 --ep 2 --esp 1 --gpus-per-node 1
+  elif [ "$n" -ge 2 ] && [ "${TWO_NODES:-0}" = 1 ]; then set -- --nproc 2 --ep 2 --esp 1 --gpus-per-node 1
+  elif [ "$n" -ge 2 ]; then set -- --nproc 2 --ep 2 --esp 1 --gpus-per-node 2
   else echo "device_schedule.sh multi: needs 2 or more GPUs, found $n" >&2; return 2; fi
-  timeout "$LIMIT" "$PY" -m fsmoe.cli bench schedule "$@" --configs "$GPU_N" --iters 5 --warmup 2 --device cuda \
-    --run-dir "$d"
+  # TWO_NODES=1: NCCL through host memory (about a 400 Gb/s NIC), the two GPUs as two nodes
+  [ "${TWO_NODES:-0}" = 1 ] && export NCCL_P2P_DISABLE=1
+  timeout "$LIMIT" "$PY" -m fsmoe.cli bench schedule "$@" --configs "$GPU_N" --first-config "$FIRST" --iters 5 \
+    --warmup 2 --device cuda ${QUICK:+--quick-sweep} ${PROFILE:+--profile "$PROFILE"} --run-dir "$d"
   tar -czf "$OUT/multi.tgz" -C "$d" .
 }
 
