@@ -21,6 +21,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--every", type=int, default=1, help="every n-th config of the grid")
     g.add_argument("--workers", type=int, default=1, help="processes")
     g.add_argument("--json", default=None)
+    g.add_argument("--plot", default=None, help="histograms of FSMoE's speedups to this PNG")
     g.set_defaults(func=run_grid)
     k = sub.add_parser("calibrate", help="the cluster simulator against measured `fsmoe bench schedule` iterations",
                        description=CALIBRATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +196,7 @@ def run_grid(args) -> int:
 
     from fsmoe.config import ConfigError
     from fsmoe.schedule.model.profile import Profile
-    from fsmoe.sim.grid import TESTBEDS, run_grid as simulate_grid
+    from fsmoe.sim.grid import TESTBEDS, plot_grid, run_grid as simulate_grid
 
     if args.every < 1 or args.workers < 1:
         raise ConfigError("--every", (args.every, args.workers), "--every and --workers must be >= 1")
@@ -211,4 +212,7 @@ def run_grid(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rep))
+    if args.plot:
+        plot_grid(rep, args.plot, args.testbed)
+        con.print(f"  plot: {args.plot}")
     return 0

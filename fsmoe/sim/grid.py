@@ -108,3 +108,35 @@ def _links(prof: Profile) -> str:
     from fsmoe.schedule.model.plan import links
 
     return links(prof)
+
+
+# FSMoE over Tutel-Improved and over FSMoE without IIO, from the paper's speedups over Tutel+PipeMoE
+PAPER = {"a": {"tutel_improved": 1.18 / 1.09, "fsmoe_no_iio": 1.18 / 1.12},
+         "b": {"tutel_improved": 1.22 / 1.08, "fsmoe_no_iio": 1.22 / 1.16}}
+
+
+def plot_grid(rep: dict, png: str, testbed: str) -> None:
+    """Histogram of FSMoE's speedup per config over each baseline, the geomean marked, and the
+    paper's FSMoE / Tutel-Improved ratio where it reports one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = ("default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio")
+    fig, axes = plt.subplots(1, len(bases), figsize=(14, 3.2), sharey=True)
+    for ax, b in zip(axes, bases):
+        x = [r[b]["ms"] / r["fsmoe"]["ms"] for r in rep["rows"]]
+        ax.hist(x, bins=30, color="#4c72b0")
+        g = rep["summary"][f"fsmoe_over_{b}"]
+        ax.axvline(g, color="k", linestyle="--", label=f"geomean {g:.3f}x")
+        if b in PAPER.get(testbed, {}):
+            ax.axvline(PAPER[testbed][b], color="#c44e52", label=f"paper {PAPER[testbed][b]:.3f}x")
+        ax.set_title(f"FSMoE over {b}", fontsize=9)
+        ax.set_xlabel("speedup")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("configs")
+    fig.suptitle(f"FSMoE's layer grid, testbed {testbed.upper()} ({rep['configs']} configs, simulated)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
