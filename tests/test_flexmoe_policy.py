@@ -146,9 +146,12 @@ def test_routing_trace_round_trip(tmp_path):
     counts = [np.arange(12).reshape(2, 2, 3), np.ones((2, 2, 3), dtype=int)]
     for s, c in enumerate(counts, 1):
         w.write(s, c)
+        __import__("time").sleep(0.02)
     w.close()
     tr = read_trace(path)
     assert tr.header["num_experts"] == 3 and tr.steps.tolist() == [1, 2]
+    # each line after the first carries the wall time since the previous one (a step)
+    assert np.isnan(tr.step_s[0]) and 0.02 <= tr.step_s[1] < 5.0
     assert np.array_equal(tr.counts_NMRE, np.stack(counts)) and tr.load_ME().shape == (2, 3)
     (tmp_path / "bad.gz").write_bytes(__import__("gzip").compress(b'{"format": "x"}\n'))
     with pytest.raises(ValueError, match="not a routing trace"):

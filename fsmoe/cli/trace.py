@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("trace", help="summarise routing traces recorded by `fsmoe train --trace`",
@@ -65,10 +67,16 @@ def run_summary(args) -> int:
     con.print(f"  sparsity : {m['sparsity']:.3f} of the off-rank pairs carry 80% of the off-rank rows")
     con.print(f"  locality : {m['on_rank']:.3f} of the rows stay on their rank"
               + (f", {m['in_node']:.3f} in their node" if args.gpus_per_node > 1 else ""))
+    out = summary.to_json()
+    secs = trace.step_s[np.isfinite(trace.step_s)] if trace.step_s is not None else np.zeros(0)
+    if len(secs):
+        p10, p50, p90 = np.percentile(secs, [10, 50, 90]) * 1e3
+        con.print(f"  step time: median {p50:.1f} ms (10th-90th percentile {p10:.1f}-{p90:.1f}) over {len(secs)} steps")
+        out["step_ms"] = {"median": p50, "p10": p10, "p90": p90, "steps": len(secs)}
     if args.plot:
         plot_summary(summary, args.plot, f"{Path(args.path).name}, EP={ranks}")
         con.print(f"  plot: {args.plot}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary.to_json()))
+        Path(args.json).write_text(json.dumps(out))
     return 0

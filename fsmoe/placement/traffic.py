@@ -15,14 +15,18 @@ of JSON lines. Line 1 is the header::
      "sources": R, "source_ep_rank": [EP rank of each source], "ep": P, "top_k": k,
      "tokens_per_step": global tokens per step, "run": name}
 
-then one line per step: ``{"step": s, "counts": [M][R][E]}`` — rows that source rank r routed
-to expert e in MoE layer m at step s (assignments, k per token; dropped ones excluded).
-:func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE``.
+then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds}`` — rows that
+source rank r routed to expert e in MoE layer m at step s (assignments, k per token; dropped ones
+excluded), and the wall time since the previous line was written (one training step: the
+trace's per-step gather keeps the ranks in step; absent on a file's first line and in older
+traces). :func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE`` and
+``step_s`` (NaN where absent).
 """
 from __future__ import annotations
 
 import gzip
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +99,7 @@ class RoutingTrace:
     header: dict
     steps: np.ndarray
     counts_NMRE: np.ndarray
+    step_s: np.ndarray | None = None  # [N] seconds of each step (NaN where not recorded)
 
     def load_ME(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """[M, E] rows per expert summed over sources and the steps ``[start, stop)`` (indices)."""
@@ -108,11 +113,17 @@ class TraceWriter:
         self.path = Path(path)
         new = not self.path.exists()
         self.file = gzip.open(self.path, "at", encoding="utf-8")
+        self._last: float | None = None
         if new:
             self.file.write(json.dumps({"format": TRACE_FORMAT, "version": 1, **header}) + "\n")
 
     def write(self, step: int, counts_MRE: np.ndarray) -> None:
-        self.file.write(json.dumps({"step": int(step), "counts": np.asarray(counts_MRE).tolist()}) + "\n")
+        now = time.perf_counter()
+        rec = {"step": int(step), "counts": np.asarray(counts_MRE).tolist()}
+        if self._last is not None:
+            rec["step_s"] = now - self._last
+        self._last = now
+        self.file.write(json.dumps(rec) + "\n")
 
     def close(self) -> None:
         self.file.close()
@@ -132,7 +143,7 @@ def read_trace(path: Path | str) -> RoutingTrace:
     header = json.loads(lines[0])
     if header.get("format") != TRACE_FORMAT:
         raise ValueError(f"{path}: not a routing trace (format={header.get('format')!r}, expected {TRACE_FORMAT!r})")
-    steps, counts = [], []
+    steps, counts, secs = [], [], []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
@@ -140,6 +151,7 @@ def read_trace(path: Path | str) -> RoutingTrace:
             continue
         steps.append(rec["step"])
         counts.append(rec["counts"])
+        secs.append(rec.get("step_s", float("nan")))
     shape = (0, header["num_layers"], header["sources"], header["num_experts"])
     arr = np.asarray(counts, dtype=np.int64) if counts else np.zeros(shape, dtype=np.int64)
-    return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr)
+    return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr, np.asarray(secs, dtype=np.float64))
