@@ -33,6 +33,7 @@ def test_two_servers_one_nic_each_by_hand():
     assert fits["a2a_inter"].beta == pytest.approx(0.5 / link, rel=1e-6)
     assert fits["allreduce"].beta == pytest.approx(1.0 / link, rel=1e-6)
     assert fits["a2a_inter"].alpha == 100e-6 and fits["allreduce"].alpha == 60e-6  # the measured latencies
+    assert fits["counts"] == fits["a2a_inter"]  # the counts' AllGather: an AlltoAll's bytes
 
 
 def test_an_ep_group_inside_a_server_uses_nvswitch_and_esp_rings_are_priced():

@@ -16,7 +16,8 @@ bytes one rank's buffer holds, an AllReduce's the bytes it reduces):
   1/g of the buffer (2 (S - 1) / S of it per member); the two phases one after the other, every
   data-parallel group at once. On an optical fabric this traffic takes the electrical ports only
   (mFabric keeps its circuits for EP);
-* the ESP AllGather / ReduceScatter: a ring over each ESP group, (s - 1) / s of the buffer.
+* the ESP AllGather / ReduceScatter: a ring over each ESP group, (s - 1) / s of the buffer;
+* the per-layer exchange of expert counts: priced as the EP AlltoAll of its bytes.
 
 beta is the simulated makespan per byte (flow-level: time is linear in bytes); alpha, which a
 flow-level simulation has none of, is the measured profile's for that collective where it has
@@ -108,9 +109,14 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
     """The layout's collectives on ``fabric`` as fits (see the module docstring)."""
     n = float(PROBE_BYTES)
     fits = {}
+    fits["counts"] = LinearFit(0.0, 0.0, 1.0, 1)
     if layout.ep > 1:
         t = makespan_s(fabric, alltoall_flows(_groups(layout, "ep"), n))
         fits[layout.a2a_key] = _fit(measured, layout.a2a_key, t / n, default_alpha_s)
+        # the per-layer exchange of expert counts: an AllGather over the moe group, which moves
+        # as many bytes per rank as an AlltoAll of the gathered buffer (a measured fit at one
+        # small size would extrapolate its latency as if it were bandwidth)
+        fits["counts"] = fits[layout.a2a_key]
     if layout.dp > 1:
         gps = fabric.gpus_per_server
         t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(_groups(layout, "dp"), n, gps))
@@ -128,7 +134,7 @@ def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | Regio
     """``measured``'s compute fits (slopes / ``gemm_scale``) with the fabric's communication."""
     if gemm_scale <= 0:
         raise ValueError("gemm_scale must be > 0")
-    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce"}
+    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce", "counts"}
     fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense"))
                 else f)
             for k, f in measured.fits.items() if base_key(k) not in comm and not base_key(k).startswith("a2a_level")}
