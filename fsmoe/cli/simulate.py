@@ -205,7 +205,7 @@ FABRICS = ("leaf-spine", "rail", "mfabric", "static-optical")
 
 def _simulate_one(args, kind: str, ratio: float, flows) -> dict:
     """One fabric: the pattern's makespan, its exposed reconfiguration and its price."""
-    from fsmoe.sim.cost import Prices, fat_tree_bill, optical_bill
+    from fsmoe.sim.cost import Prices, fabric_bill
     from fsmoe.sim.fabrics import LeafSpine
     from fsmoe.sim.flows import simulate
     from fsmoe.sim.optical import RegionalOCS
@@ -217,7 +217,6 @@ def _simulate_one(args, kind: str, ratio: float, flows) -> dict:
                         ratio, ecmp=args.ecmp, rails=kind == "rail")
         A, size = fab.incidence(flows)
         cap, reconfig, shape = fab.capacity(), 0.0, f"{fab.leaves} x {fab.num_spines}"
-        bill = fat_tree_bill(args.gpus, prices, ratio)
     else:
         fab = RegionalOCS(args.gpus, args.gpus_per_server, args.region_servers, args.ocs_ports, args.eps_ports,
                           args.nic_gbps, args.nvlink_gbps, args.reconfig_ms, static=kind == "static-optical")
@@ -225,7 +224,7 @@ def _simulate_one(args, kind: str, ratio: float, flows) -> dict:
         A, cap, size = fab.incidence(flows, circuits)
         reconfig = fab.reconfigure(None, circuits, args.hide_ms)
         shape = f"{fab.servers // fab.region_servers} regions x {fab.region_servers}"
-        bill = optical_bill(fab.servers * fab.ocs_ports, fab.servers * fab.eps_ports, prices, fab.static)
+    bill = fabric_bill(fab, prices)
     res = simulate(A, cap, size, batch=args.batch, share_tol=args.share_tol)
     sent = float(flows.size_bytes.sum())
     senders = len(set(flows.src.tolist()))

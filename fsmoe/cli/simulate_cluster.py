@@ -74,7 +74,8 @@ def add_cluster_parser(sub) -> None:
     from fsmoe.sim import cluster
 
     c = sub.add_parser("cluster", help="step time of a model and layout on a simulated cluster and fabric",
-                       description=cluster.__doc__ + CLUSTER_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=cluster.__doc__ + CLUSTER_USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--config", default="tiny", help="preset or TOML of the model (its MoE layers are the blocks)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     c.add_argument("--profile", required=True, help="a measured Profile (fsmoe profile): the compute fits and eta")
@@ -127,6 +128,7 @@ def simulate_cluster(args) -> dict:
     from fsmoe.schedule.model.profile import Profile
     from fsmoe.schedule.types import LayerSpec, Layout
     from fsmoe.sim.cluster import cluster_profile
+    from fsmoe.sim.cost import Prices, fabric_bill
 
     cfg = load_config(args.config, args.set)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -153,19 +155,10 @@ def simulate_cluster(args) -> dict:
     for r in rows:
         r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
     return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "fabric": fabric.name,
-            "nic_gbps": args.nic_gbps, "network_usd_per_gpu": _fabric_bill(fabric, args).per_gpu(args.gpus),
+            "nic_gbps": args.nic_gbps,
+            "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
             "batch_per_gpu": batch, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
             "links": links(prof), "results": rows}
-
-
-def _fabric_bill(fabric, args):
-    from fsmoe.sim.cost import Prices, fat_tree_bill, optical_bill
-    from fsmoe.sim.optical import RegionalOCS
-
-    prices = Prices.at(args.nic_gbps)
-    if isinstance(fabric, RegionalOCS):
-        return optical_bill(fabric.servers * fabric.ocs_ports, fabric.servers * fabric.eps_ports, prices, fabric.static)
-    return fat_tree_bill(args.gpus, prices, args.oversub)
 
 
 def run_cluster(args) -> int:

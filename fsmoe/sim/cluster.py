@@ -32,16 +32,13 @@ import dataclasses
 import numpy as np
 
 from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.plan import links
 from fsmoe.schedule.model.profile import LinearFit, Profile, base_key
 from fsmoe.sim.fabrics import Flows, LeafSpine
 from fsmoe.sim.flows import simulate
 from fsmoe.sim.optical import RegionalOCS
 
 PROBE_BYTES = 64 * 2**20  # flow-level time is linear in bytes: one size gives the slope
-
-
-def _groups(layout: Layout, kind: str) -> list[list[int]]:
-    return layout.all_groups(kind)
 
 
 def alltoall_flows(groups: list[list[int]], nbytes: float) -> Flows:
@@ -111,7 +108,7 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
     fits = {}
     fits["counts"] = LinearFit(0.0, 0.0, 1.0, 1)
     if layout.ep > 1:
-        t = makespan_s(fabric, alltoall_flows(_groups(layout, "ep"), n))
+        t = makespan_s(fabric, alltoall_flows(layout.all_groups("ep"), n))
         fits[layout.a2a_key] = _fit(measured, layout.a2a_key, t / n, default_alpha_s)
         # the per-layer exchange of expert counts: an AllGather over the moe group, which moves
         # as many bytes per rank as an AlltoAll of the gathered buffer (a measured fit at one
@@ -119,11 +116,11 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
         fits["counts"] = fits[layout.a2a_key]
     if layout.dp > 1:
         gps = fabric.gpus_per_server
-        t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(_groups(layout, "dp"), n, gps))
+        t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(layout.all_groups("dp"), n, gps))
         fits["allreduce"] = _fit(measured, "allreduce", t / n, default_alpha_s)
     if layout.esp > 1:
         s = layout.esp
-        t = makespan_s(fabric, ring_flows(_groups(layout, "esp"), (s - 1) / s * n))
+        t = makespan_s(fabric, ring_flows(layout.all_groups("esp"), (s - 1) / s * n))
         for key in ("allgather", "reducescatter"):
             fits[key] = _fit(measured, key, t / n, default_alpha_s)
     return fits
@@ -178,10 +175,5 @@ def calibrate(results: dict, fabric: LeafSpine | RegionalOCS, *, n_layers: int =
         out[p] = {"median_ratio": float(np.median(r)), "median_abs_error": float(np.median(err)),
                   "max_abs_error": float(err.max()), "within_10pct": int((err <= 0.10).sum()), "configs": len(r),
                   "ratios": [float(x) for x in r]}
-    return {"layout": layout.name, "fabric": fabric.name, "links": _links(prof), "policies": out}
+    return {"layout": layout.name, "fabric": fabric.name, "links": links(prof), "policies": out}
 
-
-def _links(prof: Profile) -> str:
-    from fsmoe.schedule.model.plan import links
-
-    return links(prof)

@@ -87,3 +87,14 @@ def optical_bill(ocs_nic_ports: int, eps_nic_ports: int, prices: Prices, static:
     n = float(ocs_nic_ports)
     opt = _bill(prices, nics=n, xcvr=n, ocs=0 if static else n, patch=n if static else 0, fibers=n)
     return eps + opt
+
+
+def fabric_bill(fabric, prices: Prices, radix: int = 64) -> Bill:
+    """The bill of a ``LeafSpine`` (one NIC per GPU, its oversubscription) or a ``RegionalOCS``
+    (its OCS and EPS NICs per server; patch panels when static)."""
+    from fsmoe.sim.optical import RegionalOCS
+
+    if isinstance(fabric, RegionalOCS):
+        return optical_bill(fabric.servers * fabric.ocs_ports, fabric.servers * fabric.eps_ports, prices,
+                            fabric.static, radix)
+    return fat_tree_bill(fabric.gpus, prices, fabric.oversub, radix)

@@ -22,6 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.plan import links
 from fsmoe.schedule.model.profile import Profile
 from fsmoe.schedule.types import LayerSpec
 
@@ -100,14 +101,8 @@ def run_grid(measured: Profile, testbed: Testbed, *, ref_tflops: float = H200_TF
     summary.update({f"{b}_over_default": geomean("default", b) for b in POLICIES if b != "default"})
     summary["fsmoe_pipelines"] = sum(r["fsmoe"]["r"] != [1, 1] for r in rows)
     summary["fsmoe_r_fwd_ne_r_bwd"] = sum(r["fsmoe"]["r"][0] != r["fsmoe"]["r"][1] for r in rows)
-    return {"testbed": testbed.__dict__ | {"gpus": testbed.gpus}, "configs": len(rows), "links": _links(prof),
+    return {"testbed": testbed.__dict__ | {"gpus": testbed.gpus}, "configs": len(rows), "links": links(prof),
             "summary": summary, "rows": rows}
-
-
-def _links(prof: Profile) -> str:
-    from fsmoe.schedule.model.plan import links
-
-    return links(prof)
 
 
 # FSMoE over Tutel-Improved and over FSMoE without IIO, from the paper's speedups over Tutel+PipeMoE

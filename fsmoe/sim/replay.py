@@ -71,22 +71,24 @@ def replay(mats_NMPP: np.ndarray, steps, ocs: RegionalOCS, tree: LeafSpine, *, g
     scaled = np.divide(mats_NMPP * mb_per_rank * 1e6, sent, out=np.zeros_like(mats_NMPP), where=sent > 0)
     # every AlltoAll in order: (step, layer, dispatch) then (step, layer, combine)
     order = [(n, m, T) for n in range(N) for m in range(M) for T in (scaled[n, m], scaled[n, m].T)]
-    demand = [ocs.server_demand(from_matrix(group_matrix(T, groups))) for _, _, T in order]
+    flows_all = [from_matrix(group_matrix(T, groups)) for _, _, T in order]
+    demand = [ocs.server_demand(f) for f in flows_all]
+    plans = [ocs.plan(d) for d in demand]  # each AlltoAll's own set: the oracle's, the next step's prediction
     static_set = ocs.plan(np.sum(demand, axis=0))
+    tree_cap = tree.capacity()
     a2a = {p: np.zeros(N) for p in POLICIES}
     wait = {p: np.zeros(N) for p in POLICIES}
     held = {"predicted": None, "oracle": None}
     per_step = 2 * M
-    for i, (n, m, T) in enumerate(order):
-        flows = from_matrix(group_matrix(T, groups))
+    for i, ((n, _, _), flows) in enumerate(zip(order, flows_all)):
         A, size = tree.incidence(flows)
-        a2a["electrical"][n] += _makespan_ms(A, tree.capacity(), size, batch, share_tol)
+        a2a["electrical"][n] += _makespan_ms(A, tree_cap, size, batch, share_tol)
         A, cap, size = ocs.incidence(flows, static_set)
         a2a["static"][n] += _makespan_ms(A, cap, size, batch, share_tol)
         prev = i - per_step  # the same layer and direction one recorded step earlier
-        for pol, plan_from in (("predicted", demand[prev] if prev >= 0 else None), ("oracle", demand[i])):
-            circuits = ocs.plan(plan_from if plan_from is not None else demand[i])
-            known = plan_from is not None
+        # the first step's predicted set is its own, not known ahead: it waits the whole delay
+        for pol, circuits, known in (("predicted", plans[prev if prev >= 0 else i], prev >= 0),
+                                     ("oracle", plans[i], True)):
             wait[pol][n] += ocs.reconfigure(held[pol], circuits, hide_ms if known else 0.0)
             held[pol] = circuits
             A, cap, size = ocs.incidence(flows, circuits)
