@@ -87,8 +87,9 @@ def fsmoe(spec: LayerSpec, layout: Layout, profile: Profile, iio: bool = True) -
     recompute = spec.n_layers * chunk_times(work, profile, layout, 1.0).exp
     pairs = {(cf.r, rb) for rb in set(pow2_candidates(rb_cont)) | {cf.r}} | {(1, 1)}
     best, cands = None, []
+    partitions = {rb: fsmoe_partitions(spec, layout, profile, rb, iio) for rb in {rb for _, rb in pairs}}
     for rf, rb in sorted(pairs, key=lambda p: (p[0] + p[1], p)):
-        gar, part = fsmoe_partitions(spec, layout, profile, rb, iio)
+        gar, part = partitions[rb]  # depend on r_bwd alone
         sim = simulate_iteration(spec, layout, profile, rf, rb, iio, gar)
         if rb != rf:
             sim = dataclasses.replace(sim, iter_s=sim.iter_s + recompute)
