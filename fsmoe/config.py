@@ -336,6 +336,10 @@ class ParallelConfig:
     placement_max_moved: float = 0.1  # flexmoe: at most this fraction of the experts moves per rebalance
     placement_ema: float = 1.0  # weight of the newest window in the predicted load (1: that window alone)
     placement_overlap: bool = True  # move experts behind the next step's compute (False: the step waits)
+    # What is split over the data-parallel replicas (fsmoe.parallel.zero, docs/memory.md): "none" keeps
+    # AdamW's moments for every parameter on every rank; "optimizer" (ZeRO-1) splits them, and the
+    # fp32 weight slices they update, over each parameter's replica group (dp; edp for routed experts).
+    shard: str = "none"
 
     @property
     def world(self) -> int:
@@ -367,6 +371,7 @@ class ParallelConfig:
                "must be an integer >= 0 (0 = no check: run the plan as planned)")
         self._validate_hierarchy(prefix)
         self._validate_placement(num_experts, prefix)
+        self._validate_shard(prefix)
         if self.schedule == "default":
             _check(self.pipeline_degree == 0, f"{prefix}.pipeline_degree", self.pipeline_degree,
                    f"needs a pipelined {prefix}.schedule (one of {list(SCHEDULES[1:])}); 'default' runs r = 1")
@@ -407,8 +412,20 @@ class ParallelConfig:
                    f"runs with {prefix}.schedule='default' only (the pipelined schedule plans for fixed "
                    "expert shards); use 'static' or the default schedule")
 
+    def _validate_shard(self, prefix: str) -> None:
+        _one_of(f"{prefix}.shard", self.shard, set(SHARD_MODES))
+        if self.shard == "none":
+            return
+        _check(self.placement == "static", f"{prefix}.shard", self.shard,
+               f"moving experts ({prefix}.placement={self.placement!r}) needs their whole optimizer state "
+               f"on each rank; use {prefix}.shard='none' or {prefix}.placement='static'")
+        _check(self.expert_swap_every == 0, f"{prefix}.shard", self.shard,
+               f"expert swaps ({prefix}.expert_swap_every={self.expert_swap_every}) need the whole optimizer "
+               f"state on each rank; use {prefix}.shard='none' or {prefix}.expert_swap_every=0")
+
 
 PLACEMENTS = ("static", "flexmoe", "eplb")
+SHARD_MODES = ("none", "optimizer")
 
 
 @dataclass

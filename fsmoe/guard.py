@@ -45,6 +45,9 @@ class NonFiniteGuard:
         it divides the gradients), which saves a read and write of every gradient; otherwise the
         gradients are scaled in place first."""
         bad = ~finite
+        prepare = getattr(optimizer, "prepare_step", None)
+        if prepare is not None:  # an optimizer with gradient slices of its own (fsmoe.parallel.zero)
+            prepare()
         self.first = torch.where(bad & (self.first < 0), step, self.first)
         self.count += bad
         if optimizer.defaults.get("fused"):

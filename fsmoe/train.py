@@ -367,15 +367,22 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = self.model_optim_state()
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": model_sd, "optim": optim_sd, "sched": self.scheduler.state_dict(), "step": self.step,
                 "data": self.sampler.state_dict(), "rng": rng}
 
+    def model_optim_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state keyed by parameter name (torch.distributed.checkpoint's format)."""
+        return get_state_dict(self.model, self.optimizer)
+
+    def load_model_optim_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.load_model_optim_state(state["model"], state["optim"])
         self.scheduler.load_state_dict(state["sched"])
         self.step = int(state["step"])
         # The saved lr belongs to the saved schedule; a resume with another train.steps or

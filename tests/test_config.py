@@ -177,3 +177,14 @@ def test_placement_policies_refuse_the_hierarchical_dispatchers():
         with pytest.raises(ConfigError, match=r"parallel\.placement.*alltoall"):
             load_config("tiny", ["parallel.dp=4", "parallel.ep=4", "parallel.placement=flexmoe",
                                  f"model.moe.dispatcher={dispatcher}"])
+
+
+def test_shard_modes_are_checked_by_name_and_against_moving_experts():
+    assert load_config("tiny", ["parallel.dp=2", "parallel.shard=optimizer"]).parallel.shard == "optimizer"
+    with pytest.raises(ConfigError, match=r"parallel\.shard.*allowed values are \['none', 'optimizer'\]"):
+        load_config("tiny", ["parallel.shard=zero3"])
+    with pytest.raises(ConfigError, match=r"parallel\.shard.*placement='flexmoe'"):
+        load_config("tiny", ["parallel.dp=4", "parallel.ep=4", "parallel.placement=flexmoe", "parallel.shard=optimizer"])
+    with pytest.raises(ConfigError, match=r"parallel\.shard.*expert_swap_every=5"):
+        load_config("tiny", ["parallel.dp=4", "parallel.ep=4", "parallel.expert_swap_every=5",
+                             "parallel.shard=optimizer"])

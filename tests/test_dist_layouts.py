@@ -30,6 +30,7 @@ from fsmoe.parallel.groups import ParallelGroups, build_groups
 from fsmoe.parallel.moe import moe_layer_factory
 from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.tensor_parallel import parallelize
+from fsmoe.parallel.zero import ZeroAdamW
 from fsmoe.routing import ROUTERS, register_router
 from fsmoe.routing.base import Router
 from fsmoe.routing.plan import RoutingPlan
@@ -81,7 +82,10 @@ def batches(steps: int):
             for _ in range(steps)]
 
 
-def optimizer(model: nn.Module):
+def optimizer(model: nn.Module, groups: ParallelGroups | None = None, shard: str = "none"):
+    """AdamW; ``shard="optimizer"``: its state split over the replica groups (fsmoe.parallel.zero)."""
+    if shard == "optimizer":
+        return ZeroAdamW([{"params": list(model.parameters())}], groups, lr=1e-2, weight_decay=0.1)
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
@@ -111,14 +115,14 @@ def shard_hashes(model, groups) -> dict[str, str]:
 
 
 def check_layout(par: dict, kind: str, steps: int = 3, factory: bool = False, rs_impl: str | None = None,
-                 max_norm: float = 0.05) -> dict:
+                 max_norm: float = 0.05, shard: str = "none") -> dict:
     """Train reference and layout side by side; returns the largest error of each quantity."""
     cfg = model_cfg(kind)
     groups = build_groups(ParallelConfig(**par))
     ref = build_model(cfg, seed=3)
     built = build_model(cfg, moe_layer_factory(groups, rs_impl), seed=3) if factory else build_model(cfg, seed=3)
     model = parallelize(built, groups, rs_impl)
-    ref_opt, opt = optimizer(ref), optimizer(model)
+    ref_opt, opt = optimizer(ref), optimizer(model, groups, shard)
     rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
     err = dict.fromkeys(("logits", "loss", "aux", "grad", "norm", "param"), 0.0)
     for x, y in batches(steps):
@@ -193,53 +197,89 @@ def probe_logits(model) -> torch.Tensor:
         return model(x).logits
 
 
-def save_checkpoint(par: dict, path: str) -> torch.Tensor:
-    """Train 2 steps at ``par``, save model + AdamW state as global tensors; returns probe logits."""
+def global_state(model, opt, groups) -> dict:
+    """Model + AdamW state as global tensors (sharded optimizer state as slices of them)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    meshes = Meshes.build(groups)
+    if isinstance(opt, ZeroAdamW):
+        names = {id(p): n for n, p in model.named_parameters()}
+        state = {"model": get_model_state_dict(model), "optim": opt.fqn_state_dict(names)}
+        return to_global_state(state, model, groups, meshes, opt.zero_slices(names))
+    msd, osd = get_state_dict(model, opt)
+    return to_global_state({"model": msd, "optim": osd}, model, groups, meshes)
+
+
+def apply_state(model, opt, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    state = to_local_state(state)
+    if isinstance(opt, ZeroAdamW):
+        set_model_state_dict(model, state["model"])
+        opt.load_fqn_state_dict(state["optim"], {id(p): n for n, p in model.named_parameters()})
+    else:
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def probe_after_step(model, opt, groups) -> dict:
+    """Probe logits now, and after one more training step on a fixed batch: the second differs
+    unless the AdamW moments (not only the weights) came through the checkpoint."""
+    now = probe_logits(model)
+    model.train()
+    rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
+    x, y = batches(3)[2]
+    train_step(model, opt, x[rows], y[rows], groups, 0.05)
+    return {"probe": now, "after": probe_logits(model)}
+
+
+def save_checkpoint(par: dict, path: str, shard: str = "none") -> dict:
+    """Train 2 steps at ``par``, save model + AdamW state as global tensors; probes (see above)."""
     groups = build_groups(ParallelConfig(**par))
     model = parallelize(build_model(model_cfg("gpt"), seed=3), groups)
-    opt = optimizer(model)
+    opt = optimizer(model, groups, shard)
     rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
     for x, y in batches(2):
         train_step(model, opt, x[rows], y[rows], groups, 0.05)
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, opt)
-    dcp.save(to_global_state({"model": msd, "optim": osd}, model, groups, Meshes.build(groups)), checkpoint_id=path)
-    return probe_logits(model)
+    dcp.save(global_state(model, opt, groups), checkpoint_id=path)
+    return probe_after_step(model, opt, groups)
 
 
-def load_checkpoint(par: dict, path: str) -> torch.Tensor:
-    """A differently seeded model at layout ``par`` loads the checkpoint; returns probe logits."""
+def load_checkpoint(par: dict, path: str, shard: str = "none") -> dict:
+    """A differently seeded model at layout ``par`` loads the checkpoint; probes (see above)."""
     groups = build_groups(ParallelConfig(**par))
     model = parallelize(build_model(model_cfg("gpt"), seed=99), groups)
-    opt = optimizer(model)
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, opt)
-    state = to_global_state({"model": msd, "optim": osd}, model, groups, Meshes.build(groups))
+    opt = optimizer(model, groups, shard)
+    state = global_state(model, opt, groups)
     dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    state = to_local_state(state)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return probe_logits(model)
+    apply_state(model, opt, state)
+    return probe_after_step(model, opt, groups)
 
 
 # ---------------------------------------------------------------- launches
 
 
 def _world2(rank, world, ckpt):
+    saved, sharded = ckpt
     return {
+        "EP2, sharded optimizer state": check_layout({"dp": 2, "ep": 2}, "deepseek", shard="optimizer"),
+        "load EP2 sharded <- EP4": load_checkpoint({"dp": 2, "ep": 2}, saved, shard="optimizer"),
+        "load EP2 <- EP4 sharded": load_checkpoint({"dp": 2, "ep": 2}, sharded),
         "DP2": check_layout({"dp": 2}, "gpt"),
         "EP2": check_layout({"dp": 2, "ep": 2}, "gpt"),
         "ESP2 (alltoall RS)": check_layout({"dp": 2, "esp": 2}, "gpt", rs_impl="alltoall"),
         "ESP2 (native RS)": check_layout({"dp": 2, "esp": 2}, "deepseek", rs_impl="native"),
         "MP2": check_layout({"mp": 2}, "deepseek"),
         "norm MP2": check_known_norm({"mp": 2}),
-        "load EP2": load_checkpoint({"dp": 2, "ep": 2}, ckpt),
+        "load EP2": load_checkpoint({"dp": 2, "ep": 2}, saved),
     }
 
 
 def _world4(rank, world, ckpt):
+    saved, sharded = ckpt
     return {
+        "DP2xMP2, EP2xESP2, sharded optimizer state": check_layout(
+            {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="optimizer"),
+        "EP2 (edp 2), sharded optimizer state": check_layout({"dp": 4, "ep": 2}, "gpt", shard="optimizer"),
         "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
         "EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "gpt", factory=True),
         "DP2xMP2, EP2xESP2": check_layout({"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek"),
@@ -249,19 +289,22 @@ def _world4(rank, world, ckpt):
         "norm EP4": check_known_norm({"dp": 4, "ep": 4}),
         "norm EP2xESP2": check_known_norm({"dp": 4, "ep": 2, "esp": 2}),
         "norm DP2xMP2, EP2xESP2": check_known_norm({"dp": 2, "mp": 2, "ep": 2, "esp": 2}),
-        "save EP4": save_checkpoint({"dp": 4, "ep": 4}, ckpt),
+        "save EP4": save_checkpoint({"dp": 4, "ep": 4}, saved),
+        "save EP4 sharded": save_checkpoint({"dp": 4, "ep": 4}, sharded, shard="optimizer"),
     }
 
 
 def _world8(rank, world, ckpt):
+    saved, sharded = ckpt
     return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
-            "load EP8": load_checkpoint({"dp": 8, "ep": 8}, ckpt)}
+            "load EP8": load_checkpoint({"dp": 8, "ep": 8}, saved),
+            "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer")}
 
 
 def _assert_layouts(results: list[dict]) -> None:
     for rank, res in enumerate(results):
         for name, err in res.items():
-            if not isinstance(err, dict):
+            if not isinstance(err, dict) or "probe" in err:
                 continue
             if name.startswith("norm"):
                 assert abs(err["norm"] - err["expected"]) < 1e-3 and err["scaled_err"] < 1e-7, f"{name} rank {rank}: {err}"
@@ -273,10 +316,16 @@ def _assert_layouts(results: list[dict]) -> None:
             assert not err["hash_mismatch"], f"replicas differ: {where}"
 
 
+def _same_probes(got: dict, saved: dict) -> None:
+    for key in ("probe", "after"):
+        assert (got[key] - saved[key]).abs().max() < 1e-5, f"{key}: {(got[key] - saved[key]).abs().max()}"
+
+
 @pytest.fixture(scope="module")
 def ep4(tmp_path_factory):
-    """World 4: the EP4/ESP/MP layouts and adversarial routing; saves the EP=4 checkpoint."""
-    ckpt = str(tmp_path_factory.mktemp("ckpt_ep4"))
+    """World 4: the EP4/ESP/MP layouts and adversarial routing; saves the EP=4 checkpoints, with
+    whole and with sharded optimizer state."""
+    ckpt = (str(tmp_path_factory.mktemp("ckpt_ep4")), str(tmp_path_factory.mktemp("ckpt_ep4_sharded")))
     results = run_workers(_world4, 4, ckpt, timeout_s=240)
     return ckpt, results
 
@@ -284,7 +333,9 @@ def ep4(tmp_path_factory):
 def test_world4_layouts_and_adversarial_routing(ep4):
     _, results = ep4
     _assert_layouts(results)
-    assert all(torch.equal(r["save EP4"], results[0]["save EP4"]) for r in results)
+    for key in ("save EP4", "save EP4 sharded"):
+        assert all(torch.equal(r[key]["probe"], results[0][key]["probe"]) for r in results)
+    _same_probes(results[0]["save EP4 sharded"], results[0]["save EP4"])  # the same training either way
 
 
 def test_world2_layouts_and_checkpoint_at_ep2(ep4):
@@ -292,7 +343,9 @@ def test_world2_layouts_and_checkpoint_at_ep2(ep4):
     results = run_workers(_world2, 2, ckpt, timeout_s=180)
     _assert_layouts(results)
     for r in results:
-        assert (r["load EP2"] - saved[0]["save EP4"]).abs().max() < 1e-6
+        _same_probes(r["load EP2"], saved[0]["save EP4"])
+        _same_probes(r["load EP2 sharded <- EP4"], saved[0]["save EP4"])
+        _same_probes(r["load EP2 <- EP4 sharded"], saved[0]["save EP4"])
 
 
 def test_world8_ep8_and_checkpoint_at_ep8(ep4):
@@ -300,10 +353,11 @@ def test_world8_ep8_and_checkpoint_at_ep8(ep4):
     results = run_workers(_world8, 8, ckpt, timeout_s=240)
     _assert_layouts(results)
     for r in results:
-        assert (r["load EP8"] - saved[0]["save EP4"]).abs().max() < 1e-6
+        _same_probes(r["load EP8"], saved[0]["save EP4"])
+        _same_probes(r["load DP8xEP2 sharded <- EP4 sharded"], saved[0]["save EP4"])
 
 
 def test_checkpoint_ep4_loads_in_one_process(ep4):
-    ckpt, saved = ep4
-    logits = load_checkpoint({}, ckpt)
-    assert (logits - saved[0]["save EP4"]).abs().max() < 1e-6
+    (plain, sharded), saved = ep4
+    _same_probes(load_checkpoint({}, plain), saved[0]["save EP4"])
+    _same_probes(load_checkpoint({}, sharded), saved[0]["save EP4"])

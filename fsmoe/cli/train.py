@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-LAYOUT_FIELDS = ("dp", "mp", "ep", "esp", "gpus_per_node")  # set by each launch, not kept by --resume
+# set by each launch, not kept by --resume (a checkpoint loads under any of them)
+LAYOUT_FIELDS = ("dp", "mp", "ep", "esp", "gpus_per_node", "shard")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, Path]:

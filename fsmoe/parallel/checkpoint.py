@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import ParamSharding, get_sharding
+from fsmoe.parallel.zero import ZeroSlice
 from fsmoe.placement.placement import Placement
 
 MESH_DIMS = {"dense": ("dp", "mp"), "moe": ("edp", "ep", "esp")}
@@ -49,17 +50,25 @@ class Meshes:
             moe=init_device_mesh(device, (groups.edp, groups.ep, groups.esp), mesh_dim_names=MESH_DIMS["moe"]))
 
 
-def to_global(t: Tensor, sharding: ParamSharding, groups: ParallelGroups, meshes: Meshes | None):
-    """This rank's shard ``t`` as a DTensor of the global shape (``t`` itself if replicated)."""
-    if not sharding.dims or meshes is None:
+def to_global(t: Tensor, sharding: ParamSharding, groups: ParallelGroups, meshes: Meshes | None,
+              zero: ZeroSlice | None = None):
+    """This rank's shard ``t`` as a DTensor of the global shape (``t`` itself if replicated).
+    ``zero``: ``t`` is this rank's slice of optimizer state split over the parameter's replica
+    group (``parallel.shard = "optimizer"``, fsmoe.parallel.zero), one more ``Shard`` placement."""
+    if (not sharding.dims and zero is None) or meshes is None:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    kinds = {kind for _, kind in sharding.dims}
+    kinds = {kind for _, kind in sharding.dims} | ({zero.kind} if zero is not None else set())
     which = "dense" if kinds <= set(MESH_DIMS["dense"]) else "moe"
     split = {kind: dim for dim, kind in sharding.dims}
+    if zero is not None:
+        split[zero.kind] = zero.dim
     placements = [Shard(split[name]) if name in split else Replicate() for name in MESH_DIMS[which]]
-    shape = sharding.global_shape(t.shape, groups)
+    local = list(t.shape)
+    if zero is not None:  # the parameter's size along the split dim (no other split shares it)
+        local[zero.dim] = zero.size
+    shape = sharding.global_shape(local, groups)
     stride = tuple(_contiguous_strides(shape))
     return DTensor.from_local(t, getattr(meshes, which), placements, run_check=False, shape=shape, stride=stride)
 
@@ -73,10 +82,13 @@ def _contiguous_strides(shape) -> list[int]:
 
 
 def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGroups,
-                    meshes: Meshes | None) -> dict[str, Any]:
+                    meshes: Meshes | None, zero: dict[str, ZeroSlice] | None = None) -> dict[str, Any]:
     """A trainer state (``{"model": {fqn: t}, "optim": {"state": {fqn: {k: t}}, ...}, ...}``) with
     parameters and their same-shaped optimizer tensors as global DTensors. New dicts (the input's
-    may be the optimizer's own); the tensors are shared, so DCP loads into them in place."""
+    may be the optimizer's own); the tensors are shared, so DCP loads into them in place.
+    ``zero``: parameter name -> the slice of its optimizer state this rank holds (sharded
+    optimizer state); those moments are wrapped as slices of the global tensor."""
+    zero = zero or {}
     params = dict(model.named_parameters())
     logical_rows = {}  # expert parameter name -> E/P: its leading rows are the logical experts
     for name, m in model.named_modules():
@@ -89,8 +101,11 @@ def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGro
         for pname, _ in m.named_parameters(prefix=name):
             logical_rows[pname] = placement.num_experts // placement.ranks
 
-    def wrap(name: str, t: Any) -> Any:
+    def wrap(name: str, t: Any, moment: bool = False) -> Any:
         p = params.get(name)
+        zs = zero.get(name) if moment else None
+        if zs is not None and isinstance(t, Tensor) and t.ndim == p.ndim:
+            return to_global(t, get_sharding(p), groups, meshes, zs)
         if p is None or not isinstance(t, Tensor) or t.shape != p.shape:
             return t
         if name in logical_rows:  # spare slots (replicas) are not saved: a view of the logical rows
@@ -102,7 +117,7 @@ def to_global_state(state: dict[str, Any], model: nn.Module, groups: ParallelGro
         out["model"] = {name: wrap(name, t) for name, t in state["model"].items()}
     if "optim" in state:
         out["optim"] = dict(state["optim"])
-        out["optim"]["state"] = {name: {key: wrap(name, t) for key, t in moments.items()}
+        out["optim"]["state"] = {name: {key: wrap(name, t, moment=True) for key, t in moments.items()}
                                  for name, moments in state["optim"].get("state", {}).items()}
     return out
 

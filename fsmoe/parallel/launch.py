@@ -341,13 +341,15 @@ def _agent_quiet() -> Iterator[None]:
 
 
 def add_parallel_arguments(parser) -> None:
-    """``--nproc --dp --mp --ep --esp --gpus-per-node`` for ``fsmoe train``."""
+    """``--nproc --dp --mp --ep --esp --gpus-per-node --shard`` for ``fsmoe train``."""
     group = parser.add_argument_group("parallelism (see docs/parallelism.md)")
     group.add_argument("--nproc", type=int, help="start this many local processes under torchrun")
     for flag, text in (("dp", "data parallel (default: processes / mp)"), ("mp", "tensor parallel (attention, MLP)"),
                        ("ep", "expert parallel"), ("esp", "expert sharding along d_ff")):
         group.add_argument(f"--{flag}", type=int, help=f"{text}: parallel.{flag}")
     group.add_argument("--gpus-per-node", type=int, help="ranks per (simulated) node: parallel.gpus_per_node")
+    group.add_argument("--shard", choices=["none", "optimizer"],
+                       help="split AdamW's state over the data-parallel replicas (optimizer: ZeRO-1): parallel.shard")
 
 
 def processes(args) -> int:
@@ -375,7 +377,7 @@ def parallel_overrides(args) -> list[str]:
     out = []
     if getattr(args, "dp", None) is None and world > 1 and world % (args.mp or 1) == 0:
         out.append(f"parallel.dp={world // (args.mp or 1)}")
-    for flag in ("dp", "mp", "ep", "esp", "gpus_per_node"):
+    for flag in ("dp", "mp", "ep", "esp", "gpus_per_node", "shard"):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"parallel.{flag}={value}")

@@ -11,6 +11,8 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     grad_norm     group-aware global norm (each shard counted once)
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
+    optimizer     ``parallel.shard = "optimizer"``: AdamW state split over each parameter's replica
+                  group (ZeRO-1, fsmoe.parallel.zero); checkpoints load across either setting
     placement     ``parallel.placement`` != static: spare expert slots, and a Rebalancer that
                   moves experts by the measured traffic (fsmoe.placement; docs/placement.md)
 
@@ -39,7 +41,8 @@ from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.placement.policy import balance_ratio
 from fsmoe.placement.rebalance import build_rebalancer
 from fsmoe.placement.slots import add_spare_slots, pad_spare_rows, spare_slots_for
-from fsmoe.train import StepResult, Trainer, resolve_device
+from fsmoe.parallel.zero import ZeroAdamW
+from fsmoe.train import StepResult, Trainer, lr_multiplier, param_groups, resolve_device
 
 
 if TYPE_CHECKING:
@@ -108,6 +111,33 @@ class ParallelTrainer(Trainer):
     def _dp_shard(self) -> tuple[int, int]:
         return self.groups.dp_rank, self.groups.dp
 
+    def _build_optimizer(self):
+        """``parallel.shard = "optimizer"``: the AdamW of fsmoe.parallel.zero over this rank's slices."""
+        if self.cfg.parallel.shard != "optimizer" or not self.groups.distributed:
+            return super()._build_optimizer()
+        t = self.tcfg
+        optimizer = ZeroAdamW(param_groups(self.model, t.weight_decay), self.groups, lr=t.lr,
+                              betas=(t.beta1, t.beta2), eps=t.eps, fused=self.device.type == "cuda")
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
+
+    def _param_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.model.named_parameters()}
+
+    def model_optim_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not isinstance(self.optimizer, ZeroAdamW):
+            return super().model_optim_state()
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model), self.optimizer.fqn_state_dict(self._param_names())
+
+    def load_model_optim_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
+        if not isinstance(self.optimizer, ZeroAdamW):
+            return super().load_model_optim_state(model_sd, optim_sd)
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, model_sd)
+        self.optimizer.load_fqn_state_dict(optim_sd, self._param_names())
+
     def parameter_counts(self) -> tuple[int, int]:
         """Of the global model (shards counted at their global shape), as one process would report."""
         def numel(p) -> int:
@@ -133,6 +163,11 @@ class ParallelTrainer(Trainer):
                                f"dp={g.dp} x mp={g.mp}; MoE edp={g.edp} x ep={g.ep} x esp={g.esp}"
                                + (f"; MoE layers: {self.cfg.model.moe.impl} (model.moe.impl)"
                                   if self.cfg.model.moe.impl != "fsmoe" else ""))
+            if isinstance(self.optimizer, ZeroAdamW):
+                held, full = self.optimizer.state_bytes()
+                self.console.print(f"optimizer state split over replicas (parallel.shard=optimizer): "
+                                   f"{held / 2**30:.3g} GiB on rank 0 (moments, fp32 weight and gradient "
+                                   f"slices) instead of {full / 2**30:.3g} GiB of moments")
 
     def build_schedule(self) -> TrainingSchedule | None:
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""
@@ -215,7 +250,8 @@ class ParallelTrainer(Trainer):
             return super().save_checkpoint()
 
     def state_dict(self) -> dict[str, Any]:
-        return to_global_state(super().state_dict(), self.model, self.groups, self.meshes)
+        zero = (self.optimizer.zero_slices(self._param_names()) if isinstance(self.optimizer, ZeroAdamW) else None)
+        return to_global_state(super().state_dict(), self.model, self.groups, self.meshes, zero)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(pad_spare_rows(to_local_state(state), self.model))

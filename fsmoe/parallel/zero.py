@@ -1,0 +1,273 @@
+"""Sharded optimizer state (``parallel.shard = "optimizer"``, ZeRO stage 1).
+
+Without it every rank keeps AdamW's two fp32 moments for every parameter it holds: 8 bytes per
+element beside the 4-byte weight and 4-byte gradient. With it, the ranks that hold the same
+shard of a parameter after gradient sync (its *replica group*: ``dp`` for the dense part,
+router and shared experts; ``edp`` for routed experts) split that parameter's optimizer state
+between them, and each updates only its slice:
+
+    1. the gradient is summed and clipped exactly as without sharding (full gradients);
+    2. each rank copies its slice of every gradient into a flat buffer, and AdamW updates the
+       slice of the weights it keeps in fp32 (the buffer's twin) with its slice of the moments;
+    3. one all_gather per replica group and bucket writes every rank's updated slices back
+       into the full parameters, so forward and backward see the same weights as before.
+
+Per element: 4 B weight + 4 B gradient + (4 B weight slice + 8 B moments) / n, against 16 B.
+
+The slice of a parameter: along its largest dimension that is not already split (by TP, EP or
+ESP), in ``torch.chunk``'s sizes, which is what a DTensor ``Shard(dim)`` holds; so the
+checkpoint writes each slice as a piece of the global tensor (fsmoe.parallel.checkpoint), and a
+checkpoint loads under any other layout and either setting of ``parallel.shard``. A parameter
+with no dimension that splits into n non-empty pieces (a TP-split bias) keeps its whole state on
+every rank, as without sharding.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fsmoe.parallel.groups import ParallelGroups
+from fsmoe.parallel.sharding import get_sharding
+
+BUCKET_ELEMENTS = 1 << 26  # elements a bucket's all_gather writes (256 MB of fp32): its temporary buffer
+# all_gather_into_tensor's newer name (the old one warns on torch 2.13; 2.11 has only the old one)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class ZeroSlice:
+    """This rank's slice of one parameter's optimizer state: ``length`` entries from ``offset``
+    along ``dim`` of the (local) parameter, out of ``n`` pieces of ``chunk`` (the last may be shorter)."""
+
+    kind: str  # "dp" | "edp": the replica group the state is split over
+    dim: int
+    n: int
+    index: int  # this rank's index in the group
+    size: int  # the parameter's size along dim
+
+    @property
+    def chunk(self) -> int:
+        return -(-self.size // self.n)
+
+    @property
+    def offset(self) -> int:
+        return min(self.index * self.chunk, self.size)
+
+    @property
+    def length(self) -> int:
+        return max(0, min(self.chunk, self.size - self.offset))
+
+
+def replica_kind(p: nn.Parameter) -> str:
+    """The group whose ranks hold this parameter's same shard once gradients are synced."""
+    return "edp" if get_sharding(p).reduce == "edp" else "dp"
+
+
+def slice_for(p: nn.Parameter, groups: ParallelGroups) -> ZeroSlice | None:
+    """Where this rank's share of ``p``'s optimizer state lies; None: the whole state (no group
+    to split over, or no free dimension that gives every rank a non-empty piece)."""
+    kind = replica_kind(p)
+    n = groups.size(kind)
+    if n == 1:
+        return None
+    taken = {dim for dim, _ in get_sharding(p).dims}
+    free = [d for d in range(p.ndim) if d not in taken and -(-p.shape[d] // n) * (n - 1) < p.shape[d]]
+    if not free:
+        return None
+    dim = max(free, key=lambda d: (p.shape[d], -d))
+    return ZeroSlice(kind, dim, n, getattr(groups.coords, kind), p.shape[dim])
+
+
+@dataclass
+class _Entry:
+    """One sliced parameter inside a bucket: its segment ``[start, start + chunk * rest)`` of
+    every rank's flat buffer, holding the slice with ``dim`` moved to the front (contiguous)."""
+
+    param: nn.Parameter
+    zs: ZeroSlice
+    start: int
+    rest: tuple[int, ...]  # the parameter's shape without dim
+
+    @property
+    def seg(self) -> int:
+        return self.zs.chunk * math.prod(self.rest)
+
+    def view(self, flat: Tensor) -> Tensor:
+        """This rank's slice inside ``flat`` (``[length, *rest]``, contiguous)."""
+        return flat[self.start:self.start + self.seg].view(self.zs.chunk, *self.rest)[:self.zs.length]
+
+
+@dataclass
+class _Bucket:
+    kind: str
+    entries: list[_Entry]
+    weights: Tensor  # [seg total] this rank's fp32 slices (what AdamW updates), padded per entry
+    grads: Tensor  # same layout: this rank's gradient slices
+
+
+class ZeroAdamW(torch.optim.AdamW):
+    """AdamW over this rank's slices of the model's parameters (see the module docstring).
+
+    ``param_groups`` are given as for ``torch.optim.AdamW`` (lists of model parameters with
+    their hyperparameters); the optimizer's own ``param_groups`` then hold the slices (or the
+    parameter itself where its state is not split). Call :meth:`prepare_step` after gradient
+    sync to copy the gradient slices (``step`` does it if nobody did), then ``step``.
+    ``zero_grad`` clears the model's gradients too.
+    """
+
+    def __init__(self, param_groups: list[dict[str, Any]], groups: ParallelGroups, *,
+                 bucket_elements: int = BUCKET_ELEMENTS, **defaults: Any):
+        self.groups = groups
+        self.model_params = [p for g in param_groups for p in g["params"]]
+        slices = {id(p): slice_for(p, groups) for p in self.model_params}
+        self.buckets = self._buckets(slices, bucket_elements)
+        owner = {id(e.param): e for b in self.buckets for e in b.entries}
+        self.entries: dict[int, _Entry] = owner  # model parameter id -> its entry (sliced ones)
+        self.slices_of: dict[int, nn.Parameter] = {}  # model parameter id -> what the optimizer updates
+        for b in self.buckets:
+            for e in b.entries:
+                self.slices_of[id(e.param)] = nn.Parameter(e.view(b.weights))
+        shards = [dict(g, params=[self.slices_of.get(id(p), p) for p in g["params"]]) for g in param_groups]
+        super().__init__(shards, **defaults)
+        self._prepared = False
+        self._init_state()
+
+    def _buckets(self, slices: dict[int, ZeroSlice | None], bucket_elements: int) -> list[_Bucket]:
+        """Sliced parameters in model order, per replica group, cut into buckets whose gathered
+        size (n x segment total) stays under ``bucket_elements``."""
+        out: list[_Bucket] = []
+        for kind in ("dp", "edp"):
+            todo = [p for p in self.model_params if slices[id(p)] is not None and slices[id(p)].kind == kind]
+            entries: list[_Entry] = []
+            used = 0
+            for p in todo:
+                zs = slices[id(p)]
+                rest = tuple(s for d, s in enumerate(p.shape) if d != zs.dim)
+                e = _Entry(p, zs, used, rest)
+                if entries and (used + e.seg) * zs.n > bucket_elements:
+                    out.append(self._new_bucket(kind, entries, used))
+                    entries, used, e.start = [], 0, 0
+                entries.append(e)
+                used += e.seg
+            if entries:
+                out.append(self._new_bucket(kind, entries, used))
+        return out
+
+    @staticmethod
+    def _new_bucket(kind: str, entries: list[_Entry], total: int) -> _Bucket:
+        p0 = entries[0].param
+        weights = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        with torch.no_grad():
+            for e in entries:  # the fp32 slices start as the parameters' own values
+                e.view(weights).copy_(e.param.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
+        return _Bucket(kind, entries, weights, torch.zeros_like(weights))
+
+    def _init_state(self) -> None:
+        """AdamW's state, created now (zero moments, step 0) rather than at the first step, so a
+        checkpoint can be loaded into it before any step; the first step is the same either way."""
+        on_device = self.defaults.get("fused") or self.defaults.get("capturable")
+        for g in self.param_groups:
+            for p in g["params"]:
+                self.state[p] = {
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+    # ------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def prepare_step(self) -> None:
+        """Copy this rank's slice of every (synced, full) gradient into the gradient buffer and
+        point the slices' ``.grad`` at it; parameters whose state is whole keep their own."""
+        for b in self.buckets:
+            for e in b.entries:
+                shard = self.slices_of[id(e.param)]
+                if e.param.grad is None:
+                    shard.grad = None
+                    continue
+                g = e.view(b.grads)
+                g.copy_(e.param.grad.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
+                shard.grad = g
+        self._prepared = True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if not self._prepared:
+            self.prepare_step()
+        loss = super().step(closure)
+        self._prepared = False
+        for b in self.buckets:
+            self._gather(b)
+        return loss
+
+    def _gather(self, b: _Bucket) -> None:
+        """Every rank's updated slices into the full parameters (one all_gather)."""
+        n = b.entries[0].zs.n
+        total = b.weights.numel()
+        everyone = torch.empty(n * total, dtype=b.weights.dtype, device=b.weights.device)
+        _all_gather(everyone, b.weights, group=self.groups.group(b.kind))
+        rows = everyone.view(n, total)
+        for e in b.entries:
+            pieces = rows[:, e.start:e.start + e.seg].reshape(n * e.zs.chunk, *e.rest)[:e.zs.size]
+            e.param.copy_(pieces.movedim(0, e.zs.dim))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for p in self.model_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def zero_slices(self, names: dict[int, str]) -> dict[str, ZeroSlice]:
+        """Parameter name -> its slice, for the checkpoint's global tensors (``names``: id -> name)."""
+        return {names[pid]: e.zs for pid, e in self.entries.items()}
+
+    def fqn_state_dict(self, names: dict[int, str]) -> dict[str, Any]:
+        """The state as ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives an
+        unsharded AdamW's (keyed by parameter name, moments in the parameter's layout), with
+        sliced moments as views of this rank's slices."""
+        state, groups = {}, []
+        for g, mine in zip(self.param_groups, self._model_groups()):
+            for shard, p in zip(g["params"], mine):
+                e = self.entries.get(id(p))
+                state[names[id(p)]] = {k: (v.movedim(0, e.zs.dim) if e is not None and v.ndim else v)
+                                       for k, v in self.state[shard].items()}
+            groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in mine]})
+        return {"state": state, "param_groups": groups}
+
+    @torch.no_grad()
+    def load_fqn_state_dict(self, osd: dict[str, Any], names: dict[int, str]) -> None:
+        """Inverse of :meth:`fqn_state_dict` (values already resharded to this rank's slices)."""
+        for g, mine, saved in zip(self.param_groups, self._model_groups(), osd["param_groups"]):
+            g.update({k: v for k, v in saved.items() if k != "params"})
+            for shard, p in zip(g["params"], mine):
+                e = self.entries.get(id(p))
+                for k, v in osd["state"][names[id(p)]].items():
+                    mine_v = self.state[shard][k]
+                    (mine_v.movedim(0, e.zs.dim) if e is not None and mine_v.ndim else mine_v).copy_(v)
+        for b in self.buckets:  # the fp32 slices follow the loaded weights
+            for e in b.entries:
+                e.view(b.weights).copy_(e.param.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
+
+    def _model_groups(self) -> list[list[nn.Parameter]]:
+        """The model parameters of each param group, in the optimizer's order."""
+        out, it = [], iter(self.model_params)
+        for g in self.param_groups:
+            out.append([next(it) for _ in g["params"]])
+        return out
+
+    def state_bytes(self) -> tuple[int, int]:
+        """(bytes of optimizer state on this rank incl. the fp32 slices, bytes it would be unsharded)."""
+        held = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if t.ndim)
+        held += sum(b.weights.numel() * b.weights.element_size() * 2 for b in self.buckets)  # slices + grads
+        full = sum(2 * p.numel() * p.element_size() for p in self.model_params)
+        return held, full
