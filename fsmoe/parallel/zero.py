@@ -7,15 +7,19 @@ router and shared experts; ``edp`` for routed experts) split that parameter's op
 between them, and each updates only its slice:
 
     1. the gradient is summed and clipped exactly as without sharding (full gradients);
-    2. each rank copies its slice of every gradient into a flat buffer, and AdamW updates the
-       slice of the weights it keeps in fp32 (the buffer's twin) with its slice of the moments;
+    2. AdamW updates this rank's slice of the weights with its slice of the gradient and moments;
     3. one all_gather per replica group and bucket writes every rank's updated slices back
        into the full parameters, so forward and backward see the same weights as before.
 
-Per element: 4 B weight + 4 B gradient + (4 B weight slice + 8 B moments) / n, against 16 B.
+Per element: 4 B weight + 4 B gradient + 8 B / n of moments, against 16 B. A slice along the
+first dimension is a contiguous piece of the parameter and its gradient, and AdamW updates it
+in place; a slice along another dimension (the first is taken: experts split by EP, q/k/v and
+w1/w3 by TP) is strided, so its weights are kept in a buffer of their own (+4 B / n) and its
+gradient copied there for the step.
 
-The slice of a parameter: along its largest dimension that is not already split (by TP, EP or
-ESP), in ``torch.chunk``'s sizes, which is what a DTensor ``Shard(dim)`` holds; so the
+The slice of a parameter: along its first dimension not already split (by TP, EP or ESP) that
+gives every rank a non-empty piece, in ``torch.chunk``'s sizes, which is what a DTensor
+``Shard(dim)`` holds; so the
 checkpoint writes each slice as a piece of the global tensor (fsmoe.parallel.checkpoint), and a
 checkpoint loads under any other layout and either setting of ``parallel.shard``. A parameter
 with no dimension that splits into n non-empty pieces (a TP-split bias) keeps its whole state on
@@ -79,8 +83,7 @@ def slice_for(p: nn.Parameter, groups: ParallelGroups) -> ZeroSlice | None:
     free = [d for d in range(p.ndim) if d not in taken and -(-p.shape[d] // n) * (n - 1) < p.shape[d]]
     if not free:
         return None
-    dim = max(free, key=lambda d: (p.shape[d], -d))
-    return ZeroSlice(kind, dim, n, getattr(groups.coords, kind), p.shape[dim])
+    return ZeroSlice(kind, free[0], n, getattr(groups.coords, kind), p.shape[free[0]])
 
 
 @dataclass
@@ -97,17 +100,27 @@ class _Entry:
     def seg(self) -> int:
         return self.zs.chunk * math.prod(self.rest)
 
+    @property
+    def in_place(self) -> bool:
+        """A slice along dim 0: a contiguous piece of the parameter, updated where it lies."""
+        return self.zs.dim == 0
+
     def view(self, flat: Tensor) -> Tensor:
         """This rank's slice inside ``flat`` (``[length, *rest]``, contiguous)."""
         return flat[self.start:self.start + self.seg].view(self.zs.chunk, *self.rest)[:self.zs.length]
+
+    def of(self, t: Tensor) -> Tensor:
+        """This rank's slice of ``t`` (the parameter or its gradient), dim moved to the front."""
+        return t.narrow(self.zs.dim, self.zs.offset, self.zs.length).movedim(self.zs.dim, 0)
 
 
 @dataclass
 class _Bucket:
     kind: str
     entries: list[_Entry]
-    weights: Tensor  # [seg total] this rank's fp32 slices (what AdamW updates), padded per entry
-    grads: Tensor  # same layout: this rank's gradient slices
+    total: int  # elements of this rank's part of the gather: every entry's segment, padded
+    weights: Tensor | None  # [total]: the weight slices of the strided entries (AdamW updates them)
+    grads: Tensor | None  # same layout: their gradient slices, during the step
 
 
 class ZeroAdamW(torch.optim.AdamW):
@@ -131,7 +144,8 @@ class ZeroAdamW(torch.optim.AdamW):
         self.slices_of: dict[int, nn.Parameter] = {}  # model parameter id -> what the optimizer updates
         for b in self.buckets:
             for e in b.entries:
-                self.slices_of[id(e.param)] = nn.Parameter(e.view(b.weights))
+                piece = e.of(e.param.data) if e.in_place else e.view(b.weights)
+                self.slices_of[id(e.param)] = nn.Parameter(piece)
         shards = [dict(g, params=[self.slices_of.get(id(p), p) for p in g["params"]]) for g in param_groups]
         super().__init__(shards, **defaults)
         self._prepared = False
@@ -160,12 +174,16 @@ class ZeroAdamW(torch.optim.AdamW):
 
     @staticmethod
     def _new_bucket(kind: str, entries: list[_Entry], total: int) -> _Bucket:
+        """The strided entries' weight slices start as the parameters' own values."""
         p0 = entries[0].param
-        weights = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-        with torch.no_grad():
-            for e in entries:  # the fp32 slices start as the parameters' own values
-                e.view(weights).copy_(e.param.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
-        return _Bucket(kind, entries, weights, torch.zeros_like(weights))
+        weights = None
+        if not all(e.in_place for e in entries):
+            weights = torch.zeros(total, dtype=p0.dtype, device=p0.device)
+            with torch.no_grad():
+                for e in entries:
+                    if not e.in_place:
+                        e.view(weights).copy_(e.of(e.param))
+        return _Bucket(kind, entries, total, weights, None)
 
     def _init_state(self) -> None:
         """AdamW's state, created now (zero moments, step 0) rather than at the first step, so a
@@ -182,17 +200,20 @@ class ZeroAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def prepare_step(self) -> None:
-        """Copy this rank's slice of every (synced, full) gradient into the gradient buffer and
-        point the slices' ``.grad`` at it; parameters whose state is whole keep their own."""
+        """Point every slice's ``.grad`` at this rank's slice of the (synced, full) gradient: a
+        view where the slice lies in place, a copy in the bucket's buffer where it is strided;
+        parameters whose state is whole keep their own."""
         for b in self.buckets:
+            if b.weights is not None and b.grads is None:
+                b.grads = torch.empty_like(b.weights)
             for e in b.entries:
                 shard = self.slices_of[id(e.param)]
                 if e.param.grad is None:
                     shard.grad = None
-                    continue
-                g = e.view(b.grads)
-                g.copy_(e.param.grad.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
-                shard.grad = g
+                elif e.in_place:
+                    shard.grad = e.of(e.param.grad)
+                else:
+                    shard.grad = e.view(b.grads).copy_(e.of(e.param.grad))
         self._prepared = True
 
     @torch.no_grad()
@@ -202,16 +223,19 @@ class ZeroAdamW(torch.optim.AdamW):
         loss = super().step(closure)
         self._prepared = False
         for b in self.buckets:
+            b.grads = None  # the copies live only for the step
             self._gather(b)
         return loss
 
     def _gather(self, b: _Bucket) -> None:
         """Every rank's updated slices into the full parameters (one all_gather)."""
         n = b.entries[0].zs.n
-        total = b.weights.numel()
-        everyone = torch.empty(n * total, dtype=b.weights.dtype, device=b.weights.device)
-        _all_gather(everyone, b.weights, group=self.groups.group(b.kind))
-        rows = everyone.view(n, total)
+        mine = torch.empty(b.total, dtype=b.entries[0].param.dtype, device=b.entries[0].param.device)
+        for e in b.entries:
+            e.view(mine).copy_(e.of(e.param) if e.in_place else e.view(b.weights))
+        everyone = torch.empty(n * b.total, dtype=mine.dtype, device=mine.device)
+        _all_gather(everyone, mine, group=self.groups.group(b.kind))
+        rows = everyone.view(n, b.total)
         for e in b.entries:
             pieces = rows[:, e.start:e.start + e.seg].reshape(n * e.zs.chunk, *e.rest)[:e.zs.size]
             e.param.copy_(pieces.movedim(0, e.zs.dim))
@@ -254,9 +278,10 @@ class ZeroAdamW(torch.optim.AdamW):
                 for k, v in osd["state"][names[id(p)]].items():
                     mine_v = self.state[shard][k]
                     (mine_v.movedim(0, e.zs.dim) if e is not None and mine_v.ndim else mine_v).copy_(v)
-        for b in self.buckets:  # the fp32 slices follow the loaded weights
+        for b in self.buckets:  # the strided entries' weight slices follow the loaded weights
             for e in b.entries:
-                e.view(b.weights).copy_(e.param.narrow(e.zs.dim, e.zs.offset, e.zs.length).movedim(e.zs.dim, 0))
+                if not e.in_place:
+                    e.view(b.weights).copy_(e.of(e.param))
 
     def _model_groups(self) -> list[list[nn.Parameter]]:
         """The model parameters of each param group, in the optimizer's order."""
@@ -266,8 +291,9 @@ class ZeroAdamW(torch.optim.AdamW):
         return out
 
     def state_bytes(self) -> tuple[int, int]:
-        """(bytes of optimizer state on this rank incl. the fp32 slices, bytes it would be unsharded)."""
+        """(bytes of optimizer state on this rank incl. the strided slices' weights, bytes of the
+        moments unsharded)."""
         held = sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if t.ndim)
-        held += sum(b.weights.numel() * b.weights.element_size() * 2 for b in self.buckets)  # slices + grads
+        held += sum(b.weights.numel() * b.weights.element_size() for b in self.buckets if b.weights is not None)
         full = sum(2 * p.numel() * p.element_size() for p in self.model_params)
         return held, full
