@@ -81,8 +81,8 @@ class ParamCounts:
             n = p.numel()
             if ".experts." in name and ".shared" not in name:
                 experts += n
-            elif ("attn." in name or (".ffn." in name and ".router" not in name and ".shared" not in name)) \
-                    and p.ndim == 2:
+            elif p.ndim == 2 and (("attn." in name and model_cfg.attention != "mla")
+                                  or (".ffn." in name and ".router" not in name and ".shared" not in name)):
                 split += n
                 if any(name.endswith(f".{w}.weight") for w in ("wq", "wk", "wv", "w1", "w3")):
                     column += n
@@ -93,11 +93,22 @@ class ParamCounts:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Peak bytes per GPU of one training step, by part (``parts``) and in all (``total``)."""
+    """Bytes per GPU of one training step at its two high points (``forward``: the end of the
+    forward pass, every activation saved; ``step``: the end of backward and the optimizer step,
+    every gradient held), and the larger of the two (``total``, with its parts ``parts``)."""
 
-    parts: dict[str, float]
+    forward: dict[str, float]
+    step: dict[str, float]
     tokens_per_gpu: int
     params_per_gpu: float
+
+    @property
+    def peak_phase(self) -> str:
+        return "forward" if sum(self.forward.values()) >= sum(self.step.values()) else "step"
+
+    @property
+    def parts(self) -> dict[str, float]:
+        return self.forward if self.peak_phase == "forward" else self.step
 
     @property
     def total(self) -> float:
@@ -106,15 +117,16 @@ class MemoryPlan:
 
 def _attention_bytes(m, tokens: int, mp: int, act: int) -> float:
     """What one attention sub-block (its norm included) saves for backward, for ``tokens`` tokens."""
-    d, H, G, K = m.d_model, m.n_heads // mp, max(1, m.kv_heads // mp), m.head_size
-    norm = 4 * d + 4 * (2 if m.arch == "gpt" else 1)  # fp32 input copy + its statistics
-    if m.attention == "mla":
+    norm = 4 * m.d_model + 4 * (2 if m.arch == "gpt" else 1)  # fp32 input copy + its statistics
+    if m.attention == "mla":  # replicated under tensor parallelism (every head on every rank)
+        d, H = m.d_model, m.n_heads
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
         q_lat = (4 + act) * m.q_lora_rank + 4 if m.q_lora_rank else 0  # the latent, normed (fp32 + bf16)
         kv_lat = (4 + act) * m.kv_lora_rank + 4
         # q, k, the kv projection (k's nope part and v, one storage), output; logsumexp
         sdpa = act * H * (2 * qk + m.qk_nope_head_dim + 2 * v) + 4 * H
         return tokens * (norm + act * d + q_lat + kv_lat + sdpa)
+    d, H, G, K = m.d_model, m.n_heads // mp, max(1, m.kv_heads // mp), m.head_size
     qk_norm = 4 * (H + G) * (K + 1) if m.qk_norm else 0  # q, k in fp32 and their statistics
     sdpa = act * (2 * H * K + 2 * G * K) + 4 * H  # q, k, v, output; logsumexp
     # LayerNorm's output is fp32, so each of q/k/v casts it to bf16 on its own; RMSNorm's is bf16
@@ -130,12 +142,14 @@ def _ffn_bytes(m, tokens: int, d_ff: int, act: int) -> float:
 
 
 def _moe_bytes(m, tokens: int, par, act: int, imbalance: float, recompute: str) -> float:
-    """An MoE sub-block: norm, router and order state per token; per routed row (``tokens x k``
-    rows, ``imbalance`` times that on the busiest rank, gathered over esp) the permuted input,
-    the hidden tensors (GeLU: 2, SwiGLU: 3; none when the experts are recomputed) and the output."""
+    """An MoE sub-block: its norm over every token; the MoE layer itself takes 1/mp of them
+    (router and order state per token; per routed row (``tokens x k`` rows, ``imbalance`` times
+    that on the busiest rank, gathered over esp) the permuted input, the hidden tensors (GeLU: 2,
+    SwiGLU: 3; none when the experts are recomputed) and the output)."""
     moe = m.moe
     k, E, d = moe.router.top_k, moe.num_experts, m.d_model
-    norm = 4 * d + 4 * (2 if m.arch == "gpt" else 1)
+    norm = tokens * (4 * d + 4 * (2 if m.arch == "gpt" else 1))
+    tokens = tokens / par.mp
     router = 4 * E + 46 * k + (12 + 8 * k if moe.router.name == "deepseek" else 0)
     rows = tokens * k * imbalance
     f = moe.experts.d_ff // par.esp
@@ -145,7 +159,7 @@ def _moe_bytes(m, tokens: int, par, act: int, imbalance: float, recompute: str) 
     if moe.experts.num_shared:
         fs = moe.experts.num_shared * (moe.experts.shared_d_ff or moe.experts.d_ff)
         shared = tokens * (4 if moe.experts.activation == "swiglu" else 2) * act * fs
-    return tokens * (norm + act * d + router) + rows * per_row + shared
+    return norm + tokens * (act * d + router) + rows * per_row + shared
 
 
 def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0,
@@ -153,52 +167,81 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     """Peak memory per GPU of ``fsmoe train`` on ``cfg`` (its model, ``parallel.*`` layout and
     ``shard``, ``train.batch_size`` / ``seq_len`` / ``dtype`` / ``activation_checkpointing``).
 
-    The peak is at the end of a forward pass after the first step: the previous step's
-    gradients are still held (they are released when backward starts), beside the weights, the
-    optimizer state, every saved activation, and the logits (bf16, and the fp32 copy the loss
-    keeps). ``batch_per_gpu``: sequences per data-parallel rank (default: the config's batch / dp).
+    Gradients are released right after each optimizer step, so the forward pass holds weights,
+    optimizer state, every saved activation (with autocast's bf16 weight copies) and, while the
+    loss runs, the logits three times over (bf16, an fp32 copy, log_softmax's output); the end of
+    backward holds weights, gradients and optimizer state (the data-parallel AllReduce's buckets
+    are views of the gradients, fsmoe.parallel.grad_buckets).
+    ``batch_per_gpu``: sequences per data-parallel rank (default: the config's batch / dp).
     ``imbalance``: rows of the busiest expert rank over the mean (1: balanced routing)."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
     counts = counts or ParamCounts.of(m)
     act = ACT if t.dtype == "bfloat16" else 4
     per_gpu_batch = batch_per_gpu if batch_per_gpu is not None else max(1, t.batch_size // par.dp)
     tokens = per_gpu_batch * t.seq_len
-    edp = par.world // (par.ep * par.esp)
     dense = counts.split_by_mp / par.mp + counts.replicated
     experts = counts.experts / (par.ep * par.esp)
     params = dense + experts
-    parts = {"weights": 4 * params, "gradients": 4 * params}
-    if par.shard == "optimizer":
-        # moments split over dp (edp for experts); where the split runs along a dimension other
-        # than the first (experts split by ep, q/k/v and w1/w3 by mp) the slice of the weights is
-        # kept in a buffer of its own too (fsmoe.parallel.zero)
-        copied_experts = experts if par.ep > 1 else 0.0
-        copied_dense = counts.column_parallel / par.mp if par.mp > 1 else 0.0
-        parts["optimizer"] = (8 * dense + 4 * copied_dense) / par.dp + (8 * experts + 4 * copied_experts) / edp
-    else:
-        parts["optimizer"] = 8 * params
-    mode = t.activation_checkpointing
-    layers = [m.is_moe_layer(i) for i in range(m.n_layers)]
-    if mode == "full":  # each block keeps its input; the bf16 weight copies are made again in backward
-        saved = m.n_layers * tokens * act * m.d_model
-        weight_copies = 0.0
-    else:
-        saved = sum(_attention_bytes(m, tokens, par.mp, act) for _ in layers)
-        saved += sum(_moe_bytes(m, tokens, par, act, imbalance, mode) if moe else _ffn_bytes(m, tokens, m.d_ff // par.mp, act)
-                     for moe in layers)
-        if m.attention != "mla" and m.arch == "llama":  # rope tables (cos, sin) for max_seq_len, once
-            saved += 2 * 4 * m.max_seq_len * m.head_size // 2
-        # autocast's bf16 copy of each matrix a matmul uses stays saved until backward (all but
-        # the embeddings, which are looked up)
-        weight_copies = act * (params - _embeddings(m)) if t.dtype == "bfloat16" else 0.0
-    parts["activations"] = saved
-    parts["bf16 weight copies"] = weight_copies
+    states = {"weights": 4 * params, "optimizer": _optimizer_bytes(counts, par, dense, experts)}
+    forward = dict(states)
+    forward["activations"], forward["bf16 weight copies"] = _activation_bytes(m, par, t, tokens, act, imbalance)
+    if t.dtype == "bfloat16" and t.activation_checkpointing != "full":
+        forward["bf16 weight copies"] = act * (params - _embeddings(m))
     head_in = tokens * (4 * m.d_model + 8 + act * m.d_model)
-    # while the loss runs: the logits as returned (bf16), their fp32 copy and log_softmax's output
-    parts["logits"] = head_in + tokens * m.vocab_size * (act + 4 + (4 if act < 4 else 0))
-    return MemoryPlan(parts, tokens, params)
+    forward["logits"] = head_in + tokens * m.vocab_size * (act + 4 + (4 if act < 4 else 0))
+    step = dict(states)
+    step["gradients"] = 4 * params
+    return MemoryPlan(forward, step, tokens, params)
+
+
+def _optimizer_bytes(counts: ParamCounts, par, dense: float, experts: float) -> float:
+    """AdamW's two fp32 moments per parameter held; ``shard = "optimizer"`` splits them over dp
+    (edp for the experts) and keeps the weights of the slices that do not lie along the first
+    dimension (experts split by ep, q/k/v and w1/w3 by mp) in a buffer of their own
+    (fsmoe.parallel.zero)."""
+    if par.shard != "optimizer":
+        return 8 * (dense + experts)
+    edp = par.world // (par.ep * par.esp)
+    copied_experts = experts if par.ep > 1 and edp > 1 else 0.0  # edp 1: nothing to split, no copy
+    copied_dense = counts.column_parallel / par.mp if par.mp > 1 and par.dp > 1 else 0.0
+    return (8 * dense + 4 * copied_dense) / par.dp + (8 * experts + 4 * copied_experts) / edp
+
+
+def _activation_bytes(m, par, t, tokens: int, act: int, imbalance: float) -> tuple[float, float]:
+    """(what every block saves for backward, autocast's bf16 weight copies: filled by the caller)."""
+    if t.activation_checkpointing == "full":  # each block keeps its input; the rest is recomputed
+        return m.n_layers * tokens * act * m.d_model, 0.0
+    saved = 0.0
+    for i in range(m.n_layers):
+        saved += _attention_bytes(m, tokens, par.mp, act)
+        saved += (_moe_bytes(m, tokens, par, act, imbalance, t.activation_checkpointing) if m.is_moe_layer(i)
+                  else _ffn_bytes(m, tokens, m.d_ff // par.mp, act))
+    rope = m.qk_rope_head_dim if m.attention == "mla" else m.head_size if m.arch == "llama" else 0
+    saved += 2 * 4 * m.max_seq_len * (rope // 2)  # the rotary tables (cos, sin), once
+    return saved, 0.0
 
 
 def _embeddings(m) -> int:
     """Parameters of the token (and position) embeddings: looked up, never cast to bf16."""
     return m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.arch == "gpt" else 0)
+
+
+def largest_batch(cfg, budget_bytes: float, *, imbalance: float = 1.0, counts: ParamCounts | None = None,
+                  limit: int = 1 << 16) -> int:
+    """The most sequences per data-parallel rank whose planned peak stays within ``budget_bytes``
+    (0: none); a multiple of mp (the MoE layers split a rank's sequences over the MP group)."""
+    counts = counts or ParamCounts.of(cfg.model)
+    mp = cfg.parallel.mp
+
+    def fits(j: int) -> bool:
+        return plan_memory(cfg, batch_per_gpu=j * mp, imbalance=imbalance, counts=counts).total <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * mp

@@ -424,7 +424,6 @@ class Trainer:
         with self.autocast():
             out = self.model(x_BL)
             ce = self.loss(out, y_BL)
-        self.optimizer.zero_grad(set_to_none=True)
         aux = out.aux_loss.float()
         (ce + aux).backward()
         self.sync_grads()
@@ -439,6 +438,9 @@ class Trainer:
         finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
         clip = clip_coefficient(grad_norm, self.tcfg.grad_clip)
         self.guard.apply(self.optimizer, finite, self.step + 1, grad_coef=clip)
+        # Released now, not before the next backward: the next forward's activations then never
+        # sit beside a full set of gradients (fsmoe.memory: one weight-sized buffer less at the peak)
+        self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         for layer in self.model.moe_layers():
             layer.router.after_step()

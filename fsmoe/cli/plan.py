@@ -1,4 +1,5 @@
-"""``fsmoe plan``: the schedule for a layer config on a layout, from a Profile.
+"""``fsmoe plan``: the schedule for a layer config on a layout, from a Profile; or, with
+``--memory``, the peak memory per GPU of training a model on a layout and what fits a card.
 
     fsmoe plan --profile runs/profiles/X.json --d-model 2048 --d-ff 8192 --experts 8 --ep 2 --esp 4 \\
         --gpus-per-node 4 --batch 2 --seq-len 1024 --explain
@@ -7,6 +8,12 @@
 Layer fields default to the run config (``--config``, default ``tiny``); explicit flags win.
 ``--explain`` prints the FSMoE case, r, the gradient partitions and the predicted timelines
 beside the four baselines (see docs/scheduler.md).
+
+    fsmoe plan --memory --config mixtral-8x7b --gpus 8 --ep 8 --shard optimizer --gpu-gb 141 \
+        --set train.batch_size=8 train.activation_checkpointing=full
+
+prints weights, optimizer state, activations, logits and gradients per GPU at the step's two
+high points (docs/memory.md) and the largest batch per GPU that fits the card.
 """
 from __future__ import annotations
 
@@ -20,9 +27,9 @@ from pathlib import Path
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose pipeline degrees and gradient partitions (FSMoE)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", required=True, help="Profile JSON from `fsmoe profile`")
+    p.add_argument("--profile", help="Profile JSON from `fsmoe profile` (needed unless --memory)")
     p.add_argument("--config", default="tiny", help="preset name or TOML path for the layer defaults")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     for flag, typ in (("--batch", int), ("--seq-len", int), ("--d-model", int), ("--d-ff", int), ("--experts", int),
                       ("--top-k", int), ("--heads", int), ("--layers", int), ("--capacity", float)):
         p.add_argument(flag, type=typ, default=None)
@@ -33,11 +40,30 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default="fsmoe",
                    choices=["default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe"])
     p.add_argument("--explain", action="store_true", help="case, r, partitions, predicted timelines vs baselines")
-    p.add_argument("--json", default=None, help="write the Schedule here")
+    p.add_argument("--json", default=None, help="write the Schedule (with --memory: the memory plan) here")
+    m = p.add_argument_group("memory (--memory)")
+    m.add_argument("--memory", action="store_true", help="peak memory per GPU of training, and the largest batch")
+    m.add_argument("--gpus", type=int, default=None, help="GPUs in the job (parallel.dp = gpus / mp)")
+    m.add_argument("--mp", type=int, default=None, help="tensor parallel degree (parallel.mp)")
+    m.add_argument("--shard", choices=["none", "optimizer"], default=None, help="parallel.shard")
+    m.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    m.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of the card kept free for the CUDA context, allocator and NCCL (default 0.1)")
+    m.add_argument("--imbalance", type=float, default=1.0,
+                   help="rows of the busiest expert rank over the mean (default 1: balanced routing)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.memory:
+        from fsmoe.cli.plan_memory import run_memory
+
+        return run_memory(args)
+    if not args.profile:
+        from fsmoe.config import ConfigError
+
+        raise ConfigError("--profile", None, "a Profile JSON from `fsmoe profile` is needed to plan a schedule "
+                          "(or pass --memory for the memory plan)")
     from fsmoe.config import load_config
     from fsmoe.schedule.types import LayerSpec, Layout
     from fsmoe.schedule.model.plan import explain, plan

@@ -10,7 +10,8 @@ AllReduce is launched asynchronously, so on NCCL it runs on the communication st
 backward goes on computing earlier layers (DDP's bucketing, and the part of FSMoE's gradient
 partitioning that needs no schedule). ``finish()``, called after backward, launches the buckets
 whose hooks did not all fire (a parameter without a gradient gets zeros, as in ``sync_grads``),
-waits, divides by dp and writes the sums back.
+waits and divides by dp. Once a bucket is launched its gradients are views of its flat buffer,
+so the buckets cost no memory beyond the gradients themselves.
 
 Every rank launches the same buckets in the same order: the dense part runs the same graph on
 every data-parallel rank, and leftover buckets go in bucket order. The numbers are those of
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fsmoe.parallel.grads import grad_or_zeros, write_mean
+from fsmoe.parallel.grads import grad_or_zeros
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
 
@@ -62,7 +63,12 @@ class BucketedGradSync:
             self._launch(b)
 
     def _launch(self, b: _Bucket) -> None:
+        """Flatten the bucket's gradients and start their AllReduce. The gradients become views of
+        the flat buffer (as DDP's ``gradient_as_bucket_view``), so the separate tensors are freed
+        and the bucket costs no second copy of the gradients."""
         b.flat_n = torch.cat([grad_or_zeros(p).reshape(-1) for p in b.params])
+        for p, part in zip(b.params, torch.split(b.flat_n, [p.numel() for p in b.params])):
+            p.grad = part.view_as(p)
         b.work = dist.all_reduce(b.flat_n, group=self.group, async_op=True)
 
     def finish(self) -> None:
@@ -72,7 +78,7 @@ class BucketedGradSync:
                 self._launch(b)
         for b in self.buckets:
             b.work.wait()
-            write_mean(b.flat_n, [p.grad for p in b.params], self.groups.dp)
+            b.flat_n /= self.groups.dp  # the gradients are views of it
             b.arrived, b.flat_n, b.work = 0, None, None
 
     def remove(self) -> None:
