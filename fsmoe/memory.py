@@ -167,9 +167,10 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     """Peak memory per GPU of ``fsmoe train`` on ``cfg`` (its model, ``parallel.*`` layout and
     ``shard``, ``train.batch_size`` / ``seq_len`` / ``dtype`` / ``activation_checkpointing``).
 
-    Gradients are released right after each optimizer step, so the forward pass holds weights,
-    optimizer state, every saved activation (with autocast's bf16 weight copies) and, while the
-    loss runs, the logits three times over (bf16, an fp32 copy, log_softmax's output); the end of
+    Gradients are released right after each optimizer step, so the turn from forward to backward
+    holds weights, optimizer state, every saved activation (with autocast's bf16 weight copies)
+    and, as the loss's backward begins, the logits four times over (as returned, log_softmax's
+    saved output in fp32, two fp32 gradients of the same size); the end of
     backward holds weights, gradients and optimizer state (the data-parallel AllReduce's buckets
     are views of the gradients, fsmoe.parallel.grad_buckets).
     ``batch_per_gpu``: sequences per data-parallel rank (default: the config's batch / dp).
@@ -188,7 +189,9 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     if t.dtype == "bfloat16" and t.activation_checkpointing != "full":
         forward["bf16 weight copies"] = act * (params - _embeddings(m))
     head_in = tokens * (4 * m.d_model + 8 + act * m.d_model)
-    forward["logits"] = head_in + tokens * m.vocab_size * (act + 4 + (4 if act < 4 else 0))
+    # the loss's backward begins: the logits as returned, log_softmax's saved output, and two
+    # [tokens, vocab] fp32 gradients (of the loss's output, then of its input)
+    forward["logits"] = head_in + tokens * m.vocab_size * (act + 12)
     step = dict(states)
     step["gradients"] = 4 * params
     return MemoryPlan(forward, step, tokens, params)

@@ -166,8 +166,8 @@ class ParallelTrainer(Trainer):
             if isinstance(self.optimizer, ZeroAdamW):
                 held, full = self.optimizer.state_bytes()
                 self.console.print(f"optimizer state split over replicas (parallel.shard=optimizer): "
-                                   f"{held / 2**30:.3g} GiB on rank 0 (moments, fp32 weight and gradient "
-                                   f"slices) instead of {full / 2**30:.3g} GiB of moments")
+                                   f"{held / 2**30:.3g} GiB on rank 0 (moments, and the weights of slices "
+                                   f"not along the first dim) instead of {full / 2**30:.3g} GiB of moments")
 
     def build_schedule(self) -> TrainingSchedule | None:
         """Plan ``parallel.schedule`` and install it (executors on every MoE layer, GradSync)."""

@@ -80,7 +80,10 @@ def slice_for(p: nn.Parameter, groups: ParallelGroups) -> ZeroSlice | None:
     if n == 1:
         return None
     taken = {dim for dim, _ in get_sharding(p).dims}
-    free = [d for d in range(p.ndim) if d not in taken and -(-p.shape[d] // n) * (n - 1) < p.shape[d]]
+    # dim 0 may split unevenly (its pieces stay contiguous); a later dim only evenly, so that a
+    # piece kept in a buffer of its own is a whole block in the parameter's layout
+    free = [d for d in range(p.ndim) if d not in taken
+            and (p.shape[d] % n == 0 if d else -(-p.shape[d] // n) * (n - 1) < p.shape[d])]
     if not free:
         return None
     return ZeroSlice(kind, free[0], n, getattr(groups.coords, kind), p.shape[free[0]])
@@ -88,17 +91,17 @@ def slice_for(p: nn.Parameter, groups: ParallelGroups) -> ZeroSlice | None:
 
 @dataclass
 class _Entry:
-    """One sliced parameter inside a bucket: its segment ``[start, start + chunk * rest)`` of
-    every rank's flat buffer, holding the slice with ``dim`` moved to the front (contiguous)."""
+    """One sliced parameter inside a bucket: its segment ``[start, start + seg)`` of every rank's
+    flat buffer holds that rank's slice in the parameter's layout (``chunk`` along ``dim``)."""
 
     param: nn.Parameter
     zs: ZeroSlice
     start: int
-    rest: tuple[int, ...]  # the parameter's shape without dim
+    piece: tuple[int, ...]  # the parameter's shape with ``chunk`` along dim
 
     @property
     def seg(self) -> int:
-        return self.zs.chunk * math.prod(self.rest)
+        return math.prod(self.piece)
 
     @property
     def in_place(self) -> bool:
@@ -106,12 +109,12 @@ class _Entry:
         return self.zs.dim == 0
 
     def view(self, flat: Tensor) -> Tensor:
-        """This rank's slice inside ``flat`` (``[length, *rest]``, contiguous)."""
-        return flat[self.start:self.start + self.seg].view(self.zs.chunk, *self.rest)[:self.zs.length]
+        """This rank's slice inside ``flat`` (contiguous: dim 0, or a later dim split evenly)."""
+        return flat[self.start:self.start + self.seg].view(self.piece).narrow(self.zs.dim, 0, self.zs.length)
 
     def of(self, t: Tensor) -> Tensor:
-        """This rank's slice of ``t`` (the parameter or its gradient), dim moved to the front."""
-        return t.narrow(self.zs.dim, self.zs.offset, self.zs.length).movedim(self.zs.dim, 0)
+        """This rank's slice of ``t`` (the parameter or its gradient)."""
+        return t.narrow(self.zs.dim, self.zs.offset, self.zs.length)
 
 
 @dataclass
@@ -161,8 +164,8 @@ class ZeroAdamW(torch.optim.AdamW):
             used = 0
             for p in todo:
                 zs = slices[id(p)]
-                rest = tuple(s for d, s in enumerate(p.shape) if d != zs.dim)
-                e = _Entry(p, zs, used, rest)
+                piece = tuple(zs.chunk if d == zs.dim else s for d, s in enumerate(p.shape))
+                e = _Entry(p, zs, used, piece)
                 if entries and (used + e.seg) * zs.n > bucket_elements:
                     out.append(self._new_bucket(kind, entries, used))
                     entries, used, e.start = [], 0, 0
@@ -237,8 +240,10 @@ class ZeroAdamW(torch.optim.AdamW):
         _all_gather(everyone, mine, group=self.groups.group(b.kind))
         rows = everyone.view(n, b.total)
         for e in b.entries:
-            pieces = rows[:, e.start:e.start + e.seg].reshape(n * e.zs.chunk, *e.rest)[:e.zs.size]
-            e.param.copy_(pieces.movedim(0, e.zs.dim))
+            z = e.zs.dim  # [n, .., chunk, ..] -> [.., n, chunk, ..] -> [.., n * chunk, ..]
+            pieces = rows[:, e.start:e.start + e.seg].view(n, *e.piece).movedim(0, z)
+            whole = pieces.reshape(*e.piece[:z], n * e.zs.chunk, *e.piece[z + 1:]).narrow(z, 0, e.zs.size)
+            e.param.copy_(whole)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -257,14 +262,12 @@ class ZeroAdamW(torch.optim.AdamW):
 
     def fqn_state_dict(self, names: dict[int, str]) -> dict[str, Any]:
         """The state as ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives an
-        unsharded AdamW's (keyed by parameter name, moments in the parameter's layout), with
-        sliced moments as views of this rank's slices."""
+        unsharded AdamW's (keyed by parameter name), sliced moments as this rank's slices (in
+        the parameter's layout, contiguous)."""
         state, groups = {}, []
         for g, mine in zip(self.param_groups, self._model_groups()):
             for shard, p in zip(g["params"], mine):
-                e = self.entries.get(id(p))
-                state[names[id(p)]] = {k: (v.movedim(0, e.zs.dim) if e is not None and v.ndim else v)
-                                       for k, v in self.state[shard].items()}
+                state[names[id(p)]] = dict(self.state[shard])
             groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in mine]})
         return {"state": state, "param_groups": groups}
 
@@ -274,10 +277,8 @@ class ZeroAdamW(torch.optim.AdamW):
         for g, mine, saved in zip(self.param_groups, self._model_groups(), osd["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
             for shard, p in zip(g["params"], mine):
-                e = self.entries.get(id(p))
                 for k, v in osd["state"][names[id(p)]].items():
-                    mine_v = self.state[shard][k]
-                    (mine_v.movedim(0, e.zs.dim) if e is not None and mine_v.ndim else mine_v).copy_(v)
+                    self.state[shard][k].copy_(v)
         for b in self.buckets:  # the strided entries' weight slices follow the loaded weights
             for e in b.entries:
                 if not e.in_place:
