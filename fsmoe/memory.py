@@ -14,10 +14,20 @@ import torch
 from torch import Tensor, nn
 
 
+def _is_weight_copy(t: Tensor) -> bool:
+    """A cast of a parameter (autocast's bf16 copy of a weight, the experts' ``cast_weights``):
+    made by a one-input op straight from the parameter's gradient accumulator."""
+    fn = t.grad_fn
+    if fn is None or len(fn.next_functions) != 1 or ("Copy" not in fn.name() and "Cast" not in fn.name()):
+        return False
+    nxt = fn.next_functions[0][0]
+    return nxt is not None and "AccumulateGrad" in nxt.name()
+
+
 def saved_tensor_census(model: nn.Module, loss_fn: Callable[[], Tensor]) -> dict[str, list[dict]]:
     """Run ``loss_fn()`` (a forward of ``model`` and its loss) and list, per part of the model,
     the tensors autograd saved for backward: ``{"embed" | "block<i>:<moe|dense>" | "head":
-    [{"shape", "dtype", "bytes"}]}``. Parameters are left out; a storage saved twice (views,
+    [{"shape", "dtype", "bytes", "weight_copy"}]}`` (``weight_copy``: a bf16 copy of a parameter). Parameters are left out; a storage saved twice (views,
     two ops saving one tensor) is counted once, under the part that saved it first. The graph
     is freed before returning."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -31,7 +41,7 @@ def saved_tensor_census(model: nn.Module, loss_fn: Callable[[], Tensor]) -> dict
         if key not in params and key not in seen and st.nbytes():
             seen.add(key)
             parts[where[0]].append({"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
-                                    "bytes": st.nbytes()})
+                                    "bytes": st.nbytes(), "weight_copy": _is_weight_copy(t)})
         return t
 
     def enter(label: str):

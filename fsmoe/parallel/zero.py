@@ -79,7 +79,7 @@ def slice_for(p: nn.Parameter, groups: ParallelGroups) -> ZeroSlice | None:
     n = groups.size(kind)
     if n == 1:
         return None
-    taken = {dim for dim, _ in get_sharding(p).dims}
+    taken = {dim for dim, k in get_sharding(p).dims if groups.size(k) > 1}  # a group of 1 splits nothing
     # dim 0 may split unevenly (its pieces stay contiguous); a later dim only evenly, so that a
     # piece kept in a buffer of its own is a whole block in the parameter's layout
     free = [d for d in range(p.ndim) if d not in taken

@@ -1,0 +1,103 @@
+"""The memory plan (fsmoe.memory, ``fsmoe plan --memory``) against what GPU runs kept and peaked at.
+
+``benchmarks/results/memory/census_h200.json``: every tensor autograd saved, block by block, in
+the trainer's bf16 forward on an H200 (scripts/memory_census.py); ``peaks_h200.json``: the peak
+``fsmoe train`` measured on one and two H200s. The plan must match the first per block (bf16
+weight copies aside, which the plan counts per model) and the second within 5%.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fsmoe.config import load_config
+from fsmoe.memory import GiB, ParamCounts, _attention_bytes, _ffn_bytes, _moe_bytes, largest_batch, plan_memory
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory"
+
+
+def _activations(t: dict, weight_shapes: set) -> bool:
+    """A saved tensor that is no bf16 copy of a weight (those have a parameter's shape)."""
+    return not t["weight_copy"]
+
+
+@pytest.mark.parametrize("case", json.loads((RESULTS / "census_h200.json").read_text()), ids=lambda c: " ".join(c["case"]))
+def test_saved_activations_per_block_match_the_gpu_census(case):
+    import torch
+
+    from fsmoe.models import build_model
+
+    cfg = load_config(case["case"][0], [f"train.seq_len={case['seq_len']}", *case["case"][1:]])
+    m = cfg.model
+    with torch.device("meta"):
+        model = build_model(m, seed=0)
+    shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(reversed(p.shape)) for p in model.parameters()}
+    tokens = case["batch"] * case["seq_len"]
+    mode = cfg.train.activation_checkpointing
+    for label, tensors in case["blocks"].items():
+        if not label.startswith("block"):
+            continue
+        i = int(label[5:].split(":")[0])
+        got = sum(t["bytes"] for t in tensors if _activations(t, shapes))
+        if mode == "full":
+            want = tokens * 2 * m.d_model
+        else:
+            want = _attention_bytes(m, tokens, 1, 2) + (
+                _moe_bytes(m, tokens, cfg.parallel, 2, 1.0, mode) if m.is_moe_layer(i) else _ffn_bytes(m, tokens, m.d_ff, 2))
+            if i == 0 and (m.arch == "llama" or m.attention == "mla"):  # the rotary tables are saved once
+                rope = m.qk_rope_head_dim if m.attention == "mla" else m.head_size
+                want += 2 * 4 * m.max_seq_len * (rope // 2)
+        assert abs(want - got) <= 0.01 * got, f"{label}: plan {want / 2**20:.1f} MiB, census {got / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("run", json.loads((RESULTS / "peaks_h200.json").read_text())["runs"], ids=lambda r: r["name"])
+def test_planned_peak_within_5_percent_of_the_measured_one(run):
+    cfg = load_config(run["preset"], run["set"])
+    planned = plan_memory(cfg).total / GiB
+    assert abs(planned - run["peak_gib"]) <= 0.05 * run["peak_gib"], (planned, run["peak_gib"])
+
+
+def test_sharding_and_recompute_shrink_the_plan_and_the_largest_batch_grows():
+    base = ["model.n_layers=8", "train.batch_size=16", "parallel.dp=8", "parallel.ep=8"]
+    counts = ParamCounts.of(load_config("mixtral-8x7b", base).model)
+    plain = plan_memory(load_config("mixtral-8x7b", base), counts=counts)
+    sharded = plan_memory(load_config("mixtral-8x7b", [*base, "parallel.shard=optimizer"]), counts=counts)
+    assert sharded.step["optimizer"] < plain.step["optimizer"]
+    full = load_config("mixtral-8x7b", [*base, "train.activation_checkpointing=full"])
+    assert plan_memory(full, counts=counts).forward["activations"] < plain.forward["activations"]
+    budget = 80 * GiB
+    assert largest_batch(full, budget, counts=counts) >= largest_batch(load_config("mixtral-8x7b", base), budget,
+                                                                       counts=counts)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fsmoe.cli", "plan", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_plan_memory_cli_says_what_fits_and_writes_json(tmp_path):
+    out = tmp_path / "mem.json"
+    done = _plan("--memory", "--config", "mixtral-8x7b", "--gpus", "8", "--ep", "8", "--gpu-gb", "139", "--set",
+                 "train.batch_size=8", "train.activation_checkpointing=full", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "fits" in done.stdout and "largest batch that fits" in done.stdout and "optimizer" in done.stdout
+    plan = json.loads(out.read_text())
+    assert plan["fits"] and plan["largest_batch_per_gpu"] >= 1 and plan["layout"]["ep"] == 8
+    small = _plan("--memory", "--config", "mixtral-8x7b", "--gpus", "8", "--ep", "8", "--gpu-gb", "40")
+    assert small.returncode == 0 and "does NOT fit" in small.stdout and "try" in small.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--memory", "--gpus", "3", "--mp", "2"], "--gpus"),
+    (["--memory", "--gpu-gb", "0"], "--gpu-gb"),
+    (["--memory", "--imbalance", "0.5"], "--imbalance"),
+    (["--memory", "--shard", "optimizer", "--set", "parallel.placement=flexmoe"], "parallel"),
+    ([], "--profile"),
+])
+def test_plan_bad_input_names_the_field(args, field):
+    done = _plan(*args)
+    assert done.returncode != 0 and field in done.stderr + done.stdout, done.stderr + done.stdout
