@@ -15,13 +15,18 @@ from torch import Tensor, nn
 
 
 def _is_weight_copy(t: Tensor) -> bool:
-    """A cast of a parameter (autocast's bf16 copy of a weight, the experts' ``cast_weights``):
-    made by a one-input op straight from the parameter's gradient accumulator."""
-    fn = t.grad_fn
-    if fn is None or len(fn.next_functions) != 1 or ("Copy" not in fn.name() and "Cast" not in fn.name()):
-        return False
-    nxt = fn.next_functions[0][0]
-    return nxt is not None and "AccumulateGrad" in nxt.name()
+    """A cast of a parameter (autocast's bf16 copy of a weight, the experts' ``cast_weights``),
+    possibly transposed or viewed: a chain of one-input ops, one of them a copy, from the
+    parameter's gradient accumulator."""
+    fn, cast = t.grad_fn, False
+    for _ in range(6):
+        if fn is None or len(fn.next_functions) != 1:
+            return False
+        cast = cast or "Copy" in fn.name() or "Cast" in fn.name()
+        fn = fn.next_functions[0][0]
+        if fn is not None and "AccumulateGrad" in fn.name():
+            return cast
+    return False
 
 
 def saved_tensor_census(model: nn.Module, loss_fn: Callable[[], Tensor]) -> dict[str, list[dict]]:
