@@ -112,3 +112,32 @@ def test_plan_memory_cli_says_what_fits_and_writes_json(tmp_path, capsys):
 def test_plan_bad_input_names_the_field(args, field, capsys):
     code, text = _plan_here(capsys, *args)
     assert code != 0 and field in text, text
+
+
+def test_zero_slices_follow_dtensor_chunks_and_skip_taken_or_unsplittable_dims():
+    """Uneven first dims split as torch.chunk / DTensor Shard do; a dim split by a group of one
+    is free; a later dim only splits evenly; nothing to split keeps the whole state."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from fsmoe.parallel.sharding import ParamSharding, set_sharding
+    from fsmoe.parallel.zero import slice_for
+
+    def groups(n, index, ep=1):
+        sizes = {"dp": n, "edp": n, "ep": ep, "esp": 1, "mp": 1}
+        return SimpleNamespace(size=sizes.__getitem__, coords=SimpleNamespace(dp=index, edp=index))
+
+    p = nn.Parameter(torch.zeros(10, 3))
+    pieces = [slice_for(p, groups(4, i)) for i in range(4)]
+    assert [(z.dim, z.offset, z.length) for z in pieces] == [(0, 0, 3), (0, 3, 3), (0, 6, 3), (0, 9, 1)]
+    assert [len(c) for c in torch.chunk(torch.arange(10), 4)] == [z.length for z in pieces]
+    assert slice_for(nn.Parameter(torch.zeros(5, 3)), groups(4, 0)) is None  # chunk 2: the last rank gets none
+    expert = nn.Parameter(torch.zeros(4, 8, 6))
+    set_sharding(expert, ParamSharding(reduce="edp", dims=((0, "ep"), (2, "esp"))))
+    assert slice_for(expert, groups(2, 1)).dim == 0  # ep and esp of size 1 take nothing
+    assert slice_for(expert, groups(2, 1, ep=2)).dim == 1  # dim 0 is EP's: the next dim, evenly
+    bias = nn.Parameter(torch.zeros(6))
+    set_sharding(bias, ParamSharding(reduce="dp", dims=((0, "mp"),)))
+    assert slice_for(bias, SimpleNamespace(size={"dp": 2, "mp": 2}.__getitem__, coords=None)) is None

@@ -8,6 +8,10 @@ says where this rank's shard sits in the global tensor:
     routed experts  mesh (edp, ep, esp)  [Replicate, Shard(0), Shard(f)]
     everything else plain tensor         (replicated: one copy is written)
 
+With ``parallel.shard = "optimizer"`` (fsmoe.parallel.zero) a rank holds only a slice of each
+moment, split over the parameter's replica group: one more ``Shard`` placement, on the dp (dense)
+or edp (experts) mesh dimension.
+
 DCP writes each shard once with its global offsets and, on load, reads whatever slice the
 loading layout needs, so a checkpoint saved at EP=4 loads at EP=1, 2 or 8, under any MP/ESP, or
 in one process (plain full tensors). Spare expert slots (FlexMoE replicas,

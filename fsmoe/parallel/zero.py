@@ -155,11 +155,13 @@ class ZeroAdamW(torch.optim.AdamW):
         self._init_state()
 
     def _buckets(self, slices: dict[int, ZeroSlice | None], bucket_elements: int) -> list[_Bucket]:
-        """Sliced parameters in model order, per replica group, cut into buckets whose gathered
-        size (n x segment total) stays under ``bucket_elements``."""
+        """Sliced parameters in model order, per replica group and per kind of slice (in place or
+        in a buffer of its own), cut into buckets whose gathered size (n x segment total) stays
+        under ``bucket_elements``."""
         out: list[_Bucket] = []
-        for kind in ("dp", "edp"):
-            todo = [p for p in self.model_params if slices[id(p)] is not None and slices[id(p)].kind == kind]
+        for kind, in_place in (("dp", True), ("dp", False), ("edp", True), ("edp", False)):
+            todo = [p for p in self.model_params if slices[id(p)] is not None and slices[id(p)].kind == kind
+                    and (slices[id(p)].dim == 0) == in_place]
             entries: list[_Entry] = []
             used = 0
             for p in todo:
@@ -177,15 +179,14 @@ class ZeroAdamW(torch.optim.AdamW):
 
     @staticmethod
     def _new_bucket(kind: str, entries: list[_Entry], total: int) -> _Bucket:
-        """The strided entries' weight slices start as the parameters' own values."""
+        """A bucket of strided entries keeps their weight slices, starting as the parameters' values."""
         p0 = entries[0].param
         weights = None
-        if not all(e.in_place for e in entries):
+        if not entries[0].in_place:
             weights = torch.zeros(total, dtype=p0.dtype, device=p0.device)
             with torch.no_grad():
                 for e in entries:
-                    if not e.in_place:
-                        e.view(weights).copy_(e.of(e.param))
+                    e.view(weights).copy_(e.of(e.param))
         return _Bucket(kind, entries, total, weights, None)
 
     def _init_state(self) -> None:
@@ -233,9 +234,11 @@ class ZeroAdamW(torch.optim.AdamW):
     def _gather(self, b: _Bucket) -> None:
         """Every rank's updated slices into the full parameters (one all_gather)."""
         n = b.entries[0].zs.n
-        mine = torch.empty(b.total, dtype=b.entries[0].param.dtype, device=b.entries[0].param.device)
-        for e in b.entries:
-            e.view(mine).copy_(e.of(e.param) if e.in_place else e.view(b.weights))
+        mine = b.weights  # a strided bucket's slices already lie in the gather's layout
+        if mine is None:
+            mine = torch.empty(b.total, dtype=b.entries[0].param.dtype, device=b.entries[0].param.device)
+            for e in b.entries:
+                e.view(mine).copy_(e.of(e.param))
         everyone = torch.empty(n * b.total, dtype=mine.dtype, device=mine.device)
         _all_gather(everyone, mine, group=self.groups.group(b.kind))
         rows = everyone.view(n, b.total)
