@@ -614,6 +614,9 @@ class Trainer:
         self.console.print(f"precision: {precision}; AdamW {'fused' if self.device.type == 'cuda' else 'foreach'}; "
                            f"activation checkpointing: {t.activation_checkpointing}"
                            f"{'; torch.compile on dense parts' if t.compile else ''}")
+        if self.cfg.parallel.shard != "none" and (self.groups is None or not self.groups.distributed):
+            self.console.print(f"parallel.shard={self.cfg.parallel.shard}: one process holds the only copy of "
+                               "the optimizer state; nothing to split (it splits over data-parallel replicas)")
         self.console.print(f"data: {c.source}: {c.num_files} files, {len(c.train_N):,} train / {len(c.val_N):,} "
                            f"val bytes; byte frequencies alone score {h:.3f} nats ({nats_to_bits(h):.3f} bits) "
                            "on the val split")

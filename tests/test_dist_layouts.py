@@ -281,6 +281,7 @@ def _world4(rank, world, ckpt):
             {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="optimizer"),
         "EP2 (edp 2), sharded optimizer state": check_layout({"dp": 4, "ep": 2}, "gpt", shard="optimizer"),
         "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
+        "EP4, sharded optimizer state": check_layout({"dp": 4, "ep": 4}, "forced", shard="optimizer"),
         "EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "gpt", factory=True),
         "DP2xMP2, EP2xESP2": check_layout({"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek"),
         "DP2xMP2, EP4 (gpt)": check_layout({"dp": 2, "mp": 2, "ep": 4}, "gpt"),
@@ -297,6 +298,8 @@ def _world4(rank, world, ckpt):
 def _world8(rank, world, ckpt):
     saved, sharded = ckpt
     return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
+            "DP8 (experts replicated 8 times), sharded optimizer state": check_layout({"dp": 8}, "deepseek",
+                                                                                      shard="optimizer"),
             "load EP8": load_checkpoint({"dp": 8, "ep": 8}, saved),
             "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer")}
 

@@ -150,9 +150,11 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
 @pytest.mark.dist
 def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_run):
     """No parallel.profile: a quick profile on the real groups at start-up (saved as profile.json);
-    Tutel-Improved at r = 3 (chunks of unequal size; each block's gradients reduced as soon as ready)."""
-    out = ok(fsmoe_train(tmp_path / "tutel", *LAYOUT, "--steps", "4", *SMALL, 'parallel.schedule="tutel_improved"',
-                         "parallel.pipeline_degree=3"))
+    Tutel-Improved at r = 3 (chunks of unequal size; each block's gradients reduced as soon as ready),
+    with the optimizer state split over the replicas (``--shard optimizer``): still the default's losses."""
+    out = ok(fsmoe_train(tmp_path / "tutel", *LAYOUT, "--steps", "4", "--shard", "optimizer", *SMALL,
+                         'parallel.schedule="tutel_improved"', "parallel.pipeline_degree=3"))
+    assert "optimizer state split over replicas" in out
     assert "schedule tutel_improved: r_fwd=3 r_bwd=3" in out and "each block as soon as ready" in out
     assert_same_losses(default_run, records(tmp_path / "tutel"))
     profile = json.loads((tmp_path / "tutel" / "profile.json").read_text())
