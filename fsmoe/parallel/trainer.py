@@ -118,6 +118,7 @@ class ParallelTrainer(Trainer):
         t = self.tcfg
         optimizer = ZeroAdamW(param_groups(self.model, t.weight_decay), self.groups, lr=t.lr,
                               betas=(t.beta1, t.beta2), eps=t.eps, fused=self.device.type == "cuda")
+        optimizer.overlap_with(self.model)  # the weights' all_gather runs behind the next forward
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
     def _param_names(self) -> dict[int, str]:
@@ -191,7 +192,9 @@ class ParallelTrainer(Trainer):
         sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"))
 
     def close(self) -> None:
-        """Stop the schedule's lane threads and hooks."""
+        """Stop the schedule's lane threads and hooks; write the weights of a gather still running."""
+        if isinstance(self.optimizer, ZeroAdamW):
+            self.optimizer.finish_gathers()
         if self.moe_schedule is not None:
             self.moe_schedule.close()
 
@@ -237,6 +240,8 @@ class ParallelTrainer(Trainer):
         """Checkpoints hold experts in logical order: moved or replicated experts (``parallel.placement``,
         fsmoe.placement.rebalance) and swapped ones (``parallel.expert_swap_every``) are moved back
         to their initial slots for the save (``migrate.logical_layout``), then to where they were."""
+        if isinstance(self.optimizer, ZeroAdamW):  # the weights the last step gathered, written
+            self.optimizer.finish_gathers()
         if self.rebalancer is not None:
             layout = self.rebalancer.logical_layout(self.optimizer)
         else:

@@ -9,7 +9,9 @@ between them, and each updates only its slice:
     1. the gradient is summed and clipped exactly as without sharding (full gradients);
     2. AdamW updates this rank's slice of the weights with its slice of the gradient and moments;
     3. one all_gather per replica group and bucket writes every rank's updated slices back
-       into the full parameters, so forward and backward see the same weights as before.
+       into the full parameters, so forward and backward see the same weights as before. In
+       training the gathers run behind the next forward: each block waits for its own buckets
+       as it starts (``overlap_with``).
 
 Per element: 4 B weight + 4 B gradient + 8 B / n of moments, against 16 B. A slice along the
 first dimension is a contiguous piece of the parameter and its gradient, and AdamW updates it
@@ -152,7 +154,22 @@ class ZeroAdamW(torch.optim.AdamW):
         shards = [dict(g, params=[self.slices_of.get(id(p), p) for p in g["params"]]) for g in param_groups]
         super().__init__(shards, **defaults)
         self._prepared = False
+        self._pending: dict[int, tuple] = {}  # bucket index -> (all_gather work, its output, its input)
+        self._hooks: list = []
         self._init_state()
+
+    def overlap_with(self, model: nn.Module) -> None:
+        """Let the next forward, not the step, wait for the updated weights: the all_gathers are
+        left running after ``step`` and each block (each direct child of ``model`` outside
+        ``model.layers``) waits, as its forward starts, for the buckets holding its parameters, so
+        the gathers of later blocks overlap the compute of earlier ones. Anything else that reads
+        the weights calls :meth:`finish_gathers` first (checkpoints do)."""
+        bucket_of = {id(e.param): i for i, b in enumerate(self.buckets) for e in b.entries}
+        parts = list(getattr(model, "layers", [])) + [m for name, m in model.named_children() if name != "layers"]
+        for part in parts:
+            wanted = sorted({bucket_of[id(p)] for p in part.parameters() if id(p) in bucket_of})
+            if wanted:
+                self._hooks.append(part.register_forward_pre_hook(lambda m, a, w=tuple(wanted): self._finish(w)))
 
     def _buckets(self, slices: dict[int, ZeroSlice | None], bucket_elements: int) -> list[_Bucket]:
         """Sliced parameters in model order, per replica group and per kind of slice (in place or
@@ -207,6 +224,7 @@ class ZeroAdamW(torch.optim.AdamW):
         """Point every slice's ``.grad`` at this rank's slice of the (synced, full) gradient: a
         view where the slice lies in place, a copy in the bucket's buffer where it is strided;
         parameters whose state is whole keep their own."""
+        self.finish_gathers()  # a weight no forward used since the last step
         for b in self.buckets:
             if b.weights is not None and b.grads is None:
                 b.grads = torch.empty_like(b.weights)
@@ -226,21 +244,40 @@ class ZeroAdamW(torch.optim.AdamW):
             self.prepare_step()
         loss = super().step(closure)
         self._prepared = False
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
             b.grads = None  # the copies live only for the step
-            self._gather(b)
+            self._launch(i)
+        if not self._hooks:
+            self.finish_gathers()
         return loss
 
-    def _gather(self, b: _Bucket) -> None:
-        """Every rank's updated slices into the full parameters (one all_gather)."""
-        n = b.entries[0].zs.n
+    def _launch(self, i: int) -> None:
+        """Start the all_gather of bucket ``i``: every rank's updated slices, side by side."""
+        b = self.buckets[i]
         mine = b.weights  # a strided bucket's slices already lie in the gather's layout
         if mine is None:
             mine = torch.empty(b.total, dtype=b.entries[0].param.dtype, device=b.entries[0].param.device)
             for e in b.entries:
                 e.view(mine).copy_(e.of(e.param))
-        everyone = torch.empty(n * b.total, dtype=mine.dtype, device=mine.device)
-        _all_gather(everyone, mine, group=self.groups.group(b.kind))
+        everyone = torch.empty(b.entries[0].zs.n * b.total, dtype=mine.dtype, device=mine.device)
+        work = _all_gather(everyone, mine, group=self.groups.group(b.kind), async_op=True)
+        self._pending[i] = (work, everyone, mine)  # mine: alive until the gather has read it
+
+    def finish_gathers(self) -> None:
+        """Wait for every all_gather still running and write the weights (a no-op when none is)."""
+        self._finish(tuple(self._pending))
+
+    @torch.no_grad()
+    def _finish(self, which: tuple[int, ...]) -> None:
+        for i in which:
+            if i in self._pending:
+                work, everyone, _ = self._pending.pop(i)
+                work.wait()
+                self._unpack(self.buckets[i], everyone)
+
+    def _unpack(self, b: _Bucket, everyone: Tensor) -> None:
+        """The gathered slices of bucket ``b`` into the full parameters."""
+        n = b.entries[0].zs.n
         rows = everyone.view(n, b.total)
         for e in b.entries:
             z = e.zs.dim  # [n, .., chunk, ..] -> [.., n, chunk, ..] -> [.., n * chunk, ..]
@@ -267,6 +304,7 @@ class ZeroAdamW(torch.optim.AdamW):
         """The state as ``torch.distributed.checkpoint.state_dict.get_state_dict`` gives an
         unsharded AdamW's (keyed by parameter name), sliced moments as this rank's slices (in
         the parameter's layout, contiguous)."""
+        self.finish_gathers()
         state, groups = {}, []
         for g, mine in zip(self.param_groups, self._model_groups()):
             for shard, p in zip(g["params"], mine):
@@ -277,6 +315,7 @@ class ZeroAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def load_fqn_state_dict(self, osd: dict[str, Any], names: dict[int, str]) -> None:
         """Inverse of :meth:`fqn_state_dict` (values already resharded to this rank's slices)."""
+        self.finish_gathers()  # none may land on the loaded weights
         for g, mine, saved in zip(self.param_groups, self._model_groups(), osd["param_groups"]):
             g.update({k: v for k, v in saved.items() if k != "params"})
             for shard, p in zip(g["params"], mine):
