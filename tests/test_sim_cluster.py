@@ -144,3 +144,32 @@ def test_fsmoe_layer_grid_on_its_testbeds(tmp_path, capsys):
     assert main(["simulate", "grid", "--profile", str(path), "--every", "0"]) == 2
     assert "--every" in capsys.readouterr().err
 
+
+
+def _cluster_json(path, fabric: str, step_ms: float, usd: float, nic: float = 400.0, config: str = "m") -> None:
+    import json
+
+    path.write_text(json.dumps({"config": config, "fabric": fabric, "nic_gbps": nic, "network_usd_per_gpu": usd,
+                                "results": [{"policy": "default", "iteration_ms": step_ms},
+                                            {"policy": "fsmoe", "iteration_ms": step_ms / 2}]}))
+
+
+def test_compare_divides_perf_per_dollar_by_the_fat_tree_and_plots(tmp_path, capsys):
+    """perf/$ = 1 / (step x $): a fabric 1.2x slower at half the price is 1.667x the fat-tree's."""
+    import json
+
+    from fsmoe.cli import main
+
+    _cluster_json(tmp_path / "a.json", "leaf-spine 1:1", 100.0, 2000.0)
+    _cluster_json(tmp_path / "b.json", "mFabric 6+2", 120.0, 1000.0)
+    _cluster_json(tmp_path / "c.json", "mFabric 6+2", 50.0, 1000.0, nic=100.0)  # no 100G reference: left out
+    out, png = tmp_path / "ppd.json", tmp_path / "ppd.png"
+    assert main(["simulate", "compare", str(tmp_path), "--json", str(out), "--plot", str(png)]) == 0
+    rows = {r["fabric"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"leaf-spine 1:1", "mFabric 6+2"} and rows["leaf-spine 1:1"]["vs_reference"] == 1.0
+    assert abs(rows["mFabric 6+2"]["vs_reference"] - 2000 * 100 / (1000 * 120)) < 1e-9
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["simulate", "compare", str(tmp_path / "b.json")]) != 0  # no reference at all
+    assert "no cluster result with a 'leaf-spine' reference" in capsys.readouterr().err
+    assert main(["simulate", "compare", str(tmp_path / "missing.json")]) != 0
+    assert "no such file" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""``fsmoe simulate cluster`` / ``calibrate`` / ``grid``: training steps on clusters we cannot run,
+"""``fsmoe simulate cluster`` / ``calibrate`` / ``grid`` / ``compare``: training steps on clusters we cannot run,
 from a measured profile, the fabric simulator and the scheduler's models (``fsmoe.sim.cluster``,
 ``fsmoe.sim.grid``)."""
 from __future__ import annotations
@@ -32,6 +32,16 @@ def add_parsers(sub) -> None:
     k.add_argument("--dtype-bytes", type=int, default=2, help="2 for a bf16 bench (GPU), 4 for fp32 (CPU)")
     k.add_argument("--json", default=None)
     k.set_defaults(func=run_calibrate)
+    from fsmoe.sim import compare as compare_mod
+
+    p = sub.add_parser("compare", help="perf per dollar of fabrics from `fsmoe simulate cluster --json` results",
+                       description=compare_mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="cluster JSON files or directories of them")
+    p.add_argument("--policy", default="default", help="the schedule whose step time counts (default: default)")
+    p.add_argument("--reference", default="leaf-spine", help="the fabric the others are divided by")
+    p.add_argument("--plot", default=None, help="grouped bars beside mFabric's reported range, to this PNG")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=run_compare)
 
 
 CALIBRATE_DOC = """``fsmoe simulate calibrate``: predict every config of a ``fsmoe bench schedule`` run with the
@@ -208,4 +218,34 @@ def run_grid(args) -> int:
     if args.plot:
         plot_grid(rep, args.plot, args.testbed)
         con.print(f"  plot: {args.plot}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from dataclasses import asdict
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from fsmoe.config import ConfigError
+    from fsmoe.sim.compare import load_results, perf_per_dollar, plot_perf_per_dollar
+
+    missing = [p for p in args.results if not Path(p).exists()]
+    if missing:
+        raise ConfigError("results", missing[0], "no such file or directory (give `fsmoe simulate cluster --json` outputs)")
+    rows = perf_per_dollar(load_results([Path(p) for p in args.results]), args.policy, args.reference)
+    if not rows:
+        raise ConfigError("results", " ".join(args.results), f"no cluster result with a {args.reference!r} "
+                          "reference of the same config and NIC speed (run `fsmoe simulate cluster --fabric "
+                          f"{args.reference} ... --json` too)")
+    t = Table("config", "NIC", "fabric", "step ms", "network $/GPU", f"perf/$ vs {args.reference}")
+    for r in rows:
+        t.add_row(r.config, f"{r.nic_gbps:g}G", r.fabric, f"{r.step_ms:.1f}", f"{r.usd_per_gpu:,.0f}",
+                  f"{r.vs_reference:.2f}x")
+    Console().print(t)
+    if args.plot:
+        plot_perf_per_dollar(rows, args.plot, args.reference)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
