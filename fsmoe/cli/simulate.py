@@ -1,7 +1,8 @@
 """``fsmoe simulate``: what we cannot run. ``fabric``: how long a collective's traffic takes on a
 datacenter fabric, by flow-level simulation (max-min fair sharing, ``fsmoe.sim``), for one or
 several fabrics side by side; ``trace``: a routing trace's AlltoAlls replayed on them; ``cluster``,
-``calibrate`` and ``grid``: training steps at scale (``fsmoe.cli.simulate_cluster``).
+``calibrate`` and ``grid``: training steps at scale, ``compare``: their perf per dollar by fabric
+(``fsmoe.cli.simulate_cluster``).
 
     fsmoe simulate fabric --gpus 1024 --ep 64 --ep-across-servers --mb 4 --fabrics leaf-spine,rail --oversub 1,3
     fsmoe simulate fabric --gpus 64 --gpus-per-leaf 16 --pattern incast --senders 15 --mb 64 --ecmp spray
