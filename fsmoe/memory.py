@@ -2,7 +2,7 @@
 
 :func:`saved_tensor_census` counts what autograd keeps for backward, block by block, in a real
 forward (saved-tensor hooks; parameters and repeated storages counted once). The memory plan
-(``fsmoe plan --memory``, :mod:`fsmoe.memory_plan`) is checked against it and against the peaks
+(``fsmoe plan --memory``, :func:`plan_memory` below) is checked against it and against the peaks
 that ``fsmoe train`` measures.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ def _is_weight_copy(t: Tensor) -> bool:
 def saved_tensor_census(model: nn.Module, loss_fn: Callable[[], Tensor]) -> dict[str, list[dict]]:
     """Run ``loss_fn()`` (a forward of ``model`` and its loss) and list, per part of the model,
     the tensors autograd saved for backward: ``{"embed" | "block<i>:<moe|dense>" | "head":
-    [{"shape", "dtype", "bytes", "weight_copy"}]}`` (``weight_copy``: a bf16 copy of a parameter). Parameters are left out; a storage saved twice (views,
-    two ops saving one tensor) is counted once, under the part that saved it first. The graph
-    is freed before returning."""
+    [{"shape", "dtype", "bytes", "weight_copy"}]}`` (``weight_copy``: a bf16 copy of a parameter).
+    Parameters are left out; a storage saved twice (views, two ops saving one tensor) is counted
+    once, under the part that saved it first. The graph is freed before returning."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: set[int] = set()
     parts: dict[str, list[dict]] = {"embed": []}
@@ -130,9 +130,15 @@ class MemoryPlan:
         return sum(self.parts.values())
 
 
+def _norm_bytes(m) -> int:
+    """Per token, what a block's norm saves: its fp32 input copy and statistics (LayerNorm: mean
+    and rstd, RMSNorm: rstd)."""
+    return 4 * m.d_model + 4 * (2 if m.arch == "gpt" else 1)
+
+
 def _attention_bytes(m, tokens: int, mp: int, act: int) -> float:
     """What one attention sub-block (its norm included) saves for backward, for ``tokens`` tokens."""
-    norm = 4 * m.d_model + 4 * (2 if m.arch == "gpt" else 1)  # fp32 input copy + its statistics
+    norm = _norm_bytes(m)
     if m.attention == "mla":  # replicated under tensor parallelism (every head on every rank)
         d, H = m.d_model, m.n_heads
         qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
@@ -151,9 +157,8 @@ def _attention_bytes(m, tokens: int, mp: int, act: int) -> float:
 
 def _ffn_bytes(m, tokens: int, d_ff: int, act: int) -> float:
     """A dense MLP (its norm included): input, hidden tensors (GeLU: 2, SwiGLU: 4)."""
-    norm = 4 * m.d_model + 4 * (2 if m.arch == "gpt" else 1)
     hidden = 2 if m.arch == "gpt" else 4
-    return tokens * (norm + act * m.d_model + hidden * act * d_ff)
+    return tokens * (_norm_bytes(m) + act * m.d_model + hidden * act * d_ff)
 
 
 def _moe_bytes(m, tokens: int, par, act: int, imbalance: float, recompute: str) -> float:
@@ -163,7 +168,7 @@ def _moe_bytes(m, tokens: int, par, act: int, imbalance: float, recompute: str) 
     SwiGLU: 3; none when the experts are recomputed) and the output)."""
     moe = m.moe
     k, E, d = moe.router.top_k, moe.num_experts, m.d_model
-    norm = tokens * (4 * d + 4 * (2 if m.arch == "gpt" else 1))
+    norm = tokens * _norm_bytes(m)
     tokens = tokens / par.mp
     router = 4 * E + 46 * k + (12 + 8 * k if moe.router.name == "deepseek" else 0)
     rows = tokens * k * imbalance
@@ -200,9 +205,11 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     params = dense + experts
     states = {"weights": 4 * params, "optimizer": _optimizer_bytes(counts, par, dense, experts)}
     forward = dict(states)
-    forward["activations"], forward["bf16 weight copies"] = _activation_bytes(m, par, t, tokens, act, imbalance)
-    if t.dtype == "bfloat16" and t.activation_checkpointing != "full":
-        forward["bf16 weight copies"] = act * (params - _embeddings(m))
+    forward["activations"] = _activation_bytes(m, par, t, tokens, act, imbalance)
+    # autocast's bf16 copy of every matrix a matmul uses is saved with the activations (the
+    # embeddings are looked up, not cast); full checkpointing makes them again in backward
+    copies = t.dtype == "bfloat16" and t.activation_checkpointing != "full"
+    forward["bf16 weight copies"] = act * (params - _embeddings(m)) if copies else 0.0
     head_in = tokens * (4 * m.d_model + 8 + act * m.d_model)
     # the loss's backward begins: the logits as returned, log_softmax's saved output, and two
     # [tokens, vocab] fp32 gradients (of the loss's output, then of its input)
@@ -225,18 +232,27 @@ def _optimizer_bytes(counts: ParamCounts, par, dense: float, experts: float) -> 
     return (8 * dense + 4 * copied_dense) / par.dp + (8 * experts + 4 * copied_experts) / edp
 
 
-def _activation_bytes(m, par, t, tokens: int, act: int, imbalance: float) -> tuple[float, float]:
-    """(what every block saves for backward, autocast's bf16 weight copies: filled by the caller)."""
-    if t.activation_checkpointing == "full":  # each block keeps its input; the rest is recomputed
-        return m.n_layers * tokens * act * m.d_model, 0.0
-    saved = 0.0
-    for i in range(m.n_layers):
-        saved += _attention_bytes(m, tokens, par.mp, act)
-        saved += (_moe_bytes(m, tokens, par, act, imbalance, t.activation_checkpointing) if m.is_moe_layer(i)
-                  else _ffn_bytes(m, tokens, m.d_ff // par.mp, act))
+def _activation_bytes(m, par, t, tokens: int, act: int, imbalance: float) -> float:
+    """What every block saves for backward, and the rotary tables (saved once) unless each block
+    is recomputed."""
+    mode = t.activation_checkpointing
+    saved = sum(block_bytes(m, i, tokens, par, act, imbalance, mode) for i in range(m.n_layers))
+    return saved + (0.0 if mode == "full" else rope_table_bytes(m))
+
+
+def block_bytes(m, i: int, tokens: int, par, act: int, imbalance: float, mode: str) -> float:
+    """What block ``i`` saves for backward under activation checkpointing ``mode``."""
+    if mode == "full":  # the block's input; the rest is recomputed
+        return tokens * act * m.d_model
+    ffn = (_moe_bytes(m, tokens, par, act, imbalance, mode) if m.is_moe_layer(i)
+           else _ffn_bytes(m, tokens, m.d_ff // par.mp, act))
+    return _attention_bytes(m, tokens, par.mp, act) + ffn
+
+
+def rope_table_bytes(m) -> int:
+    """The rotary tables (cos, sin, fp32, for max_seq_len), saved once by the first block."""
     rope = m.qk_rope_head_dim if m.attention == "mla" else m.head_size if m.arch == "llama" else 0
-    saved += 2 * 4 * m.max_seq_len * (rope // 2)  # the rotary tables (cos, sin), once
-    return saved, 0.0
+    return 2 * 4 * m.max_seq_len * (rope // 2)
 
 
 def _embeddings(m) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fsmoe.config import load_config
-from fsmoe.memory import GiB, ParamCounts, _attention_bytes, _ffn_bytes, _moe_bytes, largest_batch, plan_memory
+from fsmoe.memory import GiB, ParamCounts, block_bytes, largest_batch, plan_memory, rope_table_bytes
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "memory"
 
@@ -45,14 +45,9 @@ def test_saved_activations_per_block_match_the_gpu_census(case):
             continue
         i = int(label[5:].split(":")[0])
         got = sum(t["bytes"] for t in tensors if _activations(t, shapes, tokens))
-        if mode == "full":
-            want = tokens * 2 * m.d_model
-        else:
-            want = _attention_bytes(m, tokens, 1, 2) + (
-                _moe_bytes(m, tokens, cfg.parallel, 2, 1.0, mode) if m.is_moe_layer(i) else _ffn_bytes(m, tokens, m.d_ff, 2))
-            if i == 0 and (m.arch == "llama" or m.attention == "mla"):  # the rotary tables are saved once
-                rope = m.qk_rope_head_dim if m.attention == "mla" else m.head_size
-                want += 2 * 4 * m.max_seq_len * (rope // 2)
+        want = block_bytes(m, i, tokens, cfg.parallel, 2, 1.0, mode)
+        if i == 0 and mode != "full":  # the first block saves the rotary tables
+            want += rope_table_bytes(m)
         assert abs(want - got) <= 0.01 * got, f"{label}: plan {want / 2**20:.1f} MiB, census {got / 2**20:.1f} MiB"
 
 

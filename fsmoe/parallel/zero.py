@@ -128,6 +128,14 @@ class _Bucket:
     grads: Tensor | None  # same layout: their gradient slices, during the step
 
 
+@torch.no_grad()
+def _copy_weight_slices(b: _Bucket) -> None:
+    """A strided bucket's own weight slices := the parameters' values (nothing for one in place)."""
+    if b.weights is not None:
+        for e in b.entries:
+            e.view(b.weights).copy_(e.of(e.param))
+
+
 class ZeroAdamW(torch.optim.AdamW):
     """AdamW over this rank's slices of the model's parameters (see the module docstring).
 
@@ -144,8 +152,8 @@ class ZeroAdamW(torch.optim.AdamW):
         self.model_params = [p for g in param_groups for p in g["params"]]
         slices = {id(p): slice_for(p, groups) for p in self.model_params}
         self.buckets = self._buckets(slices, bucket_elements)
-        owner = {id(e.param): e for b in self.buckets for e in b.entries}
-        self.entries: dict[int, _Entry] = owner  # model parameter id -> its entry (sliced ones)
+        # model parameter id -> its entry (sliced parameters only)
+        self.entries: dict[int, _Entry] = {id(e.param): e for b in self.buckets for e in b.entries}
         self.slices_of: dict[int, nn.Parameter] = {}  # model parameter id -> what the optimizer updates
         for b in self.buckets:
             for e in b.entries:
@@ -198,13 +206,10 @@ class ZeroAdamW(torch.optim.AdamW):
     def _new_bucket(kind: str, entries: list[_Entry], total: int) -> _Bucket:
         """A bucket of strided entries keeps their weight slices, starting as the parameters' values."""
         p0 = entries[0].param
-        weights = None
-        if not entries[0].in_place:
-            weights = torch.zeros(total, dtype=p0.dtype, device=p0.device)
-            with torch.no_grad():
-                for e in entries:
-                    e.view(weights).copy_(e.of(e.param))
-        return _Bucket(kind, entries, total, weights, None)
+        weights = None if entries[0].in_place else torch.zeros(total, dtype=p0.dtype, device=p0.device)
+        b = _Bucket(kind, entries, total, weights, None)
+        _copy_weight_slices(b)
+        return b
 
     def _init_state(self) -> None:
         """AdamW's state, created now (zero moments, step 0) rather than at the first step, so a
@@ -322,9 +327,7 @@ class ZeroAdamW(torch.optim.AdamW):
                 for k, v in osd["state"][names[id(p)]].items():
                     self.state[shard][k].copy_(v)
         for b in self.buckets:  # the strided entries' weight slices follow the loaded weights
-            for e in b.entries:
-                if not e.in_place:
-                    e.view(b.weights).copy_(e.of(e.param))
+            _copy_weight_slices(b)
 
     def _model_groups(self) -> list[list[nn.Parameter]]:
         """The model parameters of each param group, in the optimizer's order."""
