@@ -83,6 +83,7 @@ class ParamCounts:
     replicated: int  # embeddings, head, norms, router, shared experts, biases of row-parallel ops
     experts: int  # routed experts: split over ep x esp
     column_parallel: int = 0  # of split_by_mp, those split along their first dim (q/k/v, w1/w3)
+    summed_over_world: int = 0  # of replicated, the router and shared experts (gradients summed over the world)
 
     @staticmethod
     def of(model_cfg) -> "ParamCounts":
@@ -91,9 +92,11 @@ class ParamCounts:
 
         with torch.device("meta"):
             model = build_model(model_cfg, seed=0)
-        split = repl = experts = column = 0
+        split = repl = experts = column = world = 0
         for name, p in model.named_parameters():
             n = p.numel()
+            if ".router" in name or ".shared" in name:
+                world += n
             if ".experts." in name and ".shared" not in name:
                 experts += n
             elif p.ndim == 2 and (("attn." in name and model_cfg.attention != "mla")
@@ -103,7 +106,7 @@ class ParamCounts:
                     column += n
             else:
                 repl += n
-        return ParamCounts(split, repl, experts, column)
+        return ParamCounts(split, repl, experts, column, world)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,22 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     forward["logits"] = head_in + tokens * m.vocab_size * (act + 12)
     step = dict(states)
     step["gradients"] = 4 * params
+    if par.shard == "optimizer":  # reduce-scattered into slices (fsmoe.parallel.zero_grads)
+        step["gradients"], step["communication buffers"] = _sliced_gradient_bytes(counts, par, dense, experts)
     return MemoryPlan(forward, step, tokens, params)
+
+
+def _sliced_gradient_bytes(counts: ParamCounts, par, dense: float, experts: float) -> tuple[float, float]:
+    """fp32 gradients a rank holds after the reduce-scatter (dense over dp, experts over edp; the
+    router and shared experts stay whole where tensor parallelism makes their group the world),
+    and the reduce-scatter's input of one bucket (n x its slices, at most ``BUCKET_ELEMENTS``)."""
+    from fsmoe.parallel.zero import BUCKET_ELEMENTS
+
+    edp = par.world // (par.ep * par.esp)
+    whole = counts.summed_over_world if par.mp > 1 else 0
+    sliced = (dense - whole) / par.dp + experts / edp
+    largest = max(dense - whole if par.dp > 1 else 0.0, experts if edp > 1 else 0.0)
+    return 4 * (sliced + whole), 4 * min(BUCKET_ELEMENTS, largest)
 
 
 def _optimizer_bytes(counts: ParamCounts, par, dense: float, experts: float) -> float:

@@ -31,6 +31,7 @@ from fsmoe.parallel.moe import moe_layer_factory
 from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.tensor_parallel import parallelize
 from fsmoe.parallel.zero import ZeroAdamW
+from fsmoe.parallel.zero_grads import GradReduceScatter
 from fsmoe.routing import ROUTERS, register_router
 from fsmoe.routing.base import Router
 from fsmoe.routing.plan import RoutingPlan
@@ -89,19 +90,31 @@ def optimizer(model: nn.Module, groups: ParallelGroups | None = None, shard: str
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
+def grad_slicer(opt) -> GradReduceScatter | None:
+    """As the trainer: a sharded optimizer takes its gradient slices by reduce-scatter, the dp
+    buckets launched from backward's hooks (the NCCL path's order, here on gloo)."""
+    return GradReduceScatter(opt, ("dp", "edp"), overlap=True) if isinstance(opt, ZeroAdamW) else None
+
+
 def ce(logits, y):
     return F.cross_entropy(logits.flatten(0, 1), y.flatten())
 
 
-def train_step(model, opt, x, y, groups, max_norm: float):
-    """The trainer's step: local loss -> backward -> sync -> clip -> AdamW -> router after_step."""
+def train_step(model, opt, x, y, groups, max_norm: float, rs: GradReduceScatter | None = None):
+    """The trainer's step: local loss -> backward -> sync -> clip -> AdamW -> router after_step.
+    ``rs``: gradients reduce-scattered into the optimizer's slices; those come back as slices."""
     out = model(x)
     loss = ce(out.logits, y)
     opt.zero_grad(set_to_none=True)
     (loss + out.aux_loss).backward()
-    sync_grads(model, groups)
-    norm = clip_grad_norm(model, max_norm, groups)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    sync_grads(model, groups, skip=rs.params if rs else ())
+    if rs is not None:
+        rs.finish()
+    norm = clip_grad_norm(model, max_norm, groups, rs)
+    if rs is not None:
+        opt.prepare_step()
+    grads = {n: (opt.slices_of[id(p)].grad if rs and id(p) in rs.params else p.grad).clone()
+             for n, p in model.named_parameters()}
     opt.step()
     for layer in model.moe_layers():
         layer.router.after_step()
@@ -123,17 +136,20 @@ def check_layout(par: dict, kind: str, steps: int = 3, factory: bool = False, rs
     built = build_model(cfg, moe_layer_factory(groups, rs_impl), seed=3) if factory else build_model(cfg, seed=3)
     model = parallelize(built, groups, rs_impl)
     ref_opt, opt = optimizer(ref), optimizer(model, groups, shard)
+    rs = grad_slicer(opt)
     rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
     err = dict.fromkeys(("logits", "loss", "aux", "grad", "norm", "param"), 0.0)
     for x, y in batches(steps):
         r_out, r_loss, r_norm, r_grads = train_step(ref, ref_opt, x, y, ParallelGroups.single(), max_norm)
-        out, loss, norm, grads = train_step(model, opt, x[rows], y[rows], groups, max_norm)
+        out, loss, norm, grads = train_step(model, opt, x[rows], y[rows], groups, max_norm, rs)
         err["logits"] = max(err["logits"], (out.logits - r_out.logits[rows]).abs().max().item())
         err["loss"] = max(err["loss"], abs(global_mean(loss, groups).item() - r_loss.item()))
         err["aux"] = max(err["aux"], abs(global_aux(out.aux_loss, groups).item() - r_out.aux_loss.item()))
         err["norm"] = max(err["norm"], abs(norm.item() - r_norm.item()))
         for name, p in model.named_parameters():
             expect = get_sharding(p).shard_of(r_grads[name], groups)
+            if rs is not None and id(p) in rs.params:  # this rank's slice of it
+                expect = opt.entries[id(p)].of(expect)
             err["grad"] = max(err["grad"], (grads[name] - expect).abs().max().item())
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():

@@ -10,7 +10,7 @@ from rich.table import Table
 from fsmoe.config import ConfigError, load_config
 from fsmoe.memory import GiB, ParamCounts, largest_batch, plan_memory
 
-ORDER = ("weights", "gradients", "optimizer", "activations", "bf16 weight copies", "logits")
+ORDER = ("weights", "gradients", "optimizer", "activations", "bf16 weight copies", "logits", "communication buffers")
 
 
 def memory_config(args):

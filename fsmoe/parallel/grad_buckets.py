@@ -20,6 +20,7 @@ the collective may add the addends in another order, a last-bit difference).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -43,9 +44,11 @@ class _Bucket:
 class BucketedGradSync:
     """Overlapped AllReduce of the ``dp``-kind gradients; collective (every dp rank builds one)."""
 
-    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0):
+    def __init__(self, model: nn.Module, groups: ParallelGroups, bucket_mb: float = 25.0, skip: Collection[int] = ()):
+        """``skip``: ids of parameters reduced elsewhere (a sharded optimizer's reduce-scatter)."""
         self.groups, self.group = groups, groups.group("dp")
-        params = [p for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == "dp"]
+        params = [p for p in model.parameters()
+                  if p.requires_grad and get_sharding(p).reduce == "dp" and id(p) not in skip]
         self.buckets = _cut(list(reversed(params)), int(bucket_mb * 2**20))
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         for b in self.buckets:

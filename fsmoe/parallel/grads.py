@@ -26,6 +26,9 @@ the bug DeepSpeed #8475 / Megatron #5916 get wrong (averaged or double-counted e
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -33,6 +36,9 @@ from torch import Tensor, nn
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.placement.replicas import norm_rows, sync_replica_grads
+
+if TYPE_CHECKING:
+    from fsmoe.parallel.zero_grads import GradReduceScatter
 
 
 def grad_or_zeros(p: nn.Parameter) -> Tensor:
@@ -42,16 +48,20 @@ def grad_or_zeros(p: nn.Parameter) -> Tensor:
     return p.grad
 
 
-def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] = REDUCE_KINDS) -> None:
+def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] = REDUCE_KINDS,
+               skip: Collection[int] = ()) -> None:
     """Sum every gradient over its ParamSharding.reduce group, then divide by dp.
 
     One flat AllReduce per reduce kind in ``kinds`` (params in ``model.parameters()`` order, the
-    same on every rank of a group). Collective: every rank calls it every step, also with zero tokens.
+    same on every rank of a group); ``skip``: ids of parameters reduced elsewhere (a sharded
+    optimizer's reduce-scatter, fsmoe.parallel.zero_grads). Collective: every rank calls it every
+    step, also with zero tokens.
     """
     if not groups.distributed:
         return
     for kind in kinds:
-        grads = [grad_or_zeros(p) for p in model.parameters() if p.requires_grad and get_sharding(p).reduce == kind]
+        grads = [grad_or_zeros(p) for p in model.parameters()
+                 if p.requires_grad and get_sharding(p).reduce == kind and id(p) not in skip]
         if not grads:
             continue
         if groups.size(kind) == 1:  # nothing to sum (e.g. experts when edp = 1): divide in place, no flat copy
@@ -72,12 +82,15 @@ def write_mean(flat_n: Tensor, grads: list[Tensor], dp: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:
-    """Global L2 norm of all gradients, every shard counted once. Collective."""
+def grad_norm(model: nn.Module, groups: ParallelGroups, sliced: GradReduceScatter | None = None) -> Tensor:
+    """Global L2 norm of all gradients, every shard counted once; ``sliced``: gradients a sharded
+    optimizer reduce-scattered into slices (each slice counted once). Collective."""
     device = next(model.parameters()).device
     rows = norm_rows(model)  # replicated experts: their primary copy only
     owned = [p.grad.detach() if id(p) not in rows else p.grad.detach().index_select(0, rows[id(p)].to(p.device))
              for p in model.parameters() if p.grad is not None and get_sharding(p).is_owner(groups)]
+    if sliced is not None:
+        owned += sliced.owned_slices()
     sq = torch.zeros((), dtype=torch.float32, device=device)
     if owned:  # one foreach pass (no per-parameter kernels), squares summed in fp32
         sq = torch.stack(torch._foreach_norm(owned, dtype=torch.float32)).square().sum()
@@ -86,16 +99,18 @@ def grad_norm(model: nn.Module, groups: ParallelGroups) -> Tensor:
     return sq.sqrt()
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups) -> Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, groups: ParallelGroups,
+                   sliced: GradReduceScatter | None = None) -> Tensor:
     """Scale all gradients so the global norm is at most ``max_norm`` (0 = only measure).
 
     Same formula as ``torch.nn.utils.clip_grad_norm_``: ``coef = min(1, max_norm / (norm + 1e-6))``.
     Returns the norm before clipping. Collective.
     """
-    norm = grad_norm(model, groups)
+    norm = grad_norm(model, groups, sliced)
     if max_norm > 0:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+        grads += sliced.slices() if sliced is not None else []
         if grads:
             torch._foreach_mul_(grads, coef.to(grads[0].dtype))
     return norm

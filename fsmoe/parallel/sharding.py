@@ -71,11 +71,12 @@ class ParamSharding:
             full = full.narrow(dim, getattr(groups.coords, kind) * n, n)
         return full
 
-    def is_owner(self, groups: ParallelGroups) -> bool:
+    def is_owner(self, groups: ParallelGroups, also: tuple[str, ...] = ()) -> bool:
         """True on exactly one of the ranks holding this rank's shard (the lowest rank), so a
-        global sum over ranks counts every shard once."""
+        global sum over ranks counts every shard once. ``also``: group kinds that split the shard
+        further (a sharded optimizer's slices over ``dp`` / ``edp``)."""
         layout, mine = groups.layout, groups.coords
-        kinds = [kind for _, kind in self.dims]
+        kinds = [kind for _, kind in self.dims] + list(also)
         same = (r for r in range(groups.world)
                 if all(getattr(layout.coords(r), k) == getattr(mine, k) for k in kinds))
         return next(same) == groups.rank

@@ -12,7 +12,8 @@ It is the one-process :class:`fsmoe.train.Trainer` with its distributed seams fi
     train_step    metrics made global (loss averaged over dp, expert loads summed over ranks)
     state_dict    sharded tensors wrapped as global DTensors, so checkpoints reshard on load
     optimizer     ``parallel.shard = "optimizer"``: AdamW state split over each parameter's replica
-                  group (ZeRO-1, fsmoe.parallel.zero); checkpoints load across either setting
+                  group (fsmoe.parallel.zero), gradients reduce-scattered into the same slices
+                  (ZeRO-2, fsmoe.parallel.zero_grads); checkpoints load across either setting
     placement     ``parallel.placement`` != static: spare expert slots, and a Rebalancer that
                   moves experts by the measured traffic (fsmoe.placement; docs/placement.md)
 
@@ -42,6 +43,7 @@ from fsmoe.placement.policy import balance_ratio
 from fsmoe.placement.rebalance import build_rebalancer
 from fsmoe.placement.slots import add_spare_slots, pad_spare_rows, spare_slots_for
 from fsmoe.parallel.zero import ZeroAdamW
+from fsmoe.parallel.zero_grads import GradReduceScatter
 from fsmoe.train import StepResult, Trainer, lr_multiplier, param_groups, resolve_device
 
 
@@ -60,7 +62,13 @@ class ParallelTrainer(Trainer):
         # gloo keeps the one flat AllReduce after backward: a CPU has no separate engine to overlap
         # it with.
         default_path = self.moe_schedule is None or self.moe_schedule.grad_sync is None
-        self.dp_sync = (BucketedGradSync(self.model, groups)
+        # A sharded optimizer takes its slices of the gradients by reduce-scatter (ZeRO-2), except the
+        # dense ones a pipelined schedule's partitions reduce (gloo: GradSync), which stay whole
+        self.grad_rs = (GradReduceScatter(self.optimizer, ("dp", "edp") if default_path else ("edp",),
+                                          overlap=groups.backend == "nccl")
+                        if isinstance(self.optimizer, ZeroAdamW) else None)
+        self._reduced_elsewhere = self.grad_rs.params if self.grad_rs is not None else set()
+        self.dp_sync = (BucketedGradSync(self.model, groups, skip=self._reduced_elsewhere)
                         if groups.dp > 1 and default_path and groups.backend == "nccl" else None)
         self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
@@ -181,15 +189,17 @@ class ParallelTrainer(Trainer):
         """Each gradient summed over its group, / dp. The dense (dp) part is finished first where
         it was reduced during backward (the buckets, or a pipelined schedule's GradSync
         partitions), so clipping sees full sums; otherwise one flat AllReduce per reduce kind."""
-        ts = self.moe_schedule
+        ts, skip = self.moe_schedule, self._reduced_elsewhere
         if self.dp_sync is not None:
             self.dp_sync.finish()
         elif ts is not None and ts.grad_sync is not None:
             ts.sync_dense(self.model)
         else:
-            sync_grads(self.model, self.groups)
-            return
-        sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"))
+            sync_grads(self.model, self.groups, skip=skip)
+        if self.dp_sync is not None or (ts is not None and ts.grad_sync is not None):
+            sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"), skip=skip)
+        if self.grad_rs is not None:
+            self.grad_rs.finish()
 
     def close(self) -> None:
         """Stop the schedule's lane threads and hooks; write the weights of a gather still running."""
@@ -199,7 +209,7 @@ class ParallelTrainer(Trainer):
             self.moe_schedule.close()
 
     def grad_norm(self) -> Tensor:
-        return grad_norm(self.model, self.groups)
+        return grad_norm(self.model, self.groups, self.grad_rs)
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Every rank skips or applies the same steps: the flags' minimum over the world (on the

@@ -29,6 +29,7 @@ every rank, as without sharding.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
 
-BUCKET_ELEMENTS = 1 << 26  # elements a bucket's all_gather writes (256 MB of fp32): its temporary buffer
+BUCKET_ELEMENTS = 1 << 25  # elements a bucket's all_gather writes (128 MB of fp32): its temporary buffer
 # all_gather_into_tensor's newer name (the old one warns on torch 2.13; 2.11 has only the old one)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -126,6 +127,8 @@ class _Bucket:
     total: int  # elements of this rank's part of the gather: every entry's segment, padded
     weights: Tensor | None  # [total]: the weight slices of the strided entries (AdamW updates them)
     grads: Tensor | None  # same layout: their gradient slices, during the step
+    reduced: bool = False  # the gradients' reduce group is the replica group: they can be reduce-scattered
+    grad_slices: Tensor | None = None  # [total]: this rank's reduced gradient slices (fsmoe.parallel.zero_grads)
 
 
 @torch.no_grad()
@@ -184,9 +187,9 @@ class ZeroAdamW(torch.optim.AdamW):
         in a buffer of its own), cut into buckets whose gathered size (n x segment total) stays
         under ``bucket_elements``."""
         out: list[_Bucket] = []
-        for kind, in_place in (("dp", True), ("dp", False), ("edp", True), ("edp", False)):
+        for kind, in_place, reduced in itertools.product(("dp", "edp"), (True, False), (True, False)):
             todo = [p for p in self.model_params if slices[id(p)] is not None and slices[id(p)].kind == kind
-                    and (slices[id(p)].dim == 0) == in_place]
+                    and (slices[id(p)].dim == 0) == in_place and self._summed_over(p, kind) == reduced]
             entries: list[_Entry] = []
             used = 0
             for p in todo:
@@ -194,20 +197,27 @@ class ZeroAdamW(torch.optim.AdamW):
                 piece = tuple(zs.chunk if d == zs.dim else s for d, s in enumerate(p.shape))
                 e = _Entry(p, zs, used, piece)
                 if entries and (used + e.seg) * zs.n > bucket_elements:
-                    out.append(self._new_bucket(kind, entries, used))
+                    out.append(self._new_bucket(kind, entries, used, reduced))
                     entries, used, e.start = [], 0, 0
                 entries.append(e)
                 used += e.seg
             if entries:
-                out.append(self._new_bucket(kind, entries, used))
+                out.append(self._new_bucket(kind, entries, used, reduced))
         return out
 
+    def _summed_over(self, p: nn.Parameter, kind: str) -> bool:
+        """Whether ``p``'s gradient is summed over exactly its replica group (so a reduce-scatter
+        over that group gives each rank its slice): dp and edp parameters; the router and shared
+        experts (summed over the world) where the world is the dp group (no tensor parallelism)."""
+        reduce = get_sharding(p).reduce
+        return reduce == kind or (reduce == "world" and kind == "dp" and self.groups.mp == 1)
+
     @staticmethod
-    def _new_bucket(kind: str, entries: list[_Entry], total: int) -> _Bucket:
+    def _new_bucket(kind: str, entries: list[_Entry], total: int, reduced: bool) -> _Bucket:
         """A bucket of strided entries keeps their weight slices, starting as the parameters' values."""
         p0 = entries[0].param
         weights = None if entries[0].in_place else torch.zeros(total, dtype=p0.dtype, device=p0.device)
-        b = _Bucket(kind, entries, total, weights, None)
+        b = _Bucket(kind, entries, total, weights, None, reduced)
         _copy_weight_slices(b)
         return b
 
@@ -228,9 +238,14 @@ class ZeroAdamW(torch.optim.AdamW):
     def prepare_step(self) -> None:
         """Point every slice's ``.grad`` at this rank's slice of the (synced, full) gradient: a
         view where the slice lies in place, a copy in the bucket's buffer where it is strided;
-        parameters whose state is whole keep their own."""
+        parameters whose state is whole keep their own. A bucket whose gradients were
+        reduce-scattered (``grad_slices``) already holds this rank's slices: views of them."""
         self.finish_gathers()  # a weight no forward used since the last step
         for b in self.buckets:
+            if b.grad_slices is not None:
+                for e in b.entries:
+                    self.slices_of[id(e.param)].grad = e.view(b.grad_slices)
+                continue
             if b.weights is not None and b.grads is None:
                 b.grads = torch.empty_like(b.weights)
             for e in b.entries:
@@ -250,7 +265,7 @@ class ZeroAdamW(torch.optim.AdamW):
         loss = super().step(closure)
         self._prepared = False
         for i, b in enumerate(self.buckets):
-            b.grads = None  # the copies live only for the step
+            b.grads = b.grad_slices = None  # the gradient slices live only for the step
             self._launch(i)
         if not self._hooks:
             self.finish_gathers()
@@ -292,6 +307,8 @@ class ZeroAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        for b in self.buckets:
+            b.grads = b.grad_slices = None
         for p in self.model_params:
             if p.grad is not None:
                 if set_to_none:
