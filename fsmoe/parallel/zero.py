@@ -42,6 +42,7 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
 
 BUCKET_ELEMENTS = 1 << 25  # elements a bucket's all_gather writes (128 MB of fp32): its temporary buffer
+GATHER_AHEAD = 1  # blocks whose weights' all_gather starts before the forward reaches them
 # all_gather_into_tensor's newer name (the old one warns on torch 2.13; 2.11 has only the old one)
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -167,20 +168,35 @@ class ZeroAdamW(torch.optim.AdamW):
         self._prepared = False
         self._pending: dict[int, tuple] = {}  # bucket index -> (all_gather work, its output, its input)
         self._hooks: list = []
+        self._unstarted: set[int] = set()  # buckets whose all_gather the next forward starts
+        self._gather_order: list[list[int]] = []  # the buckets of each block, in forward order
+        self._ahead = GATHER_AHEAD
         self._init_state()
 
-    def overlap_with(self, model: nn.Module) -> None:
-        """Let the next forward, not the step, wait for the updated weights: the all_gathers are
-        left running after ``step`` and each block (each direct child of ``model`` outside
-        ``model.layers``) waits, as its forward starts, for the buckets holding its parameters, so
-        the gathers of later blocks overlap the compute of earlier ones. Anything else that reads
-        the weights calls :meth:`finish_gathers` first (checkpoints do)."""
+    def overlap_with(self, model: nn.Module, ahead: int = GATHER_AHEAD) -> None:
+        """Let the next forward, not the step, wait for the updated weights: after ``step`` only the
+        first blocks' all_gathers start; each block (in forward order: ``model``'s direct
+        children, ``model.layers`` expanded in place), as its forward starts, starts those of the
+        ``ahead`` blocks after it and waits for its own. So a gather overlaps the compute of the
+        blocks before its own, and the link is not flooded at the start of the forward (where
+        the first MoE layer's AlltoAll needs it). Anything else that reads the weights calls
+        :meth:`finish_gathers` first (checkpoints do)."""
         bucket_of = {id(e.param): i for i, b in enumerate(self.buckets) for e in b.entries}
-        parts = list(getattr(model, "layers", [])) + [m for name, m in model.named_children() if name != "layers"]
-        for part in parts:
-            wanted = sorted({bucket_of[id(p)] for p in part.parameters() if id(p) in bucket_of})
-            if wanted:
-                self._hooks.append(part.register_forward_pre_hook(lambda m, a, w=tuple(wanted): self._finish(w)))
+        parts: list[nn.Module] = []
+        for name, child in model.named_children():
+            parts += list(child) if name == "layers" else [child]
+        wanted = [sorted({bucket_of[id(p)] for p in part.parameters() if id(p) in bucket_of}) for part in parts]
+        self._gather_order, self._ahead = [w for w in wanted if w], ahead
+        for k, (part, w) in enumerate(zip(parts, wanted)):
+            if w:
+                soon = [i for later in [x for x in wanted[k + 1:] if x][:ahead] for i in later]
+                self._hooks.append(part.register_forward_pre_hook(
+                    lambda m, a, w=tuple(w), soon=tuple(soon): self._reach(w, soon)))
+
+    def _reach(self, mine: tuple[int, ...], soon: tuple[int, ...]) -> None:
+        """A block's forward begins: start its gathers and those of the next blocks, wait for its own."""
+        self._start(mine + soon)
+        self._finish(mine)
 
     def _buckets(self, slices: dict[int, ZeroSlice | None], bucket_elements: int) -> list[_Bucket]:
         """Sliced parameters in model order, per replica group and per kind of slice (in place or
@@ -264,11 +280,14 @@ class ZeroAdamW(torch.optim.AdamW):
             self.prepare_step()
         loss = super().step(closure)
         self._prepared = False
-        for i, b in enumerate(self.buckets):
+        for b in self.buckets:
             b.grads = b.grad_slices = None  # the gradient slices live only for the step
-            self._launch(i)
+        self._unstarted = set(range(len(self.buckets)))
         if not self._hooks:
             self.finish_gathers()
+            return loss
+        first = [i for w in self._gather_order[:1 + self._ahead] for i in w]
+        self._start(tuple(first) + tuple(sorted(self._unstarted - {i for w in self._gather_order for i in w})))
         return loss
 
     def _launch(self, i: int) -> None:
@@ -283,8 +302,16 @@ class ZeroAdamW(torch.optim.AdamW):
         work = _all_gather(everyone, mine, group=self.groups.group(b.kind), async_op=True)
         self._pending[i] = (work, everyone, mine)  # mine: alive until the gather has read it
 
+    def _start(self, which: tuple[int, ...]) -> None:
+        for i in which:
+            if i in self._unstarted:
+                self._unstarted.discard(i)
+                self._launch(i)
+
     def finish_gathers(self) -> None:
-        """Wait for every all_gather still running and write the weights (a no-op when none is)."""
+        """Start the all_gathers not started yet, wait for every one and write the weights (a
+        no-op when none is left)."""
+        self._start(tuple(sorted(self._unstarted)))
         self._finish(tuple(self._pending))
 
     @torch.no_grad()
