@@ -171,3 +171,30 @@ def _collectives(rank, world):
 def test_collectives_uneven_and_empty_on_three_ranks():
     for rank, errs in enumerate(run_workers(_collectives, 3, timeout_s=120)):
         assert all(v < 1e-6 for v in errs.values()), (rank, errs)
+
+
+# ---------------------------------------------------------------- sharded optimizer: gradient slices
+
+
+@pytest.mark.parametrize("shape, dim, n", [((7, 4), 0, 3), ((6, 5), 0, 2), ((3, 8, 2), 1, 4)])
+def test_reduce_scatter_rows_are_the_all_gathers_layout(shape, dim, n):
+    """Row r of the reduce-scatter's input holds rank r's slice of the gradient (torch.chunk's
+    pieces, the uneven last one zero-padded), in the layout the weights' all_gather unpacks: so
+    summing rows over ranks and gathering them back gives the parameter's shape again."""
+    from fsmoe.parallel.zero import ZeroAdamW, ZeroSlice, _Bucket, _Entry
+    from fsmoe.parallel.zero_grads import _rank_rows
+
+    zs = ZeroSlice("dp", dim, n, 0, shape[dim])
+    piece = tuple(zs.chunk if d == dim else s for d, s in enumerate(shape))
+    param = torch.nn.Parameter(torch.zeros(shape))
+    e = _Entry(param, zs, 0, piece)
+    grad = torch.arange(param.numel(), dtype=torch.float32).view(shape) + 1
+    inp = torch.full((n, e.seg), float("nan"))
+    _rank_rows(e, grad, inp)
+    for r, expect in enumerate(torch.chunk(grad, n, dim)):
+        mine = _Entry(param, ZeroSlice("dp", dim, n, r, shape[dim]), 0, piece)
+        assert torch.equal(mine.view(inp[r]), expect)  # this rank's slice, where the optimizer reads it
+    assert not inp.isnan().any()  # the padding is zeros, not garbage summed by the collective
+    with torch.no_grad():
+        ZeroAdamW._unpack(None, _Bucket("dp", [e], e.seg, None, None), inp.reshape(-1))
+    assert torch.equal(param.detach(), grad)

@@ -64,6 +64,11 @@ def test_sharding_and_recompute_shrink_the_plan_and_the_largest_batch_grows():
     plain = plan_memory(load_config("mixtral-8x7b", base), counts=counts)
     sharded = plan_memory(load_config("mixtral-8x7b", [*base, "parallel.shard=optimizer"]), counts=counts)
     assert sharded.step["optimizer"] < plain.step["optimizer"]
+    # gradients reduce-scattered: the dense part's over dp (edp = 1 here: the experts' stay whole),
+    # plus the collective's input of one bucket
+    dense = counts.split_by_mp + counts.replicated
+    assert sharded.step["gradients"] == pytest.approx(4 * (dense / 8 + counts.experts / 8))
+    assert 0 < sharded.step["communication buffers"] <= 4 * (1 << 25)
     full = load_config("mixtral-8x7b", [*base, "train.activation_checkpointing=full"])
     assert plan_memory(full, counts=counts).forward["activations"] < plain.forward["activations"]
     budget = 80 * GiB

@@ -1,4 +1,4 @@
-"""Sharded optimizer state (``parallel.shard = "optimizer"``, ZeRO stage 1).
+"""Sharded optimizer state (``parallel.shard = "optimizer"``, ZeRO stage 1; stage 2 with fsmoe.parallel.zero_grads).
 
 Without it every rank keeps AdamW's two fp32 moments for every parameter it holds: 8 bytes per
 element beside the 4-byte weight and 4-byte gradient. With it, the ranks that hold the same
@@ -6,14 +6,16 @@ shard of a parameter after gradient sync (its *replica group*: ``dp`` for the de
 router and shared experts; ``edp`` for routed experts) split that parameter's optimizer state
 between them, and each updates only its slice:
 
-    1. the gradient is summed and clipped exactly as without sharding (full gradients);
+    1. the gradient is summed and clipped as without sharding; in training each rank receives
+       only its slice of the sum (a reduce-scatter, fsmoe.parallel.zero_grads: ZeRO stage 2);
     2. AdamW updates this rank's slice of the weights with its slice of the gradient and moments;
     3. one all_gather per replica group and bucket writes every rank's updated slices back
        into the full parameters, so forward and backward see the same weights as before. In
-       training the gathers run behind the next forward: each block waits for its own buckets
-       as it starts (``overlap_with``).
+       training the gathers run behind the next forward, one block ahead of it; each block
+       waits for its own buckets as it starts (``overlap_with``).
 
-Per element: 4 B weight + 4 B gradient + 8 B / n of moments, against 16 B. A slice along the
+Per element: 4 B weight + 4 B gradient (4 B / n once reduce-scattered) + 8 B / n of moments,
+against 16 B. A slice along the
 first dimension is a contiguous piece of the parameter and its gradient, and AdamW updates it
 in place; a slice along another dimension (the first is taken: experts split by EP, q/k/v and
 w1/w3 by TP) is strided, so its weights are kept in a buffer of their own (+4 B / n) and its
