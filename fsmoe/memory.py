@@ -221,20 +221,25 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     step["gradients"] = 4 * params
     if par.shard == "optimizer":  # reduce-scattered into slices (fsmoe.parallel.zero_grads)
         step["gradients"], step["communication buffers"] = _sliced_gradient_bytes(counts, par, dense, experts)
+    elif par.world // (par.ep * par.esp) > 1:  # the experts' AllReduce copies a chunk of them (sync_grads)
+        from fsmoe.parallel.grads import FLAT_ELEMENTS
+
+        step["communication buffers"] = 4 * min(FLAT_ELEMENTS, experts)
     return MemoryPlan(forward, step, tokens, params)
 
 
 def _sliced_gradient_bytes(counts: ParamCounts, par, dense: float, experts: float) -> tuple[float, float]:
     """fp32 gradients a rank holds after the reduce-scatter (dense over dp, experts over edp; the
     router and shared experts stay whole where tensor parallelism makes their group the world),
-    and the reduce-scatter's input of one bucket (n x its slices, at most ``BUCKET_ELEMENTS``)."""
+    and the reduce-scatters' inputs in flight (``IN_FLIGHT`` buckets of ``BUCKET_ELEMENTS``)."""
     from fsmoe.parallel.zero import BUCKET_ELEMENTS
+    from fsmoe.parallel.zero_grads import IN_FLIGHT
 
     edp = par.world // (par.ep * par.esp)
     whole = counts.summed_over_world if par.mp > 1 else 0
     sliced = (dense - whole) / par.dp + experts / edp
     largest = max(dense - whole if par.dp > 1 else 0.0, experts if edp > 1 else 0.0)
-    return 4 * (sliced + whole), 4 * min(BUCKET_ELEMENTS, largest)
+    return 4 * (sliced + whole), 4 * min(IN_FLIGHT * BUCKET_ELEMENTS, largest)
 
 
 def _optimizer_bytes(counts: ParamCounts, par, dense: float, experts: float) -> float:

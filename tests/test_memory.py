@@ -68,7 +68,7 @@ def test_sharding_and_recompute_shrink_the_plan_and_the_largest_batch_grows():
     # plus the collective's input of one bucket
     dense = counts.split_by_mp + counts.replicated
     assert sharded.step["gradients"] == pytest.approx(4 * (dense / 8 + counts.experts / 8))
-    assert 0 < sharded.step["communication buffers"] <= 4 * (1 << 25)
+    assert 0 < sharded.step["communication buffers"] <= 2 * 4 * (1 << 25)
     full = load_config("mixtral-8x7b", [*base, "train.activation_checkpointing=full"])
     assert plan_memory(full, counts=counts).forward["activations"] < plain.forward["activations"]
     budget = 80 * GiB

@@ -37,6 +37,8 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import REDUCE_KINDS, get_sharding
 from fsmoe.placement.replicas import norm_rows, sync_replica_grads
 
+FLAT_ELEMENTS = 1 << 25  # elements of one flat AllReduce (128 MB of fp32): the copy it costs
+
 if TYPE_CHECKING:
     from fsmoe.parallel.zero_grads import GradReduceScatter
 
@@ -68,11 +70,25 @@ def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] 
             if groups.dp > 1:
                 torch._foreach_div_(grads, groups.dp)
             continue
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=groups.group(kind))
-        write_mean(flat, grads, groups.dp)
+        for part in _chunks(grads, FLAT_ELEMENTS):  # a flat copy of a chunk, never of all the gradients
+            flat = torch.cat([g.reshape(-1) for g in part])
+            dist.all_reduce(flat, group=groups.group(kind))
+            write_mean(flat, part, groups.dp)
     if "edp" in kinds:  # expert copies (FlexMoE replicas) are one expert: sum their gradients
         sync_replica_grads(model, groups.ep_group)
+
+
+def _chunks(grads: list[Tensor], max_elements: int) -> list[list[Tensor]]:
+    """Consecutive runs of ``grads`` of at most ``max_elements`` elements (a larger one alone)."""
+    out: list[list[Tensor]] = [[]]
+    used = 0
+    for g in grads:
+        if out[-1] and used + g.numel() > max_elements:
+            out.append([])
+            used = 0
+        out[-1].append(g)
+        used += g.numel()
+    return out
 
 
 def write_mean(flat_n: Tensor, grads: list[Tensor], dp: int) -> None:

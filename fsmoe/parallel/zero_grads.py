@@ -14,9 +14,14 @@ Only buckets whose parameters are summed over their replica group take part (``d
 over dp, routed experts over edp); the router and shared experts, summed over the world, keep
 their whole gradients (``sync_grads``) and are sliced for the step as before.
 
-With ``overlap`` (NCCL), a dp bucket is launched as soon as backward has produced its last
-gradient (post-accumulate-grad hooks; every dp rank runs the same dense graph, so the order is the
-same on all of them); edp buckets and everything else go out in :meth:`finish`, in bucket order.
+With ``overlap`` (NCCL), a bucket is launched as soon as backward has produced its last
+gradient (post-accumulate-grad hooks). The ranks of a replica group run the same graph (the dense
+part is the same on every dp rank; the replicas of an expert run its grouped GEMMs also on zero
+rows, so its weights always get a gradient), so the order is the same on all of them; whatever
+did not arrive goes out in :meth:`finish`, in bucket order.
+At most ``IN_FLIGHT`` buckets are in flight: launching another first waits for the oldest, whose
+input (a bucket of whole gradients) is then released, so backward never holds the whole
+gradients and their copy at once.
 The sums are those of the AllReduce: the same addends per element.
 
 Shapes: n ranks in the replica group, ``total`` elements of one rank's slices in a bucket.
@@ -34,6 +39,7 @@ from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
 from fsmoe.parallel.zero import ZeroAdamW, _Bucket, _Entry
 
+IN_FLIGHT = 2  # buckets whose reduce-scatter may run at once (each holds a bucket of whole gradients)
 # reduce_scatter_tensor's newer name (the old one warns on torch 2.13; 2.11 has only the old one)
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -48,13 +54,12 @@ class GradReduceScatter:
         self.buckets = [i for i, b in enumerate(optimizer.buckets) if b.reduced and b.kind in kinds]
         self.params = {id(e.param) for i in self.buckets for e in optimizer.buckets[i].entries}
         self._arrived = dict.fromkeys(self.buckets, 0)
-        self._pending: dict[int, tuple] = {}  # bucket index -> (work, output, input)
+        self._pending: dict[int, tuple] = {}  # bucket index -> (work, output, input), oldest first
+        self._done: set[int] = set()  # buckets reduced this step
         self._hooks = []
         for i in self.buckets if overlap else ():
-            b = optimizer.buckets[i]
-            if b.kind == "dp":
-                self._hooks += [e.param.register_post_accumulate_grad_hook(lambda p, i=i: self._arrive(i))
-                                for e in b.entries]
+            self._hooks += [e.param.register_post_accumulate_grad_hook(lambda p, i=i: self._arrive(i))
+                            for e in optimizer.buckets[i].entries]
 
     def _arrive(self, i: int) -> None:
         self._arrived[i] += 1
@@ -73,20 +78,28 @@ class GradReduceScatter:
         out = torch.empty(b.total, dtype=inp.dtype, device=inp.device)
         work = _reduce_scatter(out, inp.view(-1), group=self.groups.group(b.kind), async_op=True)
         self._pending[i] = (work, out, inp)  # inp: alive until the collective has read it
+        while len(self._pending) > IN_FLIGHT:  # older inputs released: they are whole gradients
+            self._complete(next(iter(self._pending)))
+
+    def _complete(self, i: int) -> None:
+        """Wait for bucket ``i`` (on NCCL: the compute stream waits, not the host) and give it its
+        slices / dp (the optimizer's gradients from now until ``zero_grad``)."""
+        work, out, _ = self._pending.pop(i)
+        work.wait()
+        out /= self.groups.dp  # each rank's loss is a mean over its dp shard (fsmoe.parallel.grads)
+        self.opt.buckets[i].grad_slices = out
+        self._done.add(i)
 
     @torch.no_grad()
     def finish(self) -> None:
-        """After backward: launch what is left, wait, and give each bucket its slices / dp
-        (the optimizer's gradients from now until ``zero_grad``)."""
+        """After backward: launch what is left and wait for every bucket."""
         for i in self.buckets:
-            if i not in self._pending:
+            if i not in self._pending and i not in self._done:
                 self._launch(i)
-        for i in self.buckets:
-            work, out, _ = self._pending.pop(i)
-            work.wait()
-            out /= self.groups.dp  # each rank's loss is a mean over its dp shard (fsmoe.parallel.grads)
-            self.opt.buckets[i].grad_slices = out
-            self._arrived[i] = 0
+        for i in list(self._pending):
+            self._complete(i)
+        self._done.clear()
+        self._arrived = dict.fromkeys(self.buckets, 0)
 
     def owned_slices(self) -> list[Tensor]:
         """This rank's gradient slices that the global norm counts here (each piece once)."""
