@@ -337,8 +337,9 @@ class ParallelConfig:
     placement_ema: float = 1.0  # weight of the newest window in the predicted load (1: that window alone)
     placement_overlap: bool = True  # move experts behind the next step's compute (False: the step waits)
     # What is split over the data-parallel replicas (fsmoe.parallel.zero, docs/memory.md): "none" keeps
-    # AdamW's moments for every parameter on every rank; "optimizer" (ZeRO-1) splits them, and the
-    # fp32 weight slices they update, over each parameter's replica group (dp; edp for routed experts).
+    # AdamW's moments for every parameter on every rank; "optimizer" (ZeRO-1/2) splits them, the
+    # fp32 weight slices they update and the gradients (reduce-scattered) over each parameter's
+    # replica group (dp; edp for routed experts).
     shard: str = "none"
 
     @property

@@ -89,7 +89,7 @@ def _hints(cfg) -> list[str]:
     if t.activation_checkpointing != "full":
         out.append("--set train.activation_checkpointing=full (recompute each block in backward)")
     if par.shard == "none" and par.dp > 1:
-        out.append("--shard optimizer (AdamW state split over the data-parallel replicas)")
+        out.append("--shard optimizer (AdamW state and gradients split over the data-parallel replicas)")
     if par.ep * par.esp < min(par.world, cfg.model.moe.num_experts):
         out.append("a larger --ep (fewer experts per GPU)")
     out.append("more GPUs, or a smaller train.batch_size / --seq-len")
