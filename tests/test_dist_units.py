@@ -198,3 +198,41 @@ def test_reduce_scatter_rows_are_the_all_gathers_layout(shape, dim, n):
     with torch.no_grad():
         ZeroAdamW._unpack(None, _Bucket("dp", [e], e.seg, None, None), inp.reshape(-1))
     assert torch.equal(param.detach(), grad)
+
+
+def test_weight_gathers_start_one_block_ahead_of_the_forward(monkeypatch):
+    """After the step only the first blocks' all_gathers start; each block's forward starts the
+    next block's and waits for its own (rank 0 of DP2, collectives replaced by a log)."""
+    from fsmoe.models import build_model
+    from fsmoe.parallel.groups import ParallelGroups
+    from fsmoe.parallel.topology import Topology
+    from fsmoe.parallel.zero import ZeroAdamW
+
+    cfg = load_config("tiny", ["model.n_layers=4", "model.moe.num_experts=4"]).model
+    model = build_model(cfg, seed=0)
+    groups = ParallelGroups(Layout(dp=2), 0, Topology(2, 2), "gloo")
+    opt = ZeroAdamW([{"params": list(model.parameters())}], groups, bucket_elements=1, lr=1e-3)  # a bucket each
+    opt.overlap_with(model)
+    log: list[tuple[str, int]] = []
+    monkeypatch.setattr(opt, "_launch", lambda i: (log.append(("start", i)), opt._pending.__setitem__(i, None)))
+    monkeypatch.setattr(opt, "_finish", lambda which: [log.append(("wait", i)) for i in which
+                                                        if opt._pending.pop(i, "done") != "done"])
+    blocks = opt._gather_order  # each block's buckets, in the order the forward reaches the blocks
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    started = {i for w in blocks[:2] for i in w} | (set(range(len(opt.buckets))) - {i for w in blocks for i in w})
+    assert sorted(i for _, i in log) == sorted(started) and all(kind == "start" for kind, _ in log)
+    log.clear()
+    expected, pending = [], set(started)
+    for k, mine in enumerate(blocks):  # block k: start its own and block k+1's, then wait for its own
+        for i in mine + (blocks[k + 1] if k + 1 < len(blocks) else []):
+            if i not in started:
+                expected.append(("start", i))
+                started.add(i)
+                pending.add(i)
+        expected += [("wait", i) for i in mine if i in pending]
+        pending -= set(mine)
+    model(torch.zeros(1, 4, dtype=torch.long))
+    assert log == expected and len(blocks) >= 4
+    assert not opt._unstarted and not opt._pending

@@ -176,24 +176,39 @@ class ZeroAdamW(torch.optim.AdamW):
         self._init_state()
 
     def overlap_with(self, model: nn.Module, ahead: int = GATHER_AHEAD) -> None:
-        """Let the next forward, not the step, wait for the updated weights: after ``step`` only the
-        first blocks' all_gathers start; each block (in forward order: ``model``'s direct
-        children, ``model.layers`` expanded in place), as its forward starts, starts those of the
-        ``ahead`` blocks after it and waits for its own. So a gather overlaps the compute of the
-        blocks before its own, and the link is not flooded at the start of the forward (where
-        the first MoE layer's AlltoAll needs it). Anything else that reads the weights calls
-        :meth:`finish_gathers` first (checkpoints do)."""
+        """Let the next forward, not the step, wait for the updated weights. The forward reaches the
+        model's parts in order: what comes before ``model.layers`` (embeddings; waited for as the
+        model's forward starts), each block (as its forward starts), what comes after (final
+        norm, head; as the last block's forward ends: the head's weight may be read without
+        calling its module). After ``step`` only the first parts' all_gathers start; each part,
+        when reached, starts those of the ``ahead`` parts after it and waits for its own. So a
+        gather overlaps the compute before its part, and the link is not flooded at the start of
+        the forward (where the first MoE layer's AlltoAll needs it). Anything else that reads the
+        weights calls :meth:`finish_gathers` first (checkpoints do)."""
         bucket_of = {id(e.param): i for i, b in enumerate(self.buckets) for e in b.entries}
-        parts: list[nn.Module] = []
-        for name, child in model.named_children():
-            parts += list(child) if name == "layers" else [child]
-        wanted = [sorted({bucket_of[id(p)] for p in part.parameters() if id(p) in bucket_of}) for part in parts]
+
+        def buckets(modules) -> list[int]:
+            return sorted({bucket_of[id(p)] for m in modules for p in m.parameters() if id(p) in bucket_of})
+
+        children = dict(model.named_children())
+        blocks = list(children.pop("layers", []))
+        names = list(dict(model.named_children()))
+        split = names.index("layers") if blocks else len(names)
+        before = buckets(children[n] for n in names[:split])
+        parts = [(before, model, "pre")] + [(buckets([blk]), blk, "pre") for blk in blocks]
+        if blocks:  # taken out of ``before``: a tied weight is waited for where it is first used
+            parts.append(([i for i in buckets(children[n] for n in names[split + 1:]) if i not in before],
+                          blocks[-1], "post"))
+        wanted = [w for w, _, _ in parts]
         self._gather_order, self._ahead = [w for w in wanted if w], ahead
-        for k, (part, w) in enumerate(zip(parts, wanted)):
-            if w:
-                soon = [i for later in [x for x in wanted[k + 1:] if x][:ahead] for i in later]
-                self._hooks.append(part.register_forward_pre_hook(
-                    lambda m, a, w=tuple(w), soon=tuple(soon): self._reach(w, soon)))
+        for k, (w, module, when) in enumerate(parts):
+            if not w:
+                continue
+            soon = tuple(i for later in [x for x in wanted[k + 1:] if x][:ahead] for i in later)
+            reach = (lambda m, a, w=tuple(w), soon=soon: self._reach(w, soon)) if when == "pre" else \
+                (lambda m, a, out, w=tuple(w), soon=soon: self._reach(w, soon))
+            self._hooks.append(module.register_forward_pre_hook(reach) if when == "pre"
+                               else module.register_forward_hook(reach))
 
     def _reach(self, mine: tuple[int, ...], soon: tuple[int, ...]) -> None:
         """A block's forward begins: start its gathers and those of the next blocks, wait for its own."""
