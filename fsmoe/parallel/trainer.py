@@ -189,15 +189,14 @@ class ParallelTrainer(Trainer):
         """Each gradient summed over its group, / dp. The dense (dp) part is finished first where
         it was reduced during backward (the buckets, or a pipelined schedule's GradSync
         partitions), so clipping sees full sums; otherwise one flat AllReduce per reduce kind."""
-        ts, skip = self.moe_schedule, self._reduced_elsewhere
+        ts, kinds = self.moe_schedule, tuple(k for k in REDUCE_KINDS if k != "dp")
         if self.dp_sync is not None:
             self.dp_sync.finish()
         elif ts is not None and ts.grad_sync is not None:
             ts.sync_dense(self.model)
         else:
-            sync_grads(self.model, self.groups, skip=skip)
-        if self.dp_sync is not None or (ts is not None and ts.grad_sync is not None):
-            sync_grads(self.model, self.groups, kinds=tuple(k for k in REDUCE_KINDS if k != "dp"), skip=skip)
+            kinds = REDUCE_KINDS
+        sync_grads(self.model, self.groups, kinds=kinds, skip=self._reduced_elsewhere)
         if self.grad_rs is not None:
             self.grad_rs.finish()
 

@@ -191,8 +191,8 @@ class ZeroAdamW(torch.optim.AdamW):
             return sorted({bucket_of[id(p)] for m in modules for p in m.parameters() if id(p) in bucket_of})
 
         children = dict(model.named_children())
+        names = list(children)
         blocks = list(children.pop("layers", []))
-        names = list(dict(model.named_children()))
         split = names.index("layers") if blocks else len(names)
         before = buckets(children[n] for n in names[:split])
         parts = [(before, model, "pre")] + [(buckets([blk]), blk, "pre") for blk in blocks]

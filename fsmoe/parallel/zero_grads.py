@@ -11,8 +11,9 @@ The buckets are the optimizer's: a bucket's reduce-scatter input is ``[n, total]
 holds every entry's rank-r slice, in the same layout as the all_gather's output), its output
 ``[total]`` this rank's slices, which become the optimizer's gradients (``_Bucket.grad_slices``).
 Only buckets whose parameters are summed over their replica group take part (``dp`` parameters
-over dp, routed experts over edp); the router and shared experts, summed over the world, keep
-their whole gradients (``sync_grads``) and are sliced for the step as before.
+over dp, routed experts over edp, the router and shared experts where the world is the dp group);
+under tensor parallelism the router and shared experts, summed over the world, keep their whole
+gradients (``sync_grads``) and are sliced for the step as before.
 
 With ``overlap`` (NCCL), a bucket is launched as soon as backward has produced its last
 gradient (post-accumulate-grad hooks). The ranks of a replica group run the same graph (the dense
@@ -35,9 +36,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fsmoe.parallel.grads import grad_or_zeros
-from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
-from fsmoe.parallel.zero import ZeroAdamW, _Bucket, _Entry
+from fsmoe.parallel.zero import ZeroAdamW, _Entry
 
 IN_FLIGHT = 2  # buckets whose reduce-scatter may run at once (each holds a bucket of whole gradients)
 # reduce_scatter_tensor's newer name (the old one warns on torch 2.13; 2.11 has only the old one)
@@ -56,6 +56,9 @@ class GradReduceScatter:
         self._arrived = dict.fromkeys(self.buckets, 0)
         self._pending: dict[int, tuple] = {}  # bucket index -> (work, output, input), oldest first
         self._done: set[int] = set()  # buckets reduced this step
+        # (bucket, entry) of the slices this rank counts in the global norm: fixed by the layout
+        self._owned = [(i, e) for i in self.buckets for e in optimizer.buckets[i].entries
+                       if get_sharding(e.param).is_owner(self.groups, also=(optimizer.buckets[i].kind,))]
         self._hooks = []
         for i in self.buckets if overlap else ():
             self._hooks += [e.param.register_post_accumulate_grad_hook(lambda p, i=i: self._arrive(i))
@@ -103,11 +106,7 @@ class GradReduceScatter:
 
     def owned_slices(self) -> list[Tensor]:
         """This rank's gradient slices that the global norm counts here (each piece once)."""
-        out = []
-        for i in self.buckets:
-            b = self.opt.buckets[i]
-            out += [e.view(b.grad_slices) for e in b.entries if _owns_slice(e, b, self.groups)]
-        return out
+        return [e.view(self.opt.buckets[i].grad_slices) for i, e in self._owned]
 
     def slices(self) -> list[Tensor]:
         """Every gradient slice this rank holds (what clipping scales)."""
@@ -131,8 +130,3 @@ def _rank_rows(e: _Entry, grad: Tensor, inp: Tensor) -> None:
         piece = dataclasses.replace(zs, index=r)
         rows[r].narrow(z, 0, piece.length).copy_(grad.narrow(z, piece.offset, piece.length))
         rows[r].narrow(z, piece.length, zs.chunk - piece.length).zero_()
-
-
-def _owns_slice(e: _Entry, b: _Bucket, groups: ParallelGroups) -> bool:
-    """Of the ranks holding this slice (same shard, same index in the replica group), the lowest."""
-    return get_sharding(e.param).is_owner(groups, also=(b.kind,))
