@@ -1,0 +1,258 @@
+"""The hybrid executor: one MoE layer's routed experts run on three lanes at once.
+
+Shape legend: N routed rows grouped by expert (``x_ND``), D model dim, F expert hidden dim,
+E experts of the layer, G of them resident on the GPU.
+
+A :class:`HybridExecutor` replaces a layer's executor (``MoELayer.executor``: rows grouped by
+expert in, their outputs out), so routing, ordering, shared experts and the combine are the
+layer's own. Per forward it reads the token counts (one small device-to-host copy), asks the
+policy for a :class:`~.partition.Split` and then issues, in this order:
+
+1. CC: the CC experts' rows go to pinned host memory, and a worker thread computes them expert by
+   expert with all CPU cores (torch's intra-op threads);
+2. GG: one grouped GEMM over the resident experts' rows, on the compute stream;
+3. CG: each CG expert's weights are copied on a copy stream into one of two GPU buffers, and the
+   compute stream runs that expert once its copy has landed; a buffer is refilled only after
+   the expert that used it is done (events), so copy i+1 overlaps compute i;
+4. the CPU results come back and are written into their rows.
+
+On a machine without CUDA the same code runs with the "GPU" on the CPU and no streams (CI checks
+the numbers there); the lanes then do not overlap.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fsmoe.experts import reference_mlp
+from fsmoe.infer.hybrid.partition import CC, CG, GG, Split
+
+
+def expert_mlp(x_nD: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor) -> Tensor:
+    """One expert's MLP on n rows [n, D] -> [n, D] (SwiGLU when ``w3`` is given, else GeLU)."""
+    h = x_nD @ w1_DF
+    h = F.silu(h) * (x_nD @ w3_DF) if w3_DF is not None else F.gelu(h)
+    return h @ w2_FD
+
+
+@dataclass
+class LayerExperts:
+    """One layer's routed experts: all of them in host memory (pinned where CUDA is used), the
+    resident ones also on the GPU, stacked in ascending expert id."""
+
+    host: tuple[Tensor, Tensor | None, Tensor]  # w1 [E, D, F], w3 [E, D, F] | None, w2 [E, F, D]
+    resident_E: np.ndarray  # [E] bool
+    gpu: tuple[Tensor, Tensor | None, Tensor] | None  # [G, D, F], [G, D, F] | None, [G, F, D]
+
+    @property
+    def num_experts(self) -> int:
+        return self.host[0].shape[0]
+
+
+class HostExperts(nn.Module):
+    """Stands in for a layer's ``experts`` once the hybrid engine holds the weights (no parameters,
+    so moving the model moves nothing of them)."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+
+
+class StreamBuffers:
+    """What every layer shares: two GPU buffers for streamed experts, the copy stream, the events
+    that order buffer reuse, pinned staging for the CC rows, and the CPU worker."""
+
+    def __init__(self, device: torch.device, d_model: int, d_ff: int, swiglu: bool, dtype: torch.dtype,
+                 cpu_threads: int | None = None):
+        self.device, self.cuda = device, device.type == "cuda"
+        shapes = [(d_model, d_ff), (d_model, d_ff) if swiglu else None, (d_ff, d_model)]
+        self.slots = [tuple(torch.empty(s, device=device, dtype=dtype) if s else None for s in shapes)
+                      for _ in range(2)]
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.ready = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self.free = [torch.cuda.Event() for _ in range(2)] if self.cuda else None
+        self.used = [False, False]  # a slot's free event has been recorded at least once
+        self.returned = torch.cuda.Event() if self.cuda else None  # the last CC outputs are on the GPU
+        self.returned_pending = False
+        self.staging: dict[str, Tensor] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts")
+        self.cpu_threads = cpu_threads
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.slots for t in s if t is not None)
+
+    def stage(self, name: str, n: int, d: int, dtype: torch.dtype) -> Tensor:
+        """A reusable host buffer [n, d] (pinned under CUDA), grown as needed."""
+        buf = self.staging.get(name)
+        if buf is None or buf.shape[0] < n or buf.dtype != dtype:
+            buf = torch.empty(max(n, 64), d, dtype=dtype, pin_memory=self.cuda)
+            self.staging[name] = buf
+        return buf[:n]
+
+
+class Recorder:
+    """Optional lane timeline of the forwards it watches: (lane, label, t0, t1) in seconds since
+    ``start()``, GPU spans from CUDA events, CPU spans from the host clock."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.spans: list[tuple[str, str, float, float]] = []
+        self._events: list[tuple[str, str, object, object]] = []
+        self._base = None
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._base = torch.cuda.Event(enable_timing=True)
+            self._base.record()
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def gpu(self, lane: str, label: str, stream=None):
+        if not self.cuda:
+            with self.host(lane, label):
+                yield
+            return
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        yield
+        b.record(stream)
+        self._events.append((lane, label, a, b))
+
+    @contextmanager
+    def host(self, lane: str, label: str):
+        t0 = time.perf_counter()
+        yield
+        self.spans.append((lane, label, t0 - self._t0, time.perf_counter() - self._t0))
+
+    def finish(self) -> list[tuple[str, str, float, float]]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for lane, label, a, b in self._events:
+                self.spans.append((lane, label, self._base.elapsed_time(a) / 1e3, self._base.elapsed_time(b) / 1e3))
+            self._events.clear()
+        return sorted(self.spans, key=lambda s: s[2])
+
+
+class HybridExecutor:
+    """``executor(layer, x_ND, plan) -> y_ND`` for one MoE layer (see the module docstring)."""
+
+    def __init__(self, index: int, experts: LayerExperts, buffers: StreamBuffers, choose, recorder=None):
+        self.index, self.experts, self.buffers = index, experts, buffers
+        self.choose = choose  # (layer index, counts [E] list, resident [E] bool, tokens) -> Split
+        self.recorder = recorder
+        self.last: Split | None = None
+
+    def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
+        counts = plan.tokens_per_expert_E.tolist()  # the one host sync: the split needs the counts
+        split = self.choose(self.index, counts, self.experts.resident_E, plan.num_tokens)
+        self.last = split
+        return self.run(x_ND, counts, split)
+
+    def run(self, x_ND: Tensor, counts: list[int], split: Split) -> Tensor:
+        """x_ND [N, D] rows grouped by expert (``counts`` [E] rows each, then dropped rows) -> [N, D]."""
+        rec = self.recorder or _NoRecorder()
+        offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        expert_of_row = np.repeat(np.arange(len(counts)), counts)
+        class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
+        y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
+        cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
+        pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec) if cc else None
+        with rec.gpu("gpu", f"L{self.index} GG"):
+            self._resident(x_ND, y_ND, class_of_row, counts)
+        self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
+        if pending is not None:
+            self._finish_cpu(y_ND, pending, rec)
+        return y_ND
+
+    # ---------------------------------------------------------------- lanes
+    def _rows(self, mask: np.ndarray) -> Tensor:
+        idx = torch.from_numpy(np.flatnonzero(mask))
+        return idx.to(self.buffers.device, non_blocking=True) if self.buffers.cuda else idx
+
+    def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int]) -> None:
+        ex = self.experts
+        mask = class_of_row == GG
+        if not mask.any():
+            return
+        idx = self._rows(mask)
+        counts_G = torch.tensor([c for c, r in zip(counts, ex.resident_E) if r], dtype=torch.int64)
+        offs_G = torch.cumsum(counts_G, 0).to(torch.int32).to(x_ND.device)
+        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu, offs_G))
+
+    def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
+        b, host = self.buffers, self.experts.host
+        for i, e in enumerate(order):
+            s = i % 2
+            slot = b.slots[s]
+            if b.cuda:
+                with torch.cuda.stream(b.copy_stream):
+                    if b.used[s]:
+                        b.copy_stream.wait_event(b.free[s])  # the expert that used this buffer is done
+                    with rec.gpu("pcie", f"L{self.index} e{e}", b.copy_stream):
+                        for dst, src in zip(slot, host):
+                            if dst is not None:
+                                dst.copy_(src[e], non_blocking=True)
+                    b.ready[s].record(b.copy_stream)
+                torch.cuda.current_stream().wait_event(b.ready[s])
+            else:
+                for dst, src in zip(slot, host):
+                    if dst is not None:
+                        dst.copy_(src[e])
+            r0, r1 = int(offs[e]), int(offs[e + 1])
+            if r1 > r0:
+                with rec.gpu("gpu", f"L{self.index} CG e{e}"):
+                    y_ND[r0:r1] = expert_mlp(x_ND[r0:r1], *slot)
+            if b.cuda:
+                b.free[s].record()
+                b.used[s] = True
+
+    def _start_cpu(self, x_ND, class_of_row, cc, counts, rec):
+        b = self.buffers
+        idx = self._rows(class_of_row == CC)
+        with rec.host("cpu", f"L{self.index} rows to host"):
+            x_host = b.stage("x", idx.numel(), x_ND.shape[1], x_ND.dtype)
+            x_host.copy_(x_ND.index_select(0, idx))  # synchronous: the worker reads it next
+            if b.cuda and b.returned_pending:
+                b.returned.synchronize()  # the last layer's outputs have left the staging buffer
+            y_host = b.stage("y", idx.numel(), x_ND.shape[1], x_ND.dtype)
+        job = b.pool.submit(self._cpu_experts, x_host, y_host, cc, counts, rec)
+        return idx, y_host, job
+
+    def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> None:
+        if self.buffers.cpu_threads:
+            torch.set_num_threads(self.buffers.cpu_threads)
+        w1, w3, w2 = self.experts.host
+        r = 0
+        for e in cc:
+            n = counts[e]
+            with rec.host("cpu", f"L{self.index} CC e{e}"):
+                y_host[r:r + n] = expert_mlp(x_host[r:r + n], w1[e], w3[e] if w3 is not None else None, w2[e])
+            r += n
+
+    def _finish_cpu(self, y_ND: Tensor, pending, rec) -> None:
+        idx, y_host, job = pending
+        job.result()
+        with rec.gpu("gpu", f"L{self.index} CC rows back"):
+            y_ND.index_copy_(0, idx, y_host.to(y_ND.device, non_blocking=True))
+        if self.buffers.cuda:
+            self.buffers.returned.record()
+            self.buffers.returned_pending = True
+
+
+class _NoRecorder:
+    @contextmanager
+    def gpu(self, lane, label, stream=None):
+        yield
+
+    @contextmanager
+    def host(self, lane, label):
+        yield

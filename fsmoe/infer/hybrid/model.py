@@ -1,0 +1,145 @@
+"""A decoder whose routed experts live in host memory, with the hybrid executor on every MoE layer.
+
+Everything that is not a routed expert goes to the GPU; the experts stay in (pinned) host memory
+and the policy's resident share is copied to the GPU by :meth:`HybridModel.place`, which can be
+called again to switch policies in one process (the benchmarks do). Routing frequencies are
+recorded by every forward (``hot_LE``) and choose the resident experts at the next ``place``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fsmoe.config import ModelConfig
+from fsmoe.infer.hybrid.engine import HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers
+from fsmoe.infer.hybrid.memory import GpuMemoryPlan
+from fsmoe.infer.hybrid.partition import LaneCosts, Split
+from fsmoe.infer.hybrid.policies import Policy
+from fsmoe.infer.hybrid.residency import resident_experts
+from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
+
+Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
+
+
+def detach_experts(model: MoEDecoder, pin: bool) -> list[Weights]:
+    """Take every MoE layer's routed expert weights out of ``model`` (host tensors, pinned when
+    ``pin``), leaving a parameterless stand-in so that moving the model moves none of them."""
+    out = []
+    for layer in model.moe_layers():
+        ex = layer.experts
+        ws = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
+        host = tuple(None if w is None else (w.detach().pin_memory() if pin else w.detach()) for w in ws)
+        out.append(host)
+        layer.experts = HostExperts(ex.num_experts)
+    return out
+
+
+def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
+                 ) -> tuple[MoEDecoder, list[Weights]]:
+    """A randomly initialised model in ``dtype``: non-expert weights on ``device`` (the usual init),
+    routed experts ~ N(0, 1/fan_in) in host memory, drawn on ``device`` one expert at a time (a
+    host-side draw of tens of GB would take minutes)."""
+    with torch.device("meta"):
+        model = build_model(cfg, seed=seed)
+    shapes = [(layer.experts.num_experts, tuple(w.shape[1:]) if w is not None else None)
+              for layer in model.moe_layers()
+              for w in (layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD)]
+    detach_experts(model, pin=False)
+    _materialise(model, device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    host, it = [], iter(shapes)
+    for _ in model.moe_layers():
+        ws = []
+        for E, shape in (next(it), next(it), next(it)):
+            if shape is None:
+                ws.append(None)
+                continue
+            t = torch.empty(E, *shape, dtype=dtype, pin_memory=device.type == "cuda")
+            for e in range(E):
+                t[e].copy_(torch.randn(shape, generator=g, device=device, dtype=torch.float32)
+                           .div_(math.sqrt(shape[0])).to(dtype))
+            ws.append(t)
+        host.append(tuple(ws))
+    return model, host
+
+
+def _materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype) -> None:
+    model.to(dtype)
+    model.to_empty(device=device)
+    model.reset_parameters()
+    for mod in model.modules():
+        if isinstance(mod, RotaryEmbedding):  # the angle tables stay float32
+            mod.to(torch.float32)
+            mod.reset_parameters()
+    for layer in model.moe_layers():
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+
+
+def loaded_model(path: Path, device: torch.device, dtype: torch.dtype
+                 ) -> tuple[MoEDecoder, list[Weights], ModelConfig, bool]:
+    """An fsmoe run directory or Hugging Face directory, loaded on the host, its experts kept there
+    and the rest moved to ``device``."""
+    from fsmoe.infer.model import load_model
+
+    model, cfg, converted = load_model(path, torch.device("cpu"), dtype)
+    host = detach_experts(model, pin=device.type == "cuda")
+    model.to(device)
+    return model, host, cfg, converted
+
+
+class HybridModel:
+    """``model`` with a :class:`HybridExecutor` on every MoE layer; ``place(policy)`` decides the
+    resident experts; ``model(...)`` then runs as usual (fsmoe.infer.generate works unchanged)."""
+
+    def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
+                 device: torch.device, cpu_threads: int | None = None):
+        self.model, self.costs, self.memory, self.device = model.eval(), costs, memory, device
+        cfg = model.cfg
+        E = cfg.moe.num_experts
+        dtype = host[0][0].dtype
+        self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
+                                     cpu_threads)
+        self.hot_LE = np.zeros((len(host), E))
+        self.policy: Policy | None = None
+        self.recorder: Recorder | None = None
+        self.splits: list[Split] = []  # every split chosen since the last reset (for reports)
+        self.executors = [HybridExecutor(i, LayerExperts(w, np.zeros(E, dtype=bool), None), self.buffers, self._choose)
+                          for i, w in enumerate(host)]
+        for layer, ex in zip(model.moe_layers(), self.executors):
+            layer.executor = ex
+
+    def place(self, policy: Policy, hot_LE=None) -> np.ndarray:
+        """Make ``policy`` current: choose its resident experts from ``hot_LE`` (default: the
+        frequencies recorded so far) and the memory plan's slots, and copy them to the GPU.
+        Returns the residency [L, E] bool."""
+        hot = self.hot_LE if hot_LE is None else np.asarray(hot_LE, dtype=np.float64)
+        resident = resident_experts(hot, self.memory.slots, policy.residency)
+        for ex, res in zip(self.executors, resident):
+            ex.experts.gpu = None  # free the old resident copies before making the new ones
+        for ex, res in zip(self.executors, resident):
+            idx = torch.from_numpy(np.flatnonzero(res))
+            ex.experts.resident_E = res
+            ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device) for w in ex.experts.host)
+                              if len(idx) else None)
+        self.policy = policy
+        self._hot_for_policy = hot
+        return resident
+
+    def record(self, on: bool) -> Recorder | None:
+        """Start (or stop) a lane timeline of the next forwards."""
+        self.recorder = Recorder(self.device.type == "cuda") if on else None
+        for ex in self.executors:
+            ex.recorder = self.recorder
+        if self.recorder is not None:
+            self.recorder.start()
+        return self.recorder
+
+    def _choose(self, index: int, counts: list[int], resident_E: np.ndarray, num_tokens: int) -> Split:
+        self.hot_LE[index] += counts
+        split = self.policy.split(counts, resident_E, self.costs, num_tokens, self._hot_for_policy[index])
+        self.splits.append(split)
+        return split

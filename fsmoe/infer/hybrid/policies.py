@@ -1,0 +1,75 @@
+"""Placement policies: which experts are resident (GG) and how a forward's other experts are split.
+
+========== =================================================== =========================================
+policy     resident on the GPU                                 the other experts, per layer and forward
+========== =================================================== =========================================
+scheinfer  the hottest experts that fit                        CC or CG chosen by the lane model
+llamacpp   whole layers, the last ones first (--n-cpu-moe)     CPU; the layer's whole expert tensor is
+                                                               streamed when the batch has >= 32 tokens
+fiddler    the hottest experts that fit                        CC (the activations go to the CPU)
+stream     the hottest experts that fit                        CG (every one streamed)
+static:Q   the hottest experts that fit                        a fixed set, the hottest share Q of them,
+                                                               CG; the others CC
+gpu        every expert (the upper bound, when it fits)        -
+========== =================================================== =========================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fsmoe.config import ConfigError
+from fsmoe.infer.hybrid.partition import LaneCosts, Split, best_split, forced_split
+
+POLICY_NAMES = ("scheinfer", "llamacpp", "fiddler", "stream", "static:Q", "gpu")
+LLAMACPP_MIN_BATCH = 32  # llama.cpp's CUDA backend takes over a CPU-held op from this many tokens
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    residency: str  # fsmoe.infer.hybrid.residency granularity
+    rule: str  # adaptive | cpu | stream | threshold | static
+    share: float = 0.0  # static: share of the non-resident experts streamed
+
+    def split(self, counts_E, resident_E, costs: LaneCosts, num_tokens: int, hot_E) -> Split:
+        """counts_E [E] tokens per expert this forward, resident_E [E] bool, hot_E [E] recorded
+        frequencies of this layer."""
+        counts_E = np.asarray(counts_E)
+        nonres = ~np.asarray(resident_E, dtype=bool)
+        if self.rule == "adaptive":
+            return best_split(counts_E, resident_E, costs)
+        if self.rule == "cpu":
+            return forced_split(counts_E, resident_E, costs, np.zeros_like(nonres))
+        if self.rule == "stream":
+            return forced_split(counts_E, resident_E, costs, nonres)
+        if self.rule == "threshold":
+            big = num_tokens >= LLAMACPP_MIN_BATCH
+            return forced_split(counts_E, resident_E, costs, nonres & big, stream_idle=True)
+        if self.rule == "static":
+            cand = np.flatnonzero(nonres)
+            keep = cand[np.lexsort((cand, -np.asarray(hot_E)[cand]))][:round(self.share * len(cand))]
+            cg = np.zeros_like(nonres)
+            cg[keep] = True
+            return forced_split(counts_E, resident_E, costs, cg)
+        raise AssertionError(self.rule)
+
+
+def parse_policy(name: str) -> Policy:
+    """A policy from its name (see the table above); a bad name is a ConfigError naming the allowed ones."""
+    fixed = {"scheinfer": Policy("scheinfer", "expert", "adaptive"),
+             "llamacpp": Policy("llamacpp", "layer", "threshold"),
+             "fiddler": Policy("fiddler", "expert", "cpu"),
+             "stream": Policy("stream", "expert", "stream"),
+             "gpu": Policy("gpu", "all", "cpu")}
+    if name in fixed:
+        return fixed[name]
+    if name.startswith("static:"):
+        try:
+            share = float(name.split(":", 1)[1])
+        except ValueError:
+            share = -1.0
+        if 0.0 <= share <= 1.0:
+            return Policy(name, "expert", "static", share)
+    raise ConfigError("--policy", name, f"allowed: {list(POLICY_NAMES)} (Q in [0, 1], e.g. static:0.5)")
