@@ -165,3 +165,34 @@ def test_policy_names():
     for bad in ("static:2", "static:x", "ktransformers"):
         with pytest.raises(ConfigError, match="--policy"):
             parse_policy(bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("policy", ["scheinfer", "fiddler", "stream", "llamacpp", "static:0.5"])
+def test_cuda_lanes_give_the_plain_models_logits(policy):
+    """On CUDA (copy stream, two buffers, CPU worker): prefill and decode logits equal the plain model's
+    on the GPU, float32, for every policy; many experts so buffers are reused across layers."""
+    from fsmoe.models.kv_cache import KVCache
+
+    cfg = tiny(n_layers=4, moe=MoEConfig(num_experts=12, router=RouterConfig(top_k=3),
+                                         experts=ExpertsConfig(d_ff=40, activation="swiglu")))
+    plain, hybrid = plain_and_hybrid(cfg, slots=10)
+    dev = torch.device("cuda")
+    plain.to(dev)
+    hybrid.model.to(dev)
+    hybrid.device = dev
+    from fsmoe.infer.hybrid.engine import StreamBuffers
+
+    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32).__dict__)
+    for ex in hybrid.executors:
+        ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
+    hybrid.place(parse_policy(policy), hot_LE=np.arange(48).reshape(4, 12) % 7)
+    idx = torch.randint(0, 50, (2, 20), device=dev)
+    with torch.no_grad():
+        caches = [KVCache.for_model(m, 2, 21) for m in (plain, hybrid.model)]
+        outs = [m(idx, cache=c, start=0).logits for m, c in zip((plain, hybrid.model), caches)]
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+        nxt = outs[0][:, -1].argmax(-1, keepdim=True)
+        steps = [m(nxt, cache=c, start=20).logits for m, c in zip((plain, hybrid.model), caches)]
+        torch.testing.assert_close(steps[1], steps[0], atol=1e-4, rtol=1e-4)
+    assert set().union(*(s.active_classes() for s in hybrid.splits)) >= ({GG, CC} if policy == "fiddler" else {GG})

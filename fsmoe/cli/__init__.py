@@ -21,7 +21,7 @@ from fsmoe.config import ConfigError
 
 # The registry: one module per subcommand, each with add_parser(subparsers).
 COMMANDS = ["fsmoe.cli.train", "fsmoe.cli.bench", "fsmoe.cli.profile", "fsmoe.cli.plan", "fsmoe.cli.convert",
-            "fsmoe.cli.generate", "fsmoe.cli.simulate", "fsmoe.cli.trace"]
+            "fsmoe.cli.generate", "fsmoe.cli.infer", "fsmoe.cli.simulate", "fsmoe.cli.trace"]
 
 EXIT_BAD_INPUT = 2
 

@@ -15,6 +15,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from an fsmoe run or a Hugging Face directory",
                               description="Prefill the prompts, then decode with a KV cache (MLA: the "
                                           "compressed latent cache); greedy by default.")
+    add_generation_args(p)
+    p.set_defaults(func=run)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The model, prompt and sampling options ``fsmoe generate`` and ``fsmoe infer`` share."""
     p.add_argument("model", type=Path, help="fsmoe run directory (newest checkpoint) or Hugging Face directory")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
@@ -26,7 +32,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; a check)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.set_defaults(func=run)
 
 
 def _ids(text: str) -> list[int]:
@@ -52,16 +57,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--device", args.device, "no CUDA device is visible; use cpu or auto")
 
 
-def run(args: argparse.Namespace) -> int:
-    from fsmoe.infer.generate import Sampling, generate
-    from fsmoe.infer.model import load_model
+def encode_prompts(args: argparse.Namespace, cfg, converted: bool):
+    """(tokenizer, prompts as id lists), every id checked against the model's vocabulary and length."""
     from fsmoe.infer.tokenizer import ByteTokenizer, eos_ids, load_tokenizer
 
-    check_args(args)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
     id_prompts = [_ids(t) for t in args.prompt_ids]
-    model, cfg, converted = load_model(args.model, device, getattr(torch, args.dtype))
     tok = load_tokenizer(args.model, cfg.vocab_size, converted) if args.prompt else ByteTokenizer(eos_ids(args.model))
     prompts = [tok.encode(t) for t in args.prompt] + id_prompts
     for p in prompts:
@@ -71,18 +71,33 @@ def run(args: argparse.Namespace) -> int:
     if longest + args.max_new_tokens > cfg.max_seq_len:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, f"prompt ({longest} tokens) + new tokens must be "
                           f"<= model.max_seq_len={cfg.max_seq_len}")
-    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.no_cache, tok.eos_ids)
-    out = generate(model, prompts, s)
-    console = Console(soft_wrap=True, highlight=False)
+    return tok, prompts
+
+
+def print_generation(console: Console, args, tok, prompts, out, device, how: str) -> None:
     for k, new in enumerate(out.new_tokens):
         if k < len(args.prompt):
             console.print(f"[bold]{args.prompt[k]}[/]", end="", markup=True)
             console.print(tok.decode(new), markup=False)
         else:
-            console.print(" ".join(map(str, id_prompts[k - len(args.prompt)])) + " -> " + " ".join(map(str, new)),
-                          markup=False)
+            console.print(" ".join(map(str, prompts[k])) + " -> " + " ".join(map(str, new)), markup=False)
     n_new = sum(len(t) for t in out.new_tokens)
     console.print(f"{len(prompts)} prompt(s), {out.prompt_tokens} prompt tokens, {n_new} new tokens on {device} "
-                  f"({'KV cache' if s.use_cache else 'no cache'}, {tok.name} tokenizer): prefill "
-                  f"{1000 * out.prefill_s:.0f} ms, decode {out.decode_tokens_per_s:,.1f} tok/s", style="dim")
+                  f"({how}, {tok.name} tokenizer): prefill {1000 * out.prefill_s:.0f} ms, decode "
+                  f"{out.decode_tokens_per_s:,.1f} tok/s", style="dim")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.model import load_model
+
+    check_args(args)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model, cfg, converted = load_model(args.model, device, getattr(torch, args.dtype))
+    tok, prompts = encode_prompts(args, cfg, converted)
+    s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.no_cache, tok.eos_ids)
+    out = generate(model, prompts, s)
+    print_generation(Console(soft_wrap=True, highlight=False), args, tok, prompts, out, device,
+                     "KV cache" if s.use_cache else "no cache")
     return 0

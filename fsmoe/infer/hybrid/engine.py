@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
-from fsmoe.infer.hybrid.partition import CC, CG, GG, Split
+from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 
 def expert_mlp(x_nD: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor) -> Tensor:

@@ -42,6 +42,10 @@ class GpuMemoryPlan:
                 ("budget", self.budget / GiB)]
 
 
+def size(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def expert_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
     ex = cfg.moe.experts
     return (3 if ex.activation == "swiglu" else 2) * cfg.d_model * ex.d_ff * dtype_bytes
@@ -67,12 +71,19 @@ def plan_gpu_memory(cfg: ModelConfig, *, budget_gb: float, dense_params: int, kv
                          workspace_bytes(cfg, prefill_tokens, dtype_bytes), 2 * per, per,
                          _moe_layers(cfg) * cfg.moe.num_experts)
     if plan.fixed > plan.budget:
-        need = ", ".join(f"{name} {gib:.2f}" for name, gib in plan.rows()[:4])
+        need = ", ".join(f"{name} {size(gib * GiB)}" for name, gib in plan.rows()[:4])
         raise ConfigError("--gpu-mem-gb", budget_gb,
-                          f"must hold at least {plan.fixed / GiB:.2f} GiB before any resident expert ({need} GiB); "
-                          "raise it, or lower the batch, the context (--max-new-tokens) or --prefill-tokens")
+                          f"must hold at least {size(plan.fixed)} before any resident expert ({need}); raise it, "
+                          "or generate for fewer or shorter prompts or fewer new tokens")
     return plan
 
 
 def _moe_layers(cfg: ModelConfig) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers))
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, slots: int, dtype_bytes: int = 2) -> int:
+    """The KV cache fsmoe.models.kv_cache allocates for ``batch`` rows of ``slots`` tokens."""
+    per_layer = (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.attention == "mla"
+                 else 2 * cfg.kv_heads * cfg.head_size)
+    return batch * slots * cfg.n_layers * per_layer * dtype_bytes

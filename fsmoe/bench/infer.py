@@ -1,0 +1,260 @@
+"""``fsmoe bench infer``: hybrid CPU/GPU inference of a preset with random weights under every
+placement policy, in one process on one GPU with its memory capped.
+
+1. The model (``--config``, random bf16 weights) is built with its routed experts in pinned host
+   memory; the lane costs of its expert shape are measured (or read with ``--costs``).
+2. A calibration forward of ``--calib-tokens`` random tokens records how often each expert is
+   routed to; the policies place their resident experts from those frequencies.
+3. Per policy: a sweep of single-forward sizes (``--tokens``) over ``--sweep-layers`` MoE layers
+   (ms per layer), decode tokens/s (``--decode-batch`` prompts of ``--prompt-len`` tokens,
+   ``--new-tokens`` generated) and prefill tokens/s (one prompt of ``--prefill`` tokens).
+4. ``--out DIR``: results.json, sweep.png (tokens/s per layer against tokens per forward, one line
+   per policy), and the scheinfer lane timeline of one prefill and one decode step
+   (timeline_*.json for chrome://tracing, timeline_*.png).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fsmoe.config import ConfigError, load_config
+from fsmoe.infer.generate import Sampling, generate
+from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, save_costs
+from fsmoe.infer.hybrid.memory import GiB, kv_cache_bytes, plan_gpu_memory
+from fsmoe.infer.hybrid.model import HybridModel, random_model
+from fsmoe.infer.hybrid.partition import CC, CG, GG
+from fsmoe.infer.hybrid.policies import Policy, parse_policy
+from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share
+
+DEFAULT_POLICIES = "scheinfer,llamacpp,fiddler,stream,static:0.25,static:0.5,static:0.75"
+FIXED = ("fiddler", "stream", "static:")  # the "all CC, all CG, best static split" the adaptive split must match
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="qwen3-30b-a3b", help="a preset or TOML file (random weights are used)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
+                   help="config overrides, e.g. model.n_layers=16")
+    p.add_argument("--gpu-mem-gb", type=float, default=24.0, help="GPU memory budget (the process is capped to it)")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated (see fsmoe infer --help)")
+    p.add_argument("--tokens", default="1,4,16,64,256,1024,4096", help="single-forward sizes of the sweep")
+    p.add_argument("--sweep-layers", type=int, default=4, help="MoE layers timed in the sweep (evenly spaced)")
+    p.add_argument("--decode-batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
+    p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--costs", type=Path, help="lane costs measured earlier (JSON); default: measure now")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write results.json, sweep.png and timelines here")
+
+
+def _ints(text: str, field: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or min(out) < 1:
+        raise ConfigError(field, text, "must be comma-separated positive integers")
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device, min_s: float = 1.0, max_reps: int = 5) -> float:
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    while len(times) < max_reps and sum(times) < min_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def sweep(hybrid: HybridModel, tokens: list[int], n_layers: int, device, dtype) -> dict[int, float]:
+    """Seconds per MoE layer of one forward of T tokens, averaged over ``n_layers`` evenly spaced layers."""
+    layers = hybrid.model.moe_layers()
+    pick = sorted({int(i) for i in np.linspace(0, len(layers) - 1, min(n_layers, len(layers)))})
+    g = torch.Generator(device=device).manual_seed(1)
+    out = {}
+    with torch.no_grad():
+        for T in tokens:
+            x = torch.randn(1, T, hybrid.model.cfg.d_model, generator=g, device=device).to(dtype)
+            out[T] = _timed(lambda: [layers[i](x) for i in pick], device) / len(pick)
+    return out
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).tolist()
+
+
+def _split_summary(splits) -> dict[str, float]:
+    n = max(len(splits), 1)
+    return {name: sum(s.count(c) for s in splits) / n for name, c in (("GG", GG), ("CG", CG), ("CC", CC))}
+
+
+def measure_policy(hybrid: HybridModel, policy: Policy, args, tokens, device, dtype) -> dict:
+    cfg = hybrid.model.cfg
+    resident = hybrid.place(policy, hybrid.hot_LE.copy())
+    res = {"policy": policy.name, "resident_experts": int(resident.sum())}
+    res["sweep_s_per_layer"] = {str(t): s for t, s in sweep(hybrid, tokens, args.sweep_layers, device, dtype).items()}
+    hybrid.splits.clear()
+    generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 5), Sampling(max_new_tokens=2))
+    hybrid.splits.clear()
+    dec = generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 6),
+                   Sampling(max_new_tokens=args.new_tokens))
+    res["decode_tokens_per_s"] = dec.decode_tokens_per_s
+    res["decode_experts_per_layer"] = _split_summary(hybrid.splits[len(hybrid.model.moe_layers()):])
+    hybrid.splits.clear()
+    pre = generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 7), Sampling(max_new_tokens=1))
+    res["prefill_tokens_per_s"] = args.prefill / pre.prefill_s
+    res["prefill_experts_per_layer"] = _split_summary(hybrid.splits)
+    if device.type == "cuda":
+        res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+    return res
+
+
+def record_timelines(hybrid: HybridModel, args, out: Path | None) -> dict:
+    """The scheinfer lanes of one prefill (``--prefill`` tokens) and of the decode step after it."""
+    from fsmoe.models.kv_cache import KVCache
+
+    cfg, model = hybrid.model.cfg, hybrid.model
+    device = next(model.parameters()).device
+    idx = torch.tensor(_prompts(1, args.prefill, cfg.vocab_size, 8), device=device)
+    shares = {}
+    with torch.no_grad():
+        cache = KVCache.for_model(model, 1, args.prefill + 1)
+        for name in ("prefill", "decode"):
+            rec = hybrid.record(True)
+            if name == "prefill":
+                logits = model(idx, cache=cache, start=0).logits[:, -1]
+            else:
+                model(logits.argmax(-1, keepdim=True), cache=cache, start=args.prefill)
+            spans = rec.finish()
+            hybrid.record(False)
+            shares[name] = overlap_share(spans)
+            if out:
+                out.mkdir(parents=True, exist_ok=True)
+                chrome_trace(spans, out / f"timeline_{name}.json")
+                gantt_png(spans, out / f"timeline_{name}.png", f"scheinfer {name}: {cfg.n_layers} layers, two or "
+                          f"more lanes busy {100 * shares[name]:.0f}% of the busy time")
+    return shares
+
+
+def plot_sweep(results: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in results:
+        xs = [int(t) for t in r["sweep_s_per_layer"]]
+        ax.plot(xs, [t / s for t, s in zip(xs, r["sweep_s_per_layer"].values())], marker="o",
+                lw=2.2 if r["policy"] == "scheinfer" else 1.0, label=r["policy"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in the forward")
+    ax.set_ylabel("tokens/s through one MoE layer")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    console = Console(highlight=False)
+    policies = [parse_policy(p) for p in args.policies.split(",") if p]
+    tokens = _ints(args.tokens, "--tokens")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", args.device, "no CUDA device is visible; use cpu or auto")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = load_config(args.config, args.overrides).model
+    if device.type == "cuda":  # the budget is real: the allocator refuses anything past it
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), device)
+    t0 = time.perf_counter()
+    model, host = random_model(cfg, device, dtype, args.seed)
+    ex = cfg.moe.experts
+    costs = (load_costs(args.costs) if args.costs else
+             measure_costs(cfg.d_model, ex.d_ff, ex.activation == "swiglu", device, dtype))
+    slots = max(args.prompt_len + args.new_tokens, args.prefill + 1)
+    memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
+                             kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
+                             prefill_tokens=max(max(tokens), args.prefill, args.calib_tokens))
+    hybrid = HybridModel(model, host, costs, memory, device)
+    console.print(f"{cfg.n_layers} layers x {cfg.moe.num_experts} experts ({memory.per_expert / 2**20:.1f} MiB each) "
+                  f"built in {time.perf_counter() - t0:.0f} s on {device}; GPU budget {args.gpu_mem_gb:g} GiB holds "
+                  f"{memory.slots} of {memory.num_experts} experts; lane costs {costs}")
+    hybrid.place(Policy("calibrate", "none", "stream"))
+    with torch.no_grad():
+        ids = torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=torch.Generator().manual_seed(3))
+        hybrid.model(ids.to(device))
+    results = []
+    for policy in policies:
+        t1 = time.perf_counter()
+        results.append(measure_policy(hybrid, policy, args, tokens, device, dtype))
+        r = results[-1]
+        console.print(f"{policy.name:>12}: decode {r['decode_tokens_per_s']:8.2f} tok/s, prefill "
+                      f"{r['prefill_tokens_per_s']:9.1f} tok/s ({time.perf_counter() - t1:.0f} s)")
+        if args.out:  # what is measured so far survives a timeout
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "partial.json").write_text(json.dumps(results, indent=1))
+    report = {"config": args.config, "overrides": args.overrides, "device": _device_name(device),
+              "gpu_mem_gb": args.gpu_mem_gb, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+              "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,
+              "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
+    report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
+    if any(p.name == "scheinfer" for p in policies):
+        hybrid.place(parse_policy("scheinfer"), hybrid.hot_LE.copy())
+        report["overlap_share"] = record_timelines(hybrid, args, args.out) if args.out else {}
+    print_table(console, results, report["adaptive_vs_fixed"])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(report, indent=1))
+        save_costs(costs, args.out / "costs.json", device=report["device"], d_model=cfg.d_model, d_ff=ex.d_ff)
+        plot_sweep(results, args.out / "sweep.png", f"{args.config} {' '.join(args.overrides)} on "
+                   f"{report['device']}, GPU budget {args.gpu_mem_gb:g} GiB")
+        console.print(f"wrote {args.out}/results.json, sweep.png, timelines")
+    return 0
+
+
+def adaptive_vs_fixed(results: list[dict]) -> dict[str, float]:
+    """Per sweep size: the best fixed split's time over the adaptive one's (>= 0.91 means within 10%)."""
+    ours = next((r for r in results if r["policy"] == "scheinfer"), None)
+    fixed = [r for r in results if r["policy"].startswith(FIXED)]
+    if ours is None or not fixed:
+        return {}
+    return {t: min(r["sweep_s_per_layer"][t] for r in fixed) / s for t, s in ours["sweep_s_per_layer"].items()}
+
+
+def print_table(console: Console, results: list[dict], ratio: dict[str, float]) -> None:
+    sizes = list(results[0]["sweep_s_per_layer"])
+    table = Table(title="ms per MoE layer by tokens in the forward; decode and prefill tokens/s")
+    for col in ["policy", *sizes, "decode tok/s", "prefill tok/s"]:
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["policy"], *(f"{1e3 * r['sweep_s_per_layer'][t]:.2f}" for t in sizes),
+                      f"{r['decode_tokens_per_s']:.2f}", f"{r['prefill_tokens_per_s']:.1f}")
+    if ratio:
+        table.add_row("best fixed / scheinfer", *(f"{ratio[t]:.2f}" for t in sizes), "", "")
+    console.print(table)
+
+
+def _device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -1,0 +1,104 @@
+"""``fsmoe infer``: generate with a model larger than the GPU: attention, KV cache and shared experts
+on the GPU, routed experts split between GPU, PCIe streaming and CPU (fsmoe.infer.hybrid)."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from fsmoe.config import ConfigError
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from fsmoe.cli.generate import add_generation_args
+    from fsmoe.infer.hybrid.policies import POLICY_NAMES
+
+    p = subparsers.add_parser("infer", help="generate with routed experts split between CPU and GPU under a GPU "
+                                            "memory budget",
+                              description="Hybrid CPU/GPU inference. Every routed expert is resident on the GPU "
+                                          "(GG), kept in host memory and streamed over PCIe when used (CG), or "
+                                          "kept and computed on the CPU (CC); with --policy scheinfer the hottest "
+                                          "experts that fit the budget are resident and each layer's others are "
+                                          "split per forward by measured CPU, PCIe and GPU costs.")
+    add_generation_args(p)
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="GPU memory budget in GiB (the process is capped)")
+    p.add_argument("--policy", default="scheinfer", help=f"one of {list(POLICY_NAMES)}")
+    p.add_argument("--hot", type=Path, help="routing frequencies (JSON [layers][experts], e.g. from --save-hot "
+                                            "of an earlier run); default: counted on the prompts first")
+    p.add_argument("--save-hot", type=Path, help="write the frequencies counted in this run")
+    p.add_argument("--costs", type=Path, help="lane costs from fsmoe bench infer (costs.json); default: measured")
+    p.add_argument("--timeline", type=Path, help="write the lanes of this run (Chrome trace JSON and a PNG) here")
+    p.set_defaults(func=run)
+
+
+def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    try:
+        hot = np.asarray(json.loads(Path(path).read_text()), dtype=np.float64)
+    except (OSError, ValueError) as e:
+        raise ConfigError("--hot", str(path), f"must be a JSON list of per-layer expert counts ({e})") from None
+    if hot.shape != shape:
+        raise ConfigError("--hot", str(path), f"has shape {list(hot.shape)}; this model needs {list(shape)} "
+                                               "(MoE layers x experts)")
+    return hot
+
+
+def run(args: argparse.Namespace) -> int:
+    from fsmoe.cli.generate import check_args, encode_prompts, print_generation
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
+    from fsmoe.infer.hybrid.memory import GiB, kv_cache_bytes, plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, loaded_model
+    from fsmoe.infer.hybrid.policies import Policy, parse_policy
+
+    check_args(args)
+    policy = parse_policy(args.policy)
+    if not args.gpu_mem_gb > 0:
+        raise ConfigError("--gpu-mem-gb", args.gpu_mem_gb, "must be > 0")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    dtype = getattr(torch, args.dtype)
+    console = Console(soft_wrap=True, highlight=False)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), device)
+    t0 = time.perf_counter()
+    model, host, cfg, converted = loaded_model(args.model, device, dtype)
+    tok, prompts = encode_prompts(args, cfg, converted)
+    slots = max(len(p) for p in prompts) + args.max_new_tokens
+    memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
+                             kv_bytes=kv_cache_bytes(cfg, len(prompts), slots, dtype.itemsize),
+                             prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
+    ex = cfg.moe.experts
+    costs = load_costs(args.costs) if args.costs else measure_costs(cfg.d_model, ex.d_ff, ex.activation == "swiglu",
+                                                                    device, dtype)
+    hybrid = HybridModel(model, host, costs, memory, device)
+    L, E = hybrid.hot_LE.shape
+    if args.hot:
+        hot = _hot(args.hot, (L, E))
+    else:  # count the prompts' routing once, every expert streamed, then place by it
+        hybrid.place(Policy("count", "none", "stream"))
+        generate(hybrid.model, prompts, Sampling(max_new_tokens=1))
+        hot = hybrid.hot_LE.copy()
+    resident = hybrid.place(policy, hot)
+    console.print(f"{args.model}: {L} MoE layers x {E} experts; GPU budget {args.gpu_mem_gb:g} GiB holds "
+                  f"{int(resident.sum())} resident ({policy.name}); ready in {time.perf_counter() - t0:.1f} s",
+                  style="dim")
+    rec = hybrid.record(True) if args.timeline else None
+    out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                                   not args.no_cache, tok.eos_ids))
+    print_generation(console, args, tok, prompts, out, device, "hybrid " + policy.name)
+    if rec is not None:
+        from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png
+
+        args.timeline.mkdir(parents=True, exist_ok=True)
+        spans = rec.finish()
+        chrome_trace(spans, args.timeline / "timeline.json")
+        gantt_png(spans, args.timeline / "timeline.png", f"{policy.name}: {args.model}")
+    if args.save_hot:
+        Path(args.save_hot).write_text(json.dumps(hybrid.hot_LE.tolist()))
+    return 0

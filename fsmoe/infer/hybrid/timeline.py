@@ -1,0 +1,59 @@
+"""The hybrid engine's lane timeline: a Chrome trace (chrome://tracing, Perfetto) and a Gantt PNG
+with one row per lane (CPU experts, PCIe copies, GPU compute)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LANES = ("cpu", "pcie", "gpu")
+COLORS = {"cpu": "#55a868", "pcie": "#dd8452", "gpu": "#4c72b0"}
+
+Span = tuple[str, str, float, float]  # lane, label, t0 s, t1 s
+
+
+def chrome_trace(spans: list[Span], path: Path) -> Path:
+    events = [{"name": label, "cat": lane, "ph": "X", "pid": 0, "tid": LANES.index(lane) if lane in LANES else 9,
+               "ts": t0 * 1e6, "dur": max(t1 - t0, 0.0) * 1e6} for lane, label, t0, t1 in spans]
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": i, "args": {"name": lane}}
+               for i, lane in enumerate(LANES)]
+    path = Path(path)
+    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+    return path
+
+
+def gantt_png(spans: list[Span], path: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 2.2))
+    for y, lane in enumerate(LANES):
+        for ln, _, t0, t1 in spans:
+            if ln == lane:
+                ax.barh(y, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.8, color=COLORS[lane],
+                        edgecolor="black", linewidth=0.2)
+    ax.set_yticks(range(len(LANES)), ["CPU experts", "PCIe copies", "GPU compute"], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def overlap_share(spans: list[Span]) -> float:
+    """Share of the busy time during which at least two lanes are busy (0 = the lanes never overlap)."""
+    events = sorted((t, d, lane) for lane, _, t0, t1 in spans if t1 > t0 for t, d in ((t0, 1), (t1, -1)))
+    open_by_lane: dict[str, int] = {}
+    busy = both = 0.0
+    prev = None
+    for t, d, lane in events:
+        if prev is not None:
+            active = sum(1 for v in open_by_lane.values() if v > 0)
+            busy += (t - prev) if active else 0.0
+            both += (t - prev) if active >= 2 else 0.0
+        open_by_lane[lane] = open_by_lane.get(lane, 0) + d
+        prev = t
+    return both / busy if busy else 0.0
