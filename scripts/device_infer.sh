@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:?usage: device_infer.sh OUT_DIR PART ARGS...}
 PART=${2:?part: check | bench}
 shift 2
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 case "$PART" in

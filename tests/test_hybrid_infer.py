@@ -89,7 +89,7 @@ def test_layer_outputs_and_dropped_rows_match_the_layers_own_experts():
         host = (ex.w1_EDF.detach(), ex.w3_EDF.detach(), ex.w2_EFD.detach())
         resident = np.array([True, False, True, False, False])
         gpu = tuple(w[torch.tensor([0, 2])] for w in host)
-        bufs = StreamBuffers(CPU, 8, 12, True, torch.float32)
+        bufs = StreamBuffers(CPU, 8, 12, True, torch.float32, chunk=2)
         for classes in itertools.product([CG, CC], repeat=3):
             cls = list(classes)
             split = forced_split([1] * 5, resident, COSTS, np.array([False, cls[0] == CG, False, cls[1] == CG,
@@ -183,7 +183,7 @@ def test_cuda_lanes_give_the_plain_models_logits(policy):
     hybrid.device = dev
     from fsmoe.infer.hybrid.engine import StreamBuffers
 
-    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32).__dict__)
+    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32, chunk=3).__dict__)
     for ex in hybrid.executors:
         ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
     hybrid.place(parse_policy(policy), hot_LE=np.arange(48).reshape(4, 12) % 7)
@@ -195,4 +195,5 @@ def test_cuda_lanes_give_the_plain_models_logits(policy):
         nxt = outs[0][:, -1].argmax(-1, keepdim=True)
         steps = [m(nxt, cache=c, start=20).logits for m, c in zip((plain, hybrid.model), caches)]
         torch.testing.assert_close(steps[1], steps[0], atol=1e-4, rtol=1e-4)
-    assert set().union(*(s.active_classes() for s in hybrid.splits)) >= ({GG, CC} if policy == "fiddler" else {GG})
+    used = set().union(*(s.active_classes() for s in hybrid.splits))
+    assert used >= {GG, CC} if policy == "fiddler" else used >= ({CC, CG} if policy == "llamacpp" else {GG})

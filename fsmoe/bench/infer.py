@@ -187,7 +187,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides).model
     if device.type == "cuda":  # the budget is real: the allocator refuses anything past it
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), torch.cuda.current_device())
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
     ex = cfg.moe.experts

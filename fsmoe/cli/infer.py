@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console(soft_wrap=True, highlight=False)
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), device)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), torch.cuda.current_device())
     t0 = time.perf_counter()
     model, host, cfg, converted = loaded_model(args.model, device, dtype)
     tok, prompts = encode_prompts(args, cfg, converted)

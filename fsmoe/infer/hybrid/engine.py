@@ -70,9 +70,9 @@ class StreamBuffers:
     that order buffer reuse, pinned staging for the CC rows, and the CPU worker."""
 
     def __init__(self, device: torch.device, d_model: int, d_ff: int, swiglu: bool, dtype: torch.dtype,
-                 cpu_threads: int | None = None):
-        self.device, self.cuda = device, device.type == "cuda"
-        shapes = [(d_model, d_ff), (d_model, d_ff) if swiglu else None, (d_ff, d_model)]
+                 chunk: int = 1, cpu_threads: int | None = None):
+        self.device, self.cuda, self.chunk = device, device.type == "cuda", chunk
+        shapes = [(chunk, d_model, d_ff), (chunk, d_model, d_ff) if swiglu else None, (chunk, d_ff, d_model)]
         self.slots = [tuple(torch.empty(s, device=device, dtype=dtype) if s else None for s in shapes)
                       for _ in range(2)]
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -82,8 +82,11 @@ class StreamBuffers:
         self.returned = torch.cuda.Event() if self.cuda else None  # the last CC outputs are on the GPU
         self.returned_pending = False
         self.staging: dict[str, Tensor] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts")
-        self.cpu_threads = cpu_threads
+        # One worker; its intra-op pool leaves a core to the thread that issues the GPU work (with
+        # every core busy in the GEMMs, that thread's launches and the OpenMP barriers stall each other).
+        self.cpu_threads = cpu_threads or cpu_expert_threads()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts",
+                                       initializer=torch.set_num_threads, initargs=(self.cpu_threads,))
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.slots for t in s if t is not None)
@@ -95,6 +98,14 @@ class StreamBuffers:
             buf = torch.empty(max(n, 64), d, dtype=dtype, pin_memory=self.cuda)
             self.staging[name] = buf
         return buf[:n]
+
+
+def cpu_expert_threads() -> int:
+    """Threads for the CPU experts: every core the process may use but one."""
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n - 1)
 
 
 class Recorder:
@@ -189,31 +200,49 @@ class HybridExecutor:
         y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu, offs_G))
 
     def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
+        """The CG experts, ``chunk`` at a time: a chunk's weights are copied into one of the two
+        buffers while the GPU computes the previous chunk (one grouped GEMM per chunk)."""
         b, host = self.buffers, self.experts.host
-        for i, e in enumerate(order):
-            s = i % 2
+        for i in range(0, len(order), b.chunk):
+            group = list(order[i:i + b.chunk])
+            s = (i // b.chunk) % 2
             slot = b.slots[s]
             if b.cuda:
                 with torch.cuda.stream(b.copy_stream):
                     if b.used[s]:
-                        b.copy_stream.wait_event(b.free[s])  # the expert that used this buffer is done
-                    with rec.gpu("pcie", f"L{self.index} e{e}", b.copy_stream):
-                        for dst, src in zip(slot, host):
-                            if dst is not None:
-                                dst.copy_(src[e], non_blocking=True)
+                        b.copy_stream.wait_event(b.free[s])  # the chunk that used this buffer is done
+                    with rec.gpu("pcie", f"L{self.index} e{group}", b.copy_stream):
+                        self._copy_in(slot, host, group, non_blocking=True)
                     b.ready[s].record(b.copy_stream)
                 torch.cuda.current_stream().wait_event(b.ready[s])
             else:
-                for dst, src in zip(slot, host):
-                    if dst is not None:
-                        dst.copy_(src[e])
-            r0, r1 = int(offs[e]), int(offs[e + 1])
-            if r1 > r0:
-                with rec.gpu("gpu", f"L{self.index} CG e{e}"):
-                    y_ND[r0:r1] = expert_mlp(x_ND[r0:r1], *slot)
+                self._copy_in(slot, host, group, non_blocking=False)
+            rows = [(int(offs[e]), int(offs[e + 1])) for e in group]
+            if any(r1 > r0 for r0, r1 in rows):
+                with rec.gpu("gpu", f"L{self.index} CG {group}"):
+                    self._chunk_mlp(x_ND, y_ND, slot, rows)
             if b.cuda:
                 b.free[s].record()
                 b.used[s] = True
+
+    @staticmethod
+    def _copy_in(slot, host, group, non_blocking: bool) -> None:
+        for dst, src in zip(slot, host):
+            if dst is not None:
+                for j, e in enumerate(group):
+                    dst[j].copy_(src[e], non_blocking=non_blocking)
+
+    @staticmethod
+    def _chunk_mlp(x_ND: Tensor, y_ND: Tensor, slot, rows: list[tuple[int, int]]) -> None:
+        k = len(rows)
+        w = tuple(None if t is None else t[:k] for t in slot)
+        if k == 1:
+            r0, r1 = rows[0]
+            y_ND[r0:r1] = expert_mlp(x_ND[r0:r1], *(None if t is None else t[0] for t in w))
+            return
+        idx = torch.cat([torch.arange(r0, r1) for r0, r1 in rows]).to(x_ND.device, non_blocking=True)
+        offs = torch.tensor(np.cumsum([r1 - r0 for r0, r1 in rows]), dtype=torch.int32).to(x_ND.device)
+        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *w, offs))
 
     def _start_cpu(self, x_ND, class_of_row, cc, counts, rec):
         b = self.buffers
@@ -228,8 +257,6 @@ class HybridExecutor:
         return idx, y_host, job
 
     def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> None:
-        if self.buffers.cpu_threads:
-            torch.set_num_threads(self.buffers.cpu_threads)
         w1, w3, w2 = self.experts.host
         r = 0
         for e in cc:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fsmoe.infer.hybrid.engine import expert_mlp
+from fsmoe.infer.hybrid.engine import cpu_expert_threads, expert_mlp
 from fsmoe.infer.hybrid.partition import LaneCosts
 
 CPU_TOKENS = (1, 4, 16, 64, 256)
@@ -69,7 +70,9 @@ def measure_costs(d_model: int, d_ff: int, swiglu: bool, device: torch.device, d
         x = torch.randn(n, d_model, generator=g).to(dtype).to(dev_)
         return lambda: expert_mlp(x, *w)
 
-    cpu_t = [_time(mlp_at(w_host, "cpu", n), lambda: None, reps) for n in CPU_TOKENS]
+    # The CPU lane is timed on the engine's worker thread, with its thread count.
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(cpu_expert_threads(),)) as pool:
+        cpu_t = [pool.submit(_time, mlp_at(w_host, "cpu", n), lambda: None, reps).result() for n in CPU_TOKENS]
     gpu_t = [_time(mlp_at(w_dev, device, n), sync, reps) for n in GPU_TOKENS]
     bufs = [torch.empty_like(t) for t in dev]
     stream = _time(lambda: [b.copy_(h, non_blocking=True) for b, h in zip(bufs, host)], sync, reps)

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from fsmoe.config import ConfigError, ModelConfig
 
 GiB = 1 << 30
+# Streamed experts are copied and computed a chunk at a time (one grouped GEMM per chunk, fewer
+# launches); a chunk is at most 8 experts or 128 MiB, so large experts stream one by one.
+MAX_CHUNK = 8
+CHUNK_BYTES = 128 << 20
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,14 @@ class GpuMemoryPlan:
     dense: int  # weights other than routed experts
     kv_cache: int
     workspace: int
-    buffers: int  # two streamed experts
+    buffers: int  # two chunks of streamed experts
     per_expert: int
     num_experts: int  # routed experts of the whole model (layers x experts)
+
+    @property
+    def chunk(self) -> int:
+        """Streamed experts per buffer (the buffers hold two chunks)."""
+        return max(1, self.buffers // (2 * self.per_expert))
 
     @property
     def fixed(self) -> int:
@@ -67,8 +76,9 @@ def plan_gpu_memory(cfg: ModelConfig, *, budget_gb: float, dense_params: int, kv
     """The plan, or a ConfigError naming ``--gpu-mem-gb`` when attention, embeddings, KV cache and
     buffers alone do not fit."""
     per = expert_bytes(cfg, dtype_bytes)
+    chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // per))
     plan = GpuMemoryPlan(int(budget_gb * GiB), dense_params * dtype_bytes, kv_bytes,
-                         workspace_bytes(cfg, prefill_tokens, dtype_bytes), 2 * per, per,
+                         workspace_bytes(cfg, prefill_tokens, dtype_bytes), 2 * chunk * per, per,
                          _moe_layers(cfg) * cfg.moe.num_experts)
     if plan.fixed > plan.budget:
         need = ", ".join(f"{name} {size(gib * GiB)}" for name, gib in plan.rows()[:4])

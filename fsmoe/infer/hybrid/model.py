@@ -7,6 +7,7 @@ recorded by every forward (``hot_LE``) and choose the resident experts at the ne
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -96,13 +97,14 @@ class HybridModel:
     resident experts; ``model(...)`` then runs as usual (fsmoe.infer.generate works unchanged)."""
 
     def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
-                 device: torch.device, cpu_threads: int | None = None):
-        self.model, self.costs, self.memory, self.device = model.eval(), costs, memory, device
+                 device: torch.device, cpu_threads: int | None = None, chunk: int | None = None):
+        self.model, self.memory, self.device = model.eval(), memory, device
         cfg = model.cfg
         E = cfg.moe.num_experts
         dtype = host[0][0].dtype
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
-                                     cpu_threads)
+                                     chunk or memory.chunk, cpu_threads)
+        self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None
         self.recorder: Recorder | None = None
@@ -118,8 +120,10 @@ class HybridModel:
         Returns the residency [L, E] bool."""
         hot = self.hot_LE if hot_LE is None else np.asarray(hot_LE, dtype=np.float64)
         resident = resident_experts(hot, self.memory.slots, policy.residency)
-        for ex, res in zip(self.executors, resident):
+        for ex in self.executors:
             ex.experts.gpu = None  # free the old resident copies before making the new ones
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # and give their blocks back, so the new set is not fragmented
         for ex, res in zip(self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
             ex.experts.resident_E = res

@@ -14,7 +14,9 @@ The lane model (seconds; ``LaneCosts`` are measured on the machine, :mod:`.hardw
 * CPU lane: the CC rows go to the host and back (``act``), then the CC experts one after another,
   each with all cores: ``sum cpu(n_e)``;
 * PCIe lane: the CG experts' weights one after another into two GPU buffers; the copy of the
-  i-th waits for the (i-2)-th's compute to free its buffer;
+  i-th waits for the (i-2)-th's compute to free its buffer (the engine streams chunks of up to
+  ``chunk`` experts with one grouped GEMM each; the model charges each expert 1/chunk of the
+  GEMM's fixed cost);
 * GPU lane: the GG experts first (one grouped GEMM, while the first copy is in flight), then each
   CG expert once its weights have arrived.
 
@@ -44,6 +46,10 @@ class LaneCosts:
     stream: float  # CG: one expert's weights host -> device (pinned)
     act_fixed: float  # CC: the rows to the host and the outputs back, fixed part
     act_per_token: float
+    chunk: int = 1  # CG experts per grouped GEMM in the engine (each pays 1/chunk of its fixed cost)
+
+    def cg(self, n: float) -> float:
+        return self.gpu_fixed / self.chunk + self.gpu_per_token * n
 
     def cpu(self, n: float) -> float:
         return self.cpu_fixed + self.cpu_per_token * n
@@ -87,7 +93,7 @@ class _GpuPipe:
     def push(self, costs: LaneCosts, n: int) -> None:
         free = self.ends[-2] if len(self.ends) >= 2 else 0.0
         self.copy_end = max(self.copy_end, free) + costs.stream
-        self.gpu_end = max(self.copy_end, self.gpu_end) + (costs.gpu(n) if n else 0.0)
+        self.gpu_end = max(self.copy_end, self.gpu_end) + (costs.cg(n) if n else 0.0)
         self.ends.append(self.gpu_end)
 
 
