@@ -82,16 +82,29 @@ def _timed(fn, device, min_s: float = 1.0, max_reps: int = 5) -> float:
     return float(np.median(times))
 
 
-def sweep(hybrid: HybridModel, tokens: list[int], n_layers: int, device, dtype) -> dict[int, float]:
-    """Seconds per MoE layer of one forward of T tokens, averaged over ``n_layers`` evenly spaced layers."""
+def layer_inputs(hybrid: HybridModel, tokens: int, n_layers: int, device) -> dict[int, torch.Tensor]:
+    """The hidden states [1, tokens, D] entering ``n_layers`` evenly spaced MoE layers in a forward of
+    random tokens (so the sweep routes as the model does, not as random vectors would)."""
     layers = hybrid.model.moe_layers()
     pick = sorted({int(i) for i in np.linspace(0, len(layers) - 1, min(n_layers, len(layers)))})
-    g = torch.Generator(device=device).manual_seed(1)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [layers[i].register_forward_pre_hook(lambda mod, a, i=i: seen.__setitem__(i, a[0].detach().clone()))
+             for i in pick]
+    ids = torch.randint(0, hybrid.model.cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hybrid.model(ids.to(device))
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def sweep(hybrid: HybridModel, tokens: list[int], inputs: dict[int, torch.Tensor], device) -> dict[int, float]:
+    """Seconds per MoE layer of one forward of T tokens (the first T of ``inputs``), averaged over its layers."""
+    layers = hybrid.model.moe_layers()
     out = {}
     with torch.no_grad():
         for T in tokens:
-            x = torch.randn(1, T, hybrid.model.cfg.d_model, generator=g, device=device).to(dtype)
-            out[T] = _timed(lambda: [layers[i](x) for i in pick], device) / len(pick)
+            out[T] = _timed(lambda: [layers[i](x[:, :T]) for i, x in inputs.items()], device) / len(inputs)
     return out
 
 
@@ -105,11 +118,11 @@ def _split_summary(splits) -> dict[str, float]:
     return {name: sum(s.count(c) for s in splits) / n for name, c in (("GG", GG), ("CG", CG), ("CC", CC))}
 
 
-def measure_policy(hybrid: HybridModel, policy: Policy, args, tokens, device, dtype) -> dict:
+def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, tokens, device) -> dict:
     cfg = hybrid.model.cfg
-    resident = hybrid.place(policy, hybrid.hot_LE.copy())
+    resident = hybrid.place(policy, hot_LE)  # every policy places from the same calibration counts
     res = {"policy": policy.name, "resident_experts": int(resident.sum())}
-    res["sweep_s_per_layer"] = {str(t): s for t, s in sweep(hybrid, tokens, args.sweep_layers, device, dtype).items()}
+    res["sweep_s_per_layer"] = {str(t): s for t, s in sweep(hybrid, tokens, inputs, device).items()}
     hybrid.splits.clear()
     generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 5), Sampling(max_new_tokens=2))
     hybrid.splits.clear()
@@ -205,10 +218,12 @@ def run(args) -> int:
     with torch.no_grad():
         ids = torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=torch.Generator().manual_seed(3))
         hybrid.model(ids.to(device))
+    hot = hybrid.hot_LE.copy()
+    inputs = layer_inputs(hybrid, max(tokens), args.sweep_layers, device)
     results = []
     for policy in policies:
         t1 = time.perf_counter()
-        results.append(measure_policy(hybrid, policy, args, tokens, device, dtype))
+        results.append(measure_policy(hybrid, policy, hot, inputs, args, tokens, device))
         r = results[-1]
         console.print(f"{policy.name:>12}: decode {r['decode_tokens_per_s']:8.2f} tok/s, prefill "
                       f"{r['prefill_tokens_per_s']:9.1f} tok/s ({time.perf_counter() - t1:.0f} s)")
@@ -221,7 +236,7 @@ def run(args) -> int:
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
     if any(p.name == "scheinfer" for p in policies):
-        hybrid.place(parse_policy("scheinfer"), hybrid.hot_LE.copy())
+        hybrid.place(parse_policy("scheinfer"), hot)
         report["overlap_share"] = record_timelines(hybrid, args, args.out) if args.out else {}
     print_table(console, results, report["adaptive_vs_fixed"])
     if args.out:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from fsmoe.infer.hybrid.policies import Policy
 from fsmoe.infer.hybrid.residency import resident_experts
 from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
 
+SWITCH_INTERVAL_S = 1e-4
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -113,6 +115,9 @@ class HybridModel:
                           for i, w in enumerate(host)]
         for layer, ex in zip(model.moe_layers(), self.executors):
             layer.executor = ex
+        # The CPU worker and the thread issuing GPU work hand the GIL to each other between ops;
+        # at Python's default 5 ms switch interval a handoff can stall a layer for milliseconds.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def place(self, policy: Policy, hot_LE=None) -> np.ndarray:
         """Make ``policy`` current: choose its resident experts from ``hot_LE`` (default: the
