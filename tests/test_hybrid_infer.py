@@ -197,3 +197,15 @@ def test_cuda_lanes_give_the_plain_models_logits(policy):
         torch.testing.assert_close(steps[1], steps[0], atol=1e-4, rtol=1e-4)
     used = set().union(*(s.active_classes() for s in hybrid.splits))
     assert used >= {GG, CC} if policy == "fiddler" else used >= ({CC, CG} if policy == "llamacpp" else {GG})
+
+
+def test_lanes_that_share_host_memory_run_at_their_contended_costs():
+    costs = LaneCosts(**{**COSTS.__dict__, "cpu_contended": 2.0, "stream_contended": 1.5})
+    counts, resident = [3, 3], [False, False]
+    alone_cpu, _, _ = lanes(counts, [CC, CC], costs)
+    mixed_cpu, mixed_pcie, _ = lanes(counts, [CC, CG], costs)
+    assert mixed_pcie == pytest.approx(1.5 * costs.stream)
+    assert mixed_cpu - costs.act_fixed - 3 * costs.act_per_token == pytest.approx(2 * costs.cpu(3))
+    assert alone_cpu - costs.act_fixed - 6 * costs.act_per_token == pytest.approx(2 * costs.cpu(3))
+    split = best_split(counts, resident, costs)
+    assert split.predicted_s == pytest.approx(max(lanes(counts, split.classes, costs, split.cg_order)[::2]))

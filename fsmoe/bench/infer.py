@@ -204,8 +204,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
     ex = cfg.moe.experts
-    costs = (load_costs(args.costs) if args.costs else
-             measure_costs(cfg.d_model, ex.d_ff, ex.activation == "swiglu", device, dtype))
+    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
     slots = max(args.prompt_len + args.new_tokens, args.prefill + 1)
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),

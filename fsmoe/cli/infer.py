@@ -73,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, len(prompts), slots, dtype.itemsize),
                              prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
-    ex = cfg.moe.experts
-    costs = load_costs(args.costs) if args.costs else measure_costs(cfg.d_model, ex.d_ff, ex.activation == "swiglu",
-                                                                    device, dtype)
+    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
     hybrid = HybridModel(model, host, costs, memory, device)
     L, E = hybrid.hot_LE.shape
     if args.hot:

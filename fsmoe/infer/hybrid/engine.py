@@ -190,14 +190,22 @@ class HybridExecutor:
         return idx.to(self.buffers.device, non_blocking=True) if self.buffers.cuda else idx
 
     def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int]) -> None:
+        """The GG rows in one grouped GEMM over the resident experts that have tokens (a decode step
+        touches a few of them: the others' weights are not read)."""
         ex = self.experts
         mask = class_of_row == GG
         if not mask.any():
             return
         idx = self._rows(mask)
-        counts_G = torch.tensor([c for c, r in zip(counts, ex.resident_E) if r], dtype=torch.int64)
-        offs_G = torch.cumsum(counts_G, 0).to(torch.int32).to(x_ND.device)
-        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu, offs_G))
+        resident_counts = [c for c, r in zip(counts, ex.resident_E) if r]
+        active = [g for g, c in enumerate(resident_counts) if c]
+        weights = ex.gpu
+        if len(active) < len(resident_counts) // 2:
+            pick = torch.tensor(active).to(x_ND.device, non_blocking=True)
+            weights = tuple(None if w is None else w.index_select(0, pick) for w in weights)
+            resident_counts = [resident_counts[g] for g in active]
+        offs_G = torch.tensor(np.cumsum(resident_counts), dtype=torch.int32).to(x_ND.device, non_blocking=True)
+        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *weights, offs_G))
 
     def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
         """The CG experts, ``chunk`` at a time: a chunk's weights are copied into one of the two

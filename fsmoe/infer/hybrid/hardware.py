@@ -53,29 +53,44 @@ def _time(fn, sync, reps: int, budget_s: float = 2.0) -> float:
     return float(np.median(times))
 
 
-def measure_costs(d_model: int, d_ff: int, swiglu: bool, device: torch.device, dtype: torch.dtype,
-                  reps: int = 5) -> LaneCosts:
+def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
+    """Lane costs of one layer's experts ``host`` = (w1 [E, D, F], w3 | None, w2 [E, F, D]) in host
+    memory. Every timed call takes the next expert in turn, so the CPU reads weights from DRAM as
+    in a real forward, not from a cache that one re-used expert would sit in."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    E, d_model = host[0].shape[0], host[0].shape[1]
+    turn = iter(range(1 << 30))
     g = torch.Generator().manual_seed(0)
-    host = [torch.randn(*s, generator=g).to(dtype) for s in
-            ([(d_model, d_ff), (d_model, d_ff)] if swiglu else [(d_model, d_ff)]) + [(d_ff, d_model)]]
-    if cuda:
-        host = [t.pin_memory() for t in host]
-    w_host = (host[0], host[1] if swiglu else None, host[-1])
-    dev = [t.to(device) for t in host]
-    w_dev = (dev[0], dev[1] if swiglu else None, dev[-1])
+    dev = tuple(None if w is None else w[:1].to(device) for w in host)
+    dtype = host[0].dtype
 
-    def mlp_at(w, dev_, n):
-        x = torch.randn(n, d_model, generator=g).to(dtype).to(dev_)
-        return lambda: expert_mlp(x, *w)
+    def host_mlp(n):
+        x = torch.randn(n, d_model, generator=g).to(dtype)
+
+        def fn():
+            e = next(turn) % E
+            return expert_mlp(x, *(None if w is None else w[e] for w in host))
+        return fn
+
+    def dev_mlp(n):
+        x = torch.randn(n, d_model, generator=g).to(dtype).to(device)
+        return lambda: expert_mlp(x, *(None if w is None else w[0] for w in dev))
+
+    bufs = [None if w is None else torch.empty_like(w[0]) for w in dev]
+
+    def copy_next():
+        e = next(turn) % E
+        for b, h in zip(bufs, host):
+            if b is not None:
+                b.copy_(h[e], non_blocking=True)
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(cpu_expert_threads(),)) as pool:
-        cpu_t = [pool.submit(_time, mlp_at(w_host, "cpu", n), lambda: None, reps).result() for n in CPU_TOKENS]
-    gpu_t = [_time(mlp_at(w_dev, device, n), sync, reps) for n in GPU_TOKENS]
-    bufs = [torch.empty_like(t) for t in dev]
-    stream = _time(lambda: [b.copy_(h, non_blocking=True) for b, h in zip(bufs, host)], sync, reps)
+        cpu_t = [pool.submit(_time, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
+        gpu_t = [_time(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
+        stream = _time(copy_next, sync, reps)
+        cpu_busy, stream_busy = _contended(pool, host_mlp(1), copy_next, stream, sync) if cuda else (cpu_t[0], stream)
 
     def round_trip(n):
         x = torch.randn(n, d_model, device=device).to(dtype)
@@ -83,8 +98,35 @@ def measure_costs(d_model: int, d_ff: int, swiglu: bool, device: torch.device, d
         return lambda: x.copy_(stage.copy_(x).to(device, non_blocking=True))
 
     act_t = [_time(round_trip(n), sync, reps) for n in ACT_TOKENS]
-    return LaneCosts(*fit_affine(CPU_TOKENS, cpu_t), *fit_affine(GPU_TOKENS, gpu_t), stream,
-                     *fit_affine(ACT_TOKENS, act_t))
+    cpu_fixed, cpu_per = fit_affine(CPU_TOKENS, cpu_t)
+    return LaneCosts(cpu_fixed, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
+                     cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream))
+
+
+def _contended(pool, cpu_fn, copy_fn, stream: float, sync) -> tuple[float, float]:
+    """(one CPU expert's seconds, one expert copy's seconds) while the other lane runs: both read
+    host memory, so each slows the other."""
+    n_copies = max(4, int(0.3 / max(stream, 1e-6)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    side = torch.cuda.Stream()
+
+    def cpu_loop():
+        times = []
+        while not end.query() or not times:
+            t0 = time.perf_counter()
+            cpu_fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    sync()
+    with torch.cuda.stream(side):
+        start.record(side)
+        for _ in range(n_copies):
+            copy_fn()
+        end.record(side)
+    cpu_busy = pool.submit(cpu_loop).result()
+    sync()
+    return cpu_busy, start.elapsed_time(end) / 1e3 / n_copies
 
 
 def save_costs(costs: LaneCosts, path: Path, **meta) -> None:

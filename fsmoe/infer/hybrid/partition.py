@@ -20,7 +20,8 @@ The lane model (seconds; ``LaneCosts`` are measured on the machine, :mod:`.hardw
 * GPU lane: the GG experts first (one grouped GEMM, while the first copy is in flight), then each
   CG expert once its weights have arrived.
 
-The layer takes the longest lane. For a given number k of CG experts the PCIe lane costs the
+The layer takes the longest lane. When both the CPU and the PCIe lanes have work they share the
+host's memory bandwidth, so both run at their measured contended costs (``LaneCosts.busy``). For a given number k of CG experts the PCIe lane costs the
 same whichever k are streamed, and the CPU lane is shortest when they are the k busiest, so the
 search tries every k with the busiest-first prefix (one pass, O(E log E)). It is exact whenever
 the GPU lane does not bind; tests compare it with brute force.
@@ -47,6 +48,15 @@ class LaneCosts:
     act_fixed: float  # CC: the rows to the host and the outputs back, fixed part
     act_per_token: float
     chunk: int = 1  # CG experts per grouped GEMM in the engine (each pays 1/chunk of its fixed cost)
+    # Both lanes read host memory: while CC and CG run together, each is this much slower.
+    cpu_contended: float = 1.0
+    stream_contended: float = 1.0
+
+    def busy(self) -> "LaneCosts":
+        """The costs while the CPU and PCIe lanes run together."""
+        c, s = self.cpu_contended, self.stream_contended
+        return LaneCosts(self.cpu_fixed * c, self.cpu_per_token * c, self.gpu_fixed, self.gpu_per_token,
+                         self.stream * s, self.act_fixed, self.act_per_token, self.chunk, c, s)
 
     def cg(self, n: float) -> float:
         return self.gpu_fixed / self.chunk + self.gpu_per_token * n
@@ -114,6 +124,8 @@ def lanes(counts_E, classes, costs: LaneCosts, cg_order=None) -> tuple[float, fl
     tokens costs nothing unless ``cg_order`` lists it (then its copy is paid)."""
     counts_E = np.asarray(counts_E)
     classes = np.asarray(classes)
+    if ((classes == CC) & (counts_E > 0)).any() and ((classes == CG) & (counts_E > 0)).any():
+        costs = costs.busy()
     if cg_order is None:
         cg = [e for e in np.argsort(-counts_E, kind="stable") if classes[e] == CG and counts_E[e] > 0]
     else:
@@ -142,15 +154,18 @@ def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
     rest = [int(counts_E[e]) for e in order]
     # CPU lane of the suffix order[k:], for every k, from suffix sums.
     tail_n = np.concatenate([np.cumsum(rest[::-1])[::-1], [0]]) if rest else np.zeros(1)
-    tail_cpu = np.concatenate([np.cumsum([costs.cpu(n) for n in rest][::-1])[::-1], [0.0]]) if rest else np.zeros(1)
-    pipe = _GpuPipe(_gg_seconds(counts_E, resident_E, costs))
+    busy = costs.busy()
+    gg = _gg_seconds(counts_E, resident_E, costs)
+    pipe, busy_pipe = _GpuPipe(gg), _GpuPipe(gg)  # the PCIe lane alone, and beside the CPU lane
     best_k, best_t = 0, np.inf
     for k in range(len(order) + 1):
         if k:
             pipe.push(costs, rest[k - 1])
+            busy_pipe.push(busy, rest[k - 1])
         m = len(order) - k
-        cpu = costs.act_fixed + costs.act_per_token * tail_n[k] + tail_cpu[k] if m else 0.0
-        t = max(cpu, pipe.gpu_end)
+        c = busy if k and m else costs
+        cpu = c.act_fixed + c.act_per_token * tail_n[k] + c.cpu_fixed * m + c.cpu_per_token * tail_n[k] if m else 0.0
+        t = max(cpu, (busy_pipe if m else pipe).gpu_end)
         if t < best_t - 1e-12:
             best_k, best_t = k, t
     return _split(counts_E, resident_E, order[:best_k], costs)
