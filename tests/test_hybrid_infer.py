@@ -209,3 +209,14 @@ def test_lanes_that_share_host_memory_run_at_their_contended_costs():
     assert alone_cpu - costs.act_fixed - 6 * costs.act_per_token == pytest.approx(2 * costs.cpu(3))
     split = best_split(counts, resident, costs)
     assert split.predicted_s == pytest.approx(max(lanes(counts, split.classes, costs, split.cg_order)[::2]))
+
+
+def test_the_cpu_lane_is_refitted_from_what_the_forwards_measure():
+    _, hybrid = plain_and_hybrid(tiny(), slots=0)
+    split = best_split([0, 5, 0, 0, 0, 0], [False] * 6, COSTS)
+    assert split.classes[1] == CC
+    for _ in range(30):
+        hybrid._observe_cpu(split, 3 * COSTS.cpu(5))  # the CPU runs three times slower than modelled
+    assert hybrid.cpu_scale == pytest.approx(3, rel=0.01)
+    assert hybrid.costs.cpu(5) == pytest.approx(3 * COSTS.cpu(5), rel=0.01)
+    assert hybrid.costs.stream == COSTS.stream

@@ -136,6 +136,7 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     res["prefill_experts_per_layer"] = _split_summary(hybrid.splits)
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
+    res["cpu_scale"] = hybrid.cpu_scale  # the online refit's measured/modelled CPU lane so far
     return res
 
 

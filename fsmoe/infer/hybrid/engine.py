@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from fsmoe.experts import reference_mlp
 from fsmoe.infer.hybrid.partition import CC, GG, Split
 
+FEW_EXPERTS = 4  # at most this many resident experts with tokens: run them one by one
+
 
 def expert_mlp(x_nD: Tensor, w1_DF: Tensor, w3_DF: Tensor | None, w2_FD: Tensor) -> Tensor:
     """One expert's MLP on n rows [n, D] -> [n, D] (SwiGLU when ``w3`` is given, else GeLU)."""
@@ -156,9 +158,11 @@ class Recorder:
 class HybridExecutor:
     """``executor(layer, x_ND, plan) -> y_ND`` for one MoE layer (see the module docstring)."""
 
-    def __init__(self, index: int, experts: LayerExperts, buffers: StreamBuffers, choose, recorder=None):
+    def __init__(self, index: int, experts: LayerExperts, buffers: StreamBuffers, choose, recorder=None,
+                 observe=None):
         self.index, self.experts, self.buffers = index, experts, buffers
         self.choose = choose  # (layer index, counts [E] list, resident [E] bool, tokens) -> Split
+        self.observe = observe  # (split, seconds the CPU experts took) -> None: the online refit
         self.recorder = recorder
         self.last: Split | None = None
 
@@ -178,10 +182,10 @@ class HybridExecutor:
         cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
         pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec) if cc else None
         with rec.gpu("gpu", f"L{self.index} GG"):
-            self._resident(x_ND, y_ND, class_of_row, counts)
+            self._resident(x_ND, y_ND, class_of_row, counts, offs)
         self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
         if pending is not None:
-            self._finish_cpu(y_ND, pending, rec)
+            self._finish_cpu(y_ND, pending, rec, split)
         return y_ND
 
     # ---------------------------------------------------------------- lanes
@@ -189,23 +193,24 @@ class HybridExecutor:
         idx = torch.from_numpy(np.flatnonzero(mask))
         return idx.to(self.buffers.device, non_blocking=True) if self.buffers.cuda else idx
 
-    def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int]) -> None:
-        """The GG rows in one grouped GEMM over the resident experts that have tokens (a decode step
-        touches a few of them: the others' weights are not read)."""
+    def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int],
+                  offs: np.ndarray) -> None:
+        """The GG rows: expert by expert on their own rows when a few resident experts have tokens
+        (a decode step: no gather, no weights read but theirs), else one grouped GEMM."""
         ex = self.experts
-        mask = class_of_row == GG
-        if not mask.any():
+        resident = np.flatnonzero(ex.resident_E)
+        active = [(g, int(e)) for g, e in enumerate(resident) if counts[e]]
+        if not active:
             return
-        idx = self._rows(mask)
-        resident_counts = [c for c, r in zip(counts, ex.resident_E) if r]
-        active = [g for g, c in enumerate(resident_counts) if c]
-        weights = ex.gpu
-        if len(active) < len(resident_counts) // 2:
-            pick = torch.tensor(active).to(x_ND.device, non_blocking=True)
-            weights = tuple(None if w is None else w.index_select(0, pick) for w in weights)
-            resident_counts = [resident_counts[g] for g in active]
-        offs_G = torch.tensor(np.cumsum(resident_counts), dtype=torch.int32).to(x_ND.device, non_blocking=True)
-        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *weights, offs_G))
+        if len(active) <= FEW_EXPERTS:
+            for g, e in active:
+                y_ND[int(offs[e]):int(offs[e + 1])] = expert_mlp(
+                    x_ND[int(offs[e]):int(offs[e + 1])], *(None if w is None else w[g] for w in ex.gpu))
+            return
+        idx = self._rows(class_of_row == GG)
+        offs_G = torch.tensor(np.cumsum([counts[e] for e in resident]), dtype=torch.int32)
+        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu,
+                                                offs_G.to(x_ND.device, non_blocking=True)))
 
     def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
         """The CG experts, ``chunk`` at a time: a chunk's weights are copied into one of the two
@@ -267,15 +272,19 @@ class HybridExecutor:
     def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> None:
         w1, w3, w2 = self.experts.host
         r = 0
+        t0 = time.perf_counter()
         for e in cc:
             n = counts[e]
             with rec.host("cpu", f"L{self.index} CC e{e}"):
                 y_host[r:r + n] = expert_mlp(x_host[r:r + n], w1[e], w3[e] if w3 is not None else None, w2[e])
             r += n
+        return time.perf_counter() - t0
 
-    def _finish_cpu(self, y_ND: Tensor, pending, rec) -> None:
+    def _finish_cpu(self, y_ND: Tensor, pending, rec, split: Split) -> None:
         idx, y_host, job = pending
-        job.result()
+        seconds = job.result()
+        if self.observe is not None:
+            self.observe(split, seconds)
         with rec.gpu("gpu", f"L{self.index} CC rows back"):
             y_ND.index_copy_(0, idx, y_host.to(y_ND.device, non_blocking=True))
         if self.buffers.cuda:

@@ -18,12 +18,13 @@ import torch
 from fsmoe.config import ModelConfig
 from fsmoe.infer.hybrid.engine import HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
-from fsmoe.infer.hybrid.partition import LaneCosts, Split
+from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy
 from fsmoe.infer.hybrid.residency import resident_experts
 from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
 
 SWITCH_INTERVAL_S = 1e-4
+CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving average
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -111,7 +112,10 @@ class HybridModel:
         self.policy: Policy | None = None
         self.recorder: Recorder | None = None
         self.splits: list[Split] = []  # every split chosen since the last reset (for reports)
-        self.executors = [HybridExecutor(i, LayerExperts(w, np.zeros(E, dtype=bool), None), self.buffers, self._choose)
+        self.base_costs = self.costs
+        self.cpu_scale = 1.0  # measured / modelled CPU lane, averaged over forwards (the online refit)
+        self.executors = [HybridExecutor(i, LayerExperts(w, np.zeros(E, dtype=bool), None), self.buffers, self._choose,
+                                         observe=self._observe_cpu)
                           for i, w in enumerate(host)]
         for layer, ex in zip(model.moe_layers(), self.executors):
             layer.executor = ex
@@ -152,3 +156,16 @@ class HybridModel:
         split = self.policy.split(counts, resident_E, self.costs, num_tokens, self._hot_for_policy[index])
         self.splits.append(split)
         return split
+
+    def _observe_cpu(self, split: Split, seconds: float) -> None:
+        """Refit the CPU lane online: a forward's CPU experts run beside the GPU issuer, the copies
+        and the other lanes' memory traffic, which a measurement of one expert alone does not see.
+        The costs the split uses follow the measured/modelled ratio (moving average)."""
+        c = self.base_costs.busy() if split.count(CG) else self.base_costs
+        modelled = sum(c.cpu(n) for cls, n in zip(split.classes, split.counts) if cls == CC and n)
+        if modelled <= 0 or seconds <= 0:
+            return
+        self.cpu_scale += CPU_REFIT_WEIGHT * (seconds / modelled - self.cpu_scale)
+        b = self.base_costs
+        self.costs = dataclasses.replace(b, cpu_fixed=b.cpu_fixed * self.cpu_scale,
+                                         cpu_per_token=b.cpu_per_token * self.cpu_scale)

@@ -147,28 +147,34 @@ def _split(counts_E: np.ndarray, resident_E: np.ndarray, cg: list[int], costs: L
 
 def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
     """The adaptive choice: counts_E [E] tokens per expert this forward, resident_E [E] bool (GG).
-    Tries k = 0..M CG experts (the k busiest non-resident ones) and keeps the fastest."""
-    counts_E = np.asarray(counts_E, dtype=np.int64)
-    resident_E = np.asarray(resident_E, dtype=bool)
-    order = [int(e) for e in np.argsort(-counts_E, kind="stable") if not resident_E[e] and counts_E[e] > 0]
-    rest = [int(counts_E[e]) for e in order]
-    # CPU lane of the suffix order[k:], for every k, from suffix sums.
-    tail_n = np.concatenate([np.cumsum(rest[::-1])[::-1], [0]]) if rest else np.zeros(1)
+    Tries k = 0..M CG experts (the k busiest non-resident ones) and keeps the fastest. Plain Python
+    over the experts that have tokens: it runs once per layer and forward, decode included."""
+    counts = [int(n) for n in counts_E]
+    resident = [bool(r) for r in resident_E]
+    order = sorted((e for e, n in enumerate(counts) if n and not resident[e]), key=lambda e: -counts[e])
+    rest = [counts[e] for e in order]
+    gg_n = sum(n for n, r in zip(counts, resident) if r)
+    gg = costs.gpu(gg_n) if gg_n else 0.0
     busy = costs.busy()
-    gg = _gg_seconds(counts_E, resident_E, costs)
     pipe, busy_pipe = _GpuPipe(gg), _GpuPipe(gg)  # the PCIe lane alone, and beside the CPU lane
-    best_k, best_t = 0, np.inf
+    tail = sum(rest)  # tokens of the experts left on the CPU
+    best = None
     for k in range(len(order) + 1):
         if k:
             pipe.push(costs, rest[k - 1])
             busy_pipe.push(busy, rest[k - 1])
+            tail -= rest[k - 1]
         m = len(order) - k
-        c = busy if k and m else costs
-        cpu = c.act_fixed + c.act_per_token * tail_n[k] + c.cpu_fixed * m + c.cpu_per_token * tail_n[k] if m else 0.0
-        t = max(cpu, (busy_pipe if m else pipe).gpu_end)
-        if t < best_t - 1e-12:
-            best_k, best_t = k, t
-    return _split(counts_E, resident_E, order[:best_k], costs)
+        c, p = (busy, busy_pipe) if k and m else (costs, pipe)
+        cpu = c.act_fixed + (c.act_per_token + c.cpu_per_token) * tail + c.cpu_fixed * m if m else 0.0
+        t = max(cpu, p.gpu_end)
+        if best is None or t < best[0] - 1e-12:
+            best = (t, k, cpu, p.copy_end, p.gpu_end)
+    _, k, cpu_s, pcie_s, gpu_s = best
+    classes = [GG if r else CC for r in resident]
+    for e in order[:k]:
+        classes[e] = CG
+    return Split(tuple(classes), tuple(counts), tuple(order[:k]), cpu_s, pcie_s, gpu_s)
 
 
 def forced_split(counts_E, resident_E, costs: LaneCosts, cg_E, stream_idle: bool = False) -> Split:
