@@ -3,12 +3,19 @@
 #
 #   check            the hybrid engine's CUDA tests (tests/test_hybrid_infer.py) and the machine's CPU
 #   bench NAME ARGS  `fsmoe bench infer ARGS --out OUT/NAME` -> OUT/NAME/{results.json, sweep.png, timelines}
+#   llamacpp NAME N_CPU_MOE GGUF_ARGS...
+#                    llama.cpp itself on the same shapes: builds llama-bench with CUDA from
+#                    .peers/llama.cpp.tgz (carry it: llama.cpp's source, trimmed of models, docs, tests and
+#                    other backends), writes random bf16 weights as GGUF (scripts/write_gguf.py GGUF_ARGS,
+#                    e.g. --config qwen3-30b-a3b --set model.n_layers=24), and runs llama-bench with every
+#                    layer on the GPU but the experts of the first N_CPU_MOE layers (--n-cpu-moe; all
+#                    layers = `-ot exps=CPU`), prefill 512 and decode 16 tokens -> OUT/NAME_llamacpp.json
 #
 # Usage: bash scripts/device_infer.sh OUT_DIR PART ARGS...   (PYTHON=python3 by default)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: device_infer.sh OUT_DIR PART ARGS...}
-PART=${2:?part: check | bench}
+PART=${2:?part: check | bench | llamacpp}
 shift 2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 PY=${PYTHON:-python3}
@@ -22,6 +29,23 @@ case "$PART" in
     name=$1
     shift
     "$PY" -m fsmoe.cli bench infer --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name.log"
+    ;;
+  llamacpp)
+    name=$1 ncpumoe=$2
+    shift 2
+    src=/tmp/llama.cpp
+    if [ ! -x "$src/build/bin/llama-bench" ]; then
+      rm -rf "$src" && tar xzf .peers/llama.cpp.tgz -C /tmp || exit 1
+      cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF > "$OUT/${name}_cmake.log" 2>&1 &&
+        cmake --build "$src/build" --target llama-bench -j "$(nproc)" > "$OUT/${name}_build.log" 2>&1 || {
+          tail -20 "$OUT/${name}_build.log"; exit 1; }
+    fi
+    "$PY" scripts/write_gguf.py /tmp/model.gguf "$@" || exit 1
+    "$src/build/bin/llama-bench" -m /tmp/model.gguf -ngl 99 --n-cpu-moe "$ncpumoe" -p 512 -n 16 \
+      -t "$(( $(nproc) - 1 ))" -o json > "$OUT/${name}_llamacpp.json" 2> "$OUT/${name}_llamacpp.log"
+    tail -5 "$OUT/${name}_llamacpp.log"
+    rm -f /tmp/model.gguf
     ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

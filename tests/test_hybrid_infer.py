@@ -220,3 +220,71 @@ def test_the_cpu_lane_is_refitted_from_what_the_forwards_measure():
     assert hybrid.cpu_scale == pytest.approx(3, rel=0.01)
     assert hybrid.costs.cpu(5) == pytest.approx(3 * COSTS.cpu(5), rel=0.01)
     assert hybrid.costs.stream == COSTS.stream
+
+
+# ---------------------------------------------------------------- the commands
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A two-step fsmoe run of the tiny preset (byte tokens)."""
+    from fsmoe import cli
+
+    run = tmp_path_factory.mktemp("hybrid") / "run"
+    assert cli.main(["train", "--run-dir", str(run), "--steps", "2", "--set", "train.batch_size=2",
+                     "train.seq_len=16", "train.eval_batches=1", "train.data_limit_mb=0.05"]) == 0
+    return run
+
+
+def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, capsys):
+    from fsmoe import cli
+
+    args = [str(tiny_run), "--prompt-ids", "1 2 3", "--prompt-ids", "9 8", "--max-new-tokens", "6"]
+    assert cli.main(["generate", *args]) == 0
+    want = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
+    hot = tmp_path / "hot.json"
+    assert cli.main(["infer", *args, "--gpu-mem-gb", "0.01", "--save-hot", str(hot),
+                     "--timeline", str(tmp_path / "tl")]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "->" in line] == want and "hybrid scheinfer" in out
+    assert (tmp_path / "tl" / "timeline.json").is_file() and (tmp_path / "tl" / "timeline.png").is_file()
+    for policy in ("llamacpp", "fiddler", "stream", "static:0.5"):
+        assert cli.main(["infer", *args, "--gpu-mem-gb", "0.01", "--hot", str(hot), "--policy", policy]) == 0
+        assert [line for line in capsys.readouterr().out.splitlines() if "->" in line] == want
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--gpu-mem-gb", "0.0001"], "--gpu-mem-gb"),
+    (["--gpu-mem-gb", "0"], "--gpu-mem-gb"),
+    (["--gpu-mem-gb", "1", "--policy", "ktransformers"], "--policy"),
+    (["--gpu-mem-gb", "1", "--hot", "HOT_BAD_SHAPE"], "--hot"),
+    (["--gpu-mem-gb", "1", "--hot", "MISSING"], "--hot"),
+    (["--gpu-mem-gb", "1", "--costs", "MISSING"], "--costs"),
+])
+def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path, capsys, extra, field):
+    from fsmoe import cli
+
+    bad = tmp_path / "hot.json"
+    bad.write_text("[[1, 2], [3, 4]]")
+    extra = [str(bad) if a == "HOT_BAD_SHAPE" else str(tmp_path / "missing.json") if a == "MISSING" else a
+             for a in extra]
+    assert cli.main(["infer", str(tiny_run), "--prompt-ids", "1 2", "--max-new-tokens", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {field}") and "Traceback" not in err
+
+
+def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
+    from fsmoe import cli
+
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "1,8", "--new-tokens", "3", "--prefill", "8",
+                     "--calib-tokens", "16", "--gpu-mem-gb", "0.01", "--device", "cpu", "--out", str(out)]) == 0
+    import json
+
+    report = json.loads((out / "results.json").read_text())
+    assert [r["policy"] for r in report["results"]][:2] == ["scheinfer", "llamacpp"]
+    assert set(report["adaptive_vs_fixed"]) == {"1", "8"}
+    for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png"):
+        assert (out / name).is_file(), name
+    assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "0,x", "--device", "cpu"]) == 2
+    assert "--tokens" in capsys.readouterr().err
