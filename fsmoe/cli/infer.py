@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                              kv_bytes=kv_cache_bytes(cfg, len(prompts), slots, dtype.itemsize),
                              prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
-    hybrid = HybridModel(model, host, costs, memory, device)
+    hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False)
     L, E = hybrid.hot_LE.shape
     if args.hot:
         hot = _hot(args.hot, (L, E))

@@ -164,12 +164,10 @@ class HybridExecutor:
         self.choose = choose  # (layer index, counts [E] list, resident [E] bool, tokens) -> Split
         self.observe = observe  # (split, seconds the CPU experts took) -> None: the online refit
         self.recorder = recorder
-        self.last: Split | None = None
 
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
         counts = plan.tokens_per_expert_E.tolist()  # the one host sync: the split needs the counts
         split = self.choose(self.index, counts, self.experts.resident_E, plan.num_tokens)
-        self.last = split
         return self.run(x_ND, counts, split)
 
     def run(self, x_ND: Tensor, counts: list[int], split: Split) -> Tensor:

@@ -139,4 +139,5 @@ def load_costs(path: Path) -> LaneCosts:
     try:
         return LaneCosts(**json.loads(Path(path).read_text())["costs"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError("--costs", str(path), f"must be a lane-cost file written by fsmoe bench infer ({e})") from None
+        raise ConfigError("--costs", str(path),
+                          f"must be a lane-cost file written by fsmoe bench infer ({e})") from None

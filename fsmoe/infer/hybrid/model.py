@@ -100,7 +100,8 @@ class HybridModel:
     resident experts; ``model(...)`` then runs as usual (fsmoe.infer.generate works unchanged)."""
 
     def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
-                 device: torch.device, cpu_threads: int | None = None, chunk: int | None = None):
+                 device: torch.device, cpu_threads: int | None = None, chunk: int | None = None,
+                 keep_splits: bool = True):
         self.model, self.memory, self.device = model.eval(), memory, device
         cfg = model.cfg
         E = cfg.moe.num_experts
@@ -111,7 +112,9 @@ class HybridModel:
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None
         self.recorder: Recorder | None = None
-        self.splits: list[Split] = []  # every split chosen since the last reset (for reports)
+        self.keep_splits = keep_splits  # keep every split chosen (reports; off for long generations)
+        self.splits: list[Split] = []
+        self._hot_for_policy = self.hot_LE
         self.base_costs = self.costs
         self.cpu_scale = 1.0  # measured / modelled CPU lane, averaged over forwards (the online refit)
         self.executors = [HybridExecutor(i, LayerExperts(w, np.zeros(E, dtype=bool), None), self.buffers, self._choose,
@@ -136,8 +139,8 @@ class HybridModel:
         for ex, res in zip(self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
             ex.experts.resident_E = res
-            ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device) for w in ex.experts.host)
-                              if len(idx) else None)
+            ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
+                                    for w in ex.experts.host) if len(idx) else None)
         self.policy = policy
         self._hot_for_policy = hot
         return resident
@@ -154,7 +157,8 @@ class HybridModel:
     def _choose(self, index: int, counts: list[int], resident_E: np.ndarray, num_tokens: int) -> Split:
         self.hot_LE[index] += counts
         split = self.policy.split(counts, resident_E, self.costs, num_tokens, self._hot_for_policy[index])
-        self.splits.append(split)
+        if self.keep_splits:
+            self.splits.append(split)
         return split
 
     def _observe_cpu(self, split: Split, seconds: float) -> None:

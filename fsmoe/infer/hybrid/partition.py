@@ -21,9 +21,10 @@ The lane model (seconds; ``LaneCosts`` are measured on the machine, :mod:`.hardw
   CG expert once its weights have arrived.
 
 The layer takes the longest lane. When both the CPU and the PCIe lanes have work they share the
-host's memory bandwidth, so both run at their measured contended costs (``LaneCosts.busy``). For a given number k of CG experts the PCIe lane costs the
-same whichever k are streamed, and the CPU lane is shortest when they are the k busiest, so the
-search tries every k with the busiest-first prefix (one pass, O(E log E)). It is exact whenever
+host's memory bandwidth, so both run at their measured contended costs (``LaneCosts.busy``).
+For a given number k of CG experts the PCIe lane costs the same whichever k are streamed, and the
+CPU lane is shortest when they are the k busiest, so the search tries every k with the
+busiest-first prefix (one pass, O(E log E)). It is exact whenever
 the GPU lane does not bind; tests compare it with brute force.
 """
 from __future__ import annotations
