@@ -33,14 +33,14 @@ def tiny(arch="llama", **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def plain_and_hybrid(cfg: ModelConfig, slots: int):
+def plain_and_hybrid(cfg: ModelConfig, slots: int, cpu_lane: str = "worker"):
     torch.manual_seed(0)
     plain = build_model(cfg, seed=3).eval()
     other = copy.deepcopy(plain)
     host = detach_experts(other, pin=False)
     memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
     memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed + slots * memory.per_expert})
-    return plain, HybridModel(other, host, COSTS, memory, CPU)
+    return plain, HybridModel(other, host, COSTS, memory, CPU, cpu_lane=cpu_lane)
 
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
@@ -61,10 +61,11 @@ def test_every_policy_generates_the_plain_models_tokens(arch, policy):
         assert CG not in classes and {GG, CC} <= classes
 
 
+@pytest.mark.parametrize("cpu_lane", ["worker", "inline"])
 @pytest.mark.parametrize("forced", [GG, CG, CC])
-def test_each_class_forced_everywhere_gives_the_plain_models_tokens(forced):
+def test_each_class_forced_everywhere_gives_the_plain_models_tokens(forced, cpu_lane):
     cfg = tiny()
-    plain, hybrid = plain_and_hybrid(cfg, slots=0 if forced != GG else 18)
+    plain, hybrid = plain_and_hybrid(cfg, slots=0 if forced != GG else 18, cpu_lane=cpu_lane)
     want = generate(plain, PROMPTS, Sampling(max_new_tokens=5)).new_tokens
     hybrid.place(parse_policy({GG: "gpu", CG: "stream", CC: "fiddler"}[forced]))
     out = generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=5))
@@ -168,8 +169,9 @@ def test_policy_names():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("cpu_lane", ["worker", "inline"])
 @pytest.mark.parametrize("policy", ["scheinfer", "fiddler", "stream", "llamacpp", "static:0.5"])
-def test_cuda_lanes_give_the_plain_models_logits(policy):
+def test_cuda_lanes_give_the_plain_models_logits(policy, cpu_lane):
     """On CUDA (copy stream, two buffers, CPU worker): prefill and decode logits equal the plain model's
     on the GPU, float32, for every policy; many experts so buffers are reused across layers."""
     from fsmoe.models.kv_cache import KVCache
@@ -183,7 +185,8 @@ def test_cuda_lanes_give_the_plain_models_logits(policy):
     hybrid.device = dev
     from fsmoe.infer.hybrid.engine import StreamBuffers
 
-    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32, chunk=3).__dict__)
+    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32, chunk=3,
+                                                 cpu_lane=cpu_lane).__dict__)
     for ex in hybrid.executors:
         ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
     hybrid.place(parse_policy(policy), hot_LE=np.arange(48).reshape(4, 12) % 7)
@@ -248,8 +251,9 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "->" in line] == want and "hybrid scheinfer" in out
     assert (tmp_path / "tl" / "timeline.json").is_file() and (tmp_path / "tl" / "timeline.png").is_file()
-    for policy in ("llamacpp", "fiddler", "stream", "static:0.5"):
-        assert cli.main(["infer", *args, "--gpu-mem-gb", "0.01", "--hot", str(hot), "--policy", policy]) == 0
+    for policy, lane in (("llamacpp", "worker"), ("fiddler", "inline"), ("stream", "worker"), ("static:0.5", "inline")):
+        assert cli.main(["infer", *args, "--gpu-mem-gb", "0.01", "--hot", str(hot), "--policy", policy,
+                         "--cpu-lane", lane]) == 0
         assert [line for line in capsys.readouterr().out.splitlines() if "->" in line] == want
 
 

@@ -49,6 +49,9 @@ def add_arguments(p) -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens of the prefill measurement")
     p.add_argument("--calib-tokens", type=int, default=2048)
+    p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
+                   help="worker: a thread computes the CPU experts while the GPU work is issued; inline: the "
+                        "GPU work is issued first (indices through pinned memory), then this thread computes them")
     p.add_argument("--costs", type=Path, help="lane costs measured earlier (JSON); default: measure now")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -210,7 +213,7 @@ def run(args) -> int:
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
                              prefill_tokens=max(max(tokens), args.prefill, args.calib_tokens))
-    hybrid = HybridModel(model, host, costs, memory, device)
+    hybrid = HybridModel(model, host, costs, memory, device, cpu_lane=args.cpu_lane)
     console.print(f"{cfg.n_layers} layers x {cfg.moe.num_experts} experts ({memory.per_expert / 2**20:.1f} MiB each) "
                   f"built in {time.perf_counter() - t0:.0f} s on {device}; GPU budget {args.gpu_mem_gb:g} GiB holds "
                   f"{memory.slots} of {memory.num_experts} experts; lane costs {costs}")

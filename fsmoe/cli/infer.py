@@ -31,6 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hot", type=Path, help="routing frequencies (JSON [layers][experts], e.g. from --save-hot "
                                             "of an earlier run); default: counted on the prompts first")
     p.add_argument("--save-hot", type=Path, help="write the frequencies counted in this run")
+    p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
+                   help="how the CPU experts run beside the GPU work (see fsmoe bench infer --help)")
     p.add_argument("--costs", type=Path, help="lane costs from fsmoe bench infer (costs.json); default: measured")
     p.add_argument("--timeline", type=Path, help="write the lanes of this run (Chrome trace JSON and a PNG) here")
     p.set_defaults(func=run)
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                              kv_bytes=kv_cache_bytes(cfg, len(prompts), slots, dtype.itemsize),
                              prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
-    hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False)
+    hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane)
     L, E = hybrid.hot_LE.shape
     if args.hot:
         hot = _hot(args.hot, (L, E))

@@ -67,13 +67,56 @@ class HostExperts(nn.Module):
         self.num_experts = num_experts
 
 
+class PinnedUploads:
+    """Small host arrays (indices, offsets) to the GPU through a ring of pinned buffers. A copy from
+    pageable memory makes the host wait for the stream to reach it, so the thread issuing a layer's
+    GPU work could not run ahead of the GPU; from pinned memory it is truly asynchronous. A slot is
+    reused only after its last copy has completed (an event per slot)."""
+
+    SLOTS = 64
+
+    def __init__(self, device: torch.device):
+        self.device, self.cuda, self.next = device, device.type == "cuda", 0
+        self.bufs: list[Tensor | None] = [None] * self.SLOTS
+        self.done = [torch.cuda.Event() for _ in range(self.SLOTS)] if self.cuda else None
+        self.used = [False] * self.SLOTS
+
+    def __call__(self, array: np.ndarray, dtype: torch.dtype) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if not self.cuda:
+            return t.to(self.device)
+        i = self.next
+        self.next = (i + 1) % self.SLOTS
+        if self.used[i]:
+            self.done[i].synchronize()
+        buf = self.bufs[i]
+        if buf is None or buf.numel() < t.numel() or buf.dtype != dtype:
+            buf = self.bufs[i] = torch.empty(max(t.numel(), 1024), dtype=dtype, pin_memory=True)
+        staged = buf[:t.numel()]
+        staged.copy_(t)
+        out = staged.to(self.device, non_blocking=True)
+        self.done[i].record()
+        self.used[i] = True
+        return out
+
+
+CPU_LANES = ("worker", "inline")
+
+
 class StreamBuffers:
     """What every layer shares: two GPU buffers for streamed experts, the copy stream, the events
     that order buffer reuse, pinned staging for the CC rows, and the CPU worker."""
 
     def __init__(self, device: torch.device, d_model: int, d_ff: int, swiglu: bool, dtype: torch.dtype,
-                 chunk: int = 1, cpu_threads: int | None = None):
-        self.device, self.cuda, self.chunk = device, device.type == "cuda", chunk
+                 chunk: int = 1, cpu_threads: int | None = None, cpu_lane: str = "worker"):
+        if cpu_lane not in CPU_LANES:
+            raise ValueError(f"cpu_lane {cpu_lane!r}; allowed: {list(CPU_LANES)}")
+        self.device, self.cuda, self.chunk, self.cpu_lane = device, device.type == "cuda", chunk, cpu_lane
+        # "inline": the layer's GPU work is issued first (indices through pinned memory, so issuing
+        # never waits for the GPU), then the calling thread computes the CC experts itself: no
+        # second Python thread to trade the GIL with. "worker": a worker thread computes them
+        # while the GPU work is issued (indices from pageable memory).
+        self.upload = PinnedUploads(device) if cpu_lane == "inline" else None
         shapes = [(chunk, d_model, d_ff), (chunk, d_model, d_ff) if swiglu else None, (chunk, d_ff, d_model)]
         self.slots = [tuple(torch.empty(s, device=device, dtype=dtype) if s else None for s in shapes)
                       for _ in range(2)]
@@ -187,9 +230,15 @@ class HybridExecutor:
         return y_ND
 
     # ---------------------------------------------------------------- lanes
+    def _to_device(self, array, dtype: torch.dtype) -> Tensor:
+        b = self.buffers
+        if b.upload is not None:
+            return b.upload(np.asarray(array), dtype)
+        t = torch.as_tensor(np.asarray(array)).to(dtype)
+        return t.to(b.device, non_blocking=True) if b.cuda else t
+
     def _rows(self, mask: np.ndarray) -> Tensor:
-        idx = torch.from_numpy(np.flatnonzero(mask))
-        return idx.to(self.buffers.device, non_blocking=True) if self.buffers.cuda else idx
+        return self._to_device(np.flatnonzero(mask), torch.int64)
 
     def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int],
                   offs: np.ndarray) -> None:
@@ -206,9 +255,8 @@ class HybridExecutor:
                     x_ND[int(offs[e]):int(offs[e + 1])], *(None if w is None else w[g] for w in ex.gpu))
             return
         idx = self._rows(class_of_row == GG)
-        offs_G = torch.tensor(np.cumsum([counts[e] for e in resident]), dtype=torch.int32)
-        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu,
-                                                offs_G.to(x_ND.device, non_blocking=True)))
+        offs_G = self._to_device(np.cumsum([counts[e] for e in resident]), torch.int32)
+        y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *ex.gpu, offs_G))
 
     def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
         """The CG experts, ``chunk`` at a time: a chunk's weights are copied into one of the two
@@ -243,16 +291,15 @@ class HybridExecutor:
                 for j, e in enumerate(group):
                     dst[j].copy_(src[e], non_blocking=non_blocking)
 
-    @staticmethod
-    def _chunk_mlp(x_ND: Tensor, y_ND: Tensor, slot, rows: list[tuple[int, int]]) -> None:
+    def _chunk_mlp(self, x_ND: Tensor, y_ND: Tensor, slot, rows: list[tuple[int, int]]) -> None:
         k = len(rows)
         w = tuple(None if t is None else t[:k] for t in slot)
         if k == 1:
             r0, r1 = rows[0]
             y_ND[r0:r1] = expert_mlp(x_ND[r0:r1], *(None if t is None else t[0] for t in w))
             return
-        idx = torch.cat([torch.arange(r0, r1) for r0, r1 in rows]).to(x_ND.device, non_blocking=True)
-        offs = torch.tensor(np.cumsum([r1 - r0 for r0, r1 in rows]), dtype=torch.int32).to(x_ND.device)
+        idx = self._to_device(np.concatenate([np.arange(r0, r1) for r0, r1 in rows]), torch.int64)
+        offs = self._to_device(np.cumsum([r1 - r0 for r0, r1 in rows]), torch.int32)
         y_ND.index_copy_(0, idx, reference_mlp(x_ND.index_select(0, idx), *w, offs))
 
     def _start_cpu(self, x_ND, class_of_row, cc, counts, rec):
@@ -264,8 +311,9 @@ class HybridExecutor:
             if b.cuda and b.returned_pending:
                 b.returned.synchronize()  # the last layer's outputs have left the staging buffer
             y_host = b.stage("y", idx.numel(), x_ND.shape[1], x_ND.dtype)
-        job = b.pool.submit(self._cpu_experts, x_host, y_host, cc, counts, rec)
-        return idx, y_host, job
+        if b.cpu_lane == "inline":  # run by _finish_cpu, once the GPU work is issued
+            return idx, y_host, lambda: self._cpu_experts(x_host, y_host, cc, counts, rec)
+        return idx, y_host, b.pool.submit(self._cpu_experts, x_host, y_host, cc, counts, rec).result
 
     def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> None:
         w1, w3, w2 = self.experts.host
@@ -279,8 +327,8 @@ class HybridExecutor:
         return time.perf_counter() - t0
 
     def _finish_cpu(self, y_ND: Tensor, pending, rec, split: Split) -> None:
-        idx, y_host, job = pending
-        seconds = job.result()
+        idx, y_host, result = pending
+        seconds = result()
         if self.observe is not None:
             self.observe(split, seconds)
         with rec.gpu("gpu", f"L{self.index} CC rows back"):

@@ -101,13 +101,13 @@ class HybridModel:
 
     def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
                  device: torch.device, cpu_threads: int | None = None, chunk: int | None = None,
-                 keep_splits: bool = True):
+                 keep_splits: bool = True, cpu_lane: str = "worker"):
         self.model, self.memory, self.device = model.eval(), memory, device
         cfg = model.cfg
         E = cfg.moe.num_experts
         dtype = host[0][0].dtype
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
-                                     chunk or memory.chunk, cpu_threads)
+                                     chunk or memory.chunk, cpu_threads, cpu_lane)
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None
