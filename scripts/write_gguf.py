@@ -100,7 +100,8 @@ def main() -> None:
         w.write_tensor_data(arr)
         nbytes += arr.nbytes
     w.close()
-    print(f"wrote {args.out}: {arch}, {len(specs)} tensors, {nbytes / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {args.out}: {arch}, {len(specs)} tensors, {nbytes / 2**30:.2f} GiB "
+          f"in {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -292,3 +292,28 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "0,x", "--device", "cpu"]) == 2
     assert "--tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, arch", [("qwen3-30b-a3b", "qwen3moe"), ("mixtral-8x7b", "llama")])
+def test_write_gguf_gives_llama_cpp_its_tensor_names_and_shapes(tmp_path, preset, arch):
+    """scripts/write_gguf.py: the names, ggml shapes and metadata llama.cpp's loader reads (the files
+    were also run by llama-bench on a CPU build)."""
+    import subprocess
+    import sys
+
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "m.gguf"
+    subprocess.run([sys.executable, "scripts/write_gguf.py", str(out), "--config", preset, "--set",
+                    "model.n_layers=2", "model.vocab_size=100", "model.d_model=64", "model.n_heads=4",
+                    "model.n_kv_heads=2", "model.head_dim=16", "model.moe.num_experts=4",
+                    "model.moe.experts.d_ff=32", "model.moe.router.top_k=2"], check=True, timeout=120,
+                   cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    r = gguf.GGUFReader(str(out))
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in r.tensors}  # ggml order: fastest dim first
+    assert shapes["blk.1.ffn_gate_exps.weight"] == (64, 32, 4)
+    assert shapes["blk.1.ffn_down_exps.weight"] == (32, 64, 4)
+    assert shapes["blk.0.attn_q.weight"] == (64, 64) and shapes["token_embd.weight"] == (64, 100)
+    assert ("blk.0.attn_q_norm.weight" in shapes) == (arch == "qwen3moe")
+    field = r.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == arch
+    assert int(r.fields[f"{arch}.expert_count"].parts[-1][0]) == 4
