@@ -9,11 +9,14 @@ layer's own. Per forward it reads the token counts (one small device-to-host cop
 policy for a :class:`~.partition.Split` and then issues, in this order:
 
 1. CC: the CC experts' rows go to pinned host memory, and a worker thread computes them expert by
-   expert with all CPU cores (torch's intra-op threads);
-2. GG: one grouped GEMM over the resident experts' rows, on the compute stream;
-3. CG: each CG expert's weights are copied on a copy stream into one of two GPU buffers, and the
-   compute stream runs that expert once its copy has landed; a buffer is refilled only after
-   the expert that used it is done (events), so copy i+1 overlaps compute i;
+   expert with all CPU cores but one (torch's intra-op threads); with ``cpu_lane="inline"`` the
+   calling thread computes them itself after steps 2 and 3 are issued;
+2. GG: the resident experts that have tokens, one by one on their own rows when they are few (a
+   decode step), else one grouped GEMM over their rows, on the compute stream;
+3. CG: the CG experts' weights are copied a chunk at a time on a copy stream into one of two GPU
+   buffers, and the compute stream runs a chunk (one grouped GEMM) once its copy has landed; a
+   buffer is refilled only after the chunk that used it is done (events), so copy i+1 overlaps
+   compute i;
 4. the CPU results come back and are written into their rows.
 
 On a machine without CUDA the same code runs with the "GPU" on the CPU and no streams (CI checks
