@@ -23,12 +23,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fsmoe.bench.common import device_info
 from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.generate import Sampling, generate
-from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, save_costs
-from fsmoe.infer.hybrid.memory import GiB, kv_cache_bytes, plan_gpu_memory
+from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
+from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
 from fsmoe.infer.hybrid.model import HybridModel, random_model
-from fsmoe.infer.hybrid.partition import CC, CG, GG
+from fsmoe.infer.hybrid.partition import CLASS_NAMES
 from fsmoe.infer.hybrid.policies import Policy, parse_policy
 from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share
 
@@ -68,23 +69,6 @@ def _ints(text: str, field: str) -> list[int]:
     return out
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device, min_s: float = 1.0, max_reps: int = 5) -> float:
-    fn()  # warm-up
-    _sync(device)
-    times = []
-    while len(times) < max_reps and sum(times) < min_s:
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def layer_inputs(hybrid: HybridModel, tokens: int, n_layers: int, device) -> dict[int, torch.Tensor]:
     """The hidden states [1, tokens, D] entering ``n_layers`` evenly spaced MoE layers in a forward of
     random tokens (so the sweep routes as the model does, not as random vectors would)."""
@@ -104,10 +88,12 @@ def layer_inputs(hybrid: HybridModel, tokens: int, n_layers: int, device) -> dic
 def sweep(hybrid: HybridModel, tokens: list[int], inputs: dict[int, torch.Tensor], device) -> dict[int, float]:
     """Seconds per MoE layer of one forward of T tokens (the first T of ``inputs``), averaged over its layers."""
     layers = hybrid.model.moe_layers()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = {}
     with torch.no_grad():
         for T in tokens:
-            out[T] = _timed(lambda: [layers[i](x[:, :T]) for i, x in inputs.items()], device) / len(inputs)
+            out[T] = median_seconds(lambda: [layers[i](x[:, :T]) for i, x in inputs.items()], sync, reps=5,
+                                    budget_s=1.0) / len(inputs)
     return out
 
 
@@ -118,7 +104,7 @@ def _prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def _split_summary(splits) -> dict[str, float]:
     n = max(len(splits), 1)
-    return {name: sum(s.count(c) for s in splits) / n for name, c in (("GG", GG), ("CG", CG), ("CC", CC))}
+    return {name: sum(s.count(c) for s in splits) / n for c, name in enumerate(CLASS_NAMES)}
 
 
 def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, tokens, device) -> dict:
@@ -202,12 +188,9 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = load_config(args.config, args.overrides).model
-    if device.type == "cuda":  # the budget is real: the allocator refuses anything past it
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), torch.cuda.current_device())
+    cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
-    ex = cfg.moe.experts
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
     slots = max(args.prompt_len + args.new_tokens, args.prefill + 1)
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
@@ -233,8 +216,8 @@ def run(args) -> int:
         if args.out:  # what is measured so far survives a timeout
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "partial.json").write_text(json.dumps(results, indent=1))
-    report = {"config": args.config, "overrides": args.overrides, "device": _device_name(device),
-              "gpu_mem_gb": args.gpu_mem_gb, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+    report = {"config": args.config, "overrides": args.overrides, "device": device_info(device),
+              "gpu_mem_gb": args.gpu_mem_gb, "cpu_threads": torch.get_num_threads(),
               "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
@@ -245,9 +228,10 @@ def run(args) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(report, indent=1))
-        save_costs(costs, args.out / "costs.json", device=report["device"], d_model=cfg.d_model, d_ff=ex.d_ff)
+        save_costs(costs, args.out / "costs.json", device=report["device"]["name"], d_model=cfg.d_model,
+                   d_ff=cfg.moe.experts.d_ff)
         plot_sweep(results, args.out / "sweep.png", f"{args.config} {' '.join(args.overrides)} on "
-                   f"{report['device']}, GPU budget {args.gpu_mem_gb:g} GiB")
+                   f"{report['device']['name']}, GPU budget {args.gpu_mem_gb:g} GiB")
         console.print(f"wrote {args.out}/results.json, sweep.png, timelines")
     return 0
 
@@ -273,6 +257,3 @@ def print_table(console: Console, results: list[dict], ratio: dict[str, float]) 
         table.add_row("best fixed / scheinfer", *(f"{ratio[t]:.2f}" for t in sizes), "", "")
     console.print(table)
 
-
-def _device_name(device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

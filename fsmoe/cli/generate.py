@@ -57,6 +57,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--device", args.device, "no CUDA device is visible; use cpu or auto")
 
 
+def pick_device(args: argparse.Namespace) -> torch.device:
+    """--device auto|cpu|cuda (check_args has refused cuda where none is visible)."""
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
 def encode_prompts(args: argparse.Namespace, cfg, converted: bool):
     """(tokenizer, prompts as id lists), every id checked against the model's vocabulary and length."""
     from fsmoe.infer.tokenizer import ByteTokenizer, eos_ids, load_tokenizer
@@ -92,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from fsmoe.infer.model import load_model
 
     check_args(args)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args)
     model, cfg, converted = load_model(args.model, device, getattr(torch, args.dtype))
     tok, prompts = encode_prompts(args, cfg, converted)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.no_cache, tok.eos_ids)

@@ -50,10 +50,10 @@ def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsmoe.cli.generate import check_args, encode_prompts, print_generation
+    from fsmoe.cli.generate import check_args, encode_prompts, pick_device, print_generation
     from fsmoe.infer.generate import Sampling, generate
     from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
-    from fsmoe.infer.hybrid.memory import GiB, kv_cache_bytes, plan_gpu_memory
+    from fsmoe.infer.hybrid.memory import cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
     from fsmoe.infer.hybrid.model import HybridModel, loaded_model
     from fsmoe.infer.hybrid.policies import Policy, parse_policy
 
@@ -61,13 +61,10 @@ def run(args: argparse.Namespace) -> int:
     policy = parse_policy(args.policy)
     if not args.gpu_mem_gb > 0:
         raise ConfigError("--gpu-mem-gb", args.gpu_mem_gb, "must be > 0")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = pick_device(args)
     dtype = getattr(torch, args.dtype)
     console = Console(soft_wrap=True, highlight=False)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_mem_gb * GiB / total), torch.cuda.current_device())
+    cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host, cfg, converted = loaded_model(args.model, device, dtype)
     tok, prompts = encode_prompts(args, cfg, converted)

@@ -11,6 +11,23 @@ from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
 from fsmoe.models.hf.convert import is_hf_dir, load_weights, source_model
 
 
+def materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype, init: bool) -> None:
+    """Allocate a meta-built ``model`` on ``device`` in ``dtype`` (once, in the weights' dtype), with
+    the usual initial weights when ``init``; the RoPE angle tables and a router's expert bias stay
+    float32 whatever the weights' dtype."""
+    model.to(dtype)
+    model.to_empty(device=device)
+    if init:
+        model.reset_parameters()
+    for mod in model.modules():
+        if isinstance(mod, RotaryEmbedding):
+            mod.to(torch.float32)
+            mod.reset_parameters()
+    for layer in model.moe_layers():
+        if hasattr(layer.router, "expert_bias"):
+            layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+
+
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[MoEDecoder, ModelConfig, bool]:
     """(model in eval mode on ``device`` with weights in ``dtype``, its config, whether ``path``
     holds a converted model (so it needs its own tokenizer)). Built on the meta device first, so
@@ -25,15 +42,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Mo
         raise
     with torch.device("meta"):
         model = build_model(cfg, seed=0)
-    model.to(dtype)  # still on meta: the device memory is allocated once, in the weights' dtype
-    model.to_empty(device=device)
-    for mod in model.modules():
-        if isinstance(mod, RotaryEmbedding):  # the angle tables stay float32 whatever the weights' dtype
-            mod.to(torch.float32)
-            mod.reset_parameters()
-    for layer in model.moe_layers():
-        if hasattr(layer.router, "expert_bias"):
-            layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+    materialise(model, device, dtype, init=False)
     load_weights(model, path)
     converted = is_hf_dir(path) or (path / "hf_config.json").is_file()
     return model.eval(), cfg, converted

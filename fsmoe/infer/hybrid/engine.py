@@ -56,10 +56,6 @@ class LayerExperts:
     resident_E: np.ndarray  # [E] bool
     gpu: tuple[Tensor, Tensor | None, Tensor] | None  # [G, D, F], [G, D, F] | None, [G, F, D]
 
-    @property
-    def num_experts(self) -> int:
-        return self.host[0].shape[0]
-
 
 class HostExperts(nn.Module):
     """Stands in for a layer's ``experts`` once the hybrid engine holds the weights (no parameters,
@@ -135,9 +131,6 @@ class StreamBuffers:
         self.cpu_threads = cpu_threads or cpu_expert_threads()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts",
                                        initializer=torch.set_num_threads, initargs=(self.cpu_threads,))
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self.slots for t in s if t is not None)
 
     def stage(self, name: str, n: int, d: int, dtype: torch.dtype) -> Tensor:
         """A reusable host buffer [n, d] (pinned under CUDA), grown as needed."""

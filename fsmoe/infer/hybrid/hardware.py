@@ -38,7 +38,9 @@ def fit_affine(n, t) -> tuple[float, float]:
     return float(fixed), float(per)
 
 
-def _time(fn, sync, reps: int, budget_s: float = 2.0) -> float:
+def median_seconds(fn, sync, reps: int, budget_s: float = 2.0) -> float:
+    """Median seconds of ``fn()`` (then ``sync()``) after one untimed call: ``reps`` calls, fewer
+    once ``budget_s`` has passed (a CPU expert at 4096 tokens takes seconds)."""
     fn()
     sync()
     times = []
@@ -87,9 +89,9 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(cpu_expert_threads(),)) as pool:
-        cpu_t = [pool.submit(_time, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
-        gpu_t = [_time(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
-        stream = _time(copy_next, sync, reps)
+        cpu_t = [pool.submit(median_seconds, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
+        gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
+        stream = median_seconds(copy_next, sync, reps)
         cpu_busy, stream_busy = _contended(pool, host_mlp(1), copy_next, stream, sync) if cuda else (cpu_t[0], stream)
 
     def round_trip(n):
@@ -97,7 +99,7 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
         stage = torch.empty(n, d_model, dtype=dtype, pin_memory=cuda)
         return lambda: x.copy_(stage.copy_(x).to(device, non_blocking=True))
 
-    act_t = [_time(round_trip(n), sync, reps) for n in ACT_TOKENS]
+    act_t = [median_seconds(round_trip(n), sync, reps) for n in ACT_TOKENS]
     cpu_fixed, cpu_per = fit_affine(CPU_TOKENS, cpu_t)
     return LaneCosts(cpu_fixed, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
                      cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream))

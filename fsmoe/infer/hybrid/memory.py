@@ -51,6 +51,15 @@ class GpuMemoryPlan:
                 ("budget", self.budget / GiB)]
 
 
+def cap_gpu_memory(budget_gb: float, device) -> None:
+    """Make the budget real: the caching allocator refuses anything past ``budget_gb`` on ``device``."""
+    import torch
+
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * GiB / total), torch.cuda.current_device())
+
+
 def size(nbytes: float) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
 

@@ -21,7 +21,8 @@ from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy
 from fsmoe.infer.hybrid.residency import resident_experts
-from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
+from fsmoe.infer.model import materialise
+from fsmoe.models import MoEDecoder, build_model
 
 SWITCH_INTERVAL_S = 1e-4
 CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving average
@@ -48,39 +49,18 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
     host-side draw of tens of GB would take minutes)."""
     with torch.device("meta"):
         model = build_model(cfg, seed=seed)
-    shapes = [(layer.experts.num_experts, tuple(w.shape[1:]) if w is not None else None)
-              for layer in model.moe_layers()
-              for w in (layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD)]
-    detach_experts(model, pin=False)
-    _materialise(model, device, dtype)
+    meta = detach_experts(model, pin=False)  # only their shapes are read
+    materialise(model, device, dtype, init=True)
     g = torch.Generator(device=device).manual_seed(seed)
-    host, it = [], iter(shapes)
-    for _ in model.moe_layers():
-        ws = []
-        for E, shape in (next(it), next(it), next(it)):
-            if shape is None:
-                ws.append(None)
-                continue
-            t = torch.empty(E, *shape, dtype=dtype, pin_memory=device.type == "cuda")
-            for e in range(E):
-                t[e].copy_(torch.randn(shape, generator=g, device=device, dtype=torch.float32)
-                           .div_(math.sqrt(shape[0])).to(dtype))
-            ws.append(t)
-        host.append(tuple(ws))
-    return model, host
 
+    def draw(w_meta):
+        t = torch.empty(w_meta.shape, dtype=dtype, pin_memory=device.type == "cuda")
+        for e in range(t.shape[0]):
+            t[e].copy_(torch.randn(t.shape[1:], generator=g, device=device, dtype=torch.float32)
+                       .div_(math.sqrt(t.shape[1])).to(dtype))
+        return t
 
-def _materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype) -> None:
-    model.to(dtype)
-    model.to_empty(device=device)
-    model.reset_parameters()
-    for mod in model.modules():
-        if isinstance(mod, RotaryEmbedding):  # the angle tables stay float32
-            mod.to(torch.float32)
-            mod.reset_parameters()
-    for layer in model.moe_layers():
-        if hasattr(layer.router, "expert_bias"):
-            layer.router.expert_bias.data = layer.router.expert_bias.data.float()
+    return model, [tuple(None if w is None else draw(w) for w in ws) for ws in meta]
 
 
 def loaded_model(path: Path, device: torch.device, dtype: torch.dtype

@@ -88,9 +88,6 @@ class Split:
         """Experts of class ``cls`` that have tokens this forward."""
         return sum(c == cls and n > 0 for c, n in zip(self.classes, self.counts))
 
-    def tokens(self, cls: int) -> int:
-        return sum(n for c, n in zip(self.classes, self.counts) if c == cls)
-
     def active_classes(self) -> set[int]:
         return {c for c, n in zip(self.classes, self.counts) if n > 0}
 
