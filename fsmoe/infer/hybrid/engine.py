@@ -24,6 +24,7 @@ the numbers there); the lanes then do not overlap.
 """
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from fsmoe.experts import reference_mlp
 from fsmoe.infer.hybrid.partition import CC, GG, Split
 
+SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
 FEW_EXPERTS = 4  # at most this many resident experts with tokens: run them one by one
 
 
@@ -126,11 +128,16 @@ class StreamBuffers:
         self.returned = torch.cuda.Event() if self.cuda else None  # the last CC outputs are on the GPU
         self.returned_pending = False
         self.staging: dict[str, Tensor] = {}
-        # One worker; its intra-op pool leaves a core to the thread that issues the GPU work (with
-        # every core busy in the GEMMs, that thread's launches and the OpenMP barriers stall each other).
+        # "worker": one thread; its intra-op pool leaves a core to the thread that issues the GPU work
+        # (with every core busy in the GEMMs, that thread's launches and the OpenMP barriers stall
+        # each other). The two hand the GIL to each other between ops; at Python's default 5 ms
+        # switch interval a handoff can stall a layer for milliseconds.
         self.cpu_threads = cpu_threads or cpu_expert_threads()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts",
-                                       initializer=torch.set_num_threads, initargs=(self.cpu_threads,))
+        self.pool = None
+        if cpu_lane == "worker":
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts",
+                                           initializer=torch.set_num_threads, initargs=(self.cpu_threads,))
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def stage(self, name: str, n: int, d: int, dtype: torch.dtype) -> Tensor:
         """A reusable host buffer [n, d] (pinned under CUDA), grown as needed."""

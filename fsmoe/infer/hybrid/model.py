@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ from fsmoe.infer.hybrid.residency import resident_experts
 from fsmoe.infer.model import materialise
 from fsmoe.models import MoEDecoder, build_model
 
-SWITCH_INTERVAL_S = 1e-4
 CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving average
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
@@ -102,9 +100,6 @@ class HybridModel:
                           for i, w in enumerate(host)]
         for layer, ex in zip(model.moe_layers(), self.executors):
             layer.executor = ex
-        # The CPU worker and the thread issuing GPU work hand the GIL to each other between ops;
-        # at Python's default 5 ms switch interval a handoff can stall a layer for milliseconds.
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def place(self, policy: Policy, hot_LE=None) -> np.ndarray:
         """Make ``policy`` current: choose its resident experts from ``hot_LE`` (default: the
