@@ -8,8 +8,11 @@
 #                    .peers/llama.cpp.tgz (carry it: llama.cpp's source, trimmed of models, docs, tests and
 #                    other backends), writes random bf16 weights as GGUF (scripts/write_gguf.py GGUF_ARGS,
 #                    e.g. --config qwen3-30b-a3b --set model.n_layers=24), and runs llama-bench with every
-#                    layer on the GPU but the experts of the first N_CPU_MOE layers (--n-cpu-moe; all
-#                    layers = `-ot exps=CPU`), prefill 512 and decode 16 tokens -> OUT/NAME_llamacpp.json
+#                    layer on the GPU but the experts of the first N_CPU_MOE layers (--n-cpu-moe, a
+#                    comma-separated list runs each; all layers = `-ot exps=CPU`), prefill 512 and
+#                    decode 16 tokens -> OUT/NAME_llamacpp.json. The stripped static build comes back as
+#                    OUT/llama-bench.tar.xz.NN; copied to .peers/ and carried, it is used instead of
+#                    building again.
 #
 # Usage: bash scripts/device_infer.sh OUT_DIR PART ARGS...   (PYTHON=python3 by default)
 set -uo pipefail
@@ -33,16 +36,26 @@ case "$PART" in
   llamacpp)
     name=$1 ncpumoe=$2
     shift 2
-    src=/tmp/llama.cpp
-    if [ ! -x "$src/build/bin/llama-bench" ]; then
-      rm -rf "$src" && tar xzf .peers/llama.cpp.tgz -C /tmp || exit 1
-      cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF > "$OUT/${name}_cmake.log" 2>&1 &&
-        cmake --build "$src/build" --target llama-bench -j "$(nproc)" > "$OUT/${name}_build.log" 2>&1 || {
-          tail -20 "$OUT/${name}_build.log"; exit 1; }
+    bin=/tmp/llama.cpp/build/bin/llama-bench
+    if ls .peers/llama-bench.tar.xz.* > /dev/null 2>&1; then  # built by an earlier call (it came back in OUT)
+      cat .peers/llama-bench.tar.xz.* | tar xJf - -C / || exit 1
     fi
-    "$PY" scripts/write_gguf.py /tmp/model.gguf "$@" || exit 1
-    "$src/build/bin/llama-bench" -m /tmp/model.gguf -ngl 99 --n-cpu-moe "$ncpumoe" -p 512 -n 16 \
+    # the weights are written while llama-bench builds (one on the GPU and the disk, one on the cores)
+    "$PY" scripts/write_gguf.py /tmp/model.gguf "$@" > "$OUT/${name}_gguf.log" 2>&1 &
+    gguf=$!
+    if [ ! -x "$bin" ]; then
+      src=/tmp/llama.cpp
+      rm -rf "$src" && tar xzf .peers/llama.cpp.tgz -C /tmp || exit 1
+      cmake -S "$src" -B "$src/build" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DBUILD_SHARED_LIBS=OFF \
+        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+        > "$OUT/${name}_build.log" 2>&1 &&
+        cmake --build "$src/build" --target llama-bench -j "$(nproc)" >> "$OUT/${name}_build.log" 2>&1 || {
+          tail -20 "$OUT/${name}_build.log"; exit 1; }
+      # in parts of 15 MiB: files come back from the GPU machine up to 16 MiB each
+      strip "$bin" && tar cf - "$bin" | xz -T0 -6 | split -b 15m -d - "$OUT/llama-bench.tar.xz." && ls -la "$OUT"
+    fi
+    wait $gguf || { tail -5 "$OUT/${name}_gguf.log"; exit 1; }
+    "$bin" -m /tmp/model.gguf -ngl 99 --n-cpu-moe "$ncpumoe" -p 512 -n 16 -r 3 \
       -t "$(( $(nproc) - 1 ))" -o json > "$OUT/${name}_llamacpp.json" 2> "$OUT/${name}_llamacpp.log"
     tail -5 "$OUT/${name}_llamacpp.log"
     rm -f /tmp/model.gguf

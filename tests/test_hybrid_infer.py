@@ -47,7 +47,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt"])
-@pytest.mark.parametrize("policy", ["scheinfer", "llamacpp", "fiddler", "stream", "static:0.5", "gpu"])
+@pytest.mark.parametrize("policy", ["scheinfer", "model", "llamacpp", "fiddler", "stream", "static:0.5", "gpu"])
 def test_every_policy_generates_the_plain_models_tokens(arch, policy):
     cfg = tiny(arch, moe_every=1 if arch == "llama" else 2)
     plain, hybrid = plain_and_hybrid(cfg, slots=5)
@@ -225,6 +225,38 @@ def test_the_cpu_lane_is_refitted_from_what_the_forwards_measure():
     assert hybrid.costs.stream == COSTS.stream
 
 
+def test_the_race_times_each_candidate_then_keeps_the_fastest_and_retries_the_runner_up():
+    from fsmoe.infer.hybrid.race import MIN_SAMPLES, RETRY, SplitRace
+
+    race, now = SplitRace(), 0.0
+    took = {"model": 3.0, "stream": 1.0, "cpu": 2.0}  # the model's own split is the slowest here
+    predicted = {"model": 1.0, "stream": 1.5, "cpu": 5.0}  # cpu priced past RACE_WITHIN: never raced
+    picks = []
+    for forward in range(40):
+        for layer in range(4):
+            pick = race.pick(layer, 1, now, predicted.__getitem__)
+            picks.append(pick)
+            now += took[pick]
+        now += 100.0  # between forwards: not charged to the last layer
+    assert set(picks[:2 * MIN_SAMPLES]) == {"model", "stream"} and "cpu" not in picks
+    bucket = race.buckets[1]
+    assert bucket.tallies["model"].mean == pytest.approx(3.0) and bucket.tallies["stream"].mean == pytest.approx(1.0)
+    assert race.summary() == {"1": {"model": 3000.0, "stream": 1000.0}}
+    later = picks[4 * MIN_SAMPLES:]
+    assert later.count("model") == sum(1 for t in range(4 * MIN_SAMPLES + 1, len(picks) + 1) if t % RETRY == 0)
+    assert race.pick(0, 512, now, predicted.__getitem__) == "model"  # another size is raced afresh
+
+
+def test_scheinfer_races_its_split_and_the_model_policy_does_not():
+    _, hybrid = plain_and_hybrid(tiny(), slots=4)
+    hybrid.place(parse_policy("scheinfer"), hot_LE=np.arange(18).reshape(3, 6))
+    generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6))
+    timed = hybrid.race.summary()
+    assert timed and all(timed.values())  # consecutive MoE layers were timed in every size seen
+    hybrid.place(parse_policy("model"))
+    assert hybrid.race is None
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -286,7 +318,8 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
     import json
 
     report = json.loads((out / "results.json").read_text())
-    assert [r["policy"] for r in report["results"]][:2] == ["scheinfer", "llamacpp"]
+    assert [r["policy"] for r in report["results"]][:3] == ["scheinfer", "model", "llamacpp"]
+    assert report["results"][0]["race_ms_per_layer"]
     assert set(report["adaptive_vs_fixed"]) == {"1", "8"}
     for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png"):
         assert (out / name).is_file(), name

@@ -33,7 +33,7 @@ from fsmoe.infer.hybrid.partition import CLASS_NAMES
 from fsmoe.infer.hybrid.policies import Policy, parse_policy
 from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share
 
-DEFAULT_POLICIES = "scheinfer,llamacpp,fiddler,stream,static:0.25,static:0.5,static:0.75"
+DEFAULT_POLICIES = "scheinfer,model,llamacpp,fiddler,stream,static:0.25,static:0.5,static:0.75"
 FIXED = ("fiddler", "stream", "static:")  # the "all CC, all CG, best static split" the adaptive split must match
 
 
@@ -126,6 +126,8 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
     res["cpu_scale"] = hybrid.cpu_scale  # the online refit's measured/modelled CPU lane so far
+    if hybrid.race is not None:  # per forward size, the ms per layer each raced candidate took
+        res["race_ms_per_layer"] = hybrid.race.summary()
     return res
 
 

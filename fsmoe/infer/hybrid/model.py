@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,8 @@ from fsmoe.config import ModelConfig
 from fsmoe.infer.hybrid.engine import HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
-from fsmoe.infer.hybrid.policies import Policy
+from fsmoe.infer.hybrid.policies import Policy, candidate_split
+from fsmoe.infer.hybrid.race import SplitRace
 from fsmoe.infer.hybrid.residency import resident_experts
 from fsmoe.infer.model import materialise
 from fsmoe.models import MoEDecoder, build_model
@@ -89,6 +91,7 @@ class HybridModel:
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None
+        self.race: SplitRace | None = None  # the adaptive split's check against the clock, per placement
         self.recorder: Recorder | None = None
         self.keep_splits = keep_splits  # keep every split chosen (reports; off for long generations)
         self.splits: list[Split] = []
@@ -117,6 +120,7 @@ class HybridModel:
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
         self.policy = policy
+        self.race = SplitRace() if policy.race else None
         self._hot_for_policy = hot
         return resident
 
@@ -131,7 +135,18 @@ class HybridModel:
 
     def _choose(self, index: int, counts: list[int], resident_E: np.ndarray, num_tokens: int) -> Split:
         self.hot_LE[index] += counts
-        split = self.policy.split(counts, resident_E, self.costs, num_tokens, self._hot_for_policy[index])
+        if self.race is None:
+            split = self.policy.split(counts, resident_E, self.costs, num_tokens, self._hot_for_policy[index])
+        else:
+            now = time.perf_counter()  # just after this layer's token-count sync
+            memo: dict[str, Split] = {}
+
+            def candidate(name: str) -> Split:
+                if name not in memo:
+                    memo[name] = candidate_split(name, counts, resident_E, self.costs)
+                return memo[name]
+
+            split = candidate(self.race.pick(index, num_tokens, now, lambda c: candidate(c).predicted_s))
         if self.keep_splits:
             self.splits.append(split)
         return split

@@ -3,7 +3,9 @@
 ========== =================================================== =========================================
 policy     resident on the GPU                                 the other experts, per layer and forward
 ========== =================================================== =========================================
-scheinfer  the hottest experts that fit                        CC or CG chosen by the lane model
+scheinfer  the hottest experts that fit                        CC or CG chosen by the lane model, checked
+                                                               against the clock (:mod:`.race`)
+model      the hottest experts that fit                        CC or CG chosen by the lane model alone
 llamacpp   whole layers, the last ones first (--n-cpu-moe)     CPU; the layer's whole expert tensor is
                                                                streamed when the batch has >= 32 tokens
 fiddler    the hottest experts that fit                        CC (the activations go to the CPU)
@@ -22,7 +24,7 @@ import numpy as np
 from fsmoe.config import ConfigError
 from fsmoe.infer.hybrid.partition import LaneCosts, Split, best_split, forced_split
 
-POLICY_NAMES = ("scheinfer", "llamacpp", "fiddler", "stream", "static:Q", "gpu")
+POLICY_NAMES = ("scheinfer", "model", "llamacpp", "fiddler", "stream", "static:Q", "gpu")
 LLAMACPP_MIN_BATCH = 32  # llama.cpp's CUDA backend takes over a CPU-held op from this many tokens
 
 
@@ -32,18 +34,15 @@ class Policy:
     residency: str  # fsmoe.infer.hybrid.residency granularity
     rule: str  # adaptive | cpu | stream | threshold | static
     share: float = 0.0  # static: share of the non-resident experts streamed
+    race: bool = False  # adaptive: race the model's split against all-CG and all-CC (fsmoe.infer.hybrid.race)
 
     def split(self, counts_E, resident_E, costs: LaneCosts, num_tokens: int, hot_E) -> Split:
         """counts_E [E] tokens per expert this forward, resident_E [E] bool, hot_E [E] recorded
         frequencies of this layer."""
         counts_E = np.asarray(counts_E)
         nonres = ~np.asarray(resident_E, dtype=bool)
-        if self.rule == "adaptive":
-            return best_split(counts_E, resident_E, costs)
-        if self.rule == "cpu":
-            return forced_split(counts_E, resident_E, costs, np.zeros_like(nonres))
-        if self.rule == "stream":
-            return forced_split(counts_E, resident_E, costs, nonres)
+        if self.rule in ("adaptive", "stream", "cpu"):
+            return candidate_split({"adaptive": "model"}.get(self.rule, self.rule), counts_E, resident_E, costs)
         if self.rule == "threshold":
             big = num_tokens >= LLAMACPP_MIN_BATCH
             return forced_split(counts_E, resident_E, costs, nonres & big, stream_idle=True)
@@ -56,9 +55,18 @@ class Policy:
         raise AssertionError(self.rule)
 
 
+def candidate_split(name: str, counts_E, resident_E, costs: LaneCosts) -> Split:
+    """``model``: the lane model's split; ``stream``: every non-resident expert CG; ``cpu``: every one CC."""
+    if name == "model":
+        return best_split(counts_E, resident_E, costs)
+    nonres = ~np.asarray(resident_E, dtype=bool)
+    return forced_split(counts_E, resident_E, costs, nonres if name == "stream" else np.zeros_like(nonres))
+
+
 def parse_policy(name: str) -> Policy:
     """A policy from its name (see the table above); a bad name is a ConfigError naming the allowed ones."""
-    fixed = {"scheinfer": Policy("scheinfer", "expert", "adaptive"),
+    fixed = {"scheinfer": Policy("scheinfer", "expert", "adaptive", race=True),
+             "model": Policy("model", "expert", "adaptive"),
              "llamacpp": Policy("llamacpp", "layer", "threshold"),
              "fiddler": Policy("fiddler", "expert", "cpu"),
              "stream": Policy("stream", "expert", "stream"),

@@ -1,0 +1,71 @@
+"""How fast can this machine's CPU run one routed expert's MLP for a few tokens (a decode step)?
+
+Times the ways torch can compute a SwiGLU expert on the CPU in bf16 over many experts in turn
+(so the weights come from DRAM, as in a forward), at 1, 4 and 32 tokens, and reports the effective
+weight bandwidth (GB/s). The hybrid engine's CPU lane is only as fast as the best of these.
+
+    python benchmarks/cpu_expert_kernels.py [--d 2048 --f 768 --experts 96 --threads 15]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_kn(x, w1, w3, w2):  # weights [D, F], [D, F], [F, D] (the engine's layout)
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
+def swiglu_nk(x, w1, w3, w2):  # weights [F, D], [F, D], [D, F] (nn.Linear's layout)
+    return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+
+
+def swiglu_fused_nk(x, w13, w2):  # gate and up stacked [2F, D]: one GEMM reads both
+    h = F.linear(x, w13)
+    g, u = h.chunk(2, dim=-1)
+    return F.linear(F.silu(g) * u, w2)
+
+
+def bench(fn, weights, x, reps: int) -> float:
+    E = len(weights)
+    for e in range(min(E, 8)):
+        fn(x, *weights[e])
+    t0 = time.perf_counter()
+    for i in range(reps):
+        fn(x, *weights[i % E])
+    return (time.perf_counter() - t0) / reps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d", type=int, default=2048)
+    p.add_argument("--f", type=int, default=768)
+    p.add_argument("--experts", type=int, default=96)
+    p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1))
+    p.add_argument("--reps", type=int, default=200)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    D, Fd, E = args.d, args.f, args.experts
+    print(f"torch {torch.__version__}, {args.threads} threads, expert D={D} F={Fd}, {E} experts in turn; "
+          f"mkldnn bf16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    g = torch.Generator().manual_seed(0)
+    kn = [(torch.randn(D, Fd, generator=g).bfloat16(), torch.randn(D, Fd, generator=g).bfloat16(),
+           torch.randn(Fd, D, generator=g).bfloat16()) for _ in range(E)]
+    nk = [(a.t().contiguous(), b.t().contiguous(), c.t().contiguous()) for a, b, c in kn]
+    fused = [(torch.cat([a, b]), c) for a, b, c in nk]
+    nbytes = 3 * D * Fd * 2
+    for n in (1, 4, 32):
+        x = torch.randn(n, D, generator=g).bfloat16()
+        ref = swiglu_kn(x, *kn[0]).float()
+        for name, fn, w in (("x @ W [D,F]", swiglu_kn, kn), ("linear W [F,D]", swiglu_nk, nk),
+                            ("linear, gate+up stacked", swiglu_fused_nk, fused)):
+            err = (fn(x, *w[0]).float() - ref).abs().max().item() / ref.abs().max().item()
+            s = bench(fn, w, x, args.reps)
+            print(f"  n={n:3d} {name:26s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s  rel err {err:.1e}")
+
+
+if __name__ == "__main__":
+    main()

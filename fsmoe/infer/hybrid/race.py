@@ -1,0 +1,88 @@
+"""The lane model's split checked against the clock.
+
+The lane model (:mod:`.partition`) prices each lane from costs measured one expert at a time. A
+whole forward adds what those measurements do not see: the CPU rows' synchronous trip to the host,
+a second Python thread trading the GIL with the one issuing GPU work, the layer's other kernels
+queued behind its copies. On an H200 host a one-token CPU expert took 1.1 ms inside a decode
+forward against 0.42 ms alone, and the model's decode split ran slower than streaming everything.
+
+So the adaptive policy races its own split against the plain alternatives the model prices within
+``RACE_WITHIN`` of it (every non-resident expert streamed; every one on the CPU), separately for
+each forward size (buckets of powers of two tokens):
+
+* a MoE layer's time is the wall time from its token-count sync to the next MoE layer's (the same
+  forward: the next layer's attention is in every candidate's time alike) and is charged to the
+  candidate the layer ran;
+* each candidate runs until it has ``MIN_SAMPLES`` times (layers take turns, the model first);
+* then the fastest mean runs, and every ``RETRY``-th layer of the bucket re-times the runner-up, so
+  a machine that changes (another process on the cores) is noticed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CANDIDATES = ("model", "stream", "cpu")
+RACE_WITHIN = 2.0  # race an alternative the model prices at most this many times its own split
+MIN_SAMPLES = 3
+RETRY = 32
+EMA = 0.1  # weight of the newest time once a candidate has 1/EMA samples
+
+
+@dataclass
+class Tally:
+    n: int = 0
+    mean: float = 0.0  # seconds per layer (running mean, then moving average)
+
+    def add(self, seconds: float) -> None:
+        self.n += 1
+        self.mean += max(1.0 / self.n, EMA) * (seconds - self.mean)
+
+
+@dataclass
+class Bucket:
+    candidates: tuple[str, ...]  # "model" first
+    tallies: dict[str, Tally] = field(default_factory=dict)
+    turns: int = 0
+
+    def winner(self) -> str | None:
+        """The fastest candidate, once every one has been timed enough."""
+        if any(self.tallies.get(c, Tally()).n < MIN_SAMPLES for c in self.candidates):
+            return None
+        return min(self.candidates, key=lambda c: self.tallies[c].mean)
+
+
+class SplitRace:
+    """``pick(layer, tokens, now, predict)`` -> the candidate this layer runs. ``predict(name)`` gives
+    the model's predicted seconds of a candidate; it is called only on a bucket's first forward."""
+
+    def __init__(self):
+        self.buckets: dict[int, Bucket] = {}
+        self._last: tuple[int, float, int, str] | None = None  # layer, time of its sync, bucket, candidate
+
+    def pick(self, layer: int, tokens: int, now: float, predict) -> str:
+        if self._last is not None and self._last[0] == layer - 1:  # the previous MoE layer of this forward
+            _, then, b, cand = self._last
+            self.buckets[b].tallies.setdefault(cand, Tally()).add(now - then)
+        key = max(int(tokens), 1).bit_length()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            best = predict("model")
+            bucket = self.buckets[key] = Bucket(tuple(c for c in CANDIDATES
+                                                      if c == "model" or predict(c) <= RACE_WITHIN * best))
+        bucket.turns += 1
+        choice = self._choose(bucket)
+        self._last = (layer, now, key, choice)
+        return choice
+
+    @staticmethod
+    def _choose(bucket: Bucket) -> str:
+        short = [c for c in bucket.candidates if bucket.tallies.get(c, Tally()).n < MIN_SAMPLES]
+        if short:
+            return min(short, key=lambda c: bucket.tallies.get(c, Tally()).n)  # ties: the model first
+        ranked = sorted(bucket.candidates, key=lambda c: bucket.tallies[c].mean)
+        return ranked[1] if len(ranked) > 1 and bucket.turns % RETRY == 0 else ranked[0]
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per bucket (its smallest token count): the mean ms per layer of each candidate timed."""
+        return {str(1 << (k - 1)): {c: round(t.mean * 1e3, 3) for c, t in b.tallies.items()}
+                for k, b in sorted(self.buckets.items())}
