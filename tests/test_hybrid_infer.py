@@ -320,11 +320,14 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
     report = json.loads((out / "results.json").read_text())
     assert [r["policy"] for r in report["results"]][:3] == ["scheinfer", "model", "llamacpp"]
     assert report["results"][0]["race_ms_per_layer"]
+    assert all(len(r["decode_runs"]) == 3 and len(r["prefill_runs"]) == 3 for r in report["results"])
     assert set(report["adaptive_vs_fixed"]) == {"1", "8"}
     for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png"):
         assert (out / name).is_file(), name
     assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "0,x", "--device", "cpu"]) == 2
     assert "--tokens" in capsys.readouterr().err
+    assert cli.main(["bench", "infer", "--config", "tiny", "--repeats", "0", "--device", "cpu"]) == 2
+    assert "--repeats" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset, arch", [("qwen3-30b-a3b", "qwen3moe"), ("mixtral-8x7b", "llama")])
