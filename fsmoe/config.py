@@ -339,7 +339,8 @@ class ParallelConfig:
     # What is split over the data-parallel replicas (fsmoe.parallel.zero, docs/memory.md): "none" keeps
     # AdamW's moments for every parameter on every rank; "optimizer" (ZeRO-1/2) splits them, the
     # fp32 weight slices they update and the gradients (reduce-scattered) over each parameter's
-    # replica group (dp; edp for routed experts).
+    # replica group (dp; edp for routed experts); "full" (ZeRO-3) splits the blocks' weights too,
+    # gathered for each block's forward and backward and freed after (fsmoe.parallel.zero3).
     shard: str = "none"
 
     @property
@@ -423,10 +424,14 @@ class ParallelConfig:
         _check(self.expert_swap_every == 0, f"{prefix}.shard", self.shard,
                f"expert swaps ({prefix}.expert_swap_every={self.expert_swap_every}) need the whole optimizer "
                f"state on each rank; use {prefix}.shard='none' or {prefix}.expert_swap_every=0")
+        if self.shard == "full":
+            _check(self.schedule == "default", f"{prefix}.shard", self.shard,
+                   f"frees weights the pipelined schedule ({prefix}.schedule={self.schedule!r}) reads on its own "
+                   f"lanes; use {prefix}.shard='optimizer' or {prefix}.schedule='default'")
 
 
 PLACEMENTS = ("static", "flexmoe", "eplb")
-SHARD_MODES = ("none", "optimizer")
+SHARD_MODES = ("none", "optimizer", "full")
 
 
 @dataclass

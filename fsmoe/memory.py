@@ -84,6 +84,7 @@ class ParamCounts:
     experts: int  # routed experts: split over ep x esp
     column_parallel: int = 0  # of split_by_mp, those split along their first dim (q/k/v, w1/w3)
     summed_over_world: int = 0  # of replicated, the router and shared experts (gradients summed over the world)
+    outside_blocks: int = 0  # of replicated, what is not in a block: embeddings, final norm, head
 
     @staticmethod
     def of(model_cfg) -> "ParamCounts":
@@ -92,9 +93,11 @@ class ParamCounts:
 
         with torch.device("meta"):
             model = build_model(model_cfg, seed=0)
-        split = repl = experts = column = world = 0
+        split = repl = experts = column = world = outside = 0
         for name, p in model.named_parameters():
             n = p.numel()
+            if not name.startswith("layers."):
+                outside += n
             if ".router" in name or ".shared" in name:
                 world += n
             if ".experts." in name and ".shared" not in name:
@@ -106,7 +109,7 @@ class ParamCounts:
                     column += n
             else:
                 repl += n
-        return ParamCounts(split, repl, experts, column, world)
+        return ParamCounts(split, repl, experts, column, world, outside)
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,8 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     experts = counts.experts / (par.ep * par.esp)
     params = dense + experts
     states = {"weights": 4 * params, "optimizer": _optimizer_bytes(counts, par, dense, experts)}
+    if par.shard == "full":  # the blocks' weights as slices, whole only while a block runs
+        states["weights"], states["gathered blocks"] = _sharded_weight_bytes(counts, m, par, dense, experts)
     forward = dict(states)
     forward["activations"] = _activation_bytes(m, par, t, tokens, act, imbalance)
     # autocast's bf16 copy of every matrix a matmul uses is saved with the activations (the
@@ -219,7 +224,7 @@ def plan_memory(cfg, *, batch_per_gpu: int | None = None, imbalance: float = 1.0
     forward["logits"] = head_in + tokens * m.vocab_size * (act + 12)
     step = dict(states)
     step["gradients"] = 4 * params
-    if par.shard == "optimizer":  # reduce-scattered into slices (fsmoe.parallel.zero_grads)
+    if par.shard in ("optimizer", "full"):  # reduce-scattered into slices (fsmoe.parallel.zero_grads)
         step["gradients"], step["communication buffers"] = _sliced_gradient_bytes(counts, par, dense, experts)
     elif par.world // (par.ep * par.esp) > 1:  # the experts' AllReduce copies a chunk of them (sync_grads)
         from fsmoe.parallel.grads import FLAT_ELEMENTS
@@ -242,14 +247,31 @@ def _sliced_gradient_bytes(counts: ParamCounts, par, dense: float, experts: floa
     return 4 * (sliced + whole), 4 * min(IN_FLIGHT * BUCKET_ELEMENTS, largest)
 
 
+def _sharded_weight_bytes(counts: ParamCounts, m, par, dense: float, experts: float) -> tuple[float, float]:
+    """``shard = "full"`` (fsmoe.parallel.zero3): the fp32 weights a rank holds between uses (the
+    embeddings, final norm and head whole, beside their slices; every block's slices: dense over
+    dp, experts over edp), and the whole weights of the blocks in flight (the one running and the
+    ``GATHER_AHEAD`` gathered ahead of it, the largest blocks)."""
+    from fsmoe.parallel.zero import GATHER_AHEAD
+
+    edp = par.world // (par.ep * par.esp)
+    outside = counts.outside_blocks
+    held = outside + dense / par.dp + experts / edp  # the parts outside blocks: whole and a slice
+    moe_layers = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    block = (dense - outside) / m.n_layers + (experts / moe_layers if moe_layers else 0.0)
+    return 4 * held, 4 * (1 + GATHER_AHEAD) * block
+
+
 def _optimizer_bytes(counts: ParamCounts, par, dense: float, experts: float) -> float:
     """AdamW's two fp32 moments per parameter held; ``shard = "optimizer"`` splits them over dp
     (edp for the experts) and keeps the weights of the slices that do not lie along the first
     dimension (experts split by ep, q/k/v and w1/w3 by mp) in a buffer of their own
     (fsmoe.parallel.zero)."""
-    if par.shard != "optimizer":
+    if par.shard == "none":
         return 8 * (dense + experts)
     edp = par.world // (par.ep * par.esp)
+    if par.shard == "full":  # every slice has its own buffer, counted as the weights
+        return 8 * dense / par.dp + 8 * experts / edp
     copied_experts = experts if par.ep > 1 and edp > 1 else 0.0  # edp 1: nothing to split, no copy
     copied_dense = counts.column_parallel / par.mp if par.mp > 1 and par.dp > 1 else 0.0
     return (8 * dense + 4 * copied_dense) / par.dp + (8 * experts + 4 * copied_experts) / edp

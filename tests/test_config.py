@@ -179,9 +179,15 @@ def test_placement_policies_refuse_the_hierarchical_dispatchers():
                                  f"model.moe.dispatcher={dispatcher}"])
 
 
+def test_sharded_weights_refuse_the_pipelined_schedule():
+    with pytest.raises(ConfigError, match=r"parallel\.shard.*schedule='fsmoe'"):
+        load_config("tiny", ["parallel.dp=2", "parallel.ep=2", "parallel.shard=full", "parallel.schedule=fsmoe"])
+
+
 def test_shard_modes_are_checked_by_name_and_against_moving_experts():
     assert load_config("tiny", ["parallel.dp=2", "parallel.shard=optimizer"]).parallel.shard == "optimizer"
-    with pytest.raises(ConfigError, match=r"parallel\.shard.*allowed values are \['none', 'optimizer'\]"):
+    assert load_config("tiny", ["parallel.dp=2", "parallel.shard=full"]).parallel.shard == "full"
+    with pytest.raises(ConfigError, match=r"parallel\.shard.*allowed values are \['full', 'none', 'optimizer'\]"):
         load_config("tiny", ["parallel.shard=zero3"])
     with pytest.raises(ConfigError, match=r"parallel\.shard.*placement='flexmoe'"):
         load_config("tiny", ["parallel.dp=4", "parallel.ep=4", "parallel.placement=flexmoe", "parallel.shard=optimizer"])

@@ -86,14 +86,15 @@ def test_ctrl_c_under_nproc_stops_every_worker_with_one_line(tmp_path):
 
 def test_sharded_optimizer_state_follows_one_process_and_resumes_across_layouts(tmp_path):
     """``parallel.shard=optimizer`` (AdamW state split over the replicas): the same curve as one
-    process, checkpointed at EP2 (experts' state whole: edp 1) and resumed at DP4 x EP2 (edp 2),
-    then continued with the state whole again."""
+    process, checkpointed at EP2 (experts' state whole: edp 1), resumed at DP4 x EP2 (edp 2) with
+    the blocks' weights split too (``shard=full``), then continued with the state whole again."""
     fsmoe_train(tmp_path / "one", "--nproc", "1", "--steps", "9")
     ref = losses(tmp_path / "one")
     run = tmp_path / "sharded"
     first = fsmoe_train(run, "--nproc", "2", "--ep", "2", "--steps", "3", "--shard", "optimizer")
     assert "optimizer state split over replicas" in first.stdout
-    fsmoe_train(run, "--resume", "--nproc", "4", "--ep", "2", "--steps", "6", "--set", "parallel.shard=optimizer")
+    middle = fsmoe_train(run, "--resume", "--nproc", "4", "--ep", "2", "--steps", "6", "--shard", "full")
+    assert "parallel.shard=full" in middle.stdout
     last = fsmoe_train(run, "--resume", "--nproc", "2", "--ep", "2", "--steps", "9")  # the layout's flags only
     assert "optimizer state split" not in last.stdout
     assert_same_curve(losses(run), ref)

@@ -84,9 +84,15 @@ def batches(steps: int):
 
 
 def optimizer(model: nn.Module, groups: ParallelGroups | None = None, shard: str = "none"):
-    """AdamW; ``shard="optimizer"``: its state split over the replica groups (fsmoe.parallel.zero)."""
-    if shard == "optimizer":
-        return ZeroAdamW([{"params": list(model.parameters())}], groups, lr=1e-2, weight_decay=0.1)
+    """AdamW; ``shard="optimizer"``: its state split over the replica groups (fsmoe.parallel.zero);
+    ``"full"``: the blocks' weights too, gathered around each use (fsmoe.parallel.zero3), with the
+    trainer's hooks (gathers one block ahead)."""
+    if shard in ("optimizer", "full"):
+        opt = ZeroAdamW([{"params": list(model.parameters())}], groups, lr=1e-2, weight_decay=0.1,
+                        weights_of=model if shard == "full" else None)
+        if shard == "full":
+            opt.overlap_with(model)
+        return opt
     return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
 
 
@@ -128,13 +134,17 @@ def shard_hashes(model, groups) -> dict[str, str]:
 
 
 def check_layout(par: dict, kind: str, steps: int = 3, factory: bool = False, rs_impl: str | None = None,
-                 max_norm: float = 0.05, shard: str = "none") -> dict:
-    """Train reference and layout side by side; returns the largest error of each quantity."""
+                 max_norm: float = 0.05, shard: str = "none", recompute: str = "none") -> dict:
+    """Train reference and layout side by side; returns the largest error of each quantity.
+    ``recompute``: train.activation_checkpointing of the layout's model."""
+    from fsmoe.recompute import configure_recompute
+
     cfg = model_cfg(kind)
     groups = build_groups(ParallelConfig(**par))
     ref = build_model(cfg, seed=3)
     built = build_model(cfg, moe_layer_factory(groups, rs_impl), seed=3) if factory else build_model(cfg, seed=3)
     model = parallelize(built, groups, rs_impl)
+    configure_recompute(model, recompute)
     ref_opt, opt = optimizer(ref), optimizer(model, groups, shard)
     rs = grad_slicer(opt)
     rows = slice(groups.dp_rank * B // groups.dp, (groups.dp_rank + 1) * B // groups.dp)
@@ -151,6 +161,8 @@ def check_layout(par: dict, kind: str, steps: int = 3, factory: bool = False, rs
             if rs is not None and id(p) in rs.params:  # this rank's slice of it
                 expect = opt.entries[id(p)].of(expect)
             err["grad"] = max(err["grad"], (grads[name] - expect).abs().max().item())
+    if isinstance(opt, ZeroAdamW):
+        opt.finish_gathers()  # freed weights (shard = "full") gathered to be read
     ref_params = dict(ref.named_parameters())
     for name, p in model.named_parameters():
         expect = get_sharding(p).shard_of(ref_params[name].detach(), groups)
@@ -219,6 +231,7 @@ def global_state(model, opt, groups) -> dict:
 
     meshes = Meshes.build(groups)
     if isinstance(opt, ZeroAdamW):
+        opt.finish_gathers()  # the weights whole (shard = "full" frees them between uses)
         names = {id(p): n for n, p in model.named_parameters()}
         state = {"model": get_model_state_dict(model), "optim": opt.fqn_state_dict(names)}
         return to_global_state(state, model, groups, meshes, opt.zero_slices(names))
@@ -275,9 +288,13 @@ def load_checkpoint(par: dict, path: str, shard: str = "none") -> dict:
 
 
 def _world2(rank, world, ckpt):
-    saved, sharded = ckpt
+    saved, sharded, full = ckpt
     return {
         "EP2, sharded optimizer state": check_layout({"dp": 2, "ep": 2}, "deepseek", shard="optimizer"),
+        "EP2, sharded weights": check_layout({"dp": 2, "ep": 2}, "deepseek", shard="full"),
+        "DP2, sharded weights, blocks recomputed": check_layout({"dp": 2}, "gpt", shard="full", recompute="full"),
+        "load EP2 sharded weights <- EP4": load_checkpoint({"dp": 2, "ep": 2}, saved, shard="full"),
+        "load EP2 sharded <- EP4 sharded weights": load_checkpoint({"dp": 2, "ep": 2}, full, shard="optimizer"),
         "load EP2 sharded <- EP4": load_checkpoint({"dp": 2, "ep": 2}, saved, shard="optimizer"),
         "load EP2 <- EP4 sharded": load_checkpoint({"dp": 2, "ep": 2}, sharded),
         "DP2": check_layout({"dp": 2}, "gpt"),
@@ -291,10 +308,13 @@ def _world2(rank, world, ckpt):
 
 
 def _world4(rank, world, ckpt):
-    saved, sharded = ckpt
+    saved, sharded, full = ckpt
     return {
         "DP2xMP2, EP2xESP2, sharded optimizer state": check_layout(
             {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="optimizer"),
+        "DP2xMP2, EP2xESP2, sharded weights": check_layout(
+            {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="full"),
+        "EP2 (edp 2), sharded weights": check_layout({"dp": 4, "ep": 2}, "gpt", shard="full"),
         "EP2 (edp 2), sharded optimizer state": check_layout({"dp": 4, "ep": 2}, "gpt", shard="optimizer"),
         "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
         "EP4, sharded optimizer state": check_layout({"dp": 4, "ep": 4}, "forced", shard="optimizer"),
@@ -308,16 +328,19 @@ def _world4(rank, world, ckpt):
         "norm DP2xMP2, EP2xESP2": check_known_norm({"dp": 2, "mp": 2, "ep": 2, "esp": 2}),
         "save EP4": save_checkpoint({"dp": 4, "ep": 4}, saved),
         "save EP4 sharded": save_checkpoint({"dp": 4, "ep": 4}, sharded, shard="optimizer"),
+        "save EP4 sharded weights": save_checkpoint({"dp": 4, "ep": 4}, full, shard="full"),
     }
 
 
 def _world8(rank, world, ckpt):
-    saved, sharded = ckpt
+    saved, sharded, full = ckpt
     return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
             "DP8 (experts replicated 8 times), sharded optimizer state": check_layout({"dp": 8}, "deepseek",
                                                                                       shard="optimizer"),
             "load EP8": load_checkpoint({"dp": 8, "ep": 8}, saved),
-            "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer")}
+            "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer"),
+            "load DP8xEP2 sharded weights <- EP4 sharded weights": load_checkpoint({"dp": 8, "ep": 2}, full,
+                                                                                   shard="full")}
 
 
 def _assert_layouts(results: list[dict]) -> None:
@@ -344,7 +367,8 @@ def _same_probes(got: dict, saved: dict) -> None:
 def ep4(tmp_path_factory):
     """World 4: the EP4/ESP/MP layouts and adversarial routing; saves the EP=4 checkpoints, with
     whole and with sharded optimizer state."""
-    ckpt = (str(tmp_path_factory.mktemp("ckpt_ep4")), str(tmp_path_factory.mktemp("ckpt_ep4_sharded")))
+    ckpt = (str(tmp_path_factory.mktemp("ckpt_ep4")), str(tmp_path_factory.mktemp("ckpt_ep4_sharded")),
+            str(tmp_path_factory.mktemp("ckpt_ep4_full")))
     results = run_workers(_world4, 4, ckpt, timeout_s=240)
     return ckpt, results
 
@@ -352,9 +376,10 @@ def ep4(tmp_path_factory):
 def test_world4_layouts_and_adversarial_routing(ep4):
     _, results = ep4
     _assert_layouts(results)
-    for key in ("save EP4", "save EP4 sharded"):
+    for key in ("save EP4", "save EP4 sharded", "save EP4 sharded weights"):
         assert all(torch.equal(r[key]["probe"], results[0][key]["probe"]) for r in results)
     _same_probes(results[0]["save EP4 sharded"], results[0]["save EP4"])  # the same training either way
+    _same_probes(results[0]["save EP4 sharded weights"], results[0]["save EP4"])
 
 
 def test_world2_layouts_and_checkpoint_at_ep2(ep4):
@@ -365,6 +390,8 @@ def test_world2_layouts_and_checkpoint_at_ep2(ep4):
         _same_probes(r["load EP2"], saved[0]["save EP4"])
         _same_probes(r["load EP2 sharded <- EP4"], saved[0]["save EP4"])
         _same_probes(r["load EP2 <- EP4 sharded"], saved[0]["save EP4"])
+        _same_probes(r["load EP2 sharded weights <- EP4"], saved[0]["save EP4"])
+        _same_probes(r["load EP2 sharded <- EP4 sharded weights"], saved[0]["save EP4"])
 
 
 def test_world8_ep8_and_checkpoint_at_ep8(ep4):
@@ -374,9 +401,11 @@ def test_world8_ep8_and_checkpoint_at_ep8(ep4):
     for r in results:
         _same_probes(r["load EP8"], saved[0]["save EP4"])
         _same_probes(r["load DP8xEP2 sharded <- EP4 sharded"], saved[0]["save EP4"])
+        _same_probes(r["load DP8xEP2 sharded weights <- EP4 sharded weights"], saved[0]["save EP4"])
 
 
 def test_checkpoint_ep4_loads_in_one_process(ep4):
-    (plain, sharded), saved = ep4
+    (plain, sharded, full), saved = ep4
     _same_probes(load_checkpoint({}, plain), saved[0]["save EP4"])
     _same_probes(load_checkpoint({}, sharded), saved[0]["save EP4"])
+    _same_probes(load_checkpoint({}, full), saved[0]["save EP4"])

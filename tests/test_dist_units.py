@@ -195,8 +195,11 @@ def test_reduce_scatter_rows_are_the_all_gathers_layout(shape, dim, n):
         mine = _Entry(param, ZeroSlice("dp", dim, n, r, shape[dim]), 0, piece)
         assert torch.equal(mine.view(inp[r]), expect)  # this rank's slice, where the optimizer reads it
     assert not inp.isnan().any()  # the padding is zeros, not garbage summed by the collective
+    import types
+
     with torch.no_grad():
-        ZeroAdamW._unpack(None, _Bucket("dp", [e], e.seg, None, None), inp.reshape(-1))
+        opt = types.SimpleNamespace(buckets=[_Bucket("dp", [e], e.seg, None, None)], full=False)
+        ZeroAdamW._unpack(opt, 0, inp.reshape(-1))
     assert torch.equal(param.detach(), grad)
 
 
@@ -236,3 +239,48 @@ def test_weight_gathers_start_one_block_ahead_of_the_forward(monkeypatch):
     model(torch.zeros(1, 4, dtype=torch.long))
     assert log == expected and len(blocks) >= 4
     assert not opt._unstarted and not opt._pending
+
+
+# ---------------------------------------------------------------- sharded weights (shard = "full")
+
+
+def _zero3_holds(rank, world):
+    from fsmoe.models import build_model
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.parallel.tensor_parallel import parallelize
+    from fsmoe.parallel.zero import ZeroAdamW
+
+    cfg = load_config("tiny", ["model.n_layers=3", "model.moe.num_experts=4"]).model
+    groups = build_groups(ParallelConfig(dp=2))
+    model = parallelize(build_model(cfg, seed=0), groups)
+    opt = ZeroAdamW([{"params": list(model.parameters())}], groups, lr=1e-3, weights_of=model)
+    opt.overlap_with(model)
+
+    def held(m) -> int:
+        return sum(p.untyped_storage().nbytes() for p in m.parameters())
+
+    whole = [held(b) for b in model.layers]
+    seen = []  # what each block holds as its forward starts, and as its backward starts
+    for k, blk in enumerate(model.layers):
+        blk.register_forward_pre_hook(lambda m, a, k=k: seen.append(("forward", k, held(m))))
+        blk.register_forward_hook(lambda m, a, out, k=k: [out[0].register_hook(
+            lambda g, m=m, k=k: seen.append(("backward", k, held(m))))] and None)
+    out = model(torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(rank)))
+    after_forward = [held(b) for b in model.layers]
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+    after_backward = [held(b) for b in model.layers]
+    opt.finish_gathers()
+    return whole, seen, after_forward, after_backward, [held(b) for b in model.layers], held(model.lm_head)
+
+
+def test_sharded_weights_are_whole_only_while_their_block_runs():
+    """shard = "full", DP2: each block holds its whole weights as its forward starts, none after
+    it, again whole when its backward starts (the hook runs after the freeing one), and after
+    backward only the first block's remain until the next forward; the head is never freed."""
+    for whole, seen, after_forward, after_backward, gathered, head in run_workers(_zero3_holds, 2, timeout_s=120):
+        assert all(n > 0 for n in whole) and head > 0
+        forward = [(k, n) for kind, k, n in seen if kind == "forward"]
+        backward = [(k, n) for kind, k, n in seen if kind == "backward"]
+        assert forward == list(enumerate(whole)) and backward == list(enumerate(whole))[::-1]
+        assert after_forward == [0, 0, 0] and after_backward == [whole[0], 0, 0]
+        assert gathered == whole

@@ -76,6 +76,23 @@ def test_sharding_and_recompute_shrink_the_plan_and_the_largest_batch_grows():
                                                                        counts=counts)
 
 
+def test_sharded_weights_hold_slices_of_the_blocks_and_the_blocks_in_flight_whole():
+    """shard = "full" at DP4 x EP2 (edp 2): the weights held are the parts outside blocks whole plus
+    every slice (dense over dp, experts over edp); two blocks whole in flight; the moments as
+    with shard = "optimizer" but no second copy of strided slices."""
+    base = ["model.n_layers=8", "train.batch_size=16", "parallel.dp=4", "parallel.ep=2"]
+    counts = ParamCounts.of(load_config("mixtral-8x7b", base).model)
+    opt = plan_memory(load_config("mixtral-8x7b", [*base, "parallel.shard=optimizer"]), counts=counts)
+    full = plan_memory(load_config("mixtral-8x7b", [*base, "parallel.shard=full"]), counts=counts)
+    dense, experts = counts.split_by_mp + counts.replicated, counts.experts / 2
+    assert full.step["weights"] == pytest.approx(4 * (counts.outside_blocks + dense / 4 + experts / 2))
+    block = (dense - counts.outside_blocks) / 8 + experts / 8
+    assert full.step["gathered blocks"] == pytest.approx(4 * 2 * block)
+    assert full.step["optimizer"] == pytest.approx(8 * (dense / 4 + experts / 2))
+    assert full.step["optimizer"] < opt.step["optimizer"]
+    assert full.step["gradients"] == opt.step["gradients"] and full.total < opt.total
+
+
 def _plan(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fsmoe.cli", "plan", *args], capture_output=True, text=True,
                           timeout=120)

@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--memory", action="store_true", help="peak memory per GPU of training, and the largest batch")
     m.add_argument("--gpus", type=int, default=None, help="GPUs in the job (parallel.dp = gpus / mp)")
     m.add_argument("--mp", type=int, default=None, help="tensor parallel degree (parallel.mp)")
-    m.add_argument("--shard", choices=["none", "optimizer"], default=None, help="parallel.shard")
+    m.add_argument("--shard", choices=["none", "optimizer", "full"], default=None, help="parallel.shard")
     m.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     m.add_argument("--headroom", type=float, default=0.1,
                    help="fraction of the card kept free for the CUDA context, allocator and NCCL (default 0.1)")

@@ -10,7 +10,7 @@ from rich.table import Table
 from fsmoe.config import ConfigError, load_config
 from fsmoe.memory import GiB, ParamCounts, largest_batch, plan_memory
 
-ORDER = ("weights", "gradients", "optimizer", "activations", "bf16 weight copies", "logits", "communication buffers")
+ORDER = ("weights", "gathered blocks", "gradients", "optimizer", "activations", "bf16 weight copies", "logits", "communication buffers")
 
 
 def memory_config(args):
@@ -64,9 +64,13 @@ def run_memory(args) -> int:
                   f" against {budget / GiB:.1f} GiB usable of a {args.gpu_gb:g} GiB card ({args.headroom:.0%} kept "
                   f"for the CUDA context, allocator and NCCL): {'fits' if fits else 'does NOT fit'}",
                   markup=False, highlight=False)
+    states = plan.step["weights"] + plan.step.get("gathered blocks", 0) + plan.step["optimizer"]
+    why = ("the weights and optimizer state alone do not fit" if states > budget else
+           f"not even {par.mp} sequence(s) per GPU, the fewest the MoE layers split over mp={par.mp}; "
+           "try a shorter --seq-len")
     console.print(f"largest batch that fits: {best} x {t.seq_len} tokens per GPU" +
-                  (f" (train.batch_size={best * par.dp})" if best else
-                   ": none (the weights and optimizer state alone do not fit)"), markup=False, highlight=False)
+                  (f" (train.batch_size={best * par.dp})" if best else f": none ({why})"),
+                  markup=False, highlight=False)
     if not fits:
         for hint in _hints(cfg):
             console.print(f"  try {hint}", markup=False, highlight=False)
@@ -90,6 +94,8 @@ def _hints(cfg) -> list[str]:
         out.append("--set train.activation_checkpointing=full (recompute each block in backward)")
     if par.shard == "none" and par.dp > 1:
         out.append("--shard optimizer (AdamW state and gradients split over the data-parallel replicas)")
+    if par.shard != "full" and par.dp > 1:
+        out.append("--shard full (the blocks' weights split too, gathered around each block's use)")
     if par.ep * par.esp < min(par.world, cfg.model.moe.num_experts):
         out.append("a larger --ep (fewer experts per GPU)")
     out.append("more GPUs, or a smaller train.batch_size / --seq-len")

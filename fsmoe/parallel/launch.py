@@ -348,8 +348,9 @@ def add_parallel_arguments(parser) -> None:
                        ("ep", "expert parallel"), ("esp", "expert sharding along d_ff")):
         group.add_argument(f"--{flag}", type=int, help=f"{text}: parallel.{flag}")
     group.add_argument("--gpus-per-node", type=int, help="ranks per (simulated) node: parallel.gpus_per_node")
-    group.add_argument("--shard", choices=["none", "optimizer"],
-                       help="split AdamW's state and the gradients over the data-parallel replicas (optimizer: ZeRO-1/2): parallel.shard")
+    group.add_argument("--shard", choices=["none", "optimizer", "full"],
+                       help="split AdamW's state and the gradients over the data-parallel replicas (optimizer: "
+                            "ZeRO-1/2), and the blocks' weights too (full: ZeRO-3): parallel.shard")
 
 
 def processes(args) -> int:

@@ -120,12 +120,15 @@ class ParallelTrainer(Trainer):
         return self.groups.dp_rank, self.groups.dp
 
     def _build_optimizer(self):
-        """``parallel.shard = "optimizer"``: the AdamW of fsmoe.parallel.zero over this rank's slices."""
-        if self.cfg.parallel.shard != "optimizer" or not self.groups.distributed:
+        """``parallel.shard = "optimizer"``: the AdamW of fsmoe.parallel.zero over this rank's slices;
+        ``"full"``: the blocks' weights kept as those slices too (fsmoe.parallel.zero3)."""
+        shard = self.cfg.parallel.shard
+        if shard == "none" or not self.groups.distributed:
             return super()._build_optimizer()
         t = self.tcfg
         optimizer = ZeroAdamW(param_groups(self.model, t.weight_decay), self.groups, lr=t.lr,
-                              betas=(t.beta1, t.beta2), eps=t.eps, fused=self.device.type == "cuda")
+                              betas=(t.beta1, t.beta2), eps=t.eps, fused=self.device.type == "cuda",
+                              weights_of=self.model if shard == "full" else None)
         optimizer.overlap_with(self.model)  # the weights' all_gather runs behind the next forward
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(t))
 
@@ -137,6 +140,7 @@ class ParallelTrainer(Trainer):
             return super().model_optim_state()
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+        self.optimizer.finish_gathers()  # every weight whole to be read (shard = "full" frees them)
         return get_model_state_dict(self.model), self.optimizer.fqn_state_dict(self._param_names())
 
     def load_model_optim_state(self, model_sd: dict[str, Any], optim_sd: dict[str, Any]) -> None:
@@ -144,6 +148,7 @@ class ParallelTrainer(Trainer):
             return super().load_model_optim_state(model_sd, optim_sd)
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
+        self.optimizer.finish_gathers()  # every weight whole to be written (shard = "full" frees them)
         set_model_state_dict(self.model, model_sd)
         self.optimizer.load_fqn_state_dict(optim_sd, self._param_names())
 
@@ -174,7 +179,7 @@ class ParallelTrainer(Trainer):
                                   if self.cfg.model.moe.impl != "fsmoe" else ""))
             if isinstance(self.optimizer, ZeroAdamW):
                 held, full = self.optimizer.state_bytes()
-                self.console.print(f"optimizer state split over replicas (parallel.shard=optimizer): "
+                self.console.print(f"optimizer state split over replicas (parallel.shard={self.cfg.parallel.shard}): "
                                    f"{held / 2**30:.3g} GiB on rank 0 (moments, and the weights of slices "
                                    f"not along the first dim) instead of {full / 2**30:.3g} GiB of moments")
 

@@ -104,6 +104,7 @@ class _Entry:
     zs: ZeroSlice
     start: int
     piece: tuple[int, ...]  # the parameter's shape with ``chunk`` along dim
+    own: bool = False  # the slice lives in the bucket's buffer even along dim 0 (the weights are freed)
 
     @property
     def seg(self) -> int:
@@ -112,7 +113,7 @@ class _Entry:
     @property
     def in_place(self) -> bool:
         """A slice along dim 0: a contiguous piece of the parameter, updated where it lies."""
-        return self.zs.dim == 0
+        return self.zs.dim == 0 and not self.own
 
     def view(self, flat: Tensor) -> Tensor:
         """This rank's slice inside ``flat`` (contiguous: dim 0, or a later dim split evenly)."""
@@ -142,6 +143,26 @@ def _copy_weight_slices(b: _Bucket) -> None:
             e.view(b.weights).copy_(e.of(e.param))
 
 
+def model_parts(model: nn.Module) -> list[tuple[set[int], nn.Module, str]]:
+    """The parts a forward reaches in order, as (ids of their parameters, module whose hook marks
+    the moment, "pre" | "post"): what comes before ``model.layers`` (the embeddings; as the
+    model's forward starts), each block (as its forward starts), what comes after (final norm and
+    head; as the last block's forward ends: the head's weight may be read without calling its
+    module; a weight tied to an earlier part counts there)."""
+    def ids(modules) -> set[int]:
+        return {id(p) for m in modules for p in m.parameters()}
+
+    children = dict(model.named_children())
+    names = list(children)
+    blocks = list(children.pop("layers", []))
+    split = names.index("layers") if blocks else len(names)
+    before = ids(children[n] for n in names[:split])
+    parts = [(before, model, "pre")] + [(ids([blk]), blk, "pre") for blk in blocks]
+    if blocks:
+        parts.append((ids(children[n] for n in names[split + 1:]) - before, blocks[-1], "post"))
+    return parts
+
+
 class ZeroAdamW(torch.optim.AdamW):
     """AdamW over this rank's slices of the model's parameters (see the module docstring).
 
@@ -153,10 +174,19 @@ class ZeroAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, param_groups: list[dict[str, Any]], groups: ParallelGroups, *,
-                 bucket_elements: int = BUCKET_ELEMENTS, **defaults: Any):
+                 bucket_elements: int = BUCKET_ELEMENTS, weights_of: nn.Module | None = None, **defaults: Any):
         self.groups = groups
         self.model_params = [p for g in param_groups for p in g["params"]]
-        slices = {id(p): slice_for(p, groups) for p in self.model_params}
+        # ``weights_of`` (parallel.shard = "full"): the model whose blocks' sliced weights are freed
+        # between uses (fsmoe.parallel.zero3); buckets then never span two of its parts
+        self.full = weights_of is not None
+        self._part_of = ({i: k for k, (ids, _, _) in enumerate(model_parts(weights_of)) for i in ids}
+                         if self.full else {})
+        from fsmoe.parallel.zero3 import can_release
+
+        # under "full" a weight that shares its storage cannot be freed alone: its whole state stays
+        slices = {id(p): slice_for(p, groups) if not self.full or can_release(p) else None
+                  for p in self.model_params}
         self.buckets = self._buckets(slices, bucket_elements)
         # model parameter id -> its entry (sliced parameters only)
         self.entries: dict[int, _Entry] = {id(e.param): e for b in self.buckets for e in b.entries}
@@ -173,6 +203,7 @@ class ZeroAdamW(torch.optim.AdamW):
         self._unstarted: set[int] = set()  # buckets whose all_gather the next forward starts
         self._gather_order: list[list[int]] = []  # the buckets of each block, in forward order
         self._ahead = GATHER_AHEAD
+        self._freed: set[int] = set()  # buckets whose parameters' storage is released (shard = "full")
         self._init_state()
 
     def overlap_with(self, model: nn.Module, ahead: int = GATHER_AHEAD) -> None:
@@ -186,19 +217,10 @@ class ZeroAdamW(torch.optim.AdamW):
         the forward (where the first MoE layer's AlltoAll needs it). Anything else that reads the
         weights calls :meth:`finish_gathers` first (checkpoints do)."""
         bucket_of = {id(e.param): i for i, b in enumerate(self.buckets) for e in b.entries}
-
-        def buckets(modules) -> list[int]:
-            return sorted({bucket_of[id(p)] for m in modules for p in m.parameters() if id(p) in bucket_of})
-
-        children = dict(model.named_children())
-        names = list(children)
-        blocks = list(children.pop("layers", []))
-        split = names.index("layers") if blocks else len(names)
-        before = buckets(children[n] for n in names[:split])
-        parts = [(before, model, "pre")] + [(buckets([blk]), blk, "pre") for blk in blocks]
-        if blocks:  # taken out of ``before``: a tied weight is waited for where it is first used
-            parts.append(([i for i in buckets(children[n] for n in names[split + 1:]) if i not in before],
-                          blocks[-1], "post"))
+        parts = [(sorted({bucket_of[i] for i in ids if i in bucket_of}), module, when)
+                 for ids, module, when in model_parts(model)]
+        if parts[-1][2] == "post":  # a bucket shared with the embeddings is waited for there
+            parts[-1] = ([i for i in parts[-1][0] if i not in parts[0][0]], *parts[-1][1:])
         wanted = [w for w, _, _ in parts]
         self._gather_order, self._ahead = [w for w in wanted if w], ahead
         for k, (w, module, when) in enumerate(parts):
@@ -209,6 +231,10 @@ class ZeroAdamW(torch.optim.AdamW):
                 (lambda m, a, out, w=tuple(w), soon=soon: self._reach(w, soon))
             self._hooks.append(module.register_forward_pre_hook(reach) if when == "pre"
                                else module.register_forward_hook(reach))
+        if self.full:
+            from fsmoe.parallel.zero3 import free_between_uses
+
+            self._hooks += free_between_uses(self, parts)
 
     def _reach(self, mine: tuple[int, ...], soon: tuple[int, ...]) -> None:
         """A block's forward begins: start its gathers and those of the next blocks, wait for its own."""
@@ -222,14 +248,17 @@ class ZeroAdamW(torch.optim.AdamW):
         out: list[_Bucket] = []
         for kind, in_place, reduced in itertools.product(("dp", "edp"), (True, False), (True, False)):
             todo = [p for p in self.model_params if slices[id(p)] is not None and slices[id(p)].kind == kind
-                    and (slices[id(p)].dim == 0) == in_place and self._summed_over(p, kind) == reduced]
+                    and (slices[id(p)].dim == 0 and not self.full) == in_place
+                    and self._summed_over(p, kind) == reduced]
             entries: list[_Entry] = []
             used = 0
             for p in todo:
                 zs = slices[id(p)]
                 piece = tuple(zs.chunk if d == zs.dim else s for d, s in enumerate(p.shape))
-                e = _Entry(p, zs, used, piece)
-                if entries and (used + e.seg) * zs.n > bucket_elements:
+                e = _Entry(p, zs, used, piece, own=self.full)
+                part = self._part_of.get(id(p))
+                if entries and ((used + e.seg) * zs.n > bucket_elements
+                                or part != self._part_of.get(id(entries[-1].param))):
                     out.append(self._new_bucket(kind, entries, used, reduced))
                     entries, used, e.start = [], 0, 0
                 entries.append(e)
@@ -273,7 +302,10 @@ class ZeroAdamW(torch.optim.AdamW):
         view where the slice lies in place, a copy in the bucket's buffer where it is strided;
         parameters whose state is whole keep their own. A bucket whose gradients were
         reduce-scattered (``grad_slices``) already holds this rank's slices: views of them."""
-        self.finish_gathers()  # a weight no forward used since the last step
+        if self.full:  # freed weights stay freed: their slices are what the step updates
+            self._finish(tuple(self._pending))
+        else:
+            self.finish_gathers()  # a weight no forward used since the last step
         for b in self.buckets:
             if b.grad_slices is not None:
                 for e in b.entries:
@@ -337,17 +369,26 @@ class ZeroAdamW(torch.optim.AdamW):
             if i in self._pending:
                 work, everyone, _ = self._pending.pop(i)
                 work.wait()
-                self._unpack(self.buckets[i], everyone)
+                self._unpack(i, everyone)
 
-    def _unpack(self, b: _Bucket, everyone: Tensor) -> None:
-        """The gathered slices of bucket ``b`` into the full parameters."""
+    def _unpack(self, i: int, everyone: Tensor) -> None:
+        """The gathered slices of bucket ``i`` into the full parameters (their storage restored
+        first where it was freed; written through ``.data``, so tensors autograd saved in the
+        forward are not counted as modified when backward gathers them again)."""
+        b = self.buckets[i]
+        if self.full:
+            from fsmoe.parallel.zero3 import restore
+
+            self._freed.discard(i)
+            for e in b.entries:
+                restore(e.param)
         n = b.entries[0].zs.n
         rows = everyone.view(n, b.total)
         for e in b.entries:
             z = e.zs.dim  # [n, .., chunk, ..] -> [.., n, chunk, ..] -> [.., n * chunk, ..]
             pieces = rows[:, e.start:e.start + e.seg].view(n, *e.piece).movedim(0, z)
             whole = pieces.reshape(*e.piece[:z], n * e.zs.chunk, *e.piece[z + 1:]).narrow(z, 0, e.zs.size)
-            e.param.copy_(whole)
+            e.param.data.copy_(whole)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
