@@ -55,6 +55,7 @@ from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
 from fsmoe.models.hf.convert import load_weights
+from fsmoe.op_clock import OpClock
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.placement.traffic import TRACE_FILE, TraceWriter, gather_traffic
 from fsmoe.profiling import StepProfiler
@@ -295,6 +296,8 @@ class Trainer:
             _write_json_atomic(self.run_dir / CONFIG_FILE, cfg.to_dict())
         self.metrics = MetricsLog(self.run_dir, self.step, enabled=self.is_writer)
         self.tracer = self._trace_writer() if self.tcfg.trace and self.is_writer else None
+        # the trace also carries rank 0's op timings of each step (fsmoe.op_clock)
+        self.op_clock = OpClock(self.model.moe_layers(), self.device) if self.tracer is not None else None
 
     def _trace_writer(self) -> TraceWriter:
         """``train.trace``: the routing trace of this run (fsmoe.placement.traffic; rank 0 writes)."""
@@ -460,7 +463,7 @@ class Trainer:
         if self.tcfg.trace:
             counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
             if self.tracer is not None:
-                self.tracer.write(self.step, counts_MRE)
+                self.tracer.write(self.step, counts_MRE, self.op_clock.collect())
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Whether every rank's step was finite (one process: its own flag). Every rank must take
@@ -528,6 +531,7 @@ class Trainer:
         self.metrics.close()
         if self.tracer is not None:
             self.tracer.close()
+            self.op_clock.close()
         return self._finish()
 
     def _step_profiler(self, console: Console) -> StepProfiler | None:

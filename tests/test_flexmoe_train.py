@@ -78,6 +78,8 @@ def test_flexmoe_and_eplb_train_like_static_and_resume(tmp_path):
     trace = read_trace(tmp_path / "flex" / "routing_trace.jsonl.gz")
     assert trace.steps.tolist() == list(range(1, 9)) and trace.counts_NMRE.shape == (8, 2, 2, 8)
     assert trace.counts_NMRE.sum() == 8 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
+    for phase in ("forward", "backward"):  # rank 0's op timings of every step (fsmoe.op_clock)
+        assert trace.ops_NMO[phase].shape == (8, 2, 6) and (trace.ops_NMO[phase] >= 0).all(), phase
     resumed = records(tmp_path / "resumed")
     same_curve(resumed, ref)
     assert any("placement_balance_before" in r for r in resumed if r["step"] > 4)

@@ -52,14 +52,19 @@ def test_trace_summary_command(tmp_path, capsys):
     with gzip.open(path, "wt") as f:
         f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 1, "num_experts": 2,
                             "sources": 2, "source_ep_rank": [0, 1], "ep": 2, "top_k": 1}) + "\n")
+        ops = {"forward": [[0.001, 0.002, 0.004, 0.002, 0.001, 0.010]],  # route .. unroute, the layer
+               "backward": [[0.002, 0.002, 0.008, 0.002, 0.002, 0.016]]}
         for step in range(2):
-            f.write(json.dumps({"step": step, "counts": c[step].tolist(), **({"step_s": 0.25} if step else {})}) + "\n")
+            f.write(json.dumps({"step": step, "counts": c[step].tolist(),
+                                **({"step_s": 0.25, "ops": ops} if step else {})}) + "\n")
     out = tmp_path / "summary.json"
     assert main(["trace", "summary", str(path), "--json", str(out), "--plot", str(tmp_path / "s.png")]) == 0
     rep = json.loads(out.read_text())
     assert rep["means"]["change"] == pytest.approx(1.0) and (tmp_path / "s.png").exists()
     assert rep["step_ms"]["median"] == pytest.approx(250.0) and rep["step_ms"]["steps"] == 1
-    assert "step time: median 250.0 ms" in capsys.readouterr().out
+    assert rep["op_ms"]["forward"]["experts"] == pytest.approx(4.0) and rep["op_ms"]["backward"]["layer"] == 16.0
+    printed = capsys.readouterr().out
+    assert "step time: median 250.0 ms" in printed and "experts 4 / 8" in printed
     bad = tmp_path / "not_a_trace.jsonl.gz"
     with gzip.open(bad, "wt") as f:
         f.write('{"format": "something-else"}\n')

@@ -47,6 +47,18 @@ def load_for_ep(path: str, ep: int | None):
     return trace, ranks
 
 
+def op_medians(ops_NMO: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """phase -> op -> ms: each step's mean over layers, then the median over steps (NaN-free)."""
+    from fsmoe.op_clock import OPS
+
+    out = {}
+    for phase, arr in ops_NMO.items():
+        per_step = np.nanmean(arr, axis=1) if arr.size else np.zeros((0, len(OPS) + 1))
+        out[phase] = {op: float(np.nanmedian(per_step[:, j]) * 1e3) if np.isfinite(per_step[:, j]).any()
+                      else float("nan") for j, op in enumerate((*OPS, "layer"))}
+    return out
+
+
 def run_summary(args) -> int:
     from rich.console import Console
 
@@ -73,6 +85,12 @@ def run_summary(args) -> int:
         p10, p50, p90 = np.percentile(secs, [10, 50, 90]) * 1e3
         con.print(f"  step time: median {p50:.1f} ms (10th-90th percentile {p10:.1f}-{p90:.1f}) over {len(secs)} steps")
         out["step_ms"] = {"median": p50, "p10": p10, "p90": p90, "steps": len(secs)}
+    if trace.ops_NMO is not None:
+        out["op_ms"] = op_medians(trace.ops_NMO)
+        names = list(next(iter(out["op_ms"].values())))
+        con.print("  ops (ms per MoE layer, median over steps, mean over layers; rank 0): " + ", ".join(
+            f"{op} {out['op_ms']['forward'][op]:.3g} / {out['op_ms']['backward'][op]:.3g}" for op in names)
+            + "  (forward / backward)")
     if args.plot:
         plot_summary(summary, args.plot, f"{Path(args.path).name}, EP={ranks}")
         con.print(f"  plot: {args.plot}")

@@ -15,12 +15,14 @@ of JSON lines. Line 1 is the header::
      "sources": R, "source_ep_rank": [EP rank of each source], "ep": P, "top_k": k,
      "tokens_per_step": global tokens per step, "run": name}
 
-then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds}`` — rows that
+then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds, "ops": {...}}`` — rows that
 source rank r routed to expert e in MoE layer m at step s (assignments, k per token; dropped ones
 excluded), and the wall time since the previous line was written (one training step: the
 trace's per-step gather keeps the ranks in step; absent on a file's first line and in older
-traces). :func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE`` and
-``step_s`` (NaN where absent).
+traces), and rank 0's op timings of the step (fsmoe.op_clock: ``{"forward": [M][O + 1],
+"backward": [M][O + 1]}`` seconds of route, dispatch, experts, combine, unroute and the whole
+layer). :func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE``,
+``step_s`` and ``ops_NMO`` (NaN where absent).
 """
 from __future__ import annotations
 
@@ -100,6 +102,7 @@ class RoutingTrace:
     steps: np.ndarray
     counts_NMRE: np.ndarray
     step_s: np.ndarray | None = None  # [N] seconds of each step (NaN where not recorded)
+    ops_NMO: dict[str, np.ndarray] | None = None  # phase -> [N, M, O + 1] op seconds (fsmoe.op_clock)
 
     def load_ME(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """[M, E] rows per expert summed over sources and the steps ``[start, stop)`` (indices)."""
@@ -117,11 +120,13 @@ class TraceWriter:
         if new:
             self.file.write(json.dumps({"format": TRACE_FORMAT, "version": 1, **header}) + "\n")
 
-    def write(self, step: int, counts_MRE: np.ndarray) -> None:
+    def write(self, step: int, counts_MRE: np.ndarray, ops: dict | None = None) -> None:
         now = time.perf_counter()
         rec = {"step": int(step), "counts": np.asarray(counts_MRE).tolist()}
         if self._last is not None:
             rec["step_s"] = now - self._last
+        if ops is not None:
+            rec["ops"] = ops
         self._last = now
         self.file.write(json.dumps(rec) + "\n")
 
@@ -143,7 +148,7 @@ def read_trace(path: Path | str) -> RoutingTrace:
     header = json.loads(lines[0])
     if header.get("format") != TRACE_FORMAT:
         raise ValueError(f"{path}: not a routing trace (format={header.get('format')!r}, expected {TRACE_FORMAT!r})")
-    steps, counts, secs = [], [], []
+    steps, counts, secs, ops = [], [], [], []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
@@ -152,6 +157,19 @@ def read_trace(path: Path | str) -> RoutingTrace:
         steps.append(rec["step"])
         counts.append(rec["counts"])
         secs.append(rec.get("step_s", float("nan")))
+        ops.append(rec.get("ops"))
     shape = (0, header["num_layers"], header["sources"], header["num_experts"])
     arr = np.asarray(counts, dtype=np.int64) if counts else np.zeros(shape, dtype=np.int64)
-    return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr, np.asarray(secs, dtype=np.float64))
+    return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr, np.asarray(secs, dtype=np.float64),
+                        _op_arrays(ops, header["num_layers"]))
+
+
+def _op_arrays(ops: list[dict | None], layers: int) -> dict[str, np.ndarray] | None:
+    """phase -> [N, M, O + 1] seconds from the lines' ``ops`` (NaN rows where a line has none)."""
+    known = [o for o in ops if o]
+    if not known:
+        return None
+    width = len(known[0]["forward"][0])
+    blank = [[float("nan")] * width for _ in range(layers)]
+    return {phase: np.asarray([o[phase] if o else blank for o in ops], dtype=np.float64)
+            for phase in known[0]}

@@ -1,0 +1,50 @@
+"""fsmoe.op_clock: the MoE layer's ops timed at its hook points, forward and backward."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fsmoe.config import load_config
+from fsmoe.models import build_model
+from fsmoe.op_clock import OPS, OpClock
+from fsmoe.recompute import configure_recompute
+
+
+def _model(recompute: str = "none"):
+    cfg = load_config("tiny", ["model.n_layers=2", "model.moe.num_experts=4"]).model
+    model = build_model(cfg, seed=0)
+    configure_recompute(model, recompute)
+    return model, torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _step(model, x):
+    out = model(x)
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+
+
+def test_every_op_is_timed_forward_and_backward_and_the_spans_add_up_to_the_layer():
+    model, x = _model()
+    clock = OpClock(model.moe_layers(), torch.device("cpu"))
+    _step(model, x)
+    ops = clock.collect()
+    assert set(ops) == {"forward", "backward"}
+    for phase, rows in ops.items():
+        assert len(rows) == len(model.moe_layers())
+        for row in rows:
+            assert len(row) == len(OPS) + 1 and all(s >= 0 for s in row), (phase, row)
+            assert math.isclose(sum(row[:-1]), row[-1], rel_tol=1e-3, abs_tol=2e-5), (phase, row)  # up to rounding and clamped µs
+    with torch.no_grad():
+        model(x)  # evaluation is not a training step: nothing recorded
+    assert all(math.isnan(s) for rows in clock.collect().values() for row in rows for s in row)
+    clock.close()
+    _step(model, x)
+    assert all(math.isnan(s) for rows in clock.collect().values() for row in rows for s in row)
+
+
+def test_a_recomputed_block_is_timed_once():
+    model, x = _model("full")
+    clock = OpClock(model.moe_layers(), torch.device("cpu"))
+    _step(model, x)
+    ops = clock.collect()
+    assert all(math.isfinite(s) for rows in ops.values() for row in rows for s in row)
