@@ -525,6 +525,9 @@ class RunConfig:
             raise ConfigError("train.activation_checkpointing", self.train.activation_checkpointing,
                               "runs with parallel.schedule='default' only (the pipelined executor times "
                               "and overlaps each op once per step); use 'none' or the default schedule")
+        _check(not (self.train.compile and self.parallel.shard == "full"), "train.compile", self.train.compile,
+               "is not yet checked with weights freed between uses (parallel.shard='full'): the compiled blocks "
+               "may keep reading a released weight's old address; use one or the other")
         _check(self.train.batch_size % (self.parallel.dp * self.parallel.mp) == 0, "train.batch_size",
                self.train.batch_size, f"must be divisible by parallel.dp={self.parallel.dp} (each data-parallel rank "
                f"takes an equal share) times parallel.mp={self.parallel.mp} (the MoE layers split that share over "
