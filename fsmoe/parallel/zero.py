@@ -25,9 +25,13 @@ The slice of a parameter: along its first dimension not already split (by TP, EP
 gives every rank a non-empty piece, in ``torch.chunk``'s sizes, which is what a DTensor
 ``Shard(dim)`` holds; so the
 checkpoint writes each slice as a piece of the global tensor (fsmoe.parallel.checkpoint), and a
-checkpoint loads under any other layout and either setting of ``parallel.shard``. A parameter
+checkpoint loads under any other layout and any setting of ``parallel.shard``. A parameter
 with no dimension that splits into n non-empty pieces (a TP-split bias) keeps its whole state on
 every rank, as without sharding.
+
+With ``parallel.shard = "full"`` (ZeRO stage 3, fsmoe.parallel.zero3) every slice lives in its
+bucket's buffer (none in place), buckets are cut at block boundaries, and the blocks' full
+weights are released between uses; ``overlap_with`` then also installs those hooks.
 """
 from __future__ import annotations
 
