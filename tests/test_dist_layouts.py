@@ -315,6 +315,7 @@ def _world4(rank, world, ckpt):
         "DP2xMP2, EP2xESP2, sharded weights": check_layout(
             {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="full"),
         "EP2 (edp 2), sharded weights": check_layout({"dp": 4, "ep": 2}, "gpt", shard="full"),
+        "EP4, sharded weights": check_layout({"dp": 4, "ep": 4}, "forced", shard="full"),
         "EP2 (edp 2), sharded optimizer state": check_layout({"dp": 4, "ep": 2}, "gpt", shard="optimizer"),
         "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
         "EP4, sharded optimizer state": check_layout({"dp": 4, "ep": 4}, "forced", shard="optimizer"),
@@ -337,6 +338,7 @@ def _world8(rank, world, ckpt):
     return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
             "DP8 (experts replicated 8 times), sharded optimizer state": check_layout({"dp": 8}, "deepseek",
                                                                                       shard="optimizer"),
+            "DP8 (experts replicated 8 times), sharded weights": check_layout({"dp": 8}, "deepseek", shard="full"),
             "load EP8": load_checkpoint({"dp": 8, "ep": 8}, saved),
             "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer"),
             "load DP8xEP2 sharded weights <- EP4 sharded weights": load_checkpoint({"dp": 8, "ep": 2}, full,

@@ -284,3 +284,44 @@ def test_sharded_weights_are_whole_only_while_their_block_runs():
         assert forward == list(enumerate(whole)) and backward == list(enumerate(whole))[::-1]
         assert after_forward == [0, 0, 0] and after_backward == [whole[0], 0, 0]
         assert gathered == whole
+
+
+# ---------------------------------------------------------------- a model built shard by shard
+
+
+def _built_by_shards(rank, world, par):
+    from test_dist_layouts import model_cfg
+
+    from fsmoe.models import build_model
+    from fsmoe.parallel.build import build_sharded_model
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.parallel.sharding import tags_of
+    from fsmoe.parallel.tensor_parallel import parallelize
+
+    groups = build_groups(ParallelConfig(**par))
+    out = {}
+    for kind in ("gpt", "deepseek"):
+        cfg = model_cfg(kind)
+        whole = parallelize(build_model(cfg, seed=3), groups)
+        sharded = build_sharded_model(cfg, groups, torch.device("cpu"), seed=3)
+        a = dict(whole.named_parameters()) | dict(whole.named_buffers())
+        b = dict(sharded.named_parameters()) | dict(sharded.named_buffers())
+        x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+        out[kind] = {"names": sorted(a) == sorted(b), "tags": tags_of(whole) == tags_of(sharded),
+                     "differ": [n for n in a if not torch.equal(a[n], b[n])],
+                     "meta left": [n for n, t in b.items() if t.is_meta],
+                     "logits": (whole(x).logits - sharded(x).logits).abs().max().item()}
+    return out
+
+
+@pytest.mark.parametrize("par", [{"dp": 4, "ep": 2, "esp": 2}, {"mp": 2, "ep": 2, "gpus_per_node": 2},
+                                 {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}])
+def test_a_model_built_shard_by_shard_holds_what_parallelize_gives(par):
+    """fsmoe.parallel.build: built on the meta device and materialised per rank, every parameter
+    and buffer equals the slice parallelize takes from the whole one-process model, carries the
+    same sharding tag, and the logits are the same."""
+    world = par.get("dp", 1) * par.get("mp", 1)
+    for res in run_workers(_built_by_shards, world, par, timeout_s=120):
+        for kind, r in res.items():
+            assert r["names"] and not r["differ"] and not r["meta left"] and r["logits"] == 0.0, (kind, r)
+            assert r["tags"], (kind, r)  # every parameter keeps its layout's sharding

@@ -51,9 +51,13 @@ def op_medians(ops_NMO: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """phase -> op -> ms: each step's mean over layers, then the median over steps (NaN-free)."""
     from fsmoe.op_clock import OPS
 
+    import warnings
+
     out = {}
     for phase, arr in ops_NMO.items():
-        per_step = np.nanmean(arr, axis=1) if arr.size else np.zeros((0, len(OPS) + 1))
+        with warnings.catch_warnings():  # a step without timings is all NaN: left out, not warned about
+            warnings.simplefilter("ignore", RuntimeWarning)
+            per_step = np.nanmean(arr, axis=1) if arr.size else np.zeros((0, len(OPS) + 1))
         out[phase] = {op: float(np.nanmedian(per_step[:, j]) * 1e3) if np.isfinite(per_step[:, j]).any()
                       else float("nan") for j, op in enumerate((*OPS, "layer"))}
     return out

@@ -65,7 +65,16 @@ class MoEDecoder(nn.Module):
         self.cfg = cfg
         # Drawn before anything else consumes the global RNG: torch.manual_seed(s) fixes the model.
         self.seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) if seed is None else seed
-        factory = moe_layer_factory or default_moe_layer
+        # The rest never moves the global RNG (the constructors' own draws are replaced by
+        # reset_parameters below), so a model built on the meta device and materialised per rank
+        # (fsmoe.parallel.build) leaves training's random stream where a model built whole does.
+        with seeded(module_seed(self.seed, "")):
+            self._build(cfg, moe_layer_factory or default_moe_layer)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def _build(self, cfg: ModelConfig, factory: MoELayerFactory) -> None:
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt" else None
         rot_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_size
@@ -78,9 +87,6 @@ class MoEDecoder(nn.Module):
                 self.layers.append(build_block(cfg, i, factory))
         self.norm = build_norm(cfg, cfg.d_model)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
         """(Re)initialise all weights from ``seed`` (default: the seed the model was built with),

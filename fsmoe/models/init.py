@@ -6,7 +6,8 @@ which order they were built, so a rank that builds a different subset (another p
 injected dispatchers) still starts from the same numbers as one process. The decoder also builds
 each layer inside :func:`seeded`, so whatever a constructor draws is reproducible the same way.
 
-Scheme (GPT-2): every Linear and Embedding weight ~ N(0, std), biases 0, norms 1; residual
+Scheme (GPT-2): every Linear and Embedding weight ~ N(0, std), biases 0, norms 1 (a
+tensor-parallel slice of a Linear draws the full weight and keeps its part: ``init_shard``); residual
 projections (attention ``wo`` and FFN ``w2``, which add into the residual stream) use
 std / sqrt(2 * n_layers) so the residual variance does not grow with depth. Routed experts use
 ``GroupedExperts.reset_parameters(generator)``, which inits the full tensor and keeps the shard.
@@ -71,9 +72,12 @@ def _init_module(mod: nn.Module, name: str, seed: int, std: float, residual_std:
     with torch.no_grad():
         if isinstance(mod, GroupedExperts):
             mod.reset_parameters(_generator(seed, device))
-        elif isinstance(mod, (nn.Linear, nn.Embedding)):
+        elif isinstance(mod, (nn.Linear, nn.Embedding)) or hasattr(mod, "init_shard"):
             leaf = name.rsplit(".", 1)[-1]
             s = residual_std if leaf in _RESIDUAL_PROJECTIONS else std
+            if hasattr(mod, "init_shard"):  # a tensor-parallel slice: the full Linear's draw, then its part
+                mod.init_shard(_generator(seed, device), s)
+                return
             nn.init.normal_(mod.weight, 0.0, s, generator=_generator(seed, device))
             if getattr(mod, "bias", None) is not None:
                 nn.init.zeros_(mod.bias)

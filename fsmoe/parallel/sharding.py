@@ -93,6 +93,12 @@ def get_sharding(param: nn.Parameter) -> ParamSharding:
     return getattr(param, _ATTR, REPLICATED)
 
 
+def tags_of(module: nn.Module) -> dict[str, ParamSharding]:
+    """Parameter name -> its tag, for the tagged parameters of ``module`` (to carry them over to
+    new Parameter objects, e.g. after ``to_empty``)."""
+    return {name: getattr(p, _ATTR) for name, p in module.named_parameters() if hasattr(p, _ATTR)}
+
+
 def tag_module(module: nn.Module, sharding: ParamSharding) -> None:
     """Tag every parameter under ``module`` that is not tagged yet."""
     for p in module.parameters():

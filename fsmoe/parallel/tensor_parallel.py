@@ -16,6 +16,7 @@ layout starts from the same global weights.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
@@ -37,6 +38,7 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         rows = linear.out_features // size
         self.group, self.in_features, self.out_features = group, linear.in_features, rows
+        self._size, self._rank = size, rank
         self.weight = nn.Parameter(linear.weight.detach()[rank * rows:(rank + 1) * rows].clone())
         self.bias = (nn.Parameter(linear.bias.detach()[rank * rows:(rank + 1) * rows].clone())
                      if linear.bias is not None else None)
@@ -47,6 +49,18 @@ class ColumnParallelLinear(nn.Module):
         """x [.., I] (replicated over MP) -> [.., O/mp]."""
         return F.linear(copy_to_group(x, self.group), self.weight, self.bias)
 
+    def init_shard(self, generator: torch.Generator, std: float) -> None:
+        """The one-process Linear's init (``N(0, std)`` over the full ``[O, I]``, bias 0), then
+        keep this rank's rows (fsmoe.models.init: a meta-built model materialised per rank)."""
+        rows = self.out_features
+        rank = self._rank
+        full = torch.empty(rows * self._size, self.in_features, device=self.weight.device).normal_(
+            0.0, std, generator=generator)
+        with torch.no_grad():
+            self.weight.copy_(full[rank * rows:(rank + 1) * rows])
+            if self.bias is not None:
+                self.bias.zero_()
+
 
 class RowParallelLinear(nn.Module):
     """y = AllReduce(x_local W_local^T) + b; W_local: columns ``[rank*I/mp, (rank+1)*I/mp)``."""
@@ -55,6 +69,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         cols = linear.in_features // size
         self.group, self.in_features, self.out_features = group, cols, linear.out_features
+        self._size, self._rank = size, rank
         self.weight = nn.Parameter(linear.weight.detach()[:, rank * cols:(rank + 1) * cols].clone())
         set_sharding(self.weight, ParamSharding("dp", ((1, "mp"),)))
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
@@ -65,6 +80,16 @@ class RowParallelLinear(nn.Module):
         """x_local [.., I/mp] -> [.., O] (replicated over MP)."""
         y = reduce_from_group(F.linear(x_local, self.weight), self.group)
         return y + self.bias if self.bias is not None else y
+
+    def init_shard(self, generator: torch.Generator, std: float) -> None:
+        """As ``ColumnParallelLinear.init_shard``, keeping this rank's columns."""
+        cols = self.in_features
+        full = torch.empty(self.out_features, cols * self._size, device=self.weight.device).normal_(
+            0.0, std, generator=generator)
+        with torch.no_grad():
+            self.weight.copy_(full[:, self._rank * cols:(self._rank + 1) * cols])
+            if self.bias is not None:
+                self.bias.zero_()
 
 
 def shard_attention(attn: Attention, groups: ParallelGroups) -> None:

@@ -73,12 +73,20 @@ class ParallelTrainer(Trainer):
         self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
     def build_model(self) -> nn.Module:
-        model = super().build_model()
-        if self.cfg.model.moe.impl == "deepspeed":  # the peer (fsmoe.models.peers.deepspeed_moe)
-            from fsmoe.models.peers.deepspeed_moe import replace_moe_layers
+        """This rank's shard of the model. Built shard by shard (fsmoe.parallel.build: no rank ever
+        holds the whole model) unless weights come from ``init_from`` or a peer's MoE layers are
+        swapped in; then built whole and sliced (``parallelize``). Either way the same numbers."""
+        if self.init_from is None and self.cfg.model.moe.impl == "fsmoe":
+            from fsmoe.parallel.build import build_sharded_model
 
-            replace_moe_layers(model, self.groups)
-        model = parallelize(model, self.groups)
+            model = build_sharded_model(self.cfg.model, self.groups, self.device, self.tcfg.seed)
+        else:
+            model = super().build_model()
+            if self.cfg.model.moe.impl == "deepspeed":  # the peer (fsmoe.models.peers.deepspeed_moe)
+                from fsmoe.models.peers.deepspeed_moe import replace_moe_layers
+
+                replace_moe_layers(model, self.groups)
+            model = parallelize(model, self.groups)
         p = self.cfg.parallel
         from fsmoe.comm.hierarchical import HierarchicalDispatcher
 

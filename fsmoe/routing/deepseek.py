@@ -83,6 +83,10 @@ class DeepSeekRouter(Router):
         # broadcasts buffers from rank 0 at every forward, which would overwrite local counts.
         self.load_acc_E: Tensor | None = None
 
+    def reset_buffers(self) -> None:
+        """The bias as built (zeros): for a model materialised from the meta device."""
+        self.expert_bias.zero_()
+
     @classmethod
     def check_config(cls, cfg, num_experts, prefix):
         require_unset(cfg, prefix, "deepseek", ("z_loss_coef", "noise_std"))
