@@ -9,7 +9,7 @@
 # Triton experts, against the sequential layer (tests/test_schedule_gpu.py); and the trainer's step
 # (tests/test_train_gpu.py): every matmul and attention op on bf16 operands with fp32 master
 # weights, no fp32 GEMM kernel, no host sync, bf16 losses within 5% of fp32 over 20 steps, a NaN
-# step skipped by fused AdamW on the device.
+# step skipped by fused AdamW on the device; the op clock's CUDA events (tests/test_op_clock.py).
 #
 # Usage: bash scripts/gpu_check.sh [extra pytest args]     (make gpu-check)
 set -uo pipefail
@@ -21,4 +21,5 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available(
   exit 1
 fi
 "$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_schedule_gpu.py tests/test_train_gpu.py "$@"
+exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_schedule_gpu.py tests/test_train_gpu.py \
+  tests/test_op_clock.py "$@"

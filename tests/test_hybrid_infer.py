@@ -353,3 +353,18 @@ def test_write_gguf_gives_llama_cpp_its_tensor_names_and_shapes(tmp_path, preset
     field = r.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == arch
     assert int(r.fields[f"{arch}.expert_count"].parts[-1][0]) == 4
+
+
+def test_a_materialised_model_starts_with_the_buffers_its_constructor_gives():
+    """fsmoe.infer.model.materialise with fresh weights (fsmoe bench infer's random model) puts the
+    DeepSeek router's expert bias back to zero, whatever memory to_empty handed out."""
+    from fsmoe.infer.model import materialise
+
+    cfg = tiny(moe=MoEConfig(num_experts=6, router=RouterConfig(name="deepseek", top_k=2, aux_loss_coef=0.0),
+                             experts=ExpertsConfig(d_ff=24, activation="swiglu")))
+    model = build_model(cfg, seed=0)
+    for layer in model.moe_layers():
+        layer.router.expert_bias.fill_(7.0)  # as if moved by training, or left in reused memory
+    materialise(model, torch.device("cpu"), torch.float32, init=True)
+    biases = [layer.router.expert_bias for layer in model.moe_layers()]
+    assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)

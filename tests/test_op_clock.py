@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from fsmoe.config import load_config
@@ -48,3 +49,17 @@ def test_a_recomputed_block_is_timed_once():
     _step(model, x)
     ops = clock.collect()
     assert all(math.isfinite(s) for rows in ops.values() for row in rows for s in row)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+def test_cuda_events_time_the_same_ops_as_the_cpu_clock():
+    """On CUDA the marks are events read after the step: every span finite, non-negative, and the
+    ops add up to the layer (each point's event follows the previous one on the stream)."""
+    model, x = _model()
+    model.cuda()
+    clock = OpClock(model.moe_layers(), torch.device("cuda"))
+    _step(model, x.cuda())
+    for phase, rows in clock.collect().items():
+        for row in rows:
+            assert all(math.isfinite(s) and s >= 0 for s in row), (phase, row)
+            assert math.isclose(sum(row[:-1]), row[-1], rel_tol=1e-2, abs_tol=1e-4), (phase, row)

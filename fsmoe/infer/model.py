@@ -19,6 +19,10 @@ def materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype, ini
     model.to_empty(device=device)
     if init:
         model.reset_parameters()
+        with torch.no_grad():
+            for mod in model.modules():  # buffers a constructor filled (to_empty left them blank)
+                if hasattr(mod, "reset_buffers"):
+                    mod.reset_buffers()
     for mod in model.modules():
         if isinstance(mod, RotaryEmbedding):
             mod.to(torch.float32)
