@@ -9,6 +9,7 @@ import torch
 from fsmoe.config import ConfigError, ModelConfig, model_config_from_dict
 from fsmoe.models import MoEDecoder, RotaryEmbedding, build_model
 from fsmoe.models.hf.convert import is_hf_dir, load_weights, source_model
+from fsmoe.models.init import reset_buffers
 
 
 def materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype, init: bool) -> None:
@@ -19,10 +20,7 @@ def materialise(model: MoEDecoder, device: torch.device, dtype: torch.dtype, ini
     model.to_empty(device=device)
     if init:
         model.reset_parameters()
-        with torch.no_grad():
-            for mod in model.modules():  # buffers a constructor filled (to_empty left them blank)
-                if hasattr(mod, "reset_buffers"):
-                    mod.reset_buffers()
+        reset_buffers(model)
     for mod in model.modules():
         if isinstance(mod, RotaryEmbedding):
             mod.to(torch.float32)

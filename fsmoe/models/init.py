@@ -67,6 +67,15 @@ def init_weights(model: nn.Module, base_seed: int, std: float, n_layers: int) ->
         _init_module(mod, name, module_seed(base_seed, name), std, residual_std)
 
 
+def reset_buffers(model: nn.Module) -> None:
+    """Refill the buffers constructors fill (a module's ``reset_buffers``, e.g. the DeepSeek router's
+    expert bias), for a model materialised from the meta device, whose ``to_empty`` left them blank."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "reset_buffers"):
+                mod.reset_buffers()
+
+
 def _init_module(mod: nn.Module, name: str, seed: int, std: float, residual_std: float) -> None:
     device = next(mod.parameters(recurse=False)).device
     with torch.no_grad():

@@ -17,6 +17,7 @@ from torch import nn
 
 from fsmoe.config import ModelConfig
 from fsmoe.models import build_model
+from fsmoe.models.init import reset_buffers
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.moe import moe_layer_factory
 from fsmoe.parallel.sharding import set_sharding, tags_of
@@ -36,8 +37,5 @@ def build_sharded_model(cfg: ModelConfig, groups: ParallelGroups, device: torch.
         if name in tags:
             set_sharding(p, tags[name])
     model.reset_parameters()
-    with torch.no_grad():
-        for module in model.modules():  # buffers a constructor filled (to_empty left them blank)
-            if hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+    reset_buffers(model)
     return model
