@@ -341,3 +341,41 @@ def test_generate_uses_the_tokenizer_json_a_conversion_carries(hf_dirs, tmp_path
     lines = capsys.readouterr().out.splitlines()
     new_ids = [int(i) for i in lines[1].split("->")[1].split()]
     assert lines[0] == "w7 w8 w9" + tok.decode(new_ids) and "tokenizer.json tokenizer" in lines[2]
+
+
+def _init_from_in_shards(rank, world, args):
+    from fsmoe.config import ParallelConfig, model_config_from_dict
+    from fsmoe.models.hf.convert import load_weights, source_model
+    from fsmoe.parallel.build import build_sharded_model, load_into_shards
+    from fsmoe.parallel.checkpoint import Meshes
+    from fsmoe.parallel.groups import build_groups
+    from fsmoe.parallel.tensor_parallel import parallelize
+
+    par, sources = args
+    groups = build_groups(ParallelConfig(**par))
+    meshes = Meshes.build(groups)
+    out = {}
+    for src in sources:
+        cfg = model_config_from_dict(source_model(Path(src)))
+        whole = build_model(cfg, seed=0)
+        load_weights(whole, Path(src))
+        whole = parallelize(whole, groups)
+        mine = build_sharded_model(cfg, groups, torch.device("cpu"), seed=1)  # other random weights first
+        load_into_shards(mine, Path(src), groups, meshes)
+        a, b = whole.state_dict(), mine.state_dict()
+        out[src] = [n for n in a if not torch.equal(a[n], b[n])]
+    return out
+
+
+@pytest.mark.dist
+def test_init_from_reads_each_ranks_shard_of_a_hf_directory_or_run(hf_dirs):
+    """--init-from under --nproc: the model built shard by shard reads its slices of a HF
+    directory (one stored tensor at a time) or a converted run's checkpoint (DCP), equal to
+    loading the whole model in one process and slicing it (DP2 x EP2 with MP2: 4 processes)."""
+    from dist_utils import run_workers
+
+    sources = [str(hf_dirs["qwen3_moe"][0]), str(hf_dirs["qwen3_moe"][1]), str(hf_dirs["mixtral"][0]),
+               str(hf_dirs["deepseek_v3"][0])]
+    par = {"dp": 2, "mp": 2, "ep": 2, "gpus_per_node": 2}
+    for res in run_workers(_init_from_in_shards, 4, (par, sources), timeout_s=180):
+        assert all(not bad for bad in res.values()), res

@@ -12,7 +12,10 @@ of a sharded module while it is drawn.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from fsmoe.config import ModelConfig
@@ -20,7 +23,7 @@ from fsmoe.models import build_model
 from fsmoe.models.init import reset_buffers
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.moe import moe_layer_factory
-from fsmoe.parallel.sharding import set_sharding, tags_of
+from fsmoe.parallel.sharding import get_sharding, set_sharding, tags_of
 from fsmoe.parallel.tensor_parallel import parallelize
 
 
@@ -39,3 +42,28 @@ def build_sharded_model(cfg: ModelConfig, groups: ParallelGroups, device: torch.
     model.reset_parameters()
     reset_buffers(model)
     return model
+
+
+def load_into_shards(model: nn.Module, path: Path, groups: ParallelGroups, meshes) -> str:
+    """``fsmoe train --init-from`` for a model built shard by shard: an fsmoe run's newest intact
+    checkpoint through DCP (each rank reads its slices of the global tensors), or a Hugging Face
+    directory one stored tensor at a time (converted whole, this rank's slice kept). The shapes
+    checked are the global ones. Returns what was loaded."""
+    from fsmoe.models.hf.convert import hf_tensors, is_hf_dir, run_checkpoint
+    from fsmoe.parallel.checkpoint import to_global_state
+
+    path = Path(path)
+    own = model.state_dict()
+    params = dict(model.named_parameters())
+    shapes = {name: get_sharding(params[name]).global_shape(t.shape, groups) if name in params else tuple(t.shape)
+              for name, t in own.items()}
+    if is_hf_dir(path):
+        label, tensors = hf_tensors(path, shapes)
+        with torch.no_grad():
+            for name, full in tensors:
+                mine = get_sharding(params[name]).shard_of(full, groups) if name in params else full
+                own[name].copy_(mine)
+        return label
+    ckpt_dir = run_checkpoint(path, shapes)
+    dcp.load(to_global_state({"model": own}, model, groups, meshes), checkpoint_id=ckpt_dir)
+    return str(ckpt_dir)

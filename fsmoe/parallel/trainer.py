@@ -73,13 +73,18 @@ class ParallelTrainer(Trainer):
         self.rebalancer = build_rebalancer(cfg.parallel, self.model.moe_layers(), groups, self.device)
 
     def build_model(self) -> nn.Module:
-        """This rank's shard of the model. Built shard by shard (fsmoe.parallel.build: no rank ever
-        holds the whole model) unless weights come from ``init_from`` or a peer's MoE layers are
-        swapped in; then built whole and sliced (``parallelize``). Either way the same numbers."""
-        if self.init_from is None and self.cfg.model.moe.impl == "fsmoe":
-            from fsmoe.parallel.build import build_sharded_model
+        """This rank's shard of the model, built shard by shard (fsmoe.parallel.build: no rank ever
+        holds the whole model; ``init_from`` weights are read into the shards), except when a peer's
+        MoE layers are swapped in: then built whole and sliced (``parallelize``). The same numbers
+        either way."""
+        if self.cfg.model.moe.impl == "fsmoe":
+            from fsmoe.parallel.build import build_sharded_model, load_into_shards
 
             model = build_sharded_model(self.cfg.model, self.groups, self.device, self.tcfg.seed)
+            if self.init_from is not None:
+                loaded = load_into_shards(model, self.init_from, self.groups, self.meshes)
+                if self.is_writer:
+                    self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
         else:
             model = super().build_model()
             if self.cfg.model.moe.impl == "deepspeed":  # the peer (fsmoe.models.peers.deepspeed_moe)

@@ -361,22 +361,14 @@ def load_weights(model: nn.Module, path: Path) -> str:
     directory) into the one-process ``model``, whose config must match. Returns what was loaded."""
     path = Path(path)
     own = model.state_dict()
+    shapes = {name: tuple(t.shape) for name, t in own.items()}
     if is_hf_dir(path):
-        ckpt = HFCheckpoint(path)
-        plan = plan_import(ckpt)
-        _check_shapes(own, plan.shapes, str(path))
+        label, tensors = hf_tensors(path, shapes)
         with torch.no_grad():
-            for e in plan.entries:
-                own[e.ours].copy_(to_ours(e, (ckpt.read([name])[0] for name in e.hf), plan.layout))
-        return f"{path} ({plan.family.architecture})"
-    try:
-        _, ckpt_dir, _ = checkpoint.find_intact(path)
-    except checkpoint.CheckpointError as e:
-        raise ConversionError(str(path), "no checkpoint", f"is an fsmoe run without an intact checkpoint ({e.allowed})"
-                              ) from None
-    md = dcp.FileSystemReader(ckpt_dir).read_metadata()
-    for name, t in own.items():
-        _stored(md, f"model.{name}", ckpt_dir, tuple(t.shape))
+            for name, full in tensors:
+                own[name].copy_(full)
+        return label
+    ckpt_dir = run_checkpoint(path, shapes)
     ctx = _quiet()
     try:
         dcp.load({"model": own}, checkpoint_id=ckpt_dir, no_dist=True)
@@ -385,11 +377,36 @@ def load_weights(model: nn.Module, path: Path) -> str:
     return str(ckpt_dir)
 
 
-def _check_shapes(own: dict[str, Tensor], theirs: dict[str, tuple[int, ...]], where: str) -> None:
-    for name, t in own.items():
-        if name not in theirs or tuple(t.shape) != theirs[name]:
+def hf_tensors(path: Path, shapes: dict[str, tuple[int, ...]]):
+    """(what is loaded, an iterator of (fsmoe name, tensor)) for the HF directory ``path``: each
+    tensor converted whole, one at a time, after checking the directory against ``shapes`` (name
+    -> the model's global shape)."""
+    ckpt = HFCheckpoint(path)
+    plan = plan_import(ckpt)
+    _check_shapes(shapes, plan.shapes, str(path))
+    tensors = ((e.ours, to_ours(e, (ckpt.read([name])[0] for name in e.hf), plan.layout)) for e in plan.entries)
+    return f"{path} ({plan.family.architecture})", tensors
+
+
+def run_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """The newest intact checkpoint of the fsmoe run ``path``, checked to hold ``model.<name>`` of
+    every shape in ``shapes``; ConversionError otherwise."""
+    try:
+        _, ckpt_dir, _ = checkpoint.find_intact(path)
+    except checkpoint.CheckpointError as e:
+        raise ConversionError(str(path), "no checkpoint", f"is an fsmoe run without an intact checkpoint ({e.allowed})"
+                              ) from None
+    md = dcp.FileSystemReader(ckpt_dir).read_metadata()
+    for name, shape in shapes.items():
+        _stored(md, f"model.{name}", ckpt_dir, shape)
+    return ckpt_dir
+
+
+def _check_shapes(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], where: str) -> None:
+    for name, shape in own.items():
+        if name not in theirs or tuple(shape) != theirs[name]:
             raise ConversionError(f"{where}: {name}", list(theirs.get(name, ())) or "missing",
-                                  f"the model being built has shape {list(t.shape)}")
+                                  f"the model being built has shape {list(shape)}")
 
 
-__all__ = ["ConvertReport", "hf_to_run", "load_weights", "run_to_hf", "source_model"]
+__all__ = ["ConvertReport", "hf_tensors", "hf_to_run", "load_weights", "run_checkpoint", "run_to_hf", "source_model"]
