@@ -424,10 +424,7 @@ class ParallelConfig:
         _check(self.expert_swap_every == 0, f"{prefix}.shard", self.shard,
                f"expert swaps ({prefix}.expert_swap_every={self.expert_swap_every}) need the whole optimizer "
                f"state on each rank; use {prefix}.shard='none' or {prefix}.expert_swap_every=0")
-        if self.shard == "full":
-            _check(self.schedule == "default", f"{prefix}.shard", self.shard,
-                   f"frees weights the pipelined schedule ({prefix}.schedule={self.schedule!r}) reads on its own "
-                   f"lanes; use {prefix}.shard='optimizer' or {prefix}.schedule='default'")
+
 
 
 PLACEMENTS = ("static", "flexmoe", "eplb")

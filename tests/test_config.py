@@ -179,9 +179,7 @@ def test_placement_policies_refuse_the_hierarchical_dispatchers():
                                  f"model.moe.dispatcher={dispatcher}"])
 
 
-def test_sharded_weights_refuse_the_pipelined_schedule_and_compiled_blocks():
-    with pytest.raises(ConfigError, match=r"parallel\.shard.*schedule='fsmoe'"):
-        load_config("tiny", ["parallel.dp=2", "parallel.ep=2", "parallel.shard=full", "parallel.schedule=fsmoe"])
+def test_sharded_weights_refuse_compiled_blocks():
     with pytest.raises(ConfigError, match=r"train\.compile.*parallel\.shard='full'"):
         load_config("tiny", ["parallel.dp=2", "parallel.shard=full", "train.compile=true"])
 

@@ -148,6 +148,18 @@ def test_fsmoe_schedule_r2_matches_default_and_writes_timeline(tmp_path, default
 
 
 @pytest.mark.dist
+def test_fsmoe_schedule_with_sharded_weights_matches_default(tmp_path, default_run):
+    """FSMoE at r = 2 with the blocks' weights split and gathered around each use (``--shard
+    full``): the pipelined executor reads the expert weights on the compute lane only, so it logs
+    the default schedule's losses and gradient norms."""
+    profile = synthetic_profile(tmp_path / "profile.json")
+    out = ok(fsmoe_train(tmp_path / "full", *LAYOUT, "--steps", "4", "--shard", "full", *SMALL,
+                         'parallel.schedule="fsmoe"', f'parallel.profile="{profile}"', "parallel.pipeline_degree=2"))
+    assert "parallel.shard=full" in out
+    assert_same_losses(default_run, records(tmp_path / "full"))
+
+
+@pytest.mark.dist
 def test_startup_profile_and_tutel_schedule_r3_match_default(tmp_path, default_run):
     """No parallel.profile: a quick profile on the real groups at start-up (saved as profile.json);
     Tutel-Improved at r = 3 (chunks of unequal size; each block's gradients reduced as soon as ready),
