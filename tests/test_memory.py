@@ -158,3 +158,13 @@ def test_zero_slices_follow_dtensor_chunks_and_skip_taken_or_unsplittable_dims()
     bias = nn.Parameter(torch.zeros(6))
     set_sharding(bias, ParamSharding(reduce="dp", dims=((0, "mp"),)))
     assert slice_for(bias, SimpleNamespace(size={"dp": 2, "mp": 2}.__getitem__, coords=None)) is None
+
+
+def test_when_no_batch_fits_the_plan_says_whether_the_states_or_the_smallest_batch_is_too_big(capsys):
+    base = ["--memory", "--config", "mixtral-8x7b", "--gpus", "8", "--gpu-gb", "139", "--batch", "8",
+            "--set", "train.activation_checkpointing=full"]
+    code, out = _plan_here(capsys, *base, "--ep", "4", "--shard", "optimizer")
+    assert code == 0 and "none (the weights, gradients and optimizer state alone do not fit)" in out
+    code, out = _plan_here(capsys, *base, "--ep", "8", "--shard", "full", "--seq-len", "131072",
+                           "--set", "model.max_seq_len=131072")
+    assert code == 0 and "none (not even 1 sequence(s) per GPU" in out and "try a shorter --seq-len" in out

@@ -64,8 +64,8 @@ def run_memory(args) -> int:
                   f" against {budget / GiB:.1f} GiB usable of a {args.gpu_gb:g} GiB card ({args.headroom:.0%} kept "
                   f"for the CUDA context, allocator and NCCL): {'fits' if fits else 'does NOT fit'}",
                   markup=False, highlight=False)
-    states = plan.step["weights"] + plan.step.get("gathered blocks", 0) + plan.step["optimizer"]
-    why = ("the weights and optimizer state alone do not fit" if states > budget else
+    # the step's high point does not depend on the batch: weights, gradients, optimizer state, buffers
+    why = ("the weights, gradients and optimizer state alone do not fit" if sum(plan.step.values()) > budget else
            f"not even {par.mp} sequence(s) per GPU, the fewest the MoE layers split over mp={par.mp}; "
            "try a shorter --seq-len")
     console.print(f"largest batch that fits: {best} x {t.seq_len} tokens per GPU" +
