@@ -24,7 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                                           "(GG), kept in host memory and streamed over PCIe when used (CG), or "
                                           "kept and computed on the CPU (CC); with --policy scheinfer the hottest "
                                           "experts that fit the budget are resident and each layer's others are "
-                                          "split per forward by measured CPU, PCIe and GPU costs.")
+                                          "split per forward by measured CPU, PCIe and GPU costs, checked against the "
+                                          "clock (--policy model: the cost model alone).")
     add_generation_args(p)
     p.add_argument("--gpu-mem-gb", type=float, required=True, help="GPU memory budget in GiB (the process is capped)")
     p.add_argument("--policy", default="scheinfer", help=f"one of {list(POLICY_NAMES)}")
