@@ -70,3 +70,45 @@ def test_trace_summary_command(tmp_path, capsys):
         f.write('{"format": "something-else"}\n')
     assert main(["trace", "summary", str(bad)]) == 2
     assert "path" in capsys.readouterr().err
+
+
+def test_trace_check_puts_each_traced_op_beside_the_profiles_prediction(tmp_path, capsys):
+    """fsmoe trace check: the run's shapes and layout from its config.json, each op priced with
+    the profile's lines (hand-computed here: tiny preset, DP2 x EP2, 8 x 128 tokens per rank, top-2:
+    2048 rows of 128 fp32 values = 1 MiB per AlltoAll; 2048 x 128 x 256 x 2 GEMMs = 134.2M MACs)."""
+    from fsmoe.cli import main
+    from fsmoe.config import load_config
+    from fsmoe.schedule.model.profile import profile_from_points
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(load_config("tiny", ["parallel.dp=2", "parallel.ep=2"]).to_dict()))
+    lines = {"a2a_intra": (50e-6, 1e-9), "expert_fwd": (20e-6, 1e-10), "expert_bwd": (40e-6, 2e-10)}
+    prof = profile_from_points("synthetic", "ep2-esp1-nodes1x2",
+                               {k: [[n, a + b * n] for n in (1e3, 1e6, 1e8)] for k, (a, b) in lines.items()})
+    prof.save(tmp_path / "profile.json")
+    ops = {"forward": [[0.001, 0.002, 0.010, 0.002, 0.001, 0.016]] * 4,
+           "backward": [[0.001, 0.002, 0.020, 0.002, 0.001, 0.026]] * 4}
+    with gzip.open(run / "routing_trace.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 4, "num_experts": 8,
+                            "sources": 2, "source_ep_rank": [0, 1], "ep": 2, "top_k": 2}) + "\n")
+        f.write(json.dumps({"step": 1, "counts": [[[0] * 8] * 2] * 4, "ops": ops}) + "\n")
+    out = tmp_path / "check.json"
+    assert main(["trace", "check", str(run / "routing_trace.jsonl.gz"), "--profile", str(tmp_path / "profile.json"),
+                 "--json", str(out)]) == 0
+    got = {(r["phase"], r["op"]): r for r in json.loads(out.read_text())["ops"]}
+    a2a, counts = 50e-6 + 1e-9 * 2 ** 20, 50e-6 + 1e-9 * 2 * 8 * 8
+    assert got["forward", "dispatch"]["predicted_ms"] == pytest.approx(1e3 * (counts + a2a), rel=1e-6)
+    assert got["backward", "combine"]["predicted_ms"] == pytest.approx(1e3 * a2a, rel=1e-6)
+    assert got["forward", "experts"]["predicted_ms"] == pytest.approx(1e3 * (20e-6 + 1e-10 * 2048 * 128 * 256 * 2))
+    assert got["backward", "experts"]["predicted_ms"] == pytest.approx(1e3 * (40e-6 + 2e-10 * 2048 * 128 * 256 * 2))
+    assert got["forward", "experts"]["measured_ms"] == pytest.approx(10.0) and got["forward", "route"]["predicted_ms"] is None
+    assert "median |error|" in capsys.readouterr().out
+    assert main(["trace", "check", str(run / "routing_trace.jsonl.gz"), "--profile", str(tmp_path / "none.json")]) == 2
+    assert "--profile" in capsys.readouterr().err
+    with gzip.open(run / "routing_trace.jsonl.gz", "wt") as f:  # traced before the op clock existed
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 4, "num_experts": 8,
+                            "sources": 2, "ep": 2, "top_k": 2}) + "\n")
+        f.write(json.dumps({"step": 1, "counts": [[[0] * 8] * 2] * 4}) + "\n")
+    assert main(["trace", "check", str(run / "routing_trace.jsonl.gz"), "--profile", str(tmp_path / "profile.json")]) == 2
+    assert "no op timings" in capsys.readouterr().err

@@ -26,6 +26,14 @@ def add_parser(subparsers) -> None:
     s.add_argument("--plot", default=None, help="draw the three series to this PNG")
     s.add_argument("--json", default=None, help="write the series and their means here")
     s.set_defaults(func=run_summary)
+    c = sub.add_parser("check", help="each traced op's time beside the performance model's prediction",
+                       description="Each MoE op timed in a routing trace (rank 0; forward and backward) beside "
+                                   "what a measured profile predicts for the run's shapes and layout "
+                                   "(fsmoe.sim.op_check; see docs/simulation.md).")
+    c.add_argument("path", help="routing_trace.jsonl.gz of a run (its config.json beside it)")
+    c.add_argument("--profile", required=True, help="a Profile (fsmoe profile) of the run's layout and hardware")
+    c.add_argument("--json", default=None, help="write the table here")
+    c.set_defaults(func=run_check)
 
 
 def load_for_ep(path: str, ep: int | None):
@@ -101,4 +109,47 @@ def run_summary(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out))
+    return 0
+
+
+def run_check(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fsmoe.config import ConfigError, config_from_dict
+    from fsmoe.placement.traffic import read_trace
+    from fsmoe.schedule.model.profile import Profile
+    from fsmoe.sim.op_check import check_ops, median_error, predicted_ops
+    from fsmoe.train import saved_config
+
+    if not Path(args.path).is_file():
+        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
+    trace = read_trace(args.path)
+    if trace.ops_NMO is None:
+        raise ConfigError("path", args.path, "holds no op timings (traced by an older fsmoe); trace the run again")
+    saved = saved_config(Path(args.path).parent)
+    if saved is None:
+        raise ConfigError("path", args.path, "needs the run's config.json beside it")
+    cfg = config_from_dict(saved)
+    profile = Profile.load(args.profile, field="--profile")
+    try:
+        predicted = predicted_ops(cfg, int(trace.header["sources"]), profile)
+    except KeyError as e:
+        raise ConfigError("--profile", args.profile, str(e).strip("'\"")) from None
+    checks = check_ops(op_medians(trace.ops_NMO), predicted)
+    table = Table(title=f"{args.path}: ms per MoE layer (rank 0, median over steps) against {profile.hardware}")
+    for col in ("phase", "op", "predicted", "measured", "predicted / measured"):
+        table.add_column(col, justify="right")
+    for c in checks:
+        table.add_row(c.phase, c.op, "-" if c.predicted_ms is None else f"{c.predicted_ms:.3g}", f"{c.measured_ms:.3g}",
+                      "-" if c.ratio is None else f"{c.ratio:.2f}")
+    con = Console()
+    con.print(table)
+    err = median_error(checks)
+    con.print(f"median |error| over the predicted ops: {100 * err:.1f}%")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"median_abs_error": err, "ops": [
+            {"phase": c.phase, "op": c.op, "predicted_ms": c.predicted_ms, "measured_ms": c.measured_ms} for c in checks]},
+            indent=1))
     return 0
