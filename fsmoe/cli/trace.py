@@ -1,7 +1,9 @@
 """``fsmoe trace summary``: what a routing trace (``fsmoe train --trace``) says about the network
-traffic of expert parallelism: how fast it changes, how sparse it is, how local it is.
+traffic of expert parallelism: how fast it changes, how sparse it is, how local it is, and the
+step's op timings. ``fsmoe trace check``: each traced op beside what a profile predicts for it.
 
     fsmoe trace summary runs/tiny/routing_trace.jsonl.gz --ep 8 --gpus-per-node 4 --plot trace.png
+    fsmoe trace check runs/tiny/routing_trace.jsonl.gz --profile profile.json
 
 See docs/simulation.md ("Routing traces").
 """
