@@ -8,7 +8,9 @@ layout, every rank also trains the one-process reference on the global batch, th
 every parameter (its shard of the reference gradient, after sync and clipping), the global grad
 norm and the parameters after the step. Replicated shards must hash the same on every rank that
 holds them (router and shared weights included). The world-4 launch also saves an EP=4
-checkpoint that the other launches load at EP=1, 2 and 8.
+checkpoint that the other launches load at EP=1, 2 and 8. Every layout trains three ways:
+AdamW state whole, split over the replicas (``parallel.shard = "optimizer"``), and with the
+blocks' weights split too (``"full"``).
 """
 from __future__ import annotations
 
@@ -287,21 +289,30 @@ def load_checkpoint(par: dict, path: str, shard: str = "none") -> dict:
 # ---------------------------------------------------------------- launches
 
 
+SHARD_SUFFIX = {"none": "", "optimizer": ", sharded optimizer state", "full": ", sharded weights"}
+
+
+def every_shard(layouts) -> dict:
+    """Each (name, layout, model kind, options) trained three ways: AdamW state and weights whole,
+    the state and gradients split over the replicas (optimizer), and the weights too (full)."""
+    return {name + suffix: check_layout(par, kind, shard=shard, **kw)
+            for name, par, kind, kw in layouts for shard, suffix in SHARD_SUFFIX.items()}
+
+
 def _world2(rank, world, ckpt):
     saved, sharded, full = ckpt
     return {
-        "EP2, sharded optimizer state": check_layout({"dp": 2, "ep": 2}, "deepseek", shard="optimizer"),
-        "EP2, sharded weights": check_layout({"dp": 2, "ep": 2}, "deepseek", shard="full"),
+        **every_shard([("DP2", {"dp": 2}, "gpt", {}),
+                       ("EP2", {"dp": 2, "ep": 2}, "gpt", {}),
+                       ("EP2 (deepseek)", {"dp": 2, "ep": 2}, "deepseek", {}),
+                       ("ESP2 (alltoall RS)", {"dp": 2, "esp": 2}, "gpt", {"rs_impl": "alltoall"}),
+                       ("ESP2 (native RS)", {"dp": 2, "esp": 2}, "deepseek", {"rs_impl": "native"}),
+                       ("MP2", {"mp": 2}, "deepseek", {})]),
         "DP2, sharded weights, blocks recomputed": check_layout({"dp": 2}, "gpt", shard="full", recompute="full"),
         "load EP2 sharded weights <- EP4": load_checkpoint({"dp": 2, "ep": 2}, saved, shard="full"),
         "load EP2 sharded <- EP4 sharded weights": load_checkpoint({"dp": 2, "ep": 2}, full, shard="optimizer"),
         "load EP2 sharded <- EP4": load_checkpoint({"dp": 2, "ep": 2}, saved, shard="optimizer"),
         "load EP2 <- EP4 sharded": load_checkpoint({"dp": 2, "ep": 2}, sharded),
-        "DP2": check_layout({"dp": 2}, "gpt"),
-        "EP2": check_layout({"dp": 2, "ep": 2}, "gpt"),
-        "ESP2 (alltoall RS)": check_layout({"dp": 2, "esp": 2}, "gpt", rs_impl="alltoall"),
-        "ESP2 (native RS)": check_layout({"dp": 2, "esp": 2}, "deepseek", rs_impl="native"),
-        "MP2": check_layout({"mp": 2}, "deepseek"),
         "norm MP2": check_known_norm({"mp": 2}),
         "load EP2": load_checkpoint({"dp": 2, "ep": 2}, saved),
     }
@@ -310,20 +321,13 @@ def _world2(rank, world, ckpt):
 def _world4(rank, world, ckpt):
     saved, sharded, full = ckpt
     return {
-        "DP2xMP2, EP2xESP2, sharded optimizer state": check_layout(
-            {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="optimizer"),
-        "DP2xMP2, EP2xESP2, sharded weights": check_layout(
-            {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", shard="full"),
-        "EP2 (edp 2), sharded weights": check_layout({"dp": 4, "ep": 2}, "gpt", shard="full"),
-        "EP4, sharded weights": check_layout({"dp": 4, "ep": 4}, "forced", shard="full"),
-        "EP2 (edp 2), sharded optimizer state": check_layout({"dp": 4, "ep": 2}, "gpt", shard="optimizer"),
-        "EP4": check_layout({"dp": 4, "ep": 4}, "gpt"),
-        "EP4, sharded optimizer state": check_layout({"dp": 4, "ep": 4}, "forced", shard="optimizer"),
-        "EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "gpt", factory=True),
-        "DP2xMP2, EP2xESP2": check_layout({"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek"),
-        "DP2xMP2, EP4 (gpt)": check_layout({"dp": 2, "mp": 2, "ep": 4}, "gpt"),
-        "all to expert 0, EP4": check_layout({"dp": 4, "ep": 4}, "forced"),
-        "all to expert 0, EP2xESP2": check_layout({"dp": 4, "ep": 2, "esp": 2}, "forced"),
+        **every_shard([("DP2xMP2, EP2xESP2", {"dp": 2, "mp": 2, "ep": 2, "esp": 2, "gpus_per_node": 2}, "deepseek", {}),
+                       ("EP2 (edp 2)", {"dp": 4, "ep": 2}, "gpt", {}),
+                       ("EP4", {"dp": 4, "ep": 4}, "gpt", {}),
+                       ("EP2xESP2", {"dp": 4, "ep": 2, "esp": 2}, "gpt", {"factory": True}),
+                       ("DP2xMP2, EP4 (gpt)", {"dp": 2, "mp": 2, "ep": 4}, "gpt", {}),
+                       ("all to expert 0, EP4", {"dp": 4, "ep": 4}, "forced", {}),
+                       ("all to expert 0, EP2xESP2", {"dp": 4, "ep": 2, "esp": 2}, "forced", {})]),
         "norm EP4": check_known_norm({"dp": 4, "ep": 4}),
         "norm EP2xESP2": check_known_norm({"dp": 4, "ep": 2, "esp": 2}),
         "norm DP2xMP2, EP2xESP2": check_known_norm({"dp": 2, "mp": 2, "ep": 2, "esp": 2}),
@@ -335,10 +339,8 @@ def _world4(rank, world, ckpt):
 
 def _world8(rank, world, ckpt):
     saved, sharded, full = ckpt
-    return {"EP8": check_layout({"dp": 8, "ep": 8}, "gpt"),
-            "DP8 (experts replicated 8 times), sharded optimizer state": check_layout({"dp": 8}, "deepseek",
-                                                                                      shard="optimizer"),
-            "DP8 (experts replicated 8 times), sharded weights": check_layout({"dp": 8}, "deepseek", shard="full"),
+    return {**every_shard([("EP8", {"dp": 8, "ep": 8}, "gpt", {}),
+                           ("DP8 (experts replicated 8 times)", {"dp": 8}, "deepseek", {})]),
             "load EP8": load_checkpoint({"dp": 8, "ep": 8}, saved),
             "load DP8xEP2 sharded <- EP4 sharded": load_checkpoint({"dp": 8, "ep": 2}, sharded, shard="optimizer"),
             "load DP8xEP2 sharded weights <- EP4 sharded weights": load_checkpoint({"dp": 8, "ep": 2}, full,
