@@ -10,7 +10,8 @@ from rich.table import Table
 from fsmoe.config import ConfigError, load_config
 from fsmoe.memory import GiB, ParamCounts, largest_batch, plan_memory
 
-ORDER = ("weights", "gathered blocks", "gradients", "optimizer", "activations", "bf16 weight copies", "logits", "communication buffers")
+ORDER = ("weights", "gathered blocks", "gradients", "optimizer", "activations", "bf16 weight copies", "logits",
+         "communication buffers")
 
 
 def memory_config(args):

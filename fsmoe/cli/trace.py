@@ -152,6 +152,7 @@ def run_check(args) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"median_abs_error": err, "ops": [
-            {"phase": c.phase, "op": c.op, "predicted_ms": c.predicted_ms, "measured_ms": c.measured_ms} for c in checks]},
+            {"phase": c.phase, "op": c.op, "predicted_ms": c.predicted_ms, "measured_ms": c.measured_ms}
+            for c in checks]},
             indent=1))
     return 0

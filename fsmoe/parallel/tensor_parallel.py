@@ -11,9 +11,9 @@ rank's slice.
 Attention: q/k/v column-parallel by whole heads (H/mp query heads, G/mp key/value heads: the
 GQA mapping stays local because heads are contiguous), o row-parallel. Dense MLP: w1/w3 column,
 w2 row. The replacement modules keep the ``weight``/``bias`` names, so state-dict keys are those
-of the one-process model. ``parallelize`` slices an already initialised full model, so every layout starts from the same
-global weights; or a model built on the meta device, whose slices fsmoe.parallel.build then
-initialises (``init_shard``: the full Linear's draw, this rank's part).
+of the one-process model. ``parallelize`` slices an already initialised full model, so every
+layout starts from the same global weights; or a model built on the meta device, whose slices
+fsmoe.parallel.build then initialises (``init_shard``: the full Linear's draw, this rank's part).
 """
 from __future__ import annotations
 

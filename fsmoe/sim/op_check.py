@@ -55,7 +55,8 @@ def predicted_ops(cfg, world: int, profile) -> dict[str, dict[str, float]]:
     if layout.moe > 1:
         counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8)
     ms = 1e3
-    return {"forward": {"dispatch": (counts + fwd.a2a + fwd.ag) * ms, "experts": fwd.exp * ms, "combine": (fwd.a2a + fwd.rs) * ms},
+    return {"forward": {"dispatch": (counts + fwd.a2a + fwd.ag) * ms, "experts": fwd.exp * ms,
+                        "combine": (fwd.a2a + fwd.rs) * ms},
             "backward": {"dispatch": (bwd.a2a + bwd.rs) * ms, "experts": bwd.exp * ms,
                          "combine": (bwd.ag + bwd.a2a) * ms}}
 
