@@ -23,8 +23,6 @@ whole layer, layer_start -> layer_end).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
@@ -35,13 +33,6 @@ OPS = ("route", "dispatch", "experts", "combine", "unroute")
 PHASES = ("forward", "backward")
 
 
-@dataclass
-class _Marks:
-    """Marks of one step: (layer, phase, point) -> the first stamp at that point."""
-
-    stamps: dict[tuple[int, str, str], object] = field(default_factory=dict)
-
-
 class OpClock:
     """Times every MoE layer of ``layers`` at its hook points (see the module docstring).
     ``collect()`` returns the step's ``{"forward": [M][O + 1], "backward": [M][O + 1]}`` seconds
@@ -49,7 +40,7 @@ class OpClock:
 
     def __init__(self, layers: list[MoELayer], device: torch.device):
         self.layers, self.cuda = layers, device.type == "cuda"
-        self._marks = _Marks()
+        self._stamps: dict[tuple[int, str, str], object] = {}  # (layer, phase, point) -> first stamp
         self._handles = [layer.register_hook(point, self._hook(i, point))
                          for i, layer in enumerate(layers) for point in HOOK_POINTS]
 
@@ -64,14 +55,14 @@ class OpClock:
 
     def _stamp(self, i: int, phase: str, point: str) -> None:
         key = (i, phase, point)
-        if key in self._marks.stamps:
+        if key in self._stamps:
             return  # a chunked executor passes inner points once per chunk: the first counts
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            self._marks.stamps[key] = ev
+            self._stamps[key] = ev
         else:
-            self._marks.stamps[key] = time.perf_counter()
+            self._stamps[key] = time.perf_counter()
 
     def _seconds(self, a, b) -> float:
         if a is None or b is None:
@@ -83,7 +74,7 @@ class OpClock:
     def collect(self) -> dict[str, list[list[float]]]:
         """The last step's spans (NaN where a point was not reached), then forget them. On CUDA
         this waits for the step's last mark."""
-        stamps, self._marks = self._marks.stamps, _Marks()
+        stamps, self._stamps = self._stamps, {}
         if self.cuda and stamps:
             torch.cuda.synchronize()
         out = {}

@@ -336,10 +336,13 @@ class Trainer:
         with torch.device(self.device):
             model = build_model(self.cfg.model, seed=self.tcfg.seed)
         if self.init_from is not None:
-            loaded = load_weights(model, self.init_from)
-            if self.is_writer:
-                self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
+            self._say_loaded(load_weights(model, self.init_from))
         return model
+
+    def _say_loaded(self, loaded: str) -> None:
+        """Where ``init_from``'s weights came from (rank 0)."""
+        if self.is_writer:
+            self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
 
     def build_schedule(self) -> TrainingSchedule | None:
         """The pipelined MoE schedule (``parallel.schedule``); fsmoe.parallel's trainer installs

@@ -108,6 +108,16 @@ def _split_summary(splits) -> dict[str, float]:
     return {name: sum(s.count(c) for s in splits) / n for c, name in enumerate(CLASS_NAMES)}
 
 
+def _runs(hybrid: HybridModel, n: int, run) -> list[float]:
+    """``run()`` ``n`` times (decode varies run to run by up to a third: callers take the median);
+    the splits kept are those of the last run."""
+    out = []
+    for _ in range(n):
+        hybrid.splits.clear()
+        out.append(run())
+    return out
+
+
 def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, tokens, device) -> dict:
     cfg = hybrid.model.cfg
     resident = hybrid.place(policy, hot_LE)  # every policy places from the same calibration counts
@@ -116,21 +126,15 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     # Each measurement runs once unmeasured first, at its own shapes: the first forwards of a shape
     # pay one-time costs (kernel choices, allocator growth) that made whichever policy ran first
     # look up to 3x slower; they also let the race time its candidates, as in a running server.
-    decode = Sampling(max_new_tokens=args.new_tokens)
+    decode, prefill = Sampling(max_new_tokens=args.new_tokens), Sampling(max_new_tokens=1)
     generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 5), decode)
     prompts = _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 6)
-    rates = []
-    for _ in range(args.repeats):  # decode varies run to run by up to a third: the median of repeats
-        hybrid.splits.clear()
-        rates.append(generate(hybrid.model, prompts, decode).decode_tokens_per_s)
+    rates = _runs(hybrid, args.repeats, lambda: generate(hybrid.model, prompts, decode).decode_tokens_per_s)
     res["decode_tokens_per_s"], res["decode_runs"] = float(np.median(rates)), rates
     res["decode_experts_per_layer"] = _split_summary(hybrid.splits[len(hybrid.model.moe_layers()):])
-    generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), Sampling(max_new_tokens=1))
+    generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), prefill)
     prompt = _prompts(1, args.prefill, cfg.vocab_size, 7)
-    rates = []
-    for _ in range(args.repeats):
-        hybrid.splits.clear()
-        rates.append(args.prefill / generate(hybrid.model, prompt, Sampling(max_new_tokens=1)).prefill_s)
+    rates = _runs(hybrid, args.repeats, lambda: args.prefill / generate(hybrid.model, prompt, prefill).prefill_s)
     res["prefill_tokens_per_s"], res["prefill_runs"] = float(np.median(rates)), rates
     res["prefill_experts_per_layer"] = _split_summary(hybrid.splits)
     if device.type == "cuda":

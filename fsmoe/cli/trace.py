@@ -38,18 +38,25 @@ def add_parser(subparsers) -> None:
     c.set_defaults(func=run_check)
 
 
-def load_for_ep(path: str, ep: int | None):
-    """(the routing trace at ``path``, the EP ranks to read it for: ``ep`` or the run's own);
-    ConfigError naming the path or ``--ep`` when either is unusable."""
+def load_trace(path: str):
+    """The routing trace at ``path``; ConfigError naming the path when it is missing or unreadable."""
     from fsmoe.config import ConfigError
     from fsmoe.placement.traffic import read_trace
 
     if not Path(path).is_file():
         raise ConfigError("path", path, "must be a routing trace file (routing_trace.jsonl.gz)")
     try:
-        trace = read_trace(path)
+        return read_trace(path)
     except (ValueError, OSError) as e:
         raise ConfigError("path", path, f"is not a readable routing trace ({e})") from None
+
+
+def load_for_ep(path: str, ep: int | None):
+    """(the routing trace at ``path``, the EP ranks to read it for: ``ep`` or the run's own);
+    ConfigError naming the path or ``--ep`` when either is unusable."""
+    from fsmoe.config import ConfigError
+
+    trace = load_trace(path)
     ranks = ep or max(int(trace.header.get("ep", 1)), 1)
     if ranks < 2:
         raise ConfigError("--ep", ranks,
@@ -59,9 +66,9 @@ def load_for_ep(path: str, ep: int | None):
 
 def op_medians(ops_NMO: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     """phase -> op -> ms: each step's mean over layers, then the median over steps (NaN-free)."""
-    from fsmoe.op_clock import OPS
-
     import warnings
+
+    from fsmoe.op_clock import OPS
 
     out = {}
     for phase, arr in ops_NMO.items():
@@ -119,14 +126,11 @@ def run_check(args) -> int:
     from rich.table import Table
 
     from fsmoe.config import ConfigError, config_from_dict
-    from fsmoe.placement.traffic import read_trace
     from fsmoe.schedule.model.profile import Profile
     from fsmoe.sim.op_check import check_ops, median_error, predicted_ops
     from fsmoe.train import saved_config
 
-    if not Path(args.path).is_file():
-        raise ConfigError("path", args.path, "must be a routing trace file (routing_trace.jsonl.gz)")
-    trace = read_trace(args.path)
+    trace = load_trace(args.path)
     if trace.ops_NMO is None:
         raise ConfigError("path", args.path, "holds no op timings (traced by an older fsmoe); trace the run again")
     saved = saved_config(Path(args.path).parent)

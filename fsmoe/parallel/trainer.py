@@ -82,9 +82,7 @@ class ParallelTrainer(Trainer):
 
             model = build_sharded_model(self.cfg.model, self.groups, self.device, self.tcfg.seed)
             if self.init_from is not None:
-                loaded = load_into_shards(model, self.init_from, self.groups, self.meshes)
-                if self.is_writer:
-                    self.console.print(f"weights from {loaded} (new optimizer)", markup=False, highlight=False)
+                self._say_loaded(load_into_shards(model, self.init_from, self.groups, self.meshes))
         else:
             model = super().build_model()
             if self.cfg.model.moe.impl == "deepspeed":  # the peer (fsmoe.models.peers.deepspeed_moe)

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.sharding import get_sharding
+from fsmoe.parallel.zero3 import can_release, free_between_uses, restore
 
 BUCKET_ELEMENTS = 1 << 25  # elements a bucket's all_gather writes (128 MB of fp32): its temporary buffer
 GATHER_AHEAD = 1  # blocks whose weights' all_gather starts before the forward reaches them
@@ -186,8 +187,6 @@ class ZeroAdamW(torch.optim.AdamW):
         self.full = weights_of is not None
         self._part_of = ({i: k for k, (ids, _, _) in enumerate(model_parts(weights_of)) for i in ids}
                          if self.full else {})
-        from fsmoe.parallel.zero3 import can_release
-
         # under "full" a weight that shares its storage cannot be freed alone: its whole state stays
         slices = {id(p): slice_for(p, groups) if not self.full or can_release(p) else None
                   for p in self.model_params}
@@ -236,8 +235,6 @@ class ZeroAdamW(torch.optim.AdamW):
             self._hooks.append(module.register_forward_pre_hook(reach) if when == "pre"
                                else module.register_forward_hook(reach))
         if self.full:
-            from fsmoe.parallel.zero3 import free_between_uses
-
             self._hooks += free_between_uses(self, parts)
 
     def _reach(self, mine: tuple[int, ...], soon: tuple[int, ...]) -> None:
@@ -381,8 +378,6 @@ class ZeroAdamW(torch.optim.AdamW):
         forward are not counted as modified when backward gathers them again)."""
         b = self.buckets[i]
         if self.full:
-            from fsmoe.parallel.zero3 import restore
-
             self._freed.discard(i)
             for e in b.entries:
                 restore(e.param)
