@@ -210,3 +210,29 @@ def test_a_worker_killed_without_a_report_is_named_by_rank_and_signal():
     from fsmoe.parallel import launch
 
     assert launch._exit_status(-6) == "was killed by SIGABRT" and launch._exit_status(3) == "exited with code 3"
+
+
+def test_torchrun_error_file_is_never_seen_half_written_and_a_failing_agent_still_prints_the_report(
+        tmp_path, monkeypatch, capsys):
+    """The error file for torchrun's summary is replaced whole (a rank's watchdog may end the
+    process while its main thread writes it); if the agent itself fails while summarising, the
+    worker's own report is still what the launcher prints, with its exit code."""
+    import torch.distributed.run as torchrun
+    from fsmoe.parallel import launch
+
+    path = tmp_path / "error.json"
+    path.write_text("")  # a truncated file from an earlier writer
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    launch.write_error_file("stopped", 7)
+    assert json.loads(path.read_text())["message"]["message"] == "stopped"
+    assert [p.name for p in tmp_path.iterdir()] == ["error.json"]
+
+    def agent_fails(_args):
+        folder = os.environ[launch.ERROR_DIR_ENV]
+        with open(os.path.join(folder, "rank1.json"), "w") as f:
+            json.dump({"rank": 1, "time": 0, "bad_input": True, "text": "error: parallel.profile='x' ..."}, f)
+        json.loads("")  # what torchrun raised on a truncated error file
+
+    monkeypatch.setattr(torchrun, "run", agent_fails)
+    assert launch.spawn_torchrun(2, ["train"]) == 2
+    assert capsys.readouterr().err.strip() == "error: parallel.profile='x' ..."

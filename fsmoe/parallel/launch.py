@@ -211,8 +211,12 @@ def write_error_file(message: str, when: int) -> None:
     torchrun names as the root cause, so peers that stop because of it stamp ``when + 1``."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
-        with open(path, "w") as f:
+        # Written aside and renamed: a rank's watchdog thread may end the process (os._exit) while
+        # its main thread writes here, and torchrun fails on a truncated file instead of reporting.
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(when)}}}, f)
+        os.replace(tmp, path)
 
 
 def run_guarded(fn, *args) -> int:
@@ -278,6 +282,10 @@ def spawn_torchrun(nproc: int, argv: list[str]) -> int:
             error = first_worker_error(folder) or {"bad_input": False, "text": (
                 f"error: worker rank {rank} {_exit_status(failure.exitcode)} without reporting an error (its output, "
                 "if any, is above)")}
+        except Exception:  # the agent itself failed while summarising; a worker's own report still wins
+            error = first_worker_error(folder)
+            if error is None:
+                raise
     _print_worker_error(error)
     return 2 if error["bad_input"] else 1
 
