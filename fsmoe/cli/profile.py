@@ -20,6 +20,11 @@ def add_parser(subparsers) -> None:
                               description=profiler.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_command_arguments(p)
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    p.add_argument("--config", default=None,
+                   help="a run's preset or TOML: measure at its shapes (each process one data-parallel rank of "
+                        "it), and also its head, optimizer and per-block host work, so `fsmoe simulate step` "
+                        "can predict its whole training step")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of --config")
     p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
     p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
                    help="instead of measuring: refit --profile from executor op records "
@@ -38,12 +43,20 @@ def run(args) -> int:
         print(prof.summary())
         print(f"refitted profile written to {out}")
         return 0
-    return run_command(args, lambda groups, device: _profile_main(args, groups, device))
+    # a run's profile keeps the threads its training has; the grid's, one per process (its lanes)
+    return run_command(args, lambda groups, device: _profile_main(args, groups, device),
+                       cpu_threads=None if args.config else 1)
 
 
 def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
-    cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
-    prof = run_profile(groups, device, cfg)
+    run, dtype = _run_of(args, groups, device)
+    if run is not None:
+        from fsmoe.schedule.run.model_parts import run_spec
+
+        cfg = ProfileConfig.for_run(run_spec(run, groups.layout.dp, groups.layout.mp), groups.layout, device)
+    else:
+        cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
+    prof = run_profile(groups, device, cfg, dtype, run)
     overhead = _hier_overhead(groups, device, prof)
     if groups.rank == 0:
         if overhead:
@@ -57,6 +70,22 @@ def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
         print(prof.summary())
         print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
     return 0
+
+
+def _run_of(args, groups: ParallelGroups, device: torch.device):
+    """(``--config``'s RunConfig or None, the compute dtype its training uses on ``device``)."""
+    if args.config is None:
+        if args.set:
+            raise ConfigError("--set", args.set[0], "needs --config (the run it overrides)")
+        return None, torch.float32
+    from fsmoe.config import load_config
+
+    run = load_config(args.config, args.set)
+    if run.model.moe.num_experts % groups.ep:
+        raise ConfigError("--ep", groups.ep, f"must divide the config's model.moe.num_experts="
+                          f"{run.model.moe.num_experts}")
+    bf16 = run.train.dtype == "bfloat16" and device.type == "cuda"  # as fsmoe.precision
+    return run, torch.bfloat16 if bf16 else torch.float32
 
 
 def _hier_overhead(groups: ParallelGroups, device: torch.device, prof: Profile) -> dict | None:

@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 def add_parsers(sub) -> None:
+    from fsmoe.cli.simulate_step import add_parser as add_step_parser
+
     add_cluster_parser(sub)
+    add_step_parser(sub)
     from fsmoe.sim import grid as grid_mod
 
     g = sub.add_parser("grid", help="FSMoE's 1458-layer grid on its testbeds under every schedule, simulated",
@@ -87,13 +90,14 @@ def add_cluster_parser(sub) -> None:
                        description=cluster.__doc__ + CLUSTER_USAGE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--config", default="tiny", help="preset or TOML of the model (its MoE layers are the blocks)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     c.add_argument("--profile", required=True, help="a measured Profile (fsmoe profile): the compute fits and eta")
     c.add_argument("--gemm-scale", type=float, default=1.0,
                    help="target GPU's dense throughput over the profiled GPU's (compute slopes are divided by it)")
     c.add_argument("--gpus", type=int, default=64)
     c.add_argument("--ep", type=int, default=8)
     c.add_argument("--esp", type=int, default=1)
+    c.add_argument("--mp", type=int, default=1, help="tensor parallelism of attention and dense MLPs (in a server)")
     c.add_argument("--batch", type=int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--gpus-per-server", type=int, default=8)
@@ -139,6 +143,7 @@ def simulate_cluster(args) -> dict:
     from fsmoe.schedule.types import LayerSpec, Layout
     from fsmoe.sim.cluster import cluster_profile
     from fsmoe.sim.cost import Prices, fabric_bill
+    from fsmoe.sim.step import predict_step
 
     cfg = load_config(args.config, args.set)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -148,10 +153,14 @@ def simulate_cluster(args) -> dict:
         raise ConfigError("--ep", args.ep, f"times --esp={args.esp} must divide --gpus={args.gpus}")
     if args.gpus % args.gpus_per_server:
         raise ConfigError("--gpus-per-server", args.gpus_per_server, f"must divide --gpus={args.gpus}")
-    layout = Layout(dp=args.gpus, ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_server
-                    if args.gpus_per_server < args.gpus else None)
+    if args.mp < 1 or args.gpus_per_server % args.mp:
+        raise ConfigError("--mp", args.mp, f"must be >= 1 and divide --gpus-per-server={args.gpus_per_server} "
+                          "(tensor parallelism stays inside a server)")
+    layout = Layout(dp=args.gpus // args.mp, mp=args.mp, ep=args.ep, esp=args.esp,
+                    gpus_per_node=args.gpus_per_server if args.gpus_per_server < args.gpus else None)
     batch = args.batch or max(1, cfg.train.batch_size // args.gpus)
-    spec = dataclasses.replace(LayerSpec.from_run_config(cfg, batch=batch))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch * args.gpus))
+    spec = LayerSpec.from_run_config(cfg, batch=batch)
     measured = Profile.load(args.profile)
     fabric = cluster_fabric(args)
     prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale)
@@ -159,8 +168,11 @@ def simulate_cluster(args) -> dict:
     rows = []
     for name in policies:
         s = plan(spec, layout, prof, name)
-        rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "iteration_ms": s.predicted_iter_s * 1e3,
-                     "tokens_per_s": tokens / s.predicted_iter_s})
+        step = predict_step(cfg, layout, prof, name)
+        rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "moe_blocks_ms": s.predicted_iter_s * 1e3,
+                     "iteration_ms": step.total_s * 1e3, "tokens_per_s": tokens / step.total_s,
+                     "parts_ms": {k: v * 1e3 for k, v in step.as_dict().items() if isinstance(v, float)},
+                     "not_priced": list(step.missing)})
     base = next((r for r in rows if r["policy"] == "default"), rows[0])
     for r in rows:
         r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
@@ -181,12 +193,16 @@ def run_cluster(args) -> int:
               f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU; "
               f"network ${rep['network_usd_per_gpu']:,.0f} per GPU")
     con.print("  " + rep["links"])
+    missing = sorted({k for r in rep["results"] for k in r["not_priced"]})
+    if missing:
+        con.print(f"  not priced (the profile has no fit for {', '.join(missing)}; `fsmoe profile --config` "
+                  "measures them)", style="yellow")
     t = Table()
-    for col in ("schedule", "r fwd/bwd", "iteration ms", "tokens/s", "vs " + rep["results"][0]["policy"]):
+    for col in ("schedule", "r fwd/bwd", "MoE blocks ms", "step ms", "tokens/s", "vs " + rep["results"][0]["policy"]):
         t.add_column(col, justify="left" if col == "schedule" else "right")
     for r in rep["results"]:
-        t.add_row(r["policy"], f"{r['r_fwd']}/{r['r_bwd']}", f"{r['iteration_ms']:.2f}", f"{r['tokens_per_s']:,.0f}",
-                  f"{r['vs_first']:.3f}x")
+        t.add_row(r["policy"], f"{r['r_fwd']}/{r['r_bwd']}", f"{r['moe_blocks_ms']:.2f}", f"{r['iteration_ms']:.2f}",
+                  f"{r['tokens_per_s']:,.0f}", f"{r['vs_first']:.3f}x")
     con.print(t)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -424,22 +424,23 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 2,2,2, got {text!r}") from None
 
 
-def run_command(args, main) -> int:
+def run_command(args, main, cpu_threads: int | None = 1) -> int:
     """The launcher of every multi-process command besides ``fsmoe train``.
 
     1. ``--nproc N`` outside torchrun: this process only spawns N workers running the same
        command line under torchrun, and returns their exit code.
     2. In a worker (or in one process): start the process group with ``--timeout`` as the
        collective timeout, the fail-fast watchdog and the groups (``--ep --esp
-       --gpus-per-node``, every process data-parallel).
+       --gpus-per-node``, every process data-parallel); on the CPU ``cpu_threads`` torch threads
+       (None: as ``fsmoe train`` has them, all cores in one process, one per worker).
     3. Run ``main(groups, device) -> exit code`` under :func:`run_guarded`: a rank that raises
        stops every rank; a rank that hangs is caught by its peers' collective timeout.
     """
     if wants_torchrun(args):
         return spawn_torchrun(args.nproc, strip_flag(getattr(args, "argv", None) or sys.argv[1:], "--nproc"))
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        torch.set_num_threads(1)  # the lanes' threads and the peers share the cores
+    if not use_cuda and cpu_threads:
+        torch.set_num_threads(cpu_threads)  # the lanes' threads and the peers share the cores
     cfg = ParallelConfig(dp=world_size_from_env(), ep=args.ep, esp=args.esp, gpus_per_node=args.gpus_per_node,
                          timeout_s=args.timeout, topology=getattr(args, "topology", None))
 

@@ -17,11 +17,15 @@ bytes one rank's buffer holds, an AllReduce's the bytes it reduces):
   data-parallel group at once. On an optical fabric this traffic takes the electrical ports only
   (mFabric keeps its circuits for EP);
 * the ESP AllGather / ReduceScatter: a ring over each ESP group, (s - 1) / s of the buffer;
-* the per-layer exchange of expert counts: priced as the EP AlltoAll of its bytes.
+* the per-layer exchange of expert counts: priced as the EP AlltoAll of its bytes;
+* with tensor parallelism (mp > 1), its AllGather (``tp_allgather``: a ring over each mp group,
+  (m - 1) / m of the gathered bytes) and AllReduce (``tp_allreduce``: twice that), every mp group
+  at once, on the electrical ports of an optical fabric.
 
 beta is the simulated makespan per byte (flow-level: time is linear in bytes); alpha, which a
 flow-level simulation has none of, is the measured profile's for that collective where it has
-one, else ``default_alpha_s``. Compute fits (experts, attention, glue) are the measured ones
+one, else ``default_alpha_s``. The step beyond the MoE blocks (dense blocks, head, tensor
+parallelism, other gradients, optimizer) is ``fsmoe.sim.step``'s. Compute fits (experts, attention, glue) are the measured ones
 with their slopes divided by ``gemm_scale`` (the target GPU's dense throughput over the profiled
 one's, e.g. from published bf16 TFLOP/s). The overlap efficiency eta stays the measured one.
 """
@@ -123,6 +127,11 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
         t = makespan_s(fabric, ring_flows(layout.all_groups("esp"), (s - 1) / s * n))
         for key in ("allgather", "reducescatter"):
             fits[key] = _fit(measured, key, t / n, default_alpha_s)
+    if layout.mp > 1:  # tensor parallelism: rings over each mp group (inside a server as placed)
+        m = layout.mp
+        gather = makespan_s(fabric, ring_flows(layout.all_groups("mp"), (m - 1) / m * n), circuits=False)
+        fits["tp_allgather"] = _fit(measured, "allgather", gather / n, default_alpha_s)
+        fits["tp_allreduce"] = _fit(measured, "allreduce", 2 * gather / n, default_alpha_s)
     return fits
 
 
@@ -131,8 +140,9 @@ def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | Regio
     """``measured``'s compute fits (slopes / ``gemm_scale``) with the fabric's communication."""
     if gemm_scale <= 0:
         raise ValueError("gemm_scale must be > 0")
-    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce", "counts"}
-    fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense"))
+    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce", "counts", "tp_allgather",
+            "tp_allreduce"}
+    fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense", "head"))
                 else f)
             for k, f in measured.fits.items() if base_key(k) not in comm and not base_key(k).startswith("a2a_level")}
     fits.update(comm_fits(layout, fabric, measured, default_alpha_s))

@@ -257,7 +257,8 @@ class Profile:
         for k, f in sorted(self.fits.items()):
             if "@" in k:
                 continue
-            unit = "MAC/s" if k.startswith(("expert", "dense")) else "tok/s" if k.startswith("glue") else "B/s"
+            unit = ("MAC/s" if k.startswith(("expert", "dense", "head")) else "tok/s" if k.startswith("glue")
+                    else "param/s" if k == "optimizer" else "B/s")
             rate = f"{1 / f.beta:.3g} {unit}" if f.beta > 0 else "inf"
             knot = f"  (piecewise: another line below n={f.split:.3g})" if f.below else ""
             lines.append(f"  {k:<14} {f.alpha * 1e6:>11.1f} {rate:>14} {f.r2:>8.4f} {f.num_points:>6}{knot}")

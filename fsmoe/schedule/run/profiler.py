@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from fsmoe.config import ConfigError
+from fsmoe.config import ConfigError, RunConfig
 from fsmoe.parallel.groups import ParallelGroups, device_for
 from fsmoe.schedule.model.perf_model import ExpertDims
 from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
@@ -175,7 +175,9 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
             add("allreduce", buf.numel() * elem,
                 _median_time(lambda: dist.all_reduce(buf, group=groups.dp_group), device, cfg.reps, cfg.warmup,
                              groups.dp_group))
-    for key, n, t in measure_compute(cfg, device, dtype):
+    # every rank times its GEMMs at once, as in training (ranks of one host share its cores and
+    # memory bandwidth: alone, each would measure faster than it runs)
+    for key, n, t in measure_compute(cfg, device, dtype, groups.world_group if groups.distributed else None):
         add(key, n, t)
     return _mean_over_ranks(pts, groups)
 
@@ -253,16 +255,19 @@ def _overlap_at(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device
     return min(1.0, max(0.0, (t_a + t_c - t_b) / min(t_a, t_c)))
 
 
-def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32) -> list[tuple[str, float, float]]:
-    """Expert forward/backward (the executor's expert step) and attention forward/backward, on this rank. Each
-    point is returned under the base key and under its shape-qualified key (``profile.py``)."""
+def measure_compute(cfg: ProfileConfig, device: torch.device, dtype=torch.float32,
+                    group: ProcessGroup | None = None) -> list[tuple[str, float, float]]:
+    """Expert forward/backward (the executor's expert step) and attention forward/backward, on this rank
+    (with ``group``: its ranks start each repeat together). Each point is returned under the base key
+    and under its shape-qualified key (``profile.py``)."""
     out = []
-    for key, n, t, tag in _compute_points(cfg, device, dtype):
+    for key, n, t, tag in _compute_points(cfg, device, dtype, group):
         out += [(key, n, t), (qualified(key, tag), n, t)]
     return out
 
 
-def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tuple[str, float, float, str]]:
+def _compute_points(cfg: ProfileConfig, device: torch.device, dtype,
+                    group: ProcessGroup | None = None) -> list[tuple[str, float, float, str]]:
     from fsmoe.models.attention import Attention
 
     out = []
@@ -283,8 +288,8 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
             macs = rows * d * f * gemms
             fwd = lambda: expert_forward(experts, x, c, keep_graph=True)
             bwd = lambda: expert_backward(experts, graph, c, dy, params, retain_graph=True)
-            out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup), tag))
-            out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup), tag))
+            out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup, group), tag))
+            out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup, group), tag))
     for B, L, d, heads in cfg.dense_shapes:
         tag = LayerSpec(batch=B, seq_len=L, d_model=d, d_ff=d, num_experts=1, n_heads=heads, dtype_bytes=elem).dense_tag
         attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)
@@ -292,7 +297,8 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
         x = torch.randn(B, L, d, device=device, dtype=dtype, requires_grad=True)
         g = torch.randn(B, L, d, device=device, dtype=dtype)
         macs = 4 * B * L * d * d + 2 * B * L * L * d
-        out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup), tag))
+        out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup, group),
+                    tag))
         ys = []
 
         def bwd():
@@ -301,6 +307,8 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype) -> list[tup
         times = []
         for k in range(cfg.warmup + cfg.reps):
             ys.append(attn(x, None))
+            if group is not None:
+                dist.barrier(group=group)
             _sync(device)
             t0 = time.perf_counter()
             bwd()
@@ -326,16 +334,25 @@ def _mean_over_ranks(pts: dict[str, list[list[float]]], groups: ParallelGroups) 
 
 
 def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig | None = None,
-                dtype: torch.dtype = torch.float32) -> Profile:
-    """Measure and fit; the same Profile is returned on every rank."""
+                dtype: torch.dtype = torch.float32, run: RunConfig | None = None) -> Profile:
+    """Measure and fit; the same Profile is returned on every rank. With ``run``: also the
+    step's other parts at that run's shapes (head, optimizer, glue: ``model_parts``)."""
+    from fsmoe.schedule.run.model_parts import measure_model_parts, run_spec, with_model_parts
+
     t0 = time.perf_counter()
     cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
     pts = measure(groups, cfg, device, dtype)
     eta, per_size = measure_overlap(groups, cfg, device, dtype)
     layout = groups.layout
-    return profile_from_points(hardware_name(device), layout.name, pts,
-                               {"world": groups.world, "reps": cfg.reps, "seconds": time.perf_counter() - t0,
-                                "torch": torch.__version__}, overlap=eta, overlap_points=per_size)
+    meta = {"world": groups.world, "reps": cfg.reps, "torch": torch.__version__}
+    prof = profile_from_points(hardware_name(device), layout.name, pts, meta, overlap=eta, overlap_points=per_size)
+    if run is not None:
+        parts = measure_model_parts(run, run_spec(run, layout.dp, layout.mp), prof, device, dtype, cfg.reps,
+                                    cfg.warmup, groups.world_group if groups.distributed else None)
+        prof = with_model_parts(prof, _mean_over_ranks(parts, groups))
+        prof.meta["run"] = run.name
+    prof.meta["seconds"] = time.perf_counter() - t0
+    return prof
 
 
 # ---------------------------------------------------------------------------- online

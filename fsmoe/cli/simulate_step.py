@@ -1,0 +1,85 @@
+"""``fsmoe simulate step``: a run's whole training step predicted from a profile, part by part,
+beside the step time the run measured (``fsmoe.sim.step``)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    from fsmoe.sim import step
+
+    s = sub.add_parser("step", help="a run's training step predicted part by part from a profile, against its "
+                                    "measured step time", description=step.__doc__ + USAGE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("run", help="a run directory of `fsmoe train` (its config.json and metrics.jsonl)")
+    s.add_argument("--profile", required=True,
+                   help="a Profile of the same layout, best `fsmoe profile --config` of the same run")
+    s.add_argument("--policy", default=None, help="the MoE schedule to price (default: the run's parallel.schedule)")
+    s.add_argument("--json", default=None, help="write the prediction and the measurement here")
+    s.set_defaults(func=run_step)
+
+
+USAGE = """
+    fsmoe train --config tiny --nproc 4 --ep 4 --steps 60 --run-dir runs/ep4
+    fsmoe profile --config tiny --nproc 4 --ep 4 --out runs/ep4_profile.json
+    fsmoe simulate step runs/ep4 --profile runs/ep4_profile.json
+"""
+
+
+def step_report(run_dir: Path, profile_path: str, policy: str | None) -> dict:
+    from fsmoe.config import ConfigError, config_from_dict
+    from fsmoe.metrics import read_metrics
+    from fsmoe.parallel.layout import Layout
+    from fsmoe.schedule.model.profile import Profile
+    from fsmoe.sim.step import measured_step_s, predict_step
+    from fsmoe.train import saved_config
+
+    saved = saved_config(run_dir)
+    if saved is None:
+        raise ConfigError("run", str(run_dir), "holds no config.json (give the directory `fsmoe train` wrote)")
+    cfg = config_from_dict(saved)
+    p = cfg.parallel
+    layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    profile = Profile.load(profile_path, field="--profile")
+    parts = predict_step(cfg, layout, profile, policy or p.schedule)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    measured = measured_step_s([r for r in read_metrics(run_dir) if "tokens_per_s" in r], tokens)
+    rep = {"run": str(run_dir), "layout": layout.name, "world": layout.world, "profile": profile_path,
+           "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured}
+    if measured:
+        rep["ratio"] = parts.total_s / measured
+    return rep
+
+
+def run_step(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fsmoe.sim.step import PARTS
+
+    rep = step_report(Path(args.run), args.profile, args.policy)
+    pred = rep["predicted_s"]
+    con = Console()
+    t = Table(title=f"{rep['run']} ({rep['layout']}, {rep['world']} processes) priced with {rep['hardware']}, "
+                    f"schedule {pred['policy']}")
+    t.add_column("part")
+    t.add_column("ms", justify="right")
+    for part in PARTS:
+        t.add_row(part, f"{pred[part] * 1e3:.2f}")
+    t.add_row("step, predicted", f"{pred['total'] * 1e3:.2f}", style="bold")
+    if rep["measured_step_s"]:
+        t.add_row("step, measured", f"{rep['measured_step_s'] * 1e3:.2f}", style="bold")
+    con.print(t)
+    if pred["missing"]:
+        con.print(f"not priced (the profile has no fit for {', '.join(pred['missing'])}): measure them with "
+                  "`fsmoe profile --config` of this run", style="yellow")
+    if "ratio" in rep:
+        con.print(f"predicted / measured: {rep['ratio']:.3f}")
+    else:
+        con.print("the run logged no training step time (metrics.jsonl): nothing to compare", style="yellow")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    return 0

@@ -1,0 +1,187 @@
+"""What a training step costs beyond its MoE layers' scheduled ops, measured on one rank's share
+of a run (``fsmoe profile --config``), so that a step can be predicted whole (``fsmoe.sim.step``).
+
+Keys added to the profile (every rank measures at once, a barrier before each repeat, so the
+times include what the ranks of one host take from each other, as they do in training):
+
+    head_fwd / head_bwd   output projection + cross-entropy, n = tokens * d_model * vocab (MACs)
+    optimizer             gradient clipping + the AdamW step, n = parameters on the rank
+    glue_fwd@<tag> / glue_bwd@<tag>
+                          per MoE block, n = tokens: the one-process model's forward (backward)
+                          less its head, its attention (the profile's fit at the run's shape), its
+                          expert GEMMs (timed in place by fsmoe.op_clock) and its dense blocks'
+                          MLPs, spread over the MoE blocks: router, permutation, norms, residuals,
+                          embedding. This is the host work the scheduler's iteration calls glue
+                          (``simulate.glue_op``); the planner picks it up by its tag.
+
+The one-process model holds the rank's sequences (global batch / dp) and every expert, so its
+routing and permutation handle the tokens one rank routes under any expert layout.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+
+from fsmoe.config import RunConfig
+from fsmoe.schedule.model.profile import Profile, qualified
+from fsmoe.schedule.types import LayerSpec
+
+
+def run_spec(cfg: RunConfig, dp: int, mp: int = 1) -> LayerSpec:
+    """The MoE block one rank runs: its share (global batch / (dp * mp)) of the sequences."""
+    return LayerSpec.from_run_config(cfg, batch=max(1, cfg.train.batch_size // (dp * mp)))
+
+
+def dense_mlp_macs(cfg: RunConfig, tokens: int) -> int:
+    """Multiply-adds of one dense block's MLP forward (2 GEMMs, 3 for gated activations)."""
+    m = cfg.model
+    gemms = 2 if m.arch == "gpt" else 3  # GPT-2's GeLU MLP, the llama family's SwiGLU (build_dense_ffn)
+    return tokens * m.d_model * m.d_ff * gemms
+
+
+def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, device: torch.device,
+                        dtype: torch.dtype, reps: int, warmup: int,
+                        group: ProcessGroup | None = None) -> dict[str, list[list[float]]]:
+    """Points ``{key: [[n, seconds]]}`` of the keys in the module docstring; ``spec`` is the
+    rank's MoE block (``run_spec``), ``profile`` the fits measured so far (attention, experts)."""
+    from fsmoe.models.decoder import build_model
+
+    model = build_model(cfg.model, seed=0).to(device)
+    tokens = spec.batch * spec.seq_len
+    idx = torch.randint(0, cfg.model.vocab_size, (spec.batch, spec.seq_len), device=device)
+    fwd_s, bwd_s, experts_s = _model_times(model, idx, device, dtype, reps, warmup, group)
+    head_fwd, head_bwd = _head_times(cfg, tokens, device, dtype, reps, warmup, group)
+    n_moe = len(model.moe_layers())
+    n_dense = cfg.model.n_layers - n_moe
+    mlp = dense_mlp_macs(cfg, tokens)
+    priced_fwd = (cfg.model.n_layers * profile.t(qualified("dense_fwd", spec.dense_tag), spec.dense_macs)
+                  + n_dense * profile.t("expert_fwd", mlp))
+    priced_bwd = (cfg.model.n_layers * profile.t(qualified("dense_bwd", spec.dense_tag), spec.dense_macs)
+                  + n_dense * profile.t("expert_bwd", mlp))
+    head_n = tokens * cfg.model.d_model * cfg.model.vocab_size
+    glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
+    pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]],
+           "optimizer": _optimizer_points(model, device, reps, warmup, group)}
+    for phase, total, head, priced, experts in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0]),
+                                                ("bwd", bwd_s, head_bwd, priced_bwd, experts_s[1])):
+        point = [[tokens, glue(total, head, priced, experts)]]
+        pts[f"glue_{phase}"] = point  # the base key too: other shapes scale it per token
+        pts[qualified(f"glue_{phase}", spec.glue_tag)] = point
+    return pts
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _timed(device: torch.device, group: ProcessGroup | None):
+    """A clock that waits for the device (and, with ``group``, starts every rank together)."""
+    import time
+
+    import torch.distributed as dist
+
+    def now(start: bool = False) -> float:
+        if start and group is not None:
+            dist.barrier(group=group)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return now
+
+
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return float(statistics.median(xs))
+
+
+def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float, float, tuple[float, float]]:
+    """Median forward (with loss) and backward seconds of the whole model, and of its MoE
+    layers' expert spans summed (forward, backward)."""
+    from fsmoe.op_clock import OpClock, OPS
+
+    clock, now = OpClock(model.moe_layers(), device), _timed(device, group)
+    col = OPS.index("experts")
+    fwd, bwd, ex_f, ex_b = [], [], [], []
+    try:
+        for k in range(warmup + reps):
+            t0 = now(start=True)
+            with _autocast(device, dtype):
+                out = model(idx)
+                loss = F.cross_entropy(out.logits.flatten(0, 1).float(), idx.flatten()) + out.aux_loss
+            t1 = now()
+            loss.backward()
+            t2 = now()
+            ops = clock.collect()
+            model.zero_grad(set_to_none=True)
+            if k >= warmup:
+                fwd.append(t1 - t0)
+                bwd.append(t2 - t1)
+                ex_f.append(sum(row[col] for row in ops["forward"]))
+                ex_b.append(sum(row[col] for row in ops["backward"]))
+    finally:
+        clock.close()
+    return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b))
+
+
+def _head_times(cfg: RunConfig, tokens: int, device, dtype, reps, warmup, group) -> tuple[float, float]:
+    """Median forward and backward seconds of the output projection and the loss."""
+    D, V = cfg.model.d_model, cfg.model.vocab_size
+    w = torch.randn(V, D, device=device, requires_grad=True)
+    h = torch.randn(tokens, D, device=device, requires_grad=True)
+    target = torch.randint(0, V, (tokens,), device=device)
+    now = _timed(device, group)
+    fwd, bwd = [], []
+    for k in range(warmup + reps):
+        t0 = now(start=True)
+        with _autocast(device, dtype):
+            loss = F.cross_entropy(F.linear(h, w).float(), target)
+        t1 = now()
+        loss.backward()
+        t2 = now()
+        if k >= warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return _median(fwd), _median(bwd)
+
+
+def _optimizer_points(model, device, reps, warmup, group) -> list[list[float]]:
+    """Seconds of clipping + AdamW over the model's parameters and over those outside its
+    experts: two sizes, so the line covers any expert sharding in between."""
+    experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+    everything = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for params in (everything, [p for p in everything if id(p) not in experts]):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else
+                                                   {"foreach": True}))
+        now, times = _timed(device, group), []
+        for k in range(warmup + reps):
+            t0 = now(start=True)
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            t1 = now()
+            if k >= warmup:
+                times.append(t1 - t0)
+        out.append([float(sum(p.numel() for p in params)), _median(times)])
+    for p in everything:
+        p.grad = None
+    return out
+
+
+def with_model_parts(profile: Profile, points: dict[str, list[list[float]]]) -> Profile:
+    """``profile`` with ``points`` added (their keys replaced) and refitted."""
+    from fsmoe.schedule.model.profile import profile_from_points
+
+    merged = dict(profile.points, **points)
+    out = profile_from_points(profile.hardware, profile.layout, merged, profile.meta, profile.overlap,
+                              profile.overlap_points)
+    kept = {k: f for k, f in profile.fits.items() if k not in out.fits}  # fits without points (hier overhead)
+    return dataclasses.replace(out, fits={**kept, **out.fits})

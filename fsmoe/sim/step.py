@@ -1,0 +1,171 @@
+"""A whole training step of ``fsmoe train`` predicted from a ``Profile``: what ``fsmoe simulate
+step`` prints beside a run's measured step time, and what the cluster simulator adds to the
+scheduler's MoE blocks.
+
+    parts = predict_step(cfg, layout, profile)         # StepParts, seconds per part
+    parts.total_s
+
+The parts, one rank's view, in the order a step runs them:
+
+    moe_blocks   the scheduler's simulated iteration (``plan(...).predicted_iter_s``) of the MoE
+                 blocks: attention, router and host glue, dispatch / experts / combine under the
+                 chosen schedule, and the AllReduce of those blocks' dense gradients
+    dense_blocks blocks with a dense MLP: attention + MLP forward and backward (the profile's
+                 attention and GEMM fits)
+    head         output projection and loss, forward and backward (``head_fwd`` / ``head_bwd``)
+    tensor_par   with mp > 1: each block's tensor-parallel collectives, forward and backward (an
+                 AllReduce after attention and after a dense MLP, the MoE output's AllGather)
+    gradients    the AllReduce of every other gradient: embeddings, head, norms, dense blocks over
+                 dp, and the experts over their edp replicas
+    optimizer    gradient clipping and the AdamW step over the rank's parameters
+
+A part the profile cannot price (an older profile without ``head`` or ``optimizer`` fits) is 0
+and named in ``missing``: ``fsmoe profile --config`` measures them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fsmoe.config import RunConfig
+from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.profile import Profile, qualified
+from fsmoe.schedule.run.model_parts import dense_mlp_macs, run_spec
+
+PARTS = ("moe_blocks", "dense_blocks", "head", "tensor_par", "gradients", "optimizer")
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Parameters of the one-process model by how they are sharded."""
+
+    experts: int  # routed experts of every MoE layer (sharded over ep * esp)
+    tensor_par: int  # attention and dense-MLP weights (sharded over mp)
+    other: int  # embeddings, head, norms, routers, shared experts (whole on every rank)
+
+    @staticmethod
+    def of(cfg: RunConfig) -> "ParamSplit":
+        from fsmoe.models.decoder import build_model
+
+        with torch.device("meta"):
+            model = build_model(cfg.model, seed=0)
+        experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
+        tp = {id(p) for block in model.layers for p in block.attn.parameters()}
+        tp |= {id(p) for block in model.layers if not block.is_moe for p in block.ffn.parameters()}
+        count = lambda ids: sum(p.numel() for p in model.parameters() if id(p) in ids)
+        total = sum(p.numel() for p in model.parameters())
+        return ParamSplit(count(experts), count(tp), total - count(experts) - count(tp))
+
+    def on_rank(self, layout: Layout) -> int:
+        return self.experts // layout.moe + self.tensor_par // layout.mp + self.other
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """Seconds of each part of one training step (``PARTS``), the schedule the MoE blocks ran
+    under, and the parts the profile had no fit for."""
+
+    moe_blocks: float
+    dense_blocks: float
+    head: float
+    tensor_par: float
+    gradients: float
+    optimizer: float
+    policy: str = "default"
+    missing: tuple[str, ...] = ()
+
+    @property
+    def total_s(self) -> float:
+        return sum(getattr(self, p) for p in PARTS)
+
+    def as_dict(self) -> dict:
+        return {**{p: getattr(self, p) for p in PARTS}, "total": self.total_s, "policy": self.policy,
+                "missing": list(self.missing)}
+
+
+def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str = "default",
+                 tp_fits: Profile | None = None) -> StepParts:
+    """One training step of ``cfg`` on ``layout`` priced with ``profile`` (see the module
+    docstring). ``tp_fits``: where the tensor-parallel collectives' fits come from (the cluster
+    simulator's fabric), else ``profile``'s ``tp_allreduce`` / ``tp_allgather``, else its
+    data-parallel ``allreduce`` / ESP ``allgather``."""
+    from fsmoe.schedule.model.plan import plan
+
+    spec = run_spec(cfg, layout.dp, layout.mp)
+    m = cfg.model
+    n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
+    n_dense = m.n_layers - n_moe
+    missing = []
+
+    def t(key: str, n: float) -> float:
+        if profile.has(key):
+            return profile.t(key, n)
+        missing.append(key)
+        return 0.0
+
+    moe = plan(spec, layout, profile, policy).predicted_iter_s if n_moe else 0.0
+    attn = lambda ph: t(qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
+    mlp = dense_mlp_macs(cfg, spec.tokens)
+    dense = n_dense * sum(attn(ph) + t(f"expert_{ph}", mlp) for ph in ("fwd", "bwd"))
+    shard_tokens = spec.tokens * layout.mp  # the head runs on the dp shard's tokens on every mp rank
+    head_n = shard_tokens * m.d_model * m.vocab_size
+    head = t("head_fwd", head_n) + t("head_bwd", head_n)
+    tp = _tensor_parallel_s(cfg, layout, spec, n_moe, n_dense, tp_fits or profile, missing)
+    params = ParamSplit.of(cfg)
+    grads = _other_gradients_s(params, layout, spec, n_moe, profile, missing)
+    opt = t("optimizer", params.on_rank(layout))
+    return StepParts(moe, dense, head, tp, grads, opt, policy, tuple(dict.fromkeys(missing)))
+
+
+def _tensor_parallel_s(cfg: RunConfig, layout: Layout, spec, n_moe: int, n_dense: int, fits: Profile,
+                       missing: list) -> float:
+    """Per block, forward and backward: an AllReduce of the dp shard's activations after
+    attention (and after a dense MLP), the MoE output's AllGather over mp (its backward: the
+    input's AllGather)."""
+    if layout.mp == 1:
+        return 0.0
+    nbytes = spec.tokens * layout.mp * spec.d_model * spec.dtype_bytes
+
+    def t(keys: tuple[str, ...]) -> float:
+        for k in keys:
+            if fits.has(k):
+                return fits.t(k, nbytes)
+        missing.append(keys[0])
+        return 0.0
+
+    ar, ag = t(("tp_allreduce", "allreduce")), t(("tp_allgather", "allgather"))
+    return 2 * (n_moe * (ar + ag) + n_dense * 2 * ar)
+
+
+def _other_gradients_s(params: ParamSplit, layout: Layout, spec, n_moe: int, profile: Profile,
+                       missing: list) -> float:
+    """The AllReduce of the gradients the MoE blocks' schedule does not reduce (grad_bytes each)."""
+    total = 0.0
+    if layout.dp > 1:
+        dense = params.tensor_par // layout.mp + params.other - n_moe * spec.dense_params
+        total += _allreduce(max(0, dense) * spec.grad_bytes, profile, missing)
+    if layout.edp > 1:
+        total += _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing)
+    return total
+
+
+def _allreduce(nbytes: float, profile: Profile, missing: list) -> float:
+    if profile.has("allreduce"):
+        return profile.t("allreduce", nbytes)
+    missing.append("allreduce")
+    return 0.0
+
+
+def measured_step_s(records: list[dict], tokens_per_step: int, skip: int = 1) -> float | None:
+    """Median seconds per step of a run's ``metrics.jsonl`` training records (``tokens_per_s``
+    over each logged window), the first ``skip`` windows (warm-up) left out where there are more."""
+    rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")]
+    if len(rates) > skip:
+        rates = rates[skip:]
+    if not rates:
+        return None
+    import statistics
+
+    return tokens_per_step / statistics.median(rates)
+

@@ -1,0 +1,107 @@
+"""The whole-step predictor (fsmoe.sim.step), the profile's step parts (fsmoe profile --config)
+and ``fsmoe simulate step``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fsmoe.config import load_config
+from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.model.profile import LinearFit, Profile
+from fsmoe.sim.step import PARTS, ParamSplit, measured_step_s, predict_step
+
+FITS = {"expert_fwd": LinearFit(0.0, 1e-10), "expert_bwd": LinearFit(0.0, 2e-10),
+        "dense_fwd": LinearFit(0.0, 1e-10), "dense_bwd": LinearFit(0.0, 2e-10),
+        "glue_fwd": LinearFit(0.0, 1e-6), "glue_bwd": LinearFit(0.0, 1e-6),
+        "a2a_intra": LinearFit(1e-4, 1e-9), "allreduce": LinearFit(1e-4, 1e-9), "allgather": LinearFit(1e-4, 1e-9),
+        "head_fwd": LinearFit(0.0, 1e-10), "head_bwd": LinearFit(0.0, 2e-10), "optimizer": LinearFit(1e-3, 1e-9)}
+PROFILE = Profile("test", "any", FITS)
+
+
+def _cfg(*sets):
+    return load_config("tiny", ["train.batch_size=8", *sets])
+
+
+def test_param_split_counts_every_parameter_once_by_its_sharding():
+    cfg = _cfg("model.moe_every=2")
+    split = ParamSplit.of(cfg)
+    m = cfg.model
+    experts = 2 * m.moe.num_experts * 2 * m.d_model * m.moe.experts.d_ff  # 2 MoE layers, GeLU w1 + w2
+    assert split.experts == pytest.approx(experts, rel=0.01)
+    from fsmoe.models.decoder import build_model
+
+    assert split.experts + split.tensor_par + split.other == build_model(m, seed=0).num_parameters()
+    assert split.on_rank(Layout(dp=4, mp=2, ep=4)) == split.experts // 4 + split.tensor_par // 2 + split.other
+
+
+def test_parts_by_hand_and_what_each_layout_adds():
+    cfg = _cfg()
+    one = predict_step(cfg, Layout(), PROFILE)
+    T, D, V = 8 * 128, 128, 256
+    assert one.head == pytest.approx(3e-10 * T * D * V)
+    assert one.optimizer == pytest.approx(1e-3 + 1e-9 * ParamSplit.of(cfg).on_rank(Layout()))
+    assert one.gradients == 0 and one.tensor_par == 0 and one.dense_blocks == 0 and not one.missing
+    assert one.total_s == pytest.approx(sum(getattr(one, p) for p in PARTS))
+    ep = predict_step(cfg, Layout(dp=2, ep=2), PROFILE)  # half the tokens per rank, an AlltoAll, experts halved
+    assert ep.head == pytest.approx(one.head / 2) and ep.gradients > 0 and ep.optimizer < one.optimizer
+    dp = predict_step(cfg, Layout(dp=2), PROFILE)  # experts replicated: their gradients are reduced too
+    assert dp.gradients > ep.gradients
+    mp = predict_step(cfg, Layout(dp=1, mp=2, ep=2), PROFILE)
+    nbytes = T * D * 4  # the dp shard's activations, fp32
+    assert mp.tensor_par == pytest.approx(2 * 4 * (1e-4 + 1e-9 * nbytes) * 2)  # 4 MoE blocks: AR + AG, fwd + bwd
+    assert mp.head == pytest.approx(one.head)  # every mp rank computes the shard's loss
+
+
+def test_dense_blocks_are_priced_and_missing_fits_are_named():
+    cfg = _cfg("model.moe_every=2")
+    parts = predict_step(cfg, Layout(), PROFILE)
+    assert parts.dense_blocks > 0
+    bare = Profile("old", "any", {k: f for k, f in FITS.items() if not k.startswith(("head", "optimizer"))})
+    old = predict_step(cfg, Layout(), bare)
+    assert old.head == 0 and old.optimizer == 0 and set(old.missing) == {"head_fwd", "head_bwd", "optimizer"}
+
+
+def test_measured_step_skips_the_warm_up_window():
+    recs = [{"tokens_per_s": 10.0}, {"tokens_per_s": 100.0}, {"tokens_per_s": 50.0}, {"loss": 1.0}]
+    assert measured_step_s(recs, 100) == pytest.approx(100 / 75)
+    assert measured_step_s(recs[:1], 100) == pytest.approx(10.0) and measured_step_s([], 100) is None
+
+
+def test_model_parts_are_measured_at_the_runs_shapes():
+    from fsmoe.schedule.run.model_parts import measure_model_parts, run_spec, with_model_parts
+
+    cfg = _cfg("model.n_layers=2", "model.moe_every=2")
+    spec = run_spec(cfg, dp=2)
+    assert spec.batch == 4 and spec.n_layers == 1
+    pts = measure_model_parts(cfg, spec, PROFILE, torch.device("cpu"), torch.float32, reps=1, warmup=0)
+    assert pts["head_fwd"][0][0] == spec.tokens * 128 * 256 and pts["head_bwd"][0][1] > 0
+    assert [p[0] for p in pts["optimizer"]] == [ParamSplit.of(cfg).experts + ParamSplit.of(cfg).tensor_par
+                                                + ParamSplit.of(cfg).other, ParamSplit.of(cfg).tensor_par
+                                                + ParamSplit.of(cfg).other]
+    assert pts[f"glue_fwd@{spec.glue_tag}"] == pts["glue_fwd"] and pts["glue_fwd"][0][0] == spec.tokens
+    merged = with_model_parts(PROFILE, pts)
+    assert merged.has("optimizer") and merged.fits["expert_fwd"] == FITS["expert_fwd"]
+
+
+def test_profile_and_simulate_step_commands(tmp_path, capsys):
+    from fsmoe.cli import main
+
+    run, prof = tmp_path / "run", tmp_path / "p.json"
+    sets = ["--set", "model.n_layers=2", "train.batch_size=4", "train.seq_len=32", "train.log_every=2",
+            "train.eval_every=100", "train.ckpt_every=0", "train.data_limit_mb=0.2"]
+    assert main(["train", "--config", "tiny", "--steps", "6", "--run-dir", str(run), *sets]) == 0
+    assert main(["profile", "--config", "tiny", "--quick", "--out", str(prof), *sets]) == 0
+    assert Profile.load(prof).has("optimizer") and Profile.load(prof).meta["run"] == "tiny"
+    capsys.readouterr()
+    assert main(["simulate", "step", str(run), "--profile", str(prof), "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted / measured" in out and "optimizer" in out
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert rep["measured_step_s"] > 0 and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
+                                                                        / rep["measured_step_s"])
+    assert main(["simulate", "step", str(tmp_path), "--profile", str(prof)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
+    assert main(["profile", "--set", "train.batch_size=2"]) == 2
+    assert "--set" in capsys.readouterr().err
