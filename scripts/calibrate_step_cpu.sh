@@ -17,7 +17,7 @@ for s in "${settings[@]}"; do
   n=${s%%:*}; ep=${s##*:}; dir="$out/np${n}_ep${ep}"
   rm -rf "$dir"; mkdir -p "$dir"
   echo "== $n processes, EP $ep"
-  $py -m fsmoe.cli train --config "$config" --nproc "$n" --ep "$ep" --steps "$steps" --run-dir "$dir/run" \
+  $py -m fsmoe.cli train --config "$config" --nproc "$n" --ep "$ep" --steps "$steps" --run-dir "$dir/run" --trace \
       --set train.eval_every=1000 train.ckpt_every=0 > "$dir/train.log" 2>&1
   $py -m fsmoe.cli profile --config "$config" --nproc "$n" --ep "$ep" --out "$dir/profile.json" > "$dir/profile.log" 2>&1
   $py -m fsmoe.cli simulate step "$dir/run" --profile "$dir/profile.json" --json "$dir/step.json" | tail -n 4

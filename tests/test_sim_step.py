@@ -91,7 +91,7 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     run, prof = tmp_path / "run", tmp_path / "p.json"
     sets = ["--set", "model.n_layers=2", "train.batch_size=4", "train.seq_len=32", "train.log_every=2",
             "train.eval_every=100", "train.ckpt_every=0", "train.data_limit_mb=0.2"]
-    assert main(["train", "--config", "tiny", "--steps", "6", "--run-dir", str(run), *sets]) == 0
+    assert main(["train", "--config", "tiny", "--steps", "6", "--run-dir", str(run), "--trace", *sets]) == 0
     assert main(["profile", "--config", "tiny", "--quick", "--out", str(prof), *sets]) == 0
     assert Profile.load(prof).has("optimizer") and Profile.load(prof).meta["run"] == "tiny"
     capsys.readouterr()
@@ -99,9 +99,52 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted / measured" in out and "optimizer" in out
     rep = json.loads((tmp_path / "s.json").read_text())
-    assert rep["measured_step_s"] > 0 and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
+    assert rep["routing"].startswith("traced") and rep["measured_step_s"] > 0 and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
                                                                         / rep["measured_step_s"])
     assert main(["simulate", "step", str(tmp_path), "--profile", str(prof)]) == 2
     assert "holds no config.json" in capsys.readouterr().err
     assert main(["profile", "--set", "train.batch_size=2"]) == 2
     assert "--set" in capsys.readouterr().err
+
+
+def test_a_recorded_routing_prices_the_slowest_rank_of_each_layer():
+    import numpy as np
+
+    from fsmoe.schedule.model.perf_model import balanced_counts
+    from fsmoe.schedule.run.model_parts import run_spec
+
+    cfg, layout = _cfg(), Layout(dp=2, ep=2)
+    spec = run_spec(cfg, 2)
+    C = balanced_counts(spec, layout).astype(np.float64)  # [S, E]
+    even = np.broadcast_to(C, (3, spec.n_layers, *C.shape)).copy()
+    plain = predict_step(cfg, layout, PROFILE)
+    assert predict_step(cfg, layout, PROFILE, routing_NMSE=even).moe_blocks == pytest.approx(plain.moe_blocks,
+                                                                                              rel=1e-6)
+    skew = even.copy()
+    skew[..., :4] *= 1.5  # rank 0's experts get three quarters of the tokens
+    skew[..., 4:] *= 0.5
+    assert predict_step(cfg, layout, PROFILE, routing_NMSE=skew).moe_blocks > plain.moe_blocks * 1.1
+    with pytest.raises(ValueError, match="does not match"):
+        predict_step(cfg, layout, PROFILE, routing_NMSE=even[:, :2])
+
+
+@pytest.mark.dist
+def test_a_two_process_ep_profile_of_a_run_prices_its_dispatcher_and_every_part(tmp_path):
+    """`fsmoe profile --config --nproc 2 --ep 2`: the run's parts under EP, its dispatcher's
+    cost beyond the collectives' lines in the glue; the step predictor reads every part from it."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "fsmoe.cli", "profile", "--config", "tiny", "--nproc", "2", "--ep", "2",
+           "--device", "cpu", "--out", str(out), "--set", "model.n_layers=2", "train.batch_size=4",
+           "train.seq_len=32"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    prof = Profile.load(out)
+    fwd, bwd = prof.meta["dispatcher_extra_ms"]
+    assert fwd >= 0 and bwd >= 0 and prof.has("a2a_intra") and prof.has("allreduce")
+    cfg = load_config("tiny", ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32"])
+    parts = predict_step(cfg, Layout(dp=2, ep=2), prof)
+    assert not parts.missing and parts.moe_blocks > 0 and parts.gradients > 0 and parts.optimizer > 0

@@ -17,6 +17,11 @@ def add_parser(sub) -> None:
     s.add_argument("--profile", required=True,
                    help="a Profile of the same layout, best `fsmoe profile --config` of the same run")
     s.add_argument("--policy", default=None, help="the MoE schedule to price (default: the run's parallel.schedule)")
+    s.add_argument("--routing", choices=["trace", "balanced"], default="trace",
+                   help="trace: price the MoE blocks with the tokens each rank sent to each expert, from the "
+                        "run's routing_trace.jsonl.gz (`fsmoe train --trace`) when it has one; balanced: as the "
+                        "planner does, every expert the same rows")
+    s.add_argument("--steps", type=int, default=8, help="traced steps to price (evenly spaced, the first left out)")
     s.add_argument("--json", default=None, help="write the prediction and the measurement here")
     s.set_defaults(func=run_step)
 
@@ -28,7 +33,25 @@ USAGE = """
 """
 
 
-def step_report(run_dir: Path, profile_path: str, policy: str | None) -> dict:
+def routing_of(run_dir: Path, layout, steps: int):
+    """[N, M, S, E] tokens per (step, MoE layer, source rank, expert) of up to ``steps`` traced
+    steps of the run (the first step left out), or None without a trace."""
+    import numpy as np
+
+    from fsmoe.cli.trace import load_trace
+
+    path = run_dir / "routing_trace.jsonl.gz"
+    if not path.exists():
+        return None
+    counts = load_trace(str(path)).counts_NMRE[1:]
+    if len(counts) == 0 or counts.shape[2] != layout.moe:
+        return None
+    pick = np.unique(np.linspace(0, len(counts) - 1, max(1, steps)).round().astype(int))
+    return counts[pick].astype(np.float64)
+
+
+def step_report(run_dir: Path, profile_path: str, policy: str | None, routing: str = "trace",
+                steps: int = 8) -> dict:
     from fsmoe.config import ConfigError, config_from_dict
     from fsmoe.metrics import read_metrics
     from fsmoe.parallel.layout import Layout
@@ -43,11 +66,15 @@ def step_report(run_dir: Path, profile_path: str, policy: str | None) -> dict:
     p = cfg.parallel
     layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
     profile = Profile.load(profile_path, field="--profile")
-    parts = predict_step(cfg, layout, profile, policy or p.schedule)
+    if steps < 1:
+        raise ConfigError("--steps", steps, "must be >= 1")
+    routed = routing_of(run_dir, layout, steps) if routing == "trace" else None
+    parts = predict_step(cfg, layout, profile, policy or p.schedule, routing_NMSE=routed)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     measured = measured_step_s([r for r in read_metrics(run_dir) if "tokens_per_s" in r], tokens)
     rep = {"run": str(run_dir), "layout": layout.name, "world": layout.world, "profile": profile_path,
-           "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured}
+           "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured,
+           "routing": "balanced" if routed is None else f"traced ({len(routed)} steps)"}
     if measured:
         rep["ratio"] = parts.total_s / measured
     return rep
@@ -59,11 +86,11 @@ def run_step(args) -> int:
 
     from fsmoe.sim.step import PARTS
 
-    rep = step_report(Path(args.run), args.profile, args.policy)
+    rep = step_report(Path(args.run), args.profile, args.policy, args.routing, args.steps)
     pred = rep["predicted_s"]
     con = Console()
     t = Table(title=f"{rep['run']} ({rep['layout']}, {rep['world']} processes) priced with {rep['hardware']}, "
-                    f"schedule {pred['policy']}")
+                    f"schedule {pred['policy']}, routing {rep['routing']}")
     t.add_column("part")
     t.add_column("ms", justify="right")
     for part in PARTS:

@@ -24,8 +24,10 @@ and named in ``missing``: ``fsmoe profile --config`` measures them.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fsmoe.config import RunConfig
@@ -85,11 +87,13 @@ class StepParts:
 
 
 def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str = "default",
-                 tp_fits: Profile | None = None) -> StepParts:
+                 tp_fits: Profile | None = None, routing_NMSE: np.ndarray | None = None) -> StepParts:
     """One training step of ``cfg`` on ``layout`` priced with ``profile`` (see the module
     docstring). ``tp_fits``: where the tensor-parallel collectives' fits come from (the cluster
     simulator's fabric), else ``profile``'s ``tp_allreduce`` / ``tp_allgather``, else its
-    data-parallel ``allreduce`` / ESP ``allgather``."""
+    data-parallel ``allreduce`` / ESP ``allgather``. ``routing_NMSE``: the tokens each rank of
+    the moe group sent to each expert, per step and MoE layer (a routing trace's); the MoE blocks
+    are then priced with that routing (``moe_blocks_routed``) instead of balanced experts."""
     from fsmoe.schedule.model.plan import plan
 
     spec = run_spec(cfg, layout.dp, layout.mp)
@@ -104,7 +108,10 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
         missing.append(key)
         return 0.0
 
-    moe = plan(spec, layout, profile, policy).predicted_iter_s if n_moe else 0.0
+    schedule = plan(spec, layout, profile, policy)
+    moe = schedule.predicted_iter_s if n_moe else 0.0
+    if n_moe and routing_NMSE is not None:
+        moe = moe_blocks_routed(spec, layout, profile, schedule, routing_NMSE)
     attn = lambda ph: t(qualified(f"dense_{ph}", spec.dense_tag), spec.dense_macs)
     mlp = dense_mlp_macs(cfg, spec.tokens)
     dense = n_dense * sum(attn(ph) + t(f"expert_{ph}", mlp) for ph in ("fwd", "bwd"))
@@ -116,6 +123,27 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     grads = _other_gradients_s(params, layout, spec, n_moe, profile, missing)
     opt = t("optimizer", params.on_rank(layout))
     return StepParts(moe, dense, head, tp, grads, opt, policy, tuple(dict.fromkeys(missing)))
+
+
+def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_NMSE: np.ndarray) -> float:
+    """The MoE blocks under a recorded routing: per step and layer, the slowest rank of the moe
+    group's simulated block (the collectives make every rank wait for it), summed over the layers
+    and averaged over the steps; then the blocks' gradient AllReduce once, after the backward
+    (the default schedule's; a pipelined schedule's partitions would hide part of it)."""
+    from fsmoe.schedule.model.simulate import simulate_iteration
+
+    N, M, S, _ = routing_NMSE.shape
+    if S != layout.moe or M != spec.n_layers:
+        raise ValueError(f"routing of {S} sources x {M} layers does not match the moe group of {layout.moe} "
+                         f"ranks x {spec.n_layers} MoE layers")
+    one = dataclasses.replace(spec, n_layers=1)
+    no_reduce = dataclasses.replace(profile, fits={k: f for k, f in profile.fits.items() if k != "allreduce"})
+    s = schedule
+    per_step = [sum(max(simulate_iteration(one, layout, no_reduce, s.r_fwd, s.r_bwd, s.iio, s.gar,
+                                           counts_SE=routing_NMSE[n, m], rank=r).iter_s for r in range(S))
+                    for m in range(M)) for n in range(N)]
+    reduce = profile.t("allreduce", spec.n_layers * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
+    return float(np.mean(per_step)) + reduce
 
 
 def _tensor_parallel_s(cfg: RunConfig, layout: Layout, spec, n_moe: int, n_dense: int, fits: Profile,

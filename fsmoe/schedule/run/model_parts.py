@@ -11,8 +11,11 @@ times include what the ranks of one host take from each other, as they do in tra
                           less its head, its attention (the profile's fit at the run's shape), its
                           expert GEMMs (timed in place by fsmoe.op_clock) and its dense blocks'
                           MLPs, spread over the MoE blocks: router, permutation, norms, residuals,
-                          embedding. This is the host work the scheduler's iteration calls glue
-                          (``simulate.glue_op``); the planner picks it up by its tag.
+                          embedding; plus, under EP / ESP, what the run's dispatcher takes beyond
+                          its collectives' fits (``dispatcher_extra``: the counts' exchange, host
+                          reads of the split sizes, uneven splits). This is the host work the
+                          scheduler's iteration calls glue (``simulate.glue_op``); the planner
+                          picks it up by its tag.
 
 The one-process model holds the rank's sequences (global batch / dp) and every expert, so its
 routing and permutation handle the tokens one rank routes under any expert layout.
@@ -44,10 +47,12 @@ def dense_mlp_macs(cfg: RunConfig, tokens: int) -> int:
 
 
 def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, device: torch.device,
-                        dtype: torch.dtype, reps: int, warmup: int,
-                        group: ProcessGroup | None = None) -> dict[str, list[list[float]]]:
+                        dtype: torch.dtype, reps: int, warmup: int, group: ProcessGroup | None = None,
+                        extra: tuple[float, float] = (0.0, 0.0)) -> dict[str, list[list[float]]]:
     """Points ``{key: [[n, seconds]]}`` of the keys in the module docstring; ``spec`` is the
-    rank's MoE block (``run_spec``), ``profile`` the fits measured so far (attention, experts)."""
+    rank's MoE block (``run_spec``), ``profile`` the fits measured so far (attention, experts);
+    ``extra``: host work per MoE layer (forward, backward) the one-process model cannot show
+    (``dispatcher_extra``), added to the glue."""
     from fsmoe.models.decoder import build_model
 
     model = build_model(cfg.model, seed=0).to(device)
@@ -66,12 +71,56 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
     glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
     pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]],
            "optimizer": _optimizer_points(model, device, reps, warmup, group)}
-    for phase, total, head, priced, experts in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0]),
-                                                ("bwd", bwd_s, head_bwd, priced_bwd, experts_s[1])):
-        point = [[tokens, glue(total, head, priced, experts)]]
+    for phase, total, head, priced, experts, more in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0], extra[0]),
+                                                      ("bwd", bwd_s, head_bwd, priced_bwd, experts_s[1], extra[1])):
+        point = [[tokens, glue(total, head, priced, experts) + more]]
         pts[f"glue_{phase}"] = point  # the base key too: other shapes scale it per token
         pts[qualified(f"glue_{phase}", spec.glue_tag)] = point
     return pts
+
+
+def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, device: torch.device,
+                     dtype: torch.dtype, reps: int, warmup: int) -> tuple[float, float]:
+    """Seconds per MoE layer (forward, backward) the run's own dispatcher takes beyond what the
+    profile's collective fits price for its dispatch and combine (``op_check.predicted_ops``):
+    the counts' exchange, the split sizes read on the host, uneven splits, the regrouping. Timed
+    as the slowest rank's, uniform top-k routing of the rank's tokens; (0, 0) without EP/ESP."""
+    from fsmoe.bench.dispatch import _timed, make_ids
+    from fsmoe.order import IndexOrder
+    from fsmoe.parallel.moe import build_dispatcher
+    from fsmoe.routing.plan import RoutingPlan
+    from fsmoe.schedule.model.perf_model import chunk_times, layer_work
+
+    layout = groups.layout
+    if layout.moe == 1:
+        return 0.0, 0.0
+    E, K = spec.num_experts, spec.top_k
+    ids = make_ids("uniform", spec.tokens, E, K, 3000 + groups.rank).to(device)
+    plan = RoutingPlan.from_topk(ids, torch.full(ids.shape, 1.0 / K, device=device), E)
+    x = torch.randn(spec.tokens, spec.d_model, device=device, dtype=dtype)
+    x_ND = IndexOrder().permute(x, plan).detach().requires_grad_(True)
+    disp = build_dispatcher(cfg.model.moe, groups, d_model=spec.d_model)
+    ys = []
+
+    def forward():
+        rows, _, handle = disp.dispatch(x_ND, plan)
+        ys.append(disp.combine(rows * 1.0, handle))
+
+    def backward():
+        ys.pop().sum().backward()
+
+    fwd = _timed(forward, device, reps, warmup, groups.world_group)
+    ys.clear()
+    bwd_times = []
+    for _ in range(warmup + reps):
+        forward()
+        bwd_times.append(_timed(backward, device, 1, 0, groups.world_group))
+    bwd = _median(bwd_times[warmup:])
+    work = layer_work(spec, layout)
+    lines_f, lines_b = chunk_times(work, profile, layout, 1), chunk_times(work, profile, layout, 1, backward=True)
+    counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * E * 8)
+    return (max(0.0, fwd - counts - 2 * lines_f.a2a - lines_f.ag - lines_f.rs),
+            max(0.0, bwd - 2 * lines_b.a2a - lines_b.ag - lines_b.rs))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

@@ -337,7 +337,7 @@ def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig
                 dtype: torch.dtype = torch.float32, run: RunConfig | None = None) -> Profile:
     """Measure and fit; the same Profile is returned on every rank. With ``run``: also the
     step's other parts at that run's shapes (head, optimizer, glue: ``model_parts``)."""
-    from fsmoe.schedule.run.model_parts import measure_model_parts, run_spec, with_model_parts
+    from fsmoe.schedule.run.model_parts import dispatcher_extra, measure_model_parts, run_spec, with_model_parts
 
     t0 = time.perf_counter()
     cfg = cfg or (ProfileConfig.gpu() if device.type == "cuda" else ProfileConfig.cpu())
@@ -347,8 +347,11 @@ def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig
     meta = {"world": groups.world, "reps": cfg.reps, "torch": torch.__version__}
     prof = profile_from_points(hardware_name(device), layout.name, pts, meta, overlap=eta, overlap_points=per_size)
     if run is not None:
-        parts = measure_model_parts(run, run_spec(run, layout.dp, layout.mp), prof, device, dtype, cfg.reps,
-                                    cfg.warmup, groups.world_group if groups.distributed else None)
+        spec, reps = run_spec(run, layout.dp, layout.mp), max(5, cfg.reps)
+        extra = dispatcher_extra(run, spec, groups, prof, device, dtype, reps, cfg.warmup)
+        parts = measure_model_parts(run, spec, prof, device, dtype, reps, cfg.warmup,
+                                    groups.world_group if groups.distributed else None, extra)
+        prof.meta["dispatcher_extra_ms"] = [1e3 * t for t in extra]
         prof = with_model_parts(prof, _mean_over_ranks(parts, groups))
         prof.meta["run"] = run.name
     prof.meta["seconds"] = time.perf_counter() - t0
