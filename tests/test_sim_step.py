@@ -2,6 +2,7 @@
 and ``fsmoe simulate step``."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -103,6 +104,15 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
                                                                         / rep["measured_step_s"])
     assert main(["simulate", "step", str(tmp_path), "--profile", str(prof)]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+    refitted = tmp_path / "r.json"  # the traced op timings refit the expert lines
+    assert main(["profile", "--refit", str(run / "routing_trace.jsonl.gz"), "--profile", str(prof),
+                 "--out", str(refitted)]) == 0
+    assert Profile.load(refitted).points != Profile.load(prof).points
+    lone = tmp_path / "lone" / "routing_trace.jsonl.gz"
+    lone.parent.mkdir()
+    lone.write_bytes((run / "routing_trace.jsonl.gz").read_bytes())
+    assert main(["profile", "--refit", str(lone), "--profile", str(prof)]) == 2
+    assert "config.json" in capsys.readouterr().err
     assert main(["profile", "--set", "train.batch_size=2"]) == 2
     assert "--set" in capsys.readouterr().err
 
@@ -148,3 +158,34 @@ def test_a_two_process_ep_profile_of_a_run_prices_its_dispatcher_and_every_part(
     cfg = load_config("tiny", ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32"])
     parts = predict_step(cfg, Layout(dp=2, ep=2), prof)
     assert not parts.missing and parts.moe_blocks > 0 and parts.gradients > 0 and parts.optimizer > 0
+
+
+def test_trace_samples_pair_each_op_with_the_size_its_routing_gave_it():
+    import numpy as np
+
+    from fsmoe.op_clock import OPS
+    from fsmoe.placement.traffic import RoutingTrace
+    from fsmoe.schedule.run.model_parts import run_spec
+    from fsmoe.sim.trace_refit import trace_samples
+
+    cfg, layout = _cfg(), Layout(dp=2, ep=2)
+    spec = run_spec(cfg, 2)
+    N, M, E = 3, spec.n_layers, spec.num_experts
+    counts = np.zeros((N, M, 2, E), dtype=np.int64)
+    counts[:, :, 0, :4] = 100  # rank 0 sends 400 rows to its own experts and 300 to rank 1's
+    counts[:, :, 0, 4:7] = 100
+    counts[:, :, 1, :4] = 50  # rank 1 sends 200 to rank 0's experts
+    ops = np.full((N, M, len(OPS) + 1), 1e-3)
+    ops[1, 0] = np.nan  # a step timed as a whole layer only: left out
+    prof = dataclasses.replace(PROFILE, meta={"dispatcher_extra_ms": [0.5, 0.25]})
+    trace = RoutingTrace({}, np.arange(N), counts, None, {"forward": ops, "backward": ops})
+    samples = trace_samples(trace, spec, layout, prof)
+    assert len(samples) == (N - 1) * M * 6 - 6  # the warm-up step and the NaN layer left out
+    rb = spec.d_model * spec.dtype_bytes
+    a2a = [s for s in samples if s[0] == layout.a2a_key][:4]
+    assert [n for _, n, _ in a2a] == [700 * rb, 600 * rb, 700 * rb, 600 * rb]
+    assert a2a[3][2] == pytest.approx(1e-3 - 0.25e-3)  # the dispatcher's own backward work taken off
+    experts = next(s for s in samples if s[0].startswith("expert_fwd"))
+    assert experts[1] == 600 * spec.d_model * spec.d_ff * spec.gemms
+    with pytest.raises(ValueError, match="no op timings"):
+        trace_samples(RoutingTrace({}, np.arange(N), counts), spec, layout, prof)

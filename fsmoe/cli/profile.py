@@ -26,9 +26,10 @@ def add_parser(subparsers) -> None:
                         "can predict its whole training step")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of --config")
     p.add_argument("--out", default=None, help="Profile JSON (default runs/profiles/<hardware>_<layout>.json)")
-    p.add_argument("--refit", default=None, metavar="RECORDS.jsonl",
+    p.add_argument("--refit", default=None, metavar="RECORDS",
                    help="instead of measuring: refit --profile from executor op records "
-                        "(timeline_records.jsonl of `fsmoe train --timeline`)")
+                        "(timeline_records.jsonl of `fsmoe train --timeline`) or from a routing trace's op "
+                        "timings (routing_trace.jsonl.gz of `fsmoe train --trace`, its config.json beside it)")
     p.add_argument("--profile", default=None, help="the profile to refit (with --refit)")
     p.set_defaults(func=run)
 
@@ -37,7 +38,9 @@ def run(args) -> int:
     if args.refit:
         if not args.profile:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
-        prof = refit(Profile.load(args.profile), load_samples(Path(args.refit)))
+        prof = Profile.load(args.profile, field="--profile")
+        src = Path(args.refit)
+        prof = refit(prof, _trace_samples(src, prof) if src.name.endswith(".jsonl.gz") else load_samples(src))
         out = Path(args.out or args.profile)
         prof.save(out)
         print(prof.summary())
@@ -70,6 +73,33 @@ def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
         print(prof.summary())
         print(f"profiled in {prof.meta['seconds']:.1f}s; written to {out}")
     return 0
+
+
+def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
+    """Refit samples of a routing trace's op timings (``fsmoe.sim.trace_refit``), at the shapes
+    and layout of the run in its directory."""
+    from fsmoe.cli.trace import load_trace
+    from fsmoe.config import config_from_dict
+    from fsmoe.parallel.layout import Layout
+    from fsmoe.schedule.run.model_parts import run_spec
+    from fsmoe.sim.trace_refit import trace_samples
+    from fsmoe.train import saved_config
+
+    trace = load_trace(str(path))
+    saved = saved_config(path.parent)
+    if saved is None:
+        raise ConfigError("--refit", str(path), "needs the run's config.json beside the trace")
+    cfg = config_from_dict(saved)
+    p = cfg.parallel
+    layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    try:
+        samples = trace_samples(trace, run_spec(cfg, layout.dp, layout.mp), layout, prof)
+    except ValueError as e:
+        raise ConfigError("--refit", str(path), str(e)) from None
+    if not samples:
+        raise ConfigError("--refit", str(path), "has no timed op with a size (a pipelined schedule times whole "
+                                                 "layers only; trace a run of the default schedule)")
+    return samples
 
 
 def _run_of(args, groups: ParallelGroups, device: torch.device):
