@@ -173,3 +173,61 @@ def test_compare_divides_perf_per_dollar_by_the_fat_tree_and_plots(tmp_path, cap
     assert "no cluster result with a 'leaf-spine' reference" in capsys.readouterr().err
     assert main(["simulate", "compare", str(tmp_path / "missing.json")]) != 0
     assert "no such file" in capsys.readouterr().err
+
+
+def test_pipeline_stages_and_tensor_parallel_rings_by_hand():
+    from fsmoe.sim.cluster import p2p_seconds, staged_groups
+
+    layout = Layout(dp=1, mp=2, ep=2, gpus_per_node=2)  # one stage: one server of 2 GPUs
+    assert staged_groups(layout, "ep", 2) == [[0, 1], [2, 3]]
+    fab = LeafSpine(4, gpus_per_server=2, gpus_per_leaf=4, nic_gbps=100.0, nvlink_gbps=800.0)
+    # each GPU of stage 0 sends to its peer on the other server over its own NIC
+    assert p2p_seconds(fab, layout, 2, 1e6) == pytest.approx(1e6 / (100 * GBIT), rel=1e-6)
+    assert p2p_seconds(fab, layout, 1, 1e6) == 0.0
+    fits = comm_fits(layout, fab, MEASURED, stages=2)  # both stages' TP rings at once, inside their servers
+    assert fits["tp_allgather"].beta == pytest.approx(0.5 / (800 * GBIT), rel=1e-6)
+    assert fits["tp_allreduce"].beta == pytest.approx(2 * fits["tp_allgather"].beta)
+
+
+def test_a_pipelined_step_is_fill_drain_and_steady_microbatches_plus_the_once_per_step_parts():
+    from fsmoe.config import load_config
+    from fsmoe.sim.step import predict_pipelined, predict_step, stage_config
+
+    cfg = load_config("tiny", ["train.batch_size=16", "model.n_layers=4"])
+    stage = stage_config(cfg, 2, 4)
+    assert stage.model.n_layers == 2 and stage.train.batch_size == 4
+    with pytest.raises(ValueError, match="microbatches"):
+        stage_config(cfg, 2, 3)
+    prof = Profile("gpu", "x", {**MEASURED.fits, "a2a_intra": LinearFit(1e-5, 1e-10),
+                                "glue_fwd": LinearFit(0, 1e-7), "glue_bwd": LinearFit(0, 1e-7)})
+    layout = Layout(dp=2, ep=2)
+    step = predict_pipelined(cfg, layout, prof, "default", 2, 4, 1e-4)
+    m = step.micro
+    assert step.micro_s == pytest.approx(m.moe_blocks + m.dense_blocks + m.head + m.tensor_par + 2e-4)
+    assert step.total_s == pytest.approx(5 * step.micro_s + step.once_s)  # (4 + 2 - 1) slots
+    assert step.bubble == pytest.approx(step.micro_s / step.total_s)
+    assert m.gradients == 0 and m.optimizer == 0 and step.once_s > 0  # reduced and stepped once
+    whole = predict_step(stage_config(cfg, 2), layout, prof)
+    assert step.once_s >= whole.gradients + whole.optimizer
+
+
+def test_cluster_command_with_pipeline_and_tensor_parallelism(tmp_path, capsys):
+    from fsmoe.cli import main
+
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    out = tmp_path / "c.json"
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "4",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default", "--batch", "2"]
+    assert main(args + ["--pp", "2", "--mp", "2", "--microbatches", "4", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    r = rep["results"][0]
+    assert (rep["pp"], rep["mp"], rep["microbatches"]) == (2, 2, 4) and r["parts_ms"]["tensor_par"] > 0
+    assert r["parts_ms"]["p2p"] > 0 and 0 < r["parts_ms"]["bubble"] < 1
+    assert "pipeline stages" in capsys.readouterr().out
+    assert main(args + ["--pp", "3"]) == 2  # 16 GPUs are not 3 stages of whole servers
+    assert "--pp" in capsys.readouterr().err
+    assert main(args + ["--pp", "2", "--microbatches", "3"]) == 2
+    assert "--microbatches" in capsys.readouterr().err
+    assert main(args + ["--mp", "3"]) == 2
+    assert "--mp" in capsys.readouterr().err

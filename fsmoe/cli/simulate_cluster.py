@@ -98,6 +98,10 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--ep", type=int, default=8)
     c.add_argument("--esp", type=int, default=1)
     c.add_argument("--mp", type=int, default=1, help="tensor parallelism of attention and dense MLPs (in a server)")
+    c.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages (1F1B; each stage's ranks hold its share of the layers, EP inside a stage)")
+    c.add_argument("--microbatches", type=int, default=None,
+                   help="microbatches per step with --pp (default 4 x --pp; they divide each rank's sequences)")
     c.add_argument("--batch", type=int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--gpus-per-server", type=int, default=8)
@@ -143,7 +147,8 @@ def simulate_cluster(args) -> dict:
     from fsmoe.schedule.types import LayerSpec, Layout
     from fsmoe.sim.cluster import cluster_profile
     from fsmoe.sim.cost import Prices, fabric_bill
-    from fsmoe.sim.step import predict_step
+    from fsmoe.sim.cluster import p2p_seconds
+    from fsmoe.sim.step import predict_pipelined, predict_step
 
     cfg = load_config(args.config, args.set)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -156,30 +161,50 @@ def simulate_cluster(args) -> dict:
     if args.mp < 1 or args.gpus_per_server % args.mp:
         raise ConfigError("--mp", args.mp, f"must be >= 1 and divide --gpus-per-server={args.gpus_per_server} "
                           "(tensor parallelism stays inside a server)")
-    layout = Layout(dp=args.gpus // args.mp, mp=args.mp, ep=args.ep, esp=args.esp,
-                    gpus_per_node=args.gpus_per_server if args.gpus_per_server < args.gpus else None)
-    batch = args.batch or max(1, cfg.train.batch_size // args.gpus)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch * args.gpus))
+    pp, micro = args.pp, args.microbatches or 4 * args.pp
+    if pp < 1 or args.gpus % (pp * args.gpus_per_server) or micro < 1:
+        raise ConfigError("--pp", pp, f"must be >= 1 with whole servers per stage (--gpus={args.gpus}, "
+                          f"--gpus-per-server={args.gpus_per_server}) and --microbatches >= 1")
+    stage = args.gpus // pp
+    if stage % (args.ep * args.esp):
+        raise ConfigError("--ep", args.ep, f"times --esp={args.esp} must divide a pipeline stage's {stage} GPUs")
+    layout = Layout(dp=stage // args.mp, mp=args.mp, ep=args.ep, esp=args.esp,
+                    gpus_per_node=args.gpus_per_server if args.gpus_per_server < stage else None)
+    per_gpu = args.batch or max(1, cfg.train.batch_size // args.gpus)
+    batch = per_gpu * pp  # sequences per rank of a stage: each stage sees all of its dp shard's
+    if pp > 1 and batch % micro:
+        raise ConfigError("--microbatches", micro, f"must divide the {batch} sequences per rank of a stage "
+                          f"(--batch {per_gpu} x --pp {pp})")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch * stage))
     spec = LayerSpec.from_run_config(cfg, batch=batch)
     measured = Profile.load(args.profile)
     fabric = cluster_fabric(args)
-    prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale)
-    tokens = spec.batch * spec.seq_len * args.gpus
+    prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale, stages=pp)
+    tokens = spec.batch * spec.seq_len * stage
+    p2p = p2p_seconds(fabric, layout, pp, batch // micro * spec.seq_len * spec.d_model * spec.dtype_bytes / args.mp)
     rows = []
     for name in policies:
         s = plan(spec, layout, prof, name)
-        step = predict_step(cfg, layout, prof, name)
-        rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "moe_blocks_ms": s.predicted_iter_s * 1e3,
+        if pp > 1:
+            step = predict_pipelined(cfg, layout, prof, name, pp, micro, p2p)
+            parts = {**{k: v * 1e3 for k, v in step.micro.as_dict().items() if isinstance(v, float)},
+                     "p2p": step.p2p_s * 1e3, "once": step.once_s * 1e3, "bubble": step.bubble}
+            missing = step.micro.missing
+        else:
+            step = predict_step(cfg, layout, prof, name)
+            parts, missing = {k: v * 1e3 for k, v in step.as_dict().items() if isinstance(v, float)}, step.missing
+        moe_ms = (step.micro.moe_blocks if pp > 1 else s.predicted_iter_s) * 1e3
+        rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "moe_blocks_ms": moe_ms,
                      "iteration_ms": step.total_s * 1e3, "tokens_per_s": tokens / step.total_s,
-                     "parts_ms": {k: v * 1e3 for k, v in step.as_dict().items() if isinstance(v, float)},
-                     "not_priced": list(step.missing)})
+                     "parts_ms": parts, "not_priced": list(missing)})
     base = next((r for r in rows if r["policy"] == "default"), rows[0])
     for r in rows:
         r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
-    return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "fabric": fabric.name,
+    return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "mp": args.mp, "pp": pp,
+            "microbatches": micro if pp > 1 else 1, "fabric": fabric.name,
             "nic_gbps": args.nic_gbps,
             "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
-            "batch_per_gpu": batch, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
+            "batch_per_gpu": per_gpu, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,
             "links": links(prof), "results": rows}
 
 
@@ -190,7 +215,10 @@ def run_cluster(args) -> int:
     rep = simulate_cluster(args)
     con = Console()
     con.print(f"{rep['config']} on {rep['gpus']} GPUs ({rep['layout']}), {rep['fabric']} at {rep['nic_gbps']:g}G: "
-              f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU; "
+              f"{rep['moe_blocks']} attention + MoE blocks, {rep['batch_per_gpu']} x {rep['seq_len']} tokens per GPU"
+              + (f", TP {rep['mp']}" if rep["mp"] > 1 else "")
+              + (f", {rep['pp']} pipeline stages x {rep['microbatches']} microbatches (MoE blocks ms: one microbatch "
+                 "on one stage)" if rep["pp"] > 1 else "") + "; "
               f"network ${rep['network_usd_per_gpu']:,.0f} per GPU")
     con.print("  " + rep["links"])
     missing = sorted({k for r in rep["results"] for k in r["not_priced"]})

@@ -105,14 +105,32 @@ def _fit(measured: Profile, key: str, seconds_per_byte: float, default_alpha_s: 
     return LinearFit(alpha, seconds_per_byte, 1.0, 1)
 
 
+def staged_groups(layout: Layout, kind: str, stages: int) -> list[list[int]]:
+    """The groups of ``kind`` in every pipeline stage (stage s: ranks ``s * world ..``), which
+    run their collectives at the same time."""
+    return [[r + s * layout.world for r in g] for s in range(stages) for g in layout.all_groups(kind)]
+
+
+def p2p_seconds(fabric, layout: Layout, stages: int, nbytes: float) -> float:
+    """Every rank of every stage but the last sending ``nbytes`` to its peer in the next stage
+    (pipeline activations; their gradients go back the same way)."""
+    if stages < 2:
+        return 0.0
+    w = layout.world
+    src = np.arange((stages - 1) * w)
+    return makespan_s(fabric, Flows(src, src + w, np.full(len(src), float(nbytes))), circuits=False)
+
+
 def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile,
-              default_alpha_s: float = 20e-6) -> dict[str, LinearFit]:
-    """The layout's collectives on ``fabric`` as fits (see the module docstring)."""
+              default_alpha_s: float = 20e-6, stages: int = 1) -> dict[str, LinearFit]:
+    """The layout's collectives on ``fabric`` as fits (see the module docstring); with
+    ``stages`` > 1 the layout is one pipeline stage and every stage's groups run at once."""
     n = float(PROBE_BYTES)
     fits = {}
     fits["counts"] = LinearFit(0.0, 0.0, 1.0, 1)
+    groups = lambda kind: staged_groups(layout, kind, stages)
     if layout.ep > 1:
-        t = makespan_s(fabric, alltoall_flows(layout.all_groups("ep"), n))
+        t = makespan_s(fabric, alltoall_flows(groups("ep"), n))
         fits[layout.a2a_key] = _fit(measured, layout.a2a_key, t / n, default_alpha_s)
         # the per-layer exchange of expert counts: an AllGather over the moe group, which moves
         # as many bytes per rank as an AlltoAll of the gathered buffer (a measured fit at one
@@ -120,23 +138,23 @@ def comm_fits(layout: Layout, fabric: LeafSpine | RegionalOCS, measured: Profile
         fits["counts"] = fits[layout.a2a_key]
     if layout.dp > 1:
         gps = fabric.gpus_per_server
-        t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(layout.all_groups("dp"), n, gps))
+        t = sum(makespan_s(fabric, f, circuits=False) for f in allreduce_phases(groups("dp"), n, gps))
         fits["allreduce"] = _fit(measured, "allreduce", t / n, default_alpha_s)
     if layout.esp > 1:
         s = layout.esp
-        t = makespan_s(fabric, ring_flows(layout.all_groups("esp"), (s - 1) / s * n))
+        t = makespan_s(fabric, ring_flows(groups("esp"), (s - 1) / s * n))
         for key in ("allgather", "reducescatter"):
             fits[key] = _fit(measured, key, t / n, default_alpha_s)
     if layout.mp > 1:  # tensor parallelism: rings over each mp group (inside a server as placed)
         m = layout.mp
-        gather = makespan_s(fabric, ring_flows(layout.all_groups("mp"), (m - 1) / m * n), circuits=False)
+        gather = makespan_s(fabric, ring_flows(groups("mp"), (m - 1) / m * n), circuits=False)
         fits["tp_allgather"] = _fit(measured, "allgather", gather / n, default_alpha_s)
         fits["tp_allreduce"] = _fit(measured, "allreduce", 2 * gather / n, default_alpha_s)
     return fits
 
 
 def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | RegionalOCS, *,
-                    gemm_scale: float = 1.0, default_alpha_s: float = 20e-6) -> Profile:
+                    gemm_scale: float = 1.0, default_alpha_s: float = 20e-6, stages: int = 1) -> Profile:
     """``measured``'s compute fits (slopes / ``gemm_scale``) with the fabric's communication."""
     if gemm_scale <= 0:
         raise ValueError("gemm_scale must be > 0")
@@ -145,7 +163,7 @@ def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | Regio
     fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense", "head"))
                 else f)
             for k, f in measured.fits.items() if base_key(k) not in comm and not base_key(k).startswith("a2a_level")}
-    fits.update(comm_fits(layout, fabric, measured, default_alpha_s))
+    fits.update(comm_fits(layout, fabric, measured, default_alpha_s, stages))
     return dataclasses.replace(measured, hardware=f"{measured.hardware}-on-{fabric.name.replace(' ', '_')}",
                                layout=layout.name, fits=fits, points={})
 

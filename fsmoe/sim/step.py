@@ -125,6 +125,59 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     return StepParts(moe, dense, head, tp, grads, opt, policy, tuple(dict.fromkeys(missing)))
 
 
+@dataclass(frozen=True)
+class PipelinedStep:
+    """A step under pipeline parallelism (1F1B, ``stages`` x ``microbatches``), seconds: one
+    microbatch's forward + backward on a stage (``micro``'s compute parts; the head counted on
+    every stage, as the last one has it), the send of its activations and gradients to the next
+    stage, and once per step the gradients' reduction and the optimizer of a stage's share."""
+
+    stages: int
+    microbatches: int
+    micro: StepParts
+    p2p_s: float  # one microbatch's activations to the next stage (their gradients take as long back)
+    once_s: float  # the gradients' reductions + the optimizer, once per step
+
+    @property
+    def micro_s(self) -> float:
+        m = self.micro
+        return m.moe_blocks + m.dense_blocks + m.head + m.tensor_par + 2 * self.p2p_s
+
+    @property
+    def total_s(self) -> float:
+        return (self.microbatches + self.stages - 1) * self.micro_s + self.once_s
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of the step a stage idles in the pipeline's fill and drain."""
+        return (self.stages - 1) * self.micro_s / self.total_s
+
+
+def stage_config(cfg: RunConfig, stages: int, microbatches: int = 1) -> RunConfig:
+    """The model one pipeline stage holds (ceil(layers / stages) layers, the same MoE pattern,
+    so the first stage keeps any leading dense layers) on one microbatch of the global batch."""
+    m, t = cfg.model, cfg.train
+    layers = -(-m.n_layers // stages)
+    if t.batch_size % microbatches:
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible into {microbatches} microbatches")
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, n_layers=layers),
+                               train=dataclasses.replace(t, batch_size=t.batch_size // microbatches))
+
+
+def predict_pipelined(cfg: RunConfig, layout: Layout, profile: Profile, policy: str, stages: int,
+                      microbatches: int, p2p_s: float) -> PipelinedStep:
+    """``layout`` is one stage's ranks; ``p2p_s`` prices one microbatch's boundary send (the
+    cluster simulator's fabric, ``cluster.p2p_seconds``)."""
+    no_reduce = dataclasses.replace(profile, fits={k: f for k, f in profile.fits.items() if k != "allreduce"})
+    micro = predict_step(stage_config(cfg, stages, microbatches), layout, no_reduce, policy)
+    whole = stage_config(cfg, stages)
+    spec = run_spec(whole, layout.dp, layout.mp)
+    full = predict_step(whole, layout, profile, policy)
+    n_moe = sum(whole.model.is_moe_layer(i) for i in range(whole.model.n_layers))
+    gar = profile.t("allreduce", n_moe * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
+    return PipelinedStep(stages, microbatches, micro, p2p_s, full.gradients + gar + full.optimizer)
+
+
 def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_NMSE: np.ndarray) -> float:
     """The MoE blocks under a recorded routing: per step and layer, the slowest rank of the moe
     group's simulated block (the collectives make every rank wait for it), summed over the layers
