@@ -17,7 +17,8 @@ FITS = {"expert_fwd": LinearFit(0.0, 1e-10), "expert_bwd": LinearFit(0.0, 2e-10)
         "dense_fwd": LinearFit(0.0, 1e-10), "dense_bwd": LinearFit(0.0, 2e-10),
         "glue_fwd": LinearFit(0.0, 1e-6), "glue_bwd": LinearFit(0.0, 1e-6),
         "a2a_intra": LinearFit(1e-4, 1e-9), "allreduce": LinearFit(1e-4, 1e-9), "allgather": LinearFit(1e-4, 1e-9),
-        "head_fwd": LinearFit(0.0, 1e-10), "head_bwd": LinearFit(0.0, 2e-10), "optimizer": LinearFit(1e-3, 1e-9)}
+        "head_fwd": LinearFit(0.0, 1e-10), "head_bwd": LinearFit(0.0, 2e-10), "optimizer": LinearFit(1e-3, 1e-9),
+        "loop": LinearFit(2e-3, 0.0)}
 PROFILE = Profile("test", "any", FITS)
 
 
@@ -44,6 +45,7 @@ def test_parts_by_hand_and_what_each_layout_adds():
     assert one.head == pytest.approx(3e-10 * T * D * V)
     assert one.optimizer == pytest.approx(1e-3 + 1e-9 * ParamSplit.of(cfg).on_rank(Layout()))
     assert one.gradients == 0 and one.tensor_par == 0 and one.dense_blocks == 0 and not one.missing
+    assert one.loop == pytest.approx(2e-3)
     assert one.total_s == pytest.approx(sum(getattr(one, p) for p in PARTS))
     ep = predict_step(cfg, Layout(dp=2, ep=2), PROFILE)  # half the tokens per rank, an AlltoAll, experts halved
     assert ep.head == pytest.approx(one.head / 2) and ep.gradients > 0 and ep.optimizer < one.optimizer
@@ -59,9 +61,10 @@ def test_dense_blocks_are_priced_and_missing_fits_are_named():
     cfg = _cfg("model.moe_every=2")
     parts = predict_step(cfg, Layout(), PROFILE)
     assert parts.dense_blocks > 0
-    bare = Profile("old", "any", {k: f for k, f in FITS.items() if not k.startswith(("head", "optimizer"))})
+    bare = Profile("old", "any", {k: f for k, f in FITS.items() if not k.startswith(("head", "optimizer", "loop"))})
     old = predict_step(cfg, Layout(), bare)
-    assert old.head == 0 and old.optimizer == 0 and set(old.missing) == {"head_fwd", "head_bwd", "optimizer"}
+    assert old.head == 0 and old.optimizer == 0 and old.loop == 0
+    assert set(old.missing) == {"head_fwd", "head_bwd", "optimizer", "loop"}
 
 
 def test_measured_step_skips_the_warm_up_window():
@@ -82,6 +85,7 @@ def test_model_parts_are_measured_at_the_runs_shapes():
                                                 + ParamSplit.of(cfg).other, ParamSplit.of(cfg).tensor_par
                                                 + ParamSplit.of(cfg).other]
     assert pts[f"glue_fwd@{spec.glue_tag}"] == pts["glue_fwd"] and pts["glue_fwd"][0][0] == spec.tokens
+    assert pts["loop"][0][0] == 1 and pts["loop"][0][1] >= 0
     merged = with_model_parts(PROFILE, pts)
     assert merged.has("optimizer") and merged.fits["expert_fwd"] == FITS["expert_fwd"]
 

@@ -18,6 +18,8 @@ The parts, one rank's view, in the order a step runs them:
     gradients    the AllReduce of every other gradient: embeddings, head, norms, dense blocks over
                  dp, and the experts over their edp replicas
     optimizer    gradient clipping and the AdamW step over the rank's parameters
+    loop         the training loop's own host work per step (next batch, loss, guards, the LR
+                 schedule, Python between the ops): ``loop``, measured on one process
 
 A part the profile cannot price (an older profile without ``head`` or ``optimizer`` fits) is 0
 and named in ``missing``: ``fsmoe profile --config`` measures them.
@@ -35,7 +37,7 @@ from fsmoe.parallel.layout import Layout
 from fsmoe.schedule.model.profile import Profile, qualified
 from fsmoe.schedule.run.model_parts import dense_mlp_macs, run_spec
 
-PARTS = ("moe_blocks", "dense_blocks", "head", "tensor_par", "gradients", "optimizer")
+PARTS = ("moe_blocks", "dense_blocks", "head", "tensor_par", "gradients", "optimizer", "loop")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class StepParts:
     tensor_par: float
     gradients: float
     optimizer: float
+    loop: float = 0.0
     policy: str = "default"
     missing: tuple[str, ...] = ()
 
@@ -122,7 +125,7 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     params = ParamSplit.of(cfg)
     grads = _other_gradients_s(params, layout, spec, n_moe, profile, missing)
     opt = t("optimizer", params.on_rank(layout))
-    return StepParts(moe, dense, head, tp, grads, opt, policy, tuple(dict.fromkeys(missing)))
+    return StepParts(moe, dense, head, tp, grads, opt, t("loop", 1.0), policy, tuple(dict.fromkeys(missing)))
 
 
 @dataclass(frozen=True)
@@ -175,7 +178,7 @@ def predict_pipelined(cfg: RunConfig, layout: Layout, profile: Profile, policy: 
     full = predict_step(whole, layout, profile, policy)
     n_moe = sum(whole.model.is_moe_layer(i) for i in range(whole.model.n_layers))
     gar = profile.t("allreduce", n_moe * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
-    return PipelinedStep(stages, microbatches, micro, p2p_s, full.gradients + gar + full.optimizer)
+    return PipelinedStep(stages, microbatches, micro, p2p_s, full.gradients + gar + full.optimizer + full.loop)
 
 
 def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_NMSE: np.ndarray) -> float:

@@ -6,6 +6,10 @@ times include what the ranks of one host take from each other, as they do in tra
 
     head_fwd / head_bwd   output projection + cross-entropy, n = tokens * d_model * vocab (MACs)
     optimizer             gradient clipping + the AdamW step, n = parameters on the rank
+    loop                  per step, n = 1: what a one-process ``fsmoe train`` step (fsmoe.train.Trainer
+                          on the rank's sequences: next batch, forward, loss, backward, clipping,
+                          guards, AdamW, the LR schedule) takes beyond its model's forward and
+                          backward and the optimizer
     glue_fwd@<tag> / glue_bwd@<tag>
                           per MoE block, n = tokens: the one-process model's forward (backward)
                           less its head, its attention (the profile's fit at the run's shape), its
@@ -69,8 +73,10 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
                   + n_dense * profile.t("expert_bwd", mlp))
     head_n = tokens * cfg.model.d_model * cfg.model.vocab_size
     glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
-    pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]],
-           "optimizer": _optimizer_points(model, device, reps, warmup, group)}
+    optimizer = _optimizer_points(model, device, reps, warmup, group)
+    loop = _train_step_s(cfg, spec, device, reps, warmup, group) - fwd_s - bwd_s - optimizer[0][1]
+    pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]], "optimizer": optimizer,
+           "loop": [[1.0, max(0.0, loop)]]}
     for phase, total, head, priced, experts, more in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0], extra[0]),
                                                       ("bwd", bwd_s, head_bwd, priced_bwd, experts_s[1], extra[1])):
         point = [[tokens, glue(total, head, priced, experts) + more]]
@@ -177,6 +183,33 @@ def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float,
     finally:
         clock.close()
     return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b))
+
+
+def _train_step_s(cfg: RunConfig, spec: LayerSpec, device, reps, warmup, group) -> float:
+    """Median seconds of one-process ``fsmoe train`` steps on the rank's sequences (a scratch run
+    directory; nothing logged)."""
+    import tempfile
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from fsmoe.config import ParallelConfig
+    from fsmoe.train import Trainer
+
+    train = dataclasses.replace(cfg.train, batch_size=spec.batch, steps=10 ** 6, trace=False, timeline_steps=0,
+                                torch_profile_steps=0, device=device.type,
+                                data_limit_mb=min(cfg.train.data_limit_mb, 1.0))  # sampling does not need more
+    one = dataclasses.replace(cfg, train=train, parallel=ParallelConfig())
+    now, times = _timed(device, group), []
+    with tempfile.TemporaryDirectory(prefix="fsmoe-loop-") as scratch:
+        trainer = Trainer(one, Path(scratch) / "run", console=Console(quiet=True))
+        for k in range(warmup + reps):
+            t0 = now(start=True)
+            trainer.train_step().read()
+            t1 = now()
+            if k >= warmup:
+                times.append(t1 - t0)
+    return _median(times)
 
 
 def _head_times(cfg: RunConfig, tokens: int, device, dtype, reps, warmup, group) -> tuple[float, float]:
