@@ -88,8 +88,8 @@ class ProfileConfig:
         gpu = device.type == "cuda"
         return ProfileConfig(tuple(int(x) for x in comm), expert,
                              tuple(int(x) for x in np.geomspace(max(8, rows // 8), max(16, rows * 3 // 2), 5)),
-                             max(1, spec.num_experts // layout.ep), dense, reps=10 if gpu else 3,
-                             warmup=3 if gpu else 1)
+                             max(1, spec.num_experts // layout.ep), dense, reps=10 if gpu else 7,
+                             warmup=3 if gpu else 2)
 
 
 def hardware_name(device: torch.device) -> str:
@@ -347,7 +347,7 @@ def run_profile(groups: ParallelGroups, device: torch.device, cfg: ProfileConfig
     meta = {"world": groups.world, "reps": cfg.reps, "torch": torch.__version__}
     prof = profile_from_points(hardware_name(device), layout.name, pts, meta, overlap=eta, overlap_points=per_size)
     if run is not None:
-        spec, reps = run_spec(run, layout.dp, layout.mp), max(5, cfg.reps)
+        spec, reps = run_spec(run, layout.dp, layout.mp), max(7, cfg.reps)
         extra = dispatcher_extra(run, spec, groups, prof, device, dtype, reps, cfg.warmup)
         parts = measure_model_parts(run, spec, prof, device, dtype, reps, cfg.warmup,
                                     groups.world_group if groups.distributed else None, extra)
