@@ -119,6 +119,17 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     assert main(["profile", "--set", "train.batch_size=2"]) == 2
     assert "--set" in capsys.readouterr().err
+    planned = ["simulate", "step", "--config", "tiny", "--profile", str(prof), "--set", "train.batch_size=8"]
+    assert main(planned + ["--nproc", "2", "--json", str(tmp_path / "planned.json")]) == 0
+    rep = json.loads((tmp_path / "planned.json").read_text())  # DP2, priced with a one-process profile
+    assert rep["world"] == 2 and rep["measured_step_s"] is None and "allreduce" in rep["predicted_s"]["missing"]
+    assert "a planned run" in capsys.readouterr().out
+    assert main(planned + ["--nproc", "4", "--ep", "4"]) == 2  # the profile has no AlltoAll fit
+    assert "a2a_intra" in capsys.readouterr().err
+    assert main(planned + ["--nproc", "4", "--ep", "3"]) == 2
+    assert "parallel.ep" in capsys.readouterr().err
+    assert main(["simulate", "step", "--profile", str(prof)]) == 2
+    assert "--config of a planned run" in capsys.readouterr().err
 
 
 def test_a_recorded_routing_prices_the_slowest_rank_of_each_layer():

@@ -13,7 +13,15 @@ def add_parser(sub) -> None:
     s = sub.add_parser("step", help="a run's training step predicted part by part from a profile, against its "
                                     "measured step time", description=step.__doc__ + USAGE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("run", help="a run directory of `fsmoe train` (its config.json and metrics.jsonl)")
+    s.add_argument("run", nargs="?", default=None,
+                   help="a run directory of `fsmoe train` (its config.json and metrics.jsonl); or none and a "
+                        "planned run: --config with --nproc / --ep / --esp / --mp")
+    s.add_argument("--config", default=None, help="a planned run's preset or TOML (instead of a run directory)")
+    s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of --config")
+    s.add_argument("--nproc", type=int, default=1, help="processes of the planned run")
+    s.add_argument("--ep", type=int, default=None, help="the planned run's EP (default: the config's)")
+    s.add_argument("--esp", type=int, default=None)
+    s.add_argument("--mp", type=int, default=None)
     s.add_argument("--profile", required=True,
                    help="a Profile of the same layout, best `fsmoe profile --config` of the same run")
     s.add_argument("--policy", default=None, help="the MoE schedule to price (default: the run's parallel.schedule)")
@@ -30,6 +38,7 @@ USAGE = """
     fsmoe train --config tiny --nproc 4 --ep 4 --steps 60 --run-dir runs/ep4
     fsmoe profile --config tiny --nproc 4 --ep 4 --out runs/ep4_profile.json
     fsmoe simulate step runs/ep4 --profile runs/ep4_profile.json
+    fsmoe simulate step --config tiny --nproc 8 --ep 8 --profile runs/ep4_profile.json   # before running it
 """
 
 
@@ -50,8 +59,27 @@ def routing_of(run_dir: Path, layout, steps: int):
     return counts[pick].astype(np.float64)
 
 
-def step_report(run_dir: Path, profile_path: str, policy: str | None, routing: str = "trace",
-                steps: int = 8) -> dict:
+def planned_run(args):
+    """(RunConfig, Layout) of a run not yet made: ``--config`` on ``--nproc`` processes."""
+    import dataclasses
+
+    from fsmoe.config import ConfigError, load_config
+    from fsmoe.parallel.layout import Layout
+
+    if args.config is None:
+        raise ConfigError("run", None, "give a run directory of `fsmoe train`, or --config of a planned run")
+    cfg = load_config(args.config, args.set)
+    p = cfg.parallel
+    p = dataclasses.replace(p, dp=1, ep=args.ep or p.ep, esp=args.esp or p.esp, mp=args.mp or p.mp)
+    layout = Layout.from_config(p, args.nproc, p.gpus_per_node)
+    planned = dataclasses.replace(cfg, parallel=dataclasses.replace(p, dp=layout.dp))
+    planned.validate()  # EP dividing the experts, ESP the expert width, MP the heads
+    return planned, layout
+
+
+def step_report(run_dir: Path | None, profile_path: str, policy: str | None, routing: str = "trace",
+                steps: int = 8, planned=None) -> dict:
+    """The prediction of ``run_dir``'s step beside its measurement, or of a ``planned`` (cfg, layout)."""
     from fsmoe.config import ConfigError, config_from_dict
     from fsmoe.metrics import read_metrics
     from fsmoe.parallel.layout import Layout
@@ -59,20 +87,24 @@ def step_report(run_dir: Path, profile_path: str, policy: str | None, routing: s
     from fsmoe.sim.step import measured_step_s, predict_step
     from fsmoe.train import saved_config
 
-    saved = saved_config(run_dir)
-    if saved is None:
-        raise ConfigError("run", str(run_dir), "holds no config.json (give the directory `fsmoe train` wrote)")
-    cfg = config_from_dict(saved)
-    p = cfg.parallel
-    layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    if run_dir is not None:
+        saved = saved_config(run_dir)
+        if saved is None:
+            raise ConfigError("run", str(run_dir), "holds no config.json (give the directory `fsmoe train` wrote)")
+        cfg = config_from_dict(saved)
+        p = cfg.parallel
+        layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    else:
+        cfg, layout = planned
     profile = Profile.load(profile_path, field="--profile")
     if steps < 1:
         raise ConfigError("--steps", steps, "must be >= 1")
-    routed = routing_of(run_dir, layout, steps) if routing == "trace" else None
-    parts = predict_step(cfg, layout, profile, policy or p.schedule, routing_NMSE=routed)
+    routed = routing_of(run_dir, layout, steps) if routing == "trace" and run_dir is not None else None
+    parts = predict_step(cfg, layout, profile, policy or cfg.parallel.schedule, routing_NMSE=routed)
     tokens = cfg.train.batch_size * cfg.train.seq_len
-    measured = measured_step_s([r for r in read_metrics(run_dir) if "tokens_per_s" in r], tokens)
-    rep = {"run": str(run_dir), "layout": layout.name, "world": layout.world, "profile": profile_path,
+    records = read_metrics(run_dir) if run_dir is not None else []
+    measured = measured_step_s([r for r in records if "tokens_per_s" in r], tokens)
+    rep = {"run": str(run_dir or cfg.name), "layout": layout.name, "world": layout.world, "profile": profile_path,
            "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured,
            "routing": "balanced" if routed is None else f"traced ({len(routed)} steps)"}
     if measured:
@@ -86,7 +118,10 @@ def run_step(args) -> int:
 
     from fsmoe.sim.step import PARTS
 
-    rep = step_report(Path(args.run), args.profile, args.policy, args.routing, args.steps)
+    if args.run is not None:
+        rep = step_report(Path(args.run), args.profile, args.policy, args.routing, args.steps)
+    else:
+        rep = step_report(None, args.profile, args.policy, args.routing, args.steps, planned_run(args))
     pred = rep["predicted_s"]
     con = Console()
     t = Table(title=f"{rep['run']} ({rep['layout']}, {rep['world']} processes) priced with {rep['hardware']}, "
@@ -104,6 +139,8 @@ def run_step(args) -> int:
                   "`fsmoe profile --config` of this run", style="yellow")
     if "ratio" in rep:
         con.print(f"predicted / measured: {rep['ratio']:.3f}")
+    elif args.run is None:
+        con.print("a planned run: nothing measured to compare")
     else:
         con.print("the run logged no training step time (metrics.jsonl): nothing to compare", style="yellow")
     if args.json:
