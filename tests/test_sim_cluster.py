@@ -231,3 +231,66 @@ def test_cluster_command_with_pipeline_and_tensor_parallelism(tmp_path, capsys):
     assert "--microbatches" in capsys.readouterr().err
     assert main(args + ["--mp", "3"]) == 2
     assert "--mp" in capsys.readouterr().err
+
+
+def test_dedup_prices_the_hierarchical_dispatch_against_the_flat_alltoall():
+    from fsmoe.schedule.types import LayerSpec
+    from fsmoe.sim.dedup import dedup_scale
+
+    spec = LayerSpec(batch=2, seq_len=256, d_model=1024, d_ff=1024, num_experts=32, top_k=8, dtype_bytes=2)
+    layout = Layout(dp=32, ep=32, gpus_per_node=8)  # 4 servers of 8
+    two = dedup_scale(spec, layout, 8, 100.0, 3600.0, 2)
+    assert two.depth == 2 and two.ratio < 0.8  # top-8 over 4 servers: most tokens' copies share a server
+    assert len(two.per_depth_ms) == 2 and two.per_depth_ms[1] == pytest.approx(two.ratio * two.flat_ms)
+    assert dedup_scale(spec, layout, 8, 100.0, 3600.0, "auto").depth == 2
+    assert dedup_scale(spec, layout, 8, 100.0, 3600.0, 0).ratio == 1.0
+    inside = dedup_scale(spec, Layout(dp=32, ep=8, gpus_per_node=8), 8, 100.0, 3600.0, 2)
+    assert inside.depth == 0 and inside.ratio == 1.0  # EP inside one server
+    with pytest.raises(ValueError, match="dedup depth 3"):
+        dedup_scale(spec, layout, 8, 100.0, 3600.0, 3)
+
+
+def test_cluster_command_with_dedup(tmp_path, capsys):
+    from fsmoe.cli import main
+
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "8",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default"]
+    assert main(args + ["--json", str(tmp_path / "flat.json")]) == 0
+    assert main(args + ["--dedup-depth", "2", "--json", str(tmp_path / "d2.json")]) == 0
+    assert main(args + ["--dedup-depth", "auto", "--json", str(tmp_path / "auto.json")]) == 0
+    flat, d2, auto = (json.loads((tmp_path / f).read_text()) for f in ("flat.json", "d2.json", "auto.json"))
+    # top-2 of 8 experts over 2 servers: few copies share a server, and the hierarchical rows carry
+    # their weights and ids, so depth 2 moves more than the flat AlltoAll; auto keeps flat
+    assert flat["dedup"] is None and d2["dedup"]["depth"] == 2 and d2["dedup"]["ratio"] > 1
+    assert d2["results"][0]["moe_blocks_ms"] > flat["results"][0]["moe_blocks_ms"]
+    assert auto["dedup"]["depth"] == 0 and auto["results"][0]["moe_blocks_ms"] == flat["results"][0]["moe_blocks_ms"]
+    assert "dedup: depth 2" in capsys.readouterr().out
+
+
+def test_placement_policies_balance_a_skewed_routing_and_price_the_busiest_rank(tmp_path):
+    from fsmoe.cli import main
+    from fsmoe.schedule.types import LayerSpec
+    from fsmoe.sim.balance import load_balance
+
+    spec = LayerSpec(batch=2, seq_len=256, d_model=256, d_ff=512, num_experts=16, top_k=2)
+    layout = Layout(dp=8, ep=8, gpus_per_node=4)
+    static = load_balance(spec, layout, "static", "skewed")
+    assert static.ratio > 1.5 and static.replicated == 0  # the hot experts' ranks
+    for policy in ("flexmoe", "eplb"):
+        b = load_balance(spec, layout, policy, "skewed")
+        assert b.ratio < static.ratio and b.replicated > 0 and b.static_ratio == static.ratio
+    with pytest.raises(ValueError, match="placement 'nope'"):
+        load_balance(spec, layout, "nope")
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "8",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default", "--routing", "skewed"]
+    out = {}
+    for policy in ("static", "eplb"):
+        assert main(args + ["--placement", policy, "--json", str(tmp_path / f"{policy}.json")]) == 0
+        out[policy] = json.loads((tmp_path / f"{policy}.json").read_text())
+    s, e = out["static"], out["eplb"]
+    assert s["placement"]["ratio"] > e["placement"]["ratio"] and e["placement"]["replica_sync_ms"] > 0
+    assert e["results"][0]["moe_blocks_ms"] < s["results"][0]["moe_blocks_ms"]

@@ -102,6 +102,14 @@ def add_cluster_parser(sub) -> None:
                    help="pipeline stages (1F1B; each stage's ranks hold its share of the layers, EP inside a stage)")
     c.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with --pp (default 4 x --pp; they divide each rank's sequences)")
+    c.add_argument("--dedup-depth", default="0", choices=["0", "1", "2", "auto"],
+                   help="HierMoE's hierarchical dispatch with token dedup at this depth (0: the flat AlltoAll; "
+                        "auto: the dispatcher's own choice), priced by its traffic model (fsmoe.sim.dedup)")
+    c.add_argument("--placement", default="static", choices=["static", "flexmoe", "eplb"],
+                   help="expert placement: static, or after FlexMoE's / the EPLB-style policy replicated hot "
+                        "experts into the config's parallel.placement_extra_slots (fsmoe.sim.balance)")
+    c.add_argument("--routing", default="uniform", choices=["uniform", "skewed", "grouped"],
+                   help="the synthetic routing the dedup traffic and the experts' loads are counted from")
     c.add_argument("--batch", type=int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--gpus-per-server", type=int, default=8)
@@ -148,6 +156,8 @@ def simulate_cluster(args) -> dict:
     from fsmoe.sim.cluster import cluster_profile
     from fsmoe.sim.cost import Prices, fabric_bill
     from fsmoe.sim.cluster import p2p_seconds
+    from fsmoe.sim.balance import load_balance
+    from fsmoe.sim.dedup import dedup_scale
     from fsmoe.sim.step import predict_pipelined, predict_step
 
     cfg = load_config(args.config, args.set)
@@ -180,6 +190,21 @@ def simulate_cluster(args) -> dict:
     measured = Profile.load(args.profile)
     fabric = cluster_fabric(args)
     prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale, stages=pp)
+    dedup = None
+    if layout.ep > 1 and args.dedup_depth != "0":
+        try:
+            dedup = dedup_scale(spec, layout, args.gpus_per_server, args.nic_gbps, args.nvlink_gbps,
+                                args.dedup_depth if args.dedup_depth == "auto" else int(args.dedup_depth), args.routing)
+        except ValueError as e:
+            raise ConfigError("--dedup-depth", args.dedup_depth, str(e)) from None
+        a2a = prof.fits[layout.a2a_key]
+        prof = dataclasses.replace(prof, fits={**prof.fits, layout.a2a_key: dataclasses.replace(
+            a2a, beta=a2a.beta * dedup.ratio)})  # the counts' exchange keeps the flat line
+    balance = None
+    if layout.ep > 1 and (args.placement != "static" or args.routing != "uniform"):
+        balance = load_balance(spec, layout, args.placement, args.routing, cfg.parallel.placement_extra_slots)
+        prof = with_imbalance(prof, layout, balance.ratio)
+    sync = replica_sync_s(layout, spec, prof, balance)
     tokens = spec.batch * spec.seq_len * stage
     p2p = p2p_seconds(fabric, layout, pp, batch // micro * spec.seq_len * spec.d_model * spec.dtype_bytes / args.mp)
     rows = []
@@ -187,11 +212,13 @@ def simulate_cluster(args) -> dict:
         s = plan(spec, layout, prof, name)
         if pp > 1:
             step = predict_pipelined(cfg, layout, prof, name, pp, micro, p2p)
+            step = dataclasses.replace(step, once_s=step.once_s + sync)
             parts = {**{k: v * 1e3 for k, v in step.micro.as_dict().items() if isinstance(v, float)},
                      "p2p": step.p2p_s * 1e3, "once": step.once_s * 1e3, "bubble": step.bubble}
             missing = step.micro.missing
         else:
             step = predict_step(cfg, layout, prof, name)
+            step = dataclasses.replace(step, gradients=step.gradients + sync)
             parts, missing = {k: v * 1e3 for k, v in step.as_dict().items() if isinstance(v, float)}, step.missing
         moe_ms = (step.micro.moe_blocks if pp > 1 else s.predicted_iter_s) * 1e3
         rows.append({"policy": name, "r_fwd": s.r_fwd, "r_bwd": s.r_bwd, "moe_blocks_ms": moe_ms,
@@ -201,6 +228,12 @@ def simulate_cluster(args) -> dict:
     for r in rows:
         r["vs_first"] = base["iteration_ms"] / r["iteration_ms"]
     return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "mp": args.mp, "pp": pp,
+            "placement": None if balance is None else {"policy": balance.policy, "ratio": balance.ratio,
+                                                        "static_ratio": balance.static_ratio,
+                                                        "replicated": balance.replicated, "routing": args.routing,
+                                                        "replica_sync_ms": sync * 1e3},
+            "dedup": None if dedup is None else {"depth": dedup.depth, "ratio": dedup.ratio, "flat_ms": dedup.flat_ms,
+                                                 "per_depth_ms": list(dedup.per_depth_ms), "routing": args.routing},
             "microbatches": micro if pp > 1 else 1, "fabric": fabric.name,
             "nic_gbps": args.nic_gbps,
             "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
@@ -221,6 +254,17 @@ def run_cluster(args) -> int:
                  "on one stage)" if rep["pp"] > 1 else "") + "; "
               f"network ${rep['network_usd_per_gpu']:,.0f} per GPU")
     con.print("  " + rep["links"])
+    if rep["placement"]:
+        b = rep["placement"]
+        con.print(f"  placement {b['policy']} ({b['routing']} routing): busiest EP rank {b['ratio']:.2f}x the mean "
+                  f"(static {b['static_ratio']:.2f}x), {b['replicated']} experts replicated "
+                  f"(their gradients' AllReduce {b['replica_sync_ms']:.2f} ms per step)")
+    if rep["dedup"] and not rep["dedup"]["flat_ms"]:
+        con.print("  dedup: the EP group sits inside one server, nothing to deduplicate: the flat AlltoAll is kept")
+    elif rep["dedup"]:
+        d = rep["dedup"]
+        con.print(f"  dedup: depth {d['depth']}, its AlltoAll {d['ratio']:.3f}x the flat one's ({d['routing']} routing; "
+                  f"model: flat {d['flat_ms']:.2f} ms, d=1..: {', '.join(f'{x:.2f}' for x in d['per_depth_ms'])} ms)")
     missing = sorted({k for r in rep["results"] for k in r["not_priced"]})
     if missing:
         con.print(f"  not priced (the profile has no fit for {', '.join(missing)}; `fsmoe profile --config` "
@@ -293,3 +337,26 @@ def run_compare(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))
     return 0
+
+
+def with_imbalance(prof, layout, ratio: float):
+    """The profile with the expert GEMM and AlltoAll lines scaled by the busiest rank's load
+    over the mean (the planner prices the mean rank; the step waits for the busiest)."""
+    import dataclasses
+
+    from fsmoe.schedule.model.profile import base_key
+
+    scaled = {k: dataclasses.replace(f, beta=f.beta * ratio) for k, f in prof.fits.items()
+              if base_key(k) in ("expert_fwd", "expert_bwd", layout.a2a_key)}
+    return dataclasses.replace(prof, fits={**prof.fits, **scaled})
+
+
+def replica_sync_s(layout, spec, prof, balance) -> float:
+    """Seconds per step to sum the replicated experts' gradients over their copies (FlexMoE's
+    T_sync), every MoE layer: the copies sit on different ranks, which reduce at once, so a rank
+    reduces the gradients of its share of the replicas (at least one expert's), priced with the
+    data-parallel AllReduce line."""
+    if balance is None or not balance.replicated or not prof.has("allreduce"):
+        return 0.0
+    per_rank = -(-balance.replicated // layout.ep) * spec.gemms * spec.d_model * spec.d_ff * spec.grad_bytes
+    return spec.n_layers * prof.t("allreduce", per_rank)

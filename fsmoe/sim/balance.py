@@ -1,0 +1,57 @@
+"""Expert placement in the cluster simulator: how unevenly a routing loads the EP ranks under the
+static placement and after a placement policy (FlexMoE's or the EPLB-style baseline,
+``fsmoe.placement.policy``) has replicated and moved experts into spare slots.
+
+    bal = load_balance(spec, layout, "flexmoe", routing="skewed")
+    bal.ratio        # the busiest EP rank's rows over the mean (1.0: balanced)
+
+The planner prices every rank as the mean; the step waits for the busiest, so the cluster
+simulator scales the expert GEMM and AlltoAll lines by ``ratio`` (the busiest rank computes and
+receives that many times the mean rows) and adds the replicas' gradient AllReduce (FlexMoE's
+T_sync: every replicated expert's gradient summed over its copies).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fsmoe.parallel.layout import Layout
+from fsmoe.schedule.types import LayerSpec
+
+PLACEMENTS = ("static", "flexmoe", "eplb")
+
+
+@dataclass(frozen=True)
+class LoadBalance:
+    policy: str
+    ratio: float  # the busiest EP rank's rows / the mean, under the policy's placement
+    static_ratio: float  # the same under the static placement
+    replicated: int  # experts with more than one copy
+
+
+def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "skewed",
+                 extra_slots: float = 0.125, tokens: int = 2048, seed: int = 0) -> LoadBalance:
+    """``policy`` in ``PLACEMENTS``; routing as ``fsmoe.bench.dispatch.make_ids`` draws it for
+    every EP rank; ``extra_slots`` spare slots per rank, as a fraction of its E / ep experts."""
+    from fsmoe.bench.dispatch import make_ids
+    from fsmoe.placement.placement import Placement
+    from fsmoe.placement.policy import PlacementCost, balance_ratio, eplb_policy, flexmoe_policy
+
+    if policy not in PLACEMENTS:
+        raise ValueError(f"placement {policy!r} is unknown; allowed: {', '.join(PLACEMENTS)}")
+    E, ep = spec.num_experts, layout.ep
+    T = min(tokens, spec.tokens)
+    ids = torch.cat([make_ids(routing, T, E, spec.top_k, seed * 1000 + r) for r in range(ep)])
+    load = torch.bincount(ids.flatten(), minlength=E).double().tolist()
+    static = balance_ratio(load, Placement.contiguous(E, ep))
+    if policy == "static" or ep == 1:
+        return LoadBalance(policy, static, static, 0)
+    start = Placement.initial(E, ep, max(1, math.ceil(extra_slots * E / ep)))
+    if policy == "flexmoe":  # balance alone: moves are free here (their cost is amortised over an interval)
+        placed = flexmoe_policy(load, start, PlacementCost(), max_moved_fraction=1.0)
+    else:
+        placed = eplb_policy(load, start)
+    replicated = sum(placed.copies(e) > 1 for e in range(E))
+    return LoadBalance(policy, balance_ratio(load, placed), static, replicated)
