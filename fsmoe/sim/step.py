@@ -171,14 +171,20 @@ def predict_pipelined(cfg: RunConfig, layout: Layout, profile: Profile, policy: 
                       microbatches: int, p2p_s: float) -> PipelinedStep:
     """``layout`` is one stage's ranks; ``p2p_s`` prices one microbatch's boundary send (the
     cluster simulator's fabric, ``cluster.p2p_seconds``)."""
-    no_reduce = dataclasses.replace(profile, fits={k: f for k, f in profile.fits.items() if k != "allreduce"})
-    micro = predict_step(stage_config(cfg, stages, microbatches), layout, no_reduce, policy)
+    micro = predict_step(stage_config(cfg, stages, microbatches), layout, _without_reduce(profile), policy)
+    # a microbatch reduces nothing (the gradients go once per step, below): not a missing fit
+    micro = dataclasses.replace(micro, missing=tuple(k for k in micro.missing if k != "allreduce"))
     whole = stage_config(cfg, stages)
     spec = run_spec(whole, layout.dp, layout.mp)
     full = predict_step(whole, layout, profile, policy)
     n_moe = sum(whole.model.is_moe_layer(i) for i in range(whole.model.n_layers))
     gar = profile.t("allreduce", n_moe * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
     return PipelinedStep(stages, microbatches, micro, p2p_s, full.gradients + gar + full.optimizer + full.loop)
+
+
+def _without_reduce(profile: Profile) -> Profile:
+    """``profile`` without its gradient AllReduce line: the plans priced with it reduce nothing."""
+    return dataclasses.replace(profile, fits={k: f for k, f in profile.fits.items() if k != "allreduce"})
 
 
 def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_NMSE: np.ndarray) -> float:
@@ -192,8 +198,7 @@ def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_
     if S != layout.moe or M != spec.n_layers:
         raise ValueError(f"routing of {S} sources x {M} layers does not match the moe group of {layout.moe} "
                          f"ranks x {spec.n_layers} MoE layers")
-    one = dataclasses.replace(spec, n_layers=1)
-    no_reduce = dataclasses.replace(profile, fits={k: f for k, f in profile.fits.items() if k != "allreduce"})
+    one, no_reduce = dataclasses.replace(spec, n_layers=1), _without_reduce(profile)
     s = schedule
     per_step = [sum(max(simulate_iteration(one, layout, no_reduce, s.r_fwd, s.r_bwd, s.iio, s.gar,
                                            counts_SE=routing_NMSE[n, m], rank=r).iter_s for r in range(S))
