@@ -3,6 +3,7 @@ scheduler's cost models (fsmoe.schedule.run.profiler), or refit a profile from e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -57,6 +58,7 @@ def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
         from fsmoe.schedule.run.model_parts import run_spec
 
         cfg = ProfileConfig.for_run(run_spec(run, groups.layout.dp, groups.layout.mp), groups.layout, device)
+        cfg = dataclasses.replace(cfg, allreduce_bytes=_step_gradient_sizes(run, groups, cfg))
     else:
         cfg = ProfileConfig.gpu(args.quick) if device.type == "cuda" else ProfileConfig.cpu(args.quick)
     prof = run_profile(groups, device, cfg, dtype, run)
@@ -100,6 +102,18 @@ def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
         raise ConfigError("--refit", str(path), "has no timed op with a size (a pipelined schedule times whole "
                                                  "layers only; trace a run of the default schedule)")
     return samples
+
+
+def _step_gradient_sizes(run, groups: ParallelGroups, cfg: ProfileConfig) -> tuple[int, ...]:
+    """AllReduce sizes up to a step's gradients on a rank (fp32, at most 256 MiB), beyond the
+    layer's sizes: ``fsmoe simulate step`` prices the whole step's reduction with this line."""
+    import numpy as np
+
+    from fsmoe.sim.step import ParamSplit
+
+    top = min(4 * ParamSplit.of(run).on_rank(groups.layout), 256 << 20)
+    low = max(cfg.comm_bytes)
+    return tuple(int(x) for x in np.geomspace(low, top, 4)[1:]) if top > low else ()
 
 
 def _run_of(args, groups: ParallelGroups, device: torch.device):

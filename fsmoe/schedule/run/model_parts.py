@@ -89,44 +89,41 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
                      dtype: torch.dtype, reps: int, warmup: int) -> tuple[float, float]:
     """Seconds per MoE layer (forward, backward) the run's own dispatcher takes beyond what the
     profile's collective fits price for its dispatch and combine (``op_check.predicted_ops``):
-    the counts' exchange, the split sizes read on the host, uneven splits, the regrouping. Timed
-    as the slowest rank's, uniform top-k routing of the rank's tokens; (0, 0) without EP/ESP."""
-    from fsmoe.bench.dispatch import _timed, make_ids
-    from fsmoe.order import IndexOrder
-    from fsmoe.parallel.moe import build_dispatcher
-    from fsmoe.routing.plan import RoutingPlan
+    the counts' exchange, the split sizes read on the host, uneven splits, the regrouping, and
+    the waits for peers that a layer's collectives meet between its computations. Timed in
+    context: the run's MoE layer on these groups (fsmoe.parallel.moe), forward and backward on
+    the rank's tokens, its dispatch and combine spans read by fsmoe.op_clock (medians, every rank
+    starting together); (0, 0) without EP / ESP."""
+    from fsmoe.op_clock import OPS, OpClock
+    from fsmoe.parallel.moe import ParallelMoELayer
     from fsmoe.schedule.model.perf_model import chunk_times, layer_work
 
     layout = groups.layout
     if layout.moe == 1:
         return 0.0, 0.0
-    E, K = spec.num_experts, spec.top_k
-    ids = make_ids("uniform", spec.tokens, E, K, 3000 + groups.rank).to(device)
-    plan = RoutingPlan.from_topk(ids, torch.full(ids.shape, 1.0 / K, device=device), E)
-    x = torch.randn(spec.tokens, spec.d_model, device=device, dtype=dtype)
-    x_ND = IndexOrder().permute(x, plan).detach().requires_grad_(True)
-    disp = build_dispatcher(cfg.model.moe, groups, d_model=spec.d_model)
-    ys = []
-
-    def forward():
-        rows, _, handle = disp.dispatch(x_ND, plan)
-        ys.append(disp.combine(rows * 1.0, handle))
-
-    def backward():
-        ys.pop().sum().backward()
-
-    fwd = _timed(forward, device, reps, warmup, groups.world_group)
-    ys.clear()
-    bwd_times = []
-    for _ in range(warmup + reps):
-        forward()
-        bwd_times.append(_timed(backward, device, 1, 0, groups.world_group))
-    bwd = _median(bwd_times[warmup:])
+    layer = ParallelMoELayer(cfg.model.moe, spec.d_model, groups).to(device)
+    x = torch.randn(spec.batch, spec.seq_len, spec.d_model, device=device, requires_grad=True)
+    clock, now = OpClock([layer], device), _timed(device, groups.world_group)
+    spans = [OPS.index("dispatch"), OPS.index("combine")]
+    fwd, bwd = [], []
+    try:
+        for k in range(warmup + reps):
+            now(start=True)
+            with _autocast(device, dtype):
+                y, stats = layer(x)
+            (y.float().square().mean() + stats.aux_loss).backward()
+            now()
+            ops = clock.collect()
+            if k >= warmup:
+                fwd.append(sum(ops["forward"][0][j] for j in spans))
+                bwd.append(sum(ops["backward"][0][j] for j in spans))
+    finally:
+        clock.close()
     work = layer_work(spec, layout)
     lines_f, lines_b = chunk_times(work, profile, layout, 1), chunk_times(work, profile, layout, 1, backward=True)
-    counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * E * 8)
-    return (max(0.0, fwd - counts - 2 * lines_f.a2a - lines_f.ag - lines_f.rs),
-            max(0.0, bwd - 2 * lines_b.a2a - lines_b.ag - lines_b.rs))
+    counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8)
+    return (max(0.0, _median(fwd) - counts - 2 * lines_f.a2a - lines_f.ag - lines_f.rs),
+            max(0.0, _median(bwd) - 2 * lines_b.a2a - lines_b.ag - lines_b.rs))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

@@ -52,6 +52,7 @@ class ProfileConfig:
     dense_shapes: tuple[tuple[int, int, int, int], ...] = ()  # (batch, seq_len, d_model, heads)
     reps: int = 5
     warmup: int = 2
+    allreduce_bytes: tuple[int, ...] = ()  # more AllReduce sizes (a whole step's gradients), beyond comm_bytes
 
     @staticmethod
     def cpu(quick: bool = False) -> "ProfileConfig":
@@ -170,7 +171,7 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
                 _median_time(lambda: esp.finish_scatter(esp.launch_scatter(y, sizes)), device, cfg.reps,
                              cfg.warmup, groups.esp_group))
     if groups.dp > 1:
-        for nbytes in cfg.comm_bytes:
+        for nbytes in cfg.comm_bytes + cfg.allreduce_bytes:
             buf = torch.randn(max(1, nbytes // elem), device=device, dtype=dtype)
             add("allreduce", buf.numel() * elem,
                 _median_time(lambda: dist.all_reduce(buf, group=groups.dp_group), device, cfg.reps, cfg.warmup,
