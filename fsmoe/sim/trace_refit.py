@@ -9,9 +9,9 @@ paired with the sizes its routing gave each op that step, in the units of the pr
     experts               expert_fwd / expert_bwd at the run's expert shape, n = forward MACs of
                           the rows rank 0's experts received
 
-The dispatcher's own host work beyond its collectives, which ``fsmoe profile --config`` puts in
-the glue (``meta["dispatcher_extra_ms"]``), is taken off the dispatch spans so it is not counted
-twice. Route and unroute are not refitted: the profile's glue is more than they are (norms,
+What the run's dispatcher takes beyond its collectives' lines, which ``fsmoe profile --config``
+measures per layer and puts in the glue (``meta["dispatcher_extra_ms"]``, forward and backward),
+is taken off the spans, half from dispatch and half from combine, so it is not counted twice. Route and unroute are not refitted: the profile's glue is more than they are (norms,
 residuals, the embedding).
 
 Only layouts without ESP give AlltoAll samples (with ESP a span also holds the AllGather or
@@ -54,10 +54,10 @@ def trace_samples(trace, spec: LayerSpec, layout: Layout, profile: Profile) -> l
             C = trace.counts_NMRE[n, m]  # [S, E] tokens from each source to each expert
             send, recv = float(C[0].sum()), float(C[:, :El].sum())
             if a2a:
-                out += [(layout.a2a_key, send * rb, f[col["dispatch"]] - counts - extra_f),
-                        (layout.a2a_key, recv * rb, f[col["combine"]]),
-                        (layout.a2a_key, send * rb, b[col["combine"]]),
-                        (layout.a2a_key, recv * rb, b[col["dispatch"]] - extra_b)]
+                out += [(layout.a2a_key, send * rb, f[col["dispatch"]] - counts - extra_f / 2),
+                        (layout.a2a_key, recv * rb, f[col["combine"]] - extra_f / 2),
+                        (layout.a2a_key, send * rb, b[col["combine"]] - extra_b / 2),
+                        (layout.a2a_key, recv * rb, b[col["dispatch"]] - extra_b / 2)]
             out += [(qualified("expert_fwd", dims.tag), recv * macs_per_row, f[col["experts"]]),
                     (qualified("expert_bwd", dims.tag), recv * macs_per_row, b[col["experts"]])]
     return [(k, float(n), float(t)) for k, n, t in out if n > 0 and t > 0]
