@@ -295,3 +295,35 @@ def test_placement_policies_balance_a_skewed_routing_and_price_the_busiest_rank(
     s, e = out["static"], out["eplb"]
     assert s["placement"]["ratio"] > e["placement"]["ratio"] and e["placement"]["replica_sync_ms"] > 0
     assert e["results"][0]["moe_blocks_ms"] < s["results"][0]["moe_blocks_ms"]
+
+
+def test_a_routing_trace_drives_placement_and_dedup(tmp_path, capsys):
+    import gzip
+
+    from fsmoe.cli import main
+    from fsmoe.sim.balance import routing_ids
+
+    trace = tmp_path / "routing_trace.jsonl.gz"
+    counts = [[[[400, 300, 100, 50, 50, 50, 25, 25]]]]  # one step, layer and source: two hot experts
+    with gzip.open(trace, "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 1, "num_experts": 8,
+                            "sources": 1, "source_ep_rank": [0], "ep": 1, "top_k": 2}) + "\n")
+        f.write(json.dumps({"step": 1, "counts": counts[0]}) + "\n")
+    ids = routing_ids(str(trace), 4000, 8, 2, 0)
+    assert ids.shape == (4000, 2) and bool((ids[:, 0] != ids[:, 1]).all())  # k distinct experts a token
+    share = np.bincount(ids.flatten().numpy(), minlength=8) / ids.numel()
+    assert share[0] > share[1] > share[2] > share[7]
+    with pytest.raises(ValueError, match="has 8 experts, the config 16"):
+        routing_ids(str(trace), 10, 16, 2, 0)
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "8",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default"]
+    assert main(args + ["--routing", str(trace), "--placement", "eplb", "--json", str(tmp_path / "t.json")]) == 0
+    rep = json.loads((tmp_path / "t.json").read_text())
+    assert rep["placement"]["routing"] == "trace routing_trace.jsonl.gz" and rep["placement"]["static_ratio"] > 1.5
+    capsys.readouterr()
+    assert main(args + ["--routing", str(tmp_path / "none.jsonl.gz")]) == 2
+    assert "--routing" in capsys.readouterr().err
+    assert main(args + ["--routing", str(trace), "--set", "model.moe.num_experts=16"]) == 2
+    assert "holds 8 experts" in capsys.readouterr().err

@@ -108,8 +108,10 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--placement", default="static", choices=["static", "flexmoe", "eplb"],
                    help="expert placement: static, or after FlexMoE's / the EPLB-style policy replicated hot "
                         "experts into the config's parallel.placement_extra_slots (fsmoe.sim.balance)")
-    c.add_argument("--routing", default="uniform", choices=["uniform", "skewed", "grouped"],
-                   help="the synthetic routing the dedup traffic and the experts' loads are counted from")
+    c.add_argument("--routing", default="uniform",
+                   help="the routing the dedup traffic and the experts' loads are counted from: uniform, skewed, "
+                        "grouped (synthetic), or a routing trace (routing_trace.jsonl.gz of `fsmoe train --trace` "
+                        "with the config's number of experts) whose expert frequencies the tokens are drawn with")
     c.add_argument("--batch", type=int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--gpus-per-server", type=int, default=8)
@@ -200,6 +202,8 @@ def simulate_cluster(args) -> dict:
         a2a = prof.fits[layout.a2a_key]
         prof = dataclasses.replace(prof, fits={**prof.fits, layout.a2a_key: dataclasses.replace(
             a2a, beta=a2a.beta * dedup.ratio)})  # the counts' exchange keeps the flat line
+    _check_routing(args.routing, spec.num_experts)
+    label = args.routing if args.routing in ("uniform", "skewed", "grouped") else f"trace {Path(args.routing).name}"
     balance = None
     if layout.ep > 1 and (args.placement != "static" or args.routing != "uniform"):
         balance = load_balance(spec, layout, args.placement, args.routing, cfg.parallel.placement_extra_slots)
@@ -230,10 +234,10 @@ def simulate_cluster(args) -> dict:
     return {"config": args.config, "gpus": args.gpus, "layout": layout.name, "mp": args.mp, "pp": pp,
             "placement": None if balance is None else {"policy": balance.policy, "ratio": balance.ratio,
                                                         "static_ratio": balance.static_ratio,
-                                                        "replicated": balance.replicated, "routing": args.routing,
+                                                        "replicated": balance.replicated, "routing": label,
                                                         "replica_sync_ms": sync * 1e3},
             "dedup": None if dedup is None else {"depth": dedup.depth, "ratio": dedup.ratio, "flat_ms": dedup.flat_ms,
-                                                 "per_depth_ms": list(dedup.per_depth_ms), "routing": args.routing},
+                                                 "per_depth_ms": list(dedup.per_depth_ms), "routing": label},
             "microbatches": micro if pp > 1 else 1, "fabric": fabric.name,
             "nic_gbps": args.nic_gbps,
             "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
@@ -360,3 +364,20 @@ def replica_sync_s(layout, spec, prof, balance) -> float:
         return 0.0
     per_rank = -(-balance.replicated // layout.ep) * spec.gemms * spec.d_model * spec.d_ff * spec.grad_bytes
     return spec.n_layers * prof.t("allreduce", per_rank)
+
+
+def _check_routing(routing: str, num_experts: int) -> None:
+    """--routing: a synthetic kind, or a readable trace of the config's experts (ConfigError)."""
+    from fsmoe.config import ConfigError
+    from fsmoe.sim.balance import trace_frequencies
+
+    if routing in ("uniform", "skewed", "grouped"):
+        return
+    if not Path(routing).is_file():
+        raise ConfigError("--routing", routing, "must be uniform, skewed, grouped or a routing trace file")
+    try:
+        experts = len(trace_frequencies(routing))
+    except ValueError as e:
+        raise ConfigError("--routing", routing, str(e)) from None
+    if experts != num_experts:
+        raise ConfigError("--routing", routing, f"holds {experts} experts; the config has {num_experts}")

@@ -12,6 +12,7 @@ T_sync: every replicated expert's gradient summed over its copies).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,9 +34,8 @@ class LoadBalance:
 
 def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "skewed",
                  extra_slots: float = 0.125, tokens: int = 2048, seed: int = 0) -> LoadBalance:
-    """``policy`` in ``PLACEMENTS``; routing as ``fsmoe.bench.dispatch.make_ids`` draws it for
-    every EP rank; ``extra_slots`` spare slots per rank, as a fraction of its E / ep experts."""
-    from fsmoe.bench.dispatch import make_ids
+    """``policy`` in ``PLACEMENTS``; ``routing`` as :func:`routing_ids` draws it for every EP
+    rank (a name or a routing trace's path); ``extra_slots`` spare slots per rank, as a fraction of its E / ep experts."""
     from fsmoe.placement.placement import Placement
     from fsmoe.placement.policy import PlacementCost, balance_ratio, eplb_policy, flexmoe_policy
 
@@ -43,7 +43,7 @@ def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "s
         raise ValueError(f"placement {policy!r} is unknown; allowed: {', '.join(PLACEMENTS)}")
     E, ep = spec.num_experts, layout.ep
     T = min(tokens, spec.tokens)
-    ids = torch.cat([make_ids(routing, T, E, spec.top_k, seed * 1000 + r) for r in range(ep)])
+    ids = torch.cat([routing_ids(routing, T, E, spec.top_k, seed * 1000 + r) for r in range(ep)])
     load = torch.bincount(ids.flatten(), minlength=E).double().tolist()
     static = balance_ratio(load, Placement.contiguous(E, ep))
     if policy == "static" or ep == 1:
@@ -55,3 +55,32 @@ def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "s
         placed = eplb_policy(load, start)
     replicated = sum(placed.copies(e) > 1 for e in range(E))
     return LoadBalance(policy, balance_ratio(load, placed), static, replicated)
+
+
+def routing_ids(routing: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
+    """[T, K] expert ids of one rank's tokens: ``uniform`` / ``skewed`` / ``grouped`` as
+    ``fsmoe bench dispatch`` draws them, or the path of a routing trace (``fsmoe train --trace``)
+    whose experts' frequencies (over every step, layer and source) the tokens are drawn with,
+    k distinct experts each (a trace holds counts, not which experts a token chose together)."""
+    from fsmoe.bench.dispatch import make_ids
+
+    if routing in ("uniform", "skewed", "grouped"):
+        return make_ids(routing, T, E, K, seed)
+    freq = trace_frequencies(routing)
+    if len(freq) != E:
+        raise ValueError(f"the routing trace {routing} has {len(freq)} experts, the config {E}")
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(freq.expand(T, E), K, replacement=False, generator=g)
+
+
+@functools.lru_cache(maxsize=4)
+def trace_frequencies(path: str) -> torch.Tensor:
+    """[E] rows routed to each expert over a whole routing trace (ValueError if unreadable)."""
+    from fsmoe.placement.traffic import read_trace
+
+    try:
+        counts = read_trace(path).counts_NMRE
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--routing {path} is neither uniform, skewed, grouped nor a readable routing trace "
+                         f"({e})") from None
+    return torch.as_tensor(counts.sum(axis=(0, 1, 2)), dtype=torch.float64) + 1e-9

@@ -7,9 +7,10 @@ with (``fsmoe.comm.traffic``: rows counted from routing, each stage priced per l
     a2a_fit.beta *= scale.ratio
 
 Links: a server's ``gpus_per_server`` NICs are its level-0 link (shared by its GPUs, as the
-model's links are), NVSwitch each GPU's level-1 link. Routing: synthetic top-k ids per rank
-(``fsmoe.bench.dispatch.make_ids``: uniform, skewed or grouped), experts on EP ranks in
-contiguous ranges. The ratio multiplies the fabric's flat AlltoAll line, so the fabric's
+model's links are), NVSwitch each GPU's level-1 link. Routing: top-k ids per rank
+(``fsmoe.sim.balance.routing_ids``: uniform, skewed or grouped as ``fsmoe bench dispatch`` draws
+them, or drawn with a routing trace's expert frequencies), experts on EP ranks in contiguous
+ranges. The ratio multiplies the fabric's flat AlltoAll line, so the fabric's
 contention stays in the price and dedup only changes how many bytes cross it.
 """
 from __future__ import annotations
@@ -35,9 +36,9 @@ class DedupScale:
 def dedup_scale(spec: LayerSpec, layout: Layout, gpus_per_server: int, nic_gbps: float, nvlink_gbps: float,
                 depth: int | str, routing: str = "uniform", tokens: int = 2048, seed: int = 0) -> DedupScale:
     """``depth``: 0 (flat), 1..D, or "auto" (the dispatcher's own choice, flat included)."""
-    from fsmoe.bench.dispatch import make_ids
     from fsmoe.comm.topology import LevelCosts, ep_levels
     from fsmoe.comm.traffic import Wire, candidate_stages, choose_depth, count_traffic, flat_seconds, hier_seconds
+    from fsmoe.sim.balance import routing_ids
 
     ep, E, K = layout.ep, spec.num_experts, spec.top_k
     servers = max(1, layout.world // gpus_per_server)
@@ -47,7 +48,7 @@ def dedup_scale(spec: LayerSpec, layout: Layout, gpus_per_server: int, nic_gbps:
     inner = levels.stride(0)  # EP ranks per server
     costs = LevelCosts((10e-6, 3e-6), (1 / (inner * nic_gbps * GBIT), 1 / (nvlink_gbps * GBIT)))
     T = min(tokens, spec.tokens)
-    ids = torch.cat([make_ids(routing, T, E, K, seed * 1000 + r) for r in range(ep)])
+    ids = torch.cat([routing_ids(routing, T, E, K, seed * 1000 + r) for r in range(ep)])
     dest = ids // (E // ep)
     src = torch.arange(ep).repeat_interleave(T)
     stages = candidate_stages(levels)
