@@ -107,7 +107,7 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     assert rep["routing"].startswith("traced") and rep["measured_step_s"] > 0 and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
                                                                         / rep["measured_step_s"])
     assert main(["simulate", "step", str(tmp_path), "--profile", str(prof)]) == 2
-    assert "holds no config.json" in capsys.readouterr().err
+    assert "needs the run's config.json" in capsys.readouterr().err
     refitted = tmp_path / "r.json"  # the traced op timings refit the expert lines
     assert main(["profile", "--refit", str(run / "routing_trace.jsonl.gz"), "--profile", str(prof),
                  "--out", str(refitted)]) == 0

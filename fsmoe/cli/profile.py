@@ -81,19 +81,12 @@ def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
     """Refit samples of a routing trace's op timings (``fsmoe.sim.trace_refit``), at the shapes
     and layout of the run in its directory."""
     from fsmoe.cli.trace import load_trace
-    from fsmoe.config import config_from_dict
-    from fsmoe.parallel.layout import Layout
     from fsmoe.schedule.run.model_parts import run_spec
+    from fsmoe.sim.step import saved_run
     from fsmoe.sim.trace_refit import trace_samples
-    from fsmoe.train import saved_config
 
     trace = load_trace(str(path))
-    saved = saved_config(path.parent)
-    if saved is None:
-        raise ConfigError("--refit", str(path), "needs the run's config.json beside the trace")
-    cfg = config_from_dict(saved)
-    p = cfg.parallel
-    layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    cfg, layout = saved_run(path.parent, "--refit", str(path))
     try:
         samples = trace_samples(trace, run_spec(cfg, layout.dp, layout.mp), layout, prof)
     except ValueError as e:

@@ -80,22 +80,12 @@ def planned_run(args):
 def step_report(run_dir: Path | None, profile_path: str, policy: str | None, routing: str = "trace",
                 steps: int = 8, planned=None) -> dict:
     """The prediction of ``run_dir``'s step beside its measurement, or of a ``planned`` (cfg, layout)."""
-    from fsmoe.config import ConfigError, config_from_dict
+    from fsmoe.config import ConfigError
     from fsmoe.metrics import read_metrics
-    from fsmoe.parallel.layout import Layout
     from fsmoe.schedule.model.profile import Profile
-    from fsmoe.sim.step import measured_step_s, predict_step
-    from fsmoe.train import saved_config
+    from fsmoe.sim.step import measured_step_s, predict_step, saved_run
 
-    if run_dir is not None:
-        saved = saved_config(run_dir)
-        if saved is None:
-            raise ConfigError("run", str(run_dir), "holds no config.json (give the directory `fsmoe train` wrote)")
-        cfg = config_from_dict(saved)
-        p = cfg.parallel
-        layout = Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
-    else:
-        cfg, layout = planned
+    cfg, layout = saved_run(run_dir, "run", str(run_dir)) if run_dir is not None else planned
     profile = Profile.load(profile_path, field="--profile")
     if steps < 1:
         raise ConfigError("--steps", steps, "must be >= 1")

@@ -246,6 +246,22 @@ def _allreduce(nbytes: float, profile: Profile, missing: list) -> float:
     return 0.0
 
 
+def saved_run(run_dir, field: str, value: str) -> tuple[RunConfig, Layout]:
+    """The config and layout a ``fsmoe train`` run in ``run_dir`` ran with (its config.json);
+    ConfigError naming ``field`` = ``value`` when there is none."""
+    from pathlib import Path
+
+    from fsmoe.config import ConfigError, config_from_dict
+    from fsmoe.train import saved_config
+
+    saved = saved_config(Path(run_dir))
+    if saved is None:
+        raise ConfigError(field, value, f"needs the run's config.json in {run_dir} (the directory `fsmoe train` wrote)")
+    cfg = config_from_dict(saved)
+    p = cfg.parallel
+    return cfg, Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+
+
 def measured_step_s(records: list[dict], tokens_per_step: int, skip: int = 1) -> float | None:
     """Median seconds per step of a run's ``metrics.jsonl`` training records (``tokens_per_s``
     over each logged window), the first ``skip`` windows (warm-up) left out where there are more."""
