@@ -267,7 +267,8 @@ def run_cluster(args) -> int:
         con.print("  dedup: the EP group sits inside one server, nothing to deduplicate: the flat AlltoAll is kept")
     elif rep["dedup"]:
         d = rep["dedup"]
-        con.print(f"  dedup: depth {d['depth']}, its AlltoAll {d['ratio']:.3f}x the flat one's ({d['routing']} routing; "
+        con.print(f"  dedup: depth {d['depth']}, its AlltoAll {d['ratio']:.3f}x the flat one's "
+                  f"({d['routing']} routing; "
                   f"model: flat {d['flat_ms']:.2f} ms, d=1..: {', '.join(f'{x:.2f}' for x in d['per_depth_ms'])} ms)")
     missing = sorted({k for r in rep["results"] for k in r["not_priced"]})
     if missing:

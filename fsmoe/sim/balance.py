@@ -35,7 +35,8 @@ class LoadBalance:
 def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "skewed",
                  extra_slots: float = 0.125, tokens: int = 2048, seed: int = 0) -> LoadBalance:
     """``policy`` in ``PLACEMENTS``; ``routing`` as :func:`routing_ids` draws it for every EP
-    rank (a name or a routing trace's path); ``extra_slots`` spare slots per rank, as a fraction of its E / ep experts."""
+    rank (a name or a routing trace's path); ``extra_slots`` spare slots per rank, as a fraction
+    of its E / ep experts."""
     from fsmoe.placement.placement import Placement
     from fsmoe.placement.policy import PlacementCost, balance_ratio, eplb_policy, flexmoe_policy
 

@@ -25,9 +25,10 @@ bytes one rank's buffer holds, an AllReduce's the bytes it reduces):
 beta is the simulated makespan per byte (flow-level: time is linear in bytes); alpha, which a
 flow-level simulation has none of, is the measured profile's for that collective where it has
 one, else ``default_alpha_s``. The step beyond the MoE blocks (dense blocks, head, tensor
-parallelism, other gradients, optimizer) is ``fsmoe.sim.step``'s. Compute fits (experts, attention, glue) are the measured ones
-with their slopes divided by ``gemm_scale`` (the target GPU's dense throughput over the profiled
-one's, e.g. from published bf16 TFLOP/s). The overlap efficiency eta stays the measured one.
+parallelism, other gradients, optimizer) is ``fsmoe.sim.step``'s. Compute fits (experts,
+attention, head, glue) are the measured ones with their GEMM slopes divided by ``gemm_scale``
+(the target GPU's dense throughput over the profiled one's, e.g. from published bf16 TFLOP/s).
+The overlap efficiency eta stays the measured one.
 """
 from __future__ import annotations
 
@@ -158,8 +159,8 @@ def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | Regio
     """``measured``'s compute fits (slopes / ``gemm_scale``) with the fabric's communication."""
     if gemm_scale <= 0:
         raise ValueError("gemm_scale must be > 0")
-    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce", "counts", "tp_allgather",
-            "tp_allreduce"}
+    comm = {"a2a_inter", "a2a_intra", "allgather", "reducescatter", "allreduce", "grad_sync", "counts",
+            "tp_allgather", "tp_allreduce"}
     fits = {k: (dataclasses.replace(f, beta=f.beta / gemm_scale) if base_key(k).startswith(("expert", "dense", "head"))
                 else f)
             for k, f in measured.fits.items() if base_key(k) not in comm and not base_key(k).startswith("a2a_level")}

@@ -16,7 +16,7 @@ The parts, one rank's view, in the order a step runs them:
     tensor_par   with mp > 1: each block's tensor-parallel collectives, forward and backward (an
                  AllReduce after attention and after a dense MLP, the MoE output's AllGather)
     gradients    the AllReduce of every other gradient: embeddings, head, norms, dense blocks over
-                 dp, and the experts over their edp replicas
+                 dp, and the experts over their edp replicas (``grad_sync``, else ``allreduce``)
     optimizer    gradient clipping and the AdamW step over the rank's parameters
     loop         the training loop's own host work per step (next batch, loss, guards, the LR
                  schedule, Python between the ops): ``loop``, measured on one process
@@ -203,7 +203,9 @@ def moe_blocks_routed(spec, layout: Layout, profile: Profile, schedule, routing_
     per_step = [sum(max(simulate_iteration(one, layout, no_reduce, s.r_fwd, s.r_bwd, s.iio, s.gar,
                                            counts_SE=routing_NMSE[n, m], rank=r).iter_s for r in range(S))
                     for m in range(M)) for n in range(N)]
-    reduce = profile.t("allreduce", spec.n_layers * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
+    reduce = 0.0
+    if layout.dp > 1 and profile.has("allreduce"):
+        reduce = profile.t("allreduce", spec.n_layers * spec.gar_bytes)
     return float(np.mean(per_step)) + reduce
 
 
@@ -240,8 +242,11 @@ def _other_gradients_s(params: ParamSplit, layout: Layout, spec, n_moe: int, pro
 
 
 def _allreduce(nbytes: float, profile: Profile, missing: list) -> float:
-    if profile.has("allreduce"):
-        return profile.t("allreduce", nbytes)
+    """``grad_sync`` (timed as training reduces its gradients: flat copies, the mean written back)
+    where the profile has it, else the bare AllReduce line."""
+    for key in ("grad_sync", "allreduce"):
+        if profile.has(key):
+            return profile.t(key, nbytes)
     missing.append("allreduce")
     return 0.0
 

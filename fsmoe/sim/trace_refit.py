@@ -11,8 +11,9 @@ paired with the sizes its routing gave each op that step, in the units of the pr
 
 What the run's dispatcher takes beyond its collectives' lines, which ``fsmoe profile --config``
 measures per layer and puts in the glue (``meta["dispatcher_extra_ms"]``, forward and backward),
-is taken off the spans, half from dispatch and half from combine, so it is not counted twice. Route and unroute are not refitted: the profile's glue is more than they are (norms,
-residuals, the embedding).
+is taken off the spans, half from dispatch and half from combine, so it is not counted twice.
+Route and unroute are not refitted: the profile's glue is more than they are (norms, residuals,
+the embedding).
 
 Only layouts without ESP give AlltoAll samples (with ESP a span also holds the AllGather or
 ReduceScatter); the first traced step (warm-up) and steps a pipelined schedule timed only as a
