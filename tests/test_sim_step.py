@@ -169,7 +169,7 @@ def test_a_two_process_ep_profile_of_a_run_prices_its_dispatcher_and_every_part(
     assert done.returncode == 0, done.stderr[-3000:]
     prof = Profile.load(out)
     fwd, bwd = prof.meta["dispatcher_extra_ms"]
-    assert fwd >= 0 and bwd >= 0 and prof.has("a2a_intra") and prof.has("allreduce")
+    assert fwd >= 0 and bwd >= 0 and prof.has("a2a_intra") and prof.has("allreduce") and prof.has("grad_sync")
     cfg = load_config("tiny", ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32"])
     parts = predict_step(cfg, Layout(dp=2, ep=2), prof)
     assert not parts.missing and parts.moe_blocks > 0 and parts.gradients > 0 and parts.optimizer > 0
