@@ -164,13 +164,13 @@ def test_a_two_process_ep_profile_of_a_run_prices_its_dispatcher_and_every_part(
     out = tmp_path / "p.json"
     cmd = [sys.executable, "-m", "fsmoe.cli", "profile", "--config", "tiny", "--nproc", "2", "--ep", "2",
            "--device", "cpu", "--out", str(out), "--set", "model.n_layers=2", "train.batch_size=4",
-           "train.seq_len=32"]
+           "train.seq_len=32", 'model.arch="llama"']  # rotary tables in the block the dispatcher is timed in
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]
     prof = Profile.load(out)
     fwd, bwd = prof.meta["dispatcher_extra_ms"]
     assert fwd >= 0 and bwd >= 0 and prof.has("a2a_intra") and prof.has("allreduce") and prof.has("grad_sync")
-    cfg = load_config("tiny", ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32"])
+    cfg = load_config("tiny", ["model.n_layers=2", "train.batch_size=4", "train.seq_len=32", 'model.arch="llama"'])
     parts = predict_step(cfg, Layout(dp=2, ep=2), prof)
     assert not parts.missing and parts.moe_blocks > 0 and parts.gradients > 0 and parts.optimizer > 0
 

@@ -91,17 +91,18 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
     profile's collective fits price for its dispatch and combine (``op_check.predicted_ops``):
     the counts' exchange, the split sizes read on the host, uneven splits, the regrouping, and
     the waits for peers that a layer's collectives meet between its computations. Timed in
-    context: the run's MoE layer on these groups (fsmoe.parallel.moe), forward and backward on
-    the rank's tokens, its dispatch and combine spans read by fsmoe.op_clock (medians, every rank
-    starting together); (0, 0) without EP / ESP."""
+    context: the run's first MoE block (attention, norms, the MoE layer on these groups), forward
+    and backward on the rank's tokens, the layer's dispatch and combine spans read by
+    fsmoe.op_clock (medians, every rank starting together); (0, 0) without EP / ESP."""
     from fsmoe.op_clock import OPS, OpClock
-    from fsmoe.parallel.moe import ParallelMoELayer
     from fsmoe.schedule.model.perf_model import chunk_times, layer_work
 
     layout = groups.layout
     if layout.moe == 1:
         return 0.0, 0.0
-    layer = ParallelMoELayer(cfg.model.moe, spec.d_model, groups).to(device)
+    block = _moe_block(cfg, groups).to(device)
+    layer = block.ffn
+    rope = _rope_tables(cfg, spec.seq_len, device)
     x = torch.randn(spec.batch, spec.seq_len, spec.d_model, device=device, requires_grad=True)
     clock, now = OpClock([layer], device), _timed(device, groups.world_group)
     spans = [OPS.index("dispatch"), OPS.index("combine")]
@@ -110,7 +111,7 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
         for k in range(warmup + reps):
             now(start=True)
             with _autocast(device, dtype):
-                y, stats = layer(x)
+                y, stats = block(x, rope)
             (y.float().square().mean() + stats.aux_loss).backward()
             now()
             ops = clock.collect()
@@ -124,6 +125,29 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
     counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8)
     return (max(0.0, _median(fwd) - counts - 2 * lines_f.a2a - lines_f.ag - lines_f.rs),
             max(0.0, _median(bwd) - 2 * lines_b.a2a - lines_b.ag - lines_b.rs))
+
+
+def _moe_block(cfg: RunConfig, groups):
+    """The run's first MoE block (attention, norms, its MoE layer on ``groups``): the compute a
+    layer's collectives interleave with in training."""
+    from fsmoe.models.block import build_block
+    from fsmoe.parallel.moe import moe_layer_factory
+
+    m = cfg.model
+    first = next(i for i in range(m.n_layers) if m.is_moe_layer(i))
+    return build_block(m, first, moe_layer_factory(groups))
+
+
+def _rope_tables(cfg: RunConfig, seq_len: int, device: torch.device):
+    """The rotary tables a block of ``cfg`` is called with (None for learned positions), as
+    fsmoe.models.decoder builds them."""
+    from fsmoe.models.rope import RotaryEmbedding
+
+    m = cfg.model
+    if m.arch != "llama":
+        return None
+    rot_dim = m.qk_rope_head_dim if m.attention == "mla" else m.head_size
+    return RotaryEmbedding(rot_dim, m.max_seq_len, m.rope_theta, m.rope_scaling).to(device)(seq_len)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
