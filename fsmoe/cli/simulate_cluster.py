@@ -157,8 +157,9 @@ def simulate_cluster(args) -> dict:
     from fsmoe.schedule.types import LayerSpec, Layout
     from fsmoe.sim.cluster import cluster_profile
     from fsmoe.sim.cost import Prices, fabric_bill
-    from fsmoe.sim.cluster import p2p_seconds
-    from fsmoe.sim.balance import load_balance
+    from fsmoe.bench.dispatch import ROUTINGS
+    from fsmoe.sim.balance import load_balance, replica_sync_s
+    from fsmoe.sim.cluster import p2p_seconds, scale_lines
     from fsmoe.sim.dedup import dedup_scale
     from fsmoe.sim.step import predict_pipelined, predict_step
 
@@ -192,6 +193,8 @@ def simulate_cluster(args) -> dict:
     measured = Profile.load(args.profile)
     fabric = cluster_fabric(args)
     prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale, stages=pp)
+    _check_routing(args.routing, spec.num_experts)
+    label = args.routing if args.routing in ROUTINGS else f"trace {Path(args.routing).name}"
     dedup = None
     if layout.ep > 1 and args.dedup_depth != "0":
         try:
@@ -199,15 +202,11 @@ def simulate_cluster(args) -> dict:
                                 args.dedup_depth if args.dedup_depth == "auto" else int(args.dedup_depth), args.routing)
         except ValueError as e:
             raise ConfigError("--dedup-depth", args.dedup_depth, str(e)) from None
-        a2a = prof.fits[layout.a2a_key]
-        prof = dataclasses.replace(prof, fits={**prof.fits, layout.a2a_key: dataclasses.replace(
-            a2a, beta=a2a.beta * dedup.ratio)})  # the counts' exchange keeps the flat line
-    _check_routing(args.routing, spec.num_experts)
-    label = args.routing if args.routing in ("uniform", "skewed", "grouped") else f"trace {Path(args.routing).name}"
+        prof = scale_lines(prof, (layout.a2a_key,), dedup.ratio)  # the counts' exchange keeps the flat line
     balance = None
     if layout.ep > 1 and (args.placement != "static" or args.routing != "uniform"):
         balance = load_balance(spec, layout, args.placement, args.routing, cfg.parallel.placement_extra_slots)
-        prof = with_imbalance(prof, layout, balance.ratio)
+        prof = scale_lines(prof, ("expert_fwd", "expert_bwd", layout.a2a_key), balance.ratio)
     sync = replica_sync_s(layout, spec, prof, balance)
     tokens = spec.batch * spec.seq_len * stage
     p2p = p2p_seconds(fabric, layout, pp, batch // micro * spec.seq_len * spec.d_model * spec.dtype_bytes / args.mp)
@@ -344,35 +343,13 @@ def run_compare(args) -> int:
     return 0
 
 
-def with_imbalance(prof, layout, ratio: float):
-    """The profile with the expert GEMM and AlltoAll lines scaled by the busiest rank's load
-    over the mean (the planner prices the mean rank; the step waits for the busiest)."""
-    import dataclasses
-
-    from fsmoe.schedule.model.profile import base_key
-
-    scaled = {k: dataclasses.replace(f, beta=f.beta * ratio) for k, f in prof.fits.items()
-              if base_key(k) in ("expert_fwd", "expert_bwd", layout.a2a_key)}
-    return dataclasses.replace(prof, fits={**prof.fits, **scaled})
-
-
-def replica_sync_s(layout, spec, prof, balance) -> float:
-    """Seconds per step to sum the replicated experts' gradients over their copies (FlexMoE's
-    T_sync), every MoE layer: the copies sit on different ranks, which reduce at once, so a rank
-    reduces the gradients of its share of the replicas (at least one expert's), priced with the
-    data-parallel AllReduce line."""
-    if balance is None or not balance.replicated or not prof.has("allreduce"):
-        return 0.0
-    per_rank = -(-balance.replicated // layout.ep) * spec.gemms * spec.d_model * spec.d_ff * spec.grad_bytes
-    return spec.n_layers * prof.t("allreduce", per_rank)
-
-
 def _check_routing(routing: str, num_experts: int) -> None:
     """--routing: a synthetic kind, or a readable trace of the config's experts (ConfigError)."""
+    from fsmoe.bench.dispatch import ROUTINGS
     from fsmoe.config import ConfigError
     from fsmoe.sim.balance import trace_frequencies
 
-    if routing in ("uniform", "skewed", "grouped"):
+    if routing in ROUTINGS:
         return
     if not Path(routing).is_file():
         raise ConfigError("--routing", routing, "must be uniform, skewed, grouped or a routing trace file")

@@ -70,12 +70,18 @@ def sync_grads(model: nn.Module, groups: ParallelGroups, kinds: tuple[str, ...] 
             if groups.dp > 1:
                 torch._foreach_div_(grads, groups.dp)
             continue
-        for part in _chunks(grads, FLAT_ELEMENTS):  # a flat copy of a chunk, never of all the gradients
-            flat = torch.cat([g.reshape(-1) for g in part])
-            dist.all_reduce(flat, group=groups.group(kind))
-            write_mean(flat, part, groups.dp)
+        all_reduce_mean(grads, groups.group(kind), groups.dp)
     if "edp" in kinds:  # expert copies (FlexMoE replicas) are one expert: sum their gradients
         sync_replica_grads(model, groups.ep_group)
+
+
+def all_reduce_mean(grads: list[Tensor], group, dp: int) -> None:
+    """``grads`` := their sums over ``group`` divided by ``dp``: one flat AllReduce per chunk of
+    at most ``FLAT_ELEMENTS`` (a flat copy of a chunk, never of all the gradients)."""
+    for part in _chunks(grads, FLAT_ELEMENTS):
+        flat = torch.cat([g.reshape(-1) for g in part])
+        dist.all_reduce(flat, group=group)
+        write_mean(flat, part, dp)
 
 
 def _chunks(grads: list[Tensor], max_elements: int) -> list[list[Tensor]]:

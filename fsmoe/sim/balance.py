@@ -43,8 +43,7 @@ def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "s
     if policy not in PLACEMENTS:
         raise ValueError(f"placement {policy!r} is unknown; allowed: {', '.join(PLACEMENTS)}")
     E, ep = spec.num_experts, layout.ep
-    T = min(tokens, spec.tokens)
-    ids = torch.cat([routing_ids(routing, T, E, spec.top_k, seed * 1000 + r) for r in range(ep)])
+    ids = group_routing(spec, layout, routing, tokens, seed)
     load = torch.bincount(ids.flatten(), minlength=E).double().tolist()
     static = balance_ratio(load, Placement.contiguous(E, ep))
     if policy == "static" or ep == 1:
@@ -58,14 +57,22 @@ def load_balance(spec: LayerSpec, layout: Layout, policy: str, routing: str = "s
     return LoadBalance(policy, balance_ratio(load, placed), static, replicated)
 
 
+def group_routing(spec: LayerSpec, layout: Layout, routing: str, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """[ep * T, K] expert ids of every EP rank's tokens, rank by rank (T = min(tokens, the
+    rank's tokens)), drawn by :func:`routing_ids`."""
+    T = min(tokens, spec.tokens)
+    return torch.cat([routing_ids(routing, T, spec.num_experts, spec.top_k, seed * 1000 + r)
+                      for r in range(layout.ep)])
+
+
 def routing_ids(routing: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
     """[T, K] expert ids of one rank's tokens: ``uniform`` / ``skewed`` / ``grouped`` as
     ``fsmoe bench dispatch`` draws them, or the path of a routing trace (``fsmoe train --trace``)
     whose experts' frequencies (over every step, layer and source) the tokens are drawn with,
     k distinct experts each (a trace holds counts, not which experts a token chose together)."""
-    from fsmoe.bench.dispatch import make_ids
+    from fsmoe.bench.dispatch import ROUTINGS, make_ids
 
-    if routing in ("uniform", "skewed", "grouped"):
+    if routing in ROUTINGS:
         return make_ids(routing, T, E, K, seed)
     freq = trace_frequencies(routing)
     if len(freq) != E:
@@ -82,6 +89,16 @@ def trace_frequencies(path: str) -> torch.Tensor:
     try:
         counts = read_trace(path).counts_NMRE
     except (OSError, ValueError) as e:
-        raise ValueError(f"--routing {path} is neither uniform, skewed, grouped nor a readable routing trace "
-                         f"({e})") from None
+        raise ValueError(f"{path} is not a readable routing trace ({e})") from None
     return torch.as_tensor(counts.sum(axis=(0, 1, 2)), dtype=torch.float64) + 1e-9
+
+
+def replica_sync_s(layout: Layout, spec: LayerSpec, profile, balance: LoadBalance | None) -> float:
+    """Seconds per step to sum the replicated experts' gradients over their copies (FlexMoE's
+    T_sync), every MoE layer: the copies sit on different ranks, which reduce at once, so a rank
+    reduces the gradients of its share of the replicas (at least one expert's), priced with the
+    data-parallel AllReduce line."""
+    if balance is None or not balance.replicated or not profile.has("allreduce"):
+        return 0.0
+    per_rank = -(-balance.replicated // layout.ep) * spec.gemms * spec.d_model * spec.d_ff * spec.grad_bytes
+    return spec.n_layers * profile.t("allreduce", per_rank)

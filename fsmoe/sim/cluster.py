@@ -169,6 +169,14 @@ def cluster_profile(measured: Profile, layout: Layout, fabric: LeafSpine | Regio
                                layout=layout.name, fits=fits, points={})
 
 
+def scale_lines(profile: Profile, keys: tuple[str, ...], factor: float) -> Profile:
+    """``profile`` with the slopes of the fits whose base key is in ``keys`` multiplied by
+    ``factor`` (shape-qualified fits too): fewer bytes on the wire (dedup), or the busiest rank's
+    load over the mean (placement)."""
+    scaled = {k: dataclasses.replace(f, beta=f.beta * factor) for k, f in profile.fits.items() if base_key(k) in keys}
+    return dataclasses.replace(profile, fits={**profile.fits, **scaled})
+
+
 def layout_of(name: str, world: int) -> Layout:
     """The Layout a profile or bench result names (``ep2-esp1-nodes2x1``) on ``world`` ranks."""
     import re

@@ -38,7 +38,7 @@ def dedup_scale(spec: LayerSpec, layout: Layout, gpus_per_server: int, nic_gbps:
     """``depth``: 0 (flat), 1..D, or "auto" (the dispatcher's own choice, flat included)."""
     from fsmoe.comm.topology import LevelCosts, ep_levels
     from fsmoe.comm.traffic import Wire, candidate_stages, choose_depth, count_traffic, flat_seconds, hier_seconds
-    from fsmoe.sim.balance import routing_ids
+    from fsmoe.sim.balance import group_routing
 
     ep, E, K = layout.ep, spec.num_experts, spec.top_k
     servers = max(1, layout.world // gpus_per_server)
@@ -47,10 +47,9 @@ def dedup_scale(spec: LayerSpec, layout: Layout, gpus_per_server: int, nic_gbps:
         return DedupScale(0, 1.0, 0.0, ())
     inner = levels.stride(0)  # EP ranks per server
     costs = LevelCosts((10e-6, 3e-6), (1 / (inner * nic_gbps * GBIT), 1 / (nvlink_gbps * GBIT)))
-    T = min(tokens, spec.tokens)
-    ids = torch.cat([routing_ids(routing, T, E, K, seed * 1000 + r) for r in range(ep)])
+    ids = group_routing(spec, layout, routing, tokens, seed)
     dest = ids // (E // ep)
-    src = torch.arange(ep).repeat_interleave(T)
+    src = torch.arange(ep).repeat_interleave(len(ids) // ep)
     stages = candidate_stages(levels)
     rows, pairs = count_traffic(dest, src, levels, stages, True), count_traffic(dest, src, levels, stages, False)
     wire = Wire(spec.d_model * spec.dtype_bytes, 4, E // ep, K)

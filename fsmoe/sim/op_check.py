@@ -43,22 +43,12 @@ class OpCheck:
 def predicted_ops(cfg, world: int, profile) -> dict[str, dict[str, float]]:
     """phase -> op -> predicted ms of one MoE layer of the run ``cfg`` on ``world`` processes."""
     from fsmoe.parallel.layout import Layout
-    from fsmoe.schedule.model.perf_model import chunk_times, layer_work
+    from fsmoe.schedule.model.perf_model import layer_op_seconds
     from fsmoe.schedule.types import LayerSpec
 
     layout = Layout.from_config(cfg.parallel, world, cfg.parallel.gpus_per_node)
-    spec = LayerSpec.from_run_config(cfg)
-    work = layer_work(spec, layout)
-    fwd = chunk_times(work, profile, layout, 1)
-    bwd = chunk_times(work, profile, layout, 1, backward=True)
-    counts = 0.0
-    if layout.moe > 1:
-        counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8)
-    ms = 1e3
-    return {"forward": {"dispatch": (counts + fwd.a2a + fwd.ag) * ms, "experts": fwd.exp * ms,
-                        "combine": (fwd.a2a + fwd.rs) * ms},
-            "backward": {"dispatch": (bwd.a2a + bwd.rs) * ms, "experts": bwd.exp * ms,
-                         "combine": (bwd.ag + bwd.a2a) * ms}}
+    seconds = layer_op_seconds(LayerSpec.from_run_config(cfg), layout, profile)
+    return {phase: {op: t * 1e3 for op, t in ops.items()} for phase, ops in seconds.items()}
 
 
 def check_ops(measured: dict[str, dict[str, float]], predicted: dict[str, dict[str, float]]) -> list[OpCheck]:

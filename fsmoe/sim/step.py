@@ -104,12 +104,7 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     n_moe = sum(m.is_moe_layer(i) for i in range(m.n_layers))
     n_dense = m.n_layers - n_moe
     missing = []
-
-    def t(key: str, n: float) -> float:
-        if profile.has(key):
-            return profile.t(key, n)
-        missing.append(key)
-        return 0.0
+    t = lambda key, n: _priced(profile, (key,), n, missing)
 
     schedule = plan(spec, layout, profile, policy)
     moe = schedule.predicted_iter_s if n_moe else 0.0
@@ -217,15 +212,8 @@ def _tensor_parallel_s(cfg: RunConfig, layout: Layout, spec, n_moe: int, n_dense
     if layout.mp == 1:
         return 0.0
     nbytes = spec.tokens * layout.mp * spec.d_model * spec.dtype_bytes
-
-    def t(keys: tuple[str, ...]) -> float:
-        for k in keys:
-            if fits.has(k):
-                return fits.t(k, nbytes)
-        missing.append(keys[0])
-        return 0.0
-
-    ar, ag = t(("tp_allreduce", "allreduce")), t(("tp_allgather", "allgather"))
+    ar = _priced(fits, ("tp_allreduce", "allreduce"), nbytes, missing)
+    ag = _priced(fits, ("tp_allgather", "allgather"), nbytes, missing)
     return 2 * (n_moe * (ar + ag) + n_dense * 2 * ar)
 
 
@@ -244,10 +232,16 @@ def _other_gradients_s(params: ParamSplit, layout: Layout, spec, n_moe: int, pro
 def _allreduce(nbytes: float, profile: Profile, missing: list) -> float:
     """``grad_sync`` (timed as training reduces its gradients: flat copies, the mean written back)
     where the profile has it, else the bare AllReduce line."""
-    for key in ("grad_sync", "allreduce"):
+    return _priced(profile, ("grad_sync", "allreduce"), nbytes, missing, name="allreduce")
+
+
+def _priced(profile: Profile, keys: tuple[str, ...], n: float, missing: list, name: str | None = None) -> float:
+    """Seconds of the first of ``keys`` the profile has a fit for at size ``n``; 0 with ``name``
+    (default the first key) added to ``missing`` when it has none."""
+    for key in keys:
         if profile.has(key):
-            return profile.t(key, nbytes)
-    missing.append("allreduce")
+            return profile.t(key, n)
+    missing.append(name or keys[0])
     return 0.0
 
 
@@ -263,8 +257,8 @@ def saved_run(run_dir, field: str, value: str) -> tuple[RunConfig, Layout]:
     if saved is None:
         raise ConfigError(field, value, f"needs the run's config.json in {run_dir} (the directory `fsmoe train` wrote)")
     cfg = config_from_dict(saved)
-    p = cfg.parallel
-    return cfg, Layout(dp=p.dp, mp=p.mp, ep=p.ep, esp=p.esp, gpus_per_node=p.gpus_per_node)
+    p = cfg.parallel  # saved resolved: dp * mp is the run's world
+    return cfg, Layout.from_config(p, p.dp * p.mp, p.gpus_per_node)
 
 
 def measured_step_s(records: list[dict], tokens_per_step: int, skip: int = 1) -> float | None:

@@ -33,7 +33,7 @@ from fsmoe.schedule.types import LayerSpec
 def trace_samples(trace, spec: LayerSpec, layout: Layout, profile: Profile) -> list[tuple[str, float, float]]:
     """``(key, n, seconds)`` of every traced op with a size (see the module docstring)."""
     from fsmoe.op_clock import OPS
-    from fsmoe.schedule.model.perf_model import ExpertDims
+    from fsmoe.schedule.model.perf_model import ExpertDims, counts_seconds
 
     if trace.ops_NMO is None:
         raise ValueError("the trace holds no op timings (traced by an older fsmoe)")
@@ -42,8 +42,7 @@ def trace_samples(trace, spec: LayerSpec, layout: Layout, profile: Profile) -> l
     dims = ExpertDims.of(spec, layout)
     El, rb = spec.num_experts // layout.ep, spec.d_model * spec.dtype_bytes
     macs_per_row = spec.d_model * dims.f_shard * spec.gemms
-    counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8) \
-        if layout.moe > 1 else 0.0
+    counts = counts_seconds(profile, layout, spec.num_experts)
     a2a = layout.ep > 1 and layout.esp == 1
     extra_f, extra_b = (t / 1e3 for t in profile.meta.get("dispatcher_extra_ms", (0.0, 0.0)))
     out = []

@@ -93,6 +93,26 @@ def chunk_times(work: LayerWork, profile: Profile, layout: Layout, r: float, bac
                       exp=profile.t(ek, work.expert_macs / r), overlap=profile.overlap_at(work.a2a_bytes / r))
 
 
+def counts_seconds(profile: Profile, layout: Layout, num_experts: int) -> float:
+    """The per-layer exchange of every moe-group rank's per-expert counts (int64): its own fit,
+    else priced as an AlltoAll of its bytes (as the cluster simulator does); 0 without a moe group."""
+    if layout.moe == 1:
+        return 0.0
+    return profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * num_experts * 8)
+
+
+def layer_op_seconds(spec: LayerSpec, layout: Layout, profile: Profile) -> dict[str, dict[str, float]]:
+    """phase -> op -> seconds of one MoE layer at r = 1, as the traced ops span them
+    (fsmoe.op_clock): dispatch = the counts' exchange + the AlltoAll + the ESP AllGather,
+    experts, combine = the ReduceScatter + the AlltoAll back; in backward the same transposed."""
+    work = layer_work(spec, layout)
+    fwd = chunk_times(work, profile, layout, 1)
+    bwd = chunk_times(work, profile, layout, 1, backward=True)
+    return {"forward": {"dispatch": counts_seconds(profile, layout, spec.num_experts) + fwd.a2a + fwd.ag,
+                        "experts": fwd.exp, "combine": fwd.a2a + fwd.rs},
+            "backward": {"dispatch": bwd.a2a + bwd.rs, "experts": bwd.exp, "combine": bwd.ag + bwd.a2a}}
+
+
 CASES = (1, 2, 3, 4)
 
 

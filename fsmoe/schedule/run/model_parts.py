@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from torch.distributed import ProcessGroup
 
 from fsmoe.config import RunConfig
 from fsmoe.schedule.model.profile import Profile, qualified
+from fsmoe.schedule.run.profiler import _median_time
 from fsmoe.schedule.types import LayerSpec
 
 
@@ -57,12 +59,16 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
     rank's MoE block (``run_spec``), ``profile`` the fits measured so far (attention, experts);
     ``extra``: host work per MoE layer (forward, backward) the one-process model cannot show
     (``dispatcher_extra``), added to the glue."""
-    from fsmoe.models.decoder import build_model
+    import tempfile
 
-    model = build_model(cfg.model, seed=0).to(device)
     tokens = spec.batch * spec.seq_len
     idx = torch.randint(0, cfg.model.vocab_size, (spec.batch, spec.seq_len), device=device)
-    fwd_s, bwd_s, experts_s = _model_times(model, idx, device, dtype, reps, warmup, group)
+    with tempfile.TemporaryDirectory(prefix="fsmoe-parts-") as scratch:
+        trainer = _scratch_trainer(cfg, spec, device, Path(scratch))
+        model = trainer.model  # one model for every timing below (a second would double the memory)
+        fwd_s, bwd_s, experts_s = _model_times(model, idx, device, dtype, reps, warmup, group)
+        optimizer = _optimizer_points(model, device, reps, warmup, group)
+        step_s = _median_time(lambda: trainer.train_step().read(), device, reps, warmup, group)
     head_fwd, head_bwd = _head_times(cfg, tokens, device, dtype, reps, warmup, group)
     n_moe = len(model.moe_layers())
     n_dense = cfg.model.n_layers - n_moe
@@ -73,8 +79,7 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
                   + n_dense * profile.t("expert_bwd", mlp))
     head_n = tokens * cfg.model.d_model * cfg.model.vocab_size
     glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
-    optimizer = _optimizer_points(model, device, reps, warmup, group)
-    loop = _train_step_s(cfg, spec, device, reps, warmup, group) - fwd_s - bwd_s - optimizer[0][1]
+    loop = step_s - fwd_s - bwd_s - optimizer[0][1]
     pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]], "optimizer": optimizer,
            "loop": [[1.0, max(0.0, loop)]]}
     for phase, total, head, priced, experts, more in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0], extra[0]),
@@ -95,7 +100,7 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
     and backward on the rank's tokens, the layer's dispatch and combine spans read by
     fsmoe.op_clock (medians, every rank starting together); (0, 0) without EP / ESP."""
     from fsmoe.op_clock import OPS, OpClock
-    from fsmoe.schedule.model.perf_model import chunk_times, layer_work
+    from fsmoe.schedule.model.perf_model import layer_op_seconds
 
     layout = groups.layout
     if layout.moe == 1:
@@ -120,11 +125,9 @@ def dispatcher_extra(cfg: RunConfig, spec: LayerSpec, groups, profile: Profile, 
                 bwd.append(sum(ops["backward"][0][j] for j in spans))
     finally:
         clock.close()
-    work = layer_work(spec, layout)
-    lines_f, lines_b = chunk_times(work, profile, layout, 1), chunk_times(work, profile, layout, 1, backward=True)
-    counts = profile.t("counts" if profile.has("counts") else layout.a2a_key, layout.moe * spec.num_experts * 8)
-    return (max(0.0, _median(fwd) - counts - 2 * lines_f.a2a - lines_f.ag - lines_f.rs),
-            max(0.0, _median(bwd) - 2 * lines_b.a2a - lines_b.ag - lines_b.rs))
+    lines = layer_op_seconds(spec, layout, profile)
+    priced = [lines[phase]["dispatch"] + lines[phase]["combine"] for phase in ("forward", "backward")]
+    return max(0.0, _median(fwd) - priced[0]), max(0.0, _median(bwd) - priced[1])
 
 
 def _moe_block(cfg: RunConfig, groups):
@@ -206,12 +209,9 @@ def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float,
     return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b))
 
 
-def _train_step_s(cfg: RunConfig, spec: LayerSpec, device, reps, warmup, group) -> float:
-    """Median seconds of one-process ``fsmoe train`` steps on the rank's sequences (a scratch run
-    directory; nothing logged)."""
-    import tempfile
-    from pathlib import Path
-
+def _scratch_trainer(cfg: RunConfig, spec: LayerSpec, device: torch.device, scratch: Path):
+    """A one-process ``fsmoe train`` of ``cfg`` on the rank's sequences, in a scratch run directory
+    (nothing logged): its steps are the loop the ``loop`` key measures, its model the one timed."""
     from rich.console import Console
 
     from fsmoe.config import ParallelConfig
@@ -220,17 +220,8 @@ def _train_step_s(cfg: RunConfig, spec: LayerSpec, device, reps, warmup, group) 
     train = dataclasses.replace(cfg.train, batch_size=spec.batch, steps=10 ** 6, trace=False, timeline_steps=0,
                                 torch_profile_steps=0, device=device.type,
                                 data_limit_mb=min(cfg.train.data_limit_mb, 1.0))  # sampling does not need more
-    one = dataclasses.replace(cfg, train=train, parallel=ParallelConfig())
-    now, times = _timed(device, group), []
-    with tempfile.TemporaryDirectory(prefix="fsmoe-loop-") as scratch:
-        trainer = Trainer(one, Path(scratch) / "run", console=Console(quiet=True))
-        for k in range(warmup + reps):
-            t0 = now(start=True)
-            trainer.train_step().read()
-            t1 = now()
-            if k >= warmup:
-                times.append(t1 - t0)
-    return _median(times)
+    return Trainer(dataclasses.replace(cfg, train=train, parallel=ParallelConfig()), scratch / "run",
+                   console=Console(quiet=True))
 
 
 def _head_times(cfg: RunConfig, tokens: int, device, dtype, reps, warmup, group) -> tuple[float, float]:
@@ -265,15 +256,11 @@ def _optimizer_points(model, device, reps, warmup, group) -> list[list[float]]:
             p.grad = torch.randn_like(p)
         opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else
                                                    {"foreach": True}))
-        now, times = _timed(device, group), []
-        for k in range(warmup + reps):
-            t0 = now(start=True)
+
+        def step(params=params, opt=opt):
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
             opt.step()
-            t1 = now()
-            if k >= warmup:
-                times.append(t1 - t0)
-        out.append([float(sum(p.numel() for p in params)), _median(times)])
+        out.append([float(sum(p.numel() for p in params)), _median_time(step, device, reps, warmup, group)])
     for p in everything:
         p.grad = None
     return out

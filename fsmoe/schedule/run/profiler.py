@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from fsmoe.config import ConfigError, RunConfig
+from fsmoe.parallel.grads import all_reduce_mean
 from fsmoe.parallel.groups import ParallelGroups, device_for
 from fsmoe.schedule.model.perf_model import ExpertDims
 from fsmoe.schedule.model.profile import Profile, profile_from_points, qualified, refit
@@ -176,26 +177,15 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
             add("allreduce", buf.numel() * elem,
                 _median_time(lambda: dist.all_reduce(buf, group=groups.dp_group), device, cfg.reps, cfg.warmup,
                              groups.dp_group))
-            if cfg.allreduce_bytes:  # a run's profile: also as training reduces its gradients
+            if cfg.allreduce_bytes:  # a run's profile: also as training reduces its gradients (sync_grads)
                 grads = list(torch.randn(max(32, nbytes // 4), device=device).chunk(32))
-                add("grad_sync", nbytes, _median_time(lambda: _reduce_like_training(grads, groups), device, cfg.reps,
-                                                      cfg.warmup, groups.dp_group))
+                add("grad_sync", nbytes, _median_time(lambda: all_reduce_mean(grads, groups.dp_group, groups.dp),
+                                                      device, cfg.reps, cfg.warmup, groups.dp_group))
     # every rank times its GEMMs at once, as in training (ranks of one host share its cores and
     # memory bandwidth: alone, each would measure faster than it runs)
     for key, n, t in measure_compute(cfg, device, dtype, groups.world_group if groups.distributed else None):
         add(key, n, t)
     return _mean_over_ranks(pts, groups)
-
-
-def _reduce_like_training(grads: list, groups: ParallelGroups) -> None:
-    """fsmoe.parallel.grads.sync_grads' path for one reduce kind: flat copies of chunks of the
-    gradients, one AllReduce each, the mean written back."""
-    from fsmoe.parallel.grads import FLAT_ELEMENTS, _chunks, write_mean
-
-    for part in _chunks(grads, FLAT_ELEMENTS):
-        flat = torch.cat([g.reshape(-1) for g in part])
-        dist.all_reduce(flat, group=groups.dp_group)
-        write_mean(flat, part, groups.dp)
 
 
 def level_groups(groups: ParallelGroups) -> list[tuple[ProcessGroup, int, str]]:
