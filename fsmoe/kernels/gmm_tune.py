@@ -1,0 +1,198 @@
+"""Per-shape choice of the expert MLP's GEMMs: our Triton kernels (with which tiles) or torch's
+grouped GEMM, measured once on the card and kept in a small JSON cache.
+
+Shape legend: N routed rows, D model dim, F expert hidden dim (this shard's), E local experts.
+
+The first forward at a new (card, dtype, N, D, F, E) times every candidate tile shape of each of
+the four kernels (up-projection with SwiGLU, down-projection, input gradient, weight gradient) on
+rows spread evenly over the experts, then the whole forward + backward of the best Triton tiles
+against torch's path, and keeps the faster. The choice is written to
+``$FSMOE_CACHE_DIR/expert_gemm.json`` (default ``~/.cache/fsmoe``) so later runs skip the timing.
+Timing a shape takes 1-3 s on an H100/H200; it happens outside any CUDA-graph capture because
+the first forward of a step always runs eagerly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fsmoe.kernels.expert_gemm import MLPTiles
+from fsmoe.kernels.triton_gmm import TileConfig
+
+_T = TileConfig
+# Candidates per kernel: (bm, bn, bk, group_m, warps, stages). The dual-accumulator up-projection
+# holds two fp32 tiles, so its tiles are half as wide.
+UP = (_T(128, 64, 64, 8, 8, 3), _T(128, 64, 64, 8, 4, 4), _T(64, 64, 64, 8, 4, 4), _T(128, 128, 64, 8, 8, 3),
+      _T(64, 128, 64, 8, 4, 3), _T(128, 128, 32, 8, 8, 4))
+GMM = (_T(128, 128, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3), _T(64, 128, 64, 8, 4, 4), _T(128, 128, 64, 8, 4, 4),
+       _T(128, 64, 64, 8, 4, 4), _T(256, 128, 64, 8, 8, 3), _T(64, 256, 64, 8, 8, 3))
+# Weight gradient: bm is the rows per step, bk the I tile, bn the O tile.
+WGRAD = (_T(64, 128, 128, 8, 8, 3), _T(32, 128, 128, 8, 4, 4), _T(64, 256, 128, 8, 8, 3),
+         _T(64, 128, 256, 8, 8, 3), _T(128, 128, 128, 8, 8, 3), _T(64, 128, 128, 8, 4, 4))
+
+
+@dataclass(frozen=True)
+class GemmChoice:
+    """What one shape runs: ``tiles`` is None when torch's grouped GEMM path was faster.
+    ``triton_ms``/``torch_ms``: forward + backward of the whole MLP at that shape."""
+
+    tiles: MLPTiles | None
+    triton_ms: float
+    torch_ms: float
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FSMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fsmoe")
+    return Path(root) / "expert_gemm.json"
+
+
+def shape_key(x_ND: Tensor, w1_EDF: Tensor) -> str:
+    E, D, F = w1_EDF.shape
+    name = torch.cuda.get_device_name(x_ND.device).replace(" ", "_")
+    return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{x_ND.shape[0]}|D{D}|F{F}|E{E}"
+
+
+def _to_json(c: GemmChoice) -> dict:
+    return {"tiles": None if c.tiles is None else {k: dataclasses.asdict(v) for k, v in vars(c.tiles).items()},
+            "triton_ms": c.triton_ms, "torch_ms": c.torch_ms}
+
+
+def _from_json(d: dict) -> GemmChoice:
+    tiles = None if d["tiles"] is None else MLPTiles(**{k: TileConfig(**v) for k, v in d["tiles"].items()})
+    return GemmChoice(tiles, float(d["triton_ms"]), float(d["torch_ms"]))
+
+
+class ChoiceCache:
+    """The JSON file, read once; an unreadable file is ignored (and rewritten), never fatal."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path or cache_path()
+        self._mem: dict[str, GemmChoice] | None = None
+
+    def _load(self) -> dict[str, GemmChoice]:
+        if self._mem is None:
+            self._mem = {}
+            try:
+                raw = json.loads(self.path.read_text())
+                self._mem = {k: _from_json(v) for k, v in raw.items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return self._mem
+
+    def get(self, key: str) -> GemmChoice | None:
+        return self._load().get(key)
+
+    def put(self, key: str, choice: GemmChoice) -> None:
+        self._load()[key] = choice
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({k: _to_json(v) for k, v in self._load().items()}, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home keeps the choice for this process only
+            pass
+
+
+_CACHE = ChoiceCache()
+
+
+def _bench_ms(fn, reps: int = 10) -> float:
+    """Median ms of ``fn`` on the current stream (CUDA events), after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends))[reps // 2]
+
+
+def _best(cands, run) -> tuple[TileConfig, float]:
+    """The fastest candidate that compiles on this card (shared memory and registers vary)."""
+    best, best_ms = None, float("inf")
+    for c in cands:
+        try:
+            ms = _bench_ms(lambda: run(c))
+        except Exception:  # noqa: BLE001 - Triton's OutOfResources and compile errors: skip the shape
+            continue
+        if ms < best_ms:
+            best, best_ms = c, ms
+    if best is None:
+        raise RuntimeError("no Triton tile shape compiled for the expert GEMMs on this card")
+    return best, best_ms
+
+
+def even_offsets(N: int, E: int, device) -> Tensor:
+    """[E] int32 cumulative ends of N rows spread evenly over E experts."""
+    counts = torch.full((E,), N // E, dtype=torch.int32, device=device)
+    counts[: N % E] += 1
+    return torch.cumsum(counts, 0, dtype=torch.int32)
+
+
+def _randn(gen: torch.Generator, like: Tensor, *shape: int) -> Tensor:
+    """Random operands from our own generator: tuning must not move the training's RNG stream."""
+    return torch.randn(shape or like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
+    """The fastest tile shape of each kernel at this shape (rows spread evenly over experts)."""
+    from fsmoe.kernels import triton_gmm as tg
+
+    E, D, F = w1_EDF.shape
+    N = x_ND.shape[0]
+    gen = torch.Generator(device=x_ND.device).manual_seed(0)
+    offs = even_offsets(N, E, x_ND.device)
+    x = _randn(gen, x_ND)
+    w1, w3, w2 = (_randn(gen, x, *w.shape) for w in (w1_EDF, w1_EDF, w2_EFD))
+    h = _randn(gen, x, N, F)
+    up, _ = _best(UP, lambda c: tg.gmm_swiglu(x, w1, w3, offs, cfg=c))
+    down, _ = _best(GMM, lambda c: tg.gmm(h, w2, offs, cfg=c))
+    dgrad, _ = _best(GMM, lambda c: tg.gmm(h, w1.transpose(1, 2), offs, a2=h, b2_EIO=w3.transpose(1, 2), cfg=c))
+    wgrad, _ = _best(WGRAD, lambda c: tg.gmm_wgrad(x, h, offs, E, cfg=c))
+    return MLPTiles(up=up, down=down, dgrad=dgrad, wgrad=wgrad)
+
+
+def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
+    """Tune the Triton tiles, then time forward + backward of both paths at this shape."""
+    from fsmoe.kernels.experts import expert_mlp
+    from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
+
+    tiles = tune_tiles(x_ND, w1_EDF, w2_EFD)
+    gen = torch.Generator(device=x_ND.device).manual_seed(1)
+    offs = even_offsets(x_ND.shape[0], w1_EDF.shape[0], x_ND.device)
+    x = _randn(gen, x_ND).requires_grad_()
+    w1, w3, w2 = (_randn(gen, x, *w.shape).requires_grad_() for w in (w1_EDF, w1_EDF, w2_EFD))
+    dy = _randn(gen, x)
+
+    def step(fn):
+        def run():
+            with torch.enable_grad():
+                torch.autograd.grad(fn(x, w1, w3, w2, offs), (x, w1, w3, w2), dy)
+        return run
+
+    tri = _bench_ms(step(lambda *a: triton_swiglu_mlp(*a, tiles)))
+    ref = _bench_ms(step(expert_mlp))
+    return GemmChoice(tiles if tri < ref else None, tri, ref)
+
+
+def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None) -> GemmChoice:
+    """The cached choice for this shape, measured on first use."""
+    cache = cache or _CACHE
+    key = shape_key(x_ND, w1_EDF)
+    got = cache.get(key)
+    if got is None:
+        with torch.autocast("cuda", enabled=False):
+            got = measure_choice(x_ND.detach(), w1_EDF.detach(), w2_EFD.detach())
+        cache.put(key, got)
+    return got
