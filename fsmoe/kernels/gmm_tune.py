@@ -36,6 +36,8 @@ GMM = (_T(128, 128, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3), _T(64, 128, 64, 8, 
 # Weight gradient: bm is the rows per step, bk the I tile, bn the O tile.
 WGRAD = (_T(64, 128, 128, 8, 8, 3), _T(32, 128, 128, 8, 4, 4), _T(64, 256, 128, 8, 8, 3),
          _T(64, 128, 256, 8, 8, 3), _T(128, 128, 128, 8, 8, 3), _T(64, 128, 128, 8, 4, 4))
+# Each shape also with its tiles read by TMA (Hopper and later; skipped where it does not compile).
+UP, GMM, WGRAD = ((*c, *(dataclasses.replace(t, tma=True) for t in c)) for c in (UP, GMM, WGRAD))
 
 
 @dataclass(frozen=True)
