@@ -116,16 +116,25 @@ MOE_IMPLS = ("fsmoe", "deepspeed")
 SWAP_POLICIES = ("hierd", "tokens")
 
 
+EXPERT_GEMMS = ("auto", "torch", "triton")
+
+
 @dataclass
 class ExpertsConfig:
     d_ff: int = 64  # hidden size of one routed expert
     activation: str = "swiglu"  # swiglu | gelu
     num_shared: int = 0  # DeepSeek-style shared experts, always active
     shared_d_ff: int | None = None  # hidden size of one shared expert (default: d_ff)
+    # The routed experts' GEMMs on the GPU fast path (moe.kernels resolving to triton, SwiGLU):
+    # triton = our grouped GEMMs (fsmoe.kernels.triton_gmm; SwiGLU and the input gradient's two
+    # GEMMs fused); torch = torch's grouped_mm; auto = whichever measured faster at the shape on
+    # this card (timed once, cached: fsmoe.kernels.gmm_tune).
+    gemm: str = "auto"  # auto | torch | triton
 
     def validate(self, prefix: str = "experts") -> None:
         _positive(f"{prefix}.d_ff", self.d_ff)
         _one_of(f"{prefix}.activation", self.activation, {"swiglu", "gelu"})
+        _one_of(f"{prefix}.gemm", self.gemm, set(EXPERT_GEMMS))
         _check(isinstance(self.num_shared, int) and self.num_shared >= 0, f"{prefix}.num_shared",
                self.num_shared, "must be an integer >= 0")
         if self.shared_d_ff is not None:

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
 from fsmoe.kernels.experts import expert_mlp
 from fsmoe.kernels.grouped_mm import grouped_mm, grouped_mm_supported
+from fsmoe.kernels.tiles import MLPTiles
 from fsmoe.precision import cast_weights, to_compute
 
 
@@ -72,9 +74,15 @@ class GroupedExperts(nn.Module):
 
 
 class FusedGroupedExperts(GroupedExperts):
-    """The same experts on the GPU fast path (fsmoe.kernels.experts): one CUTLASS grouped GEMM per
-    projection, the fused SwiGLU, and only the tail rows past the last expert masked. CPU tensors,
+    """The same experts on the GPU fast path: the fused SwiGLU, only the tail rows past the last
+    expert masked, and the GEMMs either torch's grouped_mm (CUTLASS, ``fsmoe.kernels.experts``) or
+    ours (``fsmoe.kernels.expert_gemm``), as ``experts.gemm`` says (``use_gemm``). CPU tensors,
     and dtypes or shapes grouped_mm does not take, use the reference forward."""
+
+    gemm = "auto"  # auto | torch | triton: see ExpertsConfig.gemm
+
+    def use_gemm(self, gemm: str) -> None:
+        self.gemm = gemm
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """x_ND: [N, D] rows grouped by expert, tokens_per_expert_E: [E] int. Returns [N, D];
@@ -84,7 +92,21 @@ class FusedGroupedExperts(GroupedExperts):
         if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
                 and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
             return reference_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
+        tiles = self._our_tiles(x_ND, w1_EDF, w2_EFD) if w3_EDF is not None else None
+        if tiles is not None:
+            return triton_swiglu_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, tiles)
         return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
+
+    def _our_tiles(self, x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles | None:
+        """Our kernels' tiles when they run here (forced, or measured faster at this shape), else None."""
+        if self.gemm == "torch":
+            return None
+        from fsmoe.kernels import gmm_tune
+
+        choice = gmm_tune.choose(x_ND, w1_EDF, w2_EFD)
+        if choice is None:  # inside a CUDA-graph capture at a shape never measured
+            return MLPTiles() if self.gemm == "triton" else None
+        return choice.tiles if self.gemm == "triton" or choice.ours_faster else None
 
 
 class DenseFFN(nn.Module):

@@ -68,6 +68,8 @@ class MoELayer(nn.Module):
         self.experts = experts or experts_class(self.kernels)(
             self.dispatcher.num_local_experts, d_model, cfg.experts.d_ff, cfg.experts.activation,
             esp=esp, esp_rank=esp_rank)
+        if hasattr(self.experts, "use_gemm"):
+            self.experts.use_gemm(cfg.experts.gemm)
         ex = cfg.experts
         self.shared = (DenseFFN(d_model, ex.num_shared * (ex.shared_d_ff or ex.d_ff), ex.activation)
                        if ex.num_shared else None)

@@ -10,7 +10,9 @@ CUDA), and is timed in the same process:
   loop        per-expert Python loop with index_select/index_add (the Hugging Face Mixtral style)
   grouped     sort by expert + torch grouped_mm + index_add (the plain-PyTorch grouped-GEMM recipe)
   torchtitan  torchtitan's MoE layer (when its wheel imports)
-  fsmoe       fsmoe's MoELayer with the fused kernels (``moe.kernels=auto``)
+  fsmoe       fsmoe's MoELayer with the fused kernels (``moe.kernels=auto``; the experts' GEMMs
+              ours or torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
+  fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; experts.gemm=torch)
   fsmoe-torch fsmoe's MoELayer on its plain-PyTorch reference path (``moe.kernels=torch``)
   *-graph     dense / fsmoe with the whole step captured as one CUDA graph (no launch overhead;
               fsmoe-graph's fraction is taken against dense-graph)
@@ -39,7 +41,8 @@ LAYER_CONFIGS = {
 }
 DEFAULT_CONFIGS = ["mixtral-like", "gpt2xl-moe16", "fine-64e-top6", "fine-128e-top8"]
 TARGETS = {"mixtral-like": 0.95, "gpt2xl-moe16": 0.93, "fine-64e-top6": 0.85, "fine-128e-top8": 0.80}
-VARIANTS = ["dense", "loop", "grouped", "torchtitan", "fsmoe", "fsmoe-torch", "dense-graph", "fsmoe-graph"]
+VARIANTS = ["dense", "loop", "grouped", "torchtitan", "fsmoe", "fsmoe-cutlass", "fsmoe-torch", "dense-graph",
+            "fsmoe-graph"]
 
 
 def routed_flops(s: dict) -> float:
@@ -142,12 +145,12 @@ def build_grouped(s, W):
     return step, fwd
 
 
-def _fsmoe_layer(s, W, kernels):
+def _fsmoe_layer(s, W, kernels, gemm="auto"):
     from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
     from fsmoe.layer import MoELayer
 
     cfg = MoEConfig(num_experts=s["E"], kernels=kernels, router=RouterConfig(top_k=s["K"], aux_loss_coef=0.01),
-                    experts=ExpertsConfig(d_ff=s["F"]))
+                    experts=ExpertsConfig(d_ff=s["F"], gemm=gemm))
     cfg.validate()
     with torch.device(W.x.device):
         layer = MoELayer(cfg, s["D"]).to(W.x.dtype)
@@ -159,8 +162,8 @@ def _fsmoe_layer(s, W, kernels):
     return layer
 
 
-def _build_fsmoe(s, W, kernels):
-    layer = _fsmoe_layer(s, W, kernels)
+def _build_fsmoe(s, W, kernels, gemm="auto"):
+    layer = _fsmoe_layer(s, W, kernels, gemm)
     x = _leaf(W.x)
     one = torch.ones((), device=x.device)
 
@@ -179,6 +182,12 @@ def _build_fsmoe(s, W, kernels):
 
 def build_fsmoe(s, W):
     step, fwd, _ = _build_fsmoe(s, W, "auto")
+    return step, fwd
+
+
+def build_fsmoe_cutlass(s, W):
+    """Our layer with torch's grouped GEMM (CUTLASS) for the experts instead of ours."""
+    step, fwd, _ = _build_fsmoe(s, W, "auto", gemm="torch")
     return step, fwd
 
 
@@ -252,7 +261,7 @@ def _graphed(builder):
 
 
 BUILDERS = {"dense": build_dense, "loop": build_loop, "grouped": build_grouped, "torchtitan": build_torchtitan,
-            "fsmoe": build_fsmoe, "fsmoe-torch": build_fsmoe_torch,
+            "fsmoe": build_fsmoe, "fsmoe-cutlass": build_fsmoe_cutlass, "fsmoe-torch": build_fsmoe_torch,
             "dense-graph": _graphed(build_dense), "fsmoe-graph": _graphed(build_fsmoe)}
 
 

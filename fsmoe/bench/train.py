@@ -5,7 +5,9 @@ What is timed is ``Trainer.train_step``, the code ``fsmoe train`` runs, on the b
 autocast, gradient clipping, the non-finite guard, the LR schedule and the routers' step hooks.
 Variants, each a fresh Trainer in the same process on the same card:
 
-  fsmoe        MoE layers with the fused kernels (``moe.kernels=auto``)
+  fsmoe        MoE layers with the fused kernels (``moe.kernels=auto``; the experts' GEMMs ours or
+               torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
+  fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; ``experts.gemm=torch``)
   fsmoe-torch  MoE layers on the plain-PyTorch reference path (``moe.kernels=torch``)
   torchtitan   the same Trainer and decoder with torchtitan's MoE in every MoE slot (when its wheel
                imports): attention, norms, embeddings, optimizer and data are identical, so the
@@ -53,7 +55,7 @@ TRAIN_MODELS = {
     # CPU smoke test.
     "tiny": BenchModel("tiny", ("model.n_layers=2",), 4, 64),
 }
-VARIANTS = ["fsmoe", "fsmoe-torch", "torchtitan"]
+VARIANTS = ["fsmoe", "fsmoe-cutlass", "fsmoe-torch", "torchtitan"]
 
 
 class TorchtitanMoE(nn.Module):
@@ -115,6 +117,8 @@ def bench_config(name: str, variant: str, args, device: torch.device) -> RunConf
         overrides.append(f"model.n_layers={args.layers}")
     if variant == "fsmoe-torch":
         overrides.append("model.moe.kernels=\"torch\"")
+    if variant == "fsmoe-cutlass":
+        overrides.append("model.moe.experts.gemm=\"torch\"")
     return load_config(m.preset, overrides + list(args.overrides))
 
 

@@ -13,22 +13,10 @@ Tile shapes come from ``fsmoe.kernels.gmm_tune`` (measured per shape, cached).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from fsmoe.kernels.triton_gmm import TileConfig
-
-
-@dataclass(frozen=True)
-class MLPTiles:
-    """One tile shape per kernel of the MLP's forward and backward."""
-
-    up: TileConfig = TileConfig(bm=128, bn=64, bk=64, warps=8, stages=3)  # x -> swiglu(h1, h3)
-    down: TileConfig = TileConfig()  # h -> y, and dy -> dh
-    dgrad: TileConfig = TileConfig()  # dh1, dh3 -> dx
-    wgrad: TileConfig = TileConfig(bm=64, bn=128, bk=128, warps=8, stages=3)
+from fsmoe.kernels.tiles import MLPTiles
 
 
 class _TritonSwiGLUMLP(torch.autograd.Function):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,31 +24,34 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fsmoe.kernels.expert_gemm import MLPTiles
-from fsmoe.kernels.triton_gmm import TileConfig
+from fsmoe.kernels.tiles import MLPTiles, TileConfig
 
 _T = TileConfig
-# Candidates per kernel: (bm, bn, bk, group_m, warps, stages). The dual-accumulator up-projection
-# holds two fp32 tiles, so its tiles are half as wide.
-UP = (_T(128, 64, 64, 8, 8, 3), _T(128, 64, 64, 8, 4, 4), _T(64, 64, 64, 8, 4, 4), _T(128, 128, 64, 8, 8, 3),
-      _T(64, 128, 64, 8, 4, 3), _T(128, 128, 32, 8, 8, 4))
-GMM = (_T(128, 128, 64, 8, 8, 3), _T(128, 256, 64, 8, 8, 3), _T(64, 128, 64, 8, 4, 4), _T(128, 128, 64, 8, 4, 4),
-       _T(128, 64, 64, 8, 4, 4), _T(256, 128, 64, 8, 8, 3), _T(64, 256, 64, 8, 8, 3))
+# Candidates per kernel: (bm, bn, bk, group_m, warps, stages, tma). The TMA shapes won every kernel
+# at every shape of the layer benchmark on an H200 (benchmarks/results/expert_gemm/); one pointer
+# shape each remains for cards without TMA (it is skipped wherever it does not compile).
+# The dual-accumulator up-projection holds two fp32 tiles.
+UP = (_T(128, 128, 64, 8, 8, 3, True), _T(128, 64, 64, 8, 4, 4, True), _T(64, 128, 64, 8, 4, 3, True),
+      _T(128, 128, 64, 8, 8, 3))
+GMM = (_T(128, 256, 64, 8, 8, 3, True), _T(256, 128, 64, 8, 8, 3, True), _T(128, 128, 64, 8, 8, 3, True),
+       _T(64, 128, 64, 8, 4, 4, True), _T(128, 256, 64, 8, 8, 3))
 # Weight gradient: bm is the rows per step, bk the I tile, bn the O tile.
-WGRAD = (_T(64, 128, 128, 8, 8, 3), _T(32, 128, 128, 8, 4, 4), _T(64, 256, 128, 8, 8, 3),
-         _T(64, 128, 256, 8, 8, 3), _T(128, 128, 128, 8, 8, 3), _T(64, 128, 128, 8, 4, 4))
-# Each shape also with its tiles read by TMA (Hopper and later; skipped where it does not compile).
-UP, GMM, WGRAD = ((*c, *(dataclasses.replace(t, tma=True) for t in c)) for c in (UP, GMM, WGRAD))
+WGRAD = (_T(64, 256, 128, 8, 8, 3, True), _T(64, 128, 256, 8, 8, 3, True), _T(32, 128, 128, 8, 4, 4, True),
+         _T(64, 128, 128, 8, 8, 3, True), _T(64, 128, 128, 8, 8, 3))
 
 
 @dataclass(frozen=True)
 class GemmChoice:
-    """What one shape runs: ``tiles`` is None when torch's grouped GEMM path was faster.
-    ``triton_ms``/``torch_ms``: forward + backward of the whole MLP at that shape."""
+    """One shape's measurement: our best tiles, and forward + backward of the whole MLP with them
+    (``triton_ms``) and with torch's grouped GEMM path (``torch_ms``)."""
 
-    tiles: MLPTiles | None
+    tiles: MLPTiles
     triton_ms: float
     torch_ms: float
+
+    @property
+    def ours_faster(self) -> bool:
+        return self.triton_ms < self.torch_ms
 
 
 def cache_path() -> Path:
@@ -55,19 +59,25 @@ def cache_path() -> Path:
     return Path(root) / "expert_gemm.json"
 
 
+def row_bucket(N: int) -> int:
+    """Rows are keyed by the next power of two: under expert parallelism the rows a rank receives
+    change every step, and the best tiles hardly move within a factor of two."""
+    return 1 << max(N - 1, 0).bit_length()
+
+
 def shape_key(x_ND: Tensor, w1_EDF: Tensor) -> str:
     E, D, F = w1_EDF.shape
     name = torch.cuda.get_device_name(x_ND.device).replace(" ", "_")
-    return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{x_ND.shape[0]}|D{D}|F{F}|E{E}"
+    return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{row_bucket(x_ND.shape[0])}|D{D}|F{F}|E{E}"
 
 
 def _to_json(c: GemmChoice) -> dict:
-    return {"tiles": None if c.tiles is None else {k: dataclasses.asdict(v) for k, v in vars(c.tiles).items()},
+    return {"tiles": {k: dataclasses.asdict(v) for k, v in vars(c.tiles).items()},
             "triton_ms": c.triton_ms, "torch_ms": c.torch_ms}
 
 
 def _from_json(d: dict) -> GemmChoice:
-    tiles = None if d["tiles"] is None else MLPTiles(**{k: TileConfig(**v) for k, v in d["tiles"].items()})
+    tiles = MLPTiles(**{k: TileConfig(**v) for k, v in d["tiles"].items()})
     return GemmChoice(tiles, float(d["triton_ms"]), float(d["torch_ms"]))
 
 
@@ -104,6 +114,10 @@ class ChoiceCache:
 
 
 _CACHE = ChoiceCache()
+
+
+def _note(msg: str) -> None:
+    print(f"fsmoe: {msg}", file=sys.stderr, flush=True)
 
 
 def _bench_ms(fn, reps: int = 10) -> float:
@@ -166,10 +180,12 @@ def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
 
 
 def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
-    """Tune the Triton tiles, then time forward + backward of both paths at this shape."""
+    """Tune the Triton tiles, then time forward + backward of both paths at this shape (the rows'
+    power-of-two bucket, spread evenly over the experts)."""
     from fsmoe.kernels.experts import expert_mlp
     from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
 
+    x_ND = x_ND.new_empty(row_bucket(x_ND.shape[0]), x_ND.shape[1])
     tiles = tune_tiles(x_ND, w1_EDF, w2_EFD)
     gen = torch.Generator(device=x_ND.device).manual_seed(1)
     offs = even_offsets(x_ND.shape[0], w1_EDF.shape[0], x_ND.device)
@@ -185,16 +201,22 @@ def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
 
     tri = _bench_ms(step(lambda *a: triton_swiglu_mlp(*a, tiles)))
     ref = _bench_ms(step(expert_mlp))
-    return GemmChoice(tiles if tri < ref else None, tri, ref)
+    return GemmChoice(tiles, tri, ref)
 
 
-def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None) -> GemmChoice:
-    """The cached choice for this shape, measured on first use."""
+def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None) -> GemmChoice | None:
+    """The cached choice for this shape, measured on first use; None while a CUDA graph is being
+    captured and the shape was never measured (nothing can be timed inside a capture)."""
     cache = cache or _CACHE
     key = shape_key(x_ND, w1_EDF)
     got = cache.get(key)
+    if got is None and torch.cuda.is_current_stream_capturing():
+        return None
     if got is None:
+        _note(f"timing the expert GEMMs at {key} (once per shape and card; kept in {cache.path})")
         with torch.autocast("cuda", enabled=False):
             got = measure_choice(x_ND.detach(), w1_EDF.detach(), w2_EFD.detach())
         cache.put(key, got)
+        _note(f"expert GEMMs at {key}: {'ours' if got.ours_faster else 'torch grouped_mm'} "
+              f"(forward + backward {got.triton_ms:.2f} ms ours, {got.torch_ms:.2f} ms torch grouped_mm)")
     return got

@@ -15,26 +15,12 @@ Rows past ``offs[E-1]`` (dropped assignments) are never written: callers zero th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class TileConfig:
-    """One launch shape. ``bm`` is the rows per tile (the row step of the weight-gradient kernel),
-    ``bn`` the output columns, ``bk`` the reduction step (the I tile of the weight gradient)."""
-
-    bm: int = 128
-    bn: int = 128
-    bk: int = 64
-    group_m: int = 8
-    warps: int = 8
-    stages: int = 3
-    tma: bool = False  # read tiles with Hopper's TMA (sm90+, 16-byte aligned rows)
+from fsmoe.kernels.tiles import TileConfig
 
 
 @triton.jit

@@ -1,0 +1,289 @@
+"""Our grouped GEMMs for the expert MLP (fsmoe.kernels.triton_gmm / expert_gemm / gmm_tune).
+
+Three tiers, as in test_kernels.py:
+- CPU (always): the ``experts.gemm`` setting, the tile cache (round trip, an unreadable file),
+  the row buckets, and the layer on CPU with every setting equal to the reference.
+- Triton interpreter (``TRITON_INTERPRET=1`` with Triton installed, no GPU): every kernel, with
+  and without TMA, against plain loops (gathered rows, two operand pairs, row scales, transposed
+  weights, reduction dims that are not a tile multiple, experts with no rows, dropped tail rows),
+  and the MLP's forward and backward against the reference.
+- GPU (``-m gpu``, scripts/gpu_check.sh): the same in bf16 at odd shapes, the layer with our
+  GEMMs against torch's, no host synchronisation, CUDA-graph capture, and the tuner's cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, RouterConfig
+from fsmoe.experts import reference_mlp
+from fsmoe.kernels import gmm_tune
+from fsmoe.kernels.tiles import MLPTiles, TileConfig
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+CUDA = HAS_TRITON and torch.cuda.is_available()
+DEVICES = (["cuda"] if CUDA else []) + (["cpu"] if INTERPRET and not CUDA else [])
+fast = pytest.mark.parametrize("dev", DEVICES or [pytest.param("none", marks=pytest.mark.skip(
+    reason="needs Triton with CUDA, or TRITON_INTERPRET=1"))])
+gpu = pytest.mark.gpu
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _tiles(dev: str, tma: bool) -> MLPTiles:
+    """Small tiles so the test shapes span several tiles, ragged tails and experts per tile."""
+    t = TileConfig(bm=16, bn=32, bk=16, group_m=2, warps=4, stages=2 if dev == "cuda" else 1, tma=tma)
+    return MLPTiles(t, t, t, t)
+
+
+def _offsets(counts, dev):
+    return torch.tensor(counts).cumsum(0).to(torch.int32).to(dev)
+
+
+def _loop_gmm(a_NI, w_EIO, offs):
+    """The per-expert loop the kernels must equal: rows [offs[e-1], offs[e]) times w[e]."""
+    out = torch.zeros(a_NI.shape[0], w_EIO.shape[2], dtype=torch.float64)
+    s = 0
+    for e, end in enumerate(offs.tolist()):
+        out[s:end] = a_NI[s:end].double() @ w_EIO[e].double()
+        s = end
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU
+def test_experts_gemm_setting_is_checked():
+    with pytest.raises(ConfigError, match="experts.gemm"):
+        ExpertsConfig(gemm="cublas").validate()
+    for ok in ("auto", "torch", "triton"):
+        ExpertsConfig(gemm=ok).validate()
+
+
+def test_row_buckets_are_powers_of_two():
+    assert [gmm_tune.row_bucket(n) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
+
+
+def test_choice_cache_round_trip_and_unreadable_file(tmp_path):
+    path = tmp_path / "expert_gemm.json"
+    choice = gmm_tune.GemmChoice(MLPTiles(up=TileConfig(bm=64, tma=True)), 1.5, 2.0)
+    gmm_tune.ChoiceCache(path).put("k", choice)
+    again = gmm_tune.ChoiceCache(path).get("k")
+    assert again == choice and again.ours_faster
+    path.write_text("{ not json")
+    broken = gmm_tune.ChoiceCache(path)
+    assert broken.get("k") is None  # ignored, not fatal ...
+    broken.put("k2", choice)  # ... and rewritten whole
+    assert set(json.loads(path.read_text())) == {"k2"}
+
+
+@pytest.mark.parametrize("gemm", ["auto", "torch", "triton"])
+def test_layer_on_cpu_equals_reference_under_every_gemm_setting(gemm):
+    """On CPU tensors the fast experts fall back to the reference whatever the setting."""
+    from fsmoe.experts import FusedGroupedExperts
+
+    torch.manual_seed(0)
+    ex = FusedGroupedExperts(4, 16, 24)
+    ex.use_gemm(gemm)
+    x = torch.randn(20, 16)
+    counts = torch.tensor([5, 0, 9, 4])
+    want = reference_mlp(x, ex.w1_EDF, ex.w3_EDF, ex.w2_EFD, counts.cumsum(0).to(torch.int32))
+    torch.testing.assert_close(ex(x, counts), want)
+
+
+def test_layer_passes_the_gemm_setting_to_its_experts():
+    from fsmoe.layer import MoELayer
+
+    cfg = MoEConfig(num_experts=4, kernels="torch", router=RouterConfig(top_k=2),
+                    experts=ExpertsConfig(d_ff=8, gemm="torch"))
+    layer = MoELayer(cfg, 8)
+    assert getattr(layer.experts, "gemm", "torch") == "torch"
+
+
+# ----------------------------------------------------------------------------- kernels (interpreter / GPU)
+CASES = [  # (counts per expert, T input rows, I, O); I=40 is not a multiple of bk=16
+    ([7, 0, 20, 9, 10], 23, 40, 48),
+    ([0, 0, 33], 40, 32, 40),
+    ([5, 3], 8, 24, 16),
+]
+
+
+@fast
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("counts,T,I,O", CASES)
+def test_gmm_against_loops(dev, tma, counts, T, I, O):
+    from fsmoe.kernels import triton_gmm as tg
+
+    g = torch.Generator().manual_seed(1)
+    E, N = len(counts), sum(counts)
+    offs = _offsets(counts, dev)
+    x = torch.randn(T, I, generator=g).to(dev)
+    idx = torch.randint(0, T, (N,), generator=g).to(dev)
+    w, w2 = (torch.randn(E, I, O, generator=g).to(dev) for _ in range(2))
+    wt = torch.randn(E, O, I, generator=g).to(dev).transpose(1, 2)  # a transposed view, read in place
+    scale = torch.rand(N, generator=g).to(dev)
+    cfg = _tiles(dev, tma).down
+    xn = x[idx]
+    ref = _loop_gmm(xn.cpu(), w.cpu(), offs.cpu())
+    assert _rel(tg.gmm(x, w, offs, idx_N=idx, cfg=cfg).cpu(), ref) < 1e-5
+    assert _rel(tg.gmm(xn, wt, offs, cfg=cfg).cpu(), _loop_gmm(xn.cpu(), wt.cpu(), offs.cpu())) < 1e-5
+    both = tg.gmm(xn, w, offs, a2=2 * xn, b2_EIO=w2, scale_N=scale, cfg=cfg).cpu()
+    want = (ref + _loop_gmm(2 * xn.cpu(), w2.cpu(), offs.cpu())) * scale.cpu().double()[:, None]
+    assert _rel(both, want) < 1e-5
+
+
+@fast
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("counts,T,I,O", CASES)
+def test_gmm_swiglu_and_wgrad_against_loops(dev, tma, counts, T, I, O):
+    from fsmoe.kernels import triton_gmm as tg
+
+    g = torch.Generator().manual_seed(2)
+    E, N = len(counts), sum(counts)
+    offs = _offsets(counts, dev)
+    x = torch.randn(T, I, generator=g).to(dev)
+    idx = torch.randint(0, T, (N,), generator=g).to(dev)
+    w1, w3 = (torch.randn(E, I, O, generator=g).to(dev) for _ in range(2))
+    cfg = _tiles(dev, tma).up
+    xn = x[idx]
+    r1, r3 = _loop_gmm(xn.cpu(), w1.cpu(), offs.cpu()), _loop_gmm(xn.cpu(), w3.cpu(), offs.cpu())
+    for kw in ({"idx_N": idx}, {}):
+        h1, h3, h = tg.gmm_swiglu(x if kw else xn, w1, w3, offs, cfg=cfg, **kw)
+        assert _rel(h1.cpu(), r1) < 1e-5 and _rel(h3.cpu(), r3) < 1e-5
+        assert _rel(h.cpu(), torch.nn.functional.silu(r1) * r3) < 1e-5
+    assert tg.gmm_swiglu(xn, w1, w3, offs, cfg=cfg, store_pre=False)[0] is None
+    gr = torch.randn(N, O, generator=g).to(dev)
+    want = torch.zeros(E, I, O, dtype=torch.float64)
+    s = 0
+    for e, end in enumerate(offs.tolist()):
+        want[e] = xn[s:end].cpu().double().T @ gr[s:end].cpu().double()
+        s = end
+    for kw in ({"idx_N": idx}, {}):
+        dw = tg.gmm_wgrad(x if kw else xn, gr, offs, E, cfg=cfg, **kw)
+        assert _rel(dw.cpu(), want) < 1e-5
+        if 0 in counts:
+            assert dw[counts.index(0)].abs().max() == 0  # an expert with no rows gets a zero gradient
+
+
+@fast
+@pytest.mark.parametrize("tma", [False, True])
+def test_mlp_forward_backward_equals_reference_with_dropped_rows(dev, tma):
+    """Rows past offs[-1] (capacity drops) come out 0 and get a 0 gradient, even when they hold
+    garbage; everything else equals the reference MLP."""
+    from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
+
+    g = torch.Generator().manual_seed(3)
+    E, N, D, F = 4, 50, 24, 40
+    offs = _offsets([10, 0, 25, 9], dev)  # 44 rows routed, 6 dropped
+    x = torch.randn(N, D, generator=g)
+    x[44:] = 1e30  # garbage in the dropped rows must not leak
+    x = x.to(dev).requires_grad_()
+    w1, w3, w2 = ((torch.randn(*shape, generator=g) * 0.2).to(dev).requires_grad_()
+                  for shape in ((E, D, F), (E, D, F), (E, F, D)))
+    dy = torch.randn(N, D, generator=g).to(dev)
+    y = triton_swiglu_mlp(x, w1, w3, w2, offs, _tiles(dev, tma))
+    got = [y, *torch.autograd.grad(y, (x, w1, w3, w2), dy)]
+    xr = torch.where(torch.arange(N, device=dev)[:, None] < 44, x, 0)
+    yr = reference_mlp(xr, w1, w3, w2, offs)
+    want = [yr, *torch.autograd.grad(yr, (x, w1, w3, w2), dy)]
+    assert got[0][44:].abs().max() == 0 and got[1][44:].abs().max() == 0
+    for a, b in zip(got, want):
+        assert _rel(a, b) < 1e-5
+
+
+# ----------------------------------------------------------------------------- GPU only
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+@pytest.mark.parametrize("tma", [False, True])
+def test_bf16_odd_shapes_match_fp32(tma):
+    from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    E, D, F = 6, 136, 200  # not tile multiples; 16-byte aligned rows, so TMA applies
+    counts = [0, 37, 1, 300, 0, 77]
+    offs = _offsets(counts, "cuda")
+    N = sum(counts) + 5
+    args = [torch.randn(N, D, generator=g, device="cuda"),
+            *(torch.randn(*s, generator=g, device="cuda") * 0.1 for s in ((E, D, F), (E, D, F), (E, F, D)))]
+    dy = torch.randn(N, D, generator=g, device="cuda")
+    b16 = [a.bfloat16().requires_grad_() for a in args]
+    y = triton_swiglu_mlp(*b16, offs, _tiles("cuda", tma))
+    got = [y, *torch.autograd.grad(y, b16, dy.bfloat16())]
+    f32 = [a.requires_grad_() for a in args]
+    xr = torch.where(torch.arange(N, device="cuda")[:, None] < offs[-1], f32[0], 0)
+    yr = reference_mlp(xr, *f32[1:], offs)
+    want = [yr, *torch.autograd.grad(yr, f32, dy)]
+    for a, b in zip(got, want):
+        assert _rel(a.float(), b) < 2e-2
+
+
+def _layer_pair():
+    from fsmoe.layer import MoELayer
+
+    def build(gemm):
+        cfg = MoEConfig(num_experts=8, kernels="triton", router=RouterConfig(top_k=2),
+                        experts=ExpertsConfig(d_ff=192, gemm=gemm))
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return MoELayer(cfg, 128).bfloat16()
+
+    return build("triton"), build("torch")
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+def test_layer_with_our_gemms_matches_torch_grouped_mm(tmp_path, monkeypatch):
+    monkeypatch.setattr(gmm_tune, "_CACHE", gmm_tune.ChoiceCache(tmp_path / "c.json"))
+    ours, ref = _layer_pair()
+    x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y, st = layer(xi)
+        (y.float().square().mean() + st.aux_loss).backward()
+        outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*outs):
+        assert _rel(a.float(), b.float()) < 2e-2
+    assert (tmp_path / "c.json").exists()  # the shape was measured once and kept
+    torch.cuda.set_sync_debug_mode("error")  # measured now: no host synchronisation left
+    try:
+        y, st = ours(x.clone().requires_grad_())
+        (y.float().square().mean() + st.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+def test_layer_with_our_gemms_captures_as_cuda_graph(tmp_path, monkeypatch):
+    from fsmoe.bench.layer import capture_graph
+
+    monkeypatch.setattr(gmm_tune, "_CACHE", gmm_tune.ChoiceCache(tmp_path / "c.json"))
+    layer, _ = _layer_pair()
+    x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(x)
+    out = {}
+
+    def step():
+        x.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        y, st = layer(x)
+        torch.autograd.backward([y, st.aux_loss], [dy, torch.ones_like(st.aux_loss)])
+        out["y"] = y.detach()
+
+    step()
+    want = [out["y"].clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    replay = capture_graph(step)
+    replay()
+    torch.cuda.synchronize()
+    got = [out["y"], x.grad] + [p.grad for p in layer.parameters()]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
