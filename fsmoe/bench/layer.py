@@ -14,8 +14,8 @@ CUDA), and is timed in the same process:
               ours or torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
   fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; experts.gemm=torch)
   fsmoe-torch fsmoe's MoELayer on its plain-PyTorch reference path (``moe.kernels=torch``)
-  *-graph     dense / fsmoe with the whole step captured as one CUDA graph (no launch overhead;
-              fsmoe-graph's fraction is taken against dense-graph)
+  *-graph     dense / fsmoe / fsmoe-cutlass with the whole step captured as one CUDA graph (no
+              launch overhead; the graphs' fractions are taken against dense-graph)
 
 TFLOP/s counts the routed expert matmuls only: 3 (fwd+bwd) * T*K * 3 matmuls * 2*D*F.
 """
@@ -42,7 +42,7 @@ LAYER_CONFIGS = {
 DEFAULT_CONFIGS = ["mixtral-like", "gpt2xl-moe16", "fine-64e-top6", "fine-128e-top8"]
 TARGETS = {"mixtral-like": 0.95, "gpt2xl-moe16": 0.93, "fine-64e-top6": 0.85, "fine-128e-top8": 0.80}
 VARIANTS = ["dense", "loop", "grouped", "torchtitan", "fsmoe", "fsmoe-cutlass", "fsmoe-torch", "dense-graph",
-            "fsmoe-graph"]
+            "fsmoe-graph", "fsmoe-cutlass-graph"]
 
 
 def routed_flops(s: dict) -> float:
@@ -262,7 +262,8 @@ def _graphed(builder):
 
 BUILDERS = {"dense": build_dense, "loop": build_loop, "grouped": build_grouped, "torchtitan": build_torchtitan,
             "fsmoe": build_fsmoe, "fsmoe-cutlass": build_fsmoe_cutlass, "fsmoe-torch": build_fsmoe_torch,
-            "dense-graph": _graphed(build_dense), "fsmoe-graph": _graphed(build_fsmoe)}
+            "dense-graph": _graphed(build_dense), "fsmoe-graph": _graphed(build_fsmoe),
+            "fsmoe-cutlass-graph": _graphed(build_fsmoe_cutlass)}
 
 
 def _rel_err(a, b) -> float:

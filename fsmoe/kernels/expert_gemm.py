@@ -26,12 +26,14 @@ class _TritonSwiGLUMLP(torch.autograd.Function):
         from fsmoe.kernels.triton_ops import zero_tail_rows_
 
         x_ND = x_ND.contiguous()
-        need_grad = ctx.needs_input_grad[0] or any(ctx.needs_input_grad[1:4])
+        need_grad = any(ctx.needs_input_grad[:4])
         h1, h3, h = tg.gmm_swiglu(x_ND, w1_EDF, w3_EDF, offs_E, store_pre=need_grad, cfg=tiles.up)
         y = zero_tail_rows_(tg.gmm(h, w2_EFD, offs_E, cfg=tiles.down), offs_E)
         if need_grad:
-            ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, h1, h3, h)
-            ctx.tiles = tiles
+            ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
+            # Intermediates live on ctx (not saved tensors) so backward can free each one as soon
+            # as it is used: the peak then holds one [N, F] pair less than autograd's would.
+            ctx.h1, ctx.h3, ctx.h, ctx.tiles = h1, h3, h, tiles
         return y
 
     @staticmethod
@@ -39,21 +41,23 @@ class _TritonSwiGLUMLP(torch.autograd.Function):
         from fsmoe.kernels import triton_gmm as tg
         from fsmoe.kernels.triton_ops import swiglu_bwd, zero_tail_rows_
 
-        x, w1, w3, w2, offs, h1, h3, h = ctx.saved_tensors
-        tiles, E = ctx.tiles, w1.shape[0]
+        x, w1, w3, w2, offs = ctx.saved_tensors
+        tiles, E, need = ctx.tiles, w1.shape[0], ctx.needs_input_grad
         dy_ND = dy_ND.contiguous()
         dh = tg.gmm(dy_ND, w2.transpose(1, 2), offs, cfg=tiles.down)
-        dh1, dh3 = swiglu_bwd(h1, h3, dh)
-        dx = dw1 = dw3 = dw2 = None
-        if ctx.needs_input_grad[0]:
+        dw2 = tg.gmm_wgrad(ctx.h, dy_ND, offs, E, cfg=tiles.wgrad) if need[3] else None
+        ctx.h = None
+        dh1, dh3 = swiglu_bwd(ctx.h1, ctx.h3, dh)
+        ctx.h1 = ctx.h3 = dh = None
+        dx = dw1 = dw3 = None
+        if need[0]:
             dx = zero_tail_rows_(tg.gmm(dh1, w1.transpose(1, 2), offs, a2=dh3, b2_EIO=w3.transpose(1, 2),
                                         cfg=tiles.dgrad), offs)
-        if ctx.needs_input_grad[1]:
+        if need[1]:
             dw1 = tg.gmm_wgrad(x, dh1, offs, E, cfg=tiles.wgrad)
-        if ctx.needs_input_grad[2]:
+        dh1 = None
+        if need[2]:
             dw3 = tg.gmm_wgrad(x, dh3, offs, E, cfg=tiles.wgrad)
-        if ctx.needs_input_grad[3]:
-            dw2 = tg.gmm_wgrad(h, dy_ND, offs, E, cfg=tiles.wgrad)
         return dx, dw1, dw3, dw2, None, None
 
 

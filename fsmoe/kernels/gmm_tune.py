@@ -14,6 +14,7 @@ the first forward of a step always runs eagerly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -65,9 +66,14 @@ def row_bucket(N: int) -> int:
     return 1 << max(N - 1, 0).bit_length()
 
 
+@functools.cache
+def _card(index: int) -> str:
+    return torch.cuda.get_device_name(index).replace(" ", "_")
+
+
 def shape_key(x_ND: Tensor, w1_EDF: Tensor) -> str:
     E, D, F = w1_EDF.shape
-    name = torch.cuda.get_device_name(x_ND.device).replace(" ", "_")
+    name = _card(x_ND.device.index if x_ND.device.index is not None else torch.cuda.current_device())
     return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{row_bucket(x_ND.shape[0])}|D{D}|F{F}|E{E}"
 
 
