@@ -32,13 +32,17 @@ _T = TileConfig
 # at every shape of the layer benchmark on an H200 (benchmarks/results/expert_gemm/); one pointer
 # shape each remains for cards without TMA (it is skipped wherever it does not compile).
 # The dual-accumulator up-projection holds two fp32 tiles.
-UP = (_T(128, 128, 64, 8, 8, 3, True), _T(128, 64, 64, 8, 4, 4, True), _T(64, 128, 64, 8, 4, 3, True),
+UP = (_T(128, 128, 64, 8, 8, 3, True), _T(128, 128, 64, 8, 8, 4, True), _T(128, 128, 32, 8, 8, 5, True),
+      _T(256, 64, 64, 8, 8, 3, True), _T(128, 64, 64, 8, 4, 4, True), _T(64, 128, 64, 8, 4, 3, True),
       _T(128, 128, 64, 8, 8, 3))
 GMM = (_T(128, 256, 64, 8, 8, 3, True), _T(256, 128, 64, 8, 8, 3, True), _T(128, 128, 64, 8, 8, 3, True),
        _T(64, 128, 64, 8, 4, 4, True), _T(128, 256, 64, 8, 8, 3))
 # Weight gradient: bm is the rows per step, bk the I tile, bn the O tile.
 WGRAD = (_T(64, 256, 128, 8, 8, 3, True), _T(64, 128, 256, 8, 8, 3, True), _T(32, 128, 128, 8, 4, 4, True),
          _T(64, 128, 128, 8, 8, 3, True), _T(64, 128, 128, 8, 8, 3))
+
+
+WIN_MARGIN = 0.97  # ours must be at least 3% faster to be chosen under experts.gemm=auto
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class GemmChoice:
 
     @property
     def ours_faster(self) -> bool:
-        return self.triton_ms < self.torch_ms
+        """By a margin: the timing spreads rows evenly over the experts, a real router does not,
+        and a near tie measured that way went either way in the layer benchmark."""
+        return self.triton_ms < WIN_MARGIN * self.torch_ms
 
 
 def cache_path() -> Path:
@@ -180,9 +186,11 @@ def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
     h = _randn(gen, x, N, F)
     up, _ = _best(UP, lambda c: tg.gmm_swiglu(x, w1, w3, offs, cfg=c))
     down, _ = _best(GMM, lambda c: tg.gmm(h, w2, offs, cfg=c))
+    dy = _randn(gen, x)
+    dswiglu, _ = _best(GMM, lambda c: tg.gmm_swiglu_bwd(dy, w2, h, h, offs, cfg=c))
     dgrad, _ = _best(GMM, lambda c: tg.gmm(h, w1.transpose(1, 2), offs, a2=h, b2_EIO=w3.transpose(1, 2), cfg=c))
     wgrad, _ = _best(WGRAD, lambda c: tg.gmm_wgrad(x, h, offs, E, cfg=c))
-    return MLPTiles(up=up, down=down, dgrad=dgrad, wgrad=wgrad)
+    return MLPTiles(up=up, down=down, dswiglu=dswiglu, dgrad=dgrad, wgrad=wgrad)
 
 
 def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
