@@ -21,7 +21,6 @@ from fsmoe.kernels import triton_gmm as tg
 from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
 from fsmoe.kernels.experts import expert_mlp
 from fsmoe.kernels.grouped_mm import grouped_mm_unmasked
-from fsmoe.kernels.triton_ops import swiglu_bwd
 
 CONFIGS = {  # name: (T, d, f, E, k), the layer benchmark's four
     "mixtral-like": (8192, 4096, 14336, 8, 2),
@@ -100,8 +99,6 @@ def one_config(name, T, D, Fh, E, k, gen) -> dict:
             "up (w1,w3,swiglu)": [ms(lambda: tg.gmm_swiglu(xd, w1d, w3d, offs, cfg=tiles.up)),
                                   ms(lambda: (grouped_mm_unmasked(xd, w1d, offs), grouped_mm_unmasked(xd, w3d, offs)))],
             "down": [ms(lambda: tg.gmm(h, w2d, offs, cfg=tiles.down)), ms(lambda: grouped_mm_unmasked(h, w2d, offs))],
-            "dh (+swiglu bwd)": [ms(lambda: tg.gmm_swiglu_bwd(xd, w2d, h, h, offs, cfg=tiles.dswiglu)),
-                                 ms(lambda: swiglu_bwd(h, h, grouped_mm_unmasked(xd, w2d.transpose(1, 2), offs)))],
             "dgrad (dh1,dh3)": [ms(lambda: tg.gmm(h, w1d.transpose(1, 2), offs, a2=h, b2_EIO=w3d.transpose(1, 2), cfg=tiles.dgrad)),
                                 ms(lambda: grouped_mm_unmasked(h, w1d.transpose(1, 2), offs) + grouped_mm_unmasked(h, w3d.transpose(1, 2), offs))],
             "wgrad (one)": [ms(lambda: tg.gmm_wgrad(xd, h, offs, E, cfg=tiles.wgrad)), _torch_wgrad_ms(xd, h, offs)],

@@ -6,8 +6,6 @@ Shape legend: N rows grouped by expert, D model dim, F hidden dim, E experts.
 Against torch's grouped GEMM path (``fsmoe.kernels.experts.expert_mlp``) it saves:
 - the up-projection reads each row once for w1 and w3 and writes silu(h1) * h3 from the fp32
   accumulators (no separate SwiGLU pass reading h1 and h3 back);
-- SwiGLU's backward runs in the epilogue of the down-projection's input gradient: dh stays in
-  the accumulator, never written;
 - the input gradient is one GEMM with two operand pairs, ``dh1 @ w1^T + dh3 @ w3^T`` summed in
   the accumulator, instead of two GEMMs and an add over [N, D].
 Same contract as ``expert_mlp``: rows past offs[-1] (dropped) give 0 and get a 0 gradient.
@@ -41,15 +39,16 @@ class _TritonSwiGLUMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_ND):
         from fsmoe.kernels import triton_gmm as tg
-        from fsmoe.kernels.triton_ops import zero_tail_rows_
+        from fsmoe.kernels.triton_ops import swiglu_bwd, zero_tail_rows_
 
         x, w1, w3, w2, offs = ctx.saved_tensors
         tiles, E, need = ctx.tiles, w1.shape[0], ctx.needs_input_grad
         dy_ND = dy_ND.contiguous()
+        dh = tg.gmm(dy_ND, w2.transpose(1, 2), offs, cfg=tiles.down)
         dw2 = tg.gmm_wgrad(ctx.h, dy_ND, offs, E, cfg=tiles.wgrad) if need[3] else None
         ctx.h = None
-        dh1, dh3 = tg.gmm_swiglu_bwd(dy_ND, w2, ctx.h1, ctx.h3, offs, cfg=tiles.dswiglu)
-        ctx.h1 = ctx.h3 = None
+        dh1, dh3 = swiglu_bwd(ctx.h1, ctx.h3, dh)
+        ctx.h1 = ctx.h3 = dh = None
         dx = dw1 = dw3 = None
         if need[0]:
             dx = zero_tail_rows_(tg.gmm(dh1, w1.transpose(1, 2), offs, a2=dh3, b2_EIO=w3.transpose(1, 2),

@@ -24,7 +24,6 @@ class MLPTiles:
     """One tile shape per kernel of the MLP's forward and backward."""
 
     up: TileConfig = TileConfig(bm=128, bn=64, bk=64, warps=8, stages=3)  # x -> swiglu(h1, h3)
-    down: TileConfig = TileConfig()  # h -> y
-    dswiglu: TileConfig = TileConfig()  # dy -> dh1, dh3 (dh @ w2^T with SwiGLU's backward fused)
+    down: TileConfig = TileConfig()  # h -> y, and dy -> dh
     dgrad: TileConfig = TileConfig()  # dh1, dh3 -> dx
     wgrad: TileConfig = TileConfig(bm=64, bn=128, bk=128, warps=8, stages=3)

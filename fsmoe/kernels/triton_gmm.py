@@ -89,24 +89,12 @@ def _tile_rows(offs_ptr, idx_ptr, E, grid_m, grid_n, O,
 
 
 @triton.jit
-def _swiglu_grads(dh, h1_ptr, h3_ptr, d3_ptr, off, mask):
-    """SwiGLU's backward on a [BM, BN] tile of dh (the fp32 accumulator): stores dh3 = dh * silu(h1)
-    and returns dh1 = dh * h3 * silu'(h1), so dh itself is never written."""
-    a = tl.load(h1_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(h3_ptr + off, mask=mask, other=0.0).to(tl.float32)
-    s = tl.sigmoid(a)
-    tl.store(d3_ptr + off, (dh * a * s).to(d3_ptr.dtype.element_ty), mask=mask)
-    return dh * b * s * (1.0 + a * (1.0 - s))
-
-
-@triton.jit
-def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_ptr, h1_ptr, h3_ptr, d3_ptr,
+def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_ptr,
                 K, O, E, grid_m, s_am, s_ak, s_be, s_bk, s_bo, s_cm,
                 HAS_IDX: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
-                SWIGLU_BWD: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """c[n] = (a[src(n)] @ b[e(n)] + a2[n] @ b2[e(n)]) * scale[n]; with SWIGLU_BWD the product is
-    SwiGLU's output gradient and c gets dh1 (d3 gets dh3)."""
+                EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
+    """c[n] = (a[src(n)] @ b[e(n)] + a2[n] @ b2[e(n)]) * scale[n]."""
     grid_n = tl.cdiv(O, BN)
     exists, e, rm, mask_m, src, rn, mask_n, _, _ = _tile_rows(offs_ptr, idx_ptr, E, grid_m, grid_n, O,
                                                               HAS_IDX, EP, BM, BN, GROUP_M)
@@ -120,11 +108,8 @@ def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_pt
                        BK, EVEN_K, PRECISION)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        off = rm[:, None] * s_cm + rn[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SWIGLU_BWD:
-            acc = _swiglu_grads(acc, h1_ptr, h3_ptr, d3_ptr, off, mask)
-        tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -244,9 +229,9 @@ def _load_b(b_desc, e, k0, n0, TRANS_B: tl.constexpr, BK: tl.constexpr, BN: tl.c
 
 @triton.jit
 def _gmm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, a_ptr, c_ptr, offs_ptr, idx_ptr, scale_ptr,
-                    h1_ptr, h3_ptr, d3_ptr, K, O, E, grid_m, s_am, s_cm,
+                    K, O, E, grid_m, s_am, s_cm,
                     HAS_IDX: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    SWIGLU_BWD: tl.constexpr, TRANS_B: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    TRANS_B: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     BK: tl.constexpr, GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
     """``_gmm_kernel`` with the weights (and, unless gathered, the rows) read by TMA."""
     grid_n = tl.cdiv(O, BN)
@@ -269,11 +254,8 @@ def _gmm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, a_ptr, c_ptr, offs_ptr, id
                              input_precision=PRECISION)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        off = rm[:, None] * s_cm + rn[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SWIGLU_BWD:
-            acc = _swiglu_grads(acc, h1_ptr, h3_ptr, d3_ptr, off, mask)
-        tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -381,36 +363,21 @@ def gmm(a: Tensor, b_EIO: Tensor, offs_E: Tensor, *, idx_N: Tensor | None = None
     a: [T, I] (gathered through idx_N: [N]) or [N, I]; b_EIO: [E, I, O], either contiguous or a
     transposed view of [E, O, I] (read in place); a2/b2_EIO: like a/b (a2 not gathered). Rows past
     offs[-1] are left unwritten."""
-    return _launch(a, b_EIO, offs_E, idx_N, a2, b2_EIO, scale_N, None, cfg)[0]
-
-
-def gmm_swiglu_bwd(dy_ND: Tensor, w2_EFD: Tensor, h1_NF: Tensor, h3_NF: Tensor, offs_E: Tensor,
-                   cfg: TileConfig = TileConfig()) -> tuple[Tensor, Tensor]:
-    """(dh1, dh3) for h = silu(h1) * h3 feeding ``h @ w2[e]``: dh = dy @ w2[e]^T stays in the
-    accumulator and SwiGLU's backward runs in the epilogue. Rows past offs[-1] are left unwritten."""
-    return _launch(dy_ND, w2_EFD.transpose(1, 2), offs_E, None, None, None, None, (h1_NF, h3_NF), cfg)
-
-
-def _launch(a, b_EIO, offs_E, idx_N, a2, b2_EIO, scale_N, swiglu, cfg) -> tuple[Tensor, Tensor | None]:
     N = idx_N.numel() if idx_N is not None else a.shape[0]
     E, K, O = b_EIO.shape
     c = a.new_empty(N, O)
-    d3 = a.new_empty(N, O) if swiglu is not None else None
     if N == 0 or O == 0:
-        return c, d3
+        return c
     b2 = b2_EIO if b2_EIO is not None else b_EIO
     assert a.stride(1) == 1 and (a2 is None or a2.stride() == a.stride()), "rows must be contiguous"
     assert b2.stride() == b_EIO.stride()
-    h1, h3 = swiglu if swiglu is not None else (c, c)
-    assert h1.stride() == h3.stride() == c.stride()
     gm = _m_tiles(N, E, cfg.bm)
     grid = (gm * triton.cdiv(O, cfg.bn),)
     flags = dict(HAS_IDX=idx_N is not None, HAS_SECOND=a2 is not None, HAS_SCALE=scale_N is not None,
-                 SWIGLU_BWD=swiglu is not None, EP=_expert_pad(E), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk,
-                 GROUP_M=cfg.group_m, PRECISION=_precision(a), num_warps=cfg.warps, num_stages=cfg.stages)
+                 EP=_expert_pad(E), BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, GROUP_M=cfg.group_m,
+                 PRECISION=_precision(a), num_warps=cfg.warps, num_stages=cfg.stages)
     idx = idx_N if idx_N is not None else offs_E
     scale = scale_N if scale_N is not None else offs_E
-    d3_arg = d3 if d3 is not None else c
     if cfg.tma and _tma_ok(a, *([a2] if a2 is not None else [])) and _weights_tma_ok(b_EIO):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -418,13 +385,13 @@ def _launch(a, b_EIO, offs_E, idx_N, a2, b2_EIO, scale_N, swiglu, cfg) -> tuple[
         b_desc, trans = _weight_desc(b_EIO, cfg.bk, cfg.bn)
         a2_desc = TensorDescriptor.from_tensor(a2, [cfg.bm, cfg.bk]) if a2 is not None else a_desc
         b2_desc = _weight_desc(b2, cfg.bk, cfg.bn)[0]
-        _gmm_tma_kernel[grid](a_desc, b_desc, a2_desc, b2_desc, a, c, offs_E, idx, scale, h1, h3, d3_arg,
-                              K, O, E, gm, a.stride(0), c.stride(0), TRANS_B=trans, **flags)
+        _gmm_tma_kernel[grid](a_desc, b_desc, a2_desc, b2_desc, a, c, offs_E, idx, scale, K, O, E, gm,
+                              a.stride(0), c.stride(0), TRANS_B=trans, **flags)
     else:
-        _gmm_kernel[grid](a, b_EIO, a2 if a2 is not None else a, b2, c, offs_E, idx, scale, h1, h3, d3_arg,
-                          K, O, E, gm, a.stride(0), a.stride(1), b_EIO.stride(0), b_EIO.stride(1), b_EIO.stride(2),
+        _gmm_kernel[grid](a, b_EIO, a2 if a2 is not None else a, b2, c, offs_E, idx, scale, K, O, E, gm,
+                          a.stride(0), a.stride(1), b_EIO.stride(0), b_EIO.stride(1), b_EIO.stride(2),
                           c.stride(0), EVEN_K=K % cfg.bk == 0, **flags)
-    return c, d3
+    return c
 
 
 def gmm_swiglu(a: Tensor, b1_EIF: Tensor, b3_EIF: Tensor, offs_E: Tensor, *, idx_N: Tensor | None = None,
