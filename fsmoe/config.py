@@ -469,6 +469,9 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a non-finite loss or grad norm: stop (error) | skip (the step, counted)
     trace: bool = False  # write every step's source-rank x expert routing counts (routing_trace.jsonl.gz)
     torch_profile_steps: int = 0  # profile this many steps with torch.profiler (fsmoe.profiling); 0 = off
+    # Replay the whole step (forward, backward, clipping, AdamW) as one CUDA graph after a few eager
+    # steps: no per-kernel launch cost (fsmoe.graph_step). One process on CUDA; see RunConfig.validate.
+    cuda_graph: bool = False
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -494,6 +497,7 @@ class TrainConfig:
         _check(isinstance(self.compile, bool), f"{prefix}.compile", self.compile, "must be true or false")
         _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
         _check(isinstance(self.trace, bool), f"{prefix}.trace", self.trace, "must be true or false")
+        _check(isinstance(self.cuda_graph, bool), f"{prefix}.cuda_graph", self.cuda_graph, "must be true or false")
         if self.torch_profile_steps:
             from fsmoe.profiling import WAIT_STEPS, WARMUP_STEPS
 
@@ -539,12 +543,38 @@ class RunConfig:
                f"takes an equal share) times parallel.mp={self.parallel.mp} (the MoE layers split that share over "
                "the tensor-parallel ranks)")
         self._validate_layout()
+        if self.train.cuda_graph:
+            self._validate_cuda_graph()
         if self.model.moe.impl != "fsmoe":
             self._validate_peer()
         if self.train.timeline_steps and self.parallel.schedule == "default":
             raise ConfigError("train.timeline_steps", self.train.timeline_steps,
                               f"records the pipelined executor's ops; set parallel.schedule to one of "
                               f"{list(SCHEDULES[1:])}")
+
+    def _validate_cuda_graph(self) -> None:
+        """What a captured step cannot hold yet, each named: collectives between processes, the
+        pipelined schedule's host-side timing, a per-step host update of router state, the routing
+        trace's per-step host read, torch.compile's own graphs."""
+        why = None
+        if self.parallel.world > 1:
+            why = f"runs in one process for now (parallel.dp * parallel.mp = {self.parallel.world})"
+        elif self.parallel.schedule != "default":
+            why = "needs parallel.schedule='default' (the pipelined schedule times its ops on the host)"
+        elif self.train.device == "cpu":
+            why = "needs a CUDA device (train.device='cpu')"
+        elif self.train.trace:
+            why = "cannot record train.trace (it reads every step's routing on the host)"
+        elif self.train.compile:
+            why = "and train.compile are not combined yet; use one or the other"
+        elif self.train.activation_checkpointing != "none":
+            why = "is not yet checked with train.activation_checkpointing (recomputation inside a captured step)"
+        elif self.model.moe.impl != "fsmoe":
+            why = f"runs fsmoe's MoE layer only (model.moe.impl={self.model.moe.impl!r})"
+        elif self.model.moe.router.name == "deepseek":
+            why = "cannot yet replay the deepseek router's per-step expert-bias update (model.moe.router.name)"
+        if why:
+            raise ConfigError("train.cuda_graph", True, why)
 
     def _validate_layout(self) -> None:
         """What fsmoe.parallel would refuse when it shards the model, checked up front: ESP splits

@@ -36,10 +36,11 @@ class NonFiniteGuard:
         self.count = torch.zeros((), dtype=torch.int64, device=device)  # non-finite steps so far
         self.first = torch.full((), -1, dtype=torch.int64, device=device)  # first such step (1-based), -1: none
 
-    def apply(self, optimizer: torch.optim.Optimizer, finite: Tensor, step: int,
+    def apply(self, optimizer: torch.optim.Optimizer, finite: Tensor, step: int | Tensor,
               grad_coef: Tensor | None = None) -> None:
         """``optimizer.step()`` if ``finite`` (a scalar bool tensor), on gradients scaled by
-        ``grad_coef`` (gradient clipping; None = as they are); ``step``: the 1-based step number.
+        ``grad_coef`` (gradient clipping; None = as they are); ``step``: the 1-based step number
+        (a device scalar in a captured step, which advances it itself).
 
         A fused optimizer takes both inside its one kernel (``found_inf``; ``grad_scale``, by which
         it divides the gradients), which saves a read and write of every gradient; otherwise the
@@ -48,7 +49,8 @@ class NonFiniteGuard:
         prepare = getattr(optimizer, "prepare_step", None)
         if prepare is not None:  # an optimizer with gradient slices of its own (fsmoe.parallel.zero)
             prepare()
-        self.first = torch.where(bad & (self.first < 0), step, self.first)
+        # in place: a captured step (train.cuda_graph) must update the tensors the host reads
+        self.first.copy_(torch.where(bad & (self.first < 0), step, self.first))
         self.count += bad
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()  # fused AdamW leaves params, moments and its step count

@@ -29,6 +29,7 @@ only rank 0 writes metrics, config and plots; DCP checkpoints work with and with
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -50,6 +51,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from fsmoe import checkpoint, plots
 from fsmoe.config import ConfigError, RunConfig, TrainConfig, model_config_from_dict
 from fsmoe.data import BatchSampler, Corpus, check_vocab, eval_batches, load_corpus, nats_to_bits
+from fsmoe.graph_step import GraphedStep
 from fsmoe.guard import NonFiniteGuard
 from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
@@ -184,12 +186,28 @@ def _first_difference(old: Any, new: Any, prefix: str) -> tuple[str, Any, Any] |
     return None if old == new else (prefix, old, new)
 
 
+# Model fields that choose how the same math runs (kernels), not the model: a resumed run may change them.
+IMPLEMENTATION_FIELDS = ("moe.kernels", "moe.experts.gemm")
+
+
+def _without_implementation_fields(model: dict) -> dict:
+    model = copy.deepcopy(model)
+    for dotted in IMPLEMENTATION_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = model
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return model
+
+
 def check_resume_config(saved: dict, cfg: RunConfig) -> None:
-    """The model of a resumed run must be exactly the checkpointed one (its shape and routing).
-    The saved model config is rebuilt first, so fields added to fsmoe since then take their
-    defaults (the rest of the saved config, e.g. its layout, does not matter here)."""
-    old_model = dataclasses.asdict(model_config_from_dict(saved.get("model", {})))
-    diff = _first_difference(old_model, cfg.to_dict()["model"], "model")
+    """The model of a resumed run must be exactly the checkpointed one (its shape and routing;
+    the kernels it runs on may change: IMPLEMENTATION_FIELDS). The saved model config is rebuilt
+    first, so fields added to fsmoe since then take their defaults (the rest of the saved config,
+    e.g. its layout, does not matter here)."""
+    old_model = _without_implementation_fields(dataclasses.asdict(model_config_from_dict(saved.get("model", {}))))
+    diff = _first_difference(old_model, _without_implementation_fields(cfg.to_dict()["model"]), "model")
     if diff:
         name, old, new = diff
         raise ConfigError(name, new, f"differs from the checkpointed run ({name}={old!r}); a resumed run keeps "
@@ -253,6 +271,21 @@ class StepResult:
                            int(packed[3]), int(packed[4]), int(packed[5]))
 
 
+@dataclass(frozen=True)
+class DeviceStep:
+    """The device part of a step's results (see ``StepResult`` for the fields)."""
+
+    loss: Tensor
+    aux_loss: Tensor
+    grad_norm: Tensor
+    tokens_per_expert_ME: Tensor
+    dropped: Tensor
+    nonfinite: Tensor
+
+    def clone(self) -> "DeviceStep":
+        return DeviceStep(*(t.clone() for t in dataclasses.astuple(self)))
+
+
 class Trainer:
     """Trains ``build_model(cfg.model)`` on ``cfg.train``'s data, writing into ``run_dir``.
 
@@ -270,7 +303,11 @@ class Trainer:
         check_run_dir(self.run_dir, resume)
         ckpt = self._find_checkpoint() if resume else None
         self.device = resolve_device(self.tcfg)
-        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+        self.graphed: GraphedStep | None = None  # train.cuda_graph: set once the trainer is built
+        # A captured step must not keep autocast's cached weight casts from the capture: they
+        # would be the weights of that step, not of each replay.
+        self.autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16,
+                                           cache_enabled=not self.tcfg.cuda_graph)
                          if self.tcfg.dtype == "bfloat16" else contextlib.nullcontext)
         torch.manual_seed(self.tcfg.seed)
         self.corpus, self.sampler, self.val_batches = self._build_data()
@@ -286,6 +323,8 @@ class Trainer:
             checkpoint.load(ckpt, checkpoint_state, verified=True)
             self.load_state_dict(checkpoint_state)
         self.moe_schedule = self.build_schedule()  # fsmoe.schedule.run.training.TrainingSchedule or None
+        if self.tcfg.cuda_graph:
+            self.graphed = GraphedStep(self)
         self._schedule_metrics: dict[str, Any] = {}
         if self.groups is not None and self.groups.distributed:
             # every rank has checked the run directory before rank 0 writes into it; without this a
@@ -374,10 +413,15 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue bit for bit."""
         model_sd, optim_sd = self.model_optim_state()
+        sched_sd = self.scheduler.state_dict()
+        if self.graphed is not None:  # plain floats, as an eager run saves them (fsmoe.graph_step)
+            optim_sd = {**optim_sd, "param_groups": [
+                {**g, "lr": float(g["lr"]), "capturable": False} for g in optim_sd["param_groups"]]}
+            sched_sd = {**sched_sd, "_last_lr": [float(v) for v in sched_sd.get("_last_lr", [])]}
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"model": model_sd, "optim": optim_sd, "sched": self.scheduler.state_dict(), "step": self.step,
+        return {"model": model_sd, "optim": optim_sd, "sched": sched_sd, "step": self.step,
                 "data": self.sampler.state_dict(), "rng": rng}
 
     def model_optim_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -422,8 +466,21 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         """One optimizer step on the next batch; advances ``self.step``. Nothing here reads a
-        device value on the host (except the pipelined schedule's timeline, when recorded)."""
+        device value on the host (except the pipelined schedule's timeline, when recorded).
+        Under ``train.cuda_graph`` the device part is replayed from a captured graph."""
+        if self.graphed is not None:
+            return self.graphed.step()
+        return self.train_step_eager()
+
+    def train_step_eager(self) -> StepResult:
+        """``train_step`` with every op launched from Python."""
         x_BL, y_BL = self.next_batch()
+        lr = self.optimizer.param_groups[0]["lr"]
+        return self.finish_step(self.device_step(x_BL, y_BL, self.step + 1), lr)
+
+    def device_step(self, x_BL: Tensor, y_BL: Tensor, step_number: int | Tensor) -> DeviceStep:
+        """Forward, backward, gradient sync, clipping and the guarded AdamW step (gradients freed
+        after it): everything of a step that runs on the device. ``step_number``: 1-based."""
         self.model.train()
         if self.moe_schedule is not None:
             self.moe_schedule.begin_step(self.step)
@@ -440,24 +497,28 @@ class Trainer:
                 notice = self.moe_schedule.notices.pop(0)
                 if self.is_writer:
                     self.console.print(notice)
-        lr = self.optimizer.param_groups[0]["lr"]
         finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
         clip = clip_coefficient(grad_norm, self.tcfg.grad_clip)
-        self.guard.apply(self.optimizer, finite, self.step + 1, grad_coef=clip)
+        self.guard.apply(self.optimizer, finite, step_number, grad_coef=clip)
         # Released now, not before the next backward: the next forward's activations then never
         # sit beside a full set of gradients (fsmoe.memory: one weight-sized buffer less at the peak)
         self.optimizer.zero_grad(set_to_none=True)
+        loads = [s.tokens_per_expert for s in out.moe_stats]
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        return DeviceStep(ce.detach(), aux.detach(), grad_norm.detach().float(),
+                          torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long, device=self.device),
+                          sum((s.dropped for s in out.moe_stats), zero), torch.stack([self.guard.count, self.guard.first]))
+
+    def finish_step(self, d: DeviceStep, lr: float) -> StepResult:
+        """The host's part after the device step: LR schedule, routers' step hooks, the step count,
+        the routing observers (trace, placement)."""
         self.scheduler.step()
         for layer in self.model.moe_layers():
             layer.router.after_step()
         self.step += 1
-        loads = [s.tokens_per_expert for s in out.moe_stats]
-        if loads:
-            self.observe_routing(torch.stack(loads))
-        return StepResult(ce.detach(), aux.detach(), grad_norm.detach().float(), lr,
-                          torch.stack(loads) if loads else torch.zeros(0, 0, dtype=torch.long, device=self.device),
-                          sum((s.dropped for s in out.moe_stats), torch.zeros((), dtype=torch.long, device=self.device)),
-                          torch.stack([self.guard.count, self.guard.first]))
+        if d.tokens_per_expert_ME.numel():
+            self.observe_routing(d.tokens_per_expert_ME)
+        return StepResult(d.loss, d.aux_loss, d.grad_norm, lr, d.tokens_per_expert_ME, d.dropped, d.nonfinite)
 
     def observe_routing(self, counts_ME: Tensor) -> None:
         """This rank's routing counts of the step just taken (``[M, E]``): every rank's go to the

@@ -118,6 +118,14 @@ def test_resume_with_a_different_model_names_the_field(finished_run, tmp_path):
     assert snapshot(run_dir) == before
 
 
+def test_resume_may_change_the_kernels_but_not_the_model(finished_run, tmp_path):
+    """moe.kernels and moe.experts.gemm choose how the same math runs: a resumed run may change them."""
+    run_dir = copy_run(finished_run, tmp_path)
+    t = Trainer(small_cfg("train.steps=12", "model.moe.kernels=\"torch\"", "model.moe.experts.gemm=\"triton\""),
+                run_dir, resume=True, console=quiet())
+    assert t.step == 10
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "r").mkdir()
     with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint") as e:
@@ -302,3 +310,39 @@ def test_final_line_compares_with_byte_frequencies_on_the_val_split():
     assert "0.01 nats below, so the model uses context" in unigram_comparison(3.150, 3.160)
     line = unigram_comparison(3.200, 3.160)
     assert "0.04 nats ABOVE" in line and "does not yet use context" in line and "scored on the val split" in line
+
+
+# ---------------------------------------------------------------- train.cuda_graph (GPU runs: test_train_gpu.py)
+@pytest.mark.parametrize("extra,why", [
+    (["train.cuda_graph=true", "parallel.dp=2", "model.moe.kernels=\"torch\""], "one process"),
+    (["train.cuda_graph=true", "train.trace=true"], "train.trace"),
+    (["train.cuda_graph=true", "train.compile=true"], "train.compile"),
+    (["train.cuda_graph=true", "train.activation_checkpointing=\"moe\""], "activation_checkpointing"),
+    (["train.cuda_graph=true", "train.device=\"cpu\""], "CUDA device"),
+    (["train.cuda_graph=true", "model.moe.router.name=\"deepseek\""], "deepseek"),
+    (["train.cuda_graph=\"yes\""], "bool"),
+])
+def test_cuda_graph_refuses_what_a_captured_step_cannot_hold(extra, why):
+    with pytest.raises(ConfigError, match="train.cuda_graph") as e:
+        small_cfg(*extra)
+    assert why in str(e.value)
+
+
+def test_cuda_graph_without_a_gpu_is_a_clear_error_before_anything_is_written(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="train.cuda_graph.*CUDA device"):
+        Trainer(small_cfg("train.cuda_graph=true"), tmp_path / "r", console=quiet())
+    assert not (tmp_path / "r").exists()
+
+
+def test_guard_updates_its_tensors_in_place():
+    """A captured step reads and writes the guard's tensors by address: they must never be replaced."""
+    from fsmoe.guard import NonFiniteGuard
+
+    g = NonFiniteGuard("skip", torch.device("cpu"))
+    count, first = g.count, g.first
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    g.apply(opt, torch.tensor(False), torch.tensor(7))
+    g.apply(opt, torch.tensor(False), 8)
+    assert g.count is count and g.first is first and int(count) == 2 and int(first) == 7

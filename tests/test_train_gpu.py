@@ -52,7 +52,10 @@ class OperandDtypes(TorchDispatchMode):
 
 @pytest.mark.parametrize("recompute", ["none", "moe"])
 def test_step_runs_every_matmul_and_attention_in_bf16(tmp_path, recompute):
-    t = trainer(tmp_path, "bfloat16", f"train.activation_checkpointing=\"{recompute}\"")
+    # torch's grouped GEMM for the experts, so that every matmul is an aten op this mode sees (our
+    # Triton GEMMs take the same bf16 operands: tests/test_expert_gemm.py)
+    t = trainer(tmp_path, "bfloat16", f"train.activation_checkpointing=\"{recompute}\"",
+                "model.moe.experts.gemm=\"torch\"")
     t.train_step()
     with OperandDtypes() as mode:
         t.train_step()
@@ -150,3 +153,54 @@ def test_aligned_head_on_cuda_equals_plain_linear_and_is_faster():
     t_plain, t_aligned = timed(plain), timed(aligned)
     print(f"head fwd+bwd: plain {t_plain:.2f} ms, aligned {t_aligned:.2f} ms")
     assert t_aligned < t_plain
+
+
+# ---------------------------------------------------------------- train.cuda_graph
+def test_cuda_graph_steps_track_eager_steps(tmp_path):
+    """The replayed steps train like eager ones: same losses (within bf16 noise and AdamW's LR held
+    as a float32 tensor), same LR schedule, step count and finite flags."""
+    from fsmoe.graph_step import WARMUP_STEPS
+
+    eager = trainer(tmp_path / "e", "bfloat16")
+    graph = trainer(tmp_path / "g", "bfloat16", "train.cuda_graph=true")
+    a = [eager.train_step().read() for _ in range(12)]
+    b = [graph.train_step().read() for _ in range(12)]
+    assert graph.graphed.graph is not None and graph.step == eager.step == 12
+    rel = [abs(x.loss - y.loss) / x.loss for x, y in zip(a, b)]
+    print("graph vs eager relative loss difference per step:", [round(r, 5) for r in rel])
+    assert max(rel[:WARMUP_STEPS]) < 1e-3 and max(rel) < 1e-2, rel
+    assert [x.lr for x in a] == [y.lr for y in b]
+    assert all(y.nonfinite_steps == 0 for y in b)
+    assert a[-1].loss < a[0].loss and b[-1].loss < b[0].loss
+
+
+def test_cuda_graph_replay_has_no_host_sync_and_its_guard_counts_steps_on_the_device(tmp_path):
+    t = trainer(tmp_path, "bfloat16", "train.cuda_graph=true", "train.on_nonfinite=\"skip\"")
+    for _ in range(5):  # eager warm-up, then the capture
+        t.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [t.train_step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(r.read().nonfinite_steps == 0 for r in results)
+    with torch.no_grad():  # in place: the graph reads the parameter by its address
+        next(t.model.parameters()).fill_(float("nan"))
+    r = t.train_step().read()
+    assert r.nonfinite_steps == 1 and r.first_nonfinite == 9  # the step number advanced inside the graph
+
+
+def test_cuda_graph_run_checkpoints_plain_state_and_resumes_eagerly(tmp_path):
+    from fsmoe.config import load_config
+
+    cfg = load_config("tiny", MODEL + TRAIN + ["train.dtype=\"bfloat16\"", "train.steps=8", "train.cuda_graph=true"])
+    t = Trainer(cfg, tmp_path / "r", console=Console(file=io.StringIO()))
+    t.fit()
+    assert t.graphed.graph is not None
+    sd = t.state_dict()
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in sd["optim"]["param_groups"])
+    cfg2 = load_config("tiny", MODEL + TRAIN + ["train.dtype=\"bfloat16\"", "train.steps=10"])
+    resumed = Trainer(cfg2, tmp_path / "r", resume=True, console=Console(file=io.StringIO()))
+    assert resumed.step == 8
+    assert resumed.train_step().read().nonfinite_steps == 0

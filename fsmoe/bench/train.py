@@ -8,6 +8,7 @@ Variants, each a fresh Trainer in the same process on the same card:
   fsmoe        MoE layers with the fused kernels (``moe.kernels=auto``; the experts' GEMMs ours or
                torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
   fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; ``experts.gemm=torch``)
+  fsmoe-graph  fsmoe with the whole step replayed as one CUDA graph (``train.cuda_graph=true``)
   fsmoe-torch  MoE layers on the plain-PyTorch reference path (``moe.kernels=torch``)
   torchtitan   the same Trainer and decoder with torchtitan's MoE in every MoE slot (when its wheel
                imports): attention, norms, embeddings, optimizer and data are identical, so the
@@ -35,6 +36,7 @@ from torch import nn
 
 from fsmoe.bench.common import bench_ms, device_info, peak_tflops, profile_kernels
 from fsmoe.config import ConfigError, RunConfig, load_config
+from fsmoe.graph_step import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ TRAIN_MODELS = {
     # CPU smoke test.
     "tiny": BenchModel("tiny", ("model.n_layers=2",), 4, 64),
 }
-VARIANTS = ["fsmoe", "fsmoe-cutlass", "fsmoe-torch", "torchtitan"]
+VARIANTS = ["fsmoe", "fsmoe-cutlass", "fsmoe-graph", "fsmoe-torch", "torchtitan"]
 
 
 class TorchtitanMoE(nn.Module):
@@ -119,6 +121,8 @@ def bench_config(name: str, variant: str, args, device: torch.device) -> RunConf
         overrides.append("model.moe.kernels=\"torch\"")
     if variant == "fsmoe-cutlass":
         overrides.append("model.moe.experts.gemm=\"torch\"")
+    if variant == "fsmoe-graph":
+        overrides.append("train.cuda_graph=true")
     return load_config(m.preset, overrides + list(args.overrides))
 
 
@@ -147,7 +151,9 @@ def run_variant(name: str, variant: str, args, device) -> dict:
         def step():
             results.append(trainer.train_step())
 
-        ms = bench_ms(step, device, iters=args.iters, warmup=args.warmup, windows=args.windows)
+        # a graphed trainer captures after its eager steps: capture and first replay stay out of the timing
+        warmup = max(args.warmup, GRAPH_WARMUP_STEPS + 2) if cfg.train.cuda_graph else args.warmup
+        ms = bench_ms(step, device, iters=args.iters, warmup=warmup, windows=args.windows)
         first, last = results[0].read(), results[-1].read()
         tokens = cfg.train.batch_size * cfg.train.seq_len
         total, active = trainer.parameter_counts()
@@ -155,7 +161,7 @@ def run_variant(name: str, variant: str, args, device) -> dict:
                "model_tflops": round(trainer.flops_per_token * tokens / ms / 1e9, 1), "params": total,
                "active_params": active, "loss_first": round(first.loss, 4), "loss_last": round(last.loss, 4),
                "config": {k: getattr(cfg.train, k) for k in ("batch_size", "seq_len", "dtype", "activation_checkpointing",
-                                                              "compile")}}
+                                                              "compile", "cuda_graph")}}
         mfu = trainer.mfu(row["tokens_per_s"])
         if mfu is not None:
             row["mfu"] = round(mfu, 4)
