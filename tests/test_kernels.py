@@ -217,6 +217,19 @@ def test_softmax_topk_matches_reference(dev, T, E, K, normalize):
 
 
 @fast
+def test_softmax_topk_keeps_ids_valid_on_nan_logits(dev):
+    """A NaN token (e.g. an overflowed activation) must not send rows to an expert that does not
+    exist (a device-side assert downstream): its ids stay valid and distinct, its weights NaN."""
+    td = _torch_dev(dev)
+    logits = torch.randn(6, 8, device=td)
+    logits[2] = float("nan")
+    fn = router._SoftmaxTopK.apply if dev == "interp" else router.softmax_topk
+    _, w, ids = fn(logits, 3, True)
+    assert ((ids >= 0) & (ids < 8)).all() and len(set(ids[2].tolist())) == 3
+    assert torch.isnan(w[2]).all() and torch.isfinite(w[[0, 1, 3, 4, 5]]).all()
+
+
+@fast
 @pytest.mark.parametrize("counts", [[5, 0, 7, 3], [0, 0, 9, 0], [4, 4, 4, 4]])
 def test_zero_tail_rows(dev, counts):
     from fsmoe.kernels import triton_ops

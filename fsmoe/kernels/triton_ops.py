@@ -223,12 +223,18 @@ def _softmax_topk_kernel(logits_ptr, probs_ptr, w_ptr, ids_ptr, T, E, K: tl.cons
     p = ex / tl.sum(ex, axis=1)[:, None]
     tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p, mask=rm[:, None] & cm[None, :])
     work = tl.where(cm[None, :], p, -1.0)
+    nan_row = tl.sum((x != x).to(tl.int32), axis=1) > 0
     kc = tl.arange(0, KP)
     w_tile = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
     id_tile = tl.zeros([BLOCK_T, KP], dtype=tl.int64)
     for j in tl.static_range(K):
         best = tl.max(work, axis=1)
         idx = tl.min(tl.where(work == best[:, None], cols[None, :], BLOCK_E), axis=1)
+        # a token with a NaN logit has no order: it takes experts 0..K-1 with NaN weights, so the
+        # ids stay valid (no row is sent past the last expert) and the NaN reaches the loss, where
+        # the trainer's guard (train.on_nonfinite) deals with it
+        idx = tl.where(nan_row, j, idx)
+        best = tl.where(nan_row, float("nan"), best)
         w_tile = tl.where(kc[None, :] == j, best[:, None], w_tile)
         id_tile = tl.where(kc[None, :] == j, idx[:, None].to(tl.int64), id_tile)
         work = tl.where(cols[None, :] == idx[:, None], -1.0, work)
