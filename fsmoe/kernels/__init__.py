@@ -7,6 +7,9 @@ Layout:
     swiglu.py      fused SwiGLU activation
     router.py      fused softmax -> top-k -> renormalised weights
     experts.py     expert_mlp: grouped GEMMs + fused SwiGLU, masks only the tail rows (FusedGroupedExperts in fsmoe.experts)
+    triton_gmm.py  our grouped GEMMs (Triton; TMA on Hopper): gathered rows, SwiGLU epilogue, two operand
+                   pairs, weight gradient; expert_gemm.py the MLP on them (autograd); tiles.py their
+                   launch shapes; gmm_tune.py the per-shape choice between them and grouped_mm (cached)
     triton_ops.py  the Triton kernels (imported only where Triton and CUDA exist)
 
 Every fast op dispatches on the tensor's device only: CUDA tensors run the Triton kernel, CPU
