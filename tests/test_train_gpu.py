@@ -28,6 +28,16 @@ ATTENTION = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficie
              "_scaled_dot_product_cudnn_attention_backward"}
 
 
+def steps_without_host_sync(t: Trainer, n: int) -> list:
+    """``n`` steps under torch's sync debug mode "error": any host synchronisation raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return [t.train_step() for _ in range(n)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def trainer(tmp_path, dtype: str, *extra: str) -> Trainer:
     cfg = load_config("tiny", MODEL + TRAIN + [f"train.dtype=\"{dtype}\"", "train.steps=100", *extra])
     return Trainer(cfg, tmp_path / dtype, console=Console(file=io.StringIO()))
@@ -85,13 +95,7 @@ def test_step_has_no_host_sync(tmp_path):
     t = trainer(tmp_path, "bfloat16")
     for _ in range(2):  # first steps: lazy optimizer state, allocator growth
         t.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        results = [t.train_step() for _ in range(3)]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(r.read().nonfinite_steps == 0 for r in results)
+    assert all(r.read().nonfinite_steps == 0 for r in steps_without_host_sync(t, 3))
 
 
 def test_bf16_losses_track_fp32(tmp_path):
@@ -178,13 +182,7 @@ def test_cuda_graph_replay_has_no_host_sync_and_its_guard_counts_steps_on_the_de
     t = trainer(tmp_path, "bfloat16", "train.cuda_graph=true", "train.on_nonfinite=\"skip\"")
     for _ in range(5):  # eager warm-up, then the capture
         t.train_step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        results = [t.train_step() for _ in range(3)]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert all(r.read().nonfinite_steps == 0 for r in results)
+    assert all(r.read().nonfinite_steps == 0 for r in steps_without_host_sync(t, 3))
     with torch.no_grad():  # in place: the graph reads the parameter by its address
         next(t.model.parameters()).fill_(float("nan"))
     r = t.train_step().read()

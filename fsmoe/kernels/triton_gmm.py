@@ -89,6 +89,34 @@ def _tile_rows(offs_ptr, idx_ptr, E, grid_m, grid_n, O,
 
 
 @triton.jit
+def _store_tile(c_ptr, acc, rm, rn, mask_m, mask_n, s_cm, scale_ptr, HAS_SCALE: tl.constexpr):
+    """c[rm, rn] = acc (times scale[rm] if HAS_SCALE), rows and columns masked."""
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _store_swiglu(h1_ptr, h3_ptr, h_ptr, acc1, acc3, rm, rn, mask_m, mask_n, s_hm, STORE_PRE: tl.constexpr):
+    """h = silu(acc1) * acc3 from the fp32 accumulators (and h1, h3 themselves if STORE_PRE)."""
+    out = rm[:, None] * s_hm + rn[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_PRE:
+        tl.store(h1_ptr + out, acc1.to(h1_ptr.dtype.element_ty), mask=mask)
+        tl.store(h3_ptr + out, acc3.to(h3_ptr.dtype.element_ty), mask=mask)
+    h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
+    tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_gathered(a_ptr, src, mask_m, k0, K, s_am, BK: tl.constexpr):
+    """Rows a[src, k0:k0+BK] by pointer (gathered rows have no TMA form on Hopper)."""
+    kk = k0 + tl.arange(0, BK)
+    return tl.load(a_ptr + src[:, None] * s_am + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
+
+
+@triton.jit
 def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_ptr,
                 K, O, E, grid_m, s_am, s_ak, s_be, s_bk, s_bo, s_cm,
                 HAS_IDX: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -106,10 +134,7 @@ def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_pt
         if HAS_SECOND:
             acc = _mma(acc, a2_ptr + rm[:, None] * s_am, b2_ptr + b_cols, mask_m, mask_n, K, s_ak, s_bk,
                        BK, EVEN_K, PRECISION)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        _store_tile(c_ptr, acc, rm, rn, mask_m, mask_n, s_cm, scale_ptr, HAS_SCALE)
 
 
 @triton.jit
@@ -146,13 +171,7 @@ def _gmm_swiglu_kernel(a_ptr, b1_ptr, b3_ptr, h1_ptr, h3_ptr, h_ptr, offs_ptr, i
             a_ptrs += BK * s_ak
             b1_ptrs += BK * s_bk
             b3_ptrs += BK * s_bk
-        out = rm[:, None] * s_hm + rn[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if STORE_PRE:
-            tl.store(h1_ptr + out, acc1.to(h1_ptr.dtype.element_ty), mask=mask)
-            tl.store(h3_ptr + out, acc3.to(h3_ptr.dtype.element_ty), mask=mask)
-        h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
-        tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
+        _store_swiglu(h1_ptr, h3_ptr, h_ptr, acc1, acc3, rm, rn, mask_m, mask_n, s_hm, STORE_PRE)
 
 
 @triton.jit
@@ -239,12 +258,9 @@ def _gmm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, a_ptr, c_ptr, offs_ptr, id
                                                                   HAS_IDX, EP, BM, BN, GROUP_M)
     if exists:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        rk = tl.arange(0, BK)
         for k0 in range(0, K, BK):
             if HAS_IDX:
-                kk = k0 + rk
-                a = tl.load(a_ptr + src[:, None] * s_am + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
-                            other=0.0)
+                a = _load_gathered(a_ptr, src, mask_m, k0, K, s_am, BK)
             else:
                 a = a_desc.load([row0, k0])
             acc = tl.dot(a, _load_b(b_desc, e, k0, n0, TRANS_B, BK, BN), acc, input_precision=PRECISION)
@@ -252,10 +268,7 @@ def _gmm_tma_kernel(a_desc, b_desc, a2_desc, b2_desc, a_ptr, c_ptr, offs_ptr, id
             for k0 in range(0, K, BK):
                 acc = tl.dot(a2_desc.load([row0, k0]), _load_b(b2_desc, e, k0, n0, TRANS_B, BK, BN), acc,
                              input_precision=PRECISION)
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + rm, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-        tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+        _store_tile(c_ptr, acc, rm, rn, mask_m, mask_n, s_cm, scale_ptr, HAS_SCALE)
 
 
 @triton.jit
@@ -271,23 +284,14 @@ def _gmm_swiglu_tma_kernel(a_desc, b1_desc, b3_desc, a_ptr, h1_ptr, h3_ptr, h_pt
     if exists:
         acc1 = tl.zeros((BM, BN), dtype=tl.float32)
         acc3 = tl.zeros((BM, BN), dtype=tl.float32)
-        rk = tl.arange(0, BK)
         for k0 in range(0, K, BK):
             if HAS_IDX:
-                kk = k0 + rk
-                a = tl.load(a_ptr + src[:, None] * s_am + kk[None, :], mask=mask_m[:, None] & (kk[None, :] < K),
-                            other=0.0)
+                a = _load_gathered(a_ptr, src, mask_m, k0, K, s_am, BK)
             else:
                 a = a_desc.load([row0, k0])
             acc1 = tl.dot(a, _load_b(b1_desc, e, k0, n0, False, BK, BN), acc1, input_precision=PRECISION)
             acc3 = tl.dot(a, _load_b(b3_desc, e, k0, n0, False, BK, BN), acc3, input_precision=PRECISION)
-        out = rm[:, None] * s_hm + rn[None, :]
-        mask = mask_m[:, None] & mask_n[None, :]
-        if STORE_PRE:
-            tl.store(h1_ptr + out, acc1.to(h1_ptr.dtype.element_ty), mask=mask)
-            tl.store(h3_ptr + out, acc3.to(h3_ptr.dtype.element_ty), mask=mask)
-        h = acc1 / (1.0 + tl.exp(-acc1)) * acc3
-        tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
+        _store_swiglu(h1_ptr, h3_ptr, h_ptr, acc1, acc3, rm, rn, mask_m, mask_n, s_hm, STORE_PRE)
 
 
 @triton.jit
