@@ -205,3 +205,57 @@ def test_trace_samples_pair_each_op_with_the_size_its_routing_gave_it():
     assert experts[1] == 600 * spec.d_model * spec.d_ff * spec.gemms
     with pytest.raises(ValueError, match="no op timings"):
         trace_samples(RoutingTrace({}, np.arange(N), counts), spec, layout, prof)
+
+
+def test_gradients_overlapped_with_backward_by_hand():
+    """Buckets reduced while backward runs (fsmoe train on NCCL, default schedule): the head's
+    gradients are ready first, each dense block's as its backward ends, the embeddings' last; one
+    stream, first come first served; only what outlasts the backward counts."""
+    from types import SimpleNamespace
+
+    from fsmoe.sim.step import BUCKET_BYTES, overlapped_gradients_s
+
+    prof = Profile("t", "any", {"allreduce": LinearFit(0.0, 1e-9)})  # 1 ns per byte, no fixed cost
+    spec = SimpleNamespace(grad_bytes=4)
+    MB = 2**20 // 4  # parameters in one MiB of fp32 gradients
+    split = ParamSplit(experts=0, tensor_par=20 * MB, other=30 * MB, head=10 * MB, embedding=10 * MB,
+                       outside_tp=20 * MB, outside_other=30 * MB)
+    lay, sec = Layout(dp=2, ep=2), 2**20 * 1e-9  # one MiB's reduction
+    blocks, moe = [0.0, 0.0], [False, False]
+    # no backward to hide behind: every byte counts (dense 50 MiB = head 10 + blocks 30 + embedding 10)
+    assert overlapped_gradients_s(split, lay, spec, prof, 0.0, blocks, moe, []) == pytest.approx(50 * sec)
+    # a long backward hides all but what is ready only at its end: the first block's (15 MiB, its
+    # backward runs last) and the embeddings' (10 MiB)
+    long = overlapped_gradients_s(split, lay, spec, prof, 1.0, [1.0, 1.0], moe, [])
+    assert long == pytest.approx(25 * sec)
+    # head (10 MiB) ready at 5 MiB-times, blocks 15 MiB each ready at 10 and 20: the stream runs
+    # 5..15, 15..30, 30..45, then the embeddings 45..55; backward ends at 20 -> 35 exposed
+    mid = overlapped_gradients_s(split, lay, spec, prof, 5 * sec, [5 * sec, 10 * sec], moe, [])
+    assert mid == pytest.approx(35 * sec)
+    # a reduction pays its fixed cost per 25 MiB bucket
+    fixed = Profile("t", "any", {"allreduce": LinearFit(1e-3, 0.0)})
+    big = ParamSplit(experts=0, tensor_par=0, other=60 * MB, head=0, embedding=60 * MB, outside_other=60 * MB)
+    assert overlapped_gradients_s(big, lay, spec, fixed, 0.0, [], [], []) == pytest.approx(
+        -(-60 * 2**20 // BUCKET_BYTES) * 1e-3)
+
+
+def test_overlap_applies_to_the_default_schedule_only_and_never_adds_time():
+    cfg = _cfg("model.moe_every=2")
+    lay = Layout(dp=2, ep=2)
+    plain = predict_step(cfg, lay, PROFILE)
+    over = predict_step(cfg, lay, PROFILE, overlap_grads=True)
+    assert 0 < over.gradients <= plain.gradients + 1e-3  # bucket fixed costs aside, never more
+    assert predict_step(cfg, lay, PROFILE, "fsmoe", overlap_grads=True).gradients == pytest.approx(
+        predict_step(cfg, lay, PROFILE, "fsmoe").gradients)
+
+
+def test_gradients_outside_the_moe_blocks_are_counted_for_a_gqa_model():
+    """Mixtral (grouped-query attention, every block MoE): what is reduced besides the blocks'
+    schedule is the embeddings, the head and the final norm (they were lost when the blocks' dense
+    parameters were counted as full multi-head attention and subtracted)."""
+    cfg = load_config("mixtral-8x7b", [])
+    split, m = ParamSplit.of(cfg), cfg.model
+    assert split.embedding == split.head == m.vocab_size * m.d_model
+    assert split.outside_tp == 0 and split.outside_other == split.embedding + split.head + m.d_model
+    dense = ParamSplit.of(_cfg("model.moe_every=2"))
+    assert dense.outside_tp > 0 and dense.outside_on_rank(Layout(dp=2, mp=2)) == dense.outside_tp // 2 + dense.outside_other

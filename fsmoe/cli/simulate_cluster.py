@@ -114,6 +114,10 @@ def add_cluster_parser(sub) -> None:
                         "with the config's number of experts) whose expert frequencies the tokens are drawn with")
     c.add_argument("--batch", type=int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
+    c.add_argument("--no-grad-overlap", dest="grad_overlap", action="store_false",
+                   help="price the data-parallel gradients after backward; by default, as fsmoe train runs them "
+                        "on NCCL under the default schedule, in buckets while backward runs (only what outlasts "
+                        "the backward counts; the other schedules reduce them after backward either way)")
     c.add_argument("--gpus-per-server", type=int, default=8)
     c.add_argument("--gpus-per-leaf", type=int, default=32)
     c.add_argument("--fabric", choices=FABRICS, default="leaf-spine")
@@ -220,7 +224,7 @@ def simulate_cluster(args) -> dict:
                      "p2p": step.p2p_s * 1e3, "once": step.once_s * 1e3, "bubble": step.bubble}
             missing = step.micro.missing
         else:
-            step = predict_step(cfg, layout, prof, name)
+            step = predict_step(cfg, layout, prof, name, overlap_grads=args.grad_overlap)
             step = dataclasses.replace(step, gradients=step.gradients + sync)
             parts, missing = {k: v * 1e3 for k, v in step.as_dict().items() if isinstance(v, float)}, step.missing
         moe_ms = (step.micro.moe_blocks if pp > 1 else s.predicted_iter_s) * 1e3
@@ -238,6 +242,7 @@ def simulate_cluster(args) -> dict:
             "dedup": None if dedup is None else {"depth": dedup.depth, "ratio": dedup.ratio, "flat_ms": dedup.flat_ms,
                                                  "per_depth_ms": list(dedup.per_depth_ms), "routing": label},
             "microbatches": micro if pp > 1 else 1, "fabric": fabric.name,
+            "grad_overlap": bool(args.grad_overlap and pp == 1),
             "nic_gbps": args.nic_gbps,
             "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
             "batch_per_gpu": per_gpu, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,

@@ -42,11 +42,16 @@ PARTS = ("moe_blocks", "dense_blocks", "head", "tensor_par", "gradients", "optim
 
 @dataclass(frozen=True)
 class ParamSplit:
-    """Parameters of the one-process model by how they are sharded."""
+    """Parameters of the one-process model by how they are sharded, and which of them lie outside
+    the MoE blocks (their gradients are not the MoE blocks' schedule's to reduce)."""
 
     experts: int  # routed experts of every MoE layer (sharded over ep * esp)
     tensor_par: int  # attention and dense-MLP weights (sharded over mp)
     other: int  # embeddings, head, norms, routers, shared experts (whole on every rank)
+    head: int = 0  # of ``other``: the output projection (0 when tied to the embedding)
+    embedding: int = 0  # of ``other``: token (and position) embeddings
+    outside_tp: int = 0  # of ``tensor_par``: the dense blocks' (outside every MoE block)
+    outside_other: int = 0  # of ``other``: outside every MoE block (embeddings, head, norms of dense blocks)
 
     @staticmethod
     def of(cfg: RunConfig) -> "ParamSplit":
@@ -54,15 +59,25 @@ class ParamSplit:
 
         with torch.device("meta"):
             model = build_model(cfg.model, seed=0)
-        experts = {id(p) for layer in model.moe_layers() for p in layer.experts.parameters()}
-        tp = {id(p) for block in model.layers for p in block.attn.parameters()}
-        tp |= {id(p) for block in model.layers if not block.is_moe for p in block.ffn.parameters()}
-        count = lambda ids: sum(p.numel() for p in model.parameters() if id(p) in ids)
-        total = sum(p.numel() for p in model.parameters())
-        return ParamSplit(count(experts), count(tp), total - count(experts) - count(tp))
+        ids = lambda modules: {id(p) for mod in modules for p in mod.parameters()}
+        experts = ids(layer.experts for layer in model.moe_layers())
+        tp = ids(block.attn for block in model.layers) | ids(block.ffn for block in model.layers if not block.is_moe)
+        in_moe = ids(block for block in model.layers if block.is_moe)
+        emb = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if model.pos_emb is not None else set())
+        head = {id(model.lm_head.weight)} - emb
+        count = lambda keep: sum(p.numel() for p in model.parameters() if keep(id(p)))
+        n_tp, n_exp = count(lambda i: i in tp), count(lambda i: i in experts)
+        return ParamSplit(n_exp, n_tp, count(lambda i: True) - n_exp - n_tp, count(lambda i: i in head),
+                          count(lambda i: i in emb), count(lambda i: i in tp and i not in in_moe),
+                          count(lambda i: i not in tp and i not in experts and i not in in_moe))
 
     def on_rank(self, layout: Layout) -> int:
         return self.experts // layout.moe + self.tensor_par // layout.mp + self.other
+
+    def outside_on_rank(self, layout: Layout) -> int:
+        """Parameters outside the MoE blocks on one rank: the gradients reduced over dp besides
+        the MoE blocks' own (which the blocks' schedule reduces)."""
+        return self.outside_tp // layout.mp + self.outside_other
 
 
 @dataclass(frozen=True)
@@ -90,13 +105,17 @@ class StepParts:
 
 
 def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str = "default",
-                 tp_fits: Profile | None = None, routing_NMSE: np.ndarray | None = None) -> StepParts:
+                 tp_fits: Profile | None = None, routing_NMSE: np.ndarray | None = None,
+                 overlap_grads: bool = False) -> StepParts:
     """One training step of ``cfg`` on ``layout`` priced with ``profile`` (see the module
     docstring). ``tp_fits``: where the tensor-parallel collectives' fits come from (the cluster
     simulator's fabric), else ``profile``'s ``tp_allreduce`` / ``tp_allgather``, else its
     data-parallel ``allreduce`` / ESP ``allgather``. ``routing_NMSE``: the tokens each rank of
     the moe group sent to each expert, per step and MoE layer (a routing trace's); the MoE blocks
-    are then priced with that routing (``moe_blocks_routed``) instead of balanced experts."""
+    are then priced with that routing (``moe_blocks_routed``) instead of balanced experts.
+    ``overlap_grads``: the data-parallel gradients are reduced in buckets while backward runs, as
+    ``fsmoe train`` does on NCCL under the default schedule (``fsmoe.parallel.grad_buckets``); only
+    what outlasts the backward is counted (``overlapped_gradients_s``)."""
     from fsmoe.schedule.model.plan import plan
 
     spec = run_spec(cfg, layout.dp, layout.mp)
@@ -118,7 +137,14 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     head = t("head_fwd", head_n) + t("head_bwd", head_n)
     tp = _tensor_parallel_s(cfg, layout, spec, n_moe, n_dense, tp_fits or profile, missing)
     params = ParamSplit.of(cfg)
-    grads = _other_gradients_s(params, layout, spec, n_moe, profile, missing)
+    if overlap_grads and policy == "default":
+        dense_bwd = attn("bwd") + t("expert_bwd", mlp)
+        order = [m.is_moe_layer(i) for i in reversed(range(m.n_layers))]  # backward's block order
+        block_bwd = [((schedule.predicted_iter_s - schedule.predicted_fwd_s) / n_moe) if moe_i else dense_bwd
+                     for moe_i in order]
+        grads = overlapped_gradients_s(params, layout, spec, profile, t("head_bwd", head_n), block_bwd, order, missing)
+    else:
+        grads = _other_gradients_s(params, layout, spec, profile, missing)
     opt = t("optimizer", params.on_rank(layout))
     return StepParts(moe, dense, head, tp, grads, opt, t("loop", 1.0), policy, tuple(dict.fromkeys(missing)))
 
@@ -217,16 +243,50 @@ def _tensor_parallel_s(cfg: RunConfig, layout: Layout, spec, n_moe: int, n_dense
     return 2 * (n_moe * (ar + ag) + n_dense * 2 * ar)
 
 
-def _other_gradients_s(params: ParamSplit, layout: Layout, spec, n_moe: int, profile: Profile,
-                       missing: list) -> float:
+def _other_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profile, missing: list) -> float:
     """The AllReduce of the gradients the MoE blocks' schedule does not reduce (grad_bytes each)."""
     total = 0.0
     if layout.dp > 1:
-        dense = params.tensor_par // layout.mp + params.other - n_moe * spec.dense_params
-        total += _allreduce(max(0, dense) * spec.grad_bytes, profile, missing)
+        total += _allreduce(params.outside_on_rank(layout) * spec.grad_bytes, profile, missing)
     if layout.edp > 1:
         total += _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing)
     return total
+
+
+BUCKET_BYTES = 25 * 2**20  # fsmoe.parallel.grad_buckets' default bucket
+
+
+def overlapped_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profile, head_bwd_s: float,
+                           block_bwd_s: list[float], block_is_moe: list[bool], missing: list) -> float:
+    """Seconds the gradient reductions outside the MoE blocks' schedule add to a step when the
+    data-parallel ones run in buckets during backward (one communication stream, first come first
+    served). Backward runs the head, then the blocks last to first (``block_bwd_s``, in that
+    order), then the embeddings; each part's gradients are ready when its backward ends: the head's
+    first, the dense blocks' as each finishes, the embeddings' last. Gradients the runtime reduces
+    after backward (the experts over their edp replicas) are added whole."""
+    total = _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing) if layout.edp > 1 else 0.0
+    if layout.dp == 1:
+        return total
+    spread = params.outside_on_rank(layout) - params.head - params.embedding  # dense blocks, final norm
+    holders = [i for i, moe in enumerate(block_is_moe) if not moe] or list(range(len(block_is_moe)))
+    ready, clock = [(head_bwd_s, params.head)], head_bwd_s
+    for i, dt in enumerate(block_bwd_s):
+        clock += dt
+        if i in holders:
+            ready.append((clock, spread / len(holders)))
+    ready.append((clock, params.embedding))
+    finish = 0.0
+    for at, n in ready:
+        finish = max(finish, at) + _bucketed_allreduce(n * spec.grad_bytes, profile, missing)
+    return total + max(0.0, finish - clock)
+
+
+def _bucketed_allreduce(nbytes: float, profile: Profile, missing: list) -> float:
+    """``nbytes`` reduced in ``BUCKET_BYTES`` buckets, one after the other."""
+    if nbytes <= 0:
+        return 0.0
+    n = -(-nbytes // BUCKET_BYTES)
+    return n * _allreduce(nbytes / n, profile, missing)
 
 
 def _allreduce(nbytes: float, profile: Profile, missing: list) -> float:
