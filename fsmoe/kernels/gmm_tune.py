@@ -129,6 +129,10 @@ class ChoiceCache:
 _CACHE = ChoiceCache()
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _note(msg: str) -> None:
     print(f"fsmoe: {msg}", file=sys.stderr, flush=True)
 
@@ -230,7 +234,9 @@ def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | No
         return None
     if got is None:
         _note(f"timing the expert GEMMs at {key} (once per shape and card; kept in {cache.path})")
-        with torch.autocast("cuda", enabled=False):
+        # our own autograd graphs: no autocast, and none of an enclosing activation checkpoint's
+        # saved-tensor hooks (the first forward may run inside one)
+        with torch.autocast("cuda", enabled=False), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             got = measure_choice(x_ND.detach(), w1_EDF.detach(), w2_EFD.detach())
         cache.put(key, got)
         _note(f"expert GEMMs at {key}: {'ours' if got.ours_faster else 'torch grouped_mm'} "
