@@ -15,10 +15,12 @@ import json
 from pathlib import Path
 
 CATS = ("gemm", "fsmoe_triton", "elementwise/other", "index/scatter", "sort/scan")
-LAYER_ORDER = ["dense", "loop", "grouped", "torchtitan", "fsmoe-torch", "fsmoe", "dense-graph", "fsmoe-graph"]
+LAYER_ORDER = ["dense", "loop", "grouped", "torchtitan", "fsmoe-torch", "fsmoe-cutlass", "fsmoe", "dense-graph",
+               "fsmoe-cutlass-graph", "fsmoe-graph"]
 LABEL = {"dense": "dense ceiling", "loop": "HF-style loop", "grouped": "plain grouped_mm recipe",
          "torchtitan": "torchtitan MoE", "fsmoe-torch": "fsmoe (kernels=torch)", "fsmoe": "**fsmoe**",
-         "dense-graph": "dense ceiling, CUDA graph", "fsmoe-graph": "**fsmoe, CUDA graph**"}
+         "dense-graph": "dense ceiling, CUDA graph", "fsmoe-graph": "**fsmoe, CUDA graph**",
+         "fsmoe-cutlass": "fsmoe, experts on torch's grouped_mm", "fsmoe-cutlass-graph": "fsmoe, experts on torch's grouped_mm, CUDA graph"}
 
 
 def _command(d: dict) -> str:

@@ -338,7 +338,7 @@ def test_bench_layer_train_and_page_smoke(tmp_path, monkeypatch):
     from fsmoe.cli import main
 
     lj, tj = tmp_path / "layer.json", tmp_path / "train.json"
-    assert main(["bench", "layer", "--configs", "tiny", "--variants", "dense,grouped,fsmoe", "--iters", "2",
+    assert main(["bench", "layer", "--configs", "tiny", "--variants", "dense,grouped,fsmoe,fsmoe-cutlass", "--iters", "2",
                  "--warmup", "1", "--device", "cpu", "--json", str(lj)]) == 0
     assert main(["bench", "train", "--model", "tiny", "--variants", "fsmoe", "--batch", "2", "--seq-len", "16",
                  "--iters", "2", "--warmup", "1", "--device", "cpu", "--json", str(tj)]) == 0
@@ -346,6 +346,7 @@ def test_bench_layer_train_and_page_smoke(tmp_path, monkeypatch):
 
     layer = json.loads(lj.read_text())["configs"]["tiny"]
     assert layer["variants"]["fsmoe"]["ms"] > 0 and layer["rel_err_vs_grouped"]["fsmoe"] < 1e-5
+    assert layer["variants"]["fsmoe-cutlass"]["ms"] > 0
     assert json.loads(tj.read_text())["variants"]["fsmoe"]["tokens_per_s"] > 0
     page = tmp_path / "perf.md"
     subprocess.run([sys.executable, "scripts/perf_page.py", str(lj), str(tj), "-o", str(page)], check=True,
