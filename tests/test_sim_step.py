@@ -239,14 +239,14 @@ def test_gradients_overlapped_with_backward_by_hand():
         -(-60 * 2**20 // BUCKET_BYTES) * 1e-3)
 
 
-def test_overlap_applies_to_the_default_schedule_only_and_never_adds_time():
+def test_overlap_hides_gradients_under_every_schedule():
+    """On NCCL the runtime buckets the dense gradients into the backward under every schedule."""
     cfg = _cfg("model.moe_every=2")
     lay = Layout(dp=2, ep=2)
-    plain = predict_step(cfg, lay, PROFILE)
-    over = predict_step(cfg, lay, PROFILE, overlap_grads=True)
-    assert 0 < over.gradients <= plain.gradients + 1e-3  # bucket fixed costs aside, never more
-    assert predict_step(cfg, lay, PROFILE, "fsmoe", overlap_grads=True).gradients == pytest.approx(
-        predict_step(cfg, lay, PROFILE, "fsmoe").gradients)
+    for policy in ("default", "fsmoe"):
+        plain = predict_step(cfg, lay, PROFILE, policy)
+        over = predict_step(cfg, lay, PROFILE, policy, overlap_grads=True)
+        assert 0 < over.gradients < plain.gradients
 
 
 def test_gradients_outside_the_moe_blocks_are_counted_for_a_gqa_model():

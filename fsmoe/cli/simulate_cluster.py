@@ -116,8 +116,7 @@ def add_cluster_parser(sub) -> None:
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--no-grad-overlap", dest="grad_overlap", action="store_false",
                    help="price the data-parallel gradients after backward; by default, as fsmoe train runs them "
-                        "on NCCL under the default schedule, in buckets while backward runs (only what outlasts "
-                        "the backward counts; the other schedules reduce them after backward either way)")
+                        "on NCCL, in buckets while backward runs (only what outlasts the backward counts)")
     c.add_argument("--gpus-per-server", type=int, default=8)
     c.add_argument("--gpus-per-leaf", type=int, default=32)
     c.add_argument("--fabric", choices=FABRICS, default="leaf-spine")

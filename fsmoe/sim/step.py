@@ -114,8 +114,9 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     the moe group sent to each expert, per step and MoE layer (a routing trace's); the MoE blocks
     are then priced with that routing (``moe_blocks_routed``) instead of balanced experts.
     ``overlap_grads``: the data-parallel gradients are reduced in buckets while backward runs, as
-    ``fsmoe train`` does on NCCL under the default schedule (``fsmoe.parallel.grad_buckets``); only
-    what outlasts the backward is counted (``overlapped_gradients_s``)."""
+    ``fsmoe train`` does on NCCL under every schedule (``fsmoe.parallel.grad_buckets``; on gloo a
+    pipelined schedule's GradSync reduces them instead); only what outlasts the backward is counted
+    (``overlapped_gradients_s``)."""
     from fsmoe.schedule.model.plan import plan
 
     spec = run_spec(cfg, layout.dp, layout.mp)
@@ -137,7 +138,7 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     head = t("head_fwd", head_n) + t("head_bwd", head_n)
     tp = _tensor_parallel_s(cfg, layout, spec, n_moe, n_dense, tp_fits or profile, missing)
     params = ParamSplit.of(cfg)
-    if overlap_grads and policy == "default":
+    if overlap_grads:
         dense_bwd = attn("bwd") + t("expert_bwd", mlp)
         order = [m.is_moe_layer(i) for i in reversed(range(m.n_layers))]  # backward's block order
         block_bwd = [((schedule.predicted_iter_s - schedule.predicted_fwd_s) / n_moe) if moe_i else dense_bwd
