@@ -106,6 +106,11 @@ class FusedGroupedExperts(GroupedExperts):
         choice = gmm_tune.choose(x_ND, w1_EDF, w2_EFD)
         if choice is None:  # inside a CUDA-graph capture at a shape never measured
             return MLPTiles() if self.gemm == "triton" else None
+        if self.gemm == "triton" and choice.triton_ms == float("inf"):
+            from fsmoe.config import ConfigError
+
+            raise ConfigError("moe.experts.gemm", "triton", "none of fsmoe's Triton grouped GEMMs compiles on this "
+                              "card (see the message above); use 'auto' or 'torch'")
         return choice.tiles if self.gemm == "triton" or choice.ours_faster else None
 
 

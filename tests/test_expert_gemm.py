@@ -84,6 +84,31 @@ def test_choice_cache_round_trip_and_unreadable_file(tmp_path):
     assert set(json.loads(path.read_text())) == {"k2"}
 
 
+def test_a_card_where_no_tile_compiles_falls_back_to_torch_and_remembers(tmp_path, monkeypatch, capsys):
+    """auto: torch's path, recorded so the next run does not try again; triton: a clear error."""
+    from fsmoe.experts import FusedGroupedExperts
+
+    def no_tiles(*a):
+        raise gmm_tune.NoTileCompiles("none of the candidate tile shapes compiled on this card")
+
+    monkeypatch.setattr(gmm_tune, "shape_key", lambda x, w: "card|bf16|N8|D4|F4|E2")
+    monkeypatch.setattr(gmm_tune, "measure_choice", no_tiles)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cache = gmm_tune.ChoiceCache(tmp_path / "c.json")
+    x, w = torch.zeros(8, 4), torch.zeros(2, 4, 4)
+    got = gmm_tune.choose(x, w, w, cache)
+    assert not got.ours_faster and "do not run here" in capsys.readouterr().err
+    again = gmm_tune.ChoiceCache(tmp_path / "c.json").get("card|bf16|N8|D4|F4|E2")
+    assert again is not None and not again.ours_faster
+    monkeypatch.setattr(gmm_tune, "_CACHE", cache)
+    ex = FusedGroupedExperts(2, 4, 4)
+    ex.use_gemm("auto")
+    assert ex._our_tiles(x, w, w) is None
+    ex.use_gemm("triton")
+    with pytest.raises(ConfigError, match="moe.experts.gemm"):
+        ex._our_tiles(x, w, w)
+
+
 @pytest.mark.parametrize("gemm", ["auto", "torch", "triton"])
 def test_layer_on_cpu_equals_reference_under_every_gemm_setting(gemm):
     """On CPU tensors the fast experts fall back to the reference whatever the setting."""
