@@ -54,7 +54,7 @@ class GraphedStep:
         if self.graph is None:
             self._capture()
         lr = self._host_lr()
-        self._load_batch()
+        t.next_batch(into=(self.x_BL, self.y_BL))
         self.graph.replay()
         return t.finish_step(self.out.clone(), lr)
 
@@ -62,13 +62,6 @@ class GraphedStep:
         """The learning rate this step uses, as the schedule computes it (no device read)."""
         s = self.trainer.scheduler
         return s.base_lrs[0] * s.lr_lambdas[0](s.last_epoch)
-
-    def _load_batch(self) -> None:
-        """The next batch into the graph's input buffers (pinned host memory, no host wait)."""
-        t = self.trainer
-        x_BL, y_BL = t.sampler.next()
-        self.x_BL.copy_(x_BL.pin_memory(), non_blocking=True)
-        self.y_BL.copy_(y_BL.pin_memory(), non_blocking=True)
 
     def _capture(self) -> None:
         t = self.trainer

@@ -456,12 +456,15 @@ class Trainer:
         """Mean cross-entropy over all tokens, in fp32."""
         return F.cross_entropy(out.logits.float().flatten(0, 1), y_BL.flatten())
 
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """The next (x_bL, y_bL) on the device. On CUDA from pinned host memory, copied without
-        blocking: the copy queues behind the previous step's kernels and the host does not wait."""
+    def next_batch(self, into: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """The next (x_bL, y_bL) on the device, or copied into the device buffers ``into`` (a
+        captured step's inputs). On CUDA from pinned host memory, copied without blocking: the
+        copy queues behind the previous step's kernels and the host does not wait."""
         x_BL, y_BL = self.sampler.next()
         if self.device.type == "cuda":
             x_BL, y_BL = x_BL.pin_memory(), y_BL.pin_memory()
+        if into is not None:
+            return tuple(dst.copy_(src, non_blocking=True) for dst, src in zip(into, (x_BL, y_BL)))
         return x_BL.to(self.device, non_blocking=True), y_BL.to(self.device, non_blocking=True)
 
     def train_step(self) -> StepResult:

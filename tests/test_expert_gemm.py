@@ -140,17 +140,21 @@ CASES = [  # (counts per expert, T input rows, I, O); I=40 is not a multiple of 
 ]
 
 
+def _routed(seed, counts, T, I, dev):
+    """(generator for further draws, E, N, offsets, tokens x [T, I], each row's token idx [N])."""
+    g = torch.Generator().manual_seed(seed)
+    N = sum(counts)
+    x = torch.randn(T, I, generator=g).to(dev)
+    return g, len(counts), N, _offsets(counts, dev), x, torch.randint(0, T, (N,), generator=g).to(dev)
+
+
 @fast
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("counts,T,I,O", CASES)
 def test_gmm_against_loops(dev, tma, counts, T, I, O):
     from fsmoe.kernels import triton_gmm as tg
 
-    g = torch.Generator().manual_seed(1)
-    E, N = len(counts), sum(counts)
-    offs = _offsets(counts, dev)
-    x = torch.randn(T, I, generator=g).to(dev)
-    idx = torch.randint(0, T, (N,), generator=g).to(dev)
+    g, E, N, offs, x, idx = _routed(1, counts, T, I, dev)
     w, w2 = (torch.randn(E, I, O, generator=g).to(dev) for _ in range(2))
     wt = torch.randn(E, O, I, generator=g).to(dev).transpose(1, 2)  # a transposed view, read in place
     scale = torch.rand(N, generator=g).to(dev)
@@ -170,11 +174,7 @@ def test_gmm_against_loops(dev, tma, counts, T, I, O):
 def test_gmm_swiglu_and_wgrad_against_loops(dev, tma, counts, T, I, O):
     from fsmoe.kernels import triton_gmm as tg
 
-    g = torch.Generator().manual_seed(2)
-    E, N = len(counts), sum(counts)
-    offs = _offsets(counts, dev)
-    x = torch.randn(T, I, generator=g).to(dev)
-    idx = torch.randint(0, T, (N,), generator=g).to(dev)
+    g, E, N, offs, x, idx = _routed(2, counts, T, I, dev)
     w1, w3 = (torch.randn(E, I, O, generator=g).to(dev) for _ in range(2))
     cfg = _tiles(dev, tma).up
     xn = x[idx]
@@ -288,27 +288,11 @@ def test_layer_with_our_gemms_matches_torch_grouped_mm(tmp_path, monkeypatch):
 @gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
 def test_layer_with_our_gemms_captures_as_cuda_graph(tmp_path, monkeypatch):
-    from fsmoe.bench.layer import capture_graph
+    from graph_utils import eager_and_replayed
 
     monkeypatch.setattr(gmm_tune, "_CACHE", gmm_tune.ChoiceCache(tmp_path / "c.json"))
     layer, _ = _layer_pair()
     x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    out = {}
-
-    def step():
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        y, st = layer(x)
-        torch.autograd.backward([y, st.aux_loss], [dy, torch.ones_like(st.aux_loss)])
-        out["y"] = y.detach()
-
-    step()
-    want = [out["y"].clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    replay = capture_graph(step)
-    replay()
-    torch.cuda.synchronize()
-    got = [out["y"], x.grad] + [p.grad for p in layer.parameters()]
+    got, want = eager_and_replayed(layer, x, torch.randn_like(x))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)

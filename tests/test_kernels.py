@@ -366,28 +366,10 @@ def test_bench_rejects_unknown_config():
 def test_layer_fast_step_captures_as_cuda_graph():
     """Static shapes and no host sync: the whole forward+backward replays as one CUDA graph, with
     the eager step's output and gradients."""
-    from fsmoe.bench.layer import capture_graph
+    from graph_utils import eager_and_replayed
 
     _, layer = _layers(16, 4, 128, 192, None, torch.bfloat16)
     x = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn_like(x)
-    out = {}
-
-    def step():
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        y, st = layer(x)
-        torch.autograd.backward([y, st.aux_loss], [dy, torch.ones_like(st.aux_loss)])
-        out["y"] = y.detach()  # keeping y would keep the eager autograd graph (and its streams) alive
-
-    step()
-    want = [out["y"].detach().clone(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
-    replay = capture_graph(step)
-    with torch.no_grad():
-        x.add_(0)  # same inputs; the replay must recompute everything
-    replay()
-    torch.cuda.synchronize()
-    got = [out["y"].detach(), x.grad] + [p.grad for p in layer.parameters()]
+    got, want = eager_and_replayed(layer, x, torch.randn_like(x))
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-2

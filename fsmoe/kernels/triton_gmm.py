@@ -117,6 +117,38 @@ def _load_gathered(a_ptr, src, mask_m, k0, K, s_am, BK: tl.constexpr):
 
 
 @triton.jit
+def _wgrad_tile(offs_ptr, I, O, BI: tl.constexpr, BO: tl.constexpr):
+    """This weight-gradient program's (expert, its rows [start, end), first I and O index, I indices
+    [BI], O indices [BO])."""
+    pid = tl.program_id(0)
+    grid_i, grid_o = tl.cdiv(I, BI), tl.cdiv(O, BO)
+    e = pid // (grid_i * grid_o)
+    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    end = tl.load(offs_ptr + e)
+    i0, o0 = ((pid // grid_o) % grid_i) * BI, (pid % grid_o) * BO
+    return e, start, end, i0, o0, i0 + tl.arange(0, BI), o0 + tl.arange(0, BO)
+
+
+@triton.jit
+def _load_rows_t(a_ptr, idx_ptr, r0, end, ri, I, s_am, s_ak, HAS_IDX: tl.constexpr, BM: tl.constexpr):
+    """a[src(r0 .. r0+BM), ri] transposed to [BI, BM] by pointer, zeros at and past ``end``."""
+    rm = r0 + tl.arange(0, BM)
+    mask_m = rm < end
+    if HAS_IDX:
+        src = tl.load(idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
+    else:
+        src = rm.to(tl.int64)
+    return tl.load(a_ptr + src[None, :] * s_am + ri[:, None] * s_ak, mask=(ri < I)[:, None] & mask_m[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_wgrad(c_ptr, acc, e, ri, ro, I, O, s_ce, s_ci):
+    tl.store(c_ptr + e.to(tl.int64) * s_ce + ri[:, None] * s_ci + ro[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(ri < I)[:, None] & (ro < O)[None, :])
+
+
+@triton.jit
 def _gmm_kernel(a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, offs_ptr, idx_ptr, scale_ptr,
                 K, O, E, grid_m, s_am, s_ak, s_be, s_bk, s_bo, s_cm,
                 HAS_IDX: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -180,31 +212,15 @@ def _gmm_wgrad_kernel(a_ptr, g_ptr, c_ptr, offs_ptr, idx_ptr, I, O, E,
                       HAS_IDX: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BO: tl.constexpr,
                       PRECISION: tl.constexpr):
     """c[e] = a[src(rows of e)]^T @ g[rows of e]: [E, I, O]; an expert with no rows gets 0."""
-    pid = tl.program_id(0)
-    grid_i, grid_o = tl.cdiv(I, BI), tl.cdiv(O, BO)
-    e = pid // (grid_i * grid_o)
-    ti = (pid // grid_o) % grid_i
-    to = pid % grid_o
-    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-    end = tl.load(offs_ptr + e)
-    ri = ti * BI + tl.arange(0, BI)
-    ro = to * BO + tl.arange(0, BO)
-    mask_i, mask_o = ri < I, ro < O
+    e, start, end, _, _, ri, ro = _wgrad_tile(offs_ptr, I, O, BI, BO)
     acc = tl.zeros((BI, BO), dtype=tl.float32)
     for r0 in range(start, end, BM):
         rm = r0 + tl.arange(0, BM)
-        mask_m = rm < end
-        if HAS_IDX:
-            src = tl.load(idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
-        else:
-            src = rm.to(tl.int64)
-        aT = tl.load(a_ptr + src[None, :] * s_am + ri[:, None] * s_ak,
-                     mask=mask_i[:, None] & mask_m[None, :], other=0.0)
+        aT = _load_rows_t(a_ptr, idx_ptr, r0, end, ri, I, s_am, s_ak, HAS_IDX, BM)
         g = tl.load(g_ptr + rm.to(tl.int64)[:, None] * s_gm + ro[None, :] * s_go,
-                    mask=mask_m[:, None] & mask_o[None, :], other=0.0)
+                    mask=(rm < end)[:, None] & (ro < O)[None, :], other=0.0)
         acc = tl.dot(aT, g, acc, input_precision=PRECISION)
-    tl.store(c_ptr + e.to(tl.int64) * s_ce + ri[:, None] * s_ci + ro[None, :],
-             acc.to(c_ptr.dtype.element_ty), mask=mask_i[:, None] & mask_o[None, :])
+    _store_wgrad(c_ptr, acc, e, ri, ro, I, O, s_ce, s_ci)
 
 
 # ----------------------------------------------------------------------------- TMA variants
@@ -300,27 +316,15 @@ def _gmm_wgrad_tma_kernel(a_desc, g_desc, a_ptr, c_ptr, offs_ptr, idx_ptr, I, O,
                           PRECISION: tl.constexpr):
     """``_gmm_wgrad_kernel`` with the gradient rows (and, unless gathered, the input rows) read by
     ragged TMA: zeros past the expert's end, no masking in registers."""
-    pid = tl.program_id(0)
-    grid_i, grid_o = tl.cdiv(I, BI), tl.cdiv(O, BO)
-    e = pid // (grid_i * grid_o)
-    i0 = ((pid // grid_o) % grid_i) * BI
-    o0 = (pid % grid_o) * BO
-    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-    end = tl.load(offs_ptr + e)
-    ri = i0 + tl.arange(0, BI)
-    ro = o0 + tl.arange(0, BO)
+    e, start, end, i0, o0, ri, ro = _wgrad_tile(offs_ptr, I, O, BI, BO)
     acc = tl.zeros((BI, BO), dtype=tl.float32)
     for r0 in range(start, end, BM):
-        if HAS_IDX:
-            rm = r0 + tl.arange(0, BM)
-            mask_m = rm < end
-            src = tl.load(idx_ptr + rm, mask=mask_m, other=0).to(tl.int64)
-            aT = tl.load(a_ptr + src[None, :] * s_am + ri[:, None], mask=(ri < I)[:, None] & mask_m[None, :], other=0.0)
+        if HAS_IDX:  # TMA rows need a unit stride along I, so s_ak is 1
+            aT = _load_rows_t(a_ptr, idx_ptr, r0, end, ri, I, s_am, 1, HAS_IDX, BM)
         else:
             aT = tl.trans(_load_rows(a_desc, start, end, r0, i0))
         acc = tl.dot(aT, _load_rows(g_desc, start, end, r0, o0), acc, input_precision=PRECISION)
-    tl.store(c_ptr + e.to(tl.int64) * s_ce + ri[:, None] * s_ci + ro[None, :], acc.to(c_ptr.dtype.element_ty),
-             mask=(ri < I)[:, None] & (ro < O)[None, :])
+    _store_wgrad(c_ptr, acc, e, ri, ro, I, O, s_ce, s_ci)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -135,17 +135,17 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
     dense = n_dense * sum(attn(ph) + t(f"expert_{ph}", mlp) for ph in ("fwd", "bwd"))
     shard_tokens = spec.tokens * layout.mp  # the head runs on the dp shard's tokens on every mp rank
     head_n = shard_tokens * m.d_model * m.vocab_size
-    head = t("head_fwd", head_n) + t("head_bwd", head_n)
+    head_bwd = t("head_bwd", head_n)
+    head = t("head_fwd", head_n) + head_bwd
     tp = _tensor_parallel_s(cfg, layout, spec, n_moe, n_dense, tp_fits or profile, missing)
     params = ParamSplit.of(cfg)
+    backward = None
     if overlap_grads:
-        dense_bwd = attn("bwd") + t("expert_bwd", mlp)
         order = [m.is_moe_layer(i) for i in reversed(range(m.n_layers))]  # backward's block order
-        block_bwd = [((schedule.predicted_iter_s - schedule.predicted_fwd_s) / n_moe) if moe_i else dense_bwd
-                     for moe_i in order]
-        grads = overlapped_gradients_s(params, layout, spec, profile, t("head_bwd", head_n), block_bwd, order, missing)
-    else:
-        grads = _other_gradients_s(params, layout, spec, profile, missing)
+        moe_bwd = (schedule.predicted_iter_s - schedule.predicted_fwd_s) / max(n_moe, 1)
+        dense_bwd = attn("bwd") + t("expert_bwd", mlp)
+        backward = (head_bwd, [moe_bwd if moe_i else dense_bwd for moe_i in order], order)
+    grads = _other_gradients_s(params, layout, spec, profile, missing, backward)
     opt = t("optimizer", params.on_rank(layout))
     return StepParts(moe, dense, head, tp, grads, opt, t("loop", 1.0), policy, tuple(dict.fromkeys(missing)))
 
@@ -244,14 +244,18 @@ def _tensor_parallel_s(cfg: RunConfig, layout: Layout, spec, n_moe: int, n_dense
     return 2 * (n_moe * (ar + ag) + n_dense * 2 * ar)
 
 
-def _other_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profile, missing: list) -> float:
-    """The AllReduce of the gradients the MoE blocks' schedule does not reduce (grad_bytes each)."""
-    total = 0.0
-    if layout.dp > 1:
-        total += _allreduce(params.outside_on_rank(layout) * spec.grad_bytes, profile, missing)
-    if layout.edp > 1:
-        total += _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing)
-    return total
+def _other_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profile, missing: list,
+                       backward: tuple[float, list[float], list[bool]] | None = None) -> float:
+    """The AllReduce of the gradients the MoE blocks' schedule does not reduce (grad_bytes each):
+    the experts over their edp replicas after backward, and those outside the MoE blocks over dp,
+    after backward too, or, given ``backward`` = (head_bwd_s, block_bwd_s, block_is_moe), in
+    buckets during it (``overlapped_gradients_s``)."""
+    total = _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing) if layout.edp > 1 else 0.0
+    if layout.dp == 1:
+        return total
+    if backward is None:
+        return total + _allreduce(params.outside_on_rank(layout) * spec.grad_bytes, profile, missing)
+    return total + overlapped_gradients_s(params, layout, spec, profile, *backward, missing)
 
 
 BUCKET_BYTES = 25 * 2**20  # fsmoe.parallel.grad_buckets' default bucket
@@ -259,15 +263,11 @@ BUCKET_BYTES = 25 * 2**20  # fsmoe.parallel.grad_buckets' default bucket
 
 def overlapped_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profile, head_bwd_s: float,
                            block_bwd_s: list[float], block_is_moe: list[bool], missing: list) -> float:
-    """Seconds the gradient reductions outside the MoE blocks' schedule add to a step when the
-    data-parallel ones run in buckets during backward (one communication stream, first come first
-    served). Backward runs the head, then the blocks last to first (``block_bwd_s``, in that
-    order), then the embeddings; each part's gradients are ready when its backward ends: the head's
-    first, the dense blocks' as each finishes, the embeddings' last. Gradients the runtime reduces
-    after backward (the experts over their edp replicas) are added whole."""
-    total = _allreduce(params.experts // layout.moe * spec.grad_bytes, profile, missing) if layout.edp > 1 else 0.0
-    if layout.dp == 1:
-        return total
+    """Seconds the data-parallel gradients outside the MoE blocks add to a step when they are
+    reduced in buckets during backward (one communication stream, first come first served).
+    Backward runs the head, then the blocks last to first (``block_bwd_s``, in that order), then
+    the embeddings; each part's gradients are ready when its backward ends: the head's first, the
+    dense blocks' as each finishes, the embeddings' last. Only what outlasts the backward counts."""
     spread = params.outside_on_rank(layout) - params.head - params.embedding  # dense blocks, final norm
     holders = [i for i, moe in enumerate(block_is_moe) if not moe] or list(range(len(block_is_moe)))
     ready, clock = [(head_bwd_s, params.head)], head_bwd_s
@@ -279,7 +279,7 @@ def overlapped_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Pr
     finish = 0.0
     for at, n in ready:
         finish = max(finish, at) + _bucketed_allreduce(n * spec.grad_bytes, profile, missing)
-    return total + max(0.0, finish - clock)
+    return max(0.0, finish - clock)
 
 
 def _bucketed_allreduce(nbytes: float, profile: Profile, missing: list) -> float:
