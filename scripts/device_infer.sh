@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Hybrid CPU/GPU inference on the GPU machine (docs/inference.md).
 #
-#   check            the hybrid engine's CUDA tests (tests/test_hybrid_infer.py) and the machine's CPU
+#   check            the hybrid engine's and the graphed decode's CUDA tests (tests/test_hybrid_infer.py,
+#                    tests/test_decode_graph.py) and the machine's CPU
 #   bench NAME ARGS  `fsmoe bench infer ARGS --out OUT/NAME` -> OUT/NAME/{results.json, sweep.png, timelines}
 #   llamacpp NAME N_CPU_MOE GGUF_ARGS...
 #                    llama.cpp itself on the same shapes: builds llama-bench with CUDA from
@@ -26,7 +27,7 @@ mkdir -p "$OUT"
 case "$PART" in
   check)
     (lscpu | grep -E "Model name|^CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|L3"; grep -o -w -E "amx_bf16|avx512_bf16|avx512f" /proc/cpuinfo | sort | uniq -c; free -g) | tee "$OUT/cpu.txt"
-    "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_hybrid_infer.py 2>&1 | tail -5 | tee "$OUT/check.txt"
+    "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_hybrid_infer.py tests/test_decode_graph.py 2>&1 | tail -5 | tee "$OUT/check.txt"
     ;;
   bench)
     name=$1

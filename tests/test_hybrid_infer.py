@@ -77,7 +77,7 @@ def test_layer_outputs_and_dropped_rows_match_the_layers_own_experts():
     """One layer with capacity dropping: the hybrid executor's rows equal the layer's grouped experts,
     dropped rows stay 0, whatever the split."""
     from fsmoe.layer import MoELayer
-    from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts, StreamBuffers
+    from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts, StreamBuffers, linear_layout
 
     cfg = MoEConfig(num_experts=5, router=RouterConfig(top_k=2, capacity_factor=0.6),
                     experts=ExpertsConfig(d_ff=12, activation="swiglu"))
@@ -87,7 +87,7 @@ def test_layer_outputs_and_dropped_rows_match_the_layers_own_experts():
     with torch.no_grad():
         want, _ = layer(x)
         ex = layer.experts
-        host = (ex.w1_EDF.detach(), ex.w3_EDF.detach(), ex.w2_EFD.detach())
+        host = linear_layout(ex.w1_EDF.detach(), ex.w3_EDF.detach(), ex.w2_EFD.detach())
         resident = np.array([True, False, True, False, False])
         gpu = tuple(w[torch.tensor([0, 2])] for w in host)
         bufs = StreamBuffers(CPU, 8, 12, True, torch.float32, chunk=2)

@@ -7,7 +7,8 @@ placement policy, in one process on one GPU with its memory capped.
    routed to; the policies place their resident experts from those frequencies.
 3. Per policy: a sweep of single-forward sizes (``--tokens``) over ``--sweep-layers`` MoE layers
    (ms per layer), decode tokens/s (``--decode-batch`` prompts of ``--prompt-len`` tokens,
-   ``--new-tokens`` generated) and prefill tokens/s (one prompt of ``--prefill`` tokens).
+   ``--new-tokens`` generated; on CUDA each step replayed from CUDA graphs, and with
+   ``--decode-graph both`` also issued op by op) and prefill tokens/s (one prompt of ``--prefill`` tokens).
 4. ``--out DIR``: results.json, sweep.png (tokens/s per layer against tokens per forward, one line
    per policy), and the scheinfer lane timeline of one prefill and one decode step
    (timeline_*.json for chrome://tracing, timeline_*.png).
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from fsmoe.bench.common import device_info
 from fsmoe.config import ConfigError, load_config
+from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
 from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
@@ -54,6 +56,9 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="worker: a thread computes the CPU experts while the GPU work is issued; inline: the "
                         "GPU work is issued first (indices through pinned memory), then this thread computes them")
+    p.add_argument("--decode-graph", choices=["on", "off", "both"], default="both",
+                   help="decode steps replayed from CUDA graphs (on), issued op by op (off), or both measured "
+                        "(the headline figure is the graphed one; CUDA only)")
     p.add_argument("--costs", type=Path, help="lane costs measured earlier (JSON); default: measure now")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +123,17 @@ def _runs(hybrid: HybridModel, n: int, run) -> list[float]:
     return out
 
 
-def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, tokens, device) -> dict:
+def measure_decode(hybrid: HybridModel, args, graphs: DecodeGraphs | None) -> tuple[float, list[float]]:
+    """(median decode tokens/s, every run's), after one unmeasured run (which also captures the graphs)."""
+    cfg, decode = hybrid.model.cfg, Sampling(max_new_tokens=args.new_tokens)
+    generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 5), decode, graphs)
+    prompts = _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 6)
+    rates = _runs(hybrid, args.repeats, lambda: generate(hybrid.model, prompts, decode, graphs).decode_tokens_per_s)
+    return float(np.median(rates)), rates
+
+
+def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, tokens, device,
+                   graphs: DecodeGraphs | None = None) -> dict:
     cfg = hybrid.model.cfg
     resident = hybrid.place(policy, hot_LE)  # every policy places from the same calibration counts
     res = {"policy": policy.name, "resident_experts": int(resident.sum())}
@@ -126,11 +141,11 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     # Each measurement runs once unmeasured first, at its own shapes: the first forwards of a shape
     # pay one-time costs (kernel choices, allocator growth) that made whichever policy ran first
     # look up to 3x slower; they also let the race time its candidates, as in a running server.
-    decode, prefill = Sampling(max_new_tokens=args.new_tokens), Sampling(max_new_tokens=1)
-    generate(hybrid.model, _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 5), decode)
-    prompts = _prompts(args.decode_batch, args.prompt_len, cfg.vocab_size, 6)
-    rates = _runs(hybrid, args.repeats, lambda: generate(hybrid.model, prompts, decode).decode_tokens_per_s)
-    res["decode_tokens_per_s"], res["decode_runs"] = float(np.median(rates)), rates
+    prefill = Sampling(max_new_tokens=1)
+    if graphs is not None and args.decode_graph == "both":  # the eager baseline first, in the same process
+        res["decode_eager_tokens_per_s"], res["decode_eager_runs"] = measure_decode(hybrid, args, None)
+    res["decode_tokens_per_s"], res["decode_runs"] = measure_decode(hybrid, args, graphs)
+    res["decode_graph"] = graphs is not None
     res["decode_experts_per_layer"] = _split_summary(hybrid.splits[len(hybrid.model.moe_layers()):])
     generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), prefill)
     prompt = _prompts(1, args.prefill, cfg.vocab_size, 7)
@@ -225,11 +240,13 @@ def run(args) -> int:
     hot = hybrid.hot_LE.copy()
     inputs = layer_inputs(hybrid, max(tokens), args.sweep_layers, device)
     results = []
+    graphs = DecodeGraphs(hybrid.model) if device.type == "cuda" and args.decode_graph != "off" else None
     for policy in policies:
         t1 = time.perf_counter()
-        results.append(measure_policy(hybrid, policy, hot, inputs, args, tokens, device))
+        results.append(measure_policy(hybrid, policy, hot, inputs, args, tokens, device, graphs))
         r = results[-1]
-        console.print(f"{policy.name:>12}: decode {r['decode_tokens_per_s']:8.2f} tok/s, prefill "
+        eager = f" (eager {r['decode_eager_tokens_per_s']:.2f})" if "decode_eager_tokens_per_s" in r else ""
+        console.print(f"{policy.name:>12}: decode {r['decode_tokens_per_s']:8.2f} tok/s{eager}, prefill "
                       f"{r['prefill_tokens_per_s']:9.1f} tok/s ({time.perf_counter() - t1:.0f} s)")
         if args.out:  # what is measured so far survives a timeout
             args.out.mkdir(parents=True, exist_ok=True)

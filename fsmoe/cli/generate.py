@@ -30,6 +30,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow; a check)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="issue every decode step op by op (default on CUDA: each step is replayed from CUDA graphs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
@@ -80,6 +82,13 @@ def encode_prompts(args: argparse.Namespace, cfg, converted: bool):
     return tok, prompts
 
 
+def decode_graphs(args: argparse.Namespace, model, device: torch.device):
+    """CUDA graphs for the decode steps (fsmoe.infer.decode_graph), unless ``--no-cuda-graph`` or on the CPU."""
+    from fsmoe.infer.decode_graph import DecodeGraphs
+
+    return DecodeGraphs(model) if device.type == "cuda" and not args.no_cuda_graph else None
+
+
 def print_generation(console: Console, args, tok, prompts, out, device, how: str) -> None:
     for k, new in enumerate(out.new_tokens):
         if k < len(args.prompt):
@@ -102,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     model, cfg, converted = load_model(args.model, device, getattr(torch, args.dtype))
     tok, prompts = encode_prompts(args, cfg, converted)
     s = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, not args.no_cache, tok.eos_ids)
-    out = generate(model, prompts, s)
+    out = generate(model, prompts, s, decode_graphs(args, model, device))
     print_generation(Console(soft_wrap=True, highlight=False), args, tok, prompts, out, device,
                      "KV cache" if s.use_cache else "no cache")
     return 0

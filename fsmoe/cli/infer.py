@@ -51,7 +51,7 @@ def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsmoe.cli.generate import check_args, encode_prompts, pick_device, print_generation
+    from fsmoe.cli.generate import check_args, decode_graphs, encode_prompts, pick_device, print_generation
     from fsmoe.infer.generate import Sampling, generate
     from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
     from fsmoe.infer.hybrid.memory import cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                   style="dim")
     rec = hybrid.record(True) if args.timeline else None
     out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                                                   not args.no_cache, tok.eos_ids))
+                                                   not args.no_cache, tok.eos_ids),
+                   decode_graphs(args, hybrid.model, device))
     print_generation(console, args, tok, prompts, out, device, "hybrid " + policy.name)
     if rec is not None:
         from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png

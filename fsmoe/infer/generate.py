@@ -5,7 +5,8 @@ Shape legend: B prompts, P longest prompt, S = P + new tokens (cache slots), V v
 1. left-pad the prompts to P (fsmoe.models.kv_cache: padding slots are masked out and every row's
    RoPE positions start at 0 at its first real token);
 2. prefill: one forward over [B, P] fills the KV cache and gives the first new token's logits;
-3. decode: each step feeds the B tokens just chosen at slot P + t and reads the next logits.
+3. decode: each step feeds the B tokens just chosen at slot P + t and reads the next logits
+   (on CUDA, given ``DecodeGraphs``, replayed from CUDA graphs: fsmoe.infer.decode_graph).
    Without the cache (``use_cache=False``) every step runs the whole sequence again: the same
    numbers, for checking the cache;
 4. choose: greedy (temperature 0), or sample from softmax(logits / temperature) restricted to the
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.models.kv_cache import KVCache
 
 
@@ -60,17 +62,23 @@ def choose(logits_BV: Tensor, s: Sampling, generator: torch.Generator | None) ->
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompts: list[list[int]], s: Sampling) -> Generation:
-    """Continue each prompt (a list of token ids) with up to ``s.max_new_tokens`` tokens."""
+def generate(model: nn.Module, prompts: list[list[int]], s: Sampling, graphs: DecodeGraphs | None = None
+             ) -> Generation:
+    """Continue each prompt (a list of token ids) with up to ``s.max_new_tokens`` tokens.
+    ``graphs`` (CUDA, with the cache): decode steps replayed from CUDA graphs kept across calls
+    (fsmoe.infer.decode_graph); the prefill stays eager."""
     model.eval()
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
+    runner = (graphs.runner(B, P + s.max_new_tokens)
+              if graphs is not None and s.use_cache and device.type == "cuda" else None)
     pad_B = torch.tensor([P - len(p) for p in prompts], device=device)
     idx_BS = torch.zeros(B, P + s.max_new_tokens, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         idx_BS[b, P - len(p):P] = torch.tensor(p, dtype=torch.long)
     generator = torch.Generator(device=device).manual_seed(s.seed) if s.temperature > 0 else None
-    cache = KVCache.for_model(model, B, P + s.max_new_tokens) if s.use_cache else None
+    cache = runner.cache if runner is not None else (
+        KVCache.for_model(model, B, P + s.max_new_tokens) if s.use_cache else None)
     eos = torch.tensor(sorted(s.eos_ids), dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     t0 = time.perf_counter()
@@ -84,7 +92,9 @@ def generate(model: nn.Module, prompts: list[list[int]], s: Sampling) -> Generat
         done_B |= torch.isin(next_B, eos)
         if bool(done_B.all()) or t + 1 == s.max_new_tokens:
             break
-        if cache is not None:
+        if runner is not None:
+            logits_BV = runner.step(idx_BS[:, P + t:P + t + 1], P + t, pad_B)
+        elif cache is not None:
             logits_BV = model(idx_BS[:, P + t:P + t + 1], cache=cache, start=P + t, pad_B=pad_B).logits[:, -1]
         else:
             logits_BV = model(idx_BS[:, :P + t + 1], pad_B=pad_B).logits[:, -1]

@@ -27,7 +27,7 @@ from fsmoe.config import ModelConfig
 from fsmoe.layer import MoEStats
 from fsmoe.models.block import MoELayerFactory, build_block, default_moe_layer
 from fsmoe.models.init import init_weights, module_seed, seeded
-from fsmoe.models.kv_cache import Attend, KVCache, attend_mask, positions
+from fsmoe.models.kv_cache import Attend, KVCache, Start, attend_mask, positions
 from fsmoe.models.norms import build_norm
 from fsmoe.models.rope import RotaryEmbedding
 from fsmoe.precision import to_compute
@@ -93,15 +93,20 @@ class MoEDecoder(nn.Module):
         e.g. after ``to_empty`` materialised a meta-built model. No-op on the meta device."""
         init_weights(self, self.seed if seed is None else seed, self.cfg.init_std, self.cfg.n_layers)
 
-    def forward(self, idx_BL: Tensor, *, cache: KVCache | None = None, start: int = 0,
+    def forward(self, idx_BL: Tensor, *, cache: KVCache | None = None, start: Start = 0,
                 pad_B: Tensor | None = None) -> ModelOutput:
         """idx_BL: [B, L] int64 token ids, L <= max_seq_len. Returns logits [B, L, V] and MoE stats.
 
         Generation only (all None/0 in training): ``cache`` receives the new tokens at slots
         ``[start, start + L)``, attention reads every slot so far; ``pad_B`` [B] int64 is each
-        row's left padding (default none). Without a cache ``start`` must be 0."""
+        row's left padding (default none). Without a cache ``start`` must be 0. A 0-dim device
+        tensor ``start`` keeps every shape fixed (CUDA graphs, fsmoe.infer.decode_graph); its
+        caller checks ``start + L <= min(max_seq_len, cache slots)``, which needs the host."""
         L = idx_BL.shape[1]
-        if start + L > self.cfg.max_seq_len:
+        static = isinstance(start, Tensor)
+        if static and cache is None:
+            raise ValueError("a tensor start (static shapes) needs a KV cache")
+        if not static and start + L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {start + L} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if cache is None and start:
             raise ValueError(f"start={start} needs a KV cache holding the earlier slots")
@@ -116,7 +121,7 @@ class MoEDecoder(nn.Module):
         rope = None
         if self.rope is not None:
             rope = self.rope.at(positions(pad_B, start, L)) if generating else self.rope(L)
-        mask = attend_mask(pad_B, start, L) if generating else None
+        mask = attend_mask(pad_B, start, L, cache.slots if static else None) if generating else None
         x_BLD = self.drop(x_BLD)
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):

@@ -8,6 +8,12 @@ t-th new token into the same slot; row b's first ``pad_B[b]`` slots are padding.
 holds RoPE position ``s - pad_B[b]`` and may be attended by a query at slot t when
 ``pad_B[b] <= s <= t``. A padding query attends to itself only, so its (discarded) row stays finite.
 
+``start`` (the slot of a forward's first new token) is a Python int, or a 0-dim int64 tensor on
+the model's device: then every shape and address is the same whatever the slot (the new slots are
+written with ``index_copy_``, attention reads every slot of the cache and the mask hides those not
+written yet), so a decode step can be captured once in a CUDA graph and replayed
+(fsmoe.infer.decode_graph).
+
 What one layer caches per slot:
 
     attention='mha'  k (after qk-norm and RoPE) and v: [B, S, G, K] each
@@ -22,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+Start = int | Tensor  # slot of a forward's first new token: an int, or a 0-dim device tensor (static shapes)
+
 
 @dataclass
 class LayerCache:
@@ -30,8 +38,14 @@ class LayerCache:
     first: Tensor  # mha: k_BSGK; mla: latent c_BSC
     second: Tensor  # mha: v_BSGK; mla: k_rope_BSR
 
-    def write(self, start: int, first_new: Tensor, second_new: Tensor) -> tuple[Tensor, Tensor]:
-        """Store L new slots at ``[start, start + L)``; returns both buffers up to ``start + L``."""
+    def write(self, start: Start, first_new: Tensor, second_new: Tensor) -> tuple[Tensor, Tensor]:
+        """Store L new slots at ``[start, start + L)``; returns both buffers up to ``start + L``
+        (an int ``start``) or whole (a tensor ``start``: static shapes, the mask hides the rest)."""
+        if isinstance(start, Tensor):
+            slots_L = torch.arange(first_new.shape[1], device=start.device) + start
+            self.first.index_copy_(1, slots_L, first_new)
+            self.second.index_copy_(1, slots_L, second_new)
+            return self.first, self.second
         end = start + first_new.shape[1]
         self.first[:, start:end] = first_new
         self.second[:, start:end] = second_new
@@ -42,23 +56,24 @@ class LayerCache:
 class Attend:
     """How the L new tokens of one forward attend (None in training: plain causal attention)."""
 
-    start: int  # slot of the first new token
-    mask_B1LS: Tensor  # bool [B, 1, L, start + L]: True where a query may attend a slot
+    start: Start  # slot of the first new token
+    mask_B1LS: Tensor  # bool [B, 1, L, S]: True where a query may attend a slot (S = start + L for an int start)
     cache: LayerCache | None  # this layer's cache; None = attend only to the tokens of this forward
 
 
-def attend_mask(pad_B: Tensor, start: int, L: int) -> Tensor:
-    """bool [B, 1, L, start + L]: query slot t = start + i attends slot s iff pad_B[b] <= s <= t,
-    and always itself (a padding query would otherwise attend nothing)."""
-    s_S = torch.arange(start + L, device=pad_B.device)
-    t_L1 = torch.arange(start, start + L, device=pad_B.device)[:, None]
+def attend_mask(pad_B: Tensor, start: Start, L: int, slots: int | None = None) -> Tensor:
+    """bool [B, 1, L, S]: query slot t = start + i attends slot s iff pad_B[b] <= s <= t, and always
+    itself (a padding query would otherwise attend nothing). S = start + L for an int ``start``,
+    else ``slots`` (the whole cache)."""
+    s_S = torch.arange(start + L if isinstance(start, int) else slots, device=pad_B.device)
+    t_L1 = (torch.arange(L, device=pad_B.device) + start)[:, None]
     ok_BLS = (s_S[None, None] >= pad_B[:, None, None]) & (s_S[None, None] <= t_L1[None])
     return (ok_BLS | (s_S[None, None] == t_L1[None])).unsqueeze(1)
 
 
-def positions(pad_B: Tensor, start: int, L: int) -> Tensor:
+def positions(pad_B: Tensor, start: Start, L: int) -> Tensor:
     """RoPE positions [B, L] of slots ``start .. start + L - 1`` (0 on padding slots)."""
-    pos_BL = torch.arange(start, start + L, device=pad_B.device)[None] - pad_B[:, None]
+    pos_BL = (torch.arange(L, device=pad_B.device) + start)[None] - pad_B[:, None]
     return pos_BL.clamp(min=0)
 
 
@@ -84,6 +99,10 @@ class KVCache:
             layers = [LayerCache(buf(cfg.kv_heads, cfg.head_size), buf(cfg.kv_heads, cfg.head_size))
                       for _ in range(cfg.n_layers)]
         return KVCache(layers)
+
+    @property
+    def slots(self) -> int:
+        return self.layers[0].first.shape[1] if self.layers else 0
 
     def bytes_per_token(self) -> int:
         """Cache bytes one token takes over all layers (what the compressed MLA cache saves)."""

@@ -56,12 +56,12 @@ def median_seconds(fn, sync, reps: int, budget_s: float = 2.0) -> float:
 
 
 def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
-    """Lane costs of one layer's experts ``host`` = (w1 [E, D, F], w3 | None, w2 [E, F, D]) in host
+    """Lane costs of one layer's experts ``host`` = (w1 [E, F, D], w3 | None, w2 [E, D, F]) in host
     memory. Every timed call takes the next expert in turn, so the CPU reads weights from DRAM as
     in a real forward, not from a cache that one re-used expert would sit in."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    E, d_model = host[0].shape[0], host[0].shape[1]
+    E, d_model = host[0].shape[0], host[0].shape[2]
     turn = iter(range(1 << 30))
     g = torch.Generator().manual_seed(0)
     dev = tuple(None if w is None else w[:1].to(device) for w in host)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from fsmoe.config import ModelConfig
-from fsmoe.infer.hybrid.engine import HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers
+from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
+                                       linear_layout)
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy, candidate_split
@@ -30,14 +31,18 @@ Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
 def detach_experts(model: MoEDecoder, pin: bool) -> list[Weights]:
-    """Take every MoE layer's routed expert weights out of ``model`` (host tensors, pinned when
-    ``pin``), leaving a parameterless stand-in so that moving the model moves none of them."""
+    """Take every MoE layer's routed expert weights out of ``model`` as host tensors in the
+    engine's linear layout (pinned when ``pin``; fsmoe.infer.hybrid.engine), leaving a
+    parameterless stand-in so that moving the model moves none of them."""
     out = []
     for layer in model.moe_layers():
         ex = layer.experts
-        ws = (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)
-        host = tuple(None if w is None else (w.detach().pin_memory() if pin else w.detach()) for w in ws)
-        out.append(host)
+        if ex.w1_EDF.is_meta:  # shapes only (random_model draws the weights)
+            out.append(tuple(None if w is None else torch.empty(w.shape[0], w.shape[2], w.shape[1], device="meta")
+                             for w in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)))
+        else:
+            out.append(linear_layout(ex.w1_EDF.detach().cpu(), None if ex.w3_EDF is None else ex.w3_EDF.detach().cpu(),
+                                     ex.w2_EFD.detach().cpu(), pin))
         layer.experts = HostExperts(ex.num_experts)
     return out
 
@@ -45,8 +50,8 @@ def detach_experts(model: MoEDecoder, pin: bool) -> list[Weights]:
 def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0
                  ) -> tuple[MoEDecoder, list[Weights]]:
     """A randomly initialised model in ``dtype``: non-expert weights on ``device`` (the usual init),
-    routed experts ~ N(0, 1/fan_in) in host memory, drawn on ``device`` one expert at a time (a
-    host-side draw of tens of GB would take minutes)."""
+    routed experts ~ N(0, 1/fan_in) in host memory (the engine's ``[out, in]`` layout), drawn on
+    ``device`` one expert at a time (a host-side draw of tens of GB would take minutes)."""
     with torch.device("meta"):
         model = build_model(cfg, seed=seed)
     meta = detach_experts(model, pin=False)  # only their shapes are read
@@ -57,7 +62,7 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
         t = torch.empty(w_meta.shape, dtype=dtype, pin_memory=device.type == "cuda")
         for e in range(t.shape[0]):
             t[e].copy_(torch.randn(t.shape[1:], generator=g, device=device, dtype=torch.float32)
-                       .div_(math.sqrt(t.shape[1])).to(dtype))
+                       .div_(math.sqrt(t.shape[2])).to(dtype))
         return t
 
     return model, [tuple(None if w is None else draw(w) for w in ws) for ws in meta]

@@ -1,0 +1,155 @@
+"""Decode steps replayed from CUDA graphs, cut where a MoE layer must ask the host.
+
+Shape legend: B rows, S cache slots, V vocabulary, N routed rows of one MoE layer.
+
+A decode step launches a few hundred small kernels per layer (norms, projections, RoPE, the
+cache write, attention, the router, the dispatch order); issued one by one from Python they take
+longer than the GPU needs to run them. Captured once and replayed, they cost one launch.
+
+A layer whose executor needs the host (the hybrid engine reads each layer's token counts to split
+its experts between GPU, PCIe and CPU: ``executor.needs_host``) cannot be inside a graph. The
+capture is therefore cut there: the graph ends with the layer's routed rows ``x_ND`` and its
+``RoutingPlan``; at replay the executor runs eagerly on them and writes its output into a fixed
+buffer ``y_ND`` that the next graph reads. A step is then
+
+    graph 0 (embedding .. layer 0's router and order), executor 0, graph 1 (layer 0's combine ..
+    layer 1's order), executor 1, ..., graph L (last combine, norm, head -> logits)
+
+Executors that need no host (the plain model's) stay inside the graphs: one graph per step.
+
+Every shape and address must be the same at each step: the token ids, the slot (a 0-dim tensor,
+see fsmoe.models.kv_cache) and the rows' padding are copied into fixed buffers, and the KV cache
+is the runner's own (:attr:`GraphedDecode.cache`, sized once; prefill writes into it eagerly).
+The first step of a runner runs eagerly with these buffers (warming every kernel and allocation
+up on the runner's stream), then the capture is made; later steps replay it. A capture that fails
+(an op that reads the device from the host) is reported once and the runner stays eager.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fsmoe.models.kv_cache import KVCache
+
+@dataclass
+class Cut:
+    """Where a graph ends: one MoE layer's executor, the graph outputs it reads and the buffer its
+    output goes to (read by the next graph)."""
+
+    executor: object
+    layer: nn.Module
+    x_ND: Tensor
+    plan: object  # fsmoe.routing.plan.RoutingPlan, its tensors graph outputs
+    y_ND: Tensor
+
+
+class GraphedDecode:
+    """Decode steps of ``model`` for ``batch`` rows and up to ``slots`` cache slots, replayed."""
+
+    def __init__(self, model: nn.Module, batch: int, slots: int):
+        self.model = model
+        device = next(model.parameters()).device
+        self.cache = KVCache.for_model(model, batch, slots)
+        self.idx_B1 = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.pad_B = torch.zeros(batch, dtype=torch.long, device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.cuts: list[Cut] = []
+        self.logits_BV: Tensor | None = None
+        self.failed: str | None = None  # why the capture failed (the runner then stays eager)
+        self.warm = False
+
+    @property
+    def captured(self) -> bool:
+        return bool(self.graphs)
+
+    def step(self, idx_B1: Tensor, start: int, pad_B: Tensor) -> Tensor:
+        """Logits [B, V] of the tokens ``idx_B1`` [B, 1] at slot ``start``; the cache gets slot ``start``."""
+        if start + 1 > min(self.cache.slots, self.model.cfg.max_seq_len):
+            raise ValueError(f"slot {start} is past the decode graph's cache ({self.cache.slots} slots) "
+                             f"or model.max_seq_len={self.model.cfg.max_seq_len}")
+        self.idx_B1.copy_(idx_B1)
+        self.start.fill_(start)
+        self.pad_B.copy_(pad_B)
+        caller = torch.cuda.current_stream()
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            if self.failed is not None or not self.warm:
+                logits_BV = self._eager()
+                self.warm = True
+            else:
+                if not self.captured:
+                    self._capture()
+                logits_BV = self._replay() if self.captured else self._eager()
+        caller.wait_stream(self.stream)
+        return logits_BV
+
+    def _eager(self) -> Tensor:
+        return self.model(self.idx_B1, cache=self.cache, start=self.start, pad_B=self.pad_B).logits[:, -1]
+
+    def _replay(self) -> Tensor:
+        for graph, cut in zip(self.graphs, self.cuts):
+            graph.replay()
+            cut.y_ND.copy_(cut.executor(cut.layer, cut.x_ND, cut.plan))
+        self.graphs[-1].replay()
+        return self.logits_BV.clone()
+
+    def _capture(self) -> None:
+        """Capture the step, cut at every executor that needs the host (see the module docstring)."""
+        pool = torch.cuda.graph_pool_handle()
+        graphs, cuts = [torch.cuda.CUDAGraph()], []
+        layers = [m for m in self.model.modules() if hasattr(m, "executor")]
+        saved = [m.executor for m in layers]
+
+        def cut_at(executor):
+            def run(layer, x_ND, plan):
+                graphs[-1].capture_end()
+                cuts.append(Cut(executor, layer, x_ND, plan, torch.empty_like(x_ND)))
+                graphs.append(torch.cuda.CUDAGraph())
+                graphs[-1].capture_begin(pool=pool, capture_error_mode="thread_local")
+                return cuts[-1].y_ND
+            return run
+
+        for m, ex in zip(layers, saved):
+            if getattr(ex, "needs_host", False):
+                m.executor = cut_at(ex)
+        capturing = False
+        try:
+            graphs[0].capture_begin(pool=pool, capture_error_mode="thread_local")
+            capturing = True
+            logits_BV = self._eager()
+            capturing = False
+            graphs[-1].capture_end()
+        except RuntimeError as e:  # an op that syncs with the host, or a kernel that cannot be captured
+            if capturing:
+                try:
+                    graphs[-1].capture_end()
+                except RuntimeError:
+                    pass
+            self.failed = str(e).splitlines()[0]
+            warnings.warn(f"decode steps run eagerly: the CUDA graph capture failed ({self.failed})", stacklevel=3)
+            return
+        finally:
+            for m, ex in zip(layers, saved):
+                m.executor = ex
+        self.graphs, self.cuts, self.logits_BV = graphs, cuts, logits_BV
+
+
+class DecodeGraphs:
+    """One :class:`GraphedDecode` per batch size, kept across ``generate`` calls (a capture costs
+    about one eager step; a server captures once per batch size)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.runners: dict[int, GraphedDecode] = {}
+
+    def runner(self, batch: int, slots: int) -> GraphedDecode:
+        r = self.runners.get(batch)
+        if r is None or r.cache.slots < slots:  # a longer generation than before: a new cache and capture
+            self.runners.pop(batch, None)  # free the old cache and graphs first
+            r = self.runners[batch] = GraphedDecode(self.model, batch, slots)
+        return r

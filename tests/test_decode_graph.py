@@ -1,0 +1,109 @@
+"""Decode steps at static shapes (a tensor slot) and replayed from CUDA graphs.
+
+CPU (CI): a forward with the slot as a 0-dim tensor (every slot of the cache read, the mask hiding
+the unwritten ones) gives the logits and cache of the usual one, for every attention kind.
+CUDA (scripts/gpu_check.sh): graphed generation gives the eager tokens, for the plain model (one
+graph per step) and the hybrid engine (cut at every MoE layer), and a failed capture stays eager."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fsmoe.infer.generate import Sampling, generate
+from fsmoe.models import build_model
+from fsmoe.models.kv_cache import KVCache
+from test_hybrid_infer import PROMPTS, plain_and_hybrid, tiny
+from test_models import TINY
+from test_models import tiny as tiny_cfg
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh)")
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_a_tensor_slot_gives_the_int_slots_logits_and_cache(kind):
+    model = build_model(tiny_cfg(**TINY[kind]), seed=1).eval()
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    pad = torch.tensor([0, 2])
+    caches = [KVCache.for_model(model, 2, 14) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(idx[:, :6], cache=c, start=0, pad_B=pad)
+        for t in range(6, 9):
+            a = model(idx[:, t:t + 1], cache=caches[0], start=t, pad_B=pad).logits
+            b = model(idx[:, t:t + 1], cache=caches[1], start=torch.tensor(t), pad_B=pad).logits
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for la, lb in zip(caches[0].layers, caches[1].layers):  # later layers: attention summed over more slots
+        torch.testing.assert_close(lb.first, la.first, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lb.second, la.second, atol=1e-5, rtol=1e-5)
+
+
+def test_a_tensor_slot_needs_a_cache():
+    model = build_model(tiny_cfg(), seed=1).eval()
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), start=torch.tensor(0))
+
+
+def _cuda(model):
+    return model.to(torch.device("cuda"))
+
+
+@needs_cuda
+def test_graphed_decode_of_the_plain_model_is_one_graph_and_the_eager_tokens():
+    from fsmoe.infer.decode_graph import DecodeGraphs
+
+    model = _cuda(build_model(tiny_cfg(**TINY["llama_gqa_qknorm"], max_seq_len=64), seed=1).eval())
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    want = generate(model, prompts, Sampling(max_new_tokens=12)).new_tokens
+    graphs = DecodeGraphs(model)
+    for _ in range(2):  # the second call replays the first call's capture
+        assert generate(model, prompts, Sampling(max_new_tokens=12), graphs).new_tokens == want
+    runner = graphs.runners[2]
+    assert runner.failed is None and len(runner.graphs) == 1 and not runner.cuts
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", ["scheinfer", "fiddler", "stream", "static:0.5", "gpu"])
+def test_graphed_hybrid_decode_is_cut_at_every_moe_layer_and_gives_the_eager_tokens(policy):
+    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.infer.hybrid.engine import StreamBuffers
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    cfg = tiny()
+    plain, hybrid = plain_and_hybrid(cfg, slots=5)
+    dev = torch.device("cuda")
+    plain.to(dev)
+    hybrid.model.to(dev)
+    hybrid.device = dev
+    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 24, True, torch.float32, chunk=2).__dict__)
+    for ex in hybrid.executors:
+        ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
+    hybrid.place(parse_policy(policy), hot_LE=np.arange(18).reshape(3, 6))
+    want = generate(plain, PROMPTS, Sampling(max_new_tokens=10)).new_tokens
+    graphs = DecodeGraphs(hybrid.model)
+    for _ in range(2):
+        assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=10), graphs).new_tokens == want
+    runner = graphs.runners[2]
+    assert runner.failed is None and len(runner.graphs) == 4 and len(runner.cuts) == 3
+
+
+@needs_cuda
+def test_a_capture_that_fails_is_said_once_and_decoding_stays_eager():
+    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.layer import sequential
+
+    model = _cuda(build_model(tiny_cfg(max_seq_len=64), seed=1).eval())
+    prompts = [[1, 2, 3]]
+    want = generate(model, prompts, Sampling(max_new_tokens=8)).new_tokens
+
+    def syncing(layer, x_ND, plan):  # reads the device from the host: not capturable
+        assert int(plan.tokens_per_expert_E.sum()) >= 0
+        return sequential(layer, x_ND, plan)
+
+    for layer in model.moe_layers():
+        layer.executor = syncing
+    graphs = DecodeGraphs(model)
+    with pytest.warns(UserWarning, match="decode steps run eagerly"):
+        assert generate(model, prompts, Sampling(max_new_tokens=8), graphs).new_tokens == want
+    assert graphs.runners[1].failed and not graphs.runners[1].captured
+    assert generate(model, prompts, Sampling(max_new_tokens=8), graphs).new_tokens == want
