@@ -1,8 +1,9 @@
 """How fast can this machine's CPU run one routed expert's MLP for a few tokens (a decode step)?
 
-Times the ways torch can compute a SwiGLU expert on the CPU in bf16 over many experts in turn
-(so the weights come from DRAM, as in a forward), at 1, 4 and 32 tokens, and reports the effective
-weight bandwidth (GB/s). The hybrid engine's CPU lane is only as fast as the best of these.
+Times the ways torch can compute a SwiGLU expert on the CPU in bf16, and the engine's native kernel
+(fsmoe.infer.hybrid.cpu_kernel), over many experts in turn (so the weights come from DRAM, as in a
+forward), at 1 to 32 tokens, and reports the effective weight bandwidth (GB/s). The hybrid
+engine's CPU lane is only as fast as the best of these.
 
     python benchmarks/cpu_expert_kernels.py [--d 2048 --f 768 --experts 96 --threads 15]
 """
@@ -13,6 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp
 
 
 def swiglu_kn(x, w1, w3, w2):  # weights [D, F], [D, F], [F, D] (the engine's layout)
@@ -27,6 +30,12 @@ def swiglu_fused_nk(x, w13, w2):  # gate and up stacked [2F, D]: one GEMM reads 
     h = F.linear(x, w13)
     g, u = h.chunk(2, dim=-1)
     return F.linear(F.silu(g) * u, w2)
+
+
+def native(threads: int):
+    def fn(x, w1, w3, w2):  # weights [F, D], [F, D], [D, F]
+        return cpu_expert_mlp(x, w1, w3, w2, threads=threads, max_tokens=KERNEL_MAX_TOKENS)
+    return fn
 
 
 def bench(fn, weights, x, reps: int) -> float:
@@ -57,11 +66,16 @@ def main() -> None:
     nk = [(a.t().contiguous(), b.t().contiguous(), c.t().contiguous()) for a, b, c in kn]
     fused = [(torch.cat([a, b]), c) for a, b, c in nk]
     nbytes = 3 * D * Fd * 2
-    for n in (1, 4, 32):
+    ways = [("x @ W [D,F]", swiglu_kn, kn), ("linear W [F,D]", swiglu_nk, nk),
+            ("linear, gate+up stacked", swiglu_fused_nk, fused)]
+    if CpuExpertKernel.load() is not None:
+        ways.append(("native kernel W [F,D]", native(args.threads), nk))
+    for n in (1, 2, 4, 8, 16, 32):
         x = torch.randn(n, D, generator=g).bfloat16()
         ref = swiglu_kn(x, *kn[0]).float()
-        for name, fn, w in (("x @ W [D,F]", swiglu_kn, kn), ("linear W [F,D]", swiglu_nk, nk),
-                            ("linear, gate+up stacked", swiglu_fused_nk, fused)):
+        for name, fn, w in ways:
+            if name.startswith("native") and n > KERNEL_MAX_TOKENS:
+                continue
             err = (fn(x, *w[0]).float() - ref).abs().max().item() / ref.abs().max().item()
             s = bench(fn, w, x, args.reps)
             print(f"  n={n:3d} {name:26s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s  rel err {err:.1e}")

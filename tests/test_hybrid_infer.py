@@ -368,3 +368,42 @@ def test_a_materialised_model_starts_with_the_buffers_its_constructor_gives():
     materialise(model, torch.device("cpu"), torch.float32, init=True)
     biases = [layer.router.expert_bias for layer in model.moe_layers()]
     assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_native_cpu_expert_kernel_is_closer_to_float64_than_torchs_bf16(swiglu):
+    """The compiled kernel (where this machine has a C compiler) at odd shapes and 1-16 tokens: nearer
+    the float64 result than torch's bf16 path (its hidden stays float32), written into ``out``."""
+    from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp
+    from fsmoe.infer.hybrid.engine import expert_mlp
+
+    if CpuExpertKernel.load() is None:
+        pytest.skip("no C compiler here: the CPU experts run on torch")
+    g = torch.Generator().manual_seed(0)
+    for D, F_ in ((37, 13), (64, 48), (200, 72)):
+        w1, w3 = (torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16(), (torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16()
+        w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
+        w3 = w3 if swiglu else None
+        for n in (1, 3, 8, 13, 16):
+            x = torch.randn(n, D, generator=g).bfloat16()
+            ref = expert_mlp(*(None if t is None else t.double() for t in (x, w1, w3, w2)))
+            out = torch.full((n, D), float("nan"), dtype=torch.bfloat16)
+            got = cpu_expert_mlp(x, w1, w3, w2, out_nD=out, threads=2, max_tokens=KERNEL_MAX_TOKENS)
+            assert got.data_ptr() == out.data_ptr()
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            torch_err = ((expert_mlp(x, w1, w3, w2).double() - ref).norm() / ref.norm()).item()
+            assert err < 4e-3 and err <= torch_err, (D, F_, n, err, torch_err)
+
+
+def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):
+    from fsmoe.infer.hybrid import cpu_kernel
+    from fsmoe.infer.hybrid.engine import expert_mlp
+
+    monkeypatch.setenv("FSMOE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(cpu_kernel.CpuExpertKernel, "_loaded", False)
+    x, w1, w2 = torch.randn(2, 8).bfloat16(), torch.randn(6, 8).bfloat16(), torch.randn(8, 6).bfloat16()
+    with pytest.warns(UserWarning, match="no C compiler"):
+        got = cpu_kernel.cpu_expert_mlp(x, w1, None, w2)
+    assert torch.equal(got, expert_mlp(x, w1, None, w2))
+    assert cpu_kernel.CpuExpertKernel.load() is None and not list(tmp_path.iterdir())

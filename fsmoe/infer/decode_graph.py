@@ -21,12 +21,14 @@ Every shape and address must be the same at each step: the token ids, the slot (
 see fsmoe.models.kv_cache) and the rows' padding are copied into fixed buffers, and the KV cache
 is the runner's own (:attr:`GraphedDecode.cache`, sized once; prefill writes into it eagerly).
 The first step of a runner runs eagerly with these buffers (warming every kernel and allocation
-up on the runner's stream), then the capture is made; later steps replay it. A capture that fails
-(an op that reads the device from the host) is reported once and the runner stays eager.
+up on the runner's stream, and checking that nothing outside the cut executors reads the device
+from the host), then the capture is made; later steps replay it. A step that cannot be captured is
+reported once and the runner stays eager.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,9 +80,10 @@ class GraphedDecode:
         caller = torch.cuda.current_stream()
         self.stream.wait_stream(caller)
         with torch.cuda.stream(self.stream):
-            if self.failed is not None or not self.warm:
+            if self.failed is not None:
                 logits_BV = self._eager()
-                self.warm = True
+            elif not self.warm:
+                logits_BV = self._warm_up()
             else:
                 if not self.captured:
                     self._capture()
@@ -98,12 +101,56 @@ class GraphedDecode:
         self.graphs[-1].replay()
         return self.logits_BV.clone()
 
+    @contextmanager
+    def _executors(self, wrap):
+        """Every executor that needs the host replaced by ``wrap(executor)`` inside the block."""
+        layers = [m for m in self.model.modules() if getattr(getattr(m, "executor", None), "needs_host", False)]
+        saved = [m.executor for m in layers]
+        for m, ex in zip(layers, saved):
+            m.executor = wrap(ex)
+        try:
+            yield
+        finally:
+            for m, ex in zip(layers, saved):
+                m.executor = ex
+
+    def _give_up(self, e: Exception) -> None:
+        self.failed = str(e).strip().splitlines()[0]
+        warnings.warn(f"decode steps run eagerly: a step cannot be captured in a CUDA graph ({self.failed})",
+                      stacklevel=4)
+
+    def _warm_up(self) -> Tensor:
+        """The first step, eagerly, with a host sync anywhere but in the executors that need the host
+        an error: a capture could not hold it, and a capture that fails midway leaves the CUDA
+        generator and allocator in capture mode. One found, the runner stays eager."""
+        mode = torch.cuda.get_sync_debug_mode()
+
+        def allowed(executor):
+            def run(layer, x_ND, plan):
+                torch.cuda.set_sync_debug_mode(mode)
+                try:
+                    return executor(layer, x_ND, plan)
+                finally:
+                    torch.cuda.set_sync_debug_mode("error")
+            return run
+
+        self.warm = True
+        with self._executors(allowed):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return self._eager()
+            except RuntimeError as e:
+                if "synchroniz" not in str(e):
+                    raise
+                self._give_up(e)
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        return self._eager()  # the step again, whole (the cache slots it wrote are written again)
+
     def _capture(self) -> None:
         """Capture the step, cut at every executor that needs the host (see the module docstring)."""
         pool = torch.cuda.graph_pool_handle()
         graphs, cuts = [torch.cuda.CUDAGraph()], []
-        layers = [m for m in self.model.modules() if hasattr(m, "executor")]
-        saved = [m.executor for m in layers]
 
         def cut_at(executor):
             def run(layer, x_ND, plan):
@@ -114,28 +161,14 @@ class GraphedDecode:
                 return cuts[-1].y_ND
             return run
 
-        for m, ex in zip(layers, saved):
-            if getattr(ex, "needs_host", False):
-                m.executor = cut_at(ex)
-        capturing = False
-        try:
-            graphs[0].capture_begin(pool=pool, capture_error_mode="thread_local")
-            capturing = True
-            logits_BV = self._eager()
-            capturing = False
-            graphs[-1].capture_end()
-        except RuntimeError as e:  # an op that syncs with the host, or a kernel that cannot be captured
-            if capturing:
-                try:
-                    graphs[-1].capture_end()
-                except RuntimeError:
-                    pass
-            self.failed = str(e).splitlines()[0]
-            warnings.warn(f"decode steps run eagerly: the CUDA graph capture failed ({self.failed})", stacklevel=3)
-            return
-        finally:
-            for m, ex in zip(layers, saved):
-                m.executor = ex
+        with self._executors(cut_at):
+            try:
+                graphs[0].capture_begin(pool=pool, capture_error_mode="thread_local")
+                logits_BV = self._eager()
+                graphs[-1].capture_end()
+            except RuntimeError as e:  # an op the sync check did not see (e.g. a copy from pageable memory)
+                self._give_up(e)
+                return
         self.graphs, self.cuts, self.logits_BV = graphs, cuts, logits_BV
 
 

@@ -9,8 +9,9 @@ layer's own. Per forward it reads the token counts (one small device-to-host cop
 policy for a :class:`~.partition.Split` and then issues, in this order:
 
 1. CC: the CC experts' rows go to pinned host memory, and a worker thread computes them expert by
-   expert with all CPU cores but one (torch's intra-op threads); with ``cpu_lane="inline"`` the
-   calling thread computes them itself after steps 2 and 3 are issued;
+   expert with all CPU cores but one (a few bf16 tokens: the native kernel of :mod:`.cpu_kernel`,
+   which reads the weights at memory speed; more: torch's intra-op threads); with
+   ``cpu_lane="inline"`` the calling thread computes them itself after steps 2 and 3 are issued;
 2. GG: the resident experts that have tokens, one by one on their own rows when they are few (a
    decode step), else one grouped GEMM over their rows, on the compute stream;
 3. CG: the CG experts' weights are copied a chunk at a time on a copy stream into one of two GPU
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
+from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp
 from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
@@ -354,7 +356,8 @@ class HybridExecutor:
         for e in cc:
             n = counts[e]
             with rec.host("cpu", f"L{self.index} CC e{e}"):
-                y_host[r:r + n] = expert_mlp(x_host[r:r + n], w1[e], w3[e] if w3 is not None else None, w2[e])
+                cpu_expert_mlp(x_host[r:r + n], w1[e], w3[e] if w3 is not None else None, w2[e],
+                               out_nD=y_host[r:r + n], threads=self.buffers.cpu_threads)
             r += n
         return time.perf_counter() - t0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp
 from fsmoe.infer.hybrid.engine import cpu_expert_threads, expert_mlp
 from fsmoe.infer.hybrid.partition import LaneCosts
 
@@ -66,13 +67,14 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
     g = torch.Generator().manual_seed(0)
     dev = tuple(None if w is None else w[:1].to(device) for w in host)
     dtype = host[0].dtype
+    threads = cpu_expert_threads()
 
     def host_mlp(n):
         x = torch.randn(n, d_model, generator=g).to(dtype)
 
         def fn():
             e = next(turn) % E
-            return expert_mlp(x, *(None if w is None else w[e] for w in host))
+            return cpu_expert_mlp(x, *(None if w is None else w[e] for w in host), threads=threads)
         return fn
 
     def dev_mlp(n):
@@ -88,7 +90,7 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
                 b.copy_(h[e], non_blocking=True)
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
-    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(cpu_expert_threads(),)) as pool:
+    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         cpu_t = [pool.submit(median_seconds, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
         gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
         stream = median_seconds(copy_next, sync, reps)

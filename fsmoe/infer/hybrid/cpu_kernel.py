@@ -1,0 +1,222 @@
+"""A native CPU kernel for one routed expert's MLP on a few tokens (a decode step), bf16 weights.
+
+Shape legend: n tokens, D model dim, F expert hidden dim.
+
+With one to a few tokens an expert's MLP is three matrix-vector products: reading the weights
+from DRAM is all the work. torch's bf16 ``linear`` reads them at about 40 GB/s on a 16-core Xeon
+where the memory gives well over 100 GB/s (llama.cpp's CPU experts read about 105 GB/s there).
+This kernel reads each weight row once, converts it to float32 in registers and takes its dot
+products with every token (float32 accumulation), one OpenMP thread per block of rows:
+
+    h[i, f] = silu(w1[f] . x[i]) * (w3[f] . x[i])    (GeLU: gelu(w1[f] . x[i]))     f < F, i < n
+    y[i, d] = w2[d] . h[i]                                                            d < D
+
+Weights in the engine's linear layout (w1, w3 ``[F, D]``, w2 ``[D, F]``, bf16, contiguous); the
+hidden ``h`` stays float32 (torch's path rounds it to bf16 first: this is a little closer to the
+float32 result). The C source below is compiled once per machine with the system C compiler
+(``-O3 -march=native -fopenmp``) into ``$FSMOE_CACHE_DIR/cpu_expert_<hash>.so`` (default
+``~/.cache/fsmoe``) and called through ctypes, which releases the GIL for the call, so the thread
+issuing GPU work runs meanwhile. Without a compiler, or for more than ``MAX_TOKENS`` tokens
+(where torch's GEMM, on AMX where the CPU has it, computes faster than this kernel's float32
+FMAs), :func:`cpu_expert_mlp` uses torch.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+MAX_TOKENS = 4  # beyond this torch's GEMM (AMX where present) computes faster than DRAM feeds this kernel
+KERNEL_MAX_TOKENS = 16  # what the compiled kernel accepts (benchmarks/cpu_expert_kernels.py times up to it)
+
+SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAXN 16
+/* 16 lanes: one AVX-512 register (-march=native lowers these to narrower registers elsewhere) */
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+static inline float bf2f(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint16_t f2bf(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline v16f load_bf16(const uint16_t *w) {
+    v16h h; memcpy(&h, w, 32);
+    v16u u = __builtin_convertvector(h, v16u) << 16;
+    v16f f; memcpy(&f, &u, 64);
+    return f;
+}
+
+static inline float hsum(v16f v) { float s = 0.f; for (int j = 0; j < 16; j++) s += v[j]; return s; }
+
+/* out[i] = w . x[i] for N float vectors x (row stride K): each 16 weights are loaded and converted
+   once and used by all N accumulators, which a constant N keeps in registers */
+#define DOTS(N)                                                                                   \
+static void dots##N(const uint16_t *restrict w, const float *restrict x, int K, float *restrict out) { \
+    v16f acc[N];                                                                                  \
+    for (int i = 0; i < N; i++) acc[i] = (v16f){0};                                               \
+    int k = 0;                                                                                    \
+    for (; k + 16 <= K; k += 16) {                                                                \
+        v16f wv = load_bf16(w + k);                                                               \
+        for (int i = 0; i < N; i++) {                                                             \
+            v16f xv; memcpy(&xv, x + (size_t)i * K + k, 64);                                      \
+            acc[i] += wv * xv;                                                                    \
+        }                                                                                         \
+    }                                                                                             \
+    for (int i = 0; i < N; i++) {                                                                 \
+        float s = hsum(acc[i]);                                                                   \
+        for (int kk = k; kk < K; kk++) s += bf2f(w[kk]) * x[(size_t)i * K + kk];                  \
+        out[i] = s;                                                                               \
+    }                                                                                             \
+}
+DOTS(1) DOTS(2) DOTS(4) DOTS(8)
+
+/* any n <= MAXN, in groups of 8, 4, 2, 1 tokens (a group re-reads the row from cache) */
+static void dots(const uint16_t *w, const float *x, int n, int K, float *out) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) dots8(w, x + (size_t)i * K, K, out + i);
+    if (i + 4 <= n) { dots4(w, x + (size_t)i * K, K, out + i); i += 4; }
+    if (i + 2 <= n) { dots2(w, x + (size_t)i * K, K, out + i); i += 2; }
+    if (i < n) dots1(w, x + (size_t)i * K, K, out + i);
+}
+
+/* y [n, D] = expert MLP of x [n, D]; w1, w3 [F, D] (w3 NULL: GeLU), w2 [D, F]; all bf16. 0 = done. */
+int expert_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
+                    uint16_t *y, int n, int D, int F, int threads) {
+    if (n < 1 || n > MAXN) return 1;
+    float *xf = malloc(sizeof(float) * (size_t)n * D), *h = malloc(sizeof(float) * (size_t)n * F);
+    if (!xf || !h) { free(xf); free(h); return 2; }
+    for (size_t j = 0; j < (size_t)n * D; j++) xf[j] = bf2f(x[j]);
+#pragma omp parallel num_threads(threads)
+    {
+        float a[MAXN], b[MAXN];
+#pragma omp for schedule(static)
+        for (int f = 0; f < F; f++) {
+            dots(w1 + (size_t)f * D, xf, n, D, a);
+            if (w3) {
+                dots(w3 + (size_t)f * D, xf, n, D, b);
+                for (int i = 0; i < n; i++) h[(size_t)i * F + f] = a[i] / (1.f + expf(-a[i])) * b[i];
+            } else {
+                for (int i = 0; i < n; i++) h[(size_t)i * F + f] = 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678f));
+            }
+        }
+#pragma omp for schedule(static)
+        for (int d = 0; d < D; d++) {
+            dots(w2 + (size_t)d * F, h, n, F, a);
+            for (int i = 0; i < n; i++) y[(size_t)i * D + d] = f2bf(a[i]);
+        }
+    }
+    free(xf);
+    free(h);
+    return 0;
+}
+"""
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FSMOE_CACHE_DIR") or Path.home() / ".cache" / "fsmoe")
+
+
+def _library_path() -> Path:
+    """Keyed by the source, the compiler and this CPU (``-march=native``)."""
+    cpu = ""
+    try:
+        cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    key = hashlib.sha256((SOURCE + (shutil.which("cc") or "") + cpu + sys.platform).encode()).hexdigest()[:16]
+    return _cache_dir() / f"cpu_expert_{key}.so"
+
+
+def _compile(path: Path) -> None:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise OSError("no C compiler (cc or gcc) on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "cpu_expert.c", Path(tmp) / "cpu_expert.so"
+        src.write_text(SOURCE)
+        r = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise OSError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        os.replace(out, path.with_suffix(f".{os.getpid()}.tmp"))  # same filesystem as path: the rename is atomic
+        os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
+
+
+class CpuExpertKernel:
+    """The compiled kernel; ``None`` from :meth:`load` where it cannot be built (said once)."""
+
+    _loaded: "CpuExpertKernel | None | bool" = False  # False: not tried yet
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.fn = lib.expert_mlp_bf16
+        self.fn.restype = ctypes.c_int
+        self.fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+
+    @classmethod
+    def load(cls) -> "CpuExpertKernel | None":
+        if cls._loaded is False:
+            try:
+                path = _library_path()
+                if not path.is_file():
+                    _compile(path)
+                cls._loaded = cls(ctypes.CDLL(str(path)))
+            except (OSError, subprocess.SubprocessError) as e:
+                warnings.warn(f"the CPU experts run on torch's kernels: the native kernel could not be built ({e})",
+                              stacklevel=2)
+                cls._loaded = None
+        return cls._loaded
+
+    def __call__(self, x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor,
+                 threads: int) -> Tensor:
+        n, D = x_nD.shape
+        F = w1_FD.shape[0]
+        for t in (x_nD, w1_FD, w3_FD, w2_DF, out_nD):
+            if t is not None and (t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu"):
+                raise ValueError("the native CPU expert kernel takes contiguous bf16 host tensors")
+        rc = self.fn(x_nD.data_ptr(), w1_FD.data_ptr(), None if w3_FD is None else w3_FD.data_ptr(),
+                     w2_DF.data_ptr(), out_nD.data_ptr(), n, D, F, threads)
+        if rc:
+            raise RuntimeError(f"native CPU expert kernel failed (code {rc}) for {n} tokens")
+        return out_nD
+
+
+def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int = MAX_TOKENS) -> bool:
+    """Whether :func:`cpu_expert_mlp` takes the native kernel for these operands."""
+    return (x_nD.device.type == "cpu" and x_nD.dtype == torch.bfloat16 and w1_FD.dtype == torch.bfloat16
+            and 1 <= x_nD.shape[0] <= min(max_tokens, KERNEL_MAX_TOKENS))
+
+
+def cpu_expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor | None = None,
+                   threads: int | None = None, max_tokens: int = MAX_TOKENS) -> Tensor:
+    """One expert's MLP on the CPU, [n, D] -> [n, D] (into ``out_nD`` when given): the native kernel
+    for up to ``max_tokens`` bf16 tokens (0: never) where it could be built, else torch
+    (fsmoe.infer.hybrid.engine.expert_mlp)."""
+    from fsmoe.infer.hybrid.engine import expert_mlp
+
+    kernel = CpuExpertKernel.load() if native_applies(x_nD, w1_FD, max_tokens) else None
+    if kernel is None or not (x_nD.is_contiguous() and (out_nD is None or out_nD.is_contiguous())):
+        y = expert_mlp(x_nD, w1_FD, w3_FD, w2_DF)
+        return y if out_nD is None else out_nD.copy_(y)
+    out = torch.empty_like(x_nD) if out_nD is None else out_nD
+    return kernel(x_nD, w1_FD, w3_FD, w2_DF, out, threads or torch.get_num_threads())
