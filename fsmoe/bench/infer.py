@@ -160,30 +160,41 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     return res
 
 
-def record_timelines(hybrid: HybridModel, args, out: Path | None) -> dict:
-    """The scheinfer lanes of one prefill (``--prefill`` tokens) and of the decode step after it."""
+def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: DecodeGraphs | None = None) -> dict:
+    """The scheinfer lanes of one prefill (``--prefill`` tokens) and of a decode step after it (the
+    third, so that with ``graphs`` it is a replay of the captured step, as in ``fsmoe infer``)."""
     from fsmoe.models.kv_cache import KVCache
 
     cfg, model = hybrid.model.cfg, hybrid.model
     device = next(model.parameters()).device
     idx = torch.tensor(_prompts(1, args.prefill, cfg.vocab_size, 8), device=device)
+    pad = torch.zeros(1, dtype=torch.long, device=device)
+    runner = graphs.runner(1, args.prefill + 3) if graphs is not None else None
+    cache = runner.cache if runner is not None else KVCache.for_model(model, 1, args.prefill + 3)
+
+    def decode(tok, slot):
+        if runner is not None:
+            return runner.step(tok, slot, pad)
+        return model(tok, cache=cache, start=slot, pad_B=pad).logits[:, -1]
+
     shares = {}
     with torch.no_grad():
-        cache = KVCache.for_model(model, 1, args.prefill + 1)
-        for name in ("prefill", "decode"):
-            rec = hybrid.record(True)
-            if name == "prefill":
-                logits = model(idx, cache=cache, start=0).logits[:, -1]
-            else:
-                model(logits.argmax(-1, keepdim=True), cache=cache, start=args.prefill)
-            spans = rec.finish()
-            hybrid.record(False)
-            shares[name] = overlap_share(spans)
-            if out:
-                out.mkdir(parents=True, exist_ok=True)
-                chrome_trace(spans, out / f"timeline_{name}.json")
-                gantt_png(spans, out / f"timeline_{name}.png", f"scheinfer {name}: {cfg.n_layers} layers, two or "
-                          f"more lanes busy {100 * shares[name]:.0f}% of the busy time")
+        rec = hybrid.record(True)
+        logits = model(idx, cache=cache, start=0, pad_B=pad).logits[:, -1]
+        spans = {"prefill": rec.finish()}
+        for t in range(3):
+            rec = hybrid.record(t == 2)
+            logits = decode(logits.argmax(-1, keepdim=True), args.prefill + t)
+        spans["decode"] = rec.finish()
+        hybrid.record(False)
+    for name, sp in spans.items():
+        shares[name] = overlap_share(sp)
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+            chrome_trace(sp, out / f"timeline_{name}.json")
+            how = " (CUDA graphs)" if name == "decode" and runner is not None else ""
+            gantt_png(sp, out / f"timeline_{name}.png", f"scheinfer {name}{how}: {cfg.n_layers} layers, two or "
+                      f"more lanes busy {100 * shares[name]:.0f}% of the busy time")
     return shares
 
 
@@ -225,7 +236,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
-    slots = max(args.prompt_len + args.new_tokens, args.prefill + 1)
+    slots = max(args.prompt_len + args.new_tokens, args.prefill + 3)
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
                              prefill_tokens=max(max(tokens), args.prefill, args.calib_tokens))
@@ -258,7 +269,7 @@ def run(args) -> int:
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
     if any(p.name == "scheinfer" for p in policies):
         hybrid.place(parse_policy("scheinfer"), hot)
-        report["overlap_share"] = record_timelines(hybrid, args, args.out) if args.out else {}
+        report["overlap_share"] = record_timelines(hybrid, args, args.out, graphs) if args.out else {}
     print_table(console, results, report["adaptive_vs_fixed"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -163,6 +163,23 @@ def _compile(path: Path) -> None:
         os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
 
 
+def _load_passive(path: Path) -> ctypes.CDLL:
+    """Load the library with its OpenMP threads sleeping between calls. By default libgomp's
+    threads spin for a while after each parallel region (hundreds of thousands of pause
+    instructions, milliseconds on recent Xeons): on every core at once, starving the thread
+    that issues the GPU work. The setting is read when the OpenMP runtime starts (torch's own,
+    a separate copy, has started already), so the environment is restored right after."""
+    old = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if old is None:
+            del os.environ["OMP_WAIT_POLICY"]
+        else:
+            os.environ["OMP_WAIT_POLICY"] = old
+
+
 class CpuExpertKernel:
     """The compiled kernel; ``None`` from :meth:`load` where it cannot be built (said once)."""
 
@@ -180,7 +197,7 @@ class CpuExpertKernel:
                 path = _library_path()
                 if not path.is_file():
                     _compile(path)
-                cls._loaded = cls(ctypes.CDLL(str(path)))
+                cls._loaded = cls(_load_passive(path))
             except (OSError, subprocess.SubprocessError) as e:
                 warnings.warn(f"the CPU experts run on torch's kernels: the native kernel could not be built ({e})",
                               stacklevel=2)
