@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
 from fsmoe.infer.generate import Sampling, generate
 from fsmoe.models import build_model
 from fsmoe.models.kv_cache import KVCache
@@ -48,11 +49,19 @@ def _cuda(model):
     return model.to(torch.device("cuda"))
 
 
+def torch_gemm_moe(d_ff: int = 32) -> MoEConfig:
+    """Tiny experts on torch's grouped GEMM: ``auto`` would time our kernels' tiles at every new
+    shape first (minutes of compiling in a fresh process), which these tests do not need."""
+    return MoEConfig(num_experts=4, router=RouterConfig(top_k=2),
+                     experts=ExpertsConfig(d_ff=d_ff, activation="swiglu", gemm="torch"))
+
+
 @needs_cuda
 def test_graphed_decode_of_the_plain_model_is_one_graph_and_the_eager_tokens():
     from fsmoe.infer.decode_graph import DecodeGraphs
 
-    model = _cuda(build_model(tiny_cfg(**TINY["llama_gqa_qknorm"], max_seq_len=64), seed=1).eval())
+    model = _cuda(build_model(tiny_cfg(**TINY["llama_gqa_qknorm"], max_seq_len=64, moe=torch_gemm_moe()),
+                              seed=1).eval())
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     want = generate(model, prompts, Sampling(max_new_tokens=12)).new_tokens
     graphs = DecodeGraphs(model)
@@ -69,7 +78,8 @@ def test_graphed_hybrid_decode_is_cut_at_every_moe_layer_and_gives_the_eager_tok
     from fsmoe.infer.hybrid.engine import StreamBuffers
     from fsmoe.infer.hybrid.policies import parse_policy
 
-    cfg = tiny()
+    cfg = tiny(moe=MoEConfig(num_experts=6, router=RouterConfig(top_k=2),
+                             experts=ExpertsConfig(d_ff=24, activation="swiglu", gemm="torch")))
     plain, hybrid = plain_and_hybrid(cfg, slots=5)
     dev = torch.device("cuda")
     plain.to(dev)
@@ -92,7 +102,7 @@ def test_a_step_that_syncs_is_said_once_and_decoding_stays_eager():
     from fsmoe.infer.decode_graph import DecodeGraphs
     from fsmoe.layer import sequential
 
-    model = _cuda(build_model(tiny_cfg(max_seq_len=64), seed=1).eval())
+    model = _cuda(build_model(tiny_cfg(arch="llama", max_seq_len=64, moe=torch_gemm_moe()), seed=1).eval())
     prompts = [[1, 2, 3]]
     want = generate(model, prompts, Sampling(max_new_tokens=8)).new_tokens
 

@@ -177,7 +177,7 @@ def test_cuda_lanes_give_the_plain_models_logits(policy, cpu_lane):
     from fsmoe.models.kv_cache import KVCache
 
     cfg = tiny(n_layers=4, moe=MoEConfig(num_experts=12, router=RouterConfig(top_k=3),
-                                         experts=ExpertsConfig(d_ff=40, activation="swiglu")))
+                                         experts=ExpertsConfig(d_ff=40, activation="swiglu", gemm="torch")))
     plain, hybrid = plain_and_hybrid(cfg, slots=10)
     dev = torch.device("cuda")
     plain.to(dev)
