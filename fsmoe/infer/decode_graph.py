@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from fsmoe.models.kv_cache import KVCache
 
+
 @dataclass
 class Cut:
     """Where a graph ends: one MoE layer's executor, the graph outputs it reads and the buffer its
@@ -174,7 +175,8 @@ class GraphedDecode:
 
 class DecodeGraphs:
     """One :class:`GraphedDecode` per batch size, kept across ``generate`` calls (a capture costs
-    about one eager step; a server captures once per batch size)."""
+    about one eager step; a server captures once per batch size). The executors run outside the
+    graphs, so a hybrid model placed anew (``HybridModel.place``) keeps its captures."""
 
     def __init__(self, model: nn.Module):
         self.model = model
