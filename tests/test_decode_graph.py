@@ -14,7 +14,7 @@ from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
 from fsmoe.infer.generate import Sampling, generate
 from fsmoe.models import build_model
 from fsmoe.models.kv_cache import KVCache
-from test_hybrid_infer import PROMPTS, plain_and_hybrid, tiny
+from test_hybrid_infer import PROMPTS, cuda_plain_and_hybrid, tiny
 from test_models import TINY
 from test_models import tiny as tiny_cfg
 
@@ -75,19 +75,11 @@ def test_graphed_decode_of_the_plain_model_is_one_graph_and_the_eager_tokens():
 @pytest.mark.parametrize("policy", ["scheinfer", "fiddler", "stream", "static:0.5", "gpu"])
 def test_graphed_hybrid_decode_is_cut_at_every_moe_layer_and_gives_the_eager_tokens(policy):
     from fsmoe.infer.decode_graph import DecodeGraphs
-    from fsmoe.infer.hybrid.engine import StreamBuffers
     from fsmoe.infer.hybrid.policies import parse_policy
 
     cfg = tiny(moe=MoEConfig(num_experts=6, router=RouterConfig(top_k=2),
                              experts=ExpertsConfig(d_ff=24, activation="swiglu", gemm="torch")))
-    plain, hybrid = plain_and_hybrid(cfg, slots=5)
-    dev = torch.device("cuda")
-    plain.to(dev)
-    hybrid.model.to(dev)
-    hybrid.device = dev
-    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 24, True, torch.float32, chunk=2).__dict__)
-    for ex in hybrid.executors:
-        ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
+    plain, hybrid = cuda_plain_and_hybrid(cfg, slots=5, chunk=2)
     hybrid.place(parse_policy(policy), hot_LE=np.arange(18).reshape(3, 6))
     want = generate(plain, PROMPTS, Sampling(max_new_tokens=10)).new_tokens
     graphs = DecodeGraphs(hybrid.model)

@@ -43,6 +43,23 @@ def plain_and_hybrid(cfg: ModelConfig, slots: int, cpu_lane: str = "worker"):
     return plain, HybridModel(other, host, COSTS, memory, CPU, cpu_lane=cpu_lane)
 
 
+def cuda_plain_and_hybrid(cfg: ModelConfig, slots: int, chunk: int, cpu_lane: str = "worker"):
+    """:func:`plain_and_hybrid` moved to the GPU: the copy stream, two stream buffers of ``chunk``
+    experts each, pinned host experts, float32."""
+    from fsmoe.infer.hybrid.engine import StreamBuffers
+
+    plain, hybrid = plain_and_hybrid(cfg, slots)
+    dev = torch.device("cuda")
+    plain.to(dev)
+    hybrid.model.to(dev)
+    hybrid.device = dev
+    hybrid.buffers.__dict__.update(StreamBuffers(dev, cfg.d_model, cfg.moe.experts.d_ff, True, torch.float32,
+                                                 chunk=chunk, cpu_lane=cpu_lane).__dict__)
+    for ex in hybrid.executors:
+        ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
+    return plain, hybrid
+
+
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 
 
@@ -178,17 +195,8 @@ def test_cuda_lanes_give_the_plain_models_logits(policy, cpu_lane):
 
     cfg = tiny(n_layers=4, moe=MoEConfig(num_experts=12, router=RouterConfig(top_k=3),
                                          experts=ExpertsConfig(d_ff=40, activation="swiglu", gemm="torch")))
-    plain, hybrid = plain_and_hybrid(cfg, slots=10)
+    plain, hybrid = cuda_plain_and_hybrid(cfg, slots=10, chunk=3, cpu_lane=cpu_lane)
     dev = torch.device("cuda")
-    plain.to(dev)
-    hybrid.model.to(dev)
-    hybrid.device = dev
-    from fsmoe.infer.hybrid.engine import StreamBuffers
-
-    hybrid.buffers.__dict__.update(StreamBuffers(dev, 16, 40, True, torch.float32, chunk=3,
-                                                 cpu_lane=cpu_lane).__dict__)
-    for ex in hybrid.executors:
-        ex.experts.host = tuple(w.pin_memory() for w in ex.experts.host)
     hybrid.place(parse_policy(policy), hot_LE=np.arange(48).reshape(4, 12) % 7)
     idx = torch.randint(0, 50, (2, 20), device=dev)
     with torch.no_grad():
