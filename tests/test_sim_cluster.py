@@ -210,6 +210,15 @@ def test_a_pipelined_step_is_fill_drain_and_steady_microbatches_plus_the_once_pe
     assert "allreduce" not in m.missing
     whole = predict_step(stage_config(cfg, 2), layout, prof)
     assert step.once_s >= whole.gradients + whole.optimizer
+    # buckets during the last microbatch's backward: only what outlasts it is once per step
+    over = predict_pipelined(cfg, layout, prof, "default", 2, 4, 1e-4, overlap_grads=True)
+    last = predict_step(stage, layout, prof, "default", overlap_grads=True)
+    assert over.once_s == pytest.approx(step.once_s - whole.gradients + last.gradients)
+    # without a per-call latency (which each bucket pays again) the buckets can only hide time
+    flat = Profile("gpu", "x", {k: (LinearFit(0, f.beta) if k in ("allreduce", "grad_sync") else f)
+                                for k, f in prof.fits.items()})
+    plain = predict_pipelined(cfg, layout, flat, "default", 2, 4, 1e-4)
+    assert predict_pipelined(cfg, layout, flat, "default", 2, 4, 1e-4, overlap_grads=True).once_s < plain.once_s
 
 
 def test_cluster_command_with_pipeline_and_tensor_parallelism(tmp_path, capsys):

@@ -116,7 +116,8 @@ def add_cluster_parser(sub) -> None:
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--no-grad-overlap", dest="grad_overlap", action="store_false",
                    help="price the data-parallel gradients after backward; by default, as fsmoe train runs them "
-                        "on NCCL, in buckets while backward runs (only what outlasts the backward counts)")
+                        "on NCCL, in buckets while backward runs (with --pp: the last microbatch's backward; only "
+                        "what outlasts it counts)")
     c.add_argument("--gpus-per-server", type=int, default=8)
     c.add_argument("--gpus-per-leaf", type=int, default=32)
     c.add_argument("--fabric", choices=FABRICS, default="leaf-spine")
@@ -217,7 +218,7 @@ def simulate_cluster(args) -> dict:
     for name in policies:
         s = plan(spec, layout, prof, name)
         if pp > 1:
-            step = predict_pipelined(cfg, layout, prof, name, pp, micro, p2p)
+            step = predict_pipelined(cfg, layout, prof, name, pp, micro, p2p, overlap_grads=args.grad_overlap)
             step = dataclasses.replace(step, once_s=step.once_s + sync)
             parts = {**{k: v * 1e3 for k, v in step.micro.as_dict().items() if isinstance(v, float)},
                      "p2p": step.p2p_s * 1e3, "once": step.once_s * 1e3, "bubble": step.bubble}
@@ -241,7 +242,7 @@ def simulate_cluster(args) -> dict:
             "dedup": None if dedup is None else {"depth": dedup.depth, "ratio": dedup.ratio, "flat_ms": dedup.flat_ms,
                                                  "per_depth_ms": list(dedup.per_depth_ms), "routing": label},
             "microbatches": micro if pp > 1 else 1, "fabric": fabric.name,
-            "grad_overlap": bool(args.grad_overlap and pp == 1),
+            "grad_overlap": bool(args.grad_overlap),
             "nic_gbps": args.nic_gbps,
             "network_usd_per_gpu": fabric_bill(fabric, Prices.at(args.nic_gbps)).per_gpu(args.gpus),
             "batch_per_gpu": per_gpu, "seq_len": spec.seq_len, "moe_blocks": spec.n_layers,

@@ -190,18 +190,25 @@ def stage_config(cfg: RunConfig, stages: int, microbatches: int = 1) -> RunConfi
 
 
 def predict_pipelined(cfg: RunConfig, layout: Layout, profile: Profile, policy: str, stages: int,
-                      microbatches: int, p2p_s: float) -> PipelinedStep:
+                      microbatches: int, p2p_s: float, overlap_grads: bool = False) -> PipelinedStep:
     """``layout`` is one stage's ranks; ``p2p_s`` prices one microbatch's boundary send (the
-    cluster simulator's fabric, ``cluster.p2p_seconds``)."""
-    micro = predict_step(stage_config(cfg, stages, microbatches), layout, _without_reduce(profile), policy)
+    cluster simulator's fabric, ``cluster.p2p_seconds``). ``overlap_grads``: the data-parallel
+    gradients outside the MoE blocks go in buckets during the last microbatch's backward, when
+    they become final (``overlapped_gradients_s`` over that backward). The first stage ends the
+    step (its last backward comes last in 1F1B's drain), so only what outlasts its last backward
+    counts; later stages finish theirs earlier and hide more."""
+    micro_cfg = stage_config(cfg, stages, microbatches)
+    micro = predict_step(micro_cfg, layout, _without_reduce(profile), policy)
     # a microbatch reduces nothing (the gradients go once per step, below): not a missing fit
     micro = dataclasses.replace(micro, missing=tuple(k for k in micro.missing if k != "allreduce"))
     whole = stage_config(cfg, stages)
     spec = run_spec(whole, layout.dp, layout.mp)
     full = predict_step(whole, layout, profile, policy)
+    grads = predict_step(micro_cfg, layout, profile, policy, overlap_grads=True).gradients if overlap_grads \
+        else full.gradients
     n_moe = sum(whole.model.is_moe_layer(i) for i in range(whole.model.n_layers))
     gar = profile.t("allreduce", n_moe * spec.gar_bytes) if layout.dp > 1 and profile.has("allreduce") else 0.0
-    return PipelinedStep(stages, microbatches, micro, p2p_s, full.gradients + gar + full.optimizer + full.loop)
+    return PipelinedStep(stages, microbatches, micro, p2p_s, grads + gar + full.optimizer + full.loop)
 
 
 def _without_reduce(profile: Profile) -> Profile:
