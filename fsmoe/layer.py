@@ -78,6 +78,7 @@ class MoELayer(nn.Module):
         self.recompute_experts = False
         # OrderedDict: RemovableHandle keeps a weak reference to the container.
         self._hooks: dict[str, OrderedDict[int, Hook]] = {p: OrderedDict() for p in HOOK_POINTS}
+        self._plan_observers: OrderedDict[int, Callable[["MoELayer", RoutingPlan], None]] = OrderedDict()
 
     # ------------------------------------------------------------------ hooks
     def register_hook(self, point: str, fn: Hook) -> RemovableHandle:
@@ -86,6 +87,13 @@ class MoELayer(nn.Module):
             raise ValueError(f"hook point {point!r} is unknown; allowed: {list(HOOK_POINTS)}")
         handle = RemovableHandle(self._hooks[point])
         self._hooks[point][handle.id] = fn
+        return handle
+
+    def observe_plan(self, fn: Callable[["MoELayer", RoutingPlan], None]) -> RemovableHandle:
+        """``fn(layer, plan)`` sees every forward's RoutingPlan, right after routing (e.g. the
+        routing trace's sample of which experts tokens chose together); it must not change it."""
+        handle = RemovableHandle(self._plan_observers)
+        self._plan_observers[handle.id] = fn
         return handle
 
     def _hook(self, point: str, t: Tensor) -> Tensor:
@@ -109,6 +117,8 @@ class MoELayer(nn.Module):
         # Under autocast the tokens go bf16 here: permute and AlltoAll move half the bytes.
         x_TD = self._hook("layer_start", to_compute(x.reshape(-1, self.d_model)))
         plan = self.router(x_TD, seq_len)
+        for fn in self._plan_observers.values():
+            fn(self, plan)
         x_ND = self._hook("before_dispatch", self.order.permute(x_TD, plan))
         y_ND = self._hook("after_combine", self.executor(self, x_ND, plan))
         y_TD = self.order.unpermute(y_ND, plan)

@@ -16,7 +16,8 @@ Run directory::
 
     config.json    the resolved RunConfig (the base config of ``--resume``)
     metrics.jsonl  one record per logged step (see fsmoe.metrics)
-    routing_trace.jsonl.gz  train.trace: each step's source-rank x expert counts (fsmoe.placement.traffic)
+    routing_trace.jsonl.gz  train.trace: each step's source-rank x expert counts, op timings and a sample of
+                            the experts tokens chose together (fsmoe.placement.traffic)
     tb/            TensorBoard events
     ckpt/step_N/   the last two DCP checkpoints
     loss.png, expert_load.png
@@ -59,7 +60,7 @@ from fsmoe.models.flops import flops_per_token, peak_tflops
 from fsmoe.models.hf.convert import load_weights
 from fsmoe.op_clock import OpClock
 from fsmoe.parallel.groups import ParallelGroups
-from fsmoe.placement.traffic import TRACE_FILE, TraceWriter, gather_traffic
+from fsmoe.placement.traffic import TRACE_FILE, ChoiceSampler, TraceWriter, gather_traffic
 from fsmoe.profiling import StepProfiler
 from fsmoe.recompute import configure_recompute
 
@@ -337,6 +338,8 @@ class Trainer:
         self.tracer = self._trace_writer() if self.tcfg.trace and self.is_writer else None
         # the trace also carries rank 0's op timings of each step (fsmoe.op_clock)
         self.op_clock = OpClock(self.model.moe_layers(), self.device) if self.tracer is not None else None
+        # and which experts rank 0's first tokens chose together (the counts lose that)
+        self.choices = ChoiceSampler(self.model.moe_layers()) if self.tracer is not None else None
 
     def _trace_writer(self) -> TraceWriter:
         """``train.trace``: the routing trace of this run (fsmoe.placement.traffic; rank 0 writes)."""
@@ -530,7 +533,7 @@ class Trainer:
         if self.tcfg.trace:
             counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
             if self.tracer is not None:
-                self.tracer.write(self.step, counts_MRE, self.op_clock.collect())
+                self.tracer.write(self.step, counts_MRE, self.op_clock.collect(), self.choices.collect())
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Whether every rank's step was finite (one process: its own flag). Every rank must take

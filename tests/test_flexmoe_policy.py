@@ -153,6 +153,7 @@ def test_routing_trace_round_trip(tmp_path):
     # each line after the first carries the wall time since the previous one (a step)
     assert np.isnan(tr.step_s[0]) and 0.02 <= tr.step_s[1] < 5.0
     assert np.array_equal(tr.counts_NMRE, np.stack(counts)) and tr.load_ME().shape == (2, 3)
+    assert tr.choices_NMSK is None  # none sampled
     (tmp_path / "bad.gz").write_bytes(__import__("gzip").compress(b'{"format": "x"}\n'))
     with pytest.raises(ValueError, match="not a routing trace"):
         read_trace(tmp_path / "bad.gz")
@@ -182,3 +183,42 @@ def test_placement_needs_ep_and_the_default_schedule():
                              "parallel.schedule='fsmoe'"])
     cfg = load_config("tiny", ["parallel.dp=2", "parallel.ep=2", "parallel.placement='flexmoe'"])
     assert cfg.parallel.placement_extra_slots == 0.125
+
+
+def test_the_trace_samples_which_experts_tokens_chose_together(tmp_path):
+    """ChoiceSampler: the first tokens' top-k ids, in order, from every training forward; written
+    to and read back from the trace; nothing in evaluation."""
+    import torch
+
+    from fsmoe.config import ExpertsConfig, MoEConfig, RouterConfig
+    from fsmoe.layer import MoELayer
+    from fsmoe.placement.traffic import ChoiceSampler
+
+    torch.manual_seed(0)
+    layers = [MoELayer(MoEConfig(num_experts=6, router=RouterConfig(top_k=2), experts=ExpertsConfig(d_ff=8)), 12)
+              for _ in range(2)]
+    sampler = ChoiceSampler(layers, tokens=5)
+    x = torch.randn(9, 12)
+    for layer in layers:
+        layer(x)
+    got = sampler.collect()
+    assert np.asarray(got).shape == (2, 5, 2)
+    for layer, ids_SK in zip(layers, got):
+        plan = layer.router(x, 9)
+        per_token = [set() for _ in range(9)]
+        for t, e in zip(plan.token_ids_N.tolist(), plan.expert_ids_N.tolist()):
+            per_token[t].add(e)
+        assert [set(r) for r in ids_SK] == per_token[:5]  # each token's k experts, distinct
+    assert sampler.collect() is None  # taken: the next step starts empty
+    for layer in layers:
+        layer.eval()(x)
+    assert sampler.collect() is None  # evaluation forwards are not training traffic
+    path = tmp_path / "t.jsonl.gz"
+    w = TraceWriter(path, {"num_layers": 2, "num_experts": 6, "sources": 1, "source_ep_rank": [0], "ep": 1,
+                           "top_k": 2, "tokens_per_step": 9, "run": "t"})
+    w.write(1, np.ones((2, 1, 6), dtype=int), choices=got)
+    w.write(2, np.ones((2, 1, 6), dtype=int))  # a step without a sample
+    w.close()
+    tr = read_trace(path)
+    assert tr.choices_NMSK.shape == (1, 2, 5, 2) and tr.choices_NMSK[0].tolist() == got
+    sampler.close()

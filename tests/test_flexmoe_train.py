@@ -80,6 +80,9 @@ def test_flexmoe_and_eplb_train_like_static_and_resume(tmp_path):
     assert trace.counts_NMRE.sum() == 8 * 2 * 8 * 32 * 2  # steps x layers x tokens per step x top-2
     for phase in ("forward", "backward"):  # rank 0's op timings of every step (fsmoe.op_clock)
         assert trace.ops_NMO[phase].shape == (8, 2, 6) and (trace.ops_NMO[phase] >= 0).all(), phase
+    # and which experts rank 0's first 32 tokens chose together: two distinct experts each
+    c = trace.choices_NMSK
+    assert c.shape == (8, 2, 32, 2) and ((c >= 0) & (c < 8)).all() and (c[..., 0] != c[..., 1]).all()
     resumed = records(tmp_path / "resumed")
     same_curve(resumed, ref)
     assert any("placement_balance_before" in r for r in resumed if r["step"] > 4)

@@ -336,3 +336,32 @@ def test_a_routing_trace_drives_placement_and_dedup(tmp_path, capsys):
     assert "--routing" in capsys.readouterr().err
     assert main(args + ["--routing", str(trace), "--set", "model.moe.num_experts=16"]) == 2
     assert "holds 8 experts" in capsys.readouterr().err
+
+
+def test_a_trace_with_sampled_choices_keeps_which_experts_tokens_chose_together(tmp_path, capsys):
+    """Tokens drawn from the recorded choices: pairs the trace never saw together never appear
+    (drawn by frequency, a token's two experts are independent), dropped choices are skipped."""
+    import gzip
+
+    from fsmoe.cli import main
+    from fsmoe.sim.balance import routing_ids
+
+    trace = tmp_path / "routing_trace.jsonl.gz"
+    choices = [[[0, 1], [2, 3], [0, 1], [4, 5], [6, 8]]]  # one layer; [6, 8]: a dropped choice (id E)
+    with gzip.open(trace, "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 1, "num_experts": 8,
+                            "sources": 1, "source_ep_rank": [0], "ep": 1, "top_k": 2}) + "\n")
+        f.write(json.dumps({"step": 1, "counts": [[[2, 2, 1, 1, 1, 1, 1, 0]]], "choices": choices}) + "\n")
+    ids = routing_ids(str(trace), 3000, 8, 2, 0)
+    pairs = {tuple(r) for r in ids.tolist()}
+    assert pairs == {(0, 1), (2, 3), (4, 5)}
+    share = np.bincount(ids[:, 0].numpy(), minlength=8) / len(ids)
+    assert share[0] == pytest.approx(0.5, abs=0.05)  # [0, 1] was half the sampled tokens
+    with pytest.raises(ValueError, match="top-2 choices, the config top-3"):
+        routing_ids(str(trace), 10, 8, 3, 0)
+    path = tmp_path / "p.json"
+    MEASURED.save(path)
+    args = ["simulate", "cluster", "--config", "tiny", "--profile", str(path), "--gpus", "16", "--ep", "8",
+            "--gpus-per-server", "4", "--gpus-per-leaf", "8", "--policies", "default", "--routing", str(trace)]
+    assert main(args + ["--set", "model.moe.router.top_k=1"]) == 2
+    assert "sampled top-2 choices; the config routes top-1" in capsys.readouterr().err

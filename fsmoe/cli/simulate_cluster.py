@@ -197,7 +197,7 @@ def simulate_cluster(args) -> dict:
     measured = Profile.load(args.profile)
     fabric = cluster_fabric(args)
     prof = cluster_profile(measured, layout, fabric, gemm_scale=args.gemm_scale, stages=pp)
-    _check_routing(args.routing, spec.num_experts)
+    _check_routing(args.routing, spec.num_experts, spec.top_k)
     label = args.routing if args.routing in ROUTINGS else f"trace {Path(args.routing).name}"
     dedup = None
     if layout.ep > 1 and args.dedup_depth != "0":
@@ -348,19 +348,22 @@ def run_compare(args) -> int:
     return 0
 
 
-def _check_routing(routing: str, num_experts: int) -> None:
-    """--routing: a synthetic kind, or a readable trace of the config's experts (ConfigError)."""
+def _check_routing(routing: str, num_experts: int, top_k: int | None = None) -> None:
+    """--routing: a synthetic kind, or a readable trace of the config's experts (and, where the
+    trace sampled which experts tokens chose together, of its top-k) (ConfigError)."""
     from fsmoe.bench.dispatch import ROUTINGS
     from fsmoe.config import ConfigError
-    from fsmoe.sim.balance import trace_frequencies
+    from fsmoe.sim.balance import trace_routing
 
     if routing in ROUTINGS:
         return
     if not Path(routing).is_file():
         raise ConfigError("--routing", routing, "must be uniform, skewed, grouped or a routing trace file")
     try:
-        experts = len(trace_frequencies(routing))
+        freq, pool = trace_routing(routing)
     except ValueError as e:
         raise ConfigError("--routing", routing, str(e)) from None
-    if experts != num_experts:
-        raise ConfigError("--routing", routing, f"holds {experts} experts; the config has {num_experts}")
+    if len(freq) != num_experts:
+        raise ConfigError("--routing", routing, f"holds {len(freq)} experts; the config has {num_experts}")
+    if top_k is not None and pool is not None and pool.shape[1] != top_k:
+        raise ConfigError("--routing", routing, f"sampled top-{pool.shape[1]} choices; the config routes top-{top_k}")

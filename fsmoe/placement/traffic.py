@@ -15,14 +15,17 @@ of JSON lines. Line 1 is the header::
      "sources": R, "source_ep_rank": [EP rank of each source], "ep": P, "top_k": k,
      "tokens_per_step": global tokens per step, "run": name}
 
-then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds, "ops": {...}}`` — rows that
-source rank r routed to expert e in MoE layer m at step s (assignments, k per token; dropped ones
-excluded), and the wall time since the previous line was written (one training step: the
-trace's per-step gather keeps the ranks in step; absent on a file's first line and in older
-traces), and rank 0's op timings of the step (fsmoe.op_clock: ``{"forward": [M][O + 1],
-"backward": [M][O + 1]}`` seconds of route, dispatch, experts, combine, unroute and the whole
-layer). :func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE``,
-``step_s`` and ``ops_NMO`` (NaN where absent).
+then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds, "ops": {...},
+"choices": [M][S][k]}`` — rows that source rank r routed to expert e in MoE layer m at step s
+(assignments, k per token; dropped ones excluded), and the wall time since the previous line was
+written (one training step: the trace's per-step gather keeps the ranks in step; absent on a
+file's first line and in older traces), rank 0's op timings of the step (fsmoe.op_clock:
+``{"forward": [M][O + 1], "backward": [M][O + 1]}`` seconds of route, dispatch, experts,
+combine, unroute and the whole layer), and the experts each of rank 0's first S tokens chose
+together in every MoE layer (:class:`ChoiceSampler`; E marks a dropped choice; absent for routers
+without per-token choices and in older traces). :func:`read_trace` returns it as a
+:class:`RoutingTrace` with ``counts_NMRE``, ``step_s``, ``ops_NMO`` (NaN where absent) and
+``choices_NMSK``.
 """
 from __future__ import annotations
 
@@ -103,10 +106,44 @@ class RoutingTrace:
     counts_NMRE: np.ndarray
     step_s: np.ndarray | None = None  # [N] seconds of each step (NaN where not recorded)
     ops_NMO: dict[str, np.ndarray] | None = None  # phase -> [N, M, O + 1] op seconds (fsmoe.op_clock)
+    choices_NMSK: np.ndarray | None = None  # [N', M, S, k] the steps that sampled tokens' choices
 
     def load_ME(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """[M, E] rows per expert summed over sources and the steps ``[start, stop)`` (indices)."""
         return self.counts_NMRE[start:stop].sum(axis=(0, 2))
+
+
+CHOICE_SAMPLE = 32  # tokens per layer and step whose expert choices the trace keeps
+
+
+class ChoiceSampler:
+    """Which experts the first ``tokens`` tokens of each forward chose together, per MoE layer of
+    ``layers`` (token-choice routers: the plan's per-token rows). ``collect()`` returns the last
+    training forward's ``[M][S][k]`` ids (one device-to-host copy; None when a layer's router has
+    no per-token choices or none was seen) and starts the next step. Counts alone lose this:
+    HierMoE's dedup sends a token once per server however many of its k experts are there."""
+
+    def __init__(self, layers, tokens: int = CHOICE_SAMPLE):
+        self.tokens = tokens
+        self.latest: list[Tensor | None] = [None] * len(layers)
+        self._handles = [layer.observe_plan(self._observer(i)) for i, layer in enumerate(layers)]
+
+    def _observer(self, i: int):
+        def see(layer, plan) -> None:
+            if layer.training and plan.token_slots_TK is not None:
+                rows_SK = plan.token_slots_TK[:self.tokens]
+                self.latest[i] = plan.expert_ids_N.detach()[rows_SK]
+        return see
+
+    def collect(self) -> list | None:
+        got, self.latest = self.latest, [None] * len(self.latest)
+        if any(t is None for t in got) or not got:
+            return None
+        return torch.stack(got).cpu().tolist()
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 class TraceWriter:
@@ -120,13 +157,15 @@ class TraceWriter:
         if new:
             self.file.write(json.dumps({"format": TRACE_FORMAT, "version": 1, **header}) + "\n")
 
-    def write(self, step: int, counts_MRE: np.ndarray, ops: dict | None = None) -> None:
+    def write(self, step: int, counts_MRE: np.ndarray, ops: dict | None = None, choices: list | None = None) -> None:
         now = time.perf_counter()
         rec = {"step": int(step), "counts": np.asarray(counts_MRE).tolist()}
         if self._last is not None:
             rec["step_s"] = now - self._last
         if ops is not None:
             rec["ops"] = ops
+        if choices is not None:
+            rec["choices"] = choices
         self._last = now
         self.file.write(json.dumps(rec) + "\n")
 
@@ -148,7 +187,7 @@ def read_trace(path: Path | str) -> RoutingTrace:
     header = json.loads(lines[0])
     if header.get("format") != TRACE_FORMAT:
         raise ValueError(f"{path}: not a routing trace (format={header.get('format')!r}, expected {TRACE_FORMAT!r})")
-    steps, counts, secs, ops = [], [], [], []
+    steps, counts, secs, ops, choices = [], [], [], [], []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
@@ -158,10 +197,21 @@ def read_trace(path: Path | str) -> RoutingTrace:
         counts.append(rec["counts"])
         secs.append(rec.get("step_s", float("nan")))
         ops.append(rec.get("ops"))
+        if rec.get("choices"):
+            choices.append(rec["choices"])
     shape = (0, header["num_layers"], header["sources"], header["num_experts"])
     arr = np.asarray(counts, dtype=np.int64) if counts else np.zeros(shape, dtype=np.int64)
     return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr, np.asarray(secs, dtype=np.float64),
-                        _op_arrays(ops, header["num_layers"]))
+                        _op_arrays(ops, header["num_layers"]), _choices(choices))
+
+
+def _choices(per_step: list) -> np.ndarray | None:
+    """[N', M, S, k] from the lines that sampled choices (the sample size may differ per step: the
+    smallest is kept)."""
+    if not per_step:
+        return None
+    S = min(len(layer) for step in per_step for layer in step)
+    return np.asarray([[layer[:S] for layer in step] for step in per_step], dtype=np.int64)
 
 
 def _op_arrays(ops: list[dict | None], layers: int) -> dict[str, np.ndarray] | None:

@@ -67,30 +67,42 @@ def group_routing(spec: LayerSpec, layout: Layout, routing: str, tokens: int = 2
 
 def routing_ids(routing: str, T: int, E: int, K: int, seed: int) -> torch.Tensor:
     """[T, K] expert ids of one rank's tokens: ``uniform`` / ``skewed`` / ``grouped`` as
-    ``fsmoe bench dispatch`` draws them, or the path of a routing trace (``fsmoe train --trace``)
-    whose experts' frequencies (over every step, layer and source) the tokens are drawn with,
-    k distinct experts each (a trace holds counts, not which experts a token chose together)."""
+    ``fsmoe bench dispatch`` draws them, or the path of a routing trace (``fsmoe train --trace``):
+    tokens drawn from the trace's sampled choices (the k experts real tokens chose together, over
+    every step and layer; what HierMoE's dedup depends on), or, from a trace without them, with
+    its experts' frequencies (over every step, layer and source), k distinct experts each."""
     from fsmoe.bench.dispatch import ROUTINGS, make_ids
 
     if routing in ROUTINGS:
         return make_ids(routing, T, E, K, seed)
-    freq = trace_frequencies(routing)
+    freq, pool_PK = trace_routing(routing)
     if len(freq) != E:
         raise ValueError(f"the routing trace {routing} has {len(freq)} experts, the config {E}")
     g = torch.Generator().manual_seed(seed)
+    if pool_PK is not None:
+        if pool_PK.shape[1] != K:
+            raise ValueError(f"the routing trace {routing} has top-{pool_PK.shape[1]} choices, the config top-{K}")
+        return pool_PK[torch.randint(len(pool_PK), (T,), generator=g)]
     return torch.multinomial(freq.expand(T, E), K, replacement=False, generator=g)
 
 
 @functools.lru_cache(maxsize=4)
-def trace_frequencies(path: str) -> torch.Tensor:
-    """[E] rows routed to each expert over a whole routing trace (ValueError if unreadable)."""
+def trace_routing(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """([E] rows routed to each expert over a whole routing trace, [P, K] every sampled token's
+    choices with none dropped, or None where the trace has none); ValueError if unreadable."""
     from fsmoe.placement.traffic import read_trace
 
     try:
-        counts = read_trace(path).counts_NMRE
+        trace = read_trace(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a readable routing trace ({e})") from None
-    return torch.as_tensor(counts.sum(axis=(0, 1, 2)), dtype=torch.float64) + 1e-9
+    freq = torch.as_tensor(trace.counts_NMRE.sum(axis=(0, 1, 2)), dtype=torch.float64) + 1e-9
+    pool = None
+    if trace.choices_NMSK is not None:
+        rows = torch.as_tensor(trace.choices_NMSK.reshape(-1, trace.choices_NMSK.shape[-1]))
+        rows = rows[(rows < len(freq)).all(1)]  # a dropped choice (id E) is not traffic
+        pool = rows if len(rows) else None
+    return freq, pool
 
 
 def replica_sync_s(layout: Layout, spec: LayerSpec, profile, balance: LoadBalance | None) -> float:
