@@ -125,13 +125,14 @@ def lanes(counts_E, classes, costs: LaneCosts, cg_order=None) -> tuple[float, fl
     if ((classes == CC) & (counts_E > 0)).any() and ((classes == CG) & (counts_E > 0)).any():
         costs = costs.busy()
     if cg_order is None:
-        cg = [e for e in np.argsort(-counts_E, kind="stable") if classes[e] == CG and counts_E[e] > 0]
+        perm = np.argsort(-counts_E, kind="stable")
+        cg = perm[((classes == CG) & (counts_E > 0))[perm]].tolist()
     else:
         cg = list(cg_order)
     pipe = _GpuPipe(_gg_seconds(counts_E, classes == GG, costs))
-    for e in cg:
-        pipe.push(costs, int(counts_E[e]))
-    cc = [int(n) for n, c in zip(counts_E, classes) if c == CC and n > 0]
+    for n in counts_E[cg].tolist():
+        pipe.push(costs, n)
+    cc = counts_E[(classes == CC) & (counts_E > 0)].tolist()
     return _cpu_seconds(cc, costs), pipe.copy_end, pipe.gpu_end
 
 
@@ -139,8 +140,7 @@ def _split(counts_E: np.ndarray, resident_E: np.ndarray, cg: list[int], costs: L
     classes = np.where(resident_E, GG, CC)
     classes[cg] = CG
     cpu_s, pcie_s, gpu_s = lanes(counts_E, classes, costs, cg)
-    return Split(tuple(int(c) for c in classes), tuple(int(n) for n in counts_E), tuple(int(e) for e in cg),
-                 cpu_s, pcie_s, gpu_s)
+    return Split(tuple(classes.tolist()), tuple(counts_E.tolist()), tuple(cg), cpu_s, pcie_s, gpu_s)
 
 
 def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
@@ -181,6 +181,6 @@ def forced_split(counts_E, resident_E, costs: LaneCosts, cg_E, stream_idle: bool
     are streamed too (llama.cpp copies a layer's whole expert tensor)."""
     counts_E = np.asarray(counts_E, dtype=np.int64)
     resident_E = np.asarray(resident_E, dtype=bool)
-    order = [int(e) for e in np.argsort(-counts_E, kind="stable")
-             if cg_E[e] and not resident_E[e] and (stream_idle or counts_E[e] > 0)]
-    return _split(counts_E, resident_E, order, costs)
+    perm = np.argsort(-counts_E, kind="stable")
+    streamed = np.asarray(cg_E, dtype=bool) & ~resident_E & (stream_idle | (counts_E > 0))
+    return _split(counts_E, resident_E, perm[streamed[perm]].tolist(), costs)
