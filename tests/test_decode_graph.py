@@ -66,7 +66,8 @@ def test_graphed_decode_of_the_plain_model_is_one_graph_and_the_eager_tokens():
     want = generate(model, prompts, Sampling(max_new_tokens=12)).new_tokens
     graphs = DecodeGraphs(model)
     for _ in range(2):  # the second call replays the first call's capture
-        assert generate(model, prompts, Sampling(max_new_tokens=12), graphs).new_tokens == want
+        out = generate(model, prompts, Sampling(max_new_tokens=12), graphs)
+        assert out.new_tokens == want and out.graphed
     runner = graphs.runners[2]
     assert runner.failed is None and len(runner.graphs) == 1 and not runner.cuts
 
@@ -106,7 +107,8 @@ def test_a_step_that_syncs_is_said_once_and_decoding_stays_eager():
         layer.executor = syncing
     graphs = DecodeGraphs(model)
     with pytest.warns(UserWarning, match="decode steps run eagerly"):
-        assert generate(model, prompts, Sampling(max_new_tokens=8), graphs).new_tokens == want
+        out = generate(model, prompts, Sampling(max_new_tokens=8), graphs)
+    assert out.new_tokens == want and not out.graphed
     assert graphs.runners[1].failed and not graphs.runners[1].captured
     assert generate(model, prompts, Sampling(max_new_tokens=8), graphs).new_tokens == want
     torch.randint(0, 5, (3,), device="cuda")  # no capture was left open (the CUDA generator works)

@@ -97,6 +97,7 @@ def print_generation(console: Console, args, tok, prompts, out, device, how: str
         else:
             console.print(" ".join(map(str, prompts[k])) + " -> " + " ".join(map(str, new)), markup=False)
     n_new = sum(len(t) for t in out.new_tokens)
+    how += ", decode from CUDA graphs" if out.graphed else ""
     console.print(f"{len(prompts)} prompt(s), {out.prompt_tokens} prompt tokens, {n_new} new tokens on {device} "
                   f"({how}, {tok.name} tokenizer): prefill {1000 * out.prefill_s:.0f} ms, decode "
                   f"{out.decode_tokens_per_s:,.1f} tok/s", style="dim")

@@ -40,6 +40,7 @@ class Generation:
     prompt_tokens: int
     prefill_s: float
     decode_s: float
+    graphed: bool = False  # decode steps were replayed from CUDA graphs
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -100,7 +101,7 @@ def generate(model: nn.Module, prompts: list[list[int]], s: Sampling, graphs: De
             logits_BV = model(idx_BS[:, :P + t + 1], pad_B=pad_B).logits[:, -1]
     decode_s = time.perf_counter() - t0 - prefill_s
     return Generation([_until_eos(row, s.eos_ids) for row in idx_BS[:, P:P + steps].tolist()],
-                      sum(len(p) for p in prompts), prefill_s, decode_s)
+                      sum(len(p) for p in prompts), prefill_s, decode_s, runner is not None and runner.captured)
 
 
 def _until_eos(ids: list[int], eos_ids: frozenset[int]) -> list[int]:
