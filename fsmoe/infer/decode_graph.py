@@ -20,10 +20,10 @@ Executors that need no host (the plain model's) stay inside the graphs: one grap
 Every shape and address must be the same at each step: the token ids, the slot (a 0-dim tensor,
 see fsmoe.models.kv_cache) and the rows' padding are copied into fixed buffers, and the KV cache
 is the runner's own (:attr:`GraphedDecode.cache`, sized once; prefill writes into it eagerly).
-The first step of a runner runs eagerly with these buffers (warming every kernel and allocation
-up on the runner's stream, and checking that nothing outside the cut executors reads the device
-from the host), then the capture is made; later steps replay it. A step that cannot be captured is
-reported once and the runner stays eager.
+The first two steps of a runner run eagerly with these buffers (warming every kernel and
+allocation up on the runner's stream; the second checks that nothing outside the cut executors
+reads the device from the host), then the capture is made; later steps replay it. A step that
+cannot be captured is reported once and the runner stays eager.
 """
 from __future__ import annotations
 
@@ -35,6 +35,12 @@ import torch
 from torch import Tensor, nn
 
 from fsmoe.models.kv_cache import KVCache
+
+
+# Eager steps before the capture: the first lets one-time work happen (e.g. the expert GEMMs timing
+# their kernels at the decode step's new shape, which reads the device), the second is checked for
+# host syncs (see GraphedDecode._checked).
+WARM_STEPS = 2
 
 
 @dataclass
@@ -64,7 +70,7 @@ class GraphedDecode:
         self.cuts: list[Cut] = []
         self.logits_BV: Tensor | None = None
         self.failed: str | None = None  # why the capture failed (the runner then stays eager)
-        self.warm = False
+        self.warm = 0  # eager steps taken before the capture (WARM_STEPS)
 
     @property
     def captured(self) -> bool:
@@ -83,8 +89,9 @@ class GraphedDecode:
         with torch.cuda.stream(self.stream):
             if self.failed is not None:
                 logits_BV = self._eager()
-            elif not self.warm:
-                logits_BV = self._warm_up()
+            elif self.warm < WARM_STEPS:
+                logits_BV = self._eager() if self.warm == 0 else self._checked()
+                self.warm += 1
             else:
                 if not self.captured:
                     self._capture()
@@ -120,9 +127,9 @@ class GraphedDecode:
         warnings.warn(f"decode steps run eagerly: a step cannot be captured in a CUDA graph ({self.failed})",
                       stacklevel=4)
 
-    def _warm_up(self) -> Tensor:
-        """The first step, eagerly, with a host sync anywhere but in the executors that need the host
-        an error: a capture could not hold it, and a capture that fails midway leaves the CUDA
+    def _checked(self) -> Tensor:
+        """An eager step with a host sync anywhere but in the executors that need the host an
+        error: a capture could not hold it, and a capture that fails midway leaves the CUDA
         generator and allocator in capture mode. One found, the runner stays eager."""
         mode = torch.cuda.get_sync_debug_mode()
 
@@ -135,7 +142,6 @@ class GraphedDecode:
                     torch.cuda.set_sync_debug_mode("error")
             return run
 
-        self.warm = True
         with self._executors(allowed):
             torch.cuda.set_sync_debug_mode("error")
             try:
