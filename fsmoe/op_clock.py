@@ -95,3 +95,40 @@ class OpClock:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+STEP_PHASES = ("forward", "backward", "grad_sync", "optimizer")
+
+
+class StepClock:
+    """The phases of a training step's device part (``fsmoe.train.Trainer.device_step``), marked in
+    order: forward (with the loss), backward, the gradients' synchronisation (``sync_grads``:
+    the data-parallel reduction), and the optimizer (norm, clipping, guard, AdamW). CUDA events on
+    a GPU, the host clock on the CPU. ``collect()`` returns ``{phase: seconds}`` of the last step
+    (waiting for its last mark on CUDA), then starts the next; what a step takes beyond them is its
+    loop (data, logging, the routers' hooks)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list = []
+
+    def mark(self) -> None:
+        """The start of the step, then the end of each phase in ``STEP_PHASES`` order."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append(ev)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def collect(self) -> dict[str, float] | None:
+        marks, self._marks = self._marks, []
+        if len(marks) != len(STEP_PHASES) + 1:
+            return None
+        if self.cuda:
+            torch.cuda.synchronize()
+            secs = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])]
+        else:
+            secs = [b - a for a, b in zip(marks, marks[1:])]
+        return {p: round(max(0.0, t), 7) for p, t in zip(STEP_PHASES, secs)}
+

@@ -58,7 +58,7 @@ from fsmoe.metrics import MetricsLog, expert_load, imbalance, read_metrics
 from fsmoe.models import ModelOutput, build_model
 from fsmoe.models.flops import flops_per_token, peak_tflops
 from fsmoe.models.hf.convert import load_weights
-from fsmoe.op_clock import OpClock
+from fsmoe.op_clock import OpClock, StepClock
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.placement.traffic import TRACE_FILE, ChoiceSampler, TraceWriter, gather_traffic
 from fsmoe.profiling import StepProfiler
@@ -338,8 +338,10 @@ class Trainer:
         self.tracer = self._trace_writer() if self.tcfg.trace and self.is_writer else None
         # the trace also carries rank 0's op timings of each step (fsmoe.op_clock)
         self.op_clock = OpClock(self.model.moe_layers(), self.device) if self.tracer is not None else None
-        # and which experts rank 0's first tokens chose together (the counts lose that)
+        # and which experts rank 0's first tokens chose together (the counts lose that), and the
+        # step's phases (forward, backward, gradient sync, optimizer)
         self.choices = ChoiceSampler(self.model.moe_layers()) if self.tracer is not None else None
+        self.step_clock = StepClock(self.device) if self.tracer is not None else None
 
     def _trace_writer(self) -> TraceWriter:
         """``train.trace``: the routing trace of this run (fsmoe.placement.traffic; rank 0 writes)."""
@@ -488,14 +490,20 @@ class Trainer:
         """Forward, backward, gradient sync, clipping and the guarded AdamW step (gradients freed
         after it): everything of a step that runs on the device. ``step_number``: 1-based."""
         self.model.train()
+        step_clock = getattr(self, "step_clock", None)  # train.trace: the step's phases (fsmoe.op_clock)
+        clock = step_clock.mark if step_clock is not None else (lambda: None)
+        clock()
         if self.moe_schedule is not None:
             self.moe_schedule.begin_step(self.step)
         with self.autocast():
             out = self.model(x_BL)
             ce = self.loss(out, y_BL)
         aux = out.aux_loss.float()
+        clock()
         (ce + aux).backward()
+        clock()
         self.sync_grads()
+        clock()
         grad_norm = self.grad_norm()
         if self.moe_schedule is not None:  # timeline + online refit after its last recorded step
             self._schedule_metrics.update(self.moe_schedule.end_step(self.step))
@@ -506,6 +514,7 @@ class Trainer:
         finite = self.all_finite(torch.isfinite(ce.detach()) & torch.isfinite(aux.detach()) & torch.isfinite(grad_norm))
         clip = clip_coefficient(grad_norm, self.tcfg.grad_clip)
         self.guard.apply(self.optimizer, finite, step_number, grad_coef=clip)
+        clock()
         # Released now, not before the next backward: the next forward's activations then never
         # sit beside a full set of gradients (fsmoe.memory: one weight-sized buffer less at the peak)
         self.optimizer.zero_grad(set_to_none=True)
@@ -533,7 +542,8 @@ class Trainer:
         if self.tcfg.trace:
             counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
             if self.tracer is not None:
-                self.tracer.write(self.step, counts_MRE, self.op_clock.collect(), self.choices.collect())
+                self.tracer.write(self.step, counts_MRE, self.op_clock.collect(), self.choices.collect(),
+                                  self.step_clock.collect())
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Whether every rank's step was finite (one process: its own flag). Every rank must take

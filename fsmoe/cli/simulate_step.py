@@ -99,7 +99,33 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
            "routing": "balanced" if routed is None else f"traced ({len(routed)} steps)"}
     if measured:
         rep["ratio"] = parts.total_s / measured
+    phases = measured_phases(run_dir, measured) if run_dir is not None else None
+    if phases:
+        p = parts
+        rep["by_phase_s"] = {  # (predicted, measured) per phase of the step
+            "forward + backward": (p.moe_blocks + p.dense_blocks + p.head + p.tensor_par, phases["compute"]),
+            "gradient sync": (p.gradients, phases["grad_sync"]),
+            "optimizer": (p.optimizer, phases["optimizer"]),
+            "rest (loop)": (p.loop, phases["rest"])}
     return rep
+
+
+def measured_phases(run_dir: Path, step_s: float | None, skip: int = 5) -> dict[str, float] | None:
+    """Medians of rank 0's traced step phases (fsmoe.op_clock.StepClock), the first ``skip`` steps
+    left out: compute (forward + backward), grad_sync, optimizer, and the rest of ``step_s``."""
+    import numpy as np
+
+    from fsmoe.cli.trace import load_trace
+
+    path = run_dir / "routing_trace.jsonl.gz"
+    ph = load_trace(str(path)).phases_N if path.exists() else None
+    if not ph or not {"forward", "backward", "grad_sync", "optimizer"} <= set(ph):
+        return None
+    n = len(ph["forward"])
+    med = {k: float(np.nanmedian(v[skip:] if n > skip else v)) for k, v in ph.items()}
+    out = {"compute": med["forward"] + med["backward"], "grad_sync": med["grad_sync"], "optimizer": med["optimizer"]}
+    out["rest"] = max(0.0, step_s - sum(out.values())) if step_s else float("nan")
+    return out
 
 
 def run_step(args) -> int:
@@ -124,6 +150,15 @@ def run_step(args) -> int:
     if rep["measured_step_s"]:
         t.add_row("step, measured", f"{rep['measured_step_s'] * 1e3:.2f}", style="bold")
     con.print(t)
+    if rep.get("by_phase_s"):
+        by = Table(title="where the step goes: predicted beside rank 0's traced phases (medians)")
+        for col in ("phase", "predicted ms", "measured ms"):
+            by.add_column(col, justify="left" if col == "phase" else "right")
+        for name, (pr, me) in rep["by_phase_s"].items():
+            by.add_row(name, f"{pr * 1e3:.2f}", f"{me * 1e3:.2f}")
+        con.print(by)
+        con.print("the MoE blocks' own gradient AllReduce is in forward + backward when predicted, in the gradient "
+                  "sync when measured (data parallelism reduces it there)", style="dim")
     if pred["missing"]:
         con.print(f"not priced (the profile has no fit for {', '.join(pred['missing'])}): measure them with "
                   "`fsmoe profile --config` of this run", style="yellow")

@@ -16,16 +16,17 @@ of JSON lines. Line 1 is the header::
      "tokens_per_step": global tokens per step, "run": name}
 
 then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds, "ops": {...},
-"choices": [M][S][k]}`` — rows that source rank r routed to expert e in MoE layer m at step s
+"choices": [M][S][k], "phases": {...}}`` — rows that source rank r routed to expert e in MoE layer m at step s
 (assignments, k per token; dropped ones excluded), and the wall time since the previous line was
 written (one training step: the trace's per-step gather keeps the ranks in step; absent on a
 file's first line and in older traces), rank 0's op timings of the step (fsmoe.op_clock:
 ``{"forward": [M][O + 1], "backward": [M][O + 1]}`` seconds of route, dispatch, experts,
-combine, unroute and the whole layer), and the experts each of rank 0's first S tokens chose
+combine, unroute and the whole layer), the experts each of rank 0's first S tokens chose
 together in every MoE layer (:class:`ChoiceSampler`; E marks a dropped choice; absent for routers
-without per-token choices and in older traces). :func:`read_trace` returns it as a
-:class:`RoutingTrace` with ``counts_NMRE``, ``step_s``, ``ops_NMO`` (NaN where absent) and
-``choices_NMSK``.
+without per-token choices and in older traces), and rank 0's step phases (``"phases":
+{"forward": s, "backward": s, "grad_sync": s, "optimizer": s}``, fsmoe.op_clock.StepClock).
+:func:`read_trace` returns it as a :class:`RoutingTrace` with ``counts_NMRE``, ``step_s``,
+``ops_NMO`` (NaN where absent), ``choices_NMSK`` and ``phases_N``.
 """
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ class RoutingTrace:
     step_s: np.ndarray | None = None  # [N] seconds of each step (NaN where not recorded)
     ops_NMO: dict[str, np.ndarray] | None = None  # phase -> [N, M, O + 1] op seconds (fsmoe.op_clock)
     choices_NMSK: np.ndarray | None = None  # [N', M, S, k] the steps that sampled tokens' choices
+    phases_N: dict[str, np.ndarray] | None = None  # phase -> [N] seconds of rank 0's step phases (NaN where absent)
 
     def load_ME(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """[M, E] rows per expert summed over sources and the steps ``[start, stop)`` (indices)."""
@@ -157,7 +159,8 @@ class TraceWriter:
         if new:
             self.file.write(json.dumps({"format": TRACE_FORMAT, "version": 1, **header}) + "\n")
 
-    def write(self, step: int, counts_MRE: np.ndarray, ops: dict | None = None, choices: list | None = None) -> None:
+    def write(self, step: int, counts_MRE: np.ndarray, ops: dict | None = None, choices: list | None = None,
+              phases: dict | None = None) -> None:
         now = time.perf_counter()
         rec = {"step": int(step), "counts": np.asarray(counts_MRE).tolist()}
         if self._last is not None:
@@ -166,6 +169,8 @@ class TraceWriter:
             rec["ops"] = ops
         if choices is not None:
             rec["choices"] = choices
+        if phases is not None:
+            rec["phases"] = phases
         self._last = now
         self.file.write(json.dumps(rec) + "\n")
 
@@ -187,7 +192,7 @@ def read_trace(path: Path | str) -> RoutingTrace:
     header = json.loads(lines[0])
     if header.get("format") != TRACE_FORMAT:
         raise ValueError(f"{path}: not a routing trace (format={header.get('format')!r}, expected {TRACE_FORMAT!r})")
-    steps, counts, secs, ops, choices = [], [], [], [], []
+    steps, counts, secs, ops, choices, phases = [], [], [], [], [], []
     for line in lines[1:]:
         try:
             rec = json.loads(line)
@@ -199,10 +204,19 @@ def read_trace(path: Path | str) -> RoutingTrace:
         ops.append(rec.get("ops"))
         if rec.get("choices"):
             choices.append(rec["choices"])
+        phases.append(rec.get("phases") or {})
     shape = (0, header["num_layers"], header["sources"], header["num_experts"])
     arr = np.asarray(counts, dtype=np.int64) if counts else np.zeros(shape, dtype=np.int64)
     return RoutingTrace(header, np.asarray(steps, dtype=np.int64), arr, np.asarray(secs, dtype=np.float64),
-                        _op_arrays(ops, header["num_layers"]), _choices(choices))
+                        _op_arrays(ops, header["num_layers"]), _choices(choices), _phase_arrays(phases))
+
+
+def _phase_arrays(per_step: list[dict]) -> dict[str, np.ndarray] | None:
+    """phase -> [N] seconds (NaN on the lines without it), or None when no line has phases."""
+    names = list(dict.fromkeys(k for rec in per_step for k in rec))
+    if not names:
+        return None
+    return {k: np.asarray([rec.get(k, float("nan")) for rec in per_step], dtype=np.float64) for k in names}
 
 
 def _choices(per_step: list) -> np.ndarray | None:

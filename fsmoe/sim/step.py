@@ -17,7 +17,8 @@ The parts, one rank's view, in the order a step runs them:
                  AllReduce after attention and after a dense MLP, the MoE output's AllGather)
     gradients    the AllReduce of every other gradient: embeddings, head, norms, dense blocks over
                  dp, and the experts over their edp replicas (``grad_sync``, else ``allreduce``)
-    optimizer    gradient clipping and the AdamW step over the rank's parameters
+    optimizer    the gradient norm, clipping and the guarded AdamW step over the rank's parameters (and,
+                 with more than one process, the norm's and the finite flag's reductions over the world)
     loop         the training loop's own host work per step (next batch, loss, guards, the LR
                  schedule, Python between the ops): ``loop``, measured on one process
 
@@ -147,6 +148,8 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
         backward = (head_bwd, [moe_bwd if moe_i else dense_bwd for moe_i in order], order)
     grads = _other_gradients_s(params, layout, spec, profile, missing, backward)
     opt = t("optimizer", params.on_rank(layout))
+    if layout.world > 1 and profile.has("allreduce"):  # the norm's and the finite flag's over the world
+        opt += SCALAR_COLLECTIVES * profile.t("allreduce", 4.0)
     return StepParts(moe, dense, head, tp, grads, opt, t("loop", 1.0), policy, tuple(dict.fromkeys(missing)))
 
 
@@ -265,6 +268,9 @@ def _other_gradients_s(params: ParamSplit, layout: Layout, spec, profile: Profil
     return total + overlapped_gradients_s(params, layout, spec, profile, *backward, missing)
 
 
+# fsmoe.parallel's optimizer phase reduces two scalars over the world every step: the gradient
+# norm's sum of squares and the finite flag's minimum (every rank must skip or apply alike)
+SCALAR_COLLECTIVES = 2
 BUCKET_BYTES = 25 * 2**20  # fsmoe.parallel.grad_buckets' default bucket
 
 
