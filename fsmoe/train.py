@@ -540,10 +540,13 @@ class Trainer:
         routing trace (``train.trace``; then a collective and a host sync per step).
         fsmoe.parallel's trainer also feeds them to the expert placement policy."""
         if self.tcfg.trace:
+            t0 = time.perf_counter()
             counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
             if self.tracer is not None:
-                self.tracer.write(self.step, counts_MRE, self.op_clock.collect(), self.choices.collect(),
-                                  self.step_clock.collect())
+                ops, choices, phases = self.op_clock.collect(), self.choices.collect(), self.step_clock.collect()
+                if phases is not None:  # what tracing itself took of this step (the gather, the reads)
+                    phases["trace"] = round(time.perf_counter() - t0, 7)
+                self.tracer.write(self.step, counts_MRE, ops, choices, phases)
 
     def all_finite(self, finite: Tensor) -> Tensor:
         """Whether every rank's step was finite (one process: its own flag). Every rank must take

@@ -64,3 +64,15 @@ def test_cuda_events_time_the_same_ops_as_the_cpu_clock():
         for row in rows:
             assert all(math.isfinite(s) and s >= 0 for s in row), (phase, row)
             assert math.isclose(sum(row[:-1]), row[-1], rel_tol=1e-2, abs_tol=1e-4), (phase, row)
+
+
+def test_step_clock_gives_each_phase_of_a_step_once_all_are_marked():
+    from fsmoe.op_clock import STEP_PHASES, StepClock
+
+    clock = StepClock(torch.device("cpu"))
+    for _ in range(len(STEP_PHASES) + 1):
+        clock.mark()
+    got = clock.collect()
+    assert list(got) == list(STEP_PHASES) and all(v >= 0 for v in got.values())
+    clock.mark()
+    assert clock.collect() is None and clock.collect() is None  # a step marked part way: nothing

@@ -10,6 +10,7 @@ import torch
 
 from fsmoe.config import load_config
 from fsmoe.parallel.layout import Layout
+from fsmoe.placement.traffic import read_trace
 from fsmoe.schedule.model.profile import LinearFit, Profile
 from fsmoe.sim.step import PARTS, ParamSplit, measured_step_s, predict_step
 
@@ -102,10 +103,16 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     capsys.readouterr()
     assert main(["simulate", "step", str(run), "--profile", str(prof), "--json", str(tmp_path / "s.json")]) == 0
     out = capsys.readouterr().out
-    assert "predicted / measured" in out and "optimizer" in out
+    assert "predicted / measured" in out and "optimizer" in out and "where the step goes" in out
     rep = json.loads((tmp_path / "s.json").read_text())
-    assert rep["routing"].startswith("traced") and rep["measured_step_s"] > 0 and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
-                                                                        / rep["measured_step_s"])
+    # the traced step's phases beside the prediction; the comparison leaves tracing's own cost out
+    assert set(rep["by_phase_s"]) == {"forward + backward", "gradient sync", "optimizer", "rest (loop)"}
+    assert rep["trace_s"] > 0 and rep["measured_untraced_s"] == pytest.approx(rep["measured_step_s"] - rep["trace_s"])
+    assert rep["routing"].startswith("traced") and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
+                                                                                 / rep["measured_untraced_s"])
+    phases = read_trace(run / "routing_trace.jsonl.gz").phases_N
+    assert set(phases) == {"forward", "backward", "grad_sync", "optimizer", "trace"}
+    assert all(len(v) == 6 and (v >= 0).all() for v in phases.values()) and (phases["grad_sync"] < 1e-3).all()
     assert main(["simulate", "step", str(tmp_path), "--profile", str(prof)]) == 2
     assert "needs the run's config.json" in capsys.readouterr().err
     refitted = tmp_path / "r.json"  # the traced op timings refit the expert lines

@@ -97,9 +97,13 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
     rep = {"run": str(run_dir or cfg.name), "layout": layout.name, "world": layout.world, "profile": profile_path,
            "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured,
            "routing": "balanced" if routed is None else f"traced ({len(routed)} steps)"}
+    phases = measured_phases(run_dir, measured) if run_dir is not None else None
+    if measured and phases and phases["trace"] > 0:
+        # the traced run paid for its own tracing (the counts' gather, the reads): not the model's
+        rep["trace_s"] = phases["trace"]
+        measured = rep["measured_untraced_s"] = measured - phases["trace"]
     if measured:
         rep["ratio"] = parts.total_s / measured
-    phases = measured_phases(run_dir, measured) if run_dir is not None else None
     if phases:
         p = parts
         rep["by_phase_s"] = {  # (predicted, measured) per phase of the step
@@ -112,7 +116,8 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
 
 def measured_phases(run_dir: Path, step_s: float | None, skip: int = 5) -> dict[str, float] | None:
     """Medians of rank 0's traced step phases (fsmoe.op_clock.StepClock), the first ``skip`` steps
-    left out: compute (forward + backward), grad_sync, optimizer, and the rest of ``step_s``."""
+    left out: compute (forward + backward), grad_sync, optimizer, trace (what tracing took), and
+    the rest of ``step_s``."""
     import numpy as np
 
     from fsmoe.cli.trace import load_trace
@@ -123,7 +128,8 @@ def measured_phases(run_dir: Path, step_s: float | None, skip: int = 5) -> dict[
         return None
     n = len(ph["forward"])
     med = {k: float(np.nanmedian(v[skip:] if n > skip else v)) for k, v in ph.items()}
-    out = {"compute": med["forward"] + med["backward"], "grad_sync": med["grad_sync"], "optimizer": med["optimizer"]}
+    out = {"compute": med["forward"] + med["backward"], "grad_sync": med["grad_sync"], "optimizer": med["optimizer"],
+           "trace": med.get("trace", 0.0)}
     out["rest"] = max(0.0, step_s - sum(out.values())) if step_s else float("nan")
     return out
 
@@ -149,6 +155,8 @@ def run_step(args) -> int:
     t.add_row("step, predicted", f"{pred['total'] * 1e3:.2f}", style="bold")
     if rep["measured_step_s"]:
         t.add_row("step, measured", f"{rep['measured_step_s'] * 1e3:.2f}", style="bold")
+    if rep.get("trace_s"):
+        t.add_row("  less tracing's own", f"{rep['measured_untraced_s'] * 1e3:.2f}", style="bold")
     con.print(t)
     if rep.get("by_phase_s"):
         by = Table(title="where the step goes: predicted beside rank 0's traced phases (medians)")

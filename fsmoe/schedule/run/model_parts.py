@@ -8,9 +8,9 @@ times include what the ranks of one host take from each other, as they do in tra
     optimizer             the trainer's optimizer phase (gradient norm, clipping, the guarded AdamW
                           step), n = parameters on the rank
     loop                  per step, n = 1: what a one-process ``fsmoe train`` step (fsmoe.train.Trainer
-                          on the rank's sequences: next batch, forward, loss, backward, clipping,
-                          guards, AdamW, the LR schedule) takes beyond its model's forward and
-                          backward and the optimizer
+                          on the rank's sequences) takes beyond its device phases (forward with the
+                          loss, backward, gradient sync, optimizer; each step against its own
+                          phases): the next batch, the LR schedule, the routers' hooks, Python
     glue_fwd@<tag> / glue_bwd@<tag>
                           per MoE block, n = tokens: the one-process model's forward (backward)
                           less its head, its attention (the profile's fit at the run's shape), its
@@ -37,7 +37,6 @@ from torch.distributed import ProcessGroup
 
 from fsmoe.config import RunConfig
 from fsmoe.schedule.model.profile import Profile, qualified
-from fsmoe.schedule.run.profiler import _median_time
 from fsmoe.schedule.types import LayerSpec
 
 
@@ -69,7 +68,7 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
         model = trainer.model  # one model for every timing below (a second would double the memory)
         fwd_s, bwd_s, experts_s = _model_times(model, idx, device, dtype, reps, warmup, group)
         optimizer = _optimizer_points(model, device, reps, warmup, group)
-        step_s = _median_time(lambda: trainer.train_step().read(), device, reps, warmup, group)
+        loop = _loop_time(trainer, device, reps, warmup, group)
     head_fwd, head_bwd = _head_times(cfg, tokens, device, dtype, reps, warmup, group)
     n_moe = len(model.moe_layers())
     n_dense = cfg.model.n_layers - n_moe
@@ -80,7 +79,6 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
                   + n_dense * profile.t("expert_bwd", mlp))
     head_n = tokens * cfg.model.d_model * cfg.model.vocab_size
     glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
-    loop = step_s - fwd_s - bwd_s - optimizer[0][1]
     pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]], "optimizer": optimizer,
            "loop": [[1.0, max(0.0, loop)]]}
     for phase, total, head, priced, experts, more in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0], extra[0]),
@@ -208,6 +206,26 @@ def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float,
     finally:
         clock.close()
     return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b))
+
+
+def _loop_time(trainer, device, reps: int, warmup: int, group) -> float:
+    """Median seconds a trainer step takes beyond its device phases (fsmoe.op_clock.StepClock:
+    forward, backward, gradient sync, optimizer), each step against its own phases. (As the
+    difference of separately timed medians it swung between 0 and 8 ms on a shared host.)"""
+    from fsmoe.op_clock import StepClock
+
+    trainer.step_clock = StepClock(device)
+    now = _timed(device, group)
+    rest = []
+    for k in range(warmup + reps):
+        t0 = now(start=True)
+        trainer.train_step().read()
+        total = now() - t0
+        phases = trainer.step_clock.collect()
+        if k >= warmup and phases is not None:
+            rest.append(max(0.0, total - sum(phases.values())))
+    trainer.step_clock = None
+    return _median(rest) if rest else 0.0
 
 
 def _scratch_trainer(cfg: RunConfig, spec: LayerSpec, device: torch.device, scratch: Path):
