@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numpy as np
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_model_parts_are_measured_at_the_runs_shapes():
                                                 + ParamSplit.of(cfg).other, ParamSplit.of(cfg).tensor_par
                                                 + ParamSplit.of(cfg).other]
     assert pts[f"glue_fwd@{spec.glue_tag}"] == pts["glue_fwd"] and pts["glue_fwd"][0][0] == spec.tokens
-    assert pts["loop"][0][0] == 1 and pts["loop"][0][1] >= 0
+    assert pts["loop"][0][0] == 1 and pts["loop"][0][1] >= 0 and pts["step_jitter"][0][1] >= 0
     merged = with_model_parts(PROFILE, pts)
     assert merged.has("optimizer") and merged.fits["expert_fwd"] == FITS["expert_fwd"]
 
@@ -266,3 +267,18 @@ def test_gradients_outside_the_moe_blocks_are_counted_for_a_gqa_model():
     assert split.outside_tp == 0 and split.outside_other == split.embedding + split.head + m.d_model
     dense = ParamSplit.of(_cfg("model.moe_every=2"))
     assert dense.outside_tp > 0 and dense.outside_on_rank(Layout(dp=2, mp=2)) == dense.outside_tp // 2 + dense.outside_other
+
+
+def test_the_step_waits_for_its_slowest_rank():
+    """sigma (the profile's step_jitter) times the expected maximum of the ranks' standard normals."""
+    from fsmoe.sim.step import expected_max_normal, waiting_s
+
+    assert expected_max_normal(1) == pytest.approx(0.0, abs=1e-6)
+    assert expected_max_normal(2) == pytest.approx(1 / np.sqrt(np.pi), rel=1e-4)  # closed form for two
+    assert expected_max_normal(4) == pytest.approx(1.0294, abs=1e-3)
+    jittery = dataclasses.replace(PROFILE, fits={**PROFILE.fits, "step_jitter": LinearFit(0.0, 4e-3)})
+    assert waiting_s(jittery, 1) == 0 and waiting_s(PROFILE, 8) == 0
+    assert waiting_s(jittery, 8) == pytest.approx(4e-3 * expected_max_normal(8))
+    cfg, lay = _cfg(), Layout(dp=2, ep=2)
+    base, slow = predict_step(cfg, lay, PROFILE), predict_step(cfg, lay, jittery)
+    assert lay.world == 2 and slow.waiting == pytest.approx(waiting_s(jittery, 2)) and slow.total_s == pytest.approx(base.total_s + slow.waiting)

@@ -166,7 +166,8 @@ def run_step(args) -> int:
             by.add_row(name, f"{pr * 1e3:.2f}", f"{me * 1e3:.2f}")
         con.print(by)
         con.print("the MoE blocks' own gradient AllReduce is in forward + backward when predicted, in the gradient "
-                  "sync when measured (data parallelism reduces it there)", style="dim")
+                  "sync when measured (data parallelism reduces it there); the predicted waiting for the slowest "
+                  "rank falls in whichever measured phase holds the rank's next collective", style="dim")
     if pred["missing"]:
         con.print(f"not priced (the profile has no fit for {', '.join(pred['missing'])}): measure them with "
                   "`fsmoe profile --config` of this run", style="yellow")

@@ -7,6 +7,8 @@ times include what the ranks of one host take from each other, as they do in tra
     head_fwd / head_bwd   output projection + cross-entropy, n = tokens * d_model * vocab (MACs)
     optimizer             the trainer's optimizer phase (gradient norm, clipping, the guarded AdamW
                           step), n = parameters on the rank
+    step_jitter           per step, n = 1: the standard deviation of the rank's forward + backward
+                          over the timed runs (ranks wait for the slowest at their collectives)
     loop                  per step, n = 1: what a one-process ``fsmoe train`` step (fsmoe.train.Trainer
                           on the rank's sequences) takes beyond its device phases (forward with the
                           loss, backward, gradient sync, optimizer; each step against its own
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 from pathlib import Path
 
 import torch
@@ -66,7 +69,7 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
     with tempfile.TemporaryDirectory(prefix="fsmoe-parts-") as scratch:
         trainer = _scratch_trainer(cfg, spec, device, Path(scratch))
         model = trainer.model  # one model for every timing below (a second would double the memory)
-        fwd_s, bwd_s, experts_s = _model_times(model, idx, device, dtype, reps, warmup, group)
+        fwd_s, bwd_s, experts_s, jitter = _model_times(model, idx, device, dtype, reps, warmup, group)
         optimizer = _optimizer_points(model, device, reps, warmup, group)
         loop = _loop_time(trainer, device, reps, warmup, group)
     head_fwd, head_bwd = _head_times(cfg, tokens, device, dtype, reps, warmup, group)
@@ -80,7 +83,7 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
     head_n = tokens * cfg.model.d_model * cfg.model.vocab_size
     glue = lambda total, head, priced, experts: max(0.0, total - head - priced - experts) / max(1, n_moe)
     pts = {"head_fwd": [[head_n, head_fwd]], "head_bwd": [[head_n, head_bwd]], "optimizer": optimizer,
-           "loop": [[1.0, max(0.0, loop)]]}
+           "loop": [[1.0, max(0.0, loop)]], "step_jitter": [[1.0, jitter]]}
     for phase, total, head, priced, experts, more in (("fwd", fwd_s, head_fwd, priced_fwd, experts_s[0], extra[0]),
                                                       ("bwd", bwd_s, head_bwd, priced_bwd, experts_s[1], extra[1])):
         point = [[tokens, glue(total, head, priced, experts) + more]]
@@ -179,9 +182,11 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float, float, tuple[float, float]]:
-    """Median forward (with loss) and backward seconds of the whole model, and of its MoE
-    layers' expert spans summed (forward, backward)."""
+def _model_times(model, idx, device, dtype, reps, warmup, group
+                 ) -> tuple[float, float, tuple[float, float], float]:
+    """Median forward (with loss) and backward seconds of the whole model, of its MoE layers'
+    expert spans summed (forward, backward), and the standard deviation of forward + backward
+    over the runs (0 with fewer than two)."""
     from fsmoe.op_clock import OpClock, OPS
 
     clock, now = OpClock(model.moe_layers(), device), _timed(device, group)
@@ -205,7 +210,9 @@ def _model_times(model, idx, device, dtype, reps, warmup, group) -> tuple[float,
                 ex_b.append(sum(row[col] for row in ops["backward"]))
     finally:
         clock.close()
-    return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b))
+    both = [f + b for f, b in zip(fwd, bwd)]
+    jitter = statistics.stdev(both) if len(both) > 1 else 0.0
+    return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b)), jitter
 
 
 def _loop_time(trainer, device, reps: int, warmup: int, group) -> float:
