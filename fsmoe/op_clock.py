@@ -131,4 +131,3 @@ class StepClock:
         else:
             secs = [b - a for a, b in zip(marks, marks[1:])]
         return {p: round(max(0.0, t), 7) for p, t in zip(STEP_PHASES, secs)}
-

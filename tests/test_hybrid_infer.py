@@ -389,7 +389,7 @@ def test_native_cpu_expert_kernel_is_closer_to_float64_than_torchs_bf16(swiglu):
         pytest.skip("no C compiler here: the CPU experts run on torch")
     g = torch.Generator().manual_seed(0)
     for D, F_ in ((37, 13), (64, 48), (200, 72)):
-        w1, w3 = (torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16(), (torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16()
+        w1, w3 = ((torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16() for _ in range(2))
         w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
         w3 = w3 if swiglu else None
         for n in (1, 3, 8, 13, 16):

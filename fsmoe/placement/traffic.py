@@ -16,8 +16,8 @@ of JSON lines. Line 1 is the header::
      "tokens_per_step": global tokens per step, "run": name}
 
 then one line per step: ``{"step": s, "counts": [M][R][E], "step_s": seconds, "ops": {...},
-"choices": [M][S][k], "phases": {...}}`` — rows that source rank r routed to expert e in MoE layer m at step s
-(assignments, k per token; dropped ones excluded), and the wall time since the previous line was
+"choices": [M][S][k], "phases": {...}}`` — rows that source rank r routed to expert e in MoE
+layer m at step s (assignments, k per token; dropped ones excluded), and the wall time since the previous line was
 written (one training step: the trace's per-step gather keeps the ranks in step; absent on a
 file's first line and in older traces), rank 0's op timings of the step (fsmoe.op_clock:
 ``{"forward": [M][O + 1], "backward": [M][O + 1]}`` seconds of route, dispatch, experts,

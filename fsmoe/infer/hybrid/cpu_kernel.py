@@ -156,8 +156,8 @@ def _compile(path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "cpu_expert.c", Path(tmp) / "cpu_expert.so"
         src.write_text(SOURCE)
-        r = subprocess.run([cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
-                           capture_output=True, text=True, timeout=120)
+        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
         os.replace(out, path.with_suffix(f".{os.getpid()}.tmp"))  # same filesystem as path: the rename is atomic

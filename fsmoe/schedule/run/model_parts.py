@@ -177,8 +177,6 @@ def _timed(device: torch.device, group: ProcessGroup | None):
 
 
 def _median(xs: list[float]) -> float:
-    import statistics
-
     return float(statistics.median(xs))
 
 
