@@ -114,3 +114,24 @@ def test_trace_check_puts_each_traced_op_beside_the_profiles_prediction(tmp_path
     assert main(["trace", "check", str(run / "routing_trace.jsonl.gz"), "--profile",
                  str(tmp_path / "profile.json")]) == 2
     assert "no op timings" in capsys.readouterr().err
+
+
+def test_summary_says_how_many_ranks_a_tokens_experts_span(tmp_path, capsys):
+    """From the sampled choices: 8 experts on 4 EP ranks (2 each) on 2 nodes; a dropped choice
+    (id 8) leaves its token out."""
+    from fsmoe.cli import main
+    from fsmoe.sim.traces import spread_per_token
+
+    choices = np.array([[[[0, 1], [0, 2], [1, 7], [3, 8]]]])  # [N=1, M=1, S=4, k=2]
+    spread = spread_per_token(choices, 8, 4, gpus_per_node=2)
+    assert spread == {"k": 2, "ranks_per_token": pytest.approx(5 / 3), "nodes_per_token": pytest.approx(4 / 3),
+                      "tokens": 3}
+    path = tmp_path / "routing_trace.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps({"format": "fsmoe-routing-trace", "version": 1, "num_layers": 1, "num_experts": 8,
+                            "sources": 1, "source_ep_rank": [0], "ep": 4, "top_k": 2}) + "\n")
+        f.write(json.dumps({"step": 1, "counts": [[[1, 1, 1, 1, 0, 0, 0, 1]]], "choices": choices[0].tolist()}) + "\n")
+    out = tmp_path / "s.json"
+    assert main(["trace", "summary", str(path), "--gpus-per-node", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["spread"]["ranks_per_token"] == pytest.approx(5 / 3)
+    assert "sit on 1.67 EP ranks, 1.33 nodes" in capsys.readouterr().out

@@ -83,7 +83,7 @@ def op_medians(ops_NMO: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
 def run_summary(args) -> int:
     from rich.console import Console
 
-    from fsmoe.sim.traces import plot_summary, summarize
+    from fsmoe.sim.traces import plot_summary, spread_per_token, summarize
 
     trace, ranks = load_for_ep(args.path, args.ep)
     h = trace.header
@@ -101,6 +101,14 @@ def run_summary(args) -> int:
     con.print(f"  locality : {m['on_rank']:.3f} of the rows stay on their rank"
               + (f", {m['in_node']:.3f} in their node" if args.gpus_per_node > 1 else ""))
     out = summary.to_json()
+    if trace.choices_NMSK is not None:
+        spread = spread_per_token(trace.choices_NMSK, h["num_experts"], ranks, args.gpus_per_node)
+        if spread:
+            out["spread"] = spread
+            con.print(f"  spread   : a token's {spread['k']} experts sit on {spread['ranks_per_token']:.2f} EP ranks"
+                      + (f", {spread['nodes_per_token']:.2f} nodes" if args.gpus_per_node > 1 else "")
+                      + f" on average ({spread['tokens']} sampled tokens; sending each token once per rank "
+                        f"instead of once per expert moves {spread['ranks_per_token'] / spread['k']:.2f} of the rows)")
     secs = trace.step_s[np.isfinite(trace.step_s)] if trace.step_s is not None else np.zeros(0)
     if len(secs):
         p10, p50, p90 = np.percentile(secs, [10, 50, 90]) * 1e3

@@ -109,3 +109,21 @@ def plot_summary(summary: TraceSummary, png: str, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def spread_per_token(choices_NMSK: np.ndarray, num_experts: int, ranks: int, gpus_per_node: int = 1
+                     ) -> dict[str, float]:
+    """Over a trace's sampled tokens (their k experts chosen together, dropped ones left out): the
+    mean number of distinct EP ranks and of distinct nodes (``gpus_per_node`` ranks each) a token's
+    experts live on under the static placement. k over these is what sending a token once per
+    rank (or node) instead of once per expert saves: HierMoE's deduplication."""
+    ids = choices_NMSK.reshape(-1, choices_NMSK.shape[-1])
+    ids = ids[(ids < num_experts).all(1)]
+    if not len(ids):
+        return {}
+    rank = ids // (num_experts // ranks)
+    node = rank // gpus_per_node
+    distinct = lambda a: float(np.mean([len(set(r)) for r in a.tolist()]))
+    return {"k": int(ids.shape[1]), "ranks_per_token": distinct(rank), "nodes_per_token": distinct(node),
+            "tokens": int(len(ids))}
+
