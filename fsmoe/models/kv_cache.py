@@ -43,8 +43,8 @@ class LayerCache:
         (an int ``start``) or whole (a tensor ``start``: static shapes, the mask hides the rest)."""
         if isinstance(start, Tensor):
             slots_L = torch.arange(first_new.shape[1], device=start.device) + start
-            self.first.index_copy_(1, slots_L, first_new)
-            self.second.index_copy_(1, slots_L, second_new)
+            self.first.index_copy_(1, slots_L, first_new.to(self.first.dtype))  # as slice assignment casts
+            self.second.index_copy_(1, slots_L, second_new.to(self.second.dtype))
             return self.first, self.second
         end = start + first_new.shape[1]
         self.first[:, start:end] = first_new
