@@ -120,6 +120,10 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     assert main(["profile", "--refit", str(run / "routing_trace.jsonl.gz"), "--profile", str(prof),
                  "--out", str(refitted)]) == 0
     assert Profile.load(refitted).points != Profile.load(prof).points
+    # and the step's jitter from the traced phases (training's steps, not the profile's runs)
+    both = read_trace(run / "routing_trace.jsonl.gz").phases_N
+    both = (both["forward"] + both["backward"])[3:]
+    assert Profile.load(refitted).t("step_jitter", 1.0) == pytest.approx(float(np.std(both, ddof=1)), rel=1e-6)
     lone = tmp_path / "lone" / "routing_trace.jsonl.gz"
     lone.parent.mkdir()
     lone.write_bytes((run / "routing_trace.jsonl.gz").read_bytes())
@@ -213,6 +217,10 @@ def test_trace_samples_pair_each_op_with_the_size_its_routing_gave_it():
     assert experts[1] == 600 * spec.d_model * spec.d_ff * spec.gemms
     with pytest.raises(ValueError, match="no op timings"):
         trace_samples(RoutingTrace({}, np.arange(N), counts), spec, layout, prof)
+    # data parallelism (moe groups of one rank): rank 1's tokens never reach rank 0's experts
+    dp = trace_samples(trace, run_spec(_cfg(), 2), Layout(dp=2), prof)
+    experts = next(s for s in dp if s[0].startswith("expert_fwd"))
+    assert experts[1] == 700 * spec.d_model * spec.d_ff * spec.gemms  # rank 0's own 700 rows, not 900
 
 
 def test_gradients_overlapped_with_backward_by_hand():

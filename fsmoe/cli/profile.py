@@ -41,7 +41,10 @@ def run(args) -> int:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
         prof = Profile.load(args.profile, field="--profile")
         src = Path(args.refit)
-        prof = refit(prof, _trace_samples(src, prof) if src.name.endswith(".jsonl.gz") else load_samples(src))
+        traced = src.name.endswith(".jsonl.gz")
+        prof = refit(prof, _trace_samples(src, prof) if traced else load_samples(src))
+        if traced:
+            prof = _traced_jitter(src, prof)
         out = Path(args.out or args.profile)
         prof.save(out)
         print(prof.summary())
@@ -95,6 +98,27 @@ def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
         raise ConfigError("--refit", str(path), "has no timed op with a size (a pipelined schedule times whole "
                                                  "layers only; trace a run of the default schedule)")
     return samples
+
+
+def _traced_jitter(path: Path, prof: Profile, skip: int = 5) -> Profile:
+    """``prof`` with ``step_jitter`` from the trace's step phases: the standard deviation of rank
+    0's forward + backward over the traced steps (the first ``skip``, at most half, left out:
+    warm-up). Training's steps vary more than the profile's timed runs, each of which starts
+    after a barrier."""
+    import numpy as np
+
+    from fsmoe.cli.trace import load_trace
+    from fsmoe.schedule.run.model_parts import with_model_parts
+
+    ph = load_trace(str(path)).phases_N
+    if not ph or "forward" not in ph:
+        return prof
+    both = ph["forward"] + ph["backward"]
+    both = both[min(skip, len(both) // 2):]
+    both = both[np.isfinite(both)]
+    if len(both) < 2:
+        return prof
+    return with_model_parts(prof, {"step_jitter": [[1.0, float(np.std(both, ddof=1))]]})
 
 
 def _step_gradient_sizes(run, groups: ParallelGroups, cfg: ProfileConfig) -> tuple[int, ...]:

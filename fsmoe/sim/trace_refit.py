@@ -51,7 +51,9 @@ def trace_samples(trace, spec: LayerSpec, layout: Layout, profile: Profile) -> l
             f, b = fwd[n, m], bwd[n, m]
             if not (np.isfinite(f[:len(OPS)]).all() and np.isfinite(b[:len(OPS)]).all()):
                 continue
-            C = trace.counts_NMRE[n, m]  # [S, E] tokens from each source to each expert
+            # [S, E] tokens from each source of rank 0's moe group (world ranks 0 .. moe - 1) to each
+            # expert: under data parallelism the other groups' tokens never reach rank 0's experts
+            C = trace.counts_NMRE[n, m, :layout.moe]
             send, recv = float(C[0].sum()), float(C[:, :El].sum())
             if a2a:
                 out += [(layout.a2a_key, send * rb, f[col["dispatch"]] - counts - extra_f / 2),
