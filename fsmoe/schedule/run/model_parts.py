@@ -241,7 +241,9 @@ def _scratch_trainer(cfg: RunConfig, spec: LayerSpec, device: torch.device, scra
     from fsmoe.config import ParallelConfig
     from fsmoe.train import Trainer
 
+    # eager steps: the loop is timed against each step's phases, which a replayed graph does not mark
     train = dataclasses.replace(cfg.train, batch_size=spec.batch, steps=10 ** 6, trace=False, timeline_steps=0,
+                                cuda_graph=False,
                                 torch_profile_steps=0, device=device.type,
                                 data_limit_mb=min(cfg.train.data_limit_mb, 1.0))  # sampling does not need more
     return Trainer(dataclasses.replace(cfg, train=train, parallel=ParallelConfig()), scratch / "run",
