@@ -111,6 +111,7 @@ def test_profile_and_simulate_step_commands(tmp_path, capsys):
     assert rep["trace_s"] > 0 and rep["measured_untraced_s"] == pytest.approx(rep["measured_step_s"] - rep["trace_s"])
     assert rep["routing"].startswith("traced") and rep["ratio"] == pytest.approx(rep["predicted_s"]["total"]
                                                                                  / rep["measured_untraced_s"])
+    assert ("fsmoe profile --refit" in " ".join(out.split())) == (abs(rep["ratio"] - 1) > 0.10)  # the hint when off
     phases = read_trace(run / "routing_trace.jsonl.gz").phases_N
     assert set(phases) == {"forward", "backward", "grad_sync", "optimizer", "trace"}
     assert all(len(v) == 6 and (v >= 0).all() for v in phases.values()) and (phases["grad_sync"] < 1e-3).all()

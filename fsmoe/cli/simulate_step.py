@@ -42,6 +42,9 @@ USAGE = """
 """
 
 
+REFIT_HINT = 0.10  # off by more than this: point at `fsmoe profile --refit` with the run's trace
+
+
 def routing_of(run_dir: Path, layout, steps: int):
     """[N, M, S, E] tokens per (step, MoE layer, source rank, expert) of up to ``steps`` traced
     steps of the run (the first step left out), or None without a trace."""
@@ -173,6 +176,11 @@ def run_step(args) -> int:
                   "`fsmoe profile --config` of this run", style="yellow")
     if "ratio" in rep:
         con.print(f"predicted / measured: {rep['ratio']:.3f}")
+        trace = Path(args.run) / "routing_trace.jsonl.gz" if args.run is not None else None
+        if abs(rep["ratio"] - 1) > REFIT_HINT and trace is not None and trace.exists():
+            con.print(f"more than {REFIT_HINT:.0%} off: refit the profile from this run's trace (its op timings and "
+                      f"how much its steps vary), then price this layout's next runs with it: fsmoe profile "
+                      f"--refit {trace} --profile {args.profile} --out REFITTED.json", style="yellow")
     elif args.run is None:
         con.print("a planned run: nothing measured to compare")
     else:
