@@ -41,10 +41,13 @@ def run(args) -> int:
             raise ConfigError("--profile", None, "--refit needs the profile to refit: --profile PATH")
         prof = Profile.load(args.profile, field="--profile")
         src = Path(args.refit)
-        traced = src.name.endswith(".jsonl.gz")
-        prof = refit(prof, _trace_samples(src, prof) if traced else load_samples(src))
-        if traced:
-            prof = _traced_jitter(src, prof)
+        if src.name.endswith(".jsonl.gz"):  # a routing trace: its op timings, then its steps' variation
+            from fsmoe.cli.trace import load_trace
+
+            trace = load_trace(str(src))
+            prof = _traced_jitter(trace, refit(prof, _trace_samples(trace, src, prof)))
+        else:
+            prof = refit(prof, load_samples(src))
         out = Path(args.out or args.profile)
         prof.save(out)
         print(prof.summary())
@@ -80,15 +83,13 @@ def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
     return 0
 
 
-def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
+def _trace_samples(trace, path: Path, prof: Profile) -> list[tuple[str, float, float]]:
     """Refit samples of a routing trace's op timings (``fsmoe.sim.trace_refit``), at the shapes
-    and layout of the run in its directory."""
-    from fsmoe.cli.trace import load_trace
+    and layout of the run in its directory (``path``'s)."""
     from fsmoe.schedule.run.model_parts import run_spec
     from fsmoe.sim.step import saved_run
     from fsmoe.sim.trace_refit import trace_samples
 
-    trace = load_trace(str(path))
     cfg, layout = saved_run(path.parent, "--refit", str(path))
     try:
         samples = trace_samples(trace, run_spec(cfg, layout.dp, layout.mp), layout, prof)
@@ -100,17 +101,16 @@ def _trace_samples(path: Path, prof: Profile) -> list[tuple[str, float, float]]:
     return samples
 
 
-def _traced_jitter(path: Path, prof: Profile, skip: int = 5) -> Profile:
-    """``prof`` with ``step_jitter`` from the trace's step phases: the standard deviation of rank
+def _traced_jitter(trace, prof: Profile, skip: int = 5) -> Profile:
+    """``prof`` with ``step_jitter`` from ``trace``'s step phases: the standard deviation of rank
     0's forward + backward over the traced steps (the first ``skip``, at most half, left out:
     warm-up). Training's steps vary more than the profile's timed runs, each of which starts
     after a barrier."""
     import numpy as np
 
-    from fsmoe.cli.trace import load_trace
     from fsmoe.schedule.run.model_parts import with_model_parts
 
-    ph = load_trace(str(path)).phases_N
+    ph = trace.phases_N
     if not ph or "forward" not in ph:
         return prof
     both = ph["forward"] + ph["backward"]

@@ -45,17 +45,22 @@ USAGE = """
 REFIT_HINT = 0.10  # off by more than this: point at `fsmoe profile --refit` with the run's trace
 
 
-def routing_of(run_dir: Path, layout, steps: int):
-    """[N, M, S, E] tokens per (step, MoE layer, source rank, expert) of up to ``steps`` traced
-    steps of the run (the first step left out), or None without a trace."""
-    import numpy as np
-
+def run_trace(run_dir: Path | None):
+    """The run's routing trace (``fsmoe train --trace``), or None without one."""
     from fsmoe.cli.trace import load_trace
 
-    path = run_dir / "routing_trace.jsonl.gz"
-    if not path.exists():
+    path = run_dir / "routing_trace.jsonl.gz" if run_dir is not None else None
+    return load_trace(str(path)) if path is not None and path.exists() else None
+
+
+def routing_of(trace, layout, steps: int):
+    """[N, M, S, E] tokens per (step, MoE layer, source rank, expert) of up to ``steps`` steps of
+    the run's ``trace`` (the first step left out), or None without a trace."""
+    import numpy as np
+
+    if trace is None:
         return None
-    counts = load_trace(str(path)).counts_NMRE[1:]
+    counts = trace.counts_NMRE[1:]
     if len(counts) == 0 or counts.shape[2] != layout.moe:
         return None
     pick = np.unique(np.linspace(0, len(counts) - 1, max(1, steps)).round().astype(int))
@@ -92,7 +97,8 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
     profile = Profile.load(profile_path, field="--profile")
     if steps < 1:
         raise ConfigError("--steps", steps, "must be >= 1")
-    routed = routing_of(run_dir, layout, steps) if routing == "trace" and run_dir is not None else None
+    trace = run_trace(run_dir)  # read once: the routing and the step's phases
+    routed = routing_of(trace, layout, steps) if routing == "trace" else None
     parts = predict_step(cfg, layout, profile, policy or cfg.parallel.schedule, routing_NMSE=routed)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     records = read_metrics(run_dir) if run_dir is not None else []
@@ -100,7 +106,7 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
     rep = {"run": str(run_dir or cfg.name), "layout": layout.name, "world": layout.world, "profile": profile_path,
            "hardware": profile.hardware, "predicted_s": parts.as_dict(), "measured_step_s": measured,
            "routing": "balanced" if routed is None else f"traced ({len(routed)} steps)"}
-    phases = measured_phases(run_dir, measured) if run_dir is not None else None
+    phases = measured_phases(trace, measured)
     if measured and phases and phases["trace"] > 0:
         # the traced run paid for its own tracing (the counts' gather, the reads): not the model's
         rep["trace_s"] = phases["trace"]
@@ -117,16 +123,13 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
     return rep
 
 
-def measured_phases(run_dir: Path, step_s: float | None, skip: int = 5) -> dict[str, float] | None:
-    """Medians of rank 0's traced step phases (fsmoe.op_clock.StepClock), the first ``skip`` steps
-    left out: compute (forward + backward), grad_sync, optimizer, trace (what tracing took), and
-    the rest of ``step_s``."""
+def measured_phases(trace, step_s: float | None, skip: int = 5) -> dict[str, float] | None:
+    """Medians of rank 0's step phases in ``trace`` (fsmoe.op_clock.StepClock), the first ``skip``
+    steps left out: compute (forward + backward), grad_sync, optimizer, trace (what tracing took),
+    and the rest of ``step_s``; None without a trace or phases."""
     import numpy as np
 
-    from fsmoe.cli.trace import load_trace
-
-    path = run_dir / "routing_trace.jsonl.gz"
-    ph = load_trace(str(path)).phases_N if path.exists() else None
+    ph = trace.phases_N if trace is not None else None
     if not ph or not {"forward", "backward", "grad_sync", "optimizer"} <= set(ph):
         return None
     n = len(ph["forward"])
