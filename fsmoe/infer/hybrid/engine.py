@@ -67,13 +67,17 @@ def grouped_expert_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], of
 def linear_layout(w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor, pin: bool = False
                   ) -> tuple[Tensor, Tensor | None, Tensor]:
     """The training layout (w1, w3 [E, D, F], w2 [E, F, D]) as the engine holds it: each expert
-    ``[out, in]`` (w1, w3 [E, F, D], w2 [E, D, F]), contiguous, in pinned memory when ``pin``."""
+    ``[out, in]`` (w1, w3 [E, F, D], w2 [E, D, F]), contiguous, in host memory (pinned when
+    ``pin``); meta tensors give meta tensors of those shapes (random_model draws the weights)."""
     def t(w):
         if w is None:
             return None
-        out = torch.empty(w.shape[0], w.shape[2], w.shape[1], dtype=w.dtype, pin_memory=pin)
-        for e in range(w.shape[0]):  # one expert at a time: no second whole copy in flight
-            out[e].copy_(w[e].t())
+        meta = w.is_meta
+        out = torch.empty(w.shape[0], w.shape[2], w.shape[1], dtype=w.dtype, device="meta" if meta else "cpu",
+                          pin_memory=pin and not meta)
+        if not meta:
+            for e in range(w.shape[0]):  # one expert at a time: no second whole copy in flight
+                out[e].copy_(w[e].t())
         return out
     return t(w1_EDF), t(w3_EDF), t(w2_EFD)
 

@@ -37,12 +37,8 @@ def detach_experts(model: MoEDecoder, pin: bool) -> list[Weights]:
     out = []
     for layer in model.moe_layers():
         ex = layer.experts
-        if ex.w1_EDF.is_meta:  # shapes only (random_model draws the weights)
-            out.append(tuple(None if w is None else torch.empty(w.shape[0], w.shape[2], w.shape[1], device="meta")
-                             for w in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)))
-        else:
-            out.append(linear_layout(ex.w1_EDF.detach().cpu(), None if ex.w3_EDF is None else ex.w3_EDF.detach().cpu(),
-                                     ex.w2_EFD.detach().cpu(), pin))
+        out.append(linear_layout(*(None if w is None else w.detach() for w in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)),
+                                 pin=pin))
         layer.experts = HostExperts(ex.num_experts)
     return out
 
