@@ -2,7 +2,9 @@
 
 Times the ways torch can compute a SwiGLU expert on the CPU in bf16, and the engine's native kernel
 (fsmoe.infer.hybrid.cpu_kernel), over many experts in turn (so the weights come from DRAM, as in a
-forward), at 1 to 32 tokens, and reports the effective weight bandwidth (GB/s). The hybrid
+forward), at 1 to 32 tokens, and reports the effective weight bandwidth (GB/s); the native kernel also with
+2 and 8 experts in one call, as the engine runs a decode step's CPU experts. ``FSMOE_CPU_SPIN``
+sets how long its threads spin between calls (see fsmoe.infer.hybrid.cpu_kernel). The hybrid
 engine's CPU lane is only as fast as the best of these.
 
     python benchmarks/cpu_expert_kernels.py [--d 2048 --f 768 --experts 96 --threads 15]
@@ -15,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp
+from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
 
 
 def swiglu_kn(x, w1, w3, w2):  # weights [D, F], [D, F], [F, D] (the engine's layout)
@@ -46,6 +48,21 @@ def bench(fn, weights, x, reps: int) -> float:
     for i in range(reps):
         fn(x, *weights[i % E])
     return (time.perf_counter() - t0) / reps
+
+
+def bench_many(stacked, x, m: int, threads: int, reps: int) -> float:
+    """Seconds per expert when ``m`` experts of n tokens each run in one native call (a layer's CPU
+    experts in a decode step), the experts taken in turn."""
+    E, n = stacked[0].shape[0], x.shape[0]
+    xs = x.repeat(m, 1)
+    out = torch.empty_like(xs)
+    calls = max(1, reps // m)
+    for i in range(calls + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        cpu_experts_mlp(xs, stacked, [(i * m + j) % E for j in range(m)], [n] * m, out, threads=threads,
+                        max_tokens=KERNEL_MAX_TOKENS)
+    return (time.perf_counter() - t0) / (calls * m)
 
 
 def main() -> None:
@@ -79,6 +96,12 @@ def main() -> None:
             err = (fn(x, *w[0]).float() - ref).abs().max().item() / ref.abs().max().item()
             s = bench(fn, w, x, args.reps)
             print(f"  n={n:3d} {name:26s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s  rel err {err:.1e}")
+        if CpuExpertKernel.load() is not None and n <= KERNEL_MAX_TOKENS:
+            stacked = tuple(torch.stack([w[i] for w in nk]) for i in range(3))
+            for m in (2, 8):
+                s = bench_many(stacked, x, m, args.threads, args.reps)
+                print(f"  n={n:3d} {f'native, {m} experts per call':26s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s"
+                      "  (per expert)")
 
 
 if __name__ == "__main__":

@@ -133,13 +133,14 @@ def brute_force(counts, resident, costs):
 
 
 def test_partition_against_brute_force():
-    rng = np.random.default_rng(0)
+    rng, rng_call = np.random.default_rng(0), np.random.default_rng(1)
     exact = 0
     for case in range(300):
         E = int(rng.integers(2, 9))
         counts = rng.integers(0, [1, 4, 40, 400][case % 4] + 1, E)
         resident = rng.random(E) < 0.3
-        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in COSTS.__dict__))
+        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in COSTS.__dict__ if k != "cpu_call"),
+                          cpu_call=rng_call.uniform(0, 3e-3))  # the batched CPU call's start
         ours = best_split(counts, resident, costs)
         ref = brute_force(counts, resident, costs)
         cpu, _, gpu = lanes(counts, ours.classes, costs, ours.cg_order)
@@ -415,3 +416,46 @@ def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):
         got = cpu_kernel.cpu_expert_mlp(x, w1, None, w2)
     assert torch.equal(got, expert_mlp(x, w1, None, w2))
     assert cpu_kernel.CpuExpertKernel.load() is None and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_cpu_experts_in_one_call_equal_one_by_one(swiglu):
+    """A layer's CPU experts together (one native call for those with at most max_tokens rows, the
+    rest one by one) give what each expert computed alone gives, in their rows of ``out``."""
+    from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
+
+    if CpuExpertKernel.load() is None:
+        pytest.skip("no C compiler here: the CPU experts run on torch")
+    g = torch.Generator().manual_seed(0)
+    E, D, F_ = 7, 40, 24
+    w = ((torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16(),
+         (torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16() if swiglu else None,
+         (torch.randn(E, D, F_, generator=g) / F_ ** 0.5).bfloat16())
+    experts, counts = [5, 0, 3, 6, 2], [1, 3, 9, 2, 4]  # 9 rows: past max_tokens=4, so torch's path
+    x = torch.randn(sum(counts), D, generator=g).bfloat16()
+    out = torch.full_like(x, float("nan"))
+    assert cpu_experts_mlp(x, w, experts, counts, out, threads=2, max_tokens=4).data_ptr() == out.data_ptr()
+    r = 0
+    for e, n in zip(experts, counts):
+        alone = cpu_expert_mlp(x[r:r + n], *(None if t is None else t[e] for t in w), threads=2, max_tokens=4)
+        assert torch.equal(out[r:r + n], alone), (e, n)
+        r += n
+
+
+def test_native_kernel_refuses_rows_outside_x_and_bad_spin(monkeypatch):
+    from fsmoe.config import ConfigError
+    from fsmoe.infer.hybrid import cpu_kernel
+
+    kernel = cpu_kernel.CpuExpertKernel.load()
+    if kernel is None:
+        pytest.skip("no C compiler here: the CPU experts run on torch")
+    w = (torch.zeros(2, 4, 8).bfloat16(), None, torch.zeros(2, 8, 4).bfloat16())
+    x = torch.zeros(3, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="counts"):
+        kernel.many(x, w, np.array([0]), np.array([2]), np.array([2]), torch.empty_like(x), 1)  # rows 2..3 of 3
+    with pytest.raises(ValueError, match="out of range"):
+        kernel.many(x, w, np.array([2]), np.array([0]), np.array([1]), torch.empty_like(x), 1)
+    monkeypatch.setenv(cpu_kernel.SPIN_ENV, "lots")
+    monkeypatch.setattr(cpu_kernel.CpuExpertKernel, "_loaded", False)
+    with pytest.raises(ConfigError, match="FSMOE_CPU_SPIN"):
+        cpu_kernel.CpuExpertKernel.load()

@@ -33,6 +33,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -100,35 +101,58 @@ static void dots(const uint16_t *w, const float *x, int n, int K, float *out) {
     if (i < n) dots1(w, x + (size_t)i * K, K, out + i);
 }
 
-/* y [n, D] = expert MLP of x [n, D]; w1, w3 [F, D] (w3 NULL: GeLU), w2 [D, F]; all bf16. 0 = done. */
-int expert_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
-                    uint16_t *y, int n, int D, int F, int threads) {
-    if (n < 1 || n > MAXN) return 1;
-    float *xf = malloc(sizeof(float) * (size_t)n * D), *h = malloc(sizeof(float) * (size_t)n * F);
+/* Many experts in one parallel region: expert j (weights at index experts[j] of w1, w3 [E, F, D]
+   and w2 [E, D, F]; w3 NULL: GeLU) takes the rows start[j] .. start[j] + count[j] - 1 of x [N, D]
+   (1 to MAXN of them) and writes the same rows of y; all bf16. One region and one barrier for a layer's
+   CPU experts instead of one region and two barriers per expert: waking the threads costs tens of
+   microseconds, as long as reading a small expert's weights. 0 = done. */
+int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
+                     uint16_t *y, const int *experts, const int *start, const int *count, int m, int N,
+                     int D, int F, int threads) {
+    if (m < 1) return 0;
+    for (int j = 0; j < m; j++)
+        if (count[j] < 1 || count[j] > MAXN || start[j] < 0 || start[j] + count[j] > N) return 1;
+    float *xf = malloc(sizeof(float) * (size_t)N * D), *h = malloc(sizeof(float) * (size_t)N * F);
     if (!xf || !h) { free(xf); free(h); return 2; }
-    for (size_t j = 0; j < (size_t)n * D; j++) xf[j] = bf2f(x[j]);
+    for (size_t j = 0; j < (size_t)N * D; j++) xf[j] = bf2f(x[j]);
+    const size_t FD = (size_t)F * D;
 #pragma omp parallel num_threads(threads)
     {
         float a[MAXN], b[MAXN];
-#pragma omp for schedule(static)
-        for (int f = 0; f < F; f++) {
-            dots(w1 + (size_t)f * D, xf, n, D, a);
-            if (w3) {
-                dots(w3 + (size_t)f * D, xf, n, D, b);
-                for (int i = 0; i < n; i++) h[(size_t)i * F + f] = a[i] / (1.f + expf(-a[i])) * b[i];
-            } else {
-                for (int i = 0; i < n; i++) h[(size_t)i * F + f] = 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678f));
+#pragma omp for schedule(static) collapse(2)
+        for (int j = 0; j < m; j++) {
+            for (int f = 0; f < F; f++) {
+                int r0 = start[j], n = count[j];
+                size_t e = (size_t)experts[j];
+                dots(w1 + e * FD + (size_t)f * D, xf + (size_t)r0 * D, n, D, a);
+                float *hj = h + (size_t)r0 * F + f;
+                if (w3) {
+                    dots(w3 + e * FD + (size_t)f * D, xf + (size_t)r0 * D, n, D, b);
+                    for (int i = 0; i < n; i++) hj[(size_t)i * F] = a[i] / (1.f + expf(-a[i])) * b[i];
+                } else {
+                    for (int i = 0; i < n; i++) hj[(size_t)i * F] = 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678f));
+                }
             }
         }
-#pragma omp for schedule(static)
-        for (int d = 0; d < D; d++) {
-            dots(w2 + (size_t)d * F, h, n, F, a);
-            for (int i = 0; i < n; i++) y[(size_t)i * D + d] = f2bf(a[i]);
+#pragma omp for schedule(static) collapse(2)
+        for (int j = 0; j < m; j++) {
+            for (int d = 0; d < D; d++) {
+                int r0 = start[j], n = count[j];
+                dots(w2 + (size_t)experts[j] * FD + (size_t)d * F, h + (size_t)r0 * F, n, F, a);
+                for (int i = 0; i < n; i++) y[(size_t)(r0 + i) * D + d] = f2bf(a[i]);
+            }
         }
     }
     free(xf);
     free(h);
     return 0;
+}
+
+/* y [n, D] = one expert's MLP of x [n, D]; w1, w3 [F, D] (w3 NULL: GeLU), w2 [D, F]. 0 = done. */
+int expert_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
+                    uint16_t *y, int n, int D, int F, int threads) {
+    int experts[1] = {0}, start[1] = {0}, count[1] = {n};
+    return experts_mlp_bf16(x, w1, w3, w2, y, experts, start, count, 1, n, D, F, threads);
 }
 """
 
@@ -164,21 +188,33 @@ def _compile(path: Path) -> None:
         os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
 
 
-def _load_passive(path: Path) -> ctypes.CDLL:
-    """Load the library with its OpenMP threads sleeping between calls. By default libgomp's
-    threads spin for a while after each parallel region (hundreds of thousands of pause
-    instructions, milliseconds on recent Xeons): on every core at once, starving the thread
-    that issues the GPU work. The setting is read when the OpenMP runtime starts (torch's own,
-    a separate copy, has started already), so the environment is restored right after."""
-    old = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+SPIN_ENV = "FSMOE_CPU_SPIN"
+DEFAULT_SPIN = 1000  # libgomp spin iterations (~50-100 us of pause instructions) before a thread sleeps
+
+
+def _load_quiet(path: Path) -> ctypes.CDLL:
+    """Load the library with its OpenMP threads spinning only briefly. By default libgomp's threads
+    spin for 300,000 iterations after each parallel region (milliseconds on recent Xeons): on
+    every core at once, starving the thread that issues the GPU work. Sleeping at once
+    (``OMP_WAIT_POLICY=PASSIVE``) makes every barrier and every call's start a futex wake-up of
+    each thread instead. ``FSMOE_CPU_SPIN`` sets the count (0: sleep at once). The setting is read
+    when this library's OpenMP runtime starts (torch's own, a separate copy, has started already),
+    so the environment is restored right after."""
+    spin = os.environ.get(SPIN_ENV, str(DEFAULT_SPIN))
+    if not spin.isdigit():
+        from fsmoe.config import ConfigError
+        raise ConfigError(SPIN_ENV, spin, "must be a whole number of spin iterations (0: threads sleep at once)")
+    old = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    os.environ.pop("OMP_WAIT_POLICY", None)
+    os.environ["GOMP_SPINCOUNT"] = spin
     try:
         return ctypes.CDLL(str(path))
     finally:
-        if old is None:
-            del os.environ["OMP_WAIT_POLICY"]
-        else:
-            os.environ["OMP_WAIT_POLICY"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class CpuExpertKernel:
@@ -190,6 +226,9 @@ class CpuExpertKernel:
         self.fn = lib.expert_mlp_bf16
         self.fn.restype = ctypes.c_int
         self.fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
+        self.many_fn = lib.experts_mlp_bf16
+        self.many_fn.restype = ctypes.c_int
+        self.many_fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
 
     @classmethod
     def load(cls) -> "CpuExpertKernel | None":
@@ -198,7 +237,7 @@ class CpuExpertKernel:
                 path = _library_path()
                 if not path.is_file():
                     _compile(path)
-                cls._loaded = cls(_load_passive(path))
+                cls._loaded = cls(_load_quiet(path))
             except (OSError, subprocess.SubprocessError) as e:
                 warnings.warn(f"the CPU experts run on torch's kernels: the native kernel could not be built ({e})",
                               stacklevel=2)
@@ -217,6 +256,27 @@ class CpuExpertKernel:
         if rc:
             raise RuntimeError(f"native CPU expert kernel failed (code {rc}) for {n} tokens")
         return out_nD
+
+    def many(self, x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], experts_m: np.ndarray,
+             start_m: np.ndarray, count_m: np.ndarray, out_ND: Tensor, threads: int) -> Tensor:
+        """Several experts in one call: expert ``experts_m[j]`` of ``w`` (w1, w3 [E, F, D] | None,
+        w2 [E, D, F]) takes rows ``start_m[j]`` to ``start_m[j] + count_m[j]`` of x_ND [N, D] (1 to
+        KERNEL_MAX_TOKENS each) and writes them in out_ND [N, D]."""
+        for t in (x_ND, *w, out_ND):
+            if t is not None and (t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu"):
+                raise ValueError("the native CPU expert kernel takes contiguous bf16 host tensors")
+        experts, start, count = (np.ascontiguousarray(a, dtype=np.int32) for a in (experts_m, start_m, count_m))
+        m = len(experts)
+        if m and not 0 <= experts.min() <= experts.max() < w[0].shape[0]:
+            raise ValueError(f"experts {experts.tolist()} out of range for {w[0].shape[0]} experts")
+        w1, w3, w2 = w
+        rc = self.many_fn(x_ND.data_ptr(), w1.data_ptr(), None if w3 is None else w3.data_ptr(), w2.data_ptr(),
+                          out_ND.data_ptr(), experts.ctypes.data, start.ctypes.data, count.ctypes.data, m,
+                          x_ND.shape[0], x_ND.shape[1], w1.shape[1], threads)
+        if rc:
+            raise RuntimeError(f"native CPU expert kernel failed (code {rc}): starts {start.tolist()}, counts "
+                               f"{count.tolist()} of {x_ND.shape[0]} rows")
+        return out_ND
 
 
 def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int = MAX_TOKENS) -> bool:
@@ -238,3 +298,29 @@ def cpu_expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Ten
         return y if out_nD is None else out_nD.copy_(y)
     out = torch.empty_like(x_nD) if out_nD is None else out_nD
     return kernel(x_nD, w1_FD, w3_FD, w2_DF, out, threads or torch.get_num_threads())
+
+
+def cpu_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], experts: list[int], counts: list[int],
+                    out_ND: Tensor, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> Tensor:
+    """Several experts' MLPs on the CPU: x_ND [N, D] holds their rows grouped in the order of
+    ``experts`` (``counts`` rows each); w = (w1, w3 | None [E, F, D], w2 [E, D, F]). The experts
+    with at most ``max_tokens`` rows run in one call of the native kernel, the others one by one
+    (:func:`cpu_expert_mlp`). Writes and returns out_ND [N, D]."""
+    threads = threads or torch.get_num_threads()
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    counts_m = np.asarray(counts, dtype=np.int64)
+    small = (counts_m >= 1) & (counts_m <= min(max_tokens, KERNEL_MAX_TOKENS))
+    kernel = None
+    if small.any() and x_ND.dtype == torch.bfloat16 and w[0].dtype == torch.bfloat16 and x_ND.is_contiguous() \
+            and out_ND.is_contiguous() and x_ND.device.type == "cpu":
+        kernel = CpuExpertKernel.load()
+    if kernel is not None:
+        kernel.many(x_ND, w, np.asarray(experts)[small], starts[small], counts_m[small], out_ND, threads)
+    else:
+        small[:] = False
+    w1, w3, w2 = w
+    for j in np.flatnonzero(~small & (counts_m > 0)).tolist():
+        r0, r1, e = int(starts[j]), int(starts[j] + counts_m[j]), experts[j]
+        cpu_expert_mlp(x_ND[r0:r1], w1[e], None if w3 is None else w3[e], w2[e], out_nD=out_ND[r0:r1],
+                       threads=threads, max_tokens=max_tokens)
+    return out_ND

@@ -8,9 +8,10 @@ expert in, their outputs out), so routing, ordering, shared experts and the comb
 layer's own. Per forward it reads the token counts (one small device-to-host copy), asks the
 policy for a :class:`~.partition.Split` and then issues, in this order:
 
-1. CC: the CC experts' rows go to pinned host memory, and a worker thread computes them expert by
-   expert with all CPU cores but one (a few bf16 tokens: the native kernel of :mod:`.cpu_kernel`,
-   which reads the weights at memory speed; more: torch's intra-op threads); with
+1. CC: the CC experts' rows go to pinned host memory, and a worker thread computes them with all
+   CPU cores but one (the experts with a few bf16 tokens together in one call of the native kernel
+   of :mod:`.cpu_kernel`, which reads the weights at memory speed; the others expert by expert on
+   torch's intra-op threads); with
    ``cpu_lane="inline"`` the calling thread computes them itself after steps 2 and 3 are issued;
 2. GG: the resident experts that have tokens, one by one on their own rows when they are few (a
    decode step), else one grouped GEMM over their rows, on the compute stream;
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
-from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp
+from fsmoe.infer.hybrid.cpu_kernel import cpu_experts_mlp
 from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
@@ -353,16 +354,11 @@ class HybridExecutor:
             return idx, y_host, lambda: self._cpu_experts(x_host, y_host, cc, counts, rec)
         return idx, y_host, b.pool.submit(self._cpu_experts, x_host, y_host, cc, counts, rec).result
 
-    def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> None:
-        w1, w3, w2 = self.experts.host
-        r = 0
+    def _cpu_experts(self, x_host: Tensor, y_host: Tensor, cc: list[int], counts: list[int], rec) -> float:
         t0 = time.perf_counter()
-        for e in cc:
-            n = counts[e]
-            with rec.host("cpu", f"L{self.index} CC e{e}"):
-                cpu_expert_mlp(x_host[r:r + n], w1[e], w3[e] if w3 is not None else None, w2[e],
-                               out_nD=y_host[r:r + n], threads=self.buffers.cpu_threads)
-            r += n
+        with rec.host("cpu", f"L{self.index} CC {len(cc)} experts"):
+            cpu_experts_mlp(x_host, self.experts.host, cc, [counts[e] for e in cc], y_host,
+                            threads=self.buffers.cpu_threads)
         return time.perf_counter() - t0
 
     def _finish_cpu(self, y_ND: Tensor, pending, rec, split: Split) -> None:

@@ -4,7 +4,8 @@ Each cost is timed on the real operation at a few sizes and fitted as ``fixed + 
 (least squares on relative error, so the small sizes that decode lives on weigh as much as the
 large ones): the expert MLP on the CPU with all cores (the CC lane), the same on the GPU (GG and
 CG), one expert's weights from pinned host memory to the GPU (the PCIe lane), and rows to the host
-and back (the CC activations). Without CUDA the "GPU" is the CPU, so the numbers only keep the
+and back (the CC activations). One to eight one-token experts in one call of the native kernel give
+the part of a CPU call paid once per layer (``cpu_call``: waking the threads, the barrier). Without CUDA the "GPU" is the CPU, so the numbers only keep the
 code paths alive (CI).
 """
 from __future__ import annotations
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp
+from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp, cpu_experts_mlp
 from fsmoe.infer.hybrid.engine import cpu_expert_threads, expert_mlp
 from fsmoe.infer.hybrid.partition import LaneCosts
 
 CPU_TOKENS = (1, 4, 16, 64, 256)
+CPU_BATCH = (1, 2, 4, 8)  # experts of one token in one call: the call's own cost is the intercept
 GPU_TOKENS = (1, 64, 512, 4096)
 ACT_TOKENS = (1, 256, 4096)
 
@@ -81,6 +83,15 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
         x = torch.randn(n, d_model, generator=g).to(dtype).to(device)
         return lambda: expert_mlp(x, *(None if w is None else w[0] for w in dev))
 
+    def host_batch(m):
+        x = torch.randn(m, d_model, generator=g).to(dtype)
+        out = torch.empty_like(x)
+
+        def fn():
+            first = next(turn) * m
+            return cpu_experts_mlp(x, host, [(first + j) % E for j in range(m)], [1] * m, out, threads=threads)
+        return fn
+
     bufs = [None if w is None else torch.empty_like(w[0]) for w in dev]
 
     def copy_next():
@@ -92,6 +103,7 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
         cpu_t = [pool.submit(median_seconds, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
+        batch_t = [pool.submit(median_seconds, host_batch(m), lambda: None, reps).result() for m in CPU_BATCH]
         gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
         stream = median_seconds(copy_next, sync, reps)
         cpu_busy, stream_busy = _contended(pool, host_mlp(1), copy_next, stream, sync) if cuda else (cpu_t[0], stream)
@@ -103,8 +115,11 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
 
     act_t = [median_seconds(round_trip(n), sync, reps) for n in ACT_TOKENS]
     cpu_fixed, cpu_per = fit_affine(CPU_TOKENS, cpu_t)
-    return LaneCosts(cpu_fixed, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
-                     cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream))
+    # one call of m experts = call + m * expert: the call's part is paid once per layer, not per expert
+    call = min(fit_affine(CPU_BATCH, batch_t)[0], cpu_fixed)
+    return LaneCosts(cpu_fixed - call, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
+                     cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream),
+                     cpu_call=call)
 
 
 def _contended(pool, cpu_fn, copy_fn, stream: float, sync) -> tuple[float, float]:

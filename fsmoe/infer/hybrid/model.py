@@ -157,10 +157,11 @@ class HybridModel:
         and the other lanes' memory traffic, which a measurement of one expert alone does not see.
         The costs the split uses follow the measured/modelled ratio (moving average)."""
         c = self.base_costs.busy() if split.count(CG) else self.base_costs
-        modelled = sum(c.cpu(n) for cls, n in zip(split.classes, split.counts) if cls == CC and n)
+        modelled = c.cpu_call + sum(c.cpu(n) for cls, n in zip(split.classes, split.counts) if cls == CC and n)
         if modelled <= 0 or seconds <= 0:
             return
         self.cpu_scale += CPU_REFIT_WEIGHT * (seconds / modelled - self.cpu_scale)
         b = self.base_costs
         self.costs = dataclasses.replace(b, cpu_fixed=b.cpu_fixed * self.cpu_scale,
-                                         cpu_per_token=b.cpu_per_token * self.cpu_scale)
+                                         cpu_per_token=b.cpu_per_token * self.cpu_scale,
+                                         cpu_call=b.cpu_call * self.cpu_scale)

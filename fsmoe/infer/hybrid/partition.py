@@ -11,8 +11,9 @@ threshold, and a new batch size is re-planned by construction.
 
 The lane model (seconds; ``LaneCosts`` are measured on the machine, :mod:`.hardware`), for one layer:
 
-* CPU lane: the CC rows go to the host and back (``act``), then the CC experts one after another,
-  each with all cores: ``sum cpu(n_e)``;
+* CPU lane: the CC rows go to the host and back (``act``), then the CC experts, each with all
+  cores: ``cpu_call + sum cpu(n_e)`` (the engine runs a decode step's CPU experts in one call of
+  the native kernel, whose start is paid once);
 * PCIe lane: the CG experts' weights one after another into two GPU buffers; the copy of the
   i-th waits for the (i-2)-th's compute to free its buffer (the engine streams chunks of up to
   ``chunk`` experts with one grouped GEMM each; the model charges each expert 1/chunk of the
@@ -52,12 +53,14 @@ class LaneCosts:
     # Both lanes read host memory: while CC and CG run together, each is this much slower.
     cpu_contended: float = 1.0
     stream_contended: float = 1.0
+    # CC: once per layer and forward with CPU experts (they run in one call: its start and barrier)
+    cpu_call: float = 0.0
 
     def busy(self) -> "LaneCosts":
         """The costs while the CPU and PCIe lanes run together."""
         c, s = self.cpu_contended, self.stream_contended
         return LaneCosts(self.cpu_fixed * c, self.cpu_per_token * c, self.gpu_fixed, self.gpu_per_token,
-                         self.stream * s, self.act_fixed, self.act_per_token, self.chunk, c, s)
+                         self.stream * s, self.act_fixed, self.act_per_token, self.chunk, c, s, self.cpu_call)
 
     def cg(self, n: float) -> float:
         return self.gpu_fixed / self.chunk + self.gpu_per_token * n
@@ -113,7 +116,7 @@ def _gg_seconds(counts_E: np.ndarray, resident_E: np.ndarray, costs: LaneCosts) 
 def _cpu_seconds(counts: list[int], costs: LaneCosts) -> float:
     if not counts:
         return 0.0
-    return costs.act_fixed + costs.act_per_token * sum(counts) + sum(costs.cpu(n) for n in counts)
+    return costs.act_fixed + costs.cpu_call + costs.act_per_token * sum(counts) + sum(costs.cpu(n) for n in counts)
 
 
 def lanes(counts_E, classes, costs: LaneCosts, cg_order=None) -> tuple[float, float, float]:
@@ -164,7 +167,7 @@ def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
             tail -= rest[k - 1]
         m = len(order) - k
         c, p = (busy, busy_pipe) if k and m else (costs, pipe)
-        cpu = c.act_fixed + (c.act_per_token + c.cpu_per_token) * tail + c.cpu_fixed * m if m else 0.0
+        cpu = c.act_fixed + c.cpu_call + (c.act_per_token + c.cpu_per_token) * tail + c.cpu_fixed * m if m else 0.0
         t = max(cpu, p.gpu_end)
         if best is None or t < best[0] - 1e-12:
             best = (t, k, cpu, p.copy_end, p.gpu_end)
