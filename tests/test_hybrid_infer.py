@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -292,6 +293,9 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "->" in line] == want and "hybrid scheinfer" in out
     assert (tmp_path / "tl" / "timeline.json").is_file() and (tmp_path / "tl" / "timeline.png").is_file()
+    events = json.loads((tmp_path / "tl" / "timeline.json").read_text())["traceEvents"]
+    host = {e["name"].split(" ", 1)[1] for e in events if e.get("cat") == "host"}
+    assert {"wait for counts", "split", "issue"} <= host, host  # the GPU issuer's own lane
     for policy, lane in (("llamacpp", "worker"), ("fiddler", "inline"), ("stream", "worker"), ("static:0.5", "inline")):
         assert cli.main(["infer", *args, "--gpu-mem-gb", "0.01", "--hot", str(hot), "--policy", policy,
                          "--cpu-lane", lane]) == 0
@@ -459,3 +463,10 @@ def test_native_kernel_refuses_rows_outside_x_and_bad_spin(monkeypatch):
     monkeypatch.setattr(cpu_kernel.CpuExpertKernel, "_loaded", False)
     with pytest.raises(ConfigError, match="FSMOE_CPU_SPIN"):
         cpu_kernel.CpuExpertKernel.load()
+
+
+def test_overlap_share_counts_only_the_work_lanes():
+    from fsmoe.infer.hybrid.timeline import overlap_share
+
+    spans = [("host", "L0 issue", 0.0, 4.0), ("cpu", "L0 CC", 0.0, 2.0), ("gpu", "L0 GG", 1.0, 3.0)]
+    assert overlap_share(spans) == pytest.approx(1 / 3)  # cpu+gpu overlap 1 of 3 busy; the host is not work

@@ -33,7 +33,7 @@ from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_
 from fsmoe.infer.hybrid.model import HybridModel, random_model
 from fsmoe.infer.hybrid.partition import CLASS_NAMES
 from fsmoe.infer.hybrid.policies import Policy, parse_policy
-from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share
+from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share, step_breakdown
 
 DEFAULT_POLICIES = "scheinfer,model,llamacpp,fiddler,stream,static:0.25,static:0.5,static:0.75"
 FIXED = ("fiddler", "stream", "static:")  # the "all CC, all CG, best static split" the adaptive split must match
@@ -160,9 +160,12 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     return res
 
 
-def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: DecodeGraphs | None = None) -> dict:
+def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: DecodeGraphs | None = None
+                     ) -> tuple[dict, dict]:
     """The scheinfer lanes of one prefill (``--prefill`` tokens) and of a decode step after it (the
-    third, so that with ``graphs`` it is a replay of the captured step, as in ``fsmoe infer``)."""
+    third, so that with ``graphs`` it is a replay of the captured step, as in ``fsmoe infer``):
+    (share of the busy time with two lanes busy, ms by lane and by what the GPU issuer did), each
+    by phase."""
     from fsmoe.models.kv_cache import KVCache
 
     cfg, model = hybrid.model.cfg, hybrid.model
@@ -177,7 +180,7 @@ def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: Decode
             return runner.step(tok, slot, pad)
         return model(tok, cache=cache, start=slot, pad_B=pad).logits[:, -1]
 
-    shares = {}
+    shares, breakdown = {}, {}
     with torch.no_grad():
         rec = hybrid.record(True)
         logits = model(idx, cache=cache, start=0, pad_B=pad).logits[:, -1]
@@ -189,13 +192,14 @@ def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: Decode
         hybrid.record(False)
     for name, sp in spans.items():
         shares[name] = overlap_share(sp)
+        breakdown[name] = step_breakdown(sp)
         if out:
             out.mkdir(parents=True, exist_ok=True)
             chrome_trace(sp, out / f"timeline_{name}.json")
             how = " (CUDA graphs)" if name == "decode" and runner is not None else ""
             gantt_png(sp, out / f"timeline_{name}.png", f"scheinfer {name}{how}: {cfg.n_layers} layers, two or "
                       f"more lanes busy {100 * shares[name]:.0f}% of the busy time")
-    return shares
+    return shares, breakdown
 
 
 def plot_sweep(results: list[dict], path: Path, title: str) -> None:
@@ -269,7 +273,10 @@ def run(args) -> int:
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
     if any(p.name == "scheinfer" for p in policies):
         hybrid.place(parse_policy("scheinfer"), hot)
-        report["overlap_share"] = record_timelines(hybrid, args, args.out, graphs) if args.out else {}
+        report["overlap_share"], report["step_ms"] = record_timelines(hybrid, args, args.out, graphs) \
+            if args.out else ({}, {})
+        for phase, ms in report["step_ms"].items():
+            console.print(f"scheinfer {phase} step, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     print_table(console, results, report["adaptive_vs_fixed"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

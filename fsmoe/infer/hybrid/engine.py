@@ -248,22 +248,26 @@ class HybridExecutor:
         self.recorder = recorder
 
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
-        counts = plan.tokens_per_expert_E.tolist()  # the one host sync: the split needs the counts
-        split = self.choose(self.index, counts, self.experts.resident_E, plan.num_tokens)
+        rec = self.recorder or _NoRecorder()
+        with rec.host("host", f"L{self.index} wait for counts"):
+            counts = plan.tokens_per_expert_E.tolist()  # the one host sync: the split needs the counts
+        with rec.host("host", f"L{self.index} split"):
+            split = self.choose(self.index, counts, self.experts.resident_E, plan.num_tokens)
         return self.run(x_ND, counts, split)
 
     def run(self, x_ND: Tensor, counts: list[int], split: Split) -> Tensor:
         """x_ND [N, D] rows grouped by expert (``counts`` [E] rows each, then dropped rows) -> [N, D]."""
         rec = self.recorder or _NoRecorder()
-        offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        expert_of_row = np.repeat(np.arange(len(counts)), counts)
-        class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
-        y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
-        cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
-        pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec) if cc else None
-        with rec.gpu("gpu", f"L{self.index} GG"):
-            self._resident(x_ND, y_ND, class_of_row, counts, offs)
-        self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
+        with rec.host("host", f"L{self.index} issue"):
+            offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+            expert_of_row = np.repeat(np.arange(len(counts)), counts)
+            class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
+            y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
+            cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
+            pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec) if cc else None
+            with rec.gpu("gpu", f"L{self.index} GG"):
+                self._resident(x_ND, y_ND, class_of_row, counts, offs)
+            self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
         if pending is not None:
             self._finish_cpu(y_ND, pending, rec, split)
         return y_ND
@@ -363,7 +367,8 @@ class HybridExecutor:
 
     def _finish_cpu(self, y_ND: Tensor, pending, rec, split: Split) -> None:
         idx, y_host, result = pending
-        seconds = result()
+        with rec.host("host", f"L{self.index} wait for CPU experts"):
+            seconds = result()
         if self.observe is not None:
             self.observe(split, seconds)
         with rec.gpu("gpu", f"L{self.index} CC rows back"):

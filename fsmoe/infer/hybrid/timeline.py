@@ -1,12 +1,16 @@
 """The hybrid engine's lane timeline: a Chrome trace (chrome://tracing, Perfetto) and a Gantt PNG
-with one row per lane (CPU experts, PCIe copies, GPU compute)."""
+with one row per lane: the thread issuing the GPU work (waiting for a layer's token counts,
+choosing the split, issuing the lanes, waiting for the CPU experts), the CPU experts, the PCIe
+copies and the GPU compute."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-LANES = ("cpu", "pcie", "gpu")
-COLORS = {"cpu": "#55a868", "pcie": "#dd8452", "gpu": "#4c72b0"}
+LANES = ("host", "cpu", "pcie", "gpu")
+DEVICE_LANES = ("cpu", "pcie", "gpu")  # the lanes that do the experts' work (overlap_share)
+NAMES = {"host": "GPU issuer", "cpu": "CPU experts", "pcie": "PCIe copies", "gpu": "GPU compute"}
+COLORS = {"host": "#8c8c8c", "cpu": "#55a868", "pcie": "#dd8452", "gpu": "#4c72b0"}
 
 Span = tuple[str, str, float, float]  # lane, label, t0 s, t1 s
 
@@ -27,13 +31,13 @@ def gantt_png(spans: list[Span], path: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(12, 2.2))
+    fig, ax = plt.subplots(figsize=(12, 2.6))
     for y, lane in enumerate(LANES):
         for ln, _, t0, t1 in spans:
             if ln == lane:
                 ax.barh(y, (t1 - t0) * 1e3, left=t0 * 1e3, height=0.8, color=COLORS[lane],
                         edgecolor="black", linewidth=0.2)
-    ax.set_yticks(range(len(LANES)), ["CPU experts", "PCIe copies", "GPU compute"], fontsize=8)
+    ax.set_yticks(range(len(LANES)), [NAMES[lane] for lane in LANES], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("ms")
     ax.set_title(title, fontsize=9)
@@ -44,8 +48,10 @@ def gantt_png(spans: list[Span], path: Path, title: str = "") -> Path:
 
 
 def overlap_share(spans: list[Span]) -> float:
-    """Share of the busy time during which at least two lanes are busy (0 = the lanes never overlap)."""
-    events = sorted((t, d, lane) for lane, _, t0, t1 in spans if t1 > t0 for t, d in ((t0, 1), (t1, -1)))
+    """Share of the busy time during which at least two of the CPU, PCIe and GPU lanes are busy (0 =
+    they never overlap)."""
+    events = sorted((t, d, lane) for lane, _, t0, t1 in spans if t1 > t0 and lane in DEVICE_LANES
+                    for t, d in ((t0, 1), (t1, -1)))
     open_by_lane: dict[str, int] = {}
     busy = both = 0.0
     prev = None
@@ -57,3 +63,16 @@ def overlap_share(spans: list[Span]) -> float:
         open_by_lane[lane] = open_by_lane.get(lane, 0) + d
         prev = t
     return both / busy if busy else 0.0
+
+
+def step_breakdown(spans: list[Span]) -> dict[str, float]:
+    """Milliseconds of a recorded forward: its wall time, each lane's busy time, and the GPU
+    issuer's time by what it did (summed over layers: ``host: wait for counts`` holds the GPU's
+    work before a layer's routing is known, attention included)."""
+    if not spans:
+        return {}
+    out = {"wall": (max(t1 for *_, t1 in spans) - min(t0 for _, _, t0, _ in spans)) * 1e3}
+    for lane, label, t0, t1 in spans:
+        key = lane if lane != "host" else "host: " + label.split(" ", 1)[-1]
+        out[key] = out.get(key, 0.0) + (t1 - t0) * 1e3
+    return {k: round(v, 3) for k, v in out.items()}
