@@ -284,7 +284,8 @@ def tiny_run(tmp_path_factory):
 def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, capsys):
     from fsmoe import cli
 
-    args = [str(tiny_run), "--prompt-ids", "1 2 3", "--prompt-ids", "9 8", "--max-new-tokens", "6"]
+    # on the CPU (a GPU machine too): a budget of 10 MB, if applied to the GPU, stays applied in this process
+    args = [str(tiny_run), "--prompt-ids", "1 2 3", "--prompt-ids", "9 8", "--max-new-tokens", "6", "--device", "cpu"]
     assert cli.main(["generate", *args]) == 0
     want = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
     hot = tmp_path / "hot.json"
@@ -305,10 +306,11 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
 @pytest.mark.parametrize("extra, field", [
     (["--gpu-mem-gb", "0.0001"], "--gpu-mem-gb"),
     (["--gpu-mem-gb", "0"], "--gpu-mem-gb"),
-    (["--gpu-mem-gb", "1", "--policy", "ktransformers"], "--policy"),
-    (["--gpu-mem-gb", "1", "--hot", "HOT_BAD_SHAPE"], "--hot"),
-    (["--gpu-mem-gb", "1", "--hot", "MISSING"], "--hot"),
-    (["--gpu-mem-gb", "1", "--costs", "MISSING"], "--costs"),
+    # on the CPU: a budget applied to a GPU would stay applied in this process
+    (["--gpu-mem-gb", "1", "--policy", "ktransformers", "--device", "cpu"], "--policy"),
+    (["--gpu-mem-gb", "1", "--hot", "HOT_BAD_SHAPE", "--device", "cpu"], "--hot"),
+    (["--gpu-mem-gb", "1", "--hot", "MISSING", "--device", "cpu"], "--hot"),
+    (["--gpu-mem-gb", "1", "--costs", "MISSING", "--device", "cpu"], "--costs"),
 ])
 def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path, capsys, extra, field):
     from fsmoe import cli

@@ -65,14 +65,16 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args)
     dtype = getattr(torch, args.dtype)
     console = Console(soft_wrap=True, highlight=False)
-    cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
-    model, host, cfg, converted = loaded_model(args.model, device, dtype)
+    model, host, cfg, converted = loaded_model(args.model, device, dtype)  # still on the host
     tok, prompts = encode_prompts(args, cfg, converted)
     slots = max(len(p) for p in prompts) + args.max_new_tokens
+    # the plan refuses a budget too small before the GPU holds anything (else: an out-of-memory error)
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, len(prompts), slots, dtype.itemsize),
                              prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
+    cap_gpu_memory(args.gpu_mem_gb, device)
+    model.to(device)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
     hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane)
     L, E = hybrid.hot_LE.shape

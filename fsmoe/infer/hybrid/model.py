@@ -66,13 +66,13 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
 
 def loaded_model(path: Path, device: torch.device, dtype: torch.dtype
                  ) -> tuple[MoEDecoder, list[Weights], ModelConfig, bool]:
-    """An fsmoe run directory or Hugging Face directory, loaded on the host, its experts kept there
-    and the rest moved to ``device``."""
+    """An fsmoe run directory or Hugging Face directory, loaded on the host with its experts taken
+    out (pinned when ``device`` is a GPU); the caller moves the rest to ``device`` once it has
+    checked that the GPU budget holds it."""
     from fsmoe.infer.model import load_model
 
     model, cfg, converted = load_model(path, torch.device("cpu"), dtype)
     host = detach_experts(model, pin=device.type == "cuda")
-    model.to(device)
     return model, host, cfg, converted
 
 
