@@ -348,6 +348,10 @@ def test_bench_layer_train_and_page_smoke(tmp_path, monkeypatch):
     assert layer["variants"]["fsmoe"]["ms"] > 0 and layer["rel_err_vs_grouped"]["fsmoe"] < 1e-5
     assert layer["variants"]["fsmoe-cutlass"]["ms"] > 0
     assert json.loads(tj.read_text())["variants"]["fsmoe"]["tokens_per_s"] > 0
+    assert main(["bench", "layer", "--configs", "tiny", "--variants", "dense,fsmoe", "--iters", "4", "--warmup", "1",
+                 "--device", "cpu", "--back-to-back", "--json", str(tmp_path / "b2b.json")]) == 0
+    b2b = json.loads((tmp_path / "b2b.json").read_text())
+    assert b2b["timing"] == "back-to-back" and b2b["configs"]["tiny"]["variants"]["fsmoe"]["ms"] > 0
     page = tmp_path / "perf.md"
     subprocess.run([sys.executable, "scripts/perf_page.py", str(lj), str(tj), "-o", str(page)], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -272,7 +272,9 @@ def _rel_err(a, b) -> float:
 
 
 def run_config(name: str, s: dict, variants: list[str], device: torch.device, iters: int, warmup: int,
-               profile: bool, log=print) -> dict:
+               profile: bool, log=print, windows: int | None = None) -> dict:
+    """Every variant of one shape; ``windows``: steps timed back to back in that many windows (the
+    host issues the next step while the GPU runs this one, as in training) instead of one by one."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     W = Weights(s, device, dtype)
     flops = routed_flops(s)
@@ -285,7 +287,8 @@ def run_config(name: str, s: dict, variants: list[str], device: torch.device, it
         try:
             step, fwd = BUILDERS[v](s, W)
             slow = v == "loop" and s["E"] >= 32
-            ms = bench_ms(step, device, iters=max(3, iters // 4) if slow else iters, warmup=2 if slow else warmup)
+            ms = bench_ms(step, device, iters=max(3, iters // 4) if slow else iters, warmup=2 if slow else warmup,
+                          windows=windows)
             row.update(ms=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
             # a graph replays in its own pre-allocated pool: the allocator sees no step peak
             row["peak_mem_gb"] = None if v.endswith("-graph") else step_peak_memory_gb(step, device)
@@ -306,7 +309,7 @@ def run_config(name: str, s: dict, variants: list[str], device: torch.device, it
         # mean of both, keeping both (their spread is the noise level of the fractions).
         try:
             step, _ = build_dense(s, W)
-            again = bench_ms(step, device, iters=iters, warmup=warmup)
+            again = bench_ms(step, device, iters=iters, warmup=warmup, windows=windows)
             first = res["variants"]["dense"]["ms"]
             res["variants"]["dense"].update(ms_first=first, ms_last=round(again, 3), ms=round((first + again) / 2, 3))
             res["variants"]["dense"]["tflops"] = round(flops / res["variants"]["dense"]["ms"] / 1e9, 1)
@@ -358,7 +361,7 @@ def run(args) -> int:
 
             raise ConfigError("--variants", v, f"known variants are {VARIANTS}")
     out = {"kind": "layer", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
-           "iters": args.iters, "configs": {}}
+           "iters": args.iters, "timing": "back-to-back" if args.back_to_back else "one by one", "configs": {}}
     try:
         from fsmoe.select import resolve_kernels
 
@@ -367,7 +370,8 @@ def run(args) -> int:
         pass
     print(f"# {out['meta'].get('name')}  torch {out['meta']['torch']}  kernels={out['meta'].get('fsmoe_kernels')}")
     for name, s in configs.items():
-        out["configs"][name] = run_config(name, s, variants, device, args.iters, args.warmup, args.profile)
+        out["configs"][name] = run_config(name, s, variants, device, args.iters, args.warmup, args.profile,
+                                          windows=max(1, args.iters // 5) if args.back_to_back else None)
         if args.json:  # written after each config: a run cut short keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(out, indent=1))
@@ -382,5 +386,9 @@ def add_arguments(p) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler kernel breakdown per variant")
+    p.add_argument("--back-to-back", action="store_true",
+                   help="time the steps back to back (the host issues the next step while the GPU runs this one, "
+                        "as inside a model or a training loop); default: one by one, the GPU idle between steps, "
+                        "so each step's host launch latency counts")
     p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
     p.add_argument("--json", help="write the results here (JSON, read by scripts/perf_page.py)")
