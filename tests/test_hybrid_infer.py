@@ -91,11 +91,16 @@ def test_each_class_forced_everywhere_gives_the_plain_models_tokens(forced, cpu_
     assert set().union(*(s.active_classes() for s in hybrid.splits)) == {forced}
 
 
-def test_layer_outputs_and_dropped_rows_match_the_layers_own_experts():
+@pytest.mark.parametrize("early_rows", [0, 64])
+def test_layer_outputs_and_dropped_rows_match_the_layers_own_experts(early_rows, monkeypatch):
     """One layer with capacity dropping: the hybrid executor's rows equal the layer's grouped experts,
-    dropped rows stay 0, whatever the split."""
+    dropped rows stay 0, whatever the split; the CPU experts' rows gathered on the device, or taken
+    from all rows sent to the host with the counts (a decode step's way)."""
     from fsmoe.layer import MoELayer
+    from fsmoe.infer.hybrid import engine
     from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts, StreamBuffers, linear_layout
+
+    monkeypatch.setattr(engine, "EARLY_ROWS", early_rows)
 
     cfg = MoEConfig(num_experts=5, router=RouterConfig(top_k=2, capacity_factor=0.6),
                     experts=ExpertsConfig(d_ff=12, activation="swiglu"))

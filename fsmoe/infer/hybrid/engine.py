@@ -49,6 +49,7 @@ from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
 FEW_EXPERTS = 4  # at most this many resident experts with tokens: run them one by one
+EARLY_ROWS = 64  # at most this many routed rows (a decode step): all go to the host with the counts
 
 
 def expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor) -> Tensor:
@@ -249,14 +250,27 @@ class HybridExecutor:
 
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
         rec = self.recorder or _NoRecorder()
+        early = self._rows_early(x_ND)
         with rec.host("host", f"L{self.index} wait for counts"):
             counts = plan.tokens_per_expert_E.tolist()  # the one host sync: the split needs the counts
         with rec.host("host", f"L{self.index} split"):
             split = self.choose(self.index, counts, self.experts.resident_E, plan.num_tokens)
-        return self.run(x_ND, counts, split)
+        return self.run(x_ND, counts, split, early)
 
-    def run(self, x_ND: Tensor, counts: list[int], split: Split) -> Tensor:
-        """x_ND [N, D] rows grouped by expert (``counts`` [E] rows each, then dropped rows) -> [N, D]."""
+    def _rows_early(self, x_ND: Tensor) -> Tensor | None:
+        """A few rows (a decode step): all of them to pinned host memory now, queued behind the
+        router, so the sync for the counts brings them too and the CPU experts' rows need no
+        second round trip to the GPU (tens of microseconds per layer)."""
+        b = self.buffers
+        if x_ND.shape[0] > EARLY_ROWS:  # (on a machine without CUDA too: the same code path is tested)
+            return None
+        host = b.stage("x_all", x_ND.shape[0], x_ND.shape[1], x_ND.dtype)
+        host.copy_(x_ND, non_blocking=True)
+        return host
+
+    def run(self, x_ND: Tensor, counts: list[int], split: Split, early: Tensor | None = None) -> Tensor:
+        """x_ND [N, D] rows grouped by expert (``counts`` [E] rows each, then dropped rows) -> [N, D];
+        ``early``: the same rows already in host memory (:meth:`_rows_early`)."""
         rec = self.recorder or _NoRecorder()
         with rec.host("host", f"L{self.index} issue"):
             offs = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -264,7 +278,7 @@ class HybridExecutor:
             class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
             y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
             cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
-            pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec) if cc else None
+            pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec, early) if cc else None
             with rec.gpu("gpu", f"L{self.index} GG"):
                 self._resident(x_ND, y_ND, class_of_row, counts, offs)
             self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
@@ -345,12 +359,16 @@ class HybridExecutor:
         offs = self._to_device(np.cumsum([r1 - r0 for r0, r1 in rows]), torch.int32)
         y_ND.index_copy_(0, idx, grouped_expert_mlp(x_ND.index_select(0, idx), w, offs))
 
-    def _start_cpu(self, x_ND, class_of_row, cc, counts, rec):
+    def _start_cpu(self, x_ND, class_of_row, cc, counts, rec, early=None):
         b = self.buffers
-        idx = self._rows(class_of_row == CC)
+        mask = class_of_row == CC
+        idx = self._rows(mask)
         with rec.host("cpu", f"L{self.index} rows to host"):
             x_host = b.stage("x", idx.numel(), x_ND.shape[1], x_ND.dtype)
-            x_host.copy_(x_ND.index_select(0, idx))  # synchronous: the worker reads it next
+            if early is not None:
+                torch.index_select(early, 0, torch.from_numpy(np.flatnonzero(mask)), out=x_host)
+            else:
+                x_host.copy_(x_ND.index_select(0, idx))  # synchronous: the worker reads it next
             if b.cuda and b.returned_pending:
                 b.returned.synchronize()  # the last layer's outputs have left the staging buffer
             y_host = b.stage("y", idx.numel(), x_ND.shape[1], x_ND.dtype)
