@@ -334,16 +334,20 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
 
     out = tmp_path / "bench"
     assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "1,8", "--new-tokens", "3", "--prefill", "8",
-                     "--calib-tokens", "16", "--gpu-mem-gb", "0.01", "--device", "cpu", "--out", str(out)]) == 0
-    import json
+                     "--calib-tokens", "16", "--gpu-mem-gb", "0.01", "--device", "cpu", "--out", str(out),
+                     "--timelines", "scheinfer,static:0.5"]) == 0
 
     report = json.loads((out / "results.json").read_text())
     assert [r["policy"] for r in report["results"]][:3] == ["scheinfer", "model", "llamacpp"]
     assert report["results"][0]["race_ms_per_layer"]
     assert all(len(r["decode_runs"]) == 3 and len(r["prefill_runs"]) == 3 for r in report["results"])
     assert set(report["adaptive_vs_fixed"]) == {"1", "8"}
-    for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png"):
+    for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png",
+                 "timeline_static0.5_decode.json"):
         assert (out / name).is_file(), name
+    assert report["step_ms"]["static:0.5"]["decode"]["wall"] > 0
+    assert cli.main(["bench", "infer", "--config", "tiny", "--timelines", "llama.cpp", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: --timelines")
     assert cli.main(["bench", "infer", "--config", "tiny", "--tokens", "0,x", "--device", "cpu"]) == 2
     assert "--tokens" in capsys.readouterr().err
     assert cli.main(["bench", "infer", "--config", "tiny", "--repeats", "0", "--device", "cpu"]) == 2

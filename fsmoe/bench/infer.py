@@ -10,8 +10,8 @@ placement policy, in one process on one GPU with its memory capped.
    ``--new-tokens`` generated; on CUDA each step replayed from CUDA graphs, and with
    ``--decode-graph both`` also issued op by op) and prefill tokens/s (one prompt of ``--prefill`` tokens).
 4. ``--out DIR``: results.json, sweep.png (tokens/s per layer against tokens per forward, one line
-   per policy), and the scheinfer lane timeline of one prefill and one decode step
-   (timeline_*.json for chrome://tracing, timeline_*.png).
+   per policy), and the lane timeline of one prefill and one decode step of each policy in
+   ``--timelines`` (default scheinfer; timeline_*.json for chrome://tracing, timeline_*.png).
 """
 from __future__ import annotations
 
@@ -60,6 +60,9 @@ def add_arguments(p) -> None:
                    help="decode steps replayed from CUDA graphs (on), issued op by op (off), or both measured "
                         "(the headline figure is the graphed one; CUDA only)")
     p.add_argument("--costs", type=Path, help="lane costs measured earlier (JSON); default: measure now")
+    p.add_argument("--timelines", default="scheinfer",
+                   help="policies whose lane timeline of one prefill and one decode step is recorded with --out "
+                        "(comma-separated; '' for none)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write results.json, sweep.png and timelines here")
@@ -160,12 +163,13 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     return res
 
 
-def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: DecodeGraphs | None = None
-                     ) -> tuple[dict, dict]:
-    """The scheinfer lanes of one prefill (``--prefill`` tokens) and of a decode step after it (the
-    third, so that with ``graphs`` it is a replay of the captured step, as in ``fsmoe infer``):
-    (share of the busy time with two lanes busy, ms by lane and by what the GPU issuer did), each
-    by phase."""
+def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: DecodeGraphs | None = None,
+                     name: str = "scheinfer") -> tuple[dict, dict]:
+    """The lanes of the placed policy ``name`` in one prefill (``--prefill`` tokens) and in a
+    decode step after it (the third, so that with ``graphs`` it is a replay of the captured step,
+    as in ``fsmoe infer``): (share of the busy time with two lanes busy, ms by lane and by what the
+    GPU issuer did), each by phase. Files: timeline_{phase}.* for scheinfer, else
+    timeline_{name}_{phase}.*."""
     from fsmoe.models.kv_cache import KVCache
 
     cfg, model = hybrid.model.cfg, hybrid.model
@@ -190,15 +194,16 @@ def record_timelines(hybrid: HybridModel, args, out: Path | None, graphs: Decode
             logits = decode(logits.argmax(-1, keepdim=True), args.prefill + t)
         spans["decode"] = rec.finish()
         hybrid.record(False)
-    for name, sp in spans.items():
-        shares[name] = overlap_share(sp)
-        breakdown[name] = step_breakdown(sp)
+    stem = "timeline" if name == "scheinfer" else f"timeline_{name.replace(':', '')}"
+    for phase, sp in spans.items():
+        shares[phase] = overlap_share(sp)
+        breakdown[phase] = step_breakdown(sp)
         if out:
             out.mkdir(parents=True, exist_ok=True)
-            chrome_trace(sp, out / f"timeline_{name}.json")
-            how = " (CUDA graphs)" if name == "decode" and runner is not None else ""
-            gantt_png(sp, out / f"timeline_{name}.png", f"scheinfer {name}{how}: {cfg.n_layers} layers, two or "
-                      f"more lanes busy {100 * shares[name]:.0f}% of the busy time")
+            chrome_trace(sp, out / f"{stem}_{phase}.json")
+            how = " (CUDA graphs)" if phase == "decode" and runner is not None else ""
+            gantt_png(sp, out / f"{stem}_{phase}.png", f"{name} {phase}{how}: {cfg.n_layers} layers, two or "
+                      f"more lanes busy {100 * shares[phase]:.0f}% of the busy time")
     return shares, breakdown
 
 
@@ -227,7 +232,8 @@ def plot_sweep(results: list[dict], path: Path, title: str) -> None:
 
 def run(args) -> int:
     console = Console(highlight=False)
-    policies = [parse_policy(p) for p in args.policies.split(",") if p]
+    policies = [parse_policy(p, "--policies") for p in args.policies.split(",") if p]
+    traced = [parse_policy(p, "--timelines").name for p in args.timelines.split(",") if p]  # checked before the run
     tokens = _ints(args.tokens, "--tokens")
     if args.repeats < 1:
         raise ConfigError("--repeats", args.repeats, "must be a positive integer")
@@ -271,12 +277,13 @@ def run(args) -> int:
               "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
-    if any(p.name == "scheinfer" for p in policies):
-        hybrid.place(parse_policy("scheinfer"), hot)
-        report["overlap_share"], report["step_ms"] = record_timelines(hybrid, args, args.out, graphs) \
-            if args.out else ({}, {})
-        for phase, ms in report["step_ms"].items():
-            console.print(f"scheinfer {phase} step, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+    report["overlap_share"], report["step_ms"] = {}, {}
+    for name in (traced if args.out else []):
+        hybrid.place(parse_policy(name), hot)
+        report["overlap_share"][name], report["step_ms"][name] = record_timelines(hybrid, args, args.out, graphs,
+                                                                                  name)
+        for phase, ms in report["step_ms"][name].items():
+            console.print(f"{name} {phase} step, ms: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     print_table(console, results, report["adaptive_vs_fixed"])
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -27,9 +27,11 @@ cannot be captured is reported once and the runner stays eager.
 """
 from __future__ import annotations
 
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +125,7 @@ class GraphedDecode:
                 m.executor = ex
 
     def _give_up(self, e: Exception) -> None:
-        self.failed = str(e).strip().splitlines()[0]
+        self.failed = str(e).strip().splitlines()[0] + _where(e)
         warnings.warn(f"decode steps run eagerly: a step cannot be captured in a CUDA graph ({self.failed})",
                       stacklevel=4)
 
@@ -177,6 +179,17 @@ class GraphedDecode:
                 self._give_up(e)
                 return
         self.graphs, self.cuts, self.logits_BV = graphs, cuts, logits_BV
+
+
+def _where(e: Exception) -> str:
+    """`` at FILE:LINE (code)`` of the innermost fsmoe frame that raised ``e`` (the op that synced), or ""."""
+    here = Path(__file__).resolve().parents[1]  # the fsmoe package
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if Path(f.filename).resolve().is_relative_to(here) and Path(f.filename).name != "decode_graph.py"]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {Path(f.filename).resolve().relative_to(here.parent)}:{f.lineno} ({(f.line or '').strip()})"
 
 
 class DecodeGraphs:

@@ -18,7 +18,8 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
 3. CG: the CG experts' weights are copied a chunk at a time on a copy stream into one of two GPU
    buffers, and the compute stream runs a chunk (one grouped GEMM) once its copy has landed; a
    buffer is refilled only after the chunk that used it is done (events), so copy i+1 overlaps
-   compute i;
+   compute i. The first chunk's copy is issued before steps 1 and 2: the PCIe lane is the
+   longest in a decode step, and the host's time to issue the others would delay it;
 4. the CPU results come back and are written into their rows.
 
 On a machine without CUDA the same code runs with the "GPU" on the CPU and no streams (CI checks
@@ -148,11 +149,12 @@ class StreamBuffers:
         if cpu_lane not in CPU_LANES:
             raise ValueError(f"cpu_lane {cpu_lane!r}; allowed: {list(CPU_LANES)}")
         self.device, self.cuda, self.chunk, self.cpu_lane = device, device.type == "cuda", chunk, cpu_lane
-        # "inline": the layer's GPU work is issued first (indices through pinned memory, so issuing
-        # never waits for the GPU), then the calling thread computes the CC experts itself: no
-        # second Python thread to trade the GIL with. "worker": a worker thread computes them
-        # while the GPU work is issued (indices from pageable memory).
-        self.upload = PinnedUploads(device) if cpu_lane == "inline" else None
+        # "inline": the layer's GPU work is issued first, then the calling thread computes the CC
+        # experts itself: no second Python thread to trade the GIL with. "worker": a worker
+        # thread computes them while the GPU work is issued. Either way indices go up through
+        # pinned memory, so issuing never waits for the GPU (from pageable memory the host waited
+        # for the compute stream, so for a streamed chunk's weights to land).
+        self.upload = PinnedUploads(device) if self.cuda else None
         shapes = [(chunk, d_ff, d_model), (chunk, d_ff, d_model) if swiglu else None, (chunk, d_model, d_ff)]
         self.slots = [tuple(torch.empty(s, device=device, dtype=dtype) if s else None for s in shapes)
                       for _ in range(2)]
@@ -277,11 +279,14 @@ class HybridExecutor:
             expert_of_row = np.repeat(np.arange(len(counts)), counts)
             class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
             y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
+            chunks = self._chunks(split.cg_order)
+            if chunks:  # the longest lane's first copy before anything else
+                self._copy_chunk(0, chunks[0], rec)
             cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
             pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec, early) if cc else None
             with rec.gpu("gpu", f"L{self.index} GG"):
                 self._resident(x_ND, y_ND, class_of_row, counts, offs)
-            self._streamed(x_ND, y_ND, split.cg_order, offs, rec)
+            self._streamed(x_ND, y_ND, chunks, offs, rec)
         if pending is not None:
             self._finish_cpu(y_ND, pending, rec, split)
         return y_ND
@@ -291,8 +296,7 @@ class HybridExecutor:
         b = self.buffers
         if b.upload is not None:
             return b.upload(np.asarray(array), dtype)
-        t = torch.as_tensor(np.asarray(array)).to(dtype)
-        return t.to(b.device, non_blocking=True) if b.cuda else t
+        return torch.as_tensor(np.asarray(array)).to(dtype)
 
     def _rows(self, mask: np.ndarray) -> Tensor:
         return self._to_device(np.flatnonzero(mask), torch.int64)
@@ -315,28 +319,37 @@ class HybridExecutor:
         offs_G = self._to_device(np.cumsum([counts[e] for e in resident]), torch.int32)
         y_ND.index_copy_(0, idx, grouped_expert_mlp(x_ND.index_select(0, idx), ex.gpu, offs_G))
 
-    def _streamed(self, x_ND: Tensor, y_ND: Tensor, order, offs: np.ndarray, rec) -> None:
-        """The CG experts, ``chunk`` at a time: a chunk's weights are copied into one of the two
-        buffers while the GPU computes the previous chunk (one grouped GEMM per chunk)."""
-        b, host = self.buffers, self.experts.host
-        for i in range(0, len(order), b.chunk):
-            group = list(order[i:i + b.chunk])
-            s = (i // b.chunk) % 2
-            slot = b.slots[s]
+    def _chunks(self, order) -> list[list[int]]:
+        return [list(order[i:i + self.buffers.chunk]) for i in range(0, len(order), self.buffers.chunk)]
+
+    def _copy_chunk(self, i: int, group: list[int], rec) -> None:
+        """Chunk i's weights into buffer i % 2, on the copy stream once the chunk that used that
+        buffer last is done; the compute stream will wait for them (synchronous without CUDA)."""
+        b, s = self.buffers, i % 2
+        if not b.cuda:
+            self._copy_in(b.slots[s], self.experts.host, group, non_blocking=False)
+            return
+        with torch.cuda.stream(b.copy_stream):
+            if b.used[s]:
+                b.copy_stream.wait_event(b.free[s])
+            with rec.gpu("pcie", f"L{self.index} e{group}", b.copy_stream):
+                self._copy_in(b.slots[s], self.experts.host, group, non_blocking=True)
+            b.ready[s].record(b.copy_stream)
+
+    def _streamed(self, x_ND: Tensor, y_ND: Tensor, chunks: list[list[int]], offs: np.ndarray, rec) -> None:
+        """The CG experts, a chunk at a time (one grouped GEMM each): chunk i + 1's copy overlaps
+        chunk i's compute. Chunk 0's copy has been issued already (first thing in the layer)."""
+        b = self.buffers
+        for i, group in enumerate(chunks):
+            s = i % 2
+            if i:
+                self._copy_chunk(i, group, rec)
             if b.cuda:
-                with torch.cuda.stream(b.copy_stream):
-                    if b.used[s]:
-                        b.copy_stream.wait_event(b.free[s])  # the chunk that used this buffer is done
-                    with rec.gpu("pcie", f"L{self.index} e{group}", b.copy_stream):
-                        self._copy_in(slot, host, group, non_blocking=True)
-                    b.ready[s].record(b.copy_stream)
                 torch.cuda.current_stream().wait_event(b.ready[s])
-            else:
-                self._copy_in(slot, host, group, non_blocking=False)
             rows = [(int(offs[e]), int(offs[e + 1])) for e in group]
             if any(r1 > r0 for r0, r1 in rows):
                 with rec.gpu("gpu", f"L{self.index} CG {group}"):
-                    self._chunk_mlp(x_ND, y_ND, slot, rows)
+                    self._chunk_mlp(x_ND, y_ND, b.slots[s], rows)
             if b.cuda:
                 b.free[s].record()
                 b.used[s] = True

@@ -148,13 +148,14 @@ def _split(counts_E: np.ndarray, resident_E: np.ndarray, cg: list[int], costs: L
 
 def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
     """The adaptive choice: counts_E [E] tokens per expert this forward, resident_E [E] bool (GG).
-    Tries k = 0..M CG experts (the k busiest non-resident ones) and keeps the fastest. Plain Python
-    over the experts that have tokens: it runs once per layer and forward, decode included."""
-    counts = [int(n) for n in counts_E]
-    resident = [bool(r) for r in resident_E]
-    order = sorted((e for e, n in enumerate(counts) if n and not resident[e]), key=lambda e: -counts[e])
-    rest = [counts[e] for e in order]
-    gg_n = sum(n for n, r in zip(counts, resident) if r)
+    Tries k = 0..M CG experts (the k busiest non-resident ones) and keeps the fastest: plain Python
+    over the experts that have tokens (it runs once per layer and forward, decode included)."""
+    counts_E = np.asarray(counts_E, dtype=np.int64)
+    resident_E = np.asarray(resident_E, dtype=bool)
+    free = np.flatnonzero((counts_E > 0) & ~resident_E)
+    order = free[np.argsort(-counts_E[free], kind="stable")].tolist()
+    rest = counts_E[order].tolist()
+    gg_n = int(counts_E[resident_E].sum())
     gg = costs.gpu(gg_n) if gg_n else 0.0
     busy = costs.busy()
     pipe, busy_pipe = _GpuPipe(gg), _GpuPipe(gg)  # the PCIe lane alone, and beside the CPU lane
@@ -172,10 +173,9 @@ def best_split(counts_E, resident_E, costs: LaneCosts) -> Split:
         if best is None or t < best[0] - 1e-12:
             best = (t, k, cpu, p.copy_end, p.gpu_end)
     _, k, cpu_s, pcie_s, gpu_s = best
-    classes = [GG if r else CC for r in resident]
-    for e in order[:k]:
-        classes[e] = CG
-    return Split(tuple(classes), tuple(counts), tuple(order[:k]), cpu_s, pcie_s, gpu_s)
+    classes = np.where(resident_E, GG, CC)
+    classes[order[:k]] = CG
+    return Split(tuple(classes.tolist()), tuple(counts_E.tolist()), tuple(order[:k]), cpu_s, pcie_s, gpu_s)
 
 
 def forced_split(counts_E, resident_E, costs: LaneCosts, cg_E, stream_idle: bool = False) -> Split:

@@ -63,8 +63,9 @@ def candidate_split(name: str, counts_E, resident_E, costs: LaneCosts) -> Split:
     return forced_split(counts_E, resident_E, costs, nonres if name == "stream" else np.zeros_like(nonres))
 
 
-def parse_policy(name: str) -> Policy:
-    """A policy from its name (see the table above); a bad name is a ConfigError naming the allowed ones."""
+def parse_policy(name: str, field: str = "--policy") -> Policy:
+    """A policy from its name (see the table above); a bad name is a ConfigError naming ``field`` and
+    the allowed ones."""
     fixed = {"scheinfer": Policy("scheinfer", "expert", "adaptive", race=True),
              "model": Policy("model", "expert", "adaptive"),
              "llamacpp": Policy("llamacpp", "layer", "threshold"),
@@ -80,4 +81,4 @@ def parse_policy(name: str) -> Policy:
             share = -1.0
         if 0.0 <= share <= 1.0:
             return Policy(name, "expert", "static", share)
-    raise ConfigError("--policy", name, f"allowed: {list(POLICY_NAMES)} (Q in [0, 1], e.g. static:0.5)")
+    raise ConfigError(field, name, f"allowed: {list(POLICY_NAMES)} (Q in [0, 1], e.g. static:0.5)")
