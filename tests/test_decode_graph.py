@@ -6,6 +6,8 @@ CUDA (scripts/gpu_check.sh): graphed generation gives the eager tokens, for the 
 graph per step) and the hybrid engine (cut at every MoE layer), and a failed capture stays eager."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -106,9 +108,17 @@ def test_a_step_that_syncs_is_said_once_and_decoding_stays_eager():
     for layer in model.moe_layers():
         layer.executor = syncing
     graphs = DecodeGraphs(model)
-    with pytest.warns(UserWarning, match=r"decode steps run eagerly.* at fsmoe/"):
+    with pytest.warns(UserWarning, match=r"decode steps run eagerly.*synchroniz.* at .*test_decode_graph.py:\d+"):
         out = generate(model, prompts, Sampling(max_new_tokens=8), graphs)
     assert out.new_tokens == want and not out.graphed
     assert graphs.runners[1].failed and not graphs.runners[1].captured
     assert generate(model, prompts, Sampling(max_new_tokens=8), graphs).new_tokens == want
     torch.randint(0, 5, (3,), device="cuda")  # no capture was left open (the CUDA generator works)
+
+
+def test_only_torchs_grouped_gemm_is_excused_from_the_sync_check():
+    from fsmoe.infer import decode_graph
+
+    gmm = Path(decode_graph.__file__).resolve().parents[1] / "kernels" / "grouped_mm.py"
+    assert decode_graph._capturable(str(gmm)) and decode_graph._relative(str(gmm)) == "fsmoe/kernels/grouped_mm.py"
+    assert not decode_graph._capturable(decode_graph.__file__) and not decode_graph._capturable("/elsewhere/grouped_mm.py")

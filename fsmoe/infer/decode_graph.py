@@ -27,7 +27,6 @@ cannot be captured is reported once and the runner stays eager.
 """
 from __future__ import annotations
 
-import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,15 +123,16 @@ class GraphedDecode:
             for m, ex in zip(layers, saved):
                 m.executor = ex
 
-    def _give_up(self, e: Exception) -> None:
-        self.failed = str(e).strip().splitlines()[0] + _where(e)
-        warnings.warn(f"decode steps run eagerly: a step cannot be captured in a CUDA graph ({self.failed})",
-                      stacklevel=4)
+    def _give_up(self, why: str) -> None:
+        self.failed = why
+        warnings.warn(f"decode steps run eagerly: a step cannot be captured in a CUDA graph ({why})", stacklevel=4)
 
     def _checked(self) -> Tensor:
-        """An eager step with a host sync anywhere but in the executors that need the host an
-        error: a capture could not hold it, and a capture that fails midway leaves the CUDA
-        generator and allocator in capture mode. One found, the runner stays eager."""
+        """An eager step watched for host syncs anywhere but in the executors that need the host: a
+        capture could not hold one, and a capture that fails midway leaves the CUDA generator and
+        allocator in capture mode. One found, the runner stays eager. torch's sync check also
+        flags its grouped GEMM, which captures (the training step's graph holds it): those calls
+        are not counted (CAPTURABLE)."""
         mode = torch.cuda.get_sync_debug_mode()
 
         def allowed(executor):
@@ -141,20 +141,24 @@ class GraphedDecode:
                 try:
                     return executor(layer, x_ND, plan)
                 finally:
-                    torch.cuda.set_sync_debug_mode("error")
+                    torch.cuda.set_sync_debug_mode("warn")
             return run
 
-        with self._executors(allowed):
-            torch.cuda.set_sync_debug_mode("error")
+        with self._executors(allowed), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
             try:
-                return self._eager()
-            except RuntimeError as e:
-                if "synchroniz" not in str(e):
-                    raise
-                self._give_up(e)
+                logits_BV = self._eager()
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
-        return self._eager()  # the step again, whole (the cache slots it wrote are written again)
+        syncs = [w for w in seen if "synchroniz" in str(w.message) and not _capturable(w.filename)]
+        for w in seen:
+            if "synchroniz" not in str(w.message):  # the step's other warnings, as they came
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if syncs:
+            w = syncs[0]
+            self._give_up(f"{str(w.message).strip().splitlines()[0]} at {_relative(w.filename)}:{w.lineno}")
+        return logits_BV
 
     def _capture(self) -> None:
         """Capture the step, cut at every executor that needs the host (see the module docstring)."""
@@ -176,20 +180,23 @@ class GraphedDecode:
                 logits_BV = self._eager()
                 graphs[-1].capture_end()
             except RuntimeError as e:  # an op the sync check did not see (e.g. a copy from pageable memory)
-                self._give_up(e)
+                self._give_up(str(e).strip().splitlines()[0])
                 return
         self.graphs, self.cuts, self.logits_BV = graphs, cuts, logits_BV
 
 
-def _where(e: Exception) -> str:
-    """`` at FILE:LINE (code)`` of the innermost fsmoe frame that raised ``e`` (the op that synced), or ""."""
-    here = Path(__file__).resolve().parents[1]  # the fsmoe package
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if Path(f.filename).resolve().is_relative_to(here) and Path(f.filename).name != "decode_graph.py"]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f" at {Path(f.filename).resolve().relative_to(here.parent)}:{f.lineno} ({(f.line or '').strip()})"
+CAPTURABLE = ("fsmoe/kernels/grouped_mm.py",)  # flagged by torch's sync check, yet captured (see _checked)
+
+
+def _relative(filename: str) -> str:
+    """``fsmoe/...`` for a file of this package, else the path as given."""
+    here = Path(__file__).resolve().parents[1]
+    path = Path(filename).resolve()
+    return str(path.relative_to(here.parent)) if path.is_relative_to(here) else filename
+
+
+def _capturable(filename: str) -> bool:
+    return _relative(filename).replace("\\", "/") in CAPTURABLE
 
 
 class DecodeGraphs:
