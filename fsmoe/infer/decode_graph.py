@@ -151,9 +151,9 @@ class GraphedDecode:
                 logits_BV = self._eager()
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
-        syncs = [w for w in seen if "synchroniz" in str(w.message) and not _capturable(w.filename)]
+        syncs = [w for w in seen if SYNC_WARNING in str(w.message) and not _capturable(w.filename)]
         for w in seen:
-            if "synchroniz" not in str(w.message):  # the step's other warnings, as they came
+            if SYNC_WARNING not in str(w.message) and "prototype" not in str(w.message):  # the step's own
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if syncs:
             w = syncs[0]
@@ -185,6 +185,7 @@ class GraphedDecode:
         self.graphs, self.cuts, self.logits_BV = graphs, cuts, logits_BV
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's sync check, in "warn" mode
 CAPTURABLE = ("fsmoe/kernels/grouped_mm.py",)  # flagged by torch's sync check, yet captured (see _checked)
 
 
