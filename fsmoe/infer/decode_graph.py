@@ -27,6 +27,7 @@ cannot be captured is reported once and the runner stays eager.
 """
 from __future__ import annotations
 
+import traceback
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,8 +132,8 @@ class GraphedDecode:
         """An eager step watched for host syncs anywhere but in the executors that need the host: a
         capture could not hold one, and a capture that fails midway leaves the CUDA generator and
         allocator in capture mode. One found, the runner stays eager. torch's sync check also
-        flags its grouped GEMM, which captures (the training step's graph holds it): those calls
-        are not counted (CAPTURABLE)."""
+        flags its grouped GEMM, which captures (the training step's graph holds it): a sync with
+        a frame in CAPTURABLE on its stack is not counted."""
         mode = torch.cuda.get_sync_debug_mode()
 
         def allowed(executor):
@@ -144,20 +145,29 @@ class GraphedDecode:
                     torch.cuda.set_sync_debug_mode("warn")
             return run
 
-        with self._executors(allowed), warnings.catch_warnings(record=True) as seen:
+        syncs, others = [], []
+
+        def seen(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if SYNC_WARNING in text:  # the Python stack is the op's caller's, still intact here
+                where = _sync_site(traceback.extract_stack()[:-1])
+                if where is not None:
+                    syncs.append(f"{text.strip().splitlines()[0]} at {where}")
+            elif "prototype" not in text:  # torch's note that the sync check is a prototype
+                others.append((message, category, filename, lineno))
+
+        with self._executors(allowed), warnings.catch_warnings():
             warnings.simplefilter("always")
+            warnings.showwarning = seen
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 logits_BV = self._eager()
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
-        syncs = [w for w in seen if SYNC_WARNING in str(w.message) and not _capturable(w.filename)]
-        for w in seen:
-            if SYNC_WARNING not in str(w.message) and "prototype" not in str(w.message):  # the step's own
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        for w in others:  # the step's own warnings, as they came
+            warnings.warn_explicit(*w)
         if syncs:
-            w = syncs[0]
-            self._give_up(f"{str(w.message).strip().splitlines()[0]} at {_relative(w.filename)}:{w.lineno}")
+            self._give_up(syncs[0])
         return logits_BV
 
     def _capture(self) -> None:
@@ -196,8 +206,15 @@ def _relative(filename: str) -> str:
     return str(path.relative_to(here.parent)) if path.is_relative_to(here) else filename
 
 
-def _capturable(filename: str) -> bool:
-    return _relative(filename).replace("\\", "/") in CAPTURABLE
+def _sync_site(stack: list[traceback.FrameSummary]) -> str | None:
+    """Where a flagged sync came from: ``FILE:LINE`` of the innermost frame outside torch (the
+    code that called the op), or None when a frame is in CAPTURABLE (a known false alarm)."""
+    paths = [_relative(f.filename).replace("\\", "/") for f in stack]
+    if any(p in CAPTURABLE for p in paths):
+        return None
+    callers = [(p, f) for p, f in zip(paths, stack) if "/torch/" not in p]
+    path, f = (callers or list(zip(paths, stack)))[-1]
+    return f"{path}:{f.lineno}"
 
 
 class DecodeGraphs:
