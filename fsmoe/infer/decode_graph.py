@@ -131,9 +131,9 @@ class GraphedDecode:
     def _checked(self) -> Tensor:
         """An eager step watched for host syncs anywhere but in the executors that need the host: a
         capture could not hold one, and a capture that fails midway leaves the CUDA generator and
-        allocator in capture mode. One found, the runner stays eager. torch's sync check also
-        flags its grouped GEMM, which captures (the training step's graph holds it): a sync with
-        a frame in CAPTURABLE on its stack is not counted."""
+        allocator in capture mode. One found, the runner stays eager and says where it was.
+        ("warn" mode, not "error": the step completes, and the warning's Python stack is the
+        op's caller's.)"""
         mode = torch.cuda.get_sync_debug_mode()
 
         def allowed(executor):
@@ -150,9 +150,8 @@ class GraphedDecode:
         def seen(message, category, filename, lineno, file=None, line=None):
             text = str(message)
             if SYNC_WARNING in text:  # the Python stack is the op's caller's, still intact here
-                where = _sync_site(traceback.extract_stack()[:-1])
-                if where is not None:
-                    syncs.append(f"{text.strip().splitlines()[0]} at {where}")
+                op = text.strip().splitlines()[0].split(" (Triggered internally")[0]
+                syncs.append(f"{op} at {_sync_site(traceback.extract_stack()[:-1])}")
             elif "prototype" not in text:  # torch's note that the sync check is a prototype
                 others.append((message, category, filename, lineno))
 
@@ -196,7 +195,6 @@ class GraphedDecode:
 
 
 SYNC_WARNING = "called a synchronizing CUDA operation"  # torch's sync check, in "warn" mode
-CAPTURABLE = ("fsmoe/kernels/grouped_mm.py",)  # flagged by torch's sync check, yet captured (see _checked)
 
 
 def _relative(filename: str) -> str:
@@ -206,12 +204,11 @@ def _relative(filename: str) -> str:
     return str(path.relative_to(here.parent)) if path.is_relative_to(here) else filename
 
 
-def _sync_site(stack: list[traceback.FrameSummary]) -> str | None:
-    """Where a flagged sync came from: ``FILE:LINE`` of the innermost frame outside torch (the
-    code that called the op), or None when a frame is in CAPTURABLE (a known false alarm)."""
+def _sync_site(stack: list[traceback.FrameSummary]) -> str:
+    """Where a flagged sync came from: ``FILE:LINE`` of the innermost frame outside torch (the code
+    that called the op; e.g. fsmoe/kernels/grouped_mm.py for torch's grouped GEMM off bf16, which
+    reads the expert offsets on the host)."""
     paths = [_relative(f.filename).replace("\\", "/") for f in stack]
-    if any(p in CAPTURABLE for p in paths):
-        return None
     callers = [(p, f) for p, f in zip(paths, stack) if "/torch/" not in p]
     path, f = (callers or list(zip(paths, stack)))[-1]
     return f"{path}:{f.lineno}"
