@@ -189,15 +189,17 @@ def _compile(path: Path) -> None:
 
 
 SPIN_ENV = "FSMOE_CPU_SPIN"
-DEFAULT_SPIN = 1000  # libgomp spin iterations (~50-100 us of pause instructions) before a thread sleeps
+# libgomp spin iterations before a thread sleeps. 0: at once (passive): decode measured 26.4 tok/s
+# against 22.5 with libgomp's default spinning; 1000 measured the same as 0 for the kernel alone
+DEFAULT_SPIN = 0
 
 
 def _load_quiet(path: Path) -> ctypes.CDLL:
-    """Load the library with its OpenMP threads spinning only briefly. By default libgomp's threads
-    spin for 300,000 iterations after each parallel region (milliseconds on recent Xeons): on
-    every core at once, starving the thread that issues the GPU work. Sleeping at once
-    (``OMP_WAIT_POLICY=PASSIVE``) makes every barrier and every call's start a futex wake-up of
-    each thread instead. ``FSMOE_CPU_SPIN`` sets the count (0: sleep at once). The setting is read
+    """Load the library with its OpenMP threads spinning ``FSMOE_CPU_SPIN`` iterations after a
+    parallel region before they sleep (default 0: at once). By default libgomp's threads spin for
+    300,000 iterations (milliseconds on recent Xeons): on every core at once, starving the thread
+    that issues the GPU work. Sleeping at once makes every call's start and barrier a futex
+    wake-up of each thread instead, which a layer's experts in one call pay once. The setting is read
     when this library's OpenMP runtime starts (torch's own, a separate copy, has started already),
     so the environment is restored right after."""
     spin = os.environ.get(SPIN_ENV, str(DEFAULT_SPIN))
