@@ -178,9 +178,12 @@ def measure(groups: ParallelGroups, cfg: ProfileConfig, device: torch.device,
                 _median_time(lambda: dist.all_reduce(buf, group=groups.dp_group), device, cfg.reps, cfg.warmup,
                              groups.dp_group))
             if cfg.allreduce_bytes:  # a run's profile: also as training reduces its gradients (sync_grads)
+                from fsmoe.schedule.run.model_parts import _cold_median_time
+
+                # with the caches flushed first: in training the gradients come straight out of backward
                 grads = list(torch.randn(max(32, nbytes // 4), device=device).chunk(32))
-                add("grad_sync", nbytes, _median_time(lambda: all_reduce_mean(grads, groups.dp_group, groups.dp),
-                                                      device, cfg.reps, cfg.warmup, groups.dp_group))
+                add("grad_sync", nbytes, _cold_median_time(lambda: all_reduce_mean(grads, groups.dp_group, groups.dp),
+                                                           device, cfg.reps, cfg.warmup, groups.dp_group))
     # every rank times its GEMMs at once, as in training (ranks of one host share its cores and
     # memory bandwidth: alone, each would measure faster than it runs)
     for key, n, t in measure_compute(cfg, device, dtype, groups.world_group if groups.distributed else None):
