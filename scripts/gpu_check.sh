@@ -25,5 +25,5 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available(
   exit 1
 fi
 "$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec "$PY" -m pytest -q -p no:cacheprovider -rfEs tests/test_kernels.py tests/test_expert_gemm.py tests/test_schedule_gpu.py \
+exec "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/test_kernels.py tests/test_expert_gemm.py tests/test_schedule_gpu.py \
   tests/test_train_gpu.py tests/test_op_clock.py tests/test_decode_graph.py "$@"
