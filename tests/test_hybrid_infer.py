@@ -481,3 +481,23 @@ def test_overlap_share_counts_only_the_work_lanes():
 
     spans = [("host", "L0 issue", 0.0, 4.0), ("cpu", "L0 CC", 0.0, 2.0), ("gpu", "L0 GG", 1.0, 3.0)]
     assert overlap_share(spans) == pytest.approx(1 / 3)  # cpu+gpu overlap 1 of 3 busy; the host is not work
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_grouped_expert_mlp_equals_each_expert_alone(swiglu):
+    """The engine's grouped MLP (torch's grouped GEMM unmasked: every row belongs to an expert) gives
+    each expert's own MLP on its rows, empty experts included."""
+    from fsmoe.infer.hybrid.engine import expert_mlp, grouped_expert_mlp
+
+    g = torch.Generator().manual_seed(0)
+    G, D, F_ = 4, 16, 24
+    w = (torch.randn(G, F_, D, generator=g), torch.randn(G, F_, D, generator=g) if swiglu else None,
+         torch.randn(G, D, F_, generator=g))
+    counts = [3, 0, 5, 2]
+    x = torch.randn(sum(counts), D, generator=g)
+    got = grouped_expert_mlp(x, w, torch.tensor(np.cumsum(counts), dtype=torch.int32))
+    r = 0
+    for e, n in enumerate(counts):
+        want = expert_mlp(x[r:r + n], *(None if t is None else t[e] for t in w))
+        torch.testing.assert_close(got[r:r + n], want, atol=1e-4, rtol=1e-4)
+        r += n

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
 from fsmoe.infer.hybrid.cpu_kernel import cpu_experts_mlp
+from fsmoe.kernels.grouped_mm import grouped_mm_supported, grouped_mm_unmasked
 from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
@@ -62,9 +63,17 @@ def expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor)
 
 
 def grouped_expert_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], offs_G: Tensor) -> Tensor:
-    """G experts' MLPs over rows grouped by expert (``offs_G`` [G] int32 row ends); ``w`` = (w1 [G, F, D],
-    w3 [G, F, D] | None, w2 [G, D, F]) in the linear layout, handed to the grouped GEMM transposed."""
-    return reference_mlp(x_ND, *(None if t is None else t.transpose(1, 2) for t in w), offs_G)
+    """G experts' MLPs over rows grouped by expert (``offs_G`` [G] int32 row ends, the last = N: every
+    row belongs to one); ``w`` = (w1 [G, F, D], w3 [G, F, D] | None, w2 [G, D, F]) in the linear
+    layout, handed to the grouped GEMM transposed. With no rows past the last expert, torch's
+    grouped GEMM runs unmasked: the training path's masking of a dropped tail costs five more
+    launches per GEMM, which in a decode step the host would issue for nothing."""
+    w1, w3, w2 = (None if t is None else t.transpose(1, 2) for t in w)
+    if not grouped_mm_supported(x_ND, w1):  # (its D and F checks cover the other two GEMMs)
+        return reference_mlp(x_ND, w1, w3, w2, offs_G)
+    h = grouped_mm_unmasked(x_ND, w1, offs_G)
+    h = F.silu(h) * grouped_mm_unmasked(x_ND, w3, offs_G) if w3 is not None else F.gelu(h)
+    return grouped_mm_unmasked(h, w2, offs_G)
 
 
 def linear_layout(w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor, pin: bool = False
