@@ -151,9 +151,12 @@ def predict_step(cfg: RunConfig, layout: Layout, profile: Profile, policy: str =
         backward = (head_bwd, [moe_bwd if moe_i else dense_bwd for moe_i in order], order)
     grads = _other_gradients_s(params, layout, spec, profile, missing, backward)
     opt = t("optimizer", params.on_rank(layout))
-    if layout.world > 1 and profile.has("allreduce"):  # the norm's and the finite flag's over the world
-        opt += SCALAR_COLLECTIVES * profile.t("allreduce", 4.0)
-    return StepParts(moe, dense, head, tp, grads, opt, t("loop", 1.0), policy, tuple(dict.fromkeys(missing)),
+    loop = t("loop", 1.0)  # the profile's loop is a one-process trainer's
+    if layout.world > 1 and profile.has("allreduce"):
+        opt += SCALAR_COLLECTIVES * profile.t("allreduce", 4.0)  # the norm's and the finite flag's
+        # the distributed trainer's metrics after every step: loss, aux loss, drops, routing counts
+        loop += profile.t("allreduce", 8.0 * (3 + n_moe * m.moe.num_experts))
+    return StepParts(moe, dense, head, tp, grads, opt, loop, policy, tuple(dict.fromkeys(missing)),
                      waiting_s(profile, layout.world))
 
 
