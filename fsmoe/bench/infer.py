@@ -233,7 +233,7 @@ def plot_sweep(results: list[dict], path: Path, title: str) -> None:
 def run(args) -> int:
     console = Console(highlight=False)
     policies = [parse_policy(p, "--policies") for p in args.policies.split(",") if p]
-    traced = [parse_policy(p, "--timelines").name for p in args.timelines.split(",") if p]  # checked before the run
+    traced = [parse_policy(p, "--timelines") for p in args.timelines.split(",") if p]  # checked before the run
     tokens = _ints(args.tokens, "--tokens")
     if args.repeats < 1:
         raise ConfigError("--repeats", args.repeats, "must be a positive integer")
@@ -278,8 +278,9 @@ def run(args) -> int:
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
     report["overlap_share"], report["step_ms"] = {}, {}
-    for name in (traced if args.out else []):
-        hybrid.place(parse_policy(name), hot)
+    for policy in (traced if args.out else []):
+        name = policy.name
+        hybrid.place(policy, hot)
         report["overlap_share"][name], report["step_ms"][name] = record_timelines(hybrid, args, args.out, graphs,
                                                                                   name)
         for phase, ms in report["step_ms"][name].items():

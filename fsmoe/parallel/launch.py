@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from fsmoe.config import ConfigError, ParallelConfig
+from fsmoe.environ import patched_environ
 from fsmoe.parallel.groups import ParallelGroups, build_groups
 
 ERROR_DIR_ENV = "FSMOE_ERROR_DIR"  # set by spawn_torchrun: where a failing worker leaves its error
@@ -318,20 +319,9 @@ def _print_worker_error(error: dict) -> None:
                                soft_wrap=True)
 
 
-@contextlib.contextmanager
-def _worker_env(folder: str) -> Iterator[None]:
+def _worker_env(folder: str) -> contextlib.AbstractContextManager[None]:
     """Environment the workers inherit: ``FSMOE_ERROR_DIR`` and one OpenMP thread unless set."""
-    values = {ERROR_DIR_ENV: folder, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return patched_environ({ERROR_DIR_ENV: folder, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
 @contextlib.contextmanager

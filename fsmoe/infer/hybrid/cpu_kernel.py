@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fsmoe.environ import patched_environ
+
 MAX_TOKENS = 4  # beyond this torch's GEMM (AMX where present) computes faster than DRAM feeds this kernel
 KERNEL_MAX_TOKENS = 16  # what the compiled kernel accepts (benchmarks/cpu_expert_kernels.py times up to it)
 
@@ -147,13 +149,6 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
     free(h);
     return 0;
 }
-
-/* y [n, D] = one expert's MLP of x [n, D]; w1, w3 [F, D] (w3 NULL: GeLU), w2 [D, F]. 0 = done. */
-int expert_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
-                    uint16_t *y, int n, int D, int F, int threads) {
-    int experts[1] = {0}, start[1] = {0}, count[1] = {n};
-    return experts_mlp_bf16(x, w1, w3, w2, y, experts, start, count, 1, n, D, F, threads);
-}
 """
 
 
@@ -206,17 +201,8 @@ def _load_quiet(path: Path) -> ctypes.CDLL:
     if not spin.isdigit():
         from fsmoe.config import ConfigError
         raise ConfigError(SPIN_ENV, spin, "must be a whole number of spin iterations (0: threads sleep at once)")
-    old = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    os.environ.pop("OMP_WAIT_POLICY", None)
-    os.environ["GOMP_SPINCOUNT"] = spin
-    try:
+    with patched_environ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": spin}):
         return ctypes.CDLL(str(path))
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class CpuExpertKernel:
@@ -225,9 +211,6 @@ class CpuExpertKernel:
     _loaded: "CpuExpertKernel | None | bool" = False  # False: not tried yet
 
     def __init__(self, lib: ctypes.CDLL):
-        self.fn = lib.expert_mlp_bf16
-        self.fn.restype = ctypes.c_int
-        self.fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
         self.many_fn = lib.experts_mlp_bf16
         self.many_fn.restype = ctypes.c_int
         self.many_fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
@@ -248,16 +231,9 @@ class CpuExpertKernel:
 
     def __call__(self, x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor,
                  threads: int) -> Tensor:
-        n, D = x_nD.shape
-        F = w1_FD.shape[0]
-        for t in (x_nD, w1_FD, w3_FD, w2_DF, out_nD):
-            if t is not None and (t.dtype != torch.bfloat16 or not t.is_contiguous() or t.device.type != "cpu"):
-                raise ValueError("the native CPU expert kernel takes contiguous bf16 host tensors")
-        rc = self.fn(x_nD.data_ptr(), w1_FD.data_ptr(), None if w3_FD is None else w3_FD.data_ptr(),
-                     w2_DF.data_ptr(), out_nD.data_ptr(), n, D, F, threads)
-        if rc:
-            raise RuntimeError(f"native CPU expert kernel failed (code {rc}) for {n} tokens")
-        return out_nD
+        """One expert (w1, w3 [F, D] | None, w2 [D, F]) on all n rows of x_nD: :meth:`many` of one."""
+        w = tuple(None if t is None else t.unsqueeze(0) for t in (w1_FD, w3_FD, w2_DF))
+        return self.many(x_nD, w, np.zeros(1), np.zeros(1), np.full(1, x_nD.shape[0]), out_nD, threads)
 
     def many(self, x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], experts_m: np.ndarray,
              start_m: np.ndarray, count_m: np.ndarray, out_ND: Tensor, threads: int) -> Tensor:
@@ -281,10 +257,12 @@ class CpuExpertKernel:
         return out_ND
 
 
-def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int = MAX_TOKENS) -> bool:
-    """Whether :func:`cpu_expert_mlp` takes the native kernel for these operands."""
+def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int = MAX_TOKENS, rows: int | None = None) -> bool:
+    """Whether :func:`cpu_expert_mlp` takes the native kernel for these operands (``rows``: an
+    expert's rows, default all of ``x_nD``'s)."""
+    rows = x_nD.shape[0] if rows is None else rows
     return (x_nD.device.type == "cpu" and x_nD.dtype == torch.bfloat16 and w1_FD.dtype == torch.bfloat16
-            and 1 <= x_nD.shape[0] <= min(max_tokens, KERNEL_MAX_TOKENS))
+            and 1 <= rows <= min(max_tokens, KERNEL_MAX_TOKENS))
 
 
 def cpu_expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor | None = None,
@@ -313,8 +291,8 @@ def cpu_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], exper
     counts_m = np.asarray(counts, dtype=np.int64)
     small = (counts_m >= 1) & (counts_m <= min(max_tokens, KERNEL_MAX_TOKENS))
     kernel = None
-    if small.any() and x_ND.dtype == torch.bfloat16 and w[0].dtype == torch.bfloat16 and x_ND.is_contiguous() \
-            and out_ND.is_contiguous() and x_ND.device.type == "cpu":
+    if small.any() and native_applies(x_ND, w[0], max_tokens, rows=1) and x_ND.is_contiguous() \
+            and out_ND.is_contiguous():
         kernel = CpuExpertKernel.load()
     if kernel is not None:
         kernel.many(x_ND, w, np.asarray(experts)[small], starts[small], counts_m[small], out_ND, threads)
