@@ -149,3 +149,6 @@ def test_a_flagged_sync_is_placed_at_its_caller_outside_torch():
     assert decode_graph._sync_site(via_gmm) == "fsmoe/kernels/grouped_mm.py:59"
     assert decode_graph._sync_site([frame("/tmp/user.py", 3), torch_fn]) == "/tmp/user.py:3"
     assert decode_graph._sync_site([torch_fn]) == "/venv/site-packages/torch/nn/functional.py:6741"
+    # the warnings hook is called from the warnings module itself (seen on Python 3.12 on a GPU host)
+    hook = [frame("/usr/lib/python3.12/warnings.py", 110)]
+    assert decode_graph._sync_site(via_gmm + hook) == "fsmoe/kernels/grouped_mm.py:59"

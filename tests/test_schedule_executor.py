@@ -276,3 +276,34 @@ def test_pipelined_forward_without_grad_equals_sequential():
         eng.close()
     assert not y.requires_grad
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+
+
+class _OnceBackward(torch.autograd.Function):
+    """Identity whose backward frees what it saved, as the GPU experts' kernels do: a graph
+    cannot be run backward twice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.kept = x
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        assert ctx.kept is not None, "backward ran twice on one graph"
+        ctx.kept = None
+        return g
+
+
+def test_the_profile_times_each_expert_backward_on_a_fresh_graph(monkeypatch):
+    from fsmoe.experts import GroupedExperts
+    from fsmoe.schedule.run import profiler
+
+    class OnceExperts(GroupedExperts):
+        def forward(self, x_ND, tokens_per_expert_E):
+            return super().forward(_OnceBackward.apply(x_ND), tokens_per_expert_E)
+
+    monkeypatch.setattr(profiler, "experts_class", lambda impl: OnceExperts)
+    cfg = profiler.ProfileConfig((8 << 10,), ((32, 64, 3),), (16, 64), 2, ((1, 32, 32, 2),), reps=2, warmup=1)
+    points = profiler._compute_points(cfg, torch.device("cpu"), torch.float32)
+    keys = [p[0] for p in points]
+    assert keys.count("expert_bwd") == 2 and keys.count("dense_bwd") == 1 and all(p[2] > 0 for p in points)

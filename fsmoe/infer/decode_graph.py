@@ -205,11 +205,12 @@ def _relative(filename: str) -> str:
 
 
 def _sync_site(stack: list[traceback.FrameSummary]) -> str:
-    """Where a flagged sync came from: ``FILE:LINE`` of the innermost frame outside torch (the code
-    that called the op; e.g. fsmoe/kernels/grouped_mm.py for torch's grouped GEMM off bf16, which
-    reads the expert offsets on the host)."""
+    """Where a flagged sync came from: ``FILE:LINE`` of the innermost frame outside torch and the
+    warnings machinery that reported it (the code that called the op; e.g.
+    fsmoe/kernels/grouped_mm.py for torch's grouped GEMM off bf16, which reads the expert offsets
+    on the host)."""
     paths = [_relative(f.filename).replace("\\", "/") for f in stack]
-    callers = [(p, f) for p, f in zip(paths, stack) if "/torch/" not in p]
+    callers = [(p, f) for p, f in zip(paths, stack) if "/torch/" not in p and not p.endswith("warnings.py")]
     path, f = (callers or list(zip(paths, stack)))[-1]
     return f"{path}:{f.lineno}"
 

@@ -82,16 +82,16 @@ def expert_forward(step, x_RD: Tensor, counts_El: Tensor, keep_graph: bool) -> t
     return y.detach(), ChunkGraph(x, y)
 
 
-def expert_backward(step, graph: ChunkGraph, counts_El: Tensor, dy_RD: Tensor, params: tuple[Tensor, ...],
-                    retain_graph: bool = False) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-    """(dx_RD, d params) of one chunk's expert step (recomputed first when its graph was not kept;
-    ``retain_graph`` keeps a kept graph for another call, as the profiler's repeats need)."""
+def expert_backward(step, graph: ChunkGraph, counts_El: Tensor, dy_RD: Tensor,
+                    params: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+    """(dx_RD, d params) of one chunk's expert step (recomputed first when its graph was not kept).
+    A graph runs backward once: the experts' kernels free their intermediates as they go."""
     x, y = graph.x_RD, graph.y_RD
     with torch.enable_grad():
         if y is None:
             x = x.detach().requires_grad_()
             y = step(x, counts_El)
-        grads = torch.autograd.grad(y, (x, *params), dy_RD, retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(y, (x, *params), dy_RD, allow_unused=True)
     dx = grads[0] if grads[0] is not None else torch.zeros_like(x)
     return dx, grads[1:]
 

@@ -111,6 +111,25 @@ def _median_time(fn: Callable[[], None], device: torch.device, reps: int, warmup
     return _interleaved_medians((fn,), device, reps, warmup, group)[0]
 
 
+def _median_prepared_time(prepare: Callable[[], object], fn: Callable[[object], None], device: torch.device,
+                          reps: int, warmup: int, group: ProcessGroup | None = None) -> float:
+    """Median seconds of ``fn(prepare())`` with ``prepare`` untimed. A backward needs a fresh
+    graph each run: the experts' kernels free their intermediates as backward uses them, so one
+    graph cannot be run backward twice."""
+    times = []
+    for k in range(warmup + reps):
+        arg = prepare()
+        if group is not None:
+            dist.barrier(group=group)
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(arg)
+        _sync(device)
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _interleaved_medians(fns: list[Callable[[], None]], device: torch.device, reps: int, warmup: int,
                          group: ProcessGroup | None = None) -> list[float]:
     """Median seconds of each of ``fns``, run round-robin (with ``group``: every rank in step,
@@ -293,12 +312,12 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype,
             c = torch.tensor(counts, device=device)
             x = torch.randn(rows, d, device=device, dtype=dtype)
             dy = torch.randn(rows, d, device=device, dtype=dtype)
-            graph = expert_forward(experts, x, c, keep_graph=True)[1]
             macs = rows * d * f * gemms
             fwd = lambda: expert_forward(experts, x, c, keep_graph=True)
-            bwd = lambda: expert_backward(experts, graph, c, dy, params, retain_graph=True)
+            bwd = lambda graph: expert_backward(experts, graph, c, dy, params)
             out.append(("expert_fwd", macs, _median_time(fwd, device, cfg.reps, cfg.warmup, group), tag))
-            out.append(("expert_bwd", macs, _median_time(bwd, device, cfg.reps, cfg.warmup, group), tag))
+            out.append(("expert_bwd", macs, _median_prepared_time(lambda: fwd()[1], bwd, device, cfg.reps,
+                                                                  cfg.warmup, group), tag))
     for B, L, d, heads in cfg.dense_shapes:
         tag = LayerSpec(batch=B, seq_len=L, d_model=d, d_ff=d, num_experts=1, n_heads=heads, dtype_bytes=elem).dense_tag
         attn = Attention(d, heads, heads, d // heads, bias=True, qk_norm=False, norm_eps=1e-5, dropout=0.0)
@@ -308,23 +327,9 @@ def _compute_points(cfg: ProfileConfig, device: torch.device, dtype,
         macs = 4 * B * L * d * d + 2 * B * L * L * d
         out.append(("dense_fwd", macs, _median_time(lambda: attn(x, None), device, cfg.reps, cfg.warmup, group),
                     tag))
-        ys = []
-
-        def bwd():
-            ys.pop().backward(g)
-
-        times = []
-        for k in range(cfg.warmup + cfg.reps):
-            ys.append(attn(x, None))
-            if group is not None:
-                dist.barrier(group=group)
-            _sync(device)
-            t0 = time.perf_counter()
-            bwd()
-            _sync(device)
-            if k >= cfg.warmup:
-                times.append(time.perf_counter() - t0)
-        out.append(("dense_bwd", macs, statistics.median(times), tag))
+        bwd = _median_prepared_time(lambda: attn(x, None), lambda y: y.backward(g), device, cfg.reps, cfg.warmup,
+                                    group)
+        out.append(("dense_bwd", macs, bwd, tag))
     return out
 
 
