@@ -540,6 +540,10 @@ class Trainer:
         routing trace (``train.trace``; then a collective and a host sync per step).
         fsmoe.parallel's trainer also feeds them to the expert placement policy."""
         if self.tcfg.trace:
+            if self.device.type == "cuda":
+                # the step's queued work is the step's, not tracing's: wait for it before the clock
+                # starts (tracing reads the counts on the host right after, so this adds no wait)
+                torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             counts_MRE = gather_traffic(counts_ME, self.groups.world_group if self.groups is not None else None)
             if self.tracer is not None:

@@ -202,3 +202,24 @@ def test_cuda_graph_run_checkpoints_plain_state_and_resumes_eagerly(tmp_path):
     resumed = Trainer(cfg2, tmp_path / "r", resume=True, console=Console(file=io.StringIO()))
     assert resumed.step == 8
     assert resumed.train_step().read().nonfinite_steps == 0
+
+
+def test_tracing_times_its_own_work_not_the_steps_queued_on_the_gpu(tmp_path):
+    """A traced step's "trace" phase is what tracing adds (the counts' gather and reads), which
+    ``fsmoe simulate step`` takes off the measured step; the step's own device work, still
+    queued when tracing starts, must not land in it."""
+    t = trainer(tmp_path, "bfloat16", "train.trace=true")
+    seen = []
+    write = t.tracer.write
+
+    def record(step, counts, ops, choices, phases):
+        seen.append(phases)
+        write(step, counts, ops, choices, phases)
+
+    t.tracer.write = record
+    # 0.1-0.2 s of GPU time in every forward: the host runs far ahead of the device
+    t.model.register_forward_hook(lambda *_: torch.cuda._sleep(200_000_000))
+    for _ in range(3):
+        t.train_step()
+    last = seen[-1]
+    assert last["forward"] > 0.05 and last["trace"] < 0.02, last

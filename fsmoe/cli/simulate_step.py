@@ -126,17 +126,26 @@ def step_report(run_dir: Path | None, profile_path: str, policy: str | None, rou
 def measured_phases(trace, step_s: float | None, skip: int = 5) -> dict[str, float] | None:
     """Medians of rank 0's step phases in ``trace`` (fsmoe.op_clock.StepClock), the first ``skip``
     steps left out: compute (forward + backward), grad_sync, optimizer, trace (what tracing took),
-    and the rest of ``step_s``; None without a trace or phases."""
+    and the rest (the loop): each traced step's own time less its phases, or, in a trace without
+    step times, ``step_s`` less the phases' medians. Where steps vary a lot (a shared host), the
+    median of sums and the sum of medians differ by tens of ms, so the loop is taken per step.
+    None without a trace or phases."""
     import numpy as np
 
     ph = trace.phases_N if trace is not None else None
     if not ph or not {"forward", "backward", "grad_sync", "optimizer"} <= set(ph):
         return None
     n = len(ph["forward"])
-    med = {k: float(np.nanmedian(v[skip:] if n > skip else v)) for k, v in ph.items()}
+    tail = slice(skip if n > skip else 0, None)
+    med = {k: float(np.nanmedian(v[tail])) for k, v in ph.items()}
     out = {"compute": med["forward"] + med["backward"], "grad_sync": med["grad_sync"], "optimizer": med["optimizer"],
            "trace": med.get("trace", 0.0)}
-    out["rest"] = max(0.0, step_s - sum(out.values())) if step_s else float("nan")
+    secs = trace.step_s if trace.step_s is not None and len(trace.step_s) == n else None
+    if secs is not None and np.isfinite(secs[tail]).any():
+        phases = sum(np.nan_to_num(v) for v in ph.values())
+        out["rest"] = max(0.0, float(np.nanmedian((secs - phases)[tail])))
+    else:
+        out["rest"] = max(0.0, step_s - sum(out.values())) if step_s else float("nan")
     return out
 
 
