@@ -45,6 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
+from fsmoe.infer.hybrid.zero_copy import MAX_ROWS as ZERO_COPY_ROWS
+from fsmoe.infer.hybrid.zero_copy import enabled as zero_copy_on
+from fsmoe.infer.hybrid.zero_copy import host_experts_mlp
 from fsmoe.infer.hybrid.cpu_kernel import cpu_experts_mlp
 from fsmoe.kernels.grouped_mm import grouped_mm_supported, grouped_mm_unmasked
 from fsmoe.infer.hybrid.partition import CC, GG, Split
@@ -154,7 +157,8 @@ class StreamBuffers:
     that order buffer reuse, pinned staging for the CC rows, and the CPU worker."""
 
     def __init__(self, device: torch.device, d_model: int, d_ff: int, swiglu: bool, dtype: torch.dtype,
-                 chunk: int = 1, cpu_threads: int | None = None, cpu_lane: str = "worker"):
+                 chunk: int = 1, cpu_threads: int | None = None, cpu_lane: str = "worker",
+                 zero_copy: bool | None = None):
         if cpu_lane not in CPU_LANES:
             raise ValueError(f"cpu_lane {cpu_lane!r}; allowed: {list(CPU_LANES)}")
         self.device, self.cuda, self.chunk, self.cpu_lane = device, device.type == "cuda", chunk, cpu_lane
@@ -173,6 +177,12 @@ class StreamBuffers:
         self.used = [False, False]  # a slot's free event has been recorded at least once
         self.returned = torch.cuda.Event() if self.cuda else None  # the last CC outputs are on the GPU
         self.returned_pending = False
+        # CG experts with a few rows read from pinned host memory by the GPU (zero_copy.py): None
+        # decides from the device, dtype and FSMOE_ZERO_COPY; True also runs on CPU tensors under
+        # Triton's interpreter (tests)
+        self.zero_copy = zero_copy_on(device, dtype) if zero_copy is None else zero_copy
+        self.zc_ready = torch.cuda.Event() if self.cuda else None  # its inputs are on the compute stream
+        self.zc_done = torch.cuda.Event() if self.cuda else None  # its rows of y are written
         self.staging: dict[str, Tensor] = {}
         # "worker": one thread; its intra-op pool leaves a core to the thread that issues the GPU work
         # (with every core busy in the GEMMs, that thread's launches and the OpenMP barriers stall
@@ -288,8 +298,11 @@ class HybridExecutor:
             expert_of_row = np.repeat(np.arange(len(counts)), counts)
             class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
             y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
-            chunks = self._chunks(split.cg_order)
-            if chunks:  # the longest lane's first copy before anything else
+            read = self._read_from_host(split.cg_order, counts)
+            chunks = self._chunks([e for e in split.cg_order if e not in read])
+            if read:  # the PCIe lane is the longest: its work before anything else
+                self._zero_copy(x_ND, y_ND, read, offs, rec)
+            if chunks:
                 self._copy_chunk(0, chunks[0], rec)
             cc = [e for e, c in enumerate(split.classes) if c == CC and counts[e]]
             pending = self._start_cpu(x_ND, class_of_row, cc, counts, rec, early) if cc else None
@@ -298,6 +311,8 @@ class HybridExecutor:
             self._streamed(x_ND, y_ND, chunks, offs, rec)
         if pending is not None:
             self._finish_cpu(y_ND, pending, rec, split)
+        if read and self.buffers.cuda:
+            torch.cuda.current_stream().wait_event(self.buffers.zc_done)
         return y_ND
 
     # ---------------------------------------------------------------- lanes
@@ -327,6 +342,30 @@ class HybridExecutor:
         idx = self._rows(class_of_row == GG)
         offs_G = self._to_device(np.cumsum([counts[e] for e in resident]), torch.int32)
         y_ND.index_copy_(0, idx, grouped_expert_mlp(x_ND.index_select(0, idx), ex.gpu, offs_G))
+
+    def _read_from_host(self, cg_order, counts: list[int]) -> list[int]:
+        """The CG experts the GPU reads from host memory in place (at most ZERO_COPY_ROWS rows each:
+        a decode step's); [] when the buffers do not read in place."""
+        if not self.buffers.zero_copy:
+            return []
+        return [int(e) for e in cg_order if 0 < counts[e] <= ZERO_COPY_ROWS]
+
+    def _zero_copy(self, x_ND: Tensor, y_ND: Tensor, experts: list[int], offs: np.ndarray, rec) -> None:
+        """These CG experts' rows of y, their weights read over PCIe where they lie: two launches on
+        the copy stream, beside the compute stream's work, once x, y's zeros and the plan are there."""
+        b = self.buffers
+        e = np.asarray(experts)
+        plan = self._to_device(np.stack([e, offs[e], offs[e + 1]]), torch.int32)
+        if not b.cuda:
+            host_experts_mlp(x_ND, self.experts.host, plan, y_ND)
+            return
+        plan.record_stream(b.copy_stream)  # made on the compute stream, read on the copy stream
+        b.zc_ready.record()
+        with torch.cuda.stream(b.copy_stream):
+            b.copy_stream.wait_event(b.zc_ready)
+            with rec.gpu("pcie", f"L{self.index} read {len(experts)} experts in place", b.copy_stream):
+                host_experts_mlp(x_ND, self.experts.host, plan, y_ND)
+            b.zc_done.record(b.copy_stream)
 
     def _chunks(self, order) -> list[list[int]]:
         return [list(order[i:i + self.buffers.chunk]) for i in range(0, len(order), self.buffers.chunk)]

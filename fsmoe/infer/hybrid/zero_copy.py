@@ -1,0 +1,129 @@
+"""Streamed experts read straight from pinned host memory by the GPU ("zero copy").
+
+Shape legend: N routed rows grouped by expert (``x_ND``), D model dim, F expert hidden dim, E
+experts of the layer, S experts run here.
+
+A decode step routes a few rows to each expert, so a CG expert's GEMMs are matrix-vector products
+that read each weight once. Copying the weights into a GPU buffer first (the copy stream, two
+buffers, events) costs the host about fifteen CUDA calls per expert; at a decode step's eight
+experts per layer that is most of the layer's issue time, longer than the copies themselves.
+Here the GEMMs read the weights where they lie: pinned host memory is mapped into the GPU's
+address space (UVA), so a kernel's loads of it travel over PCIe, and the whole layer's CG experts
+are two launches (the up-projection with its activation, then the down-projection) whatever
+their number. Each program streams a tile of one expert's weight rows (contiguous, so the reads
+coalesce into full PCIe transactions); many programs keep enough reads in flight to fill the bus.
+
+Only experts with at most :data:`MAX_ROWS` rows run here (each weight tile is read once for all
+of its expert's rows); the engine runs the others through its copy stream. :func:`host_experts_mlp`
+is the Triton path (the GPU, or Triton's interpreter on CPU tensors); the reference it must equal
+is the engine's ``expert_mlp`` over each expert's rows.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+MAX_ROWS = 16  # rows of one expert a program holds (its M tile)
+ENV = "FSMOE_ZERO_COPY"  # "0" turns the path off (the copy stream runs every CG expert)
+# tl.dot's precision per dtype: float32 in full (torch's float32 GEMMs do not use TF32 by default)
+PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the engine copies instead
+    triton = None
+
+
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether CG experts with few rows read their weights from host memory on ``device``: CUDA,
+    Triton importable, a dtype of :data:`PRECISION`, and ``FSMOE_ZERO_COPY`` not "0"."""
+    value = os.environ.get(ENV, "1")
+    if value not in ("0", "1"):
+        from fsmoe.config import ConfigError
+        raise ConfigError(ENV, value, "allowed: 0 (copy every streamed expert to the GPU first), 1 (read "
+                                      "few-row experts from pinned host memory)")
+    return value == "1" and triton is not None and device.type == "cuda" and dtype in PRECISION
+
+
+if triton is not None:
+    @triton.jit
+    def _rows_of(plan_ptr, S, BM: tl.constexpr):
+        """This program's expert (plan[0, s]) and its rows [BM] with their mask (plan[1, s] <= row < plan[2, s])."""
+        s = tl.program_id(0)
+        e = tl.load(plan_ptr + s)
+        r0 = tl.load(plan_ptr + S + s)
+        r1 = tl.load(plan_ptr + 2 * S + s)
+        rows = r0 + tl.arange(0, BM)
+        return e.to(tl.int64), rows, rows < r1
+
+    @triton.jit
+    def _rows_times_tile(acc, a_ptr, rows, row_mask, s_a, w_ptr, cols, col_mask, s_w, K,
+                         BK: tl.constexpr, PRECISION: tl.constexpr):
+        """acc [BM, BN] += a[rows, :K] @ w[cols, :K]^T; w rows are contiguous in K (the linear layout)."""
+        rk = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            kk = k0 + rk
+            a = tl.load(a_ptr + rows[:, None] * s_a + kk[None, :], mask=row_mask[:, None] & (kk[None, :] < K),
+                        other=0.0)
+            w = tl.load(w_ptr + cols[:, None] * s_w + kk[None, :], mask=col_mask[:, None] & (kk[None, :] < K),
+                        other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, plan_ptr, S, D, F, s_x, s_h, s_we,
+                   SWIGLU: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+        """h[rows, f tile] = act(x[rows] @ w1[e]^T) (* x[rows] @ w3[e]^T): grid (S, F / BF)."""
+        e, rows, row_mask = _rows_of(plan_ptr, S, BM)
+        cols = tl.program_id(1) * BF + tl.arange(0, BF)
+        col_mask = cols < F
+        acc1 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w1_ptr + e * s_we,
+                                cols, col_mask, D, D, BK, PRECISION)
+        if SWIGLU:
+            acc3 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w3_ptr + e * s_we,
+                                    cols, col_mask, D, D, BK, PRECISION)
+            h = acc1 * tl.sigmoid(acc1) * acc3
+        else:  # GeLU (erf), as torch's default
+            h = 0.5 * acc1 * (1.0 + tl.erf(acc1 * 0.7071067811865476))
+        tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+    @triton.jit
+    def _down_kernel(h_ptr, w2_ptr, y_ptr, plan_ptr, S, D, F, s_h, s_y, s_we,
+                     BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """y[rows, d tile] = h[rows] @ w2[e]^T: grid (S, D / BD)."""
+        e, rows, row_mask = _rows_of(plan_ptr, S, BM)
+        cols = tl.program_id(1) * BD + tl.arange(0, BD)
+        col_mask = cols < D
+        acc = _rows_times_tile(tl.zeros((BM, BD), tl.float32), h_ptr, rows, row_mask, s_h, w2_ptr + e * s_we,
+                               cols, col_mask, F, F, BK, PRECISION)
+        tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+
+def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan_3S: Tensor, y_ND: Tensor,
+                     h_NF: Tensor | None = None) -> None:
+    """y_ND[rows of s] = expert_mlp(x_ND[rows of s], w[e_s]) for each s < S, rows untouched elsewhere.
+
+    x_ND, y_ND: [N, D] on the GPU; w = (w1 [E, F, D], w3 [E, F, D] | None, w2 [E, D, F]) in pinned
+    host memory (read over PCIe); plan_3S: int32 [3, S] on the GPU: expert ids, first rows, end
+    rows (at most :data:`MAX_ROWS` rows each, rows of different experts disjoint); h_NF: scratch
+    for the hidden rows (allocated when None)."""
+    w1, w3, w2 = w
+    N, D = x_ND.shape
+    F, S = w1.shape[1], plan_3S.shape[1]
+    if S == 0:
+        return
+    assert x_ND.stride(1) == 1 and y_ND.stride(1) == 1 and all(t is None or t.is_contiguous() for t in w)
+    h = h_NF if h_NF is not None else x_ND.new_empty(N, F)
+    prec = PRECISION[x_ND.dtype]
+    up = dict(SWIGLU=w3 is not None, BM=MAX_ROWS, BF=32, BK=128, PRECISION=prec, num_warps=4, num_stages=3)
+    _up_kernel[(S, triton.cdiv(F, 32))](x_ND, w1, w3 if w3 is not None else w1, h, plan_3S, S, D, F,
+                                        x_ND.stride(0), h.stride(0), w1.stride(0), **up)
+    down = dict(BM=MAX_ROWS, BD=64, BK=128, PRECISION=prec, num_warps=4, num_stages=3)
+    _down_kernel[(S, triton.cdiv(D, 64))](h, w2, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
+                                          w2.stride(0), **down)

@@ -1,0 +1,98 @@
+"""Streamed experts read in place from pinned host memory (fsmoe/infer/hybrid/zero_copy.py).
+
+Runs where its Triton kernels run: on a GPU (scripts/gpu_check.sh), or on the CPU under Triton's
+interpreter (``TRITON_INTERPRET=1`` with Triton installed; float32 and float16 there). The switch
+and its errors are checked everywhere."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fsmoe.config import ConfigError
+from fsmoe.infer.hybrid import zero_copy
+from fsmoe.infer.hybrid.engine import expert_mlp
+
+CUDA = torch.cuda.is_available()
+INTERPRET = zero_copy.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = ["cuda"] if CUDA else (["cpu"] if INTERPRET else [])
+needs_kernels = pytest.mark.skipif(not DEVICES, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
+
+
+def test_the_switch_and_its_bad_values(monkeypatch):
+    monkeypatch.setenv(zero_copy.ENV, "yes")
+    with pytest.raises(ConfigError, match="FSMOE_ZERO_COPY.*allowed: 0"):
+        zero_copy.enabled(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setenv(zero_copy.ENV, "0")
+    assert not zero_copy.enabled(torch.device("cuda"), torch.bfloat16)
+    monkeypatch.delenv(zero_copy.ENV)
+    assert not zero_copy.enabled(torch.device("cpu"), torch.bfloat16)  # no GPU to read host memory
+    assert not zero_copy.enabled(torch.device("cuda"), torch.float64)
+
+
+def _experts(E, D, F, dtype, swiglu, device):
+    g = torch.Generator().manual_seed(E * D + F)
+    w = [torch.randn(E, F, D, generator=g) / D ** 0.5, torch.randn(E, F, D, generator=g) / D ** 0.5 if swiglu else None,
+         torch.randn(E, D, F, generator=g) / F ** 0.5]
+    w = [None if t is None else t.to(dtype) for t in w]
+    if device == "cuda":
+        w = [None if t is None else t.pin_memory() for t in w]
+    return tuple(w)
+
+
+@needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_in_place_experts_equal_each_expert_alone(device, swiglu, dtype):
+    """Odd sizes (D, F not multiples of the tiles), an expert with no rows, one with MAX_ROWS rows,
+    rows of experts not asked for left alone."""
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 arithmetic")
+    E, D, F = 7, 40, 72
+    w = _experts(E, D, F, dtype, swiglu, device)
+    counts = [2, 0, zero_copy.MAX_ROWS, 1, 5, 3, 1]
+    offs = np.concatenate([[0], np.cumsum(counts)])
+    x = torch.randn(int(offs[-1]) + 2, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+    sel = [0, 1, 2, 4, 6]
+    plan = torch.tensor(np.stack([sel, offs[sel], offs[np.array(sel) + 1]]), dtype=torch.int32, device=device)
+    y = torch.full_like(x, 7.0)
+    zero_copy.host_experts_mlp(x, w, plan, y)
+    for e in range(E):
+        rows = slice(int(offs[e]), int(offs[e + 1]))
+        if e in sel:
+            want = expert_mlp(x[rows].double().cpu(), *(None if t is None else t[e].double() for t in w))
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(y[rows].double().cpu(), want, atol=tol, rtol=tol)
+        else:
+            assert (y[rows] == 7.0).all()
+    assert (y[int(offs[-1]):] == 7.0).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("read_in_place", [True, False])
+def test_the_engine_reading_experts_in_place_gives_the_plain_models_tokens(read_in_place, monkeypatch):
+    """The stream policy with every CG expert read in place (or, switched off, copied): the plain
+    model's greedy tokens; on a GPU, float32 on the copy stream beside the compute stream."""
+    from test_hybrid_infer import PROMPTS, cuda_plain_and_hybrid, plain_and_hybrid, tiny
+
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid import engine
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    monkeypatch.setenv(zero_copy.ENV, "1" if read_in_place else "0")
+    cfg = tiny(n_layers=3)
+    if CUDA:
+        plain, hybrid = cuda_plain_and_hybrid(cfg, slots=5, chunk=2)
+        assert hybrid.buffers.zero_copy == read_in_place
+    else:
+        plain, hybrid = plain_and_hybrid(cfg, slots=5)
+        hybrid.buffers.zero_copy = read_in_place
+    calls = []
+    monkeypatch.setattr(engine, "host_experts_mlp", lambda *a: (calls.append(a[2].shape[1]), zero_copy.host_experts_mlp(*a)))
+    want = generate(plain, PROMPTS, Sampling(max_new_tokens=6)).new_tokens
+    hybrid.place(parse_policy("stream"), hot_LE=np.arange(18).reshape(-1, 6))
+    assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6)).new_tokens == want
+    assert bool(calls) == read_in_place and all(n > 0 for n in calls)
