@@ -13,13 +13,18 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
    of :mod:`.cpu_kernel`, which reads the weights at memory speed; the others expert by expert on
    torch's intra-op threads); with
    ``cpu_lane="inline"`` the calling thread computes them itself after steps 2 and 3 are issued;
-2. GG: the resident experts that have tokens, one by one on their own rows when they are few (a
-   decode step), else one grouped GEMM over their rows, on the compute stream;
-3. CG: the CG experts' weights are copied a chunk at a time on a copy stream into one of two GPU
-   buffers, and the compute stream runs a chunk (one grouped GEMM) once its copy has landed; a
-   buffer is refilled only after the chunk that used it is done (events), so copy i+1 overlaps
-   compute i. The first chunk's copy is issued before steps 1 and 2: the PCIe lane is the
-   longest in a decode step, and the host's time to issue the others would delay it;
+2. GG: the resident experts that have tokens, on the compute stream: with at most
+   ``zero_copy.MAX_ROWS`` rows each (a decode step) all of them in two launches of
+   :mod:`.zero_copy`'s kernels, else one grouped GEMM over their rows (or, without Triton, one by
+   one on their own rows when they are few);
+3. CG: an expert with at most ``zero_copy.MAX_ROWS`` rows is read in place: the GPU reads its
+   weights from pinned host memory over PCIe, every such expert of the layer in two launches on
+   the copy stream (:mod:`.zero_copy`). The others' weights are copied a chunk at a time on the
+   copy stream into one of two GPU buffers, and the compute stream runs a chunk (one grouped
+   GEMM) once its copy has landed; a buffer is refilled only after the chunk that used it is done
+   (events), so copy i+1 overlaps compute i. The PCIe work is issued before steps 1 and 2: the
+   PCIe lane is the longest in a decode step, and the host's time to issue the others would
+   delay it;
 4. the CPU results come back and are written into their rows.
 
 On a machine without CUDA the same code runs with the "GPU" on the CPU and no streams (CI checks
@@ -327,12 +332,19 @@ class HybridExecutor:
 
     def _resident(self, x_ND: Tensor, y_ND: Tensor, class_of_row: np.ndarray, counts: list[int],
                   offs: np.ndarray) -> None:
-        """The GG rows: expert by expert on their own rows when a few resident experts have tokens
-        (a decode step: no gather, no weights read but theirs), else one grouped GEMM."""
+        """The GG rows: with few rows per expert (a decode step) all in two launches of the in-place
+        kernel (zero_copy.py, here on GPU memory), or without it expert by expert on their own rows
+        when a few experts have tokens (no gather, no weights read but theirs); else one grouped
+        GEMM."""
         ex = self.experts
         resident = np.flatnonzero(ex.resident_E)
         active = [(g, int(e)) for g, e in enumerate(resident) if counts[e]]
         if not active:
+            return
+        if self.buffers.zero_copy and all(counts[e] <= ZERO_COPY_ROWS for _, e in active):
+            g, e = np.asarray(active).T
+            plan = self._to_device(np.stack([g, offs[e], offs[e + 1]]), torch.int32)
+            host_experts_mlp(x_ND, ex.gpu, plan, y_ND)
             return
         if len(active) <= FEW_EXPERTS:
             for g, e in active:

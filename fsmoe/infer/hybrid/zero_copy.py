@@ -110,7 +110,8 @@ def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan
     """y_ND[rows of s] = expert_mlp(x_ND[rows of s], w[e_s]) for each s < S, rows untouched elsewhere.
 
     x_ND, y_ND: [N, D] on the GPU; w = (w1 [E, F, D], w3 [E, F, D] | None, w2 [E, D, F]) in pinned
-    host memory (read over PCIe); plan_3S: int32 [3, S] on the GPU: expert ids, first rows, end
+    host memory (read over PCIe) or on the GPU (the engine's resident experts in a decode step:
+    two launches for all of them instead of five per expert); plan_3S: int32 [3, S] on the GPU: expert ids, first rows, end
     rows (at most :data:`MAX_ROWS` rows each, rows of different experts disjoint); h_NF: scratch
     for the hidden rows (allocated when None)."""
     w1, w3, w2 = w
