@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fsmoe.infer.hybrid.engine import expert_mlp
-from fsmoe.infer.hybrid.zero_copy import host_experts_mlp
+from fsmoe.infer.hybrid.zero_copy import Tiles, host_experts_mlp
 
 SHAPES = {"qwen3": (128, 2048, 768), "mixtral": (8, 4096, 14336)}  # E, D, F
 
@@ -49,23 +49,26 @@ def main() -> None:
     p.add_argument("--shapes", default="qwen3,mixtral")
     p.add_argument("--experts", default="1,2,4,8")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--tiles", default="32/64/128/4/3,16/32/128/4/3,32/64/256/4/3,64/128/64/4/4,32/64/128/8/4",
+                   help="BF/BD/BK/warps/stages candidates of the in-place kernels, the first the default")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     dev, out = torch.device("cuda"), []
+    counts = [int(s) for s in args.experts.split(",")]
     for name in args.shapes.split(","):
         E, D, F = SHAPES[name]
-        E = min(E, 16)  # enough experts to pick from, not the whole layer's memory
+        E = min(E, max(counts))  # the experts asked for, not the whole layer's memory
         w = tuple(torch.randn(E, *s, dtype=torch.bfloat16).mul_(0.02).pin_memory() for s in ((F, D), (F, D), (D, F)))
         bufs = tuple(torch.empty(s, dtype=torch.bfloat16, device=dev) for s in ((F, D), (F, D), (D, F)))
-        for S in (int(s) for s in args.experts.split(",")):
+        for S in counts:
             assert S <= E, f"{S} experts asked of {E}"
             experts = list(range(S))
             x = torch.randn(S, D, dtype=torch.bfloat16, device=dev)
             y = torch.zeros_like(x)
             plan = torch.tensor([experts, list(range(S)), list(range(1, S + 1))], dtype=torch.int32, device=dev)
 
-            def in_place():
-                host_experts_mlp(x, w, plan, y)
+            def in_place(tiles=Tiles()):
+                host_experts_mlp(x, w, plan, y, tiles=tiles)
 
             def copied(compute=True):
                 for s, e in enumerate(experts):
@@ -83,11 +86,17 @@ def main() -> None:
                 fn()  # warm-up (compiles the kernels on first use)
                 g, h = timed(fn, args.iters)
                 row[label] = {"gpu_ms": g * 1e3, "host_ms": h * 1e3, "GBps": nbytes / g / 1e9}
+            row["tiles"] = {}
+            for spec in args.tiles.split(","):
+                tiles = Tiles(*(int(v) for v in spec.split("/")))
+                in_place(tiles)
+                row["tiles"][spec] = timed(lambda: in_place(tiles), args.iters)[0] * 1e3
             out.append(row)
             print(f"{name} S={S}: " + "  ".join(f"{k} {row[k]['gpu_ms']:.3f} ms GPU ({row[k]['GBps']:.1f} GB/s), "
                                                   f"{row[k]['host_ms']:.3f} ms host"
                                                   for k in ("in_place", "copied", "copy_only"))
-                  + f"  max err {err:.2e}")
+                  + f"  max err {err:.2e}\n  in place by tiles (GPU ms): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in row["tiles"].items()))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": out}, f, indent=1)

@@ -21,6 +21,7 @@ is the engine's ``expert_mlp`` over each expert's rows.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -105,8 +106,20 @@ if triton is not None:
                  mask=row_mask[:, None] & col_mask[None, :])
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """A program's output columns (``bf`` of the up-projection, ``bd`` of the down-projection) and
+    its K step ``bk``; more, narrower programs keep more PCIe reads in flight."""
+
+    bf: int = 32
+    bd: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 3
+
+
 def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan_3S: Tensor, y_ND: Tensor,
-                     h_NF: Tensor | None = None) -> None:
+                     h_NF: Tensor | None = None, tiles: Tiles = Tiles()) -> None:
     """y_ND[rows of s] = expert_mlp(x_ND[rows of s], w[e_s]) for each s < S, rows untouched elsewhere.
 
     x_ND, y_ND: [N, D] on the GPU; w = (w1 [E, F, D], w3 [E, F, D] | None, w2 [E, D, F]) in pinned
@@ -121,10 +134,11 @@ def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan
         return
     assert x_ND.stride(1) == 1 and y_ND.stride(1) == 1 and all(t is None or t.is_contiguous() for t in w)
     h = h_NF if h_NF is not None else x_ND.new_empty(N, F)
-    prec = PRECISION[x_ND.dtype]
-    up = dict(SWIGLU=w3 is not None, BM=MAX_ROWS, BF=32, BK=128, PRECISION=prec, num_warps=4, num_stages=3)
-    _up_kernel[(S, triton.cdiv(F, 32))](x_ND, w1, w3 if w3 is not None else w1, h, plan_3S, S, D, F,
-                                        x_ND.stride(0), h.stride(0), w1.stride(0), **up)
-    down = dict(BM=MAX_ROWS, BD=64, BK=128, PRECISION=prec, num_warps=4, num_stages=3)
-    _down_kernel[(S, triton.cdiv(D, 64))](h, w2, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
-                                          w2.stride(0), **down)
+    t, prec = tiles, PRECISION[x_ND.dtype]
+    _up_kernel[(S, triton.cdiv(F, t.bf))](x_ND, w1, w3 if w3 is not None else w1, h, plan_3S, S, D, F,
+                                          x_ND.stride(0), h.stride(0), w1.stride(0), SWIGLU=w3 is not None,
+                                          BM=MAX_ROWS, BF=t.bf, BK=t.bk, PRECISION=prec, num_warps=t.warps,
+                                          num_stages=t.stages)
+    _down_kernel[(S, triton.cdiv(D, t.bd))](h, w2, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
+                                            w2.stride(0), BM=MAX_ROWS, BD=t.bd, BK=t.bk, PRECISION=prec,
+                                            num_warps=t.warps, num_stages=t.stages)
