@@ -28,6 +28,9 @@ def test_the_switch_and_its_bad_values(monkeypatch):
     monkeypatch.setenv(zero_copy.ENV, "0")
     assert not zero_copy.enabled(torch.device("cuda"), torch.bfloat16)
     monkeypatch.delenv(zero_copy.ENV)
+    assert not zero_copy.enabled(torch.device("cuda"), torch.bfloat16)  # off unless asked for
+    monkeypatch.setenv(zero_copy.ENV, "1")
+    assert zero_copy.enabled(torch.device("cuda"), torch.bfloat16) == (zero_copy.triton is not None)
     assert not zero_copy.enabled(torch.device("cpu"), torch.bfloat16)  # no GPU to read host memory
     assert not zero_copy.enabled(torch.device("cuda"), torch.float64)
 

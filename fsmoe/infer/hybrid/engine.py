@@ -147,8 +147,8 @@ class PinnedUploads:
         if buf is None or buf.numel() < t.numel() or buf.dtype != dtype:
             buf = self.bufs[i] = torch.empty(max(t.numel(), 1024), dtype=dtype, pin_memory=True)
         staged = buf[:t.numel()]
-        staged.copy_(t)
-        out = staged.to(self.device, non_blocking=True)
+        staged.copy_(t.reshape(-1))  # the ring's buffers are flat: any shape goes up as its elements
+        out = staged.to(self.device, non_blocking=True).view(t.shape)
         self.done[i].record()
         self.used[i] = True
         return out

@@ -27,7 +27,10 @@ import torch
 from torch import Tensor
 
 MAX_ROWS = 16  # rows of one expert a program holds (its M tile)
-ENV = "FSMOE_ZERO_COPY"  # "0" turns the path off (the copy stream runs every CG expert)
+# "1" turns the path on. Off by default for now: the kernels are checked on a GPU against each
+# expert alone, the engine's use of them only on the CPU (Triton's interpreter)
+ENV = "FSMOE_ZERO_COPY"
+DEFAULT = "0"
 # tl.dot's precision per dtype: float32 in full (torch's float32 GEMMs do not use TF32 by default)
 PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
 
@@ -39,9 +42,10 @@ except ImportError:  # CPU-only installs: the engine copies instead
 
 
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether CG experts with few rows read their weights from host memory on ``device``: CUDA,
-    Triton importable, a dtype of :data:`PRECISION`, and ``FSMOE_ZERO_COPY`` not "0"."""
-    value = os.environ.get(ENV, "1")
+    """Whether experts with few rows run on this module's kernels on ``device`` (CG ones reading
+    their weights from host memory): CUDA, Triton importable, a dtype of :data:`PRECISION`, and
+    ``FSMOE_ZERO_COPY=1``."""
+    value = os.environ.get(ENV, DEFAULT)
     if value not in ("0", "1"):
         from fsmoe.config import ConfigError
         raise ConfigError(ENV, value, "allowed: 0 (copy every streamed expert to the GPU first), 1 (read "
