@@ -240,6 +240,21 @@ def test_the_cpu_lane_is_refitted_from_what_the_forwards_measure():
     assert hybrid.costs.stream == COSTS.stream
 
 
+def test_one_outlying_forward_does_not_price_the_cpu_lane_out():
+    """The first CC forward once built the native kernel (seconds against a modelled 0.3 ms): the
+    refit priced the CPU lane at 120x and no split chose it again, so nothing measured it back."""
+    from fsmoe.infer.hybrid.model import CPU_REFIT_STEP, CPU_REFIT_WEIGHT
+
+    _, hybrid = plain_and_hybrid(tiny(), slots=0)
+    split = best_split([0, 5, 0, 0, 0, 0], [False] * 6, COSTS)
+    hybrid._observe_cpu(split, 1e4 * COSTS.cpu(5))
+    assert hybrid.cpu_scale == pytest.approx(CPU_REFIT_STEP ** CPU_REFIT_WEIGHT)
+    assert best_split([0, 5, 0, 0, 0, 0], [False] * 6, hybrid.costs).classes[1] == CC
+    for _ in range(40):
+        hybrid._observe_cpu(split, 2 * COSTS.cpu(5))
+    assert hybrid.cpu_scale == pytest.approx(2, rel=0.02)
+
+
 def test_the_race_times_each_candidate_then_keeps_the_fastest_and_retries_the_runner_up():
     from fsmoe.infer.hybrid.race import MIN_SAMPLES, RETRY, SplitRace
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fsmoe.config import ModelConfig
+from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
@@ -27,6 +28,11 @@ from fsmoe.infer.model import materialise
 from fsmoe.models import MoEDecoder, build_model
 
 CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving average
+# One forward moves the CPU lane's scale by at most this factor's CPU_REFIT_WEIGHT-th power: a
+# single outlier (the native kernel built by the first CC forward: seconds against a modelled
+# fraction of a millisecond) once priced the CPU lane at 120x what it runs at, after which no
+# split chose it again and so nothing measured it back down.
+CPU_REFIT_STEP = 4.0
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -87,6 +93,8 @@ class HybridModel:
         cfg = model.cfg
         E = cfg.moe.num_experts
         dtype = host[0][0].dtype
+        if dtype == torch.bfloat16:  # build (or load) the native CPU kernel now, not in the first forward
+            CpuExpertKernel.load()
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
                                      chunk or memory.chunk, cpu_threads, cpu_lane)
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
@@ -155,12 +163,15 @@ class HybridModel:
     def _observe_cpu(self, split: Split, seconds: float) -> None:
         """Refit the CPU lane online: a forward's CPU experts run beside the GPU issuer, the copies
         and the other lanes' memory traffic, which a measurement of one expert alone does not see.
-        The costs the split uses follow the measured/modelled ratio (moving average)."""
+        The costs the split uses follow the measured/modelled ratio (a moving average of its
+        logarithm; one forward moves it by at most ``CPU_REFIT_STEP ** CPU_REFIT_WEIGHT``)."""
         c = self.base_costs.busy() if split.count(CG) else self.base_costs
         modelled = c.cpu_call + sum(c.cpu(n) for cls, n in zip(split.classes, split.counts) if cls == CC and n)
         if modelled <= 0 or seconds <= 0:
             return
-        self.cpu_scale += CPU_REFIT_WEIGHT * (seconds / modelled - self.cpu_scale)
+        # a moving average of log(measured / modelled), each forward's clipped near the current scale
+        step = np.clip(np.log(seconds / modelled / self.cpu_scale), -np.log(CPU_REFIT_STEP), np.log(CPU_REFIT_STEP))
+        self.cpu_scale *= float(np.exp(CPU_REFIT_WEIGHT * step))
         b = self.base_costs
         self.costs = dataclasses.replace(b, cpu_fixed=b.cpu_fixed * self.cpu_scale,
                                          cpu_per_token=b.cpu_per_token * self.cpu_scale,
