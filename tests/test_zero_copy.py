@@ -49,24 +49,37 @@ def _experts(E, D, F, dtype, swiglu, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("swiglu", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_in_place_experts_equal_each_expert_alone(device, swiglu, dtype):
+@pytest.mark.parametrize("resident", [False, True])
+def test_in_place_experts_equal_each_expert_alone(device, swiglu, dtype, resident):
     """Odd sizes (D, F not multiples of the tiles), an expert with no rows, one with MAX_ROWS rows,
-    rows of experts not asked for left alone."""
+    one with more (read once per MAX_ROWS rows), rows of experts not asked for left alone; with
+    ``resident``, some experts read from their GPU copies (their host copies are NaN: never read)."""
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 arithmetic")
     E, D, F = 7, 40, 72
     w = _experts(E, D, F, dtype, swiglu, device)
-    counts = [2, 0, zero_copy.MAX_ROWS, 1, 5, 3, 1]
+    counts = [2, 0, zero_copy.MAX_ROWS, 1, zero_copy.MAX_ROWS + 3, 3, 1]
     offs = np.concatenate([[0], np.cumsum(counts)])
     x = torch.randn(int(offs[-1]) + 2, D, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
     sel = [0, 1, 2, 4, 6]
     plan = torch.tensor(np.stack([sel, offs[sel], offs[np.array(sel) + 1]]), dtype=torch.int32, device=device)
+    good, args = w, {}
+    if resident:
+        on_gpu = [4, 6]
+        slot = torch.full((E,), -1, dtype=torch.int32)
+        slot[on_gpu] = torch.arange(len(on_gpu), dtype=torch.int32)
+        copies = tuple(None if t is None else t[on_gpu].to(device) for t in w)
+        good = tuple(None if t is None else t.clone() for t in w)
+        for t in w:
+            if t is not None:
+                t[on_gpu] = float("nan")
+        args = {"resident": (copies, slot.to(device))}
     y = torch.full_like(x, 7.0)
-    zero_copy.host_experts_mlp(x, w, plan, y)
+    zero_copy.host_experts_mlp(x, w, plan, y, **args)
     for e in range(E):
         rows = slice(int(offs[e]), int(offs[e + 1]))
         if e in sel:
-            want = expert_mlp(x[rows].double().cpu(), *(None if t is None else t[e].double() for t in w))
+            want = expert_mlp(x[rows].double().cpu(), *(None if t is None else t[e].double() for t in good))
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(y[rows].double().cpu(), want, atol=tol, rtol=tol)
         else:

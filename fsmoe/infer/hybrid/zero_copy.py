@@ -55,14 +55,19 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rows_of(plan_ptr, S, BM: tl.constexpr):
-        """This program's expert (plan[0, s]) and its rows [BM] with their mask (plan[1, s] <= row < plan[2, s])."""
+    def _expert_of(plan_ptr, slot_ptr, w_ptr, g_ptr, S, s_we, HAS_GPU: tl.constexpr):
+        """This program's expert: (its weight matrix, first row, end row) from plan[:, program 0];
+        with HAS_GPU a resident expert (slot[e] >= 0) is read from its GPU copy g[slot[e]]."""
         s = tl.program_id(0)
-        e = tl.load(plan_ptr + s)
+        e = tl.load(plan_ptr + s).to(tl.int64)
         r0 = tl.load(plan_ptr + S + s)
         r1 = tl.load(plan_ptr + 2 * S + s)
-        rows = r0 + tl.arange(0, BM)
-        return e.to(tl.int64), rows, rows < r1
+        w = w_ptr + e * s_we
+        if HAS_GPU:
+            g = tl.load(slot_ptr + e).to(tl.int64)
+            if g >= 0:
+                w = g_ptr + g * s_we
+        return w, r0, r1
 
     @triton.jit
     def _rows_times_tile(acc, a_ptr, rows, row_mask, s_a, w_ptr, cols, col_mask, s_w, K,
@@ -79,35 +84,44 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _up_kernel(x_ptr, w1_ptr, w3_ptr, h_ptr, plan_ptr, S, D, F, s_x, s_h, s_we,
-                   SWIGLU: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr, BK: tl.constexpr,
-                   PRECISION: tl.constexpr):
-        """h[rows, f tile] = act(x[rows] @ w1[e]^T) (* x[rows] @ w3[e]^T): grid (S, F / BF)."""
-        e, rows, row_mask = _rows_of(plan_ptr, S, BM)
+    def _up_kernel(x_ptr, w1_ptr, w3_ptr, g1_ptr, g3_ptr, slot_ptr, h_ptr, plan_ptr, S, D, F, s_x, s_h, s_we,
+                   SWIGLU: tl.constexpr, HAS_GPU: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
+                   BK: tl.constexpr, PRECISION: tl.constexpr):
+        """h[rows, f tile] = act(x[rows] @ w1[e]^T) (* x[rows] @ w3[e]^T): grid (S, F / BF). An
+        expert without rows reads nothing; more than BM rows are taken BM at a time."""
+        w1, r0, r1 = _expert_of(plan_ptr, slot_ptr, w1_ptr, g1_ptr, S, s_we, HAS_GPU)
+        w3, r0, r1 = _expert_of(plan_ptr, slot_ptr, w3_ptr, g3_ptr, S, s_we, HAS_GPU)
         cols = tl.program_id(1) * BF + tl.arange(0, BF)
         col_mask = cols < F
-        acc1 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w1_ptr + e * s_we,
-                                cols, col_mask, D, D, BK, PRECISION)
-        if SWIGLU:
-            acc3 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w3_ptr + e * s_we,
-                                    cols, col_mask, D, D, BK, PRECISION)
-            h = acc1 * tl.sigmoid(acc1) * acc3
-        else:  # GeLU (erf), as torch's default
-            h = 0.5 * acc1 * (1.0 + tl.erf(acc1 * 0.7071067811865476))
-        tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        for m0 in range(r0, r1, BM):
+            rows = m0 + tl.arange(0, BM)
+            row_mask = rows < r1
+            acc1 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w1, cols, col_mask,
+                                    D, D, BK, PRECISION)
+            if SWIGLU:
+                acc3 = _rows_times_tile(tl.zeros((BM, BF), tl.float32), x_ptr, rows, row_mask, s_x, w3, cols,
+                                        col_mask, D, D, BK, PRECISION)
+                h = acc1 * tl.sigmoid(acc1) * acc3
+            else:  # GeLU (erf), as torch's default
+                h = 0.5 * acc1 * (1.0 + tl.erf(acc1 * 0.7071067811865476))
+            tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
 
     @triton.jit
-    def _down_kernel(h_ptr, w2_ptr, y_ptr, plan_ptr, S, D, F, s_h, s_y, s_we,
-                     BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    def _down_kernel(h_ptr, w2_ptr, g2_ptr, slot_ptr, y_ptr, plan_ptr, S, D, F, s_h, s_y, s_we,
+                     HAS_GPU: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
+                     PRECISION: tl.constexpr):
         """y[rows, d tile] = h[rows] @ w2[e]^T: grid (S, D / BD)."""
-        e, rows, row_mask = _rows_of(plan_ptr, S, BM)
+        w2, r0, r1 = _expert_of(plan_ptr, slot_ptr, w2_ptr, g2_ptr, S, s_we, HAS_GPU)
         cols = tl.program_id(1) * BD + tl.arange(0, BD)
         col_mask = cols < D
-        acc = _rows_times_tile(tl.zeros((BM, BD), tl.float32), h_ptr, rows, row_mask, s_h, w2_ptr + e * s_we,
-                               cols, col_mask, F, F, BK, PRECISION)
-        tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=row_mask[:, None] & col_mask[None, :])
+        for m0 in range(r0, r1, BM):
+            rows = m0 + tl.arange(0, BM)
+            row_mask = rows < r1
+            acc = _rows_times_tile(tl.zeros((BM, BD), tl.float32), h_ptr, rows, row_mask, s_h, w2, cols, col_mask,
+                                   F, F, BK, PRECISION)
+            tl.store(y_ptr + rows[:, None] * s_y + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & col_mask[None, :])
 
 
 @dataclass(frozen=True)
@@ -123,26 +137,32 @@ class Tiles:
 
 
 def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan_3S: Tensor, y_ND: Tensor,
-                     h_NF: Tensor | None = None, tiles: Tiles = Tiles()) -> None:
+                     h_NF: Tensor | None = None, tiles: Tiles = Tiles(),
+                     resident: tuple[tuple[Tensor, Tensor | None, Tensor], Tensor] | None = None) -> None:
     """y_ND[rows of s] = expert_mlp(x_ND[rows of s], w[e_s]) for each s < S, rows untouched elsewhere.
 
     x_ND, y_ND: [N, D] on the GPU; w = (w1 [E, F, D], w3 [E, F, D] | None, w2 [E, D, F]) in pinned
     host memory (read over PCIe) or on the GPU (the engine's resident experts in a decode step:
-    two launches for all of them instead of five per expert); plan_3S: int32 [3, S] on the GPU: expert ids, first rows, end
-    rows (at most :data:`MAX_ROWS` rows each, rows of different experts disjoint); h_NF: scratch
-    for the hidden rows (allocated when None)."""
+    two launches for all of them instead of five per expert); plan_3S: int32 [3, S] on the GPU:
+    expert ids, first rows, end rows (rows of different experts disjoint; an expert without rows
+    costs nothing, one with more than :data:`MAX_ROWS` reads its weights once per MAX_ROWS rows);
+    ``resident``: (the GPU copies [G, ...] of some experts, slot_E int32 [E]: expert e's index in
+    them, or -1): those experts are read from the GPU, the others from ``w``; h_NF: scratch for the
+    hidden rows (allocated when None)."""
     w1, w3, w2 = w
     N, D = x_ND.shape
     F, S = w1.shape[1], plan_3S.shape[1]
     if S == 0:
         return
     assert x_ND.stride(1) == 1 and y_ND.stride(1) == 1 and all(t is None or t.is_contiguous() for t in w)
+    g1, g3, g2 = w if resident is None else resident[0]
+    slot = plan_3S if resident is None else resident[1]  # (unread without resident experts)
     h = h_NF if h_NF is not None else x_ND.new_empty(N, F)
-    t, prec = tiles, PRECISION[x_ND.dtype]
-    _up_kernel[(S, triton.cdiv(F, t.bf))](x_ND, w1, w3 if w3 is not None else w1, h, plan_3S, S, D, F,
-                                          x_ND.stride(0), h.stride(0), w1.stride(0), SWIGLU=w3 is not None,
-                                          BM=MAX_ROWS, BF=t.bf, BK=t.bk, PRECISION=prec, num_warps=t.warps,
-                                          num_stages=t.stages)
-    _down_kernel[(S, triton.cdiv(D, t.bd))](h, w2, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
-                                            w2.stride(0), BM=MAX_ROWS, BD=t.bd, BK=t.bk, PRECISION=prec,
-                                            num_warps=t.warps, num_stages=t.stages)
+    t, prec, on_gpu = tiles, PRECISION[x_ND.dtype], resident is not None
+    _up_kernel[(S, triton.cdiv(F, t.bf))](x_ND, w1, w3 if w3 is not None else w1, g1, g3 if g3 is not None else g1,
+                                          slot, h, plan_3S, S, D, F, x_ND.stride(0), h.stride(0), w1.stride(0),
+                                          SWIGLU=w3 is not None, HAS_GPU=on_gpu, BM=MAX_ROWS, BF=t.bf, BK=t.bk,
+                                          PRECISION=prec, num_warps=t.warps, num_stages=t.stages)
+    _down_kernel[(S, triton.cdiv(D, t.bd))](h, w2, g2, slot, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
+                                            w2.stride(0), HAS_GPU=on_gpu, BM=MAX_ROWS, BD=t.bd, BK=t.bk,
+                                            PRECISION=prec, num_warps=t.warps, num_stages=t.stages)
