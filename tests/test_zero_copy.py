@@ -87,16 +87,10 @@ def test_in_place_experts_equal_each_expert_alone(device, swiglu, dtype, residen
     assert (y[int(offs[-1]):] == 7.0).all()
 
 
-@needs_kernels
-@pytest.mark.parametrize("read_in_place", [True, False])
-def test_the_engine_reading_experts_in_place_gives_the_plain_models_tokens(read_in_place, monkeypatch):
-    """The stream policy with every CG expert read in place (or, switched off, copied): the plain
-    model's greedy tokens; on a GPU, float32 on the copy stream beside the compute stream."""
-    from test_hybrid_infer import PROMPTS, cuda_plain_and_hybrid, plain_and_hybrid, tiny
-
-    from fsmoe.infer.generate import Sampling, generate
-    from fsmoe.infer.hybrid import engine
-    from fsmoe.infer.hybrid.policies import parse_policy
+def _hybrid(read_in_place: bool, monkeypatch):
+    """The tiny model and its hybrid twin (on the GPU when there is one, float32), in-place reads
+    switched on or off."""
+    from test_hybrid_infer import cuda_plain_and_hybrid, plain_and_hybrid, tiny
 
     monkeypatch.setenv(zero_copy.ENV, "1" if read_in_place else "0")
     cfg = tiny(n_layers=3)
@@ -106,9 +100,61 @@ def test_the_engine_reading_experts_in_place_gives_the_plain_models_tokens(read_
     else:
         plain, hybrid = plain_and_hybrid(cfg, slots=5)
         hybrid.buffers.zero_copy = read_in_place
+    return plain, hybrid
+
+
+@needs_kernels
+@pytest.mark.parametrize("policy", ["stream", "static:0.5"])
+@pytest.mark.parametrize("read_in_place", [True, False])
+def test_the_engine_reading_experts_in_place_gives_the_plain_models_tokens(policy, read_in_place, monkeypatch):
+    """Streaming (every non-resident expert read in place; with the switch on, small forwards on
+    the device alone) and a static split (CG experts read in place beside CPU ones): the plain
+    model's greedy tokens; switched off, the copy stream's."""
+    from test_hybrid_infer import PROMPTS
+
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid import engine, in_place
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    plain, hybrid = _hybrid(read_in_place, monkeypatch)
     calls = []
-    monkeypatch.setattr(engine, "host_experts_mlp", lambda *a: (calls.append(a[2].shape[1]), zero_copy.host_experts_mlp(*a)))
+    for module in (engine, in_place):
+        monkeypatch.setattr(module, "host_experts_mlp",
+                            lambda *a, **k: (calls.append(a[2].shape[1]), zero_copy.host_experts_mlp(*a, **k)))
     want = generate(plain, PROMPTS, Sampling(max_new_tokens=6)).new_tokens
-    hybrid.place(parse_policy("stream"), hot_LE=np.arange(18).reshape(-1, 6))
+    hybrid.place(parse_policy(policy), hot_LE=np.arange(18).reshape(-1, 6))
+    on_device = [isinstance(m.executor, in_place.InPlaceStreamExecutor) for m in hybrid.model.moe_layers()]
+    assert on_device == [read_in_place and policy == "stream"] * 3
     assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6)).new_tokens == want
     assert bool(calls) == read_in_place and all(n > 0 for n in calls)
+
+
+def test_resident_slots_and_which_steps_need_the_host():
+    from fsmoe.infer.decode_graph import _needs_host
+    from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
+
+    assert slots_of(np.array([False, True, False, True]), torch.device("cpu")).tolist() == [-1, 0, -1, 1]
+    assert slots_of(np.zeros(3, dtype=bool), torch.device("cpu")) is None
+    ex = InPlaceStreamExecutor(None, None)
+    assert not _needs_host(ex, zero_copy.MAX_ROWS) and _needs_host(ex, zero_copy.MAX_ROWS + 1)
+    assert _needs_host(type("Host", (), {"needs_host": True})(), 1) and not _needs_host(object(), 1)
+
+
+@pytest.mark.skipif(not CUDA or zero_copy.triton is None, reason="needs a CUDA device and Triton")
+def test_graphed_streaming_decode_with_in_place_reads_is_one_graph(monkeypatch):
+    """With every expert resident or read in place, a decode step never asks the host: it is
+    captured whole (no cut at the MoE layers) and gives the eager plain model's tokens."""
+    from test_hybrid_infer import PROMPTS
+
+    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    plain, hybrid = _hybrid(True, monkeypatch)
+    hybrid.place(parse_policy("stream"), hot_LE=np.arange(18).reshape(3, 6))
+    want = generate(plain, PROMPTS, Sampling(max_new_tokens=10)).new_tokens
+    graphs = DecodeGraphs(hybrid.model)
+    for _ in range(2):
+        assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=10), graphs).new_tokens == want
+    runner = graphs.runners[2]
+    assert runner.failed is None and len(runner.graphs) == 1 and not runner.cuts

@@ -29,6 +29,7 @@ from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
 from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
+from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
 from fsmoe.infer.hybrid.model import HybridModel, random_model
 from fsmoe.infer.hybrid.partition import CLASS_NAMES
@@ -150,6 +151,8 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     res["decode_tokens_per_s"], res["decode_runs"] = measure_decode(hybrid, args, graphs)
     res["decode_graph"] = graphs is not None
     res["decode_experts_per_layer"] = _split_summary(hybrid.splits[len(hybrid.model.moe_layers()):])
+    # streaming with the in-place kernels decodes on the device alone: no split is made (in_place.py)
+    res["decode_in_place"] = any(isinstance(m.executor, InPlaceStreamExecutor) for m in hybrid.model.moe_layers())
     generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), prefill)
     prompt = _prompts(1, args.prefill, cfg.vocab_size, 7)
     rates = _runs(hybrid, args.repeats, lambda: args.prefill / generate(hybrid.model, prompt, prefill).prefill_s)

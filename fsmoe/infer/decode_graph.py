@@ -7,7 +7,8 @@ cache write, attention, the router, the dispatch order); issued one by one from 
 longer than the GPU needs to run them. Captured once and replayed, they cost one launch.
 
 A layer whose executor needs the host (the hybrid engine reads each layer's token counts to split
-its experts between GPU, PCIe and CPU: ``executor.needs_host``) cannot be inside a graph. The
+its experts between GPU, PCIe and CPU: ``executor.needs_host``, or ``executor.needs_host_for(B)``
+where that depends on the step's size) cannot be inside a graph. The
 capture is therefore cut there: the graph ends with the layer's routed rows ``x_ND`` and its
 ``RoutingPlan``; at replay the executor runs eagerly on them and writes its output into a fixed
 buffer ``y_ND`` that the next graph reads. A step is then
@@ -114,7 +115,8 @@ class GraphedDecode:
     @contextmanager
     def _executors(self, wrap):
         """Every executor that needs the host replaced by ``wrap(executor)`` inside the block."""
-        layers = [m for m in self.model.modules() if getattr(getattr(m, "executor", None), "needs_host", False)]
+        tokens = self.idx_B1.shape[0]
+        layers = [m for m in self.model.modules() if _needs_host(getattr(m, "executor", None), tokens)]
         saved = [m.executor for m in layers]
         for m, ex in zip(layers, saved):
             m.executor = wrap(ex)
@@ -202,6 +204,13 @@ def _relative(filename: str) -> str:
     here = Path(__file__).resolve().parents[1]
     path = Path(filename).resolve()
     return str(path.relative_to(here.parent)) if path.is_relative_to(here) else filename
+
+
+def _needs_host(executor, tokens: int) -> bool:
+    """Whether a layer's executor reads the host in a step of ``tokens`` tokens (then the graph is
+    cut there): ``executor.needs_host_for(tokens)`` where it says, else ``executor.needs_host``."""
+    ask = getattr(executor, "needs_host_for", None)
+    return ask(tokens) if ask is not None else bool(getattr(executor, "needs_host", False))
 
 
 def _sync_site(stack: list[traceback.FrameSummary]) -> str:

@@ -19,6 +19,7 @@ from fsmoe.config import ModelConfig
 from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
+from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy, candidate_split
@@ -128,6 +129,10 @@ class HybridModel:
             ex.experts.resident_E = res
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
+        in_place = policy.rule == "stream" and self.buffers.zero_copy
+        for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
+            # streaming with the in-place kernels: small forwards need no host (in_place.py)
+            layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device)) if in_place else ex
         self.policy = policy
         self.race = SplitRace() if policy.race else None
         self._hot_for_policy = hot
