@@ -13,13 +13,13 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
    of :mod:`.cpu_kernel`, which reads the weights at memory speed; the others expert by expert on
    torch's intra-op threads); with
    ``cpu_lane="inline"`` the calling thread computes them itself after steps 2 and 3 are issued;
-2. GG: the resident experts that have tokens, on the compute stream: with at most
-   ``zero_copy.MAX_ROWS`` rows each (a decode step) all of them in two launches of
-   :mod:`.zero_copy`'s kernels, else one grouped GEMM over their rows (or, without Triton, one by
-   one on their own rows when they are few);
-3. CG: an expert with at most ``zero_copy.MAX_ROWS`` rows is read in place: the GPU reads its
-   weights from pinned host memory over PCIe, every such expert of the layer in two launches on
-   the copy stream (:mod:`.zero_copy`). The others' weights are copied a chunk at a time on the
+2. GG: the resident experts that have tokens, on the compute stream: with in-place reads on
+   (``FSMOE_ZERO_COPY=1``) and at most ``zero_copy.MAX_ROWS`` rows each (a decode step) all of
+   them in two launches of :mod:`.zero_copy`'s kernels; else one by one on their own rows when
+   they are few, or one grouped GEMM over their rows;
+3. CG: with in-place reads on, an expert with at most ``zero_copy.MAX_ROWS`` rows is read in
+   place: the GPU reads its weights from pinned host memory over PCIe, every such expert of the
+   layer in two launches on the copy stream (:mod:`.zero_copy`). The others' weights are copied a chunk at a time on the
    copy stream into one of two GPU buffers, and the compute stream runs a chunk (one grouped
    GEMM) once its copy has landed; a buffer is refilled only after the chunk that used it is done
    (events), so copy i+1 overlaps compute i. The PCIe work is issued before steps 1 and 2: the
@@ -304,7 +304,8 @@ class HybridExecutor:
             class_of_row = np.asarray(split.classes, dtype=np.int8)[expert_of_row]
             y_ND = torch.zeros_like(x_ND)  # dropped rows (past offs[-1]) stay 0
             read = self._read_from_host(split.cg_order, counts)
-            chunks = self._chunks([e for e in split.cg_order if e not in read])
+            in_place = set(read)
+            chunks = self._chunks([e for e in split.cg_order if e not in in_place])
             if read:  # the PCIe lane is the longest: its work before anything else
                 self._zero_copy(x_ND, y_ND, read, offs, rec)
             if chunks:
