@@ -19,9 +19,9 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
    they are few, or one grouped GEMM over their rows;
 3. CG: with in-place reads on, an expert with at most ``zero_copy.MAX_ROWS`` rows is read in
    place: the GPU reads its weights from pinned host memory over PCIe, every such expert of the
-   layer in two launches on the copy stream (:mod:`.zero_copy`). The others' weights are copied a chunk at a time on the
-   copy stream into one of two GPU buffers, and the compute stream runs a chunk (one grouped
-   GEMM) once its copy has landed; a buffer is refilled only after the chunk that used it is done
+   layer in two launches on the copy stream (:mod:`.zero_copy`). The others' weights are copied a
+   chunk at a time on the copy stream into one of two GPU buffers, and the compute stream runs a
+   chunk (one grouped GEMM) once its copy has landed; a buffer is refilled only after the chunk that used it is done
    (events), so copy i+1 overlaps compute i. The PCIe work is issued before steps 1 and 2: the
    PCIe lane is the longest in a decode step, and the host's time to issue the others would
    delay it;
