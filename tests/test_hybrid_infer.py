@@ -331,6 +331,7 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
     (["--gpu-mem-gb", "1", "--hot", "HOT_BAD_SHAPE", "--device", "cpu"], "--hot"),
     (["--gpu-mem-gb", "1", "--hot", "MISSING", "--device", "cpu"], "--hot"),
     (["--gpu-mem-gb", "1", "--costs", "MISSING", "--device", "cpu"], "--costs"),
+    (["--gpu-mem-gb", "1", "--zero-copy", "on", "--device", "cpu"], "--zero-copy"),
 ])
 def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path, capsys, extra, field):
     from fsmoe import cli
@@ -342,6 +343,14 @@ def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path,
     assert cli.main(["infer", str(tiny_run), "--prompt-ids", "1 2", "--max-new-tokens", "2", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {field}") and "Traceback" not in err
+
+
+def test_bench_infer_refuses_in_place_reads_where_they_cannot_run(tmp_path, capsys):
+    from fsmoe import cli
+
+    assert cli.main(["bench", "infer", "--config", "tiny", "--device", "cpu", "--gpu-mem-gb", "0.01",
+                     "--zero-copy", "on", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.startswith("error: --zero-copy") and not (tmp_path / "b").exists()
 
 
 def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):

@@ -28,6 +28,7 @@ from fsmoe.bench.common import device_info
 from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
+from fsmoe.infer.hybrid import zero_copy
 from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
@@ -57,6 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="worker: a thread computes the CPU experts while the GPU work is issued; inline: the "
                         "GPU work is issued first (indices through pinned memory), then this thread computes them")
+    p.add_argument("--zero-copy", choices=["on", "off"], default=None,
+                   help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
+                        "and with the stream policy decode steps on the device alone (default: FSMOE_ZERO_COPY=1 "
+                        "turns it on; off otherwise). Needs CUDA and Triton")
     p.add_argument("--decode-graph", choices=["on", "off", "both"], default="both",
                    help="decode steps replayed from CUDA graphs (on), issued op by op (off), or both measured "
                         "(the headline figure is the graphed one; CUDA only)")
@@ -245,6 +250,7 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = load_config(args.config, args.overrides).model
+    in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before the model is built
     cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
@@ -253,7 +259,8 @@ def run(args) -> int:
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
                              prefill_tokens=max(max(tokens), args.prefill, args.calib_tokens))
-    hybrid = HybridModel(model, host, costs, memory, device, cpu_lane=args.cpu_lane)
+    hybrid = HybridModel(model, host, costs, memory, device, cpu_lane=args.cpu_lane,
+                         zero_copy=in_place)
     console.print(f"{cfg.n_layers} layers x {cfg.moe.num_experts} experts ({memory.per_expert / 2**20:.1f} MiB each) "
                   f"built in {time.perf_counter() - t0:.0f} s on {device}; GPU budget {args.gpu_mem_gb:g} GiB holds "
                   f"{memory.slots} of {memory.num_experts} experts; lane costs {costs}")

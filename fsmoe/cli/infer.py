@@ -34,6 +34,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-hot", type=Path, help="write the frequencies counted in this run")
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="how the CPU experts run beside the GPU work (see fsmoe bench infer --help)")
+    p.add_argument("--zero-copy", choices=["on", "off"], default=None,
+                   help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
+                        "and with --policy stream decode steps on the device alone (default: FSMOE_ZERO_COPY=1 "
+                        "turns it on; off otherwise). Needs CUDA and Triton")
     p.add_argument("--costs", type=Path, help="lane costs from fsmoe bench infer (costs.json); default: measured")
     p.add_argument("--timeline", type=Path, help="write the lanes of this run (Chrome trace JSON and a PNG) here")
     p.set_defaults(func=run)
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
     from fsmoe.infer.hybrid.memory import cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
     from fsmoe.infer.hybrid.model import HybridModel, loaded_model
+    from fsmoe.infer.hybrid import zero_copy
     from fsmoe.infer.hybrid.policies import Policy, parse_policy
 
     check_args(args)
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--gpu-mem-gb", args.gpu_mem_gb, "must be > 0")
     device = pick_device(args)
     dtype = getattr(torch, args.dtype)
+    in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before anything is loaded
     console = Console(soft_wrap=True, highlight=False)
     t0 = time.perf_counter()
     model, host, cfg, converted = loaded_model(args.model, device, dtype)  # still on the host
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     cap_gpu_memory(args.gpu_mem_gb, device)
     model.to(device)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
-    hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane)
+    hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane,
+                         zero_copy=in_place)
     L, E = hybrid.hot_LE.shape
     if args.hot:
         hot = _hot(args.hot, (L, E))

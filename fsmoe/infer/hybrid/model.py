@@ -89,7 +89,7 @@ class HybridModel:
 
     def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
                  device: torch.device, cpu_threads: int | None = None, chunk: int | None = None,
-                 keep_splits: bool = True, cpu_lane: str = "worker"):
+                 keep_splits: bool = True, cpu_lane: str = "worker", zero_copy: bool | None = None):
         self.model, self.memory, self.device = model.eval(), memory, device
         cfg = model.cfg
         E = cfg.moe.num_experts
@@ -97,7 +97,7 @@ class HybridModel:
         if dtype == torch.bfloat16:  # build (or load) the native CPU kernel now, not in the first forward
             CpuExpertKernel.load()
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
-                                     chunk or memory.chunk, cpu_threads, cpu_lane)
+                                     chunk or memory.chunk, cpu_threads, cpu_lane, zero_copy)
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None

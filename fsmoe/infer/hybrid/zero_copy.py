@@ -53,6 +53,23 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     return value == "1" and triton is not None and device.type == "cuda" and dtype in PRECISION
 
 
+def resolve(choice: str | None, device: torch.device, dtype: torch.dtype, field: str = "--zero-copy") -> bool:
+    """A command's ``--zero-copy on|off`` (None: ``FSMOE_ZERO_COPY``, default off); "on" where the
+    kernels cannot run is a ConfigError naming ``field``."""
+    if choice is None:
+        return enabled(device, dtype)
+    if choice not in ("on", "off"):
+        from fsmoe.config import ConfigError
+        raise ConfigError(field, choice, "allowed: on, off")
+    if choice == "on" and not (triton is not None and device.type == "cuda" and dtype in PRECISION):
+        from fsmoe.config import ConfigError
+        raise ConfigError(field, choice, f"needs a CUDA device, Triton and weights in one of "
+                                         f"{[str(t).removeprefix('torch.') for t in PRECISION]} (here: {device.type}, "
+                                         f"{'Triton' if triton is not None else 'no Triton'}, "
+                                         f"{str(dtype).removeprefix('torch.')})")
+    return choice == "on"
+
+
 if triton is not None:
     @triton.jit
     def _expert_of(plan_ptr, slot_ptr, w_ptr, g_ptr, S, s_we, HAS_GPU: tl.constexpr):
