@@ -13,10 +13,13 @@ are two launches (the up-projection with its activation, then the down-projectio
 their number. Each program streams a tile of one expert's weight rows (contiguous, so the reads
 coalesce into full PCIe transactions); many programs keep enough reads in flight to fill the bus.
 
-Only experts with at most :data:`MAX_ROWS` rows run here (each weight tile is read once for all
-of its expert's rows); the engine runs the others through its copy stream. :func:`host_experts_mlp`
-is the Triton path (the GPU, or Triton's interpreter on CPU tensors); the reference it must equal
-is the engine's ``expert_mlp`` over each expert's rows.
+A program holds :data:`MAX_ROWS` rows of its expert, so an expert with more rows has its weights
+read once per MAX_ROWS rows: the engine reads in place only the experts with at most that many
+(a decode step's) and copies the others once on its copy stream. The same launches also run
+experts whose weights are on the GPU (the resident ones, picked per expert by a slot table), so
+the streaming policy's small forwards run every expert of a layer here (:mod:`.in_place`).
+:func:`host_experts_mlp` is the Triton path (the GPU, or Triton's interpreter on CPU tensors); the
+reference it must equal is the engine's ``expert_mlp`` over each expert's rows.
 """
 from __future__ import annotations
 
