@@ -158,3 +158,22 @@ def test_graphed_streaming_decode_with_in_place_reads_is_one_graph(monkeypatch):
         assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=10), graphs).new_tokens == want
     runner = graphs.runners[2]
     assert runner.failed is None and len(runner.graphs) == 1 and not runner.cuts
+
+
+def test_only_the_stream_policy_runs_on_the_device_alone_not_the_counting_passes():
+    """``fsmoe infer`` counts the prompts' routing under an all-streaming placement before it places
+    the real policy: that pass must keep the host executors, or no token count reaches the host."""
+    from test_hybrid_infer import plain_and_hybrid, tiny
+
+    from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
+    from fsmoe.infer.hybrid.policies import Policy, parse_policy
+
+    _, hybrid = plain_and_hybrid(tiny(n_layers=2), slots=2)
+    hybrid.buffers.zero_copy = True
+    executors = lambda: {type(m.executor) for m in hybrid.model.moe_layers()}  # noqa: E731
+    hybrid.place(Policy("count", "none", "stream"))
+    assert InPlaceStreamExecutor not in executors()
+    hybrid.place(parse_policy("stream"), hot_LE=np.ones((2, 6)))
+    assert executors() == {InPlaceStreamExecutor}
+    hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, 6)))
+    assert InPlaceStreamExecutor not in executors()

@@ -129,7 +129,7 @@ class HybridModel:
             ex.experts.resident_E = res
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
-        in_place = policy.rule == "stream" and self.buffers.zero_copy
+        in_place = policy.device_only and self.buffers.zero_copy  # (not the passes that count routing)
         for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
             # streaming with the in-place kernels: small forwards need no host (in_place.py)
             layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device)) if in_place else ex

@@ -9,7 +9,8 @@ model      the hottest experts that fit                        CC or CG chosen b
 llamacpp   whole layers, the last ones first (--n-cpu-moe)     CPU; the layer's whole expert tensor is
                                                                streamed when the batch has >= 32 tokens
 fiddler    the hottest experts that fit                        CC (the activations go to the CPU)
-stream     the hottest experts that fit                        CG (every one streamed)
+stream     the hottest experts that fit                        CG (every one streamed; with the in-place
+                                                               kernels, small forwards on the device alone)
 static:Q   the hottest experts that fit                        a fixed set, the hottest share Q of them,
                                                                CG; the others CC
 gpu        every expert (the upper bound, when it fits)        -
@@ -35,6 +36,9 @@ class Policy:
     rule: str  # adaptive | cpu | stream | threshold | static
     share: float = 0.0  # static: share of the non-resident experts streamed
     race: bool = False  # adaptive: race the model's split against all-CG and all-CC (fsmoe.infer.hybrid.race)
+    # with the in-place kernels on, small forwards run on the device alone (fsmoe.infer.hybrid.in_place):
+    # no token count reaches the host, so no routing frequencies are counted either
+    device_only: bool = False
 
     def split(self, counts_E, resident_E, costs: LaneCosts, num_tokens: int, hot_E) -> Split:
         """counts_E [E] tokens per expert this forward, resident_E [E] bool, hot_E [E] recorded
@@ -70,7 +74,7 @@ def parse_policy(name: str, field: str = "--policy") -> Policy:
              "model": Policy("model", "expert", "adaptive"),
              "llamacpp": Policy("llamacpp", "layer", "threshold"),
              "fiddler": Policy("fiddler", "expert", "cpu"),
-             "stream": Policy("stream", "expert", "stream"),
+             "stream": Policy("stream", "expert", "stream", device_only=True),
              "gpu": Policy("gpu", "all", "cpu")}
     if name in fixed:
         return fixed[name]
