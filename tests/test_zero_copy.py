@@ -177,3 +177,45 @@ def test_only_the_stream_policy_runs_on_the_device_alone_not_the_counting_passes
     assert executors() == {InPlaceStreamExecutor}
     hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, 6)))
     assert InPlaceStreamExecutor not in executors()
+
+
+def test_placing_another_policy_changes_the_executors_a_decode_capture_is_keyed_by():
+    """A decode graph captured with the streaming policy's in-place executors holds their resident
+    copies: placing again must not replay it (fsmoe bench infer keeps one DecodeGraphs across
+    policies). Host-path executors are the same objects from one placement to the next, so their
+    cut captures are kept."""
+    from test_hybrid_infer import plain_and_hybrid, tiny
+
+    from fsmoe.infer.decode_graph import executors_of
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    _, hybrid = plain_and_hybrid(tiny(n_layers=2), slots=2)
+    hybrid.buffers.zero_copy = True
+    hot = np.ones((2, 6))
+    hybrid.place(parse_policy("scheinfer"), hot)
+    first = executors_of(hybrid.model)
+    hybrid.place(parse_policy("fiddler"), hot)
+    assert all(a is b for a, b in zip(first, executors_of(hybrid.model)))
+    hybrid.place(parse_policy("stream"), hot)
+    streaming = executors_of(hybrid.model)
+    assert not any(a is b for a, b in zip(first, streaming))
+    hybrid.place(parse_policy("stream"), hot)
+    assert not any(a is b for a, b in zip(streaming, executors_of(hybrid.model)))
+
+
+@pytest.mark.skipif(not CUDA or zero_copy.triton is None, reason="needs a CUDA device and Triton")
+def test_one_decode_graphs_across_policies_recaptures_for_in_place_streaming(monkeypatch):
+    from test_hybrid_infer import PROMPTS
+
+    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    plain, hybrid = _hybrid(True, monkeypatch)
+    want = generate(plain, PROMPTS, Sampling(max_new_tokens=8)).new_tokens
+    graphs = DecodeGraphs(hybrid.model)
+    for policy, n_graphs in (("scheinfer", 4), ("stream", 1), ("static:0.5", 4), ("stream", 1)):
+        hybrid.place(parse_policy(policy), hot_LE=np.arange(18).reshape(3, 6))
+        for _ in range(2):
+            assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=8), graphs).new_tokens == want, policy
+        assert len(graphs.runners[2].graphs) == n_graphs, policy

@@ -74,6 +74,7 @@ class GraphedDecode:
         self.logits_BV: Tensor | None = None
         self.failed: str | None = None  # why the capture failed (the runner then stays eager)
         self.warm = 0  # eager steps taken before the capture (WARM_STEPS)
+        self.executors = executors_of(model)  # what the capture is made with (see DecodeGraphs.runner)
 
     @property
     def captured(self) -> bool:
@@ -224,10 +225,17 @@ def _sync_site(stack: list[traceback.FrameSummary]) -> str:
     return f"{path}:{f.lineno}"
 
 
+def executors_of(model: nn.Module) -> tuple:
+    """Every layer's executor object, in module order."""
+    return tuple(m.executor for m in model.modules() if hasattr(m, "executor"))
+
+
 class DecodeGraphs:
     """One :class:`GraphedDecode` per batch size, kept across ``generate`` calls (a capture costs
-    about one eager step; a server captures once per batch size). The executors run outside the
-    graphs, so a hybrid model placed anew (``HybridModel.place``) keeps its captures."""
+    about one eager step; a server captures once per batch size). Executors that need the host run
+    outside the graphs, so a hybrid model placed anew (``HybridModel.place``) with the same executor
+    objects keeps its captures; new executor objects (another placement's in-graph executors, e.g.
+    the streaming policy's in-place one, whose graph holds its resident copies) make a new capture."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -235,7 +243,9 @@ class DecodeGraphs:
 
     def runner(self, batch: int, slots: int) -> GraphedDecode:
         r = self.runners.get(batch)
-        if r is None or r.cache.slots < slots:  # a longer generation than before: a new cache and capture
+        now = executors_of(self.model)
+        stale = r is not None and (len(r.executors) != len(now) or any(a is not b for a, b in zip(r.executors, now)))
+        if r is None or r.cache.slots < slots or stale:  # a longer generation, or other executors: a new capture
             self.runners.pop(batch, None)  # free the old cache and graphs first
             r = self.runners[batch] = GraphedDecode(self.model, batch, slots)
         return r
