@@ -219,3 +219,26 @@ def test_one_decode_graphs_across_policies_recaptures_for_in_place_streaming(mon
         for _ in range(2):
             assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=8), graphs).new_tokens == want, policy
         assert len(graphs.runners[2].graphs) == n_graphs, policy
+
+
+@pytest.mark.skipif(zero_copy.triton is None, reason="needs Triton (no GPU needed)")
+@pytest.mark.parametrize("dtype, precision", [("bf16", "tf32"), ("fp32", "ieee")])
+@pytest.mark.parametrize("has_gpu", [False, True])
+def test_the_kernels_compile_for_hopper_without_a_gpu(dtype, precision, has_gpu):
+    """Triton's compiler alone (sm_90 target): a kernel that the interpreter runs can still fail to
+    compile (control flow, types), which only a GPU run would otherwise show."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    p, i = f"*{dtype}", "*i32"
+    up = dict(zip(["x_ptr", "w1_ptr", "w3_ptr", "g1_ptr", "g3_ptr", "slot_ptr", "h_ptr", "plan_ptr"],
+                  [p] * 5 + [i, p, i]))
+    down = dict(zip(["h_ptr", "w2_ptr", "g2_ptr", "slot_ptr", "y_ptr", "plan_ptr"], [p, p, p, i, p, i]))
+    ints = {k: "i32" for k in ("S", "D", "F")}
+    const = {"HAS_GPU": has_gpu, "BM": zero_copy.MAX_ROWS, "BK": 128, "PRECISION": precision}
+    for fn, ptrs, strides, extra in ((zero_copy._up_kernel, up, ("s_x", "s_h", "s_we"), {"SWIGLU": True, "BF": 32}),
+                                     (zero_copy._down_kernel, down, ("s_h", "s_y", "s_we"), {"BD": 64})):
+        consts = {**const, **extra}
+        signature = {**ptrs, **ints, **{s: "i32" for s in strides}, **{k: "constexpr" for k in consts}}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
