@@ -2,7 +2,8 @@
 
 Runs where its Triton kernels run: on a GPU (scripts/gpu_check.sh), or on the CPU under Triton's
 interpreter (``TRITON_INTERPRET=1`` with Triton installed; float32 and float16 there). The switch
-and its errors are checked everywhere."""
+and its errors, which placements run on the device alone and what a decode capture is keyed by are
+checked everywhere; with Triton installed (no GPU needed), that the kernels compile for Hopper."""
 from __future__ import annotations
 
 import os
