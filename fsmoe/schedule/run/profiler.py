@@ -116,27 +116,20 @@ def _median_prepared_time(prepare: Callable[[], object], fn: Callable[[object], 
     """Median seconds of ``fn(prepare())`` with ``prepare`` untimed. A backward needs a fresh
     graph each run: the experts' kernels free their intermediates as backward uses them, so one
     graph cannot be run backward twice."""
-    times = []
-    for k in range(warmup + reps):
-        arg = prepare()
-        if group is not None:
-            dist.barrier(group=group)
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(arg)
-        _sync(device)
-        if k >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    held = []
+    return _interleaved_medians((lambda: fn(held.pop()),), device, reps, warmup, group,
+                                before=lambda: held.append(prepare()))[0]
 
 
 def _interleaved_medians(fns: list[Callable[[], None]], device: torch.device, reps: int, warmup: int,
-                         group: ProcessGroup | None = None) -> list[float]:
+                         group: ProcessGroup | None = None, before: Callable[[], None] | None = None) -> list[float]:
     """Median seconds of each of ``fns``, run round-robin (with ``group``: every rank in step,
-    a barrier before each run)."""
+    a barrier before each run; ``before``: called untimed ahead of each run, before the barrier)."""
     times = [[] for _ in fns]
     for k in range(warmup + reps):
         for i, fn in enumerate(fns):
+            if before is not None:
+                before()
             if group is not None:
                 dist.barrier(group=group)
             _sync(device)
