@@ -124,14 +124,14 @@ class HybridModel:
             ex.experts.gpu = None  # free the old resident copies before making the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # and give their blocks back, so the new set is not fragmented
-        for ex, res in zip(self.executors, resident):
+        # streaming with the in-place kernels: small forwards need no host (in_place.py); not the
+        # passes that count routing
+        in_place = policy.device_only and self.buffers.zero_copy
+        for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
             ex.experts.resident_E = res
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
-        in_place = policy.device_only and self.buffers.zero_copy  # (not the passes that count routing)
-        for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
-            # streaming with the in-place kernels: small forwards need no host (in_place.py)
             layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device)) if in_place else ex
         self.policy = policy
         self.race = SplitRace() if policy.race else None

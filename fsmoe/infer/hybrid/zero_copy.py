@@ -44,28 +44,33 @@ except ImportError:  # CPU-only installs: the engine copies instead
     triton = None
 
 
+def runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the kernels can run here: CUDA, Triton importable, a dtype of :data:`PRECISION`."""
+    return triton is not None and device.type == "cuda" and dtype in PRECISION
+
+
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether experts with few rows run on this module's kernels on ``device`` (CG ones reading
-    their weights from host memory): CUDA, Triton importable, a dtype of :data:`PRECISION`, and
-    ``FSMOE_ZERO_COPY=1``."""
+    their weights from host memory): :func:`runs_on` and ``FSMOE_ZERO_COPY=1``."""
+    from fsmoe.config import ConfigError
+
     value = os.environ.get(ENV, DEFAULT)
     if value not in ("0", "1"):
-        from fsmoe.config import ConfigError
         raise ConfigError(ENV, value, "allowed: 0 (copy every streamed expert to the GPU first), 1 (read "
                                       "few-row experts from pinned host memory)")
-    return value == "1" and triton is not None and device.type == "cuda" and dtype in PRECISION
+    return value == "1" and runs_on(device, dtype)
 
 
 def resolve(choice: str | None, device: torch.device, dtype: torch.dtype, field: str = "--zero-copy") -> bool:
     """A command's ``--zero-copy on|off`` (None: ``FSMOE_ZERO_COPY``, default off); "on" where the
     kernels cannot run is a ConfigError naming ``field``."""
+    from fsmoe.config import ConfigError
+
     if choice is None:
         return enabled(device, dtype)
     if choice not in ("on", "off"):
-        from fsmoe.config import ConfigError
         raise ConfigError(field, choice, "allowed: on, off")
-    if choice == "on" and not (triton is not None and device.type == "cuda" and dtype in PRECISION):
-        from fsmoe.config import ConfigError
+    if choice == "on" and not runs_on(device, dtype):
         raise ConfigError(field, choice, f"needs a CUDA device, Triton and weights in one of "
                                          f"{[str(t).removeprefix('torch.') for t in PRECISION]} (here: {device.type}, "
                                          f"{'Triton' if triton is not None else 'no Triton'}, "
