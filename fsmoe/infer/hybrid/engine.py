@@ -344,8 +344,7 @@ class HybridExecutor:
             return
         if self.buffers.zero_copy and all(counts[e] <= ZERO_COPY_ROWS for _, e in active):
             g, e = np.asarray(active).T
-            plan = self._to_device(np.stack([g, offs[e], offs[e + 1]]), torch.int32)
-            host_experts_mlp(x_ND, ex.gpu, plan, y_ND)
+            host_experts_mlp(x_ND, ex.gpu, self._plan(g, e, offs), y_ND)
             return
         if len(active) <= FEW_EXPERTS:
             for g, e in active:
@@ -355,6 +354,11 @@ class HybridExecutor:
         idx = self._rows(class_of_row == GG)
         offs_G = self._to_device(np.cumsum([counts[e] for e in resident]), torch.int32)
         y_ND.index_copy_(0, idx, grouped_expert_mlp(x_ND.index_select(0, idx), ex.gpu, offs_G))
+
+    def _plan(self, index: np.ndarray, experts: np.ndarray, offs: np.ndarray) -> Tensor:
+        """The in-place kernels' int32 [3, S] on the device: each expert's index in the weights they
+        read, its first row and its end row."""
+        return self._to_device(np.stack([index, offs[experts], offs[experts + 1]]), torch.int32)
 
     def _read_from_host(self, cg_order, counts: list[int]) -> list[int]:
         """The CG experts the GPU reads from host memory in place (at most ZERO_COPY_ROWS rows each:
@@ -368,7 +372,7 @@ class HybridExecutor:
         the copy stream, beside the compute stream's work, once x, y's zeros and the plan are there."""
         b = self.buffers
         e = np.asarray(experts)
-        plan = self._to_device(np.stack([e, offs[e], offs[e + 1]]), torch.int32)
+        plan = self._plan(e, e, offs)
         if not b.cuda:
             host_experts_mlp(x_ND, self.experts.host, plan, y_ND)
             return
