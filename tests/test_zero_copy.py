@@ -28,8 +28,8 @@ def test_the_switch_and_its_bad_values(monkeypatch):
         zero_copy.enabled(torch.device("cuda"), torch.bfloat16)
     monkeypatch.setenv(zero_copy.ENV, "0")
     assert not zero_copy.enabled(torch.device("cuda"), torch.bfloat16)
-    monkeypatch.delenv(zero_copy.ENV)
-    assert not zero_copy.enabled(torch.device("cuda"), torch.bfloat16)  # off unless asked for
+    monkeypatch.delenv(zero_copy.ENV)  # on wherever the kernels run
+    assert zero_copy.enabled(torch.device("cuda"), torch.bfloat16) == (zero_copy.triton is not None)
     monkeypatch.setenv(zero_copy.ENV, "1")
     assert zero_copy.enabled(torch.device("cuda"), torch.bfloat16) == (zero_copy.triton is not None)
     assert not zero_copy.enabled(torch.device("cpu"), torch.bfloat16)  # no GPU to read host memory
@@ -161,9 +161,10 @@ def test_graphed_streaming_decode_with_in_place_reads_is_one_graph(monkeypatch):
     assert runner.failed is None and len(runner.graphs) == 1 and not runner.cuts
 
 
-def test_only_the_stream_policy_runs_on_the_device_alone_not_the_counting_passes():
+def test_the_counting_passes_do_not_run_on_the_device_alone():
     """``fsmoe infer`` counts the prompts' routing under an all-streaming placement before it places
-    the real policy: that pass must keep the host executors, or no token count reaches the host."""
+    the real policy: that pass must keep the host executors, or no token count reaches the host.
+    Streaming runs on the device alone, scheinfer may (once streaming wins its race), others not."""
     from test_hybrid_infer import plain_and_hybrid, tiny
 
     from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
@@ -177,6 +178,8 @@ def test_only_the_stream_policy_runs_on_the_device_alone_not_the_counting_passes
     hybrid.place(parse_policy("stream"), hot_LE=np.ones((2, 6)))
     assert executors() == {InPlaceStreamExecutor}
     hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, 6)))
+    assert executors() == {InPlaceStreamExecutor}
+    hybrid.place(parse_policy("fiddler"), hot_LE=np.ones((2, 6)))
     assert InPlaceStreamExecutor not in executors()
 
 
@@ -193,33 +196,97 @@ def test_placing_another_policy_changes_the_executors_a_decode_capture_is_keyed_
     _, hybrid = plain_and_hybrid(tiny(n_layers=2), slots=2)
     hybrid.buffers.zero_copy = True
     hot = np.ones((2, 6))
-    hybrid.place(parse_policy("scheinfer"), hot)
-    first = executors_of(hybrid.model)
     hybrid.place(parse_policy("fiddler"), hot)
+    first = executors_of(hybrid.model)
+    hybrid.place(parse_policy("static:0.5"), hot)
     assert all(a is b for a, b in zip(first, executors_of(hybrid.model)))
-    hybrid.place(parse_policy("stream"), hot)
-    streaming = executors_of(hybrid.model)
-    assert not any(a is b for a, b in zip(first, streaming))
-    hybrid.place(parse_policy("stream"), hot)
-    assert not any(a is b for a, b in zip(streaming, executors_of(hybrid.model)))
+    for policy in ("stream", "stream", "scheinfer"):  # scheinfer: in place once streaming wins its race
+        before = executors_of(hybrid.model)
+        hybrid.place(parse_policy(policy), hot)
+        assert not any(a is b for a, b in zip(before, executors_of(hybrid.model))), policy
+
+
+def _settle(race, tokens: int, fastest: str) -> None:
+    """The race of ``tokens``-token forwards run: every candidate timed, ``fastest`` the fastest."""
+    from fsmoe.infer.hybrid.race import CANDIDATES, MIN_SAMPLES, Bucket, Tally
+
+    race.buckets[tokens.bit_length()] = Bucket(CANDIDATES, {c: Tally(MIN_SAMPLES, 1.0 if c == fastest else 2.0)
+                                                            for c in CANDIDATES})
+
+
+def test_scheinfer_runs_a_forward_size_on_the_device_once_streaming_wins_its_race():
+    """The adaptive policy's executors read the host until a forward size's race is won, and after
+    it unless streaming won; a decode capture made before is then stale (a step with no cut)."""
+    from test_hybrid_infer import plain_and_hybrid, tiny
+
+    from fsmoe.infer.decode_graph import cut_plan, same_cuts
+    from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    _, hybrid = plain_and_hybrid(tiny(n_layers=2), slots=2)
+    hybrid.buffers.zero_copy = True
+    hybrid.place(parse_policy("scheinfer"), np.ones((2, 6)))
+    executors = [m.executor for m in hybrid.model.moe_layers()]
+    assert all(isinstance(ex, InPlaceStreamExecutor) for ex in executors)
+    before = cut_plan(hybrid.model, 1)
+    assert all(ex.needs_host_for(1) for ex in executors)  # the race has not run
+    _settle(hybrid.race, 1, "model")
+    assert all(ex.needs_host_for(1) for ex in executors)
+    assert same_cuts(before, cut_plan(hybrid.model, 1))
+    _settle(hybrid.race, 1, "stream")
+    assert not any(ex.needs_host_for(1) for ex in executors)
+    assert not same_cuts(before, cut_plan(hybrid.model, 1))
+    assert all(ex.needs_host_for(2) for ex in executors)  # another size: its own race
+    _settle(hybrid.race, 32, "stream")
+    assert all(ex.needs_host_for(32) for ex in executors)  # too many rows for the in-place kernels
+    hybrid.buffers.zero_copy = False  # without them, the hybrid executors themselves
+    hybrid.place(parse_policy("scheinfer"), np.ones((2, 6)))
+    assert [m.executor for m in hybrid.model.moe_layers()] == hybrid.executors
+
+
+@needs_kernels
+def test_scheinfer_decoding_on_the_device_gives_the_plain_models_tokens(monkeypatch):
+    """Once streaming has won the decode size's race, scheinfer's decode steps take the in-place
+    path (no split is chosen for them) and still give the plain model's greedy tokens."""
+    from test_hybrid_infer import PROMPTS
+
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid import in_place
+    from fsmoe.infer.hybrid.policies import parse_policy
+
+    plain, hybrid = _hybrid(True, monkeypatch)
+    want = generate(plain, PROMPTS, Sampling(max_new_tokens=6)).new_tokens
+    hybrid.place(parse_policy("scheinfer"), hot_LE=np.arange(18).reshape(-1, 6))
+    _settle(hybrid.race, len(PROMPTS), "stream")
+    calls = []
+    monkeypatch.setattr(in_place, "host_experts_mlp",
+                        lambda *a, **k: (calls.append(a[2].shape[1]), zero_copy.host_experts_mlp(*a, **k)))
+    hybrid.splits.clear()
+    assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6)).new_tokens == want
+    assert calls == [6] * 3 * 5  # 3 layers x 5 decode steps, every expert of the layer in the launches
+    assert len(hybrid.splits) == 3  # the prompts' forward alone chose splits
 
 
 @pytest.mark.skipif(not CUDA or zero_copy.triton is None, reason="needs a CUDA device and Triton")
 def test_one_decode_graphs_across_policies_recaptures_for_in_place_streaming(monkeypatch):
     from test_hybrid_infer import PROMPTS
 
-    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.infer.decode_graph import DecodeGraphs, cut_plan
     from fsmoe.infer.generate import Sampling, generate
     from fsmoe.infer.hybrid.policies import parse_policy
 
     plain, hybrid = _hybrid(True, monkeypatch)
     want = generate(plain, PROMPTS, Sampling(max_new_tokens=8)).new_tokens
     graphs = DecodeGraphs(hybrid.model)
-    for policy, n_graphs in (("scheinfer", 4), ("stream", 1), ("static:0.5", 4), ("stream", 1)):
+    for policy in ("scheinfer", "stream", "static:0.5", "stream", "scheinfer"):
         hybrid.place(parse_policy(policy), hot_LE=np.arange(18).reshape(3, 6))
-        for _ in range(2):
+        for _ in range(3):
             assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=8), graphs).new_tokens == want, policy
-        assert len(graphs.runners[2].graphs) == n_graphs, policy
+        # one graph when no layer asks the host (streaming; scheinfer once streaming won its race), else
+        # one more per layer that does
+        cuts = sum(needs for _, needs in cut_plan(hybrid.model, 2))
+        assert cuts == (policy == "static:0.5") * 3 or policy == "scheinfer", policy
+        assert len(graphs.runners[2].graphs) == 1 + cuts, policy
 
 
 @pytest.mark.skipif(zero_copy.triton is None or INTERPRET,

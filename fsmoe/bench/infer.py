@@ -60,8 +60,8 @@ def add_arguments(p) -> None:
                         "GPU work is issued first (indices through pinned memory), then this thread computes them")
     p.add_argument("--zero-copy", choices=["on", "off"], default=None,
                    help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
-                        "and with the stream policy decode steps on the device alone (default: FSMOE_ZERO_COPY=1 "
-                        "turns it on; off otherwise). Needs CUDA and Triton")
+                        "and with the stream policy (scheinfer once streaming wins its race) decode steps on the "
+                        "device alone (default: on where CUDA and Triton are; FSMOE_ZERO_COPY=0 turns it off)")
     p.add_argument("--decode-graph", choices=["on", "off", "both"], default="both",
                    help="decode steps replayed from CUDA graphs (on), issued op by op (off), or both measured "
                         "(the headline figure is the graphed one; CUDA only)")
@@ -146,7 +146,6 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     cfg = hybrid.model.cfg
     resident = hybrid.place(policy, hot_LE)  # every policy places from the same calibration counts
     res = {"policy": policy.name, "resident_experts": int(resident.sum())}
-    res["sweep_s_per_layer"] = {str(t): s for t, s in sweep(hybrid, tokens, inputs, device).items()}
     # Each measurement runs once unmeasured first, at its own shapes: the first forwards of a shape
     # pay one-time costs (kernel choices, allocator growth) that made whichever policy ran first
     # look up to 3x slower; they also let the race time its candidates, as in a running server.
@@ -156,13 +155,18 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     res["decode_tokens_per_s"], res["decode_runs"] = measure_decode(hybrid, args, graphs)
     res["decode_graph"] = graphs is not None
     res["decode_experts_per_layer"] = _split_summary(hybrid.splits[len(hybrid.model.moe_layers()):])
-    # streaming with the in-place kernels decodes on the device alone: no split is made (in_place.py)
-    res["decode_in_place"] = any(isinstance(m.executor, InPlaceStreamExecutor) for m in hybrid.model.moe_layers())
+    # with the in-place kernels streaming (and scheinfer once streaming won the race) decodes on the
+    # device alone: no split is made (in_place.py)
+    res["decode_in_place"] = all(isinstance(m.executor, InPlaceStreamExecutor)
+                                 and not m.executor.needs_host_for(args.decode_batch) for m in hybrid.model.moe_layers())
     generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), prefill)
     prompt = _prompts(1, args.prefill, cfg.vocab_size, 7)
     rates = _runs(hybrid, args.repeats, lambda: args.prefill / generate(hybrid.model, prompt, prefill).prefill_s)
     res["prefill_tokens_per_s"], res["prefill_runs"] = float(np.median(rates)), rates
     res["prefill_experts_per_layer"] = _split_summary(hybrid.splits)
+    # last, so that the adaptive policy sweeps the forward sizes it has raced (decode, prefill) as it
+    # runs them; the sizes it has not met it splits by the lane model until their race settles
+    res["sweep_s_per_layer"] = {str(t): s for t, s in sweep(hybrid, tokens, inputs, device).items()}
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
     res["cpu_scale"] = hybrid.cpu_scale  # the online refit's measured/modelled CPU lane so far

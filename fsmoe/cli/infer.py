@@ -36,8 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="how the CPU experts run beside the GPU work (see fsmoe bench infer --help)")
     p.add_argument("--zero-copy", choices=["on", "off"], default=None,
                    help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
-                        "and with --policy stream decode steps on the device alone (default: FSMOE_ZERO_COPY=1 "
-                        "turns it on; off otherwise). Needs CUDA and Triton")
+                        "and with --policy stream (scheinfer once streaming wins its race) decode steps on the "
+                        "device alone (default: on where CUDA and Triton are; FSMOE_ZERO_COPY=0 turns it off)")
     p.add_argument("--costs", type=Path, help="lane costs from fsmoe bench infer (costs.json); default: measured")
     p.add_argument("--timeline", type=Path, help="write the lanes of this run (Chrome trace JSON and a PNG) here")
     p.set_defaults(func=run)

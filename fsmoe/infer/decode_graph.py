@@ -74,7 +74,13 @@ class GraphedDecode:
         self.logits_BV: Tensor | None = None
         self.failed: str | None = None  # why the capture failed (the runner then stays eager)
         self.warm = 0  # eager steps taken before the capture (WARM_STEPS)
-        self.executors = executors_of(model)  # what the capture is made with (see DecodeGraphs.runner)
+        # the executors, and which need the host, when the runner was made, then when checked and
+        # captured (see DecodeGraphs.runner)
+        self.executors = cut_plan(model, batch)
+
+    @property
+    def batch(self) -> int:
+        return self.idx_B1.shape[0]
 
     @property
     def captured(self) -> bool:
@@ -96,6 +102,10 @@ class GraphedDecode:
             elif self.warm < WARM_STEPS:
                 logits_BV = self._eager() if self.warm == 0 else self._checked()
                 self.warm += 1
+            elif not self.captured and not same_cuts(self.executors, cut_plan(self.model, self.batch)):
+                # an executor changed where it runs since the checked step (the adaptive policy's race
+                # settled): that path is warmed and checked before it is captured
+                logits_BV = self._checked()
             else:
                 if not self.captured:
                     self._capture()
@@ -116,8 +126,7 @@ class GraphedDecode:
     @contextmanager
     def _executors(self, wrap):
         """Every executor that needs the host replaced by ``wrap(executor)`` inside the block."""
-        tokens = self.idx_B1.shape[0]
-        layers = [m for m in self.model.modules() if _needs_host(getattr(m, "executor", None), tokens)]
+        layers = [m for m in self.model.modules() if _needs_host(getattr(m, "executor", None), self.batch)]
         saved = [m.executor for m in layers]
         for m, ex in zip(layers, saved):
             m.executor = wrap(ex)
@@ -158,6 +167,7 @@ class GraphedDecode:
             elif "prototype" not in text:  # torch's note that the sync check is a prototype
                 others.append((message, category, filename, lineno))
 
+        self.executors = cut_plan(self.model, self.batch)
         with self._executors(allowed), warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = seen
@@ -230,6 +240,16 @@ def executors_of(model: nn.Module) -> tuple:
     return tuple(m.executor for m in model.modules() if hasattr(m, "executor"))
 
 
+def cut_plan(model: nn.Module, tokens: int) -> tuple[tuple[object, bool], ...]:
+    """Every layer's executor object, and whether a step of ``tokens`` tokens cuts the graph there."""
+    return tuple((ex, _needs_host(ex, tokens)) for ex in executors_of(model))
+
+
+def same_cuts(a: tuple, b: tuple) -> bool:
+    """Whether two :func:`cut_plan` s hold the same executor objects, cut at the same layers."""
+    return len(a) == len(b) and all(x is y and cx == cy for (x, cx), (y, cy) in zip(a, b))
+
+
 class DecodeGraphs:
     """One :class:`GraphedDecode` per batch size, kept across ``generate`` calls (a capture costs
     about one eager step; a server captures once per batch size). Executors that need the host run
@@ -243,8 +263,7 @@ class DecodeGraphs:
 
     def runner(self, batch: int, slots: int) -> GraphedDecode:
         r = self.runners.get(batch)
-        now = executors_of(self.model)
-        stale = r is not None and (len(r.executors) != len(now) or any(a is not b for a, b in zip(r.executors, now)))
+        stale = r is not None and not same_cuts(r.executors, cut_plan(self.model, batch))
         if r is None or r.cache.slots < slots or stale:  # a longer generation, or other executors: a new capture
             self.runners.pop(batch, None)  # free the old cache and graphs first
             r = self.runners[batch] = GraphedDecode(self.model, batch, slots)

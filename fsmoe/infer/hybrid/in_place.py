@@ -1,10 +1,10 @@
-"""The streaming policy's MoE layer without a host round trip, for small forwards (decode steps).
+"""A MoE layer without a host round trip, for small forwards (decode steps).
 
 Shape legend: N routed rows grouped by expert (``x_ND``), D model dim, E experts of the layer.
 
 Under the ``stream`` policy every expert that is not resident is streamed, so the host has nothing
 to decide per forward: it reads the token counts only to issue the copies. With the in-place
-kernels of :mod:`.zero_copy` on (``FSMOE_ZERO_COPY=1``) and at most ``zero_copy.MAX_ROWS`` tokens in
+kernels of :mod:`.zero_copy` on (the default where they run) and at most ``zero_copy.MAX_ROWS`` tokens in
 a forward (each expert then has at most that many rows), the layer instead runs as a few device
 operations: the experts' row offsets from the token counts (a cumulative sum on the device), then
 the two in-place launches over all E experts, each reading its resident GPU copy or its pinned
@@ -12,8 +12,14 @@ host weights over PCIe, and those without rows returning at once. Nothing is rea
 a graphed decode step (:mod:`fsmoe.infer.decode_graph`) is captured whole instead of being cut at
 every MoE layer. Larger forwards (prefill) go to the hybrid executor, whose copy stream moves each
 expert once for all of its rows.
+
+The adaptive policy (``scheinfer``) uses the same executor with a condition: a forward size runs
+here once the policy's race (:mod:`.race`) has found streaming every expert the fastest split at
+that size, and on the hybrid executor before then and when another split wins.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -25,14 +31,16 @@ from fsmoe.infer.hybrid.zero_copy import MAX_ROWS, host_experts_mlp
 class InPlaceStreamExecutor:
     """``executor(layer, x_ND, plan) -> y_ND`` for one MoE layer under the stream policy."""
 
-    def __init__(self, host_executor: HybridExecutor, slot_E: Tensor | None):
+    def __init__(self, host_executor: HybridExecutor, slot_E: Tensor | None,
+                 on_device: Callable[[int], bool] | None = None):
         self.host = host_executor  # larger forwards, and the layer's expert weights
         self.slot_E = slot_E  # [E] int32 on the device: index of the resident copy, -1 if none; None: none resident
+        self.on_device = on_device  # tokens -> whether such a forward may run here (None: always)
         self._ids_E: Tensor | None = None
 
     def needs_host_for(self, tokens: int) -> bool:
         """Whether a forward of ``tokens`` tokens reads the host (a graphed decode step is cut here)."""
-        return tokens > MAX_ROWS
+        return tokens > MAX_ROWS or (self.on_device is not None and not self.on_device(tokens))
 
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
         if self.needs_host_for(plan.num_tokens):

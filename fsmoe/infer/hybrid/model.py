@@ -124,19 +124,23 @@ class HybridModel:
             ex.experts.gpu = None  # free the old resident copies before making the new ones
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # and give their blocks back, so the new set is not fragmented
-        # streaming with the in-place kernels: small forwards need no host (in_place.py); not the
-        # passes that count routing
-        in_place = policy.device_only and self.buffers.zero_copy
+        self.policy = policy
+        self.race = SplitRace() if policy.race else None
+        # with the in-place kernels, small forwards need no host (in_place.py): always when streaming
+        # (not the passes that count routing), and once streaming has won their size's race
+        in_place = self.buffers.zero_copy and (policy.device_only or policy.race)
+        on_device = self._streaming_won if policy.race else None
         for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
             ex.experts.resident_E = res
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
-            layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device)) if in_place else ex
-        self.policy = policy
-        self.race = SplitRace() if policy.race else None
+            layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device), on_device) if in_place else ex
         self._hot_for_policy = hot
         return resident
+
+    def _streaming_won(self, tokens: int) -> bool:
+        return self.race is not None and self.race.settled(tokens) == "stream"
 
     def record(self, on: bool) -> Recorder | None:
         """Start (or stop) a lane timeline of the next forwards."""

@@ -16,6 +16,10 @@ each forward size (buckets of powers of two tokens):
 * each candidate runs until it has ``MIN_SAMPLES`` times (layers take turns, the model first);
 * then the fastest mean runs, and every ``RETRY``-th layer of the bucket re-times the runner-up, so
   a machine that changes (another process on the cores) is noticed.
+
+With the in-place kernels (:mod:`.zero_copy`), a forward size whose race streaming has won, and
+that is small enough for them, then runs on the device alone (:meth:`SplitRace.settled`;
+:mod:`.in_place`): no token count reaches the host, so that size is not re-timed.
 """
 from __future__ import annotations
 
@@ -61,6 +65,11 @@ class SplitRace:
     def __init__(self):
         self.buckets: dict[int, Bucket] = {}
         self._last: tuple[int, float, int, str] | None = None  # layer, time of its sync, bucket, candidate
+
+    def settled(self, tokens: int) -> str | None:
+        """The candidate that has won the race of ``tokens``-token forwards, None while it runs."""
+        bucket = self.buckets.get(max(int(tokens), 1).bit_length())
+        return None if bucket is None else bucket.winner()
 
     def pick(self, layer: int, tokens: int, now: float, predict) -> str:
         if self._last is not None and self._last[0] == layer - 1:  # the previous MoE layer of this forward
