@@ -277,6 +277,20 @@ def test_the_race_times_each_candidate_then_keeps_the_fastest_and_retries_the_ru
     assert race.pick(0, 512, now, predicted.__getitem__) == "model"  # another size is raced afresh
 
 
+def test_one_slow_first_layer_does_not_price_a_candidate_out_of_the_race():
+    """On an H200 host streaming's first forward compiled its kernels (seconds in one layer), the
+    race timed it at 367 ms per layer and never ran it again. The first times' median, then times
+    bounded at OUTLIER x the mean."""
+    from fsmoe.infer.hybrid.race import MIN_SAMPLES, OUTLIER, Tally
+
+    t = Tally()
+    for seconds in [5.0] + [1e-3] * (MIN_SAMPLES - 1):
+        t.add(seconds)
+    assert t.mean == pytest.approx(1e-3)
+    t.add(1.0)
+    assert t.mean == pytest.approx(1e-3 + (OUTLIER - 1) * 1e-3 / (MIN_SAMPLES + 1))
+
+
 def test_scheinfer_races_its_split_and_the_model_policy_does_not():
     _, hybrid = plain_and_hybrid(tiny(), slots=4)
     hybrid.place(parse_policy("scheinfer"), hot_LE=np.arange(18).reshape(3, 6))

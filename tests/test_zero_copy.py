@@ -88,6 +88,22 @@ def test_in_place_experts_equal_each_expert_alone(device, swiglu, dtype, residen
     assert (y[int(offs[-1]):] == 7.0).all()
 
 
+@needs_kernels
+def test_warm_up_compiles_both_kernels_and_writes_nothing(monkeypatch):
+    """The hybrid model compiles the kernels when it is made (a first launch takes seconds): with and
+    without resident experts, on one layer's weights, which it leaves as they were."""
+    launched = []
+    for name in ("_up_kernel", "_down_kernel"):
+        kernel = getattr(zero_copy, name)
+        monkeypatch.setattr(zero_copy, name, type("Spy", (), {"__getitem__": lambda self, grid, k=kernel, n=name: (
+            lambda *a, **kw: (launched.append((n, kw["HAS_GPU"])), k[grid](*a, **kw)))})())
+    w1, w3, w2 = _experts(3, 8, 16, torch.float32, True, DEVICES[0])
+    before = [t.clone() for t in (w1, w3, w2)]
+    zero_copy.warm_up((w1, w3, w2), torch.device(DEVICES[0]))
+    assert sorted(launched) == sorted((n, g) for n in ("_up_kernel", "_down_kernel") for g in (False, True))
+    assert all(torch.equal(a, b) for a, b in zip(before, (w1, w3, w2)))
+
+
 def _hybrid(read_in_place: bool, monkeypatch):
     """The tiny model and its hybrid twin (on the GPU when there is one, float32), in-place reads
     switched on or off."""

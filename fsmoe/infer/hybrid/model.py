@@ -25,6 +25,7 @@ from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy, candidate_split
 from fsmoe.infer.hybrid.race import SplitRace
 from fsmoe.infer.hybrid.residency import resident_experts
+from fsmoe.infer.hybrid.zero_copy import warm_up
 from fsmoe.infer.model import materialise
 from fsmoe.models import MoEDecoder, build_model
 
@@ -98,6 +99,8 @@ class HybridModel:
             CpuExpertKernel.load()
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
                                      chunk or memory.chunk, cpu_threads, cpu_lane, zero_copy)
+        if self.buffers.zero_copy:  # and the in-place kernels compiled now, not in a timed forward
+            warm_up(host[0], device)
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
         self.hot_LE = np.zeros((len(host), E))
         self.policy: Policy | None = None

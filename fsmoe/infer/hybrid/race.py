@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 CANDIDATES = ("model", "stream", "cpu")
 # race an alternative the model prices at most this many times its own split: on an H200 host the
 # model's decode split (CPU experts) took 2-3x its price in a forward, and streaming, priced at
@@ -33,16 +35,27 @@ RACE_WITHIN = 4.0
 MIN_SAMPLES = 3
 RETRY = 32
 EMA = 0.1  # weight of the newest time once a candidate has 1/EMA samples
+OUTLIER = 4.0  # a time past this many times the mean counts as this many
 
 
 @dataclass
 class Tally:
+    """A candidate's seconds per layer: the median of its first ``MIN_SAMPLES`` times, then a
+    running mean turning into a moving average, each new time at most ``OUTLIER`` times the mean.
+    One layer that paid a one-time cost (a kernel compiled at its first use took seconds on an
+    H200 host) must not price a candidate out: it is raced no more once it has lost."""
+
     n: int = 0
-    mean: float = 0.0  # seconds per layer (running mean, then moving average)
+    mean: float = 0.0
+    first: list[float] = field(default_factory=list)
 
     def add(self, seconds: float) -> None:
         self.n += 1
-        self.mean += max(1.0 / self.n, EMA) * (seconds - self.mean)
+        if self.n <= MIN_SAMPLES:
+            self.first.append(seconds)
+            self.mean = float(np.median(self.first))
+            return
+        self.mean += max(1.0 / self.n, EMA) * (min(seconds, OUTLIER * self.mean) - self.mean)
 
 
 @dataclass

@@ -108,7 +108,9 @@ if triton is not None:
             acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
         return acc
 
-    @triton.jit
+    # S (the experts run) changes every forward: one compiled kernel for all (Triton would make
+    # another for S == 1)
+    @triton.jit(do_not_specialize=["S"])
     def _up_kernel(x_ptr, w1_ptr, w3_ptr, g1_ptr, g3_ptr, slot_ptr, h_ptr, plan_ptr, S, D, F, s_x, s_h, s_we,
                    SWIGLU: tl.constexpr, HAS_GPU: tl.constexpr, BM: tl.constexpr, BF: tl.constexpr,
                    BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -132,7 +134,7 @@ if triton is not None:
             tl.store(h_ptr + rows[:, None] * s_h + cols[None, :], h.to(h_ptr.dtype.element_ty),
                      mask=row_mask[:, None] & col_mask[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S"])
     def _down_kernel(h_ptr, w2_ptr, g2_ptr, slot_ptr, y_ptr, plan_ptr, S, D, F, s_h, s_y, s_we,
                      HAS_GPU: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
                      PRECISION: tl.constexpr):
@@ -191,3 +193,16 @@ def host_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], plan
     _down_kernel[(S, triton.cdiv(D, t.bd))](h, w2, g2, slot, y_ND, plan_3S, S, D, F, h.stride(0), y_ND.stride(0),
                                             w2.stride(0), HAS_GPU=on_gpu, BM=MAX_ROWS, BD=t.bd, BK=t.bk,
                                             PRECISION=prec, num_warps=t.warps, num_stages=t.stages)
+
+
+def warm_up(w: tuple[Tensor, Tensor | None, Tensor], device: torch.device) -> None:
+    """Compile the kernels for these weights (one layer's, host or GPU) now: a first launch compiles
+    for seconds, which inside a timed forward would price the in-place path out of a race."""
+    D, E = w[0].shape[2], w[0].shape[0]
+    x = torch.zeros(2, D, dtype=w[0].dtype, device=device)
+    plan = torch.tensor([[0, 0], [0, 1], [1, 2]], dtype=torch.int32, device=device)  # expert 0 twice, a row each
+    slot_E = torch.full((E,), -1, dtype=torch.int32, device=device)  # no expert resident: nothing read from it
+    for resident in (None, (w, slot_E)):
+        host_experts_mlp(x, w, plan, torch.empty_like(x), resident=resident)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
