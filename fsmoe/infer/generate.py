@@ -84,6 +84,8 @@ def generate(model: nn.Module, prompts: list[list[int]], s: Sampling, graphs: De
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     t0 = time.perf_counter()
     logits_BV = model(idx_BS[:, :P], cache=cache, start=0, pad_B=pad_B).logits[:, -1]
+    if device.type == "cuda":  # the prefill's queued GPU work is the prefill's, not the first decode step's
+        torch.cuda.synchronize(device)
     prefill_s = time.perf_counter() - t0
     steps = 0
     for t in range(s.max_new_tokens):
