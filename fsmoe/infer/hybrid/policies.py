@@ -4,7 +4,9 @@
 policy     resident on the GPU                                 the other experts, per layer and forward
 ========== =================================================== =========================================
 scheinfer  the hottest experts that fit                        CC or CG chosen by the lane model, checked
-                                                               against the clock (:mod:`.race`)
+                                                               against the clock (:mod:`.race`); with the
+                                                               in-place kernels, a small forward size that
+                                                               streaming won on the device alone
 model      the hottest experts that fit                        CC or CG chosen by the lane model alone
 llamacpp   whole layers, the last ones first (--n-cpu-moe)     CPU; the layer's whole expert tensor is
                                                                streamed when the batch has >= 32 tokens
@@ -37,7 +39,8 @@ class Policy:
     share: float = 0.0  # static: share of the non-resident experts streamed
     race: bool = False  # adaptive: race the model's split against all-CG and all-CC (fsmoe.infer.hybrid.race)
     # with the in-place kernels on, small forwards run on the device alone (fsmoe.infer.hybrid.in_place):
-    # no token count reaches the host, so no routing frequencies are counted either
+    # no token count reaches the host, so no routing frequencies are counted either (race policies:
+    # the sizes whose race streaming won)
     device_only: bool = False
 
     def split(self, counts_E, resident_E, costs: LaneCosts, num_tokens: int, hot_E) -> Split:
