@@ -472,6 +472,9 @@ class TrainConfig:
     # Replay the whole step (forward, backward, clipping, AdamW) as one CUDA graph after a few eager
     # steps: no per-kernel launch cost (fsmoe.graph_step). One process on CUDA; see RunConfig.validate.
     cuda_graph: bool = False
+    # torch threads of a training process on the CPU; 0: automatic (fsmoe.cpu_threads: half the
+    # logical CPUs from eight on, where a thread on each stalled steps; OMP_NUM_THREADS when set)
+    cpu_threads: int = 0
 
     def validate(self, max_seq_len: int, prefix: str = "train") -> None:
         for name in ("steps", "batch_size", "seq_len", "lr", "log_every", "eval_every", "eval_batches",
@@ -498,6 +501,8 @@ class TrainConfig:
         _one_of(f"{prefix}.on_nonfinite", self.on_nonfinite, {"stop", "skip"})
         _check(isinstance(self.trace, bool), f"{prefix}.trace", self.trace, "must be true or false")
         _check(isinstance(self.cuda_graph, bool), f"{prefix}.cuda_graph", self.cuda_graph, "must be true or false")
+        _check(isinstance(self.cpu_threads, int) and not isinstance(self.cpu_threads, bool) and self.cpu_threads >= 0,
+               f"{prefix}.cpu_threads", self.cpu_threads, "must be a whole number >= 0 (0: automatic)")
         if self.torch_profile_steps:
             from fsmoe.profiling import WAIT_STEPS, WARMUP_STEPS
 

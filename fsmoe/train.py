@@ -49,7 +49,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from fsmoe import checkpoint, plots
+from fsmoe import checkpoint, cpu_threads, plots
 from fsmoe.config import ConfigError, RunConfig, TrainConfig, model_config_from_dict
 from fsmoe.data import BatchSampler, Corpus, check_vocab, eval_batches, load_corpus, nats_to_bits
 from fsmoe.graph_step import GraphedStep
@@ -304,6 +304,8 @@ class Trainer:
         check_run_dir(self.run_dir, resume)
         ckpt = self._find_checkpoint() if resume else None
         self.device = resolve_device(self.tcfg)
+        self.threads_used = (cpu_threads.apply(self.tcfg.cpu_threads, groups is not None and groups.distributed)
+                            if self.device.type == "cpu" else None)
         self.graphed: GraphedStep | None = None  # train.cuda_graph: set once the trainer is built
         # A captured step must not keep autocast's cached weight casts from the capture: they
         # would be the weights of that step, not of each replay.
@@ -704,7 +706,8 @@ class Trainer:
         precision = ("bf16 compute, fp32 weights and optimizer state" if t.dtype == "bfloat16" else "fp32")
         self.console.print(f"precision: {precision}; AdamW {'fused' if self.device.type == 'cuda' else 'foreach'}; "
                            f"activation checkpointing: {t.activation_checkpointing}"
-                           f"{'; torch.compile on dense parts' if t.compile else ''}")
+                           f"{'; torch.compile on dense parts' if t.compile else ''}"
+                           f"{f'; CPU threads: {self.threads_used}' if self.threads_used else ''}")
         if self.cfg.parallel.shard != "none" and (self.groups is None or not self.groups.distributed):
             self.console.print(f"parallel.shard={self.cfg.parallel.shard}: one process holds the only copy of "
                                "the optimizer state; nothing to split (it splits over data-parallel replicas)")

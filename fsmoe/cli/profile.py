@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from fsmoe import cpu_threads
 from fsmoe.config import ConfigError
 from fsmoe.parallel.groups import ParallelGroups
 from fsmoe.parallel.launch import add_command_arguments, run_command
@@ -62,6 +63,9 @@ def _profile_main(args, groups: ParallelGroups, device: torch.device) -> int:
     run, dtype = _run_of(args, groups, device)
     if run is not None:
         from fsmoe.schedule.run.model_parts import run_spec
+
+        if device.type == "cpu":  # the threads its training computes with
+            cpu_threads.apply(run.train.cpu_threads, groups.distributed)
 
         cfg = ProfileConfig.for_run(run_spec(run, groups.layout.dp, groups.layout.mp), groups.layout, device)
         cfg = dataclasses.replace(cfg, allreduce_bytes=_step_gradient_sizes(run, groups, cfg))
