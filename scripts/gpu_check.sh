@@ -14,7 +14,9 @@
 # empty experts, dropped rows, CUDA-graph capture (tests/test_expert_gemm.py); the trainer's step
 # replayed as a CUDA graph against eager steps, with its guard and checkpoints (train.cuda_graph);
 # generation's decode steps replayed from CUDA graphs against eager ones (tests/test_decode_graph.py);
-# the hybrid engine's in-place expert kernels against each expert alone (tests/test_zero_copy.py).
+# the hybrid engine's in-place expert kernels against each expert alone (tests/test_zero_copy.py);
+# the CPU lane beside the device path, its GPU kernels posting to the native server thread through
+# pinned memory, eager and graphed (tests/test_mailbox.py).
 #
 # Usage: bash scripts/gpu_check.sh [extra pytest args]     (make gpu-check)
 set -uo pipefail
@@ -27,4 +29,4 @@ if ! "$PY" -c "import torch, triton, sys; sys.exit(0 if torch.cuda.is_available(
 fi
 "$PY" -c "import torch, triton; print('gpu_check:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
 exec "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=15 tests/test_kernels.py tests/test_expert_gemm.py tests/test_schedule_gpu.py \
-  tests/test_train_gpu.py tests/test_op_clock.py tests/test_decode_graph.py tests/test_zero_copy.py "$@"
+  tests/test_train_gpu.py tests/test_op_clock.py tests/test_decode_graph.py tests/test_zero_copy.py tests/test_mailbox.py "$@"

@@ -346,6 +346,7 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
     (["--gpu-mem-gb", "1", "--hot", "MISSING", "--device", "cpu"], "--hot"),
     (["--gpu-mem-gb", "1", "--costs", "MISSING", "--device", "cpu"], "--costs"),
     (["--gpu-mem-gb", "1", "--zero-copy", "on", "--device", "cpu"], "--zero-copy"),
+    (["--gpu-mem-gb", "1", "--cpu-on-device", "on", "--device", "cpu"], "--cpu-on-device"),
 ])
 def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path, capsys, extra, field):
     from fsmoe import cli
@@ -359,12 +360,26 @@ def test_fsmoe_infer_bad_input_is_one_line_naming_the_option(tiny_run, tmp_path,
     assert err.startswith(f"error: {field}") and "Traceback" not in err
 
 
-def test_bench_infer_refuses_in_place_reads_where_they_cannot_run(tmp_path, capsys):
+@pytest.mark.parametrize("option", ["--zero-copy", "--cpu-on-device"])
+def test_bench_infer_refuses_in_place_reads_where_they_cannot_run(tmp_path, capsys, option):
     from fsmoe import cli
 
     assert cli.main(["bench", "infer", "--config", "tiny", "--device", "cpu", "--gpu-mem-gb", "0.01",
-                     "--zero-copy", "on", "--out", str(tmp_path / "b")]) == 2
-    assert capsys.readouterr().err.startswith("error: --zero-copy") and not (tmp_path / "b").exists()
+                     option, "on", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {option}") and not (tmp_path / "b").exists()
+
+
+def test_the_cpu_lane_on_the_device_path_says_what_it_needs():
+    from fsmoe.config import ConfigError
+    from fsmoe.infer.hybrid import mailbox
+
+    assert not mailbox.resolve(None, True, torch.bfloat16) and not mailbox.resolve("off", False, torch.float32)
+    with pytest.raises(ConfigError, match="--cpu-on-device='on'.*in-place expert kernels"):
+        mailbox.resolve("on", False, torch.bfloat16)
+    with pytest.raises(ConfigError, match="--cpu-on-device='on'.*bfloat16"):
+        mailbox.resolve("on", True, torch.float32)
+    with pytest.raises(ConfigError, match="--cpu-on-device='maybe'.*allowed: on, off"):
+        mailbox.resolve("maybe", True, torch.bfloat16)
 
 
 def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):

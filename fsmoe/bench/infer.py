@@ -28,7 +28,7 @@ from fsmoe.bench.common import device_info
 from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
-from fsmoe.infer.hybrid import zero_copy
+from fsmoe.infer.hybrid import mailbox, zero_copy
 from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
@@ -58,6 +58,11 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="worker: a thread computes the CPU experts while the GPU work is issued; inline: the "
                         "GPU work is issued first (indices through pinned memory), then this thread computes them")
+    p.add_argument("--cpu-on-device", choices=["on", "off"], default="off",
+                   help="with scheinfer, small forwards on the device path also compute a share of the "
+                        "non-resident experts on the CPU, handed over through pinned memory without a host "
+                        "round trip (the share measured at placement). Needs the in-place kernels and bf16; "
+                        "off by default until measured on a GPU")
     p.add_argument("--zero-copy", choices=["on", "off"], default=None,
                    help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
                         "and with the stream policy (scheinfer once streaming wins its race) decode steps on the "
@@ -170,6 +175,9 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     if device.type == "cuda":
         res["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / GiB
     res["cpu_scale"] = hybrid.cpu_scale  # the online refit's measured/modelled CPU lane so far
+    if hybrid.mailbox is not None and policy.race:  # the CPU's share on the device path, and each tried
+        res["cpu_share"], res["cpu_share_ms"] = hybrid.cpu_share, hybrid.cpu_share_ms
+    hybrid.check()  # the CPU lane on the device path answered every forward
     if hybrid.race is not None:  # per forward size, the ms per layer each raced candidate took
         res["race_ms_per_layer"] = hybrid.race.summary()
     return res
@@ -255,6 +263,7 @@ def run(args) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = load_config(args.config, args.overrides).model
     in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before the model is built
+    cpu_on_device = mailbox.resolve(args.cpu_on_device, in_place, dtype)
     cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
@@ -264,7 +273,7 @@ def run(args) -> int:
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
                              prefill_tokens=max(max(tokens), args.prefill, args.calib_tokens))
     hybrid = HybridModel(model, host, costs, memory, device, cpu_lane=args.cpu_lane,
-                         zero_copy=in_place)
+                         zero_copy=in_place, cpu_on_device=cpu_on_device)
     console.print(f"{cfg.n_layers} layers x {cfg.moe.num_experts} experts ({memory.per_expert / 2**20:.1f} MiB each) "
                   f"built in {time.perf_counter() - t0:.0f} s on {device}; GPU budget {args.gpu_mem_gb:g} GiB holds "
                   f"{memory.slots} of {memory.num_experts} experts; lane costs {costs}")
@@ -309,6 +318,7 @@ def run(args) -> int:
         plot_sweep(results, args.out / "sweep.png", f"{args.config} {' '.join(args.overrides)} on "
                    f"{report['device']['name']}, GPU budget {args.gpu_mem_gb:g} GiB")
         console.print(f"wrote {args.out}/results.json, sweep.png, timelines")
+    hybrid.close()  # (else at exit)
     return 0
 
 

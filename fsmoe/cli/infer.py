@@ -34,6 +34,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-hot", type=Path, help="write the frequencies counted in this run")
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="how the CPU experts run beside the GPU work (see fsmoe bench infer --help)")
+    p.add_argument("--cpu-on-device", choices=["on", "off"], default="off",
+                   help="with scheinfer, small forwards on the device path also compute a share of the "
+                        "non-resident experts on the CPU, handed over through pinned memory without a host "
+                        "round trip (the share measured at placement). Needs the in-place kernels and bf16; "
+                        "off by default until measured on a GPU")
     p.add_argument("--zero-copy", choices=["on", "off"], default=None,
                    help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
                         "and with --policy stream (scheinfer once streaming wins its race) decode steps on the "
@@ -55,13 +60,12 @@ def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsmoe.cli.generate import check_args, decode_graphs, encode_prompts, pick_device, print_generation
-    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.cli.generate import check_args, encode_prompts, pick_device
+    from fsmoe.infer.hybrid import mailbox, zero_copy
     from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
     from fsmoe.infer.hybrid.memory import cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
     from fsmoe.infer.hybrid.model import HybridModel, loaded_model
-    from fsmoe.infer.hybrid import zero_copy
-    from fsmoe.infer.hybrid.policies import Policy, parse_policy
+    from fsmoe.infer.hybrid.policies import parse_policy
 
     check_args(args)
     policy = parse_policy(args.policy)
@@ -70,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args)
     dtype = getattr(torch, args.dtype)
     in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before anything is loaded
+    cpu_on_device = mailbox.resolve(args.cpu_on_device, in_place, dtype)
     console = Console(soft_wrap=True, highlight=False)
     t0 = time.perf_counter()
     model, host, cfg, converted = loaded_model(args.model, device, dtype)  # still on the host
@@ -83,7 +88,18 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
     hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane,
-                         zero_copy=in_place)
+                         zero_copy=in_place, cpu_on_device=cpu_on_device)
+    try:
+        return _generate(args, hybrid, policy, tok, prompts, device, console, t0)
+    finally:
+        hybrid.close()
+
+
+def _generate(args, hybrid, policy, tok, prompts, device, console, t0) -> int:
+    from fsmoe.cli.generate import decode_graphs, print_generation
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid.policies import Policy
+
     L, E = hybrid.hot_LE.shape
     if args.hot:
         hot = _hot(args.hot, (L, E))
@@ -93,12 +109,14 @@ def run(args: argparse.Namespace) -> int:
         hot = hybrid.hot_LE.copy()
     resident = hybrid.place(policy, hot)
     console.print(f"{args.model}: {L} MoE layers x {E} experts; GPU budget {args.gpu_mem_gb:g} GiB holds "
-                  f"{int(resident.sum())} resident ({policy.name}); ready in {time.perf_counter() - t0:.1f} s",
-                  style="dim")
+                  f"{int(resident.sum())} resident ({policy.name}); ready in {time.perf_counter() - t0:.1f} s"
+                  + (f"; CPU share on the device path {hybrid.cpu_share:g} (ms per layer: {hybrid.cpu_share_ms})"
+                     if hybrid.mailbox is not None and policy.race else ""), style="dim")
     rec = hybrid.record(True) if args.timeline else None
     out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                                    not args.no_cache, tok.eos_ids),
                    decode_graphs(args, hybrid.model, device))
+    hybrid.check()
     print_generation(console, args, tok, prompts, out, device, "hybrid " + policy.name)
     if rec is not None:
         from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png

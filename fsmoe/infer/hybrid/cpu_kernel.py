@@ -47,6 +47,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define MAXN 16
 /* 16 lanes: one AVX-512 register (-march=native lowers these to narrower registers elsewhere) */
@@ -149,6 +150,63 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
     free(h);
     return 0;
 }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* The CPU lane of forwards that run on the device alone (fsmoe/infer/hybrid/mailbox.py). For every
+   layer l the GPU writes its rows x [R, D] and token counts [E] into pinned memory, then raises
+   seq_in[l * 8]; this loop sees it move, computes the layer's CPU experts (cpu [l * E + e] set) on
+   their rows, writes y [R, D] (0 in every other row) and publishes seq_out[l * 8] = seq_in (-seq_in
+   if the experts could not run), which the GPU waits for. The numbers sit 64 bytes apart and start
+   at 0. Runs until *stop; spins while layers arrive, then sleeps 20 us at a time. */
+int serve_mailbox(int L, int E, int D, int F, int R, const uint16_t *const *w1, const uint16_t *const *w3,
+                  const uint16_t *const *w2, const uint8_t *cpu, const int32_t *counts, const uint16_t *x,
+                  uint16_t *y, int64_t *seq_in, int64_t *seq_out, const int32_t *stop, int threads) {
+    int64_t *last = malloc(sizeof(int64_t) * (size_t)L);
+    int *experts = malloc(sizeof(int) * (size_t)E), *start = malloc(sizeof(int) * (size_t)E),
+        *count = malloc(sizeof(int) * (size_t)E);
+    if (!last || !experts || !start || !count) { free(last); free(experts); free(start); free(count); return 2; }
+    /* numbers start at 0: a layer posted before this thread got here is still served */
+    for (int l = 0; l < L; l++) last[l] = 0;
+    long idle = 0;
+    while (!__atomic_load_n(stop, __ATOMIC_ACQUIRE)) {
+        int worked = 0;
+        for (int l = 0; l < L; l++) {
+            int64_t s = __atomic_load_n(&seq_in[(size_t)l * 8], __ATOMIC_ACQUIRE);
+            if (s == last[l]) continue;
+            last[l] = s;
+            worked = 1;
+            const int32_t *c = counts + (size_t)l * E;
+            int m = 0, n = 0;
+            for (int e = 0; e < E; e++) {
+                if (c[e] > 0 && cpu[(size_t)l * E + e]) { experts[m] = e; start[m] = n; count[m] = c[e]; m++; }
+                if (c[e] > 0) n += c[e];
+            }
+            uint16_t *yl = y + (size_t)l * R * D;
+            int rc = n > R ? 3 : 0;
+            if (!rc) {
+                memset(yl, 0, sizeof(uint16_t) * (size_t)n * D);
+                rc = experts_mlp_bf16(x + (size_t)l * R * D, w1[l], w3 ? w3[l] : NULL, w2[l], yl, experts, start,
+                                      count, m, n, D, F, threads);
+            }
+            __atomic_store_n(&seq_out[(size_t)l * 8], rc ? -s : s, __ATOMIC_RELEASE);
+        }
+        if (worked) {
+            idle = 0;
+        } else if (++idle > 20000) {
+            struct timespec ts = {0, 20000};
+            nanosleep(&ts, NULL);
+        } else {
+            cpu_relax();
+        }
+    }
+    free(last); free(experts); free(start); free(count);
+    return 0;
+}
 """
 
 
@@ -214,6 +272,9 @@ class CpuExpertKernel:
         self.many_fn = lib.experts_mlp_bf16
         self.many_fn.restype = ctypes.c_int
         self.many_fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
+        self.serve_fn = lib.serve_mailbox  # fsmoe.infer.hybrid.mailbox
+        self.serve_fn.restype = ctypes.c_int
+        self.serve_fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int]
 
     @classmethod
     def load(cls) -> "CpuExpertKernel | None":

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fsmoe.infer.hybrid.engine import HybridExecutor
+from fsmoe.infer.hybrid.mailbox import Mailbox
 from fsmoe.infer.hybrid.zero_copy import MAX_ROWS, host_experts_mlp
 
 
@@ -32,10 +33,11 @@ class InPlaceStreamExecutor:
     """``executor(layer, x_ND, plan) -> y_ND`` for one MoE layer under the stream policy."""
 
     def __init__(self, host_executor: HybridExecutor, slot_E: Tensor | None,
-                 on_device: Callable[[int], bool] | None = None):
+                 on_device: Callable[[int], bool] | None = None, mailbox: Mailbox | None = None):
         self.host = host_executor  # larger forwards, and the layer's expert weights
         self.slot_E = slot_E  # [E] int32 on the device: index of the resident copy, -1 if none; None: none resident
         self.on_device = on_device  # tokens -> whether such a forward may run here (None: always)
+        self.mailbox = mailbox  # this layer's CPU experts beside the device path (mailbox.py), if any
         self._ids_E: Tensor | None = None
 
     def needs_host_for(self, tokens: int) -> bool:
@@ -45,15 +47,28 @@ class InPlaceStreamExecutor:
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
         if self.needs_host_for(plan.num_tokens):
             return self.host(layer, x_ND, plan)
-        ex = self.host.experts
-        counts_E = plan.tokens_per_expert_E.to(torch.int32)
+        return self.device_forward(x_ND, plan.tokens_per_expert_E)
+
+    def device_forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """x_ND [N, D] grouped by expert (``tokens_per_expert_E`` [E] rows each) -> y_ND [N, D], all
+        queued on the device: the in-place launches over every expert but the CPU's, whose rows go
+        through the mailbox meanwhile."""
+        ex, layer = self.host.experts, self.host.index
+        counts_E = tokens_per_expert_E.to(torch.int32)
         if self._ids_E is None or self._ids_E.device != counts_E.device:
             self._ids_E = torch.arange(counts_E.numel(), dtype=torch.int32, device=counts_E.device)
         ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        plan_3E = torch.stack([self._ids_E, ends_E - counts_E, ends_E])
+        starts_E = ends_E - counts_E
+        cpu = self.mailbox is not None and self.mailbox.active[layer]
+        if cpu:
+            self.mailbox.post(layer, x_ND, counts_E)
+            ends_E = torch.where(self.mailbox.cpu_dev[layer], starts_E, ends_E)  # not read by the GPU
+        plan_3E = torch.stack([self._ids_E, starts_E, ends_E])
         y_ND = torch.zeros_like(x_ND)  # dropped rows (past the last expert's) stay 0
         resident = None if self.slot_E is None else (ex.gpu, self.slot_E)
         host_experts_mlp(x_ND, ex.host, plan_3E, y_ND, resident=resident)
+        if cpu:
+            self.mailbox.collect(layer, y_ND)
         return y_ND
 
 

@@ -20,12 +20,13 @@ from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
+from fsmoe.infer.hybrid.mailbox import Mailbox, cpu_sets
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy, candidate_split
 from fsmoe.infer.hybrid.race import SplitRace
 from fsmoe.infer.hybrid.residency import resident_experts
-from fsmoe.infer.hybrid.zero_copy import warm_up
+from fsmoe.infer.hybrid.zero_copy import MAX_ROWS, warm_up
 from fsmoe.infer.model import materialise
 from fsmoe.models import MoEDecoder, build_model
 
@@ -35,6 +36,9 @@ CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving 
 # fraction of a millisecond) once priced the CPU lane at 120x what it runs at, after which no
 # split chose it again and so nothing measured it back down.
 CPU_REFIT_STEP = 4.0
+# the CPU's shares of the non-resident experts tried on the device path, and routes timed at each
+CPU_SHARES = (0.0, 0.25, 0.5, 0.75)
+CPU_SHARE_TRIALS = 12
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -90,7 +94,8 @@ class HybridModel:
 
     def __init__(self, model: MoEDecoder, host: list[Weights], costs: LaneCosts, memory: GpuMemoryPlan,
                  device: torch.device, cpu_threads: int | None = None, chunk: int | None = None,
-                 keep_splits: bool = True, cpu_lane: str = "worker", zero_copy: bool | None = None):
+                 keep_splits: bool = True, cpu_lane: str = "worker", zero_copy: bool | None = None,
+                 cpu_on_device: bool = False, cpu_share: float | None = None):
         self.model, self.memory, self.device = model.eval(), memory, device
         cfg = model.cfg
         E = cfg.moe.num_experts
@@ -116,6 +121,15 @@ class HybridModel:
                           for i, w in enumerate(host)]
         for layer, ex in zip(model.moe_layers(), self.executors):
             layer.executor = ex
+        # scheinfer's forwards on the device path with some experts on the CPU (mailbox.py); the
+        # CPU's share measured at each placement unless ``cpu_share`` fixes it
+        self.mailbox: Mailbox | None = None
+        if cpu_on_device:
+            if not self.buffers.zero_copy:
+                raise ValueError("the CPU lane on the device path needs the in-place kernels (zero_copy)")
+            self.mailbox = Mailbox(host, MAX_ROWS * cfg.moe.router.top_k, device, self.buffers.cpu_threads)
+        self.fixed_cpu_share = cpu_share
+        self.cpu_share, self.cpu_share_ms = 0.0, {}
 
     def place(self, policy: Policy, hot_LE=None) -> np.ndarray:
         """Make ``policy`` current: choose its resident experts from ``hot_LE`` (default: the
@@ -133,14 +147,63 @@ class HybridModel:
         # (not the passes that count routing), and once streaming has won their size's race
         in_place = self.buffers.zero_copy and (policy.device_only or policy.race)
         on_device = self._streaming_won if policy.race else None
+        mailbox = self.mailbox if policy.race else None
         for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
             ex.experts.resident_E = res
             ex.experts.gpu = (tuple(None if w is None else w.index_select(0, idx).to(self.device)
                                     for w in ex.experts.host) if len(idx) else None)
-            layer.executor = InPlaceStreamExecutor(ex, slots_of(res, self.device), on_device) if in_place else ex
+            layer.executor = (InPlaceStreamExecutor(ex, slots_of(res, self.device), on_device, mailbox)
+                              if in_place else ex)
+        if mailbox is not None:
+            self.cpu_share, self.cpu_share_ms = self._cpu_share(hot, resident)
+            mailbox.set_cpu(cpu_sets(hot, resident, self.cpu_share))
         self._hot_for_policy = hot
         return resident
+
+    def _cpu_share(self, hot_LE: np.ndarray, resident_LE: np.ndarray) -> tuple[float, dict[str, float]]:
+        """(the CPU's share of each layer's non-resident experts on the device path, ms per
+        one-token layer at each share tried): the middle MoE layer on routes drawn from its
+        frequencies, each share in turn (first run of each unmeasured), with the device synced
+        around every forward; ``cpu_share`` given at construction skips the measurement."""
+        if self.fixed_cpu_share is not None:
+            return self.fixed_cpu_share, {}
+        mid = len(self.executors) // 2
+        ex = self.model.moe_layers()[mid].executor
+        moe, dtype = self.model.cfg.moe, self.executors[mid].experts.host[0].dtype
+        rng = np.random.default_rng(0)
+        p = (hot_LE[mid] + 1.0) / (hot_LE[mid] + 1.0).sum()
+        routes = [rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p) for _ in range(CPU_SHARE_TRIALS)]
+        x = torch.randn(moe.router.top_k, self.model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device, dtype)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        times = {}
+        with torch.no_grad():
+            for share in CPU_SHARES:
+                self.mailbox.set_cpu(cpu_sets(hot_LE, resident_LE, share))
+                took = []
+                for route in [routes[0], *routes]:
+                    counts = torch.zeros(moe.num_experts, dtype=torch.int64)
+                    counts[route] = 1
+                    counts = counts.to(self.device)
+                    sync()
+                    t0 = time.perf_counter()
+                    ex.device_forward(x, counts)
+                    sync()
+                    took.append(time.perf_counter() - t0)
+                times[share] = float(np.median(took[1:]))
+        self.mailbox.check()
+        return min(times, key=times.get), {str(q): round(t * 1e3, 3) for q, t in times.items()}
+
+    def check(self) -> None:
+        """Raise if the CPU lane on the device path failed in a forward so far (no device sync)."""
+        if self.mailbox is not None:
+            self.mailbox.check()
+
+    def close(self) -> None:
+        """Stop the CPU lane's server thread, if there is one."""
+        if self.mailbox is not None:
+            self.mailbox.close()
 
     def _streaming_won(self, tokens: int) -> bool:
         return self.race is not None and self.race.settled(tokens) == "stream"

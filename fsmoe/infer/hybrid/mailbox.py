@@ -1,0 +1,179 @@
+"""CPU experts beside a forward that runs on the device alone: no host round trip.
+
+Shape legend: L MoE layers, E experts per layer, D model dim, R rows a mailbox holds per layer,
+N routed rows of one forward (grouped by expert).
+
+On the device path (:mod:`.in_place`) a small forward's experts are all read by the GPU, resident
+ones from GPU memory and the others over PCIe, so the host never waits for the token counts; the
+CPU sits idle although it reads host memory about as fast as PCIe does. Here some of the
+non-resident experts (a fixed set per layer, :meth:`Mailbox.set_cpu`) are computed by the CPU
+instead, still without the host issuing anything per forward, so it stays capturable in a CUDA
+graph:
+
+1. the GPU copies the layer's rows and token counts into pinned host memory (two async copies on
+   its stream) and raises the layer's sequence number there (a one-program kernel);
+2. a native server thread (``serve_mailbox`` in :mod:`.cpu_kernel`, started with the mailbox)
+   sees the number move, computes the layer's CPU experts on their rows with every thread it was
+   given, writes their output rows (zeros elsewhere) and publishes the same number back;
+3. meanwhile the GPU runs the other experts in place; then a one-program kernel waits for the
+   number to come back (reading host memory; it gives up after about ``MAX_SPIN`` reads and sets
+   :attr:`Mailbox.status`), and the CPU's rows are copied up and added.
+
+Each layer has its own slots and numbers, and the GPU waits for layer l's answer before it can post
+layer l again, so nothing is overwritten while in use. Which share of the non-resident experts
+the CPU takes is measured when the model is placed (:func:`cpu_sets`; fsmoe.infer.hybrid.model).
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
+
+SEQ_STRIDE = 8  # int64s between two layers' numbers: each on its own 64-byte line
+MAX_SPIN = 1 << 22  # reads of the answer before the GPU gives up (about seconds over PCIe)
+FAILED = {1: "the CPU lane did not answer in time (is its server thread running?)",
+          2: "the CPU lane could not run its experts (rows past the mailbox, or out of memory)"}
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _raise_kernel(seq_ptr, flag_ptr):
+        """The layer's next number, on the device and (after the rows, in stream order) in the mailbox."""
+        s = tl.load(seq_ptr) + 1
+        tl.store(seq_ptr, s)
+        tl.store(flag_ptr, s)
+
+    @triton.jit
+    def _wait_kernel(seq_ptr, flag_ptr, status_ptr, max_spin):
+        """Spin until the server has published this number (or its negation: it failed), at most
+        ``max_spin`` reads; any other end sets the status."""
+        s = tl.load(seq_ptr)
+        seen = tl.load(flag_ptr, volatile=True)
+        i = s * 0
+        while (seen != s) & (seen != -s) & (i < max_spin):
+            seen = tl.load(flag_ptr, volatile=True)
+            i += 1
+        if seen != s:
+            tl.store(status_ptr, tl.where(seen == -s, 2, 1).to(tl.int32))
+
+
+def resolve(choice: str | None, in_place: bool, dtype: torch.dtype, field: str = "--cpu-on-device") -> bool:
+    """A command's ``--cpu-on-device on|off`` (default off); "on" where it cannot run is a
+    ConfigError naming ``field``, before anything is loaded."""
+    from fsmoe.config import ConfigError
+
+    if choice in (None, "off"):
+        return False
+    if choice != "on":
+        raise ConfigError(field, choice, "allowed: on, off")
+    if not in_place:
+        raise ConfigError(field, choice, "needs the in-place expert kernels (a CUDA device, Triton, and not "
+                                         "--zero-copy off)")
+    if dtype != torch.bfloat16:
+        raise ConfigError(field, choice, f"the native CPU kernel takes bfloat16 weights (here {dtype})")
+    if CpuExpertKernel.load() is None:
+        raise ConfigError(field, choice, "needs the native CPU kernel, which could not be built (no C compiler?)")
+    return True
+
+
+def cpu_sets(hot_LE: np.ndarray, resident_LE: np.ndarray, share: float) -> np.ndarray:
+    """[L, E] bool: in each layer ``share`` of the non-resident experts, taken evenly along their
+    routing frequencies (hottest first, every 1/share-th), so the CPU's expected load is about
+    ``share`` of the streamed load whatever the skew."""
+    out = np.zeros(resident_LE.shape, dtype=bool)
+    for l, (hot, res) in enumerate(zip(hot_LE, resident_LE)):
+        cand = np.flatnonzero(~res)
+        order = cand[np.lexsort((cand, -hot[cand]))]
+        i = np.arange(len(order))
+        out[l, order[np.floor((i + 1) * share) > np.floor(i * share)]] = True
+    return out
+
+
+class Mailbox:
+    """Pinned slots and numbers for every MoE layer, and the CPU server thread reading them.
+
+    ``weights``: each layer's host expert weights (w1, w3 | None [E, F, D], w2 [E, D, F], bf16,
+    pinned, kept alive by the caller); ``rows``: the most routed rows a forward on the device path
+    has (tokens x top_k)."""
+
+    def __init__(self, weights: list[tuple[Tensor, Tensor | None, Tensor]], rows: int, device: torch.device,
+                 threads: int):
+        kernel = CpuExpertKernel.load()
+        if kernel is None:
+            raise RuntimeError("the CPU lane on the device path needs the native CPU kernel (a C compiler)")
+        L, (E, F, D) = len(weights), weights[0][0].shape
+        pin = device.type == "cuda"
+        self.device, self.rows, self.L, self.E = device, rows, L, E
+        self.x = torch.zeros(L, rows, D, dtype=torch.bfloat16, pin_memory=pin)
+        self.y = torch.zeros(L, rows, D, dtype=torch.bfloat16, pin_memory=pin)
+        self.counts = torch.zeros(L, E, dtype=torch.int32, pin_memory=pin)
+        self.seq_in = torch.zeros(L * SEQ_STRIDE, dtype=torch.int64, pin_memory=pin)
+        self.seq_out = torch.zeros(L * SEQ_STRIDE, dtype=torch.int64, pin_memory=pin)
+        self.status = torch.zeros(1, dtype=torch.int32, pin_memory=pin)  # written by the GPU
+        self.seq_dev = torch.zeros(L, dtype=torch.int64, device=device)
+        self.cpu = np.zeros((L, E), dtype=np.uint8)  # read live by the server: change only between forwards
+        self.cpu_dev = torch.zeros(L, E, dtype=torch.bool, device=device)
+        self.active = [False] * L
+        self._stop = np.zeros(1, dtype=np.int32)
+        ptrs = [(ctypes.c_void_p * L)(*[None if w[j] is None else w[j].data_ptr() for w in weights]) for j in range(3)]
+        self._keep = (weights, ptrs)
+        swiglu = weights[0][1] is not None
+        args = (L, E, D, F, rows, ptrs[0], ptrs[1] if swiglu else None, ptrs[2], self.cpu.ctypes.data,
+                self.counts.data_ptr(), self.x.data_ptr(), self.y.data_ptr(), self.seq_in.data_ptr(),
+                self.seq_out.data_ptr(), self._stop.ctypes.data, threads)
+        self.rc: int | None = None
+        self._thread = threading.Thread(target=self._serve, args=(kernel, args), name="fsmoe-cpu-mailbox",
+                                        daemon=True)
+        self._thread.start()
+        # stopped when the mailbox goes, or at exit before the buffers the loop reads are freed
+        self._finalizer = weakref.finalize(self, _stop_server, self._stop, self._thread)
+
+    def _serve(self, kernel: CpuExpertKernel, args) -> None:
+        self.rc = kernel.serve_fn(*args)  # ctypes lets the GIL go for the whole loop
+
+    def set_cpu(self, cpu_LE: np.ndarray) -> None:
+        """Which experts of each layer the CPU computes ([L, E] bool); only between forwards."""
+        self.cpu[:] = cpu_LE
+        self.cpu_dev.copy_(torch.from_numpy(np.asarray(cpu_LE, dtype=bool)))
+        self.active = [bool(row.any()) for row in cpu_LE]
+
+    def post(self, layer: int, x_ND: Tensor, counts_E: Tensor) -> None:
+        """Hand layer ``layer``'s rows [N, D] and int32 counts [E] to the CPU (queued on the stream)."""
+        n = x_ND.shape[0]
+        if n > self.rows:
+            raise ValueError(f"{n} routed rows: the CPU lane's mailbox holds {self.rows} per layer")
+        self.x[layer, :n].copy_(x_ND, non_blocking=True)
+        self.counts[layer].copy_(counts_E, non_blocking=True)
+        _raise_kernel[(1,)](self.seq_dev[layer:], self.seq_in[layer * SEQ_STRIDE:])
+
+    def collect(self, layer: int, y_ND: Tensor) -> None:
+        """Once the CPU has answered, add its rows into y_ND [N, D] (queued on the stream)."""
+        _wait_kernel[(1,)](self.seq_dev[layer:], self.seq_out[layer * SEQ_STRIDE:], self.status, MAX_SPIN)
+        y_ND += self.y[layer, :y_ND.shape[0]].to(y_ND.device, non_blocking=True)
+
+    def check(self) -> None:
+        """Raise if a forward's CPU lane failed (read from pinned memory: no device sync)."""
+        code = int(self.status[0])
+        if code:
+            raise RuntimeError(f"hybrid inference: {FAILED.get(code, code)}")
+        if self.rc is not None and self._finalizer.alive:
+            raise RuntimeError(f"hybrid inference: the CPU lane's server stopped (code {self.rc})")
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _stop_server(stop: np.ndarray, thread: threading.Thread) -> None:
+    stop[0] = 1
+    thread.join(timeout=5)

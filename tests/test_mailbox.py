@@ -1,0 +1,297 @@
+"""The CPU lane beside the device path (fsmoe/infer/hybrid/mailbox.py): the native server thread,
+the CPU's expert sets, and with Triton (a GPU, or ``TRITON_INTERPRET=1`` on the CPU) the device
+side's kernels around it."""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fsmoe.infer.hybrid import mailbox as mb
+from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, cpu_experts_mlp
+
+KERNEL = CpuExpertKernel.load()
+needs_native = pytest.mark.skipif(KERNEL is None, reason="needs a C compiler for the native CPU kernel")
+INTERPRET = mb.triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
+needs_triton = pytest.mark.skipif(not INTERPRET, reason="the device side runs under TRITON_INTERPRET=1 on the CPU "
+                                                        "(on a GPU: the engine's GPU tests)")
+L, E, D, F, K = 2, 6, 32, 48, 2
+
+
+def _weights(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [tuple((torch.randn(E, *s, generator=g) / s[-1] ** 0.5).to(torch.bfloat16) for s in ((F, D), (F, D), (D, F)))
+            for _ in range(L)]
+
+
+def _expected(w, x_ND, counts, cpu_E):
+    """The CPU experts' rows through the engine's own CPU path, zeros elsewhere."""
+    want = torch.zeros_like(x_ND)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    for e in np.flatnonzero(cpu_E & (np.asarray(counts) > 0)):
+        r0, r1 = int(starts[e]), int(starts[e] + counts[e])
+        cpu_experts_mlp(x_ND[r0:r1].contiguous(), w, [int(e)], [r1 - r0], want[r0:r1], threads=1)
+    return want
+
+
+def test_cpu_sets_take_the_share_evenly_along_the_frequencies():
+    hot = np.array([[9, 8, 7, 6, 5, 4], [1, 1, 1, 1, 1, 1]], dtype=float)
+    res = np.array([[True, False, False, False, False, False], [False] * 6])
+    half = mb.cpu_sets(hot, res, 0.5)
+    assert not half[0, 0] and half[0].sum() == 2 and half[1].sum() == 3  # 5 non-resident: every other one
+    assert half[0].tolist() == [False, False, True, False, True, False]  # 2nd and 4th hottest of the five
+    assert not mb.cpu_sets(hot, res, 0.0).any()
+    assert (mb.cpu_sets(hot, res, 1.0) == ~res).all()
+
+
+@needs_native
+def test_the_server_answers_each_layer_with_its_cpu_experts_rows():
+    """The GPU's side played by the test: rows and counts in, the number raised; the server's rows
+    equal the engine's CPU path, zeros where the expert is not the CPU's, and its number comes back."""
+    w = _weights()
+    box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=2)
+    try:
+        cpu = np.zeros((L, E), dtype=bool)
+        cpu[0, [1, 4]] = True
+        cpu[1, [0, 2, 5]] = True
+        box.set_cpu(cpu)
+        assert box.active == [True, True]
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 4):
+            for layer in range(L):
+                counts = np.array([2, 1, 0, 1, 3, 1])[np.roll(np.arange(E), step + layer)]
+                x = torch.randn(int(counts.sum()), D, generator=g).to(torch.bfloat16)
+                box.x[layer, :len(x)] = x
+                box.counts[layer] = torch.from_numpy(counts.astype(np.int32))
+                box.seq_in[layer * mb.SEQ_STRIDE] = step
+                deadline = time.monotonic() + 10
+                while int(box.seq_out[layer * mb.SEQ_STRIDE]) != step:
+                    assert time.monotonic() < deadline, (
+                        f"the server did not answer: step {step} layer {layer}, alive {box._thread.is_alive()}, "
+                        f"rc {box.rc}, in {box.seq_in[::mb.SEQ_STRIDE].tolist()}, "
+                        f"out {box.seq_out[::mb.SEQ_STRIDE].tolist()}")
+                    time.sleep(1e-4)
+                torch.testing.assert_close(box.y[layer, :len(x)], _expected(w[layer], x, counts, cpu[layer]),
+                                           rtol=0, atol=0)
+        box.check()
+    finally:
+        box.close()
+    assert box.rc == 0 and not box._thread.is_alive()
+
+
+@needs_native
+def test_a_layer_posted_before_the_server_thread_runs_is_still_answered(monkeypatch):
+    """The first forward can post before the thread has started (it once took that number for the
+    starting point and never answered)."""
+    serve = mb.Mailbox._serve
+    monkeypatch.setattr(mb.Mailbox, "_serve", lambda self, *a: (time.sleep(0.3), serve(self, *a)))
+    box = mb.Mailbox(_weights(), rows=4, device=torch.device("cpu"), threads=1)
+    try:
+        box.set_cpu(np.ones((L, E), dtype=bool))
+        box.counts[1] = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int32)
+        box.seq_in[mb.SEQ_STRIDE] = 1
+        deadline = time.monotonic() + 10
+        while int(box.seq_out[mb.SEQ_STRIDE]) != 1:
+            assert time.monotonic() < deadline, "the server did not answer"
+            time.sleep(1e-3)
+    finally:
+        box.close()
+
+
+@needs_native
+def test_more_rows_than_the_mailbox_holds_are_answered_as_failed():
+    box = mb.Mailbox(_weights(), rows=2, device=torch.device("cpu"), threads=1)
+    try:
+        box.set_cpu(np.ones((L, E), dtype=bool))
+        box.counts[0] = torch.tensor([3, 0, 0, 0, 0, 0], dtype=torch.int32)  # 3 rows > 2
+        box.seq_in[0] = 1
+        deadline = time.monotonic() + 10
+        while int(box.seq_out[0]) == 0:
+            assert time.monotonic() < deadline
+            time.sleep(1e-4)
+        assert int(box.seq_out[0]) == -1  # the GPU's wait then sets the status
+    finally:
+        box.close()
+
+
+@needs_native
+@needs_triton
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
+    """The executor's device path (raise, the in-place launches, wait) with the CPU taking every
+    non-resident expert gives the engine's CPU rows; with no CPU experts the mailbox is not used.
+    (bf16, which Triton's interpreter cannot multiply: the in-place experts' values are checked
+    elsewhere, tests/test_zero_copy.py.)"""
+    from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts
+    from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
+
+    w = _weights(2)
+    box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=2)
+    try:
+        resident = np.zeros((L, E), dtype=bool)
+        box.set_cpu(mb.cpu_sets(np.ones((L, E)), resident, share))
+        host = HybridExecutor(1, LayerExperts(w[1], resident[1], None), None, None)
+        ex = InPlaceStreamExecutor(host, None, mailbox=box)
+        counts = np.array([1, 0, 2, 1, 0, 1])
+        x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+        if share == 0.0:
+            before = int(box.seq_dev[1])
+            ex.device_forward(x, torch.from_numpy(counts))  # every expert in place (its bf16 values aside)
+            assert int(box.seq_dev[1]) == before and not box.active[1]
+            return
+        for step in range(1, 3):
+            y = ex.device_forward(x, torch.from_numpy(counts))
+            assert int(box.seq_dev[1]) == step and int(box.seq_out[mb.SEQ_STRIDE]) == step
+            torch.testing.assert_close(y, _expected(w[1], x, counts, np.ones(E, dtype=bool)), rtol=0, atol=0)
+        box.check()
+    finally:
+        box.close()
+
+
+@needs_native
+@needs_triton
+def test_a_server_that_does_not_answer_is_an_error_not_a_hang(monkeypatch):
+    from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts
+    from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
+
+    w = _weights()
+    box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=1)
+    box.set_cpu(np.ones((L, E), dtype=bool))
+    box.close()  # nobody answers now
+    monkeypatch.setattr(mb, "MAX_SPIN", 50)
+    ex = InPlaceStreamExecutor(HybridExecutor(0, LayerExperts(w[0], np.zeros(E, dtype=bool), None), None, None),
+                               None, mailbox=box)
+    ex.device_forward(torch.zeros(2, D, dtype=torch.bfloat16), torch.tensor([1, 1, 0, 0, 0, 0]))
+    with pytest.raises(RuntimeError, match="CPU lane did not answer"):
+        box.check()
+
+
+@pytest.mark.skipif(mb.triton is None or INTERPRET,
+                    reason="needs Triton (no GPU needed), not its interpreter (interpreted kernels do not compile)")
+def test_the_device_kernels_compile_for_hopper_without_a_gpu():
+    """The wait's loop on a volatile read of host memory, and the raise, through Triton's compiler
+    alone (sm_90), which the interpreter does not check."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", 90, 32)
+    triton.compile(ASTSource(fn=mb._raise_kernel, signature={"seq_ptr": "*i64", "flag_ptr": "*i64"}), target=target)
+    asm = triton.compile(ASTSource(fn=mb._wait_kernel, signature={"seq_ptr": "*i64", "flag_ptr": "*i64",
+                                                                  "status_ptr": "*i32", "max_spin": "i32"}),
+                         target=target).asm["ptx"]
+    assert "ld.volatile" in asm  # the answer is read from memory every time, not from a register or cache
+
+
+@needs_native
+@needs_triton
+def test_scheinfer_decoding_on_the_device_with_the_cpu_lane_gives_the_cpu_paths_tokens(monkeypatch):
+    """A bf16 model (on the CPU, so the 'GPU' is Triton's interpreter): scheinfer with the CPU taking
+    every non-resident expert on the device path decodes the tokens of the host path's all-CPU
+    split (the same native kernel), its decode steps through the mailbox."""
+    from test_hybrid_infer import COSTS, PROMPTS, tiny
+    from test_zero_copy import _settle
+
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid import model as hybrid_model
+    from fsmoe.infer.hybrid.memory import plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
+    from fsmoe.infer.hybrid.policies import parse_policy
+    from fsmoe.models import build_model
+
+    monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)  # bf16 arithmetic: not in the interpreter
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
+    host = detach_experts(model, pin=False)
+    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
+    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed})  # nothing resident
+    hybrid = HybridModel(model, host, COSTS, memory, torch.device("cpu"), zero_copy=True, cpu_on_device=True,
+                         cpu_share=1.0)
+    try:
+        hybrid.place(parse_policy("fiddler"), hot_LE=np.ones((2, cfg.moe.num_experts)))
+        want = generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=5)).new_tokens
+        hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
+        assert hybrid.cpu_share == 1.0 and all(hybrid.mailbox.active)
+        _settle(hybrid.race, len(PROMPTS), "stream")
+        assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=5)).new_tokens == want
+        assert hybrid.mailbox.seq_dev.tolist() == [4, 4]  # four decode steps per layer, each through the mailbox
+        hybrid.check()
+    finally:
+        hybrid.close()
+
+
+@needs_native
+@needs_triton
+def test_the_cpu_share_is_measured_at_placement(monkeypatch):
+    from test_hybrid_infer import COSTS, tiny
+
+    from fsmoe.infer.hybrid import model as hybrid_model
+    from fsmoe.infer.hybrid.memory import plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
+    from fsmoe.infer.hybrid.policies import parse_policy
+    from fsmoe.models import build_model
+
+    monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
+    monkeypatch.setattr(hybrid_model, "CPU_SHARE_TRIALS", 2)
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
+    host = detach_experts(model, pin=False)
+    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
+    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed + 2 * memory.per_expert})
+    hybrid = HybridModel(model, host, COSTS, memory, torch.device("cpu"), zero_copy=True, cpu_on_device=True)
+    try:
+        resident = hybrid.place(parse_policy("scheinfer"), hot_LE=np.arange(12.0).reshape(2, 6))
+        assert hybrid.cpu_share in hybrid_model.CPU_SHARES
+        assert list(hybrid.cpu_share_ms) == [str(q) for q in hybrid_model.CPU_SHARES]
+        want = mb.cpu_sets(np.arange(12.0).reshape(2, 6), resident, hybrid.cpu_share)
+        assert (hybrid.mailbox.cpu.astype(bool) == want).all() and not (want & resident).any()
+        hybrid.place(parse_policy("stream"), hot_LE=np.arange(12.0).reshape(2, 6))  # streaming: no CPU lane
+        assert all(m.executor.mailbox is None for m in hybrid.model.moe_layers())
+    finally:
+        hybrid.close()
+
+
+@needs_native
+@pytest.mark.skipif(not torch.cuda.is_available() or mb.triton is None, reason="needs a CUDA device and Triton")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(graphs):
+    """The real thing: GPU kernels posting to and waiting on the server thread through pinned
+    memory, eagerly and replayed from a CUDA graph (one graph per decode step: no cut at the MoE
+    layers), decoding the tokens of the host path's all-CPU split (the same native kernel)."""
+    from test_hybrid_infer import COSTS, PROMPTS, tiny
+    from test_zero_copy import _settle
+
+    from fsmoe.infer.decode_graph import DecodeGraphs
+    from fsmoe.infer.generate import Sampling, generate
+    from fsmoe.infer.hybrid.memory import plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
+    from fsmoe.infer.hybrid.policies import parse_policy
+    from fsmoe.models import build_model
+
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
+    host = detach_experts(model, pin=True)
+    model.cuda()
+    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
+    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed})  # nothing resident
+    hybrid = HybridModel(model, host, COSTS, memory, torch.device("cuda"), zero_copy=True, cpu_on_device=True,
+                         cpu_share=1.0)
+    try:
+        hot = np.ones((2, cfg.moe.num_experts))
+        hybrid.place(parse_policy("fiddler"), hot_LE=hot)
+        want = generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6)).new_tokens
+        hybrid.place(parse_policy("scheinfer"), hot_LE=hot)
+        _settle(hybrid.race, len(PROMPTS), "stream")
+        runner = DecodeGraphs(hybrid.model) if graphs else None
+        for _ in range(2):
+            assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6), runner).new_tokens == want
+        hybrid.check()
+        assert int(hybrid.mailbox.seq_dev[0]) == 10  # 5 decode steps x 2 runs, every one through the mailbox
+        if graphs:
+            r = runner.runners[len(PROMPTS)]
+            assert r.failed is None and len(r.graphs) == 1
+    finally:
+        hybrid.close()
