@@ -191,9 +191,9 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
 def test_scheinfer_decoding_on_the_device_with_the_cpu_lane_gives_the_cpu_paths_tokens(monkeypatch):
     """A bf16 model (on the CPU, so the 'GPU' is Triton's interpreter): scheinfer with the CPU taking
     every non-resident expert on the device path decodes the tokens of the host path's all-CPU
-    split (the same native kernel), its decode steps through the mailbox."""
+    split (the same native kernel), its decode steps through the mailbox; with a CPU share its
+    small forwards go there at once (without one they wait for streaming to win their race)."""
     from test_hybrid_infer import COSTS, PROMPTS, tiny
-    from test_zero_copy import _settle
 
     from fsmoe.infer.generate import Sampling, generate
     from fsmoe.infer.hybrid import model as hybrid_model
@@ -215,9 +215,10 @@ def test_scheinfer_decoding_on_the_device_with_the_cpu_lane_gives_the_cpu_paths_
         want = generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=5)).new_tokens
         hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
         assert hybrid.cpu_share == 1.0 and all(hybrid.mailbox.active)
-        _settle(hybrid.race, len(PROMPTS), "stream")
+        # with a CPU share, small forwards take the device path without waiting for the race
+        assert not any(m.executor.needs_host_for(len(PROMPTS)) for m in hybrid.model.moe_layers())
         assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=5)).new_tokens == want
-        assert hybrid.mailbox.seq_dev.tolist() == [4, 4]  # four decode steps per layer, each through the mailbox
+        assert hybrid.mailbox.seq_dev.tolist() == [5, 5]  # the 10-token prefill and four decode steps, per layer
         hybrid.check()
     finally:
         hybrid.close()
@@ -248,6 +249,8 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         assert list(hybrid.cpu_share_ms) == [str(q) for q in hybrid_model.CPU_SHARES]
         want = mb.cpu_sets(np.arange(12.0).reshape(2, 6), resident, hybrid.cpu_share)
         assert (hybrid.mailbox.cpu.astype(bool) == want).all() and not (want & resident).any()
+        # a CPU share: small forwards on the device path at once; none: only once streaming wins
+        assert all((m.executor.on_device is None) == (hybrid.cpu_share > 0) for m in hybrid.model.moe_layers())
         hybrid.place(parse_policy("stream"), hot_LE=np.arange(12.0).reshape(2, 6))  # streaming: no CPU lane
         assert all(m.executor.mailbox is None for m in hybrid.model.moe_layers())
     finally:
@@ -262,7 +265,6 @@ def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(gra
     memory, eagerly and replayed from a CUDA graph (one graph per decode step: no cut at the MoE
     layers), decoding the tokens of the host path's all-CPU split (the same native kernel)."""
     from test_hybrid_infer import COSTS, PROMPTS, tiny
-    from test_zero_copy import _settle
 
     from fsmoe.infer.decode_graph import DecodeGraphs
     from fsmoe.infer.generate import Sampling, generate
@@ -284,12 +286,11 @@ def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(gra
         hybrid.place(parse_policy("fiddler"), hot_LE=hot)
         want = generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6)).new_tokens
         hybrid.place(parse_policy("scheinfer"), hot_LE=hot)
-        _settle(hybrid.race, len(PROMPTS), "stream")
         runner = DecodeGraphs(hybrid.model) if graphs else None
         for _ in range(2):
             assert generate(hybrid.model, PROMPTS, Sampling(max_new_tokens=6), runner).new_tokens == want
         hybrid.check()
-        assert int(hybrid.mailbox.seq_dev[0]) == 10  # 5 decode steps x 2 runs, every one through the mailbox
+        assert int(hybrid.mailbox.seq_dev[0]) == 12  # (a 10-token prefill, 5 decode steps) x 2, all through it
         if graphs:
             r = runner.runners[len(PROMPTS)]
             assert r.failed is None and len(r.graphs) == 1

@@ -15,7 +15,8 @@ expert once for all of its rows.
 
 The adaptive policy (``scheinfer``) uses the same executor with a condition: a forward size runs
 here once the policy's race (:mod:`.race`) has found streaming every expert the fastest split at
-that size, and on the hybrid executor before then and when another split wins.
+that size, and on the hybrid executor before then and when another split wins. With the CPU lane
+of :mod:`.mailbox` taking a share of the experts, its small forwards all run here.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ graph:
 
 Each layer has its own slots and numbers, and the GPU waits for layer l's answer before it can post
 layer l again, so nothing is overwritten while in use. Which share of the non-resident experts
-the CPU takes is measured when the model is placed (:func:`cpu_sets`; fsmoe.infer.hybrid.model).
+the CPU takes is measured when the model is placed (:func:`cpu_sets`; fsmoe.infer.hybrid.model);
+with a share above 0 the adaptive policy's small forwards all take this path.
 """
 from __future__ import annotations
 

@@ -158,6 +158,9 @@ class HybridModel:
         if mailbox is not None:
             self.cpu_share, self.cpu_share_ms = self._cpu_share(hot, resident)
             mailbox.set_cpu(cpu_sets(hot, resident, self.cpu_share))
+            if self.cpu_share > 0:  # CPU, PCIe and GPU lanes without the host: every small forward there
+                for layer in self.model.moe_layers():
+                    layer.executor.on_device = None
         self._hot_for_policy = hot
         return resident
 
