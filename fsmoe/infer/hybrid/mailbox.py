@@ -10,8 +10,8 @@ non-resident experts (a fixed set per layer, :meth:`Mailbox.set_cpu`) are comput
 instead, still without the host issuing anything per forward, so it stays capturable in a CUDA
 graph:
 
-1. the GPU copies the layer's rows and token counts into pinned host memory (two async copies on
-   its stream) and raises the layer's sequence number there (a one-program kernel);
+1. the GPU writes the layer's rows and token counts into pinned host memory and then, behind a
+   system-scope fence, raises the layer's sequence number there (one one-program kernel);
 2. a native server thread (``serve_mailbox`` in :mod:`.cpu_kernel`, started with the mailbox)
    sees the number move, computes the layer's CPU experts on their rows with every thread it was
    given, writes their output rows (zeros elsewhere) and publishes the same number back;
@@ -49,10 +49,28 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _raise_kernel(seq_ptr, flag_ptr):
-        """The layer's next number, on the device and (after the rows, in stream order) in the mailbox."""
+    def _post_kernel(x_ptr, counts_ptr, N, D, E, s_x, mail_x_ptr, mail_counts_ptr, seq_ptr, flag_ptr,
+                     BD: tl.constexpr, BE: tl.constexpr, FENCE: tl.constexpr):
+        """One program: the rows x [N, D] and counts [E] into the mailbox, then the layer's next
+        number, on the device and in the mailbox. The number is written after a barrier and a
+        system-scope fence, so the server cannot see it before the rows (a copy engine's writes
+        followed by a kernel's would have no such order). FENCE: off under Triton's interpreter,
+        which has no inline assembly (and one memory)."""
+        cols = tl.arange(0, BD)
+        for r in range(0, N):
+            for d0 in range(0, D, BD):
+                m = d0 + cols < D
+                tl.store(mail_x_ptr + r * D + d0 + cols, tl.load(x_ptr + r * s_x + d0 + cols, mask=m), mask=m)
+        es = tl.arange(0, BE)
+        for e0 in range(0, E, BE):
+            m = e0 + es < E
+            tl.store(mail_counts_ptr + e0 + es, tl.load(counts_ptr + e0 + es, mask=m), mask=m)
         s = tl.load(seq_ptr) + 1
         tl.store(seq_ptr, s)
+        tl.debug_barrier()
+        if FENCE:
+            tl.inline_asm_elementwise("fence.sc.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
         tl.store(flag_ptr, s)
 
     @triton.jit
@@ -150,13 +168,15 @@ class Mailbox:
         self.active = [bool(row.any()) for row in cpu_LE]
 
     def post(self, layer: int, x_ND: Tensor, counts_E: Tensor) -> None:
-        """Hand layer ``layer``'s rows [N, D] and int32 counts [E] to the CPU (queued on the stream)."""
-        n = x_ND.shape[0]
+        """Hand layer ``layer``'s bf16 rows [N, D] and int32 counts [E] to the CPU (queued on the stream)."""
+        n, d = x_ND.shape
         if n > self.rows:
             raise ValueError(f"{n} routed rows: the CPU lane's mailbox holds {self.rows} per layer")
-        self.x[layer, :n].copy_(x_ND, non_blocking=True)
-        self.counts[layer].copy_(counts_E, non_blocking=True)
-        _raise_kernel[(1,)](self.seq_dev[layer:], self.seq_in[layer * SEQ_STRIDE:])
+        assert x_ND.dtype == torch.bfloat16 and x_ND.stride(1) == 1 and counts_E.dtype == torch.int32
+        _post_kernel[(1,)](x_ND, counts_E, n, d, self.E, x_ND.stride(0), self.x[layer], self.counts[layer],
+                           self.seq_dev[layer:], self.seq_in[layer * SEQ_STRIDE:],
+                           BD=min(1024, triton.next_power_of_2(d)), BE=min(1024, triton.next_power_of_2(self.E)),
+                           FENCE=x_ND.is_cuda, num_warps=8)
 
     def collect(self, layer: int, y_ND: Tensor) -> None:
         """Once the CPU has answered, add its rows into y_ND [N, D] (queued on the stream)."""
