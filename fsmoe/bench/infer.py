@@ -298,6 +298,7 @@ def run(args) -> int:
     report = {"config": args.config, "overrides": args.overrides, "device": device_info(device),
               "gpu_mem_gb": args.gpu_mem_gb, "cpu_threads": torch.get_num_threads(),
               "zero_copy": hybrid.buffers.zero_copy,  # few-row experts on zero_copy.py's kernels
+              "cpu_on_device": hybrid.mailbox is not None,  # CPU experts beside the device path (mailbox.py)
               "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
