@@ -172,8 +172,8 @@ def test_a_server_that_does_not_answer_is_an_error_not_a_hang(monkeypatch):
 @pytest.mark.skipif(mb.triton is None or INTERPRET,
                     reason="needs Triton (no GPU needed), not its interpreter (interpreted kernels do not compile)")
 def test_the_device_kernels_compile_for_hopper_without_a_gpu():
-    """The post (its fence is inline assembly) and the wait's loop on a volatile read of host
-    memory through Triton's compiler alone (sm_90), which the interpreter does not check."""
+    """The post (its fence is inline assembly) and the collect (a loop on a volatile read of host
+    memory) through Triton's compiler alone (sm_90), which the interpreter does not check."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -185,10 +185,13 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
                    "mail_x_ptr": "*bf16", "mail_counts_ptr": "*i32", "seq_ptr": "*i64", "flag_ptr": "*i64",
                    "BD": "constexpr", "BE": "constexpr", "FENCE": "constexpr"}), target=target).asm["ptx"]
     assert "fence.sc.sys" in post and "bar.sync" in post  # the rows are out before the number
-    asm = triton.compile(ASTSource(fn=mb._wait_kernel, signature={"seq_ptr": "*i64", "flag_ptr": "*i64",
-                                                                  "status_ptr": "*i32", "max_spin": "i32"}),
-                         target=target).asm["ptx"]
-    assert "ld.volatile" in asm  # the answer is read from memory every time, not from a register or cache
+    collect = triton.compile(ASTSource(
+        fn=mb._collect_kernel, constexprs={"BD": 1024, "FENCE": True},
+        signature={"y_ptr": "*bf16", "s_y": "i32", "N": "i32", "D": "i32", "mail_y_ptr": "*bf16", "seq_ptr": "*i64",
+                   "flag_ptr": "*i64", "status_ptr": "*i32", "max_spin": "i32", "BD": "constexpr",
+                   "FENCE": "constexpr"}), target=target).asm["ptx"]
+    # the answer and the rows are read from memory every time (not a register or a cache), after a fence
+    assert "ld.volatile" in collect and "fence.sc.sys" in collect
 
 
 @needs_native

@@ -17,7 +17,7 @@ graph:
    given, writes their output rows (zeros elsewhere) and publishes the same number back;
 3. meanwhile the GPU runs the other experts in place; then a one-program kernel waits for the
    number to come back (reading host memory; it gives up after about ``MAX_SPIN`` reads and sets
-   :attr:`Mailbox.status`), and the CPU's rows are copied up and added.
+   :attr:`Mailbox.status`) and adds the CPU's rows, read from host memory.
 
 Each layer has its own slots and numbers, and the GPU waits for layer l's answer before it can post
 layer l again, so nothing is overwritten while in use. Which share of the non-resident experts
@@ -74,16 +74,31 @@ if triton is not None:
         tl.store(flag_ptr, s)
 
     @triton.jit
-    def _wait_kernel(seq_ptr, flag_ptr, status_ptr, max_spin):
-        """Spin until the server has published this number (or its negation: it failed), at most
-        ``max_spin`` reads; any other end sets the status."""
+    def _collect_kernel(y_ptr, s_y, N, D, mail_y_ptr, seq_ptr, flag_ptr, status_ptr, max_spin,
+                        BD: tl.constexpr, FENCE: tl.constexpr):
+        """One program: spin until the server has published this number (or its negation: it
+        failed), at most ``max_spin`` reads, then add its rows [N, D] into y (every row: zeros but
+        the CPU experts'); any other end sets the status instead. The rows are read from host
+        memory here (volatile, after a fence): no copy engine, so nothing for a graph capture to
+        track but this kernel."""
         s = tl.load(seq_ptr)
         seen = tl.load(flag_ptr, volatile=True)
         i = s * 0
         while (seen != s) & (seen != -s) & (i < max_spin):
             seen = tl.load(flag_ptr, volatile=True)
             i += 1
-        if seen != s:
+        if seen == s:
+            if FENCE:
+                tl.inline_asm_elementwise("fence.sc.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            cols = tl.arange(0, BD)
+            for r in range(0, N):
+                for d0 in range(0, D, BD):
+                    m = d0 + cols < D
+                    v = tl.load(mail_y_ptr + r * D + d0 + cols, mask=m, other=0.0, volatile=True)
+                    y = tl.load(y_ptr + r * s_y + d0 + cols, mask=m, other=0.0)
+                    tl.store(y_ptr + r * s_y + d0 + cols, (y.to(tl.float32) + v.to(tl.float32)).to(y.dtype), mask=m)
+        else:
             tl.store(status_ptr, tl.where(seen == -s, 2, 1).to(tl.int32))
 
 
@@ -180,8 +195,11 @@ class Mailbox:
 
     def collect(self, layer: int, y_ND: Tensor) -> None:
         """Once the CPU has answered, add its rows into y_ND [N, D] (queued on the stream)."""
-        _wait_kernel[(1,)](self.seq_dev[layer:], self.seq_out[layer * SEQ_STRIDE:], self.status, MAX_SPIN)
-        y_ND += self.y[layer, :y_ND.shape[0]].to(y_ND.device, non_blocking=True)
+        n, d = y_ND.shape
+        assert y_ND.stride(1) == 1
+        _collect_kernel[(1,)](y_ND, y_ND.stride(0), n, d, self.y[layer], self.seq_dev[layer:],
+                              self.seq_out[layer * SEQ_STRIDE:], self.status, MAX_SPIN,
+                              BD=min(1024, triton.next_power_of_2(d)), FENCE=y_ND.is_cuda, num_warps=8)
 
     def check(self) -> None:
         """Raise if a forward's CPU lane failed (read from pinned memory: no device sync)."""
