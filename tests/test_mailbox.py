@@ -186,10 +186,10 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
                    "BD": "constexpr", "BE": "constexpr", "FENCE": "constexpr"}), target=target).asm["ptx"]
     assert "fence.sc.sys" in post and "bar.sync" in post  # the rows are out before the number
     collect = triton.compile(ASTSource(
-        fn=mb._collect_kernel, constexprs={"BD": 1024, "FENCE": True},
+        fn=mb._collect_kernel, constexprs={"RB": mb.COLLECT_ROWS, "BD": 1024, "FENCE": True},
         signature={"y_ptr": "*bf16", "s_y": "i32", "N": "i32", "D": "i32", "mail_y_ptr": "*bf16", "seq_ptr": "*i64",
-                   "flag_ptr": "*i64", "status_ptr": "*i32", "max_spin": "i32", "BD": "constexpr",
-                   "FENCE": "constexpr"}), target=target).asm["ptx"]
+                   "flag_ptr": "*i64", "status_ptr": "*i32", "max_spin": "i32", "RB": "constexpr",
+                   "BD": "constexpr", "FENCE": "constexpr"}), target=target).asm["ptx"]
     # the answer and the rows are read from memory every time (not a register or a cache), after a fence
     assert "ld.volatile" in collect and "fence.sc.sys" in collect
 

@@ -38,6 +38,7 @@ from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
 
 SEQ_STRIDE = 8  # int64s between two layers' numbers: each on its own 64-byte line
 MAX_SPIN = 1 << 22  # reads of the answer before the GPU gives up (about seconds over PCIe)
+COLLECT_ROWS = 4  # rows of the answer each program of the collect adds (a decode step of top-8: 2 programs)
 FAILED = {1: "the CPU lane did not answer in time (is its server thread running?)",
           2: "the CPU lane could not run its experts (rows past the mailbox, or out of memory)"}
 
@@ -75,12 +76,13 @@ if triton is not None:
 
     @triton.jit
     def _collect_kernel(y_ptr, s_y, N, D, mail_y_ptr, seq_ptr, flag_ptr, status_ptr, max_spin,
-                        BD: tl.constexpr, FENCE: tl.constexpr):
-        """One program: spin until the server has published this number (or its negation: it
-        failed), at most ``max_spin`` reads, then add its rows [N, D] into y (every row: zeros but
-        the CPU experts'); any other end sets the status instead. The rows are read from host
-        memory here (volatile, after a fence): no copy engine, so nothing for a graph capture to
-        track but this kernel."""
+                        RB: tl.constexpr, BD: tl.constexpr, FENCE: tl.constexpr):
+        """Program p: spin until the server has published this number (or its negation: it
+        failed), at most ``max_spin`` reads, then add rows [p * RB, p * RB + RB) of its answer
+        [N, D] into y (every row: zeros but the CPU experts'); any other end sets the status
+        instead. The rows are read from host memory here (volatile, after a fence), by several
+        programs when there are many (each read waits on PCIe): no copy engine, so nothing for a
+        graph capture to track but this kernel."""
         s = tl.load(seq_ptr)
         seen = tl.load(flag_ptr, volatile=True)
         i = s * 0
@@ -92,7 +94,8 @@ if triton is not None:
                 tl.inline_asm_elementwise("fence.sc.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
                                           is_pure=False, pack=1)
             cols = tl.arange(0, BD)
-            for r in range(0, N):
+            r0 = tl.program_id(0) * RB
+            for r in range(r0, tl.minimum(r0 + RB, N)):
                 for d0 in range(0, D, BD):
                     m = d0 + cols < D
                     v = tl.load(mail_y_ptr + r * D + d0 + cols, mask=m, other=0.0, volatile=True)
@@ -197,9 +200,10 @@ class Mailbox:
         """Once the CPU has answered, add its rows into y_ND [N, D] (queued on the stream)."""
         n, d = y_ND.shape
         assert y_ND.stride(1) == 1
-        _collect_kernel[(1,)](y_ND, y_ND.stride(0), n, d, self.y[layer], self.seq_dev[layer:],
-                              self.seq_out[layer * SEQ_STRIDE:], self.status, MAX_SPIN,
-                              BD=min(1024, triton.next_power_of_2(d)), FENCE=y_ND.is_cuda, num_warps=8)
+        _collect_kernel[(triton.cdiv(n, COLLECT_ROWS),)](
+            y_ND, y_ND.stride(0), n, d, self.y[layer], self.seq_dev[layer:], self.seq_out[layer * SEQ_STRIDE:],
+            self.status, MAX_SPIN, RB=COLLECT_ROWS, BD=min(1024, triton.next_power_of_2(d)), FENCE=y_ND.is_cuda,
+            num_warps=8)
 
     def check(self) -> None:
         """Raise if a forward's CPU lane failed (read from pinned memory: no device sync)."""
