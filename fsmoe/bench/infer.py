@@ -163,7 +163,8 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     # with the in-place kernels streaming (and scheinfer once streaming won the race) decodes on the
     # device alone: no split is made (in_place.py)
     res["decode_in_place"] = all(isinstance(m.executor, InPlaceStreamExecutor)
-                                 and not m.executor.needs_host_for(args.decode_batch) for m in hybrid.model.moe_layers())
+                                 and not m.executor.needs_host_for(args.decode_batch)
+                                 for m in hybrid.model.moe_layers())
     generate(hybrid.model, _prompts(1, args.prefill, cfg.vocab_size, 8), prefill)
     prompt = _prompts(1, args.prefill, cfg.vocab_size, 7)
     rates = _runs(hybrid, args.repeats, lambda: args.prefill / generate(hybrid.model, prompt, prefill).prefill_s)

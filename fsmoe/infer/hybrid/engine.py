@@ -14,9 +14,10 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
    torch's intra-op threads); with
    ``cpu_lane="inline"`` the calling thread computes them itself after steps 2 and 3 are issued;
 2. GG: the resident experts that have tokens, on the compute stream: with in-place reads on (the
-   default where they run; ``FSMOE_ZERO_COPY=0`` turns them off) and at most ``zero_copy.MAX_ROWS``
-   rows each (a decode step) all of them in two launches of :mod:`.zero_copy`'s kernels; else one by one on their own rows when
-   they are few, or one grouped GEMM over their rows;
+   default where they run; ``FSMOE_ZERO_COPY=0`` turns them off) and at most
+   ``zero_copy.MAX_ROWS`` rows each (a decode step) all of them in two launches of
+   :mod:`.zero_copy`'s kernels; else one by one on their own rows when they are few, or one
+   grouped GEMM over their rows;
 3. CG: with in-place reads on, an expert with at most ``zero_copy.MAX_ROWS`` rows is read in
    place: the GPU reads its weights from pinned host memory over PCIe, every such expert of the
    layer in two launches on the copy stream (:mod:`.zero_copy`). The others' weights are copied a

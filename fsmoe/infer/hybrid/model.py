@@ -167,36 +167,41 @@ class HybridModel:
     def _cpu_share(self, hot_LE: np.ndarray, resident_LE: np.ndarray) -> tuple[float, dict[str, float]]:
         """(the CPU's share of each layer's non-resident experts on the device path, ms per
         one-token layer at each share tried): the middle MoE layer on routes drawn from its
-        frequencies, each share in turn (first run of each unmeasured), with the device synced
-        around every forward; ``cpu_share`` given at construction skips the measurement."""
+        frequencies, each share in turn; ``cpu_share`` given at construction skips the measurement."""
         if self.fixed_cpu_share is not None:
             return self.fixed_cpu_share, {}
         mid = len(self.executors) // 2
-        ex = self.model.moe_layers()[mid].executor
-        moe, dtype = self.model.cfg.moe, self.executors[mid].experts.host[0].dtype
+        moe = self.model.cfg.moe
         rng = np.random.default_rng(0)
         p = (hot_LE[mid] + 1.0) / (hot_LE[mid] + 1.0).sum()
-        routes = [rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p) for _ in range(CPU_SHARE_TRIALS)]
-        x = torch.randn(moe.router.top_k, self.model.cfg.d_model, generator=torch.Generator().manual_seed(0))
-        x = x.to(self.device, dtype)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        routes = [rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p)
+                  for _ in range(CPU_SHARE_TRIALS)]
         times = {}
-        with torch.no_grad():
-            for share in CPU_SHARES:
-                self.mailbox.set_cpu(cpu_sets(hot_LE, resident_LE, share))
-                took = []
-                for route in [routes[0], *routes]:
-                    counts = torch.zeros(moe.num_experts, dtype=torch.int64)
-                    counts[route] = 1
-                    counts = counts.to(self.device)
-                    sync()
-                    t0 = time.perf_counter()
-                    ex.device_forward(x, counts)
-                    sync()
-                    took.append(time.perf_counter() - t0)
-                times[share] = float(np.median(took[1:]))
+        for share in CPU_SHARES:
+            self.mailbox.set_cpu(cpu_sets(hot_LE, resident_LE, share))
+            times[share] = self._one_token_layer_s(self.model.moe_layers()[mid].executor, routes)
         self.mailbox.check()
         return min(times, key=times.get), {str(q): round(t * 1e3, 3) for q, t in times.items()}
+
+    def _one_token_layer_s(self, ex: InPlaceStreamExecutor, routes: list[np.ndarray]) -> float:
+        """Median seconds of ``ex``'s device path on one token routed to each of ``routes`` (the
+        first run unmeasured), the device synced around every forward."""
+        cfg = self.model.cfg
+        x = torch.randn(cfg.moe.router.top_k, cfg.d_model, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device, ex.host.experts.host[0].dtype)
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        took = []
+        with torch.no_grad():
+            for route in [routes[0], *routes]:
+                counts = torch.zeros(cfg.moe.num_experts, dtype=torch.int64)
+                counts[route] = 1
+                counts = counts.to(self.device)
+                sync()
+                t0 = time.perf_counter()
+                ex.device_forward(x, counts)
+                sync()
+                took.append(time.perf_counter() - t0)
+        return float(np.median(took[1:]))
 
     def check(self) -> None:
         """Raise if the CPU lane on the device path failed in a forward so far (no device sync)."""
