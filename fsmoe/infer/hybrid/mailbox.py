@@ -162,22 +162,27 @@ class Mailbox:
         self.cpu = np.zeros((L, E), dtype=np.uint8)  # read live by the server: change only between forwards
         self.cpu_dev = torch.zeros(L, E, dtype=torch.bool, device=device)
         self.active = [False] * L
-        self._stop = np.zeros(1, dtype=np.int32)
-        ptrs = [(ctypes.c_void_p * L)(*[None if w[j] is None else w[j].data_ptr() for w in weights]) for j in range(3)]
+        self._start_server(kernel, weights, (E, D, F), threads)
+
+    def _start_server(self, kernel: CpuExpertKernel, weights, shape: tuple[int, int, int], threads: int) -> None:
+        """``serve_mailbox`` on its own thread (ctypes lets the GIL go for the whole loop), stopped
+        when the mailbox goes, or at exit before the buffers it reads are freed."""
+        E, D, F = shape
+        ptrs = [(ctypes.c_void_p * self.L)(*[None if w[j] is None else w[j].data_ptr() for w in weights])
+                for j in range(3)]
         self._keep = (weights, ptrs)
-        swiglu = weights[0][1] is not None
-        args = (L, E, D, F, rows, ptrs[0], ptrs[1] if swiglu else None, ptrs[2], self.cpu.ctypes.data,
-                self.counts.data_ptr(), self.x.data_ptr(), self.y.data_ptr(), self.seq_in.data_ptr(),
-                self.seq_out.data_ptr(), self._stop.ctypes.data, threads)
+        self._stop = np.zeros(1, dtype=np.int32)
+        args = (self.L, E, D, F, self.rows, ptrs[0], ptrs[1] if weights[0][1] is not None else None, ptrs[2],
+                self.cpu.ctypes.data, self.counts.data_ptr(), self.x.data_ptr(), self.y.data_ptr(),
+                self.seq_in.data_ptr(), self.seq_out.data_ptr(), self._stop.ctypes.data, threads)
         self.rc: int | None = None
         self._thread = threading.Thread(target=self._serve, args=(kernel, args), name="fsmoe-cpu-mailbox",
                                         daemon=True)
         self._thread.start()
-        # stopped when the mailbox goes, or at exit before the buffers the loop reads are freed
         self._finalizer = weakref.finalize(self, _stop_server, self._stop, self._thread)
 
     def _serve(self, kernel: CpuExpertKernel, args) -> None:
-        self.rc = kernel.serve_fn(*args)  # ctypes lets the GIL go for the whole loop
+        self.rc = kernel.serve_fn(*args)
 
     def set_cpu(self, cpu_LE: np.ndarray) -> None:
         """Which experts of each layer the CPU computes ([L, E] bool); only between forwards."""
