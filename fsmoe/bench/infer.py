@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fsmoe.bench.common import device_info
+from fsmoe.cli.infer import add_device_path_options
 from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
@@ -58,15 +59,7 @@ def add_arguments(p) -> None:
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="worker: a thread computes the CPU experts while the GPU work is issued; inline: the "
                         "GPU work is issued first (indices through pinned memory), then this thread computes them")
-    p.add_argument("--cpu-on-device", choices=["on", "off"], default="off",
-                   help="with scheinfer, small forwards on the device path also compute a share of the "
-                        "non-resident experts on the CPU, handed over through pinned memory without a host "
-                        "round trip (the share measured at placement). Needs the in-place kernels and bf16; "
-                        "off by default until measured on a GPU")
-    p.add_argument("--zero-copy", choices=["on", "off"], default=None,
-                   help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
-                        "and with the stream policy (scheinfer once streaming wins its race) decode steps on the "
-                        "device alone (default: on where CUDA and Triton are; FSMOE_ZERO_COPY=0 turns it off)")
+    add_device_path_options(p)
     p.add_argument("--decode-graph", choices=["on", "off", "both"], default="both",
                    help="decode steps replayed from CUDA graphs (on), issued op by op (off), or both measured "
                         "(the headline figure is the graphed one; CUDA only)")
