@@ -25,7 +25,6 @@ from rich.console import Console
 from rich.table import Table
 
 from fsmoe.bench.common import device_info
-from fsmoe.cli.infer import add_device_path_options
 from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
@@ -34,6 +33,7 @@ from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_second
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
 from fsmoe.infer.hybrid.model import HybridModel, random_model
+from fsmoe.infer.hybrid.options import add_device_path_options
 from fsmoe.infer.hybrid.partition import CLASS_NAMES
 from fsmoe.infer.hybrid.policies import Policy, parse_policy
 from fsmoe.infer.hybrid.timeline import chrome_trace, gantt_png, overlap_share, step_breakdown

@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 
 from fsmoe.config import ConfigError
+from fsmoe.infer.hybrid.options import add_device_path_options
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -49,19 +50,6 @@ def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
         raise ConfigError("--hot", str(path), f"has shape {list(hot.shape)}; this model needs {list(shape)} "
                                                "(MoE layers x experts)")
     return hot
-
-
-def add_device_path_options(p: argparse.ArgumentParser) -> None:
-    """``--zero-copy`` and ``--cpu-on-device``, as ``fsmoe infer`` and ``fsmoe bench infer`` take them."""
-    p.add_argument("--zero-copy", choices=["on", "off"], default=None,
-                   help="a small forward's streamed experts read in place by the GPU from pinned host memory, "
-                        "and with the stream policy (scheinfer once streaming wins its race) decode steps on the "
-                        "device alone (default: on where CUDA and Triton are; FSMOE_ZERO_COPY=0 turns it off)")
-    p.add_argument("--cpu-on-device", choices=["on", "off"], default="off",
-                   help="with scheinfer, small forwards on the device path also compute a share of the "
-                        "non-resident experts on the CPU, handed over through pinned memory without a host "
-                        "round trip (the share measured at placement). Needs the in-place kernels and bf16; "
-                        "off by default until measured on a GPU")
 
 
 def run(args: argparse.Namespace) -> int:
