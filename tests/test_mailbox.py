@@ -194,6 +194,17 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
     assert "ld.volatile" in collect and "fence.sc.sys" in collect
 
 
+def _same_cpu_kernel_on_both_paths(monkeypatch) -> None:
+    """The host path's CPU experts on the native kernel up to 16 rows too (by default from 5 rows
+    on torch's GEMM), as the server runs them: the two paths then compute the same numbers."""
+    import functools
+
+    from fsmoe.infer.hybrid import engine
+    from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS
+
+    monkeypatch.setattr(engine, "cpu_experts_mlp", functools.partial(cpu_experts_mlp, max_tokens=KERNEL_MAX_TOKENS))
+
+
 @needs_native
 @needs_triton
 def test_scheinfer_decoding_on_the_device_with_the_cpu_lane_gives_the_cpu_paths_tokens(monkeypatch):
@@ -211,6 +222,7 @@ def test_scheinfer_decoding_on_the_device_with_the_cpu_lane_gives_the_cpu_paths_
     from fsmoe.models import build_model
 
     monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)  # bf16 arithmetic: not in the interpreter
+    _same_cpu_kernel_on_both_paths(monkeypatch)
     cfg = tiny(n_layers=2)
     model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
     host = detach_experts(model, pin=False)
@@ -268,7 +280,7 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
 @needs_native
 @pytest.mark.skipif(not torch.cuda.is_available() or mb.triton is None, reason="needs a CUDA device and Triton")
 @pytest.mark.parametrize("graphs", [False, True])
-def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(graphs):
+def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(graphs, monkeypatch):
     """The real thing: GPU kernels posting to and waiting on the server thread through pinned
     memory, eagerly and replayed from a CUDA graph (one graph per decode step: no cut at the MoE
     layers), decoding the tokens of the host path's all-CPU split (the same native kernel)."""
@@ -281,6 +293,7 @@ def test_on_a_gpu_the_cpu_lane_on_the_device_path_gives_the_cpu_paths_tokens(gra
     from fsmoe.infer.hybrid.policies import parse_policy
     from fsmoe.models import build_model
 
+    _same_cpu_kernel_on_both_paths(monkeypatch)
     cfg = tiny(n_layers=2)
     model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
     host = detach_experts(model, pin=True)
