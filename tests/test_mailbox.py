@@ -270,7 +270,7 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         want = mb.cpu_sets(np.arange(12.0).reshape(2, 6), resident, hybrid.cpu_share)
         assert (hybrid.mailbox.cpu.astype(bool) == want).all() and not (want & resident).any()
         # a CPU share: small forwards on the device path at once; none: only once streaming wins
-        assert all((m.executor.on_device is None) == (hybrid.cpu_share > 0) for m in hybrid.model.moe_layers())
+        assert all(m.executor.needs_host_for(1) == (hybrid.cpu_share == 0) for m in hybrid.model.moe_layers())
         hybrid.place(parse_policy("stream"), hot_LE=np.arange(12.0).reshape(2, 6))  # streaming: no CPU lane
         assert all(m.executor.mailbox is None for m in hybrid.model.moe_layers())
     finally:

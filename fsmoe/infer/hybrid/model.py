@@ -144,9 +144,9 @@ class HybridModel:
         self.policy = policy
         self.race = SplitRace() if policy.race else None
         # with the in-place kernels, small forwards need no host (in_place.py): always when streaming
-        # (not the passes that count routing), and once streaming has won their size's race
+        # (not the passes that count routing), else as _small_forward_on_device decides
         in_place = self.buffers.zero_copy and (policy.device_only or policy.race)
-        on_device = self._streaming_won if policy.race else None
+        on_device = self._small_forward_on_device if policy.race else None
         mailbox = self.mailbox if policy.race else None
         for layer, ex, res in zip(self.model.moe_layers(), self.executors, resident):
             idx = torch.from_numpy(np.flatnonzero(res))
@@ -158,9 +158,6 @@ class HybridModel:
         if mailbox is not None:
             self.cpu_share, self.cpu_share_ms = self._cpu_share(hot, resident)
             mailbox.set_cpu(cpu_sets(hot, resident, self.cpu_share))
-            if self.cpu_share > 0:  # CPU, PCIe and GPU lanes without the host: every small forward there
-                for layer in self.model.moe_layers():
-                    layer.executor.on_device = None
         self._hot_for_policy = hot
         return resident
 
@@ -213,8 +210,11 @@ class HybridModel:
         if self.mailbox is not None:
             self.mailbox.close()
 
-    def _streaming_won(self, tokens: int) -> bool:
-        return self.race is not None and self.race.settled(tokens) == "stream"
+    def _small_forward_on_device(self, tokens: int) -> bool:
+        """Whether the adaptive policy runs a small forward of ``tokens`` tokens on the device path:
+        at once with a CPU share there (its CPU, PCIe and GPU lanes without the host), else once
+        streaming has won that size's race."""
+        return self.cpu_share > 0 or (self.race is not None and self.race.settled(tokens) == "stream")
 
     def record(self, on: bool) -> Recorder | None:
         """Start (or stop) a lane timeline of the next forwards."""
