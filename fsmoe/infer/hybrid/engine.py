@@ -22,10 +22,10 @@ policy for a :class:`~.partition.Split` and then issues, in this order:
    place: the GPU reads its weights from pinned host memory over PCIe, every such expert of the
    layer in two launches on the copy stream (:mod:`.zero_copy`). The others' weights are copied a
    chunk at a time on the copy stream into one of two GPU buffers, and the compute stream runs a
-   chunk (one grouped GEMM) once its copy has landed; a buffer is refilled only after the chunk that used it is done
-   (events), so copy i+1 overlaps compute i. The PCIe work is issued before steps 1 and 2: the
-   PCIe lane is the longest in a decode step, and the host's time to issue the others would
-   delay it;
+   chunk (one grouped GEMM) once its copy has landed; a buffer is refilled only after the chunk
+   that used it is done (events), so copy i+1 overlaps compute i. The PCIe work is issued before
+   steps 1 and 2: the PCIe lane is the longest in a decode step, and the host's time to issue
+   the others would delay it;
 4. the CPU results come back and are written into their rows.
 
 On a machine without CUDA the same code runs with the "GPU" on the CPU and no streams (CI checks
@@ -51,12 +51,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.experts import reference_mlp
+from fsmoe.infer.hybrid.cpu_kernel import cpu_experts_mlp
+from fsmoe.infer.hybrid.partition import CC, GG, Split
 from fsmoe.infer.hybrid.zero_copy import MAX_ROWS as ZERO_COPY_ROWS
 from fsmoe.infer.hybrid.zero_copy import enabled as zero_copy_on
 from fsmoe.infer.hybrid.zero_copy import host_experts_mlp
-from fsmoe.infer.hybrid.cpu_kernel import cpu_experts_mlp
 from fsmoe.kernels.grouped_mm import grouped_mm_supported, grouped_mm_unmasked
-from fsmoe.infer.hybrid.partition import CC, GG, Split
 
 SWITCH_INTERVAL_S = 1e-4  # the GIL's switch interval while a CPU worker runs beside the GPU issuer
 FEW_EXPERTS = 4  # at most this many resident experts with tokens: run them one by one

@@ -62,8 +62,8 @@ def enabled(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def resolve(choice: str | None, device: torch.device, dtype: torch.dtype, field: str = "--zero-copy") -> bool:
-    """A command's ``--zero-copy on|off`` (None: ``FSMOE_ZERO_COPY``, default on where the kernels run); "on" where the
-    kernels cannot run is a ConfigError naming ``field``."""
+    """A command's ``--zero-copy on|off`` (None: ``FSMOE_ZERO_COPY``, default on where the kernels
+    run); "on" where the kernels cannot run is a ConfigError naming ``field``."""
     from fsmoe.config import ConfigError
 
     if choice is None:
