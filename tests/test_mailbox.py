@@ -37,14 +37,21 @@ def _expected(w, x_ND, counts, cpu_E):
     return want
 
 
-def test_cpu_sets_take_the_share_evenly_along_the_frequencies():
-    hot = np.array([[9, 8, 7, 6, 5, 4], [1, 1, 1, 1, 1, 1]], dtype=float)
-    res = np.array([[True, False, False, False, False, False], [False] * 6])
-    half = mb.cpu_sets(hot, res, 0.5)
-    assert not half[0, 0] and half[0].sum() == 2 and half[1].sum() == 3  # 5 non-resident: every other one
-    assert half[0].tolist() == [False, False, True, False, True, False]  # 2nd and 4th hottest of the five
-    assert not mb.cpu_sets(hot, res, 0.0).any()
-    assert (mb.cpu_sets(hot, res, 1.0) == ~res).all()
+def test_a_forward_gives_the_cpu_its_share_of_the_routed_non_resident_experts():
+    counts = np.array([1, 0, 2, 1, 0, 1])
+    eligible = np.array([False, True, True, True, True, True])  # expert 0 resident
+    # routed and eligible: 2, 3, 5; the CPU takes round(3 * share) of them, spread over the three
+    assert mb.cpu_of_forward(counts, eligible, 0.5).tolist() == [False, False, True, False, False, True]
+    assert np.flatnonzero(mb.cpu_of_forward(counts, eligible, 0.25)).tolist() == [3]
+    assert np.flatnonzero(mb.cpu_of_forward(counts, eligible, 1.0)).tolist() == [2, 3, 5]
+    assert not mb.cpu_of_forward(counts, eligible, 0.0).any()
+    # Mixtral's decode step: two routed experts, neither resident: one each way at any share from
+    # 1/4 to 5/8 (a fixed half of the experts sent both, one or none to the CPU)
+    for q in (0.25, 0.5, 0.625):
+        assert mb.cpu_of_forward([0, 1, 0, 0, 1, 0, 0, 0], np.ones(8, dtype=bool), q).sum() == 1
+    # one routed non-resident expert: the CPU's from a share of one half
+    assert mb.cpu_of_forward([1, 0], [True, True], 0.5).tolist() == [True, False]
+    assert not mb.cpu_of_forward([1, 0], [True, True], 0.375).any()
 
 
 @needs_native
@@ -54,11 +61,10 @@ def test_the_server_answers_each_layer_with_its_cpu_experts_rows():
     w = _weights()
     box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=2)
     try:
-        cpu = np.zeros((L, E), dtype=bool)
+        cpu = np.zeros((L, E), dtype=bool)  # the GPU's post marks them per forward: here the test does
         cpu[0, [1, 4]] = True
         cpu[1, [0, 2, 5]] = True
-        box.set_cpu(cpu)
-        assert box.active == [True, True]
+        box.cpu_mail.copy_(torch.from_numpy(cpu))
         g = torch.Generator().manual_seed(1)
         for step in range(1, 4):
             for layer in range(L):
@@ -90,7 +96,7 @@ def test_a_layer_posted_before_the_server_thread_runs_is_still_answered(monkeypa
     monkeypatch.setattr(mb.Mailbox, "_serve", lambda self, *a: (time.sleep(0.3), serve(self, *a)))
     box = mb.Mailbox(_weights(), rows=4, device=torch.device("cpu"), threads=1)
     try:
-        box.set_cpu(np.ones((L, E), dtype=bool))
+        box.cpu_mail.fill_(1)
         box.counts[1] = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int32)
         box.seq_in[mb.SEQ_STRIDE] = 1
         deadline = time.monotonic() + 10
@@ -105,7 +111,7 @@ def test_a_layer_posted_before_the_server_thread_runs_is_still_answered(monkeypa
 def test_more_rows_than_the_mailbox_holds_are_answered_as_failed():
     box = mb.Mailbox(_weights(), rows=2, device=torch.device("cpu"), threads=1)
     try:
-        box.set_cpu(np.ones((L, E), dtype=bool))
+        box.cpu_mail.fill_(1)
         box.counts[0] = torch.tensor([3, 0, 0, 0, 0, 0], dtype=torch.int32)  # 3 rows > 2
         box.seq_in[0] = 1
         deadline = time.monotonic() + 10
@@ -119,11 +125,12 @@ def test_more_rows_than_the_mailbox_holds_are_answered_as_failed():
 
 @needs_native
 @needs_triton
-@pytest.mark.parametrize("share", [1.0, 0.0])
+@pytest.mark.parametrize("share", [1.0, 0.5, 0.0])
 def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
-    """The executor's device path (raise, the in-place launches, wait) with the CPU taking every
-    non-resident expert gives the engine's CPU rows; with no CPU experts the mailbox is not used.
-    (bf16, which Triton's interpreter cannot multiply: the in-place experts' values are checked
+    """The executor's device path (raise, the in-place launches, wait): the post kernel marks the
+    forward's CPU experts as :func:`cpu_of_forward` does, on the device and for the server, and the
+    server's rows are the engine's CPU path's for them, as are those rows of the layer's output;
+    with no share the mailbox is not used. (bf16, which Triton's interpreter cannot multiply: the in-place experts' values are checked
     elsewhere, tests/test_zero_copy.py.)"""
     from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts
     from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
@@ -132,7 +139,8 @@ def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
     box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=2)
     try:
         resident = np.zeros((L, E), dtype=bool)
-        box.set_cpu(mb.cpu_sets(np.ones((L, E)), resident, share))
+        resident[1, 3] = True  # resident: never the CPU's
+        box.set_cpu(~resident, share)
         host = HybridExecutor(1, LayerExperts(w[1], resident[1], None), None, None)
         ex = InPlaceStreamExecutor(host, None, mailbox=box)
         counts = np.array([1, 0, 2, 1, 0, 1])
@@ -142,10 +150,15 @@ def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
             ex.device_forward(x, torch.from_numpy(counts))  # every expert in place (its bf16 values aside)
             assert int(box.seq_dev[1]) == before and not box.active[1]
             return
+        cpu = mb.cpu_of_forward(counts, ~resident[1], share)
         for step in range(1, 3):
             y = ex.device_forward(x, torch.from_numpy(counts))
             assert int(box.seq_dev[1]) == step and int(box.seq_out[mb.SEQ_STRIDE]) == step
-            torch.testing.assert_close(y, _expected(w[1], x, counts, np.ones(E, dtype=bool)), rtol=0, atol=0)
+            assert box.cpu_now[1].tolist() == cpu.tolist() and box.cpu_mail[1].bool().tolist() == cpu.tolist()
+            want = _expected(w[1], x, counts, cpu)
+            torch.testing.assert_close(box.y[1, :len(x)], want, rtol=0, atol=0)
+            rows = torch.from_numpy(np.repeat(cpu, counts))  # the CPU's rows of the layer's output
+            torch.testing.assert_close(y[rows], want[rows], rtol=0, atol=0)
         box.check()
     finally:
         box.close()
@@ -159,7 +172,7 @@ def test_a_server_that_does_not_answer_is_an_error_not_a_hang(monkeypatch):
 
     w = _weights()
     box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=1)
-    box.set_cpu(np.ones((L, E), dtype=bool))
+    box.set_cpu(np.ones((L, E), dtype=bool), 1.0)
     box.close()  # nobody answers now
     monkeypatch.setattr(mb, "MAX_SPIN", 50)
     ex = InPlaceStreamExecutor(HybridExecutor(0, LayerExperts(w[0], np.zeros(E, dtype=bool), None), None, None),
@@ -181,8 +194,9 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
     target = GPUTarget("cuda", 90, 32)
     post = triton.compile(ASTSource(
         fn=mb._post_kernel, constexprs={"BD": 1024, "BE": 128, "FENCE": True},
-        signature={"x_ptr": "*bf16", "counts_ptr": "*i32", "N": "i32", "D": "i32", "E": "i32", "s_x": "i32",
-                   "mail_x_ptr": "*bf16", "mail_counts_ptr": "*i32", "seq_ptr": "*i64", "flag_ptr": "*i64",
+        signature={"x_ptr": "*bf16", "counts_ptr": "*i32", "eligible_ptr": "*i8", "share": "fp32", "N": "i32",
+                   "D": "i32", "E": "i32", "s_x": "i32", "mail_x_ptr": "*bf16", "mail_counts_ptr": "*i32",
+                   "mail_cpu_ptr": "*u8", "cpu_ptr": "*i1", "seq_ptr": "*i64", "flag_ptr": "*i64",
                    "BD": "constexpr", "BE": "constexpr", "FENCE": "constexpr"}), target=target).asm["ptx"]
     assert "fence.sc.sys" in post and "bar.sync" in post  # the rows are out before the number
     collect = triton.compile(ASTSource(
@@ -267,8 +281,7 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         resident = hybrid.place(parse_policy("scheinfer"), hot_LE=np.arange(12.0).reshape(2, 6))
         assert hybrid.cpu_share in hybrid_model.CPU_SHARES
         assert list(hybrid.cpu_share_ms) == [str(q) for q in hybrid_model.CPU_SHARES]
-        want = mb.cpu_sets(np.arange(12.0).reshape(2, 6), resident, hybrid.cpu_share)
-        assert (hybrid.mailbox.cpu.astype(bool) == want).all() and not (want & resident).any()
+        assert (hybrid.mailbox.eligible == ~resident).all() and hybrid.mailbox.share == hybrid.cpu_share
         # a CPU share: small forwards on the device path at once; none: only once streaming wins
         assert all(m.executor.needs_host_for(1) == (hybrid.cpu_share == 0) for m in hybrid.model.moe_layers())
         hybrid.place(parse_policy("stream"), hot_LE=np.arange(12.0).reshape(2, 6))  # streaming: no CPU lane

@@ -63,7 +63,7 @@ class InPlaceStreamExecutor:
         cpu = self.mailbox is not None and self.mailbox.active[layer]
         if cpu:
             self.mailbox.post(layer, x_ND, counts_E)
-            ends_E = torch.where(self.mailbox.cpu_dev[layer], starts_E, ends_E)  # not read by the GPU
+            ends_E = torch.where(self.mailbox.cpu_now[layer], starts_E, ends_E)  # the CPU's: not read here
         plan_3E = torch.stack([self._ids_E, starts_E, ends_E])
         y_ND = torch.zeros_like(x_ND)  # dropped rows (past the last expert's) stay 0
         resident = None if self.slot_E is None else (ex.gpu, self.slot_E)

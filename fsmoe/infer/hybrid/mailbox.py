@@ -5,13 +5,14 @@ N routed rows of one forward (grouped by expert).
 
 On the device path (:mod:`.in_place`) a small forward's experts are all read by the GPU, resident
 ones from GPU memory and the others over PCIe, so the host never waits for the token counts; the
-CPU sits idle although it reads host memory about as fast as PCIe does. Here some of the
-non-resident experts (a fixed set per layer, :meth:`Mailbox.set_cpu`) are computed by the CPU
-instead, still without the host issuing anything per forward, so it stays capturable in a CUDA
-graph:
+CPU sits idle although it reads host memory about as fast as PCIe does. Here a share of the
+forward's routed non-resident experts is computed by the CPU instead, still without the host
+issuing anything per forward, so it stays capturable in a CUDA graph:
 
-1. the GPU writes the layer's rows and token counts into pinned host memory and then, behind a
-   system-scope fence, raises the layer's sequence number there (one one-program kernel);
+1. the GPU picks the CPU's experts of this forward (:func:`cpu_of_forward`: ``share`` of the routed
+   non-resident ones, rounded, spread over them) and writes them, the layer's rows and its token
+   counts into pinned host memory; then, behind a system-scope fence, it raises the layer's
+   sequence number there (one one-program kernel);
 2. a native server thread (``serve_mailbox`` in :mod:`.cpu_kernel`, started with the mailbox)
    sees the number move, computes the layer's CPU experts on their rows with every thread it was
    given, writes their output rows (zeros elsewhere) and publishes the same number back;
@@ -20,9 +21,12 @@ graph:
    :attr:`Mailbox.status`) and adds the CPU's rows, read from host memory.
 
 Each layer has its own slots and numbers, and the GPU waits for layer l's answer before it can post
-layer l again, so nothing is overwritten while in use. Which share of the non-resident experts
-the CPU takes is measured when the model is placed (:func:`cpu_sets`; fsmoe.infer.hybrid.model);
-with a share above 0 the adaptive policy's small forwards all take this path.
+layer l again, so nothing is overwritten while in use. The CPU's experts are chosen per forward,
+not as a fixed set per layer: with a fixed set a decode step's routes sent all, some or none of
+their experts to the CPU (on Mixtral's top-2, a fixed half of the experts decoded at 12.5 tok/s
+against 14.2 for the host path), while per forward the two lanes always share the work. The share
+is measured when the model is placed (fsmoe.infer.hybrid.model); with a share above 0 the
+adaptive policy's small forwards all take this path.
 """
 from __future__ import annotations
 
@@ -50,22 +54,33 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _post_kernel(x_ptr, counts_ptr, N, D, E, s_x, mail_x_ptr, mail_counts_ptr, seq_ptr, flag_ptr,
-                     BD: tl.constexpr, BE: tl.constexpr, FENCE: tl.constexpr):
-        """One program: the rows x [N, D] and counts [E] into the mailbox, then the layer's next
-        number, on the device and in the mailbox. The number is written after a barrier and a
-        system-scope fence, so the server cannot see it before the rows (a copy engine's writes
-        followed by a kernel's would have no such order). FENCE: off under Triton's interpreter,
-        which has no inline assembly (and one memory)."""
+    def _post_kernel(x_ptr, counts_ptr, eligible_ptr, share, N, D, E, s_x, mail_x_ptr, mail_counts_ptr,
+                     mail_cpu_ptr, cpu_ptr, seq_ptr, flag_ptr, BD: tl.constexpr, BE: tl.constexpr,
+                     FENCE: tl.constexpr):
+        """One program: the rows x [N, D], counts [E] and this forward's CPU experts [E] (of the
+        routed ``eligible`` ones, the r-th taken when rounding r * share moves up:
+        :func:`cpu_of_forward`) into the mailbox, the CPU experts also to ``cpu_ptr`` on the device,
+        then the layer's next number, on the device and in the mailbox. The number is written after
+        a barrier and a system-scope fence, so the server cannot see it before the rest (a copy
+        engine's writes followed by a kernel's would have no such order). FENCE: off under Triton's
+        interpreter, which has no inline assembly (and one memory)."""
         cols = tl.arange(0, BD)
         for r in range(0, N):
             for d0 in range(0, D, BD):
                 m = d0 + cols < D
                 tl.store(mail_x_ptr + r * D + d0 + cols, tl.load(x_ptr + r * s_x + d0 + cols, mask=m), mask=m)
         es = tl.arange(0, BE)
+        before = tl.sum(tl.zeros([BE], tl.int32), 0)  # routed eligible experts in earlier blocks
         for e0 in range(0, E, BE):
             m = e0 + es < E
-            tl.store(mail_counts_ptr + e0 + es, tl.load(counts_ptr + e0 + es, mask=m), mask=m)
+            c = tl.load(counts_ptr + e0 + es, mask=m, other=0)
+            tl.store(mail_counts_ptr + e0 + es, c, mask=m)
+            pick = ((c > 0) & (tl.load(eligible_ptr + e0 + es, mask=m, other=0) != 0)).to(tl.int32)
+            rank = (before + tl.cumsum(pick, 0) - pick).to(tl.float32)
+            cpu = (pick != 0) & (tl.floor((rank + 1.0) * share + 0.5) > tl.floor(rank * share + 0.5))
+            tl.store(mail_cpu_ptr + e0 + es, cpu.to(tl.uint8), mask=m)
+            tl.store(cpu_ptr + e0 + es, cpu, mask=m)
+            before += tl.sum(pick, 0)
         s = tl.load(seq_ptr) + 1
         tl.store(seq_ptr, s)
         tl.debug_barrier()
@@ -124,17 +139,15 @@ def resolve(choice: str | None, in_place: bool, dtype: torch.dtype, field: str =
     return True
 
 
-def cpu_sets(hot_LE: np.ndarray, resident_LE: np.ndarray, share: float) -> np.ndarray:
-    """[L, E] bool: in each layer ``share`` of the non-resident experts, taken evenly along their
-    routing frequencies (hottest first, every 1/share-th), so the CPU's expected load is about
-    ``share`` of the streamed load whatever the skew."""
-    out = np.zeros(resident_LE.shape, dtype=bool)
-    for l, (hot, res) in enumerate(zip(hot_LE, resident_LE)):
-        cand = np.flatnonzero(~res)
-        order = cand[np.lexsort((cand, -hot[cand]))]
-        i = np.arange(len(order))
-        out[l, order[np.floor((i + 1) * share) > np.floor(i * share)]] = True
-    return out
+def cpu_of_forward(counts_E, eligible_E, share: float) -> np.ndarray:
+    """[E] bool: the experts the CPU computes in a forward with ``counts_E`` [E] rows per expert,
+    as the post kernel picks them: of the routed experts that are ``eligible_E`` (not resident),
+    the r-th (in expert order) when rounding r * share moves up, so round(n * share) of n, spread
+    over them. In float32, as the kernel computes it."""
+    pick = (np.asarray(counts_E) > 0) & np.asarray(eligible_E, dtype=bool)
+    rank = (np.cumsum(pick) - pick).astype(np.float32)
+    q = np.float32(share)
+    return pick & (np.floor((rank + 1) * q + np.float32(0.5)) > np.floor(rank * q + np.float32(0.5)))
 
 
 class Mailbox:
@@ -159,8 +172,11 @@ class Mailbox:
         self.seq_out = torch.zeros(L * SEQ_STRIDE, dtype=torch.int64, pin_memory=pin)
         self.status = torch.zeros(1, dtype=torch.int32, pin_memory=pin)  # written by the GPU
         self.seq_dev = torch.zeros(L, dtype=torch.int64, device=device)
-        self.cpu = np.zeros((L, E), dtype=np.uint8)  # read live by the server: change only between forwards
-        self.cpu_dev = torch.zeros(L, E, dtype=torch.bool, device=device)
+        self.cpu_mail = torch.zeros(L, E, dtype=torch.uint8, pin_memory=pin)  # this forward's CPU experts
+        self.cpu_now = torch.zeros(L, E, dtype=torch.bool, device=device)  # the same, for the GPU's launches
+        self.eligible = np.zeros((L, E), dtype=bool)
+        self.eligible_dev = torch.zeros(L, E, dtype=torch.int8, device=device)
+        self.share = 0.0
         self.active = [False] * L
         self._start_server(kernel, weights, (E, D, F), threads)
 
@@ -173,7 +189,7 @@ class Mailbox:
         self._keep = (weights, ptrs)
         self._stop = np.zeros(1, dtype=np.int32)
         args = (self.L, E, D, F, self.rows, ptrs[0], ptrs[1] if weights[0][1] is not None else None, ptrs[2],
-                self.cpu.ctypes.data, self.counts.data_ptr(), self.x.data_ptr(), self.y.data_ptr(),
+                self.cpu_mail.data_ptr(), self.counts.data_ptr(), self.x.data_ptr(), self.y.data_ptr(),
                 self.seq_in.data_ptr(), self.seq_out.data_ptr(), self._stop.ctypes.data, threads)
         self.rc: int | None = None
         self._thread = threading.Thread(target=self._serve, args=(kernel, args), name="fsmoe-cpu-mailbox",
@@ -184,19 +200,25 @@ class Mailbox:
     def _serve(self, kernel: CpuExpertKernel, args) -> None:
         self.rc = kernel.serve_fn(*args)
 
-    def set_cpu(self, cpu_LE: np.ndarray) -> None:
-        """Which experts of each layer the CPU computes ([L, E] bool); only between forwards."""
-        self.cpu[:] = cpu_LE
-        self.cpu_dev.copy_(torch.from_numpy(np.asarray(cpu_LE, dtype=bool)))
-        self.active = [bool(row.any()) for row in cpu_LE]
+    def set_cpu(self, eligible_LE: np.ndarray, share: float) -> None:
+        """The CPU computes ``share`` (0 to 1) of each forward's routed experts that are
+        ``eligible_LE`` ([L, E] bool: the non-resident ones); only between forwards."""
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share {share}: must be in [0, 1]")
+        self.eligible[:] = eligible_LE
+        self.eligible_dev.copy_(torch.from_numpy(self.eligible.astype(np.int8)))
+        self.share = float(share)
+        self.active = [share > 0 and bool(row.any()) for row in self.eligible]
 
     def post(self, layer: int, x_ND: Tensor, counts_E: Tensor) -> None:
-        """Hand layer ``layer``'s bf16 rows [N, D] and int32 counts [E] to the CPU (queued on the stream)."""
+        """Hand layer ``layer``'s bf16 rows [N, D] and int32 counts [E] to the CPU, which takes the
+        experts the kernel marks in ``cpu_now[layer]`` (queued on the stream)."""
         n, d = x_ND.shape
         if n > self.rows:
             raise ValueError(f"{n} routed rows: the CPU lane's mailbox holds {self.rows} per layer")
         assert x_ND.dtype == torch.bfloat16 and x_ND.stride(1) == 1 and counts_E.dtype == torch.int32
-        _post_kernel[(1,)](x_ND, counts_E, n, d, self.E, x_ND.stride(0), self.x[layer], self.counts[layer],
+        _post_kernel[(1,)](x_ND, counts_E, self.eligible_dev[layer], self.share, n, d, self.E, x_ND.stride(0),
+                           self.x[layer], self.counts[layer], self.cpu_mail[layer], self.cpu_now[layer],
                            self.seq_dev[layer:], self.seq_in[layer * SEQ_STRIDE:],
                            BD=min(1024, triton.next_power_of_2(d)), BE=min(1024, triton.next_power_of_2(self.E)),
                            FENCE=x_ND.is_cuda, num_warps=8)

@@ -20,7 +20,7 @@ from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
-from fsmoe.infer.hybrid.mailbox import Mailbox, cpu_sets
+from fsmoe.infer.hybrid.mailbox import Mailbox
 from fsmoe.infer.hybrid.memory import GpuMemoryPlan
 from fsmoe.infer.hybrid.partition import CC, CG, LaneCosts, Split
 from fsmoe.infer.hybrid.policies import Policy, candidate_split
@@ -37,8 +37,8 @@ CPU_REFIT_WEIGHT = 0.2  # weight of the newest forward in the CPU lane's moving 
 # split chose it again and so nothing measured it back down.
 CPU_REFIT_STEP = 4.0
 # the CPU's shares of the non-resident experts tried on the device path, and routes timed at each
-CPU_SHARES = (0.0, 0.25, 0.5, 0.75)
-CPU_SHARE_TRIALS = 12
+CPU_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # binary fractions: exact in the kernel's float32
+CPU_SHARE_TRIALS = 16  # routes drawn per share: a decode step meets them all, so their mean is compared
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -157,12 +157,12 @@ class HybridModel:
                               if in_place else ex)
         if mailbox is not None:
             self.cpu_share, self.cpu_share_ms = self._cpu_share(hot, resident)
-            mailbox.set_cpu(cpu_sets(hot, resident, self.cpu_share))
+            mailbox.set_cpu(~resident, self.cpu_share)
         self._hot_for_policy = hot
         return resident
 
     def _cpu_share(self, hot_LE: np.ndarray, resident_LE: np.ndarray) -> tuple[float, dict[str, float]]:
-        """(the CPU's share of each layer's non-resident experts on the device path, ms per
+        """(the CPU's share of each forward's routed non-resident experts on the device path, ms per
         one-token layer at each share tried): the middle MoE layer on routes drawn from its
         frequencies, each share in turn; ``cpu_share`` given at construction skips the measurement."""
         if self.fixed_cpu_share is not None:
@@ -175,14 +175,15 @@ class HybridModel:
                   for _ in range(CPU_SHARE_TRIALS)]
         times = {}
         for share in CPU_SHARES:
-            self.mailbox.set_cpu(cpu_sets(hot_LE, resident_LE, share))
+            self.mailbox.set_cpu(~resident_LE, share)
             times[share] = self._one_token_layer_s(self.model.moe_layers()[mid].executor, routes)
         self.mailbox.check()
         return min(times, key=times.get), {str(q): round(t * 1e3, 3) for q, t in times.items()}
 
     def _one_token_layer_s(self, ex: InPlaceStreamExecutor, routes: list[np.ndarray]) -> float:
-        """Median seconds of ``ex``'s device path on one token routed to each of ``routes`` (the
-        first run unmeasured), the device synced around every forward."""
+        """Mean seconds of ``ex``'s device path on one token routed to each of ``routes`` (the
+        first run unmeasured), the device synced around every forward. The mean, not the median:
+        routes differ in how many of their experts are resident, and a decode step pays them all."""
         cfg = self.model.cfg
         x = torch.randn(cfg.moe.router.top_k, cfg.d_model, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device, ex.host.experts.host[0].dtype)
@@ -198,7 +199,7 @@ class HybridModel:
                 ex.device_forward(x, counts)
                 sync()
                 took.append(time.perf_counter() - t0)
-        return float(np.median(took[1:]))
+        return float(np.mean(took[1:]))
 
     def check(self) -> None:
         """Raise if the CPU lane on the device path failed in a forward so far (no device sync)."""
