@@ -373,12 +373,18 @@ def test_the_cpu_lane_on_the_device_path_says_what_it_needs():
     from fsmoe.config import ConfigError
     from fsmoe.infer.hybrid import mailbox
 
-    assert not mailbox.resolve(None, True, torch.bfloat16) and not mailbox.resolve("off", False, torch.float32)
+    from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
+
+    assert not mailbox.resolve("off", True, torch.bfloat16)
+    # auto (the default): on wherever it can run, quietly off elsewhere
+    for choice in (None, "auto"):
+        assert mailbox.resolve(choice, True, torch.bfloat16) == (CpuExpertKernel.load() is not None)
+        assert not mailbox.resolve(choice, False, torch.bfloat16) and not mailbox.resolve(choice, True, torch.float32)
     with pytest.raises(ConfigError, match="--cpu-on-device='on'.*in-place expert kernels"):
         mailbox.resolve("on", False, torch.bfloat16)
     with pytest.raises(ConfigError, match="--cpu-on-device='on'.*bfloat16"):
         mailbox.resolve("on", True, torch.float32)
-    with pytest.raises(ConfigError, match="--cpu-on-device='maybe'.*allowed: on, off"):
+    with pytest.raises(ConfigError, match="--cpu-on-device='maybe'.*allowed: auto, on, off"):
         mailbox.resolve("maybe", True, torch.bfloat16)
 
 

@@ -121,22 +121,25 @@ if triton is not None:
 
 
 def resolve(choice: str | None, in_place: bool, dtype: torch.dtype, field: str = "--cpu-on-device") -> bool:
-    """A command's ``--cpu-on-device on|off`` (default off); "on" where it cannot run is a
+    """A command's ``--cpu-on-device auto|on|off`` (default auto: on wherever it can run, the share
+    measured at placement, so 0 where the CPU does not help); "on" where it cannot run is a
     ConfigError naming ``field``, before anything is loaded."""
     from fsmoe.config import ConfigError
 
-    if choice in (None, "off"):
+    if choice == "off":
         return False
-    if choice != "on":
-        raise ConfigError(field, choice, "allowed: on, off")
+    if choice not in (None, "auto", "on"):
+        raise ConfigError(field, choice, "allowed: auto, on, off")
+    why = None
     if not in_place:
-        raise ConfigError(field, choice, "needs the in-place expert kernels (a CUDA device, Triton, and not "
-                                         "--zero-copy off)")
-    if dtype != torch.bfloat16:
-        raise ConfigError(field, choice, f"the native CPU kernel takes bfloat16 weights (here {dtype})")
-    if CpuExpertKernel.load() is None:
-        raise ConfigError(field, choice, "needs the native CPU kernel, which could not be built (no C compiler?)")
-    return True
+        why = "needs the in-place expert kernels (a CUDA device, Triton, and not --zero-copy off)"
+    elif dtype != torch.bfloat16:
+        why = f"the native CPU kernel takes bfloat16 weights (here {dtype})"
+    elif CpuExpertKernel.load() is None:
+        why = "needs the native CPU kernel, which could not be built (no C compiler?)"
+    if why is not None and choice == "on":
+        raise ConfigError(field, choice, why)
+    return why is None
 
 
 def cpu_of_forward(counts_E, eligible_E, share: float) -> np.ndarray:
