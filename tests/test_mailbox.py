@@ -271,6 +271,7 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
 
     monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
     monkeypatch.setattr(hybrid_model, "CPU_SHARE_TRIALS", 2)
+    monkeypatch.setattr(hybrid_model, "CPU_SHARE_ROUNDS", 2)
     cfg = tiny(n_layers=2)
     model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
     host = detach_experts(model, pin=False)

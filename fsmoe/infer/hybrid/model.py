@@ -39,6 +39,7 @@ CPU_REFIT_STEP = 4.0
 # the CPU's shares of the non-resident experts tried on the device path, and routes timed at each
 CPU_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # binary fractions: exact in the kernel's float32
 CPU_SHARE_TRIALS = 16  # routes drawn per share: a decode step meets them all, so their mean is compared
+CPU_SHARE_ROUNDS = 3  # each share timed this many times, interleaved; the median round counts
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -164,7 +165,8 @@ class HybridModel:
     def _cpu_share(self, hot_LE: np.ndarray, resident_LE: np.ndarray) -> tuple[float, dict[str, float]]:
         """(the CPU's share of each forward's routed non-resident experts on the device path, ms per
         one-token layer at each share tried): the middle MoE layer on routes drawn from its
-        frequencies, each share in turn; ``cpu_share`` given at construction skips the measurement."""
+        frequencies, each share in turn, over several rounds; ``cpu_share`` given at construction
+        skips the measurement."""
         if self.fixed_cpu_share is not None:
             return self.fixed_cpu_share, {}
         mid = len(self.executors) // 2
@@ -173,11 +175,13 @@ class HybridModel:
         p = (hot_LE[mid] + 1.0) / (hot_LE[mid] + 1.0).sum()
         routes = [rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p)
                   for _ in range(CPU_SHARE_TRIALS)]
-        times = {}
-        for share in CPU_SHARES:
-            self.mailbox.set_cpu(~resident_LE, share)
-            times[share] = self._one_token_layer_s(self.model.moe_layers()[mid].executor, routes)
+        rounds: dict[float, list[float]] = {q: [] for q in CPU_SHARES}
+        for _ in range(CPU_SHARE_ROUNDS):  # interleaved: a slow spell of the host hits every share alike
+            for share in CPU_SHARES:
+                self.mailbox.set_cpu(~resident_LE, share)
+                rounds[share].append(self._one_token_layer_s(self.model.moe_layers()[mid].executor, routes))
         self.mailbox.check()
+        times = {q: float(np.median(t)) for q, t in rounds.items()}
         return min(times, key=times.get), {str(q): round(t * 1e3, 3) for q, t in times.items()}
 
     def _one_token_layer_s(self, ex: InPlaceStreamExecutor, routes: list[np.ndarray]) -> float:
