@@ -283,10 +283,62 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         assert hybrid.cpu_share in hybrid_model.CPU_SHARES
         assert list(hybrid.cpu_share_ms) == [str(q) for q in hybrid_model.CPU_SHARES]
         assert (hybrid.mailbox.eligible == ~resident).all() and hybrid.mailbox.share == hybrid.cpu_share
-        # a CPU share: small forwards on the device path at once; none: only once streaming wins
-        assert all(m.executor.needs_host_for(1) == (hybrid.cpu_share == 0) for m in hybrid.model.moe_layers())
+        # with a share the lane is timed against the host path, size by size until it loses
+        lane = hybrid.cpu_lane_tokens
+        assert lane in (0, *hybrid_model.CPU_LANE_SIZES)
+        assert set(hybrid.cpu_lane_ms) <= {str(t) for t in hybrid_model.CPU_LANE_SIZES}
+        if hybrid.cpu_share == 0:
+            assert lane == 0 and not hybrid.cpu_lane_ms
+        assert all(m.executor.cpu_max_tokens == lane for m in hybrid.model.moe_layers())
+        # the sizes where the lane won: small forwards on the device path at once; else only once streaming wins
+        assert all(m.executor.needs_host_for(1) == (lane < 1) for m in hybrid.model.moe_layers())
         hybrid.place(parse_policy("stream"), hot_LE=np.arange(12.0).reshape(2, 6))  # streaming: no CPU lane
         assert all(m.executor.mailbox is None for m in hybrid.model.moe_layers())
+    finally:
+        hybrid.close()
+
+
+@needs_native
+@needs_triton
+def test_the_cpu_lane_takes_the_forward_sizes_where_it_beat_the_host_path(monkeypatch):
+    """Timed at placement against the host path's split, size by size (1, 4, 16 tokens) until it
+    loses: here it wins at 1 and 4 and loses at 16, so forwards of up to 4 tokens take it at once,
+    larger ones the host path (or the device path without the CPU once streaming wins their race)."""
+    from test_hybrid_infer import COSTS, tiny
+
+    from fsmoe.infer.hybrid import model as hybrid_model
+    from fsmoe.infer.hybrid.memory import plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
+    from fsmoe.infer.hybrid.policies import parse_policy
+    from fsmoe.models import build_model
+
+    monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
+    monkeypatch.setattr(hybrid_model, "CPU_SHARES", (0.5,))
+    monkeypatch.setattr(hybrid_model, "CPU_SHARE_ROUNDS", 1)
+    monkeypatch.setattr(hybrid_model, "CPU_SHARE_TRIALS", 2)
+    # the share's one timing, then the lane against the host path at 1, 4 and 16 tokens
+    times = iter([1.0, 1.0, 2.0, 3.0, 4.0, 9.0, 5.0])
+    monkeypatch.setattr(HybridModel, "_layer_s", lambda self, forward, routes: next(times))
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
+    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
+    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed})
+    hybrid = HybridModel(model, detach_experts(model, pin=False), COSTS, memory, torch.device("cpu"),
+                         zero_copy=True, cpu_on_device=True)
+    try:
+        hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
+        assert hybrid.cpu_share == 0.5 and hybrid.cpu_lane_tokens == 4
+        assert hybrid.cpu_lane_ms == {"1": {"device": 1000.0, "host": 2000.0}, "4": {"device": 3000.0, "host": 4000.0},
+                                      "16": {"device": 9000.0, "host": 5000.0}}
+        layers = hybrid.model.moe_layers()
+        assert all(m.executor.cpu_max_tokens == 4 for m in layers)
+        assert not any(m.executor.needs_host_for(4) for m in layers) and all(m.executor.needs_host_for(5) for m in layers)
+        # a larger forward on the device path (streaming won its race) leaves the mailbox alone
+        before = hybrid.mailbox.seq_dev.tolist()
+        ex = layers[0].executor
+        ex.device_forward(torch.zeros(4, cfg.d_model, dtype=torch.bfloat16),
+                          torch.tensor([2, 2] + [0] * (cfg.moe.num_experts - 2)), cpu_lane=False)
+        assert hybrid.mailbox.seq_dev.tolist() == before
     finally:
         hybrid.close()
 

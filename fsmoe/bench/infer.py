@@ -171,6 +171,7 @@ def measure_policy(hybrid: HybridModel, policy: Policy, hot_LE, inputs, args, to
     res["cpu_scale"] = hybrid.cpu_scale  # the online refit's measured/modelled CPU lane so far
     if hybrid.mailbox is not None and policy.race:  # the CPU's share on the device path, and each tried
         res["cpu_share"], res["cpu_share_ms"] = hybrid.cpu_share, hybrid.cpu_share_ms
+        res["cpu_lane_tokens"], res["cpu_lane_ms"] = hybrid.cpu_lane_tokens, hybrid.cpu_lane_ms
     hybrid.check()  # the CPU lane on the device path answered every forward
     if hybrid.race is not None:  # per forward size, the ms per layer each raced candidate took
         res["race_ms_per_layer"] = hybrid.race.summary()

@@ -103,7 +103,9 @@ def _generate(args, hybrid, policy, tok, prompts, device, console, t0) -> int:
     resident = hybrid.place(policy, hot)
     console.print(f"{args.model}: {L} MoE layers x {E} experts; GPU budget {args.gpu_mem_gb:g} GiB holds "
                   f"{int(resident.sum())} resident ({policy.name}); ready in {time.perf_counter() - t0:.1f} s"
-                  + (f"; CPU share on the device path {hybrid.cpu_share:g} (ms per layer: {hybrid.cpu_share_ms})"
+                  + (f"; CPU share on the device path {hybrid.cpu_share:g} (ms per layer: {hybrid.cpu_share_ms}), "
+                     f"taken by forwards of up to {hybrid.cpu_lane_tokens} tokens (ms per layer, against the host "
+                     f"path: {hybrid.cpu_lane_ms})"
                      if hybrid.mailbox is not None and policy.race else ""), style="dim")
     rec = hybrid.record(True) if args.timeline else None
     out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,

@@ -39,6 +39,7 @@ class InPlaceStreamExecutor:
         self.slot_E = slot_E  # [E] int32 on the device: index of the resident copy, -1 if none; None: none resident
         self.on_device = on_device  # tokens -> whether such a forward may run here (None: always)
         self.mailbox = mailbox  # this layer's CPU experts beside the device path (mailbox.py), if any
+        self.cpu_max_tokens = MAX_ROWS  # forwards of at most this many tokens use the mailbox
         self._ids_E: Tensor | None = None
 
     def needs_host_for(self, tokens: int) -> bool:
@@ -48,19 +49,19 @@ class InPlaceStreamExecutor:
     def __call__(self, layer, x_ND: Tensor, plan) -> Tensor:
         if self.needs_host_for(plan.num_tokens):
             return self.host(layer, x_ND, plan)
-        return self.device_forward(x_ND, plan.tokens_per_expert_E)
+        return self.device_forward(x_ND, plan.tokens_per_expert_E, plan.num_tokens <= self.cpu_max_tokens)
 
-    def device_forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+    def device_forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor, cpu_lane: bool = True) -> Tensor:
         """x_ND [N, D] grouped by expert (``tokens_per_expert_E`` [E] rows each) -> y_ND [N, D], all
         queued on the device: the in-place launches over every expert but the CPU's, whose rows go
-        through the mailbox meanwhile."""
+        through the mailbox meanwhile (``cpu_lane``: if the layer has one)."""
         ex, layer = self.host.experts, self.host.index
         counts_E = tokens_per_expert_E.to(torch.int32)
         if self._ids_E is None or self._ids_E.device != counts_E.device:
             self._ids_E = torch.arange(counts_E.numel(), dtype=torch.int32, device=counts_E.device)
         ends_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         starts_E = ends_E - counts_E
-        cpu = self.mailbox is not None and self.mailbox.active[layer]
+        cpu = cpu_lane and self.mailbox is not None and self.mailbox.active[layer]
         if cpu:
             self.mailbox.post(layer, x_ND, counts_E)
             ends_E = torch.where(self.mailbox.cpu_now[layer], starts_E, ends_E)  # the CPU's: not read here

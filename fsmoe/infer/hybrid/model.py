@@ -40,6 +40,7 @@ CPU_REFIT_STEP = 4.0
 CPU_SHARES = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)  # binary fractions: exact in the kernel's float32
 CPU_SHARE_TRIALS = 16  # routes drawn per share: a decode step meets them all, so their mean is compared
 CPU_SHARE_ROUNDS = 3  # each share timed this many times, interleaved; the median round counts
+CPU_LANE_SIZES = (1, 4, 16)  # forward sizes at which the device path with the CPU lane is timed against the host path
 Weights = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor]
 
 
@@ -131,6 +132,7 @@ class HybridModel:
             self.mailbox = Mailbox(host, MAX_ROWS * cfg.moe.router.top_k, device, self.buffers.cpu_threads)
         self.fixed_cpu_share = cpu_share
         self.cpu_share, self.cpu_share_ms = 0.0, {}
+        self.cpu_lane_tokens, self.cpu_lane_ms = 0, {}  # forwards up to this size take the CPU lane at once
 
     def place(self, policy: Policy, hot_LE=None) -> np.ndarray:
         """Make ``policy`` current: choose its resident experts from ``hot_LE`` (default: the
@@ -159,6 +161,10 @@ class HybridModel:
         if mailbox is not None:
             self.cpu_share, self.cpu_share_ms = self._cpu_share(hot, resident)
             mailbox.set_cpu(~resident, self.cpu_share)
+            self.cpu_lane_tokens, self.cpu_lane_ms = (self._cpu_lane_tokens(hot, resident) if self.cpu_share > 0
+                                                      else (0, {}))
+            for layer in self.model.moe_layers():
+                layer.executor.cpu_max_tokens = self.cpu_lane_tokens
         self._hot_for_policy = hot
         return resident
 
@@ -170,37 +176,68 @@ class HybridModel:
         if self.fixed_cpu_share is not None:
             return self.fixed_cpu_share, {}
         mid = len(self.executors) // 2
-        moe = self.model.cfg.moe
-        rng = np.random.default_rng(0)
-        p = (hot_LE[mid] + 1.0) / (hot_LE[mid] + 1.0).sum()
-        routes = [rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p)
-                  for _ in range(CPU_SHARE_TRIALS)]
+        ex = self.model.moe_layers()[mid].executor
+        routes = self._routes(hot_LE[mid], 1)
         rounds: dict[float, list[float]] = {q: [] for q in CPU_SHARES}
         for _ in range(CPU_SHARE_ROUNDS):  # interleaved: a slow spell of the host hits every share alike
             for share in CPU_SHARES:
                 self.mailbox.set_cpu(~resident_LE, share)
-                rounds[share].append(self._one_token_layer_s(self.model.moe_layers()[mid].executor, routes))
+                rounds[share].append(self._layer_s(lambda x, c, c_dev: ex.device_forward(x, c_dev), routes))
         self.mailbox.check()
         times = {q: float(np.median(t)) for q, t in rounds.items()}
         return min(times, key=times.get), {str(q): round(t * 1e3, 3) for q, t in times.items()}
 
-    def _one_token_layer_s(self, ex: InPlaceStreamExecutor, routes: list[np.ndarray]) -> float:
-        """Mean seconds of ``ex``'s device path on one token routed to each of ``routes`` (the
-        first run unmeasured), the device synced around every forward. The mean, not the median:
-        routes differ in how many of their experts are resident, and a decode step pays them all."""
-        cfg = self.model.cfg
-        x = torch.randn(cfg.moe.router.top_k, cfg.d_model, generator=torch.Generator().manual_seed(0))
-        x = x.to(self.device, ex.host.experts.host[0].dtype)
+    def _cpu_lane_tokens(self, hot_LE: np.ndarray, resident_LE: np.ndarray) -> tuple[int, dict[str, dict]]:
+        """(the largest forward size of ``CPU_LANE_SIZES`` up to which the device path with the
+        CPU's share beat the host path's split at every size timed, 0 if not even at one token; ms
+        per layer of both at each size timed): the middle MoE layer on routes drawn from its
+        frequencies. On Mixtral's shape the CPU lane won at one token and lost at 16 (per-layer sweep
+        on an H200 host, lane on against off: 6.5 against 8.2 ms, 28.8 against 21.5 ms): with 16
+        tokens its experts have several rows each, and the CPU kernel reads its weights slower."""
+        if self.fixed_cpu_share is not None:
+            return MAX_ROWS, {}
+        mid = len(self.executors) // 2
+        ex = self.model.moe_layers()[mid].executor
+        resident_E, hot_E = resident_LE[mid], hot_LE[mid]
+        tokens, ms = 0, {}
+        for T in (t for t in CPU_LANE_SIZES if t <= MAX_ROWS):
+            routes = self._routes(hot_E, T)
+            device = self._layer_s(lambda x, c, c_dev: ex.device_forward(x, c_dev), routes)
+            host = self._layer_s(lambda x, c, c_dev: ex.host.run(
+                x, c.tolist(), self.policy.split(c, resident_E, self.costs, T, hot_E)), routes)
+            ms[str(T)] = {"device": round(device * 1e3, 3), "host": round(host * 1e3, 3)}
+            if device > host:
+                break
+            tokens = T
+        self.mailbox.check()
+        return tokens, ms
+
+    def _routes(self, hot_E: np.ndarray, tokens: int) -> list[np.ndarray]:
+        """``CPU_SHARE_TRIALS`` forwards' token counts [E] of ``tokens`` tokens, each token routed to
+        top-k distinct experts drawn by the frequencies ``hot_E`` (the same draws on every call)."""
+        moe = self.model.cfg.moe
+        rng = np.random.default_rng(tokens)
+        p = (hot_E + 1.0) / (hot_E + 1.0).sum()
+        return [sum(np.bincount(rng.choice(moe.num_experts, size=moe.router.top_k, replace=False, p=p),
+                                minlength=moe.num_experts) for _ in range(tokens))
+                for _ in range(CPU_SHARE_TRIALS)]
+
+    def _layer_s(self, forward, routes: list[np.ndarray]) -> float:
+        """Mean seconds of ``forward(x_ND, counts_E, counts_E on the device)`` over ``routes`` (rows
+        grouped by expert; the first run unmeasured), the device synced around every forward. The
+        mean, not the median: routes differ in how many of their experts are resident, and a
+        decode step pays them all."""
+        D, dtype = self.model.cfg.d_model, self.executors[0].experts.host[0].dtype
+        g = torch.Generator().manual_seed(0)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         took = []
         with torch.no_grad():
-            for route in [routes[0], *routes]:
-                counts = torch.zeros(cfg.moe.num_experts, dtype=torch.int64)
-                counts[route] = 1
-                counts = counts.to(self.device)
+            for counts in [routes[0], *routes]:
+                x = torch.randn(int(counts.sum()), D, generator=g).to(self.device, dtype)
+                c_dev = torch.from_numpy(counts).to(self.device)
                 sync()
                 t0 = time.perf_counter()
-                ex.device_forward(x, counts)
+                forward(x, counts, c_dev)
                 sync()
                 took.append(time.perf_counter() - t0)
         return float(np.mean(took[1:]))
@@ -217,9 +254,10 @@ class HybridModel:
 
     def _small_forward_on_device(self, tokens: int) -> bool:
         """Whether the adaptive policy runs a small forward of ``tokens`` tokens on the device path:
-        at once with a CPU share there (its CPU, PCIe and GPU lanes without the host), else once
-        streaming has won that size's race."""
-        return self.cpu_share > 0 or (self.race is not None and self.race.settled(tokens) == "stream")
+        at once where the CPU lane there beat the host path at placement (its CPU, PCIe and GPU
+        lanes without the host), else once streaming has won that size's race (without the CPU
+        lane beyond ``cpu_lane_tokens``)."""
+        return tokens <= self.cpu_lane_tokens or (self.race is not None and self.race.settled(tokens) == "stream")
 
     def record(self, on: bool) -> Recorder | None:
         """Start (or stop) a lane timeline of the next forwards."""
