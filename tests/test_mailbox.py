@@ -332,6 +332,7 @@ def test_the_cpu_lane_takes_the_forward_sizes_where_it_beat_the_host_path(monkey
                                       "16": {"device": 9000.0, "host": 5000.0}}
         layers = hybrid.model.moe_layers()
         assert all(m.executor.cpu_max_tokens == 4 for m in layers)
+        assert all(m.executor.host.observe is not None for m in layers)  # the online refit is back
         assert not any(m.executor.needs_host_for(4) for m in layers) and all(m.executor.needs_host_for(5) for m in layers)
         # a larger forward on the device path (streaming won its race) leaves the mailbox alone
         before = hybrid.mailbox.seq_dev.tolist()

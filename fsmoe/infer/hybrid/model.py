@@ -191,14 +191,26 @@ class HybridModel:
         """(the largest forward size of ``CPU_LANE_SIZES`` up to which the device path with the
         CPU's share beat the host path's split at every size timed, 0 if not even at one token; ms
         per layer of both at each size timed): the middle MoE layer on routes drawn from its
-        frequencies. On Mixtral's shape the CPU lane won at one token and lost at 16 (per-layer sweep
-        on an H200 host, lane on against off: 6.5 against 8.2 ms, 28.8 against 21.5 ms): with 16
-        tokens its experts have several rows each, and the CPU kernel reads its weights slower."""
+        frequencies. The lane's lead shrinks with the size: with more tokens the CPU's experts have
+        several rows each, which the CPU kernel reads its weights slower for (Mixtral's shape on an
+        H200 host: 6.3 against 8.5 ms at one token, 15.0 against 20.1 at 4, 36.9 against 37.9 at
+        16; in another run's per-layer sweep the lane lost at 16, 28.8 against 21.5 ms). The host
+        path's runs here do not feed its online refit of the CPU's costs."""
         if self.fixed_cpu_share is not None:
             return MAX_ROWS, {}
         mid = len(self.executors) // 2
         ex = self.model.moe_layers()[mid].executor
-        resident_E, hot_E = resident_LE[mid], hot_LE[mid]
+        observe, ex.host.observe = ex.host.observe, None  # these runs are not the online refit's forwards
+        try:
+            tokens, ms = self._lane_sizes(ex, resident_LE[mid], hot_LE[mid])
+        finally:
+            ex.host.observe = observe
+        self.mailbox.check()
+        return tokens, ms
+
+    def _lane_sizes(self, ex: InPlaceStreamExecutor, resident_E: np.ndarray, hot_E: np.ndarray
+                    ) -> tuple[int, dict[str, dict]]:
+        """:meth:`_cpu_lane_tokens` on layer executor ``ex``, its residency and frequencies [E]."""
         tokens, ms = 0, {}
         for T in (t for t in CPU_LANE_SIZES if t <= MAX_ROWS):
             routes = self._routes(hot_E, T)
@@ -209,7 +221,6 @@ class HybridModel:
             if device > host:
                 break
             tokens = T
-        self.mailbox.check()
         return tokens, ms
 
     def _routes(self, hot_E: np.ndarray, tokens: int) -> list[np.ndarray]:
