@@ -166,6 +166,35 @@ def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
 
 @needs_native
 @needs_triton
+def test_the_post_kernel_counts_ranks_across_its_expert_blocks():
+    """More experts than one block of the post kernel (1024): the rank of a routed expert carries
+    over from the blocks before it, so the choice equals cpu_of_forward across the boundary."""
+    E2, D2, F2 = 1100, 8, 4
+    g = torch.Generator().manual_seed(0)
+    w = [tuple((torch.randn(E2, *s, generator=g) / s[-1] ** 0.5).to(torch.bfloat16) for s in ((F2, D2), (F2, D2), (D2, F2)))]
+    box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=1)
+    try:
+        eligible = np.ones((1, E2), dtype=bool)
+        eligible[0, 500] = False  # resident
+        box.set_cpu(eligible, 0.5)
+        counts = np.zeros(E2, dtype=np.int64)
+        counts[[3, 500, 1000, 1030, 1090]] = 1
+        x = torch.randn(5, D2, generator=g).to(torch.bfloat16)
+        box.post(0, x, torch.from_numpy(counts).to(torch.int32))
+        want = mb.cpu_of_forward(counts, eligible[0], 0.5)
+        assert np.flatnonzero(want).tolist() == [3, 1030]  # of 3, 1000, 1030, 1090: the 1st and 3rd
+        assert box.cpu_now[0].tolist() == want.tolist() and box.cpu_mail[0].bool().tolist() == want.tolist()
+        deadline = time.monotonic() + 10
+        while int(box.seq_out[0]) != 1:
+            assert time.monotonic() < deadline, "the server did not answer"
+            time.sleep(1e-3)
+        torch.testing.assert_close(box.y[0, :5], _expected(w[0], x, counts, want), rtol=0, atol=0)
+    finally:
+        box.close()
+
+
+@needs_native
+@needs_triton
 def test_a_server_that_does_not_answer_is_an_error_not_a_hang(monkeypatch):
     from fsmoe.infer.hybrid.engine import HybridExecutor, LayerExperts
     from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
