@@ -43,9 +43,9 @@ def gpu_busy(ms: float) -> None:
 def layer_times(box: Mailbox, layers: int, k: int, cpu_experts: int, gap_ms: float, iters: int, dev) -> list[float]:
     """Seconds from the post to the collected answer, each measured with CUDA events."""
     E, D = box.E, box.x.shape[-1]
-    cpu = np.zeros((layers, E), dtype=bool)
-    cpu[:, :cpu_experts] = True
-    box.set_cpu(cpu)
+    eligible = np.zeros((layers, E), dtype=bool)
+    eligible[:, :cpu_experts] = True
+    box.set_cpu(eligible, 1.0)  # every routed eligible expert the CPU's
     counts = torch.zeros(E, dtype=torch.int32)
     counts[:k] = 1  # experts 0..k-1 routed, the first cpu_experts of them the CPU's
     counts = counts.to(dev)

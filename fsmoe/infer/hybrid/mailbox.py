@@ -25,8 +25,8 @@ layer l again, so nothing is overwritten while in use. The CPU's experts are cho
 not as a fixed set per layer: with a fixed set a decode step's routes sent all, some or none of
 their experts to the CPU (on Mixtral's top-2, a fixed half of the experts decoded at 12.5 tok/s
 against 14.2 for the host path), while per forward the two lanes always share the work. The share
-is measured when the model is placed (fsmoe.infer.hybrid.model); with a share above 0 the
-adaptive policy's small forwards all take this path.
+is measured when the model is placed (fsmoe.infer.hybrid.model), and the adaptive policy's small
+forwards take this path up to the largest size at which it beat the host path there.
 """
 from __future__ import annotations
 
