@@ -149,14 +149,18 @@ def test_every_hook_fires_and_can_replace():
 
 
 @pytest.mark.parametrize("dims", [(8, 4), (6, 5)])  # aligned -> grouped_mm; odd -> padded fallback
-def test_grouped_mm_matches_loop(dims):
+@pytest.mark.parametrize("tail", [2, 0])  # trailing rows that belong to nobody (0: dropless, no masks on the CPU)
+def test_grouped_mm_matches_loop(dims, tail):
     I, O = dims
     counts = torch.tensor([3, 0, 4, 1])
-    x = torch.randn(int(counts.sum()) + 2, I, requires_grad=True)  # 2 trailing rows belong to nobody
+    x = torch.randn(int(counts.sum()) + tail, I, requires_grad=True)
     w = torch.randn(4, I, O, requires_grad=True)
     offs = counts.cumsum(0).to(torch.int32)
-    y = grouped_mm(x, w, offs)[: offs[-1]]
+    y_all = grouped_mm(x, w, offs)
+    assert y_all[offs[-1]:].abs().sum() == 0  # the tail gives 0
+    y = y_all[: offs[-1]]
     y.sum().backward()  # stride-0 incoming gradient: must not break grouped_mm
+    assert x.grad[offs[-1]:].abs().sum() == 0  # and gets no gradient
     ref = torch.cat([x[s - c: s] @ w[e] for e, (c, s) in enumerate(zip(counts, offs.long()))])
     torch.testing.assert_close(y, ref)
     gx, gw = x.grad.clone(), w.grad.clone()
