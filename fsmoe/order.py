@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from fsmoe.kernels.permute import combine_rows, permute_rows
+from fsmoe.kernels.permute import combine_rows, kept_rows, permute_rows, weighted_kept_rows
 from fsmoe.routing.plan import RoutingPlan
 
 
@@ -37,11 +37,9 @@ class IndexOrder(Order):
     def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor:
         """y_ND [N, D] -> [T, D]: y[t] = sum over t's assignments of weight * row.
 
-        Dropped rows carry weight 0; ``where`` (not a product) keeps garbage there from
-        turning into NaN.
+        Dropped rows carry weight 0 (:func:`~fsmoe.kernels.permute.weighted_kept_rows`).
         """
-        kept_N1 = (plan.expert_ids_N < plan.num_experts).unsqueeze(1)
-        rows = torch.where(kept_N1, y_ND * plan.weights_N.unsqueeze(1).to(y_ND.dtype), 0)
+        rows = weighted_kept_rows(y_ND, plan.weights_N, kept_rows(plan.expert_ids_N, plan.num_experts))
         out = y_ND.new_zeros(plan.num_tokens, y_ND.shape[1])
         return out.index_add(0, plan.token_ids_N, rows)
 

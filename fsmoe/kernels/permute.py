@@ -19,23 +19,38 @@ from torch import Tensor
 
 
 # ----------------------------------------------------------------------------- references
+def kept_rows(expert_ids_N: Tensor, num_experts: int) -> Tensor | None:
+    """[N, 1] bool: the rows that are not dropped; None where every row is kept and that is known
+    without a device sync (CPU tensors, every dropless plan), so the masks can be skipped: each
+    is a full pass over [N, D]."""
+    kept_N = expert_ids_N < num_experts
+    if expert_ids_N.device.type == "cpu" and bool(kept_N.all()):
+        return None
+    return kept_N.unsqueeze(1)
+
+
+def weighted_kept_rows(y_ND: Tensor, weights_N: Tensor, kept_N1: Tensor | None) -> Tensor:
+    """y_ND [N, D] times each row's weight, dropped rows 0: ``where`` (not a product) keeps garbage
+    in dropped rows from turning into NaN."""
+    rows = y_ND * weights_N.unsqueeze(1).to(y_ND.dtype)
+    return rows if kept_N1 is None else torch.where(kept_N1, rows, 0)
+
+
 def permute_rows_ref(x_TD: Tensor, token_ids_N: Tensor, token_slots_TK: Tensor, expert_ids_N: Tensor,
                      num_experts: int) -> Tensor:
     """x_TD [T, D] -> x_ND [N, D], row n = x[token_ids_N[n]] (dropped rows included).
     Backward: dx[t] = sum of the gradients of t's kept rows."""
-    kept_N1 = (expert_ids_N < num_experts).unsqueeze(1)
+    kept_N1 = kept_rows(expert_ids_N, num_experts)
     x_ND = x_TD.index_select(0, token_ids_N)
-    if x_ND.requires_grad:  # dropped rows pass no gradient back, as in the fast path
+    if x_ND.requires_grad and kept_N1 is not None:  # dropped rows pass no gradient back, as in the fast path
         x_ND.register_hook(lambda g: torch.where(kept_N1, g, 0))
     return x_ND
 
 
 def combine_rows_ref(y_ND: Tensor, weights_N: Tensor, token_ids_N: Tensor, token_slots_TK: Tensor,
                      expert_ids_N: Tensor, num_experts: int, num_tokens: int) -> Tensor:
-    """y_ND [N, D] -> y_TD [T, D]: y[t] = sum over t's kept rows of weight * row.
-    ``where`` (not a product) keeps garbage in dropped rows from turning into NaN."""
-    kept_N1 = (expert_ids_N < num_experts).unsqueeze(1)
-    rows = torch.where(kept_N1, y_ND * weights_N.unsqueeze(1).to(y_ND.dtype), 0)
+    """y_ND [N, D] -> y_TD [T, D]: y[t] = sum over t's kept rows of weight * row."""
+    rows = weighted_kept_rows(y_ND, weights_N, kept_rows(expert_ids_N, num_experts))
     return y_ND.new_zeros(num_tokens, y_ND.shape[1]).index_add(0, token_ids_N, rows)
 
 
