@@ -23,10 +23,9 @@ def kept_rows(expert_ids_N: Tensor, num_experts: int) -> Tensor | None:
     """[N, 1] bool: the rows that are not dropped; None where every row is kept and that is known
     without a device sync (CPU tensors, every dropless plan), so the masks can be skipped: each
     is a full pass over [N, D]."""
-    kept_N = expert_ids_N < num_experts
-    if expert_ids_N.device.type == "cpu" and bool(kept_N.all()):
-        return None
-    return kept_N.unsqueeze(1)
+    if expert_ids_N.device.type == "cpu" and bool((expert_ids_N.numpy() < num_experts).all()):
+        return None  # (read through numpy: host memory, no tensor op that stands for a device sync)
+    return (expert_ids_N < num_experts).unsqueeze(1)
 
 
 def weighted_kept_rows(y_ND: Tensor, weights_N: Tensor, kept_N1: Tensor | None) -> Tensor:
