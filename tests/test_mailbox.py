@@ -329,6 +329,39 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
 
 @needs_native
 @needs_triton
+def test_a_cpu_lane_that_loses_at_one_token_is_not_used(monkeypatch):
+    """Its share is then 0 (the mailbox idle), whatever the share's own timing chose."""
+    from test_hybrid_infer import COSTS, tiny
+
+    from fsmoe.infer.hybrid import model as hybrid_model
+    from fsmoe.infer.hybrid.memory import plan_gpu_memory
+    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
+    from fsmoe.infer.hybrid.policies import parse_policy
+    from fsmoe.models import build_model
+
+    monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
+    monkeypatch.setattr(hybrid_model, "CPU_SHARES", (0.5,))
+    monkeypatch.setattr(hybrid_model, "CPU_SHARE_ROUNDS", 1)
+    times = iter([1.0, 3.0, 2.0])  # the share's timing, then the lane 3 s against the host path's 2 at one token
+    monkeypatch.setattr(HybridModel, "_layer_s", lambda self, forward, routes: next(times))
+    cfg = tiny(n_layers=2)
+    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
+    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
+    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed})
+    hybrid = HybridModel(model, detach_experts(model, pin=False), COSTS, memory, torch.device("cpu"),
+                         zero_copy=True, cpu_on_device=True)
+    try:
+        hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
+        assert hybrid.cpu_lane_tokens == 0 and hybrid.cpu_share == 0.0 and hybrid.cpu_share_ms == {"0.5": 1000.0}
+        assert hybrid.cpu_lane_ms == {"1": {"device": 3000.0, "host": 2000.0}}
+        assert not any(hybrid.mailbox.active) and hybrid.mailbox.share == 0.0
+        assert all(m.executor.needs_host_for(1) for m in hybrid.model.moe_layers())  # until streaming wins its race
+    finally:
+        hybrid.close()
+
+
+@needs_native
+@needs_triton
 def test_the_cpu_lane_takes_the_forward_sizes_where_it_beat_the_host_path(monkeypatch):
     """Timed at placement against the host path's split, size by size (1, 4, 16 tokens) until it
     loses: here it wins at 1 and 4 and loses at 16, so forwards of up to 4 tokens take it at once,

@@ -163,6 +163,9 @@ class HybridModel:
             mailbox.set_cpu(~resident, self.cpu_share)
             self.cpu_lane_tokens, self.cpu_lane_ms = (self._cpu_lane_tokens(hot, resident) if self.cpu_share > 0
                                                       else (0, {}))
+            if self.cpu_lane_tokens == 0 and self.cpu_share > 0:  # it lost to the host path even at one token
+                self.cpu_share = 0.0
+                mailbox.set_cpu(~resident, 0.0)
             for layer in self.model.moe_layers():
                 layer.executor.cpu_max_tokens = self.cpu_lane_tokens
         self._hot_for_policy = hot
