@@ -21,10 +21,18 @@ needs_triton = pytest.mark.skipif(not INTERPRET, reason="the device side runs un
 L, E, D, F, K = 2, 6, 32, 48, 2
 
 
-def _weights(seed: int = 0):
+def _weights(seed: int = 0, layers: int = L, experts: int = E, d: int = D, f: int = F):
     g = torch.Generator().manual_seed(seed)
-    return [tuple((torch.randn(E, *s, generator=g) / s[-1] ** 0.5).to(torch.bfloat16) for s in ((F, D), (F, D), (D, F)))
-            for _ in range(L)]
+    return [tuple((torch.randn(experts, *s, generator=g) / s[-1] ** 0.5).to(torch.bfloat16)
+                  for s in ((f, d), (f, d), (d, f))) for _ in range(layers)]
+
+
+def _wait_until(done, why=lambda: "the server did not answer") -> None:
+    """Poll ``done()`` for up to 10 s; failing, the assertion says ``why()``."""
+    deadline = time.monotonic() + 10
+    while not done():
+        assert time.monotonic() < deadline, why()
+        time.sleep(1e-4)
 
 
 def _expected(w, x_ND, counts, cpu_E):
@@ -73,13 +81,10 @@ def test_the_server_answers_each_layer_with_its_cpu_experts_rows():
                 box.x[layer, :len(x)] = x
                 box.counts[layer] = torch.from_numpy(counts.astype(np.int32))
                 box.seq_in[layer * mb.SEQ_STRIDE] = step
-                deadline = time.monotonic() + 10
-                while int(box.seq_out[layer * mb.SEQ_STRIDE]) != step:
-                    assert time.monotonic() < deadline, (
-                        f"the server did not answer: step {step} layer {layer}, alive {box._thread.is_alive()}, "
-                        f"rc {box.rc}, in {box.seq_in[::mb.SEQ_STRIDE].tolist()}, "
-                        f"out {box.seq_out[::mb.SEQ_STRIDE].tolist()}")
-                    time.sleep(1e-4)
+                _wait_until(lambda: int(box.seq_out[layer * mb.SEQ_STRIDE]) == step, lambda: (
+                    f"the server did not answer: step {step} layer {layer}, alive {box._thread.is_alive()}, "
+                    f"rc {box.rc}, in {box.seq_in[::mb.SEQ_STRIDE].tolist()}, "
+                    f"out {box.seq_out[::mb.SEQ_STRIDE].tolist()}"))
                 torch.testing.assert_close(box.y[layer, :len(x)], _expected(w[layer], x, counts, cpu[layer]),
                                            rtol=0, atol=0)
         box.check()
@@ -99,10 +104,7 @@ def test_a_layer_posted_before_the_server_thread_runs_is_still_answered(monkeypa
         box.cpu_mail.fill_(1)
         box.counts[1] = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int32)
         box.seq_in[mb.SEQ_STRIDE] = 1
-        deadline = time.monotonic() + 10
-        while int(box.seq_out[mb.SEQ_STRIDE]) != 1:
-            assert time.monotonic() < deadline, "the server did not answer"
-            time.sleep(1e-3)
+        _wait_until(lambda: int(box.seq_out[mb.SEQ_STRIDE]) == 1)
     finally:
         box.close()
 
@@ -114,10 +116,7 @@ def test_more_rows_than_the_mailbox_holds_are_answered_as_failed():
         box.cpu_mail.fill_(1)
         box.counts[0] = torch.tensor([3, 0, 0, 0, 0, 0], dtype=torch.int32)  # 3 rows > 2
         box.seq_in[0] = 1
-        deadline = time.monotonic() + 10
-        while int(box.seq_out[0]) == 0:
-            assert time.monotonic() < deadline
-            time.sleep(1e-4)
+        _wait_until(lambda: int(box.seq_out[0]) != 0)
         assert int(box.seq_out[0]) == -1  # the GPU's wait then sets the status
     finally:
         box.close()
@@ -169,9 +168,8 @@ def test_the_device_path_with_the_cpu_lane_equals_the_engines_cpu_path(share):
 def test_the_post_kernel_counts_ranks_across_its_expert_blocks():
     """More experts than one block of the post kernel (1024): the rank of a routed expert carries
     over from the blocks before it, so the choice equals cpu_of_forward across the boundary."""
-    E2, D2, F2 = 1100, 8, 4
-    g = torch.Generator().manual_seed(0)
-    w = [tuple((torch.randn(E2, *s, generator=g) / s[-1] ** 0.5).to(torch.bfloat16) for s in ((F2, D2), (F2, D2), (D2, F2)))]
+    E2, D2 = 1100, 8
+    w = _weights(0, layers=1, experts=E2, d=D2, f=4)
     box = mb.Mailbox(w, rows=8, device=torch.device("cpu"), threads=1)
     try:
         eligible = np.ones((1, E2), dtype=bool)
@@ -179,15 +177,12 @@ def test_the_post_kernel_counts_ranks_across_its_expert_blocks():
         box.set_cpu(eligible, 0.5)
         counts = np.zeros(E2, dtype=np.int64)
         counts[[3, 500, 1000, 1030, 1090]] = 1
-        x = torch.randn(5, D2, generator=g).to(torch.bfloat16)
+        x = torch.randn(5, D2, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
         box.post(0, x, torch.from_numpy(counts).to(torch.int32))
         want = mb.cpu_of_forward(counts, eligible[0], 0.5)
         assert np.flatnonzero(want).tolist() == [3, 1030]  # of 3, 1000, 1030, 1090: the 1st and 3rd
         assert box.cpu_now[0].tolist() == want.tolist() and box.cpu_mail[0].bool().tolist() == want.tolist()
-        deadline = time.monotonic() + 10
-        while int(box.seq_out[0]) != 1:
-            assert time.monotonic() < deadline, "the server did not answer"
-            time.sleep(1e-3)
+        _wait_until(lambda: int(box.seq_out[0]) == 1)
         torch.testing.assert_close(box.y[0, :5], _expected(w[0], x, counts, want), rtol=0, atol=0)
     finally:
         box.close()
@@ -327,10 +322,10 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         hybrid.close()
 
 
-@needs_native
-@needs_triton
-def test_a_cpu_lane_that_loses_at_one_token_is_not_used(monkeypatch):
-    """Its share is then 0 (the mailbox idle), whatever the share's own timing chose."""
+def _scheinfer_with_layer_times(monkeypatch, times: list[float], **model_attrs):
+    """A tiny bf16 hybrid model (nothing resident) placed under scheinfer with the CPU lane, its
+    one-layer timings (the share's, then the lane's against the host path's) taken from ``times``
+    in order; ``model_attrs`` patch fsmoe.infer.hybrid.model (CPU_SHARES, ...)."""
     from test_hybrid_infer import COSTS, tiny
 
     from fsmoe.infer.hybrid import model as hybrid_model
@@ -340,10 +335,10 @@ def test_a_cpu_lane_that_loses_at_one_token_is_not_used(monkeypatch):
     from fsmoe.models import build_model
 
     monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
-    monkeypatch.setattr(hybrid_model, "CPU_SHARES", (0.5,))
-    monkeypatch.setattr(hybrid_model, "CPU_SHARE_ROUNDS", 1)
-    times = iter([1.0, 3.0, 2.0])  # the share's timing, then the lane 3 s against the host path's 2 at one token
-    monkeypatch.setattr(HybridModel, "_layer_s", lambda self, forward, routes: next(times))
+    for name, value in model_attrs.items():
+        monkeypatch.setattr(hybrid_model, name, value)
+    timings = iter(times)
+    monkeypatch.setattr(HybridModel, "_layer_s", lambda self, forward, routes: next(timings))
     cfg = tiny(n_layers=2)
     model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
     memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
@@ -352,6 +347,19 @@ def test_a_cpu_lane_that_loses_at_one_token_is_not_used(monkeypatch):
                          zero_copy=True, cpu_on_device=True)
     try:
         hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
+    except BaseException:
+        hybrid.close()
+        raise
+    return hybrid
+
+
+@needs_native
+@needs_triton
+def test_a_cpu_lane_that_loses_at_one_token_is_not_used(monkeypatch):
+    """Its share is then 0 (the mailbox idle), whatever the share's own timing chose."""
+    # the share's timing, then the lane 3 s against the host path's 2 at one token
+    hybrid = _scheinfer_with_layer_times(monkeypatch, [1.0, 3.0, 2.0], CPU_SHARES=(0.5,), CPU_SHARE_ROUNDS=1)
+    try:
         assert hybrid.cpu_lane_tokens == 0 and hybrid.cpu_share == 0.0 and hybrid.cpu_share_ms == {"0.5": 1000.0}
         assert hybrid.cpu_lane_ms == {"1": {"device": 3000.0, "host": 2000.0}}
         assert not any(hybrid.mailbox.active) and hybrid.mailbox.share == 0.0
@@ -366,29 +374,10 @@ def test_the_cpu_lane_takes_the_forward_sizes_where_it_beat_the_host_path(monkey
     """Timed at placement against the host path's split, size by size (1, 4, 16 tokens) until it
     loses: here it wins at 1 and 4 and loses at 16, so forwards of up to 4 tokens take it at once,
     larger ones the host path (or the device path without the CPU once streaming wins their race)."""
-    from test_hybrid_infer import COSTS, tiny
-
-    from fsmoe.infer.hybrid import model as hybrid_model
-    from fsmoe.infer.hybrid.memory import plan_gpu_memory
-    from fsmoe.infer.hybrid.model import HybridModel, detach_experts
-    from fsmoe.infer.hybrid.policies import parse_policy
-    from fsmoe.models import build_model
-
-    monkeypatch.setattr(hybrid_model, "warm_up", lambda *a: None)
-    monkeypatch.setattr(hybrid_model, "CPU_SHARES", (0.5,))
-    monkeypatch.setattr(hybrid_model, "CPU_SHARE_ROUNDS", 1)
-    monkeypatch.setattr(hybrid_model, "CPU_SHARE_TRIALS", 2)
     # the share's one timing, then the lane against the host path at 1, 4 and 16 tokens
-    times = iter([1.0, 1.0, 2.0, 3.0, 4.0, 9.0, 5.0])
-    monkeypatch.setattr(HybridModel, "_layer_s", lambda self, forward, routes: next(times))
-    cfg = tiny(n_layers=2)
-    model = build_model(cfg, seed=3).to(torch.bfloat16).eval()
-    memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
-    memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed})
-    hybrid = HybridModel(model, detach_experts(model, pin=False), COSTS, memory, torch.device("cpu"),
-                         zero_copy=True, cpu_on_device=True)
+    hybrid = _scheinfer_with_layer_times(monkeypatch, [1.0, 1.0, 2.0, 3.0, 4.0, 9.0, 5.0], CPU_SHARES=(0.5,),
+                                         CPU_SHARE_ROUNDS=1, CPU_SHARE_TRIALS=2)
     try:
-        hybrid.place(parse_policy("scheinfer"), hot_LE=np.ones((2, cfg.moe.num_experts)))
         assert hybrid.cpu_share == 0.5 and hybrid.cpu_lane_tokens == 4
         assert hybrid.cpu_lane_ms == {"1": {"device": 1000.0, "host": 2000.0}, "4": {"device": 3000.0, "host": 4000.0},
                                       "16": {"device": 9000.0, "host": 5000.0}}
@@ -398,7 +387,7 @@ def test_the_cpu_lane_takes_the_forward_sizes_where_it_beat_the_host_path(monkey
         assert not any(m.executor.needs_host_for(4) for m in layers) and all(m.executor.needs_host_for(5) for m in layers)
         # a larger forward on the device path (streaming won its race) leaves the mailbox alone
         before = hybrid.mailbox.seq_dev.tolist()
-        ex = layers[0].executor
+        ex, cfg = layers[0].executor, hybrid.model.cfg
         ex.device_forward(torch.zeros(4, cfg.d_model, dtype=torch.bfloat16),
                           torch.tensor([2, 2] + [0] * (cfg.moe.num_experts - 2)), cpu_lane=False)
         assert hybrid.mailbox.seq_dev.tolist() == before

@@ -158,9 +158,9 @@ static inline void cpu_relax(void) {
 }
 
 /* The CPU lane of forwards that run on the device alone (fsmoe/infer/hybrid/mailbox.py). For every
-   layer l the GPU writes its rows x [R, D] and token counts [E] into pinned memory, then raises
-   seq_in[l * 8]; this loop sees it move, computes the layer's CPU experts (cpu [l * E + e] set) on
-   their rows, writes y [R, D] (0 in every other row) and publishes seq_out[l * 8] = seq_in (-seq_in
+   layer l the GPU writes its rows x [R, D], token counts [E] and this forward's CPU experts
+   (cpu [l * E + e] set) into pinned memory, then raises seq_in[l * 8]; this loop sees it move,
+   computes those experts on their rows, writes y [R, D] (0 in every other row) and publishes seq_out[l * 8] = seq_in (-seq_in
    if the experts could not run), which the GPU waits for. The numbers sit 64 bytes apart and start
    at 0. Runs until *stop; spins while layers arrive, then sleeps 20 us at a time. */
 int serve_mailbox(int L, int E, int D, int F, int R, const uint16_t *const *w1, const uint16_t *const *w3,
