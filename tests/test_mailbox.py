@@ -311,8 +311,9 @@ def test_the_cpu_share_is_measured_at_placement(monkeypatch):
         lane = hybrid.cpu_lane_tokens
         assert lane in (0, *hybrid_model.CPU_LANE_SIZES)
         assert set(hybrid.cpu_lane_ms) <= {str(t) for t in hybrid_model.CPU_LANE_SIZES}
-        if hybrid.cpu_share == 0:
-            assert lane == 0 and not hybrid.cpu_lane_ms
+        if hybrid.cpu_share == 0:  # chosen by its own timing, or its lane lost to the host path at one token
+            ms = hybrid.cpu_lane_ms
+            assert lane == 0 and (not ms or list(ms) == ["1"] and ms["1"]["device"] > ms["1"]["host"])
         assert all(m.executor.cpu_max_tokens == lane for m in hybrid.model.moe_layers())
         # the sizes where the lane won: small forwards on the device path at once; else only once streaming wins
         assert all(m.executor.needs_host_for(1) == (lane < 1) for m in hybrid.model.moe_layers())
