@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -453,29 +454,44 @@ def test_a_materialised_model_starts_with_the_buffers_its_constructor_gives():
     assert biases and all(torch.equal(b, torch.zeros_like(b)) for b in biases)
 
 
+def _native_kernels(tmp_path) -> list:
+    """The kernel as loaded, and where this CPU has AVX512-BF16 also its float32 path (the one other
+    CPUs build), compiled with ``-mno-avx512bf16``."""
+    from fsmoe.infer.hybrid import cpu_kernel
+
+    kernel = cpu_kernel.CpuExpertKernel.load()
+    if kernel is None:
+        pytest.skip("no C compiler here: the CPU experts run on torch")
+    kernels = [kernel]
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        path = tmp_path / "fp32_path.so"
+        cpu_kernel._compile(path, ("-mno-avx512bf16",))
+        kernels.append(cpu_kernel.CpuExpertKernel(cpu_kernel._load_quiet(path)))
+    return kernels
+
+
 @pytest.mark.parametrize("swiglu", [True, False])
-def test_native_cpu_expert_kernel_is_closer_to_float64_than_torchs_bf16(swiglu):
-    """The compiled kernel (where this machine has a C compiler) at odd shapes and 1-16 tokens: nearer
-    the float64 result than torch's bf16 path (its hidden stays float32), written into ``out``."""
-    from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp
+def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, tmp_path):
+    """The compiled kernel (where this machine has a C compiler), both its AVX512-BF16 path (bf16
+    dot products, the hidden rounded to bf16 as torch rounds it) and its float32 path, at odd shapes
+    and 1-16 tokens: about as near the float64 result as torch's bf16 path, written into ``out``."""
     from fsmoe.infer.hybrid.engine import expert_mlp
 
-    if CpuExpertKernel.load() is None:
-        pytest.skip("no C compiler here: the CPU experts run on torch")
-    g = torch.Generator().manual_seed(0)
-    for D, F_ in ((37, 13), (64, 48), (200, 72)):
-        w1, w3 = ((torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16() for _ in range(2))
-        w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
-        w3 = w3 if swiglu else None
-        for n in (1, 3, 8, 13, 16):
-            x = torch.randn(n, D, generator=g).bfloat16()
-            ref = expert_mlp(*(None if t is None else t.double() for t in (x, w1, w3, w2)))
-            out = torch.full((n, D), float("nan"), dtype=torch.bfloat16)
-            got = cpu_expert_mlp(x, w1, w3, w2, out_nD=out, threads=2, max_tokens=KERNEL_MAX_TOKENS)
-            assert got.data_ptr() == out.data_ptr()
-            err = ((got.double() - ref).norm() / ref.norm()).item()
-            torch_err = ((expert_mlp(x, w1, w3, w2).double() - ref).norm() / ref.norm()).item()
-            assert err < 4e-3 and err <= torch_err, (D, F_, n, err, torch_err)
+    for kernel in _native_kernels(tmp_path):
+        g = torch.Generator().manual_seed(0)
+        for D, F_ in ((37, 13), (64, 48), (200, 72)):
+            w1, w3 = ((torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16() for _ in range(2))
+            w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
+            w3 = w3 if swiglu else None
+            for n in (1, 3, 8, 13, 16):
+                x = torch.randn(n, D, generator=g).bfloat16()
+                ref = expert_mlp(*(None if t is None else t.double() for t in (x, w1, w3, w2)))
+                out = torch.full((n, D), float("nan"), dtype=torch.bfloat16)
+                got = kernel(x, w1, w3, w2, out, threads=2)
+                assert got.data_ptr() == out.data_ptr()
+                err = ((got.double() - ref).norm() / ref.norm()).item()
+                torch_err = ((expert_mlp(x, w1, w3, w2).double() - ref).norm() / ref.norm()).item()
+                assert err < 4e-3 and err <= 1.25 * torch_err, (D, F_, n, err, torch_err)
 
 
 def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):

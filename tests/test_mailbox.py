@@ -233,7 +233,7 @@ def test_the_device_kernels_compile_for_hopper_without_a_gpu():
 
 
 def _same_cpu_kernel_on_both_paths(monkeypatch) -> None:
-    """The host path's CPU experts on the native kernel up to 16 rows too (by default from 5 rows
+    """The host path's CPU experts on the native kernel up to 16 rows too (by default from 9 rows
     on torch's GEMM), as the server runs them: the two paths then compute the same numbers."""
     import functools
 

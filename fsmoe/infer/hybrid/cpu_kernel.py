@@ -4,22 +4,24 @@ Shape legend: n tokens, D model dim, F expert hidden dim.
 
 With one to a few tokens an expert's MLP is three matrix-vector products: reading the weights
 from DRAM is all the work. On the 16 cores of an H200 host torch's bf16 ``linear`` reads them at
-30-37 GB/s, this kernel at 67 GB/s for one token and 52 GB/s for four (15 threads;
-``benchmarks/cpu_expert_kernels.py``), llama.cpp's CPU experts at about 105 GB/s. It reads each
-weight row once, converts it to float32 in registers and takes its dot products with every token
-(float32 accumulation), one OpenMP thread per block of rows:
+29-34 GB/s; this kernel, with a layer's eight experts in one call, at 83 GB/s for one token, 49 for
+four and 44 for eight (15 threads; ``benchmarks/cpu_expert_kernels.py``), where the machine reads
+plain memory at 95-100 GB/s (``benchmarks/cpu_gemv_variants.c``). Where the CPU has AVX512-BF16
+it takes 32 weights per ``vdpbf16ps`` straight from the row, four rows at a time so that each
+activation load serves four rows, float32 accumulation; elsewhere it widens the weights to float32
+in registers and uses FMAs (53 GB/s for one token on the same host). One OpenMP thread per block
+of four rows:
 
     h[i, f] = silu(w1[f] . x[i]) * (w3[f] . x[i])    (GeLU: gelu(w1[f] . x[i]))     f < F, i < n
     y[i, d] = w2[d] . h[i]                                                            d < D
 
 Weights in the engine's linear layout (w1, w3 ``[F, D]``, w2 ``[D, F]``, bf16, contiguous); the
-hidden ``h`` stays float32 (torch's path rounds it to bf16 first: this is a little closer to the
-float32 result). The C source below is compiled once per machine with the system C compiler
+hidden ``h`` is rounded to bf16 on the AVX512-BF16 path (as torch's path rounds it) and stays
+float32 on the other. The C source below is compiled once per machine with the system C compiler
 (``-O3 -march=native -fopenmp``) into ``$FSMOE_CACHE_DIR/cpu_expert_<hash>.so`` (default
 ``~/.cache/fsmoe``) and called through ctypes, which releases the GIL for the call, so the thread
 issuing GPU work runs meanwhile. Without a compiler, or for more than ``MAX_TOKENS`` tokens
-(where torch's GEMM, on AMX where the CPU has it, computes faster than this kernel's float32
-FMAs), :func:`cpu_expert_mlp` uses torch.
+(where torch's GEMM, on AMX where the CPU has it, is as fast), :func:`cpu_expert_mlp` uses torch.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from torch import Tensor
 
 from fsmoe.environ import patched_environ
 
-MAX_TOKENS = 4  # beyond this torch's GEMM (AMX where present) computes faster than DRAM feeds this kernel
+MAX_TOKENS = 8  # beyond this torch's GEMM (AMX where present) is as fast (16 tokens: 30 against 29 GB/s on an H200 host)
 KERNEL_MAX_TOKENS = 16  # what the compiled kernel accepts (benchmarks/cpu_expert_kernels.py times up to it)
 
 SOURCE = r"""
@@ -73,6 +75,56 @@ static inline v16f load_bf16(const uint16_t *w) {
 
 static inline float hsum(v16f v) { float s = 0.f; for (int j = 0; j < 16; j++) s += v[j]; return s; }
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+/* With AVX512-BF16 the activations stay bf16 and each vdpbf16ps takes 32 weights straight from
+   the row (no conversion to float32 first), four rows at a time so that each activation load
+   serves four rows: 1.35x the float32 FMA path's bandwidth at one token, 1.7x at four and 2.5x at
+   eight on an H200 host's 15 threads (benchmarks/cpu_gemv_variants.c). The hidden h is rounded to
+   bf16 for the down projection, as torch's bf16 path rounds it. */
+typedef uint16_t act_t;
+static inline act_t to_act(float f) { return f2bf(f); }
+
+/* out[i * 4 + r] = w[r] . x[i], r < 4 rows, i < NN tokens, each K long; float32 accumulation */
+#define DP_BLOCK(NN)                                                                                  \
+static void dp4x##NN(const uint16_t *const *w, const uint16_t *const *x, int K, float *out) {        \
+    __m512 acc[4][NN];                                                                                \
+    for (int r = 0; r < 4; r++)                                                                       \
+        for (int i = 0; i < NN; i++) acc[r][i] = _mm512_setzero_ps();                                 \
+    for (int k = 0; k < K; k += 32) {                                                                 \
+        __mmask32 m = K - k >= 32 ? (__mmask32)~0u : (__mmask32)((1u << (K - k)) - 1u);              \
+        __m512i xv[NN];                                                                               \
+        for (int i = 0; i < NN; i++) xv[i] = _mm512_maskz_loadu_epi16(m, x[i] + k);                  \
+        for (int r = 0; r < 4; r++) {                                                                 \
+            __m512i wv = _mm512_maskz_loadu_epi16(m, w[r] + k);                                       \
+            for (int i = 0; i < NN; i++)                                                              \
+                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)wv, (__m512bh)xv[i]);               \
+        }                                                                                             \
+    }                                                                                                 \
+    for (int r = 0; r < 4; r++)                                                                       \
+        for (int i = 0; i < NN; i++) out[i * 4 + r] = _mm512_reduce_add_ps(acc[r][i]);                \
+}
+DP_BLOCK(1) DP_BLOCK(2) DP_BLOCK(4)
+
+/* out[i * 4 + r] = w_r . x_i for rows r < rb <= 4 of w (row stride K) and tokens i < n <= MAXN of x
+   [n, K]; short blocks repeat their first row or token (results past rb / n are scratch) */
+static void rows_dot(const uint16_t *w, int rb, const act_t *x, int n, int K, float *out) {
+    const uint16_t *wr[4];
+    for (int r = 0; r < 4; r++) wr[r] = w + (size_t)(r < rb ? r : 0) * K;
+    for (int i0 = 0; i0 < n; i0 += 4) {
+        const uint16_t *xr[4];
+        for (int i = 0; i < 4; i++) xr[i] = x + (size_t)(i0 + (i0 + i < n ? i : 0)) * K;
+        int left = n - i0;
+        if (left >= 3) dp4x4(wr, xr, K, out + i0 * 4);
+        else if (left == 2) dp4x2(wr, xr, K, out + i0 * 4);
+        else dp4x1(wr, xr, K, out + i0 * 4);
+    }
+}
+#else
+/* Elsewhere the weights are converted to float32 in registers and the activations stay float32. */
+typedef float act_t;
+static inline act_t to_act(float f) { return f; }
+
 /* out[i] = w . x[i] for N float vectors x (row stride K): each 16 weights are loaded and converted
    once and used by all N accumulators, which a constant N keeps in registers */
 #define DOTS(N)                                                                                   \
@@ -104,49 +156,64 @@ static void dots(const uint16_t *w, const float *x, int n, int K, float *out) {
     if (i < n) dots1(w, x + (size_t)i * K, K, out + i);
 }
 
+/* rows_dot's contract (out[i * 4 + r] = w_r . x_i), one row at a time */
+static void rows_dot(const uint16_t *w, int rb, const act_t *x, int n, int K, float *out) {
+    float t[MAXN];
+    for (int r = 0; r < rb; r++) {
+        dots(w + (size_t)r * K, x, n, K, t);
+        for (int i = 0; i < n; i++) out[i * 4 + r] = t[i];
+    }
+}
+#endif
+
 /* Many experts in one parallel region: expert j (weights at index experts[j] of w1, w3 [E, F, D]
    and w2 [E, D, F]; w3 NULL: GeLU) takes the rows start[j] .. start[j] + count[j] - 1 of x [N, D]
-   (1 to MAXN of them) and writes the same rows of y; all bf16. One region and one barrier for a layer's
-   CPU experts instead of one region and two barriers per expert: waking the threads costs tens of
-   microseconds, as long as reading a small expert's weights. 0 = done. */
+   (1 to MAXN of them) and writes the same rows of y; all bf16. Threads take blocks of four weight
+   rows. One region and one barrier for a layer's CPU experts instead of one region and two
+   barriers per expert: waking the threads costs tens of microseconds, as long as reading a small
+   expert's weights. 0 = done. */
 int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
                      uint16_t *y, const int *experts, const int *start, const int *count, int m, int N,
                      int D, int F, int threads) {
     if (m < 1) return 0;
     for (int j = 0; j < m; j++)
         if (count[j] < 1 || count[j] > MAXN || start[j] < 0 || start[j] + count[j] > N) return 1;
-    float *xf = malloc(sizeof(float) * (size_t)N * D), *h = malloc(sizeof(float) * (size_t)N * F);
-    if (!xf || !h) { free(xf); free(h); return 2; }
-    for (size_t j = 0; j < (size_t)N * D; j++) xf[j] = bf2f(x[j]);
+    act_t *xa = malloc(sizeof(act_t) * (size_t)N * D), *h = malloc(sizeof(act_t) * (size_t)N * F);
+    if (!xa || !h) { free(xa); free(h); return 2; }
+    for (size_t j = 0; j < (size_t)N * D; j++) xa[j] = to_act(bf2f(x[j]));
     const size_t FD = (size_t)F * D;
+    const int nbF = (F + 3) / 4, nbD = (D + 3) / 4;
 #pragma omp parallel num_threads(threads)
     {
-        float a[MAXN], b[MAXN];
+        float a[MAXN * 4], b[MAXN * 4];
 #pragma omp for schedule(static) collapse(2)
         for (int j = 0; j < m; j++) {
-            for (int f = 0; f < F; f++) {
-                int r0 = start[j], n = count[j];
+            for (int blk = 0; blk < nbF; blk++) {
+                int f0 = blk * 4, rb = F - f0 < 4 ? F - f0 : 4, r0 = start[j], n = count[j];
                 size_t e = (size_t)experts[j];
-                dots(w1 + e * FD + (size_t)f * D, xf + (size_t)r0 * D, n, D, a);
-                float *hj = h + (size_t)r0 * F + f;
-                if (w3) {
-                    dots(w3 + e * FD + (size_t)f * D, xf + (size_t)r0 * D, n, D, b);
-                    for (int i = 0; i < n; i++) hj[(size_t)i * F] = a[i] / (1.f + expf(-a[i])) * b[i];
-                } else {
-                    for (int i = 0; i < n; i++) hj[(size_t)i * F] = 0.5f * a[i] * (1.f + erff(a[i] * 0.70710678f));
+                rows_dot(w1 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, n, D, a);
+                if (w3) rows_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, n, D, b);
+                for (int i = 0; i < n; i++) {
+                    act_t *hi = h + (size_t)(r0 + i) * F + f0;
+                    for (int r = 0; r < rb; r++) {
+                        float g = a[i * 4 + r];
+                        hi[r] = to_act(w3 ? g / (1.f + expf(-g)) * b[i * 4 + r]
+                                          : 0.5f * g * (1.f + erff(g * 0.70710678f)));
+                    }
                 }
             }
         }
 #pragma omp for schedule(static) collapse(2)
         for (int j = 0; j < m; j++) {
-            for (int d = 0; d < D; d++) {
-                int r0 = start[j], n = count[j];
-                dots(w2 + (size_t)experts[j] * FD + (size_t)d * F, h + (size_t)r0 * F, n, F, a);
-                for (int i = 0; i < n; i++) y[(size_t)(r0 + i) * D + d] = f2bf(a[i]);
+            for (int blk = 0; blk < nbD; blk++) {
+                int d0 = blk * 4, rb = D - d0 < 4 ? D - d0 : 4, r0 = start[j], n = count[j];
+                rows_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, h + (size_t)r0 * F, n, F, a);
+                for (int i = 0; i < n; i++)
+                    for (int r = 0; r < rb; r++) y[(size_t)(r0 + i) * D + d0 + r] = f2bf(a[i * 4 + r]);
             }
         }
     }
-    free(xf);
+    free(xa);
     free(h);
     return 0;
 }
@@ -214,18 +281,28 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("FSMOE_CACHE_DIR") or Path.home() / ".cache" / "fsmoe")
 
 
+FLAGS_ENV = "FSMOE_CPU_KERNEL_FLAGS"  # extra compiler flags, e.g. -mno-avx512bf16 (the float32 path) to compare
+
+
+def _extra_flags() -> tuple[str, ...]:
+    return tuple(os.environ.get(FLAGS_ENV, "").split())
+
+
 def _library_path() -> Path:
-    """Keyed by the source, the compiler and this CPU (``-march=native``)."""
+    """Keyed by the source, the compiler, this CPU (``-march=native``) and ``FSMOE_CPU_KERNEL_FLAGS``."""
     cpu = ""
     try:
         cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    key = hashlib.sha256((SOURCE + (shutil.which("cc") or "") + cpu + sys.platform).encode()).hexdigest()[:16]
+    key = hashlib.sha256((SOURCE + (shutil.which("cc") or "") + cpu + sys.platform + " ".join(_extra_flags()))
+                         .encode()).hexdigest()[:16]
     return _cache_dir() / f"cpu_expert_{key}.so"
 
 
-def _compile(path: Path) -> None:
+def _compile(path: Path, flags: tuple[str, ...] = ()) -> None:
+    """Build the library at ``path``; ``flags`` go to the compiler after ``-march=native`` (the
+    tests build the float32 path with ``-mno-avx512bf16``)."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise OSError("no C compiler (cc or gcc) on PATH")
@@ -233,7 +310,7 @@ def _compile(path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "cpu_expert.c", Path(tmp) / "cpu_expert.so"
         src.write_text(SOURCE)
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
+        cmd = [cc, "-O3", "-march=native", *flags, "-fopenmp", "-shared", "-fPIC", "-o", str(out), str(src), "-lm"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise OSError(f"{cc} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
@@ -282,7 +359,7 @@ class CpuExpertKernel:
             try:
                 path = _library_path()
                 if not path.is_file():
-                    _compile(path)
+                    _compile(path, _extra_flags())
                 cls._loaded = cls(_load_quiet(path))
             except (OSError, subprocess.SubprocessError) as e:
                 warnings.warn(f"the CPU experts run on torch's kernels: the native kernel could not be built ({e})",
