@@ -116,7 +116,7 @@ MOE_IMPLS = ("fsmoe", "deepspeed")
 SWAP_POLICIES = ("hierd", "tokens")
 
 
-EXPERT_GEMMS = ("auto", "torch", "triton")
+EXPERT_GEMMS = ("auto", "torch", "triton", "cublas")
 
 
 @dataclass
@@ -127,9 +127,10 @@ class ExpertsConfig:
     shared_d_ff: int | None = None  # hidden size of one shared expert (default: d_ff)
     # The routed experts' GEMMs on the GPU fast path (moe.kernels resolving to triton, SwiGLU):
     # triton = our grouped GEMMs (fsmoe.kernels.triton_gmm; SwiGLU and the input gradient's two
-    # GEMMs fused); torch = torch's grouped_mm; auto = whichever measured faster at the shape on
-    # this card (timed once, cached: fsmoe.kernels.gmm_tune).
-    gemm: str = "auto"  # auto | torch | triton
+    # GEMMs fused); torch = torch's grouped_mm; cublas = one cuBLAS GEMM per expert (reads the
+    # routing counts on the host: one sync per layer; fsmoe.kernels.expert_loop); auto = whichever
+    # measured fastest at the shape on this card (timed once, cached: fsmoe.kernels.gmm_tune).
+    gemm: str = "auto"  # auto | torch | triton | cublas
 
     def validate(self, prefix: str = "experts") -> None:
         _positive(f"{prefix}.d_ff", self.d_ff)
@@ -578,6 +579,9 @@ class RunConfig:
             why = f"runs fsmoe's MoE layer only (model.moe.impl={self.model.moe.impl!r})"
         elif self.model.moe.router.name == "deepseek":
             why = "cannot yet replay the deepseek router's per-step expert-bias update (model.moe.router.name)"
+        elif self.model.moe.experts.gemm == "cublas":
+            why = ("cannot capture model.moe.experts.gemm='cublas' (it reads the routing counts on the host); "
+                   "use 'auto', 'torch' or 'triton'")
         if why:
             raise ConfigError("train.cuda_graph", True, why)
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
+from fsmoe.kernels.expert_loop import per_expert_mlp
 from fsmoe.kernels.experts import expert_mlp
 from fsmoe.kernels.grouped_mm import grouped_mm, grouped_mm_supported
 from fsmoe.kernels.tiles import MLPTiles
@@ -75,11 +76,12 @@ class GroupedExperts(nn.Module):
 
 class FusedGroupedExperts(GroupedExperts):
     """The same experts on the GPU fast path: the fused SwiGLU, only the tail rows past the last
-    expert masked, and the GEMMs either torch's grouped_mm (CUTLASS, ``fsmoe.kernels.experts``) or
-    ours (``fsmoe.kernels.expert_gemm``), as ``experts.gemm`` says (``use_gemm``). CPU tensors,
-    and dtypes or shapes grouped_mm does not take, use the reference forward."""
+    expert masked, and the GEMMs torch's grouped_mm (CUTLASS, ``fsmoe.kernels.experts``), ours
+    (``fsmoe.kernels.expert_gemm``) or one cuBLAS GEMM per expert (``fsmoe.kernels.expert_loop``),
+    as ``experts.gemm`` says (``use_gemm``). CPU tensors, and dtypes or shapes grouped_mm does not
+    take, use the reference forward."""
 
-    gemm = "auto"  # auto | torch | triton: see ExpertsConfig.gemm
+    gemm = "auto"  # auto | torch | triton | cublas: see ExpertsConfig.gemm
 
     def use_gemm(self, gemm: str) -> None:
         self.gemm = gemm
@@ -92,26 +94,37 @@ class FusedGroupedExperts(GroupedExperts):
         if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
                 and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
             return reference_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
-        tiles = self._our_tiles(x_ND, w1_EDF, w2_EFD) if w3_EDF is not None else None
-        if tiles is not None:
+        path, tiles = self.choose_path(x_ND, w1_EDF, w3_EDF, w2_EFD)
+        if path == "triton":
             return triton_swiglu_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, tiles)
+        if path == "cublas":
+            return per_expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
         return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
 
-    def _our_tiles(self, x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles | None:
-        """Our kernels' tiles when they run here (forced, or measured faster at this shape), else None."""
-        if self.gemm == "torch":
-            return None
+    def choose_path(self, x_ND: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None,
+                    w2_EFD: Tensor) -> tuple[str, MLPTiles | None]:
+        """("triton", our tiles), ("torch", None) or ("cublas", None): forced by ``gemm``, or
+        measured fastest at this shape (``auto``; SwiGLU only, GeLU experts take torch's path).
+        The per-expert path syncs on the host, so inside a CUDA-graph capture torch's runs."""
+        capturing = torch.cuda.is_current_stream_capturing()
+        if self.gemm == "torch" or (self.gemm == "cublas" and capturing) or (self.gemm != "cublas" and w3_EDF is None):
+            return "torch", None
+        if self.gemm == "cublas":
+            return "cublas", None
         from fsmoe.kernels import gmm_tune
 
         choice = gmm_tune.choose(x_ND, w1_EDF, w2_EFD)
         if choice is None:  # inside a CUDA-graph capture at a shape never measured
-            return MLPTiles() if self.gemm == "triton" else None
-        if self.gemm == "triton" and choice.triton_ms == float("inf"):
-            from fsmoe.config import ConfigError
+            return ("triton", MLPTiles()) if self.gemm == "triton" else ("torch", None)
+        if self.gemm == "triton":
+            if choice.triton_ms == float("inf"):
+                from fsmoe.config import ConfigError
 
-            raise ConfigError("moe.experts.gemm", "triton", "none of fsmoe's Triton grouped GEMMs compiles on this "
-                              "card (see the message above); use 'auto' or 'torch'")
-        return choice.tiles if self.gemm == "triton" or choice.ours_faster else None
+                raise ConfigError("moe.experts.gemm", "triton", "none of fsmoe's Triton grouped GEMMs compiles on "
+                                  "this card (see the message above); use 'auto' or 'torch'")
+            return "triton", choice.tiles
+        path = choice.path(capturing)
+        return path, (choice.tiles if path == "triton" else None)
 
 
 class DenseFFN(nn.Module):

@@ -62,8 +62,8 @@ def _loop_gmm(a_NI, w_EIO, offs):
 # ----------------------------------------------------------------------------- CPU
 def test_experts_gemm_setting_is_checked():
     with pytest.raises(ConfigError, match="experts.gemm"):
-        ExpertsConfig(gemm="cublas").validate()
-    for ok in ("auto", "torch", "triton"):
+        ExpertsConfig(gemm="cutlass").validate()
+    for ok in ("auto", "torch", "triton", "cublas"):
         ExpertsConfig(gemm=ok).validate()
 
 
@@ -76,7 +76,7 @@ def test_choice_cache_round_trip_and_unreadable_file(tmp_path):
     choice = gmm_tune.GemmChoice(MLPTiles(up=TileConfig(bm=64, tma=True)), 1.5, 2.0)
     gmm_tune.ChoiceCache(path).put("k", choice)
     again = gmm_tune.ChoiceCache(path).get("k")
-    assert again == choice and again.ours_faster
+    assert again == choice and again.ours_faster and again.cublas_ms == float("inf")  # not timed: inf
     path.write_text("{ not json")
     broken = gmm_tune.ChoiceCache(path)
     assert broken.get("k") is None  # ignored, not fatal ...
@@ -103,10 +103,63 @@ def test_a_card_where_no_tile_compiles_falls_back_to_torch_and_remembers(tmp_pat
     monkeypatch.setattr(gmm_tune, "_CACHE", cache)
     ex = FusedGroupedExperts(2, 4, 4)
     ex.use_gemm("auto")
-    assert ex._our_tiles(x, w, w) is None
+    assert ex.choose_path(x, w, w, w) == ("torch", None)
     ex.use_gemm("triton")
     with pytest.raises(ConfigError, match="moe.experts.gemm"):
-        ex._our_tiles(x, w, w)
+        ex.choose_path(x, w, w, w)
+
+
+def test_the_per_expert_cublas_path_is_chosen_by_a_margin_and_never_inside_a_capture(monkeypatch):
+    """auto takes one cuBLAS GEMM per expert only where it beat the faster grouped path by the
+    margin (it syncs on the host), and never while a CUDA graph is captured; forced, it still
+    gives way to torch's grouped path inside a capture. A cache entry from before it was timed
+    reads as never measured (inf)."""
+    from fsmoe.experts import FusedGroupedExperts
+
+    C = gmm_tune.GemmChoice
+    assert C(MLPTiles(), 10.0, 9.0, 8.0).path() == "cublas"
+    assert C(MLPTiles(), 10.0, 9.0, 8.9).path() == "torch"  # within the margin: no sync for 1%
+    assert C(MLPTiles(), 8.0, 9.0, 7.0).path() == "cublas" and C(MLPTiles(), 8.0, 9.0, 7.9).path() == "triton"
+    assert C(MLPTiles(), 10.0, 9.0, 8.0).path(capturing=True) == "torch"
+    assert gmm_tune._from_json({"tiles": {}, "triton_ms": 1.0, "torch_ms": 2.0}).cublas_ms == float("inf")
+    x, w = torch.zeros(8, 4), torch.zeros(2, 4, 4)
+    monkeypatch.setattr(gmm_tune, "choose", lambda *a: C(MLPTiles(), 10.0, 9.0, 8.0))
+    ex = FusedGroupedExperts(2, 4, 4)
+    for capturing, auto, forced in ((False, "cublas", "cublas"), (True, "torch", "torch")):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+        ex.use_gemm("auto")
+        assert ex.choose_path(x, w, w, w)[0] == auto
+        ex.use_gemm("cublas")
+        assert ex.choose_path(x, w, None, w)[0] == forced  # GeLU experts too
+
+
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_per_expert_gemms_equal_the_reference_with_empty_experts_and_dropped_rows(swiglu):
+    """fsmoe.kernels.expert_loop on CPU tensors (float64): outputs and every gradient equal the
+    reference MLP's, an empty expert gets a zero weight gradient, and the rows past the last
+    expert's end give 0 and pass no gradient."""
+    from fsmoe.kernels.expert_loop import per_expert_mlp
+
+    g = torch.Generator().manual_seed(0)
+    E, D, Fh = 4, 12, 20
+    counts = torch.tensor([5, 0, 9, 3])
+    N = int(counts.sum()) + 4  # four dropped rows at the end
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w1, w3 = (torch.randn(E, D, Fh, generator=g, dtype=torch.float64) for _ in range(2))
+    w2 = torch.randn(E, Fh, D, generator=g, dtype=torch.float64)
+    w3 = w3 if swiglu else None
+    offs = counts.cumsum(0).to(torch.int32)
+    dy = torch.randn(N, D, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (per_expert_mlp, reference_mlp):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w3, w2) if t is not None]
+        args = leaves[:2] + ([leaves[2]] if swiglu else [None]) + leaves[-1:]
+        y = fn(*args, offs)
+        grads.append([y] + list(torch.autograd.grad(y, leaves, dy)))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+    y, dx, dw1 = grads[0][:3]
+    assert not y[-4:].any() and not dx[-4:].any() and not dw1[1].any()
 
 
 @pytest.mark.parametrize("gemm", ["auto", "torch", "triton"])
@@ -247,6 +300,57 @@ def test_bf16_odd_shapes_match_fp32(tma):
     want = [yr, *torch.autograd.grad(yr, f32, dy)]
     for a, b in zip(got, want):
         assert _rel(a.float(), b) < 2e-2
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_per_expert_cublas_gemms_match_torch_grouped_mm_in_bf16(swiglu):
+    """The per-expert cuBLAS path against torch's grouped path on the GPU: odd shapes, an empty
+    expert, dropped rows; outputs and gradients within bf16 rounding, the dropped rows 0."""
+    from fsmoe.kernels.expert_loop import per_expert_mlp
+    from fsmoe.kernels.experts import expert_mlp
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, D, Fh = 5, 136, 264
+    counts = [300, 0, 77, 513, 1]
+    N = sum(counts) + 9
+    mk = lambda *sh, s=1.0: (torch.randn(*sh, generator=g, device="cuda") * s).bfloat16()  # noqa: E731
+    x, dy = mk(N, D), mk(N, D)
+    w1, w3, w2 = mk(E, D, Fh, s=D ** -0.5), mk(E, D, Fh, s=D ** -0.5), mk(E, Fh, D, s=Fh ** -0.5)
+    w3 = w3 if swiglu else None
+    offs = _offsets(counts, "cuda")
+    res = []
+    for fn in (per_expert_mlp, expert_mlp):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w3, w2) if t is not None]
+        y = fn(leaves[0], leaves[1], leaves[2] if swiglu else None, leaves[-1], offs)
+        res.append([y] + list(torch.autograd.grad(y, leaves, dy)))
+    for got, want in zip(*res):
+        assert _rel(got, want) < 2e-2
+    assert not res[0][0][-9:].any() and not res[0][1][-9:].any()
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
+def test_layer_on_per_expert_cublas_gemms_matches_torch_grouped_mm():
+    from fsmoe.layer import MoELayer
+
+    def build(gemm):
+        cfg = MoEConfig(num_experts=8, kernels="triton", router=RouterConfig(top_k=2),
+                        experts=ExpertsConfig(d_ff=192, gemm=gemm))
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return MoELayer(cfg, 128).bfloat16()
+
+    x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
+    outs = []
+    for layer in (build("cublas"), build("torch")):
+        xi = x.clone().requires_grad_()
+        y, st = layer(xi)
+        (y.float().square().mean() + st.aux_loss).backward()
+        outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
+    for a, b in zip(*outs):
+        assert _rel(a.float(), b.float()) < 2e-2
 
 
 def _layer_pair():

@@ -320,6 +320,7 @@ def test_final_line_compares_with_byte_frequencies_on_the_val_split():
     (["train.cuda_graph=true", "train.activation_checkpointing=\"moe\""], "activation_checkpointing"),
     (["train.cuda_graph=true", "train.device=\"cpu\""], "CUDA device"),
     (["train.cuda_graph=true", "model.moe.router.name=\"deepseek\""], "deepseek"),
+    (["train.cuda_graph=true", "model.moe.experts.gemm=\"cublas\""], "cublas"),
     (["train.cuda_graph=\"yes\""], "bool"),
 ])
 def test_cuda_graph_refuses_what_a_captured_step_cannot_hold(extra, why):

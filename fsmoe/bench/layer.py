@@ -13,6 +13,7 @@ CUDA), and is timed in the same process:
   fsmoe       fsmoe's MoELayer with the fused kernels (``moe.kernels=auto``; the experts' GEMMs
               ours or torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
   fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; experts.gemm=torch)
+  fsmoe-cublas   the same with one cuBLAS GEMM per expert (experts.gemm=cublas; one host sync)
   fsmoe-torch fsmoe's MoELayer on its plain-PyTorch reference path (``moe.kernels=torch``)
   *-graph     dense / fsmoe / fsmoe-cutlass with the whole step captured as one CUDA graph (no
               launch overhead; the graphs' fractions are taken against dense-graph)
@@ -41,8 +42,8 @@ LAYER_CONFIGS = {
 }
 DEFAULT_CONFIGS = ["mixtral-like", "gpt2xl-moe16", "fine-64e-top6", "fine-128e-top8"]
 TARGETS = {"mixtral-like": 0.95, "gpt2xl-moe16": 0.93, "fine-64e-top6": 0.85, "fine-128e-top8": 0.80}
-VARIANTS = ["dense", "loop", "grouped", "torchtitan", "fsmoe", "fsmoe-cutlass", "fsmoe-torch", "dense-graph",
-            "fsmoe-graph", "fsmoe-cutlass-graph"]
+VARIANTS = ["dense", "loop", "grouped", "torchtitan", "fsmoe", "fsmoe-cutlass", "fsmoe-cublas", "fsmoe-torch",
+            "dense-graph", "fsmoe-graph", "fsmoe-cutlass-graph"]
 
 
 def routed_flops(s: dict) -> float:
@@ -191,6 +192,12 @@ def build_fsmoe_cutlass(s, W):
     return step, fwd
 
 
+def build_fsmoe_cublas(s, W):
+    """Our layer with one cuBLAS GEMM per expert (reads the routing counts on the host)."""
+    step, fwd, _ = _build_fsmoe(s, W, "auto", gemm="cublas")
+    return step, fwd
+
+
 def build_fsmoe_torch(s, W):
     step, fwd, _ = _build_fsmoe(s, W, "torch")
     return step, fwd
@@ -261,7 +268,8 @@ def _graphed(builder):
 
 
 BUILDERS = {"dense": build_dense, "loop": build_loop, "grouped": build_grouped, "torchtitan": build_torchtitan,
-            "fsmoe": build_fsmoe, "fsmoe-cutlass": build_fsmoe_cutlass, "fsmoe-torch": build_fsmoe_torch,
+            "fsmoe": build_fsmoe, "fsmoe-cutlass": build_fsmoe_cutlass, "fsmoe-cublas": build_fsmoe_cublas,
+            "fsmoe-torch": build_fsmoe_torch,
             "dense-graph": _graphed(build_dense), "fsmoe-graph": _graphed(build_fsmoe),
             "fsmoe-cutlass-graph": _graphed(build_fsmoe_cutlass)}
 

@@ -8,6 +8,7 @@ Variants, each a fresh Trainer in the same process on the same card:
   fsmoe        MoE layers with the fused kernels (``moe.kernels=auto``; the experts' GEMMs ours or
                torch's grouped_mm, whichever measured faster at the shape: experts.gemm=auto)
   fsmoe-cutlass  the same with the experts on torch's grouped_mm (CUTLASS; ``experts.gemm=torch``)
+  fsmoe-cublas the same with one cuBLAS GEMM per expert (``experts.gemm=cublas``; one host sync a layer)
   fsmoe-graph  fsmoe with the whole step replayed as one CUDA graph (``train.cuda_graph=true``)
   fsmoe-torch  MoE layers on the plain-PyTorch reference path (``moe.kernels=torch``)
   torchtitan   the same Trainer and decoder with torchtitan's MoE in every MoE slot (when its wheel
@@ -57,7 +58,7 @@ TRAIN_MODELS = {
     # CPU smoke test.
     "tiny": BenchModel("tiny", ("model.n_layers=2",), 4, 64),
 }
-VARIANTS = ["fsmoe", "fsmoe-cutlass", "fsmoe-graph", "fsmoe-torch", "torchtitan"]
+VARIANTS = ["fsmoe", "fsmoe-cutlass", "fsmoe-cublas", "fsmoe-graph", "fsmoe-torch", "torchtitan"]
 
 
 class TorchtitanMoE(nn.Module):
@@ -121,6 +122,8 @@ def bench_config(name: str, variant: str, args, device: torch.device) -> RunConf
         overrides.append("model.moe.kernels=\"torch\"")
     if variant == "fsmoe-cutlass":
         overrides.append("model.moe.experts.gemm=\"torch\"")
+    if variant == "fsmoe-cublas":
+        overrides.append("model.moe.experts.gemm=\"cublas\"")
     if variant == "fsmoe-graph":
         overrides.append("train.cuda_graph=true")
     return load_config(m.preset, overrides + list(args.overrides))

@@ -1,12 +1,15 @@
-"""Per-shape choice of the expert MLP's GEMMs: our Triton kernels (with which tiles) or torch's
-grouped GEMM, measured once on the card and kept in a small JSON cache.
+"""Per-shape choice of the expert MLP's GEMMs: our Triton kernels (with which tiles), torch's
+grouped GEMM, or one cuBLAS GEMM per expert, measured once on the card and kept in a small JSON
+cache.
 
 Shape legend: N routed rows, D model dim, F expert hidden dim (this shard's), E local experts.
 
 The first forward at a new (card, dtype, N, D, F, E) times every candidate tile shape of each of
 the four kernels (up-projection with SwiGLU, down-projection, input gradient, weight gradient) on
 rows spread evenly over the experts, then the whole forward + backward of the best Triton tiles
-against torch's path, and keeps the faster. The choice is written to
+against torch's path and the per-expert cuBLAS path (``fsmoe.kernels.expert_loop``), and keeps
+the fastest; the cuBLAS path reads the routing counts on the host, so it must win by the margin
+over the faster grouped path, and inside a CUDA-graph capture the grouped path runs. The choice is written to
 ``$FSMOE_CACHE_DIR/expert_gemm.json`` (default ``~/.cache/fsmoe``) so later runs skip the timing.
 Timing a shape takes 1-3 s on an H100/H200; it happens outside any CUDA-graph capture because
 the first forward of a step always runs eagerly.
@@ -43,23 +46,34 @@ WGRAD = (_T(64, 256, 128, 8, 8, 3, True), _T(64, 128, 256, 8, 8, 3, True), _T(32
 
 
 WIN_MARGIN = 0.97  # ours must be at least 3% faster to be chosen under experts.gemm=auto
+# the per-expert cuBLAS path is timed only where experts average this many rows: below it its
+# launches (eight per expert) and the host sync cost more than any GEMM could win
+CUBLAS_MIN_ROWS = 1024
 ROUNDS = 5  # alternated timings of both paths
 
 
 @dataclass(frozen=True)
 class GemmChoice:
     """One shape's measurement: our best tiles, and forward + backward of the whole MLP with them
-    (``triton_ms``) and with torch's grouped GEMM path (``torch_ms``)."""
+    (``triton_ms``), with torch's grouped GEMM path (``torch_ms``) and with one cuBLAS GEMM per
+    expert (``cublas_ms``)."""
 
     tiles: MLPTiles
     triton_ms: float
     torch_ms: float
+    cublas_ms: float = float("inf")
 
     @property
     def ours_faster(self) -> bool:
         """By a margin: the timing spreads rows evenly over the experts, a real router does not,
         and a near tie measured that way went either way in the layer benchmark."""
         return self.triton_ms < WIN_MARGIN * self.torch_ms
+
+    def path(self, capturing: bool = False) -> str:
+        """"triton", "torch" or "cublas": the grouped path that won, or the per-expert one where it
+        beat that by the margin too (it syncs on the host, so never inside a graph capture)."""
+        grouped, grouped_ms = ("triton", self.triton_ms) if self.ours_faster else ("torch", self.torch_ms)
+        return "cublas" if not capturing and self.cublas_ms < WIN_MARGIN * grouped_ms else grouped
 
 
 def cache_path() -> Path:
@@ -81,17 +95,18 @@ def _card(index: int) -> str:
 def shape_key(x_ND: Tensor, w1_EDF: Tensor) -> str:
     E, D, F = w1_EDF.shape
     name = _card(x_ND.device.index if x_ND.device.index is not None else torch.cuda.current_device())
-    return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{row_bucket(x_ND.shape[0])}|D{D}|F{F}|E{E}"
+    # v2: with the per-expert cuBLAS path timed too (entries without it are timed again)
+    return f"{name}|{str(x_ND.dtype).removeprefix('torch.')}|N{row_bucket(x_ND.shape[0])}|D{D}|F{F}|E{E}|v2"
 
 
 def _to_json(c: GemmChoice) -> dict:
     return {"tiles": {k: dataclasses.asdict(v) for k, v in vars(c.tiles).items()},
-            "triton_ms": c.triton_ms, "torch_ms": c.torch_ms}
+            "triton_ms": c.triton_ms, "torch_ms": c.torch_ms, "cublas_ms": c.cublas_ms}
 
 
 def _from_json(d: dict) -> GemmChoice:
     tiles = MLPTiles(**{k: TileConfig(**v) for k, v in d["tiles"].items()})
-    return GemmChoice(tiles, float(d["triton_ms"]), float(d["torch_ms"]))
+    return GemmChoice(tiles, float(d["triton_ms"]), float(d["torch_ms"]), float(d.get("cublas_ms", "inf")))
 
 
 class ChoiceCache:
@@ -202,10 +217,11 @@ def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
 
 
 def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
-    """Tune the Triton tiles, then time forward + backward of both paths at this shape (the rows'
-    power-of-two bucket, spread evenly over the experts)."""
-    from fsmoe.kernels.experts import expert_mlp
+    """Tune the Triton tiles, then time forward + backward of the three paths at this shape (the
+    rows' power-of-two bucket, spread evenly over the experts)."""
     from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
+    from fsmoe.kernels.expert_loop import per_expert_mlp
+    from fsmoe.kernels.experts import expert_mlp
 
     x_ND = x_ND.new_empty(row_bucket(x_ND.shape[0]), x_ND.shape[1])
     tiles = tune_tiles(x_ND, w1_EDF, w2_EFD)
@@ -223,9 +239,11 @@ def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
 
     # alternated, median of rounds: back-to-back timings of one path drift by several percent on a
     # card (clocks, temperature), as much as the difference being measured
-    ours, theirs = step(lambda *a: triton_swiglu_mlp(*a, tiles)), step(expert_mlp)
-    rounds = [(_bench_ms(ours), _bench_ms(theirs)) for _ in range(ROUNDS)]
-    return GemmChoice(tiles, statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds))
+    paths = [step(lambda *a: triton_swiglu_mlp(*a, tiles)), step(expert_mlp)]
+    if x.shape[0] >= CUBLAS_MIN_ROWS * w1.shape[0]:
+        paths.append(step(per_expert_mlp))
+    rounds = [[_bench_ms(p) for p in paths] for _ in range(ROUNDS)]
+    return GemmChoice(tiles, *(statistics.median(r[i] for r in rounds) for i in range(len(paths))))
 
 
 def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None) -> GemmChoice | None:
@@ -247,6 +265,7 @@ def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | No
             got = GemmChoice(MLPTiles(), float("inf"), 0.0)
             _note(f"our expert GEMMs do not run here ({e})")
         cache.put(key, got)
-        _note(f"expert GEMMs at {key}: {'ours' if got.ours_faster else 'torch grouped_mm'} "
-              f"(forward + backward {got.triton_ms:.2f} ms ours, {got.torch_ms:.2f} ms torch grouped_mm)")
+        names = {"triton": "ours", "torch": "torch grouped_mm", "cublas": "cuBLAS per expert"}
+        _note(f"expert GEMMs at {key}: {names[got.path()]} (forward + backward {got.triton_ms:.2f} ms ours, "
+              f"{got.torch_ms:.2f} ms torch grouped_mm, {got.cublas_ms:.2f} ms cuBLAS per expert)")
     return got
