@@ -94,17 +94,18 @@ class FusedGroupedExperts(GroupedExperts):
         if not (x_ND.is_cuda and grouped_mm_supported(x_ND, w1_EDF)
                 and grouped_mm_supported(x_ND.new_empty(0, w2_EFD.shape[1]), w2_EFD)):
             return reference_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
-        path, tiles = self.choose_path(x_ND, w1_EDF, w3_EDF, w2_EFD)
+        path, tiles = self.choose_path(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
         if path == "triton":
             return triton_swiglu_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E, tiles)
         if path == "cublas":
             return per_expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
         return expert_mlp(x_ND, w1_EDF, w3_EDF, w2_EFD, offs_E)
 
-    def choose_path(self, x_ND: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None,
-                    w2_EFD: Tensor) -> tuple[str, MLPTiles | None]:
+    def choose_path(self, x_ND: Tensor, w1_EDF: Tensor, w3_EDF: Tensor | None, w2_EFD: Tensor,
+                    offs_E: Tensor | None = None) -> tuple[str, MLPTiles | None]:
         """("triton", our tiles), ("torch", None) or ("cublas", None): forced by ``gemm``, or
-        measured fastest at this shape (``auto``; SwiGLU only, GeLU experts take torch's path).
+        measured fastest at this shape (``auto``, on the routing of the first forward there,
+        ``offs_E``; SwiGLU only, GeLU experts take torch's path).
         The per-expert path syncs on the host, so inside a CUDA-graph capture torch's runs."""
         capturing = torch.cuda.is_current_stream_capturing()
         if self.gemm == "torch" or (self.gemm == "cublas" and capturing) or (self.gemm != "cublas" and w3_EDF is None):
@@ -113,7 +114,7 @@ class FusedGroupedExperts(GroupedExperts):
             return "cublas", None
         from fsmoe.kernels import gmm_tune
 
-        choice = gmm_tune.choose(x_ND, w1_EDF, w2_EFD)
+        choice = gmm_tune.choose(x_ND, w1_EDF, w2_EFD, offs_E=offs_E)
         if choice is None:  # inside a CUDA-graph capture at a shape never measured
             return ("triton", MLPTiles()) if self.gemm == "triton" else ("torch", None)
         if self.gemm == "triton":

@@ -71,6 +71,13 @@ def test_row_buckets_are_powers_of_two():
     assert [gmm_tune.row_bucket(n) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
 
 
+def test_the_tuner_times_the_routing_of_the_forward_that_asked_scaled_to_its_row_bucket():
+    offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # 3, 0 and 7 rows
+    assert gmm_tune.bucket_offsets(offs, 20).tolist() == [6, 6, 20]
+    assert gmm_tune.bucket_offsets(offs, 16).tolist() == [5, 5, 16]  # 4, 0, 11: one row of rounding to the first
+    assert gmm_tune.bucket_offsets(torch.zeros(4, dtype=torch.int32), 10).tolist() == [3, 6, 8, 10]  # evenly
+
+
 def test_choice_cache_round_trip_and_unreadable_file(tmp_path):
     path = tmp_path / "expert_gemm.json"
     choice = gmm_tune.GemmChoice(MLPTiles(up=TileConfig(bm=64, tma=True)), 1.5, 2.0)
@@ -123,7 +130,7 @@ def test_the_per_expert_cublas_path_is_chosen_by_a_margin_and_never_inside_a_cap
     assert C(MLPTiles(), 10.0, 9.0, 8.0).path(capturing=True) == "torch"
     assert gmm_tune._from_json({"tiles": {}, "triton_ms": 1.0, "torch_ms": 2.0}).cublas_ms == float("inf")
     x, w = torch.zeros(8, 4), torch.zeros(2, 4, 4)
-    monkeypatch.setattr(gmm_tune, "choose", lambda *a: C(MLPTiles(), 10.0, 9.0, 8.0))
+    monkeypatch.setattr(gmm_tune, "choose", lambda *a, **k: C(MLPTiles(), 10.0, 9.0, 8.0))
     ex = FusedGroupedExperts(2, 4, 4)
     for capturing, auto, forced in ((False, "cublas", "cublas"), (True, "torch", "torch")):
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)

@@ -77,20 +77,24 @@ class _PerExpertMLP(torch.autograd.Function):
         for e, s, t in spans:
             torch.mm(h[s:t], w2_EFD[e], out=y[s:t])
         y[M:].zero_()
-        ctx.save_for_backward(x, w1_EDF, w3_EDF, w2_EFD, h1, h3, h)
-        ctx.spans, ctx.M = spans, M
+        ctx.save_for_backward(x, w1_EDF, w3_EDF, w2_EFD)
+        # the [M, F] intermediates live on ctx (not saved tensors) so that backward frees each as
+        # soon as it has used it: the step's peak holds fewer of them at once
+        ctx.h1, ctx.h3, ctx.h, ctx.spans, ctx.M = h1, h3, h, spans, M
         return y
 
     @staticmethod
     def backward(ctx, dy_ND):
-        x, w1, w3, w2, h1, h3, h = ctx.saved_tensors
+        x, w1, w3, w2 = ctx.saved_tensors
         spans, M, E, need = ctx.spans, ctx.M, w1.shape[0], ctx.needs_input_grad
         dy = dy_ND.contiguous()
         dh = dy.new_empty(M, w2.shape[1])
         for e, s, t in spans:
             torch.mm(dy[s:t], w2[e].t(), out=dh[s:t])
-        dw2 = _weight_grad(h, dy, spans, E) if need[3] else None
-        da, db = _act_bwd(h1, h3, dh)
+        dw2 = _weight_grad(ctx.h, dy, spans, E) if need[3] else None
+        ctx.h = dy = None
+        da, db = _act_bwd(ctx.h1, ctx.h3, dh)
+        ctx.h1 = ctx.h3 = dh = None
         dx = dw1 = dw3 = None
         if need[0]:
             dx = x.new_empty(x.shape)

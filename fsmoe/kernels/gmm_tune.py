@@ -198,14 +198,29 @@ def _randn(gen: torch.Generator, like: Tensor, *shape: int) -> Tensor:
     return torch.randn(shape or like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
-def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
-    """The fastest tile shape of each kernel at this shape (rows spread evenly over experts)."""
+def bucket_offsets(offs_E: Tensor, N: int) -> Tensor:
+    """[E] int32 cumulative ends of N rows shared among the experts as ``offs_E`` shares its rows
+    (rounded down, the remainder one row each to the first experts); evenly where it has none."""
+    E = offs_E.shape[0]
+    ends = offs_E.long().cpu()
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    total = int(counts.sum())
+    if total <= 0:
+        return even_offsets(N, E, offs_E.device)
+    scaled = counts * N // total
+    scaled[: N - int(scaled.sum())] += 1
+    return torch.cumsum(scaled, 0).to(torch.int32).to(offs_E.device)
+
+
+def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, offs_E: Tensor | None = None) -> MLPTiles:
+    """The fastest tile shape of each kernel at this shape (rows spread over the experts as
+    ``offs_E`` spreads them, else evenly)."""
     from fsmoe.kernels import triton_gmm as tg
 
     E, D, F = w1_EDF.shape
     N = x_ND.shape[0]
     gen = torch.Generator(device=x_ND.device).manual_seed(0)
-    offs = even_offsets(N, E, x_ND.device)
+    offs = even_offsets(N, E, x_ND.device) if offs_E is None else bucket_offsets(offs_E, N)
     x = _randn(gen, x_ND)
     w1, w3, w2 = (_randn(gen, x, *w.shape) for w in (w1_EDF, w1_EDF, w2_EFD))
     h = _randn(gen, x, N, F)
@@ -216,17 +231,21 @@ def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> MLPTiles:
     return MLPTiles(up=up, down=down, dgrad=dgrad, wgrad=wgrad)
 
 
-def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
-    """Tune the Triton tiles, then time forward + backward of the three paths at this shape (the
-    rows' power-of-two bucket, spread evenly over the experts)."""
+def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, offs_E: Tensor | None = None) -> GemmChoice:
+    """Tune the Triton tiles, then time forward + backward of the three paths at this shape: the
+    rows' power-of-two bucket, shared among the experts as the forward that asked (``offs_E``)
+    routed its rows, else evenly. (On an H200, with rows spread evenly, the per-expert cuBLAS path
+    timed 0.98-1.05x torch's grouped GEMM's time at Mixtral's and GPT-2-XL's layer shapes, where
+    the layer, routed, ran 1.04-1.06x faster on it.)"""
     from fsmoe.kernels.expert_gemm import triton_swiglu_mlp
     from fsmoe.kernels.expert_loop import per_expert_mlp
     from fsmoe.kernels.experts import expert_mlp
 
     x_ND = x_ND.new_empty(row_bucket(x_ND.shape[0]), x_ND.shape[1])
-    tiles = tune_tiles(x_ND, w1_EDF, w2_EFD)
+    tiles = tune_tiles(x_ND, w1_EDF, w2_EFD, offs_E)
     gen = torch.Generator(device=x_ND.device).manual_seed(1)
-    offs = even_offsets(x_ND.shape[0], w1_EDF.shape[0], x_ND.device)
+    N, E = x_ND.shape[0], w1_EDF.shape[0]
+    offs = even_offsets(N, E, x_ND.device) if offs_E is None else bucket_offsets(offs_E, N)
     x = _randn(gen, x_ND).requires_grad_()
     w1, w3, w2 = (_randn(gen, x, *w.shape).requires_grad_() for w in (w1_EDF, w1_EDF, w2_EFD))
     dy = _randn(gen, x)
@@ -242,13 +261,19 @@ def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor) -> GemmChoice:
     paths = [step(lambda *a: triton_swiglu_mlp(*a, tiles)), step(expert_mlp)]
     if x.shape[0] >= CUBLAS_MIN_ROWS * w1.shape[0]:
         paths.append(step(per_expert_mlp))
-    rounds = [[_bench_ms(p) for p in paths] for _ in range(ROUNDS)]
-    return GemmChoice(tiles, *(statistics.median(r[i] for r in rounds) for i in range(len(paths))))
+    # each round starts with another path, so none is always timed after seconds of the others at
+    # full power (the clocks drift; timed last in every round, the cuBLAS path measured 1.05x torch's
+    # at Mixtral's shape on an H200 where the layer ran 1.05x faster on it)
+    n = len(paths)
+    rounds = [{i: _bench_ms(paths[i]) for i in [(r + j) % n for j in range(n)]} for r in range(ROUNDS)]
+    return GemmChoice(tiles, *(statistics.median(r[i] for r in rounds) for i in range(n)))
 
 
-def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None) -> GemmChoice | None:
-    """The cached choice for this shape, measured on first use; None while a CUDA graph is being
-    captured and the shape was never measured (nothing can be timed inside a capture)."""
+def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | None = None,
+           offs_E: Tensor | None = None) -> GemmChoice | None:
+    """The cached choice for this shape, measured on first use (on ``offs_E``'s routing, when
+    given); None while a CUDA graph is being captured and the shape was never measured (nothing
+    can be timed inside a capture)."""
     cache = cache or _CACHE
     key = shape_key(x_ND, w1_EDF)
     got = cache.get(key)
@@ -260,7 +285,7 @@ def choose(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, cache: ChoiceCache | No
         # saved-tensor hooks (the first forward may run inside one)
         try:
             with torch.autocast("cuda", enabled=False), torch.autograd.graph.saved_tensors_hooks(_same, _same):
-                got = measure_choice(x_ND.detach(), w1_EDF.detach(), w2_EFD.detach())
+                got = measure_choice(x_ND.detach(), w1_EDF.detach(), w2_EFD.detach(), offs_E)
         except NoTileCompiles as e:  # recorded, so later runs do not try again: torch's path it is
             got = GemmChoice(MLPTiles(), float("inf"), 0.0)
             _note(f"our expert GEMMs do not run here ({e})")
