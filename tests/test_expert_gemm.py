@@ -337,9 +337,8 @@ def test_per_expert_cublas_gemms_match_torch_grouped_mm_in_bf16(swiglu):
     assert not res[0][0][-9:].any() and not res[0][1][-9:].any()
 
 
-@gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-def test_layer_on_per_expert_cublas_gemms_matches_torch_grouped_mm():
+def _layer_pair(gemm: str = "triton"):
+    """Two MoE layers with the same weights, one on ``gemm``, one on torch's grouped GEMM."""
     from fsmoe.layer import MoELayer
 
     def build(gemm):
@@ -349,51 +348,34 @@ def test_layer_on_per_expert_cublas_gemms_matches_torch_grouped_mm():
         with torch.device("cuda"):
             return MoELayer(cfg, 128).bfloat16()
 
-    x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for layer in (build("cublas"), build("torch")):
-        xi = x.clone().requires_grad_()
-        y, st = layer(xi)
-        (y.float().square().mean() + st.aux_loss).backward()
-        outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
-    for a, b in zip(*outs):
-        assert _rel(a.float(), b.float()) < 2e-2
+    return build(gemm), build("torch")
 
 
-def _layer_pair():
-    from fsmoe.layer import MoELayer
-
-    def build(gemm):
-        cfg = MoEConfig(num_experts=8, kernels="triton", router=RouterConfig(top_k=2),
-                        experts=ExpertsConfig(d_ff=192, gemm=gemm))
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            return MoELayer(cfg, 128).bfloat16()
-
-    return build("triton"), build("torch")
+def _step_outputs(layer, x) -> list:
+    """Output, input gradient and every parameter gradient of one step on ``x``."""
+    xi = x.clone().requires_grad_()
+    y, st = layer(xi)
+    (y.float().square().mean() + st.aux_loss).backward()
+    return [y, xi.grad] + [p.grad for p in layer.parameters()]
 
 
 @gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA and Triton")
-def test_layer_with_our_gemms_matches_torch_grouped_mm(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_layer_on_our_gemms_or_cublas_per_expert_matches_torch_grouped_mm(gemm, tmp_path, monkeypatch):
     monkeypatch.setattr(gmm_tune, "_CACHE", gmm_tune.ChoiceCache(tmp_path / "c.json"))
-    ours, ref = _layer_pair()
+    ours, ref = _layer_pair(gemm)
     x = torch.randn(512, 128, device="cuda", dtype=torch.bfloat16)
-    outs = []
-    for layer in (ours, ref):
-        xi = x.clone().requires_grad_()
-        y, st = layer(xi)
-        (y.float().square().mean() + st.aux_loss).backward()
-        outs.append([y, xi.grad] + [p.grad for p in layer.parameters()])
-    for a, b in zip(*outs):
+    for a, b in zip(_step_outputs(ours, x), _step_outputs(ref, x)):
         assert _rel(a.float(), b.float()) < 2e-2
-    assert (tmp_path / "c.json").exists()  # the shape was measured once and kept
-    torch.cuda.set_sync_debug_mode("error")  # measured now: no host synchronisation left
-    try:
-        y, st = ours(x.clone().requires_grad_())
-        (y.float().square().mean() + st.aux_loss).backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    if gemm == "triton":  # the shape was measured once and kept, and the next step never syncs
+        assert (tmp_path / "c.json").exists()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y, st = ours(x.clone().requires_grad_())
+            (y.float().square().mean() + st.aux_loss).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 @gpu
