@@ -532,6 +532,19 @@ def test_cpu_experts_in_one_call_equal_one_by_one(swiglu):
         r += n
 
 
+def test_cpu_expert_threads_take_the_environment_and_refuse_a_bad_count(monkeypatch):
+    from fsmoe.infer.hybrid.engine import CPU_THREADS_ENV, cpu_expert_threads
+
+    monkeypatch.delenv(CPU_THREADS_ENV, raising=False)
+    assert cpu_expert_threads() >= 1
+    monkeypatch.setenv(CPU_THREADS_ENV, "3")
+    assert cpu_expert_threads() == 3
+    for bad in ("0", "many", "-2"):
+        monkeypatch.setenv(CPU_THREADS_ENV, bad)
+        with pytest.raises(ConfigError, match=CPU_THREADS_ENV):
+            cpu_expert_threads()
+
+
 def test_native_kernel_refuses_rows_outside_x_and_bad_spin(monkeypatch):
     from fsmoe.config import ConfigError
     from fsmoe.infer.hybrid import cpu_kernel

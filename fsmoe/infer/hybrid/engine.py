@@ -210,10 +210,21 @@ class StreamBuffers:
         return buf[:n]
 
 
+CPU_THREADS_ENV = "FSMOE_CPU_THREADS"
+
+
 def cpu_expert_threads() -> int:
-    """Threads for the CPU experts: every core the process may use but one."""
+    """Threads for the CPU experts: ``FSMOE_CPU_THREADS`` when set, else every core the process
+    may use but one (left to the thread issuing GPU work)."""
     import os
 
+    value = os.environ.get(CPU_THREADS_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            from fsmoe.config import ConfigError
+
+            raise ConfigError(CPU_THREADS_ENV, value, "must be a whole number of threads, at least 1")
+        return int(value)
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, n - 1)
 
