@@ -455,35 +455,39 @@ def test_a_materialised_model_starts_with_the_buffers_its_constructor_gives():
 
 
 def _native_kernels(tmp_path) -> list:
-    """The kernel as loaded, and where this CPU has AVX512-BF16 also its float32 path (the one other
-    CPUs build), compiled with ``-mno-avx512bf16``."""
+    """The kernel as loaded, and the paths other CPUs build, where this one has what the loaded
+    kernel uses: without AMX (``-mno-amx-tile -mno-amx-bf16``: bf16 dot products only) and
+    without AVX512-BF16 (``-mno-avx512bf16``: float32 FMAs)."""
     from fsmoe.infer.hybrid import cpu_kernel
 
     kernel = cpu_kernel.CpuExpertKernel.load()
     if kernel is None:
         pytest.skip("no C compiler here: the CPU experts run on torch")
     kernels = [kernel]
-    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
-        path = tmp_path / "fp32_path.so"
-        cpu_kernel._compile(path, ("-mno-avx512bf16",))
-        kernels.append(cpu_kernel.CpuExpertKernel(cpu_kernel._load_quiet(path)))
+    flags = Path("/proc/cpuinfo").read_text()
+    for feature, off in (("amx_bf16", ("-mno-amx-tile", "-mno-amx-bf16")), ("avx512_bf16", ("-mno-avx512bf16",))):
+        if feature in flags:
+            path = tmp_path / f"without_{feature}.so"
+            cpu_kernel._compile(path, off)
+            kernels.append(cpu_kernel.CpuExpertKernel(cpu_kernel._load_quiet(path)))
     return kernels
 
 
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, tmp_path):
-    """The compiled kernel (where this machine has a C compiler), both its AVX512-BF16 path (bf16
-    dot products, the hidden rounded to bf16 as torch rounds it) and its float32 path, at odd shapes
-    and 1-16 tokens: about as near the float64 result as torch's bf16 path, written into ``out``."""
+    """The compiled kernel (where this machine has a C compiler), each path it has here (AMX tiles
+    from four tokens where D and F are multiples of 32; bf16 dot products, the hidden rounded to
+    bf16 as torch rounds it; float32 FMAs), at odd and tile-sized shapes and 1-16 tokens: about as
+    near the float64 result as torch's bf16 path, written into ``out``."""
     from fsmoe.infer.hybrid.engine import expert_mlp
 
     for kernel in _native_kernels(tmp_path):
         g = torch.Generator().manual_seed(0)
-        for D, F_ in ((37, 13), (64, 48), (200, 72)):
+        for D, F_ in ((37, 13), (64, 48), (200, 72), (64, 96)):
             w1, w3 = ((torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16() for _ in range(2))
             w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
             w3 = w3 if swiglu else None
-            for n in (1, 3, 8, 13, 16):
+            for n in (1, 3, 4, 8, 13, 16):
                 x = torch.randn(n, D, generator=g).bfloat16()
                 ref = expert_mlp(*(None if t is None else t.double() for t in (x, w1, w3, w2)))
                 out = torch.full((n, D), float("nan"), dtype=torch.bfloat16)
@@ -509,7 +513,8 @@ def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("swiglu", [True, False])
-def test_cpu_experts_in_one_call_equal_one_by_one(swiglu):
+@pytest.mark.parametrize("D, F_", [(40, 24), (64, 96)])  # (64, 96): AMX tiles for the experts of 4+ rows, where present
+def test_cpu_experts_in_one_call_equal_one_by_one(swiglu, D, F_):
     """A layer's CPU experts together (one native call for those with at most max_tokens rows, the
     rest one by one) give what each expert computed alone gives, in their rows of ``out``."""
     from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
@@ -517,7 +522,7 @@ def test_cpu_experts_in_one_call_equal_one_by_one(swiglu):
     if CpuExpertKernel.load() is None:
         pytest.skip("no C compiler here: the CPU experts run on torch")
     g = torch.Generator().manual_seed(0)
-    E, D, F_ = 7, 40, 24
+    E = 7
     w = ((torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16(),
          (torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16() if swiglu else None,
          (torch.randn(E, D, F_, generator=g) / F_ ** 0.5).bfloat16())
