@@ -6,7 +6,8 @@ Shape legend: N routed rows, D model dim, F expert hidden dim (this shard's), E 
 
 The first forward at a new (card, dtype, N, D, F, E) times every candidate tile shape of each of
 the four kernels (up-projection with SwiGLU, down-projection, input gradient, weight gradient) on
-rows spread evenly over the experts, then the whole forward + backward of the best Triton tiles
+rows shared among the experts as that forward routed them (scaled to the shape's row bucket), then
+the whole forward + backward of the best Triton tiles
 against torch's path and the per-expert cuBLAS path (``fsmoe.kernels.expert_loop``), and keeps
 the fastest; the cuBLAS path reads the routing counts on the host, so it must win by the margin
 over the faster grouped path, and inside a CUDA-graph capture the grouped path runs. The choice is written to
@@ -49,7 +50,7 @@ WIN_MARGIN = 0.97  # ours must be at least 3% faster to be chosen under experts.
 # the per-expert cuBLAS path is timed only where experts average this many rows: below it its
 # launches (eight per expert) and the host sync cost more than any GEMM could win
 CUBLAS_MIN_ROWS = 1024
-ROUNDS = 5  # alternated timings of both paths
+ROUNDS = 5  # rounds of timing every path
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,13 @@ class GemmChoice:
 
     @property
     def ours_faster(self) -> bool:
-        """By a margin: the timing spreads rows evenly over the experts, a real router does not,
-        and a near tie measured that way went either way in the layer benchmark."""
+        """By a margin: the timing takes one forward's routing, later forwards route otherwise,
+        and a near tie measured on one routing went either way in the layer benchmark."""
         return self.triton_ms < WIN_MARGIN * self.torch_ms
 
     def path(self, capturing: bool = False) -> str:
-        """"triton", "torch" or "cublas": the grouped path that won, or the per-expert one where it
-        beat that by the margin too (it syncs on the host, so never inside a graph capture)."""
+        """One of "triton", "torch", "cublas": the grouped path that won, or the per-expert one where
+        it beat that by the margin too (it syncs on the host, so never inside a graph capture)."""
         grouped, grouped_ms = ("triton", self.triton_ms) if self.ours_faster else ("torch", self.torch_ms)
         return "cublas" if not capturing and self.cublas_ms < WIN_MARGIN * grouped_ms else grouped
 
@@ -262,8 +263,8 @@ def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, offs_E: Tensor 
     if x.shape[0] >= CUBLAS_MIN_ROWS * w1.shape[0]:
         paths.append(step(per_expert_mlp))
     # each round starts with another path, so none is always timed after seconds of the others at
-    # full power (the clocks drift; timed last in every round, the cuBLAS path measured 1.05x torch's
-    # at Mixtral's shape on an H200 where the layer ran 1.05x faster on it)
+    # full power (the clocks drift: timed last in every round, the cuBLAS path took 1.05x torch's
+    # time at Mixtral's shape on an H200; with the rounds starting in turn, on another, 0.98x)
     n = len(paths)
     rounds = [{i: _bench_ms(paths[i]) for i in [(r + j) % n for j in range(n)]} for r in range(ROUNDS)]
     return GemmChoice(tiles, *(statistics.median(r[i] for r in rounds) for i in range(n)))
