@@ -169,6 +169,16 @@ def test_per_expert_gemms_equal_the_reference_with_empty_experts_and_dropped_row
     assert not y[-4:].any() and not dx[-4:].any() and not dw1[1].any()
 
 
+def test_per_expert_gemms_with_no_routed_row_give_zeros():
+    from fsmoe.kernels.expert_loop import per_expert_mlp
+
+    x = torch.randn(3, 8, requires_grad=True)
+    w1, w3, w2 = (torch.randn(*sh, requires_grad=True) for sh in ((2, 8, 4), (2, 8, 4), (2, 4, 8)))
+    y = per_expert_mlp(x, w1, w3, w2, torch.zeros(2, dtype=torch.int32))
+    y.sum().backward()
+    assert not y.any() and all(not t.grad.any() for t in (x, w1, w3, w2))
+
+
 @pytest.mark.parametrize("gemm", ["auto", "torch", "triton"])
 def test_layer_on_cpu_equals_reference_under_every_gemm_setting(gemm):
     """On CPU tensors the fast experts fall back to the reference whatever the setting."""
