@@ -498,6 +498,22 @@ def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, 
                 assert err < 4e-3 and err <= 1.25 * torch_err, (D, F_, n, err, torch_err)
 
 
+def test_the_native_kernel_takes_as_many_tokens_as_its_path_beats_torch_at(tmp_path):
+    """AMX tiles (where present, dims multiples of 32) up to 16 tokens per expert, bf16 dot products
+    up to 8, float32 FMAs up to 4; the host path's CPU experts go to torch beyond."""
+    from fsmoe.infer.hybrid.cpu_kernel import MAX_TOKENS_BY_PATH, native_applies, native_max_tokens
+
+    flags = Path("/proc/cpuinfo").read_text()
+    loaded, *others = _native_kernels(tmp_path)
+    want = "amx" if "amx_bf16" in flags else "bf16" if "avx512_bf16" in flags else "fp32"
+    assert loaded.path(64, 96) == want and loaded.path(37, 13) == ("fp32" if want == "fp32" else "bf16")
+    assert [k.path(64, 96) for k in others] == {"amx": ["bf16", "fp32"], "bf16": ["fp32"], "fp32": []}[want]
+    x, w1 = torch.zeros(16, 64).bfloat16(), torch.zeros(3, 96, 64).bfloat16()
+    assert native_max_tokens(x, w1) == MAX_TOKENS_BY_PATH[want] and native_max_tokens(x, w1, 2) == 2
+    assert native_applies(x[:MAX_TOKENS_BY_PATH[want]], w1[0]) and not native_applies(x.float(), w1[0].float())
+    assert native_applies(x, w1[0]) == (want == "amx")
+
+
 def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):
     from fsmoe.infer.hybrid import cpu_kernel
     from fsmoe.infer.hybrid.engine import expert_mlp

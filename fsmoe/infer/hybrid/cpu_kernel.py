@@ -24,8 +24,8 @@ hidden ``h`` is rounded to bf16 on the AVX512-BF16 path (as torch's path rounds 
 float32 on the other. The C source below is compiled once per machine with the system C compiler
 (``-O3 -march=native -fopenmp``) into ``$FSMOE_CACHE_DIR/cpu_expert_<hash>.so`` (default
 ``~/.cache/fsmoe``) and called through ctypes, which releases the GIL for the call, so the thread
-issuing GPU work runs meanwhile. Without a compiler, or for more than ``MAX_TOKENS`` tokens
-(where torch's GEMM, on AMX where the CPU has it, is as fast), :func:`cpu_expert_mlp` uses torch.
+issuing GPU work runs meanwhile. Without a compiler, or for more tokens than the path it takes beats torch's GEMM at
+(``MAX_TOKENS_BY_PATH``: 4, 8 or 16), :func:`cpu_expert_mlp` uses torch.
 """
 from __future__ import annotations
 
@@ -45,7 +45,10 @@ from torch import Tensor
 
 from fsmoe.environ import patched_environ
 
-MAX_TOKENS = 8  # beyond this torch's GEMM (AMX where present) is as fast (16 tokens: 30 against 29 GB/s on an H200 host)
+# Up to how many tokens per expert the kernel beats torch's GEMM, by the path it takes (H200 host,
+# 8 experts a call, GB/s against torch's 29-37): float32 FMAs 42 at 4 tokens, 25 at 8; bf16 dot
+# products 44 at 8, 30 at 16 (a tie); AMX tiles 17.8 against torch's 11.1 at 16 on a 2-core host
+MAX_TOKENS_BY_PATH = {"fp32": 4, "bf16": 8, "amx": 16}
 KERNEL_MAX_TOKENS = 16  # what the compiled kernel accepts (benchmarks/cpu_expert_kernels.py times up to it)
 
 SOURCE = r"""
@@ -324,6 +327,17 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
     return 0;
 }
 
+/* The path experts_mlp_bf16 takes for an expert of enough tokens at these dims: 2 AMX tiles,
+   1 bf16 dot products, 0 float32 FMAs */
+int kernel_path(int D, int F) {
+    if (HAVE_AMX && D % 32 == 0 && F % 32 == 0 && amx_ready()) return 2;
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -455,6 +469,9 @@ class CpuExpertKernel:
         self.many_fn = lib.experts_mlp_bf16
         self.many_fn.restype = ctypes.c_int
         self.many_fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int] * 5
+        self.path_fn = lib.kernel_path
+        self.path_fn.restype = ctypes.c_int
+        self.path_fn.argtypes = [ctypes.c_int, ctypes.c_int]
         self.serve_fn = lib.serve_mailbox  # fsmoe.infer.hybrid.mailbox
         self.serve_fn.restype = ctypes.c_int
         self.serve_fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int]
@@ -472,6 +489,14 @@ class CpuExpertKernel:
                               stacklevel=2)
                 cls._loaded = None
         return cls._loaded
+
+    def path(self, D: int, F: int) -> str:
+        """One of "amx", "bf16", "fp32": how an expert of several tokens at these dims is computed."""
+        return ("fp32", "bf16", "amx")[self.path_fn(D, F)]
+
+    def max_tokens(self, D: int, F: int) -> int:
+        """Up to how many tokens per expert this kernel beats torch's GEMM at these dims."""
+        return MAX_TOKENS_BY_PATH[self.path(D, F)]
 
     def __call__(self, x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor,
                  threads: int) -> Tensor:
@@ -501,19 +526,33 @@ class CpuExpertKernel:
         return out_ND
 
 
-def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int = MAX_TOKENS, rows: int | None = None) -> bool:
+def _bf16_on_cpu(x: Tensor, w1: Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and w1.dtype == torch.bfloat16
+
+
+def native_max_tokens(x_nD: Tensor, w1_FD: Tensor, max_tokens: int | None = None) -> int:
+    """``max_tokens`` when given, else up to how many tokens per expert the native kernel takes these
+    operands (w1 ``[F, D]`` or stacked ``[E, F, D]``): its bound at these dims
+    (:meth:`CpuExpertKernel.max_tokens`), 0 where it does not run."""
+    if max_tokens is not None:
+        return max_tokens
+    kernel = CpuExpertKernel.load() if _bf16_on_cpu(x_nD, w1_FD) else None
+    return 0 if kernel is None else kernel.max_tokens(x_nD.shape[1], w1_FD.shape[-2])
+
+
+def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int | None = None, rows: int | None = None) -> bool:
     """Whether :func:`cpu_expert_mlp` takes the native kernel for these operands (``rows``: an
-    expert's rows, default all of ``x_nD``'s)."""
+    expert's rows, default all of ``x_nD``'s; ``max_tokens``: default :func:`native_max_tokens`)."""
     rows = x_nD.shape[0] if rows is None else rows
-    return (x_nD.device.type == "cpu" and x_nD.dtype == torch.bfloat16 and w1_FD.dtype == torch.bfloat16
-            and 1 <= rows <= min(max_tokens, KERNEL_MAX_TOKENS))
+    return (_bf16_on_cpu(x_nD, w1_FD) and 1 <= rows <= KERNEL_MAX_TOKENS
+            and rows <= native_max_tokens(x_nD, w1_FD, max_tokens))
 
 
 def cpu_expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor | None = None,
-                   threads: int | None = None, max_tokens: int = MAX_TOKENS) -> Tensor:
+                   threads: int | None = None, max_tokens: int | None = None) -> Tensor:
     """One expert's MLP on the CPU, [n, D] -> [n, D] (into ``out_nD`` when given): the native kernel
-    for up to ``max_tokens`` bf16 tokens (0: never) where it could be built, else torch
-    (fsmoe.infer.hybrid.engine.expert_mlp)."""
+    for up to ``max_tokens`` bf16 tokens (default :func:`native_max_tokens`; 0: never) where it
+    could be built, else torch (fsmoe.infer.hybrid.engine.expert_mlp)."""
     from fsmoe.infer.hybrid.engine import expert_mlp
 
     kernel = CpuExpertKernel.load() if native_applies(x_nD, w1_FD, max_tokens) else None
@@ -525,12 +564,13 @@ def cpu_expert_mlp(x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Ten
 
 
 def cpu_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], experts: list[int], counts: list[int],
-                    out_ND: Tensor, threads: int | None = None, max_tokens: int = MAX_TOKENS) -> Tensor:
+                    out_ND: Tensor, threads: int | None = None, max_tokens: int | None = None) -> Tensor:
     """Several experts' MLPs on the CPU: x_ND [N, D] holds their rows grouped in the order of
     ``experts`` (``counts`` rows each); w = (w1, w3 | None [E, F, D], w2 [E, D, F]). The experts
-    with at most ``max_tokens`` rows run in one call of the native kernel, the others one by one
-    (:func:`cpu_expert_mlp`). Writes and returns out_ND [N, D]."""
+    with at most ``max_tokens`` rows (default :func:`native_max_tokens`) run in one call of the
+    native kernel, the others one by one (:func:`cpu_expert_mlp`). Writes and returns out_ND [N, D]."""
     threads = threads or torch.get_num_threads()
+    max_tokens = native_max_tokens(x_ND, w[0], max_tokens)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     counts_m = np.asarray(counts, dtype=np.int64)
     small = (counts_m >= 1) & (counts_m <= min(max_tokens, KERNEL_MAX_TOKENS))
