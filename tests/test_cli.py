@@ -206,6 +206,25 @@ def test_a_workers_error_is_left_for_the_launcher_which_prints_the_first_once(tm
     assert capsys.readouterr().err.strip() == first["text"]
 
 
+def test_a_rank_that_only_lost_a_peer_after_the_store_went_away_stays_quiet(tmp_path, monkeypatch, capsys):
+    """When the store's host has exited (it stops on a peer's failure), a rank whose collective
+    then fails because that peer went away reports nothing of its own: the first failure was
+    reported by its rank. An error of its own is still reported."""
+    from fsmoe.parallel import launch
+
+    class GoneStore:
+        def add(self, *a):
+            raise RuntimeError("store unreachable")
+
+    monkeypatch.delenv(launch.ERROR_DIR_ENV, raising=False)
+    monkeypatch.setattr(launch.Watchdog, "current", launch.Watchdog(GoneStore(), 3))
+    monkeypatch.setenv("RANK", "3")
+    launch.report_failure(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:51386."))
+    assert capsys.readouterr().err == ""
+    launch.report_failure(ValueError("a bad batch"))
+    assert "[fsmoe rank 3] failed" in capsys.readouterr().err
+
+
 def test_a_worker_killed_without_a_report_is_named_by_rank_and_signal():
     from fsmoe.parallel import launch
 

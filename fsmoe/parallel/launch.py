@@ -140,16 +140,17 @@ class Watchdog:
         if not self.thread.is_alive():
             self.store = None
 
-    def post(self, error: str, when: int) -> bool:
-        """Record this rank's failure; True if it is the first failure of the job."""
+    def post(self, error: str, when: int) -> bool | None:
+        """Record this rank's failure; True if it is the first failure of the job, None if the
+        store cannot say (its host has exited)."""
         self.failing = True
         try:
             first = self.store.add(FIRST_KEY, 1) == 1
             if first:
                 self.store.set(ABORT_KEY, json.dumps({"rank": self.rank, "time": when, "error": error}))
             return first
-        except Exception:  # store unreachable: say it ourselves
-            return True
+        except Exception:  # store unreachable
+            return None
 
 
 def shutdown_distributed() -> None:
@@ -171,6 +172,8 @@ def report_failure(exc: BaseException) -> None:
     error = str(exc) if bad_input else f"{type(exc).__name__}: {exc}"
     watchdog = Watchdog.current
     first = watchdog.post(error, now) if watchdog else True
+    if first is None:  # the store's host has exited: if a peer's exit is all this rank saw, that peer's
+        first = not _lost_a_peer(exc)  # failure is the job's first, and it was reported there
     if first:
         text = (f"error: {exc}" if bad_input else
                 f"[fsmoe rank {rank}] failed; stopping every rank:\n" + "".join(traceback.format_exception(exc)))
@@ -180,6 +183,16 @@ def report_failure(exc: BaseException) -> None:
     elif watchdog:
         watchdog.note_peer_failure()
     sys.stderr.flush()
+
+
+def _lost_a_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer process went away (gloo's
+    "Connection closed by peer" or "reset by peer", or the store's DistNetworkError): the error of
+    a rank stopped by another's failure, not a failure of its own."""
+    if isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
 
 
 def _leave_for_launcher(rank: int, when: int, bad_input: bool, text: str) -> bool:
