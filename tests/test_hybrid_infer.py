@@ -328,6 +328,7 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
                      "--timeline", str(tmp_path / "tl")]) == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "->" in line] == want and "hybrid scheinfer" in out
+    assert "CPU experts on " in out and "threads" in out  # what computes them, said once
     assert (tmp_path / "tl" / "timeline.json").is_file() and (tmp_path / "tl" / "timeline.png").is_file()
     events = json.loads((tmp_path / "tl" / "timeline.json").read_text())["traceEvents"]
     host = {e["name"].split(" ", 1)[1] for e in events if e.get("cat") == "host"}
@@ -402,6 +403,7 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
     assert report["results"][0]["race_ms_per_layer"]
     assert all(len(r["decode_runs"]) == 3 and len(r["prefill_runs"]) == 3 for r in report["results"])
     assert set(report["adaptive_vs_fixed"]) == {"1", "8"}
+    assert report["cpu_experts"].startswith("CPU experts on ")
     for name in ("sweep.png", "costs.json", "timeline_prefill.json", "timeline_decode.png",
                  "timeline_static0.5_decode.json"):
         assert (out / name).is_file(), name

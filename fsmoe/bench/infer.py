@@ -292,6 +292,7 @@ def run(args) -> int:
             (args.out / "partial.json").write_text(json.dumps(results, indent=1))
     report = {"config": args.config, "overrides": args.overrides, "device": device_info(device),
               "gpu_mem_gb": args.gpu_mem_gb, "cpu_threads": torch.get_num_threads(),
+              "cpu_experts": hybrid.describe_cpu(),
               "zero_copy": hybrid.buffers.zero_copy,  # few-row experts on zero_copy.py's kernels
               "cpu_on_device": hybrid.mailbox is not None,  # CPU experts beside the device path (mailbox.py)
               "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,

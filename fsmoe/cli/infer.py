@@ -107,6 +107,7 @@ def _generate(args, hybrid, policy, tok, prompts, device, console, t0) -> int:
                      f"taken by forwards of up to {hybrid.cpu_lane_tokens} tokens (ms per layer, against the host "
                      f"path: {hybrid.cpu_lane_ms})"
                      if hybrid.mailbox is not None and policy.race else ""), style="dim")
+    console.print(hybrid.describe_cpu(), style="dim")
     rec = hybrid.record(True) if args.timeline else None
     out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                                    not args.no_cache, tok.eos_ids),

@@ -338,6 +338,8 @@ int kernel_path(int D, int F) {
 #endif
 }
 
+int amx_min_tokens(void) { return AMX_MIN_TOKENS; }
+
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -472,6 +474,7 @@ class CpuExpertKernel:
         self.path_fn = lib.kernel_path
         self.path_fn.restype = ctypes.c_int
         self.path_fn.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.amx_min_tokens = int(lib.amx_min_tokens())
         self.serve_fn = lib.serve_mailbox  # fsmoe.infer.hybrid.mailbox
         self.serve_fn.restype = ctypes.c_int
         self.serve_fn.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10 + [ctypes.c_int]
@@ -524,6 +527,19 @@ class CpuExpertKernel:
             raise RuntimeError(f"native CPU expert kernel failed (code {rc}): starts {start.tolist()}, counts "
                                f"{count.tolist()} of {x_ND.shape[0]} rows")
         return out_ND
+
+
+def describe_cpu_experts(D: int, F: int, threads: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """One line for the console and the benchmark's record: what computes the CPU experts here."""
+    if dtype != torch.bfloat16:
+        return f"CPU experts on torch's GEMM, {threads} threads (the native kernel takes bf16 weights)"
+    kernel = CpuExpertKernel.load()
+    if kernel is None:
+        return f"CPU experts on torch's GEMM, {threads} threads (no native kernel)"
+    path, most = kernel.path(D, F), kernel.max_tokens(D, F)
+    how = {"amx": f"AMX tiles from {kernel.amx_min_tokens} tokens, bf16 dot products below",
+           "bf16": "bf16 dot products", "fp32": "float32 FMAs"}[path]
+    return f"CPU experts on the native kernel ({how}) up to {most} tokens each, torch's GEMM beyond; {threads} threads"
 
 
 def _bf16_on_cpu(x: Tensor, w1: Tensor) -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fsmoe.config import ModelConfig
-from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel
+from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, describe_cpu_experts
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
@@ -255,6 +255,11 @@ class HybridModel:
                 sync()
                 took.append(time.perf_counter() - t0)
         return float(np.mean(took[1:]))
+
+    def describe_cpu(self) -> str:
+        """What computes this model's CPU experts (kernel path, tokens per expert, threads)."""
+        cfg, w1 = self.model.cfg, self.executors[0].experts.host[0]
+        return describe_cpu_experts(cfg.d_model, cfg.moe.experts.d_ff, self.buffers.cpu_threads, w1.dtype)
 
     def check(self) -> None:
         """Raise if the CPU lane on the device path failed in a forward so far (no device sync)."""
