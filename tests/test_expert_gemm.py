@@ -71,6 +71,18 @@ def test_row_buckets_are_powers_of_two():
     assert [gmm_tune.row_bucket(n) for n in (1, 2, 3, 1000, 1024, 1025)] == [1, 2, 4, 1024, 1024, 2048]
 
 
+def test_the_tuner_is_handed_the_routing_of_the_forward_that_asked(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(gmm_tune, "shape_key", lambda x, w: "card|bf16|N8|D4|F4|E2|v2")
+    monkeypatch.setattr(gmm_tune, "measure_choice", lambda *a: seen.append(a[3]) or gmm_tune.GemmChoice(MLPTiles(), 1.0, 2.0))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    offs = torch.tensor([6, 8], dtype=torch.int32)
+    cache = gmm_tune.ChoiceCache(tmp_path / "c.json")
+    x, w = torch.zeros(8, 4), torch.zeros(2, 4, 4)
+    assert gmm_tune.choose(x, w, w, cache, offs_E=offs).path() == "triton"
+    assert gmm_tune.choose(x, w, w, cache, offs_E=offs) is not None and len(seen) == 1 and seen[0] is offs  # cached
+
+
 def test_the_tuner_times_the_routing_of_the_forward_that_asked_scaled_to_its_row_bucket():
     offs = torch.tensor([3, 3, 10], dtype=torch.int32)  # 3, 0 and 7 rows
     assert gmm_tune.bucket_offsets(offs, 20).tolist() == [6, 6, 20]
