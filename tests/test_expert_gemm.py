@@ -74,7 +74,11 @@ def test_row_buckets_are_powers_of_two():
 def test_the_tuner_is_handed_the_routing_of_the_forward_that_asked(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(gmm_tune, "shape_key", lambda x, w: "card|bf16|N8|D4|F4|E2|v2")
-    monkeypatch.setattr(gmm_tune, "measure_choice", lambda *a: seen.append(a[3]) or gmm_tune.GemmChoice(MLPTiles(), 1.0, 2.0))
+    def measure(x, w1, w2, offs_E):
+        seen.append(offs_E)
+        return gmm_tune.GemmChoice(MLPTiles(), 1.0, 2.0)
+
+    monkeypatch.setattr(gmm_tune, "measure_choice", measure)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     offs = torch.tensor([6, 8], dtype=torch.int32)
     cache = gmm_tune.ChoiceCache(tmp_path / "c.json")

@@ -317,7 +317,8 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
             int rows = amx[j] ? UNIT : 4, d0 = (u - dn0[j]) * rows, rb = D - d0 < rows ? D - d0 : rows;
             int r0 = start[j], n = count[j];
             const act_t *hj = h + (size_t)r0 * F;
-            block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, amx[j] ? (const uint16_t *)hj : NULL, n, F, a);
+            const uint16_t *hv = amx[j] ? (const uint16_t *)hj : NULL; /* the hidden in pairs for the tiles */
+            block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, hv, n, F, a);
             for (int i = 0; i < n; i++)
                 for (int r = 0; r < rb; r++) y[(size_t)(r0 + i) * D + d0 + r] = f2bf(a[i * UNIT + r]);
         }
