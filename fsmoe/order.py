@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from fsmoe.kernels.permute import combine_rows, kept_rows, permute_rows, weighted_kept_rows
+from fsmoe.kernels.permute import combine_rows, combine_rows_ref, permute_rows
 from fsmoe.routing.plan import RoutingPlan
 
 
@@ -35,13 +35,10 @@ class IndexOrder(Order):
         return x_TD.index_select(0, plan.token_ids_N)
 
     def unpermute(self, y_ND: Tensor, plan: RoutingPlan) -> Tensor:
-        """y_ND [N, D] -> [T, D]: y[t] = sum over t's assignments of weight * row.
-
-        Dropped rows carry weight 0 (:func:`~fsmoe.kernels.permute.weighted_kept_rows`).
-        """
-        rows = weighted_kept_rows(y_ND, plan.weights_N, kept_rows(plan.expert_ids_N, plan.num_experts))
-        out = y_ND.new_zeros(plan.num_tokens, y_ND.shape[1])
-        return out.index_add(0, plan.token_ids_N, rows)
+        """y_ND [N, D] -> [T, D]: y[t] = sum over t's assignments of weight * row; dropped rows
+        carry weight 0 (:func:`~fsmoe.kernels.permute.combine_rows_ref`)."""
+        return combine_rows_ref(y_ND, plan.weights_N, plan.token_ids_N, plan.token_slots_TK, plan.expert_ids_N,
+                                plan.num_experts, plan.num_tokens)
 
 
 class SoftOrder(Order):

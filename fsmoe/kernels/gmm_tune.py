@@ -214,14 +214,14 @@ def bucket_offsets(offs_E: Tensor, N: int) -> Tensor:
 
 
 def tune_tiles(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, offs_E: Tensor | None = None) -> MLPTiles:
-    """The fastest tile shape of each kernel at this shape (rows spread over the experts as
-    ``offs_E`` spreads them, else evenly)."""
+    """The fastest tile shape of each kernel at this shape, x_ND's rows spread over the experts by
+    ``offs_E`` ([E] int32 cumulative ends, the last x_ND's rows), else evenly."""
     from fsmoe.kernels import triton_gmm as tg
 
     E, D, F = w1_EDF.shape
     N = x_ND.shape[0]
     gen = torch.Generator(device=x_ND.device).manual_seed(0)
-    offs = even_offsets(N, E, x_ND.device) if offs_E is None else bucket_offsets(offs_E, N)
+    offs = even_offsets(N, E, x_ND.device) if offs_E is None else offs_E
     x = _randn(gen, x_ND)
     w1, w3, w2 = (_randn(gen, x, *w.shape) for w in (w1_EDF, w1_EDF, w2_EFD))
     h = _randn(gen, x, N, F)
@@ -243,10 +243,10 @@ def measure_choice(x_ND: Tensor, w1_EDF: Tensor, w2_EFD: Tensor, offs_E: Tensor 
     from fsmoe.kernels.experts import expert_mlp
 
     x_ND = x_ND.new_empty(row_bucket(x_ND.shape[0]), x_ND.shape[1])
-    tiles = tune_tiles(x_ND, w1_EDF, w2_EFD, offs_E)
-    gen = torch.Generator(device=x_ND.device).manual_seed(1)
     N, E = x_ND.shape[0], w1_EDF.shape[0]
     offs = even_offsets(N, E, x_ND.device) if offs_E is None else bucket_offsets(offs_E, N)
+    tiles = tune_tiles(x_ND, w1_EDF, w2_EFD, offs)
+    gen = torch.Generator(device=x_ND.device).manual_seed(1)
     x = _randn(gen, x_ND).requires_grad_()
     w1, w3, w2 = (_randn(gen, x, *w.shape).requires_grad_() for w in (w1_EDF, w1_EDF, w2_EFD))
     dy = _randn(gen, x)

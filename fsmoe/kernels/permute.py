@@ -28,13 +28,6 @@ def kept_rows(expert_ids_N: Tensor, num_experts: int) -> Tensor | None:
     return (expert_ids_N < num_experts).unsqueeze(1)
 
 
-def weighted_kept_rows(y_ND: Tensor, weights_N: Tensor, kept_N1: Tensor | None) -> Tensor:
-    """y_ND [N, D] times each row's weight, dropped rows 0: ``where`` (not a product) keeps garbage
-    in dropped rows from turning into NaN."""
-    rows = y_ND * weights_N.unsqueeze(1).to(y_ND.dtype)
-    return rows if kept_N1 is None else torch.where(kept_N1, rows, 0)
-
-
 def permute_rows_ref(x_TD: Tensor, token_ids_N: Tensor, token_slots_TK: Tensor, expert_ids_N: Tensor,
                      num_experts: int) -> Tensor:
     """x_TD [T, D] -> x_ND [N, D], row n = x[token_ids_N[n]] (dropped rows included).
@@ -48,8 +41,10 @@ def permute_rows_ref(x_TD: Tensor, token_ids_N: Tensor, token_slots_TK: Tensor, 
 
 def combine_rows_ref(y_ND: Tensor, weights_N: Tensor, token_ids_N: Tensor, token_slots_TK: Tensor,
                      expert_ids_N: Tensor, num_experts: int, num_tokens: int) -> Tensor:
-    """y_ND [N, D] -> y_TD [T, D]: y[t] = sum over t's kept rows of weight * row."""
-    rows = weighted_kept_rows(y_ND, weights_N, kept_rows(expert_ids_N, num_experts))
+    """y_ND [N, D] -> y_TD [T, D]: y[t] = sum over t's kept rows of weight * row. Dropped rows are
+    set to 0 by ``where`` (not a product), which keeps garbage there from turning into NaN."""
+    rows, kept_N1 = y_ND * weights_N.unsqueeze(1).to(y_ND.dtype), kept_rows(expert_ids_N, num_experts)
+    rows = rows if kept_N1 is None else torch.where(kept_N1, rows, 0)
     return y_ND.new_zeros(num_tokens, y_ND.shape[1]).index_add(0, token_ids_N, rows)
 
 

@@ -178,8 +178,7 @@ class HybridModel:
         skips the measurement."""
         if self.fixed_cpu_share is not None:
             return self.fixed_cpu_share, {}
-        mid = len(self.executors) // 2
-        ex = self.model.moe_layers()[mid].executor
+        mid, ex = self._middle_layer()
         routes = self._routes(hot_LE[mid], 1)
         rounds: dict[float, list[float]] = {q: [] for q in CPU_SHARES}
         for _ in range(CPU_SHARE_ROUNDS):  # interleaved: a slow spell of the host hits every share alike
@@ -201,8 +200,7 @@ class HybridModel:
         path's runs here do not feed its online refit of the CPU's costs."""
         if self.fixed_cpu_share is not None:
             return MAX_ROWS, {}
-        mid = len(self.executors) // 2
-        ex = self.model.moe_layers()[mid].executor
+        mid, ex = self._middle_layer()
         observe, ex.host.observe = ex.host.observe, None  # these runs are not the online refit's forwards
         try:
             tokens, ms = self._lane_sizes(ex, resident_LE[mid], hot_LE[mid])
@@ -225,6 +223,11 @@ class HybridModel:
                 break
             tokens = T
         return tokens, ms
+
+    def _middle_layer(self) -> tuple[int, InPlaceStreamExecutor]:
+        """(index, executor) of the middle MoE layer, the one the CPU lane is timed on at placement."""
+        mid = len(self.executors) // 2
+        return mid, self.model.moe_layers()[mid].executor
 
     def _routes(self, hot_E: np.ndarray, tokens: int) -> list[np.ndarray]:
         """``CPU_SHARE_TRIALS`` forwards' token counts [E] of ``tokens`` tokens, each token routed to
