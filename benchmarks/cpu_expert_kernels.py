@@ -2,7 +2,7 @@
 
 Times the ways torch can compute a SwiGLU expert on the CPU in bf16, and the engine's native kernel
 (fsmoe.infer.hybrid.cpu_kernel), over many experts in turn (so the weights come from DRAM, as in a
-forward), at 1 to 32 tokens, and reports the effective weight bandwidth (GB/s); the native kernel also with
+forward), at 1 to 256 tokens (``--tokens``), and reports the effective weight bandwidth (GB/s); the native kernel also with
 2 and 8 experts in one call, as the engine runs a decode step's CPU experts, with the weights
 in torch's memory, in 2 MiB pages and (with CUDA) pinned as the engine holds them.
 ``FSMOE_CPU_SPIN`` sets how long its threads spin between calls (see fsmoe.infer.hybrid.cpu_kernel). The hybrid
@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fsmoe.infer.hybrid.cpu_kernel import KERNEL_MAX_TOKENS, CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
+from fsmoe.infer.hybrid.cpu_kernel import UNBOUNDED, CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
 
 
 def swiglu_kn(x, w1, w3, w2):  # weights [D, F], [D, F], [F, D] (the engine's layout)
@@ -37,7 +37,7 @@ def swiglu_fused_nk(x, w13, w2):  # gate and up stacked [2F, D]: one GEMM reads 
 
 def native(threads: int):
     def fn(x, w1, w3, w2):  # weights [F, D], [F, D], [D, F]
-        return cpu_expert_mlp(x, w1, w3, w2, threads=threads, max_tokens=KERNEL_MAX_TOKENS)
+        return cpu_expert_mlp(x, w1, w3, w2, threads=threads, max_tokens=UNBOUNDED)
     return fn
 
 
@@ -62,7 +62,7 @@ def bench_many(stacked, x, m: int, threads: int, reps: int) -> float:
         if i == 2:
             t0 = time.perf_counter()
         cpu_experts_mlp(xs, stacked, [(i * m + j) % E for j in range(m)], [n] * m, out, threads=threads,
-                        max_tokens=KERNEL_MAX_TOKENS)
+                        max_tokens=UNBOUNDED)
     return (time.perf_counter() - t0) / (calls * m)
 
 
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=96)
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1))
     p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256", help="tokens per expert, comma-separated")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     D, Fd, E = args.d, args.f, args.experts
@@ -113,16 +114,18 @@ def main() -> None:
     if CpuExpertKernel.load() is not None:
         ways.append(("native kernel W [F,D]", native(args.threads), nk))
     kinds = memory_kinds(tuple(torch.stack([w[i] for w in nk]) for i in range(3)))
-    for n in (1, 2, 4, 8, 16, 32):
+    kernel = CpuExpertKernel.load()
+    limit = kernel.row_limit(D, Fd) if kernel is not None else 0
+    for n in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(n, D, generator=g).bfloat16()
         ref = swiglu_kn(x, *kn[0]).float()
         for name, fn, w in ways:
-            if name.startswith("native") and n > KERNEL_MAX_TOKENS:
+            if name.startswith("native") and n > limit:
                 continue
             err = (fn(x, *w[0]).float() - ref).abs().max().item() / ref.abs().max().item()
             s = bench(fn, w, x, args.reps)
             print(f"  n={n:3d} {name:32s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s  rel err {err:.1e}")
-        if CpuExpertKernel.load() is not None and n <= KERNEL_MAX_TOKENS:
+        if n <= limit:
             for kind, w in kinds:
                 for m in (2, 8) if not kind else (8,):
                     s = bench_many(w, x, m, args.threads, args.reps)

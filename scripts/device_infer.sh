@@ -4,10 +4,9 @@
 #   check            the hybrid engine's and the graphed decode's CUDA tests (tests/test_hybrid_infer.py,
 #                    tests/test_decode_graph.py) and the machine's CPU
 #   bench NAME ARGS  `fsmoe bench infer ARGS --out OUT/NAME` -> OUT/NAME/{results.json, sweep.png, timelines}
-#   cpu [THREADS]    the CPU experts' kernel on this host: the ways to take its dot products against
-#                    plain reads (benchmarks/cpu_gemv_variants.c, 1 / 4 / 16 tokens), then the kernel
-#                    itself as built here (AMX tiles from 4 tokens where present), with bf16 dot products
-#                    only, and with AMX from 2 tokens (benchmarks/cpu_expert_kernels.py) -> OUT/cpu_*.txt
+#   cpu [THREADS]    the CPU experts' kernel on this host against torch's GEMM, 1 to 256 tokens per expert
+#                    (benchmarks/cpu_expert_kernels.py): as built here (AMX tiles from 4 tokens where
+#                    present), with bf16 dot products only, and on a Mixtral-sized expert -> OUT/cpu_*.txt
 #   llamacpp NAME N_CPU_MOE GGUF_ARGS...
 #                    llama.cpp itself on the same shapes: builds llama-bench with CUDA from
 #                    .peers/llama.cpp.tgz (carry it: llama.cpp's source, trimmed of models, docs, tests and
@@ -67,13 +66,15 @@ case "$PART" in
     ;;
   cpu)
     threads=${1:-$(( $(nproc) - 1 ))}
-    cc -O3 -march=native -fopenmp -o /tmp/gemv benchmarks/cpu_gemv_variants.c -lm || exit 1
-    for n in 1 4 16; do GOMP_SPINCOUNT=0 /tmp/gemv "$threads" "$n" 64; done | tee "$OUT/cpu_gemv.txt"
-    for variant in "tiles:" "dot_products:-mno-amx-tile -mno-amx-bf16" "tiles_from_2:-DAMX_MIN_TOKENS=2"; do
+    for variant in "tiles:" "dot_products:-mno-amx-tile -mno-amx-bf16"; do
       FSMOE_CACHE_DIR=/tmp/fsmoe_cpu_kernel FSMOE_CPU_KERNEL_FLAGS="${variant#*:}" \
         "$PY" benchmarks/cpu_expert_kernels.py --threads "$threads" --reps 100 > "$OUT/cpu_${variant%%:*}.txt" 2>&1
-      echo "== ${variant%%:*}"; grep "8 per call  " "$OUT/cpu_${variant%%:*}.txt"
+      echo "== ${variant%%:*}"; grep "8 per call  \|linear W" "$OUT/cpu_${variant%%:*}.txt"
     done
+    # a Mixtral-8x7B expert (352 MiB): prefill's tokens per expert
+    FSMOE_CACHE_DIR=/tmp/fsmoe_cpu_kernel "$PY" benchmarks/cpu_expert_kernels.py --threads "$threads" --d 4096 \
+      --f 14336 --experts 6 --reps 12 --tokens 16,64,128,256,512 > "$OUT/cpu_tiles_mixtral.txt" 2>&1
+    echo "== tiles, Mixtral's expert"; grep "8 per call  \|linear W\|native kernel" "$OUT/cpu_tiles_mixtral.txt"
     ;;
   *) echo "unknown part $PART" >&2; exit 2 ;;
 esac

@@ -48,8 +48,9 @@ from fsmoe.environ import patched_environ
 # Up to how many tokens per expert the kernel beats torch's GEMM, by the path it takes (H200 host,
 # 8 experts a call, GB/s against torch's 29-37): float32 FMAs 42 at 4 tokens, 25 at 8; bf16 dot
 # products 44 at 8, 30 at 16 (a tie); AMX tiles 17.8 against torch's 11.1 at 16 on a 2-core host
-MAX_TOKENS_BY_PATH = {"fp32": 4, "bf16": 8, "amx": 16}
-KERNEL_MAX_TOKENS = 16  # what the compiled kernel accepts (benchmarks/cpu_expert_kernels.py times up to it)
+MAX_TOKENS_BY_PATH = {"fp32": 4, "bf16": 8, "amx": 128}
+KERNEL_MAX_TOKENS = 16  # what the compiled kernel's dot-product paths accept (AMX tiles: any number)
+UNBOUNDED = 1 << 30
 
 SOURCE = r"""
 #include <math.h>
@@ -174,6 +175,7 @@ static void rows_dot(const uint16_t *w, int rb, const act_t *x, int n, int K, fl
 #endif
 
 #define UNIT 32 /* rows of a thread's block where AMX computes it (else 4) */
+#define AMX_PASS 32 /* tokens per pass of the tiles over a block's rows (AMX experts take any number) */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -194,37 +196,62 @@ static int amx_ready(void) {
 
 struct tile_config { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
 
-/* out[i * UNIT + r] = w_r . x_i for the 32 rows of w (row stride K) and n <= 16 tokens, K a
-   multiple of 32; xv holds the tokens in pairs, [K / 2][n][2]. Tiles 0-1: the two 16-row halves'
-   sums (fp32), 2-3: their weights, 4: the activations. The configuration is loaded on every call:
-   torch's oneDNN may have used the tiles on this thread since. */
-static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int K, float *out) {
+/* The configuration last loaded on this thread (tokens of the two column tiles, a * 64 + b);
+   -1 at the start of every call: torch's oneDNN may have used the tiles on this thread since. */
+static __thread int amx_config = -1;
+
+/* Tiles 0-1: the two 16-row halves' sums for tokens i0 .. i0 + na - 1, 5-6: for the next nb
+   tokens; 2-3: the halves' weights; 4, 7: the two token groups' activations (pairs). */
+static void amx_configure(int na, int nb) {
+    if (amx_config == na * 64 + nb) return;
     struct tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 5; t++) { c.rows[t] = 16; c.colsb[t] = (t == 2 || t == 3) ? 64 : 4 * n; }
+    int cols[8] = {4 * na, 4 * na, 64, 64, 4 * na, 4 * nb, 4 * nb, 4 * nb};
+    for (int t = 0; t < 8; t++)
+        if (cols[t]) { c.rows[t] = 16; c.colsb[t] = cols[t]; }
     _tile_loadconfig(&c);
+    amx_config = na * 64 + nb;
+}
+
+/* out[(i - i0) * UNIT + r] = w_r . x_i for the 32 rows of w (row stride K) and the tokens
+   i0 <= i < i0 + nc (nc <= AMX_PASS) of an expert's n, K a multiple of 32; xv holds the n tokens
+   in pairs, [K / 2][n][2]. Each pass over the rows serves 32 tokens: more tokens take more passes,
+   the rows then read again from the core's L2. */
+static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int i0, int nc, int K, float *out) {
+    int na = nc < 16 ? nc : 16, nb = nc - na;
+    amx_configure(na, nb);
     _tile_zero(0);
     _tile_zero(1);
+    if (nb) { _tile_zero(5); _tile_zero(6); }
+    const uint16_t *xa = xv + (size_t)i0 * 2;
     for (int k = 0; k < K; k += 32) {
         _tile_loadd(2, w + k, K * 2);
         _tile_loadd(3, w + (size_t)16 * K + k, K * 2);
-        _tile_loadd(4, xv + (size_t)k * n, 4 * n);
+        _tile_loadd(4, xa + (size_t)k * n, 4 * n);
         _tile_dpbf16ps(0, 2, 4);
         _tile_dpbf16ps(1, 3, 4);
+        if (nb) {
+            _tile_loadd(7, xa + (size_t)k * n + 32, 4 * n);
+            _tile_dpbf16ps(5, 2, 7);
+            _tile_dpbf16ps(6, 3, 7);
+        }
     }
-    float acc[2][16][16];
+    float acc[4][16][16];
     _tile_stored(0, acc[0], 64);
     _tile_stored(1, acc[1], 64);
-    for (int i = 0; i < n; i++)
-        for (int r = 0; r < 16; r++) { out[i * UNIT + r] = acc[0][r][i]; out[i * UNIT + 16 + r] = acc[1][r][i]; }
+    if (nb) { _tile_stored(5, acc[2], 64); _tile_stored(6, acc[3], 64); }
+    for (int i = 0; i < nc; i++) {
+        const float (*lo)[16] = acc[i < 16 ? 0 : 2], (*hi)[16] = acc[i < 16 ? 1 : 3];
+        for (int r = 0; r < 16; r++) { out[i * UNIT + r] = lo[r][i & 15]; out[i * UNIT + 16 + r] = hi[r][i & 15]; }
+    }
 }
-#define amx_release() _tile_release()
+#define amx_release() (_tile_release(), amx_config = -1)
 #else
 #define HAVE_AMX 0
 static int amx_ready(void) { return 0; }
-static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int K, float *out) {
-    (void)w; (void)xv; (void)n; (void)K; (void)out;
+static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int i0, int nc, int K, float *out) {
+    (void)w; (void)xv; (void)n; (void)i0; (void)nc; (void)K; (void)out;
 }
 #define amx_release() ((void)0)
 #endif
@@ -232,11 +259,13 @@ static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int K, floa
 #define AMX_MIN_TOKENS 4
 #endif
 
-/* out[i * UNIT + r] = w_r . x_i for rows r < rb <= UNIT of w (row stride K) and tokens i < n:
-   with AMX (xv, the tokens in pairs, given) in one call, else four rows at a time from x [n, K] */
-static void block_dot(const uint16_t *w, int rb, const act_t *x, const uint16_t *xv, int n, int K, float *out) {
+/* out[(i - i0) * UNIT + r] = w_r . x_i for rows r < rb <= UNIT of w (row stride K) and tokens
+   i0 <= i < i0 + nc of an expert's n: with AMX (xv, the n tokens in pairs, given; nc <= AMX_PASS) in
+   one call, else (i0 = 0, nc = n <= MAXN) four rows at a time from x [n, K] */
+static void block_dot(const uint16_t *w, int rb, const act_t *x, const uint16_t *xv, int n, int i0, int nc, int K,
+                      float *out) {
     if (xv) {
-        amx_rows32(w, xv, n, K, out);
+        amx_rows32(w, xv, n, i0, nc, K, out);
         return;
     }
     float t[MAXN * 4];
@@ -255,17 +284,19 @@ static inline size_t act_at(int pairs, int n, int K, int i, int k) {
 
 /* Many experts in one parallel region: expert j (weights at index experts[j] of w1, w3 [E, F, D]
    and w2 [E, D, F]; w3 NULL: GeLU) takes the rows start[j] .. start[j] + count[j] - 1 of x [N, D]
-   (1 to MAXN of them) and writes the same rows of y; all bf16. Threads take blocks of weight
-   rows: 32 where AMX computes them (at least AMX_MIN_TOKENS tokens, D and F multiples of 32),
-   else 4. One region and one barrier for a layer's CPU experts instead of one region and two
-   barriers per expert: waking the threads costs tens of microseconds, as long as reading a small
-   expert's weights. 0 = done. */
+   and writes the same rows of y; all bf16. Threads take blocks of weight rows: 32 where AMX
+   computes them (at least AMX_MIN_TOKENS tokens, D and F multiples of 32; any number of tokens,
+   AMX_PASS at a time), else 4 (at most MAXN tokens). One region and one barrier for a layer's CPU
+   experts instead of one region and two barriers per expert: waking the threads costs tens of
+   microseconds, as long as reading a small expert's weights. 0 = done. */
 int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, const uint16_t *w2,
                      uint16_t *y, const int *experts, const int *start, const int *count, int m, int N,
                      int D, int F, int threads) {
     if (m < 1) return 0;
+    int amx_shape = HAVE_AMX && D % 32 == 0 && F % 32 == 0 && amx_ready();
     for (int j = 0; j < m; j++)
-        if (count[j] < 1 || count[j] > MAXN || start[j] < 0 || start[j] + count[j] > N) return 1;
+        if (count[j] < 1 || start[j] < 0 || start[j] + count[j] > N ||
+            (count[j] > MAXN && !(amx_shape && count[j] >= AMX_MIN_TOKENS))) return 1;
     act_t *xa = malloc(sizeof(act_t) * (size_t)N * D), *h = malloc(sizeof(act_t) * (size_t)N * F);
     uint16_t *xv = HAVE_AMX ? malloc(sizeof(uint16_t) * (size_t)N * D) : NULL;
     int *amx = malloc(sizeof(int) * (size_t)m), *up0 = malloc(sizeof(int) * (size_t)(m + 1)),
@@ -274,40 +305,52 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
         free(xa); free(h); free(xv); free(amx); free(up0); free(dn0);
         return 2;
     }
-    for (size_t j = 0; j < (size_t)N * D; j++) xa[j] = to_act(bf2f(x[j]));
-    int amx_shape = HAVE_AMX && D % 32 == 0 && F % 32 == 0 && amx_ready();
     up0[0] = dn0[0] = 0;
     for (int j = 0; j < m; j++) {  /* expert j's blocks are up0[j] .. up0[j + 1] - 1 (dn0: down) */
         amx[j] = amx_shape && count[j] >= AMX_MIN_TOKENS;
         int rows = amx[j] ? UNIT : 4;
         up0[j + 1] = up0[j] + (F + rows - 1) / rows;
         dn0[j + 1] = dn0[j] + (D + rows - 1) / rows;
-        if (amx[j])
-            for (int i = 0; i < count[j]; i++)
-                for (int k = 0; k < D; k++)
-                    xv[(size_t)start[j] * D + act_at(1, count[j], D, i, k)] = x[(size_t)(start[j] + i) * D + k];
     }
     const size_t FD = (size_t)F * D;
 #pragma omp parallel num_threads(threads)
     {
-        float a[MAXN * UNIT], b[MAXN * UNIT];
+        float a[AMX_PASS * UNIT], b[AMX_PASS * UNIT];
+#if HAVE_AMX
+        amx_config = -1;
+#endif
+        /* the activations as the paths take them, 32 columns of an expert's rows at a time: in
+           pairs for the tiles ([D / 2][n] 32-bit pairs, a transpose), else converted by row */
+#pragma omp for collapse(2) schedule(static)
+        for (int j = 0; j < m; j++)
+            for (int k0 = 0; k0 < D; k0 += 32) {
+                int n = count[j], k1 = D - k0 < 32 ? D : k0 + 32;
+                const uint16_t *xj = x + (size_t)start[j] * D;
+                for (int i = 0; i < n; i++)
+                    for (int k = k0; k < k1; k++)
+                        if (amx[j]) xv[(size_t)start[j] * D + act_at(1, n, D, i, k)] = xj[(size_t)i * D + k];
+                        else xa[(size_t)(start[j] + i) * D + k] = to_act(bf2f(xj[(size_t)i * D + k]));
+            }
         int j = 0;
 #pragma omp for schedule(static)
         for (int u = 0; u < up0[m]; u++) {
             while (u >= up0[j + 1]) j++;
             while (u < up0[j]) j--;
             int rows = amx[j] ? UNIT : 4, f0 = (u - up0[j]) * rows, rb = F - f0 < rows ? F - f0 : rows;
-            int r0 = start[j], n = count[j];
+            int r0 = start[j], n = count[j], pass = amx[j] ? AMX_PASS : n;
             size_t e = (size_t)experts[j];
             const uint16_t *xvj = amx[j] ? xv + (size_t)r0 * D : NULL;
-            block_dot(w1 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, D, a);
-            if (w3) block_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, D, b);
-            for (int i = 0; i < n; i++)
-                for (int r = 0; r < rb; r++) {
-                    float g = a[i * UNIT + r];
-                    h[(size_t)r0 * F + act_at(amx[j], n, F, i, f0 + r)] =
-                        to_act(w3 ? g / (1.f + expf(-g)) * b[i * UNIT + r] : 0.5f * g * (1.f + erff(g * 0.70710678f)));
-                }
+            for (int i0 = 0; i0 < n; i0 += pass) {
+                int nc = n - i0 < pass ? n - i0 : pass;
+                block_dot(w1 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, a);
+                if (w3) block_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, b);
+                for (int r = 0; r < rb; r++)  /* by row: in pairs, the tokens of a row lie 2 apart */
+                    for (int i = 0; i < nc; i++) {
+                        float g = a[i * UNIT + r];
+                        h[(size_t)r0 * F + act_at(amx[j], n, F, i0 + i, f0 + r)] =
+                            to_act(w3 ? g / (1.f + expf(-g)) * b[i * UNIT + r] : 0.5f * g * (1.f + erff(g * 0.70710678f)));
+                    }
+            }
         }
         j = 0;
 #pragma omp for schedule(static)
@@ -315,12 +358,15 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
             while (u >= dn0[j + 1]) j++;
             while (u < dn0[j]) j--;
             int rows = amx[j] ? UNIT : 4, d0 = (u - dn0[j]) * rows, rb = D - d0 < rows ? D - d0 : rows;
-            int r0 = start[j], n = count[j];
+            int r0 = start[j], n = count[j], pass = amx[j] ? AMX_PASS : n;
             const act_t *hj = h + (size_t)r0 * F;
             const uint16_t *hv = amx[j] ? (const uint16_t *)hj : NULL; /* the hidden in pairs for the tiles */
-            block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, hv, n, F, a);
-            for (int i = 0; i < n; i++)
-                for (int r = 0; r < rb; r++) y[(size_t)(r0 + i) * D + d0 + r] = f2bf(a[i * UNIT + r]);
+            for (int i0 = 0; i0 < n; i0 += pass) {
+                int nc = n - i0 < pass ? n - i0 : pass;
+                block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, hv, n, i0, nc, F, a);
+                for (int i = 0; i < nc; i++)
+                    for (int r = 0; r < rb; r++) y[(size_t)(r0 + i0 + i) * D + d0 + r] = f2bf(a[i * UNIT + r]);
+            }
         }
         if (amx_shape) amx_release();
     }
@@ -441,6 +487,20 @@ def _compile(path: Path, flags: tuple[str, ...] = ()) -> None:
         os.replace(path.with_suffix(f".{os.getpid()}.tmp"), path)
 
 
+TOKENS_ENV = "FSMOE_CPU_KERNEL_TOKENS"  # up to how many tokens per expert the kernel runs (default: by path)
+
+
+def tokens_override() -> int | None:
+    """``FSMOE_CPU_KERNEL_TOKENS`` where set (a whole number >= 0; 0: torch's GEMM always), else None."""
+    value = os.environ.get(TOKENS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        from fsmoe.config import ConfigError
+        raise ConfigError(TOKENS_ENV, value, "must be a whole number of tokens per expert (0: never the native kernel)")
+    return int(value)
+
+
 SPIN_ENV = "FSMOE_CPU_SPIN"
 # libgomp spin iterations before a thread sleeps. 0: at once (passive): decode measured 26.4 tok/s
 # against 22.5 with libgomp's default spinning; 1000 measured the same as 0 for the kernel alone
@@ -499,8 +559,16 @@ class CpuExpertKernel:
         return ("fp32", "bf16", "amx")[self.path_fn(D, F)]
 
     def max_tokens(self, D: int, F: int) -> int:
-        """Up to how many tokens per expert this kernel beats torch's GEMM at these dims."""
-        return MAX_TOKENS_BY_PATH[self.path(D, F)]
+        """Up to how many tokens per expert this kernel beats torch's GEMM at these dims (where
+        ``FSMOE_CPU_KERNEL_TOKENS`` is set: that, up to what the kernel accepts)."""
+        override = tokens_override()
+        return min(MAX_TOKENS_BY_PATH[self.path(D, F)] if override is None else override, self.row_limit(D, F))
+
+    def row_limit(self, D: int, F: int) -> int:
+        """Up to how many rows per expert the compiled kernel accepts at these dims: any number
+        on AMX tiles (which take every expert past ``KERNEL_MAX_TOKENS``), else KERNEL_MAX_TOKENS."""
+        amx = self.path(D, F) == "amx" and self.amx_min_tokens <= KERNEL_MAX_TOKENS + 1
+        return UNBOUNDED if amx else KERNEL_MAX_TOKENS
 
     def __call__(self, x_nD: Tensor, w1_FD: Tensor, w3_FD: Tensor | None, w2_DF: Tensor, out_nD: Tensor,
                  threads: int) -> Tensor:
@@ -561,7 +629,8 @@ def native_applies(x_nD: Tensor, w1_FD: Tensor, max_tokens: int | None = None, r
     """Whether :func:`cpu_expert_mlp` takes the native kernel for these operands (``rows``: an
     expert's rows, default all of ``x_nD``'s; ``max_tokens``: default :func:`native_max_tokens`)."""
     rows = x_nD.shape[0] if rows is None else rows
-    return (_bf16_on_cpu(x_nD, w1_FD) and 1 <= rows <= KERNEL_MAX_TOKENS
+    kernel = CpuExpertKernel.load() if _bf16_on_cpu(x_nD, w1_FD) else None
+    return (kernel is not None and 1 <= rows <= kernel.row_limit(x_nD.shape[1], w1_FD.shape[-2])
             and rows <= native_max_tokens(x_nD, w1_FD, max_tokens))
 
 
@@ -590,15 +659,13 @@ def cpu_experts_mlp(x_ND: Tensor, w: tuple[Tensor, Tensor | None, Tensor], exper
     max_tokens = native_max_tokens(x_ND, w[0], max_tokens)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     counts_m = np.asarray(counts, dtype=np.int64)
-    small = (counts_m >= 1) & (counts_m <= min(max_tokens, KERNEL_MAX_TOKENS))
     kernel = None
-    if small.any() and native_applies(x_ND, w[0], max_tokens, rows=1) and x_ND.is_contiguous() \
-            and out_ND.is_contiguous():
+    if native_applies(x_ND, w[0], max_tokens, rows=1) and x_ND.is_contiguous() and out_ND.is_contiguous():
         kernel = CpuExpertKernel.load()
-    if kernel is not None:
+    limit = min(max_tokens, kernel.row_limit(x_ND.shape[1], w[0].shape[-2])) if kernel is not None else 0
+    small = (counts_m >= 1) & (counts_m <= limit)
+    if small.any():
         kernel.many(x_ND, w, np.asarray(experts)[small], starts[small], counts_m[small], out_ND, threads)
-    else:
-        small[:] = False
     w1, w3, w2 = w
     for j in np.flatnonzero(~small & (counts_m > 0)).tolist():
         r0, r1, e = int(starts[j]), int(starts[j] + counts_m[j]), experts[j]
