@@ -277,9 +277,12 @@ static void block_dot(const uint16_t *w, int rb, const act_t *x, const uint16_t 
     }
 }
 
-/* where activation (token i, column k) of an expert's n tokens sits: in pairs for AMX, else by row */
-static inline size_t act_at(int pairs, int n, int K, int i, int k) {
-    return pairs ? ((size_t)(k >> 1) * n + i) * 2 + (k & 1) : (size_t)i * K + k;
+/* 32-bit pairs of bf16 values (the tiles' layout), read and written through any pointer */
+typedef uint32_t pair_t __attribute__((may_alias));
+
+/* the hidden value of a row: silu(gate) * up, or gelu(gate) without an up projection */
+static inline float hidden(float g, float u, int glu) {
+    return glu ? g / (1.f + expf(-g)) * u : 0.5f * g * (1.f + erff(g * 0.70710678f));
 }
 
 /* Many experts in one parallel region: expert j (weights at index experts[j] of w1, w3 [E, F, D]
@@ -320,16 +323,21 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
         amx_config = -1;
 #endif
         /* the activations as the paths take them, 32 columns of an expert's rows at a time: in
-           pairs for the tiles ([D / 2][n] 32-bit pairs, a transpose), else converted by row */
+           pairs for the tiles (a transpose of 32-bit pairs into [D / 2][n]), else converted by row */
 #pragma omp for collapse(2) schedule(static)
         for (int j = 0; j < m; j++)
             for (int k0 = 0; k0 < D; k0 += 32) {
                 int n = count[j], k1 = D - k0 < 32 ? D : k0 + 32;
                 const uint16_t *xj = x + (size_t)start[j] * D;
-                for (int i = 0; i < n; i++)
-                    for (int k = k0; k < k1; k++)
-                        if (amx[j]) xv[(size_t)start[j] * D + act_at(1, n, D, i, k)] = xj[(size_t)i * D + k];
-                        else xa[(size_t)(start[j] + i) * D + k] = to_act(bf2f(xj[(size_t)i * D + k]));
+                if (amx[j]) {
+                    const pair_t *src = (const pair_t *)(const void *)xj;
+                    pair_t *dst = (pair_t *)(void *)(xv + (size_t)start[j] * D);
+                    for (int i = 0; i < n; i++)
+                        for (int kp = k0 / 2; kp < k1 / 2; kp++) dst[(size_t)kp * n + i] = src[(size_t)i * (D / 2) + kp];
+                } else {
+                    for (int i = 0; i < n; i++)
+                        for (int k = k0; k < k1; k++) xa[(size_t)(start[j] + i) * D + k] = to_act(bf2f(xj[(size_t)i * D + k]));
+                }
             }
         int j = 0;
 #pragma omp for schedule(static)
@@ -344,12 +352,21 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
                 int nc = n - i0 < pass ? n - i0 : pass;
                 block_dot(w1 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, a);
                 if (w3) block_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, b);
-                for (int r = 0; r < rb; r++)  /* by row: in pairs, the tokens of a row lie 2 apart */
-                    for (int i = 0; i < nc; i++) {
-                        float g = a[i * UNIT + r];
-                        h[(size_t)r0 * F + act_at(amx[j], n, F, i0 + i, f0 + r)] =
-                            to_act(w3 ? g / (1.f + expf(-g)) * b[i * UNIT + r] : 0.5f * g * (1.f + erff(g * 0.70710678f)));
-                    }
+                if (amx[j]) {  /* two rows' values of a token make one pair of the hidden [F / 2][n] */
+                    pair_t *hp = (pair_t *)(void *)(h + (size_t)r0 * F);
+                    for (int r = 0; r < rb; r += 2)
+                        for (int i = 0; i < nc; i++) {
+                            const float *ai = a + i * UNIT + r, *bi = b + i * UNIT + r;
+                            hp[(size_t)((f0 + r) >> 1) * n + i0 + i] =
+                                (pair_t)f2bf(hidden(ai[0], w3 ? bi[0] : 0.f, w3 != NULL)) |
+                                (pair_t)f2bf(hidden(ai[1], w3 ? bi[1] : 0.f, w3 != NULL)) << 16;
+                        }
+                } else {
+                    for (int i = 0; i < nc; i++)
+                        for (int r = 0; r < rb; r++)
+                            h[(size_t)(r0 + i) * F + f0 + r] = to_act(hidden(a[i * UNIT + r], w3 ? b[i * UNIT + r] : 0.f,
+                                                                           w3 != NULL));
+                }
             }
         }
         j = 0;
