@@ -5,6 +5,7 @@ Runs on the CPU (the "GPU" lane is the CPU there); scripts/gpu_check.sh runs the
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -35,14 +36,14 @@ def tiny(arch="llama", **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def plain_and_hybrid(cfg: ModelConfig, slots: int, cpu_lane: str = "worker"):
+def plain_and_hybrid(cfg: ModelConfig, slots: int, cpu_lane: str = "worker", costs: LaneCosts = COSTS):
     torch.manual_seed(0)
     plain = build_model(cfg, seed=3).eval()
     other = copy.deepcopy(plain)
     host = detach_experts(other, pin=False)
     memory = plan_gpu_memory(cfg, budget_gb=1.0, dense_params=1, kv_bytes=0, prefill_tokens=8)
     memory = type(memory)(**{**memory.__dict__, "budget": memory.fixed + slots * memory.per_expert})
-    return plain, HybridModel(other, host, COSTS, memory, CPU, cpu_lane=cpu_lane)
+    return plain, HybridModel(other, host, costs, memory, CPU, cpu_lane=cpu_lane)
 
 
 def cuda_plain_and_hybrid(cfg: ModelConfig, slots: int, chunk: int, cpu_lane: str = "worker"):
@@ -146,7 +147,7 @@ def test_partition_against_brute_force():
         E = int(rng.integers(2, 9))
         counts = rng.integers(0, [1, 4, 40, 400][case % 4] + 1, E)
         resident = rng.random(E) < 0.3
-        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in COSTS.__dict__ if k != "cpu_call"),
+        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in COSTS.__dict__ if k not in ("cpu_call", "cpu_kernel_tokens")),
                           cpu_call=rng_call.uniform(0, 3e-3))  # the batched CPU call's start
         ours = best_split(counts, resident, costs)
         ref = brute_force(counts, resident, costs)
@@ -478,9 +479,10 @@ def _native_kernels(tmp_path) -> list:
 @pytest.mark.parametrize("swiglu", [True, False])
 def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, tmp_path):
     """The compiled kernel (where this machine has a C compiler), each path it has here (AMX tiles
-    from four tokens where D and F are multiples of 32; bf16 dot products, the hidden rounded to
-    bf16 as torch rounds it; float32 FMAs), at odd and tile-sized shapes and 1-16 tokens: about as
-    near the float64 result as torch's bf16 path, written into ``out``."""
+    from four tokens where D and F are multiples of 32, any number of tokens, 32 a pass; bf16 dot
+    products, the hidden rounded to bf16 as torch rounds it; float32 FMAs; these two up to 16
+    tokens), at odd and tile-sized shapes: about as near the float64 result as torch's bf16 path,
+    written into ``out``."""
     from fsmoe.infer.hybrid.engine import expert_mlp
 
     for kernel in _native_kernels(tmp_path):
@@ -489,7 +491,9 @@ def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, 
             w1, w3 = ((torch.randn(F_, D, generator=g) / D ** 0.5).bfloat16() for _ in range(2))
             w2 = (torch.randn(D, F_, generator=g) / F_ ** 0.5).bfloat16()
             w3 = w3 if swiglu else None
-            for n in (1, 3, 4, 8, 13, 16):
+            for n in (1, 3, 4, 8, 13, 16, 17, 32, 45, 70):
+                if n > kernel.row_limit(D, F_):
+                    continue
                 x = torch.randn(n, D, generator=g).bfloat16()
                 ref = expert_mlp(*(None if t is None else t.double() for t in (x, w1, w3, w2)))
                 out = torch.full((n, D), float("nan"), dtype=torch.bfloat16)
@@ -500,20 +504,77 @@ def test_native_cpu_expert_kernel_is_as_close_to_float64_as_torchs_bf16(swiglu, 
                 assert err < 4e-3 and err <= 1.25 * torch_err, (D, F_, n, err, torch_err)
 
 
-def test_the_native_kernel_takes_as_many_tokens_as_its_path_beats_torch_at(tmp_path):
-    """AMX tiles (where present, dims multiples of 32) up to 16 tokens per expert, bf16 dot products
-    up to 8, float32 FMAs up to 4; the host path's CPU experts go to torch beyond."""
-    from fsmoe.infer.hybrid.cpu_kernel import MAX_TOKENS_BY_PATH, native_applies, native_max_tokens
+def test_the_native_kernel_takes_as_many_tokens_as_its_path_beats_torch_at(tmp_path, monkeypatch):
+    """By default AMX tiles (where present, dims multiples of 32) up to 128 tokens per expert (they
+    accept any number), bf16 dot products up to 8, float32 FMAs up to 4; the host path's CPU experts
+    go to torch beyond. ``FSMOE_CPU_KERNEL_TOKENS`` moves the bound, up to what the path accepts."""
+    from fsmoe.infer.hybrid.cpu_kernel import (KERNEL_MAX_TOKENS, MAX_TOKENS_BY_PATH, TOKENS_ENV, UNBOUNDED,
+                                               native_applies, native_max_tokens)
 
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
     flags = Path("/proc/cpuinfo").read_text()
     loaded, *others = _native_kernels(tmp_path)
     want = "amx" if "amx_bf16" in flags else "bf16" if "avx512_bf16" in flags else "fp32"
     assert loaded.path(64, 96) == want and loaded.path(37, 13) == ("fp32" if want == "fp32" else "bf16")
     assert [k.path(64, 96) for k in others] == {"amx": ["bf16", "fp32"], "bf16": ["fp32"], "fp32": []}[want]
-    x, w1 = torch.zeros(16, 64).bfloat16(), torch.zeros(3, 96, 64).bfloat16()
+    assert loaded.row_limit(64, 96) == (UNBOUNDED if want == "amx" else KERNEL_MAX_TOKENS)
+    assert loaded.row_limit(37, 13) == KERNEL_MAX_TOKENS and all(k.row_limit(64, 96) == KERNEL_MAX_TOKENS for k in others)
+    x, w1 = torch.zeros(200, 64).bfloat16(), torch.zeros(3, 96, 64).bfloat16()
     assert native_max_tokens(x, w1) == MAX_TOKENS_BY_PATH[want] and native_max_tokens(x, w1, 2) == 2
     assert native_applies(x[:MAX_TOKENS_BY_PATH[want]], w1[0]) and not native_applies(x.float(), w1[0].float())
-    assert native_applies(x, w1[0]) == (want == "amx")
+    assert native_applies(x[:16], w1[0]) == (want == "amx")
+    assert native_applies(x, w1[0], UNBOUNDED) == (want == "amx")  # 200 rows: only the tiles take them
+    monkeypatch.setenv(TOKENS_ENV, "3")
+    assert native_max_tokens(x, w1) == 3 and not native_applies(x[:4], w1[0])
+    monkeypatch.setenv(TOKENS_ENV, "100000")
+    assert native_max_tokens(x, w1) == min(100000, loaded.row_limit(64, 96))
+    for bad in ("-1", "lots", "2.5"):
+        monkeypatch.setenv(TOKENS_ENV, bad)
+        with pytest.raises(ConfigError, match=TOKENS_ENV):
+            native_max_tokens(x, w1)
+
+
+def test_lane_costs_time_the_kernel_against_torch_and_the_engine_takes_the_crossover(monkeypatch):
+    """The CPU lane's cost is the faster of the native kernel and torch's GEMM at each size timed;
+    the sizes where the kernel won become the engine's bound for it (its user's
+    ``FSMOE_CPU_KERNEL_TOKENS`` wins over the measured one)."""
+    from fsmoe.infer.hybrid import hardware
+    from fsmoe.infer.hybrid.cpu_kernel import TOKENS_ENV, CpuExpertKernel
+
+    if CpuExpertKernel.load() is None:
+        pytest.skip("no C compiler here: the CPU experts run on torch")
+    monkeypatch.delenv(TOKENS_ENV, raising=False)
+    pace = {0: 1.0}  # torch's seconds at every size; the kernel's: n * 0.01 (wins up to 64 of 1..256)
+
+    def fake_median(fn, sync, reps):
+        return fn()
+
+    def fake_host_mlp(n, max_tokens=None):
+        return lambda: pace[0] if max_tokens == 0 else n * 0.01
+
+    monkeypatch.setattr(hardware, "median_seconds", fake_median)
+
+    class Now:  # the pool's submit, run at once
+        def submit(self, fn, *a):
+            class Done:
+                def result(self_inner):
+                    return fn(*a)
+            return Done()
+
+    times, tokens = hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)
+    assert tokens == 64 and times == [min(n * 0.01, 1.0) for n in hardware.CPU_TOKENS]
+    pace[0] = 0.001  # torch always faster: the kernel takes no expert
+    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)[1] == 0
+    pace[0] = 100.0
+    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)[1] == hardware.CPU_TOKENS[-1]
+    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=False) == ([100.0] * len(hardware.CPU_TOKENS), None)
+
+    _, hybrid = plain_and_hybrid(tiny(), slots=2, costs=dataclasses.replace(COSTS, cpu_kernel_tokens=24))
+    assert hybrid.buffers.cpu_kernel_tokens == 24
+    assert "up to 24 tokens" in hybrid.describe_cpu() or "torch's GEMM" in hybrid.describe_cpu()
+    monkeypatch.setenv(TOKENS_ENV, "5")
+    _, hybrid = plain_and_hybrid(tiny(), slots=2, costs=dataclasses.replace(COSTS, cpu_kernel_tokens=24))
+    assert hybrid.buffers.cpu_kernel_tokens is None
 
 
 def test_without_a_compiler_the_cpu_experts_run_on_torch(monkeypatch, tmp_path):
@@ -544,15 +605,17 @@ def test_cpu_experts_in_one_call_equal_one_by_one(swiglu, D, F_):
     w = ((torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16(),
          (torch.randn(E, F_, D, generator=g) / D ** 0.5).bfloat16() if swiglu else None,
          (torch.randn(E, D, F_, generator=g) / F_ ** 0.5).bfloat16())
-    experts, counts = [5, 0, 3, 6, 2], [1, 3, 9, 2, 4]  # 9 rows: past max_tokens=4, so torch's path
-    x = torch.randn(sum(counts), D, generator=g).bfloat16()
-    out = torch.full_like(x, float("nan"))
-    assert cpu_experts_mlp(x, w, experts, counts, out, threads=2, max_tokens=4).data_ptr() == out.data_ptr()
-    r = 0
-    for e, n in zip(experts, counts):
-        alone = cpu_expert_mlp(x[r:r + n], *(None if t is None else t[e] for t in w), threads=2, max_tokens=4)
-        assert torch.equal(out[r:r + n], alone), (e, n)
-        r += n
+    # 9 rows: past max_tokens=4, so torch's path; with max_tokens=64 the tiles take 40 rows in the call
+    for max_tokens, experts, counts in ((4, [5, 0, 3, 6, 2], [1, 3, 9, 2, 4]), (64, [1, 4, 0], [40, 5, 70])):
+        x = torch.randn(sum(counts), D, generator=g).bfloat16()
+        out = torch.full_like(x, float("nan"))
+        assert cpu_experts_mlp(x, w, experts, counts, out, threads=2, max_tokens=max_tokens).data_ptr() == out.data_ptr()
+        r = 0
+        for e, n in zip(experts, counts):
+            alone = cpu_expert_mlp(x[r:r + n], *(None if t is None else t[e] for t in w), threads=2,
+                                   max_tokens=max_tokens)
+            assert torch.equal(out[r:r + n], alone), (e, n)
+            r += n
 
 
 def test_cpu_expert_threads_take_the_environment_and_refuse_a_bad_count(monkeypatch):

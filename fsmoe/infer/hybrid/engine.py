@@ -195,6 +195,7 @@ class StreamBuffers:
         # each other). The two hand the GIL to each other between ops; at Python's default 5 ms
         # switch interval a handoff can stall a layer for milliseconds.
         self.cpu_threads = cpu_threads or cpu_expert_threads()
+        self.cpu_kernel_tokens: int | None = None  # tokens per expert the native kernel takes (None: its default)
         self.pool = None
         if cpu_lane == "worker":
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsmoe-cpu-experts",
@@ -470,7 +471,7 @@ class HybridExecutor:
         t0 = time.perf_counter()
         with rec.host("cpu", f"L{self.index} CC {len(cc)} experts"):
             cpu_experts_mlp(x_host, self.experts.host, cc, [counts[e] for e in cc], y_host,
-                            threads=self.buffers.cpu_threads)
+                            threads=self.buffers.cpu_threads, max_tokens=self.buffers.cpu_kernel_tokens)
         return time.perf_counter() - t0
 
     def _finish_cpu(self, y_ND: Tensor, pending, rec, split: Split) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fsmoe.infer.hybrid.cpu_kernel import cpu_expert_mlp, cpu_experts_mlp
+from fsmoe.infer.hybrid.cpu_kernel import UNBOUNDED, CpuExpertKernel, cpu_expert_mlp, cpu_experts_mlp
 from fsmoe.infer.hybrid.engine import cpu_expert_threads, expert_mlp
 from fsmoe.infer.hybrid.partition import LaneCosts
 
-CPU_TOKENS = (1, 4, 16, 64, 256)
+CPU_TOKENS = (1, 4, 16, 64, 128, 256)
 CPU_BATCH = (1, 2, 4, 8)  # experts of one token in one call: the call's own cost is the intercept
 GPU_TOKENS = (1, 64, 512, 4096)
 ACT_TOKENS = (1, 256, 4096)
@@ -71,12 +71,13 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
     dtype = host[0].dtype
     threads = cpu_expert_threads()
 
-    def host_mlp(n):
+    def host_mlp(n, max_tokens=None):
         x = torch.randn(n, d_model, generator=g).to(dtype)
 
         def fn():
             e = next(turn) % E
-            return cpu_expert_mlp(x, *(None if w is None else w[e] for w in host), threads=threads)
+            return cpu_expert_mlp(x, *(None if w is None else w[e] for w in host), threads=threads,
+                                  max_tokens=max_tokens)
         return fn
 
     def dev_mlp(n):
@@ -102,7 +103,7 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        cpu_t = [pool.submit(median_seconds, host_mlp(n), lambda: None, reps).result() for n in CPU_TOKENS]
+        cpu_t, kernel_tokens = _cpu_times(pool, host_mlp, reps, native=dtype == torch.bfloat16)
         batch_t = [pool.submit(median_seconds, host_batch(m), lambda: None, reps).result() for m in CPU_BATCH]
         gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
         stream = median_seconds(copy_next, sync, reps)
@@ -119,7 +120,24 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
     call = min(fit_affine(CPU_BATCH, batch_t)[0], cpu_fixed)
     return LaneCosts(cpu_fixed - call, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
                      cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream),
-                     cpu_call=call)
+                     cpu_call=call, cpu_kernel_tokens=kernel_tokens)
+
+
+def _cpu_times(pool, host_mlp, reps: int, native: bool) -> tuple[list[float], int | None]:
+    """One CPU expert's seconds at each of CPU_TOKENS, the faster of the native kernel and torch's
+    GEMM, and up to how many tokens the kernel was the faster at every size measured (None: it does
+    not run here). Where it stops winning depends on the CPU and the expert's shape (AMX tiles on an
+    H200 host: 128 tokens for a Qwen3 expert, 64 for a Mixtral one)."""
+    def timed(n, max_tokens):
+        return pool.submit(median_seconds, host_mlp(n, max_tokens), lambda: None, reps).result()
+
+    torch_t = [timed(n, 0) for n in CPU_TOKENS]
+    if not native or CpuExpertKernel.load() is None:
+        return torch_t, None
+    kernel_t = [timed(n, UNBOUNDED) for n in CPU_TOKENS]
+    wins = [k <= t for k, t in zip(kernel_t, torch_t)]
+    kernel_tokens = 0 if not wins[0] else CPU_TOKENS[wins.index(False) - 1] if False in wins else CPU_TOKENS[-1]
+    return [min(k, t) for k, t in zip(kernel_t, torch_t)], kernel_tokens
 
 
 def _contended(pool, cpu_fn, copy_fn, stream: float, sync) -> tuple[float, float]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fsmoe.config import ModelConfig
-from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, describe_cpu_experts
+from fsmoe.infer.hybrid.cpu_kernel import CpuExpertKernel, describe_cpu_experts, tokens_override
 from fsmoe.infer.hybrid.engine import (HostExperts, HybridExecutor, LayerExperts, Recorder, StreamBuffers,
                                        linear_layout)
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor, slots_of
@@ -106,6 +106,8 @@ class HybridModel:
             CpuExpertKernel.load()
         self.buffers = StreamBuffers(device, cfg.d_model, cfg.moe.experts.d_ff, host[0][1] is not None, dtype,
                                      chunk or memory.chunk, cpu_threads, cpu_lane, zero_copy)
+        if tokens_override() is None:  # the crossover measured with the costs (FSMOE_CPU_KERNEL_TOKENS: the user's)
+            self.buffers.cpu_kernel_tokens = costs.cpu_kernel_tokens
         if self.buffers.zero_copy:  # and the in-place kernels compiled now, not in a timed forward
             warm_up(host[0], device)
         self.costs = dataclasses.replace(costs, chunk=self.buffers.chunk)
@@ -262,7 +264,8 @@ class HybridModel:
     def describe_cpu(self) -> str:
         """What computes this model's CPU experts (kernel path, tokens per expert, threads)."""
         cfg, w1 = self.model.cfg, self.executors[0].experts.host[0]
-        return describe_cpu_experts(cfg.d_model, cfg.moe.experts.d_ff, self.buffers.cpu_threads, w1.dtype)
+        return describe_cpu_experts(cfg.d_model, cfg.moe.experts.d_ff, self.buffers.cpu_threads, w1.dtype,
+                                    self.buffers.cpu_kernel_tokens)
 
     def check(self) -> None:
         """Raise if the CPU lane on the device path failed in a forward so far (no device sync)."""

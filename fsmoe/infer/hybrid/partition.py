@@ -30,7 +30,7 @@ the GPU lane does not bind; tests compare it with brute force.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -55,12 +55,15 @@ class LaneCosts:
     stream_contended: float = 1.0
     # CC: once per layer and forward with CPU experts (they run in one call: its start and barrier)
     cpu_call: float = 0.0
+    # CC: up to how many tokens per expert the native CPU kernel beat torch's GEMM when these costs
+    # were measured (it computes those experts, torch's GEMM the busier ones); None: by its path
+    cpu_kernel_tokens: int | None = None
 
     def busy(self) -> "LaneCosts":
         """The costs while the CPU and PCIe lanes run together."""
-        c, s = self.cpu_contended, self.stream_contended
-        return LaneCosts(self.cpu_fixed * c, self.cpu_per_token * c, self.gpu_fixed, self.gpu_per_token,
-                         self.stream * s, self.act_fixed, self.act_per_token, self.chunk, c, s, self.cpu_call)
+        c = self.cpu_contended
+        return replace(self, cpu_fixed=self.cpu_fixed * c, cpu_per_token=self.cpu_per_token * c,
+                       stream=self.stream * self.stream_contended)
 
     def cg(self, n: float) -> float:
         return self.gpu_fixed / self.chunk + self.gpu_per_token * n
