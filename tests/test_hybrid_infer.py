@@ -549,7 +549,7 @@ def test_lane_costs_time_the_kernel_against_torch_and_the_engine_takes_the_cross
     def fake_median(fn, sync, reps):
         return fn()
 
-    def fake_host_mlp(n, max_tokens=None):
+    def fake_host_many(n, max_tokens):
         return lambda: pace[0] if max_tokens == 0 else n * 0.01
 
     monkeypatch.setattr(hardware, "median_seconds", fake_median)
@@ -561,13 +561,13 @@ def test_lane_costs_time_the_kernel_against_torch_and_the_engine_takes_the_cross
                     return fn(*a)
             return Done()
 
-    times, tokens = hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)
+    times, tokens = hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)
     assert tokens == 64 and times == [min(n * 0.01, 1.0) for n in hardware.CPU_TOKENS]
     pace[0] = 0.001  # torch always faster: the kernel takes no expert
-    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)[1] == 0
+    assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)[1] == 0
     pace[0] = 100.0
-    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=True)[1] == hardware.CPU_TOKENS[-1]
-    assert hardware._cpu_times(Now(), fake_host_mlp, reps=1, native=False) == ([100.0] * len(hardware.CPU_TOKENS), None)
+    assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)[1] == hardware.CPU_TOKENS[-1]
+    assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=False) == ([100.0] * len(hardware.CPU_TOKENS), None)
 
     _, hybrid = plain_and_hybrid(tiny(), slots=2, costs=dataclasses.replace(COSTS, cpu_kernel_tokens=24))
     assert hybrid.buffers.cpu_kernel_tokens == 24

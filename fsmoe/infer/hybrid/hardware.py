@@ -2,11 +2,13 @@
 
 Each cost is timed on the real operation at a few sizes and fitted as ``fixed + per_token * n``
 (least squares on relative error, so the small sizes that decode lives on weigh as much as the
-large ones): the expert MLP on the CPU with all cores (the CC lane), the same on the GPU (GG and
-CG), one expert's weights from pinned host memory to the GPU (the PCIe lane), and rows to the host
-and back (the CC activations). One to eight one-token experts in one call of the native kernel give
-the part of a CPU call paid once per layer (``cpu_call``: waking the threads, the barrier). Without CUDA the "GPU" is the CPU, so the numbers only keep the
-code paths alive (CI).
+large ones): the expert MLP on the CPU with all cores (the CC lane: four experts a call, as the
+engine runs a layer's, on the faster of the native kernel and torch's GEMM at each size), the same
+on the GPU (GG and CG), one expert's weights from pinned host memory to the GPU (the PCIe lane),
+and rows to the host and back (the CC activations). One to eight one-token experts in one call of
+the native kernel give the part of a CPU call paid once per layer (``cpu_call``: waking the
+threads, the barrier). Without CUDA the "GPU" is the CPU, so the numbers only keep the code paths
+alive (CI).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from fsmoe.infer.hybrid.engine import cpu_expert_threads, expert_mlp
 from fsmoe.infer.hybrid.partition import LaneCosts
 
 CPU_TOKENS = (1, 4, 16, 64, 128, 256)
+CPU_MANY = 4  # experts per call where the CPU experts' cost per token is timed
 CPU_BATCH = (1, 2, 4, 8)  # experts of one token in one call: the call's own cost is the intercept
 GPU_TOKENS = (1, 64, 512, 4096)
 ACT_TOKENS = (1, 256, 4096)
@@ -71,13 +74,22 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
     dtype = host[0].dtype
     threads = cpu_expert_threads()
 
-    def host_mlp(n, max_tokens=None):
+    def host_mlp(n):
         x = torch.randn(n, d_model, generator=g).to(dtype)
 
         def fn():
             e = next(turn) % E
-            return cpu_expert_mlp(x, *(None if w is None else w[e] for w in host), threads=threads,
-                                  max_tokens=max_tokens)
+            return cpu_expert_mlp(x, *(None if w is None else w[e] for w in host), threads=threads)
+        return fn
+
+    def host_many(n, max_tokens):  # CPU_MANY experts of n tokens in one call, as the engine runs them
+        x = torch.randn(CPU_MANY * n, d_model, generator=g).to(dtype)
+        out = torch.empty_like(x)
+
+        def fn():
+            first = next(turn) * CPU_MANY
+            return cpu_experts_mlp(x, host, [(first + j) % E for j in range(CPU_MANY)], [n] * CPU_MANY, out,
+                                   threads=threads, max_tokens=max_tokens)
         return fn
 
     def dev_mlp(n):
@@ -103,11 +115,12 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        cpu_t, kernel_tokens = _cpu_times(pool, host_mlp, reps, native=dtype == torch.bfloat16)
+        many_t, kernel_tokens = _cpu_times(pool, host_many, reps, native=dtype == torch.bfloat16)
         batch_t = [pool.submit(median_seconds, host_batch(m), lambda: None, reps).result() for m in CPU_BATCH]
+        alone = pool.submit(median_seconds, host_mlp(1), lambda: None, reps).result()
         gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
         stream = median_seconds(copy_next, sync, reps)
-        cpu_busy, stream_busy = _contended(pool, host_mlp(1), copy_next, stream, sync) if cuda else (cpu_t[0], stream)
+        cpu_busy, stream_busy = _contended(pool, host_mlp(1), copy_next, stream, sync) if cuda else (alone, stream)
 
     def round_trip(n):
         x = torch.randn(n, d_model, device=device).to(dtype)
@@ -115,26 +128,26 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
         return lambda: x.copy_(stage.copy_(x).to(device, non_blocking=True))
 
     act_t = [median_seconds(round_trip(n), sync, reps) for n in ACT_TOKENS]
-    cpu_fixed, cpu_per = fit_affine(CPU_TOKENS, cpu_t)
     # one call of m experts = call + m * expert: the call's part is paid once per layer, not per expert
-    call = min(fit_affine(CPU_BATCH, batch_t)[0], cpu_fixed)
-    return LaneCosts(cpu_fixed - call, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
-                     cpu_contended=max(1.0, cpu_busy / cpu_t[0]), stream_contended=max(1.0, stream_busy / stream),
+    call = min(fit_affine(CPU_BATCH, batch_t)[0], min(many_t))
+    cpu_fixed, cpu_per = fit_affine(CPU_TOKENS, [max(t - call, 0.1 * t) / CPU_MANY for t in many_t])
+    return LaneCosts(cpu_fixed, cpu_per, *fit_affine(GPU_TOKENS, gpu_t), stream, *fit_affine(ACT_TOKENS, act_t),
+                     cpu_contended=max(1.0, cpu_busy / alone), stream_contended=max(1.0, stream_busy / stream),
                      cpu_call=call, cpu_kernel_tokens=kernel_tokens)
 
 
-def _cpu_times(pool, host_mlp, reps: int, native: bool) -> tuple[list[float], int | None]:
-    """One CPU expert's seconds at each of CPU_TOKENS, the faster of the native kernel and torch's
-    GEMM, and up to how many tokens the kernel was the faster at every size measured (None: it does
-    not run here). Where it stops winning depends on the CPU and the expert's shape (AMX tiles on an
-    H200 host: 128 tokens for a Qwen3 expert, 64 for a Mixtral one)."""
+def _cpu_times(pool, host_many, reps: int, native: bool) -> tuple[list[float], int | None]:
+    """Seconds of one call of CPU_MANY experts at each of CPU_TOKENS tokens, the faster of the native
+    kernel and torch's GEMM, and up to how many tokens the kernel was the faster at every size
+    measured (None: it does not run here). Where it stops winning depends on the CPU and the
+    expert's shape (AMX tiles on an H200 host: 128 tokens for a Qwen3 expert, 64 for a Mixtral
+    one). The two are timed in turn at each size, so a slower spell of the host hits both."""
     def timed(n, max_tokens):
-        return pool.submit(median_seconds, host_mlp(n, max_tokens), lambda: None, reps).result()
+        return pool.submit(median_seconds, host_many(n, max_tokens), lambda: None, reps).result()
 
-    torch_t = [timed(n, 0) for n in CPU_TOKENS]
     if not native or CpuExpertKernel.load() is None:
-        return torch_t, None
-    kernel_t = [timed(n, UNBOUNDED) for n in CPU_TOKENS]
+        return [timed(n, 0) for n in CPU_TOKENS], None
+    kernel_t, torch_t = zip(*[(timed(n, UNBOUNDED), timed(n, 0)) for n in CPU_TOKENS])
     wins = [k <= t for k, t in zip(kernel_t, torch_t)]
     kernel_tokens = 0 if not wins[0] else CPU_TOKENS[wins.index(False) - 1] if False in wins else CPU_TOKENS[-1]
     return [min(k, t) for k, t in zip(kernel_t, torch_t)], kernel_tokens
