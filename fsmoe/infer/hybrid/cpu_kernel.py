@@ -285,6 +285,42 @@ static inline float hidden(float g, float u, int glu) {
     return glu ? g / (1.f + expf(-g)) * u : 0.5f * g * (1.f + erff(g * 0.70710678f));
 }
 
+#if HAVE_AMX
+/* AMX experts' epilogues, 16 lanes at a time (a scalar expf per value cost as much as reading the
+   weights once a pass serves 32 tokens). exp(x) = 2^t, t = x log2(e): 2^(t - round(t)) by its
+   Taylor polynomial to degree 6 (relative error about 1e-7, far below bf16's), scaled by 2^round(t). */
+static inline __m512 exp16(__m512 x) {
+    __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-88.f)),
+                             _mm512_set1_ps(1.44269504f));
+    __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, k);
+    static const float c[7] = {1.f, 0.693147181f, 0.240226507f, 0.0555041087f, 0.00961812911f, 0.00133335581f,
+                               0.000154035304f};
+    __m512 p = _mm512_set1_ps(c[6]);
+    for (int q = 5; q >= 0; q--) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[q]));
+    return _mm512_scalef_ps(p, k);
+}
+
+/* the hidden of one token's 32 rows, silu(a) * b (a, b: the gate's and up's sums, [32]), as 16
+   pairs of bf16 written n pairs apart from hp (the hidden [F / 2][n] in pairs) */
+static inline void amx_hidden_pairs(const float *a, const float *b, pair_t *hp, int n) {
+    __m512 h[2];
+    for (int q = 0; q < 2; q++) {
+        __m512 g = _mm512_loadu_ps(a + 16 * q);
+        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        h[q] = _mm512_mul_ps(silu, _mm512_loadu_ps(b + 16 * q));
+    }
+    __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(h[1], h[0]);  /* pair p: rows 2p, 2p + 1 */
+    __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    _mm512_set1_epi32(n));
+    _mm512_i32scatter_epi32((void *)hp, at, pairs, 4);
+}
+
+/* one token's 32 outputs to bf16 */
+static inline void amx_out_row(const float *a, uint16_t *y) {
+    _mm512_storeu_si512((void *)y, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + 16), _mm512_loadu_ps(a)));
+}
+#endif
+
 /* Many experts in one parallel region: expert j (weights at index experts[j] of w1, w3 [E, F, D]
    and w2 [E, D, F]; w3 NULL: GeLU) takes the rows start[j] .. start[j] + count[j] - 1 of x [N, D]
    and writes the same rows of y; all bf16. Threads take blocks of weight rows: 32 where AMX
@@ -352,6 +388,12 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
                 int nc = n - i0 < pass ? n - i0 : pass;
                 block_dot(w1 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, a);
                 if (w3) block_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, b);
+#if HAVE_AMX
+                if (amx[j] && w3) {
+                    pair_t *hp = (pair_t *)(void *)(h + (size_t)r0 * F) + (size_t)(f0 >> 1) * n + i0;
+                    for (int i = 0; i < nc; i++) amx_hidden_pairs(a + i * UNIT, b + i * UNIT, hp + i, n);
+                } else
+#endif
                 if (amx[j]) {  /* two rows' values of a token make one pair of the hidden [F / 2][n] */
                     pair_t *hp = (pair_t *)(void *)(h + (size_t)r0 * F);
                     for (int r = 0; r < rb; r += 2)
@@ -381,6 +423,12 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
             for (int i0 = 0; i0 < n; i0 += pass) {
                 int nc = n - i0 < pass ? n - i0 : pass;
                 block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, hv, n, i0, nc, F, a);
+#if HAVE_AMX
+                if (amx[j]) {
+                    for (int i = 0; i < nc; i++) amx_out_row(a + i * UNIT, y + (size_t)(r0 + i0 + i) * D + d0);
+                    continue;
+                }
+#endif
                 for (int i = 0; i < nc; i++)
                     for (int r = 0; r < rb; r++) y[(size_t)(r0 + i0 + i) * D + d0 + r] = f2bf(a[i * UNIT + r]);
             }
