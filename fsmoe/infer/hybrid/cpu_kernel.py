@@ -214,9 +214,9 @@ static void amx_configure(int na, int nb) {
     amx_config = na * 64 + nb;
 }
 
-/* out[(i - i0) * UNIT + r] = w_r . x_i for the 32 rows of w (row stride K) and the tokens
-   i0 <= i < i0 + nc (nc <= AMX_PASS) of an expert's n, K a multiple of 32; xv holds the n tokens
-   in pairs, [K / 2][n][2]. Each pass over the rows serves 32 tokens: more tokens take more passes,
+/* out[r * AMX_PASS + i - i0] = w_r . x_i (the tiles store their rows there) for the 32 rows of w
+   (row stride K) and the tokens i0 <= i < i0 + nc (nc <= AMX_PASS) of an expert's n, K a multiple
+   of 32; xv holds the n tokens in pairs, [K / 2][n][2]. Each pass over the rows serves 32 tokens: more tokens take more passes,
    the rows then read again from the core's L2. */
 static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int i0, int nc, int K, float *out) {
     int na = nc < 16 ? nc : 16, nb = nc - na;
@@ -237,13 +237,11 @@ static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int i0, int
             _tile_dpbf16ps(6, 3, 7);
         }
     }
-    float acc[4][16][16];
-    _tile_stored(0, acc[0], 64);
-    _tile_stored(1, acc[1], 64);
-    if (nb) { _tile_stored(5, acc[2], 64); _tile_stored(6, acc[3], 64); }
-    for (int i = 0; i < nc; i++) {
-        const float (*lo)[16] = acc[i < 16 ? 0 : 2], (*hi)[16] = acc[i < 16 ? 1 : 3];
-        for (int r = 0; r < 16; r++) { out[i * UNIT + r] = lo[r][i & 15]; out[i * UNIT + 16 + r] = hi[r][i & 15]; }
+    _tile_stored(0, out, AMX_PASS * 4);
+    _tile_stored(1, out + 16 * AMX_PASS, AMX_PASS * 4);
+    if (nb) {
+        _tile_stored(5, out + 16, AMX_PASS * 4);
+        _tile_stored(6, out + 16 * AMX_PASS + 16, AMX_PASS * 4);
     }
 }
 #define amx_release() (_tile_release(), amx_config = -1)
@@ -259,9 +257,10 @@ static void amx_rows32(const uint16_t *w, const uint16_t *xv, int n, int i0, int
 #define AMX_MIN_TOKENS 4
 #endif
 
-/* out[(i - i0) * UNIT + r] = w_r . x_i for rows r < rb <= UNIT of w (row stride K) and tokens
-   i0 <= i < i0 + nc of an expert's n: with AMX (xv, the n tokens in pairs, given; nc <= AMX_PASS) in
-   one call, else (i0 = 0, nc = n <= MAXN) four rows at a time from x [n, K] */
+/* w_r . x_i for rows r < rb <= UNIT of w (row stride K) and tokens i0 <= i < i0 + nc of an
+   expert's n: with AMX (xv, the n tokens in pairs, given; nc <= AMX_PASS) in one call, into
+   out[r * AMX_PASS + i - i0]; else (i0 = 0, nc = n <= MAXN) four rows at a time from x [n, K],
+   into out[i * UNIT + r] */
 static void block_dot(const uint16_t *w, int rb, const act_t *x, const uint16_t *xv, int n, int i0, int nc, int K,
                       float *out) {
     if (xv) {
@@ -300,24 +299,33 @@ static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, k);
 }
 
-/* the hidden of one token's 32 rows, silu(a) * b (a, b: the gate's and up's sums, [32]), as 16
-   pairs of bf16 written n pairs apart from hp (the hidden [F / 2][n] in pairs) */
-static inline void amx_hidden_pairs(const float *a, const float *b, pair_t *hp, int n) {
-    __m512 h[2];
-    for (int q = 0; q < 2; q++) {
-        __m512 g = _mm512_loadu_ps(a + 16 * q);
-        __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        h[q] = _mm512_mul_ps(silu, _mm512_loadu_ps(b + 16 * q));
-    }
-    __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(h[1], h[0]);  /* pair p: rows 2p, 2p + 1 */
-    __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                    _mm512_set1_epi32(n));
-    _mm512_i32scatter_epi32((void *)hp, at, pairs, 4);
+static inline __m512 silu_mul16(__m512 g, __m512 u) {
+    return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))), u);
 }
 
-/* one token's 32 outputs to bf16 */
-static inline void amx_out_row(const float *a, uint16_t *y) {
-    _mm512_storeu_si512((void *)y, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(a + 16), _mm512_loadu_ps(a)));
+/* The hidden of a pass's 32 rows and nc tokens, silu(a) * b (a, b: the gate's and up's sums as
+   the tiles stored them, [32][AMX_PASS]), as bf16 pairs (rows 2p, 2p + 1) of the hidden [F / 2][n]
+   in pairs: row pair p of these tokens at hp[p * n], 16 tokens a store. */
+static void amx_hidden_pairs(const float *a, const float *b, int nc, pair_t *hp, int n) {
+    for (int q = 0; q < nc; q += 16) {
+        __mmask16 m = nc - q >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (nc - q)) - 1u);
+        for (int p = 0; p < 16; p++) {
+            const float *a0 = a + 2 * p * AMX_PASS + q, *b0 = b + 2 * p * AMX_PASS + q;
+            __m512 h0 = silu_mul16(_mm512_maskz_loadu_ps(m, a0), _mm512_maskz_loadu_ps(m, b0));
+            __m512 h1 = silu_mul16(_mm512_maskz_loadu_ps(m, a0 + AMX_PASS), _mm512_maskz_loadu_ps(m, b0 + AMX_PASS));
+            __m512i lo = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h0));
+            __m512i hi = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(h1));
+            _mm512_mask_storeu_epi32((void *)(hp + (size_t)p * n + q), m, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+/* token i's 32 outputs (a as the tiles stored it, [32][AMX_PASS]) to bf16 at y */
+static inline void amx_out_row(const float *a, int i, uint16_t *y) {
+    __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    _mm512_set1_epi32(AMX_PASS));
+    __m512 lo = _mm512_i32gather_ps(at, a + i, 4), hi = _mm512_i32gather_ps(at, a + 16 * AMX_PASS + i, 4);
+    _mm512_storeu_si512((void *)y, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
 }
 #endif
 
@@ -390,19 +398,15 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
                 if (w3) block_dot(w3 + e * FD + (size_t)f0 * D, rb, xa + (size_t)r0 * D, xvj, n, i0, nc, D, b);
 #if HAVE_AMX
                 if (amx[j] && w3) {
-                    pair_t *hp = (pair_t *)(void *)(h + (size_t)r0 * F) + (size_t)(f0 >> 1) * n + i0;
-                    for (int i = 0; i < nc; i++) amx_hidden_pairs(a + i * UNIT, b + i * UNIT, hp + i, n);
+                    amx_hidden_pairs(a, b, nc, (pair_t *)(void *)(h + (size_t)r0 * F) + (size_t)(f0 >> 1) * n + i0, n);
                 } else
 #endif
-                if (amx[j]) {  /* two rows' values of a token make one pair of the hidden [F / 2][n] */
+                if (amx[j]) {  /* GeLU: two rows' values of a token make one pair of the hidden [F / 2][n] */
                     pair_t *hp = (pair_t *)(void *)(h + (size_t)r0 * F);
                     for (int r = 0; r < rb; r += 2)
-                        for (int i = 0; i < nc; i++) {
-                            const float *ai = a + i * UNIT + r, *bi = b + i * UNIT + r;
-                            hp[(size_t)((f0 + r) >> 1) * n + i0 + i] =
-                                (pair_t)f2bf(hidden(ai[0], w3 ? bi[0] : 0.f, w3 != NULL)) |
-                                (pair_t)f2bf(hidden(ai[1], w3 ? bi[1] : 0.f, w3 != NULL)) << 16;
-                        }
+                        for (int i = 0; i < nc; i++)
+                            hp[(size_t)((f0 + r) >> 1) * n + i0 + i] = (pair_t)f2bf(hidden(a[r * AMX_PASS + i], 0.f, 0)) |
+                                                                      (pair_t)f2bf(hidden(a[(r + 1) * AMX_PASS + i], 0.f, 0)) << 16;
                 } else {
                     for (int i = 0; i < nc; i++)
                         for (int r = 0; r < rb; r++)
@@ -425,7 +429,7 @@ int experts_mlp_bf16(const uint16_t *x, const uint16_t *w1, const uint16_t *w3, 
                 block_dot(w2 + (size_t)experts[j] * FD + (size_t)d0 * F, rb, hj, hv, n, i0, nc, F, a);
 #if HAVE_AMX
                 if (amx[j]) {
-                    for (int i = 0; i < nc; i++) amx_out_row(a + i * UNIT, y + (size_t)(r0 + i0 + i) * D + d0);
+                    for (int i = 0; i < nc; i++) amx_out_row(a, i, y + (size_t)(r0 + i0 + i) * D + d0);
                     continue;
                 }
 #endif
