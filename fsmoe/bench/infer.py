@@ -262,7 +262,8 @@ def run(args) -> int:
     cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
-    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
+    cpu_timings: dict = {}  # the CPU lane's calls as timed for the costs (kernel against torch's GEMM)
+    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device, timings=cpu_timings)
     slots = max(args.prompt_len + args.new_tokens, args.prefill + 3)
     memory = plan_gpu_memory(cfg, budget_gb=args.gpu_mem_gb, dense_params=sum(p.numel() for p in model.parameters()),
                              kv_bytes=kv_cache_bytes(cfg, max(args.decode_batch, 1), slots),
@@ -295,7 +296,7 @@ def run(args) -> int:
               "cpu_experts": hybrid.describe_cpu(),
               "zero_copy": hybrid.buffers.zero_copy,  # few-row experts on zero_copy.py's kernels
               "cpu_on_device": hybrid.mailbox is not None,  # CPU experts beside the device path (mailbox.py)
-              "costs": costs.__dict__, "memory": dict(memory.rows()), "results": results,
+              "costs": costs.__dict__, "cpu_timings": cpu_timings, "memory": dict(memory.rows()), "results": results,
               "args": {k: str(v) for k, v in vars(args).items() if k not in ("func",)}}
     report["adaptive_vs_fixed"] = adaptive_vs_fixed(results)
     report["overlap_share"], report["step_ms"] = {}, {}

@@ -61,10 +61,11 @@ def median_seconds(fn, sync, reps: int, budget_s: float = 2.0) -> float:
     return float(np.median(times))
 
 
-def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
+def measure_costs(host, device: torch.device, reps: int = 5, timings: dict | None = None) -> LaneCosts:
     """Lane costs of one layer's experts ``host`` = (w1 [E, F, D], w3 | None, w2 [E, D, F]) in host
     memory. Every timed call takes the next expert in turn, so the CPU reads weights from DRAM as
-    in a real forward, not from a cache that one re-used expert would sit in."""
+    in a real forward, not from a cache that one re-used expert would sit in. ``timings``, where
+    given, receives the CPU lane's calls as timed (ms by tokens per expert, kernel and torch)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     E, d_model = host[0].shape[0], host[0].shape[2]
@@ -115,7 +116,7 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
 
     # The CPU lane is timed on the engine's worker thread, with its thread count.
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        many_t, kernel_tokens = _cpu_times(pool, host_many, reps, native=dtype == torch.bfloat16)
+        many_t, kernel_tokens = _cpu_times(pool, host_many, reps, native=dtype == torch.bfloat16, timings=timings)
         batch_t = [pool.submit(median_seconds, host_batch(m), lambda: None, reps).result() for m in CPU_BATCH]
         alone = pool.submit(median_seconds, host_mlp(1), lambda: None, reps).result()
         gpu_t = [median_seconds(dev_mlp(n), sync, reps) for n in GPU_TOKENS]
@@ -136,18 +137,30 @@ def measure_costs(host, device: torch.device, reps: int = 5) -> LaneCosts:
                      cpu_call=call, cpu_kernel_tokens=kernel_tokens)
 
 
-def _cpu_times(pool, host_many, reps: int, native: bool) -> tuple[list[float], int | None]:
+def _cpu_times(pool, host_many, reps: int, native: bool, timings: dict | None = None) -> tuple[list[float], int | None]:
     """Seconds of one call of CPU_MANY experts at each of CPU_TOKENS tokens, the faster of the native
     kernel and torch's GEMM, and up to how many tokens the kernel was the faster at every size
     measured (None: it does not run here). Where it stops winning depends on the CPU and the
     expert's shape (AMX tiles on an H200 host: 128 tokens for a Qwen3 expert, 64 for a Mixtral
-    one). The two are timed in turn at each size, so a slower spell of the host hits both."""
+    one). Each is timed twice at each size, in the order kernel, torch, torch, kernel, and keeps
+    its faster: a slow spell of the host, or the other's threads still awake, then hits both."""
     def timed(n, max_tokens):
         return pool.submit(median_seconds, host_many(n, max_tokens), lambda: None, reps).result()
 
     if not native or CpuExpertKernel.load() is None:
-        return [timed(n, 0) for n in CPU_TOKENS], None
-    kernel_t, torch_t = zip(*[(timed(n, UNBOUNDED), timed(n, 0)) for n in CPU_TOKENS])
+        torch_t = [timed(n, 0) for n in CPU_TOKENS]
+        if timings is not None:
+            timings["cpu_ms_per_call"] = {n: {"torch": t * 1e3} for n, t in zip(CPU_TOKENS, torch_t)}
+        return torch_t, None
+    kernel_t, torch_t = [], []
+    for n in CPU_TOKENS:
+        k1, t1, t2, k2 = timed(n, UNBOUNDED), timed(n, 0), timed(n, 0), timed(n, UNBOUNDED)
+        kernel_t.append(min(k1, k2))
+        torch_t.append(min(t1, t2))
+    if timings is not None:
+        timings["cpu_ms_per_call"] = {n: {"kernel": k * 1e3, "torch": t * 1e3}
+                                      for n, k, t in zip(CPU_TOKENS, kernel_t, torch_t)}
+        timings["experts_per_call"] = CPU_MANY
     wins = [k <= t for k, t in zip(kernel_t, torch_t)]
     kernel_tokens = 0 if not wins[0] else CPU_TOKENS[wins.index(False) - 1] if False in wins else CPU_TOKENS[-1]
     return [min(k, t) for k, t in zip(kernel_t, torch_t)], kernel_tokens
