@@ -98,6 +98,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=max(1, torch.get_num_threads() - 1))
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--tokens", default="1,2,4,8,16,32,64,128,256", help="tokens per expert, comma-separated")
+    p.add_argument("--native-only", action="store_true", help="only the native kernel, 8 experts a call")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     D, Fd, E = args.d, args.f, args.experts
@@ -109,11 +110,13 @@ def main() -> None:
     nk = [(a.t().contiguous(), b.t().contiguous(), c.t().contiguous()) for a, b, c in kn]
     fused = [(torch.cat([a, b]), c) for a, b, c in nk]
     nbytes = 3 * D * Fd * 2
-    ways = [("x @ W [D,F]", swiglu_kn, kn), ("linear W [F,D]", swiglu_nk, nk),
-            ("linear, gate+up stacked", swiglu_fused_nk, fused)]
-    if CpuExpertKernel.load() is not None:
+    ways = [] if args.native_only else [("x @ W [D,F]", swiglu_kn, kn), ("linear W [F,D]", swiglu_nk, nk),
+                                         ("linear, gate+up stacked", swiglu_fused_nk, fused)]
+    if CpuExpertKernel.load() is not None and not args.native_only:
         ways.append(("native kernel W [F,D]", native(args.threads), nk))
     kinds = memory_kinds(tuple(torch.stack([w[i] for w in nk]) for i in range(3)))
+    if args.native_only:
+        kinds = kinds[:1]
     kernel = CpuExpertKernel.load()
     limit = kernel.row_limit(D, Fd) if kernel is not None else 0
     for n in (int(t) for t in args.tokens.split(",")):
@@ -127,7 +130,7 @@ def main() -> None:
             print(f"  n={n:3d} {name:32s} {s * 1e3:7.3f} ms  {nbytes / s / 1e9:6.1f} GB/s  rel err {err:.1e}")
         if n <= limit:
             for kind, w in kinds:
-                for m in (2, 8) if not kind else (8,):
+                for m in (2, 8) if not kind and not args.native_only else (8,):
                     s = bench_many(w, x, m, args.threads, args.reps)
                     print(f"  n={n:3d} {f'native, {m} per call{kind}':32s} {s * 1e3:7.3f} ms  "
                           f"{nbytes / s / 1e9:6.1f} GB/s  (per expert)")
