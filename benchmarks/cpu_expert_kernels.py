@@ -1,12 +1,13 @@
-"""How fast can this machine's CPU run one routed expert's MLP for a few tokens (a decode step)?
+"""How fast can this machine's CPU run one routed expert's MLP, decode's few tokens to prefill's hundreds?
 
 Times the ways torch can compute a SwiGLU expert on the CPU in bf16, and the engine's native kernel
 (fsmoe.infer.hybrid.cpu_kernel), over many experts in turn (so the weights come from DRAM, as in a
-forward), at 1 to 256 tokens (``--tokens``), and reports the effective weight bandwidth (GB/s); the native kernel also with
-2 and 8 experts in one call, as the engine runs a decode step's CPU experts, with the weights
-in torch's memory, in 2 MiB pages and (with CUDA) pinned as the engine holds them.
-``FSMOE_CPU_SPIN`` sets how long its threads spin between calls (see fsmoe.infer.hybrid.cpu_kernel). The hybrid
-engine's CPU lane is only as fast as the best of these.
+forward), at 1 to 256 tokens (``--tokens``), and reports the effective weight bandwidth (GB/s);
+the native kernel also with 2 and 8 experts in one call, as the engine runs a layer's CPU
+experts, with the weights in torch's memory, in 2 MiB pages and (with CUDA) pinned as the engine
+holds them (``--native-only``: the kernel alone, 8 a call). ``FSMOE_CPU_SPIN`` sets how long its
+threads spin between calls (see fsmoe.infer.hybrid.cpu_kernel). The hybrid engine's CPU lane is
+only as fast as the best of these.
 
     python benchmarks/cpu_expert_kernels.py [--d 2048 --f 768 --experts 96 --threads 15]
 """

@@ -147,7 +147,8 @@ def test_partition_against_brute_force():
         E = int(rng.integers(2, 9))
         counts = rng.integers(0, [1, 4, 40, 400][case % 4] + 1, E)
         resident = rng.random(E) < 0.3
-        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in COSTS.__dict__ if k not in ("cpu_call", "cpu_kernel_tokens")),
+        timed = [k for k in COSTS.__dict__ if k not in ("cpu_call", "cpu_kernel_tokens")]
+        costs = LaneCosts(*(COSTS.__dict__[k] * rng.uniform(0.3, 3) for k in timed),
                           cpu_call=rng_call.uniform(0, 3e-3))  # the batched CPU call's start
         ours = best_split(counts, resident, costs)
         ref = brute_force(counts, resident, costs)
@@ -518,7 +519,8 @@ def test_the_native_kernel_takes_as_many_tokens_as_its_path_beats_torch_at(tmp_p
     assert loaded.path(64, 96) == want and loaded.path(37, 13) == ("fp32" if want == "fp32" else "bf16")
     assert [k.path(64, 96) for k in others] == {"amx": ["bf16", "fp32"], "bf16": ["fp32"], "fp32": []}[want]
     assert loaded.row_limit(64, 96) == (UNBOUNDED if want == "amx" else KERNEL_MAX_TOKENS)
-    assert loaded.row_limit(37, 13) == KERNEL_MAX_TOKENS and all(k.row_limit(64, 96) == KERNEL_MAX_TOKENS for k in others)
+    assert loaded.row_limit(37, 13) == KERNEL_MAX_TOKENS
+    assert all(k.row_limit(64, 96) == KERNEL_MAX_TOKENS for k in others)
     x, w1 = torch.zeros(200, 64).bfloat16(), torch.zeros(3, 96, 64).bfloat16()
     assert native_max_tokens(x, w1) == MAX_TOKENS_BY_PATH[want] and native_max_tokens(x, w1, 2) == 2
     assert native_applies(x[:MAX_TOKENS_BY_PATH[want]], w1[0]) and not native_applies(x.float(), w1[0].float())
@@ -567,7 +569,8 @@ def test_lane_costs_time_the_kernel_against_torch_and_the_engine_takes_the_cross
     assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)[1] == 0
     pace[0] = 100.0
     assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)[1] == hardware.CPU_TOKENS[-1]
-    assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=False) == ([100.0] * len(hardware.CPU_TOKENS), None)
+    torch_only = hardware._cpu_times(Now(), fake_host_many, reps=1, native=False)
+    assert torch_only == ([100.0] * len(hardware.CPU_TOKENS), None)
 
     _, hybrid = plain_and_hybrid(tiny(), slots=2, costs=dataclasses.replace(COSTS, cpu_kernel_tokens=24))
     assert hybrid.buffers.cpu_kernel_tokens == 24
@@ -609,7 +612,8 @@ def test_cpu_experts_in_one_call_equal_one_by_one(swiglu, D, F_):
     for max_tokens, experts, counts in ((4, [5, 0, 3, 6, 2], [1, 3, 9, 2, 4]), (64, [1, 4, 0], [40, 5, 70])):
         x = torch.randn(sum(counts), D, generator=g).bfloat16()
         out = torch.full_like(x, float("nan"))
-        assert cpu_experts_mlp(x, w, experts, counts, out, threads=2, max_tokens=max_tokens).data_ptr() == out.data_ptr()
+        got = cpu_experts_mlp(x, w, experts, counts, out, threads=2, max_tokens=max_tokens)
+        assert got.data_ptr() == out.data_ptr()
         r = 0
         for e, n in zip(experts, counts):
             alone = cpu_expert_mlp(x[r:r + n], *(None if t is None else t[e] for t in w), threads=2,
