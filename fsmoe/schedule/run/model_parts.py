@@ -14,8 +14,9 @@ times include what the ranks of one host take from each other, as they do in tra
                           loss, backward, gradient sync, optimizer; each step against its own
                           phases): the next batch, the LR schedule, the routers' hooks, Python
     glue_fwd@<tag> / glue_bwd@<tag>
-                          per MoE block, n = tokens: the one-process model's forward (backward)
-                          less its head, its attention (the profile's fit at the run's shape), its
+                          per MoE block, n = tokens: the one-process model's forward (backward),
+                          as the trainer's steps run it (between optimizer steps), less its head,
+                          its attention (the profile's fit at the run's shape), its
                           expert GEMMs (timed in place by fsmoe.op_clock) and its dense blocks'
                           MLPs, spread over the MoE blocks: router, permutation, norms, residuals,
                           embedding; plus, under EP / ESP, what the run's dispatcher takes beyond
@@ -71,7 +72,10 @@ def measure_model_parts(cfg: RunConfig, spec: LayerSpec, profile: Profile, devic
         model = trainer.model  # one model for every timing below (a second would double the memory)
         fwd_s, bwd_s, experts_s, jitter = _model_times(model, idx, device, dtype, reps, warmup, group)
         optimizer = _optimizer_points(model, device, reps, warmup, group)
-        loop = _loop_time(trainer, device, reps, warmup, group)
+        loop, in_steps = _loop_time(trainer, device, reps, warmup, group)
+        # the model's forward and backward as the trainer's steps run them: between optimizer steps
+        # (which stream every parameter and its moments through the caches), not back to back
+        fwd_s, bwd_s = in_steps.get("forward", fwd_s), in_steps.get("backward", bwd_s)
     head_fwd, head_bwd = _head_times(cfg, tokens, device, dtype, reps, warmup, group)
     n_moe = len(model.moe_layers())
     n_dense = cfg.model.n_layers - n_moe
@@ -213,15 +217,16 @@ def _model_times(model, idx, device, dtype, reps, warmup, group
     return _median(fwd), _median(bwd), (_median(ex_f), _median(ex_b)), jitter
 
 
-def _loop_time(trainer, device, reps: int, warmup: int, group) -> float:
+def _loop_time(trainer, device, reps: int, warmup: int, group) -> tuple[float, dict[str, float]]:
     """Median seconds a trainer step takes beyond its device phases (fsmoe.op_clock.StepClock:
-    forward, backward, gradient sync, optimizer), each step against its own phases. (As the
-    difference of separately timed medians it swung between 0 and 8 ms on a shared host.)"""
+    forward, backward, gradient sync, optimizer), each step against its own phases (as the
+    difference of separately timed medians it swung between 0 and 8 ms on a shared host), and
+    the median of each phase ({} where the clock marked none)."""
     from fsmoe.op_clock import StepClock
 
     trainer.step_clock = StepClock(device)
     now = _timed(device, group)
-    rest = []
+    rest, phase_s = [], {}
     for k in range(warmup + reps):
         t0 = now(start=True)
         trainer.train_step().read()
@@ -229,8 +234,10 @@ def _loop_time(trainer, device, reps: int, warmup: int, group) -> float:
         phases = trainer.step_clock.collect()
         if k >= warmup and phases is not None:
             rest.append(max(0.0, total - sum(phases.values())))
+            for name, seconds in phases.items():
+                phase_s.setdefault(name, []).append(seconds)
     trainer.step_clock = None
-    return _median(rest) if rest else 0.0
+    return (_median(rest) if rest else 0.0), {name: _median(xs) for name, xs in phase_s.items()}
 
 
 def _scratch_trainer(cfg: RunConfig, spec: LayerSpec, device: torch.device, scratch: Path):
