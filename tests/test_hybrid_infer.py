@@ -416,6 +416,12 @@ def test_bench_infer_runs_every_policy_and_writes_its_report(tmp_path, capsys):
     assert "--tokens" in capsys.readouterr().err
     assert cli.main(["bench", "infer", "--config", "tiny", "--repeats", "0", "--device", "cpu"]) == 2
     assert "--repeats" in capsys.readouterr().err
+    # tiny's context is 128 tokens: the default calibration forward (2048) and a long prefill are refused by name
+    assert cli.main(["bench", "infer", "--config", "tiny", "--device", "cpu"]) == 2
+    assert "--calib-tokens" in capsys.readouterr().err
+    assert cli.main(["bench", "infer", "--config", "tiny", "--device", "cpu", "--calib-tokens", "16",
+                     "--prefill", "126"]) == 2
+    assert "--prefill" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("preset, arch", [("qwen3-30b-a3b", "qwen3moe"), ("mixtral-8x7b", "llama")])
@@ -571,6 +577,13 @@ def test_lane_costs_time_the_kernel_against_torch_and_the_engine_takes_the_cross
     assert hardware._cpu_times(Now(), fake_host_many, reps=1, native=True)[1] == hardware.CPU_TOKENS[-1]
     torch_only = hardware._cpu_times(Now(), fake_host_many, reps=1, native=False)
     assert torch_only == ([100.0] * len(hardware.CPU_TOKENS), None)
+
+    timings = {}
+    hardware._cpu_times(Now(), fake_host_many, reps=1, native=True, timings=timings)
+    line = hardware.describe_cpu_timings(timings)
+    assert line.startswith("CPU lane timed 4 experts a call, ms on kernel / torch")
+    assert "256: 2560.00 / 100000.00" in line
+    assert hardware.describe_cpu_timings({}) == ""
 
     _, hybrid = plain_and_hybrid(tiny(), slots=2, costs=dataclasses.replace(COSTS, cpu_kernel_tokens=24))
     assert hybrid.buffers.cpu_kernel_tokens == 24

@@ -29,7 +29,7 @@ from fsmoe.config import ConfigError, load_config
 from fsmoe.infer.decode_graph import DecodeGraphs
 from fsmoe.infer.generate import Sampling, generate
 from fsmoe.infer.hybrid import mailbox, zero_copy
-from fsmoe.infer.hybrid.hardware import load_costs, measure_costs, median_seconds, save_costs
+from fsmoe.infer.hybrid.hardware import describe_cpu_timings, load_costs, measure_costs, median_seconds, save_costs
 from fsmoe.infer.hybrid.in_place import InPlaceStreamExecutor
 from fsmoe.infer.hybrid.memory import GiB, cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
 from fsmoe.infer.hybrid.model import HybridModel, random_model
@@ -245,6 +245,20 @@ def plot_sweep(results: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _check_lengths(args, max_seq_len: int) -> None:
+    """Each sequence the benchmark runs fits the model's context (else a ConfigError naming the
+    option, before anything is built): the calibration forward, the prefill prompt with the
+    timelines' three decode steps after it, a decode prompt with its new tokens."""
+    for name, tokens in (("--calib-tokens", args.calib_tokens), ("--prefill", args.prefill + 3),
+                         ("--prompt-len", args.prompt_len + args.new_tokens)):
+        if tokens > max_seq_len:
+            what = {"--prefill": " (with 3 decode steps after it)",
+                    "--prompt-len": f" (with --new-tokens {args.new_tokens})"}.get(name, "")
+            raise ConfigError(name, getattr(args, name[2:].replace("-", "_")),
+                              f"makes a sequence of {tokens} tokens{what}, past model.max_seq_len={max_seq_len}; "
+                              f"lower it or raise model.max_seq_len")
+
+
 def run(args) -> int:
     console = Console(highlight=False)
     policies = [parse_policy(p, "--policies") for p in args.policies.split(",") if p]
@@ -259,6 +273,7 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides).model
     in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before the model is built
     cpu_on_device = mailbox.resolve(args.cpu_on_device, in_place, dtype)
+    _check_lengths(args, cfg.max_seq_len)
     cap_gpu_memory(args.gpu_mem_gb, device)
     t0 = time.perf_counter()
     model, host = random_model(cfg, device, dtype, args.seed)
@@ -273,6 +288,9 @@ def run(args) -> int:
     console.print(f"{cfg.n_layers} layers x {cfg.moe.num_experts} experts ({memory.per_expert / 2**20:.1f} MiB each) "
                   f"built in {time.perf_counter() - t0:.0f} s on {device}; GPU budget {args.gpu_mem_gb:g} GiB holds "
                   f"{memory.slots} of {memory.num_experts} experts; lane costs {costs}")
+    for line in (hybrid.describe_cpu(), describe_cpu_timings(cpu_timings)):
+        if line:
+            console.print(line, style="dim")
     hybrid.place(Policy("calibrate", "none", "stream"))
     with torch.no_grad():
         ids = torch.randint(0, cfg.vocab_size, (1, args.calib_tokens), generator=torch.Generator().manual_seed(3))

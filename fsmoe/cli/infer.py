@@ -55,7 +55,7 @@ def _hot(path: Path, shape: tuple[int, int]) -> np.ndarray:
 def run(args: argparse.Namespace) -> int:
     from fsmoe.cli.generate import check_args, encode_prompts, pick_device
     from fsmoe.infer.hybrid import mailbox, zero_copy
-    from fsmoe.infer.hybrid.hardware import load_costs, measure_costs
+    from fsmoe.infer.hybrid.hardware import describe_cpu_timings, load_costs, measure_costs
     from fsmoe.infer.hybrid.memory import cap_gpu_memory, kv_cache_bytes, plan_gpu_memory
     from fsmoe.infer.hybrid.model import HybridModel, loaded_model
     from fsmoe.infer.hybrid.policies import parse_policy
@@ -79,16 +79,17 @@ def run(args: argparse.Namespace) -> int:
                              prefill_tokens=sum(len(p) for p in prompts), dtype_bytes=dtype.itemsize)
     cap_gpu_memory(args.gpu_mem_gb, device)
     model.to(device)
-    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device)
+    cpu_timings: dict = {}
+    costs = load_costs(args.costs) if args.costs else measure_costs(host[0], device, timings=cpu_timings)
     hybrid = HybridModel(model, host, costs, memory, device, keep_splits=False, cpu_lane=args.cpu_lane,
                          zero_copy=in_place, cpu_on_device=cpu_on_device)
     try:
-        return _generate(args, hybrid, policy, tok, prompts, device, console, t0)
+        return _generate(args, hybrid, policy, tok, prompts, device, console, t0, describe_cpu_timings(cpu_timings))
     finally:
         hybrid.close()
 
 
-def _generate(args, hybrid, policy, tok, prompts, device, console, t0) -> int:
+def _generate(args, hybrid, policy, tok, prompts, device, console, t0, cpu_timings_line: str = "") -> int:
     from fsmoe.cli.generate import decode_graphs, print_generation
     from fsmoe.infer.generate import Sampling, generate
     from fsmoe.infer.hybrid.policies import Policy
@@ -107,7 +108,9 @@ def _generate(args, hybrid, policy, tok, prompts, device, console, t0) -> int:
                      f"taken by forwards of up to {hybrid.cpu_lane_tokens} tokens (ms per layer, against the host "
                      f"path: {hybrid.cpu_lane_ms})"
                      if hybrid.mailbox is not None and policy.race else ""), style="dim")
-    console.print(hybrid.describe_cpu(), style="dim")
+    for line in (hybrid.describe_cpu(), cpu_timings_line):
+        if line:
+            console.print(line, style="dim")
     rec = hybrid.record(True) if args.timeline else None
     out = generate(hybrid.model, prompts, Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                                    not args.no_cache, tok.eos_ids),

@@ -25,9 +25,10 @@ hidden ``h`` is rounded to bf16 on the AVX512-BF16 path (as torch's path rounds 
 float32 on the other. The C source (``cpu_kernel.c`` beside this file) is compiled once per
 machine with the system C compiler (``-O3 -march=native -fopenmp``) into
 ``$FSMOE_CACHE_DIR/cpu_expert_<hash>.so`` (default ``~/.cache/fsmoe``) and called through ctypes,
-which releases the GIL for the call, so the thread issuing GPU work runs meanwhile. Without a compiler, or for more tokens than the kernel beats
-torch's GEMM at (measured with the lane costs; else ``MAX_TOKENS_BY_PATH``: 4, 8 or 128;
-``FSMOE_CPU_KERNEL_TOKENS`` overrides both), :func:`cpu_expert_mlp` uses torch.
+which releases the GIL for the call, so the thread issuing GPU work runs meanwhile. Without a
+compiler, or for more tokens than the kernel beats torch's GEMM at (measured with the lane costs;
+else ``MAX_TOKENS_BY_PATH``: 4, 8 or 128; ``FSMOE_CPU_KERNEL_TOKENS`` overrides both),
+:func:`cpu_expert_mlp` uses torch.
 """
 from __future__ import annotations
 

@@ -166,6 +166,18 @@ def _cpu_times(pool, host_many, reps: int, native: bool, timings: dict | None = 
     return [min(k, t) for k, t in zip(kernel_t, torch_t)], kernel_tokens
 
 
+def describe_cpu_timings(timings: dict) -> str:
+    """One console line from :func:`measure_costs`' ``timings``: the CPU lane's calls as timed, ms
+    on the native kernel / torch's GEMM by tokens per expert ("" when nothing was timed)."""
+    calls = timings.get("cpu_ms_per_call")
+    if not calls:
+        return ""
+    parts = [f"{n}: " + " / ".join(f"{ms[k]:.2f}" for k in ("kernel", "torch") if k in ms) for n, ms in calls.items()]
+    paths = " / ".join(k for k in ("kernel", "torch") if k in next(iter(calls.values())))
+    return (f"CPU lane timed {timings.get('experts_per_call', CPU_MANY)} experts a call, ms on {paths} "
+            f"by tokens per expert: " + ", ".join(parts))
+
+
 def _contended(pool, cpu_fn, copy_fn, stream: float, sync) -> tuple[float, float]:
     """(one CPU expert's seconds, one expert copy's seconds) while the other lane runs: both read
     host memory, so each slows the other."""
