@@ -330,7 +330,7 @@ def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, caps
                      "--timeline", str(tmp_path / "tl")]) == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if "->" in line] == want and "hybrid scheinfer" in out
-    assert "CPU experts on " in out and "threads" in out  # what computes them, said once
+    assert "CPU experts on " in out and "thread" in out  # what computes them, said once
     assert (tmp_path / "tl" / "timeline.json").is_file() and (tmp_path / "tl" / "timeline.png").is_file()
     events = json.loads((tmp_path / "tl" / "timeline.json").read_text())["traceEvents"]
     host = {e["name"].split(" ", 1)[1] for e in events if e.get("cat") == "host"}

@@ -216,16 +216,17 @@ def describe_cpu_experts(D: int, F: int, threads: int, dtype: torch.dtype = torc
                          max_tokens: int | None = None) -> str:
     """One line for the console and the benchmark's record: what computes the CPU experts here
     (``max_tokens``: the kernel's share as measured, default its path's)."""
+    cores = f"{threads} thread{'' if threads == 1 else 's'}"
     if dtype != torch.bfloat16:
-        return f"CPU experts on torch's GEMM, {threads} threads (the native kernel takes bf16 weights)"
+        return f"CPU experts on torch's GEMM, {cores} (the native kernel takes bf16 weights)"
     kernel = CpuExpertKernel.load()
     if kernel is None:
-        return f"CPU experts on torch's GEMM, {threads} threads (no native kernel)"
+        return f"CPU experts on torch's GEMM, {cores} (no native kernel)"
     path = kernel.path(D, F)
     most = kernel.max_tokens(D, F) if max_tokens is None else min(max_tokens, kernel.row_limit(D, F))
     how = {"amx": f"AMX tiles from {kernel.amx_min_tokens} tokens, bf16 dot products below",
            "bf16": "bf16 dot products", "fp32": "float32 FMAs"}[path]
-    return f"CPU experts on the native kernel ({how}) up to {most} tokens each, torch's GEMM beyond; {threads} threads"
+    return f"CPU experts on the native kernel ({how}) up to {most} tokens each, torch's GEMM beyond; {cores}"
 
 
 def _bf16_on_cpu(x: Tensor, w1: Tensor) -> bool:
