@@ -291,6 +291,21 @@ def test_bad_inputs_exit_2_name_the_file_and_tensor_and_write_nothing(hf_dirs, t
     assert run_cli("convert", wrong, out) == 2
     assert "rope_type" in _error(capsys)
 
+    # config.json fields of the wrong type or range are named (not a TypeError / ZeroDivisionError)
+    for key, value in (("hidden_size", "abc"), ("num_attention_heads", 0), ("rope_parameters", "x"),
+                       ("rope_parameters", {"rope_type": "yarn", "original_max_position_embeddings": 0})):
+        cfg = json.loads((src / "config.json").read_text())
+        cfg[key] = value
+        (wrong / "config.json").write_text(json.dumps(cfg))
+        assert run_cli("convert", wrong, out) == 2
+        err = _error(capsys)
+        assert key in err or "original_max_position_embeddings" in err, err
+    (wrong / "config.json").write_text((src / "config.json").read_text())
+    shard = sorted(wrong.glob("model-*.safetensors"))[0]  # garbage where a shard is: no MemoryError
+    shard.write_bytes(b"garbage, not a safetensors header")
+    assert run_cli("convert", wrong, out) == 2
+    assert shard.name in _error(capsys)
+
     assert run_cli("convert", src, run) == 2  # an output that already holds something
     assert "already exists" in _error(capsys)
     assert run_cli("generate", run, "--prompt-ids", "1 999") == 2
@@ -298,6 +313,25 @@ def test_bad_inputs_exit_2_name_the_file_and_tensor_and_write_nothing(hf_dirs, t
     assert run_cli("generate", run, "--prompt", "hi") == 2  # a converted model without tokenizer.json
     assert "tokenizer.json" in _error(capsys)
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_damaged_checkpoint_without_checksums_is_named_not_a_traceback(hf_dirs, tmp_path, capsys):
+    """A run's newest checkpoint whose files are damaged and that has no checksums to catch it
+    (copied by hand, an older fsmoe): generate names it and exits 2 (train --init-from loads the same way)."""
+    import shutil
+
+    _, run = hf_dirs["qwen3_moe"]
+    for damage in ("data", "metadata"):
+        copy = tmp_path / damage
+        shutil.copytree(run, copy)
+        ckpt = next(p for p in (copy / "ckpt").iterdir() if p.is_dir())
+        for f in ckpt.glob("checksums.json"):
+            f.unlink()
+        victim = ckpt / ".metadata" if damage == "metadata" else next(ckpt.glob("*.distcp"))
+        victim.write_bytes(victim.read_bytes()[:200] if damage == "data" else b"garbage\n")
+        assert run_cli("generate", copy, "--prompt-ids", "1 2", "--max-new-tokens", "1") == 2
+        err = _error(capsys)
+        assert "checkpoint=" in err and ckpt.name in err and "damaged" in err, err
 
 
 def test_export_refuses_what_the_family_cannot_express(tmp_path, capsys):

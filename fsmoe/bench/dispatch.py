@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fsmoe.cli.arg_types import output_file
 from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
 from fsmoe.comm.traffic import count_traffic, predict
 from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, RouterConfig
@@ -62,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--profile", default=None, help="Profile JSON with per-level fits (fsmoe profile --topology)")
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", type=output_file, default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="only the cost-model sweep over G and K (no processes)")
     p.add_argument("--swaps", type=int, default=2, help="greedy expert swaps per point of the sweep")
     p.add_argument("--png", default=None, help="plot here: bytes per level (measured) or speedups (--sweep)")

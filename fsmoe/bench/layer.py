@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fsmoe.bench.common import bench_ms, device_info, profile_kernels, step_peak_memory_gb
+from fsmoe.cli.arg_types import output_file
 
 # name -> shape; the four layer targets of docs/performance.md (H100).
 LAYER_CONFIGS = {
@@ -398,5 +399,5 @@ def add_arguments(p) -> None:
                    help="time the steps back to back (the host issues the next step while the GPU runs this one, "
                         "as inside a model or a training loop); default: one by one, the GPU idle between steps, "
                         "so each step's host launch latency counts")
-    p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
-    p.add_argument("--json", help="write the results here (JSON, read by scripts/perf_page.py)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--json", type=output_file, help="write the results here (JSON, read by scripts/perf_page.py)")

@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsmoe.config import ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
+from fsmoe.cli.arg_types import output_file, plot_file
+from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
 from fsmoe.parallel.groups import ParallelGroups, device_for
 from fsmoe.parallel.launch import add_command_arguments, run_command, world_size_from_env
 from fsmoe.placement.migrate import MigrationPlan
@@ -49,7 +50,7 @@ from fsmoe.placement.placement import Placement
 from fsmoe.placement.policy import PlacementCost, balance_ratio
 from fsmoe.placement.rebalance import RebalanceSettings, build_rebalancer, propose
 from fsmoe.placement.slots import add_spare_slots, spare_slots_for
-from fsmoe.placement.traffic import LoadPredictor, read_trace
+from fsmoe.placement.traffic import LoadPredictor
 from fsmoe.routing.gshard import GShardRouter
 from fsmoe.routing.plan import RoutingPlan
 
@@ -234,7 +235,12 @@ def replay(trace_path: str, interval: int, extra_slots: float, threshold: float,
            ep: int | None = None, ema: float = 1.0) -> dict:
     """The policies on a recorded trace (module docstring). Pure: no process group. ``ema``: the
     policies plan from the EMA of the windows so far (``LoadPredictor``), scored also on it."""
-    tr = read_trace(trace_path)
+    from fsmoe.cli.trace import load_trace
+
+    try:
+        tr = load_trace(trace_path)
+    except ConfigError as e:  # named by this command's option
+        raise ConfigError("--trace", trace_path, e.allowed) from None
     E, M = tr.header["num_experts"], tr.header["num_layers"]
     P = ep or tr.header["ep"]
     spare = spare_slots_for(E, P, extra_slots)
@@ -337,9 +343,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan from an EMA over windows, the newest weighing this (1: the last window alone)")
     p.add_argument("--no-overlap", action="store_true",
                    help="move experts with the step waiting (default: behind the next step's compute)")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", type=output_file, help="write the results here")
     p.add_argument("--trace", help="replay the policies on this routing trace (routing_trace.jsonl.gz) instead")
-    p.add_argument("--plot", help="with --trace: draw the balance per window to this PNG")
+    p.add_argument("--plot", type=plot_file, help="with --trace: draw the balance per window to this PNG")
 
 
 def run(args) -> int:

@@ -238,5 +238,5 @@ def add_arguments(p) -> None:
                         "window reported); 0 = time each step alone, the device idling between steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler kernel breakdown")
-    p.add_argument("--device", help="cuda | cpu (default: cuda if available)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--json", help="write the results here (JSON, read by scripts/perf_page.py)")

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from fsmoe.cli.arg_types import output_file
 from fsmoe.config import ConfigError
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -29,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="keep",
                    help="--to-hf: dtype of the written tensors (default: as stored)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="--to-hf: largest output shard (default 5 GiB)")
-    p.add_argument("--report", type=Path, metavar="FILE.json", help="also write the conversion report as JSON")
+    p.add_argument("--report", type=output_file, metavar="FILE.json", help="also write the conversion report as JSON")
     p.set_defaults(func=run)
 
 
@@ -58,5 +59,6 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"skipped {len(rep.skipped)} tensors outside the model's layers, e.g. {rep.skipped[0]}",
                       style="yellow")
     if args.report:
-        args.report.write_text(json.dumps(dataclasses.asdict(rep), indent=2) + "\n")
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(dataclasses.asdict(rep), indent=2) + "\n")
     return 0

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from fsmoe.cli.arg_types import output_file
 from fsmoe.config import ConfigError
 from fsmoe.infer.hybrid.options import add_device_path_options
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="scheinfer", help=f"one of {list(POLICY_NAMES)}")
     p.add_argument("--hot", type=Path, help="routing frequencies (JSON [layers][experts], e.g. from --save-hot "
                                             "of an earlier run); default: counted on the prompts first")
-    p.add_argument("--save-hot", type=Path, help="write the frequencies counted in this run")
+    p.add_argument("--save-hot", type=output_file, help="write the frequencies counted in this run")
     p.add_argument("--cpu-lane", choices=["worker", "inline"], default="worker",
                    help="how the CPU experts run beside the GPU work (see fsmoe bench infer --help)")
     add_device_path_options(p)
@@ -62,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_args(args)
     policy = parse_policy(args.policy)
-    if not args.gpu_mem_gb > 0:
-        raise ConfigError("--gpu-mem-gb", args.gpu_mem_gb, "must be > 0")
+    if not 0 < args.gpu_mem_gb < float("inf"):
+        raise ConfigError("--gpu-mem-gb", args.gpu_mem_gb, "must be a finite number > 0")
     device = pick_device(args)
     dtype = getattr(torch, args.dtype)
     in_place = zero_copy.resolve(args.zero_copy, device, dtype)  # refused before anything is loaded
@@ -125,5 +126,6 @@ def _generate(args, hybrid, policy, tok, prompts, device, console, t0, cpu_timin
         chrome_trace(spans, args.timeline / "timeline.json")
         gantt_png(spans, args.timeline / "timeline.png", f"{policy.name}: {args.model}")
     if args.save_hot:
+        Path(args.save_hot).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_hot).write_text(json.dumps(hybrid.hot_LE.tolist()))
     return 0

@@ -23,6 +23,14 @@ import json
 import sys
 from pathlib import Path
 
+from fsmoe.cli.arg_types import output_file
+from fsmoe.config import ConfigError
+
+# the layer's fields the flags override (fsmoe.schedule.types.LayerSpec)
+LAYER_FLAGS = {"batch": "--batch", "seq_len": "--seq-len", "d_model": "--d-model", "d_ff": "--d-ff",
+               "num_experts": "--experts", "top_k": "--top-k", "n_heads": "--heads", "n_layers": "--layers",
+               "capacity_factor": "--capacity", "activation": "--ffn"}
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("plan", help="choose pipeline degrees and gradient partitions (FSMoE)",
@@ -40,7 +48,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--policy", default="fsmoe",
                    choices=["default", "tutel_improved", "pipemoe_lina", "fsmoe_no_iio", "fsmoe"])
     p.add_argument("--explain", action="store_true", help="case, r, partitions, predicted timelines vs baselines")
-    p.add_argument("--json", default=None, help="write the Schedule (with --memory: the memory plan) here")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="write the Schedule (with --memory: the memory plan) here")
     m = p.add_argument_group("memory (--memory)")
     m.add_argument("--memory", action="store_true", help="peak memory per GPU of training, and the largest batch")
     m.add_argument("--gpus", type=int, default=None, help="GPUs in the job (parallel.dp = gpus / mp)")
@@ -54,14 +63,27 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _layer_overrides(spec, args):
+    """``spec`` with the layer flags given; a value the layer refuses is a ConfigError naming the flag."""
+    over = {field: getattr(args, flag[2:].replace("-", "_")) for field, flag in LAYER_FLAGS.items()}
+    over = {k: v for k, v in over.items() if v is not None}
+    try:
+        spec = dataclasses.replace(spec, **over)
+    except ValueError as e:
+        field = next((f for f in LAYER_FLAGS if f"LayerSpec.{f}" in str(e)), None)
+        flag = LAYER_FLAGS.get(field, "--config")
+        raise ConfigError(flag, over.get(field), str(e).split(" is invalid: ")[-1]) from None
+    if spec.top_k > spec.num_experts:
+        raise ConfigError("--top-k", spec.top_k, f"must be <= the number of experts ({spec.num_experts})")
+    return spec
+
+
 def run(args) -> int:
     if args.memory:
         from fsmoe.cli.plan_memory import run_memory
 
         return run_memory(args)
     if not args.profile:
-        from fsmoe.config import ConfigError
-
         raise ConfigError("--profile", None, "a Profile JSON from `fsmoe profile` is needed to plan a schedule "
                           "(or pass --memory for the memory plan)")
     from fsmoe.config import load_config
@@ -71,11 +93,11 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     spec = LayerSpec.from_run_config(cfg)
-    over = {"batch": args.batch, "seq_len": args.seq_len, "d_model": args.d_model, "d_ff": args.d_ff,
-            "num_experts": args.experts, "top_k": args.top_k, "n_heads": args.heads, "n_layers": args.layers,
-            "capacity_factor": args.capacity, "activation": args.ffn}
-    spec = dataclasses.replace(spec, **{k: v for k, v in over.items() if v is not None})
+    spec = _layer_overrides(spec, args)
     pc = cfg.parallel
+    for flag, value in (("--ep", args.ep), ("--esp", args.esp), ("--gpus-per-node", args.gpus_per_node)):
+        if value is not None and value < 1:
+            raise ConfigError(flag, value, "must be an integer >= 1 (leave it out for the config's)")
     ep, esp = args.ep or pc.ep, args.esp or pc.esp  # one moe group; dense data parallel over its ranks
     layout = Layout(dp=ep * esp, ep=ep, esp=esp,
                     gpus_per_node=args.gpus_per_node if args.gpus_per_node is not None else pc.gpus_per_node)

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fsmoe.cli.arg_types import non_negative_float, output_file, positive_int
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="simulate what we cannot run: traffic on datacenter fabrics",
@@ -43,8 +45,8 @@ def add_parser(subparsers) -> None:
     sub = p.add_subparsers(dest="simulate_command", metavar="WHAT", required=True)
     f = sub.add_parser("fabric", help="a collective's traffic on leaf-spine fabrics (flow-level, max-min fair)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    f.add_argument("--gpus", type=int, default=64)
-    f.add_argument("--gpus-per-server", type=int, default=8)
+    f.add_argument("--gpus", type=positive_int, default=64)
+    f.add_argument("--gpus-per-server", type=positive_int, default=8)
     f.add_argument("--gpus-per-leaf", type=int, default=32, help="NIC ports of a leaf switch facing GPUs")
     f.add_argument("--nic-gbps", type=float, default=400.0, help="one NIC per GPU, Gb/s")
     f.add_argument("--nvlink-gbps", type=float, default=3600.0, help="NVSwitch bandwidth per GPU and direction, Gb/s")
@@ -53,7 +55,7 @@ def add_parser(subparsers) -> None:
                         "every server on rail i's leaves), mfabric (regional optical circuits + electrical fat-tree) "
                         "and static-optical (fixed circuits + electrical fat-tree)")
     f.add_argument("--region-servers", type=int, default=8, help="mfabric: servers per OCS region")
-    f.add_argument("--ocs-ports", type=int, default=6, help="mfabric: NICs per server into the OCS")
+    f.add_argument("--ocs-ports", type=positive_int, default=6, help="mfabric: NICs per server into the OCS")
     f.add_argument("--eps-ports", type=int, default=2, help="mfabric: NICs per server into the electrical fat-tree")
     f.add_argument("--reconfig-ms", type=float, default=25.0, help="mfabric: OCS reconfiguration time")
     f.add_argument("--hide-ms", type=float, default=0.0,
@@ -69,11 +71,11 @@ def add_parser(subparsers) -> None:
     f.add_argument("--ep-across-servers", action="store_true", help="one GPU per server in each group")
     f.add_argument("--senders", type=int, default=None, help="incast: senders (default: all other GPUs)")
     f.add_argument("--mb", type=float, default=4.0, help="MB per (sender, receiver) pair")
-    f.add_argument("--batch", type=float, default=0.01,
+    f.add_argument("--batch", type=non_negative_float, default=0.01,
                    help="finish flows within this fraction of the elapsed time together (0: exact)")
-    f.add_argument("--share-tol", type=float, default=0.01,
+    f.add_argument("--share-tol", type=non_negative_float, default=0.01,
                    help="links within this fraction of the smallest fair share freeze together (1e-9: exact)")
-    f.add_argument("--json", default=None, help="write the results here")
+    f.add_argument("--json", type=output_file, default=None, help="write the results here")
     f.set_defaults(func=run_fabric)
     add_trace_parser(sub)
     from fsmoe.cli.simulate_cluster import add_parsers as add_cluster_parsers
@@ -90,16 +92,16 @@ def add_trace_parser(sub) -> None:
     t.add_argument("--groups", type=int, default=1, help="EP groups side by side (GPUs = ep x groups)")
     t.add_argument("--every", type=int, default=1, help="replay every n-th recorded step")
     t.add_argument("--mb-per-rank", type=float, default=64.0, help="MB each rank dispatches per MoE layer")
-    t.add_argument("--gpus-per-server", type=int, default=8)
+    t.add_argument("--gpus-per-server", type=positive_int, default=8)
     t.add_argument("--gpus-per-leaf", type=int, default=32)
     t.add_argument("--nic-gbps", type=float, default=400.0)
     t.add_argument("--region-servers", type=int, default=8)
-    t.add_argument("--ocs-ports", type=int, default=6)
+    t.add_argument("--ocs-ports", type=positive_int, default=6)
     t.add_argument("--eps-ports", type=int, default=2)
     t.add_argument("--reconfig-ms", type=float, default=25.0)
     t.add_argument("--hide-ms", type=float, default=25.0, help="compute before each AlltoAll that hides a predicted "
                                                                "reconfiguration")
-    t.add_argument("--json", default=None, help="write the per-step series and their means here")
+    t.add_argument("--json", type=output_file, default=None, help="write the per-step series and their means here")
     t.set_defaults(func=run_trace)
 
 

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fsmoe.cli.arg_types import output_file, plot_file, positive_float, positive_int
+
 
 def add_parsers(sub) -> None:
     from fsmoe.cli.simulate_step import add_parser as add_step_parser
@@ -23,8 +25,8 @@ def add_parsers(sub) -> None:
                    help="published dense throughput of the profiled GPU (default: H200 bf16)")
     g.add_argument("--every", type=int, default=1, help="every n-th config of the grid")
     g.add_argument("--workers", type=int, default=1, help="processes")
-    g.add_argument("--json", default=None)
-    g.add_argument("--plot", default=None, help="histograms of FSMoE's speedups to this PNG")
+    g.add_argument("--json", type=output_file, default=None)
+    g.add_argument("--plot", type=plot_file, default=None, help="histograms of FSMoE's speedups to this PNG")
     g.set_defaults(func=run_grid)
     k = sub.add_parser("calibrate", help="the cluster simulator against measured `fsmoe bench schedule` iterations",
                        description=CALIBRATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +35,7 @@ def add_parsers(sub) -> None:
     k.add_argument("--nvlink-gbps", type=float, default=3600.0)
     k.add_argument("--layers", type=int, default=2, help="blocks per config (the bench's --layers)")
     k.add_argument("--dtype-bytes", type=int, default=2, help="2 for a bf16 bench (GPU), 4 for fp32 (CPU)")
-    k.add_argument("--json", default=None)
+    k.add_argument("--json", type=output_file, default=None)
     k.set_defaults(func=run_calibrate)
     from fsmoe.sim import compare as compare_mod
 
@@ -42,8 +44,9 @@ def add_parsers(sub) -> None:
     p.add_argument("results", nargs="+", help="cluster JSON files or directories of them")
     p.add_argument("--policy", default="default", help="the schedule whose step time counts (default: default)")
     p.add_argument("--reference", default="leaf-spine", help="the fabric the others are divided by")
-    p.add_argument("--plot", default=None, help="grouped bars beside mFabric's reported range, to this PNG")
-    p.add_argument("--json", default=None)
+    p.add_argument("--plot", type=plot_file, default=None,
+                   help="grouped bars beside mFabric's reported range, to this PNG")
+    p.add_argument("--json", type=output_file, default=None)
     p.set_defaults(func=run_compare)
 
 
@@ -92,13 +95,14 @@ def add_cluster_parser(sub) -> None:
     c.add_argument("--config", default="tiny", help="preset or TOML of the model (its MoE layers are the blocks)")
     c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     c.add_argument("--profile", required=True, help="a measured Profile (fsmoe profile): the compute fits and eta")
-    c.add_argument("--gemm-scale", type=float, default=1.0,
+    c.add_argument("--gemm-scale", type=positive_float, default=1.0,
                    help="target GPU's dense throughput over the profiled GPU's (compute slopes are divided by it)")
-    c.add_argument("--gpus", type=int, default=64)
-    c.add_argument("--ep", type=int, default=8)
-    c.add_argument("--esp", type=int, default=1)
-    c.add_argument("--mp", type=int, default=1, help="tensor parallelism of attention and dense MLPs (in a server)")
-    c.add_argument("--pp", type=int, default=1,
+    c.add_argument("--gpus", type=positive_int, default=64)
+    c.add_argument("--ep", type=positive_int, default=8)
+    c.add_argument("--esp", type=positive_int, default=1)
+    c.add_argument("--mp", type=positive_int, default=1,
+                   help="tensor parallelism of attention and dense MLPs (in a server)")
+    c.add_argument("--pp", type=positive_int, default=1,
                    help="pipeline stages (1F1B; each stage's ranks hold its share of the layers, EP inside a stage)")
     c.add_argument("--microbatches", type=int, default=None,
                    help="microbatches per step with --pp (default 4 x --pp; they divide each rank's sequences)")
@@ -118,18 +122,18 @@ def add_cluster_parser(sub) -> None:
                    help="price the data-parallel gradients after backward; by default, as fsmoe train runs them "
                         "on NCCL, in buckets while backward runs (with --pp: the last microbatch's backward; only "
                         "what outlasts it counts)")
-    c.add_argument("--gpus-per-server", type=int, default=8)
+    c.add_argument("--gpus-per-server", type=positive_int, default=8)
     c.add_argument("--gpus-per-leaf", type=int, default=32)
     c.add_argument("--fabric", choices=FABRICS, default="leaf-spine")
     c.add_argument("--oversub", type=float, default=1.0)
     c.add_argument("--nic-gbps", type=float, default=400.0)
     c.add_argument("--nvlink-gbps", type=float, default=3600.0)
     c.add_argument("--region-servers", type=int, default=8)
-    c.add_argument("--ocs-ports", type=int, default=6)
+    c.add_argument("--ocs-ports", type=positive_int, default=6)
     c.add_argument("--eps-ports", type=int, default=2)
     c.add_argument("--policies", default="default,tutel_improved,pipemoe_lina,fsmoe_no_iio,fsmoe",
                    help="comma list of schedules to plan and time")
-    c.add_argument("--json", default=None, help="write the schedules' predicted times here")
+    c.add_argument("--json", type=output_file, default=None, help="write the schedules' predicted times here")
     c.set_defaults(func=run_cluster)
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from fsmoe.cli.arg_types import output_file
+
 
 def add_parser(sub) -> None:
     from fsmoe.sim import step
@@ -30,7 +32,7 @@ def add_parser(sub) -> None:
                         "run's routing_trace.jsonl.gz (`fsmoe train --trace`) when it has one; balanced: as the "
                         "planner does, every expert the same rows")
     s.add_argument("--steps", type=int, default=8, help="traced steps to price (evenly spaced, the first left out)")
-    s.add_argument("--json", default=None, help="write the prediction and the measurement here")
+    s.add_argument("--json", type=output_file, default=None, help="write the prediction and the measurement here")
     s.set_defaults(func=run_step)
 
 

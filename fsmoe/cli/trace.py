@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fsmoe.cli.arg_types import output_file, plot_file
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("trace", help="summarise routing traces recorded by `fsmoe train --trace`",
@@ -25,8 +27,8 @@ def add_parser(subparsers) -> None:
     s.add_argument("path", help="routing_trace.jsonl.gz")
     s.add_argument("--ep", type=int, default=None, help="EP ranks to read it for (default: the run's EP)")
     s.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node, for the in-node share")
-    s.add_argument("--plot", default=None, help="draw the three series to this PNG")
-    s.add_argument("--json", default=None, help="write the series and their means here")
+    s.add_argument("--plot", type=plot_file, default=None, help="draw the three series to this PNG")
+    s.add_argument("--json", type=output_file, default=None, help="write the series and their means here")
     s.set_defaults(func=run_summary)
     c = sub.add_parser("check", help="each traced op's time beside the performance model's prediction",
                        description="Each MoE op timed in a routing trace (rank 0; forward and backward) beside "
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
                                    "(fsmoe.sim.op_check; see docs/simulation.md).")
     c.add_argument("path", help="routing_trace.jsonl.gz of a run (its config.json beside it)")
     c.add_argument("--profile", required=True, help="a Profile (fsmoe profile) of the run's layout and hardware")
-    c.add_argument("--json", default=None, help="write the table here")
+    c.add_argument("--json", type=output_file, default=None, help="write the table here")
     c.set_defaults(func=run_check)
 
 

@@ -38,6 +38,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from fsmoe.cli.arg_types import positive_float
 from fsmoe.config import ConfigError, ParallelConfig
 from fsmoe.environ import patched_environ
 from fsmoe.parallel.groups import ParallelGroups, build_groups
@@ -416,7 +417,7 @@ def add_command_arguments(parser, *, nproc: int = 1, ep: int = 1, esp: int = 1, 
                         help="levels of the machine, outermost first, e.g. 2,2,2 = 2 nodes x 2 sockets x 2 "
                              "(parallel.topology; product = --nproc)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--timeout", type=float, default=ParallelConfig.timeout_s, metavar="S",
+    parser.add_argument("--timeout", type=positive_float, default=ParallelConfig.timeout_s, metavar="S",
                         help="collective timeout: a rank stuck this long fails, and every rank stops")
 
 

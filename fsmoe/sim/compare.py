@@ -26,8 +26,17 @@ class PerfPerDollar:
 def load_results(paths: list[Path]) -> list[dict]:
     """Every ``fsmoe simulate cluster --json`` report among ``paths`` (files or directories)."""
     files = [f for p in paths for f in (sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)])]
-    reps = [json.loads(f.read_text()) for f in files]
-    return [r for r in reps if {"config", "fabric", "nic_gbps", "network_usd_per_gpu", "results"} <= set(r)]
+    reps = []
+    for f in files:
+        try:
+            reps.append(json.loads(f.read_text()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            from fsmoe.config import ConfigError
+
+            raise ConfigError("results", str(f),
+                              f"must be a readable `fsmoe simulate cluster --json` report ({e})") from None
+    return [r for r in reps if isinstance(r, dict)
+            and {"config", "fabric", "nic_gbps", "network_usd_per_gpu", "results"} <= set(r)]
 
 
 def perf_per_dollar(reports: list[dict], policy: str = "default", reference: str = "leaf-spine") -> list[PerfPerDollar]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from fsmoe import checkpoint
@@ -299,7 +300,7 @@ def run_to_hf(run_dir: Path, out: Path, *, family: str | None = None, dtype: tor
     hf_cfg = {**(base or {}), **fam.hf_config(cfg)}
     check_out_dir(out)
     _, ckpt_dir, _ = checkpoint.find_intact(run_dir)
-    md = dcp.FileSystemReader(ckpt_dir).read_metadata()
+    md = _read_metadata(ckpt_dir)
     shapes = model_shapes(cfg)
     entries = expand(fam.table, cfg)
     stored = {e.ours: _stored(md, f"model.{e.ours}", ckpt_dir, shapes[e.ours]) for e in entries}
@@ -318,7 +319,7 @@ def run_to_hf(run_dir: Path, out: Path, *, family: str | None = None, dtype: tor
                                               for e in group for name in e.hf])
             for e in group:  # one fsmoe tensor in memory at a time (and its HF pieces)
                 state = {"model": {e.ours: torch.empty(shapes[e.ours], dtype=stored[e.ours])}}
-                dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
+                _load(state, ckpt_dir)
                 for name, t in zip(e.hf, to_hf(e, state["model"].pop(e.ours), layout)):
                     writer.write(name, t.to(out_dtype[e.ours]))
                     weight_map[name] = file
@@ -356,6 +357,28 @@ def source_model(path: Path) -> dict:
     return dataclasses.asdict(run_model_config(path))
 
 
+def _read_metadata(ckpt_dir: Path):
+    """The checkpoint's DCP metadata; ConversionError naming it when the file is damaged."""
+    try:
+        return dcp.FileSystemReader(ckpt_dir).read_metadata()
+    except (Exception, CheckpointException) as e:  # DCP raises many types (pickle, IO, ...): all mean "unusable"
+        raise _damaged(ckpt_dir, e) from None
+
+
+def _load(state: dict, ckpt_dir: Path) -> None:
+    """``dcp.load`` of ``state`` from ``ckpt_dir``; ConversionError naming it when a file is damaged."""
+    try:
+        dcp.load(state, checkpoint_id=ckpt_dir, no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise _damaged(ckpt_dir, e) from None
+
+
+def _damaged(ckpt_dir: Path, e: BaseException) -> ConversionError:
+    reason = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+    return ConversionError("checkpoint", str(ckpt_dir), f"is damaged ({type(e).__name__}: {reason}); move it away "
+                           "to use an older one of the run")
+
+
 def load_weights(model: nn.Module, path: Path) -> str:
     """Copy the weights stored at ``path`` (fsmoe run: its newest intact checkpoint; or a HF
     directory) into the one-process ``model``, whose config must match. Returns what was loaded."""
@@ -371,7 +394,7 @@ def load_weights(model: nn.Module, path: Path) -> str:
     ckpt_dir = run_checkpoint(path, shapes)
     ctx = _quiet()
     try:
-        dcp.load({"model": own}, checkpoint_id=ckpt_dir, no_dist=True)
+        _load({"model": own}, ckpt_dir)
     finally:
         ctx.__exit__(None, None, None)
     return str(ckpt_dir)
@@ -396,7 +419,7 @@ def run_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
     except checkpoint.CheckpointError as e:
         raise ConversionError(str(path), "no checkpoint", f"is an fsmoe run without an intact checkpoint ({e.allowed})"
                               ) from None
-    md = dcp.FileSystemReader(ckpt_dir).read_metadata()
+    md = _read_metadata(ckpt_dir)
     for name, shape in shapes.items():
         _stored(md, f"model.{name}", ckpt_dir, shape)
     return ckpt_dir

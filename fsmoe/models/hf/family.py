@@ -41,6 +41,14 @@ def field(hf: dict, key: str, default: Any = _MISSING) -> Any:
     return default
 
 
+def count(hf: dict, key: str, default: Any = _MISSING) -> int:
+    """:func:`field` that must be a whole number >= 1 (a size or a count)."""
+    value = field(hf, key, default)
+    require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key, value,
+            "must be a whole number >= 1")
+    return value
+
+
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConversionError(f"config.json: {key}", value, allowed)
@@ -50,6 +58,8 @@ def rope(hf: dict) -> tuple[float, dict]:
     """(RoPE base, fsmoe's ``rope_scaling`` table) from ``rope_parameters`` (transformers >= 5) or
     ``rope_theta`` + ``rope_scaling`` (older configs). Plain RoPE and YaRN are computed as HF does;
     other scalings are refused."""
+    for key in ("rope_scaling", "rope_parameters"):
+        require(isinstance(hf.get(key) or {}, dict), key, hf.get(key), "must be a table of RoPE settings")
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     kind = params.get("rope_type") or params.get("type") or "default"
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -58,8 +68,8 @@ def rope(hf: dict) -> tuple[float, dict]:
         return theta, {"kind": "none"}
     require(params.get("attention_factor") is None, "rope_parameters.attention_factor", params.get("attention_factor"),
             "must be unset (fsmoe derives it from factor, mscale and mscale_all_dim)")
-    original = field(params, "original_max_position_embeddings")
-    factor = params.get("factor") or field(hf, "max_position_embeddings") / original
+    original = count(params, "original_max_position_embeddings")
+    factor = params.get("factor") or count(hf, "max_position_embeddings") / original
     return theta, {"kind": "yarn", "factor": float(factor), "original_max_seq_len": int(original),
                    "beta_fast": float(params.get("beta_fast") or 32), "beta_slow": float(params.get("beta_slow") or 1),
                    "mscale": float(params.get("mscale") or 0),
@@ -83,15 +93,15 @@ def llama_common(hf: dict) -> dict:
     require(act == "silu", "hidden_act", act, "allowed values are ['silu'] (SwiGLU experts)")
     require(not hf.get("attention_bias", False), "attention_bias", hf.get("attention_bias"),
             "must be false: fsmoe's llama attention has no biases")
-    d_model, n_heads = field(hf, "hidden_size"), field(hf, "num_attention_heads")
+    d_model, n_heads = count(hf, "hidden_size"), count(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
     theta, scaling = rope(hf)
     return {
-        "arch": "llama", "vocab_size": field(hf, "vocab_size"), "d_model": d_model,
-        "n_layers": field(hf, "num_hidden_layers"), "n_heads": n_heads,
-        "n_kv_heads": field(hf, "num_key_value_heads", n_heads),
+        "arch": "llama", "vocab_size": count(hf, "vocab_size"), "d_model": d_model,
+        "n_layers": count(hf, "num_hidden_layers"), "n_heads": n_heads,
+        "n_kv_heads": count(hf, "num_key_value_heads", n_heads),
         "head_dim": None if head_dim in (None, d_model // n_heads) else head_dim,
-        "d_ff": field(hf, "intermediate_size"), "max_seq_len": field(hf, "max_position_embeddings"),
+        "d_ff": count(hf, "intermediate_size"), "max_seq_len": count(hf, "max_position_embeddings"),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)), "rope_theta": theta, "rope_scaling": scaling,
         "norm_eps": float(field(hf, "rms_norm_eps", 1e-6)), "dropout": 0.0,
     }

@@ -66,6 +66,8 @@ def read_header(path: Path) -> dict[str, dict]:
     try:
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > path.stat().st_size - 8:  # garbage read as a length: do not try to read it
+                raise ValueError(f"header of {n} bytes in a file of {path.stat().st_size}")
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         for entry in header.values():

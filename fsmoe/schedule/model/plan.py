@@ -25,7 +25,9 @@ def _layout(parallel) -> Layout:
 
 def plan(spec: LayerSpec, parallel, profile: Profile, policy: str = "fsmoe") -> Schedule:
     if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} is unknown; allowed: {list(POLICY_NAMES)}")
+        from fsmoe.config import ConfigError  # a ValueError: callers catching that still do
+
+        raise ConfigError("policy", policy, f"allowed: {list(POLICY_NAMES)}")
     layout = _layout(parallel)
     profile.require(layout)
     return POLICIES[policy](spec, layout, profile)
