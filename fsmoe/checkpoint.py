@@ -209,9 +209,9 @@ def verify(ckpt_dir: Path) -> list[str]:
     return _rank0_decides(_check_manifest, Path(ckpt_dir))
 
 
-def _newest_intact(run_dir: Path) -> tuple[int, str, list[str]]:
+def _newest_intact(run_dir: Path, set_aside: bool = True) -> tuple[int, str, list[str]]:
     """(step, path, warnings) of the newest checkpoint that verifies (this process); damaged
-    newer ones are set aside once an intact one is found."""
+    newer ones are set aside once an intact one is found (``set_aside``; else left in place)."""
     latest_checkpoint(run_dir)  # raises the "holds no checkpoint" error
     skipped: list[tuple[Path, str]] = []
     for step, path in reversed(list_checkpoints(run_dir)):
@@ -221,10 +221,12 @@ def _newest_intact(run_dir: Path) -> tuple[int, str, list[str]]:
             skipped.append((path, str(e)))
             continue
         for bad, why in skipped:
-            aside = _set_aside(bad)
-            notes.insert(0, f"{why}; skipped it and moved {bad.name} to {aside.name}")
+            if set_aside:
+                notes.insert(0, f"{why}; skipped it and moved {bad.name} to {_set_aside(bad).name}")
+            else:
+                notes.insert(0, f"{why}; skipped it (left in place)")
         if skipped:
-            notes.append(f"resuming from the newest intact checkpoint, {path}")
+            notes.append(f"{'resuming from' if set_aside else 'reading'} the newest intact checkpoint, {path}")
         return step, str(path), notes
     raise CheckpointError("--resume", str(ckpt_root(run_dir)), "holds no intact checkpoint ("
                           + "; ".join(why for _, why in skipped) + "); start a new run in another --run-dir")
@@ -238,12 +240,13 @@ def _set_aside(ckpt_dir: Path) -> Path:
     return aside
 
 
-def find_intact(run_dir: Path) -> tuple[int, Path, list[str]]:
+def find_intact(run_dir: Path, set_aside: bool = True) -> tuple[int, Path, list[str]]:
     """(step, path, warnings) of the newest checkpoint of ``run_dir`` whose files match their
-    checksums; damaged newer ones are named in the warnings and renamed ``step_N.damaged``.
+    checksums; damaged newer ones are named in the warnings and renamed ``step_N.damaged``
+    (``set_aside=False``: left in place, for the commands that only read a run).
     CheckpointError if there is no checkpoint or none is intact (then nothing is renamed).
     Rank 0 decides for every rank."""
-    step, path, notes = _rank0_decides(_newest_intact, Path(run_dir))
+    step, path, notes = _rank0_decides(_newest_intact, Path(run_dir), set_aside)
     return step, Path(path), notes
 
 

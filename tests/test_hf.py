@@ -334,6 +334,23 @@ def test_a_damaged_checkpoint_without_checksums_is_named_not_a_traceback(hf_dirs
         assert "checkpoint=" in err and ckpt.name in err and "damaged" in err, err
 
 
+def test_reading_a_run_leaves_its_damaged_checkpoint_in_place(hf_dirs, tmp_path, capsys):
+    """generate reads the newest intact checkpoint; unlike a resumed training run it renames
+    nothing (it only reads the run)."""
+    import shutil
+
+    _, run = hf_dirs["qwen3_moe"]
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    good = next(p for p in (copy / "ckpt").iterdir() if p.is_dir())
+    bad = good.with_name(f"step_{int(good.name.split('_')[1]) + 1}")
+    shutil.copytree(good, bad)
+    data = next(bad.glob("*.distcp"))
+    data.write_bytes(data.read_bytes()[:-8] + b"damaged!")  # the checksums catch it
+    assert run_cli("generate", copy, "--prompt-ids", "1 2", "--max-new-tokens", "1") == 0
+    assert bad.is_dir() and not bad.with_name(bad.name + ".damaged").exists()
+
+
 def test_export_refuses_what_the_family_cannot_express(tmp_path, capsys):
     """A GPT-style fsmoe run has no HF counterpart among the families: named, exit 2, nothing written."""
     run = tmp_path / "gpt"

@@ -299,7 +299,7 @@ def run_to_hf(run_dir: Path, out: Path, *, family: str | None = None, dtype: tor
     fam = export_family(cfg, base, family)
     hf_cfg = {**(base or {}), **fam.hf_config(cfg)}
     check_out_dir(out)
-    _, ckpt_dir, _ = checkpoint.find_intact(run_dir)
+    _, ckpt_dir, _ = checkpoint.find_intact(run_dir, set_aside=False)  # converting only reads the run
     md = _read_metadata(ckpt_dir)
     shapes = model_shapes(cfg)
     entries = expand(fam.table, cfg)
@@ -415,10 +415,10 @@ def run_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> Path:
     """The newest intact checkpoint of the fsmoe run ``path``, checked to hold ``model.<name>`` of
     every shape in ``shapes``; ConversionError otherwise."""
     try:
-        _, ckpt_dir, _ = checkpoint.find_intact(path)
+        _, ckpt_dir, _ = checkpoint.find_intact(path, set_aside=False)  # loading weights only reads the run
     except checkpoint.CheckpointError as e:
-        raise ConversionError(str(path), "no checkpoint", f"is an fsmoe run without an intact checkpoint ({e.allowed})"
-                              ) from None
+        reason = e.allowed.split("; drop --resume")[0].split("; start a new run")[0]  # advice for resuming: not here
+        raise ConversionError("model", str(path), f"is an fsmoe run without an intact checkpoint ({reason})") from None
     md = _read_metadata(ckpt_dir)
     for name, shape in shapes.items():
         _stored(md, f"model.{name}", ckpt_dir, shape)
