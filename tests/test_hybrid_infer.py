@@ -318,6 +318,17 @@ def tiny_run(tmp_path_factory):
     return run
 
 
+def test_generate_names_an_empty_prompt_an_infinite_temperature_and_a_missing_model(tiny_run, tmp_path, capsys):
+    from fsmoe import cli
+
+    for args, option in (([str(tiny_run), "--prompt", ""], "--prompt"),
+                         ([str(tiny_run), "--prompt", "hi", "--temperature", "inf"], "--temperature"),
+                         ([str(tmp_path / "nowhere"), "--prompt", "hi"], "model")):
+        assert cli.main(["generate", *args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"{option}=" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_fsmoe_infer_generates_what_fsmoe_generate_does(tiny_run, tmp_path, capsys):
     from fsmoe import cli
 

@@ -165,3 +165,6 @@ def test_trace_command_replays_a_recorded_trace(tmp_path, capsys):
     assert "mFabric" in capsys.readouterr().out
     assert main(["simulate", "trace", str(path)]) == 2  # the run had no EP: --ep must be given
     assert "--ep" in capsys.readouterr().err
+    # 8 GPUs replayed (EP 8 x 1 group) on servers of 3: named as this command's option
+    assert main(["simulate", "trace", str(path), "--ep", "8", "--gpus-per-server", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: --gpus-per-server=3")

@@ -51,8 +51,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--prompt", None, "give at least one --prompt TEXT or --prompt-ids IDS")
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens", args.max_new_tokens, "must be >= 1")
-    if not args.temperature >= 0:
-        raise ConfigError("--temperature", args.temperature, "must be >= 0 (0 = greedy)")
+    if not 0 <= args.temperature < float("inf"):
+        raise ConfigError("--temperature", args.temperature, "must be a finite number >= 0 (0 = greedy)")
     if not 0 < args.top_p <= 1:
         raise ConfigError("--top-p", args.top_p, "must be in (0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -73,7 +73,9 @@ def encode_prompts(args: argparse.Namespace, cfg, converted: bool):
     tok = load_tokenizer(args.model, cfg.vocab_size, converted) if args.prompt else ByteTokenizer(eos_ids(args.model))
     prompts = [tok.encode(t) for t in args.prompt] + id_prompts
     for p in prompts:
-        if not p or max(p) >= cfg.vocab_size or min(p) < 0:
+        if not p:
+            raise ConfigError("--prompt", "", "is empty: give at least one character (or --prompt-ids id)")
+        if max(p) >= cfg.vocab_size or min(p) < 0:
             raise ConfigError("--prompt", p[:8], f"token ids must lie in [0, model.vocab_size={cfg.vocab_size})")
     longest = max(len(p) for p in prompts)
     if longest + args.max_new_tokens > cfg.max_seq_len:

@@ -131,6 +131,9 @@ def run_trace(args) -> int:
     sel = np.arange(0, len(trace.steps), args.every)
     mats = rank_matrices(trace.counts_NMRE[sel], trace.header.get("source_ep_rank"), ranks)
     gpus = ranks * args.groups
+    for flag, per in (("--gpus-per-server", args.gpus_per_server), ("--gpus-per-leaf", args.gpus_per_leaf)):
+        if gpus % per:  # named here: the fabrics would call the product --gpus, which this command has not
+            raise ConfigError(flag, per, f"must divide the {gpus} GPUs replayed (EP {ranks} x --groups {args.groups})")
     ocs = RegionalOCS(gpus, args.gpus_per_server, args.region_servers, args.ocs_ports, args.eps_ports,
                       args.nic_gbps, reconfig_ms=args.reconfig_ms)
     tree = LeafSpine(gpus, args.gpus_per_server, args.gpus_per_leaf, args.nic_gbps)

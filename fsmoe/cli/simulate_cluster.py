@@ -104,7 +104,7 @@ def add_cluster_parser(sub) -> None:
                    help="tensor parallelism of attention and dense MLPs (in a server)")
     c.add_argument("--pp", type=positive_int, default=1,
                    help="pipeline stages (1F1B; each stage's ranks hold its share of the layers, EP inside a stage)")
-    c.add_argument("--microbatches", type=int, default=None,
+    c.add_argument("--microbatches", type=positive_int, default=None,
                    help="microbatches per step with --pp (default 4 x --pp; they divide each rank's sequences)")
     c.add_argument("--dedup-depth", default="0", choices=["0", "1", "2", "auto"],
                    help="HierMoE's hierarchical dispatch with token dedup at this depth (0: the flat AlltoAll; "
@@ -116,7 +116,7 @@ def add_cluster_parser(sub) -> None:
                    help="the routing the dedup traffic and the experts' loads are counted from: uniform, skewed, "
                         "grouped (synthetic), or a routing trace (routing_trace.jsonl.gz of `fsmoe train --trace` "
                         "with the config's number of experts) whose expert frequencies the tokens are drawn with")
-    c.add_argument("--batch", type=int, default=None,
+    c.add_argument("--batch", type=positive_int, default=None,
                    help="sequences per GPU (default: the config's train.batch_size / --gpus, at least 1)")
     c.add_argument("--no-grad-overlap", dest="grad_overlap", action="store_false",
                    help="price the data-parallel gradients after backward; by default, as fsmoe train runs them "

@@ -36,7 +36,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[Mo
     the host never holds a freshly initialised copy next to the loaded weights."""
     path = Path(path)
     try:
-        cfg = model_config_from_dict(source_model(path))
+        cfg = model_config_from_dict(source_model(path, "model"))
         cfg.validate()
     except ConfigError as e:
         if e.field_name.startswith("model"):

@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from fsmoe.cli.arg_types import positive_float
+from fsmoe.cli.arg_types import positive_float, positive_int
 from fsmoe.config import ConfigError, ParallelConfig
 from fsmoe.environ import patched_environ
 from fsmoe.parallel.groups import ParallelGroups, build_groups
@@ -409,9 +409,9 @@ def add_command_arguments(parser, *, nproc: int = 1, ep: int = 1, esp: int = 1, 
                           ) -> None:
     """``--nproc --ep --esp --gpus-per-node --device --timeout`` of a command that runs on the
     MoE groups only (``fsmoe profile``, ``fsmoe bench schedule``); every process is data-parallel."""
-    parser.add_argument("--nproc", type=int, default=nproc, help="processes (started under torchrun)")
-    parser.add_argument("--ep", type=int, default=ep)
-    parser.add_argument("--esp", type=int, default=esp)
+    parser.add_argument("--nproc", type=positive_int, default=nproc, help="processes (started under torchrun)")
+    parser.add_argument("--ep", type=positive_int, default=ep)
+    parser.add_argument("--esp", type=positive_int, default=esp)
     parser.add_argument("--gpus-per-node", type=int, default=gpus_per_node, help="simulated node size")
     parser.add_argument("--topology", type=_int_list, default=None, metavar="N,N,..",
                         help="levels of the machine, outermost first, e.g. 2,2,2 = 2 nodes x 2 sockets x 2 "

@@ -347,11 +347,12 @@ def is_hf_dir(path: Path) -> bool:
     return (path / CONFIG).is_file() and not (path / "ckpt").is_dir() and "architectures" in read_json(path / CONFIG)
 
 
-def source_model(path: Path) -> dict:
-    """The ``model`` section of the model stored at ``path`` (an fsmoe run or a HF directory)."""
+def source_model(path: Path, option: str = "--init-from") -> dict:
+    """The ``model`` section of the model stored at ``path`` (an fsmoe run or a HF directory);
+    ``option``: what the command calls it, named when it is neither."""
     path = Path(path)
     if not path.is_dir():
-        raise ConversionError("--init-from", str(path), "must be an fsmoe run directory or a Hugging Face directory")
+        raise ConversionError(option, str(path), "must be an fsmoe run directory or a Hugging Face directory")
     if is_hf_dir(path):
         return plan_import(HFCheckpoint(path)).model_dict
     return dataclasses.asdict(run_model_config(path))
