@@ -52,6 +52,20 @@ def test_argument_types(tmp_path):
     (["bench", "placement", "--trace", "{tmp}/garbage.json"], "--trace"),
     (["bench", "layer", "--device", "bogus"], "--device"),
     (["profile", "--timeout", "-1", "--quick", "--device", "cpu"], "--timeout"),
+    (["bench", "schedule", "--configs", "0"], "--configs"),
+    (["bench", "schedule", "--iters", "0"], "--iters"),
+    (["bench", "schedule", "--layers", "0"], "--layers"),
+    (["bench", "schedule", "--first-config", "-1"], "--first-config"),
+    (["bench", "schedule", "--json", "{tmp}"], "--json"),
+    (["bench", "dispatch", "--tokens", "-1"], "--tokens"),
+    (["bench", "dispatch", "--groups", "0"], "--groups"),
+    (["bench", "dispatch", "--warmup", "-1"], "--warmup"),
+    (["bench", "dispatch", "--experts", "8", "--top-k", "9"], "--top-k"),
+    (["bench", "dispatch", "--experts", "3", "--ep", "2", "--nproc", "2"], "--experts"),
+    (["bench", "dispatch", "--png", "{tmp}/p.xyz"], "--png"),
+    (["bench", "train", "--json", "{tmp}"], "--json"),
+    (["bench", "train", "--iters", "0"], "--iters"),
+    (["bench", "placement", "--interval", "0"], "--interval"),
 ])
 def test_bad_values_are_named(args, option, tmp_path, capsys):
     (tmp_path / "garbage.json").write_text("garbage\n")
@@ -71,3 +85,15 @@ def test_plan_layer_flags_are_named(tmp_path, capsys):
         assert _exit_code(["plan", "--profile", str(profile), *flags]) == 2
         assert _one_line_error(capsys).startswith(f"error: {option}=")
     assert json.loads(profile.read_text())  # the profile itself is fine: the flags were the problem
+
+
+def test_cuda_and_nccl_asked_for_where_they_are_not(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert _exit_code(["bench", "train", "--device", "cuda"]) == 2
+    assert "--device" in _one_line_error(capsys)
+    assert _exit_code(["train", "--config", "tiny", "--device", "cpu", "--nproc", "2", "--steps", "1",
+                       "--run-dir", str(tmp_path / "run"), "--set", 'parallel.backend="nccl"']) == 2
+    assert "parallel.backend" in _one_line_error(capsys)

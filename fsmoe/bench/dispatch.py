@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fsmoe.cli.arg_types import output_file
+from fsmoe.cli.arg_types import non_negative_int, output_file, plot_file, positive_int
 from fsmoe.comm.topology import LevelCosts, Levels, Stage, stages_for_depth
 from fsmoe.comm.traffic import count_traffic, predict
 from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, RouterConfig
@@ -52,24 +52,29 @@ ROUTINGS = ("uniform", "skewed", "grouped")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_command_arguments(p, nproc=8, ep=8)
-    p.add_argument("--tokens", type=int, default=256, help="tokens per rank")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--experts", type=int, default=64)
-    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--tokens", type=positive_int, default=256, help="tokens per rank")
+    p.add_argument("--d-model", type=positive_int, default=256)
+    p.add_argument("--experts", type=positive_int, default=64)
+    p.add_argument("--top-k", type=positive_int, default=8)
     p.add_argument("--routing", default="grouped", help=f"{'|'.join(ROUTINGS)} or a .pt file of ids [world, T, K]")
-    p.add_argument("--groups", type=int, default=8, help="expert groups (grouped routing)")
+    p.add_argument("--groups", type=positive_int, default=8, help="expert groups (grouped routing)")
     p.add_argument("--topk-groups", type=int, default=4, help="groups per token (grouped routing)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=10)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
     p.add_argument("--profile", default=None, help="Profile JSON with per-level fits (fsmoe profile --topology)")
     p.add_argument("--json", type=output_file, default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="only the cost-model sweep over G and K (no processes)")
     p.add_argument("--swaps", type=int, default=2, help="greedy expert swaps per point of the sweep")
-    p.add_argument("--png", default=None, help="plot here: bytes per level (measured) or speedups (--sweep)")
+    p.add_argument("--png", type=plot_file, default=None,
+                   help="plot here: bytes per level (measured) or speedups (--sweep)")
 
 
 def run(args) -> int:
+    if args.top_k > args.experts:
+        raise ConfigError("--top-k", args.top_k, f"must be <= --experts={args.experts}")
+    if not args.sweep and args.experts % args.ep:
+        raise ConfigError("--experts", args.experts, f"must be a multiple of --ep={args.ep}")
     if args.sweep:
         return _print_sweep(args)
     return run_command(args, lambda groups, device: _bench_main(args, groups, device))

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from fsmoe.bench.common import bench_ms, device_info, profile_kernels, step_peak_memory_gb
-from fsmoe.cli.arg_types import output_file
+from fsmoe.cli.arg_types import non_negative_int, output_file, positive_int
+from fsmoe.config import ConfigError
 
 # name -> shape; the four layer targets of docs/performance.md (H100).
 LAYER_CONFIGS = {
@@ -353,14 +354,14 @@ def shape_from_preset(preset: str, tokens: int) -> dict:
 
 
 def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", args.device, "no CUDA device is visible here; use cpu or leave it out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     configs = {}
     if args.preset:
         configs[f"preset:{args.preset}"] = shape_from_preset(args.preset, args.tokens)
     for n in (args.configs.split(",") if args.configs else ([] if args.preset else DEFAULT_CONFIGS)):
         if n not in LAYER_CONFIGS:
-            from fsmoe.config import ConfigError
-
             raise ConfigError("--configs", n, f"known configs are {list(LAYER_CONFIGS)}")
         configs[n] = LAYER_CONFIGS[n]
     variants = args.variants.split(",") if args.variants else VARIANTS
@@ -390,10 +391,10 @@ def run(args) -> int:
 def add_arguments(p) -> None:
     p.add_argument("--configs", help=f"comma-separated, from {list(LAYER_CONFIGS)} (default: the four layer targets)")
     p.add_argument("--preset", help="also/instead bench the MoE layer of this run preset (e.g. mixtral-8x7b)")
-    p.add_argument("--tokens", type=int, default=16384, help="tokens per step for --preset (default 16384)")
+    p.add_argument("--tokens", type=positive_int, default=16384, help="tokens per step for --preset (default 16384)")
     p.add_argument("--variants", help=f"comma-separated, from {VARIANTS} (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=positive_int, default=20)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler kernel breakdown per variant")
     p.add_argument("--back-to-back", action="store_true",
                    help="time the steps back to back (the host issues the next step while the GPU runs this one, "

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fsmoe.cli.arg_types import output_file, plot_file
+from fsmoe.cli.arg_types import output_file, plot_file, positive_int
 from fsmoe.config import ConfigError, ExpertsConfig, MoEConfig, ParallelConfig, RouterConfig
 from fsmoe.parallel.groups import ParallelGroups, device_for
 from fsmoe.parallel.launch import add_command_arguments, run_command, world_size_from_env
@@ -320,12 +320,12 @@ def replay_png(r: dict, path: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_command_arguments(p, nproc=4, ep=0)
     p.add_argument("--policies", default="static,flexmoe,eplb", help="comma-separated, static first")
-    p.add_argument("--experts", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--experts", type=positive_int, default=32)
+    p.add_argument("--top-k", type=positive_int, default=2)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--d-model", type=positive_int, default=128)
     p.add_argument("--d-ff", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank")
+    p.add_argument("--batch", type=positive_int, default=8, help="sequences per rank")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of the synthetic logit bias")
     p.add_argument("--hot", choices=["clustered", "spread"], default="clustered",
@@ -333,9 +333,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "EP rank 0 (one GPU doing several times the expert work of another); spread: a seeded "
                         "random choice")
     p.add_argument("--shift-every", type=int, default=0, help="move the hot experts every S steps (0: never)")
-    p.add_argument("--interval", type=int, default=4, help="steps per traffic window / between rebalances")
+    p.add_argument("--interval", type=positive_int, default=4, help="steps per traffic window / between rebalances")
     p.add_argument("--rebalances", type=int, default=3, help="rebalances before timing")
-    p.add_argument("--iters", type=int, default=8, help="timed steps")
+    p.add_argument("--iters", type=positive_int, default=8, help="timed steps")
     p.add_argument("--extra-slots", type=float, default=0.125, help="spare slots per rank / experts per rank")
     p.add_argument("--threshold", type=float, default=1.05)
     p.add_argument("--max-moved", type=float, default=0.1)

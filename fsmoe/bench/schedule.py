@@ -41,6 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fsmoe.bench.schedule_report import merge_runs, report_markdown, spec_dict, spec_str, summarize, summarize_errors
+from fsmoe.cli.arg_types import non_negative_int, output_file, positive_int
+from fsmoe.config import ConfigError
 from fsmoe.parallel.groups import ParallelGroups, device_for
 from fsmoe.parallel.launch import add_command_arguments, run_command
 from fsmoe.schedule.model.baselines import POLICY_NAMES, fsmoe_partitions
@@ -244,6 +246,8 @@ def run_bench(groups: ParallelGroups, device, *, profile: Profile | None, n_conf
                               dtype)
     specs = grid_specs(n_configs, layout.ep, n_layers, grid=grid, dtype_bytes=torch.empty(0, dtype=dtype).element_size(),
                        first=first_config)
+    if not specs:
+        raise ConfigError("--first-config", first_config, f"is past the {grid} grid's last config")
     log(f"profile ready ({time.perf_counter() - t_start:.0f}s); {len(specs)} configs; layout {layout.name}")
     log(profile.summary())
 
@@ -350,14 +354,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = __doc__
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_command_arguments(p, nproc=4, ep=2, esp=2, gpus_per_node=2)
-    p.add_argument("--configs", type=int, default=24, help="layer configs drawn from the grid")
-    p.add_argument("--first-config", type=int, default=0, help="start at this config of the grid's fixed order")
+    p.add_argument("--configs", type=positive_int, default=24, help="layer configs drawn from the grid")
+    p.add_argument("--first-config", type=non_negative_int, default=0,
+                   help="start at this config of the grid's fixed order")
     p.add_argument("--merge", nargs="+", default=None, metavar="RUN_DIR",
                    help="instead of measuring: merge the results.json + ops.jsonl of these run dirs "
                         "(parts of one grid) into one report in --run-dir")
-    p.add_argument("--layers", type=int, default=2, help="blocks per config (gradient windows need >= 2)")
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--layers", type=positive_int, default=2, help="blocks per config (gradient windows need >= 2)")
+    p.add_argument("--iters", type=positive_int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=2)
     p.add_argument("--profile", default=None, help="Profile JSON (default: measure one first)")
     p.add_argument("--assume-overlap", type=float, default=None, metavar="ETA",
                    help="override the profile's measured overlap efficiency (1.0 = FSMoE's own model)")
@@ -365,7 +370,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None, choices=list(GRIDS), help="default: cpu on CPU, gpu on CUDA")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: fp32 CPU, bf16 GPU")
     p.add_argument("--run-dir", default="runs/bench_schedule")
-    p.add_argument("--json", default=None, help="write the results here (default RUN_DIR/results.json)")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="write the results here (default RUN_DIR/results.json)")
 
 
 def run(args) -> int:

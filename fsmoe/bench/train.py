@@ -36,6 +36,7 @@ from rich.console import Console
 from torch import nn
 
 from fsmoe.bench.common import bench_ms, device_info, peak_tflops, profile_kernels
+from fsmoe.cli.arg_types import non_negative_int, output_file, positive_int
 from fsmoe.config import ConfigError, RunConfig, load_config
 from fsmoe.graph_step import WARMUP_STEPS as GRAPH_WARMUP_STEPS
 
@@ -186,6 +187,8 @@ def _print_row(variant: str, row: dict) -> None:
 
 
 def run(args) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", args.device, "no CUDA device is visible here; use cpu or leave it out")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     variants = args.variants.split(",") if args.variants else VARIANTS
     if args.model not in TRAIN_MODELS:
@@ -226,17 +229,17 @@ def run(args) -> int:
 
 def add_arguments(p) -> None:
     p.add_argument("--model", default="mixtral-2l", help=f"one of {list(TRAIN_MODELS)}")
-    p.add_argument("--layers", type=int, help="override the number of layers")
-    p.add_argument("--batch", type=int, help="sequences per step (default: the model's, see TRAIN_MODELS)")
+    p.add_argument("--layers", type=positive_int, help="override the number of layers")
+    p.add_argument("--batch", type=positive_int, help="sequences per step (default: the model's, see TRAIN_MODELS)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
                    help="config overrides, e.g. train.activation_checkpointing=moe train.compile=true")
     p.add_argument("--variants", help=f"comma-separated, from {VARIANTS} (default: all)")
-    p.add_argument("--iters", type=int, default=12, help="timed steps")
-    p.add_argument("--windows", type=int, default=3,
+    p.add_argument("--iters", type=positive_int, default=12, help="timed steps")
+    p.add_argument("--windows", type=positive_int, default=3,
                    help="the timed steps run back to back in this many windows, as in `fsmoe train` (median "
                         "window reported); 0 = time each step alone, the device idling between steps")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=non_negative_int, default=3)
     p.add_argument("--profile", action="store_true", help="add a torch.profiler kernel breakdown")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--json", help="write the results here (JSON, read by scripts/perf_page.py)")
+    p.add_argument("--json", type=output_file, help="write the results here (JSON, read by scripts/perf_page.py)")

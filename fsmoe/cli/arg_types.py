@@ -63,3 +63,14 @@ def _finite(value: str) -> float:
     if not math.isfinite(x):
         raise argparse.ArgumentTypeError(f"{value} must be a finite number")
     return x
+
+
+def non_negative_int(value: str) -> int:
+    """An argparse ``type``: a whole number >= 0."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
+    return n

@@ -107,6 +107,8 @@ def preflight(cfg: RunConfig, run_dir: Path, resume: bool, nproc: int) -> None:
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
         raise ConfigError("--nproc", nproc, f"more processes than GPUs ({torch.cuda.device_count()}); use fewer "
                           "or --device cpu")
+    if cfg.parallel.backend == "nccl" and (device.type != "cuda" or not torch.distributed.is_nccl_available()):
+        raise ConfigError("parallel.backend", "nccl", "needs CUDA devices and a torch built with NCCL; use gloo here")
 
 
 def run(args: argparse.Namespace) -> int:
