@@ -367,8 +367,6 @@ def run(args) -> int:
     variants = args.variants.split(",") if args.variants else VARIANTS
     for v in variants:
         if v not in BUILDERS:
-            from fsmoe.config import ConfigError
-
             raise ConfigError("--variants", v, f"known variants are {VARIANTS}")
     out = {"kind": "layer", "meta": device_info(device), "command": "fsmoe " + " ".join(sys.argv[1:]),
            "iters": args.iters, "timing": "back-to-back" if args.back_to_back else "one by one", "configs": {}}
