@@ -30,12 +30,17 @@ def plot_file(value: str) -> str:
 
 def positive_int(value: str) -> int:
     """An argparse ``type``: a whole number >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    n = _whole(value)
     if n < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    """An argparse ``type``: a whole number >= 0."""
+    n = _whole(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
     return n
 
 
@@ -65,12 +70,8 @@ def _finite(value: str) -> float:
     return x
 
 
-def non_negative_int(value: str) -> int:
-    """An argparse ``type``: a whole number >= 0."""
+def _whole(value: str) -> int:
     try:
-        n = int(value)
+        return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-    return n
